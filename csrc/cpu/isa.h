@@ -1,0 +1,42 @@
+// Run-time selection of the CPU instruction set.
+//
+// Each isa_<name>.cpp compiles every op's span kernels for one instruction set
+// and fills one IsaTable. The torch-facing files (csrc/cpu/<op>.cpp) do the
+// threading and the bookkeeping and call the span kernels through isa_table(),
+// so one set of loops serves AVX-512, AVX2 and scalar.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../shared/layout.h"
+
+namespace qk {
+
+struct IsaTable {
+  const char* name;
+  // fake_quant_lsq: one span of `len` elements. Parameters are broadcast when
+  // param_stride == 0 (acc_* receive one sum each) and per element when
+  // param_stride == 1 (acc_*[i] += the element's term).
+  void (*lsq_fwd)(Dt, const void* x, void* y, int64_t len, const float* s, const float* b,
+                  int64_t param_stride, float n, float p);
+  void (*lsq_bwd)(Dt, const void* g, const void* x, void* gx, int64_t len, const float* s,
+                  const float* b, int64_t param_stride, float n, float p, float* acc_s,
+                  float* acc_b);
+};
+
+const IsaTable& isa_table_avx512();
+const IsaTable& isa_table_avx2();
+const IsaTable& isa_table_scalar();
+
+// The table in use: the best the CPU supports, unless forced by
+// set_cpu_capability() or the QUANTKERN_CPU_CAPABILITY environment variable.
+const IsaTable& isa_table();
+// Names the CPU can run, best first ("avx512", "avx2", "scalar").
+std::vector<std::string> supported_cpu_capabilities();
+// Force a capability ("avx512", "avx2", "scalar", or "auto"); throws if the CPU
+// cannot run it. Returns the name now in use.
+std::string set_cpu_capability(const std::string& name);
+
+}  // namespace qk

@@ -1,0 +1,7 @@
+// Portable scalar build of every span kernel (baseline x86-64, no pragma).
+#define QK_ISA_SCALAR 1
+#define QK_ISA_NS scalar
+#define QK_ISA_NAME "scalar"
+#include "isa_kernels.inc"
+
+const qk::IsaTable& qk::isa_table_scalar() { return qk::scalar::kTable; }

@@ -1,0 +1,74 @@
+"""Every quantkern operator: schema, fake (meta) implementation and autograd.
+
+This file is the one place where `torch.ops.quantkern.*` is defined. Kernels
+register implementations per device elsewhere:
+
+* ``csrc/cpu/<op>.cpp``   TORCH_LIBRARY_IMPL(quantkern, CPU)   (quantkern._C)
+* ``csrc/cuda/<op>.cu``   TORCH_LIBRARY_IMPL(quantkern, CUDA)  (quantkern._C)
+* ``triton_kernels/<op>.py``  ``quantkern::<op>_triton`` on CUDA, and on CPU
+  when ``TRITON_INTERPRET=1``.
+
+The pure-PyTorch reference (quantkern/reference) is never registered here: a
+missing kernel must fail loudly, not fall back to the oracle the tests compare
+against.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import Library
+
+LIB = Library("quantkern", "DEF")
+
+# --------------------------------------------------------------------------
+# fake_quant_lsq: LSQ+ fake quantization (DESIGN.md section 3)
+# --------------------------------------------------------------------------
+# ``grad_scale`` is the LSQ gradient scale g; the forward ignores it but carries
+# it so that autograd can hand it to the backward.
+_LSQ_ARGS = "Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, int? axis=None, int? group_size=None, float grad_scale=1.0"
+_LSQ_BWD_ARGS = "Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, int? axis, int? group_size, float grad_scale"
+for _sfx in ("", "_triton"):
+    LIB.define(f"fake_quant_lsq{_sfx}({_LSQ_ARGS}) -> Tensor")
+    LIB.define(f"fake_quant_lsq_backward{_sfx}({_LSQ_BWD_ARGS}) -> (Tensor, Tensor, Tensor)")
+
+    @torch.library.register_fake(f"quantkern::fake_quant_lsq{_sfx}")
+    def _lsq_fake(x, scale, offset, qmin, qmax, axis=None, group_size=None, grad_scale=1.0):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"quantkern::fake_quant_lsq_backward{_sfx}")
+    def _lsq_bwd_fake(grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale):
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(scale, memory_format=torch.contiguous_format),
+            torch.empty_like(offset, memory_format=torch.contiguous_format),
+        )
+
+    def _lsq_setup(ctx, inputs, output):
+        x, scale, offset, qmin, qmax, axis, group_size, grad_scale = inputs
+        ctx.save_for_backward(x, scale, offset)
+        ctx.args = (qmin, qmax, axis, group_size, grad_scale)
+
+    def _make_lsq_backward(bwd_name):
+        def _lsq_backward(ctx, grad):
+            x, scale, offset = ctx.saved_tensors
+            qmin, qmax, axis, group_size, grad_scale = ctx.args
+            bwd = getattr(torch.ops.quantkern, bwd_name)
+            gx, gs, gb = bwd(grad.contiguous(), x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
+            return gx, gs, gb, None, None, None, None, None
+
+        return _lsq_backward
+
+    torch.library.register_autograd(
+        f"quantkern::fake_quant_lsq{_sfx}",
+        _make_lsq_backward(f"fake_quant_lsq_backward{_sfx}"),
+        setup_context=_lsq_setup,
+    )
+
+
+def op_names() -> list[str]:
+    """Names of every quantkern operator, e.g. ``["fake_quant_lsq", ...]``."""
+    return sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("quantkern::"))
+
+
+def native_op_names() -> list[str]:
+    """Operators that quantkern._C must implement on CPU and CUDA (no ``_triton`` suffix)."""
+    return [n for n in op_names() if not n.endswith("_triton")]

@@ -1,0 +1,161 @@
+"""Public functional API of quantkern.
+
+Every function validates its arguments (errors name the argument), picks an
+implementation (``backend``) and calls one ``torch.ops.quantkern.*`` operator.
+
+Backends:
+
+* ``"native"``: the C++ kernels of quantkern._C (CPU always; CUDA when built).
+* ``"triton"``: ``quantkern::<op>_triton`` (CUDA; on CPU only under
+  ``TRITON_INTERPRET=1``, for testing).
+* ``"auto"``: CPU tensors -> native; CUDA tensors -> triton when triton is
+  installed, else native. No CUDA kernel has run on a GPU yet (see README), and
+  the Triton kernels' logic has been checked end to end by the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _load
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "native", "triton")
+
+
+# ---------------------------------------------------------------- utilities
+def cpu_capabilities() -> list[str]:
+    """CPU instruction sets the native kernels can use here, best first, e.g. ``["avx512", "avx2", "scalar"]``."""
+    return list(_load.require_native("cpu_capabilities").cpu_capabilities())
+
+
+def get_cpu_capability() -> str:
+    """The instruction set the CPU kernels use now."""
+    return _load.require_native("get_cpu_capability").get_cpu_capability()
+
+
+def set_cpu_capability(name: str) -> str:
+    """Force the CPU kernels onto ``"avx512"``, ``"avx2"`` or ``"scalar"`` (``"auto"``: the best).
+
+    Process-wide; also settable with the environment variable
+    ``QUANTKERN_CPU_CAPABILITY``. Raises ValueError if the CPU cannot run it.
+    """
+    return _load.require_native("set_cpu_capability").set_cpu_capability(name)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pick_backend(op: str, x: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"quantkern.{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if x.device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                return "triton"
+            except ImportError:
+                return "native"
+        return "native"
+    if backend == "triton":
+        if x.device.type != "cuda" and not _triton_interpreting():
+            raise ValueError(
+                f"quantkern.{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing); x is on {x.device}"
+            )
+        from . import triton_kernels  # noqa: F401  (registers the *_triton kernels)
+    else:
+        _load.require_native(op)
+    return backend
+
+
+def _check_tensor(op: str, name: str, t, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"quantkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"quantkern.{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"quantkern.{op}: {name} is on {t.device} but x is on {device}")
+
+
+# ------------------------------------------------------------ fake_quant_lsq
+def fake_quant_lsq(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    axis: int | None = None,
+    group_size: int | None = None,
+    grad_scale: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LSQ+ fake quantization: ``round(clamp((x - offset) / scale, qmin, qmax)) * scale + offset``.
+
+    Differentiable in ``x``, ``scale`` and ``offset`` with the LSQ+ gradients
+    (straight-through estimator; the clip region is decided on the unrounded
+    value); the gradients of scale and offset are multiplied by ``grad_scale``
+    (LSQ uses ``1 / sqrt(N * qmax)``, N = elements per scale). The backward is
+    one fused pass.
+
+    Args:
+        x: any shape, float32 / float16 / bfloat16, any strides. All arithmetic is fp32.
+        scale: float32, positive. Granularity follows its shape:
+            per-tensor: one element (``axis`` and ``group_size`` None);
+            per-channel: 1-D of length ``x.shape[axis]``;
+            per-group: x is 2-D ``[rows, K]`` and scale is ``[rows, K // group_size]``
+            (groups are contiguous along K).
+        offset: float32, same shape as scale (LSQ+ beta), or None for LSQ (zero
+            offset, no gradient).
+        qmin, qmax: integer grid, ``qmin < qmax`` (e.g. -8, 7 for signed 4-bit).
+        axis: channel axis for per-channel (negative counts from the end).
+        group_size: group length along K for per-group.
+        grad_scale: LSQ gradient scale g.
+        backend: "auto", "native" or "triton" (see module docstring).
+
+    Returns:
+        x_hat: same shape and dtype as x, contiguous.
+    """
+    op = "fake_quant_lsq"
+    _check_tensor(op, "x", x, _FLOATS)
+    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
+    if offset is None:
+        offset = torch.zeros_like(scale)
+    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
+    if not (isinstance(qmin, int) and isinstance(qmax, int)):
+        raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
+    if qmin >= qmax:
+        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    if offset.shape != scale.shape:
+        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
+    if group_size is not None:
+        if axis is not None:
+            raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
+        if x.dim() != 2:
+            raise ValueError(f"quantkern.{op}: per-group x must be 2-D [rows, K], got shape {tuple(x.shape)}")
+        if x.shape[1] % group_size:
+            raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = {x.shape[1]}")
+        want = (x.shape[0], x.shape[1] // group_size)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
+    elif axis is not None:
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"quantkern.{op}: axis {axis} out of range for x with {x.dim()} dims")
+        axis = axis % x.dim()
+        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
+            raise ValueError(
+                f"quantkern.{op}: per-channel scale must be 1-D of length x.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}"
+            )
+    elif scale.numel() != 1:
+        raise ValueError(
+            f"quantkern.{op}: scale has shape {tuple(scale.shape)}; per-tensor needs one element "
+            "(pass axis= for per-channel or group_size= for per-group)"
+        )
+    be = _pick_backend(op, x, backend)
+    fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
+    return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))

@@ -1,0 +1,74 @@
+"""Builds quantkern and its kernel library quantkern._C.
+
+CPU kernels (csrc/cpu) are always built. CUDA kernels (csrc/cuda) are built
+when QUANTKERN_CUDA=1, or when QUANTKERN_CUDA=auto (the default) and both a
+CUDA build of torch and a CUDA toolkit (CUDA_HOME) are present. A visible GPU
+is never required: the architectures come from TORCH_CUDA_ARCH_LIST
+(default "8.0;9.0a").
+
+Install with `pip install --no-build-isolation -e .` so the build uses the
+torch already installed (build isolation would fetch another one).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("QUANTKERN_CUDA", "auto").lower()
+    have = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
+    if mode in ("0", "off", "false"):
+        return False
+    if mode in ("1", "on", "true"):
+        if not have:
+            raise RuntimeError(
+                "QUANTKERN_CUDA=1 but no CUDA build of torch or no CUDA toolkit "
+                f"(torch.version.cuda={__import__('torch').version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
+            )
+        return True
+    if mode != "auto":
+        raise RuntimeError(f"QUANTKERN_CUDA must be auto, 0 or 1, got {mode!r}")
+    return have
+
+
+def extension():
+    rel = lambda pats: sorted(os.path.relpath(p, ROOT) for pat in pats for p in glob.glob(os.path.join(ROOT, pat)))
+    sources = rel(["csrc/cpu/*.cpp"])
+    # -ffp-contract=off: no silent FMA contraction, so every variant rounds
+    # exactly as the reference does (DESIGN.md section 2).
+    # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it
+    # silently runs on one thread. torch's wheel ships libgomp.so.1 and the
+    # loader reuses it (same soname), so there is one OpenMP runtime.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
+    if not want_cuda():
+        return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    sources += rel(["csrc/cuda/*.cu"])
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "quantkern._C",
+        sources,
+        define_macros=[("QUANTKERN_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
+    )
+
+
+setup(
+    name="quantkern",
+    version="0.1.0",
+    description="Quantization kernels for PyTorch: LSQ+ QAT, oscillation control, PTQ, packed low-bit matmul",
+    packages=find_packages(include=["quantkern", "quantkern.*"]) + ["quantkern.triton_kernels"],
+    # triton ships a package named triton_kernels: ours installs inside quantkern.
+    package_dir={"quantkern.triton_kernels": "triton_kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["numpy", "safetensors", "tqdm"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "triton"], "bench": ["matplotlib"]},
+)
