@@ -82,7 +82,7 @@ void check_scale_values(const at::Tensor& scale) {
   auto s = scale.contiguous();
   const float* p = s.data_ptr<float>();
   for (int64_t i = 0; i < s.numel(); ++i)
-    TORCH_CHECK(p[i] > 0.f, "quantkern: scale must be positive and finite; scale[", i, "] = ", p[i]);
+    TORCH_CHECK(std::isfinite(p[i]) && p[i] > 0.f, "quantkern: scale must be positive and finite; scale[", i, "] = ", p[i]);
 }
 
 char* bytes(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }

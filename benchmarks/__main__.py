@@ -1,0 +1,92 @@
+"""Run every benchmarks/bench_*.py: ``python -m benchmarks [--only NAME[,NAME]] [--list] [ARGS...]``.
+
+Each benchmark runs in its own subprocess (a fresh process: environment
+variables read once per process, thread settings and allocator caches do not
+leak from one benchmark into the next). Every other argument is passed through
+unchanged (``--quick``, ``--threads N``, ``--reps N``, ``--no-plot``, ...);
+``--json PATH`` becomes ``PATH`` with ``.<name>`` before the suffix per
+benchmark when more than one runs. Exit status: non-zero if any benchmark failed.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def discover() -> list[str]:
+    return sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
+
+
+def _split(argv: list[str]):
+    only, listing, rest = None, False, []
+    it = iter(argv)
+    for a in it:
+        if a == "--only":
+            only = next(it, "")
+        elif a.startswith("--only="):
+            only = a.split("=", 1)[1]
+        elif a == "--list":
+            listing = True
+        elif a in ("-h", "--help") and not rest:
+            print(__doc__)
+            print("benchmarks:", ", ".join(discover()))
+            sys.exit(0)
+        else:
+            rest.append(a)
+    return only, listing, rest
+
+
+def _per_bench_args(rest: list[str], name: str, many: bool) -> list[str]:
+    if not many:
+        return rest
+    out, i = [], 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--json" and i + 1 < len(rest) and rest[i + 1] != "-":
+            root, ext = os.path.splitext(rest[i + 1])
+            out += [a, f"{root}.{name}{ext or '.json'}"]
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def main(argv=None) -> int:
+    only, listing, rest = _split(list(sys.argv[1:] if argv is None else argv))
+    names = discover()
+    if listing:
+        print("\n".join(names))
+        return 0
+    if only:
+        want = [n.strip().removeprefix("bench_").removesuffix(".py") for n in only.split(",") if n.strip()]
+        missing = [n for n in want if n not in names]
+        if missing:
+            print(f"unknown benchmark(s) {missing}; available: {names}", file=sys.stderr)
+            return 2
+        names = want
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    failed = []
+    for name in names:
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"] + _per_bench_args(rest, name, len(names) > 1)
+        print(f"\n## bench_{name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
+        print(f"## bench_{name}: exit {rc} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

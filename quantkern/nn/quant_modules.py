@@ -1,0 +1,311 @@
+"""Quantization-aware training layers: ``QuantLinear``, ``QuantConv2d`` and ``quantize_modules``.
+
+Each layer fake-quantizes its weight with an :class:`LSQQuantizer` (default: signed,
+per output channel, ``"lsq+"`` init, no offset) and, unless ``a_bits`` is None, its
+input with another (default: per tensor, ``"mse"`` init, learnt LSQ+ offset), then
+runs the float op on the fake-quantized tensors. Everything stays differentiable:
+the weight, bias, scales and offsets all train.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lsq import GRANULARITIES, INITS, LSQQuantizer
+
+
+def _check_bits(owner: str, name: str, bits, allow_none: bool) -> None:
+    if bits is None and allow_none:
+        return
+    if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+        extra = " or None (no input quantization)" if allow_none else ""
+        raise ValueError(f"{owner}: {name} must be an int in 2..8{extra}, got {bits!r}")
+
+
+class _QuantMixin:
+    """Builds and applies the weight / input quantizers (shared by QuantLinear and QuantConv2d)."""
+
+    _act_axis: int  # channel axis of the input for a_granularity="channel"
+
+    def _setup_quantizers(
+        self,
+        w_bits,
+        a_bits,
+        w_granularity,
+        w_group_size,
+        w_init,
+        w_learn_offset,
+        a_granularity,
+        a_init,
+        act_signed,
+        a_learn_offset,
+        backend,
+    ) -> None:
+        owner = type(self).__name__
+        _check_bits(owner, "w_bits", w_bits, allow_none=False)
+        _check_bits(owner, "a_bits", a_bits, allow_none=True)
+        for name, val, allowed in (
+            ("w_granularity", w_granularity, GRANULARITIES),
+            ("a_granularity", a_granularity, ("tensor", "channel")),
+            ("w_init", w_init, INITS),
+            ("a_init", a_init, INITS),
+        ):
+            if val not in allowed:
+                raise ValueError(f"{owner}: {name} must be one of {allowed}, got {val!r}")
+        if w_granularity == "group" and w_group_size is None:
+            raise ValueError(f"{owner}: w_granularity='group' needs w_group_size (e.g. 32, 64, 128)")
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.weight_quantizer = LSQQuantizer(
+            w_bits,
+            signed=True,
+            granularity=w_granularity,
+            learn_offset=w_learn_offset,
+            init=w_init,
+            axis=0,
+            group_size=w_group_size if w_granularity == "group" else None,
+            backend=backend,
+        )
+        # Shapes are known now, so an optimiser can be built before the first forward;
+        # the values are set from the weight on the first forward (or by from_float).
+        self.weight_quantizer.materialize(self.weight.shape, device=self.weight.device)
+        if a_bits is None:
+            self.input_quantizer = None
+        else:
+            self.input_quantizer = LSQQuantizer(
+                a_bits,
+                signed=act_signed,
+                granularity=a_granularity,
+                learn_offset=a_learn_offset,
+                init=a_init,
+                axis=self._act_axis,
+                backend=backend,
+            )
+
+    def _quant_extra_repr(self) -> str:
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+_QUANT_DOC_ARGS = """
+    Quantization keyword arguments:
+        w_bits: weight bit width, 2..8 (signed grid ``[-2^(b-1), 2^(b-1)-1]``). Default 4.
+        a_bits: input bit width, 2..8, or None to leave the input in float. Default 8.
+        w_granularity: ``"channel"`` (one scale per output channel, axis 0; default),
+            ``"tensor"`` or ``"group"`` (groups of ``w_group_size`` along the flattened
+            input dimension of each output channel).
+        w_group_size: group length for ``w_granularity="group"``.
+        w_init: weight quantizer init, default ``"lsq+"`` (see LSQQuantizer).
+        w_learn_offset: learn an LSQ+ offset for the weights (default False: symmetric).
+        a_granularity: ``"tensor"`` (default) or ``"channel"`` (per input feature/channel).
+        a_init: input quantizer init, default ``"mse"`` (searched on the first batch).
+        act_signed: signed input grid (default True); use False for inputs that follow a
+            ReLU (unsigned grid ``[0, 2^b-1]``, one more bit of resolution).
+        a_learn_offset: learn the LSQ+ input offset beta (default True, asymmetric).
+        backend: kernel backend for :func:`quantkern.ops.fake_quant_lsq`.
+"""
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with LSQ+ fake-quantized weight and input (quantization-aware training).
+
+    forward(x): x ``[*, in_features]`` (dtype of the weight, float32 / float16 / bfloat16)
+    -> ``[*, out_features]``, same dtype: ``F.linear(Qa(x), Qw(weight), bias)``.
+
+    Attributes: ``weight`` ``[out_features, in_features]``, ``bias`` ``[out_features]`` or
+    None, ``weight_quantizer`` (LSQQuantizer; scale ``[out_features]`` per channel),
+    ``input_quantizer`` (LSQQuantizer or None; scale ``[1]`` per tensor).
+    """ + _QUANT_DOC_ARGS
+
+    _act_axis = -1
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        w_bits: int = 4,
+        a_bits: int | None = 8,
+        w_granularity: str = "channel",
+        w_group_size: int | None = None,
+        w_init: str = "lsq+",
+        w_learn_offset: bool = False,
+        a_granularity: str = "tensor",
+        a_init: str = "mse",
+        act_signed: bool = True,
+        a_learn_offset: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_quantizers(
+            w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+            a_granularity, a_init, act_signed, a_learn_offset, backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int | None = 8, **kwargs) -> "QuantLinear":
+        """A QuantLinear with a copy of ``linear``'s weight and bias (same device and dtype).
+
+        The weight quantizer is initialised from the weight now; the input quantizer on
+        the first forward. ``kwargs``: the quantization keyword arguments of the class.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_float: linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        q = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            device=w.device, dtype=w.dtype, w_bits=w_bits, a_bits=a_bits, **kwargs,
+        )
+        _copy_params(q, linear)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_extra_repr()}"
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with LSQ+ fake-quantized weight and input (quantization-aware training).
+
+    forward(x): x ``[N, in_channels, H, W]`` (or unbatched ``[in_channels, H, W]``), dtype
+    of the weight -> ``[N, out_channels, H_out, W_out]``, same dtype:
+    ``conv2d(Qa(x), Qw(weight), bias)`` with the layer's stride/padding/dilation/groups.
+
+    Attributes: ``weight`` ``[out_channels, in_channels // groups, kh, kw]``, ``bias``
+    ``[out_channels]`` or None, ``weight_quantizer`` (scale ``[out_channels]`` per channel;
+    per group: ``[out_channels, in_channels // groups * kh * kw // w_group_size]``),
+    ``input_quantizer`` (scale ``[1]`` per tensor, ``[in_channels]`` per channel, axis 1).
+    """ + _QUANT_DOC_ARGS
+
+    _act_axis = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        w_bits: int = 4,
+        a_bits: int | None = 8,
+        w_granularity: str = "channel",
+        w_group_size: int | None = None,
+        w_init: str = "lsq+",
+        w_learn_offset: bool = False,
+        a_granularity: str = "tensor",
+        a_init: str = "mse",
+        act_signed: bool = True,
+        a_learn_offset: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._setup_quantizers(
+            w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+            a_granularity, a_init, act_signed, a_learn_offset, backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            if self.input_quantizer.granularity == "channel" and x.dim() == 3:
+                x = self.input_quantizer(x.unsqueeze(0)).squeeze(0)  # unbatched: channel axis 0
+            else:
+                x = self.input_quantizer(x)
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int = 4, a_bits: int | None = 8, **kwargs) -> "QuantConv2d":
+        """A QuantConv2d with ``conv``'s geometry and a copy of its weight and bias.
+
+        The weight quantizer is initialised from the weight now; the input quantizer on
+        the first forward. ``kwargs``: the quantization keyword arguments of the class.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"QuantConv2d.from_float: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=w.device, dtype=w.dtype, w_bits=w_bits, a_bits=a_bits, **kwargs,
+        )
+        _copy_params(q, conv)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_extra_repr()}"
+
+
+@torch.no_grad()
+def _copy_params(q: nn.Module, src: nn.Module) -> None:
+    q.weight.copy_(src.weight)
+    q.weight.requires_grad_(src.weight.requires_grad)
+    if src.bias is not None:
+        q.bias.copy_(src.bias)
+        q.bias.requires_grad_(src.bias.requires_grad)
+    q.weight_quantizer.initialize(q.weight)
+    q.train(src.training)
+
+
+_SWAP = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, skip=(), **kwargs) -> nn.Module:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by QuantLinear / QuantConv2d, in place.
+
+    Args:
+        model: the model (if it is itself a Linear/Conv2d, the converted layer is returned).
+        w_bits, a_bits, kwargs: passed to ``from_float`` (see QuantLinear).
+        skip: qualified module names (as in ``model.named_modules()``) to leave in float; a
+            name also skips everything under it (``"encoder"`` skips ``"encoder.0.fc"``).
+            Raises ValueError for a name that matches no module (a typo would otherwise
+            silently quantize the layer).
+
+    Only modules whose type is exactly nn.Linear or nn.Conv2d are swapped: subclasses
+    (e.g. ``nn.MultiheadAttention.out_proj``, whose weight the parent reads directly)
+    and layers already quantized are left alone. A layer shared by several parents is
+    converted once and stays shared.
+
+    Returns:
+        ``model`` (converted in place).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_modules: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise ValueError(f"quantize_modules: skip names not found in the model: {unknown}")
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or s == "" for s in skip)
+
+    if type(model) in _SWAP:
+        return model if skipped("") else _SWAP[type(model)].from_float(model, w_bits, a_bits, **kwargs)
+
+    done: dict[int, nn.Module] = {}
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):  # not named_children: it drops repeats
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if child is None or type(child) not in _SWAP or skipped(full):
+                continue
+            if id(child) not in done:
+                done[id(child)] = _SWAP[type(child)].from_float(child, w_bits, a_bits, **kwargs)
+            setattr(parent, child_name, done[id(child)])
+    return model

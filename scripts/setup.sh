@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine (Python 3.11, gcc): a venv in .venv,
+# torch 2.13.0 (CPU), the test/benchmark dependencies, and quantkern built in
+# place. Safe to run again: a complete venv is reused and only the extension is
+# rebuilt (incrementally, by ninja).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=.venv
+STAMP=$VENV/.quantkern-deps
+WANT="$(cat requirements-dev.txt scripts/constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -c scripts/constraints.txt torch==2.13.0
+  "$VENV/bin/pip" install -q -c scripts/constraints.txt -r requirements-dev.txt
+  echo "$WANT" > "$STAMP"
+fi
+# --no-build-isolation: build against the torch above, never a fresh one.
+MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
+"$VENV/bin/python" -c "import torch, quantkern; print('quantkern ready: torch', torch.__version__, '| CPU kernels:', quantkern.get_cpu_capability())"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the whole test suite. Triton kernels run
+# under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is
+# no GPU). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q tests "$@"

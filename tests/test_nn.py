@@ -1,0 +1,452 @@
+"""quantkern.nn: LSQQuantizer, QuantLinear, QuantConv2d, quantize_modules."""
+import copy
+import io
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantkern
+from quantkern import reference
+from quantkern.nn import LSQQuantizer, QuantConv2d, QuantLinear, quantize_modules, qrange
+
+
+def _err(q, x):
+    with torch.no_grad():
+        return (q(x).float() - x.float()).square().sum().item()
+
+
+def _ref(q, x):
+    """The quantizer's output recomputed with the pure-PyTorch reference."""
+    s = q.scale.detach().abs().clamp_min(q.eps)
+    b = q.offset.detach() if q.offset is not None else torch.zeros_like(s)
+    xv, axis, gs = x, None, None
+    if q.granularity == "channel":
+        axis = q.axis % x.dim()
+    elif q.granularity == "group":
+        xv, gs = x.reshape(x.shape[0], -1), q.group_size
+    return reference.fake_quant_lsq(xv, s, b, q.qmin, q.qmax, axis, gs).reshape(x.shape)
+
+
+# ------------------------------------------------------------------ init formulas
+def test_qrange():
+    assert qrange(4, True) == (-8, 7)
+    assert qrange(4, False) == (0, 15)
+    assert qrange(2, True) == (-2, 1)
+    assert qrange(8, False) == (0, 255)
+
+
+def test_init_lsq_hand_computed():
+    x = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.5, -0.5, 0.5]])
+    q = LSQQuantizer(4, True, "tensor", learn_offset=False, init="lsq")
+    q.initialize(x)
+    assert q.scale.item() == pytest.approx(2 * (12.0 / 8) / math.sqrt(7), rel=1e-6)
+    assert q.offset is None
+    qc = LSQQuantizer(3, False, "channel", init="lsq", axis=0)
+    qc.initialize(x)
+    assert qc.scale.tolist() == pytest.approx([2 * 2.5 / math.sqrt(7), 2 * 0.5 / math.sqrt(7)], rel=1e-6)
+    assert qc.offset.tolist() == [0.0, 0.0]
+    # channel on the last axis: statistics per column
+    qa = LSQQuantizer(4, True, "channel", init="lsq", axis=-1)
+    qa.initialize(x)
+    assert qa.scale.tolist() == pytest.approx([2 * m / math.sqrt(7) for m in (0.75, 1.25, 1.75, 2.25)], rel=1e-6)
+
+
+def _lsqplus(vals, bits):
+    mu, sd = statistics.fmean(vals), statistics.pstdev(vals)
+    return max(abs(mu - 3 * sd), abs(mu + 3 * sd)) / 2 ** (bits - 1)
+
+
+def test_init_lsqplus_hand_computed():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 8, generator=g) + torch.tensor([[0.5], [-1.0], [0.0]])
+    rows = w.tolist()
+    qt = LSQQuantizer(4, True, "tensor", learn_offset=False, init="lsq+")
+    qt.initialize(w)
+    assert qt.scale.item() == pytest.approx(_lsqplus(sum(rows, []), 4), rel=1e-5)
+    qc = LSQQuantizer(3, True, "channel", init="lsq+")
+    qc.initialize(w)
+    assert qc.scale.tolist() == pytest.approx([_lsqplus(r, 3) for r in rows], rel=1e-5)
+    assert qc.offset.abs().sum().item() == 0
+    qg = LSQQuantizer(4, True, "group", learn_offset=False, init="lsq+", group_size=4)
+    qg.initialize(w)
+    assert qg.scale.shape == (3, 2)
+    want = [[_lsqplus(r[:4], 4), _lsqplus(r[4:], 4)] for r in rows]
+    assert qg.scale.tolist() == [pytest.approx(v, rel=1e-5) for v in want]
+
+
+def test_init_minmax_hand_computed():
+    x = torch.tensor([[-1.0, 0.0, 3.0], [0.5, 1.0, 2.0]])
+    # offset learnt: grid covers [min, max] exactly
+    q = LSQQuantizer(4, False, "channel", init="minmax")
+    q.initialize(x)
+    assert q.scale.tolist() == pytest.approx([4 / 15, 1.5 / 15])
+    assert q.offset.tolist() == pytest.approx([-1.0, 0.5])
+    # no offset, signed: smallest s with s*qmin <= min and s*qmax >= max
+    q = LSQQuantizer(4, True, "channel", learn_offset=False, init="minmax")
+    q.initialize(x)
+    assert q.scale.tolist() == pytest.approx([3 / 7, 2 / 7])
+    q = LSQQuantizer(4, True, "tensor", learn_offset=False, init="minmax")
+    q.initialize(torch.tensor([-8.0, 1.0]))
+    assert q.scale.item() == pytest.approx(1.0)
+
+
+def _brute_force_mse(row, qmin, qmax, n=2000):
+    """Dense 1-D search of s (offset 0) for one row, the slow obvious way."""
+    amax = max(row.max().item() / qmax, row.min().item() / qmin if qmin < 0 else 0.0)
+    best = math.inf
+    for k in range(1, n + 1):
+        s = amax * k / n
+        xh = torch.round(torch.clamp(row / s, qmin, qmax)) * s
+        best = min(best, (xh - row).square().sum().item())
+    return best
+
+
+def test_init_mse_per_channel_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 200, generator=g)
+    x[0, 3] = 8.0  # an outlier: clipping it pays off at 3 bits
+    x[2] *= 0.01
+    q = LSQQuantizer(3, True, "channel", learn_offset=False, init="mse")
+    q.initialize(x)
+    xh = q(x).detach()
+    for c in range(4):
+        got = (xh[c] - x[c]).square().sum().item()
+        want = _brute_force_mse(x[c], q.qmin, q.qmax, n=400)
+        assert got <= want * 1.01 + 1e-12, (c, got, want)
+
+
+@pytest.mark.parametrize("gran,kw", [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 64})])
+@pytest.mark.parametrize("learn_offset", [False, True])
+def test_init_mse_beats_minmax(gran, kw, learn_offset):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 256, generator=g) ** 3  # heavy tails
+    errs = {}
+    for init in ("mse", "minmax"):
+        q = LSQQuantizer(4, True, gran, learn_offset=learn_offset, init=init, **kw)
+        errs[init] = _err(q, x)
+    assert errs["mse"] < 0.97 * errs["minmax"], errs  # per tensor the gain is 40-80 %
+
+
+def test_init_mse_unsigned_learns_negative_offset():
+    # swish-like activations (min about -0.28): an unsigned grid needs a negative beta
+    g = torch.Generator().manual_seed(3)
+    x = F.silu(torch.randn(256, 32, generator=g) * 2)
+    q = LSQQuantizer(4, False, "tensor", learn_offset=True, init="mse")
+    q.initialize(x)
+    assert q.offset.item() < -0.05
+    q0 = LSQQuantizer(4, False, "tensor", learn_offset=False, init="mse")
+    assert _err(q, x) < _err(q0, x)
+
+
+def test_init_mse_subsample_keeps_tails():
+    # large input: the search runs on a subsample plus the extreme values of each row
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 8192, generator=g)
+    x[5, 77] = 30.0
+    sub = LSQQuantizer(8, True, "channel", learn_offset=False, init="mse")
+    full = LSQQuantizer(8, True, "channel", learn_offset=False, init="mse")
+    full.mse_max_elems = 1 << 30
+    assert _err(sub, x) <= 1.02 * _err(full, x)
+
+
+# ------------------------------------------------------------------ forward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "gran,shape,kw",
+    [
+        ("tensor", (3, 5, 7), {}),
+        ("channel", (6, 10), {"axis": 0}),
+        ("channel", (2, 5, 9), {"axis": -1}),
+        ("group", (6, 32), {"group_size": 8}),
+        ("group", (4, 2, 3, 4), {"group_size": 12}),  # conv weight [O, I, kh, kw]
+    ],
+)
+def test_forward_matches_reference(dtype, gran, shape, kw):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g).to(dtype)
+    q = LSQQuantizer(4, True, gran, init="lsq", **kw)
+    y = q(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert q.scale.dtype == torch.float32
+    torch.testing.assert_close(y, _ref(q, x), rtol=0, atol=0)
+    # the integer grid: at most 2^bits distinct levels per scale
+    if gran == "tensor":
+        assert torch.unique(y).numel() <= 16
+
+
+def test_scale_through_zero_stays_finite():
+    q = LSQQuantizer(4, True, "channel", init="lsq")
+    x = torch.randn(3, 8)
+    q(x)
+    with torch.no_grad():
+        q.scale[0] = -q.scale[0]
+        q.scale[1] = 0.0
+    y = q(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[0], _ref(q, x)[0])
+
+
+# ------------------------------------------------------------------ gradients
+@pytest.mark.parametrize("gran,kw", [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 4})])
+def test_gradients_match_reference(gran, kw):
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 8, generator=g) * 2).requires_grad_()
+    q = LSQQuantizer(3, True, gran, init="minmax", **kw)
+    q.initialize(x)
+    with torch.no_grad():
+        q.scale.mul_(0.6)  # make some values clip
+        q.offset.add_(0.1)
+    y = q(x)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    n_per_scale = x.numel() // q.scale.numel()
+    gscale = 1 / math.sqrt(n_per_scale * q.qmax)
+    axis = 0 if gran == "channel" else None
+    gs = kw.get("group_size")
+    gx, gsc, gb = reference.fake_quant_lsq_backward(
+        gy, x.detach(), q.scale.detach(), q.offset.detach(), q.qmin, q.qmax, axis, gs, gscale
+    )
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(q.scale.grad, gsc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.offset.grad, gb, rtol=1e-5, atol=1e-6)
+    assert q.scale.grad.abs().sum() > 0 and q.offset.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_gradients_reach_everything(dtype):
+    torch.manual_seed(7)
+    m = QuantLinear.from_float(nn.Linear(16, 8).to(dtype), w_bits=4, a_bits=8)
+    x = torch.randn(4, 16, dtype=dtype)
+    y = m(x)
+    assert y.shape == (4, 8) and y.dtype == dtype
+    y.float().square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert m.weight_quantizer.scale.dtype == torch.float32
+
+
+def test_module_dtype_cast_keeps_quantizer_params_fp32():
+    m = QuantLinear(8, 4).bfloat16()
+    assert m.weight.dtype == torch.bfloat16 and m.weight_quantizer.scale.dtype == torch.float32
+    assert m(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    q = LSQQuantizer(4, True, "channel").half()  # uninitialised: stays lazy and fp32
+    assert q(torch.randn(3, 4)).dtype == torch.float32 and q.scale.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ training
+def _train(model, x, y, steps, lr, loss_fn):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_quant_linear_reduces_loss():
+    torch.manual_seed(8)
+    x = torch.randn(128, 12)
+    y = (x @ torch.randn(12, 1)).tanh() + 0.1 * x[:, :1] ** 2
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1))
+    quantize_modules(model, w_bits=4, a_bits=8)
+    losses = _train(model, x, y, 60, 1e-2, F.mse_loss)
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_training_quant_conv_reduces_loss():
+    torch.manual_seed(9)
+    x = torch.randn(32, 1, 8, 8)
+    y = (x[:, 0, :4, :4].mean((1, 2)) > x[:, 0, 4:, 4:].mean((1, 2))).long()
+    model = nn.Sequential(
+        QuantConv2d(1, 8, 3, padding=1, w_bits=4, a_bits=8),
+        nn.ReLU(),
+        QuantConv2d(8, 8, 3, stride=2, w_bits=4, a_bits=4, act_signed=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        QuantLinear(8 * 3 * 3, 2, w_bits=4, a_bits=8, act_signed=False),
+    )
+    opt_params_before = [p for p in model.parameters()]  # an optimiser may be built before the first forward
+    assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in opt_params_before)
+    losses = _train(model, x, y, 40, 1e-2, F.cross_entropy)
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+    assert [p for p in model.parameters()] == opt_params_before  # init updated them in place
+
+
+# ------------------------------------------------------------------ state dict
+def test_state_dict_round_trip_after_init():
+    torch.manual_seed(10)
+    model = quantize_modules(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), 3, 6, act_signed=False)
+    x = torch.randn(10, 8)
+    y = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["0.input_quantizer.initialized"].item() is True
+    fresh = quantize_modules(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), 3, 6, act_signed=False)
+    fresh.load_state_dict(sd)
+    # loaded quantizers are not re-initialised by a different first batch
+    fresh(torch.randn(3, 8) * 100)
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
+def test_state_dict_lazy_quantizer_before_and_after_init():
+    q = LSQQuantizer(4, True, "channel", init="lsq+")
+    sd = q.state_dict()
+    assert set(sd) == {"initialized"} and not sd["initialized"]
+    q2 = LSQQuantizer(4, True, "channel", init="lsq+")
+    q2.load_state_dict(sd)  # both uninitialised: fine
+    assert "initialized=False" in repr(q2)
+    x = torch.randn(5, 7)
+    q(x)
+    q3 = LSQQuantizer(4, True, "channel", init="lsq+")
+    q3.load_state_dict(q.state_dict())  # materialises the shapes from the state dict
+    assert q3.scale.shape == (5,) and q3._initialized
+    torch.testing.assert_close(q3(x), q(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        q3.load_state_dict({"scale": torch.ones(3), "offset": torch.zeros(3), "initialized": torch.tensor(True)})
+
+
+# ------------------------------------------------------------------ torch.compile
+def test_compile_fullgraph_training_step_matches_eager():
+    torch.manual_seed(11)
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = quantize_modules(base, w_bits=4, a_bits=8)
+    model[2].input_quantizer = LSQQuantizer(8, False, "tensor", init="mse")  # post-ReLU: unsigned
+    x, y = torch.randn(24, 16), torch.randint(0, 4, (24,))
+    model(x)  # data-dependent init runs eagerly, before compiling
+    eager = copy.deepcopy(model)
+
+    def step(m, x, y, lr=0.05):
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.sub_(lr * p.grad)
+                p.grad = None
+        return loss.detach()
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            compiled = torch.compile(step, fullgraph=True)
+            for _ in range(3):
+                lc = compiled(model, x, y)
+                le = step(eager, x, y)
+                torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    for (n, pc), pe in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------ modules
+def test_from_float_copies_and_matches_float_at_8_bits():
+    torch.manual_seed(12)
+    lin = nn.Linear(32, 16)
+    ql = QuantLinear.from_float(lin, w_bits=8, a_bits=None)
+    assert ql.input_quantizer is None
+    assert torch.equal(ql.weight, lin.weight) and torch.equal(ql.bias, lin.bias)
+    assert ql.weight_quantizer._initialized and ql.weight_quantizer.scale.shape == (16,)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(ql(x), lin(x), rtol=0.05, atol=0.05)
+
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False, padding_mode="reflect")
+    qc = QuantConv2d.from_float(conv, w_bits=8, a_bits=8, w_granularity="group", w_group_size=6)
+    assert qc.bias is None and qc.padding_mode == "reflect" and qc.groups == 2
+    assert qc.weight_quantizer.scale.shape == (6, 3)
+    xi = torch.randn(2, 4, 9, 9)
+    assert qc(xi).shape == conv(xi).shape
+    torch.testing.assert_close(qc(xi), conv(xi), rtol=0.1, atol=0.1)
+    qcc = QuantConv2d.from_float(conv, a_bits=8, a_granularity="channel")
+    assert qcc(xi[0]).shape == conv(xi[0]).shape  # unbatched input
+    assert qcc.input_quantizer.scale.shape == (4,)
+
+
+def test_quantize_modules_swaps_skips_and_keeps_sharing():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.Flatten(1), nn.Sequential(nn.Linear(8, 8), shared, shared),
+        nn.MultiheadAttention(8, 2),
+    )
+    model.head = nn.Linear(8, 2)
+    quantize_modules(model, w_bits=4, a_bits=None, skip=("head",))
+    assert isinstance(model[0], QuantConv2d)
+    assert isinstance(model[2][0], QuantLinear) and isinstance(model[2][1], QuantLinear)
+    assert model[2][1] is model[2][2]
+    assert type(model.head) is nn.Linear
+    assert not isinstance(model[3].out_proj, QuantLinear)  # subclass, read directly by its parent
+    root = quantize_modules(nn.Linear(4, 4), 4, 8)
+    assert isinstance(root, QuantLinear)
+    with pytest.raises(ValueError, match="skip names not found.*'hed'"):
+        quantize_modules(nn.Sequential(nn.Linear(2, 2)), 4, 8, skip=["hed"])
+
+
+def test_extra_repr():
+    r = repr(LSQQuantizer(3, False, "group", group_size=32))
+    assert "bits=3" in r and "granularity='group'" in r and "group_size=32" in r
+    r = repr(QuantLinear(4, 4, w_bits=3, a_bits=5))
+    assert "w_bits=3" in r and "a_bits=5" in r and "granularity='channel'" in r
+
+
+# ------------------------------------------------------------------ bad arguments
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(bits=1, signed=True), ValueError, "bits must be an int in 2..8"),
+        (dict(bits=9, signed=True), ValueError, "bits must be an int in 2..8"),
+        (dict(bits=4.0, signed=True), ValueError, "bits"),
+        (dict(bits=4, signed="yes"), TypeError, "signed"),
+        (dict(bits=4, signed=True, granularity="row"), ValueError, "granularity must be one of"),
+        (dict(bits=4, signed=True, init="kl"), ValueError, "init must be one of"),
+        (dict(bits=4, signed=True, granularity="group"), ValueError, "needs group_size"),
+        (dict(bits=4, signed=True, granularity="group", group_size=0), ValueError, "group_size must be a positive int"),
+        (dict(bits=4, signed=True, granularity="group", group_size=8, axis=1), ValueError, "axis must be 0"),
+        (dict(bits=4, signed=True, granularity="channel", group_size=8), ValueError, "group_size is only used"),
+        (dict(bits=4, signed=True, backend="cuda"), ValueError, "backend must be one of"),
+        (dict(bits=4, signed=True, grad_scale=-1.0), ValueError, "grad_scale"),
+    ],
+)
+def test_quantizer_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LSQQuantizer(**kwargs)
+
+
+def test_bad_inputs_and_module_arguments():
+    with pytest.raises(ValueError, match="group_size 8 does not divide the row length 12"):
+        LSQQuantizer(4, True, "group", group_size=8)(torch.randn(2, 12))
+    with pytest.raises(ValueError, match="axis 2 out of range"):
+        LSQQuantizer(4, True, "channel", axis=2)(torch.randn(2, 12))
+    with pytest.raises(ValueError, match="empty tensor"):
+        LSQQuantizer(4, True)(torch.randn(0, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        LSQQuantizer(4, True)(torch.ones(3, dtype=torch.int32))
+    q = LSQQuantizer(4, True, "channel")
+    q(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="per-channel scale must be 1-D of length"):
+        q(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="w_bits must be an int in 2..8"):
+        QuantLinear(4, 4, w_bits=1)
+    with pytest.raises(ValueError, match="a_bits must be an int in 2..8 or None"):
+        QuantLinear(4, 4, a_bits=16)
+    with pytest.raises(ValueError, match="w_granularity='group' needs w_group_size"):
+        QuantConv2d(4, 4, 3, w_granularity="group")
+    with pytest.raises(ValueError, match="a_granularity must be one of"):
+        QuantLinear(4, 4, a_granularity="group")
+    with pytest.raises(ValueError, match="group_size 5 does not divide"):
+        QuantLinear(4, 4, w_granularity="group", w_group_size=5)
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        QuantLinear.from_float(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        QuantConv2d.from_float(nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        quantize_modules("model", 4, 8)
+    assert quantkern.nn.LSQQuantizer is LSQQuantizer
