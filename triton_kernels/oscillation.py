@@ -33,6 +33,17 @@ def _rint(x):
 
 
 @triton.jit
+def _to_storage(x, dtype: tl.constexpr):
+    """fp32 -> storage dtype, round to nearest even. bf16 is rounded by hand: the interpreter
+    truncates fp32 -> bf16 whatever fp_downcast_rounding says (finite values only)."""
+    if dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _param_index(offs, C, inner):
     return (offs // inner) % C
 
@@ -91,7 +102,7 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
     tl.store(meta_ptr + offs, meta1, mask=mask)
     tl.store(ema_ptr + offs, ema1, mask=mask)
     w_out = qp1 * s + b
-    tl.store(w_ptr + offs, w_out.to(w_raw.dtype), mask=mask & fz1)
+    tl.store(w_ptr + offs, _to_storage(w_out, w_raw.dtype), mask=mask & fz1)
     n_osc = tl.sum(tl.where(mask & osc & ~was, 1, 0).to(tl.int64), axis=0)
     n_frz = tl.sum(tl.where(mask & fz1, 1, 0).to(tl.int64), axis=0)
     tl.atomic_add(counts_ptr, n_osc)
@@ -136,7 +147,7 @@ def _damp_bwd_kernel(g_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, norm
     g2 = tl.load(g_ptr).to(tl.float32) * norm2
     d, inside = _damp_diff(w, s, b, n, p)
     gw = tl.where(inside, g2 * d, 0.0)
-    tl.store(gw_ptr + offs, gw.to(w_raw.dtype), mask=mask)
+    tl.store(gw_ptr + offs, _to_storage(gw, w_raw.dtype), mask=mask)
 
 
 # ------------------------------------------------------------------ launchers

@@ -33,8 +33,10 @@ Where the compact state differs from the official code, on purpose:
    newly frozen weight, we count none; (b) their f decays after freezing, ours
    stays; (c) the frozen integer can only differ if q_ema sat within about m of a
    .5 tie when the weight froze (the official re-assignment then flips it).
-2. f is a 20-bit fixed-point number (F / (2^20 - 1), F rounded each step): within
-   1e-6 of the fp32 EMA; differs only where f is within that of the threshold.
+2. f is a 20-bit fixed-point number (F / (2^20 - 1), F rounded to nearest each step):
+   it stays within 0.5 / (m (2^20 - 1)) of the exact EMA (1e-5 at m = 0.05; the bound
+   is reached only by rounding errors that all fall the same way), so a freezing
+   decision can differ only for an f that close to the threshold.
 3. The frozen integer is written back into the latent weight (w = q_frozen * s + beta)
    every step, so the next forward quantizes it to q_frozen; the official code
    instead overrides the integer inside the quantizer's forward.
