@@ -592,3 +592,17 @@ def test_ddp_two_ranks_identical_state():
         assert torch.equal(v, r1["model"][k]), k
     assert r0["metrics"] == r1["metrics"]
     assert sum(m["frozen_frac"] for m in r0["metrics"].values()) > 0
+
+
+# ------------------------------------------------------------------ reproduction script
+def test_reproduction_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [os.sys.executable, os.path.join(root, "examples", "oscillation_digits.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| W3A3 | + freezing |" in r.stdout
+    assert (tmp_path / "results.md").exists() and (tmp_path / "latent_w3_freeze.png").exists()

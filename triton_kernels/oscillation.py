@@ -60,7 +60,10 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
     s = tl.load(s_ptr + c, mask=mask, other=1.0)
     b = tl.load(b_ptr + c, mask=mask, other=0.0)
     meta = tl.load(meta_ptr + offs, mask=mask, other=0)
-    ema = tl.load(ema_ptr + offs, mask=mask, other=0.0)
+    if FREEZE:
+        ema = tl.load(ema_ptr + offs, mask=mask, other=0.0)
+    else:
+        ema = w * 0.0  # not read or written without freezing
 
     v = tl.div_rn(w - b, s)
     q = _rint(tl.where(v < n, n, tl.where(v > p, p, v)))
@@ -100,7 +103,8 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
     meta1 = ((qp1.to(tl.int32) & 0xFF) | (up1.to(tl.int32) << 8) | (dn1.to(tl.int32) << 9)
              | (fz1.to(tl.int32) << 10) | (live1.to(tl.int32) << 11) | (F1.to(tl.int32) << 12))
     tl.store(meta_ptr + offs, meta1, mask=mask)
-    tl.store(ema_ptr + offs, ema1, mask=mask)
+    if FREEZE:
+        tl.store(ema_ptr + offs, ema1, mask=mask)
     w_out = qp1 * s + b
     tl.store(w_ptr + offs, _to_storage(w_out, w_raw.dtype), mask=mask & fz1)
     n_osc = tl.sum(tl.where(mask & osc & ~was, 1, 0).to(tl.int64), axis=0)

@@ -40,10 +40,11 @@ __global__ void __launch_bounds__(kThreads) osc_kernel(TW* __restrict__ w, const
     const float sv = s[c], bv = b[c];
     uint32_t mo;
     float eo, wo, o, f;
-    oscillation_step<kFreeze>(ld(w, i), sv, bv, uint32_t(meta[i]), ema[i], k.n, k.p, k.m, k.om, k.mS, k.thF, mo, eo,
-                              wo, o, f);
+    // Without freezing the integer EMA is neither read nor written.
+    oscillation_step<kFreeze>(ld(w, i), sv, bv, uint32_t(meta[i]), kFreeze ? ema[i] : 0.f, k.n, k.p, k.m, k.om, k.mS,
+                              k.thF, mo, eo, wo, o, f);
     meta[i] = int32_t(mo);
-    ema[i] = eo;
+    if (kFreeze) ema[i] = eo;
     if (f > 0.5f) st(w, i, wo);
     n_osc += o > 0.5f;
     n_frz += f > 0.5f;
