@@ -36,16 +36,19 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def bench(fn, dev, runs, warmup=3):
     for _ in range(warmup):
         fn()
     _sync(dev)
     ts = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         _sync(dev)
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return statistics.median(ts)
 
 
@@ -69,11 +72,22 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--composite-runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (with --threads 1 on a shared machine: the time the op ran, "
+                         "not the time other processes held the core)")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1 or args.device != "cpu":
+            ap.error("--clock cpu needs --threads 1 on the CPU")
+        CLOCK = time.process_time
     dev = torch.device(args.device)
     torch.manual_seed(0)
     bw = copy_bandwidth(dev, args.runs)
-    print(f"device {dev}, threads {torch.get_num_threads()}, cpu capability "
+    print(f"device {dev}, threads {torch.get_num_threads()}, clock {args.clock}, cpu capability "
           f"{qk.get_cpu_capability() if dev.type == 'cpu' else '-'}; copy bandwidth {bw:.1f} GB/s")
     hdr = f"{'weights':>8} {'row':<22} {'median ms':>10} {'GB/s':>7} {'of copy':>8} {'speedup':>8}"
     print(hdr)

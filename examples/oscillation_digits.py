@@ -224,7 +224,7 @@ def pretrain(seed, data, epochs):
     return model, accuracy(model, Xte, yte)
 
 
-def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches):
+def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=0.1):
     import copy
 
     Xtr, ytr, Xte, yte = data
@@ -245,7 +245,7 @@ def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches):
     tracker = qat.OscillationTracker(model, momentum=0.01, max_bits=None, layers=low_bit)
     thr = qat.freeze_threshold_schedule(steps, 0.1, 0.01 if bits == 4 else 0.011) if method == "freeze" else (lambda t: 0.0)
     damp = qat.DampeningLoss(model, layers=low_bit) if method == "damp" else None
-    lam = qat.dampening_schedule(steps, 0.1)
+    lam = qat.dampening_schedule(steps, damp_lambda)
     g = torch.Generator().manual_seed(100 + seed)
     t_total, n_steps = 0.0, 0
     for _ in range(epochs):
@@ -301,6 +301,8 @@ def main(argv=None):
     ap.add_argument("--qat-epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny convs gain nothing from more)")
     ap.add_argument("--bn-batches", type=int, default=50)
+    ap.add_argument("--damp-lambda", type=float, default=0.1, help="final dampening weight (paper: 0.1)")
+    ap.add_argument("--methods", default="lsq,damp,freeze")
     ap.add_argument("--out", default="examples/out")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3-bit only, 1+1 epochs (smoke test)")
     args = ap.parse_args(argv)
@@ -308,7 +310,8 @@ def main(argv=None):
         args.seeds, args.bits, args.fp_epochs, args.qat_epochs, args.bn_batches = 1, "3", 1, 1, 5
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
-    methods = [("lsq", "LSQ"), ("damp", "+ dampening"), ("freeze", "+ freezing")]
+    methods = [(k, v) for k, v in (("lsq", "LSQ"), ("damp", "+ dampening"), ("freeze", "+ freezing"))
+               if k in args.methods.split(",")]
     bits_list = [int(b) for b in args.bits.split(",")]
     res: dict = {}
     fp_accs = []
@@ -320,7 +323,7 @@ def main(argv=None):
         print(f"seed {seed}: float test accuracy {acc:.4f}  ({time.time() - t_start:.0f}s)", flush=True)
         for bits in bits_list:
             for key, _ in methods:
-                r = qat_run(fp, seed, data, bits, key, args.qat_epochs, args.bn_batches)
+                r = qat_run(fp, seed, data, bits, key, args.qat_epochs, args.bn_batches, args.damp_lambda)
                 res.setdefault((bits, key), []).append(r)
                 print(f"  W{bits}A{bits} {key:<6} acc {r['acc_before']:.4f} -> {r['acc_after']:.4f} (BN re-est.)  "
                       f"osc dw {r['osc_dw']:.2%} pw {r['osc_pw']:.2%} frozen {r['frozen']:.2%}  "

@@ -101,7 +101,7 @@ def _run_steps(c, steps, backend, momentum=0.2, th_after=0.05, warm=3, seed=0):
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: f"{s[1]}{list(s[0])}q{s[2]}..{s[3]}")
 def test_update_matches_reference(isa, sample, dtype):
     shape, gran, qmin, qmax, gs = sample
-    c = _case(shape, gran, qmin, qmax, dtype, seed=hash((shape, gran)) % 1000, group_size=gs)
+    c = _case(shape, gran, qmin, qmax, dtype, seed=SAMPLES.index(sample), group_size=gs)
     total, meta = _run_steps(c, steps=12, backend="native")
     if math.prod(shape) >= 100:  # the walk makes weights oscillate and freeze
         assert total[0] > 0
