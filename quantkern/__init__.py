@@ -12,7 +12,10 @@ _load.load()
 from . import ops, reference  # noqa: E402
 from .ops import (  # noqa: E402
     cpu_capabilities,
+    dampening_loss,
     fake_quant_lsq,
+    oscillation_init_state,
+    oscillation_update,
     get_cpu_capability,
     set_cpu_capability,
 )
@@ -23,6 +26,9 @@ __all__ = [
     "ops",
     "reference",
     "fake_quant_lsq",
+    "oscillation_init_state",
+    "oscillation_update",
+    "dampening_loss",
     "cpu_capabilities",
     "get_cpu_capability",
     "set_cpu_capability",

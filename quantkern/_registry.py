@@ -64,6 +64,58 @@ for _sfx in ("", "_triton"):
     )
 
 
+# --------------------------------------------------------------------------
+# oscillation_update: fused, in-place oscillation tracking + freezing
+# (Nagel et al. 2022; DESIGN.md section 3; state layout in csrc/shared/oscillation.h)
+# --------------------------------------------------------------------------
+# Mutates weight (frozen weights are reset to q_frozen * s + beta), meta and ema.
+# Returns int64 [2]: (oscillations this step, weights frozen after this step).
+_OSC_ARGS = (
+    "Tensor(a!) weight, Tensor scale, Tensor offset, Tensor(b!) meta, Tensor(c!) ema, int qmin, int qmax, "
+    "int? axis, int? group_size, float momentum, float freeze_threshold"
+)
+# dampening_loss: norm * sum((q*s + beta).detach() - clamp(w, s*qmin + beta, s*qmax + beta))^2, 0-d fp32.
+# Differentiable in weight only (not scale/offset), as in the paper.
+_DAMP_ARGS = "Tensor weight, Tensor scale, Tensor offset, int qmin, int qmax, int? axis, int? group_size, float norm"
+for _sfx in ("", "_triton"):
+    LIB.define(f"oscillation_update{_sfx}({_OSC_ARGS}) -> Tensor")
+    LIB.define(f"dampening_loss{_sfx}({_DAMP_ARGS}) -> Tensor")
+    LIB.define(f"dampening_loss_backward{_sfx}(Tensor grad, {_DAMP_ARGS}) -> Tensor")
+
+    @torch.library.register_fake(f"quantkern::oscillation_update{_sfx}")
+    def _osc_fake(weight, scale, offset, meta, ema, qmin, qmax, axis, group_size, momentum, freeze_threshold):
+        return weight.new_empty((2,), dtype=torch.int64)
+
+    @torch.library.register_fake(f"quantkern::dampening_loss{_sfx}")
+    def _damp_fake(weight, scale, offset, qmin, qmax, axis, group_size, norm):
+        return scale.new_empty(())
+
+    @torch.library.register_fake(f"quantkern::dampening_loss_backward{_sfx}")
+    def _damp_bwd_fake(grad, weight, scale, offset, qmin, qmax, axis, group_size, norm):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def _damp_setup(ctx, inputs, output):
+        weight, scale, offset, qmin, qmax, axis, group_size, norm = inputs
+        ctx.save_for_backward(weight, scale, offset)
+        ctx.args = (qmin, qmax, axis, group_size, norm)
+
+    def _make_damp_backward(bwd_name):
+        def _damp_backward(ctx, grad):
+            weight, scale, offset = ctx.saved_tensors
+            bwd = getattr(torch.ops.quantkern, bwd_name)
+            # No gradient to scale/offset: the target (q*s + beta) is detached and the clamp
+            # bounds are treated as constants (Nagel et al. 2022, eq. 6).
+            return bwd(grad, weight, scale, offset, *ctx.args), None, None, None, None, None, None, None
+
+        return _damp_backward
+
+    torch.library.register_autograd(
+        f"quantkern::dampening_loss{_sfx}",
+        _make_damp_backward(f"dampening_loss_backward{_sfx}"),
+        setup_context=_damp_setup,
+    )
+
+
 def op_names() -> list[str]:
     """Names of every quantkern operator, e.g. ``["fake_quant_lsq", ...]``."""
     return sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("quantkern::"))

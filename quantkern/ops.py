@@ -159,3 +159,169 @@ def fake_quant_lsq(
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
     return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))
+
+
+# ------------------------------------------------- oscillation tracking / dampening
+def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="weight"):
+    """Validate (x, scale, offset, qmin, qmax, axis, group_size) like fake_quant_lsq; returns (offset, axis)."""
+    _check_tensor(op, xname, x, _FLOATS)
+    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
+    if offset is None:
+        offset = torch.zeros_like(scale)
+    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
+    if not (isinstance(qmin, int) and isinstance(qmax, int)):
+        raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
+    if qmin >= qmax:
+        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    if offset.shape != scale.shape:
+        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
+    if group_size is not None:
+        if axis is not None:
+            raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
+        if x.dim() != 2:
+            raise ValueError(f"quantkern.{op}: per-group {xname} must be 2-D [rows, K], got shape {tuple(x.shape)}")
+        if x.shape[1] % group_size:
+            raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = {x.shape[1]}")
+        want = (x.shape[0], x.shape[1] // group_size)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
+    elif axis is not None:
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"quantkern.{op}: axis {axis} out of range for {xname} with {x.dim()} dims")
+        axis = axis % x.dim()
+        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
+            raise ValueError(
+                f"quantkern.{op}: per-channel scale must be 1-D of length {xname}.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}"
+            )
+    elif scale.numel() != 1:
+        raise ValueError(
+            f"quantkern.{op}: scale has shape {tuple(scale.shape)}; per-tensor needs one element "
+            "(pass axis= for per-channel or group_size= for per-group)"
+        )
+    return offset, axis
+
+
+def oscillation_init_state(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    axis: int | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh oscillation state for ``weight``: ``(meta, ema)``, int32 and float32, shaped like weight.
+
+    ``meta`` packs, per weight, the previous integer (int8), the direction of its last
+    change, a frozen bit, an "EMA started" bit and the 20-bit fixed-point frequency EMA
+    (layout: csrc/shared/oscillation.h; decode with
+    :func:`quantkern.reference.oscillation.decode_state`); ``ema`` is the fp32 EMA of
+    the integer. 8 bytes per weight. The previous integer starts at the current one.
+    Needs ``-128 <= qmin < qmax <= 127``.
+    """
+    from .reference import oscillation as ref
+
+    op = "oscillation_init_state"
+    offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
+    if not -128 <= qmin < qmax <= 127:
+        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
+    with torch.no_grad():
+        return ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
+
+
+def oscillation_update(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    meta: torch.Tensor,
+    ema: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    axis: int | None = None,
+    group_size: int | None = None,
+    momentum: float = 0.01,
+    freeze_threshold: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One fused, in-place step of oscillation tracking and freezing (Nagel et al. 2022).
+
+    Call once per training step, after ``optimizer.step()``, with the quantizer's current
+    scale/offset (the values the next forward uses). In one pass over the weights:
+    computes ``q = round(clamp((w - offset) / scale, qmin, qmax))``, detects an
+    oscillation (q moved opposite to its last move), updates the frequency EMA
+    ``f <- m * osc + (1 - m) * f`` and, when ``freeze_threshold > 0``, the integer EMA
+    and freezing: a weight with ``f > freeze_threshold`` is frozen at ``round(q_ema)``
+    for good. Every frozen weight is (re)written as ``q_frozen * scale + offset``, so
+    the next forward quantizes it to q_frozen whatever the scale did.
+
+    Args:
+        weight: latent weight, float32 / float16 / bfloat16, contiguous; updated in place
+            (pass ``param.data`` or call under ``torch.no_grad()``).
+        scale, offset: the quantizer's (positive) scale and offset (None = 0), float32;
+            per-tensor, per-channel (``axis``) or per-group (``group_size``; weight 2-D).
+        meta, ema: the state from :func:`oscillation_init_state`, updated in place.
+        qmin, qmax: integer grid, ``-128 <= qmin < qmax <= 127``.
+        momentum: EMA momentum m in (0, 1] (official class default 0.01, paper runs 0.001).
+        freeze_threshold: freeze where f exceeds it; ``<= 0`` turns freezing (and the
+            integer EMA) off, as in the official code.
+        backend: "auto", "native" or "triton".
+
+    Returns:
+        int64 tensor ``[2]`` on weight's device: (oscillations this step, frozen weights
+        after this step). No host synchronisation.
+    """
+    op = "oscillation_update"
+    offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
+    _check_tensor(op, "meta", meta, (torch.int32,), weight.device)
+    _check_tensor(op, "ema", ema, (torch.float32,), weight.device)
+    for name, t in (("meta", meta), ("ema", ema)):
+        if t.shape != weight.shape:
+            raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"quantkern.{op}: {name} must be contiguous")
+    if not weight.is_contiguous():
+        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place)")
+    if not -128 <= qmin < qmax <= 127:
+        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
+    if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+        raise ValueError(f"quantkern.{op}: momentum must be in (0, 1], got {momentum!r}")
+    if not (isinstance(freeze_threshold, (int, float)) and freeze_threshold == freeze_threshold and abs(freeze_threshold) != float("inf")):
+        raise ValueError(f"quantkern.{op}: freeze_threshold must be a finite number, got {freeze_threshold!r}")
+    be = _pick_backend(op, weight, backend)
+    fn = torch.ops.quantkern.oscillation_update_triton if be == "triton" else torch.ops.quantkern.oscillation_update
+    with torch.no_grad():
+        return fn(weight, scale.detach(), offset.detach(), meta, ema, qmin, qmax, axis, group_size, float(momentum), float(freeze_threshold))
+
+
+def dampening_loss(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    axis: int | None = None,
+    group_size: int | None = None,
+    norm: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Oscillation dampening loss (Nagel et al. 2022, eq. 6), fused forward and backward.
+
+    ``norm * sum((q*s + beta).detach() - clamp(w, s*qmin + beta, s*qmax + beta))^2`` with
+    ``q = round(clamp((w - beta) / s, qmin, qmax))``. Differentiable in ``weight`` only
+    (``2 * norm * d`` inside the clamp range, 0 outside); scale and offset get no
+    gradient, as in the paper. The official aggregation ("kernel_mean",
+    ``loss.sum(0).mean()``) is ``norm = weight.shape[0] / weight.numel()``.
+
+    Args: as :func:`fake_quant_lsq` (``weight`` any float dtype and strides).
+    Returns: 0-d float32 tensor.
+    """
+    op = "dampening_loss"
+    offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
+    be = _pick_backend(op, weight, backend)
+    fn = torch.ops.quantkern.dampening_loss_triton if be == "triton" else torch.ops.quantkern.dampening_loss
+    return fn(weight, scale.detach(), offset.detach(), qmin, qmax, axis, group_size, float(norm))

@@ -5,3 +5,4 @@ CPU when ``TRITON_INTERPRET=1`` is set before triton is imported (testing under 
 Triton interpreter).
 """
 from . import fake_quant_lsq  # noqa: F401
+from . import oscillation  # noqa: F401

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../shared/layout.h"
+#include "../shared/oscillation.h"
 
 namespace qk {
 
@@ -24,6 +25,14 @@ struct IsaTable {
   void (*lsq_bwd)(Dt, const void* g, const void* x, void* gx, int64_t len, const float* s,
                   const float* b, int64_t param_stride, float n, float p, float* acc_s,
                   float* acc_b);
+  // oscillation_update: one span of `len` contiguous weights (csrc/cpu/oscillation_kernel.h).
+  void (*osc_update)(Dt, void* w, int64_t len, const float* s, const float* b, int64_t param_stride,
+                     int32_t* meta, float* ema, const OscConsts& k, bool freeze, int64_t* counts);
+  // dampening_loss: sum of squared differences over a span; and its gradient.
+  double (*damp_fwd)(Dt, const void* w, int64_t len, const float* s, const float* b, int64_t param_stride,
+                     float n, float p);
+  void (*damp_bwd)(Dt, const void* w, void* gw, int64_t len, const float* s, const float* b,
+                   int64_t param_stride, float n, float p, float g2);
 };
 
 const IsaTable& isa_table_avx512();

@@ -1,0 +1,89 @@
+"""Finding quantized layers and reading their weight quantizer (duck-typed).
+
+A layer qualifies when it has ``weight`` (a tensor) and ``weight_quantizer`` with
+``scale`` (tensor), ``qmin``/``qmax`` (ints) and optionally ``offset`` (tensor or
+None), ``granularity`` ("tensor" | "channel" | "group"), ``axis``, ``group_size``
+and ``eps`` -- the contract of quantkern.nn.QuantLinear / QuantConv2d and their
+LSQQuantizer. Without ``granularity`` it is inferred from the scale's shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class QLayer:
+    name: str
+    module: nn.Module
+    quantizer: nn.Module
+    qmin: int
+    qmax: int
+    axis: int | None
+    group_size: int | None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def weight_view(self) -> torch.Tensor:
+        """The weight's data as the kernels see it (2-D [rows, K] for per-group)."""
+        w = self.module.weight.data
+        if self.group_size is not None and w.dim() != 2:
+            w = w.view(w.shape[0], -1)
+        return w
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) as the quantizer's forward uses them: fp32, detached, |scale| >= eps."""
+        q = self.quantizer
+        eps = float(getattr(q, "eps", 1e-8))
+        s = q.scale.detach().float().abs().clamp_min(eps)
+        off = getattr(q, "offset", None)
+        b = off.detach().float() if isinstance(off, torch.Tensor) else torch.zeros_like(s)
+        if self.axis is not None or self.group_size is not None:
+            return s, b
+        return s.reshape(1), b.reshape(1)
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.qmax - self.qmin + 1)))
+
+
+def _granularity(module, q) -> tuple[int | None, int | None]:
+    g = getattr(q, "granularity", None)
+    w = module.weight
+    if g == "tensor":
+        return None, None
+    if g == "channel":
+        axis = int(getattr(q, "axis", 0))
+        return axis % w.dim(), None
+    if g == "group":
+        return None, int(q.group_size)
+    # infer from the scale's shape
+    s = q.scale
+    if s.numel() == 1:
+        return None, None
+    if s.dim() == 1 and s.shape[0] == w.shape[0]:
+        return 0, None
+    if s.dim() == 2 and s.shape[0] == w.shape[0]:
+        return None, (w.numel() // w.shape[0]) // s.shape[1]
+    raise ValueError(f"cannot infer the granularity of a weight quantizer with scale shape {tuple(s.shape)}")
+
+
+def quantized_layers(model: nn.Module, max_bits: int | None = None) -> list[QLayer]:
+    """Every module of ``model`` with a weight and a weight_quantizer (see module docstring)."""
+    out = []
+    for name, mod in model.named_modules():
+        q = getattr(mod, "weight_quantizer", None)
+        w = getattr(mod, "weight", None)
+        if q is None or not isinstance(w, torch.Tensor) or not isinstance(getattr(q, "scale", None), torch.Tensor):
+            continue
+        axis, gs = _granularity(mod, q)
+        layer = QLayer(name, mod, q, int(q.qmin), int(q.qmax), axis, gs)
+        if max_bits is not None and layer.bits > max_bits:
+            continue
+        out.append(layer)
+    return out

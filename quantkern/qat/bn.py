@@ -1,0 +1,46 @@
+"""Batch-norm statistics re-estimation (Nagel et al. 2022, section 4.3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
+    """Replace every BatchNorm's running mean/var by the average of per-batch statistics
+    over ``num_batches`` batches of ``loader`` (items ``x`` or ``(x, ...)``).
+
+    BN layers run in training mode with ``momentum=None`` (PyTorch's cumulative moving
+    average: after n batches the running stats are the plain mean of the n batch
+    statistics -- the official code's "momentum 1.0 and average"); every other module
+    runs in eval mode. Afterwards momentum, ``num_batches_tracked`` and the train/eval
+    flags are restored. Returns the number of batches used.
+    """
+    if num_batches <= 0:
+        raise ValueError(f"reestimate_bn_stats: num_batches must be positive, got {num_batches}")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    flags = {m: m.training for m in model.modules()}
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        n = 0
+        for batch in loader:
+            if n >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            n += 1
+    finally:
+        for m, mom, nbt in saved:
+            m.momentum = mom
+            m.num_batches_tracked.copy_(nbt)
+        for m, tr in flags.items():
+            m.training = tr
+    return n

@@ -1,0 +1,251 @@
+"""Oscillation tracking + iterative weight freezing, and oscillation dampening
+(Nagel et al. 2022), attached to quantized layers in a few lines::
+
+    tracker = OscillationTracker(model, momentum=0.01)
+    thr = freeze_threshold_schedule(total_steps, 0.1, 0.01)       # 0 for the first 25%
+    damp = DampeningLoss(model)
+    lam = dampening_schedule(total_steps, 0.1)                    # 0 for the first 25%
+    for step, (x, y) in enumerate(loader):
+        loss = F.cross_entropy(model(x), y) + lam(step) * damp()
+        opt.zero_grad(); loss.backward(); opt.step()
+        tracker.step(freeze_threshold=thr(step))                  # after the optimiser step
+
+``tracker.step`` runs the fused kernel ``quantkern.ops.oscillation_update`` once per
+layer: 8 bytes of state per weight, one pass. Frozen weights are kept in place by
+(1) the kernel rewriting them to ``q_frozen * s + beta`` every step (the scale and
+offset keep training, so the integer stays q_frozen in the next forward), and
+(2) optionally (``grad_mask=True``, default) a gradient hook that zeroes their
+gradient, so the optimiser's momentum/Adam state does not carry them (the official
+code gives them no gradient either: their integer is a constant).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.oscillation import FREQ_ONE, FREQ_SHIFT, FROZEN_BIT, decode_state
+from ._layers import QLayer, quantized_layers
+
+
+class _Tracked:
+    def __init__(self, layer: QLayer):
+        self.layer = layer
+        self.meta: torch.Tensor | None = None
+        self.ema: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None  # int64 [2], last step
+        self.freezing_started = False
+        self.hook = None
+
+
+class OscillationTracker:
+    """Tracks integer oscillations of every quantized weight and freezes the oscillating ones.
+
+    Args:
+        model: any module; every submodule with ``weight`` and ``weight_quantizer`` is
+            tracked (see quantkern.qat._layers), or pass ``layers`` explicitly.
+        momentum: EMA momentum of the frequency and integer EMAs (official class 0.01,
+            paper runs 0.001).
+        freeze_threshold: default threshold for :meth:`step` (0: track only).
+        max_bits: skip layers with more bits (official default 4; None: track all).
+        grad_mask: zero the gradient of frozen weights (a tensor hook on each weight).
+        backend: kernel backend ("auto", "native", "triton").
+
+    The state is created on the first :meth:`step` (after the quantizers have been
+    initialised by a forward), from the integers the weights have then.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.01, freeze_threshold: float = 0.0,
+                 max_bits: int | None = 4, grad_mask: bool = True, backend: str = "auto",
+                 layers: list[QLayer] | None = None):
+        if not 0 < momentum <= 1:
+            raise ValueError(f"OscillationTracker: momentum must be in (0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self.freeze_threshold = float(freeze_threshold)
+        self.backend = backend
+        self.grad_mask = grad_mask
+        layers = quantized_layers(model, max_bits) if layers is None else layers
+        if not layers:
+            raise ValueError("OscillationTracker: the model has no quantized layer (module with weight and weight_quantizer)")
+        self.tracked = {l.name: _Tracked(l) for l in layers}
+        self.steps = 0
+
+    # ---------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, freeze_threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """One tracking (+ freezing) step for every layer; returns {name: int64 [2]} counts
+        (oscillations this step, frozen so far) without a host sync."""
+        th = self.freeze_threshold if freeze_threshold is None else float(freeze_threshold)
+        out = {}
+        for name, t in self.tracked.items():
+            L = t.layer
+            w = L.weight_view()
+            s, b = L.params()
+            if t.meta is None:
+                t.meta, t.ema = ops.oscillation_init_state(w, s, b, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size)
+            t.counts = ops.oscillation_update(
+                w, s, b, t.meta, t.ema, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
+                momentum=self.momentum, freeze_threshold=th, backend=self.backend,
+            )
+            if th > 0 and not t.freezing_started:
+                t.freezing_started = True
+                if self.grad_mask and L.weight.requires_grad and t.hook is None:
+                    t.hook = L.weight.register_hook(self._make_hook(t))
+            out[name] = t.counts
+        self.steps += 1
+        return out
+
+    @staticmethod
+    def _make_hook(t: _Tracked):
+        def hook(grad):
+            frozen = (t.meta & (1 << FROZEN_BIT)) != 0
+            return grad.masked_fill(frozen.view(grad.shape), 0)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        for t in self.tracked.values():
+            if t.hook is not None:
+                t.hook.remove()
+                t.hook = None
+
+    # ---------------------------------------------------------------- inspection
+    def frozen_mask(self, name: str) -> torch.Tensor:
+        t = self.tracked[name]
+        return ((t.meta & (1 << FROZEN_BIT)) != 0).view(t.layer.weight.shape)
+
+    def frequency(self, name: str) -> torch.Tensor:
+        t = self.tracked[name]
+        F = (t.meta >> FREQ_SHIFT) & 0xFFFFF
+        return (F.float() / FREQ_ONE).view(t.layer.weight.shape)
+
+    def decode(self, name: str) -> dict[str, torch.Tensor]:
+        """All state fields of a layer (q_prev, last_dir, frozen, ema_live, F, q_ema)."""
+        t = self.tracked[name]
+        d = decode_state(t.meta)
+        d["q_ema"] = t.ema
+        return {k: v.view(t.layer.weight.shape) for k, v in d.items()}
+
+    def metrics(self, osc_freq: float = 0.005) -> dict[str, dict[str, float]]:
+        """Per layer: numel, frac_oscillating (unfrozen weights with frequency EMA > osc_freq,
+        over all weights), osc_last_step (fraction that oscillated in the last step),
+        frozen_frac. Synchronises with the device."""
+        out = {}
+        for name, t in self.tracked.items():
+            if t.meta is None:
+                continue
+            n = t.meta.numel()
+            frozen = (t.meta & (1 << FROZEN_BIT)) != 0
+            f = ((t.meta >> FREQ_SHIFT) & 0xFFFFF).float() / FREQ_ONE
+            c = t.counts.tolist() if t.counts is not None else [0, 0]
+            out[name] = {
+                "numel": n,
+                "frac_oscillating": float(((f > osc_freq) & ~frozen).sum()) / n,
+                "osc_last_step": c[0] / n,
+                "frozen_frac": float(frozen.sum()) / n,
+            }
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "momentum": self.momentum,
+                "layers": {n: {"meta": t.meta, "ema": t.ema, "freezing_started": t.freezing_started}
+                           for n, t in self.tracked.items() if t.meta is not None}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps = int(sd["steps"])
+        for n, st in sd["layers"].items():
+            t = self.tracked[n]
+            dev = t.layer.weight.device
+            t.meta, t.ema = st["meta"].to(dev).clone(), st["ema"].to(dev).clone()
+            if st.get("freezing_started") and not t.freezing_started:
+                t.freezing_started = True
+                if self.grad_mask and t.layer.weight.requires_grad and t.hook is None:
+                    t.hook = t.layer.weight.register_hook(self._make_hook(t))
+
+
+_AGGREGATIONS = ("kernel_mean", "channel_mean", "sum", "mean")
+
+
+class DampeningLoss:
+    """Oscillation dampening regulariser over every quantized layer (fused kernel per layer).
+
+    ``loss = weighting * sum_layers norm_l * sum((q*s + beta).detach() - clamp(w, s*qmin + beta, s*qmax + beta))^2``
+    with the aggregation deciding ``norm_l``:
+
+    * ``"kernel_mean"`` (default; the official code's default, ``loss.sum(0).mean()``):
+      summed over the output-channel axis, averaged over the rest -> ``shape[0] / numel``;
+    * ``"channel_mean"``: summed per output channel, averaged over channels -> ``1 / shape[0]``;
+    * ``"sum"`` -> 1; ``"mean"`` -> ``1 / numel``.
+
+    Gradient flows to the weights only. ``weighting`` is the lambda (see
+    :func:`dampening_schedule`); calling with lambda = 0 costs nothing.
+    """
+
+    def __init__(self, model: nn.Module, weighting: float = 1.0, aggregation: str = "kernel_mean",
+                 max_bits: int | None = None, backend: str = "auto", layers: list[QLayer] | None = None):
+        if aggregation not in _AGGREGATIONS:
+            raise ValueError(f"DampeningLoss: aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+        self.layers = quantized_layers(model, max_bits) if layers is None else layers
+        if not self.layers:
+            raise ValueError("DampeningLoss: the model has no quantized layer (module with weight and weight_quantizer)")
+        self.weighting = float(weighting)
+        self.aggregation = aggregation
+        self.backend = backend
+
+    def _norm(self, w: torch.Tensor) -> float:
+        n, rows = w.numel(), w.shape[0] if w.dim() else 1
+        return {"kernel_mean": rows / n, "channel_mean": 1.0 / rows, "sum": 1.0, "mean": 1.0 / n}[self.aggregation]
+
+    def __call__(self, weighting: float | None = None) -> torch.Tensor:
+        lam = self.weighting if weighting is None else float(weighting)
+        dev = self.layers[0].weight.device
+        if lam == 0.0:
+            return torch.zeros((), device=dev)
+        total = None
+        for L in self.layers:
+            w = L.weight
+            if L.group_size is not None and w.dim() != 2:
+                w = w.reshape(w.shape[0], -1)
+            s, b = L.params()
+            term = ops.dampening_loss(w, s, b, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
+                                      norm=self._norm(L.weight) * lam, backend=self.backend)
+            total = term if total is None else total + term
+        return total
+
+
+# ------------------------------------------------------------------ schedules
+class CosineSchedule:
+    """``end + 0.5 (start - end)(1 + cos(pi t))`` with t = (step - warmup) / (total - warmup),
+    and ``warmup_value`` for the first ``warmup_frac`` of the steps (the official CosineTempDecay
+    with rel_decay_start; steps past ``total_steps`` give ``end``)."""
+
+    def __init__(self, start: float, end: float, total_steps: int, warmup_frac: float = 0.25,
+                 warmup_value: float | None = None):
+        if total_steps <= 0:
+            raise ValueError(f"CosineSchedule: total_steps must be positive, got {total_steps}")
+        if not 0 <= warmup_frac < 1:
+            raise ValueError(f"CosineSchedule: warmup_frac must be in [0, 1), got {warmup_frac}")
+        self.start, self.end, self.total = float(start), float(end), int(total_steps)
+        self.warmup = warmup_frac * total_steps
+        self.warmup_value = self.start if warmup_value is None else float(warmup_value)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_value
+        t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * t))
+
+
+def freeze_threshold_schedule(total_steps: int, f_start: float = 0.1, f_end: float = 0.01,
+                              warmup_frac: float = 0.25) -> CosineSchedule:
+    """Threshold 0 (no freezing) for the first ``warmup_frac``, then cosine from f_start to f_end
+    (paper, MobileNetV2: 4-bit 0.1 -> 0.01, 3-bit 0.1 -> 0.011)."""
+    return CosineSchedule(f_start, f_end, total_steps, warmup_frac, warmup_value=0.0)
+
+
+def dampening_schedule(total_steps: int, lam_max: float = 0.1, warmup_frac: float = 0.25) -> CosineSchedule:
+    """Lambda 0 for the first ``warmup_frac``, then a cosine ramp from 0 to ``lam_max``."""
+    return CosineSchedule(0.0, lam_max, total_steps, warmup_frac, warmup_value=0.0)

@@ -1,0 +1,608 @@
+"""oscillation_update / dampening_loss: kernels vs reference, every CPU ISA, Triton
+(interpreter), opcheck, the official algorithm, bad input, quantkern.qat, DDP."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantkern as qk
+from quantkern import ops
+from quantkern.reference import oscillation as R
+
+ISAS = qk.cpu_capabilities()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = qk.get_cpu_capability()
+    qk.set_cpu_capability(request.param)
+    yield request.param
+    qk.set_cpu_capability(old)
+
+
+# ------------------------------------------------------------------ samples
+def _case(shape, gran, qmin, qmax, dtype, seed, group_size=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    if gran == "tensor":
+        s = torch.rand(1, generator=g) * 0.2 + 0.2
+        b = torch.randn(1, generator=g) * 0.05
+        axis = None
+    elif gran == "channel":
+        axis = 0
+        s = torch.rand(shape[0], generator=g) * 0.2 + 0.2
+        b = torch.randn(shape[0], generator=g) * 0.05
+    else:
+        axis = None
+        s = torch.rand(shape[0], shape[1] // group_size, generator=g) * 0.2 + 0.2
+        b = torch.randn(shape[0], shape[1] // group_size, generator=g) * 0.05
+    if qmin >= 0:  # unsigned grid: shift the weights into range
+        w = w.abs() * (qmax / 6) * s.max()
+    return dict(w=w.to(dtype), s=s, b=b, qmin=qmin, qmax=qmax, axis=axis, group_size=group_size)
+
+
+SAMPLES = [
+    ((1,), "tensor", -8, 7, None),
+    ((3,), "tensor", -4, 3, None),
+    ((127,), "tensor", -8, 7, None),
+    ((4097,), "tensor", -2, 1, None),
+    ((16, 3, 3, 3), "channel", -8, 7, None),     # conv
+    ((32, 1, 3, 3), "channel", -4, 3, None),     # depthwise conv, 3-bit
+    ((33, 70), "channel", -128, 127, None),      # 8-bit
+    ((24, 129), "channel", 0, 15, None),         # unsigned 4-bit, odd K
+    ((6, 128), "group", -8, 7, 32),
+    ((5, 96), "group", -4, 3, 48),
+    ((40, 1), "channel", -8, 7, None),           # inner == 1: per-element parameters
+]
+
+
+def _walk(w, s_view, t, g):
+    """Next latent weight: random drift plus an alternating push on half the weights (so they oscillate)."""
+    wf = w.float()
+    push = torch.where(torch.rand(wf.shape, generator=g) < 0.5, 0.6, 0.05) * (-1) ** t
+    return (wf + s_view * (push + 0.1 * torch.randn(wf.shape, generator=g))).to(w.dtype)
+
+
+def _run_steps(c, steps, backend, momentum=0.2, th_after=0.05, warm=3, seed=0):
+    from quantkern.reference.fake_quant_lsq import lsq_param_view
+
+    w = c["w"].clone()
+    meta, ema = ops.oscillation_init_state(w, c["s"], c["b"], c["qmin"], c["qmax"], axis=c["axis"], group_size=c["group_size"])
+    wr, mr, er = w.clone(), meta.clone(), ema.clone()
+    s_view = lsq_param_view(w.float(), c["s"], c["axis"], c["group_size"])
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(2, dtype=torch.int64)
+    for t in range(steps):
+        w = _walk(w, s_view, t, g)
+        wr = w.clone()
+        th = 0.0 if t < warm else th_after
+        cnt = ops.oscillation_update(w, c["s"], c["b"], meta, ema, c["qmin"], c["qmax"], axis=c["axis"],
+                                     group_size=c["group_size"], momentum=momentum, freeze_threshold=th, backend=backend)
+        wr, mr, er, cr = R.oscillation_update(wr, c["s"], c["b"], mr, er, c["qmin"], c["qmax"], c["axis"],
+                                              c["group_size"], momentum, th)
+        assert torch.equal(meta, mr), f"step {t}: meta differs at {(meta != mr).sum().item()} weights"
+        assert torch.equal(cnt, cr), f"step {t}: counts {cnt.tolist()} vs {cr.tolist()}"
+        torch.testing.assert_close(ema, er, rtol=0, atol=1e-6)
+        assert torch.equal(w, wr), f"step {t}: weights differ"
+        total += cnt
+    return total, meta
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: f"{s[1]}{list(s[0])}q{s[2]}..{s[3]}")
+def test_update_matches_reference(isa, sample, dtype):
+    shape, gran, qmin, qmax, gs = sample
+    c = _case(shape, gran, qmin, qmax, dtype, seed=SAMPLES.index(sample), group_size=gs)
+    total, meta = _run_steps(c, steps=12, backend="native")
+    if math.prod(shape) >= 100:  # the walk makes weights oscillate and freeze
+        assert total[0] > 0
+        assert R.decode_state(meta)["frozen"].any()
+
+
+def test_update_large_parallel_tiles(isa):
+    # several tiles of both kinds (rows > tile, many short rows) and thread-count independence
+    for shape in [(3, 40000), (3000, 9)]:
+        c = _case(shape, "channel", -4, 3, torch.float32, seed=1)
+        _run_steps(c, steps=4, backend="native", warm=1)
+
+
+def test_update_no_freezing_keeps_ema_and_live():
+    c = _case((50, 20), "channel", -8, 7, torch.float32, seed=3)
+    total, meta = _run_steps(c, steps=6, backend="native", th_after=0.0)
+    st = R.decode_state(meta)
+    assert not st["frozen"].any() and not st["ema_live"].any()
+
+
+def test_frozen_weights_quantize_to_frozen_integer_after_scale_changes():
+    c = _case((64, 32), "channel", -4, 3, torch.float32, seed=5)
+    _, meta = _run_steps(c, steps=12, backend="native", momentum=0.3, th_after=0.05, warm=2)
+    st = R.decode_state(meta)
+    assert st["frozen"].sum() > 10
+    # the scale keeps training: the next step rewrites frozen weights on the new grid
+    w = c["w"].clone()
+    meta2, ema2 = ops.oscillation_init_state(w, c["s"], c["b"], -4, 3, axis=0)
+    meta2.copy_(meta)
+    s2 = c["s"] * 1.37
+    ops.oscillation_update(w, s2, c["b"], meta2, ema2, -4, 3, axis=0, momentum=0.3, freeze_threshold=0.05)
+    q = R.integer_of(w, s2, c["b"], -4, 3, 0)
+    fz = st["frozen"]
+    assert torch.equal(q[fz].long(), st["q_prev"][fz])
+    assert torch.equal(R.decode_state(meta2)["q_prev"][fz], st["q_prev"][fz])
+
+
+# ------------------------------------------------------------------ official algorithm
+def test_compact_reference_matches_official_algorithm():
+    """Our compact-state algorithm vs the official TrackOscillation (restated): identical
+    integers, directions and freezing decisions; frequency within the fixed-point ulp."""
+    torch.manual_seed(0)
+    n = 20000
+    s, b = torch.tensor([0.1]), torch.tensor([0.0])
+    w = (torch.randint(-6, 6, (n,)) + 0.5 + 0.05 * torch.randn(n)) * 0.1
+    m = 0.05
+    off = R.OfficialTracker(-8, 7, momentum=m, freeze_threshold=0.0)
+    meta, ema = R.init_state(w, s, b, -8, 7)
+    off.step(w, s, b)  # the official wrapper initialises on its first call
+    frozen_off_prev = torch.zeros(n, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    for t in range(80):
+        w = w + 0.1 * (torch.where(torch.rand(n, generator=g) < 0.3, 0.7, 0.1) * (-1) ** t
+                       + 0.15 * torch.randn(n, generator=g))
+        th = 0.0 if t < 20 else 0.15
+        off.freeze_threshold = th
+        off.step(w, s, b)
+        _, meta, ema, cnt = R.oscillation_update(w, s, b, meta, ema, -8, 7, None, None, m, th)
+        st = R.decode_state(meta)
+        # weights not frozen (ours keeps the frozen integer in q_prev; official keeps tracking)
+        live = ~off.frozen if off.frozen is not None else torch.ones(n, dtype=torch.bool)
+        assert torch.equal(st["q_prev"][live].float(), off.prev_x_int[live])
+        assert torch.equal((-st["last_dir"])[live].float(), off.prev_switch_dir[live])
+        f = st["F"].float() / R.FREQ_ONE
+        # fixed-point rounding: at most half an ulp per step, decaying: |err| <= 0.5 / (m * FREQ_ONE)
+        assert (f[live] - off.ema_oscillation[live]).abs().max() <= 0.5 / (m * R.FREQ_ONE) + 1e-6
+        if off.frozen is not None:
+            assert torch.equal(st["frozen"], off.frozen)
+            fz = off.frozen & ~frozen_off_prev
+            assert torch.equal(st["q_prev"][fz].float(), off.frozen_x_int[fz])
+            torch.testing.assert_close(ema[~st["frozen"]], off.ema_x_int[~st["frozen"]], rtol=0, atol=1e-5)
+            frozen_off_prev = off.frozen.clone()
+        # oscillation count: official counts over all weights; ours over unfrozen ones
+        assert cnt[0] <= off.oscillated_sum
+    assert frozen_off_prev.sum() > 100
+
+
+def test_fp16_emas_stall_and_fixed_point_does_not():
+    """Why the state is fp32 q_ema + 20-bit fixed-point frequency (see csrc/shared/oscillation.h)."""
+    m = 0.001
+    # integer EMA at 5.3 moving toward q = 6: fp16 stalls (update below half an ulp)
+    e16 = torch.tensor(5.3, dtype=torch.float16)
+    assert (m * 6 + (1 - m) * e16.float()).half() == e16
+    e32 = torch.tensor(5.3)
+    assert m * 6 + (1 - m) * e32 != e32
+    # frequency decay from 0.0105 for 200 steps: exact vs fp16 vs our fixed point
+    f0, steps = 0.0105, 200
+    exact = f0 * (1 - m) ** steps
+    f16 = torch.tensor(f0, dtype=torch.float16)
+    F = torch.tensor(round(f0 * R.FREQ_ONE), dtype=torch.float32)
+    om = 1 - torch.tensor(m)
+    for _ in range(steps):
+        f16 = ((1 - m) * f16.float()).half()
+        F = torch.round(om * F)
+    err16 = abs(f16.item() - exact) / exact
+    errfx = abs(F.item() / R.FREQ_ONE - exact) / exact
+    assert errfx < 0.01 and errfx < err16 / 2, (err16, errfx)
+
+
+def test_state_encode_decode_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    q = torch.randint(-128, 128, (n,), generator=g)
+    up = torch.randint(0, 2, (n,), generator=g)
+    down = (1 - up) * torch.randint(0, 2, (n,), generator=g)
+    fz = torch.randint(0, 2, (n,), generator=g)
+    live = torch.randint(0, 2, (n,), generator=g)
+    F = torch.randint(0, 2**20, (n,), generator=g)
+    st = R.decode_state(R.encode_state(q, up, down, fz, live, F))
+    assert torch.equal(st["q_prev"], q) and torch.equal(st["F"], F) and torch.equal(st["last_dir"], up - down)
+    assert torch.equal(st["frozen"], fz.bool()) and torch.equal(st["ema_live"], live.bool())
+    assert R.encode_state(q, up, down, fz, live, F).element_size() * 2 == 8  # meta + ema: 8 bytes per weight
+
+
+# ------------------------------------------------------------------ dampening
+DAMP_SAMPLES = [s for s in SAMPLES if s[0] != (1,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("sample", DAMP_SAMPLES, ids=lambda s: f"{s[1]}{list(s[0])}")
+def test_dampening_matches_reference(isa, sample, dtype):
+    shape, gran, qmin, qmax, gs = sample
+    c = _case(shape, gran, qmin, qmax, dtype, seed=7, group_size=gs)
+    norm = shape[0] / math.prod(shape)
+    w1 = c["w"].clone().requires_grad_()
+    s = c["s"].clone().requires_grad_()
+    L = ops.dampening_loss(w1, s, c["b"], qmin, qmax, axis=c["axis"], group_size=gs, norm=norm)
+    (3.0 * L).backward()
+    w2 = c["w"].clone().requires_grad_()
+    L2 = R.dampening_loss(w2, c["s"], c["b"], qmin, qmax, c["axis"], gs, norm)
+    (3.0 * L2).backward()
+    torch.testing.assert_close(L, L2, rtol=1e-5, atol=1e-7)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), rtol=tol, atol=tol * 1e-2)
+    assert s.grad is None  # no gradient to the scale, as in the paper
+
+
+def test_dampening_matches_official_formula():
+    # official: loss = (w_q - clamp(w, x_min, x_max))^2; "kernel_mean" = loss.sum(0).mean()
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    s = torch.rand(8) * 0.1 + 0.1
+    sv = s.view(-1, 1, 1, 1)
+    wq = torch.round(torch.clamp(w / sv, -8, 7)) * sv
+    official = (wq - torch.min(torch.max(w, -8 * sv), 7 * sv)).pow(2).sum(0).mean()
+    ours = ops.dampening_loss(w, s, None, -8, 7, axis=0, norm=w.shape[0] / w.numel())
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------ triton (interpreter)
+@pytest.mark.parametrize("sample", [SAMPLES[2], SAMPLES[5], SAMPLES[8], SAMPLES[10]], ids=lambda s: f"{s[1]}{list(s[0])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_triton_update_matches_reference(sample, dtype):
+    pytest.importorskip("triton")
+    shape, gran, qmin, qmax, gs = sample
+    c = _case(shape, gran, qmin, qmax, dtype, seed=11, group_size=gs)
+    _run_steps(c, steps=6, backend="triton", warm=2)
+
+
+@pytest.mark.parametrize("sample", [SAMPLES[4], SAMPLES[9]], ids=lambda s: f"{s[1]}{list(s[0])}")
+def test_triton_dampening_matches_reference(sample):
+    pytest.importorskip("triton")
+    shape, gran, qmin, qmax, gs = sample
+    c = _case(shape, gran, qmin, qmax, torch.float32, seed=7, group_size=gs)
+    w1 = c["w"].clone().requires_grad_()
+    L = ops.dampening_loss(w1, c["s"], c["b"], qmin, qmax, axis=c["axis"], group_size=gs, norm=0.3, backend="triton")
+    L.backward()
+    w2 = c["w"].clone().requires_grad_()
+    L2 = R.dampening_loss(w2, c["s"], c["b"], qmin, qmax, c["axis"], gs, 0.3)
+    L2.backward()
+    torch.testing.assert_close(L, L2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------ opcheck
+def _opcheck_args(triton=False):
+    c = _case((16, 3, 3, 3), "channel", -4, 3, torch.float32, seed=2)
+    meta, ema = ops.oscillation_init_state(c["w"], c["s"], c["b"], -4, 3, axis=0)
+    sfx = "_triton" if triton else ""
+    osc = (getattr(torch.ops.quantkern, "oscillation_update" + sfx),
+           (c["w"].clone(), c["s"], c["b"], meta, ema, -4, 3, 0, None, 0.1, 0.05))
+    damp = (getattr(torch.ops.quantkern, "dampening_loss" + sfx),
+            (c["w"].clone().requires_grad_(), c["s"], c["b"], -4, 3, 0, None, 0.5))
+    return osc, damp
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["native", "triton"])
+def test_opcheck(triton):
+    if triton:
+        pytest.importorskip("triton")
+        import quantkern.triton_kernels  # noqa: F401
+    (op1, a1), (op2, a2) = _opcheck_args(triton)
+    torch.library.opcheck(op1, a1)
+    torch.library.opcheck(op2, a2)
+
+
+def test_registered_native_kernels():
+    for name in ("oscillation_update", "dampening_loss", "dampening_loss_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkern::{name}", "CPU")
+        if qk._load._C.built_with_cuda():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkern::{name}", "CUDA")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        ["nvcc", "-std=c++17", "-DQK_KERNELS_ONLY", "-O1", "--expt-relaxed-constexpr", "-arch=sm_80", "-c",
+         os.path.join(root, "csrc/cuda/oscillation.cu"), "-o", str(tmp_path / "osc.o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_matches_reference(backend):
+    c = _case((64, 3, 3, 3), "channel", -4, 3, torch.float32, seed=2)
+    c = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    _run_steps(c, steps=8, backend=backend)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_errors():
+    w = torch.randn(8, 4)
+    s, b = torch.rand(8) + 0.1, torch.zeros(8)
+    meta, ema = ops.oscillation_init_state(w, s, b, -8, 7, axis=0)
+    with pytest.raises(TypeError, match="meta"):
+        ops.oscillation_update(w, s, b, meta.float(), ema, -8, 7, axis=0)
+    with pytest.raises(ValueError, match="ema shape"):
+        ops.oscillation_update(w, s, b, meta, ema[:4], -8, 7, axis=0)
+    with pytest.raises(ValueError, match="int8"):
+        ops.oscillation_update(w, s, b, meta, ema, 0, 255, axis=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        wt = torch.randn(4, 8).t()
+        ops.oscillation_update(wt, s, b, meta, ema, -8, 7, axis=0)
+    with pytest.raises(ValueError, match="momentum"):
+        ops.oscillation_update(w, s, b, meta, ema, -8, 7, axis=0, momentum=0.0)
+    with pytest.raises(ValueError, match="per-channel scale"):
+        ops.oscillation_update(w, s[:3], b[:3], meta, ema, -8, 7, axis=0)
+    with pytest.raises(TypeError, match="weight"):
+        ops.dampening_loss(w.long(), s, b, -8, 7, axis=0)
+    # the C++ checks name the argument too (torch.ops bypasses the Python checks)
+    with pytest.raises(RuntimeError, match="meta must be int32"):
+        torch.ops.quantkern.oscillation_update(w, s, b, meta.float(), ema, -8, 7, 0, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="scale must be positive"):
+        torch.ops.quantkern.oscillation_update(w, -s, b, meta, ema, -8, 7, 0, None, 0.1, 0.0)
+
+
+# ------------------------------------------------------------------ quantkern.qat
+class StandinLSQ(nn.Module):
+    """The LSQQuantizer contract of quantkern.nn (scale/offset Parameters, qmin/qmax, per-channel axis 0)."""
+
+    eps = 1e-8
+
+    def __init__(self, bits, shape, granularity="channel", group_size=None):
+        super().__init__()
+        self.qmin, self.qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        self.granularity, self.axis, self.group_size = granularity, 0, group_size
+        pshape = {"channel": (shape[0],), "tensor": (1,), "group": (shape[0], math.prod(shape[1:]) // (group_size or 1))}[granularity]
+        self.scale = nn.Parameter(torch.ones(pshape))
+        self.offset = nn.Parameter(torch.zeros(pshape))
+        self.initialized = False
+
+    def forward(self, x):
+        if not self.initialized:
+            with torch.no_grad():
+                rows = x.detach().reshape(x.shape[0], -1) if self.granularity != "tensor" else x.detach().reshape(1, -1)
+                if self.granularity == "group":
+                    rows = rows.reshape(-1, self.group_size)
+                self.scale.copy_((2 * rows.abs().mean(1) / math.sqrt(self.qmax)).reshape(self.scale.shape))
+            self.initialized = True
+        s = self.scale.abs().clamp_min(self.eps)
+        if self.granularity == "group":
+            y = ops.fake_quant_lsq(x.reshape(x.shape[0], -1), s, self.offset, self.qmin, self.qmax, group_size=self.group_size)
+            return y.reshape(x.shape)
+        axis = 0 if self.granularity == "channel" else None
+        return ops.fake_quant_lsq(x, s, self.offset, self.qmin, self.qmax, axis=axis)
+
+
+class StandinQConv(nn.Conv2d):
+    def __init__(self, *a, bits=3, granularity="channel", group_size=None, **k):
+        super().__init__(*a, **k)
+        self.weight_quantizer = StandinLSQ(bits, self.weight.shape, granularity, group_size)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class StandinQLinear(nn.Linear):
+    def __init__(self, *a, bits=3, granularity="channel", group_size=None, **k):
+        super().__init__(*a, **k)
+        self.weight_quantizer = StandinLSQ(bits, self.weight.shape, granularity, group_size)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        StandinQConv(1, 8, 3, padding=1, bits=3), nn.BatchNorm2d(8), nn.ReLU(),
+        StandinQConv(8, 8, 3, padding=1, groups=8, bits=3, granularity="tensor"), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        StandinQLinear(32, 10, bits=4, granularity="group", group_size=16),
+    )
+
+
+def _train(model, steps, seed, tracker=None, damp=None, thr=None, lam=None, lr=0.05):
+    from quantkern import qat  # noqa: F401
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for t in range(steps):
+        x = torch.randn(16, 1, 8, 8, generator=g)
+        y = torch.randint(0, 10, (16,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        if damp is not None:
+            loss = loss + damp(lam(t) if lam else None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if tracker is not None:
+            tracker.step(thr(t) if thr else None)
+
+
+def test_tracker_attaches_and_freezes_weights_in_place():
+    from quantkern import qat
+
+    model = _tiny_model()
+    model(torch.randn(2, 1, 8, 8))  # initialise the quantizers
+    tracker = qat.OscillationTracker(model, momentum=0.1)
+    assert set(tracker.tracked) == {"0", "3", "8"}
+    thr = qat.freeze_threshold_schedule(40, 0.3, 0.05)
+    _train(model, 40, seed=0, tracker=tracker, thr=thr, lr=0.2)
+    met = tracker.metrics()
+    assert sum(m["frozen_frac"] for m in met.values()) > 0
+    # frozen weights: state, integer and gradient
+    for name, t in tracker.tracked.items():
+        fz = tracker.frozen_mask(name)
+        if not fz.any():
+            continue
+        L = t.layer
+        s, b = L.params()
+        q = R.integer_of(L.weight_view(), s, b, L.qmin, L.qmax, L.axis, L.group_size).view(fz.shape)
+        assert torch.equal(q[fz].long(), tracker.decode(name)["q_prev"][fz])
+        model.zero_grad()
+        model(torch.randn(4, 1, 8, 8)).sum().backward()
+        assert (L.weight.grad[fz] == 0).all()
+    # the state survives a state_dict round trip
+    sd = tracker.state_dict()
+    t2 = qat.OscillationTracker(model, momentum=0.1, grad_mask=False)
+    t2.load_state_dict(sd)
+    for n in tracker.tracked:
+        assert torch.equal(t2.tracked[n].meta, tracker.tracked[n].meta)
+
+
+def test_tracker_matches_reference_over_training():
+    """The qat wrapper + kernel give the same state as the reference fed the same weights."""
+    from quantkern import qat
+
+    model = _tiny_model(1)
+    model(torch.randn(2, 1, 8, 8))
+    tracker = qat.OscillationTracker(model, momentum=0.1, grad_mask=False)
+    ref = {}
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for t in range(15):
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        th = 0.0 if t < 5 else 0.1
+        snap = {n: (tt.layer.weight_view().clone(), *tt.layer.params()) for n, tt in tracker.tracked.items()}
+        tracker.step(th)
+        for n, tt in tracker.tracked.items():
+            L = tt.layer
+            w, s, b = snap[n]
+            if n not in ref:
+                ref[n] = R.init_state(w, s, b, L.qmin, L.qmax, L.axis, L.group_size)
+            nw, nm, ne, _ = R.oscillation_update(w, s, b, *ref[n], L.qmin, L.qmax, L.axis, L.group_size, 0.1, th)
+            ref[n] = (nm, ne)
+            assert torch.equal(tt.meta, nm)
+            assert torch.equal(L.weight_view(), nw)
+
+
+def test_dampening_loss_module_and_schedules():
+    from quantkern import qat
+
+    model = _tiny_model()
+    model(torch.randn(2, 1, 8, 8))
+    damp = qat.DampeningLoss(model)
+    lam = qat.dampening_schedule(100, 0.1)
+    assert lam(0) == 0.0 and lam(24) == 0.0 and abs(lam(100) - 0.1) < 1e-12 and 0 < lam(60) < 0.1
+    thr = qat.freeze_threshold_schedule(100, 0.1, 0.01)
+    assert thr(10) == 0.0 and abs(thr(25) - 0.1) < 1e-12 and abs(thr(100) - 0.01) < 1e-12
+    assert damp(0.0).item() == 0.0
+    loss = damp(0.5)
+    expect = 0.0
+    for L in qat.quantized_layers(model):
+        s, b = L.params()
+        w = L.weight_view()
+        expect += 0.5 * R.dampening_loss(w, s, b, L.qmin, L.qmax, L.axis, L.group_size, w.shape[0] / w.numel())
+    torch.testing.assert_close(loss, expect.reshape(()), rtol=1e-5, atol=1e-8)
+    loss.backward()
+    assert all(L.weight.grad is not None for L in qat.quantized_layers(model))
+    assert all(L.quantizer.scale.grad is None for L in qat.quantized_layers(model))
+
+
+def test_reestimate_bn_stats_is_average_of_batch_stats():
+    from quantkern import qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, momentum=0.3), nn.Dropout(0.5))
+    model.train()
+    batches = [torch.randn(8, 2, 5, 5) * (i + 1) for i in range(4)]
+    n = qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=3)
+    assert n == 3
+    with torch.no_grad():
+        feats = [model[0](x) for x in batches[:3]]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.3 and model.training and model[2].training
+
+
+def test_plot_latent_distance(tmp_path):
+    from quantkern import qat
+
+    model = _tiny_model()
+    model(torch.randn(2, 1, 8, 8))
+    p = qat.plot_latent_distance(model, str(tmp_path / "d.png"), groups={"conv": ["0", "3"], "fc": ["8"]})
+    with open(p, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    d = qat.latent_distance_to_edge(qat.quantized_layers(model)[0])
+    assert d.min() >= 0 and d.max() <= 0.5
+
+
+# ------------------------------------------------------------------ DistributedDataParallel
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from quantkern import qat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _tiny_model(0)  # same init on both ranks
+        model(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(99)))
+        ddp = DDP(model)
+        tracker = qat.OscillationTracker(model, momentum=0.1)
+        damp = qat.DampeningLoss(model)
+        steps = 24
+        thr = qat.freeze_threshold_schedule(steps, 0.3, 0.05)
+        lam = qat.dampening_schedule(steps, 0.1)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+        g = torch.Generator().manual_seed(1000 + rank)  # different data per rank
+        for t in range(steps):
+            x = torch.randn(8, 1, 8, 8, generator=g)
+            y = torch.randint(0, 10, (8,), generator=g)
+            loss = F.cross_entropy(ddp(x), y) + damp(lam(t))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tracker.step(thr(t))
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}  # BN running stats are per rank
+        torch.save({"tracker": tracker.state_dict(), "model": params,
+                    "metrics": tracker.metrics()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_identical_state():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        mp.spawn(_ddp_worker, args=(2, init_file, d), nprocs=2, join=True)
+        r0 = torch.load(os.path.join(d, "rank0.pt"), weights_only=False)
+        r1 = torch.load(os.path.join(d, "rank1.pt"), weights_only=False)
+    for n, st in r0["tracker"]["layers"].items():
+        assert torch.equal(st["meta"], r1["tracker"]["layers"][n]["meta"]), n
+        assert torch.equal(st["ema"], r1["tracker"]["layers"][n]["ema"]), n
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    assert r0["metrics"] == r1["metrics"]
+    assert sum(m["frozen_frac"] for m in r0["metrics"].values()) > 0
+
+
+# ------------------------------------------------------------------ reproduction script
+def test_reproduction_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [os.sys.executable, os.path.join(root, "examples", "oscillation_digits.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| W3A3 | + freezing |" in r.stdout
+    assert (tmp_path / "results.md").exists() and (tmp_path / "latent_w3_freeze.png").exists()
