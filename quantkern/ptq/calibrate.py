@@ -410,10 +410,10 @@ def _entropy_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
     cb = torch.cat([zero_col, bins.cumsum(1)], 1)  # [C, B+1]
     cz = torch.cat([zero_col, (bins != 0).double().cumsum(1)], 1)
     cbl = torch.cat([zero_col, _xlogx(bins).cumsum(1)], 1)
+    top = edges.gather(1, n[:, None])[:, 0]
+    if start_bin > B:  # no candidate: the top edge
+        return top
     cand = torch.arange(start_bin, B + 1, stride, device=dev)  # [I]
-    out = edges[:, -1].clone()  # no candidate: the top edge
-    if cand.numel() == 0:
-        return torch.minimum(out, edges.gather(1, n[:, None])[:, 0])
     I = cand.numel()
     k = torch.arange(nb + 1, device=dev)
     lo = torch.div(k[None, :] * cand[:, None] + nb - 1, nb, rounding_mode="floor")  # [I, nb+1] first bin of level k
@@ -449,7 +449,6 @@ def _entropy_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
     pos = torch.arange(I, device=dev)[None, :].expand(C, I)
     last = torch.where(ok, pos, torch.full_like(pos, -1)).amax(1)
     pick = edges.gather(1, cand[last.clamp(min=0)][:, None])[:, 0]
-    top = edges.gather(1, n[:, None])[:, 0]
     return torch.where(last >= 0, pick, top)
 
 
@@ -458,10 +457,10 @@ def _mse_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
     C, B = hist.shape
     dev = hist.device
     centers = (edges[:, 1:] + edges[:, :-1]) / 2
-    cand = torch.arange(start_bin, B, stride, device=dev)
     top = edges.gather(1, n[:, None])[:, 0]
-    if cand.numel() == 0:
+    if start_bin >= B:
         return top
+    cand = torch.arange(start_bin, B, stride, device=dev)
     hi = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
     lo = 0.0 if unsigned else -hi
     I = cand.numel()
