@@ -68,6 +68,7 @@ setup(
     packages=find_packages(include=["quantkern", "quantkern.*"]) + ["quantkern.triton_kernels"],
     # triton ships a package named triton_kernels: ours installs inside quantkern.
     package_dir={"quantkern.triton_kernels": "triton_kernels"},
+    package_data={"quantkern.ptq": ["data/*.txt"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

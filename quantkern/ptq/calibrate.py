@@ -1,0 +1,625 @@
+"""Calibrators (max, percentile, MSE, KL/entropy) and activation fake-quant helpers.
+
+Pure PyTorch, CPU or GPU, batched over channels (no Python loop over channels).
+The histogram methods follow NVIDIA pytorch-quantization (``calib/histogram.py``);
+the readable one-channel oracle is :mod:`quantkern.reference.calibrate` and the
+tests check every batched method against it channel by channel.
+
+Shapes. A calibrator is built with ``axis``:
+
+* ``axis=None``: per tensor; ``compute_amax()`` returns a 0-dim float32 tensor.
+* ``axis=a``: per channel along dimension ``a`` of every collected ``x``
+  (weights ``[N, K]``: ``axis=0``; activations ``[..., K]``: ``axis=-1``);
+  ``compute_amax()`` returns float32 ``[x.shape[a]]``.
+
+``collect(x)`` accepts any float dtype and shape (the same channel count every
+call) and streams: nothing but the running statistics is kept.
+
+Methods:
+
+* ``max``: running max of ``|x|`` (symmetric) or running min and max (asymmetric).
+* ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cdf, p/100)]``.
+  Asymmetric: a signed histogram; ``amin`` is the left edge of the bin holding
+  the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile.
+* ``mse`` (histogram): candidates are the bin centers from ``start_bin``;
+  argmin of the count-weighted squared error of symmetric fake quantization.
+* ``entropy`` (histogram, KL): 2048 bins over ``|x|``; for ``i`` in
+  ``start_bin..n`` fold the tail into bin ``i-1``, merge the ``i`` bins into
+  ``2^(b-1)`` levels (``2^b`` unsigned), KL(P||Q), last argmin, ``amax = edge i``.
+  Evaluated for all candidates at once from prefix sums (O(n * 2^(b-1)) per channel).
+* ``mse_search`` (raw data): candidates ``base * linspace(0.25, 4, 39)`` where
+  ``base`` is the first batch's amax (or range); squared fake-quant error
+  accumulated over all collected batches, first argmin. Symmetric or asymmetric.
+
+Histograms (NVIDIA's ``torch.histc`` path): the first batch of a channel sets
+``R = max|x|`` and ``n = num_bins``; bin index ``trunc(|x| * n / R)`` (fp32).
+A later batch with a larger max grows the histogram with the same width
+(``n = ceil(max / width)``, ``R = n * width``). Edge ``k`` is ``k * R / n``
+(float64). All-zero channels give amax 0 (and a channel that is all zero in
+the first batches starts its histogram at its first non-zero batch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference.calibrate import TIE_TOL
+
+__all__ = [
+    "MaxCalibrator",
+    "HistogramCalibrator",
+    "MseCalibrator",
+    "make_calibrator",
+    "compute_amax",
+    "quant_range",
+    "range_to_qparams",
+    "fake_quant",
+    "fake_quant_static",
+    "fake_quant_dynamic",
+    "ActQuantizer",
+    "METHODS",
+]
+
+METHODS = ("max", "percentile", "mse", "entropy", "mse_search")
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CHUNK_ELEMS = 1 << 22  # elements per temporary in the batched searches
+
+
+def _check_bits(num_bits) -> int:
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 16:
+        raise ValueError(f"num_bits must be an int in [1, 16], got {num_bits!r}")
+    return num_bits
+
+
+def _channels(x: torch.Tensor, axis: int | None, name: str = "x") -> torch.Tensor:
+    """``x`` as float32 ``[C, M]`` (C = 1 per tensor)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    x = x.detach()
+    if axis is None:
+        out = x.reshape(1, -1).float()
+    else:
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis} out of range for {name} with {x.dim()} dims")
+        out = x.movedim(axis, 0).reshape(x.shape[axis], -1).float()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return out
+
+
+def _out(t: torch.Tensor, axis) -> torch.Tensor:
+    t = t.float()
+    return t.reshape(()) if axis is None else t
+
+
+# --------------------------------------------------------------------------- quantization grid
+def quant_range(num_bits: int, symmetric: bool = True, unsigned: bool = False, narrow_range: bool = False) -> tuple[int, int]:
+    """Integer grid ``(qmin, qmax)``.
+
+    symmetric signed: ``[-2^(b-1), 2^(b-1)-1]`` (``narrow_range``: ``[-(2^(b-1)-1), 2^(b-1)-1]``);
+    symmetric unsigned and asymmetric: ``[0, 2^b - 1]``.
+    """
+    _check_bits(num_bits)
+    if symmetric and not unsigned:
+        if num_bits < 2:
+            raise ValueError("symmetric signed quantization needs num_bits >= 2")
+        hi = 2 ** (num_bits - 1) - 1
+        return (-hi if narrow_range else -hi - 1), hi
+    return 0, 2**num_bits - 1
+
+
+def range_to_qparams(amin, amax, num_bits: int, symmetric: bool = True, unsigned: bool = False, narrow_range: bool = False):
+    """(scale, zero, qmin, qmax) for ``x_hat = (clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale``.
+
+    symmetric: ``scale = amax / qmax`` (``amin`` ignored, may be None), ``zero = 0``.
+    asymmetric: the range is widened to contain 0, ``scale = (amax - amin) / (2^b - 1)``,
+    ``zero = round(-amin / scale)`` (an integer in [0, 2^b - 1]).
+    ``scale`` is 0 where the range is empty (fake_quant then returns 0). float32 tensors,
+    shape of ``amax``.
+    """
+    qmin, qmax = quant_range(num_bits, symmetric, unsigned, narrow_range)
+    amax = torch.as_tensor(amax).float()
+    if symmetric:
+        if (amax < 0).any():
+            raise ValueError("amax must be >= 0")
+        return amax / qmax, torch.zeros_like(amax), qmin, qmax
+    if amin is None:
+        raise ValueError("asymmetric quantization needs amin")
+    amin = torch.minimum(torch.as_tensor(amin).float(), torch.zeros(()))
+    amax = torch.maximum(amax, torch.zeros(()))
+    scale = (amax - amin) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.where(scale > 0, torch.round(-amin / safe), torch.zeros_like(scale)).clamp(qmin, qmax)
+    return scale, zero, qmin, qmax
+
+
+def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale`` in fp32, returned in x.dtype.
+
+    scale, zero: one element (per tensor) or 1-D of length ``x.shape[axis]``.
+    Where ``scale == 0`` the output is 0.
+    """
+    scale = torch.as_tensor(scale, device=x.device).float()
+    zero = torch.as_tensor(zero, device=x.device).float()
+    if axis is not None:
+        axis = axis % x.dim()
+        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
+            raise ValueError(f"per-channel scale must be 1-D of length x.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}")
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    elif scale.numel() != 1:
+        raise ValueError(f"per-tensor scale must have one element, got shape {tuple(scale.shape)} (pass axis=)")
+    else:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    if not torch.isfinite(scale).all() or (scale < 0).any():
+        raise ValueError("scale must be finite and >= 0")
+    ok = scale > 0
+    s = torch.where(ok, scale, torch.ones_like(scale))
+    xf = x.float()
+    out = (torch.clamp(torch.round(xf / s) + zero, qmin, qmax) - zero) * s
+    return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
+
+
+def fake_quant_static(x, amax, num_bits: int = 8, *, amin=None, axis=None, symmetric: bool = True, unsigned: bool = False, narrow_range: bool = False):
+    """Static fake quantization with a calibrated range (``amax`` [and ``amin`` if asymmetric]).
+
+    x: any float tensor. amax / amin: 0-dim (per tensor) or ``[x.shape[axis]]``.
+    Returns x_hat, same shape and dtype as x.
+    """
+    scale, zero, qmin, qmax = range_to_qparams(amin, amax, num_bits, symmetric, unsigned, narrow_range)
+    return fake_quant(x, scale, zero, qmin, qmax, axis)
+
+
+def fake_quant_dynamic(x, num_bits: int = 8, *, axis=None, symmetric: bool = True, unsigned: bool = False, narrow_range: bool = False):
+    """Dynamic fake quantization: the range is the min/max of this very ``x``.
+
+    axis=None: one range for the tensor; axis=a: one range per index of dimension a
+    (per token for activations ``[T, K]``: ``axis=0``). Returns x_hat like x.
+    """
+    xc = _channels(x, axis)
+    amax = xc.abs().amax(1) if symmetric else xc.amax(1)
+    amin = None if symmetric else xc.amin(1)
+    if axis is None:
+        amax = amax.reshape(())
+        amin = None if amin is None else amin.reshape(())
+    return fake_quant_static(x, amax, num_bits, amin=amin, axis=axis, symmetric=symmetric, unsigned=unsigned, narrow_range=narrow_range)
+
+
+# --------------------------------------------------------------------------- calibrators
+class _Calibrator:
+    def __init__(self, num_bits: int = 8, axis: int | None = None, unsigned: bool = False, symmetric: bool = True):
+        self.num_bits = _check_bits(num_bits)
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(f"axis must be an int or None, got {axis!r}")
+        self.axis = axis
+        self.unsigned = bool(unsigned)
+        self.symmetric = bool(symmetric)
+        self._C = None
+
+    def _prep(self, x) -> torch.Tensor:
+        xc = _channels(x, self.axis)
+        if self._C is None:
+            self._C = xc.shape[0]
+        elif xc.shape[0] != self._C:
+            raise ValueError(f"collect: x has {xc.shape[0]} channels along axis {self.axis}, earlier batches had {self._C}")
+        return xc
+
+    def _need_data(self):
+        if self._C is None:
+            raise RuntimeError(f"{type(self).__name__}: compute_amax() before any collect()")
+
+    def compute_amax(self) -> torch.Tensor:
+        """Symmetric range: float32, 0-dim (per tensor) or [C]."""
+        if not self.symmetric:
+            raise RuntimeError(f"{type(self).__name__} is asymmetric: use compute_range()")
+        return self._amax()
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(amin, amax), float32, 0-dim or [C]. Symmetric: (-amax, amax), or (0, amax) when unsigned."""
+        if self.symmetric:
+            amax = self._amax()
+            return (torch.zeros_like(amax) if self.unsigned else -amax), amax
+        return self._range()
+
+    def qparams(self, narrow_range: bool = False):
+        """(scale, zero, qmin, qmax) of the calibrated range (see range_to_qparams)."""
+        amin, amax = self.compute_range()
+        return range_to_qparams(amin, amax, self.num_bits, self.symmetric, self.unsigned, narrow_range)
+
+
+class MaxCalibrator(_Calibrator):
+    """Running max of |x| (symmetric) or running min/max (asymmetric), per tensor or per channel."""
+
+    def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True):
+        super().__init__(num_bits, axis, unsigned, symmetric)
+        self.reset()
+
+    def reset(self):
+        self._C = None
+        self._max = self._min = None
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        xc = self._prep(x)
+        mx = xc.abs().amax(1) if self.symmetric else xc.amax(1)
+        self._max = mx if self._max is None else torch.maximum(self._max, mx)
+        if not self.symmetric:
+            mn = xc.amin(1)
+            self._min = mn if self._min is None else torch.minimum(self._min, mn)
+
+    def _amax(self):
+        self._need_data()
+        return _out(self._max, self.axis)
+
+    def _range(self):
+        self._need_data()
+        return _out(self._min, self.axis), _out(self._max, self.axis)
+
+
+class HistogramCalibrator(_Calibrator):
+    """Streaming per-channel histograms; ``method`` in {"percentile", "mse", "entropy"}.
+
+    Args:
+        method: how compute_amax() reads the histogram (changeable later: ``calib.method = ...``).
+        num_bits, axis, unsigned: as the other calibrators (unsigned: 2^b levels in mse/entropy).
+        symmetric: False is supported by "percentile" only.
+        num_bins: bins of the first batch (2048).
+        percentile: in [0, 100] (99.99).
+        start_bin, stride: first candidate bin and step of mse/entropy (128, 1).
+    """
+
+    def __init__(self, method: str = "percentile", num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True,
+                 num_bins: int = 2048, percentile: float = 99.99, start_bin: int = 128, stride: int = 1):
+        super().__init__(num_bits, axis, unsigned, symmetric)
+        if method not in ("percentile", "mse", "entropy"):
+            raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {method!r}")
+        if not symmetric and method != "percentile":
+            raise ValueError(f"asymmetric calibration is supported by 'max', 'percentile' and 'mse_search', not {method!r}")
+        if not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+        if not 0 <= percentile <= 100:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        if not isinstance(start_bin, int) or start_bin < 1:
+            raise ValueError(f"start_bin must be an int >= 1, got {start_bin!r}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+        self.method, self.num_bins, self.percentile, self.start_bin, self.stride = method, num_bins, float(percentile), start_bin, stride
+        self.reset()
+
+    def reset(self):
+        self._C = None
+        self._R = None  # float32 [C], 0 = no non-zero data yet
+        self._n = None  # int64 [C]
+        self._pos = self._neg = None  # int64 [C, B]
+        self._pending = None  # int64 [C]: zeros seen before the first non-zero value
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        xc = self._prep(x)
+        C, M = xc.shape
+        dev = xc.device
+        a = xc.abs()
+        bmax = a.amax(1)
+        if self._R is None:
+            self._R = torch.zeros(C, device=dev)
+            self._n = torch.zeros(C, dtype=torch.long, device=dev)
+            self._pos = torch.zeros(C, self.num_bins, dtype=torch.long, device=dev)
+            self._neg = torch.zeros_like(self._pos)
+            self._pending = torch.zeros(C, dtype=torch.long, device=dev)
+        init = (self._R == 0) & (bmax > 0)
+        grow = (self._R > 0) & (bmax > self._R)
+        if init.any():
+            self._R = torch.where(init, bmax, self._R)
+            self._n = torch.where(init, torch.full_like(self._n, self.num_bins), self._n)
+            self._pos[:, 0] += torch.where(init, self._pending, torch.zeros_like(self._pending))
+            self._pending = torch.where(init, torch.zeros_like(self._pending), self._pending)
+        if grow.any():
+            width = self._R.double() / self._n.clamp(min=1).double()
+            new_n = torch.ceil(bmax.double() / width).long()
+            self._n = torch.where(grow, new_n, self._n)
+            self._R = torch.where(grow, (new_n.double() * width).float(), self._R)
+        B = int(self._n.max()) if bool((self._n > 0).any()) else self.num_bins
+        if B > self._pos.shape[1]:
+            pad = B - self._pos.shape[1]
+            self._pos = torch.nn.functional.pad(self._pos, (0, pad))
+            self._neg = torch.nn.functional.pad(self._neg, (0, pad))
+        B = self._pos.shape[1]
+        live = self._R > 0
+        self._pending += torch.where(live, torch.zeros_like(self._pending), torch.full_like(self._pending, M))
+        if live.any():
+            R = torch.where(live, self._R, torch.ones_like(self._R))[:, None]
+            n = self._n.float()[:, None]
+            idx = torch.trunc(a * n / R).long()
+            idx = torch.minimum(idx.clamp_(min=0), (self._n[:, None] - 1).clamp(min=0))
+            flat = idx + torch.arange(C, device=dev)[:, None] * B + (xc < 0).long() * (C * B)
+            flat = flat[live]
+            counts = torch.bincount(flat.reshape(-1), minlength=2 * C * B)
+            self._pos += counts[: C * B].reshape(C, B)
+            self._neg += counts[C * B:].reshape(C, B)
+
+    # -- views of the histogram
+    def histogram(self):
+        """(hist float64 [C, B] of |x|, edges float64 [C, B + 1], n int64 [C]): bins >= n[c] are empty padding."""
+        self._need_data()
+        hist = (self._pos + self._neg).double()
+        hist[:, 0] += self._pending.double()
+        B = hist.shape[1]
+        width = torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
+        edges = torch.arange(B + 1, dtype=torch.float64, device=hist.device)[None, :] * width[:, None]
+        return hist, edges, self._n.clone()
+
+    def _amax(self):
+        hist, edges, n = self.histogram()
+        if self.method == "percentile":
+            amax = _percentile_batched(hist, edges, n, self.percentile)
+        elif self.method == "entropy":
+            amax = _entropy_batched(hist, edges, n, self.num_bits, self.unsigned, self.stride, self.start_bin)
+        else:
+            amax = _mse_batched(hist, edges, n, self.num_bits, self.unsigned, self.stride, self.start_bin)
+        return _out(torch.where(self._R > 0, amax, torch.zeros_like(amax)), self.axis)
+
+    def _range(self):
+        self._need_data()
+        neg = self._neg.double()
+        pos = self._pos.double()
+        pos[:, 0] += self._pending.double()
+        C, B = pos.shape
+        width = torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
+        # signed bins: neg[B-1] ... neg[0] pos[0] ... pos[B-1]; edges -B*w ... 0 ... B*w
+        signed = torch.cat([neg.flip(1), pos], 1)
+        edges = torch.arange(-B, B + 1, dtype=torch.float64, device=pos.device)[None, :] * width[:, None]
+        total = signed.sum(1, keepdim=True)
+        cdf = torch.cumsum(signed / total, 1)
+        p = self.percentile / 100
+        hi = torch.searchsorted(cdf, torch.full((C, 1), p, dtype=torch.float64, device=cdf.device)).clamp(max=2 * B - 1)
+        lo = torch.searchsorted(cdf, torch.full((C, 1), 1 - p, dtype=torch.float64, device=cdf.device), right=True).clamp(max=2 * B - 1)
+        amax = edges.gather(1, hi + 1)[:, 0].clamp(min=0)
+        amin = edges.gather(1, lo)[:, 0].clamp(max=0)
+        live = self._R > 0
+        return _out(torch.where(live, amin, torch.zeros_like(amin)), self.axis), _out(torch.where(live, amax, torch.zeros_like(amax)), self.axis)
+
+
+def _percentile_batched(hist, edges, n, percentile):
+    C = hist.shape[0]
+    total = hist.sum(1, keepdim=True)
+    cdf = torch.cumsum(hist / torch.where(total > 0, total, torch.ones_like(total)), 1)
+    v = torch.full((C, 1), percentile / 100, dtype=torch.float64, device=hist.device)
+    idx = torch.minimum(torch.searchsorted(cdf, v)[:, 0], n)
+    return edges.gather(1, idx[:, None])[:, 0]
+
+
+def _xlogx(t):
+    return torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t))
+
+
+def _entropy_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
+    """KL/entropy amax for all channels and all candidates at once (prefix sums; see module doc)."""
+    C, B = hist.shape
+    dev = hist.device
+    nb = 1 << (num_bits - 1 + int(unsigned))
+    bins = hist.clone()
+    bins[:, 0] = bins[:, 1]
+    T = bins.sum(1)  # [C]
+    zero_col = torch.zeros(C, 1, dtype=torch.float64, device=dev)
+    cb = torch.cat([zero_col, bins.cumsum(1)], 1)  # [C, B+1]
+    cz = torch.cat([zero_col, (bins != 0).double().cumsum(1)], 1)
+    cbl = torch.cat([zero_col, _xlogx(bins).cumsum(1)], 1)
+    top = edges.gather(1, n[:, None])[:, 0]
+    if start_bin > B:  # no candidate: the top edge
+        return top
+    cand = torch.arange(start_bin, B + 1, stride, device=dev)  # [I]
+    I = cand.numel()
+    k = torch.arange(nb + 1, device=dev)
+    lo = torch.div(k[None, :] * cand[:, None] + nb - 1, nb, rounding_mode="floor")  # [I, nb+1] first bin of level k
+    k_last = torch.div((cand - 1) * nb, cand, rounding_mode="floor")  # level of bin i-1
+    step = max(1, _CHUNK_ELEMS // (I * (nb + 1)))
+    divs = torch.empty(C, I, dtype=torch.float64, device=dev)
+    for c0 in range(0, C, step):  # chunks of channels, bounded memory
+        sl = slice(c0, min(C, c0 + step))
+        cbs, czs = cb[sl], cz[sl]
+        g = lambda t: t[:, lo.reshape(-1)].reshape(t.shape[0], I, nb + 1)  # noqa: E731
+        Sb, Zb = g(cbs), g(czs)
+        S = Sb[:, :, 1:] - Sb[:, :, :-1]
+        Z = Zb[:, :, 1:] - Zb[:, :, :-1]
+        has = Z > 0
+        avg = torch.where(has, S / torch.where(has, Z, torch.ones_like(Z)), torch.ones_like(S))
+        plogq = torch.where(has, S * torch.log(torch.where(avg > 0, avg, torch.ones_like(avg))), torch.zeros_like(S)).sum(2)
+        Ts = T[sl][:, None]
+        head = cbs[:, cand]  # sum of bins[:i]
+        tail = Ts - head
+        blast = bins[sl][:, cand - 1]
+        avg_last = avg.gather(2, k_last[None, :, None].expand(avg.shape[0], I, 1))[:, :, 0]
+        plogq = plogq + torch.where(tail > 0, tail * torch.log(avg_last), torch.zeros_like(tail))
+        plogp = cbl[sl][:, cand - 1] + _xlogx(blast + tail)
+        Tsafe = torch.where(Ts > 0, Ts, torch.ones_like(Ts))
+        hsafe = torch.where(head > 0, head, torch.ones_like(head))
+        d = (plogp - plogq) / Tsafe - torch.log(Tsafe) + torch.log(hsafe)
+        inf = ((tail > 0) & (blast == 0)) | (head <= 0)
+        divs[sl] = torch.where(inf, torch.full_like(d, float("inf")), d)
+    valid = cand[None, :] <= n[:, None]
+    dv = torch.where(valid, divs, torch.full_like(divs, float("inf")))
+    dmin = dv.amin(1, keepdim=True)
+    ok = valid & (divs <= dmin + TIE_TOL)
+    pos = torch.arange(I, device=dev)[None, :].expand(C, I)
+    last = torch.where(ok, pos, torch.full_like(pos, -1)).amax(1)
+    pick = edges.gather(1, cand[last.clamp(min=0)][:, None])[:, 0]
+    return torch.where(last >= 0, pick, top)
+
+
+def _mse_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
+    """Histogram MSE amax for all channels (chunks of channels x candidates, elementwise as the reference)."""
+    C, B = hist.shape
+    dev = hist.device
+    centers = (edges[:, 1:] + edges[:, :-1]) / 2
+    top = edges.gather(1, n[:, None])[:, 0]
+    if start_bin >= B:
+        return top
+    cand = torch.arange(start_bin, B, stride, device=dev)
+    hi = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    lo = 0.0 if unsigned else -hi
+    I = cand.numel()
+    errs = torch.empty(C, I, dtype=torch.float64, device=dev)
+    cc = max(1, _CHUNK_ELEMS // (I * B))  # channels per chunk
+    ci = min(I, max(1, _CHUNK_ELEMS // (cc * B)))  # candidates per chunk (large histograms)
+    nn_ = n.clamp(min=1).double()
+    for c0 in range(0, C, cc):
+        cen = centers[c0:c0 + cc]  # [cc, B]
+        h = hist[c0:c0 + cc][:, None, :]
+        for i0 in range(0, I, ci):
+            a = cen[:, cand[i0:i0 + ci]][:, :, None]  # [cc, ci, 1]
+            s = hi / torch.where(a > 0, a, torch.ones_like(a))
+            qc = torch.clamp(torch.round(cen[:, None, :] * s), lo, hi) / s
+            errs[c0:c0 + cc, i0:i0 + ci] = ((qc - cen[:, None, :]) ** 2 * h).sum(2) / nn_[c0:c0 + cc, None]
+    valid = cand[None, :] < n[:, None]
+    errs = torch.where(valid, errs, torch.full_like(errs, float("inf")))
+    best = errs.argmin(1)
+    pick = centers.gather(1, cand[best][:, None])[:, 0]
+    return torch.where(valid.any(1), pick, top)
+
+
+class MseCalibrator(_Calibrator):
+    """Raw-data MSE search over ``base * linspace(start, stop, num_steps)``.
+
+    ``base`` is the amax (asymmetric: the (amin, amax) pair) of the first batch,
+    or ``base_amax`` / ``base_amin`` if given. Every collect() adds the squared
+    fake-quant error of every candidate (per channel); compute_amax() returns
+    the first argmin. Symmetric or asymmetric, per tensor or per channel.
+    """
+
+    def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True, *,
+                 num_steps: int = 39, start: float = 0.25, stop: float = 4.0, narrow_range: bool = False,
+                 base_amax=None, base_amin=None):
+        super().__init__(num_bits, axis, unsigned, symmetric)
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        if not 0 < start <= stop:
+            raise ValueError(f"need 0 < start <= stop, got start={start}, stop={stop}")
+        self.mult = torch.linspace(start, stop, num_steps, dtype=torch.float64)
+        self.narrow_range = narrow_range
+        self._given = (base_amin, base_amax)
+        self.reset()
+
+    def reset(self):
+        self._C = None
+        self._base = None
+        self._err = None
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        xc = self._prep(x)
+        if self._base is None:
+            gmin, gmax = self._given
+            amax = torch.as_tensor(gmax, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmax is not None else (
+                xc.abs().amax(1) if self.symmetric else xc.amax(1))
+            amin = torch.as_tensor(gmin, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmin is not None else (
+                None if self.symmetric else xc.amin(1))
+            self._base = (amin, amax)
+            self._err = torch.zeros(xc.shape[0], self.mult.numel(), dtype=torch.float64, device=xc.device)
+        amin, amax = self._base
+        for s, m in enumerate(self.mult.tolist()):
+            scale, zero, qmin, qmax = range_to_qparams(None if amin is None else amin * m, amax * m, self.num_bits, self.symmetric,
+                                                       self.unsigned, self.narrow_range)
+            xh = fake_quant(xc, scale, zero, qmin, qmax, axis=0)
+            self._err[:, s] += ((xh - xc).double() ** 2).sum(1)
+
+    def _best(self):
+        self._need_data()
+        return self.mult.to(self._err.device)[self._err.argmin(1)]
+
+    def _amax(self):
+        return _out(self._base[1].double() * self._best(), self.axis)
+
+    def _range(self):
+        m = self._best()
+        return _out(self._base[0].double() * m, self.axis), _out(self._base[1].double() * m, self.axis)
+
+
+def make_calibrator(method: str = "max", num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True, **kwargs):
+    """A calibrator by name: one of :data:`METHODS`. kwargs go to the class (num_bins, percentile, ...)."""
+    if method == "max":
+        return MaxCalibrator(num_bits, axis, unsigned, symmetric, **kwargs)
+    if method in ("percentile", "mse", "entropy"):
+        return HistogramCalibrator(method, num_bits, axis, unsigned, symmetric, **kwargs)
+    if method == "mse_search":
+        return MseCalibrator(num_bits, axis, unsigned, symmetric, **kwargs)
+    raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
+
+
+def compute_amax(x: torch.Tensor, method: str = "max", num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True, **kwargs):
+    """One-shot calibration of one tensor (e.g. a weight, ``axis=0`` per output channel).
+
+    Returns amax (symmetric; float32, 0-dim or [C]) or (amin, amax) (asymmetric).
+    """
+    cal = make_calibrator(method, num_bits, axis, unsigned, symmetric, **kwargs)
+    cal.collect(x)
+    return cal.compute_amax() if symmetric else cal.compute_range()
+
+
+class ActQuantizer(torch.nn.Module):
+    """Activation fake quantizer: calibrate (static) or quantize on the fly (dynamic).
+
+    Usage (static)::
+
+        aq = ActQuantizer(num_bits=8, method="percentile")
+        aq.start_calibration()
+        for x in loader: aq(x)            # collects, returns x unchanged
+        aq.finish_calibration()           # freezes scale / zero buffers
+        x_hat = aq(x)
+
+    ``dynamic=True``: every call uses the min/max of that call's input (per tensor,
+    or per index of ``axis``). forward keeps shape and dtype.
+    """
+
+    def __init__(self, num_bits: int = 8, method: str = "max", axis=None, symmetric: bool = True, unsigned: bool = False,
+                 narrow_range: bool = False, dynamic: bool = False, **calib_kwargs):
+        super().__init__()
+        self.num_bits, self.method, self.axis = _check_bits(num_bits), method, axis
+        self.symmetric, self.unsigned, self.narrow_range, self.dynamic = symmetric, unsigned, narrow_range, dynamic
+        self.calib_kwargs = calib_kwargs
+        self.qmin, self.qmax = quant_range(num_bits, symmetric, unsigned, narrow_range)
+        self.calibrator = None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        if not dynamic:
+            make_calibrator(method, num_bits, axis, unsigned, symmetric, **calib_kwargs)  # validate now
+
+    @classmethod
+    def from_data(cls, xs, num_bits: int = 8, method: str = "max", **kwargs) -> "ActQuantizer":
+        """Calibrated on a tensor or an iterable of tensors."""
+        aq = cls(num_bits, method, **kwargs)
+        aq.start_calibration()
+        for x in ([xs] if isinstance(xs, torch.Tensor) else xs):
+            aq(x)
+        return aq.finish_calibration()
+
+    def start_calibration(self):
+        self.calibrator = make_calibrator(self.method, self.num_bits, self.axis, self.unsigned, self.symmetric, **self.calib_kwargs)
+        return self
+
+    def finish_calibration(self):
+        if self.calibrator is None:
+            raise RuntimeError("finish_calibration() without start_calibration()")
+        scale, zero, _, _ = self.calibrator.qparams(self.narrow_range)
+        self.scale, self.zero = scale, zero
+        self.calibrator = None
+        return self
+
+    def forward(self, x):
+        if self.calibrator is not None:
+            self.calibrator.collect(x)
+            return x
+        if self.dynamic:
+            return fake_quant_dynamic(x, self.num_bits, axis=self.axis, symmetric=self.symmetric, unsigned=self.unsigned,
+                                      narrow_range=self.narrow_range)
+        if self.scale is None:
+            raise RuntimeError("ActQuantizer is not calibrated: call start_calibration(), feed data, finish_calibration()")
+        return fake_quant(x, self.scale, self.zero, self.qmin, self.qmax, self.axis)
+
+    def extra_repr(self):
+        return f"num_bits={self.num_bits}, method={self.method!r}, axis={self.axis}, symmetric={self.symmetric}, dynamic={self.dynamic}"

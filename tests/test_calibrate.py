@@ -1,0 +1,368 @@
+"""Calibrators: batched per-channel implementations against per-channel loops of the reference."""
+import math
+
+import pytest
+import torch
+
+import quantkern.reference.calibrate as R
+from quantkern.ptq.calibrate import (
+    ActQuantizer,
+    HistogramCalibrator,
+    MaxCalibrator,
+    MseCalibrator,
+    compute_amax,
+    fake_quant,
+    fake_quant_dynamic,
+    fake_quant_static,
+    make_calibrator,
+    quant_range,
+    range_to_qparams,
+)
+
+BINS = 512  # small histograms keep the reference loops fast
+
+
+def _data(C=5, M=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(C, M, generator=g) * (torch.rand(C, 1, generator=g) * 3 + 0.1)
+    if C > 1:
+        x[1] = torch.distributions.Laplace(0.0, 1.0).sample((M,))
+    if C > 2:
+        x[2] = torch.relu(x[2])  # many zeros (bin 0 replaced by bin 1 in entropy)
+    if C > 3:
+        x[3, :5] *= 20  # outliers
+    return x
+
+
+def _ref_amax(method, h, e, bits, unsigned=False, start_bin=128, stride=1, percentile=99.99):
+    if method == "entropy":
+        return R.amax_entropy(h, e, bits, unsigned, stride, start_bin)
+    if method == "mse":
+        return R.amax_mse(h, e, bits, unsigned, stride, start_bin)
+    return R.amax_percentile(h, e, percentile)
+
+
+# ------------------------------------------------------------------ histogram
+def test_histogram_matches_histc():
+    x = _data()
+    cal = HistogramCalibrator("percentile", axis=0, num_bins=2048)
+    cal.collect(x)
+    hist, edges, n = cal.histogram()
+    for c in range(x.shape[0]):
+        a = x[c].abs()
+        want = torch.histc(a, bins=2048, min=0, max=float(a.max()))
+        assert torch.equal(hist[c].float(), want)
+        h, e = R.abs_histogram(x[c], 2048)
+        assert torch.equal(hist[c], h) and torch.equal(edges[c], e)
+    assert (n == 2048).all()
+
+
+def _stream_hist_bruteforce(batches, num_bins):
+    """Per channel, per batch: the growth rule of the module docstring, with Python loops."""
+    C = batches[0].shape[0]
+    out = []
+    for c in range(C):
+        R_, n_, hist, pending = 0.0, 0, None, 0
+        for xb in batches:
+            a = xb[c].abs().float()
+            m = float(a.max())
+            if R_ == 0 and m > 0:
+                R_, n_ = torch.tensor(m, dtype=torch.float32), num_bins
+                hist = torch.zeros(num_bins, dtype=torch.float64)
+                hist[0] += pending
+            elif R_ != 0 and m > float(R_):
+                width = float(R_) / n_
+                n_ = math.ceil(m / width)
+                R_ = torch.tensor(n_ * width, dtype=torch.float32)
+                hist = torch.cat([hist, torch.zeros(n_ - hist.numel(), dtype=torch.float64)])
+            if R_ == 0:
+                pending += a.numel()
+                continue
+            idx = torch.trunc(a * float(n_) / R_).long().clamp(0, n_ - 1)
+            hist += torch.bincount(idx, minlength=n_).double()
+        edges = torch.arange(n_ + 1, dtype=torch.float64) * (float(R_) / n_) if n_ else None
+        out.append((hist, edges, n_))
+    return out
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_streaming_growth_matches_bruteforce(method):
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 300, generator=g) * s for s in (1.0, 1.7, 0.5, 3.0)]
+    batches[0][3] = 0  # channel 3 all zero in the first batch: starts at its first non-zero batch
+    cal = HistogramCalibrator(method, 8, axis=0, num_bins=256)
+    for xb in batches:
+        cal.collect(xb)
+    hist, edges, n = cal.histogram()
+    amax = cal.compute_amax()
+    for c, (h, e, nc) in enumerate(_stream_hist_bruteforce(batches, 256)):
+        assert int(n[c]) == nc and nc > 256
+        assert torch.equal(hist[c, :nc], h) and hist[c, nc:].sum() == 0
+        assert torch.equal(edges[c, : nc + 1], e)
+        assert amax[c].item() == _ref_amax(method, h, e, 8).float().item()
+
+
+# ------------------------------------------------------------------ per channel == loop of the reference
+@pytest.mark.parametrize("bits,unsigned", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_per_channel_equals_reference_loop(method, bits, unsigned):
+    x = _data()
+    kw = dict(percentile=99.9) if method == "percentile" else {}
+    cal = HistogramCalibrator(method, bits, axis=0, unsigned=unsigned, num_bins=BINS, **kw)
+    cal.collect(x)
+    got = cal.compute_amax()
+    assert got.shape == (x.shape[0],) and got.dtype == torch.float32
+    want = torch.stack([_ref_amax(method, *R.abs_histogram(x[c], BINS), bits, unsigned, **kw) for c in range(x.shape[0])])
+    assert torch.equal(got, want.float())
+
+
+def test_entropy_per_tensor_2048_and_stride():
+    x = _data(C=1, M=20000)[0]
+    h, e = R.abs_histogram(x, 2048)
+    for stride in (1, 7):
+        got = compute_amax(x, "entropy", 8, stride=stride)
+        assert got.dim() == 0
+        assert got.item() == R.amax_entropy(h, e, 8, stride=stride).float().item()
+
+
+def test_axis_last_for_activations():
+    x = _data(C=6, M=300).T.reshape(10, 30, 6)  # [B, T, K], channel = last dim
+    for method in ("max", "percentile", "entropy"):
+        kw = {} if method == "max" else dict(num_bins=BINS)
+        got = compute_amax(x, method, 8, axis=-1, **kw)
+        flat = x.reshape(-1, 6)
+        for c in range(6):
+            want = compute_amax(flat[:, c], method, 8, **kw)
+            assert got[c].item() == want.item()
+
+
+# ------------------------------------------------------------------ literal port of NVIDIA's loops (numpy + scipy)
+def _nvidia_entropy(calib_hist, calib_bin_edges, num_bits, unsigned=False, stride=1, start_bin=128):
+    np = pytest.importorskip("numpy")
+    from collections import Counter
+
+    entropy = pytest.importorskip("scipy.stats").entropy
+    bins = calib_hist.copy()
+    bins[0] = bins[1]
+    total_data = np.sum(bins)
+    divergences = []
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    new_density_counts = np.zeros(nbins, dtype=np.float64)
+    for i in range(start_bin, len(bins) + 1, stride):
+        new_density_counts.fill(0)
+        space = np.linspace(0, i, num=nbins + 1)
+        digitized_space = np.digitize(range(i), space) - 1
+        digitized_space[bins[:i] == 0] = -1
+        for idx, digitized in enumerate(digitized_space):
+            if digitized != -1:
+                new_density_counts[digitized] += bins[idx]
+        counter = Counter(digitized_space)
+        for key, val in counter.items():
+            if key != -1:
+                new_density_counts[key] = new_density_counts[key] / val
+        new_density = np.zeros(i, dtype=np.float64)
+        for idx, digitized in enumerate(digitized_space):
+            if digitized != -1:
+                new_density[idx] = new_density_counts[digitized]
+        reference_density = np.array(bins[: len(digitized_space)], dtype=np.float64)
+        reference_density[-1] += np.sum(bins[i:])
+        assert round(np.sum(new_density) + np.sum(bins[i:])) == total_data
+        divergences.append(entropy(reference_density, new_density))
+    divergences = np.array(divergences)
+    last_argmin = len(divergences) - 1 - np.argmin(divergences[::-1])
+    return calib_bin_edges[last_argmin * stride + start_bin]
+
+
+def _nvidia_mse_percentile(calib_hist, calib_bin_edges, num_bits, percentile, start_bin=128):
+    np = pytest.importorskip("numpy")
+    counts = torch.from_numpy(calib_hist).double()
+    edges = torch.from_numpy(calib_bin_edges).double()
+    centers = (edges[1:] + edges[:-1]) / 2
+    mses = []
+    for i in range(start_bin, len(centers)):
+        qc = R.fake_tensor_quant(centers, centers[i], num_bits)
+        mses.append(((qc - centers) ** 2 * counts).mean().item())
+    mse_amax = centers[start_bin + int(np.argmin(mses))].item()
+    cdf = np.cumsum(calib_hist / calib_hist.sum())
+    pct_amax = calib_bin_edges[np.searchsorted(cdf, percentile / 100)]
+    return mse_amax, pct_amax
+
+
+def test_reference_matches_literal_nvidia_port():
+    x = _data(C=1, M=5000, seed=3)[0]
+    h, e = R.abs_histogram(x, 300)
+    hn, en = h.numpy().astype("int64"), e.numpy()
+    for bits in (8, 4):
+        assert float(R.amax_entropy(h, e, bits, start_bin=40)) == float(_nvidia_entropy(hn, en, bits, start_bin=40))
+    mse_amax, pct_amax = _nvidia_mse_percentile(hn, en, 4, 99.9, start_bin=40)
+    assert float(R.amax_mse(h, e, 4, start_bin=40)) == mse_amax
+    assert float(R.amax_percentile(h, e, 99.9)) == pct_amax
+
+
+# ------------------------------------------------------------------ max, mse_search, asymmetric
+def test_max_calibrator_streaming_sym_and_asym():
+    x = _data()
+    cal, acal = MaxCalibrator(8, axis=0), MaxCalibrator(8, axis=0, symmetric=False)
+    for part in x.split(700, dim=1):
+        cal.collect(part)
+        acal.collect(part)
+    assert torch.equal(cal.compute_amax(), x.abs().amax(1))
+    amin, amax = acal.compute_range()
+    assert torch.equal(amin, x.amin(1)) and torch.equal(amax, x.amax(1))
+    with pytest.raises(RuntimeError, match="compute_range"):
+        acal.compute_amax()
+    lo, hi = cal.compute_range()
+    assert torch.equal(lo, -hi)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_search_equals_bruteforce(symmetric):
+    x = _data(C=3, M=500)
+    batches = x.split(200, dim=1)
+    cal = MseCalibrator(4, axis=0, symmetric=symmetric, num_steps=39)
+    for xb in batches:
+        cal.collect(xb)
+    got = cal.compute_amax() if symmetric else cal.compute_range()
+    mults = torch.linspace(0.25, 4.0, 39, dtype=torch.float64)
+    for c in range(3):
+        first = batches[0][c]
+        base_max = first.abs().max() if symmetric else first.max()
+        base_min = None if symmetric else first.min()
+        errs = []
+        for m in mults.tolist():
+            e = 0.0
+            for xb in batches:
+                s, z, qmin, qmax = range_to_qparams(None if symmetric else base_min * m, base_max * m, 4, symmetric)
+                e += ((fake_quant(xb[c], s, z, qmin, qmax) - xb[c]).double() ** 2).sum().item()
+            errs.append(e)
+        best = mults[int(torch.tensor(errs).argmin())]
+        if symmetric:
+            assert got[c].item() == pytest.approx((base_max.double() * best).item(), rel=1e-7)
+        else:
+            assert got[0][c].item() == pytest.approx((base_min.double() * best).item(), rel=1e-7)
+            assert got[1][c].item() == pytest.approx((base_max.double() * best).item(), rel=1e-7)
+
+
+def test_asymmetric_percentile_bruteforce():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3999, generator=g) + torch.tensor([[2.0], [-1.0], [0.0]])  # 3999: no exact cdf ties
+    cal = HistogramCalibrator("percentile", 8, axis=0, symmetric=False, num_bins=200, percentile=99.0)
+    cal.collect(x)
+    amin, amax = cal.compute_range()
+    for c in range(3):
+        a = x[c].abs()
+        Rc = a.max()
+        idx = torch.trunc(a * 200.0 / Rc).long().clamp(0, 199)
+        pos = torch.bincount(idx[x[c] >= 0], minlength=200).double()
+        neg = torch.bincount(idx[x[c] < 0], minlength=200).double()
+        signed = torch.cat([neg.flip(0), pos])
+        edges = torch.arange(-200, 201, dtype=torch.float64) * (Rc.double() / 200)
+        cdf = torch.cumsum(signed / signed.sum(), 0)
+        hi = int(torch.searchsorted(cdf, torch.tensor([0.99], dtype=torch.float64)))
+        lo = int(torch.searchsorted(cdf, torch.tensor([1 - 0.99], dtype=torch.float64), right=True))
+        assert amax[c].item() == pytest.approx(max(edges[hi + 1].item(), 0.0), rel=1e-7)
+        assert amin[c].item() == pytest.approx(min(edges[lo].item(), 0.0), rel=1e-7)
+        q_lo, q_hi = torch.quantile(x[c], 0.01).item(), torch.quantile(x[c], 0.99).item()
+        w = 3 * Rc.item() / 200  # within a few bins of the interpolated quantiles
+        assert min(q_lo, 0) - w <= amin[c] <= min(q_lo, 0) + w and q_hi - w <= amax[c] <= q_hi + w
+
+
+# ------------------------------------------------------------------ edge cases
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy", "mse_search"])
+def test_all_zero_channel_constant_and_single_sample(method):
+    kw = {} if method in ("max", "mse_search") else dict(num_bins=BINS)
+    x = torch.zeros(3, 50)
+    x[1] = 3.0  # constant
+    x[2] = torch.linspace(-1, 2, 50)
+    amax = compute_amax(x, method, 8, axis=0, **kw)
+    assert amax[0] == 0 and torch.isfinite(amax).all()
+    assert 0 < amax[1] <= 3.0 * (4.0 if method == "mse_search" else 1.0)
+    one = compute_amax(torch.tensor([[0.5], [-2.0]]), method, 8, axis=0, **kw)  # a single sample per channel
+    assert torch.isfinite(one).all() and (one > 0).all()
+    if method != "max":
+        h, e = R.abs_histogram(x[1], BINS)
+        if method in ("percentile", "mse", "entropy"):
+            assert amax[1].item() == _ref_amax(method, h, e, 8).float().item()
+    xh = fake_quant_static(x, amax, 8, axis=0)
+    assert (xh[0] == 0).all() and torch.isfinite(xh).all()
+
+
+def test_entropy_no_candidate_and_mass_beyond_start():
+    # fewer bins than start_bin: the top edge
+    cal = HistogramCalibrator("entropy", 8, num_bins=64)
+    cal.collect(torch.rand(1000))
+    _, edges, _ = cal.histogram()
+    assert cal.compute_amax().item() == pytest.approx(edges[0, -1].item(), rel=1e-7)
+    # all mass above the first 128 bins (Q empty for small candidates): finite answer equal to the reference
+    x = torch.rand(5000) * 0.5 + 0.5
+    h, e = R.abs_histogram(x, 2048)
+    assert compute_amax(x, "entropy", 8).item() == R.amax_entropy(h, e, 8).float().item()
+
+
+# ------------------------------------------------------------------ fake-quant helpers
+def test_quant_range_and_params():
+    assert quant_range(8) == (-128, 127) and quant_range(8, narrow_range=True) == (-127, 127)
+    assert quant_range(4, unsigned=True) == (0, 15) and quant_range(4, symmetric=False) == (0, 15)
+    s, z, qmin, qmax = range_to_qparams(torch.tensor(-1.0), torch.tensor(3.0), 4, symmetric=False)
+    assert s.item() == pytest.approx(4 / 15) and z.item() == round(1 / (4 / 15)) and (qmin, qmax) == (0, 15)
+    s, z, _, _ = range_to_qparams(torch.tensor(0.5), torch.tensor(3.0), 4, symmetric=False)  # range widened to 0
+    assert z.item() == 0 and s.item() == pytest.approx(3 / 15)
+
+
+def test_fake_quant_static_dynamic_and_act_quantizer():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 8, generator=g)
+    amax = x.abs().amax(0)
+    xh = fake_quant_static(x, amax, 8, axis=1)
+    s = amax / 127
+    assert torch.equal(xh, torch.clamp(torch.round(x / s), -128, 127) * s)
+    # dynamic per token (axis=0) == static with the token's own amax
+    d = fake_quant_dynamic(x, 4, axis=0)
+    assert torch.equal(d, fake_quant_static(x, x.abs().amax(1), 4, axis=0))
+    da = fake_quant_dynamic(x, 4, symmetric=False)
+    assert torch.allclose(da, x, atol=(x.max() - x.min()).item() / 15)
+    # ActQuantizer: calibrate over batches, then static
+    aq = ActQuantizer(8, "percentile", num_bins=BINS)
+    aq.start_calibration()
+    for part in x.split(4):
+        assert aq(part) is part
+    aq.finish_calibration()
+    cal = make_calibrator("percentile", 8, num_bins=BINS)
+    for part in x.split(4):
+        cal.collect(part)
+    assert torch.equal(aq(x), fake_quant_static(x, cal.compute_amax(), 8))
+    assert aq(x.half()).dtype == torch.float16
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        ActQuantizer(8)(x)
+
+
+# ------------------------------------------------------------------ bad arguments
+def test_bad_args():
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        make_calibrator("kl")
+    with pytest.raises(ValueError, match="num_bits"):
+        MaxCalibrator(0)
+    with pytest.raises(ValueError, match="num_bins"):
+        HistogramCalibrator("entropy", num_bins=1)
+    with pytest.raises(ValueError, match="percentile"):
+        HistogramCalibrator("percentile", percentile=101)
+    with pytest.raises(ValueError, match="asymmetric"):
+        HistogramCalibrator("entropy", symmetric=False)
+    with pytest.raises(ValueError, match="axis"):
+        compute_amax(torch.ones(3), "max", axis=2)
+    with pytest.raises(ValueError, match="NaN"):
+        compute_amax(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(TypeError, match="float"):
+        compute_amax(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="empty"):
+        compute_amax(torch.ones(0))
+    cal = MaxCalibrator(8, axis=0)
+    with pytest.raises(RuntimeError, match="before any collect"):
+        cal.compute_amax()
+    cal.collect(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="channels"):
+        cal.collect(torch.ones(5, 4))
+    with pytest.raises(ValueError, match="per-channel scale"):
+        fake_quant(torch.ones(3, 4), torch.ones(3), torch.zeros(3), -8, 7, axis=1)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fake_quant(torch.ones(3), torch.tensor(float("nan")), torch.tensor(0.0), -8, 7)

