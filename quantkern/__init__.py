@@ -9,11 +9,12 @@ from . import _load
 
 _load.load()
 
-from . import ops, reference  # noqa: E402
+from . import ops, ptq, reference  # noqa: E402
 from .ops import (  # noqa: E402
     cpu_capabilities,
     fake_quant_lsq,
     get_cpu_capability,
+    hqq_quantize,
     set_cpu_capability,
 )
 
@@ -23,6 +24,8 @@ __all__ = [
     "ops",
     "reference",
     "fake_quant_lsq",
+    "hqq_quantize",
+    "ptq",
     "cpu_capabilities",
     "get_cpu_capability",
     "set_cpu_capability",

@@ -2,6 +2,7 @@
 
 Readable before fast. Never registered as a kernel.
 """
+from . import hqq
 from .fake_quant_lsq import fake_quant_lsq, fake_quant_lsq_backward, lsq_param_view
 
-__all__ = ["fake_quant_lsq", "fake_quant_lsq_backward", "lsq_param_view"]
+__all__ = ["hqq", "fake_quant_lsq", "fake_quant_lsq_backward", "lsq_param_view"]
