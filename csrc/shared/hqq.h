@@ -104,15 +104,15 @@ constexpr float kHqqLog2e = 0x1.715476p+0f;
 constexpr float kHqqLn2 = 0x1.62e430p-1f;
 
 // a^y for a positive normal fp32, y in [-1, 0]: log2 by 2 atanh((m-1)/(m+1)),
-// exp2 by e^u Taylor on [-ln2/2, ln2/2]; about 2 ulp.
+// exp2 by e^u Taylor on [-ln2/2, ln2/2], y log2(a) kept in two parts; <= 2 ulp.
 template <class T>
 QK_HD T hqq_pow(T a, T y) {
   T m, e;
   frexp1_(a, m, e);
   const T one = splat_like(a, 1.f);
-  auto big = gt(m, splat_like(a, kHqqSqrt2));
-  m = select(big, mul(m, splat_like(a, 0.5f)), m);
-  e = select(big, add(e, one), e);
+  auto hi = gt(m, splat_like(a, kHqqSqrt2));
+  m = select(hi, mul(m, splat_like(a, 0.5f)), m);
+  e = select(hi, add(e, one), e);
   T t = div(sub(m, one), add(m, one));
   T t2 = mul(t, t);
   T p = splat_like(a, 0x1.c71c72p-4f);                 // 1/9
@@ -121,10 +121,16 @@ QK_HD T hqq_pow(T a, T y) {
   p = add(mul(p, t2), splat_like(a, 0x1.555556p-2f));  // 1/3
   p = add(mul(p, t2), one);
   T lnm = mul(mul(t, p), splat_like(a, 2.f));
-  T l2 = add(e, mul(lnm, splat_like(a, kHqqLog2e)));
-  T v = min_(max_(mul(y, l2), splat_like(a, -126.f)), splat_like(a, 126.f));
-  T n = rint(v);
-  T u = mul(sub(v, n), splat_like(a, kHqqLn2));
+  T l = mul(lnm, splat_like(a, kHqqLog2e));  // log2(m), |l| <= 0.5
+  // y log2(a) = y e + y l with y e carried exactly: split y (Veltkamp, 12 bits
+  // in yh) so that yh * e (|e| <= 128) is exact; the rest is small.
+  T cy = mul(y, splat_like(a, 4097.f));
+  T yh = sub(cy, sub(cy, y));
+  T yl = sub(y, yh);
+  T big = mul(yh, e);
+  T small = add(mul(yl, e), mul(y, l));
+  T n = min_(max_(rint(add(big, small)), splat_like(a, -126.f)), splat_like(a, 126.f));
+  T u = mul(add(sub(big, n), small), splat_like(a, kHqqLn2));  // big - n is exact
   T r = splat_like(a, 0x1.a01a02p-13f);                // 1/5040
   r = add(mul(r, u), splat_like(a, 0x1.6c16c2p-10f));  // 1/720
   r = add(mul(r, u), splat_like(a, 0x1.111112p-7f));   // 1/120

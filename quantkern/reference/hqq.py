@@ -127,10 +127,11 @@ EXP_COEFFS = (1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5
 def pow_poly(a: torch.Tensor, y: float) -> torch.Tensor:
     """``a ** y`` for fp32 ``a`` normal and positive, as the kernels compute it (csrc/shared/hqq.h).
 
-    ``a = m 2^e`` with m in [sqrt(1/2), sqrt(2)); ``log2 a = e + 2 atanh((m-1)/(m+1)) log2(e)``;
-    ``2^v = e^((v - n) ln 2) 2^n`` with ``n = rint(v)``. Every step is one fp32 op
-    (no fused multiply-add), about 2 ulp from the exact power for the
-    arguments the shrink sees.
+    ``a = m 2^e`` with m in [sqrt(1/2), sqrt(2)); ``l = log2 m = 2 atanh((m-1)/(m+1)) log2(e)``;
+    ``v = y log2 a`` is kept as ``big + small`` with ``big = yh e`` exact (y split
+    into 12 + 12 bits), ``n = rint(v)``, ``2^v = e^(((big - n) + small) ln 2) 2^n``.
+    Every step is one fp32 op (no fused multiply-add); at most 2 ulp from the
+    exact power.
     """
     f32 = torch.float32
     c = lambda v: torch.tensor(v, dtype=f32)  # noqa: E731  (fp32 constants, rounded once)
@@ -146,10 +147,15 @@ def pow_poly(a: torch.Tensor, y: float) -> torch.Tensor:
     for k in LOG_COEFFS[1:]:
         p = p * t2 + c(k)
     lnm = (t * p) * c(2.0)
-    l2 = e + lnm * c(LOG2E_F)
-    v = (c(float(torch.tensor(y, dtype=f32))) * l2).clamp(-126.0, 126.0)
-    n = torch.round(v)
-    u = (v - n) * c(LN2_F)
+    lg = lnm * c(LOG2E_F)
+    y32 = c(float(torch.tensor(y, dtype=f32)))
+    cy = y32 * c(4097.0)
+    yh = cy - (cy - y32)  # 12 significant bits: yh * e is exact
+    yl = y32 - yh
+    big = yh * e
+    small = yl * e + y32 * lg
+    n = torch.round(big + small).clamp(-126.0, 126.0)
+    u = ((big - n) + small) * c(LN2_F)
     p = torch.full_like(u, EXP_COEFFS[0])
     for k in EXP_COEFFS[1:]:
         p = p * u + c(k)
