@@ -103,13 +103,14 @@ def _hqq_solve_kernel(w_ptr, sinv_ptr, scale_ptr, zero_ptr, zhist_ptr, errp_ptr,
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = j < M
     jj = tl.where(valid, j, 0)  # padded lanes compute group 0 and store nothing
+    M64 = tl.full((), M, tl.int64)  # 64-bit index arithmetic throughout
     if AXIS == 1:
         base = jj * G
-        step = 1
+        step = tl.full((), 1, tl.int64)
     else:
         base = jj
-        step = M
-    gf = G.to(tl.float32)
+        step = M64
+    gf = tl.full(j.shape, G, tl.float32)
 
     w = tl.load(w_ptr + base).to(tl.float32)
     mn = w
@@ -160,7 +161,7 @@ def _hqq_solve_kernel(w_ptr, sinv_ptr, scale_ptr, zero_ptr, zhist_ptr, errp_ptr,
         if MODE == 0:
             tl.store(errp_ptr + pid.to(tl.int64) * ITERS + it, tl.sum(tl.where(valid, esum, 0.0).to(tl.float64)))
             z = zn
-            tl.store(zhist_ptr + (it + 1) * M + j, z, mask=valid)
+            tl.store(zhist_ptr + (it + 1) * M64 + j, z, mask=valid)
         elif MODE == 1:
             e = tl.div_rn(esum, gf)
             imp = active & (e < best)
@@ -186,10 +187,10 @@ def _hqq_q_kernel(w_ptr, sinv_ptr, zero_ptr, q_ptr, M, G, qmax, AXIS: tl.constex
     valid = j < M
     if AXIS == 1:
         base = j * G
-        step = 1
+        step = tl.full((), 1, tl.int64)
     else:
         base = j
-        step = M
+        step = tl.full((), M, tl.int64)
     s = tl.load(sinv_ptr + j, mask=valid, other=1.0)
     z = tl.load(zero_ptr + j, mask=valid, other=0.0)
     for i in range(0, G):

@@ -74,9 +74,57 @@ QK_SI bool all_finite(float v) { return v == v; }
 // Element i of group j.
 QK_SI int64_t hqq_index(const HqqParams& P, int64_t j, int64_t i) { return P.axis == 1 ? j * P.g + i : i * P.M + j; }
 
+#if defined(QK_ISA_AVX512)
+// Row i of a full block of axis-1 groups: element i of groups jb..jb+15, one gather.
+// fp16 / bf16 gather 32 bits at each element (the element is the low half), so the
+// caller uses them only when the block is not the last one in memory.
+template <Dt D>
+QK_SI V gather_row(const void* W, int64_t off, __m512i idx) {
+  if constexpr (D == Dt::F32) {
+    return {_mm512_i32gather_ps(idx, static_cast<const float*>(W) + off, 4)};
+  } else {
+    __m512i x = _mm512_i32gather_epi32(idx, static_cast<const uint16_t*>(W) + off, 2);
+    if constexpr (D == Dt::BF16) return {_mm512_castsi512_ps(_mm512_slli_epi32(x, 16))};
+    else return {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(x))};
+  }
+}
+QK_SI __m512i lane_offsets(int64_t g) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(int32_t(g)));
+}
+#elif defined(QK_ISA_AVX2)
+template <Dt D>
+QK_SI V gather_row(const void* W, int64_t off, __m256i idx) {
+  if constexpr (D == Dt::F32) {
+    return {_mm256_i32gather_ps(static_cast<const float*>(W) + off, idx, 4)};
+  } else {
+    __m256i x = _mm256_i32gather_epi32(reinterpret_cast<const int*>(static_cast<const uint16_t*>(W) + off), idx, 2);
+    if constexpr (D == Dt::BF16) {
+      return {_mm256_castsi256_ps(_mm256_slli_epi32(x, 16))};
+    } else {
+      __m256i p = _mm256_packus_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0xffff)), x);
+      p = _mm256_permute4x64_epi64(p, 0x08);  // qwords 0 and 2: the 8 halves in order
+      return {_mm256_cvtph_ps(_mm256_castsi256_si128(p))};
+    }
+  }
+}
+QK_SI __m256i lane_offsets(int64_t g) {
+  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(g)));
+}
+#endif
+
 // buf[i*kL + l] = element i of group j0 + l for l < nl; lanes >= nl repeat lane 0.
 template <Dt D>
 void hqq_gather(const void* W, const HqqParams& P, int64_t j0, int nl, float* buf) {
+#if !defined(QK_ISA_SCALAR)
+  // axis 1, full block: one gather per row (16-bit types: not for the block that ends the tensor).
+  if (P.axis == 1 && nl == kW && int64_t(kW) * P.g < (int64_t(1) << 30) &&
+      (D == Dt::F32 || j0 + kW < P.M)) {
+    const auto idx = lane_offsets(P.g);
+    for (int64_t i = 0; i < P.g; ++i) vst(buf + i * kW, gather_row<D>(W, j0 * P.g + i, idx));
+    return;
+  }
+#endif
   for (int64_t i = 0; i < P.g; ++i) {
     float* row = buf + i * kW;
     if (P.axis == 1) {
@@ -99,6 +147,7 @@ void hqq_solve_t(const void* W, const HqqParams& P, int64_t j0, int64_t j1, floa
                  float* zero, float* zhist, double* err, uint8_t* q, int* bad) {
   const int64_t g = P.g, M = P.M;
   std::vector<float> bufv(size_t(g) * kW);
+  std::vector<uint8_t> qbuf(size_t(g) * kW + 16);  // store_u8 writes 16 bytes on AVX2 too
   float* buf = bufv.data();
   alignas(64) float tmp[kW];
   alignas(64) float tmp2[kW];
@@ -150,10 +199,17 @@ void hqq_solve_t(const void* W, const HqqParams& P, int64_t j0, int64_t j1, floa
     store_lanes(zero + jb, z, nl);
     if (P.axis == 0 && nl == kW) {
       for (int64_t i = 0; i < g; ++i) store_u8(q + i * M + jb, hqq_q(w_at(i), s, z, qmax));
+    } else if (P.axis == 1) {  // bytes staged as [g][kW], then transposed out
+      uint8_t* qb = qbuf.data();
+      for (int64_t i = 0; i < g; ++i) store_u8(qb + i * kW, hqq_q(w_at(i), s, z, qmax));
+      for (int l = 0; l < nl; ++l) {
+        uint8_t* dst = q + (jb + l) * g;
+        for (int64_t i = 0; i < g; ++i) dst[i] = qb[i * kW + l];
+      }
     } else {
       for (int64_t i = 0; i < g; ++i) {
         vst(tmp2, hqq_q(w_at(i), s, z, qmax));
-        for (int l = 0; l < nl; ++l) q[hqq_index(P, jb + l, i)] = uint8_t(tmp2[l]);
+        for (int l = 0; l < nl; ++l) q[i * M + jb + l] = uint8_t(tmp2[l]);
       }
     }
   }
