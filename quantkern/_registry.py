@@ -86,6 +86,16 @@ for _sfx in ("", "_triton"):
             W.new_empty((N, K // group_size), dtype=torch.float32),
         )
 
+    # Quantization is not differentiable: the outputs never require grad, even
+    # when W does (and backward through them is an error, not a silent zero).
+    def _hqq_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def _hqq_backward(ctx, *grads):
+        raise RuntimeError("quantkern.hqq_quantize is not differentiable")
+
+    torch.library.register_autograd(f"quantkern::hqq_quantize{_sfx}", _hqq_backward, setup_context=_hqq_setup)
+
 
 def op_names() -> list[str]:
     """Names of every quantkern operator, e.g. ``["fake_quant_lsq", ...]``."""

@@ -225,7 +225,11 @@ def hqq_quantize(
         early_stop: "global" (the official rule: stop at the first iteration
             whose mean |W - Wr| over the whole tensor does not improve; exact),
             "group" (each group stops on its own error and keeps its best zero;
-            fully fused), or "none" (always ``iters`` iterations).
+            fully fused), or "none" (always ``iters`` iterations). "global" runs
+            every group through all ``iters`` iterations in one fused pass, keeps
+            each group's zero after every iteration (scratch of
+            ``4 * (iters + 1) * N * K / g`` bytes) and per-iteration error sums,
+            applies the official rule, then writes q in a second, cheap pass.
         backend: "auto", "native" or "triton" (see module docstring).
 
     Returns:

@@ -251,6 +251,13 @@ def test_opcheck(args):
     torch.library.opcheck(torch.ops.quantkern.hqq_quantize.default, (W,) + args)
 
 
+def test_outputs_not_differentiable():
+    W = make_w((8, 64), 1.0, 17).requires_grad_()
+    q, s, z = op(W, 4, 32)
+    assert not (q.requires_grad or s.requires_grad or z.requires_grad)
+    torch.library.opcheck(torch.ops.quantkern.hqq_quantize.default, (W, 4, 32, 1, 0.7, 10.0, 1.01, 4, "global"))
+
+
 def test_compile_fullgraph():
     W = make_w((8, 128), 1.0, 13)
     f = torch.compile(lambda w: torch.ops.quantkern.hqq_quantize(w, 4, 64), fullgraph=True, backend="aot_eager")
