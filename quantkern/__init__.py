@@ -9,7 +9,7 @@ from . import _load
 
 _load.load()
 
-from . import ops, reference  # noqa: E402
+from . import ops, ptq, reference  # noqa: E402
 from .ops import (  # noqa: E402
     cpu_capabilities,
     dampening_loss,
@@ -17,6 +17,7 @@ from .ops import (  # noqa: E402
     oscillation_init_state,
     oscillation_update,
     get_cpu_capability,
+    hqq_quantize,
     set_cpu_capability,
 )
 
@@ -29,6 +30,8 @@ __all__ = [
     "oscillation_init_state",
     "oscillation_update",
     "dampening_loss",
+    "hqq_quantize",
+    "ptq",
     "cpu_capabilities",
     "get_cpu_capability",
     "set_cpu_capability",

@@ -114,6 +114,36 @@ for _sfx in ("", "_triton"):
         _make_damp_backward(f"dampening_loss_backward{_sfx}"),
         setup_context=_damp_setup,
     )
+# hqq_quantize: the HQQ zero-point solver, fused (DESIGN.md section 3)
+# --------------------------------------------------------------------------
+# W [N, K] float32/float16/bfloat16 -> (q uint8 [N, K], scale fp32 [N, K // g],
+# zero fp32 [N, K // g]), W ~= (q - zero) * scale. See quantkern/reference/hqq.py.
+_HQQ_ARGS = (
+    "Tensor W, int bits, int group_size, int axis=1, float lp_norm=0.7, float beta=10.0, "
+    "float kappa=1.01, int iters=20, str early_stop=\"global\""
+)
+for _sfx in ("", "_triton"):
+    LIB.define(f"hqq_quantize{_sfx}({_HQQ_ARGS}) -> (Tensor, Tensor, Tensor)")
+
+    @torch.library.register_fake(f"quantkern::hqq_quantize{_sfx}")
+    def _hqq_fake(W, bits, group_size, axis=1, lp_norm=0.7, beta=10.0, kappa=1.01, iters=20, early_stop="global"):
+        torch._check(W.dim() == 2, lambda: f"quantkern: W must be 2-D [N, K], got {W.dim()}-D")
+        N, K = W.shape
+        return (
+            W.new_empty((N, K), dtype=torch.uint8),
+            W.new_empty((N, K // group_size), dtype=torch.float32),
+            W.new_empty((N, K // group_size), dtype=torch.float32),
+        )
+
+    # Quantization is not differentiable: the outputs never require grad, even
+    # when W does (and backward through them is an error, not a silent zero).
+    def _hqq_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def _hqq_backward(ctx, *grads):
+        raise RuntimeError("quantkern.hqq_quantize is not differentiable")
+
+    torch.library.register_autograd(f"quantkern::hqq_quantize{_sfx}", _hqq_backward, setup_context=_hqq_setup)
 
 
 def op_names() -> list[str]:

@@ -14,6 +14,7 @@ Backends:
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -325,3 +326,83 @@ def dampening_loss(
     be = _pick_backend(op, weight, backend)
     fn = torch.ops.quantkern.dampening_loss_triton if be == "triton" else torch.ops.quantkern.dampening_loss
     return fn(weight, scale.detach(), offset.detach(), qmin, qmax, axis, group_size, float(norm))
+# ------------------------------------------------------------- hqq_quantize
+HQQ_BITS = (1, 2, 3, 4, 8)
+HQQ_EARLY_STOP = ("global", "group", "none")
+
+
+def _hqq_check_args(op, W, bits, group_size, axis, lp_norm, beta, kappa, iters, early_stop) -> None:
+    """Argument checks of hqq_quantize (also run by the Triton kernel, which torch.ops callers reach directly)."""
+    _check_tensor(op, "W", W, _FLOATS)
+    if W.dim() != 2:
+        raise ValueError(f"quantkern.{op}: W must be 2-D [N, K], got shape {tuple(W.shape)}")
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in HQQ_BITS:
+        raise ValueError(f"quantkern.{op}: bits must be one of {HQQ_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
+    if W.shape[1] % group_size:
+        raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = W.shape[1] = {W.shape[1]}")
+    if axis not in (0, 1):
+        raise ValueError(f"quantkern.{op}: axis must be 0 or 1, got {axis!r}")
+    if not 0.0 < float(lp_norm) <= 1.0:
+        raise ValueError(f"quantkern.{op}: lp_norm must be in (0, 1], got {lp_norm!r}")
+    for name, v in (("beta", beta), ("kappa", kappa)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"quantkern.{op}: {name} must be a positive finite number, got {v!r}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or not 0 <= iters <= 100000:
+        raise ValueError(f"quantkern.{op}: iters must be an int in [0, 100000], got {iters!r}")
+    if early_stop not in HQQ_EARLY_STOP:
+        raise ValueError(f"quantkern.{op}: early_stop must be one of {HQQ_EARLY_STOP}, got {early_stop!r}")
+
+
+def hqq_quantize(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    axis: int = 1,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: str = "global",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ (half-quadratic quantization) of a weight matrix, one fused solver pass.
+
+    Min-max init, then up to ``iters`` proximal iterations on the zero point
+    exactly as the official hqq solver (see quantkern/reference/hqq.py):
+    ``q = clamp(round(W*s + z))``, ``We = shrink_lp(W - (q - z)/s, beta_i)``,
+    ``z = mean_group(q - (W - We)*s)``, ``beta_i = beta * kappa^i``.
+
+    Args:
+        W: ``[N, K]`` float32 / float16 / bfloat16, any strides; computed in fp32.
+            Must be finite.
+        bits: 1, 2, 3, 4 or 8.
+        group_size: g, must divide K.
+        axis: 1 (groups contiguous along K: what fast kernels want) or 0 (hqq's
+            strided groups: group j = ``W.flatten()[j::N*K//g]``).
+        lp_norm: p of the lp shrink, in (0, 1].
+        beta, kappa: shrink strength and its per-iteration growth
+            (``kappa=1.0`` reproduces hqq 0.2.8, which ignores kappa).
+        iters: at most this many iterations; 0 = round to nearest (min-max).
+        early_stop: "global" (the official rule: stop at the first iteration
+            whose mean |W - Wr| over the whole tensor does not improve; exact),
+            "group" (each group stops on its own error and keeps its best zero;
+            fully fused), or "none" (always ``iters`` iterations). "global" runs
+            every group through all ``iters`` iterations in one fused pass, keeps
+            each group's zero after every iteration (scratch of
+            ``4 * (iters + 1) * N * K / g`` bytes) and per-iteration error sums,
+            applies the official rule, then writes q in a second, cheap pass.
+        backend: "auto", "native" or "triton" (see module docstring).
+
+    Returns:
+        ``(q, scale, zero)``: q ``uint8 [N, K]`` in ``[0, 2^bits - 1]``; scale and
+        zero ``float32 [N, K // g]`` (``scale.flatten()[j]`` belongs to group j),
+        with ``W ~= (q - zero) * scale``.
+    """
+    op = "hqq_quantize"
+    _hqq_check_args(op, W, bits, group_size, axis, lp_norm, beta, kappa, iters, early_stop)
+    be = _pick_backend(op, W, backend)
+    fn = torch.ops.quantkern.hqq_quantize_triton if be == "triton" else torch.ops.quantkern.hqq_quantize
+    return fn(W, bits, group_size, int(axis), float(lp_norm), float(beta), float(kappa), iters, early_stop)

@@ -15,6 +15,8 @@
 
 namespace qk {
 
+struct HqqParams;  // csrc/shared/hqq.h
+
 struct IsaTable {
   const char* name;
   // fake_quant_lsq: one span of `len` elements. Parameters are broadcast when
@@ -33,6 +35,12 @@ struct IsaTable {
                      float n, float p);
   void (*damp_bwd)(Dt, const void* w, void* gw, int64_t len, const float* s, const float* b,
                    int64_t param_stride, float n, float p, float g2);
+  // hqq_quantize: solve groups [j0, j1) (see csrc/cpu/hqq_kernel.h), then,
+  // in the global early-stop mode, write q once the stop is known.
+  void (*hqq_solve)(Dt, const void* W, const HqqParams& P, int64_t j0, int64_t j1, float* s_inv,
+                    float* scale, float* zero, float* zhist, double* err, uint8_t* q, int* bad);
+  void (*hqq_write_q)(Dt, const void* W, const HqqParams& P, int64_t j0, int64_t j1,
+                      const float* s_inv, const float* zero, uint8_t* q);
 };
 
 const IsaTable& isa_table_avx512();

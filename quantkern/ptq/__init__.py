@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrators, GPTQ, ERQ (and, on other branches, RTN/HQQ and model conversion)."""
+"""Post-training quantization: calibrators, RTN, HQQ, GPTQ, ERQ."""
 from .calibrate import (
     ActQuantizer,
     HistogramCalibrator,
@@ -12,6 +12,7 @@ from .calibrate import (
 )
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
+from .hqq import hqq_dequantize, hqq_quantize, rtn_quantize
 
 __all__ = [
     "ActQuantizer",
@@ -26,4 +27,7 @@ __all__ = [
     "erq_quantize",
     "HessianAccumulator",
     "gptq_quantize",
+    "hqq_quantize",
+    "rtn_quantize",
+    "hqq_dequantize",
 ]

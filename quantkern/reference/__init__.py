@@ -2,7 +2,7 @@
 
 Readable before fast. Never registered as a kernel.
 """
-from . import oscillation
+from . import hqq, oscillation
 from .fake_quant_lsq import fake_quant_lsq, fake_quant_lsq_backward, lsq_param_view
 
-__all__ = ["fake_quant_lsq", "fake_quant_lsq_backward", "lsq_param_view", "oscillation"]
+__all__ = ["fake_quant_lsq", "fake_quant_lsq_backward", "lsq_param_view", "hqq", "oscillation"]

@@ -1,0 +1,147 @@
+"""HQQ solver: quantkern's fused kernel vs the hqq package vs round-to-nearest.
+
+    python benchmarks/bench_hqq.py [--n 4096 --k 4096 --bits 4 --group 64 --threads 2 --runs 3]
+
+Rows (median wall time of --runs after one warm-up; relative Frobenius error
+||W - Wdq|| / ||W|| and mean |W - Wdq| of the dequantized weight):
+
+* hqq optimize_weights_proximal: hqq's solver alone, given the min-max init
+  (what our op replaces); hqq 0.2.8 ignores kappa, so ours runs with kappa=1.0
+  for the like-for-like row and with the default kappa=1.01 (the repository's
+  annealing) for the default row.
+* hqq Quantizer.quantize(optimize=True): reshape + min-max + solver, no packing.
+* hqq HQQLinear(BaseQuantizeConfig): what users call; includes bit packing, and
+  its 4-bit config also rounds the initial zero (round_zero=True).
+* quantkern hqq_quantize, early_stop "global" (official rule, exact) and
+  "group" (per-group variant), and RTN (0 iterations).
+
+Weights: N(0, 0.02^2) (an LLM-like layer) by default; --dist t3 uses a
+Student-t with 3 degrees of freedom (heavy tails: the shrink fires).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import quantkern
+from quantkern.ptq import hqq_dequantize, hqq_quantize, rtn_quantize
+from quantkern.reference import hqq as R
+
+
+def timeit(fn, runs):
+    fn()  # warm-up
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), out
+
+
+def errors(W, q, s, z, g, axis):
+    Wd = hqq_dequantize(q, s, z, g, axis)
+    return ((Wd - W).norm() / W.norm()).item(), (Wd - W).abs().mean().item()
+
+
+def bandwidth_gbs():
+    """Copy bandwidth of this machine (read + write), GB/s, for the roofline column."""
+    a = torch.empty(64 * 1024 * 1024 // 4)
+    b = torch.empty_like(a)
+    a.fill_(1.0)
+    b.copy_(a)
+    t, _ = timeit(lambda: b.copy_(a), 5)
+    return 2 * a.numel() * 4 / t / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--axis", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dist", choices=["normal", "t3"], default="normal")
+    ap.add_argument("--skip-hqq", action="store_true", help="skip the (slow) hqq package rows")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    if a.dist == "normal":
+        W = torch.randn(a.n, a.k) * 0.02
+    else:
+        W = torch.distributions.StudentT(3.0).sample((a.n, a.k)) * 0.02
+    g, axis, bits = a.group, a.axis, a.bits
+    bw = bandwidth_gbs()
+    moved = W.numel() * (4 + 1)  # fp32 read once + uint8 q written (scale/zero are 2/g of that)
+    print(f"# HQQ {a.n}x{a.k} {bits}-bit g{g} axis={axis} {a.dist} weights, {a.threads} threads, "
+          f"ISA {quantkern.get_cpu_capability()}, torch {torch.__version__}, copy bandwidth {bw:.1f} GB/s")
+    rows = []
+
+    def add(name, t, q, s, z):
+        rel, mae = errors(W, q, s, z, g, axis)
+        rows.append((name, t, rel, mae))
+
+    if not a.skip_hqq:
+        try:
+            import hqq
+            from hqq.core.optimize import optimize_weights_proximal
+            from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
+        except ImportError as e:  # pragma: no cover
+            print(f"# hqq package not importable ({e}): its rows are skipped", file=sys.stderr)
+        else:
+            Wg = R.group_view(W, g, axis)
+            s0, z0 = R.hqq_init(Wg, bits, axis)
+            qmax = 2**bits - 1
+
+            def hqq_opt():
+                return optimize_weights_proximal(Wg, s0, z0, [0, qmax], axis=axis, device="cpu")
+
+            t, (Wq, s_h, z_h) = timeit(hqq_opt, a.runs)
+            add(f"hqq {hqq.__version__} optimize_weights_proximal", t,
+                Wq.to(torch.uint8).reshape(W.shape), (1.0 / s_h).reshape(a.n, -1), z_h.reshape(a.n, -1))
+
+            def hqq_quantizer():
+                return Quantizer.quantize(W, nbits=bits, group_size=g, optimize=True, axis=axis, bitpack=False,
+                                          device="cpu")
+
+            t, (Wq, meta) = timeit(hqq_quantizer, a.runs)
+            add("hqq Quantizer.quantize(optimize=True)", t, Wq.to(torch.uint8).reshape(W.shape),
+                meta["scale"].reshape(a.n, -1), meta["zero"].reshape(a.n, -1))
+
+            lin = torch.nn.Linear(a.k, a.n, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(W)
+            cfg = BaseQuantizeConfig(nbits=bits, group_size=g, axis=axis)
+
+            def hqq_linear():
+                return HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu", del_orig=False)
+
+            t, hl = timeit(hqq_linear, a.runs)
+            Wd = hl.dequantize().float()
+            rows.append((f"hqq HQQLinear (round_zero={cfg['weight_quant_params']['round_zero']}, packs)", t,
+                         ((Wd - W).norm() / W.norm()).item(), (Wd - W).abs().mean().item()))
+
+    t, out = timeit(lambda: hqq_quantize(W, bits, g, axis, kappa=1.0), a.runs)
+    add("quantkern hqq_quantize kappa=1.0 (= hqq 0.2.8)", t, *out)
+    t, out = timeit(lambda: hqq_quantize(W, bits, g, axis), a.runs)
+    add("quantkern hqq_quantize (kappa=1.01, global stop)", t, *out)
+    t, out = timeit(lambda: hqq_quantize(W, bits, g, axis, early_stop="group"), a.runs)
+    add("quantkern hqq_quantize early_stop=group", t, *out)
+    t, out = timeit(lambda: rtn_quantize(W, bits, g, axis), a.runs)
+    add("quantkern rtn_quantize (min-max RTN)", t, *out)
+
+    base = rows[0][1]
+    print(f"| {'method':55s} | time s | vs first | GB/s | roofline | rel. Frobenius err | mean abs err |")
+    print(f"|{'-' * 57}|--------|----------|------|----------|--------------------|--------------|")
+    for name, t, rel, mae in rows:
+        gbs = moved / t / 1e9
+        print(f"| {name:55s} | {t:6.3f} | {base / t:7.1f}x | {gbs:4.1f} | {gbs / bw:7.1%} | {rel:18.5%} | {mae:.6e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""HQQ and round-to-nearest weight quantization (DESIGN.md section 3).
+
+Both return ``(q uint8 [N, K], scale fp32 [N, K // g], zero fp32 [N, K // g])``
+with ``W ~= (q - zero) * scale``: the group-wise asymmetric format with a float
+zero (DESIGN.md section 2). The solver is the fused kernel
+``torch.ops.quantkern.hqq_quantize`` (CPU: AVX-512 / AVX2 / scalar; CUDA;
+Triton); quantkern/reference/hqq.py is its oracle.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..reference.hqq import hqq_dequantize
+
+__all__ = ["hqq_quantize", "rtn_quantize", "hqq_dequantize"]
+
+
+def hqq_quantize(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: int = 1,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    backend: str = "auto",
+    early_stop: str = "global",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ of W ``[N, K]``: min-max init, then up to ``iters`` proximal iterations on the zero.
+
+    Defaults are the official ones (p = 0.7, beta = 10, kappa = 1.01, 20
+    iterations, global early stop); ``kappa=1.0`` reproduces hqq 0.2.8.post1 (which
+    ignores kappa). ``early_stop="group"`` is the per-group variant (each group
+    stops on its own error and keeps its best zero). See
+    :func:`quantkern.ops.hqq_quantize` for every argument.
+    """
+    return ops.hqq_quantize(
+        W, bits, group_size, axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
+        early_stop=early_stop, backend=backend,
+    )
+
+
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, axis: int = 1, backend: str = "auto"):
+    """Round to nearest with the min-max init (asymmetric, float zero): HQQ with 0 iterations.
+
+    ``scale = (max - min) / (2^bits - 1)`` (stored as the reciprocal of hqq's inverse scale),
+    ``zero = -min / scale``, ``q = clamp(round(W / scale + zero))``.
+    """
+    return ops.hqq_quantize(W, bits, group_size, axis=axis, iters=0, backend=backend)
