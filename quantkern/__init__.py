@@ -12,10 +12,16 @@ _load.load()
 from . import ops, reference  # noqa: E402
 from .ops import (  # noqa: E402
     cpu_capabilities,
+    dequantize,
     fake_quant_lsq,
     get_cpu_capability,
+    pack,
+    packed_linear,
     set_cpu_capability,
+    unpack,
 )
+from .packed import PackedWeight  # noqa: E402
+from . import formats, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,4 +32,11 @@ __all__ = [
     "cpu_capabilities",
     "get_cpu_capability",
     "set_cpu_capability",
+    "PackedWeight",
+    "pack",
+    "unpack",
+    "dequantize",
+    "packed_linear",
+    "formats",
+    "nn",
 ]

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../shared/layout.h"
+#include "../shared/packing.h"
 
 namespace qk {
 
@@ -24,6 +25,19 @@ struct IsaTable {
   void (*lsq_bwd)(Dt, const void* g, const void* x, void* gx, int64_t len, const float* s,
                   const float* b, int64_t param_stride, float n, float p, float* acc_s,
                   float* acc_b);
+  // packed_linear / dequantize on packed weights (packed_kernel.h). The glue asks
+  // for a path, prepares x into a workspace (split over "units"), then runs row
+  // ranges of W in parallel.
+  int (*pk_plan)(const PackedW&, Dt xdt, int64_t M);
+  int64_t (*pk_mchunk)(int path);
+  int64_t (*pk_prep_units)(int path, int64_t M);
+  int64_t (*pk_ws_bytes)(const PackedW&, Dt xdt, int64_t M, int path);
+  void (*pk_prep)(const PackedW&, Dt xdt, const void* x, int64_t ldx, int64_t M, int path, int64_t u0, int64_t u1,
+                  void* ws);
+  void (*pk_run)(const PackedW&, const void* ws, int64_t M, int path, int64_t n0, int64_t n1, Dt ydt, void* y,
+                 int64_t ldy, const float* bias);
+  int64_t (*pk_n_grain)(int path);
+  void (*pk_dequant)(const PackedW&, int64_t n0, int64_t n1, Dt odt, void* out, int64_t ldo);
 };
 
 const IsaTable& isa_table_avx512();
