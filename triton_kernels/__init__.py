@@ -1,0 +1,1 @@
+from . import packed_linear  # noqa: F401
