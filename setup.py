@@ -38,18 +38,20 @@ def want_cuda() -> bool:
 def extension():
     rel = lambda pats: sorted(os.path.relpath(p, ROOT) for pat in pats for p in glob.glob(os.path.join(ROOT, pat)))
     sources = rel(["csrc/cpu/*.cpp"])
+    # -std=c++20: torch 2.14's headers require it (ATen.h errors out below C++20),
+    # and it is torch's own default since 2.13.
     # -ffp-contract=off: no silent FMA contraction, so every variant rounds
     # exactly as the reference does (DESIGN.md section 2).
     # -fopenmp: at::parallel_for is an inline OpenMP loop; without the flag it
     # silently runs on one thread. torch's wheel ships libgomp.so.1 and the
     # loader reuses it (same soname), so there is one OpenMP runtime.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     link = ["-fopenmp"]
     if not want_cuda():
         return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources += rel(["csrc/cuda/*.cu"])
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "quantkern._C",
         sources,

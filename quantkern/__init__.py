@@ -20,7 +20,7 @@ from .ops import (  # noqa: E402
     set_cpu_capability,
     unpack,
 )
-from .packed import PackedWeight  # noqa: E402
+from .packed import PackedWeight, load_packed, save_packed  # noqa: E402
 from . import formats, nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -33,6 +33,8 @@ __all__ = [
     "get_cpu_capability",
     "set_cpu_capability",
     "PackedWeight",
+    "save_packed",
+    "load_packed",
     "pack",
     "unpack",
     "dequantize",

@@ -120,3 +120,67 @@ class PackedWeight:
     def __repr__(self) -> str:
         return (f"PackedWeight(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, "
                 f"meta_dtype={self.scales.dtype}, device={self.device})")
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors)
+FORMAT_NAME = "quantkern.packed"
+FORMAT_VERSION = "1"
+LAYOUT = "blocks32-lsb;int4=lo16/hi16-nibbles;int2=fields8;int3=lo2plane+hi1plane"
+
+
+def save_packed(weights: dict, path: str, extra: dict | None = None) -> None:
+    """Save ``{name: PackedWeight}`` (plus optional plain tensors in ``extra``) to a safetensors file.
+
+    Tensors are stored as ``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``; the
+    header metadata records the format name and version, the layout string and,
+    per weight, bits / group_size / shape, and is validated by :func:`load_packed`.
+    Never pickle.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": LAYOUT}
+    info = {}
+    for name, w in weights.items():
+        if not isinstance(w, PackedWeight):
+            raise TypeError(f"save_packed: {name!r} is {type(w).__name__}, not a PackedWeight")
+        for k, t in w.tensors().items():
+            tensors[f"{name}.{k}"] = t.detach().contiguous().cpu()
+        info[name] = {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape)}
+    for name, t in (extra or {}).items():
+        tensors[name] = t.detach().contiguous().cpu()
+    meta["weights"] = json.dumps(info, sort_keys=True)
+    save_file(tensors, path, metadata=meta)
+
+
+def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
+    """Load a :func:`save_packed` file: ``({name: PackedWeight}, {name: extra tensor})``.
+
+    Raises ValueError if the header is not a quantkern packed checkpoint of a
+    supported version and layout, or if a weight's tensors do not match its
+    recorded bits / group size / shape.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"load_packed: {path} is not a {FORMAT_NAME} checkpoint (format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"load_packed: unsupported format_version {meta.get('format_version')!r} "
+                             f"(this quantkern reads {FORMAT_VERSION})")
+        if meta.get("layout") != LAYOUT:
+            raise ValueError(f"load_packed: unknown layout {meta.get('layout')!r} (expected {LAYOUT!r})")
+        info = json.loads(meta.get("weights", "{}"))
+        keys = set(f.keys())
+        weights = {}
+        for name, d in info.items():
+            t = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
+            weights[name] = PackedWeight(t["qweight"], t["scales"], t["zeros"], int(d["bits"]), int(d["group_size"]),
+                                         tuple(d["shape"]))
+            keys -= {f"{name}.qweight", f"{name}.scales", f"{name}.zeros"}
+        extra = {k: f.get_tensor(k) for k in sorted(keys)}
+    return weights, extra

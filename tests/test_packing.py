@@ -233,3 +233,22 @@ def test_opcheck_pack_ops():
     torch.library.opcheck(torch.ops.quantkern.pack, (q, 3))
     torch.library.opcheck(torch.ops.quantkern.unpack, (pw.qweight, 3, 100))
     torch.library.opcheck(torch.ops.quantkern.dequantize, (pw.qweight, pw.scales, pw.zeros, 3, 100, 100, torch.bfloat16))
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from quantkern import load_packed, save_packed
+
+    ws = {"a": PackedWeight.from_float(torch.randn(8, 100), 3, None), "b.c": PackedWeight.from_float(torch.randn(5, 64), 2, 32)}
+    p = str(tmp_path / "w.safetensors")
+    save_packed(ws, p, extra={"b.bias": torch.ones(5)})
+    got, extra = load_packed(p)
+    assert set(got) == {"a", "b.c"} and torch.equal(extra["b.bias"], torch.ones(5))
+    for k in ws:
+        assert got[k].bits == ws[k].bits and got[k].group_size == ws[k].group_size and got[k].shape == ws[k].shape
+        assert torch.equal(got[k].dequantize(), ws[k].dequantize())
+    from safetensors.torch import save_file
+
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"x": torch.ones(1)}, bad, metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not a quantkern.packed checkpoint"):
+        load_packed(bad)

@@ -418,7 +418,9 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     const int64_t lanes_per_block = 16 / L.bpc;
     for (int64_t c = 0; c < L.nc; ++c) {
       const int64_t j0 = c * L.bpc;
-      g0[c] = int32_t(j0 / P.gblk);
+      // window of 16 groups starting at g0 = first group rounded down to a multiple of 8:
+      // a chunk spans at most 8 groups, so all its lanes fall inside the window.
+      g0[c] = int32_t((j0 / P.gblk) & ~int64_t(7));
       for (int lane = 0; lane < 16; ++lane) {
         const int64_t j = qmin(P.nb - 1, j0 + lane / lanes_per_block);
         gl[c * 16 + lane] = int32_t(j / P.gblk - g0[c]);
@@ -524,6 +526,8 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
     const void* srow_z = static_cast<const char*>(P.zeros) + n * P.G * (MD == Dt::F32 ? 4 : 2);
     __m512 yacc[MT];
     for (int m = 0; m < MT; ++m) yacc[m] = _mm512_setzero_ps();
+    int64_t gwin = -1;
+    __m512 s16 = _mm512_setzero_ps();
     for (int64_t c = 0; c < L.nc; ++c) {
       const int64_t j0 = c * L.bpc;
       const int64_t nvalid = qmin<int64_t>(L.bpc, P.nb - j0);
@@ -548,9 +552,12 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
           fld[f] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hb, three, 0xE4), seven);
         }
       }
-      // lane scales s[n, g(lane)]
+      // lane scales s[n, g(lane)]: one load per window of 16 groups
       const int64_t g0 = g0v[c];
-      const __m512 s16 = load_meta16<MD>(srow_s, g0, mask16(P.G - g0));
+      if (g0 != gwin) {
+        s16 = load_meta16<MD>(srow_s, g0, mask16(P.G - g0));
+        gwin = g0;
+      }
       const __m512 s_lane = _mm512_permutexvar_ps(_mm512_loadu_si512(gl + c * 16), s16);
       for (int m = 0; m < MT; ++m) {
         const int8_t* xh = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
@@ -705,6 +712,21 @@ inline void amx_prep(const PackedW& P, const void* x, int64_t ldx, int64_t M, in
   }
 }
 
+// Row n's scales and zeros as fp32 (so tables use broadcasts from memory).
+inline void meta_row_f32(const PackedW& P, int64_t n, float* sf, float* zf) {
+  for (int64_t g = 0; g < P.G; g += 16) {
+    const __mmask16 k = mask16(P.G - g);
+    __m512 a, b;
+    switch (P.mdt) {
+      case Dt::F32: a = load_meta16<Dt::F32>(P.scales, n * P.G + g, k); b = load_meta16<Dt::F32>(P.zeros, n * P.G + g, k); break;
+      case Dt::F16: a = load_meta16<Dt::F16>(P.scales, n * P.G + g, k); b = load_meta16<Dt::F16>(P.zeros, n * P.G + g, k); break;
+      default: a = load_meta16<Dt::BF16>(P.scales, n * P.G + g, k); b = load_meta16<Dt::BF16>(P.zeros, n * P.G + g, k); break;
+    }
+    _mm512_mask_storeu_ps(sf + g, k, a);
+    _mm512_mask_storeu_ps(zf + g, k, b);
+  }
+}
+
 // bf16 table: 32 words, entry e = bf16((code(e) - z) * s), code(e) = e & 15 / e & 7 / e & 3.
 template <int BITS>
 QK_AMX_TARGET inline __m512i bf16_table(float s, float z) {
@@ -717,6 +739,9 @@ QK_AMX_TARGET inline __m512i bf16_table(float s, float z) {
 template <int BITS>
 QK_AMX_TARGET void amx_dequant_row(const PackedW& P, int64_t n, int64_t p0, int64_t p1, uint16_t* out) {
   const uint8_t* row = P.qw + n * P.row_bytes;
+  float* sf = static_cast<float*>(scratch(7, size_t(2) * round_up(P.G, 16) * sizeof(float)));
+  float* zf = sf + round_up(P.G, 16);
+  meta_row_f32(P, n, sf, zf);
   constexpr int64_t CH = BITS == 4 ? 64 : 128;    // positions per chunk
   constexpr int64_t BPC = CH / 32;                 // blocks per chunk
   __m512i ctrl[4];
@@ -775,11 +800,11 @@ QK_AMX_TARGET void amx_dequant_row(const PackedW& P, int64_t n, int64_t p0, int6
       continue;
     }
     if (g0 != ga) {
-      TA = g0 == gb ? TB : bf16_table<BITS>(meta_at(P.scales, P.mdt, n * P.G + g0), meta_at(P.zeros, P.mdt, n * P.G + g0));
+      TA = g0 == gb ? TB : bf16_table<BITS>(sf[g0], zf[g0]);
       ga = g0;
     }
     if (g1 != gb) {
-      TB = g1 == ga ? TA : bf16_table<BITS>(meta_at(P.scales, P.mdt, n * P.G + g1), meta_at(P.zeros, P.mdt, n * P.G + g1));
+      TB = g1 == ga ? TA : bf16_table<BITS>(sf[g1], zf[g1]);
       gb = g1;
     }
     // one table: vpermw (index bits above the code are don't-cares); two tables:
