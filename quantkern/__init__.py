@@ -13,13 +13,19 @@ from . import ops, ptq, reference  # noqa: E402
 from .ops import (  # noqa: E402
     cpu_capabilities,
     dampening_loss,
+    dequantize,
     fake_quant_lsq,
     oscillation_init_state,
     oscillation_update,
     get_cpu_capability,
     hqq_quantize,
+    pack,
+    packed_linear,
     set_cpu_capability,
+    unpack,
 )
+from .packed import PackedWeight, load_packed, save_packed  # noqa: E402
+from . import formats, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,4 +41,13 @@ __all__ = [
     "cpu_capabilities",
     "get_cpu_capability",
     "set_cpu_capability",
+    "PackedWeight",
+    "save_packed",
+    "load_packed",
+    "pack",
+    "unpack",
+    "dequantize",
+    "packed_linear",
+    "formats",
+    "nn",
 ]

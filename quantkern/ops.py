@@ -406,3 +406,156 @@ def hqq_quantize(
     be = _pick_backend(op, W, backend)
     fn = torch.ops.quantkern.hqq_quantize_triton if be == "triton" else torch.ops.quantkern.hqq_quantize
     return fn(W, bits, group_size, int(axis), float(lp_norm), float(beta), float(kappa), iters, early_stop)
+# ------------------------------------------------------------ packed weights
+_PACK_BITS = (2, 3, 4)
+
+
+def _check_bits(op: str, bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _PACK_BITS:
+        raise ValueError(f"quantkern.{op}: bits must be one of {_PACK_BITS}, got {bits!r}")
+
+
+def _check_group(op: str, in_features: int, group_size) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
+    if group_size != in_features and (group_size % 32 or in_features % group_size):
+        raise ValueError(
+            f"quantkern.{op}: group_size {group_size} must be a multiple of 32 that divides "
+            f"in_features={in_features} (e.g. 32, 64, 128, 256), or equal in_features (one group per row)"
+        )
+
+
+def check_packed(op: str, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> None:
+    """Validate the tensors of a packed weight; raise TypeError/ValueError naming the argument."""
+    _check_bits(op, bits)
+    if not isinstance(in_features, int) or in_features <= 0:
+        raise ValueError(f"quantkern.{op}: in_features must be a positive int, got {in_features!r}")
+    _check_group(op, in_features, group_size)
+    _check_tensor(op, "qweight", qweight, (torch.int32,))
+    words = (in_features + 31) // 32 * bits
+    if qweight.dim() != 2 or qweight.shape[1] != words:
+        raise ValueError(
+            f"quantkern.{op}: qweight must have shape [N, {words}] for in_features={in_features}, bits={bits}; "
+            f"got {tuple(qweight.shape)}"
+        )
+    _check_tensor(op, "scales", scales, _FLOATS, qweight.device)
+    _check_tensor(op, "zeros", zeros, _FLOATS, qweight.device)
+    want = (qweight.shape[0], in_features // group_size)
+    if tuple(scales.shape) != want:
+        raise ValueError(
+            f"quantkern.{op}: scales must have shape {want} (out_features, in_features // group_size), got {tuple(scales.shape)}"
+        )
+    if tuple(zeros.shape) != want:
+        raise ValueError(f"quantkern.{op}: zeros must have shape {want} like scales, got {tuple(zeros.shape)}")
+    if zeros.dtype != scales.dtype:
+        raise TypeError(f"quantkern.{op}: zeros dtype {zeros.dtype} must equal scales dtype {scales.dtype}")
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``q [N, K]`` (values in ``[0, 2**bits)``) into the canonical format.
+
+    Returns ``qweight``: int32 ``[N, ceil(K / 32) * bits]`` (layout: quantkern/reference/packing.py).
+    CPU kernel; tensors on another device are packed on the CPU and moved back.
+    """
+    op = "pack"
+    _check_bits(op, bits)
+    _check_tensor(op, "q", q)
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise TypeError(f"quantkern.{op}: q must have an integer dtype, got {q.dtype}")
+    if q.dim() != 2 or q.shape[1] == 0:
+        raise ValueError(f"quantkern.{op}: q must be 2-D [N, K] with K > 0, got shape {tuple(q.shape)}")
+    _load.require_native(op)
+    if q.device.type != "cpu":
+        return torch.ops.quantkern.pack(q.cpu(), bits).to(q.device)
+    return torch.ops.quantkern.pack(q, bits)
+
+
+def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``qweight`` -> uint8 codes ``[N, in_features]``."""
+    op = "unpack"
+    _check_bits(op, bits)
+    _check_tensor(op, "qweight", qweight, (torch.int32,))
+    if not isinstance(in_features, int) or in_features <= 0:
+        raise ValueError(f"quantkern.{op}: in_features must be a positive int, got {in_features!r}")
+    words = (in_features + 31) // 32 * bits
+    if qweight.dim() != 2 or qweight.shape[1] != words:
+        raise ValueError(f"quantkern.{op}: qweight must have shape [N, {words}], got {tuple(qweight.shape)}")
+    _load.require_native(op)
+    if qweight.device.type != "cpu":
+        return torch.ops.quantkern.unpack(qweight.cpu(), bits, in_features).to(qweight.device)
+    return torch.ops.quantkern.unpack(qweight, bits, in_features)
+
+
+def _weight_parts(op: str, weight):
+    from .packed import PackedWeight
+
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"quantkern.{op}: weight must be a quantkern.PackedWeight, got {type(weight).__name__}")
+    return weight
+
+
+def dequantize(weight, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Dequantize a :class:`quantkern.PackedWeight` to ``[out_features, in_features]``.
+
+    ``w = (q - zeros) * scales`` computed in fp32, returned in ``dtype`` (default:
+    the metadata dtype). Materialises the whole weight: meant for checks and export.
+    """
+    op = "dequantize"
+    w = _weight_parts(op, weight)
+    if dtype is not None and dtype not in _FLOATS:
+        raise TypeError(f"quantkern.{op}: dtype must be one of {_FLOATS}, got {dtype}")
+    be = _pick_backend(op, w.qweight, backend)
+    fn = torch.ops.quantkern.dequantize_triton if be == "triton" else torch.ops.quantkern.dequantize
+    return fn(w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, dtype)
+
+
+def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """``y = x @ W.T + bias`` with W a :class:`quantkern.PackedWeight` (2, 3 or 4 bits).
+
+    Args:
+        x: ``[..., in_features]``, float32 / float16 / bfloat16, any strides.
+        weight: PackedWeight ``[out_features, in_features]``, on x's device.
+        bias: ``[out_features]`` (any float dtype) or None.
+        backend: "auto", "native" or "triton" (module docstring).
+
+    Returns:
+        ``[..., out_features]`` in x's dtype. Accumulation is fp32; the whole
+        dequantized weight is never materialised. Differentiable w.r.t. x (and
+        bias); the packed weight gets no gradient.
+
+    CPU paths (chosen per call): small M uses a GEMV (AVX-512 VNNI on bf16/fp16
+    x, exact fp32 table-lookup dequantization on fp32 x); larger M dequantizes
+    panels of rows into a cache-resident buffer and uses AMX (bf16 x) or fp32
+    FMA (fp32/fp16 x). ``quantkern.set_cpu_capability`` and
+    ``quantkern.ops.set_cpu_feature`` force the fallbacks.
+    """
+    op = "packed_linear"
+    w = _weight_parts(op, weight)
+    _check_tensor(op, "x", x, _FLOATS)
+    if x.dim() < 1 or x.shape[-1] != w.in_features:
+        raise ValueError(
+            f"quantkern.{op}: x must have shape [..., {w.in_features}] (in_features), got {tuple(x.shape)}"
+        )
+    if w.qweight.device != x.device:
+        raise ValueError(f"quantkern.{op}: weight is on {w.qweight.device} but x is on {x.device}")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, _FLOATS, x.device)
+        if bias.dim() != 1 or bias.shape[0] != w.out_features:
+            raise ValueError(f"quantkern.{op}: bias must have shape [{w.out_features}], got {tuple(bias.shape)}")
+    be = _pick_backend(op, x, backend)
+    fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
+    return fn(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, bias)
+
+
+def cpu_features() -> dict:
+    """Optional CPU features of the AVX-512 kernels: ``{name: (detected, enabled)}`` (vnni, vbmi, bf16, amx)."""
+    return dict(_load.require_native("cpu_features").cpu_features())
+
+
+def set_cpu_feature(name: str, enabled: bool) -> None:
+    """Enable or disable an optional CPU feature ("vnni", "vbmi", "bf16", "amx") process-wide.
+
+    Disabling forces the fallback kernels (for tests and benchmarks); also settable
+    with ``QUANTKERN_DISABLE_CPU_FEATURES=amx,vnni``.
+    """
+    _load.require_native("set_cpu_feature").set_cpu_feature(name, bool(enabled))

@@ -7,3 +7,4 @@ Triton interpreter).
 from . import fake_quant_lsq  # noqa: F401
 from . import hqq  # noqa: F401
 from . import oscillation  # noqa: F401
+from . import packed_linear  # noqa: F401

@@ -12,6 +12,7 @@
 
 #include "../shared/layout.h"
 #include "../shared/oscillation.h"
+#include "../shared/packing.h"
 
 namespace qk {
 
@@ -41,6 +42,19 @@ struct IsaTable {
                     float* scale, float* zero, float* zhist, double* err, uint8_t* q, int* bad);
   void (*hqq_write_q)(Dt, const void* W, const HqqParams& P, int64_t j0, int64_t j1,
                       const float* s_inv, const float* zero, uint8_t* q);
+  // packed_linear / dequantize on packed weights (packed_kernel.h). The glue asks
+  // for a path, prepares x into a workspace (split over "units"), then runs row
+  // ranges of W in parallel.
+  int (*pk_plan)(const PackedW&, Dt xdt, int64_t M);
+  int64_t (*pk_mchunk)(int path);
+  int64_t (*pk_prep_units)(int path, int64_t M);
+  int64_t (*pk_ws_bytes)(const PackedW&, Dt xdt, int64_t M, int path);
+  void (*pk_prep)(const PackedW&, Dt xdt, const void* x, int64_t ldx, int64_t M, int path, int64_t u0, int64_t u1,
+                  void* ws);
+  void (*pk_run)(const PackedW&, const void* ws, int64_t M, int path, int64_t n0, int64_t n1, Dt ydt, void* y,
+                 int64_t ldy, const float* bias);
+  int64_t (*pk_n_grain)(int path);
+  void (*pk_dequant)(const PackedW&, int64_t n0, int64_t n1, Dt odt, void* out, int64_t ldo);
 };
 
 const IsaTable& isa_table_avx512();

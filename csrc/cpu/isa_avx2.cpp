@@ -1,6 +1,7 @@
 // AVX2 (+FMA, F16C) build of every span kernel; see isa_avx512.cpp.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>

@@ -2,6 +2,7 @@
 // our code (included after the pragma) is compiled for AVX-512.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>

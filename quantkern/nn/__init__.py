@@ -1,13 +1,15 @@
-"""Quantization-aware training modules built on :func:`quantkern.ops.fake_quant_lsq`.
+"""quantkern.nn: modules.
 
 * :class:`LSQQuantizer`: learnable LSQ / LSQ+ fake quantizer (scale and offset are
   ``nn.Parameter``), initialised from the first batch (``"lsq"``, ``"lsq+"``, ``"mse"``,
   ``"minmax"``), per tensor, per channel or per group.
 * :class:`QuantLinear`, :class:`QuantConv2d`: ``nn.Linear`` / ``nn.Conv2d`` with
-  fake-quantized weight and input; build with ``from_float``.
-* :func:`quantize_modules`: swap a model's Linear/Conv2d layers in place.
+  fake-quantized weight and input (QAT); build with ``from_float``.
+* :func:`quantize_modules`: swap a model's Linear/Conv2d layers for QAT in place.
+* :class:`PackedLinear`, :func:`replace_linear`: packed low-bit inference.
 """
 from .lsq import LSQQuantizer, qrange
+from .packed_linear import PackedLinear, replace_linear
 from .quant_modules import QuantConv2d, QuantLinear, quantize_modules
 
-__all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange"]
+__all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange", "PackedLinear", "replace_linear"]

@@ -1,0 +1,262 @@
+"""Benchmark of quantkern.packed_linear (2/3/4-bit packed weights) against PyTorch baselines.
+
+Shapes are ``KxN`` = in_features x out_features (the weight is ``[N, K]``):
+4096x4096, 4096x11008 (LLM up/gate), 11008x4096 (LLM down), 768x3072 and
+3072x768 (ViT-B MLP); M (rows of x) in {1, 8, 32, 128}; bits 2, 3, 4; group
+size 64 and 128; x in bfloat16 (default) and/or float32 (``--dtype``).
+
+Cold weights: every implementation rotates through enough copies of its
+weight to touch more than ``--pool-mib`` (default 1024 MiB, above the last-level
+cache) between two uses of one copy, so each call streams its weight from
+memory, as a decoder step does.
+
+Implementations:
+
+* ``quantkern bN gG``: ``quantkern.packed_linear`` (native CPU kernels; the path
+  is picked per call: VNNI GEMV / fp32 LUT GEMV for small M, AMX-BF16 or fp32
+  panels for larger M).
+* ``aten int4 gG``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with a weight
+  from ``_convert_weight_to_int4pack_for_cpu`` (PyTorch's CPU int4 kernel; bf16
+  scales_and_zeros), 4 bits only.
+* ``F.linear bf16`` / ``F.linear fp32``: dense weights (x cast to the weight's dtype).
+* ``dynamic int8``: ``torch.ao.nn.quantized.dynamic.Linear`` (fp32 x, int8 weight
+  per channel, x quantized per call).
+
+Columns: ms (median), GB/s (bytes of the weight, metadata included, per call),
+roofline (GB/s / copy bandwidth measured in the same run), and ``vs bf16`` /
+``vs aten``: baseline ms / our ms (> 1: ours is faster).
+
+Run: ``python -m benchmarks.bench_packed_linear [--quick] [--threads N] [--dtype bfloat16,float32]``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _harness as H
+
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "768x3072", "3072x768"]
+MS = [1, 8, 32, 128]
+BITS = [4, 3, 2]
+GROUPS = [64, 128]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Pool:
+    """Copies of one weight (a tuple of tensors) covering ``pool_bytes``; ``next()`` rotates."""
+
+    def __init__(self, make, nbytes: int, pool_bytes: int):
+        self.n = max(2, -(-pool_bytes // max(nbytes, 1)))
+        first = make()
+        self.items = [first] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in first)
+                                for _ in range(self.n - 1)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % self.n
+        return self.items[self.i]
+
+
+def timed(fn, args) -> H.Timing:
+    return H.measure(fn, warmup=args.warmup, reps=args.reps, budget_s=args.budget)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_common_args(p, plot_name=None)
+    p.add_argument("--shapes", default=None, help=f"comma list of KxN (default {','.join(SHAPES)})")
+    p.add_argument("--m", default=None, help="comma list of M (default 1,8,32,128)")
+    p.add_argument("--bits", default=None, help="comma list of bit widths (default 4,3,2)")
+    p.add_argument("--groups", default=None, help="comma list of group sizes (default 64,128)")
+    p.add_argument("--dtype", default="bfloat16", help="comma list: bfloat16,float32 (dtype of x)")
+    p.add_argument("--pool-mib", type=int, default=None, help="cold-weight rotation pool per implementation (default 1024; 96 with --quick)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement (default 0.6; 0.1 with --quick)")
+    p.add_argument("--no-baselines", action="store_true", help="only quantkern rows")
+    args = p.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",") if v]
+    args.shapes = (args.shapes.split(",") if args.shapes else (["768x3072", "4096x11008"] if args.quick else SHAPES))
+    args.m = ints(args.m) if args.m else ([1, 32] if args.quick else MS)
+    args.bits = ints(args.bits) if args.bits else ([4] if args.quick else BITS)
+    args.groups = ints(args.groups) if args.groups else ([64] if args.quick else GROUPS)
+    args.dtype = [d for d in args.dtype.split(",") if d]
+    for d in args.dtype:
+        if d not in DTYPES:
+            p.error(f"--dtype: {d!r} not in {list(DTYPES)}")
+    args.pool = (args.pool_mib or (96 if args.quick else 1024)) * H.MiB
+    args.budget = args.budget or (0.1 if args.quick else 0.6)
+    return args
+
+
+def bench_shape(K: int, N: int, args, rows: list, out) -> None:
+    import quantkern
+    from quantkern import PackedWeight
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(N, K, generator=g) * 0.02
+    case = f"{K}x{N}"
+    xs = {(d, M): torch.randn(M, K, generator=g).to(DTYPES[d]) for d in args.dtype for M in args.m}
+
+    def add(impl, dtype, M, t, nbytes, **extra):
+        rows.append(H.Row(case=case, impl=impl, pass_=f"{dtype} M={M}", ms=t.median, spread=t.spread, bytes=nbytes,
+                          flops=2.0 * M * N * K, extra=dict(dtype=dtype, M=M, **extra)))
+
+    # ---- quantkern
+    for bits in args.bits:
+        for gs in args.groups:
+            pw = PackedWeight.from_float(W, bits, gs, meta_dtype=torch.bfloat16)
+            nbytes = pw.nbytes()
+            pool = Pool(lambda: (pw.qweight, pw.scales, pw.zeros), nbytes, args.pool)
+            for d in args.dtype:
+                for M in args.m:
+                    x = xs[(d, M)]
+
+                    def fn():
+                        qw, s, z = pool.next()
+                        return torch.ops.quantkern.packed_linear(x, qw, s, z, bits, gs, K, None)
+
+                    add(f"quantkern b{bits} g{gs}", d, M, timed(fn, args), nbytes, bits=bits, group=gs)
+            del pool, pw
+            gc.collect()
+    if args.no_baselines:
+        return
+    # ---- aten int4 (4 bits only; bf16 scales_and_zeros)
+    if 4 in args.bits:
+        for gs in args.groups:
+            q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            except Exception as e:  # noqa: BLE001
+                print(f"# aten int4 unavailable: {e}", file=out)
+                break
+            sz = torch.randn(K // gs, N, 2, generator=g).to(torch.bfloat16)
+            nbytes = packed.numel() * packed.element_size() + sz.numel() * 2
+            pool = Pool(lambda: (packed, sz), nbytes, args.pool)
+            for d in args.dtype:
+                for M in args.m:
+                    x = xs[(d, M)]
+
+                    def fn():
+                        p, s = pool.next()
+                        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, gs, s)
+
+                    add(f"aten int4 g{gs}", d, M, timed(fn, args), nbytes, bits=4, group=gs)
+            del pool, packed
+            gc.collect()
+    # ---- dense F.linear (bf16 and fp32 weights)
+    for wd, name in ((torch.bfloat16, "F.linear bf16"), (torch.float32, "F.linear fp32")):
+        Wd = W.to(wd)
+        nbytes = Wd.numel() * Wd.element_size()
+        pool = Pool(lambda: (Wd,), nbytes, args.pool)
+        for d in args.dtype:
+            for M in args.m:
+                x = xs[(d, M)].to(wd)
+
+                def fn():
+                    (w,) = pool.next()
+                    return F.linear(x, w)
+
+                add(name, d, M, timed(fn, args), nbytes, bits=16 if wd == torch.bfloat16 else 32)
+        del pool, Wd
+        gc.collect()
+    # ---- dynamic int8 (fp32 activations)
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+        lin = torch.nn.Linear(K, N, bias=False)
+        lin.weight.data.copy_(W)
+        lin.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        mods = []
+        n = max(2, -(-args.pool // (N * K)))
+        for _ in range(n):
+            mods.append(DynLinear.from_float(lin))
+        pool_i = [0]
+        for d in args.dtype:
+            for M in args.m:
+                x = xs[(d, M)].float()
+
+                def fn():
+                    pool_i[0] = (pool_i[0] + 1) % n
+                    return mods[pool_i[0]](x)
+
+                add("dynamic int8", d, M, timed(fn, args), N * K + 8 * N, bits=8)
+        del mods
+        gc.collect()
+    except Exception as e:  # noqa: BLE001
+        print(f"# dynamic int8 unavailable: {e}", file=out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    H.apply_common_args(args)
+    out = H.table_stream(args)
+    import quantkern
+
+    info = H.env_info("cpu")
+    bw_bytes = (64 if args.quick else 256) * H.MiB
+    bw0 = H.copy_bandwidth("cpu", bw_bytes)
+    print(f"# packed_linear benchmark{' (--quick: smoke test, not a measurement)' if args.quick else ''}", file=out)
+    print(f"# {H.describe(info)}; cpu features {quantkern.ops.cpu_features()}", file=out)
+    print(f"# copy bandwidth (read+write): {bw0:.1f} GB/s at start; cold-weight pool {args.pool // H.MiB} MiB", file=out)
+    rows: list[H.Row] = []
+    for shape in args.shapes:
+        K, N = (int(v) for v in shape.split("x"))
+        bench_shape(K, N, args, rows, out)
+    bw1 = H.copy_bandwidth("cpu", bw_bytes)
+    bw = max(bw0, bw1)
+    print(f"# copy bandwidth at end: {bw1:.1f} GB/s; roofline uses {bw:.1f} GB/s", file=out)
+    for r in rows:
+        r.extra["roofline"] = r.gbps / bw if r.gbps else float("nan")
+        same = lambda impl: [o for o in rows if o.case == r.case and o.pass_ == r.pass_ and o.impl == impl]
+        b = same("F.linear bf16")
+        r.extra["vs_bf16_x"] = b[0].ms / r.ms if b else float("nan")
+        a = same(f"aten int4 g{r.extra.get('group')}")
+        r.extra["vs_aten_x"] = a[0].ms / r.ms if a and r.impl.startswith("quantkern") else float("nan")
+    cols = ["case", "pass", "impl", "ms", "spread", "gbps", "roofline", "vs_bf16_x", "vs_aten_x"]
+    H.print_table(rows, cols, title="packed_linear (vs_* = baseline ms / this ms; roofline = weight GB/s / copy GB/s)",
+                  file=out, titles={"vs_bf16_x": "vs bf16", "vs_aten_x": "vs aten"})
+    summary(rows, args, out)
+    if args.json:
+        H.write_json(args.json, rows, meta=dict(info, bandwidth_gbps=bw))
+    return 0
+
+
+def summary(rows, args, out) -> None:
+    """The issue's targets, where this run measured them."""
+    def find(case, impl, dtype, M):
+        r = [x for x in rows if x.case == case and x.impl == impl and x.extra["dtype"] == dtype and x.extra["M"] == M]
+        return r[0] if r else None
+
+    lines = []
+    for d in args.dtype:
+        r = find("4096x11008", "quantkern b4 g64", d, 1)
+        if r:
+            lines.append(f"M=1 int4 g64 4096x11008 {d}: {r.ms:.3f} ms (target <= 0.9), roofline {100 * r.extra['roofline']:.0f}%")
+        for b in (3, 2):
+            r = find("4096x11008", f"quantkern b{b} g64", d, 1)
+            if r:
+                lines.append(f"M=1 int{b} g64 4096x11008 {d}: {r.ms:.3f} ms, roofline {100 * r.extra['roofline']:.0f}% (target >= 85%)")
+        r = find("4096x11008", "quantkern b4 g64", d, 32)
+        if r:
+            lines.append(f"M=32 int4 g64 4096x11008 {d}: {r.ms:.3f} ms (target <= 4.5), vs bf16 F.linear {r.extra['vs_bf16_x']:.2f}x")
+    slower = [r for r in rows if r.impl.startswith("quantkern") and math.isfinite(r.extra.get("vs_bf16_x", float("nan")))
+              and r.extra["vs_bf16_x"] < 1.0]
+    lines.append(f"quantkern rows slower than bf16 F.linear: {len(slower)} of "
+                 f"{sum(1 for r in rows if r.impl.startswith('quantkern'))}"
+                 + ("" if not slower else " -- " + ", ".join(f"{r.case} {r.pass_} {r.impl} ({r.extra['vs_bf16_x']:.2f}x)"
+                                                             for r in slower[:12])))
+    print("\n### targets\n", file=out)
+    for line in lines:
+        print(f"- {line}", file=out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

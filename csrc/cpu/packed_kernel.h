@@ -1,0 +1,1045 @@
+// Packed low-bit weights: dequantization and packed_linear, compiled once per
+// instruction set (isa_kernels.inc). The format is csrc/shared/packing.h
+// (spec: quantkern/reference/packing.py).
+//
+// Paths (chosen by pk_plan from the ISA, the CPU features and M):
+//   kPathGemmF32  every ISA. Dequantize a panel of rows to fp32, exactly as the
+//                 reference ((q - z) * s), into a cache-resident buffer, then a
+//                 register-blocked fp32 FMA micro-kernel (dot products along K).
+//   kPathLutF32   AVX-512, small M, fp32 x. The 16-entry table (e - z) * s of a
+//                 group is one zmm; vpermps turns a vector of codes into exact
+//                 weights, which feed fp32 FMAs directly (no buffer).
+//   kPathVnni     AVX-512 VNNI + VBMI, small M, bf16/fp16 x. x is quantized per
+//                 group to two int8 pieces (x ~ a * (h + l / 256), error
+//                 <= a / 512, far below bf16/fp16 rounding); codes are decoded
+//                 with shift+mask to bytes and multiplied by vpdpbusd. The zero
+//                 point is folded: sum_k x_k w_k = s * sum_k x_k q_k - z * s * sum_k x_k.
+//   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
+//                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
+//                 the A operand (Y^T = W X^T), so the panel needs no transpose.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../shared/packing.h"
+#include "cpu_features.h"
+#include "kernel_io.h"
+
+#if defined(QK_ISA_AVX512)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace qk {
+namespace QK_ISA_NS {
+
+enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3 };
+
+QK_SI float meta_at(const void* p, Dt dt, int64_t i) {
+  switch (dt) {
+    case Dt::F32: return static_cast<const float*>(p)[i];
+    case Dt::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+QK_SI void store_any(Dt dt, void* p, int64_t i, float v) {
+  switch (dt) {
+    case Dt::F32: static_cast<float*>(p)[i] = v; break;
+    case Dt::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+  }
+}
+
+QK_SI float load_any(Dt dt, const void* p, int64_t i) { return meta_at(p, dt, i); }
+
+// No std:: templates in this header: it is compiled once per instruction set,
+// and an out-of-line std:: instantiation compiled for AVX-512 could be picked
+// by the linker for the scalar build.
+template <class T>
+QK_SI T qmin(T a, T b) { return b < a ? b : a; }
+template <class T>
+QK_SI T qmax(T a, T b) { return a < b ? b : a; }
+
+// Per-thread scratch buffers (grow only, 64-byte aligned), one per slot. They
+// live as long as the thread (the OpenMP pool), like a cache.
+inline void* scratch(int slot, size_t bytes) {
+  thread_local void* buf[8] = {};
+  thread_local size_t cap[8] = {};
+  if (cap[slot] < bytes) {
+    std::free(buf[slot]);
+    cap[slot] = (bytes + 4095) & ~size_t(4095);
+    buf[slot] = std::aligned_alloc(64, cap[slot]);
+    if (!buf[slot]) cap[slot] = 0;
+  }
+  return buf[slot];
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// ------------------------------------------------------------ generic decode
+QK_SI void decode_block_u8(const uint8_t* row, int bits, int64_t nb, int64_t j, uint8_t* q) {
+  if (bits == 4) {
+    const uint8_t* b = row + 16 * j;
+    for (int p = 0; p < 16; ++p) {
+      q[p] = b[p] & 15;
+      q[p + 16] = b[p] >> 4;
+    }
+    return;
+  }
+  const uint8_t* b = row + 8 * j;
+  for (int f = 0; f < 4; ++f)
+    for (int p = 0; p < 8; ++p) q[8 * f + p] = (b[p] >> (2 * f)) & 3;
+  if (bits == 3) {
+    uint32_t h;
+    std::memcpy(&h, row + 8 * nb + 4 * j, 4);
+    for (int t = 0; t < 32; ++t) q[t] |= uint8_t(((h >> t) & 1u) << 2);
+  }
+}
+
+// Row n dequantized to fp32, Kp = 32 * nb values (padding decodes as q = 0).
+inline void dequant_row_f32_generic(const PackedW& P, int64_t n, float* out) {
+  const uint8_t* row = P.qw + n * P.row_bytes;
+  alignas(64) uint8_t q[32];
+  for (int64_t g = 0; g < P.G; ++g) {
+    const float s = meta_at(P.scales, P.mdt, n * P.G + g), z = meta_at(P.zeros, P.mdt, n * P.G + g);
+    const int64_t j1 = qmin(P.nb, (g + 1) * P.gblk);
+    for (int64_t j = g * P.gblk; j < j1; ++j) {
+      decode_block_u8(row, P.bits, P.nb, j, q);
+      float* o = out + 32 * j;
+      for (int t = 0; t < 32; ++t) o[t] = (float(q[t]) - z) * s;  // -ffp-contract=off: sub, then mul
+    }
+  }
+}
+
+// ------------------------------------------------------------ vector helpers
+#if defined(QK_ISA_AVX512)
+QK_SI V vld(const float* p) { return {_mm512_loadu_ps(p)}; }
+QK_SI V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+QK_SI float vsum(V a) { return _mm512_reduce_add_ps(a.v); }
+#elif defined(QK_ISA_AVX2)
+QK_SI V vld(const float* p) { return {_mm256_loadu_ps(p)}; }
+QK_SI V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+QK_SI float vsum(V a) { return reduce_add(a); }
+#else
+QK_SI float vld(const float* p) { return *p; }
+QK_SI float vfma(float a, float b, float c) { return a * b + c; }
+QK_SI float vsum(float a) { return a; }
+#endif
+
+#if defined(QK_ISA_AVX512)
+// ------------------------------------------------------------ AVX-512 LUT decode
+// Index vectors for the 16-entry tables: entry e holds (code(e) - z) * s where
+// code(e) = e (4 bits), e & 7 (3 bits), e & 3 (2 bits), so that index bits
+// above the code are don't-cares and need no masking.
+template <int BITS>
+QK_SI __m512 lut_iota() {
+  if constexpr (BITS == 4) return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  else if constexpr (BITS == 3) return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  else return _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+}
+QK_SI __m512 lut_table(__m512 iota, float s, float z) {
+  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
+
+// Block j of a row -> w0 = weights 0..15, w1 = weights 16..31 (exact (q - z) * s).
+template <int BITS>
+QK_SI void lut_block(const uint8_t* row, int64_t nb, int64_t j, __m512 T, __m512& w0, __m512& w1) {
+  if constexpr (BITS == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+    w0 = _mm512_permutexvar_ps(v, T);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), T);
+  } else {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * j));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
+    const __m512i sh0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i sh1 = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    __m512i i0 = _mm512_srlv_epi32(v, sh0), i1 = _mm512_srlv_epi32(v, sh1);
+    if constexpr (BITS == 3) {
+      uint32_t h;
+      std::memcpy(&h, row + 8 * nb + 4 * j, 4);
+      const __m512i hv = _mm512_set1_epi32(int(h));
+      // rotate bit t of h to bit 2 of lane t
+      const __m512i r0 = _mm512_setr_epi32(30, 31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13);
+      const __m512i r1 = _mm512_setr_epi32(14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29);
+      const __m512i three = _mm512_set1_epi32(3);
+      i0 = _mm512_ternarylogic_epi32(i0, _mm512_rorv_epi32(hv, r0), three, 0xE4);  // c ? a : b
+      i1 = _mm512_ternarylogic_epi32(i1, _mm512_rorv_epi32(hv, r1), three, 0xE4);
+    }
+    w0 = _mm512_permutexvar_ps(i0, T);
+    w1 = _mm512_permutexvar_ps(i1, T);
+  }
+}
+
+template <int BITS>
+inline void dequant_row_f32_lut(const PackedW& P, int64_t n, float* out) {
+  const uint8_t* row = P.qw + n * P.row_bytes;
+  const __m512 iota = lut_iota<BITS>();
+  for (int64_t g = 0; g < P.G; ++g) {
+    const __m512 T = lut_table(iota, meta_at(P.scales, P.mdt, n * P.G + g), meta_at(P.zeros, P.mdt, n * P.G + g));
+    const int64_t j1 = qmin(P.nb, (g + 1) * P.gblk);
+    for (int64_t j = g * P.gblk; j < j1; ++j) {
+      __m512 w0, w1;
+      lut_block<BITS>(row, P.nb, j, T, w0, w1);
+      _mm512_storeu_ps(out + 32 * j, w0);
+      _mm512_storeu_ps(out + 32 * j + 16, w1);
+    }
+  }
+}
+#endif
+
+inline void dequant_row_f32(const PackedW& P, int64_t n, float* out) {
+#if defined(QK_ISA_AVX512)
+  switch (P.bits) {
+    case 4: return dequant_row_f32_lut<4>(P, n, out);
+    case 3: return dequant_row_f32_lut<3>(P, n, out);
+    default: return dequant_row_f32_lut<2>(P, n, out);
+  }
+#else
+  dequant_row_f32_generic(P, n, out);
+#endif
+}
+
+// dequantize op: rows [n0, n1) -> out (dtype odt, row stride ldo elements), K columns.
+inline void pk_dequant(const PackedW& P, int64_t n0, int64_t n1, Dt odt, void* out, int64_t ldo) {
+  float* buf = static_cast<float*>(scratch(0, P.Kp() * sizeof(float)));
+  for (int64_t n = n0; n < n1; ++n) {
+    dequant_row_f32(P, n, buf);
+    const int64_t base = (n - n0) * ldo;
+    int64_t k = 0;
+#if !defined(QK_ISA_SCALAR)
+    switch (odt) {
+      case Dt::F32: for (; k + kW <= P.K; k += kW) vstore<Dt::F32>(out, base + k, vld(buf + k)); break;
+      case Dt::F16: for (; k + kW <= P.K; k += kW) vstore<Dt::F16>(out, base + k, vld(buf + k)); break;
+      case Dt::BF16: for (; k + kW <= P.K; k += kW) vstore<Dt::BF16>(out, base + k, vld(buf + k)); break;
+    }
+#endif
+    for (; k < P.K; ++k) store_any(odt, out, base + k, buf[k]);
+  }
+}
+
+// ------------------------------------------------------------ fp32 panel GEMM
+#if defined(QK_ISA_AVX512)
+constexpr int kMR = 4, kNR = 4, kNB = 16;
+#elif defined(QK_ISA_AVX2)
+constexpr int kMR = 2, kNR = 4, kNB = 16;
+#else
+constexpr int kMR = 1, kNR = 4, kNB = 16;
+#endif
+
+// c[i][j] = dot(x row i, w row j) over Kp (a multiple of 32). Two-level
+// summation: vector lanes accumulate blocks of 32 steps, the block sums are
+// added into a second set of accumulators (error ~ (32 + Kp / (32 W)) ulps
+// instead of Kp / W).
+template <int MR>
+QK_SI void micro_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t Kp, float* c) {
+  V tot[MR][kNR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) tot[i][j] = splat(0.f);
+  constexpr int64_t KB = 32 * kW;
+  for (int64_t k0 = 0; k0 < Kp; k0 += KB) {
+    const int64_t k1 = qmin(Kp, k0 + KB);
+    V acc[MR][kNR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) acc[i][j] = splat(0.f);
+    for (int64_t k = k0; k < k1; k += kW) {
+      V wv[kNR];
+      for (int j = 0; j < kNR; ++j) wv[j] = vld(w + j * ldw + k);
+      for (int i = 0; i < MR; ++i) {
+        const V xv = vld(x + i * ldx + k);
+        for (int j = 0; j < kNR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) tot[i][j] = add(tot[i][j], acc[i][j]);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) c[i * kNR + j] = vsum(tot[i][j]);
+}
+
+// y[m, n] for m < M, n in [n0, n1); xp is fp32 [M, Kp] (zero padded).
+inline void gemm_f32_rows(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                          void* y, int64_t ldy, const float* bias) {
+  const int64_t Kp = P.Kp();
+  float* panel = static_cast<float*>(scratch(1, size_t(kNB) * Kp * sizeof(float)));
+  for (int64_t b0 = n0; b0 < n1; b0 += kNB) {
+    const int64_t rows = qmin<int64_t>(kNB, n1 - b0);
+    for (int64_t r = 0; r < rows; ++r) dequant_row_f32(P, b0 + r, panel + r * Kp);
+    for (int64_t r = rows; r < round_up(rows, kNR); ++r) std::memset(panel + r * Kp, 0, Kp * sizeof(float));
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int64_t mr = qmin<int64_t>(kMR, M - m0);
+      for (int64_t j0 = 0; j0 < rows; j0 += kNR) {
+        float c[kMR * kNR];
+        const float* xr = xp + m0 * Kp;
+        const float* wr = panel + j0 * Kp;
+        switch (mr) {
+          case 1: micro_f32<1>(xr, Kp, wr, Kp, Kp, c); break;
+#if !defined(QK_ISA_SCALAR)
+          case 2: micro_f32<(kMR >= 2 ? 2 : 1)>(xr, Kp, wr, Kp, Kp, c); break;
+          case 3: micro_f32<(kMR >= 3 ? 3 : 1)>(xr, Kp, wr, Kp, Kp, c); break;
+          case 4: micro_f32<(kMR >= 4 ? 4 : 1)>(xr, Kp, wr, Kp, Kp, c); break;
+#endif
+        }
+        const int64_t nr = qmin<int64_t>(kNR, rows - j0);
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) {
+            const int64_t n = b0 + j0 + j;
+            store_any(ydt, y, (m0 + i) * ldy + n, c[i * kNR + j] + (bias ? bias[n] : 0.f));
+          }
+      }
+    }
+  }
+}
+
+// x [M, K] (dtype xdt, row stride ldx) -> fp32 [M, Kp], zero padded.
+inline void prep_f32(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, float* xp) {
+  const int64_t Kp = P.Kp();
+  for (int64_t m = m0; m < m1; ++m) {
+    float* o = xp + m * Kp;
+    int64_t k = 0;
+#if !defined(QK_ISA_SCALAR)
+    switch (xdt) {
+      case Dt::F32: for (; k + kW <= P.K; k += kW) vstore<Dt::F32>(o, k, vload<Dt::F32>(x, m * ldx + k)); break;
+      case Dt::F16: for (; k + kW <= P.K; k += kW) vstore<Dt::F32>(o, k, vload<Dt::F16>(x, m * ldx + k)); break;
+      case Dt::BF16: for (; k + kW <= P.K; k += kW) vstore<Dt::F32>(o, k, vload<Dt::BF16>(x, m * ldx + k)); break;
+    }
+#endif
+    for (; k < P.K; ++k) o[k] = load_any(xdt, x, m * ldx + k);
+    for (; k < Kp; ++k) o[k] = 0.f;
+  }
+}
+
+#if defined(QK_ISA_AVX512)
+// ------------------------------------------------------------ AVX-512 fp32 LUT GEMV
+template <int BITS, int MT, int NR>
+inline void lut_gemv_block(const PackedW& P, const float* xp, int64_t n, Dt ydt, void* y, int64_t ldy,
+                           const float* bias) {
+  const int64_t Kp = P.Kp();
+  const __m512 iota = lut_iota<BITS>();
+  __m512 acc[MT][NR][2];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const uint8_t* row[NR];
+  for (int r = 0; r < NR; ++r) row[r] = P.qw + (n + r) * P.row_bytes;
+  for (int64_t g = 0; g < P.G; ++g) {
+    __m512 T[NR];
+    for (int r = 0; r < NR; ++r)
+      T[r] = lut_table(iota, meta_at(P.scales, P.mdt, (n + r) * P.G + g), meta_at(P.zeros, P.mdt, (n + r) * P.G + g));
+    const int64_t j1 = qmin(P.nb, (g + 1) * P.gblk);
+    for (int64_t j = g * P.gblk; j < j1; ++j) {
+      __m512 w0[NR], w1[NR];
+      for (int r = 0; r < NR; ++r) lut_block<BITS>(row[r], P.nb, j, T[r], w0[r], w1[r]);
+      for (int m = 0; m < MT; ++m) {
+        const __m512 x0 = _mm512_loadu_ps(xp + m * Kp + 32 * j), x1 = _mm512_loadu_ps(xp + m * Kp + 32 * j + 16);
+        for (int r = 0; r < NR; ++r) {
+          acc[m][r][0] = _mm512_fmadd_ps(x0, w0[r], acc[m][r][0]);
+          acc[m][r][1] = _mm512_fmadd_ps(x1, w1[r], acc[m][r][1]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r)
+      store_any(ydt, y, m * ldy + n + r,
+                _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])) + (bias ? bias[n + r] : 0.f));
+}
+
+template <int BITS, int MT>
+inline void lut_gemv_rows_t(const PackedW& P, const float* xp, int64_t n0, int64_t n1, Dt ydt, void* y,
+                            int64_t ldy, const float* bias) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) lut_gemv_block<BITS, MT, 2>(P, xp, n, ydt, y, ldy, bias);
+  for (; n < n1; ++n) lut_gemv_block<BITS, MT, 1>(P, xp, n, ydt, y, ldy, bias);
+}
+
+template <int BITS>
+inline void lut_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                            int64_t ldy, const float* bias) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = xp + m0 * P.Kp();
+    void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
+    switch (qmin<int64_t>(4, M - m0)) {
+      case 1: lut_gemv_rows_t<BITS, 1>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+      case 2: lut_gemv_rows_t<BITS, 2>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+      case 3: lut_gemv_rows_t<BITS, 3>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+      default: lut_gemv_rows_t<BITS, 4>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+    }
+  }
+}
+
+inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                          int64_t ldy, const float* bias) {
+  switch (P.bits) {
+    case 4: return lut_gemv_rows_b<4>(P, xp, M, n0, n1, ydt, y, ldy, bias);
+    case 3: return lut_gemv_rows_b<3>(P, xp, M, n0, n1, ydt, y, ldy, bias);
+    default: return lut_gemv_rows_b<2>(P, xp, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
+
+#define QK_VNNI_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi")))
+#define QK_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+
+// ------------------------------------------------------------ AVX-512 VNNI GEMV
+// Workspace per row m of x (64-byte aligned pieces):
+//   xh, xl: int8 [nc][nfield][64]  the two pieces, permuted to the decode order
+//   ax:     fp32 [nc][16]          lane -> a_g / 256 of the lane's block (0 on padding)
+//   X:      fp32 [G16]             sum of x over each group
+// Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
+struct VnniLayout {
+  int64_t bpc, nfield, nc, G16;
+  int64_t x_bytes, ax_off, X_off, per_m;
+  int64_t gl_off, g0_off, total_shared;
+};
+inline VnniLayout vnni_layout(const PackedW& P) {
+  VnniLayout L;
+  L.bpc = P.bits == 4 ? 4 : 8;
+  L.nfield = P.bits == 4 ? 2 : 4;
+  L.nc = (P.nb + L.bpc - 1) / L.bpc;
+  L.G16 = round_up(P.G, 16);
+  L.x_bytes = L.nc * L.nfield * 64;
+  L.ax_off = 2 * L.x_bytes;
+  L.X_off = L.ax_off + L.nc * 64;
+  L.per_m = round_up(L.X_off + L.G16 * 4, 64);
+  L.gl_off = 0;
+  L.g0_off = L.nc * 64;
+  L.total_shared = round_up(L.g0_off + L.nc * 4, 64);
+  return L;
+}
+
+inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws) {
+  const VnniLayout L = vnni_layout(P);
+  const int64_t Kp = P.Kp();
+  if (m0 == 0) {  // lane -> group tables (shared by all rows of x)
+    int32_t* gl = reinterpret_cast<int32_t*>(ws + L.gl_off);
+    int32_t* g0 = reinterpret_cast<int32_t*>(ws + L.g0_off);
+    const int64_t lanes_per_block = 16 / L.bpc;
+    for (int64_t c = 0; c < L.nc; ++c) {
+      const int64_t j0 = c * L.bpc;
+      // window of 16 groups starting at g0 = first group rounded down to a multiple of 8:
+      // a chunk spans at most 8 groups, so all its lanes fall inside the window.
+      g0[c] = int32_t((j0 / P.gblk) & ~int64_t(7));
+      for (int lane = 0; lane < 16; ++lane) {
+        const int64_t j = qmin(P.nb - 1, j0 + lane / lanes_per_block);
+        gl[c * 16 + lane] = int32_t(j / P.gblk - g0[c]);
+      }
+    }
+  }
+  float* xf = static_cast<float*>(scratch(2, Kp * sizeof(float)));
+  int8_t* h8 = static_cast<int8_t*>(scratch(3, 2 * Kp));
+  int8_t* l8 = h8 + Kp;
+  float* a_of_g = static_cast<float*>(scratch(4, P.G * sizeof(float)));
+  const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = m0; m < m1; ++m) {
+    uint8_t* wm = ws + L.total_shared + m * L.per_m;
+    float* ax = reinterpret_cast<float*>(wm + L.ax_off);
+    float* X = reinterpret_cast<float*>(wm + L.X_off);
+    prep_f32(P, xdt, static_cast<const char*>(x) + m * ldx * (xdt == Dt::F32 ? 4 : 2), ldx, 0, 1, xf);
+    std::memset(X, 0, L.G16 * 4);
+    for (int64_t g = 0; g < P.G; ++g) {
+      const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m512 v = _mm512_loadu_ps(xf + k);
+        vmax = _mm512_max_ps(vmax, _mm512_and_ps(v, absmask));
+        vsum = _mm512_add_ps(vsum, v);
+      }
+      const float amax = _mm512_reduce_max_ps(vmax);
+      X[g] = _mm512_reduce_add_ps(vsum);
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      a_of_g[g] = amax / 127.f / 256.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);
+        const __m512 h = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m512 l = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, h), c256),
+                                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+      }
+    }
+    int8_t* xh = reinterpret_cast<int8_t*>(wm);
+    int8_t* xl = reinterpret_cast<int8_t*>(wm + L.x_bytes);
+    std::memset(xh, 0, 2 * L.x_bytes);
+    for (int64_t c = 0; c < L.nc; ++c) {
+      for (int64_t b = 0; b < L.bpc; ++b) {
+        const int64_t j = c * L.bpc + b;
+        const int lpb = int(16 / L.bpc);
+        const float av = j < P.nb ? a_of_g[j / P.gblk] : 0.f;
+        for (int i = 0; i < lpb; ++i) ax[c * 16 + b * lpb + i] = av;
+        if (j >= P.nb) continue;
+        if (P.bits == 4) {
+          for (int f = 0; f < 2; ++f) {
+            std::memcpy(xh + (c * 2 + f) * 64 + 16 * b, h8 + 32 * j + 16 * f, 16);
+            std::memcpy(xl + (c * 2 + f) * 64 + 16 * b, l8 + 32 * j + 16 * f, 16);
+          }
+        } else {
+          for (int f = 0; f < 4; ++f) {
+            std::memcpy(xh + (c * 4 + f) * 64 + 8 * b, h8 + 32 * j + 8 * f, 8);
+            std::memcpy(xl + (c * 4 + f) * 64 + 8 * b, l8 + 32 * j + 8 * f, 8);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <Dt MD>
+QK_SI __m512 load_meta16(const void* p, int64_t i, __mmask16 k) {
+  if constexpr (MD == Dt::F32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+  else if constexpr (MD == Dt::F16)
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
+  else
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i)), 16));
+}
+
+QK_SI __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+template <int BITS, int MT, Dt MD>
+QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const uint8_t* xm, int64_t n0, int64_t n1,
+                                     Dt ydt, void* y, int64_t ldy, const float* bias) {
+  const VnniLayout L = vnni_layout(P);
+  const int32_t* gl = reinterpret_cast<const int32_t*>(ws + L.gl_off);
+  const int32_t* g0v = reinterpret_cast<const int32_t*>(ws + L.g0_off);
+  const uint8_t* wm[MT];
+  for (int m = 0; m < MT; ++m) wm[m] = xm + m * L.per_m;
+  const __m512i m0f = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+  const __m512i three = _mm512_set1_epi8(0x03), seven = _mm512_set1_epi8(0x07);
+  __m512i ctrl[4];
+  if constexpr (BITS == 3) {
+    for (int f = 0; f < 4; ++f) {
+      alignas(64) uint8_t c[64];
+      for (int i = 0; i < 64; ++i) c[i] = uint8_t((8 * f + (i & 7) - 2) & 63);
+      ctrl[f] = _mm512_load_si512(c);
+    }
+  }
+  constexpr int NF = BITS == 4 ? 2 : 4;
+  const int64_t bpb = BITS == 4 ? 16 : 8;  // bytes per block in the primary plane
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = P.qw + n * P.row_bytes;
+    const void* srow_s = static_cast<const char*>(P.scales) + n * P.G * (MD == Dt::F32 ? 4 : 2);
+    const void* srow_z = static_cast<const char*>(P.zeros) + n * P.G * (MD == Dt::F32 ? 4 : 2);
+    __m512 yacc[MT];
+    for (int m = 0; m < MT; ++m) yacc[m] = _mm512_setzero_ps();
+    int64_t gwin = -1;
+    __m512 s16 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < L.nc; ++c) {
+      const int64_t j0 = c * L.bpc;
+      const int64_t nvalid = qmin<int64_t>(L.bpc, P.nb - j0);
+      __m512i fld[NF];
+      const __m512i w = nvalid == L.bpc ? _mm512_loadu_si512(row + bpb * j0)
+                                        : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
+      if constexpr (BITS == 4) {
+        fld[0] = _mm512_and_si512(w, m0f);
+        fld[1] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
+      } else if constexpr (BITS == 2) {
+        fld[0] = _mm512_and_si512(w, m0f);
+        fld[1] = _mm512_and_si512(_mm512_srli_epi16(w, 2), m0f);
+        fld[2] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
+        fld[3] = _mm512_and_si512(_mm512_srli_epi16(w, 6), m0f);
+      } else {
+        const __m256i hw = _mm256_maskz_loadu_epi32(__mmask8(nvalid == 8 ? 0xFF : (1u << nvalid) - 1u),
+                                                    row + 8 * P.nb + 4 * j0);
+        const __m512i hq = _mm512_cvtepu32_epi64(hw);
+        for (int f = 0; f < 4; ++f) {
+          const __m512i lo = f == 0 ? w : _mm512_srli_epi16(w, 2 * f);
+          const __m512i hb = _mm512_multishift_epi64_epi8(ctrl[f], hq);
+          fld[f] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hb, three, 0xE4), seven);
+        }
+      }
+      // lane scales s[n, g(lane)]: one load per window of 16 groups
+      const int64_t g0 = g0v[c];
+      if (g0 != gwin) {
+        s16 = load_meta16<MD>(srow_s, g0, mask16(P.G - g0));
+        gwin = g0;
+      }
+      const __m512 s_lane = _mm512_permutexvar_ps(_mm512_loadu_si512(gl + c * 16), s16);
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xh = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
+        const int8_t* xl = xh + L.x_bytes;
+        __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
+        for (int f = 0; f < NF; ++f) {
+          ah = _mm512_dpbusd_epi32(ah, fld[f], _mm512_load_si512(xh + f * 64));
+          al = _mm512_dpbusd_epi32(al, fld[f], _mm512_load_si512(xl + f * 64));
+        }
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al));
+        const __m512 ax = _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.ax_off) + c * 16);
+        yacc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(ax, s_lane), yacc[m]);
+      }
+    }
+    // zero-point term: - sum_g z * s * X_g
+    __m512 zacc[MT];
+    for (int m = 0; m < MT; ++m) zacc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < P.G; g += 16) {
+      const __mmask16 k = mask16(P.G - g);
+      const __m512 zs = _mm512_mul_ps(load_meta16<MD>(srow_z, g, k), load_meta16<MD>(srow_s, g, k));
+      for (int m = 0; m < MT; ++m)
+        zacc[m] = _mm512_fmadd_ps(zs, _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.X_off) + g), zacc[m]);
+    }
+    for (int m = 0; m < MT; ++m)
+      store_any(ydt, y, m * ldy + n,
+                _mm512_reduce_add_ps(yacc[m]) - _mm512_reduce_add_ps(zacc[m]) + (bias ? bias[n] : 0.f));
+  }
+}
+
+template <int BITS, Dt MD>
+inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                             void* y, int64_t ldy, const float* bias) {
+  const VnniLayout L = vnni_layout(P);
+  const int64_t es = ydt == Dt::F32 ? 4 : 2;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
+    void* ym = static_cast<char*>(y) + m0 * ldy * es;
+    switch (qmin<int64_t>(4, M - m0)) {
+      case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+      case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+      case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+      default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+    }
+  }
+}
+
+template <int BITS>
+inline void vnni_gemv_rows_m(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                             int64_t ldy, const float* bias) {
+  switch (P.mdt) {
+    case Dt::F32: return vnni_gemv_rows_b<BITS, Dt::F32>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    case Dt::F16: return vnni_gemv_rows_b<BITS, Dt::F16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    default: return vnni_gemv_rows_b<BITS, Dt::BF16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
+
+inline void vnni_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                           int64_t ldy, const float* bias) {
+  switch (P.bits) {
+    case 4: return vnni_gemv_rows_m<4>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    case 3: return vnni_gemv_rows_m<3>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    default: return vnni_gemv_rows_m<2>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
+
+// ------------------------------------------------------------ AMX-BF16 GEMM
+// Y^T [N, M] = W [N, K] . X^T: the A operand is a panel of 32 rows of W dequantized to
+// bf16 (rounded as W_deq.to(bfloat16)), the B operand is x in the AMX pair layout.
+// Both read K in the same permuted order inside chunks of 128 (the order the
+// codes decode in), so the dot products are unchanged:
+//   4 bits: position 32 h + 16 b + p  <-> k = 32 b + 16 h + p   (chunk of 2 blocks, per 64)
+//   2/3 bits: position 32 f + 8 b + p <-> k = 32 b + 8 f + p    (chunk of 4 blocks)
+// xT layout: bf16 [Mt][Kpa / 2][16 m][2], Kpa = round_up(Kp, 128).
+struct alignas(64) TileCfg {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    // ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+QK_SI void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+  }
+}
+
+inline int64_t amx_kpa(const PackedW& P) { return round_up(P.Kp(), 128); }
+// k of panel position pos (pos < Kpa)
+QK_SI int64_t amx_k_of(int bits, int64_t pos) {
+  if (bits == 4) {
+    const int64_t c = pos / 64, r = pos % 64, h = r / 32, b = (r % 32) / 16, p = r % 16;
+    return c * 64 + 32 * b + 16 * h + p;
+  }
+  const int64_t c = pos / 128, r = pos % 128, f = r / 32, b = (r % 32) / 8, p = r % 8;
+  return c * 128 + 32 * b + 8 * f + p;
+}
+
+// x (bf16 [M, K], row stride ldx) rows of m-tiles [t0, t1) -> xT.
+inline void amx_prep(const PackedW& P, const void* x, int64_t ldx, int64_t M, int64_t t0, int64_t t1, uint16_t* xT) {
+  const int64_t Kpa = amx_kpa(P);
+  const int run = P.bits == 4 ? 16 : 8;  // contiguous run of k in the permutation
+  uint16_t* xr = static_cast<uint16_t*>(scratch(2, size_t(16) * Kpa * 2));
+  const uint16_t* xs = static_cast<const uint16_t*>(x);
+  for (int64_t mt = t0; mt < t1; ++mt) {
+    for (int i = 0; i < 16; ++i) {  // permuted, zero-padded copy of the 16 rows
+      const int64_t m = mt * 16 + i;
+      uint16_t* o = xr + i * Kpa;
+      if (m >= M) {
+        std::memset(o, 0, Kpa * 2);
+        continue;
+      }
+      for (int64_t pos = 0; pos < Kpa; pos += run) {
+        const int64_t k = amx_k_of(P.bits, pos);
+        if (k + run <= P.K) {
+          std::memcpy(o + pos, xs + m * ldx + k, run * 2);
+        } else {
+          for (int e = 0; e < run; ++e) o[pos + e] = k + e < P.K ? xs[m * ldx + k + e] : uint16_t(0);
+        }
+      }
+    }
+    for (int64_t ks = 0; ks < Kpa / 32; ++ks) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(xr + i * Kpa + ks * 32);
+      transpose16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xT + ((mt * (Kpa / 2)) + ks * 16 + i) * 32, r[i]);
+    }
+  }
+}
+
+// Row n's scales and zeros as fp32 (so tables use broadcasts from memory).
+inline void meta_row_f32(const PackedW& P, int64_t n, float* sf, float* zf) {
+  for (int64_t g = 0; g < P.G; g += 16) {
+    const __mmask16 k = mask16(P.G - g);
+    __m512 a, b;
+    switch (P.mdt) {
+      case Dt::F32: a = load_meta16<Dt::F32>(P.scales, n * P.G + g, k); b = load_meta16<Dt::F32>(P.zeros, n * P.G + g, k); break;
+      case Dt::F16: a = load_meta16<Dt::F16>(P.scales, n * P.G + g, k); b = load_meta16<Dt::F16>(P.zeros, n * P.G + g, k); break;
+      default: a = load_meta16<Dt::BF16>(P.scales, n * P.G + g, k); b = load_meta16<Dt::BF16>(P.zeros, n * P.G + g, k); break;
+    }
+    _mm512_mask_storeu_ps(sf + g, k, a);
+    _mm512_mask_storeu_ps(zf + g, k, b);
+  }
+}
+
+// bf16 table: 32 words, entry e = bf16((code(e) - z) * s), code(e) = e & 15 / e & 7 / e & 3.
+template <int BITS>
+QK_AMX_TARGET inline __m512i bf16_table(float s, float z) {
+  const __m512 t = lut_table(lut_iota<BITS>(), s, z);
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+// Row n, positions [p0, p1) (multiples of 128) -> out (bf16, permuted order).
+template <int BITS>
+QK_AMX_TARGET void amx_dequant_row(const PackedW& P, int64_t n, int64_t p0, int64_t p1, uint16_t* out) {
+  const uint8_t* row = P.qw + n * P.row_bytes;
+  float* sf = static_cast<float*>(scratch(7, size_t(2) * round_up(P.G, 16) * sizeof(float)));
+  float* zf = sf + round_up(P.G, 16);
+  meta_row_f32(P, n, sf, zf);
+  constexpr int64_t CH = BITS == 4 ? 64 : 128;    // positions per chunk
+  constexpr int64_t BPC = CH / 32;                 // blocks per chunk
+  __m512i ctrl[4];
+  if constexpr (BITS == 3) {
+    for (int f = 0; f < 4; ++f) {
+      alignas(64) uint8_t c[64];
+      for (int i = 0; i < 64; ++i) {
+        const int q = i / 8, wb = (i % 8) / 2;  // qword, word in qword
+        const int p = 4 * (q & 1) + wb;
+        c[i] = uint8_t((8 * f + p - 2) & 63);
+      }
+      ctrl[f] = _mm512_load_si512(c);
+    }
+  }
+  // Word lanes 0..15 hold the first half of the chunk's blocks, 16..31 the second
+  // half; vpermt2w picks table A or B with index bit 5.
+  const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x200020, 0x200020, 0x200020, 0x200020, 0x200020,
+                                        0x200020, 0x200020, 0x200020);
+  const __m512i low5 = _mm512_set1_epi16(0x1F);
+  int64_t ga = -1, gb = -1;
+  __m512i TA = _mm512_setzero_si512(), TB = TA;
+  // group of block j0 and of block j0 + BPC / 2 (and of the last block of each half),
+  // tracked incrementally (no division per chunk)
+  int64_t j0 = p0 / 32;
+  int64_t gA = j0 / P.gblk, rA = j0 - gA * P.gblk;
+  int64_t gB = (j0 + BPC / 2) / P.gblk, rB = (j0 + BPC / 2) - gB * P.gblk;
+  for (int64_t pos = p0; pos < p1; pos += CH, j0 += BPC) {
+    if (pos != p0) {
+      rA += BPC;
+      while (rA >= P.gblk) { rA -= P.gblk; ++gA; }
+      rB += BPC;
+      while (rB >= P.gblk) { rB -= P.gblk; ++gB; }
+    }
+    const int64_t g0 = gA, g1 = gB;
+    const bool fast = j0 + BPC <= P.nb && rA + BPC / 2 <= P.gblk && rB + BPC / 2 <= P.gblk;
+    uint16_t* o = out + (pos - p0);
+    if (!fast) {  // a group boundary inside a half chunk, or padding blocks
+      alignas(64) float w[32];
+      for (int64_t b = 0; b < BPC; ++b) {
+        const int64_t j = j0 + b;
+        if (j < P.nb) {
+          const int64_t gj = j / P.gblk;
+          const float s = meta_at(P.scales, P.mdt, n * P.G + gj), z = meta_at(P.zeros, P.mdt, n * P.G + gj);
+          __m512 w0, w1;
+          lut_block<BITS>(row, P.nb, j, lut_table(lut_iota<BITS>(), s, z), w0, w1);
+          _mm512_store_ps(w, w0);
+          _mm512_store_ps(w + 16, w1);
+        } else {
+          std::memset(w, 0, sizeof(w));
+        }
+        for (int t = 0; t < 32; ++t) {
+          const int64_t ps = BITS == 4 ? (t / 16) * 32 + b * 16 + (t % 16) : (t / 8) * 32 + b * 8 + (t % 8);
+          o[ps] = f32_to_bf16(w[t]);
+        }
+      }
+      continue;
+    }
+    if (g0 != ga) {
+      TA = g0 == gb ? TB : bf16_table<BITS>(sf[g0], zf[g0]);
+      ga = g0;
+    }
+    if (g1 != gb) {
+      TB = g1 == ga ? TA : bf16_table<BITS>(sf[g1], zf[g1]);
+      gb = g1;
+    }
+    // one table: vpermw (index bits above the code are don't-cares); two tables:
+    // vpermt2w with index bit 5 = second half, (raw & 31) | sel by one ternlog.
+#define QK_LOOKUP(raw) \
+  (g0 == g1 ? _mm512_permutexvar_epi16((raw), TA) \
+            : _mm512_permutex2var_epi16(TA, _mm512_ternarylogic_epi32((raw), low5, sel, 0xEA), TB))
+    if constexpr (BITS == 4) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j0)));
+      _mm512_storeu_si512(o, QK_LOOKUP(v));
+      _mm512_storeu_si512(o + 32, QK_LOOKUP(_mm512_srli_epi16(v, 4)));
+    } else {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * j0)));
+      if constexpr (BITS == 2) {
+        for (int f = 0; f < 4; ++f) _mm512_storeu_si512(o + 32 * f, QK_LOOKUP(f ? _mm512_srli_epi16(v, 2 * f) : v));
+      } else {
+        const __m512i hw = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8 * P.nb + 4 * j0)));
+        const __m512i hq = _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), hw);
+        const __m512i three = _mm512_set1_epi16(3);
+        for (int f = 0; f < 4; ++f) {
+          const __m512i lo = f ? _mm512_srli_epi16(v, 2 * f) : v;
+          const __m512i idx = _mm512_ternarylogic_epi32(lo, _mm512_multishift_epi64_epi8(ctrl[f], hq), three, 0xE4);
+          _mm512_storeu_si512(o + 32 * f, QK_LOOKUP(idx));
+        }
+      }
+    }
+#undef QK_LOOKUP
+  }
+}
+
+QK_SI void store_row16(Dt ydt, void* y, int64_t off, __m512 v, __mmask16 k) {
+  if (ydt == Dt::F32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(y) + off, k, v);
+  } else if (ydt == Dt::F16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + off, k,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    alignas(32) uint16_t tmp[16];
+    store_bf16(tmp, V{v});
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + off, k, _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+  }
+}
+
+// C tile (16 n x 16 m fp32 in cbuf) -> y[m, n] + bias.
+inline void amx_store_tile(const float* cbuf, int64_t n, int64_t n1, int64_t m, int64_t M, Dt ydt, void* y, int64_t ldy,
+                           const float* bias) {
+  if (n >= n1 || m >= M) return;
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(cbuf + 16 * i);
+  transpose16x16(r);
+  const __mmask16 k = mask16(n1 - n);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + n) : _mm512_setzero_ps();
+  for (int i = 0; i < 16 && m + i < M; ++i)
+    store_row16(ydt, y, (m + i) * ldy + n, _mm512_add_ps(_mm512_castsi512_ps(r[i]), b), k);
+}
+
+#define QK_TILE_LOAD_C(t, base) _tile_loadd(t, (base), 64)
+
+template <int BITS>
+QK_AMX_TARGET void amx_gemm_rows_t(const PackedW& P, const uint16_t* xT, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                                   void* y, int64_t ldy, const float* bias) {
+  const int64_t Kpa = amx_kpa(P);
+  const int64_t Mt = (M + 15) / 16;
+  // K block: keep the x block (Mt * 16 rows x Kc bf16) within ~1 MiB of L2.
+  int64_t Kc = qmax<int64_t>(128, (int64_t(1) << 20) / (Mt * 16 * 2) / 128 * 128);
+  Kc = qmin(Kc, Kpa);
+  const int64_t nkb = (Kpa + Kc - 1) / Kc;
+  uint16_t* panel = static_cast<uint16_t*>(scratch(5, size_t(32) * Kc * 2));
+  float* cacc = nullptr;
+  const int64_t nnb = (n1 - n0 + 31) / 32;
+  if (nkb > 1) cacc = static_cast<float*>(scratch(6, size_t(nnb) * 2 * Mt * 256 * 4));
+  alignas(64) float cbuf[4][256];
+  TileCfg cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t p0 = kb * Kc, p1 = qmin(Kpa, p0 + Kc), kc = p1 - p0;
+    const bool first = kb == 0, last = kb == nkb - 1;
+    for (int64_t bi = 0; bi < nnb; ++bi) {
+      const int64_t b0 = n0 + 32 * bi;
+      const int64_t rows = qmin<int64_t>(32, n1 - b0);
+      for (int64_t r = 0; r < rows; ++r) amx_dequant_row<BITS>(P, b0 + r, p0, p1, panel + r * kc);
+      for (int64_t r = rows; r < 32; ++r) std::memset(panel + r * kc, 0, kc * 2);
+      asm volatile("" ::: "memory");
+      for (int64_t mt = 0; mt < Mt; mt += 2) {
+        const bool two = mt + 1 < Mt;
+        float* cb = cacc ? cacc + ((bi * Mt) + mt) * 2 * 256 : nullptr;  // [mt..mt+1][2 n-tiles][256]
+        if (first) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          QK_TILE_LOAD_C(0, cb);
+          QK_TILE_LOAD_C(2, cb + 256);
+          if (two) {
+            QK_TILE_LOAD_C(1, cb + 512);
+            QK_TILE_LOAD_C(3, cb + 768);
+          }
+        }
+        const uint16_t* xa = xT + (mt * (Kpa / 2) + p0 / 2) * 32;
+        const uint16_t* xb = xT + ((mt + 1) * (Kpa / 2) + p0 / 2) * 32;
+        if (two) {
+          for (int64_t ks = 0; ks < kc / 32; ++ks) {
+            _tile_loadd(4, panel + ks * 32, kc * 2);
+            _tile_loadd(5, panel + 16 * kc + ks * 32, kc * 2);
+            _tile_loadd(6, xa + ks * 512, 64);
+            _tile_loadd(7, xb + ks * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        } else {
+          for (int64_t ks = 0; ks < kc / 32; ++ks) {
+            _tile_loadd(4, panel + ks * 32, kc * 2);
+            _tile_loadd(5, panel + 16 * kc + ks * 32, kc * 2);
+            _tile_loadd(6, xa + ks * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+          }
+        }
+        if (!last) {
+          _tile_stored(0, cb, 64);
+          _tile_stored(2, cb + 256, 64);
+          if (two) {
+            _tile_stored(1, cb + 512, 64);
+            _tile_stored(3, cb + 768, 64);
+          }
+        } else {
+          _tile_stored(0, cbuf[0], 64);
+          _tile_stored(2, cbuf[2], 64);
+          if (two) {
+            _tile_stored(1, cbuf[1], 64);
+            _tile_stored(3, cbuf[3], 64);
+          }
+          asm volatile("" ::: "memory");
+          amx_store_tile(cbuf[0], b0, n1, mt * 16, M, ydt, y, ldy, bias);
+          amx_store_tile(cbuf[2], b0 + 16, n1, mt * 16, M, ydt, y, ldy, bias);
+          if (two) {
+            amx_store_tile(cbuf[1], b0, n1, mt * 16 + 16, M, ydt, y, ldy, bias);
+            amx_store_tile(cbuf[3], b0 + 16, n1, mt * 16 + 16, M, ydt, y, ldy, bias);
+          }
+        }
+        asm volatile("" ::: "memory");
+      }
+    }
+  }
+  _tile_release();
+}
+
+inline void amx_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                          int64_t ldy, const float* bias) {
+  switch (P.bits) {
+    case 4: return amx_gemm_rows_t<4>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+    case 3: return amx_gemm_rows_t<3>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+    default: return amx_gemm_rows_t<2>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
+#endif  // QK_ISA_AVX512
+
+// ------------------------------------------------------------ dispatch (IsaTable entries)
+inline int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : dflt;
+}
+
+inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
+  (void)P;
+#if defined(QK_ISA_AVX512)
+  static const int64_t vnni_max = env_int("QUANTKERN_PK_VNNI_MAX_M", 4);
+  static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
+  const bool vnni = cpu_feature_on(CpuFeature::Vnni) && cpu_feature_on(CpuFeature::Vbmi);
+  const bool amx = cpu_feature_on(CpuFeature::Amx) && amx_permitted();
+  if (xdt != Dt::F32 && vnni && M <= vnni_max) return kPathVnni;
+  if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
+  if (M <= lut_max) return kPathLutF32;
+  return kPathGemmF32;
+#else
+  (void)xdt;
+  (void)M;
+  return kPathGemmF32;
+#endif
+}
+
+// Rows of x per chunk (the caller loops over chunks; the weight is read once per chunk).
+inline int64_t pk_mchunk(int path) {
+  if (path == kPathAmx) return 256;
+  if (path == kPathGemmF32) return 128;
+  return 1 << 30;
+}
+
+inline int64_t pk_prep_units(int path, int64_t M) { return path == kPathAmx ? (M + 15) / 16 : M; }
+
+inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
+#if defined(QK_ISA_AVX512)
+  if (path == kPathVnni) {
+    const VnniLayout L = vnni_layout(P);
+    return L.total_shared + M * L.per_m;
+  }
+  if (path == kPathAmx) return ((M + 15) / 16) * 16 * amx_kpa(P) * 2;
+#endif
+  (void)path;
+  return M * P.Kp() * 4;
+}
+
+inline void pk_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t M, int path, int64_t u0, int64_t u1,
+                    void* ws) {
+#if defined(QK_ISA_AVX512)
+  if (path == kPathVnni) return vnni_prep(P, xdt, x, ldx, u0, u1, static_cast<uint8_t*>(ws));
+  if (path == kPathAmx) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
+#endif
+  (void)M;
+  (void)path;
+  prep_f32(P, xdt, x, ldx, u0, u1, static_cast<float*>(ws));
+}
+
+inline void pk_run(const PackedW& P, const void* ws, int64_t M, int path, int64_t n0, int64_t n1, Dt ydt, void* y,
+                   int64_t ldy, const float* bias) {
+#if defined(QK_ISA_AVX512)
+  if (path == kPathVnni) return vnni_gemv_rows(P, static_cast<const uint8_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (path == kPathAmx) return amx_gemm_rows(P, static_cast<const uint16_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (path == kPathLutF32) return lut_gemv_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+#endif
+  (void)path;
+  gemm_f32_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+}
+
+// Rows of W per parallel task.
+inline int64_t pk_n_grain(int path) { return path == kPathAmx ? 32 : 16; }
+}  // namespace QK_ISA_NS
+}  // namespace qk

@@ -1,0 +1,208 @@
+"""Exact converters from other packed formats to :class:`quantkern.PackedWeight`.
+
+hqq (dropbox/hqq, formerly mobiusml/hqq; checked against hqq 0.2.8.post1)
+------------------------------------------------------------------------
+``hqq.core.quantize.Quantizer.quantize(W, nbits, group_size, axis=1, ...)`` returns
+``W_q`` and ``meta``. With ``axis=1`` (HQQLinear's default) the weight
+``W [N, K]`` is viewed as ``R = N * K / g`` rows of one group each (row
+``r = n * (K / g) + group``), and ``meta["scale"]``, ``meta["zero"]`` are ``[R, 1]``
+(scale already inverted: ``w = (q - zero) * scale``, float zero). Packing is
+along that row axis (``hqq/core/bitpack.py``):
+
+* 4 bits ``4bit_u8``: uint8 ``[R/2, g]``, ``W_q[i] = q[i] << 4 | q[i + R/2]``
+* 2 bits ``2bit_u8``: uint8 ``[R/4, g]``, ``q[i] << 6 | q[i + R/4] << 4 | q[i + R/2] << 2 | q[i + 3R/4]``
+* 3 bits ``3bit_32``: int32 ``[ceil(R/10), g]``, ten values per word
+  (``q[i + s * step] << (27 - 3 s)``, s = 0..9; rows padded to a multiple of 10;
+  bits 30-31 unused).
+
+``axis=0`` groups are strided across rows (not contiguous along K) and cannot be
+represented in the canonical format: rejected. Quantized metadata (the
+deprecated ``quant_zero``/``quant_scale``) is rejected too.
+
+GPTQ (AutoGPTQ / GPTQModel / exllama checkpoints)
+-------------------------------------------------
+* ``qweight``: int32 ``[K * bits / 32, N]``, packed along K (the input dimension):
+  for 4 bits, word ``qweight[i, n]`` holds ``q[8 i + j, n]`` in bits ``4 j .. 4 j + 3``
+  (j = 0..7); 2 bits: 16 per word; 3 bits: 32 values in 3 words, values
+  crossing word boundaries (the AutoGPTQ packer: 10 values, then 2 + 1 bits of
+  the 11th, 10 more, 1 + 2 bits of the 22nd, 10 more).
+* ``qzeros``: int32 ``[G, N * bits / 32]``, packed along N the same way.
+* ``scales``: ``[G, N]`` (fp16 in checkpoints).
+* ``g_idx`` (optional): group of each input; only the trivial ``k // group_size``
+  is representable (act-order checkpoints with a permuted g_idx are rejected).
+* Dequantization: ``w[n, k] = scales[g, n] * (q[k, n] - (qzeros[g, n] + zero_offset))``.
+  ``zero_offset=1`` is the historical AutoGPTQ ("v1") convention: the packer
+  stored ``zero - 1`` and every kernel adds 1 back; GPTQModel's ``gptq_v2``
+  format stores the true zero (``zero_offset=0``).
+
+Every conversion is exact: the integer codes and the scales/zeros values are
+carried over unchanged (zeros become float zeros, exact in fp16/bf16/fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+from .packed import PackedWeight
+
+# ---------------------------------------------------------------- hqq
+
+
+def _hqq_unpack_rows(W_q: torch.Tensor, packing: str, R: int) -> torch.Tensor:
+    """hqq packed rows -> int64 codes [R, g] (hqq/core/bitpack.py, inverse of pack_*)."""
+    if packing == "4bit_u8":
+        w = W_q.view(torch.uint8).to(torch.int64)
+        q = torch.cat([(w >> 4) & 0xF, w & 0xF], dim=0)
+    elif packing == "2bit_u8":
+        w = W_q.view(torch.uint8).to(torch.int64)
+        q = torch.cat([(w >> 6) & 3, (w >> 4) & 3, (w >> 2) & 3, w & 3], dim=0)
+    elif packing == "3bit_32":
+        w = W_q.view(torch.int32).to(torch.int64)
+        q = torch.cat([(w >> (27 - 3 * s)) & 7 for s in range(10)], dim=0)
+    else:
+        raise ValueError(f"from_hqq: unsupported hqq packing {packing!r} (supported: 4bit_u8, 3bit_32, 2bit_u8)")
+    if q.shape[0] < R:
+        raise ValueError(f"from_hqq: W_q unpacks to {q.shape[0]} rows, expected at least {R}")
+    return q[:R]
+
+
+def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = None) -> PackedWeight:
+    """Convert hqq's ``(W_q, meta)`` (or an ``HQQLinear`` module) to a PackedWeight, exactly.
+
+    ``meta`` needs ``nbits``, ``group_size``, ``shape``, ``axis``, ``packing`` and
+    ``scale``/``zero`` (or ``zero_scale``). ``meta_dtype`` casts scales and zeros
+    (default: keep hqq's dtype, so the conversion is exact).
+    """
+    if meta is None:  # HQQLinear
+        mod = W_q
+        if not hasattr(mod, "W_q") or not hasattr(mod, "meta"):
+            raise TypeError("from_hqq: pass (W_q, meta) or an hqq HQQLinear module")
+        W_q, meta = mod.W_q, mod.meta
+    meta = dict(meta)
+    if meta.get("quant_zero") or meta.get("quant_scale"):
+        raise NotImplementedError("from_hqq: quantized zero/scale metadata (deprecated in hqq) is not supported")
+    if meta.get("axis", 1) != 1:
+        raise NotImplementedError(
+            "from_hqq: axis=0 groups are strided across rows and cannot be stored in the canonical format "
+            "(groups contiguous along in_features); quantize with axis=1"
+        )
+    bits = meta["nbits"]
+    if bits not in (2, 3, 4):
+        raise ValueError(f"from_hqq: nbits must be 2, 3 or 4, got {bits}")
+    if not meta.get("packing"):
+        raise ValueError("from_hqq: W_q is not bit-packed (meta['packing'] is None); use PackedWeight.from_quantized")
+    N, K = (int(d) for d in meta["shape"])
+    g = meta["group_size"] or K
+    if K % g:
+        raise ValueError(f"from_hqq: group_size {g} does not divide in_features {K}")
+    if "zero_scale" in meta and "scale" not in meta:
+        zs = meta["zero_scale"]
+        meta["zero"], meta["scale"] = zs[0], zs[1]
+    R = N * K // g
+    q = _hqq_unpack_rows(W_q, meta["packing"], R).reshape(N, K)
+    scale = meta["scale"].reshape(N, K // g)
+    zero = meta["zero"].reshape(N, K // g)
+    if not torch.is_floating_point(zero):
+        zero = zero.to(scale.dtype)
+    md = meta_dtype or scale.dtype
+    return PackedWeight.from_quantized(q.to(torch.uint8), scale.to(md).contiguous(), zero.to(md).contiguous(), bits, g)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def _as_u32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64) & 0xFFFFFFFF
+
+
+def gptq_unpack_axis0(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """GPTQ packing along dim 0: int32 ``[rows * bits / 32, C]`` -> int64 codes ``[rows, C]``."""
+    w = _as_u32(packed)
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        mask = (1 << bits) - 1
+        q = torch.stack([(w >> (bits * j)) & mask for j in range(per)], dim=1)  # [W, per, C]
+        return q.reshape(-1, w.shape[1])[:rows]
+    if bits == 3:
+        w = w.reshape(-1, 3, w.shape[1])
+        w0, w1, w2 = w[:, 0], w[:, 1], w[:, 2]
+        vals = [(w0 >> (3 * j)) & 7 for j in range(10)]
+        vals.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))
+        vals += [(w1 >> (3 * j + 1)) & 7 for j in range(10)]
+        vals.append(((w1 >> 31) & 1) | ((w2 & 3) << 1))
+        vals += [(w2 >> (3 * j + 2)) & 7 for j in range(10)]
+        q = torch.stack(vals, dim=1)  # [W/3, 32, C]
+        return q.reshape(-1, w.shape[2])[:rows]
+    raise ValueError(f"GPTQ bits must be 2, 3, 4 or 8, got {bits}")
+
+
+def gptq_pack_axis0(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`gptq_unpack_axis0` (the AutoGPTQ packer): codes ``[rows, C]`` -> int32."""
+    q = q.to(torch.int64)
+    rows, C = q.shape
+    per = 32 if bits == 3 else 32 // bits
+    if rows % per:
+        raise ValueError(f"GPTQ {bits}-bit packing needs a multiple of {per} rows, got {rows}")
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        qq = q.reshape(-1, per, C)
+        w = sum(qq[:, j] << (bits * j) for j in range(per))
+    elif bits == 3:
+        qq = q.reshape(-1, 32, C)
+        w0 = sum(qq[:, j] << (3 * j) for j in range(10)) | ((qq[:, 10] & 3) << 30)
+        w1 = ((qq[:, 10] >> 2) & 1) | sum(qq[:, 11 + j] << (3 * j + 1) for j in range(10)) | ((qq[:, 21] & 1) << 31)
+        w2 = ((qq[:, 21] >> 1) & 3) | sum(qq[:, 22 + j] << (3 * j + 2) for j in range(10))
+        w = torch.stack([w0, w1, w2], dim=1).reshape(-1, C)
+    else:
+        raise ValueError(f"GPTQ bits must be 2, 3, 4 or 8, got {bits}")
+    w = w & 0xFFFFFFFF
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def to_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, zero_offset: int = 1):
+    """Codes ``q [N, K]``, integer ``zeros [N, G]`` and ``scales [N, G]`` -> GPTQ ``(qweight, qzeros, scales)``."""
+    qweight = gptq_pack_axis0(q.t(), bits)  # [K * bits / 32, N]
+    z = (zeros.to(torch.int64) - zero_offset) & ((1 << bits) - 1)  # [N, G], wraps like AutoGPTQ
+    qzeros = gptq_pack_axis0(z, bits).t().contiguous()  # packed along N: [G, N * bits / 32]
+    return qweight, qzeros, scales.t().contiguous()
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int = 4,
+              group_size: int | None = None, g_idx: torch.Tensor | None = None, zero_offset: int = 1,
+              meta_dtype: torch.dtype | None = None) -> PackedWeight:
+    """Convert GPTQ-style tensors (module docstring) to a PackedWeight, exactly.
+
+    Args:
+        qweight: int32 ``[K * bits / 32, N]``; qzeros: int32 ``[G, N * bits / 32]``;
+        scales: ``[G, N]``; bits: 2, 3 or 4; group_size: K // G when None;
+        g_idx: optional ``[K]``, must be ``arange(K) // group_size``;
+        zero_offset: 1 for AutoGPTQ v1 checkpoints (stored zero + 1), 0 for v2;
+        meta_dtype: dtype of the scales/zeros (default: scales' dtype).
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"from_gptq: bits must be 2, 3 or 4, got {bits}")
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise TypeError(f"from_gptq: {name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2:
+        raise ValueError(f"from_gptq: scales must be [G, N], got {tuple(scales.shape)}")
+    G, N = scales.shape
+    K = qweight.shape[0] * 32 // bits
+    if qweight.shape[1] != N:
+        raise ValueError(f"from_gptq: qweight has {qweight.shape[1]} columns but scales has N = {N}")
+    if qzeros.shape != (G, N * bits // 32):
+        raise ValueError(f"from_gptq: qzeros must have shape {(G, N * bits // 32)}, got {tuple(qzeros.shape)}")
+    gs = group_size or K // G
+    if gs * G != K:
+        raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}")
+    if g_idx is not None:
+        want = torch.arange(K, device=g_idx.device) // gs
+        if g_idx.shape != (K,) or not torch.equal(g_idx.to(torch.int64), want):
+            raise NotImplementedError(
+                "from_gptq: g_idx is not arange(K) // group_size (act-order / desc_act checkpoint); groups would "
+                "not be contiguous along in_features, which the canonical format requires"
+            )
+    q = gptq_unpack_axis0(qweight, bits, K).t()  # [N, K]
+    z = gptq_unpack_axis0(qzeros.t(), bits, N)  # stored zeros [N, G]
+    md = meta_dtype or scales.dtype
+    zeros = (z + zero_offset).to(md).contiguous()  # [N, G]
+    return PackedWeight.from_quantized(q.to(torch.uint8).contiguous(), scales.t().to(md).contiguous(), zeros, bits, gs)

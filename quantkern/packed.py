@@ -1,0 +1,186 @@
+"""PackedWeight: a 2/3/4-bit weight in the canonical packed format.
+
+The format (bit layout, padding, groups) is specified by
+``quantkern/reference/packing.py``; the same bytes are read by the CPU, CUDA and
+Triton kernels. A PackedWeight holds
+
+* ``qweight``: int32 ``[out_features, ceil(in_features / 32) * bits]``
+* ``scales``, ``zeros``: ``[out_features, in_features // group_size]`` (fp32/fp16/bf16)
+* ``bits`` (2, 3, 4), ``group_size``, ``shape = (out_features, in_features)``
+
+and dequantizes as ``w = (q - zeros) * scales``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .reference import packing as ref
+
+
+class PackedWeight:
+    """A packed low-bit weight ``[out_features, in_features]``; see the module docstring."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 shape):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 2:
+            raise ValueError(f"PackedWeight: shape must be (out_features, in_features), got {shape}")
+        ops.check_packed("PackedWeight", qweight, scales, zeros, bits, group_size, shape[1])
+        if qweight.shape[0] != shape[0]:
+            raise ValueError(f"PackedWeight: qweight has {qweight.shape[0]} rows but shape[0] = {shape[0]}")
+        self.qweight = qweight
+        self.scales = scales
+        self.zeros = zeros
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.shape = shape
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_float(cls, W: torch.Tensor, bits: int = 4, group_size: int | None = 128,
+                   meta_dtype: torch.dtype | None = None) -> "PackedWeight":
+        """Round-to-nearest min-max asymmetric quantization of ``W [out, in]``.
+
+        Per group of ``group_size`` consecutive inputs (None or -1: one group per
+        row): ``s = (max - min) / (2**bits - 1)``, ``z = -min / s`` (a float zero
+        point), both rounded to ``meta_dtype`` (default: W's dtype if fp16/bf16,
+        else fp32), then ``q = clamp(round(W / s + z), 0, 2**bits - 1)``.
+        """
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
+            raise ValueError(f"PackedWeight.from_float: W must be a 2-D float tensor, got {getattr(W, 'shape', W)}")
+        ops._check_bits("PackedWeight.from_float", bits)
+        K = W.shape[1]
+        gs = K if group_size in (None, -1) else group_size
+        ops._check_group("PackedWeight.from_float", K, gs)
+        q, s, z = ref.quantize_rtn(W.detach(), bits, gs, meta_dtype)
+        return cls(ops.pack(q, bits), s.contiguous(), z.contiguous(), bits, gs, W.shape)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                       group_size: int | None = None) -> "PackedWeight":
+        """From integer codes ``q [N, K]`` and per-group ``scales``/``zeros [N, G]``."""
+        K = q.shape[1]
+        gs = K // scales.shape[1] if group_size in (None, -1) else group_size
+        return cls(ops.pack(q, bits), scales.contiguous(), zeros.contiguous(), bits, gs, q.shape)
+
+    @classmethod
+    def from_hqq(cls, W_q, meta=None, meta_dtype=None) -> "PackedWeight":
+        """Exact conversion from hqq's packed format; see :func:`quantkern.formats.from_hqq`."""
+        from .formats import from_hqq
+
+        return from_hqq(W_q, meta, meta_dtype=meta_dtype)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, bits: int = 4, group_size: int | None = None, g_idx=None,
+                  zero_offset: int = 1, meta_dtype=None) -> "PackedWeight":
+        """Exact conversion from GPTQ-style int32 tensors; see :func:`quantkern.formats.from_gptq`."""
+        from .formats import from_gptq
+
+        return from_gptq(qweight, qzeros, scales, bits, group_size, g_idx=g_idx, zero_offset=zero_offset,
+                         meta_dtype=meta_dtype)
+
+    # ------------------------------------------------------------ accessors
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def meta_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def unpack(self) -> torch.Tensor:
+        """Integer codes ``[out, in]`` uint8."""
+        return ops.unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
+        """``(q - zeros) * scales`` as a dense ``[out, in]`` tensor (fp32 math, returned in ``dtype``)."""
+        return ops.dequantize(self, dtype, backend=backend)
+
+    def to(self, device=None, meta_dtype: torch.dtype | None = None) -> "PackedWeight":
+        """A copy on ``device`` (and with scales/zeros cast to ``meta_dtype`` when given)."""
+        md = meta_dtype or self.scales.dtype
+        return PackedWeight(self.qweight.to(device), self.scales.to(device, md), self.zeros.to(device, md), self.bits,
+                            self.group_size, self.shape)
+
+    def tensors(self) -> dict:
+        return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+
+    def __repr__(self) -> str:
+        return (f"PackedWeight(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, "
+                f"meta_dtype={self.scales.dtype}, device={self.device})")
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors)
+FORMAT_NAME = "quantkern.packed"
+FORMAT_VERSION = "1"
+LAYOUT = "blocks32-lsb;int4=lo16/hi16-nibbles;int2=fields8;int3=lo2plane+hi1plane"
+
+
+def save_packed(weights: dict, path: str, extra: dict | None = None) -> None:
+    """Save ``{name: PackedWeight}`` (plus optional plain tensors in ``extra``) to a safetensors file.
+
+    Tensors are stored as ``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``; the
+    header metadata records the format name and version, the layout string and,
+    per weight, bits / group_size / shape, and is validated by :func:`load_packed`.
+    Never pickle.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": LAYOUT}
+    info = {}
+    for name, w in weights.items():
+        if not isinstance(w, PackedWeight):
+            raise TypeError(f"save_packed: {name!r} is {type(w).__name__}, not a PackedWeight")
+        for k, t in w.tensors().items():
+            tensors[f"{name}.{k}"] = t.detach().contiguous().cpu()
+        info[name] = {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape)}
+    for name, t in (extra or {}).items():
+        tensors[name] = t.detach().contiguous().cpu()
+    meta["weights"] = json.dumps(info, sort_keys=True)
+    save_file(tensors, path, metadata=meta)
+
+
+def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
+    """Load a :func:`save_packed` file: ``({name: PackedWeight}, {name: extra tensor})``.
+
+    Raises ValueError if the header is not a quantkern packed checkpoint of a
+    supported version and layout, or if a weight's tensors do not match its
+    recorded bits / group size / shape.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"load_packed: {path} is not a {FORMAT_NAME} checkpoint (format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"load_packed: unsupported format_version {meta.get('format_version')!r} "
+                             f"(this quantkern reads {FORMAT_VERSION})")
+        if meta.get("layout") != LAYOUT:
+            raise ValueError(f"load_packed: unknown layout {meta.get('layout')!r} (expected {LAYOUT!r})")
+        info = json.loads(meta.get("weights", "{}"))
+        keys = set(f.keys())
+        weights = {}
+        for name, d in info.items():
+            t = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
+            weights[name] = PackedWeight(t["qweight"], t["scales"], t["zeros"], int(d["bits"]), int(d["group_size"]),
+                                         tuple(d["shape"]))
+            keys -= {f"{name}.qweight", f"{name}.scales", f"{name}.zeros"}
+        extra = {k: f.get_tensor(k) for k in sorted(keys)}
+    return weights, extra

@@ -1,0 +1,223 @@
+"""The canonical packed weight format of quantkern (DESIGN.md section 4). The packer is the spec.
+
+A weight ``W [N, K]`` (N = out_features, K = in_features) is stored as
+
+* ``qweight``: int32 ``[N, nb * bits]`` with ``nb = ceil(K / 32)``: the integers
+  ``q in [0, 2^bits)``, packed along K, row by row, with no wasted bits;
+* ``scales``, ``zeros``: ``[N, G]``, float32 / float16 / bfloat16 (same dtype),
+  ``G = K // group_size``; group ``g`` of row ``n`` covers
+  ``k in [g * group_size, (g + 1) * group_size)``;
+* dequantized weight ``w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g]``
+  computed in fp32 (float zero point: covers HQQ's float zeros and GPTQ/AWQ
+  integer zeros). Kernels may use the fused form ``q * s + m, m = -z * s``.
+
+Group sizes: any multiple of 32 that divides K (32, 64, 128, 256, ...), so that
+groups are whole 32-weight blocks; or ``group_size == K`` (one group per row,
+any K).
+
+Blocks and padding
+------------------
+Each row is cut into blocks of 32 consecutive weights, ``k = 32 * j + t`` with
+``t in [0, 32)``; block j occupies ``bits`` 32-bit words. When K is not a
+multiple of 32 the last block is padded with ``q = 0`` (so the row still holds
+``nb * bits`` words); the padding never contributes: kernels read x as zero
+there. Words are little-endian: bit ``i`` of a word is bit ``i % 8`` of its
+byte ``i // 8``. Below, ``byte p`` is byte p of the block's bytes, counted from
+the block's first word.
+
+4 bits: 4 words (16 bytes) per block, stored at words ``[4j, 4j + 4)``::
+
+    byte p (p = 0..15):   bit 7 ......... 4   3 ......... 0
+                          [   q[t = p + 16] ] [   q[t = p]    ]
+
+  i.e. the low nibbles of the 16 bytes are weights 0..15 of the block, the high
+  nibbles weights 16..31: ``bytes & 0xF`` gives weights 0..15 in order and
+  ``(bytes >> 4) & 0xF`` weights 16..31 in order (one AND, or one shift and
+  one AND, per 16 weights; no x permutation for byte- or lane-wise decode).
+
+2 bits: 2 words (8 bytes) per block, stored at words ``[2j, 2j + 2)``::
+
+    byte p (p = 0..7):    bits 7-6        bits 5-4        bits 3-2       bits 1-0
+                          [q[t = p + 24]] [q[t = p + 16]] [q[t = p + 8]] [q[t = p]]
+
+  field f (bits 2f, 2f+1) of the 8 bytes holds weights ``8f .. 8f + 7`` in order:
+  ``(bytes >> 2f) & 3``.
+
+3 bits: a 2-bit plane plus a 1-bit plane, exactly 3 words per block. The row is
+``[lo plane: 2 * nb words][hi plane: nb words]``::
+
+    lo plane, words [2j, 2j + 2):      the 2-bit layout above, of (q & 3)
+    hi plane, word  2 * nb + j:        bit t = (q[t] >> 2) & 1      (t = 0..31)
+
+  A SIMD decoder combines field f of the lo bytes, ``(lo >> 2f) & 3``, with bit
+  ``8f + p`` of the hi word moved to bit 2 (a per-lane rotate, or AVX-512
+  VBMI vpmultishiftqb per byte); a GPU thread reads 2 lo words and 1 hi word per
+  block. The planes are separate so that each is a contiguous stream: one
+  vector load of 64 lo bytes (8 blocks) pairs with one 32-byte load of hi bits.
+
+Example (4 bits, K = 40): nb = 2, row = 8 words; weights 0..31 in words 0..3,
+weights 32..39 in the low nibbles of bytes 0..7 of words 4..5, the rest zero.
+
+The same bytes are read by the CPU (csrc/cpu/packed_linear*.{cpp,h}), CUDA
+(csrc/cuda/packed_linear.cu) and Triton (triton_kernels/packed_linear.py)
+kernels. Everything in this file is plain PyTorch, readable before fast.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+SUPPORTED_BITS = (2, 3, 4)
+META_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def num_blocks(K: int) -> int:
+    """Number of 32-weight blocks of a row of length K (the last one padded)."""
+    return (K + BLOCK - 1) // BLOCK
+
+
+def packed_words(K: int, bits: int) -> int:
+    """int32 words per packed row."""
+    return num_blocks(K) * bits
+
+
+def check_group_size(K: int, group_size: int) -> None:
+    """Raise ValueError unless group_size is a multiple of 32 dividing K, or K itself."""
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if group_size == K:
+        return
+    if group_size % BLOCK or K % group_size:
+        raise ValueError(
+            f"group_size {group_size} must be a multiple of {BLOCK} that divides K = {K} "
+            f"(e.g. 32, 64, 128, 256), or equal K (one group per row)"
+        )
+
+
+def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 4m] -> int32 [..., m], little-endian."""
+    b = b.to(torch.int64)
+    b = b.reshape(*b.shape[:-1], -1, 4)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _words_to_bytes(w: torch.Tensor) -> torch.Tensor:
+    """int32 [..., m] -> uint8 [..., 4m], little-endian."""
+    w = w.to(torch.int64) & 0xFFFFFFFF
+    b = torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+    return b.reshape(*w.shape[:-1], -1).to(torch.uint8)
+
+
+def _plane2(q: torch.Tensor) -> torch.Tensor:
+    """q [N, nb, 32] (values < 4) -> 2-bit plane bytes [N, nb, 8]."""
+    out = torch.zeros(*q.shape[:-1], 8, dtype=torch.int64, device=q.device)
+    for f in range(4):
+        out |= q[..., 8 * f : 8 * f + 8] << (2 * f)
+    return out
+
+
+def _unplane2(b: torch.Tensor) -> torch.Tensor:
+    """2-bit plane bytes [N, nb, 8] -> q [N, nb, 32]."""
+    return torch.cat([(b >> (2 * f)) & 3 for f in range(4)], dim=-1)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers ``q [N, K]`` (any integer dtype, values in [0, 2^bits)) into ``qweight [N, nb * bits]`` int32."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D [N, K], got shape {tuple(q.shape)}")
+    N, K = q.shape
+    nb = num_blocks(K)
+    qi = q.to(torch.int64)
+    if qi.numel() and (int(qi.min()) < 0 or int(qi.max()) >= (1 << bits)):
+        raise ValueError(f"q values must lie in [0, {(1 << bits) - 1}] for bits={bits}")
+    qi = torch.nn.functional.pad(qi, (0, nb * BLOCK - K)).reshape(N, nb, BLOCK)
+    if bits == 4:
+        by = qi[..., :16] | (qi[..., 16:] << 4)  # [N, nb, 16]
+        return _bytes_to_words(by.reshape(N, nb * 16))
+    if bits == 2:
+        return _bytes_to_words(_plane2(qi).reshape(N, nb * 8))
+    # bits == 3
+    lo = _bytes_to_words(_plane2(qi & 3).reshape(N, nb * 8))  # [N, 2 nb]
+    hb = (qi >> 2) & 1  # [N, nb, 32]
+    hi_bytes = torch.stack([sum(hb[..., 8 * p + i] << i for i in range(8)) for p in range(4)], dim=-1)
+    hi = _bytes_to_words(hi_bytes.reshape(N, nb * 4))  # [N, nb]
+    return torch.cat([lo, hi], dim=1)
+
+
+def unpack(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``qweight [N, nb * bits]`` int32 -> ``q [N, K]`` uint8."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    N = qweight.shape[0]
+    nb = num_blocks(K)
+    if tuple(qweight.shape) != (N, nb * bits):
+        raise ValueError(f"qweight must have shape [N, {nb * bits}] for K={K}, bits={bits}, got {tuple(qweight.shape)}")
+    by = _words_to_bytes(qweight).to(torch.int64)
+    if bits == 4:
+        by = by.reshape(N, nb, 16)
+        q = torch.cat([by & 0xF, by >> 4], dim=-1)
+    elif bits == 2:
+        q = _unplane2(by.reshape(N, nb, 8))
+    else:
+        lo = _unplane2(by[:, : nb * 8].reshape(N, nb, 8))
+        hb = by[:, nb * 8 :].reshape(N, nb, 4)
+        hi = torch.cat([((hb >> i) & 1)[..., None] for i in range(8)], dim=-1).reshape(N, nb, 32)
+        q = lo | (hi << 2)
+    return q.reshape(N, nb * BLOCK)[:, :K].to(torch.uint8)
+
+
+def group_view(t: torch.Tensor, K: int) -> torch.Tensor:
+    """Expand per-group metadata ``[N, G]`` to ``[N, K]`` (fp32)."""
+    G = t.shape[1]
+    return t.float().repeat_interleave(K // G, dim=1)
+
+
+def dequantize(qweight, scales, zeros, bits: int, group_size: int, K: int, dtype=torch.float32) -> torch.Tensor:
+    """``w = (q - z) * s`` in fp32, cast to ``dtype``: ``[N, K]``."""
+    check_group_size(K, group_size)
+    q = unpack(qweight, bits, K).float()
+    w = (q - group_view(zeros, K)) * group_view(scales, K)
+    return w.to(dtype)
+
+
+def packed_linear(x, qweight, scales, zeros, bits: int, group_size: int, K: int, bias=None) -> torch.Tensor:
+    """``x @ w.T + bias`` with fp32 math, returned in x.dtype (the oracle of ops.packed_linear)."""
+    w = dequantize(qweight, scales, zeros, bits, group_size, K)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
+    """Round-to-nearest, min-max asymmetric quantization per group along K.
+
+    Per group: ``s = (max - min) / (2^bits - 1)`` (1 when max == min), ``z = -min / s``
+    (a float zero point), both rounded to ``meta_dtype`` first, then
+    ``q = clamp(round(W / s + z), 0, 2^bits - 1)`` with the stored s and z, so that
+    dequantization reproduces the grid exactly. ``meta_dtype`` defaults to W's
+    dtype when it is fp16/bf16 and to fp32 otherwise.
+
+    Returns ``(q uint8 [N, K], scales [N, G], zeros [N, G])``.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D [N, K], got shape {tuple(W.shape)}")
+    N, K = W.shape
+    check_group_size(K, group_size)
+    if meta_dtype is None:
+        meta_dtype = W.dtype if W.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if meta_dtype not in META_DTYPES:
+        raise ValueError(f"meta_dtype must be one of {META_DTYPES}, got {meta_dtype}")
+    qmax = (1 << bits) - 1
+    Wg = W.float().reshape(N, K // group_size, group_size)
+    mn, mx = Wg.amin(-1), Wg.amax(-1)
+    s = (mx - mn) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s)).to(meta_dtype)
+    z = (-mn / s.float()).to(meta_dtype)
+    q = torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
+    return q.reshape(N, K).to(torch.uint8), s, z

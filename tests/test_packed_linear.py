@@ -1,0 +1,292 @@
+"""packed_linear: accuracy vs torch's own error, every CPU path, autograd, opcheck, compile, PackedLinear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantkern
+from quantkern import PackedWeight, ops
+from quantkern.nn import PackedLinear, replace_linear
+from quantkern.reference import packing as ref
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (M, N, K, group_size): GEMV (M <= 4), AMX / fp32 panels (M > 4), several x chunks (M = 300),
+# odd N, K not a multiple of 32 (one group per row), one group per row with K % 32 == 0.
+SHAPES = [(1, 33, 256, 64), (3, 17, 100, 100), (2, 40, 4096, 128), (8, 31, 96, 32), (33, 65, 384, 128),
+          (300, 20, 128, 128), (5, 48, 64, 64)]
+# Relative-error floors that keep tiny, exactly-representable cases from being flaky.
+FLOOR = {torch.float32: 2e-7, torch.bfloat16: 1e-4, torch.float16: 1e-5}
+
+CONFIGS = [("auto", {})] + [(c, {}) for c in quantkern.cpu_capabilities() if c != "avx512"]
+if "avx512" in quantkern.cpu_capabilities():
+    CONFIGS += [("avx512", {}), ("avx512", {"vnni": False}), ("avx512", {"amx": False}),
+                ("avx512", {"vnni": False, "amx": False})]
+
+
+@pytest.fixture(params=CONFIGS, ids=lambda c: c[0] + "".join(f"-no{k}" for k in c[1]))
+def config(request):
+    cap, feats = request.param
+    quantkern.set_cpu_capability(cap)
+    for k, v in feats.items():
+        ops.set_cpu_feature(k, v)
+    yield request.param
+    quantkern.set_cpu_capability("auto")
+    for k in feats:
+        ops.set_cpu_feature(k, True)
+
+
+def make(N, K, bits, gs, meta=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    return PackedWeight.from_float(W, bits, gs, meta)
+
+
+def rel_err(y, truth):
+    return ((y.double() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+
+def check_accuracy(y, x, pw, bias=None):
+    """Our error vs the fp64 product must be <= 2x PyTorch's own error at x's dtype (plus a tiny floor)."""
+    Wd = ref.dequantize(pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.in_features)
+    truth = x.double() @ Wd.double().T
+    if bias is not None:
+        truth = truth + bias.double()
+    yt = F.linear(x, Wd.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    e, et = rel_err(y, truth), rel_err(yt, truth)
+    assert y.dtype == x.dtype and y.shape == yt.shape
+    assert e <= 2 * et + FLOOR[x.dtype], f"error {e:.3g} vs torch {et:.3g}"
+    return e, et
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_accuracy(bits, config):
+    for i, (M, N, K, gs) in enumerate(SHAPES):
+        meta = (torch.float16, torch.bfloat16, torch.float32)[i % 3]
+        pw = make(N, K, bits, gs, meta, seed=i)
+        bias = torch.randn(N) if i % 2 else None
+        for dt in DTYPES:
+            x = torch.randn(M, K).to(dt)
+            check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
+
+
+def test_noncontiguous_and_batched():
+    pw = make(24, 160, 4, 32)
+    for dt in DTYPES:
+        big = torch.randn(3, 5, 320).to(dt)
+        x = big[..., ::2]  # [3, 5, 160], not contiguous
+        y = ops.packed_linear(x, pw)
+        assert y.shape == (3, 5, 24)
+        check_accuracy(y.reshape(15, 24), x.reshape(15, 160), pw)
+        assert ops.packed_linear(torch.randn(0, 160).to(dt), pw).shape == (0, 24)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_grad_x(dt):
+    pw = make(40, 96, 3, 32)
+    bias = torch.randn(40, requires_grad=True)
+    for M in (1, 9):
+        x = torch.randn(M, 96).to(dt).requires_grad_()
+        y = ops.packed_linear(x, pw, bias)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        Wd = pw.dequantize(torch.float32)
+        want = (gy.float() @ Wd).to(dt)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt]
+        torch.testing.assert_close(x.grad, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(bias.grad, gy.float().sum(0), rtol=1e-4, atol=1e-4)
+        bias.grad = None
+
+
+def test_grad_input_is_chunked():
+    # the backward dequantizes blocks of rows, never the whole weight
+    from quantkern._registry import packed_grad_input
+
+    pw = make(50, 64, 4, 32)
+    g = torch.randn(3, 50)
+    calls = []
+
+    def deq(*a):
+        calls.append(a[0].shape[0])
+        return torch.ops.quantkern.dequantize(*a)
+
+    out = packed_grad_input(g, pw.qweight, pw.scales, pw.zeros, 4, 32, 64, deq, chunk_bytes=64 * 4 * 16)
+    assert calls == [16, 16, 16, 2]
+    torch.testing.assert_close(out, g @ pw.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_opcheck(dt):
+    for M, bits, gs in ((1, 4, 32), (6, 3, 64), (2, 2, 64)):
+        pw = make(20, 64, bits, gs)
+        x = torch.randn(M, 64).to(dt).requires_grad_()
+        bias = torch.randn(20)
+        torch.library.opcheck(torch.ops.quantkern.packed_linear,
+                              (x, pw.qweight, pw.scales, pw.zeros, bits, gs, 64, bias))
+        torch.library.opcheck(torch.ops.quantkern.packed_linear,
+                              (x.detach(), pw.qweight, pw.scales, pw.zeros, bits, gs, 64, None))
+
+
+def test_torch_compile_functional_and_module():
+    torch._dynamo.reset()
+    pw = make(32, 128, 4, 64)
+    bias = torch.randn(32)
+    f = torch.compile(lambda x: ops.packed_linear(x, pw, bias), fullgraph=True)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(f(x), ops.packed_linear(x, pw, bias))
+    lin = torch.nn.Linear(128, 32)
+    m = PackedLinear.from_linear(lin, bits=3, group_size=32)
+    cm = torch.compile(m, fullgraph=True)
+    xb = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(cm(xb), m(xb))
+
+
+def test_packed_linear_module_roundtrip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    m = PackedLinear.from_linear(lin, bits=4, group_size=32)
+    x = torch.randn(4, 96)
+    y = m(x)
+    # close to the float layer (4-bit RTN)
+    assert rel_err(y, (lin(x)).double()) < 0.15
+    sd = m.state_dict()
+    assert set(sd) == {"qweight", "scales", "zeros", "bias", "_extra_state"}
+    m2 = PackedLinear(96, 40, bias=True, bits=4, group_size=32)
+    m2.load_state_dict(sd)
+    torch.testing.assert_close(m2(x), y, rtol=0, atol=0)
+    bad = PackedLinear(96, 40, bias=True, bits=3, group_size=32)
+    with pytest.raises((ValueError, RuntimeError)):
+        bad.load_state_dict(sd)
+    # trainable bias, frozen packed weight
+    y.sum().backward()
+    assert m.bias.grad is not None and not m.qweight.requires_grad
+    assert "bits=4" in repr(m)
+
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, d=64, h=128):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        self.lm_head = torch.nn.Linear(d, 10)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 8, -1) @ self.v(x)
+        x = x + self.o(a)
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.lm_head(x)
+
+
+def test_replace_linear_toy_transformer():
+    torch.manual_seed(0)
+    model = ToyBlock().eval()
+    x = torch.randn(2, 7, 64)
+    ref_out = model(x)
+    names = replace_linear(model, bits=4, group_size=32, skip=("lm_head",))
+    assert sorted(names) == sorted(["q", "k", "v", "o", "up", "down"])
+    assert type(model.lm_head) is torch.nn.Linear and isinstance(model.q, PackedLinear)
+    out = model(x)
+    assert rel_err(out, ref_out.double()) < 0.1
+    sd = model.state_dict()
+    model2 = ToyBlock()
+    replace_linear(model2, bits=4, group_size=32, skip=("lm_head",))
+    model2.load_state_dict(sd)
+    torch.testing.assert_close(model2(x), out, rtol=0, atol=0)
+
+
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+
+        return transformers
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"transformers not usable: {e}")
+
+
+def test_replace_linear_hf_llama_and_vit():
+    tf = _transformers()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        names = replace_linear(model, bits=4, group_size=32, skip=("lm_head",))
+        assert len(names) == 2 * 7
+        logits = model(ids).logits
+    assert rel_err(logits, ref_logits.double()) < 0.2
+    vcfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, num_labels=5)
+    vit = tf.ViTForImageClassification(vcfg).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_v = vit(pixel_values=px).logits
+        names = replace_linear(vit, bits=4, group_size=32, skip=("classifier",))
+        assert len(names) == 2 * 6
+        out_v = vit(pixel_values=px).logits
+    assert rel_err(out_v, ref_v.double()) < 0.2
+
+
+def test_errors():
+    pw = make(8, 64, 4, 32)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.packed_linear(torch.randint(0, 3, (2, 64)), pw)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 64\]"):
+        ops.packed_linear(torch.randn(2, 63), pw)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.packed_linear(torch.randn(2, 64), pw, torch.randn(7))
+    with pytest.raises(TypeError, match="weight must be a quantkern.PackedWeight"):
+        ops.packed_linear(torch.randn(2, 64), pw.qweight)
+    with pytest.raises(ValueError, match="weight is on"):
+        ops.packed_linear(torch.randn(2, 64, device="meta"), pw)
+    with pytest.raises(ValueError, match="backend"):
+        ops.packed_linear(torch.randn(2, 64), pw, backend="cuda")
+    with pytest.raises(ValueError, match="bits"):
+        PackedLinear(64, 8, bits=5)
+    with pytest.raises(ValueError, match="group_size 48"):
+        PackedLinear(96, 8, group_size=48)
+    # the C++ op checks on its own
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        torch.ops.quantkern.packed_linear(torch.randn(2, 60), pw.qweight, pw.scales, pw.zeros, 4, 32, 64, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.quantkern.packed_linear(torch.randn(2, 64), pw.qweight, pw.scales, pw.zeros, 4, 32, 64,
+                                          torch.randn(3))
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.quantkern.packed_linear(torch.randn(2, 64).double(), pw.qweight, pw.scales, pw.zeros, 4, 32, 64,
+                                          None)
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+def _triton_ready():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest.py)")
+    try:
+        import quantkern.triton_kernels  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"triton not installed: {e}")
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_triton_packed_linear(bits):
+    _triton_ready()
+    for i, (M, N, K, gs) in enumerate([(3, 33, 100, 100), (17, 40, 128, 32), (1, 20, 64, 64)]):
+        pw = make(N, K, bits, gs, (torch.float16, torch.bfloat16, torch.float32)[i])
+        Wd = ref.dequantize(pw.qweight, pw.scales, pw.zeros, bits, gs, K)
+        assert torch.equal(pw.dequantize(torch.float32, backend="triton"), Wd)
+        assert torch.equal(pw.dequantize(torch.bfloat16, backend="triton"), Wd.bfloat16())
+        bias = torch.randn(N) if i else None
+        for dt in DTYPES:
+            x = torch.randn(M, K).to(dt)
+            check_accuracy(ops.packed_linear(x, pw, bias, backend="triton"), x, pw, bias)
+
+
+def test_triton_grad_and_opcheck():
+    _triton_ready()
+    pw = make(24, 64, 3, 32)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = ops.packed_linear(x, pw, backend="triton")
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones(2, 24) @ pw.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.quantkern.packed_linear_triton,
+                          (x.detach().requires_grad_(), pw.qweight, pw.scales, pw.zeros, 3, 32, 64, None))

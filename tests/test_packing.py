@@ -1,0 +1,254 @@
+"""The canonical packed format: pack/unpack/dequantize exactness, layout, converters, errors."""
+import pytest
+import torch
+
+import quantkern
+from quantkern import PackedWeight, formats, ops
+from quantkern.reference import packing as ref
+
+BITS = (2, 3, 4)
+# (N, K, group sizes that divide K): odd N, K not a multiple of 32 (one group per row)
+SHAPES = [(1, 32, (32,)), (3, 100, (100,)), (5, 64, (32, 64)), (7, 96, (32, 96)), (17, 256, (64, 128, 256)),
+          (2, 4097, (4097,)), (9, 384, (128,))]
+META = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(params=["auto"] + quantkern.cpu_capabilities())
+def cap(request):
+    old = quantkern.get_cpu_capability()
+    quantkern.set_cpu_capability(request.param)
+    yield request.param
+    quantkern.set_cpu_capability("auto")
+
+
+def rand_q(N, K, bits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("N,K,_g", SHAPES)
+def test_pack_unpack_exact(bits, N, K, _g):
+    q = rand_q(N, K, bits, seed=N * K + bits)
+    packed = ops.pack(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (N, (K + 31) // 32 * bits)
+    assert torch.equal(packed, ref.pack(q, bits)), "native packer differs from the spec"
+    assert torch.equal(ops.unpack(packed, bits, K), q)
+    assert torch.equal(ref.unpack(packed, bits, K), q)
+
+
+def test_layout_matches_diagram():
+    # 4 bits: byte p = q[p] | q[p + 16] << 4
+    q = torch.arange(32, dtype=torch.uint8).remainder(16)[None]
+    b = ref._words_to_bytes(ref.pack(q, 4))[0]
+    assert [int(v) for v in b[:3]] == [0 | (0 << 4), 1 | (1 << 4), 2 | (2 << 4)]
+    q = torch.zeros(1, 32, dtype=torch.uint8)
+    q[0, 17] = 9
+    b = ref._words_to_bytes(ref.pack(q, 4))[0]
+    assert int(b[1]) == 9 << 4 and int(b.sum()) == 9 << 4
+    # 2 bits: bits 2f..2f+1 of byte p hold q[8f + p]
+    q = torch.zeros(1, 32, dtype=torch.uint8)
+    q[0, 8 * 3 + 5] = 2
+    b = ref._words_to_bytes(ref.pack(q, 2))[0]
+    assert int(b[5]) == 2 << 6 and int(b.sum()) == 2 << 6
+    # 3 bits: lo plane then hi plane; bit t of the hi word = bit 2 of q[t]
+    q = torch.zeros(1, 64, dtype=torch.uint8)  # nb = 2
+    q[0, 32 + 13] = 5  # block 1, t = 13: lo = 1, hi = 1
+    w = ref.pack(q, 3)[0]
+    assert w.shape == (6,)
+    b = ref._words_to_bytes(w[None])[0]
+    assert int(b[8 * 1 + 5]) == 1 << 2  # lo plane, block 1, byte p = 5, field f = 1
+    assert int(w[4 + 1]) == 1 << 13  # hi plane word 2 nb + j = 5
+    assert int(w[4]) == 0
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("meta", META)
+def test_dequantize_exact(bits, meta, cap):
+    for N, K, gss in SHAPES[:6]:
+        for gs in gss:
+            g = torch.Generator().manual_seed(K + gs)
+            q = rand_q(N, K, bits, seed=K)
+            s = (torch.rand(N, K // gs, generator=g) + 0.1).to(meta)
+            z = (torch.rand(N, K // gs, generator=g) * (1 << bits)).to(meta)
+            w = PackedWeight.from_quantized(q, s, z, bits, gs)
+            want = ref.dequantize(w.qweight, s, z, bits, gs, K)
+            assert torch.equal(w.dequantize(torch.float32), want)
+            for dt in (torch.float16, torch.bfloat16):
+                assert torch.equal(w.dequantize(dt), want.to(dt))
+            assert w.dequantize().dtype == meta
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gs", [32, 64, 128, None])
+def test_from_float_rtn(bits, gs):
+    W = torch.randn(33, 256)
+    pw = PackedWeight.from_float(W, bits, gs)
+    G = 1 if gs is None else 256 // gs
+    assert pw.scales.shape == (33, G) and pw.scales.dtype == torch.float32
+    err = (pw.dequantize() - W).abs()
+    s = ref.group_view(pw.scales, 256)
+    assert bool((err <= 0.5 * s * (1 + 1e-5) + 1e-7).all())
+    q = pw.unpack()
+    assert int(q.max()) == (1 << bits) - 1 and int(q.min()) == 0
+    # fp16 metadata by default for an fp16 weight
+    assert PackedWeight.from_float(W.half(), bits, gs).scales.dtype == torch.float16
+
+
+def test_packed_weight_to_and_repr():
+    pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
+    pw2 = pw.to("cpu", meta_dtype=torch.bfloat16)
+    assert pw2.scales.dtype == torch.bfloat16 and pw2.shape == (8, 64)
+    assert "bits=4" in repr(pw)
+    assert pw.nbytes() == 8 * 8 * 4 + 2 * 8 * 2 * 4
+
+
+# ---------------------------------------------------------------- converters
+def _hqq():
+    try:
+        from hqq.core.quantize import Quantizer
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"hqq not installed: {e}")
+    return Quantizer
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gs", [64, 128, None])
+@pytest.mark.parametrize("optimize", [False, True])
+def test_from_hqq_bit_exact(bits, gs, optimize):
+    Quantizer = _hqq()
+    torch.manual_seed(bits * 7 + (gs or 0))
+    W = torch.randn(48, 256)
+    W_q, meta = Quantizer.quantize(W, nbits=bits, group_size=gs, axis=1, optimize=optimize, device="cpu",
+                                   round_zero=bits == 4)
+    meta["compute_dtype"] = torch.float32
+    pw = formats.from_hqq(W_q, meta)
+    # codes: hqq's own unpack, reshaped to [N, K]
+    codes = Quantizer.unpack[meta["packing"]](W_q, dtype=torch.int64)[: 48 * 256 // (gs or 256)].reshape(48, 256)
+    assert torch.equal(pw.unpack().to(torch.int64), codes)
+    assert torch.equal(pw.scales, meta["scale"].reshape(pw.scales.shape))
+    assert torch.equal(pw.zeros, meta["zero"].reshape(pw.zeros.shape))
+    if bits == 3 and gs is None:  # hqq 0.2.8's own dequantize fails here (group_size None with 3-bit rows)
+        want = ((codes.float().reshape(-1, 256) - meta["zero"]) * meta["scale"]).reshape(48, 256)
+    else:
+        want = Quantizer.dequantize(W_q, meta)
+    assert torch.equal(pw.dequantize(torch.float32), want)
+    # fp16 metadata, as HQQLinear stores it
+    meta16 = dict(meta, scale=meta["scale"].half(), zero=meta["zero"].half())
+    pw16 = formats.from_hqq(W_q, meta16)
+    assert pw16.scales.dtype == torch.float16 and torch.equal(pw16.unpack(), pw.unpack())
+
+
+def test_from_hqq_rejects_axis0():
+    Quantizer = _hqq()
+    W_q, meta = Quantizer.quantize(torch.randn(16, 64), nbits=4, group_size=32, axis=0, optimize=False, device="cpu")
+    with pytest.raises(NotImplementedError, match="axis=0"):
+        formats.from_hqq(W_q, meta)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("zero_offset", [1, 0])
+def test_gptq_roundtrip(bits, zero_offset):
+    N, K, gs = 64, 256, 64
+    q = rand_q(N, K, bits, seed=bits)
+    z = torch.randint(zero_offset, 1 << bits, (N, K // gs))
+    s = torch.rand(N, K // gs).half() + 0.01
+    qweight, qzeros, scales = formats.to_gptq(q, z, s, bits, zero_offset)
+    assert qweight.shape == (K * bits // 32, N) and qzeros.shape == (K // gs, N * bits // 32)
+    pw = formats.from_gptq(qweight, qzeros, scales, bits, zero_offset=zero_offset)
+    assert torch.equal(pw.unpack(), q)
+    assert torch.equal(pw.zeros, z.half()) and torch.equal(pw.scales, s)
+    # GPTQ's own dequantization: scales[g, n] * (q[k, n] - (qzeros[g, n] + offset))
+    qk = formats.gptq_unpack_axis0(qweight, bits, K)  # [K, N]
+    zk = formats.gptq_unpack_axis0(qzeros.t(), bits, N).t()  # [G, N]
+    gidx = torch.arange(K) // gs
+    w_gptq = scales.float()[gidx] * (qk - (zk[gidx] + zero_offset)).float()
+    assert torch.equal(pw.dequantize(torch.float32), w_gptq.t())
+
+
+def test_gptq_4bit_word_layout():
+    # qweight[i, n] holds q[8 i + j, n] in bits 4j..4j+3
+    K, N = 32, 8
+    q = torch.zeros(N, K, dtype=torch.uint8)
+    q[3, 8 * 2 + 5] = 0xB
+    qweight, qzeros, _ = formats.to_gptq(q, torch.ones(N, 1, dtype=torch.int64), torch.ones(N, 1), 4, 1)
+    assert int(qweight[2, 3]) == 0xB << 20 and int(qweight.abs().sum()) == 0xB << 20
+    assert int(qzeros[0, 0]) == 0  # zero 1 stored as 0 (v1 convention)
+    # 3-bit boundary values (the 11th and 22nd cross words)
+    q3 = torch.zeros(1, 32, dtype=torch.uint8)
+    q3[0, 10] = 0b101
+    q3[0, 21] = 0b110
+    w = formats.gptq_pack_axis0(q3.t(), 3)[:, 0].to(torch.int64) & 0xFFFFFFFF
+    assert int(w[0]) == 0b01 << 30 and int(w[1]) == (1 | (0 << 31)) and int(w[2]) == 0b11
+    assert torch.equal(formats.gptq_unpack_axis0(formats.gptq_pack_axis0(q3.t(), 3), 3, 32).t().to(torch.uint8), q3)
+
+
+def test_gptq_act_order_rejected():
+    q = rand_q(8, 64, 4)
+    qw, qz, s = formats.to_gptq(q, torch.ones(8, 2, dtype=torch.int64), torch.ones(8, 2), 4)
+    g_idx = (torch.arange(64) // 32).flip(0)  # a permuted (act-order) g_idx
+    with pytest.raises(NotImplementedError, match="act-order"):
+        formats.from_gptq(qw, qz, s, 4, g_idx=g_idx)
+    formats.from_gptq(qw, qz, s, 4, g_idx=torch.arange(64) // 32)
+
+
+# ---------------------------------------------------------------- errors
+def test_errors():
+    q = rand_q(4, 64, 4)
+    with pytest.raises(ValueError, match="bits"):
+        ops.pack(q, 5)
+    with pytest.raises(ValueError, match="bits"):
+        PackedWeight.from_float(torch.randn(4, 64), 5, 32)
+    with pytest.raises(ValueError, match="group_size 48"):
+        PackedWeight.from_float(torch.randn(4, 96), 4, 48)
+    with pytest.raises(ValueError, match="group_size 64"):
+        PackedWeight.from_float(torch.randn(4, 96), 4, 64)
+    with pytest.raises(RuntimeError, match="values must lie"):
+        torch.ops.quantkern.pack(q + 8, 3)
+    pw = PackedWeight.from_float(torch.randn(4, 64), 4, 32)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        PackedWeight(pw.qweight, pw.scales[:, :1], pw.zeros[:, :1], 4, 32, (4, 64))
+    with pytest.raises(ValueError, match="zeros must have shape"):
+        PackedWeight(pw.qweight, pw.scales, pw.zeros[:3], 4, 32, (4, 64))
+    with pytest.raises(TypeError, match="zeros dtype"):
+        PackedWeight(pw.qweight, pw.scales, pw.zeros.half(), 4, 32, (4, 64))
+    with pytest.raises(TypeError, match="qweight must have dtype"):
+        PackedWeight(pw.qweight.float(), pw.scales, pw.zeros, 4, 32, (4, 64))
+    with pytest.raises(ValueError, match="qweight must have shape"):
+        PackedWeight(pw.qweight[:, :4], pw.scales, pw.zeros, 4, 32, (4, 64))
+    with pytest.raises(ValueError, match="is on meta"):
+        PackedWeight(pw.qweight, pw.scales.to("meta"), pw.zeros, 4, 32, (4, 64))
+    # the C++ checks name the argument too
+    with pytest.raises(RuntimeError, match="scales must have shape"):
+        torch.ops.quantkern.dequantize(pw.qweight, pw.scales[:, :1], pw.zeros[:, :1], 4, 32, 64)
+    with pytest.raises(RuntimeError, match="group_size 48"):
+        torch.ops.quantkern.dequantize(pw.qweight, pw.scales, pw.zeros, 4, 48, 64)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3 or 4"):
+        torch.ops.quantkern.unpack(pw.qweight, 5, 64)
+
+
+def test_opcheck_pack_ops():
+    q = rand_q(5, 100, 3)
+    pw = PackedWeight.from_quantized(q, torch.rand(5, 1) + 0.1, torch.rand(5, 1), 3, 100)
+    torch.library.opcheck(torch.ops.quantkern.pack, (q, 3))
+    torch.library.opcheck(torch.ops.quantkern.unpack, (pw.qweight, 3, 100))
+    torch.library.opcheck(torch.ops.quantkern.dequantize, (pw.qweight, pw.scales, pw.zeros, 3, 100, 100, torch.bfloat16))
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from quantkern import load_packed, save_packed
+
+    ws = {"a": PackedWeight.from_float(torch.randn(8, 100), 3, None), "b.c": PackedWeight.from_float(torch.randn(5, 64), 2, 32)}
+    p = str(tmp_path / "w.safetensors")
+    save_packed(ws, p, extra={"b.bias": torch.ones(5)})
+    got, extra = load_packed(p)
+    assert set(got) == {"a", "b.c"} and torch.equal(extra["b.bias"], torch.ones(5))
+    for k in ws:
+        assert got[k].bits == ws[k].bits and got[k].group_size == ws[k].group_size and got[k].shape == ws[k].shape
+        assert torch.equal(got[k].dequantize(), ws[k].dequantize())
+    from safetensors.torch import save_file
+
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"x": torch.ones(1)}, bad, metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not a quantkern.packed checkpoint"):
+        load_packed(bad)
