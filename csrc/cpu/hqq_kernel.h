@@ -33,8 +33,6 @@ QK_SI V exp2i_(V n) {
   __m512i b = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23);
   return {_mm512_castsi512_ps(b)};
 }
-QK_SI V vld(const float* p) { return load(p); }
-QK_SI void vst(float* p, V v) { store(p, v); }
 // kW values in [0, 255] (integral) -> kW bytes
 QK_SI void store_u8(uint8_t* p, V v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v.v)));
@@ -56,8 +54,6 @@ QK_SI V exp2i_(V n) {
   __m256i b = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
   return {_mm256_castsi256_ps(b)};
 }
-QK_SI V vld(const float* p) { return load(p); }
-QK_SI void vst(float* p, V v) { store(p, v); }
 QK_SI void store_u8(uint8_t* p, V v) {
   __m256i i32 = _mm256_cvtps_epi32(v.v);
   __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
@@ -65,8 +61,6 @@ QK_SI void store_u8(uint8_t* p, V v) {
 }
 QK_SI bool all_finite(V v) { return _mm256_movemask_ps(_mm256_cmp_ps(v.v, v.v, _CMP_ORD_Q)) == 0xff; }
 #else  // scalar: V is float and the qk:: scalar vocabulary applies
-QK_SI float vld(const float* p) { return *p; }
-QK_SI void vst(float* p, float v) { *p = v; }
 QK_SI void store_u8(uint8_t* p, float v) { *p = uint8_t(v); }
 QK_SI bool all_finite(float v) { return v == v; }
 #endif

@@ -115,15 +115,12 @@ inline void dequant_row_f32_generic(const PackedW& P, int64_t n, float* out) {
 
 // ------------------------------------------------------------ vector helpers
 #if defined(QK_ISA_AVX512)
-QK_SI V vld(const float* p) { return {_mm512_loadu_ps(p)}; }
 QK_SI V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 QK_SI float vsum(V a) { return _mm512_reduce_add_ps(a.v); }
 #elif defined(QK_ISA_AVX2)
-QK_SI V vld(const float* p) { return {_mm256_loadu_ps(p)}; }
 QK_SI V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 QK_SI float vsum(V a) { return reduce_add(a); }
 #else
-QK_SI float vld(const float* p) { return *p; }
 QK_SI float vfma(float a, float b, float c) { return a * b + c; }
 QK_SI float vsum(float a) { return a; }
 #endif

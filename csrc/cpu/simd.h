@@ -193,5 +193,14 @@ using V = float;
 QK_SI float load(const float* p, int) { return *p; }
 QK_SI void store(float* p, float a, int) { *p = a; }
 
+// Full-width fp32 load/store under one name for every ISA (a float for scalar).
+#if defined(QK_ISA_SCALAR)
+QK_SI float vld(const float* p) { return *p; }
+QK_SI void vst(float* p, float v) { *p = v; }
+#else
+QK_SI V vld(const float* p) { return load(p); }
+QK_SI void vst(float* p, V v) { store(p, v); }
+#endif
+
 }  // namespace QK_ISA_NS
 }  // namespace qk
