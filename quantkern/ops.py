@@ -81,6 +81,48 @@ def _check_tensor(op: str, name: str, t, dtypes=None, device=None) -> None:
         raise ValueError(f"quantkern.{op}: {name} is on {t.device} but x is on {device}")
 
 
+def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="weight"):
+    """Validate a tensor and its quantizer parameters (the granularity follows the shapes, as in
+    fake_quant_lsq); returns (offset, axis) with offset=None replaced by zeros and axis made non-negative."""
+    _check_tensor(op, xname, x, _FLOATS)
+    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
+    if offset is None:
+        offset = torch.zeros_like(scale)
+    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
+    if not (isinstance(qmin, int) and isinstance(qmax, int)):
+        raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
+    if qmin >= qmax:
+        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    if offset.shape != scale.shape:
+        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
+    if group_size is not None:
+        if axis is not None:
+            raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
+        if x.dim() != 2:
+            raise ValueError(f"quantkern.{op}: per-group {xname} must be 2-D [rows, K], got shape {tuple(x.shape)}")
+        if x.shape[1] % group_size:
+            raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = {x.shape[1]}")
+        want = (x.shape[0], x.shape[1] // group_size)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
+    elif axis is not None:
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"quantkern.{op}: axis {axis} out of range for {xname} with {x.dim()} dims")
+        axis = axis % x.dim()
+        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
+            raise ValueError(
+                f"quantkern.{op}: per-channel scale must be 1-D of length {xname}.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}"
+            )
+    elif scale.numel() != 1:
+        raise ValueError(
+            f"quantkern.{op}: scale has shape {tuple(scale.shape)}; per-tensor needs one element "
+            "(pass axis= for per-channel or group_size= for per-group)"
+        )
+    return offset, axis
+
+
 # ------------------------------------------------------------ fake_quant_lsq
 def fake_quant_lsq(
     x: torch.Tensor,
@@ -121,89 +163,13 @@ def fake_quant_lsq(
         x_hat: same shape and dtype as x, contiguous.
     """
     op = "fake_quant_lsq"
-    _check_tensor(op, "x", x, _FLOATS)
-    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
-    if offset is None:
-        offset = torch.zeros_like(scale)
-    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
-    if not (isinstance(qmin, int) and isinstance(qmax, int)):
-        raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
-    if qmin >= qmax:
-        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
-    if offset.shape != scale.shape:
-        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
-    if group_size is not None:
-        if axis is not None:
-            raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
-        if not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
-        if x.dim() != 2:
-            raise ValueError(f"quantkern.{op}: per-group x must be 2-D [rows, K], got shape {tuple(x.shape)}")
-        if x.shape[1] % group_size:
-            raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = {x.shape[1]}")
-        want = (x.shape[0], x.shape[1] // group_size)
-        if tuple(scale.shape) != want:
-            raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
-    elif axis is not None:
-        if not -x.dim() <= axis < x.dim():
-            raise ValueError(f"quantkern.{op}: axis {axis} out of range for x with {x.dim()} dims")
-        axis = axis % x.dim()
-        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
-            raise ValueError(
-                f"quantkern.{op}: per-channel scale must be 1-D of length x.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}"
-            )
-    elif scale.numel() != 1:
-        raise ValueError(
-            f"quantkern.{op}: scale has shape {tuple(scale.shape)}; per-tensor needs one element "
-            "(pass axis= for per-channel or group_size= for per-group)"
-        )
+    offset, axis = _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="x")
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
     return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))
 
 
 # ------------------------------------------------- oscillation tracking / dampening
-def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="weight"):
-    """Validate (x, scale, offset, qmin, qmax, axis, group_size) like fake_quant_lsq; returns (offset, axis)."""
-    _check_tensor(op, xname, x, _FLOATS)
-    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
-    if offset is None:
-        offset = torch.zeros_like(scale)
-    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
-    if not (isinstance(qmin, int) and isinstance(qmax, int)):
-        raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
-    if qmin >= qmax:
-        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
-    if offset.shape != scale.shape:
-        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
-    if group_size is not None:
-        if axis is not None:
-            raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
-        if not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
-        if x.dim() != 2:
-            raise ValueError(f"quantkern.{op}: per-group {xname} must be 2-D [rows, K], got shape {tuple(x.shape)}")
-        if x.shape[1] % group_size:
-            raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = {x.shape[1]}")
-        want = (x.shape[0], x.shape[1] // group_size)
-        if tuple(scale.shape) != want:
-            raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
-    elif axis is not None:
-        if not -x.dim() <= axis < x.dim():
-            raise ValueError(f"quantkern.{op}: axis {axis} out of range for {xname} with {x.dim()} dims")
-        axis = axis % x.dim()
-        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
-            raise ValueError(
-                f"quantkern.{op}: per-channel scale must be 1-D of length {xname}.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}"
-            )
-    elif scale.numel() != 1:
-        raise ValueError(
-            f"quantkern.{op}: scale has shape {tuple(scale.shape)}; per-tensor needs one element "
-            "(pass axis= for per-channel or group_size= for per-group)"
-        )
-    return offset, axis
-
-
 def oscillation_init_state(
     weight: torch.Tensor,
     scale: torch.Tensor,
