@@ -137,10 +137,11 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"# aten int4 unavailable: {e}", file=out)
                 break
-            sz = torch.randn(K // gs, N, 2, generator=g).to(torch.bfloat16)
-            nbytes = packed.numel() * packed.element_size() + sz.numel() * 2
-            pool = Pool(lambda: (packed, sz), nbytes, args.pool)
-            for d in args.dtype:
+            sz = torch.randn(K // gs, N, 2, generator=g)
+            for d in args.dtype:  # scales_and_zeros must have x's dtype
+                szd = sz.to(DTYPES[d])
+                nbytes = packed.numel() * packed.element_size() + szd.numel() * szd.element_size()
+                pool = Pool(lambda: (packed, szd), nbytes, args.pool)
                 for M in args.m:
                     x = xs[(d, M)]
 
@@ -149,7 +150,8 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
                         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, gs, s)
 
                     add(f"aten int4 g{gs}", d, M, timed(fn, args), nbytes, bits=4, group=gs)
-            del pool, packed
+                del pool
+            del packed
             gc.collect()
     # ---- dense F.linear (bf16 and fp32 weights)
     for wd, name in ((torch.bfloat16, "F.linear bf16"), (torch.float32, "F.linear fp32")):
