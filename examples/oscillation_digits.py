@@ -18,6 +18,8 @@ weights' distance to the bin edges (depthwise vs pointwise).
 
     python examples/oscillation_digits.py             # full: 3 seeds, a few minutes on 2 cores
     python examples/oscillation_digits.py --quick     # smoke test (seconds)
+    # freezing settings: --momentum, --freeze-start, --freeze-end, --freeze-warmup; --osc-freq
+    python examples/oscillation_digits.py --bits 3 --methods lsq,freeze --freeze-end 0.005
 
 The quantized model is the float model with its layers swapped for
 quantkern.nn.QuantConv2d / QuantLinear (``from_float``); quantkern.qat attaches to
