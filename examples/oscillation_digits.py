@@ -18,16 +18,17 @@ weights' distance to the bin edges (depthwise vs pointwise).
 
     python examples/oscillation_digits.py             # full: 3 seeds, a few minutes on 2 cores
     python examples/oscillation_digits.py --quick     # smoke test (seconds)
+    # freezing settings: --momentum, --freeze-start, --freeze-end, --freeze-warmup; --osc-freq
+    python examples/oscillation_digits.py --bits 3 --methods lsq,freeze --freeze-end 0.005
 
-The quantized layers here are a minimal local QConv2d/QLinear over
-quantkern.ops.fake_quant_lsq with the quantkern.nn contract (``weight``,
-``weight_quantizer`` with ``scale``/``offset``/``qmin``/``qmax``, per channel on
-axis 0); quantkern.qat attaches to quantkern.nn.QuantConv2d the same way.
+The quantized model is the float model with its layers swapped for
+quantkern.nn.QuantConv2d / QuantLinear (``from_float``); quantkern.qat attaches to
+them (OscillationTracker, DampeningLoss, schedules, reestimate_bn_stats).
 """
 from __future__ import annotations
 
 import argparse
-import math
+import copy
 import os
 import statistics
 import time
@@ -37,75 +38,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkern import ops, qat
+from quantkern import qat
+from quantkern.nn import QuantConv2d, QuantLinear
 
 
-# ------------------------------------------------------------------ quantized layers
-class LSQ(nn.Module):
-    """LSQ quantizer: per-channel (axis 0) for weights with the LSQ+ init, per-tensor for
-    activations with the LSQ init on the first batch. Gradient scale 1/sqrt(N qmax)."""
-
-    eps = 1e-8
-
-    def __init__(self, bits: int, signed: bool, per_channel: bool):
-        super().__init__()
-        self.bits, self.signed = bits, signed
-        self.qmin, self.qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        self.granularity, self.axis = ("channel", 0) if per_channel else ("tensor", 0)
-        self.scale = nn.Parameter(torch.ones(1))
-        self.offset = None
-        self.initialized = False
-
-    @torch.no_grad()
-    def _init(self, x):
-        if self.granularity == "channel":
-            r = x.reshape(x.shape[0], -1)
-            mu, sd = r.mean(1), r.std(1, correction=0)
-            s = torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs()) / 2 ** (self.bits - 1)
-        else:
-            s = (2 * x.abs().mean() / math.sqrt(self.qmax)).reshape(1)
-        self.scale.data = s.clamp_min(1e-4).float()
-        self.initialized = True
-
-    def forward(self, x):
-        if not self.initialized:
-            self._init(x)
-        s = self.scale.abs().clamp_min(self.eps)
-        g = 1.0 / math.sqrt(max(1, x.numel() // s.numel()) * self.qmax)
-        axis = 0 if self.granularity == "channel" else None
-        return ops.fake_quant_lsq(x, s, None, self.qmin, self.qmax, axis=axis, grad_scale=g)
+# ------------------------------------------------------------------ model (float)
+def conv(cin, cout, k, act_signed, stride=1, groups=1):
+    """Float conv; ``act_signed`` (is its input signed?) picks the input grid when quantized."""
+    c = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
+    c.act_signed = act_signed
+    return c
 
 
-class QConv2d(nn.Conv2d):
-    def __init__(self, cin, cout, k, w_bits, a_bits, act_signed, stride=1, groups=1):
-        super().__init__(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
-        self.weight_quantizer = LSQ(w_bits, True, per_channel=True)
-        self.input_quantizer = LSQ(a_bits, act_signed, per_channel=False)
-
-    def forward(self, x):
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), None)
-
-
-class QLinear(nn.Linear):
-    def __init__(self, cin, cout, w_bits, a_bits, act_signed):
-        super().__init__(cin, cout)
-        self.weight_quantizer = LSQ(w_bits, True, per_channel=True)
-        self.input_quantizer = LSQ(a_bits, act_signed, per_channel=False)
-
-    def forward(self, x):
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
-
-
-# ------------------------------------------------------------------ model
 class Block(nn.Module):
-    def __init__(self, cin, cout, t, stride, wb, ab):
+    def __init__(self, cin, cout, t, stride):
         super().__init__()
         mid = cin * t
-        self.expand = QConv2d(cin, mid, 1, wb, ab, act_signed=True) if t != 1 else None
+        self.expand = conv(cin, mid, 1, act_signed=True) if t != 1 else None
         self.bn1 = nn.BatchNorm2d(mid) if t != 1 else None
-        self.dw = QConv2d(mid, mid, 3, wb, ab, act_signed=t == 1, stride=stride, groups=mid)
+        self.dw = conv(mid, mid, 3, act_signed=t == 1, stride=stride, groups=mid)
         self.bn2 = nn.BatchNorm2d(mid)
-        self.project = QConv2d(mid, cout, 1, wb, ab, act_signed=False)
+        self.project = conv(mid, cout, 1, act_signed=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.res = stride == 1 and cin == cout
 
@@ -117,30 +70,23 @@ class Block(nn.Module):
 
 
 class MobileNetV2Tiny(nn.Module):
-    """stem 3x3 (W8A8) -> inverted residual blocks (t, c, n, s) = (1,8,1,1) (4,16,2,2) (4,24,2,2) (4,32,1,1)
-    -> 1x1 conv 64 -> avgpool -> linear (W8A8)."""
+    """stem 3x3 -> inverted residual blocks (t, c, n, s) = (1,8,1,1) (4,16,2,2) (4,24,2,2) (4,32,1,1)
+    -> 1x1 conv 64 -> avgpool -> linear. Float; see :func:`quantize`."""
 
-    def __init__(self, wb=32, ab=32):
+    def __init__(self):
         super().__init__()
-        q = wb < 32
-        wb_, ab_ = (wb, ab) if q else (8, 8)
-        self.stem = QConv2d(1, 8, 3, 8, 8, act_signed=True)
+        self.stem = conv(1, 8, 3, act_signed=True)
         self.bn0 = nn.BatchNorm2d(8)
         cfg, blocks, cin = [(1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 2, 2), (4, 32, 1, 1)], [], 8
         for t, c, n, s in cfg:
             for i in range(n):
-                blocks.append(Block(cin, c, t, s if i == 0 else 1, wb_, ab_))
+                blocks.append(Block(cin, c, t, s if i == 0 else 1))
                 cin = c
         self.blocks = nn.Sequential(*blocks)
-        self.head = QConv2d(cin, 64, 1, wb_, ab_, act_signed=True)
+        self.head = conv(cin, 64, 1, act_signed=True)
         self.bnh = nn.BatchNorm2d(64)
-        self.fc = QLinear(64, 10, 8, 8, act_signed=False)
-        self.quantize(q)
-
-    def quantize(self, on: bool):
-        for m in self.modules():
-            if isinstance(m, (QConv2d, QLinear)):
-                m.quant = on
+        self.fc = nn.Linear(64, 10)
+        self.fc.act_signed = False
 
     def forward(self, x):
         x = F.relu6(self.bn0(self.stem(x)))
@@ -149,24 +95,24 @@ class MobileNetV2Tiny(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _float_forward(mod, x):  # float mode of the quantized layers (pretraining)
-    if isinstance(mod, QConv2d):
-        return mod._conv_forward(x, mod.weight, None)
-    return F.linear(x, mod.weight, mod.bias)
+W8A8 = ("stem", "fc")  # first and last layer stay at 8 bits (the paper's setup)
 
 
-def set_float(model: nn.Module, on: bool):
-    for m in model.modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            m.forward = (lambda x, m=m: _float_forward(m, x)) if on else type(m).forward.__get__(m)
-
-
-def set_bits(model: nn.Module, wb: int, ab: int):
-    """Re-create the quantizers of every layer except the stem and the fc with wb/ab bits."""
-    for name, m in model.named_modules():
-        if isinstance(m, (QConv2d, QLinear)) and name not in ("stem", "fc"):
-            m.weight_quantizer = LSQ(wb, True, per_channel=True)
-            m.input_quantizer = LSQ(ab, m.input_quantizer.signed, per_channel=False)
+def quantize(fp_model: nn.Module, bits: int) -> nn.Module:
+    """A copy of the float model with every conv / linear swapped for quantkern.nn.QuantConv2d /
+    QuantLinear (``from_float``: LSQ, per-channel weights with the LSQ+ init; per-tensor inputs
+    with the LSQ init on the first batch, no offset), W8A8 for ``W8A8`` and W{bits}A{bits} else."""
+    model = copy.deepcopy(fp_model)
+    for pname, parent in list(model.named_modules()):
+        for cname, c in list(parent.named_children()):
+            if type(c) not in (nn.Conv2d, nn.Linear):
+                continue
+            name = f"{pname}.{cname}" if pname else cname
+            b = 8 if name in W8A8 else bits
+            Q = QuantConv2d if isinstance(c, nn.Conv2d) else QuantLinear
+            setattr(parent, cname, Q.from_float(c, w_bits=b, a_bits=b, act_signed=c.act_signed,
+                                                a_init="lsq", a_learn_offset=False))
+    return model
 
 
 def is_depthwise(m) -> bool:
@@ -209,7 +155,6 @@ def pretrain(seed, data, epochs):
     torch.manual_seed(seed)
     Xtr, ytr, Xte, yte = data
     model = MobileNetV2Tiny()
-    set_float(model, True)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     steps = epochs * (len(Xtr) // 64)
@@ -224,16 +169,13 @@ def pretrain(seed, data, epochs):
     return model, accuracy(model, Xte, yte)
 
 
-def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=0.1):
-    import copy
-
+def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=0.1, momentum=0.01,
+            freeze_start=0.1, freeze_end=None, freeze_warmup=0.25, osc_freq=0.005):
     Xtr, ytr, Xte, yte = data
     torch.manual_seed(seed)
-    model = copy.deepcopy(fp_model)
-    set_bits(model, bits, bits)
-    set_float(model, False)
+    model = quantize(fp_model, bits)
     model.train()
-    with torch.no_grad():  # initialise the quantizers on one batch
+    with torch.no_grad():  # initialise the input quantizers on one batch (weights: in from_float)
         model(Xtr[:256])
     qparams = [p for n, p in model.named_parameters() if n.endswith("scale")]
     wparams = [p for n, p in model.named_parameters() if not n.endswith("scale")]
@@ -241,9 +183,10 @@ def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=
     opt_w = torch.optim.SGD(wparams, lr=0.01 if bits == 3 else 0.0033, momentum=0.9, weight_decay=2.5e-5)
     opt_q = torch.optim.Adam(qparams, lr=1e-3)
     sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, steps)
-    low_bit = [l for l in qat.quantized_layers(model) if l.name not in ("stem", "fc")]
-    tracker = qat.OscillationTracker(model, momentum=0.01, max_bits=None, layers=low_bit)
-    thr = qat.freeze_threshold_schedule(steps, 0.1, 0.01 if bits == 4 else 0.011) if method == "freeze" else (lambda t: 0.0)
+    low_bit = [l for l in qat.quantized_layers(model) if l.name not in W8A8]
+    tracker = qat.OscillationTracker(model, momentum=momentum, max_bits=None, layers=low_bit)
+    f_end = (0.01 if bits == 4 else 0.011) if freeze_end is None else freeze_end
+    thr = qat.freeze_threshold_schedule(steps, freeze_start, f_end, freeze_warmup) if method == "freeze" else (lambda t: 0.0)
     damp = qat.DampeningLoss(model, layers=low_bit) if method == "damp" else None
     lam = qat.dampening_schedule(steps, damp_lambda)
     g = torch.Generator().manual_seed(100 + seed)
@@ -266,7 +209,7 @@ def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=
     acc_before = accuracy(model, Xte, yte)
     qat.reestimate_bn_stats(model, batches(Xtr, ytr, 64, torch.Generator().manual_seed(7)), num_batches=bn_batches)
     acc_after = accuracy(model, Xte, yte)
-    met = tracker.metrics(osc_freq=0.005)
+    met = tracker.metrics(osc_freq=osc_freq)
     mods = dict(model.named_modules())
     agg = {"dw": [0.0, 0.0, 0], "pw": [0.0, 0.0, 0]}
     for name, m in met.items():
@@ -303,6 +246,11 @@ def main(argv=None):
     ap.add_argument("--bn-batches", type=int, default=50)
     ap.add_argument("--damp-lambda", type=float, default=0.1, help="final dampening weight (paper: 0.1)")
     ap.add_argument("--methods", default="lsq,damp,freeze")
+    ap.add_argument("--momentum", type=float, default=0.01, help="oscillation EMA momentum (official class 0.01, paper 0.001)")
+    ap.add_argument("--freeze-start", type=float, default=0.1, help="freezing threshold at the start of freezing")
+    ap.add_argument("--freeze-end", type=float, default=None, help="final freezing threshold (default 0.01 at 4 bits, 0.011 at 3)")
+    ap.add_argument("--freeze-warmup", type=float, default=0.25, help="fraction of QAT before freezing starts")
+    ap.add_argument("--osc-freq", type=float, default=0.005, help="'oscillating' = frequency EMA above this at the end")
     ap.add_argument("--out", default="examples/out")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3-bit only, 1+1 epochs (smoke test)")
     args = ap.parse_args(argv)
@@ -323,7 +271,8 @@ def main(argv=None):
         print(f"seed {seed}: float test accuracy {acc:.4f}  ({time.time() - t_start:.0f}s)", flush=True)
         for bits in bits_list:
             for key, _ in methods:
-                r = qat_run(fp, seed, data, bits, key, args.qat_epochs, args.bn_batches, args.damp_lambda)
+                r = qat_run(fp, seed, data, bits, key, args.qat_epochs, args.bn_batches, args.damp_lambda, args.momentum,
+                            args.freeze_start, args.freeze_end, args.freeze_warmup, args.osc_freq)
                 res.setdefault((bits, key), []).append(r)
                 print(f"  W{bits}A{bits} {key:<6} acc {r['acc_before']:.4f} -> {r['acc_after']:.4f} (BN re-est.)  "
                       f"osc dw {r['osc_dw']:.2%} pw {r['osc_pw']:.2%} frozen {r['frozen']:.2%}  "
@@ -331,8 +280,8 @@ def main(argv=None):
                 if seed == 0 and key in ("lsq", "freeze"):
                     m = r["model"]
                     groups = {"depthwise": [n for n, mm in m.named_modules() if is_depthwise(mm) and hasattr(mm, "weight_quantizer")],
-                              "pointwise": [n for n, mm in m.named_modules() if isinstance(mm, QConv2d) and mm.kernel_size == (1, 1)
-                                            and n not in ("stem",)]}
+                              "pointwise": [n for n, mm in m.named_modules() if isinstance(mm, QuantConv2d) and mm.kernel_size == (1, 1)
+                                            and n not in W8A8]}
                     qat.plot_latent_distance(m, os.path.join(args.out, f"latent_w{bits}_{key}.png"), groups,
                                              title=f"W{bits}A{bits} {dict(methods)[key]}: latent weights vs bin edges")
                 del r["model"]

@@ -39,6 +39,11 @@ class QLayer:
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) as the quantizer's forward uses them: fp32, detached, |scale| >= eps."""
         q = self.quantizer
+        if getattr(q, "_initialized", True) is False and callable(getattr(q, "initialize", None)):
+            # LSQQuantizer initialises from the data on its first forward; for a weight
+            # quantizer that data is the weight, so do it now rather than read the
+            # placeholder scale (1, or a lazy parameter with no data).
+            q.initialize(self.module.weight)
         eps = float(getattr(q, "eps", 1e-8))
         s = q.scale.detach().float().abs().clamp_min(eps)
         off = getattr(q, "offset", None)
