@@ -76,18 +76,22 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print):
     for bits in bits_list:
         for method in methods:
             m = copy.deepcopy(model)
+            cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size)
+            label = METHOD_LABEL[method]
+            if quick and method in ("gptq", "erq"):  # the solvers' column loops take minutes on 2 cores
+                cfg.skip = lambda name: ".layer.0." not in name
+                label += " (quick: layer 0 only)"
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                quantize_(m, QuantizeConfig(method=method, bits=bits, group_size=group_size), calib_fn=calib_fn,
-                          progress=False)
+                quantize_(m, cfg, calib_fn=calib_fn, progress=False)
             tq = time.perf_counter() - t0
             E = _encode(m, evals)
             ti = _time(lambda: _encode(m, evals))
             cos = F.cosine_similarity(E, E0, dim=1)
             agree = (_nn_index(E) == nn0).float().mean().item()
             npk = sum(isinstance(x, PackedLinear) for x in m.modules())
-            rows.append(f"| {METHOD_LABEL[method]} | W{bits} g{group_size} | {cos.mean():.4f} | {cos.min():.4f} | "
+            rows.append(f"| {label} | W{bits} g{group_size} | {cos.mean():.4f} | {cos.min():.4f} | "
                         f"{100 * agree:.1f}% | {_model_mb(m):.1f} | {tq:.1f} | {ti:.2f} ({ti / t_fp:.2f}x) |")
             out(rows[-1] + f"  <!-- {npk} PackedLinear -->")
     head = (f"all-MiniLM-L6-v2: {len(evals)} eval sentences, {len(calib)} disjoint calibration sentences "
@@ -164,12 +168,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def fake_quant_weights(model, method, bits, group_size, calib_x=None, bs=16):
+def fake_quant_weights(model, method, bits, group_size, calib_x=None, bs=16, keep_sensitive=False):
     """Weight-only fake quantization of every Conv2d / Linear, in module order (sequential for GPTQ)."""
     from .ptq import gptq_quantize, hqq_quantize, rtn_quantize
     from .ptq.gptq import HessianAccumulator
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if keep_sensitive:  # the stem conv and the depthwise convs stay fp32
+        layers = [m for i, m in enumerate(layers) if i > 0 and (isinstance(m, nn.Linear) or m.groups == 1)]
     n_rtn_fallback = 0
     for mod in layers:
         W = mod.weight.detach().float()
@@ -208,7 +214,7 @@ def fake_quant_weights(model, method, bits, group_size, calib_x=None, bs=16):
 def effnet_table(methods, bits_list, quick=False, group_size=64, out=print):
     model = load_efficientnet_lite0("cpu")
     cal_imgs, ev_imgs = _images()
-    n_cal, n_ev = (16, 24) if quick else (64, 128)
+    n_cal, n_ev = (16, 24) if quick else (32, 128)
     Xc, Xe = _crops(cal_imgs, n_cal, seed=0), _crops(ev_imgs, n_ev, seed=1)
     with torch.inference_mode():
         L0 = torch.cat([model(Xe[i:i + 32]) for i in range(0, n_ev, 32)])
@@ -220,18 +226,25 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print):
                 rows.append(f"| ERQ | W{bits} | - | - | - | not run on convs (ERQ here is linear-only) |")
                 out(rows[-1])
                 continue
-            m = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            nfb = fake_quant_weights(m, method, bits, group_size, Xc)
-            tq = time.perf_counter() - t0
-            with torch.inference_mode():
-                L = torch.cat([m(Xe[i:i + 32]) for i in range(0, n_ev, 32)])
-            P = L.log_softmax(1)
-            agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
-            kl = F.kl_div(P, P0, log_target=True, reduction="none").sum(1).mean().item()
-            note = f"{nfb} depthwise convs RTN" if nfb else ""
-            rows.append(f"| {METHOD_LABEL[method]} | W{bits} g{group_size} | {100 * agree:.1f}% | {kl:.4f} | {tq:.1f} | {note} |")
-            out(rows[-1])
+            if quick and method == "gptq":
+                rows.append(f"| GPTQ | W{bits} | - | - | - | skipped in --quick (about 90 s) |")
+                out(rows[-1])
+                continue
+            for keep in (False, True):
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                nfb = fake_quant_weights(m, method, bits, group_size, Xc, keep_sensitive=keep)
+                tq = time.perf_counter() - t0
+                with torch.inference_mode():
+                    L = torch.cat([m(Xe[i:i + 32]) for i in range(0, n_ev, 32)])
+                P = L.log_softmax(1)
+                agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
+                kl = F.kl_div(P, P0, log_target=True, reduction="none").sum(1).mean().item()
+                note = "stem + depthwise convs kept fp32" if keep else "all layers"
+                if nfb:
+                    note += f"; {nfb} depthwise convs RTN"
+                rows.append(f"| {METHOD_LABEL[method]} | W{bits} g{group_size} | {100 * agree:.1f}% | {kl:.4f} | {tq:.1f} | {note} |")
+                out(rows[-1])
     head = (f"EfficientNet-Lite0, weight-only fake quant of all conv/linear weights (g{group_size}, one group per row "
             f"where {group_size} does not divide I*kh*kw); {n_ev} eval crops from {len(ev_imgs)} images "
             f"({', '.join(n for n, _ in ev_imgs)}), {n_cal} calibration crops from {len(cal_imgs)} other images "
