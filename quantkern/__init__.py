@@ -26,6 +26,7 @@ from .ops import (  # noqa: E402
 )
 from .packed import PackedWeight, load_packed, save_packed  # noqa: E402
 from . import formats, nn  # noqa: E402
+from .ptq.quantize import QuantizeConfig, load_quantized, quantize_, save_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,8 @@ __all__ = [
     "packed_linear",
     "formats",
     "nn",
+    "QuantizeConfig",
+    "quantize_",
+    "save_quantized",
+    "load_quantized",
 ]

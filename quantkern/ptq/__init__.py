@@ -13,6 +13,7 @@ from .calibrate import (
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
 from .hqq import hqq_dequantize, hqq_quantize, rtn_quantize
+from .quantize import QuantizeConfig, load_quantized, quantize_, save_quantized
 
 __all__ = [
     "ActQuantizer",
@@ -30,4 +31,8 @@ __all__ = [
     "hqq_quantize",
     "rtn_quantize",
     "hqq_dequantize",
+    "QuantizeConfig",
+    "quantize_",
+    "save_quantized",
+    "load_quantized",
 ]

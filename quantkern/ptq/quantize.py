@@ -1,0 +1,302 @@
+"""Whole-model weight quantization: ``quantize_`` / ``save_quantized`` / ``load_quantized``.
+
+``quantize_(model, QuantizeConfig(method="gptq", bits=4, group_size=64), calib_fn)``
+replaces every ``nn.Linear`` (except the skipped ones) by a
+:class:`~quantkern.nn.PackedLinear` holding the solver's ``(q, scale, zero)``.
+
+* ``rtn`` / ``hqq`` need no data.
+* ``gptq`` / ``erq`` need ``calib_fn`` and work layer by layer, in module order:
+  for each layer, the calibration forward runs with a hook on that layer which
+  accumulates its statistics (GPTQ: the Hessian ``2/T X^T X``; ERQ: a random
+  subsample of at most ``calib_tokens`` input rows) and then raises a private
+  exception, so the forward stops at that layer. The layer is quantized and
+  swapped in before the next layer is calibrated, so later layers see the
+  quantized earlier ones (sequential, as GPTQ does). Memory: one layer's
+  statistics at a time.
+
+``calib_fn``: a callable ``f(model)`` that runs the model on calibration data,
+or a sequence of such callables (one per batch). Each callable is one unit of
+the early stop: when the hook fires the rest of *that callable* is skipped, so
+a callable that loops over several batches only contributes its first batch;
+pass one callable per batch to use them all.
+
+ERQ here is weight-only (W4A16 and so on): ``act_quant`` is the identity and Aqer
+is off (it is a no-op without activation quantization); Wqer (rounding
+refinement + ridge compensation, bias column included) is what runs.
+``erq_lambda2`` is absolute, compare it with ``T * E[x^2]``.
+
+Group size: if ``group_size`` does not divide a layer's in_features (or is not a
+multiple of 32, which the packed format needs), that layer falls back to one
+group per row and a warning names it (``strict_group=True`` raises instead).
+
+Checkpoints: safetensors through :func:`quantkern.save_packed` (format name,
+version, layout and per-weight bits / group size / shape are validated on load);
+the float parameters and buffers of the rest of the model ride along as plain
+tensors. Never pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.packed_linear import PackedLinear, _skipped
+from ..packed import PackedWeight, load_packed, save_packed
+
+__all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS"]
+
+METHODS = ("rtn", "hqq", "gptq", "erq")
+_DATA_METHODS = ("gptq", "erq")
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    """What :func:`quantize_` does.
+
+    Attributes:
+        method: "rtn", "hqq", "gptq" or "erq" (weight-only ERQ; see module docstring).
+        bits: 2, 3 or 4.
+        group_size: contiguous input group per (scale, zero); None / -1: one group per row.
+        skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
+            or a predicate on the qualified name; those layers stay float.
+        meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16).
+        strict_group: raise instead of falling back to one group per row.
+        damp, block_size, act_order: GPTQ.
+        erq_lambda2, erq_refine_iters: ERQ (weight-only).
+        hqq_iters: HQQ iterations.
+        calib_tokens: cap on the input rows kept per layer for ERQ (random subsample).
+        seed: for the ERQ subsample.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 64
+    skip: Iterable[str] | Callable[[str], bool] | None = ("lm_head", "classifier")
+    meta_dtype: torch.dtype = torch.float16
+    strict_group: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    erq_lambda2: float = 1e3
+    erq_refine_iters: int = 100
+    hqq_iters: int = 20
+    calib_tokens: int = 4096
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"QuantizeConfig: unknown method {self.method!r}; choose one of {METHODS}")
+        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+            raise ValueError(f"QuantizeConfig: bits must be 2, 3 or 4, got {self.bits!r}")
+        gs = self.group_size
+        if gs is not None and gs != -1 and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
+            raise ValueError(f"QuantizeConfig: group_size must be a positive int, None or -1, got {gs!r}")
+        if self.meta_dtype not in (torch.float16, torch.float32, torch.bfloat16):
+            raise ValueError(f"QuantizeConfig: meta_dtype must be float16, float32 or bfloat16, got {self.meta_dtype}")
+        if not (isinstance(self.calib_tokens, int) and self.calib_tokens > 0):
+            raise ValueError(f"QuantizeConfig: calib_tokens must be a positive int, got {self.calib_tokens!r}")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the layer's input is captured."""
+
+
+def _linear_layers(model: nn.Module, skip) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    out = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is nn.Linear and not _skipped(name, skip):
+                out.append((name, parent, child_name, child))
+    return out
+
+
+def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
+    gs = cfg.group_size
+    if gs in (None, -1) or gs == K:
+        return K
+    if K % gs or gs % 32:
+        msg = (f"quantize_: group_size {gs} does not fit layer {name!r} (in_features={K}; the packed format needs a "
+               f"multiple of 32 that divides in_features)")
+        if cfg.strict_group:
+            raise ValueError(msg)
+        warnings.warn(msg + "; using one group per row for this layer", stacklevel=3)
+        return K
+    return gs
+
+
+def _calib_units(calib_fn) -> list:
+    if callable(calib_fn):
+        return [calib_fn]
+    if isinstance(calib_fn, Sequence) and calib_fn and all(callable(f) for f in calib_fn):
+        return list(calib_fn)
+    raise TypeError("quantize_: calib_fn must be a callable f(model) or a non-empty sequence of them, got "
+                    f"{type(calib_fn).__name__}")
+
+
+class _Capture:
+    """Forward hook: accumulates one layer's statistics, then stops the forward."""
+
+    def __init__(self, method: str, K: int, cap: int, seed: int):
+        from .gptq import HessianAccumulator
+
+        self.method, self.cap, self.seen = method, cap, 0
+        self.hess = HessianAccumulator(K) if method == "gptq" else None
+        self.rows: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, module, inputs, output=None):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        self.seen += x.shape[0]
+        if self.hess is not None:
+            self.hess.add_batch(x)
+        else:
+            rows = x if self.rows is None else torch.cat([self.rows, x])
+            if rows.shape[0] > self.cap:  # bounded random subsample
+                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.cap]]
+            self.rows = rows.clone() if rows is x else rows
+        raise _StopForward
+
+
+def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeConfig, cap: _Capture | None):
+    from .hqq import hqq_quantize, rtn_quantize
+
+    if method == "rtn":
+        q, s, z = rtn_quantize(W, bits, gs)
+        return q, s, z, b
+    if method == "hqq":
+        q, s, z = hqq_quantize(W, bits, gs, iters=cfg.hqq_iters)
+        return q, s, z, b
+    if method == "gptq":
+        from .gptq import gptq_quantize
+
+        q, s, z = gptq_quantize(W, cap.hess.H, bits, gs, damp=cfg.damp, block_size=cfg.block_size,
+                                act_order=cfg.act_order)
+        return q, s, z, b
+    from .erq import erq_quantize
+
+    q, s, z, nb = erq_quantize(W, b, cap.rows, bits, gs, lambda2=cfg.erq_lambda2, act_quant=lambda x: x,
+                               use_aqer=False, refine_iters=cfg.erq_refine_iters)
+    return q, s, z, (nb if nb is not None else b)
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=None, progress: bool = True,
+              **overrides) -> nn.Module:
+    """Quantize ``model`` in place (every non-skipped ``nn.Linear`` -> ``PackedLinear``); returns it.
+
+    Keyword overrides update ``config`` (e.g. ``quantize_(m, method="hqq", bits=3)``).
+    Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
+    After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer.
+    """
+    cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
+    cfg.validate()
+    needs_data = cfg.method in _DATA_METHODS
+    units = None
+    if needs_data:
+        if calib_fn is None:
+            raise ValueError(f"quantize_: method {cfg.method!r} needs calib_fn (a callable that runs the model on "
+                             "calibration data); rtn and hqq need none")
+        units = _calib_units(calib_fn)
+    layers = _linear_layers(model, cfg.skip)
+    was_training = model.training
+    model.eval()
+    report = []
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}", unit="layer")
+    for name, parent, child_name, lin in it:
+        t0 = time.perf_counter()
+        W = lin.weight.detach().float()
+        b = lin.bias.detach().float() if lin.bias is not None else None
+        gs = _group_for(name, lin.in_features, cfg)
+        cap = None
+        method = cfg.method
+        if needs_data:
+            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed)
+            h = lin.register_forward_hook(cap)
+            try:
+                for f in units:
+                    try:
+                        f(model)
+                    except _StopForward:
+                        pass
+            finally:
+                h.remove()
+            if cap.seen == 0:
+                warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it", stacklevel=2)
+                method = "rtn"
+        q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap)
+        pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
+        new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
+        setattr(parent, child_name, new)
+        report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
+        del cap
+    model.train(was_training)
+    model._quantize_report = report
+    return model
+
+
+def _packed_modules(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+_PACKED_KEYS = ("qweight", "scales", "zeros", "_extra_state")
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Save a :func:`quantize_`-d model to one safetensors file (packed weights + every other float tensor)."""
+    packed = _packed_modules(model)
+    if not packed:
+        raise ValueError("save_quantized: the model has no PackedLinear layers (run quantize_ first)")
+    weights = {n: m.packed_weight for n, m in packed.items()}
+    skip = {f"{n}.{k}" for n in packed for k in _PACKED_KEYS}
+    extra = {}
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"save_quantized: state_dict entry {k!r} is {type(v).__name__}, not a tensor")
+        extra[k] = v.detach().clone()  # clone: safetensors refuses tensors that share storage
+    clash = set(extra) & {f"{n}.{k}" for n in weights for k in ("qweight", "scales", "zeros")}
+    if clash:
+        raise ValueError(f"save_quantized: name clash {sorted(clash)}")
+    save_packed(weights, path, extra)
+
+
+def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "auto") -> nn.Module:
+    """Rebuild a quantized model from a fresh float model (or a zero-arg factory returning one) and ``path``.
+
+    Each saved packed weight replaces the ``nn.Linear`` of the same name (its shape must
+    match); every other parameter / buffer is loaded from the file, strictly.
+    """
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
+    weights, extra = load_packed(path, device=device)
+    mods = dict(model.named_modules())
+    for name, w in weights.items():
+        lin = mods.get(name)
+        if not isinstance(lin, (nn.Linear, PackedLinear)):
+            raise ValueError(f"load_quantized: the checkpoint has a packed weight {name!r} but the model has "
+                             f"{type(lin).__name__ if lin is not None else 'no such module'}")
+        if (lin.out_features, lin.in_features) != tuple(w.shape):
+            raise ValueError(f"load_quantized: {name!r} is {(lin.out_features, lin.in_features)} in the model but "
+                             f"{tuple(w.shape)} in the checkpoint")
+        bias = torch.zeros(w.shape[0], dtype=lin.bias.dtype) if lin.bias is not None else None
+        new = PackedLinear.from_packed(w, bias.to(device) if bias is not None else None, backend=backend)
+        parent_name, _, child = name.rpartition(".")
+        setattr(mods[parent_name] if parent_name else model, child, new)
+    missing, unexpected = model.load_state_dict(extra, strict=False)
+    allowed = {f"{n}.{k}" for n in weights for k in _PACKED_KEYS}
+    bad_missing = [k for k in missing if k not in allowed]
+    if bad_missing or unexpected:
+        raise ValueError(f"load_quantized: checkpoint does not match the model: missing {bad_missing}, "
+                         f"unexpected {list(unexpected)}")
+    return model.to(device)
