@@ -376,14 +376,18 @@ inline void lut_gemv_rows_t(const PackedW& P, const float* xp, int64_t n0, int64
 template <int BITS>
 inline void lut_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                             int64_t ldy, const float* bias) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = xp + m0 * P.Kp();
-    void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
-    switch (qmin<int64_t>(4, M - m0)) {
-      case 1: lut_gemv_rows_t<BITS, 1>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 2: lut_gemv_rows_t<BITS, 2>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 3: lut_gemv_rows_t<BITS, 3>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      default: lut_gemv_rows_t<BITS, 4>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+  const int64_t slab = M <= 4 ? n1 - n0 : 16;  // see vnni_gemv_rows_b
+  for (int64_t s0 = n0; s0 < n1; s0 += slab) {
+    const int64_t s1 = qmin(n1, s0 + slab);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = xp + m0 * P.Kp();
+      void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
+      switch (qmin<int64_t>(4, M - m0)) {
+        case 1: lut_gemv_rows_t<BITS, 1>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: lut_gemv_rows_t<BITS, 2>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: lut_gemv_rows_t<BITS, 3>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: lut_gemv_rows_t<BITS, 4>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+      }
     }
   }
 }
@@ -650,14 +654,20 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int
                              void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
-    void* ym = static_cast<char*>(y) + m0 * ldy * es;
-    switch (qmin<int64_t>(4, M - m0)) {
-      case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+  // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
+  // cache for the second group, so the weight streams from memory once.
+  const int64_t slab = M <= 4 ? n1 - n0 : 16;
+  for (int64_t s0 = n0; s0 < n1; s0 += slab) {
+    const int64_t s1 = qmin(n1, s0 + slab);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
+      void* ym = static_cast<char*>(y) + m0 * ldy * es;
+      switch (qmin<int64_t>(4, M - m0)) {
+        case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+      }
     }
   }
 }
