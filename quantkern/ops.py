@@ -495,22 +495,25 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
     FMA (fp32/fp16 x). ``quantkern.set_cpu_capability`` and
     ``quantkern.ops.set_cpu_feature`` force the fallbacks.
     """
+    w = _weight_parts("packed_linear", weight)
+    return _packed_linear(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, bias, backend)
+
+
+def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias, backend):
+    """packed_linear on already-validated weight tensors (PackedWeight / PackedLinear): checks x and bias only."""
     op = "packed_linear"
-    w = _weight_parts(op, weight)
     _check_tensor(op, "x", x, _FLOATS)
-    if x.dim() < 1 or x.shape[-1] != w.in_features:
-        raise ValueError(
-            f"quantkern.{op}: x must have shape [..., {w.in_features}] (in_features), got {tuple(x.shape)}"
-        )
-    if w.qweight.device != x.device:
-        raise ValueError(f"quantkern.{op}: weight is on {w.qweight.device} but x is on {x.device}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"quantkern.{op}: x must have shape [..., {in_features}] (in_features), got {tuple(x.shape)}")
+    if qweight.device != x.device:
+        raise ValueError(f"quantkern.{op}: weight is on {qweight.device} but x is on {x.device}")
     if bias is not None:
         _check_tensor(op, "bias", bias, _FLOATS, x.device)
-        if bias.dim() != 1 or bias.shape[0] != w.out_features:
-            raise ValueError(f"quantkern.{op}: bias must have shape [{w.out_features}], got {tuple(bias.shape)}")
+        if bias.dim() != 1 or bias.shape[0] != qweight.shape[0]:
+            raise ValueError(f"quantkern.{op}: bias must have shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
-    return fn(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, bias)
+    return fn(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 
 
 def cpu_features() -> dict:

@@ -29,6 +29,10 @@ class PackedWeight:
         ops.check_packed("PackedWeight", qweight, scales, zeros, bits, group_size, shape[1])
         if qweight.shape[0] != shape[0]:
             raise ValueError(f"PackedWeight: qweight has {qweight.shape[0]} rows but shape[0] = {shape[0]}")
+        if scales.device.type != "meta":
+            for name, t in (("scales", scales), ("zeros", zeros)):
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"PackedWeight: {name} contain NaN or inf")
         self.qweight = qweight
         self.scales = scales
         self.zeros = zeros

@@ -12,7 +12,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (M, N, K, group_size): GEMV (M <= 4), AMX / fp32 panels (M > 4), several x chunks (M = 300),
 # odd N, K not a multiple of 32 (one group per row), one group per row with K % 32 == 0.
 SHAPES = [(1, 33, 256, 64), (3, 17, 100, 100), (2, 40, 4096, 128), (8, 31, 96, 32), (33, 65, 384, 128),
-          (300, 20, 128, 128), (5, 48, 64, 64)]
+          (300, 20, 128, 128), (5, 48, 64, 64),
+          (9, 24, 4224, 128), (260, 18, 4224, 64)]  # K > 4096: AMX panel chunks / K blocks
 # Relative-error floors that keep tiny, exactly-representable cases from being flaky.
 FLOOR = {torch.float32: 2e-7, torch.bfloat16: 1e-4, torch.float16: 1e-5}
 

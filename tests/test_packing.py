@@ -252,3 +252,11 @@ def test_safetensors_checkpoint(tmp_path):
     save_file({"x": torch.ones(1)}, bad, metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a quantkern.packed checkpoint"):
         load_packed(bad)
+
+
+def test_nan_scales_rejected():
+    pw = PackedWeight.from_float(torch.randn(4, 64), 4, 32)
+    s = pw.scales.clone()
+    s[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="scales contain NaN"):
+        PackedWeight(pw.qweight, s, pw.zeros, 4, 32, (4, 64))

@@ -373,14 +373,18 @@ inline void lut_gemv_rows_t(const PackedW& P, const float* xp, int64_t n0, int64
 template <int BITS>
 inline void lut_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                             int64_t ldy, const float* bias) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = xp + m0 * P.Kp();
-    void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
-    switch (qmin<int64_t>(4, M - m0)) {
-      case 1: lut_gemv_rows_t<BITS, 1>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 2: lut_gemv_rows_t<BITS, 2>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 3: lut_gemv_rows_t<BITS, 3>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
-      default: lut_gemv_rows_t<BITS, 4>(P, xm, n0, n1, ydt, ym, ldy, bias); break;
+  const int64_t slab = M <= 4 ? n1 - n0 : 16;  // see vnni_gemv_rows_b
+  for (int64_t s0 = n0; s0 < n1; s0 += slab) {
+    const int64_t s1 = qmin(n1, s0 + slab);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = xp + m0 * P.Kp();
+      void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
+      switch (qmin<int64_t>(4, M - m0)) {
+        case 1: lut_gemv_rows_t<BITS, 1>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: lut_gemv_rows_t<BITS, 2>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: lut_gemv_rows_t<BITS, 3>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: lut_gemv_rows_t<BITS, 4>(P, xm, s0, s1, ydt, ym, ldy, bias); break;
+      }
     }
   }
 }
@@ -647,14 +651,20 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int
                              void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
-    void* ym = static_cast<char*>(y) + m0 * ldy * es;
-    switch (qmin<int64_t>(4, M - m0)) {
-      case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
-      default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, n0, n1, ydt, ym, ldy, bias); break;
+  // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
+  // cache for the second group, so the weight streams from memory once.
+  const int64_t slab = M <= 4 ? n1 - n0 : 16;
+  for (int64_t s0 = n0; s0 < n1; s0 += slab) {
+    const int64_t s1 = qmin(n1, s0 + slab);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
+      void* ym = static_cast<char*>(y) + m0 * ldy * es;
+      switch (qmin<int64_t>(4, M - m0)) {
+        case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+      }
     }
   }
 }
@@ -944,6 +954,68 @@ QK_AMX_TARGET void amx_gemm_rows_t(const PackedW& P, const uint16_t* xT, int64_t
     cfg.colsb[i] = 64;
   }
   _tile_loadconfig(&cfg);
+  if (Mt <= 2) {
+    // Small M: x (<= 2 tiles x Kpa) stays in L2 for every block of rows, so the blocks of
+    // rows go outer and the C tiles stay in tile registers across K; the panel holds
+    // 32 rows x at most 4096 positions (256 KiB), whatever K is.
+    const int64_t kc_max = qmin<int64_t>(Kpa, 4096);
+    uint16_t* pnl = static_cast<uint16_t*>(scratch(5, size_t(32) * kc_max * 2));
+    const bool two = Mt == 2;
+    const uint16_t* xa = xT;
+    const uint16_t* xb = xT + (Kpa / 2) * 32;
+    // While the tiles compute on one block of rows, prefetch the next block (its bytes
+    // are contiguous) into L2, a slice per step, so memory and compute overlap.
+    const int64_t nks_total = Kpa / 32;
+    const int64_t pf_bytes_per_ks = round_up((32 * P.row_bytes + nks_total - 1) / nks_total, 64);
+    for (int64_t b0 = n0; b0 < n1; b0 += 32) {
+      const int64_t rows = qmin<int64_t>(32, n1 - b0);
+      const uint8_t* next = P.qw + qmin<int64_t>(b0 + 32, P.N) * P.row_bytes;
+      const uint8_t* next_end = P.qw + qmin<int64_t>(b0 + 64, P.N) * P.row_bytes;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t p0 = 0; p0 < Kpa; p0 += kc_max) {
+        const int64_t p1 = qmin(Kpa, p0 + kc_max), kc = p1 - p0;
+        for (int64_t r = 0; r < rows; ++r) amx_dequant_row<BITS>(P, b0 + r, p0, p1, pnl + r * kc);
+        for (int64_t r = rows; r < 32; ++r) std::memset(pnl + r * kc, 0, kc * 2);
+        asm volatile("" ::: "memory");
+        for (int64_t ks = 0; ks < kc / 32; ++ks) {
+          const int64_t kg = p0 / 32 + ks;
+          for (int64_t b = 0; b < pf_bytes_per_ks; b += 64) {
+            const uint8_t* a = next + kg * pf_bytes_per_ks + b;
+            if (a < next_end) QK_PF(a);
+          }
+          _tile_loadd(4, pnl + ks * 32, kc * 2);
+          _tile_loadd(5, pnl + 16 * kc + ks * 32, kc * 2);
+          _tile_loadd(6, xa + kg * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, xb + kg * 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        asm volatile("" ::: "memory");
+      }
+      _tile_stored(0, cbuf[0], 64);
+      _tile_stored(2, cbuf[2], 64);
+      if (two) {
+        _tile_stored(1, cbuf[1], 64);
+        _tile_stored(3, cbuf[3], 64);
+      }
+      asm volatile("" ::: "memory");
+      amx_store_tile(cbuf[0], b0, n1, 0, M, ydt, y, ldy, bias);
+      amx_store_tile(cbuf[2], b0 + 16, n1, 0, M, ydt, y, ldy, bias);
+      if (two) {
+        amx_store_tile(cbuf[1], b0, n1, 16, M, ydt, y, ldy, bias);
+        amx_store_tile(cbuf[3], b0 + 16, n1, 16, M, ydt, y, ldy, bias);
+      }
+    }
+    _tile_release();
+    return;
+  }
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t p0 = kb * Kc, p1 = qmin(Kpa, p0 + Kc), kc = p1 - p0;
     const bool first = kb == 0, last = kb == nkb - 1;

@@ -77,7 +77,9 @@ class PackedLinear(nn.Module):
         return self.packed_weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.packed_linear(x, self.packed_weight, self.bias, backend=self.backend)
+        # buffers were validated at construction / load; only x and bias are checked per call
+        return ops._packed_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                  self.in_features, self.bias, self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
