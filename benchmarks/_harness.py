@@ -6,7 +6,7 @@ taken, printed and saved the same way:
 * :func:`measure` -- median wall time (ms) of ``fn()`` after warm-up, with the
   spread; ``time.perf_counter`` on the CPU, CUDA events (plus
   ``torch.cuda.synchronize``) on a GPU.
-* :func:`copy_bandwidth` -- the machine's copy bandwidth measured in the same
+* :func:`copy_bandwidth` / :func:`read_bandwidth` -- the machine's copy and read bandwidth measured in the same
   run (GB/s counting bytes read + bytes written, copy into an existing
   buffer), the denominator of the roofline fraction.
 * :class:`Row`, :func:`print_table`, :func:`save_plot`, :func:`write_json`.
@@ -136,6 +136,23 @@ def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 * MiB, 
     dst = torch.zeros(n, dtype=torch.float32, device=dev)
     t = measure(lambda: dst.copy_(src), warmup=warmup, reps=reps, device=dev)
     return 2 * n * 4 / (t.median * 1e-3) / 1e9
+
+
+def read_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 * MiB, reps: int = 10, warmup: int = 2) -> float:
+    """Read bandwidth in GB/s: ``torch.mv`` of an fp32 ``[nbytes / 16 KiB, 4096]`` matrix.
+
+    The ceiling of a kernel that streams a weight and writes almost nothing (a
+    GEMV). An fp32 matrix-vector product does one FMA per 4 bytes read, so the
+    BLAS runs it at the read bandwidth (``sum()`` / ``amax()`` were slower:
+    their reductions are not tuned for it). On the CPUs here it is about 10-20%
+    above :func:`copy_bandwidth`, whose writes cost read-for-ownership traffic.
+    Median of ``reps``.
+    """
+    dev = torch.device(device)
+    a = torch.ones(max(1, nbytes // (4 * 4096)), 4096, dtype=torch.float32, device=dev)
+    v = torch.ones(4096, dtype=torch.float32, device=dev)
+    t = measure(lambda: torch.mv(a, v), warmup=warmup, reps=reps, device=dev)
+    return a.numel() * 4 / (t.median * 1e-3) / 1e9
 
 
 # ------------------------------------------------------------------- rows

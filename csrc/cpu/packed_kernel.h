@@ -87,7 +87,11 @@ inline int64_t env_int(const char* name, int64_t dflt) {
 // Software prefetch of cold weight rows into L2, kPfRows blocks of rows ahead of the
 // rows being decoded. Measured on a 4096x11008 int4 GEMV (cold, 1 thread): 6.1 GB/s
 // without, 10.6 GB/s with (the same bandwidth as bf16 F.linear); into L1 (T0) it was
-// erratic (7-11 GB/s depending on the distance).
+// erratic (7-11 GB/s depending on the distance). Re-measured later (same shape, 1 thread,
+// read roofline = fp32 sgemv 14.7 GB/s): T1 or T2 2.2-2.4 ms, T0 2.7-2.8 ms, none 3.4-3.9 ms;
+// distance 1-16 blocks, 1, 2 or 4 rows per block: all within noise. Dropping half of the
+// vpdpbusd work made int4 only 3% faster (int2 9%): the int4 GEMV is bound by this
+// memory stream (~75% of the sgemv read rate), not by the decode.
 static const int64_t kPfRows = env_int("QUANTKERN_PK_PREFETCH_ROWS", 2);
 #define QK_PF(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
 #endif
@@ -525,8 +529,8 @@ QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64
 // NR rows of W at a time (independent work for the out-of-order core; x loads shared).
 template <int BITS, int MT, int NR, Dt MD>
 QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L, const int32_t* gl, const int32_t* g0v,
-                                          const uint8_t* const* wm, const __m512i* ctrl, int64_t n, Dt ydt, void* y,
-                                          int64_t ldy, const float* bias) {
+                                          const uint8_t* const* wm, const __m512i* ctrl, const __m512i* lshift,
+                                          int64_t n, Dt ydt, void* y, int64_t ldy, const float* bias) {
   const __m512i m0f = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
   const __m512i three = _mm512_set1_epi8(0x03), seven = _mm512_set1_epi8(0x07);
   constexpr int NF = BITS == 4 ? 2 : 4;
@@ -562,20 +566,21 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
       if constexpr (BITS == 3) QK_PF(row[r] + 8 * P.nb + 4 * j0 + pf);
       const __m512i w = full ? _mm512_loadu_si512(row[r] + bpb * j0)
                              : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row[r] + bpb * j0);
+      // Fields f > 0 come from vpmultishiftqb (port 5) rather than a shift (port 0):
+      // the decode is port-bound and port 0 also runs every vpdpbusd and the int->float
+      // conversion. The AND that follows drops the bits pulled in from the next byte.
       if constexpr (BITS == 4) {
         fld[r][0] = _mm512_and_si512(w, m0f);
-        fld[r][1] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
+        fld[r][1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[2], w), m0f);
       } else if constexpr (BITS == 2) {
         fld[r][0] = _mm512_and_si512(w, m0f);
-        fld[r][1] = _mm512_and_si512(_mm512_srli_epi16(w, 2), m0f);
-        fld[r][2] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m0f);
-        fld[r][3] = _mm512_and_si512(_mm512_srli_epi16(w, 6), m0f);
+        for (int f = 1; f < 4; ++f) fld[r][f] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[f], w), m0f);
       } else {
         const __m256i hw = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + 8 * P.nb + 4 * j0))
                                 : _mm256_maskz_loadu_epi32(__mmask8((1u << nvalid) - 1u), row[r] + 8 * P.nb + 4 * j0);
         const __m512i hq = _mm512_cvtepu32_epi64(hw);
         for (int f = 0; f < 4; ++f) {
-          const __m512i lo = f == 0 ? w : _mm512_srli_epi16(w, 2 * f);
+          const __m512i lo = f == 0 ? w : _mm512_multishift_epi64_epi8(lshift[f], w);
           const __m512i hb = _mm512_multishift_epi64_epi8(ctrl[f], hq);
           fld[r][f] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hb, three, 0xE4), seven);
         }
@@ -640,10 +645,18 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
     for (int i = 0; i < 64; ++i) c[i] = uint8_t((8 * f + (i & 7) - 2) & 63);
     ctrl[f] = _mm512_load_si512(c);
   }
+  // lshift[f]: byte i of every qword takes bits [8 i + 2 f, 8 i + 2 f + 8), i.e. byte i >> 2 f
+  // in its low bits (f = 2 is the high nibble of the 4-bit format).
+  __m512i lshift[4];
+  for (int f = 0; f < 4; ++f) {
+    alignas(64) uint8_t c[64];
+    for (int i = 0; i < 64; ++i) c[i] = uint8_t(8 * (i & 7) + 2 * f);
+    lshift[f] = _mm512_load_si512(c);
+  }
   constexpr int NR = MT <= 2 ? 2 : 1;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) vnni_gemv_block<BITS, MT, NR, MD>(P, L, gl, g0v, wm, ctrl, n, ydt, y, ldy, bias);
-  for (; n < n1; ++n) vnni_gemv_block<BITS, MT, 1, MD>(P, L, gl, g0v, wm, ctrl, n, ydt, y, ldy, bias);
+  for (; n + NR <= n1; n += NR) vnni_gemv_block<BITS, MT, NR, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
+  for (; n < n1; ++n) vnni_gemv_block<BITS, MT, 1, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
 }
 
 template <int BITS, Dt MD>
