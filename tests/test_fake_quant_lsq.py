@@ -13,31 +13,16 @@ import torch
 import quantkern
 from quantkern import ops, reference as R
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GRIDS = {2: (-2, 1), 3: (0, 7), 4: (-8, 7), 8: (-128, 127)}  # bits -> (qmin, qmax), signed and unsigned
+import _lsq_cases as C
+
+DTYPES = C.DTYPES
 
 
 def _case(shape, axis=None, group_size=None, bits=4, dtype=torch.float32, noncontig=False, edges=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qmin, qmax = GRIDS[bits]
-    if group_size is not None:
-        pshape = (shape[0], shape[1] // group_size)
-    elif axis is not None:
-        pshape = (shape[axis],)
-    else:
-        pshape = (1,)
-    scale = torch.rand(pshape, generator=g) * 0.2 + 0.05
-    offset = torch.randn(pshape, generator=g) * 0.05
-    if edges:
-        # v close to (but not on) the clip edges and to rounding boundaries.
-        v = torch.randint(qmin - 1, qmax + 2, shape, generator=g).float()
-        v = v + (torch.rand(shape, generator=g) - 0.5) * 0.98
-        x = v * R.lsq_param_view(v, scale, axis, group_size) + R.lsq_param_view(v, offset, axis, group_size)
-    else:
-        x = torch.randn(shape, generator=g) * (qmax - qmin) * 0.1
+    x, scale, offset, qmin, qmax = C.lsq_data(shape, axis, group_size, bits, edges=edges, seed=seed)
     x = x.to(dtype)
     if noncontig:
-        x = x.t().contiguous().t() if x.dim() == 2 else x.unsqueeze(-1).expand(*x.shape, 2)[..., 0]
+        x = C.noncontig(x)
         assert not x.is_contiguous() or x.dim() == 1
     return dict(x=x, scale=scale, offset=offset, qmin=qmin, qmax=qmax, axis=axis, group_size=group_size)
 

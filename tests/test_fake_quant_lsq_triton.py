@@ -29,35 +29,18 @@ from quantkern.triton_kernels import fake_quant_lsq as TK  # noqa: E402
 
 import triton.language as tl  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GRIDS = {2: (-2, 1), 3: (0, 7), 4: (-8, 7), 8: (-128, 127)}  # bits -> (qmin, qmax)
+import _lsq_cases as C  # noqa: E402
+
+DTYPES = C.DTYPES
 FWD = torch.ops.quantkern.fake_quant_lsq_triton
 BWD = torch.ops.quantkern.fake_quant_lsq_backward_triton
 
 
 def _case(shape, axis=None, group_size=None, bits=4, dtype=torch.float32, noncontig=False, ties=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qmin, qmax = GRIDS[bits]
-    if group_size is not None:
-        pshape = (shape[0], shape[1] // group_size)
-    elif axis is not None:
-        pshape = (shape[axis],)
-    else:
-        pshape = (1,)
-    if ties:
-        # Power-of-two scales and integer offsets: many v land exactly on k + 0.5
-        # (round half to even) and on the clip edges.
-        scale = 2.0 ** torch.randint(-3, 1, pshape, generator=g).float()
-        offset = torch.randint(-2, 3, pshape, generator=g).float() * scale
-        v = torch.randint(2 * qmin - 4, 2 * qmax + 5, shape, generator=g).float() / 2
-        x = v * R.lsq_param_view(v, scale, axis, group_size) + R.lsq_param_view(v, offset, axis, group_size)
-    else:
-        scale = torch.rand(pshape, generator=g) * 0.2 + 0.05
-        offset = torch.randn(pshape, generator=g) * 0.05
-        x = torch.randn(shape, generator=g) * (qmax - qmin) * 0.1
+    x, scale, offset, qmin, qmax = C.lsq_data(shape, axis, group_size, bits, ties=ties, seed=seed)
     x = x.to(dtype)
     if noncontig:
-        x = x.t().contiguous().t() if x.dim() == 2 else x.unsqueeze(-1).expand(*x.shape, 2)[..., 0]
+        x = C.noncontig(x)
     return dict(x=x.to(DEV), scale=scale.to(DEV), offset=offset.to(DEV), qmin=qmin, qmax=qmax, axis=axis, group_size=group_size)
 
 

@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "../cpu/checks.h"  // lsq_layout, dt_of: the same argument checks as the CPU glue
+#include "io.cuh"
 #include "../shared/fake_quant_lsq.h"
 
 namespace qk {
@@ -39,28 +40,6 @@ namespace {
 
 constexpr int kThreads = 256;  // every kernel here: 8 warps per block
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFull = 0xffffffffu;
-
-// ------------------------------------------------------------------ storage I/O
-// Storage type -> fp32 and back. Stores round to nearest even, as the
-// reference's `.to(dtype)` does.
-template <class S>
-struct Io;
-template <>
-struct Io<float> {
-  static __device__ __forceinline__ float ld(float v) { return v; }
-  static __device__ __forceinline__ float st(float v) { return v; }
-};
-template <>
-struct Io<__half> {
-  static __device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half st(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
-};
 
 // VEC elements of S in one 16-byte (or narrower, for VEC = 1) memory access.
 template <class S, int VEC>

@@ -33,30 +33,11 @@
 #include <vector>
 
 #include "../cpu/packed_checks.h"  // check_packed, packed_view: the CPU glue's argument checks
+#include "io.cuh"
 #include "../shared/packing.h"
 
 namespace qk {
 namespace {
-
-constexpr unsigned kFull = 0xffffffffu;
-
-template <class S>
-struct Io;
-template <>
-struct Io<float> {
-  static __device__ __forceinline__ float ld(float v) { return v; }
-  static __device__ __forceinline__ float st(float v) { return v; }
-};
-template <>
-struct Io<__half> {
-  static __device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half st(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
-};
 
 // The packed weight as the device sees it (PackedW holds host-side sizes too).
 struct DevW {
