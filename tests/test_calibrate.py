@@ -346,8 +346,6 @@ def test_bad_args():
         HistogramCalibrator("entropy", num_bins=1)
     with pytest.raises(ValueError, match="percentile"):
         HistogramCalibrator("percentile", percentile=101)
-    with pytest.raises(ValueError, match="asymmetric"):
-        HistogramCalibrator("entropy", symmetric=False)
     with pytest.raises(ValueError, match="axis"):
         compute_amax(torch.ones(3), "max", axis=2)
     with pytest.raises(ValueError, match="NaN"):
