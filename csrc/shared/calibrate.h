@@ -57,6 +57,7 @@ struct CalibChan {
   int64_t un, up;    // used extents (last non-empty neg / pos bin + 1)
   int64_t na, nbx;   // asymmetric grid: a in {0, s, .., (na-1)s}, b in {0, .., (nbx-1)s}
   int64_t ncand;     // candidate slots (some asymmetric slots are invalid: a + b < start_bin)
+  int64_t nnz;       // mse: non-empty bins, listed in cb (count) and cz (signed bin number)
   double T;          // total count of ext (entropy) or of the unmodified bins (mse)
   double width;
 };
@@ -119,7 +120,18 @@ QK_HD CalibChan calib_build(const int64_t* pos, const int64_t* neg, int64_t n, d
     }
     T = s;
   } else {
-    for (int64_t j = 0; j < ch.L; ++j) T += ext[j];
+    // mse: only non-empty bins contribute (adding an exact 0 changes no sum), so
+    // list them once: cb = count, cz = bin number (k >= 0: pos[k]; -1 - k: neg[k]).
+    int64_t m = 0;
+    for (int64_t j = 0; j < ch.L; ++j) {
+      T += ext[j];
+      if (ext[j] != 0) {
+        cb[m] = ext[j];
+        cz[m] = double(j - ch.zero);
+        ++m;
+      }
+    }
+    ch.nnz = m;
   }
   ch.T = T;
   return ch;
@@ -175,41 +187,41 @@ QK_HD double calib_entropy_div(const double* ext, const double* cb, const double
 // Symmetric histogram MSE of candidate bin i (amax = center of bin i): the sum
 // of count * (fq(center) - center)^2 over the used bins, fq as NVIDIA's
 // fake_tensor_quant (narrow range; unsigned: [0, hi]).
-QK_HD double calib_mse_sym(const double* ext, int64_t used, double w, int64_t i, double hi, double lo) {
+// cnt / idx: the non-empty bins (count, bin number) listed by calib_build.
+QK_HD double calib_mse_sym(const double* cnt, const double* idx, int64_t nnz, double w, int64_t i, double hi,
+                           double lo) {
   const double amax = (double(i) * w + double(i + 1) * w) / 2;
   const double s = hi / amax;
   double err = 0;
-  for (int64_t j = 0; j < used; ++j) {
-    const double c = (double(j) * w + double(j + 1) * w) / 2;
+  for (int64_t k = 0; k < nnz; ++k) {
+    const double j = idx[k];
+    const double c = (j * w + (j + 1) * w) / 2;
     double q = calib_rint(c * s);
     q = q < lo ? lo : (q > hi ? hi : q);
     const double e = q / s - c;
-    err += e * e * ext[j];
+    err += e * e * cnt[k];
   }
   return err;
 }
 
 // Asymmetric histogram MSE of the window [-a*w, b*w] (a = zero - l, b = r - zero).
-QK_HD double calib_mse_asym(const double* ext, const CalibChan& ch, int64_t l, int64_t r, double qmax) {
+// Bin number b < 0 is neg[-1 - b] (center -(k + 1/2) w), b >= 0 is pos[b].
+QK_HD double calib_mse_asym(const double* cnt, const double* idx, const CalibChan& ch, int64_t l, int64_t r,
+                            double qmax) {
   const double w = ch.width;
   const double amin = -double(ch.zero - l) * w, amax = double(r - ch.zero) * w;
   const double s = (amax - amin) / qmax;
   const double z = calib_rint(-amin / s);
   double err = 0;
-  // negative bins k < un sit at ext[zero - 1 - k]; positive k < up at ext[zero + k]
-  for (int64_t k = 0; k < ch.un; ++k) {
-    const double c = -((double(k) * w + double(k + 1) * w) / 2);
+  for (int64_t m = 0; m < ch.nnz; ++m) {
+    const double b = idx[m];
+    const double k = b < 0 ? -1 - b : b;
+    const double mid = (k * w + (k + 1) * w) / 2;
+    const double c = b < 0 ? -mid : mid;
     double q = calib_rint(c / s) + z;
     q = q < 0 ? 0 : (q > qmax ? qmax : q);
     const double e = (q - z) * s - c;
-    err += e * e * ext[ch.zero - 1 - k];
-  }
-  for (int64_t k = 0; k < ch.up; ++k) {
-    const double c = (double(k) * w + double(k + 1) * w) / 2;
-    double q = calib_rint(c / s) + z;
-    q = q < 0 ? 0 : (q > qmax ? qmax : q);
-    const double e = (q - z) * s - c;
-    err += e * e * ext[ch.zero + k];
+    err += e * e * cnt[m];
   }
   return err;
 }
@@ -226,9 +238,9 @@ QK_HD double calib_eval(const double* ext, const double* cb, const double* cz, c
   }
   if (symmetric) {
     const double hi = double((int64_t(1) << (num_bits - 1 + int(is_unsigned))) - 1);
-    return calib_mse_sym(ext, ch.up, ch.width, r, hi, is_unsigned ? 0.0 : -hi);
+    return calib_mse_sym(cb, cz, ch.nnz, ch.width, r, hi, is_unsigned ? 0.0 : -hi);
   }
-  return calib_mse_asym(ext, ch, l, r, double((int64_t(1) << num_bits) - 1));
+  return calib_mse_asym(cb, cz, ch, l, r, double((int64_t(1) << num_bits) - 1));
 }
 
 // The chosen slot from the objectives of all slots (entropy: the last within

@@ -257,11 +257,15 @@ class MaxCalibrator(_Calibrator):
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
-        xc = self._prep(x)
-        mx = xc.abs().amax(1) if self.symmetric else xc.amax(1)
+        xc = self._prep(x, native=True)
+        mn, mx = torch.aminmax(xc, dim=1)  # one pass, no |x| temporary; propagates NaN / inf
+        mn, mx = mn.float(), mx.float()
+        if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
+            raise ValueError("x contains NaN or Inf")
+        if self.symmetric:
+            mx = torch.maximum(mx, -mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         if not self.symmetric:
-            mn = xc.amin(1)
             self._min = mn if self._min is None else torch.minimum(self._min, mn)
 
     def _amax(self):
