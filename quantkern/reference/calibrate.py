@@ -68,6 +68,20 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p[m] * torch.log(p[m] / q[m])).sum())
 
 
+def _merge_levels(head: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Q of the entropy rule: the i bins of ``head`` merged into ``nbins`` levels, each level's
+    count spread evenly over its non-empty bins (empty bins stay 0)."""
+    i = head.numel()
+    # np.digitize(range(i), linspace(0, i, nbins + 1)) - 1 == floor(j * nbins / i) (exact: nbins is a power of 2)
+    level = torch.div(torch.arange(i) * nbins, i, rounding_mode="floor")
+    nz = head != 0
+    sums = torch.zeros(nbins, dtype=torch.float64).index_add_(0, level[nz], head[nz])
+    cnts = torch.bincount(level[nz], minlength=nbins).double()
+    q = torch.zeros(i, dtype=torch.float64)
+    q[nz] = sums[level[nz]] / cnts[level[nz]]
+    return q
+
+
 def entropy_divergences(hist: torch.Tensor, num_bits: int, unsigned: bool = False, stride: int = 1, start_bin: int = 128):
     """(candidates i [list of int], KL(P_i || Q_i) [list of float]) exactly as NVIDIA's loop."""
     bins = hist.double().clone()
@@ -75,14 +89,8 @@ def entropy_divergences(hist: torch.Tensor, num_bits: int, unsigned: bool = Fals
     nbins = 1 << (num_bits - 1 + int(unsigned))
     cands, divs = [], []
     for i in range(start_bin, bins.numel() + 1, stride):
-        # np.digitize(range(i), linspace(0, i, nbins + 1)) - 1 == floor(j * nbins / i) (exact: nbins is a power of 2)
-        level = torch.div(torch.arange(i) * nbins, i, rounding_mode="floor")
         head = bins[:i]
-        nz = head != 0
-        sums = torch.zeros(nbins, dtype=torch.float64).index_add_(0, level[nz], head[nz])
-        cnts = torch.bincount(level[nz], minlength=nbins).double()
-        q = torch.zeros(i, dtype=torch.float64)
-        q[nz] = sums[level[nz]] / cnts[level[nz]]
+        q = _merge_levels(head, nbins)
         p = head.clone()
         p[-1] += bins[i:].sum()
         cands.append(i)
@@ -210,12 +218,7 @@ def entropy_divergences_asym(pos, neg, num_bits: int, stride: int = 16, start_bi
     for a, b in cands:
         i = a + b
         win = ext[A - a:A + b]
-        level = torch.div(torch.arange(i) * nb, i, rounding_mode="floor")
-        nz = win != 0
-        sums = torch.zeros(nb, dtype=torch.float64).index_add_(0, level[nz], win[nz])
-        cnts = torch.bincount(level[nz], minlength=nb).double()
-        q = torch.zeros(i, dtype=torch.float64)
-        q[nz] = sums[level[nz]] / cnts[level[nz]]
+        q = _merge_levels(win, nb)
         p = win.clone()
         p[0] += ext[:A - a].sum()
         p[-1] += ext[A + b:].sum()
