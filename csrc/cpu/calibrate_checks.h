@@ -28,7 +28,8 @@ inline void calib_histogram_check(const at::Tensor& x, const at::Tensor& pos, co
   for (const at::Tensor* t : {&pos, &neg, &R, &n})
     TORCH_CHECK(t->device() == x.device(), op, "all tensors must be on x's device ", x.device(), ", got ", t->device());
   if (C > 0 && x.device().is_cpu()) {
-    TORCH_CHECK(n.max().item<int64_t>() <= pos.size(1), op, "n must be <= B = pos.shape[1] = ", pos.size(1));
+    TORCH_CHECK(n.max().item<int64_t>() <= std::min(pos.size(1), kCalibMaxBins), op, "n must be <= B = pos.shape[1] = ",
+                pos.size(1), " and <= 2^24");
     TORCH_CHECK(n.min().item<int64_t>() >= 0, op, "n must be >= 0");
   }
 }

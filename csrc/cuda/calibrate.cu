@@ -31,16 +31,16 @@ __global__ void calib_hist_kernel(const T* __restrict__ x, unsigned long long* p
   const float r = R[c];
   const int64_t nc = n[c];
   if (!(r > 0) || nc <= 0) return;
-  const float nf = float(nc);
+  const float nf = float(nc), top = float(nc - 1);
   const T* xr = x + c * M;
   for (int64_t m = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
     const float v = cb_ld(xr, m);
-    const int64_t i = calib_bin(fabsf(v), nf, r, nc);
-    if (i < 0) {
+    const float t = calib_ratio(fabsf(v), nf, r);
+    if (calib_bad(t)) {
       atomicOr(bad, 1);
       continue;
     }
-    atomicAdd((v < 0 ? neg : pos) + c * B + i, 1ULL);
+    atomicAdd((v < 0 ? neg : pos) + c * B + calib_bin(t, top), 1ULL);
   }
 }
 
@@ -119,7 +119,7 @@ void calib_histogram_cuda(const at::Tensor& x_, at::Tensor pos, at::Tensor neg, 
   TORCH_CHECK(x_.is_cuda(), "quantkern.calib_histogram: x must be a CUDA tensor, got ", x_.device());
   const int64_t C = x_.size(0), M = x_.size(1), B = pos.size(1);
   if (C == 0 || M == 0) return;
-  TORCH_CHECK(n_.max().item<int64_t>() <= B && n_.min().item<int64_t>() >= 0,
+  TORCH_CHECK(n_.max().item<int64_t>() <= std::min(B, kCalibMaxBins) && n_.min().item<int64_t>() >= 0,
               "quantkern.calib_histogram: n must be in [0, B = pos.shape[1] = ", B, "]");
   TORCH_CHECK(C <= 65535, "quantkern.calib_histogram: at most 65535 channels on CUDA, got ", C);
   c10::cuda::CUDAGuard guard(x_.device());

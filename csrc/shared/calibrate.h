@@ -27,13 +27,15 @@ constexpr double kCalibTieTol = 1e-9;  // reference TIE_TOL
 enum CalibMethod : int { kCalibEntropy = 0, kCalibMse = 1 };
 
 // Histogram bin of |x| = a: trunc(a * n / R) in fp32 (two roundings, as the
-// reference's torch expression), clamped to [0, n - 1]. -1 for NaN / inf.
-QK_HD int64_t calib_bin(float a, float nf, float R, int64_t n) {
-  const float t = div(mul(a, nf), R);
-  if (!(t < 9.0e18f)) return -1;  // NaN or inf (a finite a <= R gives t <= n)
-  const int64_t i = int64_t(t);
-  return i < n - 1 ? i : n - 1;
-}
+// reference's torch expression), clamped to n - 1. Written as the fp32 ratio
+// t = calib_ratio(...) (the caller flags t that is not finite: NaN / inf in x)
+// and calib_bin(t, n - 1 as float): clamping t before the conversion equals
+// clamping the integer for n <= 2^24 (checked by the glue), and keeps the CPU
+// loop free of branches so that it vectorises.
+constexpr int64_t kCalibMaxBins = int64_t(1) << 24;
+QK_HD float calib_ratio(float a, float nf, float R) { return div(mul(a, nf), R); }
+QK_HD bool calib_bad(float t) { return !(t <= 3.0e38f); }
+QK_HD int32_t calib_bin(float t, float top) { return int32_t(t < top ? t : top); }
 
 // Round half to even in float64. On the CPU the classic 1.5 * 2^52 trick
 // (exact for |v| < 2^51, larger values are already integers) keeps the MSE

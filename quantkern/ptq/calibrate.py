@@ -103,6 +103,12 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool =
     return out
 
 
+def _minmax(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row min and max of ``[C, M]`` as float32 (NaN / inf propagate). amin + amax, not
+    aminmax (several times slower on the CPU) nor abs().amax (a full-size temporary)."""
+    return xc.amin(1).float(), xc.amax(1).float()
+
+
 def _out(t: torch.Tensor, axis) -> torch.Tensor:
     t = t.float()
     return t.reshape(()) if axis is None else t
@@ -258,8 +264,7 @@ class MaxCalibrator(_Calibrator):
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
-        mn, mx = torch.aminmax(xc, dim=1)  # one pass, no |x| temporary; propagates NaN / inf
-        mn, mx = mn.float(), mx.float()
+        mn, mx = _minmax(xc)
         if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
             raise ValueError("x contains NaN or Inf")
         if self.symmetric:
@@ -322,8 +327,8 @@ class HistogramCalibrator(_Calibrator):
         xc = self._prep(x, native=True)
         C, M = xc.shape
         dev = xc.device
-        mn, mx = torch.aminmax(xc, dim=1)  # one pass, no |x| temporary
-        bmax = torch.maximum(mx.float(), -mn.float())
+        mn, mx = _minmax(xc)
+        bmax = torch.maximum(mx, -mn)
         if not torch.isfinite(bmax).all():  # aminmax propagates NaN and inf
             raise ValueError("x contains NaN or Inf")
         if self._R is None:
