@@ -130,7 +130,7 @@ void calib_histogram_cuda(const at::Tensor& x_, at::Tensor pos, at::Tensor neg, 
   auto bad = at::zeros({1}, x.options().dtype(at::kInt));
   const int threads = 256;
   const int64_t bx = std::min<int64_t>((M + threads - 1) / threads, std::max<int64_t>(1, 4096 / C));
-  dim3 grid(unsigned(bx), unsigned(C));
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(C));
   auto* pp = reinterpret_cast<unsigned long long*>(pos.data_ptr<int64_t>());
   auto* np = reinterpret_cast<unsigned long long*>(neg.data_ptr<int64_t>());
   switch (x.scalar_type()) {
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> calib_search_cuda(const at::Tensor& pos_, con
     calib_build_kernel<<<unsigned((cn + threads - 1) / threads), threads, 0, stream>>>(a, c0, cn,
                                                                                        scratch.data_ptr<double>(), cp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dim3 grid(unsigned((a.imax + threads - 1) / threads), unsigned(cn));
+    const dim3 grid(static_cast<unsigned>((a.imax + threads - 1) / threads), static_cast<unsigned>(cn));
     calib_eval_kernel<<<grid, threads, 0, stream>>>(a, cn, scratch.data_ptr<double>(), cp, obj.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     calib_pick_kernel<<<unsigned((cn + threads - 1) / threads), threads, 0, stream>>>(
