@@ -432,7 +432,7 @@ def calib_histogram(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, R: to
             of ``neg`` if ``v < 0``, else of ``pos`` (exact zeros: ``pos[c, 0]``).
         R: ``float32 [C]``, the histogram range of each channel; rows with
             ``R[c] <= 0`` are skipped (the caller counts them).
-        n: ``int64 [C]``, bins in use per channel, ``n[c] <= B``.
+        n: ``int64 [C]``, bins in use per channel, ``n[c] <= min(B, 2^24)``.
         backend: "auto", "native" or "triton".
     """
     op = "calib_histogram"
