@@ -144,6 +144,33 @@ for _sfx in ("", "_triton"):
         raise RuntimeError("quantkern.hqq_quantize is not differentiable")
 
     torch.library.register_autograd(f"quantkern::hqq_quantize{_sfx}", _hqq_backward, setup_context=_hqq_setup)
+# --------------------------------------------------------------------------
+# calib_histogram / calib_search: the histogram calibrators (quantkern/ptq/calibrate.py;
+# semantics: quantkern/reference/calibrate.py; math: csrc/shared/calibrate.h)
+# --------------------------------------------------------------------------
+# calib_histogram: x [C, M] float32/float16/bfloat16; pos, neg int64 [C, B] updated in
+# place (bin trunc(|x| * n / R) in fp32, clamped to n - 1; x < 0 -> neg); R float32 [C],
+# n int64 [C] (n <= B). Channels with R <= 0 are skipped.
+# calib_search: pos, neg int64 [C, B]; width float64 [C] (0 = no data: (0, 0)); n int64 [C]
+# -> (amin float64 [C], amax float64 [C]) of method "entropy" or "mse".
+for _sfx in ("", "_triton"):
+    LIB.define(f"calib_histogram{_sfx}(Tensor x, Tensor(a!) pos, Tensor(b!) neg, Tensor R, Tensor n) -> ()")
+    LIB.define(
+        f"calib_search{_sfx}(Tensor pos, Tensor neg, Tensor width, Tensor n, str method, int num_bits, "
+        "bool unsigned, bool symmetric, int stride, int start_bin) -> (Tensor, Tensor)"
+    )
+
+    @torch.library.register_fake(f"quantkern::calib_histogram{_sfx}")
+    def _calib_hist_fake(x, pos, neg, R, n):
+        return None
+
+    @torch.library.register_fake(f"quantkern::calib_search{_sfx}")
+    def _calib_search_fake(pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin):
+        torch._check(pos.dim() == 2, lambda: f"quantkern: pos must be 2-D [C, B], got {pos.dim()}-D")
+        C = pos.shape[0]
+        return pos.new_empty((C,), dtype=torch.float64), pos.new_empty((C,), dtype=torch.float64)
+
+
 # Packed low-bit weights (DESIGN.md section 4; format: quantkern/reference/packing.py)
 # --------------------------------------------------------------------------
 # qweight int32 [N, ceil(K/32) * bits]; scales, zeros [N, K // group_size] in

@@ -372,6 +372,104 @@ def hqq_quantize(
     be = _pick_backend(op, W, backend)
     fn = torch.ops.quantkern.hqq_quantize_triton if be == "triton" else torch.ops.quantkern.hqq_quantize
     return fn(W, bits, group_size, int(axis), float(lp_norm), float(beta), float(kappa), iters, early_stop)
+# ------------------------------------------------------------- calibrators
+CALIB_SEARCH_METHODS = ("entropy", "mse")
+
+
+def _calib_hist_check(op, x, pos, neg, R, n) -> None:
+    """Argument checks of calib_histogram (also run by the Triton kernel)."""
+    _check_tensor(op, "x", x, _FLOATS)
+    if x.dim() != 2:
+        raise ValueError(f"quantkern.{op}: x must be 2-D [C, M], got shape {tuple(x.shape)}")
+    C = x.shape[0]
+    for name, t in (("pos", pos), ("neg", neg)):
+        _check_tensor(op, name, t, (torch.int64,), x.device)
+        if t.dim() != 2 or t.shape[0] != C or not t.is_contiguous():
+            raise ValueError(f"quantkern.{op}: {name} must be a contiguous int64 [C={C}, B] tensor, got shape {tuple(t.shape)}")
+    if neg.shape != pos.shape:
+        raise ValueError(f"quantkern.{op}: neg shape {tuple(neg.shape)} must equal pos shape {tuple(pos.shape)}")
+    _check_tensor(op, "R", R, (torch.float32,), x.device)
+    _check_tensor(op, "n", n, (torch.int64,), x.device)
+    for name, t in (("R", R), ("n", n)):
+        if t.shape != (C,):
+            raise ValueError(f"quantkern.{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
+
+
+def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin) -> None:
+    """Argument checks of calib_search (also run by the Triton kernel)."""
+    _check_tensor(op, "pos", pos, (torch.int64,))
+    if pos.dim() != 2 or pos.shape[1] < 2:
+        raise ValueError(f"quantkern.{op}: pos must be int64 [C, B] with B >= 2, got shape {tuple(pos.shape)}")
+    C = pos.shape[0]
+    _check_tensor(op, "neg", neg, (torch.int64,), pos.device)
+    if neg.shape != pos.shape:
+        raise ValueError(f"quantkern.{op}: neg shape {tuple(neg.shape)} must equal pos shape {tuple(pos.shape)}")
+    _check_tensor(op, "width", width, (torch.float64,), pos.device)
+    _check_tensor(op, "n", n, (torch.int64,), pos.device)
+    for name, t in (("width", width), ("n", n)):
+        if t.shape != (C,):
+            raise ValueError(f"quantkern.{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
+    if method not in CALIB_SEARCH_METHODS:
+        raise ValueError(f"quantkern.{op}: method must be one of {CALIB_SEARCH_METHODS}, got {method!r}")
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 16:
+        raise ValueError(f"quantkern.{op}: num_bits must be an int in [1, 16], got {num_bits!r}")
+    if symmetric and not unsigned and num_bits < 2:
+        raise ValueError(f"quantkern.{op}: symmetric signed search needs num_bits >= 2")
+    for name, v in (("stride", stride), ("start_bin", start_bin)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"quantkern.{op}: {name} must be an int >= 1, got {v!r}")
+
+
+def calib_histogram(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, R: torch.Tensor, n: torch.Tensor, *,
+                    backend: str = "auto") -> None:
+    """Adds the values of ``x`` to per-channel signed histograms, in place.
+
+    Args:
+        x: ``[C, M]`` float32 / float16 / bfloat16 (any strides; binned in fp32),
+            channel c = row c. Must be finite (NaN / inf raise).
+        pos, neg: contiguous ``int64 [C, B]``, updated in place: value v of row c goes
+            to bin ``k = min(trunc(|v| * n[c] / R[c]), n[c] - 1)`` (fp32 arithmetic)
+            of ``neg`` if ``v < 0``, else of ``pos`` (exact zeros: ``pos[c, 0]``).
+        R: ``float32 [C]``, the histogram range of each channel; rows with
+            ``R[c] <= 0`` are skipped (the caller counts them).
+        n: ``int64 [C]``, bins in use per channel, ``n[c] <= min(B, 2^24)``.
+        backend: "auto", "native" or "triton".
+    """
+    op = "calib_histogram"
+    _calib_hist_check(op, x, pos, neg, R, n)
+    be = _pick_backend(op, x, backend)
+    fn = torch.ops.quantkern.calib_histogram_triton if be == "triton" else torch.ops.quantkern.calib_histogram
+    fn(x, pos, neg, R, n)
+
+
+def calib_search(pos: torch.Tensor, neg: torch.Tensor, width: torch.Tensor, n: torch.Tensor, method: str,
+                 num_bits: int = 8, *, unsigned: bool = False, symmetric: bool = True, stride: int = 1,
+                 start_bin: int = 128, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (KL) or histogram-MSE range of every channel, all candidates at once.
+
+    The rules are those of :mod:`quantkern.reference.calibrate` (symmetric: NVIDIA's
+    ``amax_entropy`` / ``amax_mse`` on the |x| histogram ``pos + neg``; asymmetric:
+    ``range_entropy_asym`` / ``range_mse_asym`` on the signed histogram).
+
+    Args:
+        pos, neg: ``int64 [C, B]`` signed histograms as written by :func:`calib_histogram`.
+        width: ``float64 [C]`` bin width (edge k = ``k * width``); 0 = no data, range (0, 0).
+        n: ``int64 [C]`` bins in use, ``2 <= n[c] <= B`` where ``width[c] > 0``.
+        method: "entropy" or "mse".
+        num_bits: 1..16; unsigned: symmetric grid ``[0, 2^b - 1]`` (2^b levels);
+        symmetric: False for the asymmetric rules; stride, start_bin: the candidate grid.
+        backend: "auto", "native" or "triton".
+
+    Returns:
+        ``(amin, amax)``, float64 ``[C]``; symmetric: ``amin = -amax`` (0 if unsigned).
+    """
+    op = "calib_search"
+    _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin)
+    be = _pick_backend(op, pos, backend)
+    fn = torch.ops.quantkern.calib_search_triton if be == "triton" else torch.ops.quantkern.calib_search
+    return fn(pos, neg, width, n, method, num_bits, bool(unsigned), bool(symmetric), stride, start_bin)
+
+
 # ------------------------------------------------------------ packed weights
 _PACK_BITS = (2, 3, 4)
 

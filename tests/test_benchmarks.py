@@ -68,3 +68,9 @@ def test_save_plot(tmp_path):
     rows = [H.Row("c", impl, p, ms=v) for impl, v in (("a", 1.0), ("b", 2.0)) for p in ("fwd", "bwd")]
     path = H.save_plot(rows, str(tmp_path / "p.png"))
     assert path and os.path.getsize(path) > 1000
+
+
+def test_bench_calibrate_quick():
+    stdout = _run(["benchmarks.bench_calibrate", "--quick", "--no-plot", "--no-loop", "--threads", "1", "--reps", "1"])
+    assert "| case" in stdout and "torch-batched (previous)" in stdout and "entropy asym" in stdout, stdout
+    assert "amax differs" not in stdout, stdout

@@ -346,8 +346,6 @@ def test_bad_args():
         HistogramCalibrator("entropy", num_bins=1)
     with pytest.raises(ValueError, match="percentile"):
         HistogramCalibrator("percentile", percentile=101)
-    with pytest.raises(ValueError, match="asymmetric"):
-        HistogramCalibrator("entropy", symmetric=False)
     with pytest.raises(ValueError, match="axis"):
         compute_amax(torch.ones(3), "max", axis=2)
     with pytest.raises(ValueError, match="NaN"):
@@ -366,3 +364,219 @@ def test_bad_args():
         fake_quant(torch.ones(3, 4), torch.ones(3), torch.zeros(3), -8, 7, axis=1)
     with pytest.raises(ValueError, match="scale must be finite"):
         fake_quant(torch.ones(3), torch.tensor(float("nan")), torch.tensor(0.0), -8, 7)
+
+
+# ================================================================== the calib_* kernels
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+import quantkern  # noqa: E402
+from quantkern import ops  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_only = pytest.mark.skipif(
+    not (HAVE_TRITON and (INTERPRET or torch.cuda.is_available())), reason="needs triton (GPU or TRITON_INTERPRET=1)"
+)
+TDEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def _hist_state(x, num_bins):
+    """(pos, neg, R, n) as HistogramCalibrator starts them for x [C, M] (fp32 R = max|x|)."""
+    C = x.shape[0]
+    R_ = x.float().abs().amax(1)
+    n = torch.where(R_ > 0, torch.full((C,), num_bins), torch.zeros(C, dtype=torch.long))
+    z = torch.zeros(C, num_bins, dtype=torch.long)
+    return z, z.clone(), R_, n
+
+
+def _odd_data(C, M, dtype, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(C, M, generator=g) * torch.linspace(0.1, 4.0, C)[:, None] + torch.linspace(-1, 1, C)[:, None]
+    if C > 2:
+        x[1] = 0.0  # an all-zero channel: skipped by the kernel
+        x[2, ::3] = 0.0  # exact zeros go to pos[0]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("C,M", [(1, 1001), (3, 77), (127, 333)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_histogram_kernel_equals_reference(C, M, dtype):
+    x = _odd_data(C, M, dtype)
+    pos, neg, R_, n = _hist_state(x, 64)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    for c in range(C):
+        if R_[c] == 0:
+            assert pos[c].sum() == 0 and neg[c].sum() == 0
+            continue
+        p, q, _ = R.signed_histogram(x[c], 64)
+        assert torch.equal(pos[c].double(), p) and torch.equal(neg[c].double(), q)
+    # accumulates in place; a non-contiguous x gives the same counts
+    ops.calib_histogram(x.T.contiguous().T, pos, neg, R_, n)
+    p, q, _ = R.signed_histogram(x[0], 64)
+    assert torch.equal(pos[0].double(), 2 * p) and torch.equal(neg[0].double(), 2 * q)
+
+
+def test_histogram_long_channel_sliced_and_thread_invariant():
+    x = _odd_data(1, 150_001, torch.float32, seed=4)  # per tensor, long: private slices summed in order
+    got = []
+    nt = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            pos, neg, R_, n = _hist_state(x, 2048)
+            ops.calib_histogram(x, pos, neg, R_, n)
+            amin, amax = ops.calib_search(pos, neg, R_.double() / 2048, n, "entropy", 8, symmetric=False, stride=32)
+            got.append((pos, neg, amin, amax))
+    finally:
+        torch.set_num_threads(nt)
+    p, q, _ = R.signed_histogram(x[0], 2048)
+    assert torch.equal(got[0][0][0].double(), p) and torch.equal(got[0][1][0].double(), q)
+    for a, b in zip(got[0], got[1]):
+        assert torch.equal(a, b)
+
+
+def _asym_ref(method, pos, neg, w, bits, stride, start_bin):
+    f = R.range_entropy_asym if method == "entropy" else R.range_mse_asym
+    return f(pos, neg, w, bits, stride, start_bin)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_asymmetric_per_channel_equals_reference(method, bits):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 2001, generator=g) + torch.tensor([[0.5], [-1.5], [0.0], [3.0], [0.0]])
+    x[3] = torch.relu(x[3] - 3)  # one-sided with many zeros
+    x[4] = 0.0  # no data
+    cal = HistogramCalibrator(method, bits, axis=0, symmetric=False, num_bins=128, stride=8, start_bin=24)
+    cal.collect(x)
+    amin, amax = cal.compute_range()
+    assert amin.dtype == amax.dtype == torch.float32 and amin.shape == (5,)
+    for c in range(5):
+        pos, neg, w = R.signed_histogram(x[c], 128)
+        rmin, rmax = _asym_ref(method, pos, neg, w, bits, 8, 24)
+        assert amin[c].item() == rmin.float().item() and amax[c].item() == rmax.float().item(), c
+    assert amin[4] == 0 and amax[4] == 0 and amin[3] == 0
+    # with stride None the asymmetric default grid is 16
+    assert HistogramCalibrator(method, bits, symmetric=False).stride == 16
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_asymmetric_growth_and_no_candidate(method):
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3, 250, generator=g) * s - 0.3 for s in (1.0, 2.5, 0.7)]
+    cal = HistogramCalibrator(method, 4, axis=0, symmetric=False, num_bins=64, stride=4, start_bin=16)
+    for xb in batches:
+        cal.collect(xb)
+    amin, amax = cal.compute_range()
+    w = cal._width()
+    for c in range(3):
+        nc = int(cal._n[c])
+        assert nc > 64
+        rmin, rmax = _asym_ref(method, cal._pos[c, :nc].double(), cal._neg[c, :nc].double(), float(w[c]), 4, 4, 16)
+        assert (amin[c].item(), amax[c].item()) == (rmin.float().item(), rmax.float().item())
+    # a window grid with fewer bins than start_bin: the used range
+    cal = HistogramCalibrator(method, 4, symmetric=False, num_bins=8, stride=1, start_bin=100)
+    x = torch.tensor([-1.0, 0.25, 2.0])
+    cal.collect(x)
+    pos, neg, w = R.signed_histogram(x, 8)
+    rmin, rmax = _asym_ref(method, pos, neg, w, 4, 1, 100)
+    lo, hi = cal.compute_range()
+    assert (lo.item(), hi.item()) == (rmin.float().item(), rmax.float().item()) and hi.item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_search_op_symmetric_unsigned_and_stride(unsigned):
+    x = _data(C=3, M=1500)
+    if unsigned:
+        x = x.abs()
+    pos, neg, R_, n = _hist_state(x, 256)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    w = R_.double() / 256
+    for method in ("entropy", "mse"):
+        amin, amax = ops.calib_search(pos, neg, w, n, method, 4, unsigned=unsigned, stride=3, start_bin=40)
+        assert torch.equal(amin, torch.zeros_like(amax) if unsigned else -amax)
+        for c in range(3):
+            h, e = R.abs_histogram(x[c], 256)
+            f = R.amax_entropy if method == "entropy" else R.amax_mse
+            assert amax[c].item() == f(h, e, 4, unsigned, 3, 40).item()
+
+
+def test_calib_ops_opcheck():
+    x = _odd_data(3, 50, torch.float32)
+    pos, neg, R_, n = _hist_state(x, 32)
+    torch.library.opcheck(torch.ops.quantkern.calib_histogram.default, (x, pos, neg, R_, n))
+    ops.calib_histogram(x, pos, neg, R_, n)
+    w = R_.double() / 32
+    for sym in (True, False):
+        for method in ("entropy", "mse"):
+            torch.library.opcheck(torch.ops.quantkern.calib_search.default, (pos, neg, w, n, method, 4, False, sym, 2, 8))
+
+
+def test_calib_ops_bad_args():
+    x = _odd_data(3, 50, torch.float32)
+    pos, neg, R_, n = _hist_state(x, 32)
+    with pytest.raises(TypeError, match="pos"):
+        ops.calib_histogram(x, pos.int(), neg, R_, n)
+    with pytest.raises(ValueError, match="R must have shape"):
+        ops.calib_histogram(x, pos, neg, R_[:2], n)
+    with pytest.raises(TypeError, match="x must"):
+        ops.calib_histogram(x.double(), pos, neg, R_, n)
+    xn = x.clone()
+    xn[0, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="x contains NaN"):
+        torch.ops.quantkern.calib_histogram(xn, pos, neg, R_, n)
+    with pytest.raises(RuntimeError, match="n must be"):
+        torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n + 100)
+    with pytest.raises(RuntimeError, match="pos and neg must be int64"):
+        torch.ops.quantkern.calib_histogram(x, pos.float(), neg, R_, n)
+    w = R_.double() / 32
+    with pytest.raises(ValueError, match="method"):
+        ops.calib_search(pos, neg, w, n, "percentile")
+    with pytest.raises(ValueError, match="stride"):
+        ops.calib_search(pos, neg, w, n, "mse", stride=0)
+    with pytest.raises(TypeError, match="width"):
+        ops.calib_search(pos, neg, w.float(), n, "mse")
+    with pytest.raises(RuntimeError, match="method must be"):
+        torch.ops.quantkern.calib_search(pos, neg, w, n, "kl", 8, False, True, 1, 8)
+    with pytest.raises(RuntimeError, match="start_bin"):
+        torch.ops.quantkern.calib_search(pos, neg, w, n, "mse", 8, False, True, 1, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        HistogramCalibrator("entropy").collect(xn)
+
+
+@triton_only
+def test_triton_calib_ops_equal_native():
+    import quantkern.triton_kernels  # noqa: F401
+
+    x = _odd_data(3, 301, torch.float16)
+    pos, neg, R_, n = _hist_state(x, 48)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    tp, tn = torch.zeros_like(pos, device=TDEV), torch.zeros_like(neg, device=TDEV)
+    ops.calib_histogram(x.to(TDEV), tp, tn, R_.to(TDEV), n.to(TDEV), backend="triton")
+    assert torch.equal(tp.cpu(), pos) and torch.equal(tn.cpu(), neg)
+    w = R_.double() / 48
+    for sym, unsigned, stride in ((True, False, 1), (True, True, 3), (False, False, 4)):
+        for method in ("entropy", "mse"):
+            want = ops.calib_search(pos, neg, w, n, method, 3, unsigned=unsigned, symmetric=sym, stride=stride, start_bin=12)
+            got = ops.calib_search(tp, tn, w.to(TDEV), n.to(TDEV), method, 3, unsigned=unsigned, symmetric=sym,
+                                   stride=stride, start_bin=12, backend="triton")
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), (sym, method)
+
+
+@triton_only
+def test_triton_calib_opcheck_and_errors():
+    import quantkern.triton_kernels  # noqa: F401
+
+    x = _odd_data(2, 40, torch.float32).to(TDEV)
+    pos, neg, R_, n = (t.to(TDEV) for t in _hist_state(x.cpu(), 16))
+    torch.library.opcheck(torch.ops.quantkern.calib_histogram_triton.default, (x, pos, neg, R_, n))
+    torch.ops.quantkern.calib_histogram_triton(x, pos, neg, R_, n)
+    torch.library.opcheck(torch.ops.quantkern.calib_search_triton.default,
+                          (pos, neg, R_.double() / 16, n, "entropy", 2, False, False, 2, 4))
+    xn = x.clone()
+    xn[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        torch.ops.quantkern.calib_histogram_triton(xn, pos, neg, R_, n)
+    with pytest.raises(ValueError, match="method"):
+        torch.ops.quantkern.calib_search_triton(pos, neg, R_.double(), n, "max", 8, False, True, 1, 8)

@@ -5,6 +5,7 @@ CPU when ``TRITON_INTERPRET=1`` is set before triton is imported (testing under 
 Triton interpreter).
 """
 from . import fake_quant_lsq  # noqa: F401
+from . import calibrate  # noqa: F401
 from . import hqq  # noqa: F401
 from . import oscillation  # noqa: F401
 from . import packed_linear  # noqa: F401

@@ -1,6 +1,8 @@
 """Calibrators (max, percentile, MSE, KL/entropy) and activation fake-quant helpers.
 
-Pure PyTorch, CPU or GPU, batched over channels (no Python loop over channels).
+CPU or GPU, batched over channels (no Python loop over channels). The histogram
+and the mse / entropy threshold search run as kernels (``quantkern.ops.calib_histogram``
+and ``quantkern.ops.calib_search``: CPU, CUDA, Triton); the rest is PyTorch.
 The histogram methods follow NVIDIA pytorch-quantization (``calib/histogram.py``);
 the readable one-channel oracle is :mod:`quantkern.reference.calibrate` and the
 tests check every batched method against it channel by channel.
@@ -23,10 +25,14 @@ Methods:
   the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile.
 * ``mse`` (histogram): candidates are the bin centers from ``start_bin``;
   argmin of the count-weighted squared error of symmetric fake quantization.
+  Asymmetric (``symmetric=False``): windows ``[-a*w, b*w]`` of the signed histogram
+  on a ``stride`` grid (default 16), error of 2^b-level asymmetric fake quantization.
 * ``entropy`` (histogram, KL): 2048 bins over ``|x|``; for ``i`` in
   ``start_bin..n`` fold the tail into bin ``i-1``, merge the ``i`` bins into
   ``2^(b-1)`` levels (``2^b`` unsigned), KL(P||Q), last argmin, ``amax = edge i``.
   Evaluated for all candidates at once from prefix sums (O(n * 2^(b-1)) per channel).
+  Asymmetric: windows ``[-a*w, b*w]`` as mse, tails folded into both end bins,
+  ``2^b`` levels (exact definitions: :mod:`quantkern.reference.calibrate`).
 * ``mse_search`` (raw data): candidates ``base * linspace(0.25, 4, 39)`` where
   ``base`` is the first batch's amax (or range); squared fake-quant error
   accumulated over all collected batches, first argmin. Symmetric or asymmetric.
@@ -44,7 +50,7 @@ import math
 
 import torch
 
-from ..reference.calibrate import TIE_TOL
+from .. import ops
 
 __all__ = [
     "MaxCalibrator",
@@ -63,7 +69,6 @@ __all__ = [
 
 METHODS = ("max", "percentile", "mse", "entropy", "mse_search")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_CHUNK_ELEMS = 1 << 22  # elements per temporary in the batched searches
 
 
 def _check_bits(num_bits) -> int:
@@ -72,8 +77,12 @@ def _check_bits(num_bits) -> int:
     return num_bits
 
 
-def _channels(x: torch.Tensor, axis: int | None, name: str = "x") -> torch.Tensor:
-    """``x`` as float32 ``[C, M]`` (C = 1 per tensor)."""
+def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool = False) -> torch.Tensor:
+    """``x`` as float32 ``[C, M]`` (C = 1 per tensor).
+
+    native: keep float16 / bfloat16 (the kernels read them directly) and skip the
+    NaN / inf check (the caller checks a reduction of x instead: one pass less).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -81,15 +90,23 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x") -> torch.Tenso
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     x = x.detach()
+    if not native or x.dtype == torch.float64:
+        x = x.float()
     if axis is None:
-        out = x.reshape(1, -1).float()
+        out = x.reshape(1, -1)
     else:
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"axis {axis} out of range for {name} with {x.dim()} dims")
-        out = x.movedim(axis, 0).reshape(x.shape[axis], -1).float()
-    if not torch.isfinite(out).all():
+        out = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    if not native and not torch.isfinite(out).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return out
+
+
+def _minmax(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row min and max of ``[C, M]`` as float32 (NaN / inf propagate). amin + amax, not
+    aminmax (several times slower on the CPU) nor abs().amax (a full-size temporary)."""
+    return xc.amin(1).float(), xc.amax(1).float()
 
 
 def _out(t: torch.Tensor, axis) -> torch.Tensor:
@@ -202,8 +219,8 @@ class _Calibrator:
         self.symmetric = bool(symmetric)
         self._C = None
 
-    def _prep(self, x) -> torch.Tensor:
-        xc = _channels(x, self.axis)
+    def _prep(self, x, native: bool = False) -> torch.Tensor:
+        xc = _channels(x, self.axis, native=native)
         if self._C is None:
             self._C = xc.shape[0]
         elif xc.shape[0] != self._C:
@@ -246,11 +263,14 @@ class MaxCalibrator(_Calibrator):
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
-        xc = self._prep(x)
-        mx = xc.abs().amax(1) if self.symmetric else xc.amax(1)
+        xc = self._prep(x, native=True)
+        mn, mx = _minmax(xc)
+        if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
+            raise ValueError("x contains NaN or Inf")
+        if self.symmetric:
+            mx = torch.maximum(mx, -mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         if not self.symmetric:
-            mn = xc.amin(1)
             self._min = mn if self._min is None else torch.minimum(self._min, mn)
 
     def _amax(self):
@@ -268,25 +288,28 @@ class HistogramCalibrator(_Calibrator):
     Args:
         method: how compute_amax() reads the histogram (changeable later: ``calib.method = ...``).
         num_bits, axis, unsigned: as the other calibrators (unsigned: 2^b levels in mse/entropy).
-        symmetric: False is supported by "percentile" only.
+        symmetric: False: asymmetric range (compute_range()); for "mse" / "entropy" the
+            asymmetric rules of :mod:`quantkern.reference.calibrate`.
         num_bins: bins of the first batch (2048).
         percentile: in [0, 100] (99.99).
-        start_bin, stride: first candidate bin and step of mse/entropy (128, 1).
+        start_bin, stride: first candidate bin (asymmetric: least window width in bins) and
+            step of the mse/entropy candidate grid (128; stride None = 1 symmetric,
+            16 asymmetric, where the grid is two-dimensional).
     """
 
     def __init__(self, method: str = "percentile", num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True,
-                 num_bins: int = 2048, percentile: float = 99.99, start_bin: int = 128, stride: int = 1):
+                 num_bins: int = 2048, percentile: float = 99.99, start_bin: int = 128, stride: int | None = None):
         super().__init__(num_bits, axis, unsigned, symmetric)
         if method not in ("percentile", "mse", "entropy"):
             raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {method!r}")
-        if not symmetric and method != "percentile":
-            raise ValueError(f"asymmetric calibration is supported by 'max', 'percentile' and 'mse_search', not {method!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if not isinstance(start_bin, int) or start_bin < 1:
             raise ValueError(f"start_bin must be an int >= 1, got {start_bin!r}")
+        if stride is None:
+            stride = 1 if symmetric else 16
         if not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
         self.method, self.num_bins, self.percentile, self.start_bin, self.stride = method, num_bins, float(percentile), start_bin, stride
@@ -301,11 +324,13 @@ class HistogramCalibrator(_Calibrator):
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
-        xc = self._prep(x)
+        xc = self._prep(x, native=True)
         C, M = xc.shape
         dev = xc.device
-        a = xc.abs()
-        bmax = a.amax(1)
+        mn, mx = _minmax(xc)
+        bmax = torch.maximum(mx, -mn)
+        if not torch.isfinite(bmax).all():  # aminmax propagates NaN and inf
+            raise ValueError("x contains NaN or Inf")
         if self._R is None:
             self._R = torch.zeros(C, device=dev)
             self._n = torch.zeros(C, dtype=torch.long, device=dev)
@@ -329,19 +354,13 @@ class HistogramCalibrator(_Calibrator):
             pad = B - self._pos.shape[1]
             self._pos = torch.nn.functional.pad(self._pos, (0, pad))
             self._neg = torch.nn.functional.pad(self._neg, (0, pad))
-        B = self._pos.shape[1]
         live = self._R > 0
         self._pending += torch.where(live, torch.zeros_like(self._pending), torch.full_like(self._pending, M))
-        if live.any():
-            R = torch.where(live, self._R, torch.ones_like(self._R))[:, None]
-            n = self._n.float()[:, None]
-            idx = torch.trunc(a * n / R).long()
-            idx = torch.minimum(idx.clamp_(min=0), (self._n[:, None] - 1).clamp(min=0))
-            flat = idx + torch.arange(C, device=dev)[:, None] * B + (xc < 0).long() * (C * B)
-            flat = flat[live]
-            counts = torch.bincount(flat.reshape(-1), minlength=2 * C * B)
-            self._pos += counts[: C * B].reshape(C, B)
-            self._neg += counts[C * B:].reshape(C, B)
+        if live.any():  # the kernel skips channels with R == 0
+            ops.calib_histogram(xc, self._pos, self._neg, self._R, self._n)
+
+    def _width(self):
+        return torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
 
     # -- views of the histogram
     def histogram(self):
@@ -350,27 +369,31 @@ class HistogramCalibrator(_Calibrator):
         hist = (self._pos + self._neg).double()
         hist[:, 0] += self._pending.double()
         B = hist.shape[1]
-        width = torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
-        edges = torch.arange(B + 1, dtype=torch.float64, device=hist.device)[None, :] * width[:, None]
+        edges = torch.arange(B + 1, dtype=torch.float64, device=hist.device)[None, :] * self._width()[:, None]
         return hist, edges, self._n.clone()
 
+    def _search(self, symmetric: bool):
+        return ops.calib_search(self._pos, self._neg, self._width(), self._n, self.method, self.num_bits, unsigned=self.unsigned,
+                                symmetric=symmetric, stride=self.stride, start_bin=self.start_bin)
+
     def _amax(self):
-        hist, edges, n = self.histogram()
+        self._need_data()
         if self.method == "percentile":
+            hist, edges, n = self.histogram()
             amax = _percentile_batched(hist, edges, n, self.percentile)
-        elif self.method == "entropy":
-            amax = _entropy_batched(hist, edges, n, self.num_bits, self.unsigned, self.stride, self.start_bin)
-        else:
-            amax = _mse_batched(hist, edges, n, self.num_bits, self.unsigned, self.stride, self.start_bin)
-        return _out(torch.where(self._R > 0, amax, torch.zeros_like(amax)), self.axis)
+            return _out(torch.where(self._R > 0, amax, torch.zeros_like(amax)), self.axis)
+        return _out(self._search(True)[1], self.axis)
 
     def _range(self):
         self._need_data()
+        if self.method != "percentile":
+            amin, amax = self._search(False)
+            return _out(amin, self.axis), _out(amax, self.axis)
         neg = self._neg.double()
         pos = self._pos.double()
         pos[:, 0] += self._pending.double()
         C, B = pos.shape
-        width = torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
+        width = self._width()
         # signed bins: neg[B-1] ... neg[0] pos[0] ... pos[B-1]; edges -B*w ... 0 ... B*w
         signed = torch.cat([neg.flip(1), pos], 1)
         edges = torch.arange(-B, B + 1, dtype=torch.float64, device=pos.device)[None, :] * width[:, None]
@@ -392,95 +415,6 @@ def _percentile_batched(hist, edges, n, percentile):
     v = torch.full((C, 1), percentile / 100, dtype=torch.float64, device=hist.device)
     idx = torch.minimum(torch.searchsorted(cdf, v)[:, 0], n)
     return edges.gather(1, idx[:, None])[:, 0]
-
-
-def _xlogx(t):
-    return torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t))
-
-
-def _entropy_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
-    """KL/entropy amax for all channels and all candidates at once (prefix sums; see module doc)."""
-    C, B = hist.shape
-    dev = hist.device
-    nb = 1 << (num_bits - 1 + int(unsigned))
-    bins = hist.clone()
-    bins[:, 0] = bins[:, 1]
-    T = bins.sum(1)  # [C]
-    zero_col = torch.zeros(C, 1, dtype=torch.float64, device=dev)
-    cb = torch.cat([zero_col, bins.cumsum(1)], 1)  # [C, B+1]
-    cz = torch.cat([zero_col, (bins != 0).double().cumsum(1)], 1)
-    cbl = torch.cat([zero_col, _xlogx(bins).cumsum(1)], 1)
-    top = edges.gather(1, n[:, None])[:, 0]
-    if start_bin > B:  # no candidate: the top edge
-        return top
-    cand = torch.arange(start_bin, B + 1, stride, device=dev)  # [I]
-    I = cand.numel()
-    k = torch.arange(nb + 1, device=dev)
-    lo = torch.div(k[None, :] * cand[:, None] + nb - 1, nb, rounding_mode="floor")  # [I, nb+1] first bin of level k
-    k_last = torch.div((cand - 1) * nb, cand, rounding_mode="floor")  # level of bin i-1
-    step = max(1, _CHUNK_ELEMS // (I * (nb + 1)))
-    divs = torch.empty(C, I, dtype=torch.float64, device=dev)
-    for c0 in range(0, C, step):  # chunks of channels, bounded memory
-        sl = slice(c0, min(C, c0 + step))
-        cbs, czs = cb[sl], cz[sl]
-        g = lambda t: t[:, lo.reshape(-1)].reshape(t.shape[0], I, nb + 1)  # noqa: E731
-        Sb, Zb = g(cbs), g(czs)
-        S = Sb[:, :, 1:] - Sb[:, :, :-1]
-        Z = Zb[:, :, 1:] - Zb[:, :, :-1]
-        has = Z > 0
-        avg = torch.where(has, S / torch.where(has, Z, torch.ones_like(Z)), torch.ones_like(S))
-        plogq = torch.where(has, S * torch.log(torch.where(avg > 0, avg, torch.ones_like(avg))), torch.zeros_like(S)).sum(2)
-        Ts = T[sl][:, None]
-        head = cbs[:, cand]  # sum of bins[:i]
-        tail = Ts - head
-        blast = bins[sl][:, cand - 1]
-        avg_last = avg.gather(2, k_last[None, :, None].expand(avg.shape[0], I, 1))[:, :, 0]
-        plogq = plogq + torch.where(tail > 0, tail * torch.log(avg_last), torch.zeros_like(tail))
-        plogp = cbl[sl][:, cand - 1] + _xlogx(blast + tail)
-        Tsafe = torch.where(Ts > 0, Ts, torch.ones_like(Ts))
-        hsafe = torch.where(head > 0, head, torch.ones_like(head))
-        d = (plogp - plogq) / Tsafe - torch.log(Tsafe) + torch.log(hsafe)
-        inf = ((tail > 0) & (blast == 0)) | (head <= 0)
-        divs[sl] = torch.where(inf, torch.full_like(d, float("inf")), d)
-    valid = cand[None, :] <= n[:, None]
-    dv = torch.where(valid, divs, torch.full_like(divs, float("inf")))
-    dmin = dv.amin(1, keepdim=True)
-    ok = valid & (divs <= dmin + TIE_TOL)
-    pos = torch.arange(I, device=dev)[None, :].expand(C, I)
-    last = torch.where(ok, pos, torch.full_like(pos, -1)).amax(1)
-    pick = edges.gather(1, cand[last.clamp(min=0)][:, None])[:, 0]
-    return torch.where(last >= 0, pick, top)
-
-
-def _mse_batched(hist, edges, n, num_bits, unsigned, stride, start_bin):
-    """Histogram MSE amax for all channels (chunks of channels x candidates, elementwise as the reference)."""
-    C, B = hist.shape
-    dev = hist.device
-    centers = (edges[:, 1:] + edges[:, :-1]) / 2
-    top = edges.gather(1, n[:, None])[:, 0]
-    if start_bin >= B:
-        return top
-    cand = torch.arange(start_bin, B, stride, device=dev)
-    hi = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
-    lo = 0.0 if unsigned else -hi
-    I = cand.numel()
-    errs = torch.empty(C, I, dtype=torch.float64, device=dev)
-    cc = max(1, _CHUNK_ELEMS // (I * B))  # channels per chunk
-    ci = min(I, max(1, _CHUNK_ELEMS // (cc * B)))  # candidates per chunk (large histograms)
-    nn_ = n.clamp(min=1).double()
-    for c0 in range(0, C, cc):
-        cen = centers[c0:c0 + cc]  # [cc, B]
-        h = hist[c0:c0 + cc][:, None, :]
-        for i0 in range(0, I, ci):
-            a = cen[:, cand[i0:i0 + ci]][:, :, None]  # [cc, ci, 1]
-            s = hi / torch.where(a > 0, a, torch.ones_like(a))
-            qc = torch.clamp(torch.round(cen[:, None, :] * s), lo, hi) / s
-            errs[c0:c0 + cc, i0:i0 + ci] = ((qc - cen[:, None, :]) ** 2 * h).sum(2) / nn_[c0:c0 + cc, None]
-    valid = cand[None, :] < n[:, None]
-    errs = torch.where(valid, errs, torch.full_like(errs, float("inf")))
-    best = errs.argmin(1)
-    pick = centers.gather(1, cand[best][:, None])[:, 0]
-    return torch.where(valid.any(1), pick, top)
 
 
 class MseCalibrator(_Calibrator):

@@ -68,6 +68,20 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p[m] * torch.log(p[m] / q[m])).sum())
 
 
+def _merge_levels(head: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Q of the entropy rule: the i bins of ``head`` merged into ``nbins`` levels, each level's
+    count spread evenly over its non-empty bins (empty bins stay 0)."""
+    i = head.numel()
+    # np.digitize(range(i), linspace(0, i, nbins + 1)) - 1 == floor(j * nbins / i) (exact: nbins is a power of 2)
+    level = torch.div(torch.arange(i) * nbins, i, rounding_mode="floor")
+    nz = head != 0
+    sums = torch.zeros(nbins, dtype=torch.float64).index_add_(0, level[nz], head[nz])
+    cnts = torch.bincount(level[nz], minlength=nbins).double()
+    q = torch.zeros(i, dtype=torch.float64)
+    q[nz] = sums[level[nz]] / cnts[level[nz]]
+    return q
+
+
 def entropy_divergences(hist: torch.Tensor, num_bits: int, unsigned: bool = False, stride: int = 1, start_bin: int = 128):
     """(candidates i [list of int], KL(P_i || Q_i) [list of float]) exactly as NVIDIA's loop."""
     bins = hist.double().clone()
@@ -75,14 +89,8 @@ def entropy_divergences(hist: torch.Tensor, num_bits: int, unsigned: bool = Fals
     nbins = 1 << (num_bits - 1 + int(unsigned))
     cands, divs = [], []
     for i in range(start_bin, bins.numel() + 1, stride):
-        # np.digitize(range(i), linspace(0, i, nbins + 1)) - 1 == floor(j * nbins / i) (exact: nbins is a power of 2)
-        level = torch.div(torch.arange(i) * nbins, i, rounding_mode="floor")
         head = bins[:i]
-        nz = head != 0
-        sums = torch.zeros(nbins, dtype=torch.float64).index_add_(0, level[nz], head[nz])
-        cnts = torch.bincount(level[nz], minlength=nbins).double()
-        q = torch.zeros(i, dtype=torch.float64)
-        q[nz] = sums[level[nz]] / cnts[level[nz]]
+        q = _merge_levels(head, nbins)
         p = head.clone()
         p[-1] += bins[i:].sum()
         cands.append(i)
@@ -134,3 +142,129 @@ def amax_mse(hist, edges, num_bits: int, unsigned: bool = False, stride: int = 1
         return e[-1]
     i = cands[int(torch.tensor(errs).argmin())]
     return (e[i] + e[i + 1]) / 2
+
+
+# --------------------------------------------------------------------------- asymmetric (signed) histograms
+# Why a definition of our own: NVIDIA's entropy and histogram-MSE calibrators are
+# symmetric only. The asymmetric versions below keep their spirit (same histogram,
+# same KL / squared-error objective, same tie rules) on a signed histogram.
+#
+# Signed histogram (what HistogramCalibrator keeps): ``pos[k]`` counts values in
+# ``[k*w, (k+1)*w)`` (exact zeros included), ``neg[k]`` values in ``(-(k+1)*w, -k*w]``
+# with ``x < 0``, for ``k < n``; the index is the symmetric one, ``trunc(|x| * n / R)``.
+# Reading the bins left to right, ``neg[n-1] .. neg[0] pos[0] .. pos[n-1]``, value 0 is
+# the edge between ``neg[0]`` and ``pos[0]``.
+#
+# Candidates: windows ``[-a*w, b*w]`` that contain 0, ``a`` and ``b`` multiples of
+# ``stride`` with ``0 <= a <= A``, ``0 <= b <= Bx`` and ``a + b >= start_bin``, where
+# ``A = ceil(un / stride) * stride`` and ``Bx = ceil(up / stride) * stride`` round up the
+# used extents ``un`` / ``up`` (index of the last non-empty neg / pos bin + 1; bins past
+# the histogram count as empty). Candidate order: ``a`` outer, ``b`` inner, ascending.
+# The search costs O((A/stride) * (Bx/stride)) candidates, so HistogramCalibrator uses
+# ``stride=16`` by default in asymmetric mode.
+#
+# * entropy: as the symmetric rule, the bin holding the exact zeros (``pos[0]``) is
+#   replaced by its neighbour ``pos[1]`` first. For a window of ``i = a + b`` bins,
+#   P = the window's bins with everything left of it folded into its first bin and
+#   everything right of it into its last bin; Q = the unfolded window merged into
+#   ``2^num_bits`` levels (bin ``j`` of the window -> level ``floor(j * 2^b / i)``), each
+#   level's count spread evenly over its non-empty bins. KL(P || Q) as
+#   :func:`kl_divergence`; the smallest wins, ties within ``TIE_TOL`` go to the last.
+# * mse: the window is the range of asymmetric fake quantization with ``2^b`` levels,
+#   ``scale = (a + b) * w / (2^b - 1)``, ``zero = round(a * w / scale)``; error = sum over
+#   the (unmodified) bins of ``count * (fq(center) - center)^2``; first argmin.
+#
+# ``(amin, amax) = (-a*w, b*w)`` of the chosen window; with no candidate
+# (``A + Bx < start_bin``) the used range ``(-un*w, up*w)``; an empty histogram (0, 0).
+def signed_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(pos float64 [num_bins], neg float64 [num_bins], width) of one tensor, R = max|x| (fp32)."""
+    xf = x.detach().reshape(-1).float()
+    a = xf.abs()
+    R = a.max() if a.numel() else torch.zeros(())
+    if R == 0:
+        pos = torch.zeros(num_bins, dtype=torch.float64)
+        pos[0] = a.numel()
+        return pos, torch.zeros(num_bins, dtype=torch.float64), 0.0
+    idx = torch.trunc(a * float(num_bins) / R).long().clamp_(0, num_bins - 1)
+    pos = torch.bincount(idx[xf >= 0], minlength=num_bins).double()
+    neg = torch.bincount(idx[xf < 0], minlength=num_bins).double()
+    return pos, neg, float(R.double() / num_bins)
+
+
+def _extent(h: torch.Tensor) -> int:
+    nz = torch.nonzero(h)
+    return int(nz.max()) + 1 if nz.numel() else 0
+
+
+def _asym_candidates(un: int, up: int, stride: int, start_bin: int):
+    A = -(-un // stride) * stride
+    Bx = -(-up // stride) * stride
+    return [(a, b) for a in range(0, A + 1, stride) for b in range(0, Bx + 1, stride) if a + b >= start_bin], A, Bx
+
+
+def entropy_divergences_asym(pos, neg, num_bits: int, stride: int = 16, start_bin: int = 128):
+    """(windows [(a, b)], KL(P || Q) [float]) of the asymmetric entropy rule (see above)."""
+    pos = pos.double().clone()
+    neg = neg.double()
+    if pos.numel() > 1:
+        pos[0] = pos[1]
+    un, up = _extent(neg), _extent(pos)
+    cands, A, Bx = _asym_candidates(un, up, stride, start_bin)
+    ext = torch.zeros(A + Bx, dtype=torch.float64)  # neg[A-1] .. neg[0] pos[0] .. pos[Bx-1]
+    ext[A - un:A] = neg[:un].flip(0)
+    ext[A:A + up] = pos[:up]
+    nb = 1 << num_bits
+    divs = []
+    for a, b in cands:
+        i = a + b
+        win = ext[A - a:A + b]
+        q = _merge_levels(win, nb)
+        p = win.clone()
+        p[0] += ext[:A - a].sum()
+        p[-1] += ext[A + b:].sum()
+        divs.append(kl_divergence(p, q))
+    return cands, divs, (un, up)
+
+
+def range_entropy_asym(pos, neg, width: float, num_bits: int, stride: int = 16, start_bin: int = 128):
+    """(amin, amax) float64 scalars of the asymmetric entropy rule (see above)."""
+    if pos.double().sum() + neg.double().sum() == 0:
+        return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    cands, divs, (un, up) = entropy_divergences_asym(pos, neg, num_bits, stride, start_bin)
+    if not cands:
+        return torch.tensor(-un * width, dtype=torch.float64), torch.tensor(up * width, dtype=torch.float64)
+    d = torch.tensor(divs, dtype=torch.float64)
+    last = int(torch.nonzero(d <= d.min() + TIE_TOL).max())
+    a, b = cands[last]
+    return torch.tensor(-a * width, dtype=torch.float64), torch.tensor(b * width, dtype=torch.float64)
+
+
+def mse_errors_asym(pos, neg, width: float, num_bits: int, stride: int = 16, start_bin: int = 128):
+    """(windows [(a, b)], sum of count * (fq(center) - center)^2 [float]) of the asymmetric MSE rule."""
+    pos, neg = pos.double(), neg.double()
+    un, up = _extent(neg), _extent(pos)
+    cands, _, _ = _asym_candidates(un, up, stride, start_bin)
+    k = torch.arange(pos.numel(), dtype=torch.float64)
+    cen = (k * width + (k + 1) * width) / 2
+    centers = torch.cat([-cen, cen])
+    counts = torch.cat([neg, pos])
+    qmax = float(2**num_bits - 1)
+    errs = []
+    for a, b in cands:
+        amin, amax = -a * width, b * width
+        s = (amax - amin) / qmax
+        z = round(-amin / s)  # Python round: half to even
+        fq = (torch.clamp(torch.round(centers / s) + z, 0.0, qmax) - z) * s
+        errs.append(float(((fq - centers) ** 2 * counts).sum()))
+    return cands, errs, (un, up)
+
+
+def range_mse_asym(pos, neg, width: float, num_bits: int, stride: int = 16, start_bin: int = 128):
+    """(amin, amax) float64 scalars of the asymmetric histogram-MSE rule (first argmin)."""
+    if pos.double().sum() + neg.double().sum() == 0:
+        return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    cands, errs, (un, up) = mse_errors_asym(pos, neg, width, num_bits, stride, start_bin)
+    if not cands:
+        return torch.tensor(-un * width, dtype=torch.float64), torch.tensor(up * width, dtype=torch.float64)
+    a, b = cands[int(torch.tensor(errs, dtype=torch.float64).argmin())]
+    return torch.tensor(-a * width, dtype=torch.float64), torch.tensor(b * width, dtype=torch.float64)
