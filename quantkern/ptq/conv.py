@@ -67,7 +67,7 @@ from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
 from .hqq import hqq_quantize, rtn_quantize
 
-__all__ = ["fake_quantize_model_", "gptq_depthwise", "group_size_for", "conv_unfold", "quantizable_layers",
+__all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
            "remove_act_quantizers", "WEIGHT_METHODS", "ACT_METHODS"]
 
 WEIGHT_METHODS = ("rtn", "hqq", "gptq", "erq")
@@ -139,7 +139,7 @@ def _rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None, damp: float = 0.01,
-                   act_order: bool = False):
+                   act_order: bool = False, clip: str = "minmax"):
     """GPTQ of C independent rows, each with its own Hessian (depthwise convs), batched over rows.
 
     Args:
@@ -149,6 +149,8 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
         bits: 1..8. group_size: divides k; None / -1: one group per row.
         damp: relative dampening, ``damp * mean(diag(H[c]))`` per channel.
         act_order: columns of each row processed by decreasing ``diag(H[c])`` (static groups).
+        clip: "minmax" (GPTQ's params) or "mse": static group params from
+            :func:`mse_clip_params` on the original weights, weighted by ``diag(H[c])``.
 
     Returns:
         ``(q uint8 [C, k], scale float32 [C, k // g], zero float32 [C, k // g])``, the same as
@@ -160,6 +162,8 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     """
     fn = "gptq_depthwise"
     g = check_weight_args(fn, W, bits, group_size)
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
     C, k = W.shape
     if not isinstance(H, torch.Tensor) or not H.is_floating_point() or tuple(H.shape) != (C, k, k):
         raise ValueError(f"{fn}: H must be a float tensor of shape [C, k, k] = [{C}, {k}, {k}], got {getattr(H, 'shape', H)}")
@@ -173,10 +177,12 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     dead = dg == 0
     dg[dead] = 1  # a column no patch ever reached: any weight is exact, quantize it as 0
     Wf[dead] = 0
-    static = act_order
+    static = act_order or clip == "mse"
     scale = torch.zeros(C, G, dtype=torch.float32, device=W.device)
     zero = torch.zeros(C, G, dtype=torch.float32, device=W.device)
-    if static:
+    if clip == "mse":
+        scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, dg.float().reshape(C, G, g))
+    elif static:
         scale, zero = minmax_params(Wf.reshape(C, G, g), bits)
     cols = torch.arange(k, device=W.device).expand(C, k)
     if act_order:
@@ -208,6 +214,40 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     if act_order:
         Q = torch.empty_like(Q).scatter_(1, cols, Q)
     return Q.to(torch.uint8), scale, zero
+
+
+def mse_clip_params(Wg: torch.Tensor, bits: int, weight: torch.Tensor | None = None, grid: int = 20,
+                    min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipped min-max params minimising the (weighted) squared rounding error.
+
+    Args:
+        Wg: ``[..., g]`` float weights, one group per last-dim slice.
+        bits: 1..8.
+        weight: optional ``[..., g]`` (broadcastable) non-negative importance of each weight
+            (e.g. ``diag(H)`` of its input column); None = plain squared error.
+        grid: clip ratios tried, ``linspace(1, min_ratio, grid)``, applied to both
+            ``min(w, 0)`` and ``max(w, 0)``.
+
+    Returns:
+        ``(scale, zero)`` float32 ``[...]`` in GPTQ's min-max convention (integer zero,
+        ``w ~= (clamp(round(w / scale) + zero, 0, 2^bits - 1) - zero) * scale``); ratio 1 is
+        exactly :func:`~quantkern.ptq._wquant.minmax_params`, so the error never gets worse.
+    """
+    maxq = 2**bits - 1
+    Wg = Wg.float()
+    best_s, best_z = minmax_params(Wg, bits)
+    best_e = None
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+        s, z = minmax_params(Wg * r, bits)  # the range of the clipped group, as min-max would compute it
+        d = (quantize_int(Wg, s[..., None], z[..., None], maxq) - z[..., None]) * s[..., None] - Wg
+        e = (d * d if weight is None else d * d * weight).sum(-1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 class _Stop(Exception):
@@ -319,12 +359,15 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
     g = group_size_for(W2.shape[1], gs)
     note = None
     new_b = None
-    if method == "rtn":
+    if method == "rtn" and opts["clip"] == "mse":
+        s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
+        q = quantize_int(W2.reshape(O, -1, g), s[..., None], z[..., None], 2**bits - 1).reshape(O, -1)
+    elif method == "rtn":
         q, s, z = rtn_quantize(W2, bits, g)
     elif method == "hqq":
         q, s, z = hqq_quantize(W2, bits, g)
     elif st.dw:  # gptq, and erq's documented fallback
-        q, s, z = gptq_depthwise(W2, st.Hdw, bits, g, opts["damp"], opts["act_order"])
+        q, s, z = gptq_depthwise(W2, st.Hdw, bits, g, opts["damp"], opts["act_order"], opts["clip"])
         note = "depthwise: batched GPTQ" if method == "erq" else None
     elif method == "gptq":
         q, s, z = gptq_quantize(W2, st.acc.H, bits, g, damp=opts["damp"], act_order=opts["act_order"])
@@ -388,6 +431,7 @@ def fake_quantize_model_(
     skip: Iterable[str] | Callable[[str, nn.Module], bool] = (),
     layer_bits: dict[str, int] | None = None,
     bias_correction: bool = False,
+    clip: str = "minmax",
     act_order: bool = True,
     damp: float = 0.01,
     erq_lambda: float = 1e-3,
@@ -414,6 +458,9 @@ def fake_quantize_model_(
             predicate ``(name, module) -> bool``.
         layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
         bias_correction: correct the per-channel output mean of each layer (sequential).
+        clip: "minmax" or "mse" (:func:`mse_clip_params`): per-group clipping for ``rtn`` and
+            for depthwise convs under gptq / erq (weighted by ``diag(H)``); the dense GPTQ / ERQ
+            solvers keep their own min-max params, HQQ its own zero search.
         act_order, damp: GPTQ options (also for depthwise convs and ERQ's depthwise fallback).
         erq_lambda: ERQ's ridge strengths lambda1 = lambda2 = erq_lambda * mean(diag(X^T X))
             of the layer's calibration rows (relative, so independent of the row count).
@@ -442,6 +489,8 @@ def fake_quantize_model_(
         raise ValueError(f"act_method must be one of {ACT_METHODS}, got {act_method!r}")
     if group_size is not None and group_size != -1 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
         raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"clip must be 'minmax' or 'mse', got {clip!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     need_data = act_bits is not None or bias_correction or (weight_bits is not None and method in ("gptq", "erq"))
@@ -473,7 +522,7 @@ def fake_quantize_model_(
         data_w = method in ("gptq", "erq") or bias_correction
         mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
         gen = torch.Generator().manual_seed(seed)
-        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda}
+        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip}
         bar = _progress(layers, progress, f"W{weight_bits} {method}")
         for name, mod in bar:
             st = None
