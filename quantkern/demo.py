@@ -171,6 +171,18 @@ EFFNET_EDGE_W8 = {"_conv_stem": 8, "_fc": 8}
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 
 
+def _hybrid(model, bits, group_size, Xc, layer_bits=None):
+    """HQQ on the depthwise convs, then sequential GPTQ on every other layer (which sees them quantized)."""
+    from .ptq.conv import fake_quantize_model_
+
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    dw = lambda n, mod: isinstance(mod, nn.Conv2d) and mod.groups > 1  # noqa: E731
+    fake_quantize_model_(m, bits, "hqq", group_size, skip=lambda n, mod: not dw(n, mod), progress=False)
+    fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, skip=dw, layer_bits=layer_bits, progress=False)
+    return m, time.perf_counter() - t0
+
+
 def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq"):
     """Two EfficientNet-Lite0 tables (markdown): weight-only W``bits`` x methods, then W8A8 / W4A8 x calibrators.
 
@@ -206,12 +218,19 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             m, tq = quantized(bits, method)
             note = "all layers" + ("; depthwise convs: batched GPTQ" if method == "erq" else "")
             row(METHOD_LABEL[method].split(" (")[0], f"W{bits} g<={group_size}", m, tq, note)
-        if not quick and "gptq" in methods:
-            m, tq = quantized(bits, "gptq", bias_correction=True)
-            row("GPTQ + bias correction", f"W{bits} g<={group_size}", m, tq, "all layers")
-            m, tq = quantized(bits, "gptq", bias_correction=True, layer_bits=EFFNET_EDGE_W8)
-            row("GPTQ + bias correction", f"W{bits} g<={group_size}, stem + fc W8", m, tq,
-                "not all-W4: stem conv and classifier at 8 bits")
+        if quick:
+            continue
+        lab = f"W{bits} g<={group_size}"
+        if "hqq" in methods:
+            m, tq = quantized(bits, "hqq", bias_correction=True)
+            row("HQQ + bias correction", lab, m, tq, "all layers")
+        if "gptq" in methods:
+            m, tq = quantized(bits, "gptq", clip="hqq")
+            row("GPTQ, HQQ params on depthwise", lab, m, tq, "all layers; depthwise GPTQ from HQQ's scale/zero")
+            for edge in (None, EFFNET_EDGE_W8):
+                m, tq = _hybrid(model, bits, group_size, Xc, edge)
+                row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
+                    "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(rows)
     for wbits in (8, 4):

@@ -149,8 +149,10 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
         bits: 1..8. group_size: divides k; None / -1: one group per row.
         damp: relative dampening, ``damp * mean(diag(H[c]))`` per channel.
         act_order: columns of each row processed by decreasing ``diag(H[c])`` (static groups).
-        clip: "minmax" (GPTQ's params) or "mse": static group params from
-            :func:`mse_clip_params` on the original weights, weighted by ``diag(H[c])``.
+        clip: "minmax" (GPTQ's params), "mse": static group params from
+            :func:`mse_clip_params` on the original weights, weighted by ``diag(H[c])``, or
+            "hqq": static params of :func:`~quantkern.ptq.hqq_quantize` on the original weights
+            (float zero; the rounding is then ``round(w / scale + zero)``).
 
     Returns:
         ``(q uint8 [C, k], scale float32 [C, k // g], zero float32 [C, k // g])``, the same as
@@ -162,8 +164,8 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     """
     fn = "gptq_depthwise"
     g = check_weight_args(fn, W, bits, group_size)
-    if clip not in ("minmax", "mse"):
-        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
+    if clip not in ("minmax", "mse", "hqq"):
+        raise ValueError(f"{fn}: clip must be 'minmax', 'mse' or 'hqq', got {clip!r}")
     C, k = W.shape
     if not isinstance(H, torch.Tensor) or not H.is_floating_point() or tuple(H.shape) != (C, k, k):
         raise ValueError(f"{fn}: H must be a float tensor of shape [C, k, k] = [{C}, {k}, {k}], got {getattr(H, 'shape', H)}")
@@ -177,10 +179,12 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     dead = dg == 0
     dg[dead] = 1  # a column no patch ever reached: any weight is exact, quantize it as 0
     Wf[dead] = 0
-    static = act_order or clip == "mse"
+    static = act_order or clip != "minmax"
     scale = torch.zeros(C, G, dtype=torch.float32, device=W.device)
     zero = torch.zeros(C, G, dtype=torch.float32, device=W.device)
-    if clip == "mse":
+    if clip == "hqq":
+        _, scale, zero = hqq_quantize(Wf, bits, g)
+    elif clip == "mse":
         scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, dg.float().reshape(C, G, g))
     elif static:
         scale, zero = minmax_params(Wf.reshape(C, G, g), bits)
@@ -207,7 +211,7 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
         gi = cols[:, j] // g
         s, z = scale[rows, gi], zero[rows, gi]
         w = Wf[:, j]
-        q = quantize_int(w, s, z, maxq)
+        q = torch.clamp(torch.round(w / s + z), 0, maxq)  # = round(w / s) + z for GPTQ's integer zeros
         Q[:, j] = q
         err = (w - s * (q - z)) / U[:, j, j]
         Wf[:, j:] -= err[:, None] * U[:, j, j:]
@@ -458,9 +462,10 @@ def fake_quantize_model_(
             predicate ``(name, module) -> bool``.
         layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
         bias_correction: correct the per-channel output mean of each layer (sequential).
-        clip: "minmax" or "mse" (:func:`mse_clip_params`): per-group clipping for ``rtn`` and
-            for depthwise convs under gptq / erq (weighted by ``diag(H)``); the dense GPTQ / ERQ
-            solvers keep their own min-max params, HQQ its own zero search.
+        clip: "minmax", "mse" (:func:`mse_clip_params`) or "hqq": the group params of ``rtn``
+            ("minmax" / "mse") and of depthwise convs under gptq / erq (all three, see
+            :func:`gptq_depthwise`); the dense GPTQ / ERQ solvers keep their own min-max
+            params, HQQ its own zero search.
         act_order, damp: GPTQ options (also for depthwise convs and ERQ's depthwise fallback).
         erq_lambda: ERQ's ridge strengths lambda1 = lambda2 = erq_lambda * mean(diag(X^T X))
             of the layer's calibration rows (relative, so independent of the row count).
@@ -489,8 +494,8 @@ def fake_quantize_model_(
         raise ValueError(f"act_method must be one of {ACT_METHODS}, got {act_method!r}")
     if group_size is not None and group_size != -1 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
         raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
-    if clip not in ("minmax", "mse"):
-        raise ValueError(f"clip must be 'minmax' or 'mse', got {clip!r}")
+    if clip not in ("minmax", "mse", "hqq") or (clip == "hqq" and method == "rtn"):
+        raise ValueError(f"clip must be 'minmax', 'mse' or 'hqq' (not with rtn), got {clip!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     need_data = act_bits is not None or bias_correction or (weight_bits is not None and method in ("gptq", "erq"))
