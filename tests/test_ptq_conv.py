@@ -68,6 +68,34 @@ def test_gptq_depthwise_beats_rtn_on_output_error():
     assert e_gptq < e_rtn
 
 
+def test_mse_clip_params_never_worse_than_minmax():
+    from quantkern.ptq._wquant import minmax_params, quantize_int
+    from quantkern.ptq.conv import mse_clip_params
+
+    Wg = torch.randn(64, 4, 16) * torch.rand(64, 4, 1)
+    Wg[:, :, 0] *= 6  # outliers: clipping should help some groups
+
+    def err(s, z):
+        d = (quantize_int(Wg, s[..., None], z[..., None], 15) - z[..., None]) * s[..., None] - Wg
+        return (d * d).sum(-1)
+
+    e_mse, e_mm = err(*mse_clip_params(Wg, 4)), err(*minmax_params(Wg, 4))
+    assert (e_mse <= e_mm + 1e-6).all() and (e_mse < e_mm - 1e-6).any()
+
+
+@pytest.mark.parametrize("clip", ["mse", "hqq"])
+def test_gptq_depthwise_param_choices(clip):
+    W, H = _dw_setup(C=16, seed=2)
+    q, s, z = gptq_depthwise(W, H, 4, None, clip=clip)
+    assert q.shape == W.shape and s.shape == z.shape == (16, 1) and int(q.max()) <= 15
+    if clip == "hqq":
+        from quantkern.ptq import hqq_quantize
+
+        _, sh, zh = hqq_quantize(W, 4, 9)
+        torch.testing.assert_close(s, sh)
+        torch.testing.assert_close(z, zh)
+
+
 def test_gptq_depthwise_errors():
     W, H = _dw_setup(C=4)
     with pytest.raises(ValueError):
@@ -76,6 +104,8 @@ def test_gptq_depthwise_errors():
         gptq_depthwise(W, H, 4, damp=-1.0)
     with pytest.raises(ValueError):
         gptq_depthwise(W, H, 4, group_size=4)  # does not divide 9
+    with pytest.raises(ValueError, match="clip"):
+        gptq_depthwise(W, H, 4, clip="max")
 
 
 class TinyNet(nn.Module):
@@ -176,6 +206,8 @@ def test_errors():
         fake_quantize_model_(net, 4, "rtn", act_bits=8, calib_data=[])
     with pytest.raises(ValueError, match="group_size"):
         fake_quantize_model_(net, 4, "rtn", group_size=0)
+    with pytest.raises(ValueError, match="clip"):
+        fake_quantize_model_(net, 4, "rtn", clip="hqq")
     with pytest.raises(ValueError, match="layer_bits"):
         fake_quantize_model_(net, 4, "rtn", layer_bits={"nope": 8})
     with pytest.raises(TypeError):
