@@ -342,16 +342,21 @@ def _collect(model, mod, calib_data, batch_size, **kw) -> _LayerStats:
     return st
 
 
-def _fp_means(model, layers, calib_data, batch_size) -> dict:
-    """Mean im2col rows of every layer's input in the (still fp32) model, one pass."""
-    stats = {id(m): _LayerStats(m, False, 0, None) for _, m in layers}
-    hs = [m.register_forward_pre_hook(lambda m, a: stats[id(m)].add(a[0].detach())) for _, m in layers]
+def _run_hooked(model, layers, pre_hook, calib_data, batch_size):
+    """One pass over the calibration data with ``pre_hook(module, args)`` on every layer."""
+    hs = [m.register_forward_pre_hook(pre_hook) for _, m in layers]
     try:
         with torch.no_grad():
             _run(model, calib_data, batch_size)
     finally:
         for h in hs:
             h.remove()
+
+
+def _fp_means(model, layers, calib_data, batch_size) -> dict:
+    """Mean im2col rows of every layer's input in the (still fp32) model, one pass."""
+    stats = {id(m): _LayerStats(m, False, 0, None) for _, m in layers}
+    _run_hooked(model, layers, lambda m, a: stats[id(m)].add(a[0].detach()), calib_data, batch_size)
     return {k: v.mu for k, v in stats.items()}
 
 
@@ -393,13 +398,7 @@ def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_s
     def sign_hook(m, a):
         neg[id(m)] |= bool((a[0] < 0).any())
 
-    hs = [m.register_forward_pre_hook(sign_hook) for _, m in layers]
-    try:
-        with torch.no_grad():
-            _run(model, calib_data, batch_size)
-    finally:
-        for h in hs:
-            h.remove()
+    _run_hooked(model, layers, sign_hook, calib_data, batch_size)
     for _, m in layers:
         m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
         m.input_quantizer.start_calibration()
