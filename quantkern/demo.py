@@ -233,7 +233,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                     "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(rows)
-    # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 66 layers)
+    # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
     for wbits in ((8,) if quick else (8, 4)):
         mw, tw = quantized(wbits, act_weight_method)
         for cal in (CALIBRATORS[:2] if quick else CALIBRATORS):

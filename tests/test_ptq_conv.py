@@ -231,7 +231,7 @@ def test_efficientnet_lite0_w8_rtn_agrees():
     x = torch.randn(4, 3, 224, 224).clamp(-1, 1)
     m = copy.deepcopy(net)
     rep = fake_quantize_model_(m, 8, "rtn", 64, progress=False)
-    assert len(rep["layers"]) == 66 and max(rep["group_sizes"].values()) == 64
+    assert len(rep["layers"]) == 50 and max(rep["group_sizes"].values()) == 64
     assert rep["group_sizes"]["_blocks.15._expand_conv"] == 64 and rep["group_sizes"]["_blocks.1._project_conv"] == 48
     with torch.no_grad():
         assert torch.equal(m(x).argmax(1), net(x).argmax(1))
