@@ -14,8 +14,8 @@
     ``(q - zero) * scale``. Table 1: weight-only W4 with RTN / HQQ / GPTQ / ERQ, plus
     HQQ with bias correction, GPTQ with HQQ's params on the depthwise convs, and GPTQ on
     the dense layers after HQQ on the depthwise ones (also with stem + classifier at 8
-    bits, labelled). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor activation quantizers calibrated by max /
-    percentile / mse / entropy. Metrics: top-1 agreement with fp32 and mean
+    bits, labelled). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32 and mean
     KL(fp32 || quant) on random crops of natural images; calibration crops and
     evaluation crops come from different images.
 """
