@@ -185,12 +185,14 @@ def _hybrid(model, bits, group_size, Xc, layer_bits=None):
     return m, time.perf_counter() - t0
 
 
-def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq"):
+def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq",
+                 parts=("weights", "acts")):
     """Two EfficientNet-Lite0 tables (markdown): weight-only W``bits`` x methods, then W8A8 / W4A8 x calibrators.
 
     Every Conv2d / Linear is fake-quantized by :func:`quantkern.ptq.conv.fake_quantize_model_`
     (group size: the largest divisor of I*kh*kw <= ``group_size``). Metrics against fp32 on
-    evaluation crops from images disjoint from the calibration images.
+    evaluation crops from images disjoint from the calibration images. ``parts``: which
+    tables to compute ("weights", "acts").
     """
     from .ptq.conv import fake_quantize_model_
 
@@ -213,7 +215,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         return m, time.perf_counter() - t0
 
     # (1) weight-only, every conv / linear at W``bits``
-    for bits in bits_list:
+    for bits in (bits_list if "weights" in parts else ()):
         for method in methods:
             if quick and method in ("gptq", "erq"):  # sequential per-layer passes: minutes on 2 cores
                 continue
@@ -236,7 +238,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(rows)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
-    for wbits in ((8,) if quick else (8, 4)):
+    for wbits in ((8,) if quick else (8, 4)) if "acts" in parts else ():
         mw, tw = quantized(wbits, act_weight_method)
         for cal in (CALIBRATORS[:2] if quick else CALIBRATORS):
             m = copy.deepcopy(mw)
