@@ -8,13 +8,16 @@
     Metrics vs fp32: mean / min embedding cosine, nearest-neighbour agreement
     (the nearest other eval sentence is the same as under fp32), model size,
     quantization time, encode time.
-(b) EfficientNet-Lite0: weight-only fake quantization of every conv / linear weight
-    (conv weights reshaped ``[O, I*kh*kw]``; one group per row where 64 does not
-    divide, e.g. depthwise 3x3 / 5x5); written back as ``(q - zero) * scale``
-    (PackedLinear is linear-only). GPTQ uses a conv Hessian from unfolded inputs for
-    dense convs; depthwise convs fall back to RTN under GPTQ. Metrics: top-1 agreement
-    with fp32 and mean KL(fp32 || quant) on random crops of natural images;
-    calibration crops and evaluation crops come from different images.
+(b) EfficientNet-Lite0, simulated quantization with :mod:`quantkern.ptq.conv`
+    (``fake_quantize_model_``): every conv / linear weight quantized group-wise along
+    ``I*kh*kw`` (group size: the largest divisor <= 64), written back as
+    ``(q - zero) * scale``. Table 1: weight-only W4 with RTN / HQQ / GPTQ / ERQ, plus
+    HQQ with bias correction, GPTQ with HQQ's params on the depthwise convs, and GPTQ on
+    the dense layers after HQQ on the depthwise ones (also with stem + classifier at 8
+    bits, labelled). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32 and mean
+    KL(fp32 || quant) on random crops of natural images; calibration crops and
+    evaluation crops come from different images.
 """
 from __future__ import annotations
 
@@ -153,104 +156,106 @@ def _crops(imgs, n, seed):
     return torch.cat(out)
 
 
-def _conv_unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Rows [T, I*kh*kw] of the conv's im2col (dense convs)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        pad = 0 if isinstance(conv.padding, str) else conv.padding
-    else:
-        pad = conv.padding
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)  # [B, K, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def _logits(m, X, bs=32):
+    with torch.inference_mode():
+        return torch.cat([m(X[i:i + bs]) for i in range(0, X.shape[0], bs)])
 
 
-class _Stop(Exception):
-    pass
+def _agree_kl(L, L0):
+    """(top-1 agreement with fp32, mean KL(fp32 || quantized)) over the eval crops."""
+    agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
+    kl = F.kl_div(L.log_softmax(1), L0.log_softmax(1), log_target=True, reduction="none").sum(1).mean().item()
+    return agree, kl
 
 
-@torch.no_grad()
-def fake_quant_weights(model, method, bits, group_size, calib_x=None, bs=16, keep_sensitive=False):
-    """Weight-only fake quantization of every Conv2d / Linear, in module order (sequential for GPTQ)."""
-    from .ptq import gptq_quantize, hqq_quantize, rtn_quantize
-    from .ptq.gptq import HessianAccumulator
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if keep_sensitive:  # the stem conv and the depthwise convs stay fp32
-        layers = [m for i, m in enumerate(layers) if i > 0 and (isinstance(m, nn.Linear) or m.groups == 1)]
-    n_rtn_fallback = 0
-    for mod in layers:
-        W = mod.weight.detach().float()
-        W2 = W.reshape(W.shape[0], -1)
-        K = W2.shape[1]
-        g = group_size if K % group_size == 0 else K
-        dense = isinstance(mod, nn.Linear) or mod.groups == 1
-        if method == "gptq" and dense:
-            acc = HessianAccumulator(K)
-
-            def hook(m, inp, out=None):
-                x = inp[0]
-                acc.add_batch(x.reshape(-1, K) if isinstance(m, nn.Linear) else _conv_unfold(m, x))
-                raise _Stop
-
-            h = mod.register_forward_hook(hook)
-            try:
-                for i in range(0, calib_x.shape[0], bs):
-                    try:
-                        model(calib_x[i:i + bs])
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
-            q, s, z = gptq_quantize(W2, acc.H, bits, g)
-        elif method == "hqq":
-            q, s, z = hqq_quantize(W2, bits, g)
-        else:
-            n_rtn_fallback += method == "gptq"
-            q, s, z = rtn_quantize(W2, bits, g)
-        Wq = ((q.float().reshape(q.shape[0], -1, g) - z[..., None]) * s[..., None]).reshape(W.shape)
-        mod.weight.copy_(Wq.to(mod.weight.dtype))
-    return n_rtn_fallback
+# EfficientNet-Lite0's first and last layers, for the labelled "stem/classifier at 8 bits" rows
+EFFNET_EDGE_W8 = {"_conv_stem": 8, "_fc": 8}
+CALIBRATORS = ("max", "percentile", "mse", "entropy")
 
 
-def effnet_table(methods, bits_list, quick=False, group_size=64, out=print):
+def _hybrid(model, bits, group_size, Xc, layer_bits=None):
+    """HQQ on the depthwise convs, then sequential GPTQ on every other layer (which sees them quantized)."""
+    from .ptq.conv import fake_quantize_model_
+
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    dw = lambda n, mod: isinstance(mod, nn.Conv2d) and mod.groups > 1  # noqa: E731
+    fake_quantize_model_(m, bits, "hqq", group_size, skip=lambda n, mod: not dw(n, mod), progress=False)
+    fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, skip=dw, layer_bits=layer_bits, progress=False)
+    return m, time.perf_counter() - t0
+
+
+def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq",
+                 parts=("weights", "acts")):
+    """Two EfficientNet-Lite0 tables (markdown): weight-only W``bits`` x methods, then W8A8 / W4A8 x calibrators.
+
+    Every Conv2d / Linear is fake-quantized by :func:`quantkern.ptq.conv.fake_quantize_model_`
+    (group size: the largest divisor of I*kh*kw <= ``group_size``). Metrics against fp32 on
+    evaluation crops from images disjoint from the calibration images. ``parts``: which
+    tables to compute ("weights", "acts").
+    """
+    from .ptq.conv import fake_quantize_model_
+
     model = load_efficientnet_lite0("cpu")
     cal_imgs, ev_imgs = _images()
-    n_cal, n_ev = (16, 24) if quick else (32, 128)
+    n_cal, n_ev = (16, 32) if quick else (32, 128)
     Xc, Xe = _crops(cal_imgs, n_cal, seed=0), _crops(ev_imgs, n_ev, seed=1)
-    with torch.inference_mode():
-        L0 = torch.cat([model(Xe[i:i + 32]) for i in range(0, n_ev, 32)])
-    P0 = L0.log_softmax(1)
+    L0 = _logits(model, Xe)
     rows = []
-    for bits in bits_list:
+
+    def row(label, cfg, m, tq, note):
+        agree, kl = _agree_kl(_logits(m, Xe), L0)
+        rows.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {tq:.1f} | {note} |")
+        out(rows[-1])
+
+    def quantized(bits, method, **kw):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        fake_quantize_model_(m, bits, method, group_size, calib_data=Xc, progress=False, **kw)
+        return m, time.perf_counter() - t0
+
+    # (1) weight-only, every conv / linear at W``bits``
+    for bits in (bits_list if "weights" in parts else ()):
         for method in methods:
-            if method == "erq":
-                rows.append(f"| ERQ | W{bits} | - | - | - | not run on convs (ERQ here is linear-only) |")
-                out(rows[-1])
+            if quick and method in ("gptq", "erq"):  # sequential per-layer passes: minutes on 2 cores
                 continue
-            if quick and method == "gptq":
-                rows.append(f"| GPTQ | W{bits} | - | - | - | skipped in --quick (about 90 s) |")
-                out(rows[-1])
-                continue
-            for keep in (False, True):
-                m = copy.deepcopy(model)
-                t0 = time.perf_counter()
-                nfb = fake_quant_weights(m, method, bits, group_size, Xc, keep_sensitive=keep)
-                tq = time.perf_counter() - t0
-                with torch.inference_mode():
-                    L = torch.cat([m(Xe[i:i + 32]) for i in range(0, n_ev, 32)])
-                P = L.log_softmax(1)
-                agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
-                kl = F.kl_div(P, P0, log_target=True, reduction="none").sum(1).mean().item()
-                note = "stem + depthwise convs kept fp32" if keep else "all layers"
-                if nfb:
-                    note += f"; {nfb} depthwise convs RTN"
-                rows.append(f"| {METHOD_LABEL[method]} | W{bits} g{group_size} | {100 * agree:.1f}% | {kl:.4f} | {tq:.1f} | {note} |")
-                out(rows[-1])
-    head = (f"EfficientNet-Lite0, weight-only fake quant of all conv/linear weights (g{group_size}, one group per row "
-            f"where {group_size} does not divide I*kh*kw); {n_ev} eval crops from {len(ev_imgs)} images "
-            f"({', '.join(n for n, _ in ev_imgs)}), {n_cal} calibration crops from {len(cal_imgs)} other images "
-            f"({', '.join(n for n, _ in cal_imgs)}).\n\n"
-            "| method | config | top-1 agreement | mean KL(fp32‖q) | quant s | note |\n|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows)
+            m, tq = quantized(bits, method)
+            note = "all layers" + ("; depthwise convs: batched GPTQ" if method == "erq" else "")
+            row(METHOD_LABEL[method].split(" (")[0], f"W{bits} g<={group_size}", m, tq, note)
+        if quick:
+            continue
+        lab = f"W{bits} g<={group_size}"
+        if "hqq" in methods:
+            m, tq = quantized(bits, "hqq", bias_correction=True)
+            row("HQQ + bias correction", lab, m, tq, "all layers")
+        if "gptq" in methods:
+            m, tq = quantized(bits, "gptq", clip="hqq")
+            row("GPTQ, HQQ params on depthwise", lab, m, tq, "all layers; depthwise GPTQ from HQQ's scale/zero")
+            for edge in (None, EFFNET_EDGE_W8):
+                m, tq = _hybrid(model, bits, group_size, Xc, edge)
+                row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
+                    "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
+    # (2) weights + activations: the weights quantized once per bit width, then each calibrator
+    rows_before = len(rows)
+    # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
+    for wbits in ((8,) if quick else (8, 4)) if "acts" in parts else ():
+        mw, tw = quantized(wbits, act_weight_method)
+        for cal in (CALIBRATORS[:2] if quick else CALIBRATORS):
+            m = copy.deepcopy(mw)
+            t0 = time.perf_counter()
+            fake_quantize_model_(m, None, act_bits=8, act_method=cal, calib_data=Xc, progress=False)
+            row(cal, f"W{wbits}A8", m, tw + time.perf_counter() - t0,
+                f"weights {METHOD_LABEL[act_weight_method].split(' (')[0]} g<={group_size}")
+    wa_rows, rows = rows[rows_before:], rows[:rows_before]
+    src = (f"{n_ev} eval crops from {len(ev_imgs)} images ({', '.join(n for n, _ in ev_imgs)}); {n_cal} calibration "
+           f"crops from {len(cal_imgs)} other images ({', '.join(n for n, _ in cal_imgs)}).")
+    cols = "| top-1 agreement | mean KL(fp32‖q) | quant s | note |\n|---|---|---|---|---|---|"
+    head1 = (f"EfficientNet-Lite0, weight-only fake quant of every conv/linear weight, group size = largest divisor "
+             f"of I*kh*kw <= {group_size}. {src}\n\n| method | config " + cols)
+    head2 = ("EfficientNet-Lite0, static per-tensor 8-bit activation fake quant at the input of every conv/linear "
+             "(unsigned after ReLU6, symmetric signed elsewhere), calibrated on the calibration crops.\n\n"
+             "| calibrator | config " + cols)
+    return head1 + "\n" + "\n".join(rows) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
 
 
 def main(argv=None):

@@ -1,0 +1,572 @@
+"""Simulated (fake-quant) post-training quantization of conv nets.
+
+The quantized weights are written back into the float model as ``(q - zero) * scale``
+(the packed kernels are linear-only), so the model runs unchanged and its
+accuracy is exactly that of the integer weights. Entry point:
+:func:`fake_quantize_model_`.
+
+Weights. Every ``nn.Conv2d`` / ``nn.Linear`` weight is viewed as ``W [O, I*kh*kw]``
+(``I`` = input channels per group; the column order of ``F.unfold``) and quantized
+group-wise along that row (asymmetric, float zero; the format of
+:func:`quantkern.ptq.rtn_quantize`). Group size: :func:`group_size_for`, the largest
+divisor of ``K = I*kh*kw`` that is ``<= group_size``, so no layer gets groups
+coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwise
+3x3 convs g9, instead of one group of 672 or 9 values per row). Methods:
+
+* ``"rtn"`` / ``"hqq"``: :func:`~quantkern.ptq.rtn_quantize` / :func:`~quantkern.ptq.hqq_quantize`
+  (no data, unless ``bias_correction``).
+* ``"gptq"``: dense layers call :func:`~quantkern.ptq.gptq_quantize` with the Hessian of
+  the im2col rows of the layer input; depthwise convs (``groups == in_channels ==
+  out_channels``) use :func:`gptq_depthwise`, a batched GPTQ with one
+  ``[kh*kw, kh*kw]`` Hessian per channel (each output channel sees only its own input
+  channel).
+* ``"erq"``: dense layers call :func:`~quantkern.ptq.erq_quantize` (Wqer + ridge
+  compensation; with ``act_bits`` also Aqer against the layer's activation
+  quantizer) on a random subset of im2col rows; depthwise convs fall back to
+  :func:`gptq_depthwise` (ERQ's solver takes one input matrix shared by all rows,
+  a depthwise conv has a different one per channel).
+
+The data methods are sequential: layer ``i`` is quantized from the inputs the
+already-quantized layers ``< i`` produce on the calibration images.
+
+Bias correction (``bias_correction=True``): after quantizing a layer, its bias
+absorbs the shift of the per-channel output mean over the calibration images,
+``b -= Wq mu_q - W mu_fp`` with ``mu`` the mean im2col row of the layer input
+(``mu_q`` in the quantized model, ``mu_fp`` in the fp32 model), so it also
+removes the mean error propagated from earlier layers. Convs without a bias
+get one (zeros). BatchNorm folding is not needed for weight quantization here:
+groups lie inside one output row, and round-to-nearest / HQQ / GPTQ are
+equivariant to scaling a row, which is all a folded BN does to the weight.
+
+Activations (``act_bits``): a static per-tensor :class:`~quantkern.ptq.ActQuantizer`
+at the input of every quantized layer (a forward pre-hook; the quantizer is the
+submodule ``input_quantizer``), calibrated with ``act_method`` on the
+calibration images after the weights are quantized (all quantizers collect in
+one pass, pass-through while calibrating). Range: unsigned ``[0, amax]`` where
+the layer input was never negative on the calibration images (after ReLU6),
+else symmetric signed ``[-amax, amax]`` (the histogram calibrators, mse and
+entropy, are symmetric-only; zero stays exact, so zero padding is unaffected).
+
+Convs must pad with zeros (``padding_mode="zeros"``, numeric padding) or carry a
+``static_padding`` module applied before a padding-free conv (the
+efficientnet-pytorch convention); other padding raises for the data methods.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
+from .calibrate import ActQuantizer
+from .erq import erq_quantize
+from .gptq import HessianAccumulator, gptq_quantize
+from .hqq import hqq_quantize, rtn_quantize
+
+__all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
+           "remove_act_quantizers", "WEIGHT_METHODS", "ACT_METHODS"]
+
+WEIGHT_METHODS = ("rtn", "hqq", "gptq", "erq")
+ACT_METHODS = ("max", "percentile", "mse", "entropy", "mse_search")
+
+
+def group_size_for(K: int, group_size: int | None) -> int:
+    """The group size used for a row of K weights: the largest divisor of K that is <= group_size.
+
+    ``group_size`` None or -1: K (one group per row). Examples with 64: K=672 -> 56,
+    K=480 -> 60, K=9 -> 9, K=27 -> 27, K=1152 -> 64, K=97 (prime) -> 1.
+    """
+    if isinstance(K, bool) or not isinstance(K, int) or K <= 0:
+        raise ValueError(f"K must be a positive int, got {K!r}")
+    if group_size is None or group_size == -1:
+        return K
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
+    for g in range(min(group_size, K), 0, -1):
+        if K % g == 0:
+            return g
+    return 1  # unreachable
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every ``nn.Conv2d`` / ``nn.Linear`` in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The conv's input after its own padding, and the padding F.unfold must still add."""
+    sp = getattr(conv, "static_padding", None)
+    if sp is not None:
+        x = sp(x)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x, (0, 0)
+        raise NotImplementedError(f"conv with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} is not supported "
+                                  "by the data methods (zero numeric padding or a static_padding module only)")
+    return x, tuple(conv.padding)
+
+
+def conv_unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a conv input: ``x [B, C, H, W]`` -> ``[B, C*kh*kw, L]`` float32 (L = output positions).
+
+    Row order ``(c, i, j)`` matches ``conv.weight.reshape(O, -1)`` within one group.
+    1x1 stride-1 unpadded convs skip F.unfold (a view).
+    """
+    x, pad = _padded(conv, x)
+    x = x.float()
+    if conv.kernel_size == (1, 1) and tuple(conv.stride) == (1, 1) and pad == (0, 0):
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)
+
+
+def _rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows ``[T, K]`` of a dense layer's input (im2col for convs)."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, mod.in_features).float()
+    if mod.groups != 1:
+        raise NotImplementedError("grouped (non-depthwise) convs are not supported by the data methods")
+    u = conv_unfold(mod, x)
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
+
+
+@torch.no_grad()
+def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None, damp: float = 0.01,
+                   act_order: bool = False, clip: str = "minmax"):
+    """GPTQ of C independent rows, each with its own Hessian (depthwise convs), batched over rows.
+
+    Args:
+        W: ``[C, k]`` float (k = kh*kw; row c is output channel c's kernel).
+        H: ``[C, k, k]`` float, ``H[c] = 2 X_c^T X_c`` (any positive scale) from channel c's
+            own im2col patches ``X_c [T, k]``.
+        bits: 1..8. group_size: divides k; None / -1: one group per row.
+        damp: relative dampening, ``damp * mean(diag(H[c]))`` per channel.
+        act_order: columns of each row processed by decreasing ``diag(H[c])`` (static groups).
+        clip: "minmax" (GPTQ's params), "mse": static group params from
+            :func:`mse_clip_params` on the original weights, weighted by ``diag(H[c])``, or
+            "hqq": static params of :func:`~quantkern.ptq.hqq_quantize` on the original weights
+            (float zero; the rounding is then ``round(w / scale + zero)``).
+
+    Returns:
+        ``(q uint8 [C, k], scale float32 [C, k // g], zero float32 [C, k // g])``, the same as
+        calling :func:`~quantkern.ptq.gptq_quantize` on each row with its Hessian (one
+        lazy-batch block; groups in the original column order; with ``act_order`` all
+        group params from the unmodified weights, as gptq_quantize's static groups).
+
+    Raises RuntimeError if some ``H[c] + damp`` is not positive definite.
+    """
+    fn = "gptq_depthwise"
+    g = check_weight_args(fn, W, bits, group_size)
+    if clip not in ("minmax", "mse", "hqq"):
+        raise ValueError(f"{fn}: clip must be 'minmax', 'mse' or 'hqq', got {clip!r}")
+    C, k = W.shape
+    if not isinstance(H, torch.Tensor) or not H.is_floating_point() or tuple(H.shape) != (C, k, k):
+        raise ValueError(f"{fn}: H must be a float tensor of shape [C, k, k] = [{C}, {k}, {k}], got {getattr(H, 'shape', H)}")
+    if not (isinstance(damp, (int, float)) and damp >= 0 and math.isfinite(damp)):
+        raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
+    maxq = 2**bits - 1
+    G = k // g
+    Wf = W.detach().float().clone()
+    Hd = H.detach().double().clone()
+    dg = torch.diagonal(Hd, dim1=1, dim2=2)  # view [C, k]
+    dead = dg == 0
+    dg[dead] = 1  # a column no patch ever reached: any weight is exact, quantize it as 0
+    Wf[dead] = 0
+    static = act_order or clip != "minmax"
+    scale = torch.zeros(C, G, dtype=torch.float32, device=W.device)
+    zero = torch.zeros(C, G, dtype=torch.float32, device=W.device)
+    if clip == "hqq":
+        _, scale, zero = hqq_quantize(Wf, bits, g)
+    elif clip == "mse":
+        scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, dg.float().reshape(C, G, g))
+    elif static:
+        scale, zero = minmax_params(Wf.reshape(C, G, g), bits)
+    cols = torch.arange(k, device=W.device).expand(C, k)
+    if act_order:
+        cols = torch.argsort(dg, dim=1, descending=True, stable=True)
+        Wf = torch.gather(Wf, 1, cols)
+        Hd = torch.gather(torch.gather(Hd, 1, cols[:, :, None].expand(C, k, k)), 2, cols[:, None, :].expand(C, k, k))
+    dg = torch.diagonal(Hd, dim1=1, dim2=2)
+    dg += damp * dg.mean(1, keepdim=True)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if (info != 0).any():
+        raise RuntimeError(f"{fn}: H[c] + damp*I is not positive definite for {int((info != 0).sum())} channels; increase damp")
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if (info != 0).any():
+        raise RuntimeError(f"{fn}: an inverse Hessian is not positive definite; increase damp")
+    U = U.float()
+    Q = torch.zeros(C, k, dtype=torch.float32, device=W.device)
+    rows = torch.arange(C, device=W.device)
+    for j in range(k):  # over kernel taps (9 or 25), vectorised over channels
+        if not static and j % g == 0:
+            s, z = minmax_params(Wf[:, j:j + g], bits)
+            scale[:, j // g], zero[:, j // g] = s, z
+        gi = cols[:, j] // g
+        s, z = scale[rows, gi], zero[rows, gi]
+        w = Wf[:, j]
+        q = torch.clamp(torch.round(w / s + z), 0, maxq)  # = round(w / s) + z for GPTQ's integer zeros
+        Q[:, j] = q
+        err = (w - s * (q - z)) / U[:, j, j]
+        Wf[:, j:] -= err[:, None] * U[:, j, j:]
+    if act_order:
+        Q = torch.empty_like(Q).scatter_(1, cols, Q)
+    return Q.to(torch.uint8), scale, zero
+
+
+def mse_clip_params(Wg: torch.Tensor, bits: int, weight: torch.Tensor | None = None, grid: int = 20,
+                    min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipped min-max params minimising the (weighted) squared rounding error.
+
+    Args:
+        Wg: ``[..., g]`` float weights, one group per last-dim slice.
+        bits: 1..8.
+        weight: optional ``[..., g]`` (broadcastable) non-negative importance of each weight
+            (e.g. ``diag(H)`` of its input column); None = plain squared error.
+        grid: clip ratios tried, ``linspace(1, min_ratio, grid)``, applied to both
+            ``min(w, 0)`` and ``max(w, 0)``.
+
+    Returns:
+        ``(scale, zero)`` float32 ``[...]`` in GPTQ's min-max convention (integer zero,
+        ``w ~= (clamp(round(w / scale) + zero, 0, 2^bits - 1) - zero) * scale``); ratio 1 is
+        exactly :func:`~quantkern.ptq._wquant.minmax_params`, so the error never gets worse.
+    """
+    maxq = 2**bits - 1
+    Wg = Wg.float()
+    best_s, best_z = minmax_params(Wg, bits)
+    best_e = None
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+        s, z = minmax_params(Wg * r, bits)  # the range of the clipped group, as min-max would compute it
+        d = (quantize_int(Wg, s[..., None], z[..., None], maxq) - z[..., None]) * s[..., None] - Wg
+        e = (d * d if weight is None else d * d * weight).sum(-1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the forward pass once the layer of interest has seen its input."""
+
+
+def _batches(calib_data, batch_size: int):
+    if isinstance(calib_data, torch.Tensor):
+        for i in range(0, calib_data.shape[0], batch_size):
+            yield calib_data[i:i + batch_size]
+    else:
+        yield from calib_data
+
+
+def _run(model, calib_data, batch_size):
+    for xb in _batches(calib_data, batch_size):
+        try:
+            model(xb)
+        except _Stop:
+            pass
+
+
+class _LayerStats:
+    """What one calibration pass collects at one layer's input.
+
+    ``mean``: mean im2col row (``[K]``, depthwise ``[C, k]``), for bias correction.
+    ``acc`` / ``Hdw``: GPTQ Hessian (dense ``[K, K]`` via HessianAccumulator, depthwise ``[C, k, k]``).
+    ``rows``: up to ``max_rows`` random im2col rows ``[T, K]`` (ERQ).
+    """
+
+    def __init__(self, mod, hessian: bool, max_rows: int, gen: torch.Generator | None):
+        self.mod, self.dw = mod, _is_depthwise(mod)
+        W = mod.weight
+        self.K = W[0].numel()
+        self.sum, self.n = None, 0
+        self.acc = HessianAccumulator(self.K) if hessian and not self.dw else None
+        self.Hdw = torch.zeros(mod.out_channels, self.K, self.K, dtype=torch.float64) if hessian and self.dw else None
+        self.max_rows, self.gen, self.rows = max_rows, gen, []
+
+    def add(self, x: torch.Tensor):
+        m = self.mod
+        if self.dw:
+            for xb in x.split(2):  # chunks of 2 images: the unfolded 112x112 maps are large
+                u = conv_unfold(m, xb)  # [b, C*k, L]
+                u = u.reshape(u.shape[0], m.in_channels, self.K, -1)
+                s = u.sum((0, 3))
+                self.sum = s if self.sum is None else self.sum + s
+                self.n += u.shape[0] * u.shape[3]
+                if self.Hdw is not None:
+                    self.Hdw += torch.einsum("bckl,bcml->ckm", u, u).double()
+            return
+        r = _rows(m, x)
+        s = r.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += r.shape[0]
+        if self.acc is not None:
+            self.acc.add_batch(r)
+        if self.max_rows:
+            keep = min(r.shape[0], self.max_rows)
+            idx = torch.randperm(r.shape[0], generator=self.gen)[:keep]
+            self.rows.append(r[idx])
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    def erq_rows(self) -> torch.Tensor:
+        r = torch.cat(self.rows)
+        if r.shape[0] > self.max_rows:
+            r = r[torch.randperm(r.shape[0], generator=self.gen)[:self.max_rows]]
+        return r
+
+
+def _collect(model, mod, calib_data, batch_size, **kw) -> _LayerStats:
+    """Runs the calibration images up to ``mod`` (stopping there) and collects its input stats."""
+    st = _LayerStats(mod, **kw)
+
+    def hook(m, args):
+        st.add(args[0].detach())
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            _run(model, calib_data, batch_size)
+    finally:
+        h.remove()
+    return st
+
+
+def _run_hooked(model, layers, pre_hook, calib_data, batch_size):
+    """One pass over the calibration data with ``pre_hook(module, args)`` on every layer."""
+    hs = [m.register_forward_pre_hook(pre_hook) for _, m in layers]
+    try:
+        with torch.no_grad():
+            _run(model, calib_data, batch_size)
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def _fp_means(model, layers, calib_data, batch_size) -> dict:
+    """Mean im2col rows of every layer's input in the (still fp32) model, one pass."""
+    stats = {id(m): _LayerStats(m, False, 0, None) for _, m in layers}
+    _run_hooked(model, layers, lambda m, a: stats[id(m)].add(a[0].detach()), calib_data, batch_size)
+    return {k: v.mu for k, v in stats.items()}
+
+
+def _quantize_layer(mod, bits, method, gs, st, opts):
+    """Quantizes ``mod.weight`` in place; returns (dequantized weight [O, K], new bias or None, note)."""
+    W = mod.weight.detach().float()
+    O = W.shape[0]
+    W2 = W.reshape(O, -1)
+    g = group_size_for(W2.shape[1], gs)
+    note = None
+    new_b = None
+    if method == "rtn" and opts["clip"] == "mse":
+        s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
+        q = quantize_int(W2.reshape(O, -1, g), s[..., None], z[..., None], 2**bits - 1).reshape(O, -1)
+    elif method == "rtn":
+        q, s, z = rtn_quantize(W2, bits, g)
+    elif method == "hqq":
+        q, s, z = hqq_quantize(W2, bits, g)
+    elif st.dw:  # gptq, and erq's documented fallback
+        q, s, z = gptq_depthwise(W2, st.Hdw, bits, g, opts["damp"], opts["act_order"], opts["clip"])
+        note = "depthwise: batched GPTQ" if method == "erq" else None
+    elif method == "gptq":
+        q, s, z = gptq_quantize(W2, st.acc.H, bits, g, damp=opts["damp"], act_order=opts["act_order"])
+    else:  # erq, dense
+        X = st.erq_rows()
+        aq = getattr(mod, "input_quantizer", None)
+        lam = opts["erq_lambda"] * float((X * X).sum(0).mean()) + 1e-8  # relative to diag(X^T X)
+        b = mod.bias.detach().float() if mod.bias is not None else None
+        q, s, z, new_b = erq_quantize(W2, b, X, bits, g, act_quant=aq if aq is not None else (lambda x: x),
+                                      use_aqer=aq is not None, lambda1=lam, lambda2=lam, fit_bias=True)
+    Wq = dequantize(q, s, z)
+    return Wq, new_b, note
+
+
+def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size):
+    # pass 1: is each layer's input ever negative? (decides unsigned vs symmetric signed)
+    neg = {id(m): False for _, m in layers}
+
+    def sign_hook(m, a):
+        neg[id(m)] |= bool((a[0] < 0).any())
+
+    _run_hooked(model, layers, sign_hook, calib_data, batch_size)
+    for _, m in layers:
+        m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
+        m.input_quantizer.start_calibration()
+        m._qk_act_hook = m.register_forward_pre_hook(lambda m, a: (m.input_quantizer(a[0]),) + tuple(a[1:]))
+    with torch.no_grad():
+        _run(model, calib_data, batch_size)
+    for _, m in layers:
+        m.input_quantizer.finish_calibration()
+
+
+def remove_act_quantizers(model: nn.Module) -> int:
+    """Removes the activation fake-quantizers added by :func:`fake_quantize_model_`; returns how many."""
+    n = 0
+    for m in model.modules():
+        h = getattr(m, "_qk_act_hook", None)
+        if h is not None:
+            h.remove()
+            del m._qk_act_hook
+            del m.input_quantizer
+            n += 1
+    return n
+
+
+def fake_quantize_model_(
+    model: nn.Module,
+    weight_bits: int | None = 4,
+    method: str = "rtn",
+    group_size: int | None = 64,
+    *,
+    act_bits: int | None = None,
+    act_method: str = "max",
+    calib_data: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    skip: Iterable[str] | Callable[[str, nn.Module], bool] = (),
+    layer_bits: dict[str, int] | None = None,
+    bias_correction: bool = False,
+    clip: str = "minmax",
+    act_order: bool = True,
+    damp: float = 0.01,
+    erq_lambda: float = 1e-3,
+    max_rows: int = 16384,
+    batch_size: int = 8,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Fake-quantizes every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place (see the module docstring).
+
+    Args:
+        model: any module; put it in eval mode first (BatchNorm statistics are used as they are).
+        weight_bits: 1..8, or None to leave the weights in float (activation-only).
+        method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq").
+        group_size: requested group size along ``I*kh*kw``; each layer uses
+            :func:`group_size_for` (largest divisor <= group_size). None / -1: per channel.
+        act_bits: None (weight-only) or 2..16: static per-tensor activation fake quant at
+            the input of every quantized layer.
+        act_method: calibrator of the activation ranges, one of :data:`ACT_METHODS`.
+        calib_data: float tensor ``[N, ...]`` of model inputs (split into ``batch_size``
+            batches) or an iterable of batches (re-iterated once per pass: pass a list).
+            Needed by gptq / erq, ``bias_correction`` and ``act_bits``.
+        skip: layer names (as in ``model.named_modules()``) to keep in float, or a
+            predicate ``(name, module) -> bool``.
+        layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
+        bias_correction: correct the per-channel output mean of each layer (sequential).
+        clip: "minmax", "mse" (:func:`mse_clip_params`) or "hqq": the group params of ``rtn``
+            ("minmax" / "mse") and of depthwise convs under gptq / erq (all three, see
+            :func:`gptq_depthwise`); the dense GPTQ / ERQ solvers keep their own min-max
+            params, HQQ its own zero search.
+        act_order, damp: GPTQ options (also for depthwise convs and ERQ's depthwise fallback).
+        erq_lambda: ERQ's ridge strengths lambda1 = lambda2 = erq_lambda * mean(diag(X^T X))
+            of the layer's calibration rows (relative, so independent of the row count).
+        max_rows: calibration rows kept per layer for ERQ (random subset).
+        batch_size: images per calibration forward.
+        progress: tqdm bar over layers.
+        seed: for the ERQ row subsets.
+
+    Returns:
+        dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
+        (name -> fallback note), ``seconds``.
+
+    Raises:
+        ValueError / TypeError for bad arguments (before the model is touched).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method not in WEIGHT_METHODS:
+        raise ValueError(f"method must be one of {WEIGHT_METHODS}, got {method!r}")
+    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 1 <= weight_bits <= 8):
+        raise ValueError(f"weight_bits must be an int in [1, 8] or None, got {weight_bits!r}")
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16):
+        raise ValueError(f"act_bits must be an int in [2, 16] or None, got {act_bits!r}")
+    if act_method not in ACT_METHODS:
+        raise ValueError(f"act_method must be one of {ACT_METHODS}, got {act_method!r}")
+    if group_size is not None and group_size != -1 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
+    if clip not in ("minmax", "mse", "hqq") or (clip == "hqq" and method == "rtn"):
+        raise ValueError(f"clip must be 'minmax', 'mse' or 'hqq' (not with rtn), got {clip!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    need_data = act_bits is not None or bias_correction or (weight_bits is not None and method in ("gptq", "erq"))
+    if need_data:
+        if calib_data is None:
+            raise ValueError(f"calib_data is required for method={method!r} / act_bits / bias_correction")
+        if isinstance(calib_data, torch.Tensor):
+            if not calib_data.is_floating_point() or calib_data.dim() == 0 or calib_data.shape[0] == 0:
+                raise ValueError(f"calib_data must be a non-empty float tensor [N, ...], got {calib_data.dtype} {tuple(calib_data.shape)}")
+        else:
+            calib_data = list(calib_data)
+            if not calib_data or not all(isinstance(x, torch.Tensor) for x in calib_data):
+                raise ValueError("calib_data must be a tensor or a non-empty iterable of tensors")
+    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(skip): n in s)
+    layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]
+    names = {n for n, _ in quantizable_layers(model)}
+    layer_bits = dict(layer_bits or {})
+    for n, b in layer_bits.items():
+        if n not in names:
+            raise ValueError(f"layer_bits: no Conv2d / Linear named {n!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise ValueError(f"layer_bits[{n!r}] must be an int in [1, 8], got {b!r}")
+    for n, m in layers:
+        if isinstance(m, nn.Conv2d) and m.groups != 1 and not _is_depthwise(m):
+            raise NotImplementedError(f"{n}: grouped conv with groups={m.groups} (only dense and depthwise convs)")
+
+    report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
+    if weight_bits is not None:
+        data_w = method in ("gptq", "erq") or bias_correction
+        mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
+        gen = torch.Generator().manual_seed(seed)
+        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip}
+        bar = _progress(layers, progress, f"W{weight_bits} {method}")
+        for name, mod in bar:
+            st = None
+            if data_w:
+                st = _collect(model, mod, calib_data, batch_size, hessian=method in ("gptq", "erq"),
+                              max_rows=max_rows if (method == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
+            bits = layer_bits.get(name, weight_bits)
+            W = mod.weight
+            Wq, new_b, note = _quantize_layer(mod, bits, method, group_size, st, opts)
+            report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
+            if note:
+                report["notes"][name] = note
+            with torch.no_grad():
+                if new_b is not None:
+                    _set_bias(mod, new_b)
+                if bias_correction:
+                    W2 = W.detach().float().reshape(W.shape[0], -1)
+                    fp = mu_fp[id(mod)]
+                    if st.dw:
+                        shift = (Wq * st.mu).sum(1) - (W2 * fp).sum(1)
+                    else:
+                        shift = Wq @ st.mu - W2 @ fp
+                    b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0])
+                    _set_bias(mod, b - shift)
+                W.copy_(Wq.reshape(W.shape).to(W.dtype))
+    if act_bits is not None:
+        _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _set_bias(mod, b: torch.Tensor):
+    if mod.bias is None:
+        mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
+    mod.bias.copy_(b.to(mod.bias.dtype))
+
+
+def _progress(it, on: bool, desc: str):
+    if not on:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)

