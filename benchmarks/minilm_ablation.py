@@ -23,13 +23,20 @@ def main():
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0, help="length-sorted batches of this size (0: 32 in order)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_minilm("cpu")
     sents = load_sentences()
     calib, evals = sents[0::2], sents[1::2]
-    feats = [model.tokenize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
-    units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
+    if a.batch:
+        from quantkern.demo import minilm_calib_units
+
+        units, ntok, nrows = minilm_calib_units(model, calib, a.batch)
+        print(f"calibration: {ntok} tokens, {nrows} rows with padding", flush=True)
+    else:  # the earlier demo's batches: 32 in input order
+        feats = [model.tokenize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+        units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
 
     def enc(m):
         with torch.inference_mode():

@@ -52,21 +52,27 @@ def _nn_index(E):
     return S.argmax(1)
 
 
+def minilm_calib_units(model, sentences, batch: int = 16):
+    """One calibration callable per batch of ``batch`` sentences, batched by token length.
+
+    Padding tokens also pass through every Linear and so enter the layers' statistics
+    (Hessians, ERQ rows, activation ranges) although the model masks them out; batching
+    sentences of similar length keeps them few. Returns (callables, real tokens, rows incl. padding).
+    """
+    order = sorted(range(len(sentences)), key=lambda i: len(model.tokenize([sentences[i]])["input_ids"][0]))
+    feats = [model.tokenize([sentences[i] for i in order[j:j + batch]]) for j in range(0, len(order), batch)]
+    units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
+    return (units, sum(int(f["attention_mask"].sum()) for f in feats),
+            sum(f["attention_mask"].numel() for f in feats))
+
+
 def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_bits_list=(8, 4)):
     model = load_minilm("cpu")
     sents = load_sentences()
     calib, evals = sents[0::2], sents[1::2]
     if quick:
         calib, evals = calib[:32], evals[:48]
-    feats = []
-    for i in range(0, len(calib), 32):
-        feats.append(model.tokenize(calib[i:i + 32]))
-
-    def unit(f):
-        return lambda m: m(dict(f))
-
-    calib_fn = [unit(f) for f in feats]
-    ntok = sum(int(f["attention_mask"].sum()) for f in feats)
+    calib_fn, ntok, nrows = minilm_calib_units(model, calib)
 
     t0 = time.perf_counter()
     E0 = _encode(model, evals)
@@ -106,7 +112,8 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     cols = ("| method | config | mean cos | min cos | NN agreement | size MB | quant s | encode s (vs fp32) |\n"
             "|---|---|---|---|---|---|---|---|")
     head = (f"all-MiniLM-L6-v2: {len(evals)} eval sentences, {len(calib)} disjoint calibration sentences "
-            f"({ntok} tokens) for GPTQ/ERQ; every nn.Linear packed (weights + fp16 scales/zeros).\n\n" + cols)
+            f"({ntok} tokens, {nrows} rows with padding, length-sorted batches of 16) for GPTQ/ERQ and the "
+            f"activation ranges; every nn.Linear packed (weights + fp16 scales/zeros).\n\n" + cols)
     text = head + "\n" + "\n".join(rows)
     if act_rows:
         d = QuantizeConfig()

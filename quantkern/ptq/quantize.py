@@ -20,10 +20,26 @@ the early stop: when the hook fires the rest of *that callable* is skipped, so
 a callable that loops over several batches only contributes its first batch;
 pass one callable per batch to use them all.
 
-ERQ here is weight-only (W4A16 and so on): ``act_quant`` is the identity and Aqer
-is off (it is a no-op without activation quantization); Wqer (rounding
-refinement + ridge compensation, bias column included) is what runs.
-``erq_lambda2`` is absolute, compare it with ``T * E[x^2]``.
+Activation quantization (``act_bits``): every new PackedLinear gets an input
+fake-quantizer (static per tensor, calibrated with ``act_method`` on the layer's
+captured calibration inputs, or dynamic per token). Calibration is sequential
+like the weights: a layer's inputs come from the already quantized earlier
+layers, input quantizers included. ERQ then runs Aqer (ridge regression of the
+activation-quantization error) and Wqer with that very quantizer; RTN / HQQ /
+GPTQ only get the quantizer (GPTQ's Hessian is of the unquantized inputs).
+Without ``act_bits`` ERQ is weight-only: Aqer is off (a no-op without activation
+quantization) and Wqer (rounding refinement + ridge compensation, bias column
+included) is what runs.
+
+ERQ's lambdas are relative by default (``erq_relative_lambda``): multiples of
+``T * E[x^2]`` (the mean diagonal of ``Xq^T Xq``, T calibration rows), so they
+mean the same for any token count and activation scale. On all-MiniLM-L6-v2
+``T * E[x^2]`` spans 17 .. 1.8e3 over the 37 layers (median 765, T = 2.7K rows),
+which is why one absolute lambda1 (~1e3, the paper's code) over-regularised some
+layers and under-regularised others. Defaults: lambda2 = 1.0 (about the old
+absolute 1e3 at the median layer), lambda1 = 10 (Aqer as a mild correction:
+small lambda1 fits the calibration tokens' activation error and hurt the
+network before, see erq.py).
 
 Group size: if ``group_size`` does not divide a layer's in_features (or is not a
 multiple of 32, which the packed format needs), that layer falls back to one
@@ -98,14 +114,14 @@ class QuantizeConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    clip: str = "minmax"
+    clip: str = "mse"
     clip_grid: int = 40
     clip_max_shrink: float = 0.5
-    refit: bool = False
+    refit: bool = True
     refit_passes: int = 0
-    erq_lambda1: float = 1e3
-    erq_lambda2: float = 1e3
-    erq_relative_lambda: bool = False
+    erq_lambda1: float = 10.0
+    erq_lambda2: float = 1.0
+    erq_relative_lambda: bool = True
     erq_refine_iters: int = 100
     hqq_iters: int = 20
     act_bits: int | None = None
