@@ -280,6 +280,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="few sentences / crops, W4 only (smoke test)")
     ap.add_argument("--methods", default="rtn,hqq,gptq,erq")
     ap.add_argument("--bits", default=None, help="comma list, default 4,3,2 (MiniLM) and 4 (EfficientNet)")
+    ap.add_argument("--act-bits", default="8,4", help="MiniLM W4A<b> rows with activation quantization, comma "
+                    "list ('' for none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["minilm", "effnet"], default=None)
     args = ap.parse_args(argv)
@@ -289,14 +291,16 @@ def main(argv=None):
     for m in methods:
         if m not in METHOD_LABEL:
             ap.error(f"unknown method {m!r}")
-    if args.bits:
-        bits_m = bits_e = [int(b) for b in args.bits.split(",")]
+    act_bits = [int(b) for b in args.act_bits.split(",") if b.strip()]
+    if args.bits is not None:
+        bits_m = bits_e = [int(b) for b in args.bits.split(",") if b.strip()]
     else:
         bits_m, bits_e = ([4], [4]) if args.quick else ([4, 3, 2], [4])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     tabs = []
     if args.only in (None, "minilm"):
-        tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True)))
+        tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),
+                                 act_bits_list=act_bits))
         print("\n" + tabs[-1] + "\n", flush=True)
     if args.only in (None, "effnet"):
         tabs.append(effnet_table(methods, bits_e, args.quick, out=lambda s: print(s, flush=True)))

@@ -275,12 +275,31 @@ def test_bad_act_config_names_field(field, value):
         quantize_(make_model(), QuantizeConfig(**{field: value}), progress=False)
 
 
-def test_clip_and_refit_lower_gptq_error():
-    ref = make_model()
+def test_clip_and_refit_lower_layer_error():
+    """MSE clipping and the least-squares re-fit lower GPTQ's objective tr(D H D^T); ERQ's re-fit its output error."""
+    from quantkern.ptq._wquant import dequantize, refit_scale_zero
+    from quantkern.ptq.erq import erq_quantize
+    from quantkern.ptq.gptq import gptq_quantize
 
-    def err(**kw):
-        return rel_err(quantize_(make_model(), QuantizeConfig(method="gptq", bits=3, group_size=32, **kw),
-                                 calib_fn=CALIB, progress=False), ref)
+    torch.manual_seed(0)
+    N, K, T = 48, 128, 512
+    X = torch.randn(T, K) @ torch.randn(K, K) * 0.3 + torch.randn(K)
+    W, b = torch.randn(N, K), torch.randn(N)
+    H = 2 * X.T @ X / T
 
-    base = err(clip="minmax", refit=False)
-    assert err(clip="mse", refit=True, refit_passes=1) < base
+    def obj(q, s, z):
+        D = (W - dequantize(q, s, z)).double()
+        return (D @ H.double() * D).sum().item()
+
+    q0, s0, z0 = gptq_quantize(W, H, 3, 32)
+    q1, s1, z1 = gptq_quantize(W, H, 3, 32, clip="mse")
+    s2, z2, _ = refit_scale_zero(q1, 32, H.double(), W.double() @ H.double(), s1, z1)
+    assert obj(q1, s2, z2) < obj(q1, s1, z1) < obj(q0, s0, z0)
+
+    def out_err(q, s, z, nb):
+        return ((X @ dequantize(q, s, z).T + nb - (X @ W.T + b)).norm() / (X @ W.T + b).norm()).item()
+
+    kw = dict(act_quant=lambda x: x, use_aqer=False, refine_iters=10)
+    e0 = out_err(*erq_quantize(W, b, X, 3, 32, **kw))
+    e1 = out_err(*erq_quantize(W, b, X, 3, 32, clip="mse", refit=True, **kw))
+    assert e1 < e0, (e1, e0)

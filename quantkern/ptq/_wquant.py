@@ -34,6 +34,19 @@ def check_weight_args(fn: str, W, bits, group_size) -> int:
     return group_size
 
 
+def _minmax_range(w: torch.Tensor, sym: bool):
+    """(xmin, xmax) over the last dim, widened to contain 0; symmetric: ``xmax = max|w|``,
+    ``xmin = -xmax`` unless the group has no negative value; an all-zero group gets [-1, 1]."""
+    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(w.amin(-1), zero_t)
+    xmax = torch.maximum(w.amax(-1), zero_t)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both0 = (xmin == 0) & (xmax == 0)
+    return torch.where(both0, -torch.ones_like(xmin), xmin), torch.where(both0, torch.ones_like(xmax), xmax)
+
+
 def minmax_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's min-max quantizer params over the last dim of ``w [..., g]``: (scale, zero), shape ``[...]``.
 
@@ -42,15 +55,7 @@ def minmax_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.
     with ``xmax = max(|xmin|, xmax)``; an all-zero group gets the range [-1, 1].
     """
     maxq = 2**bits - 1
-    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
-    xmin = torch.minimum(w.amin(-1), zero_t)
-    xmax = torch.maximum(w.amax(-1), zero_t)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both0, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(both0, torch.ones_like(xmax), xmax)
+    xmin, xmax = _minmax_range(w, sym)
     scale = (xmax - xmin) / maxq
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
@@ -104,15 +109,7 @@ def search_params(w: torch.Tensor, bits: int, sym: bool = False, weight: torch.T
     Returns (scale, zero), float tensors of shape ``w.shape[:-1]``, dtype of w.
     """
     maxq = 2**bits - 1
-    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
-    xmin = torch.minimum(w.amin(-1), zero_t)
-    xmax = torch.maximum(w.amax(-1), zero_t)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both0, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(both0, torch.ones_like(xmax), xmax)
+    xmin, xmax = _minmax_range(w, sym)
     best_err = best_s = best_z = None
     for i in range(max(1, grid)):
         p = 1.0 - max_shrink * i / max(1, grid - 1)
