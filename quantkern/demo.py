@@ -1,6 +1,6 @@
 """Model demo: quantize real models offline and measure what it costs.
 
-``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--threads N]``
+``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--act-bits 8,4] [--threads N]``
 
 (a) all-MiniLM-L6-v2 (sentence embeddings): every ``nn.Linear`` -> PackedLinear via
     :func:`quantkern.quantize_`, group size 64. Sentences of ``load_sentences()``:
