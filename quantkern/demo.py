@@ -1,6 +1,6 @@
 """Model demo: quantize real models offline and measure what it costs.
 
-``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--threads N]``
+``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--act-bits 8,4] [--threads N]``
 
 (a) all-MiniLM-L6-v2 (sentence embeddings): every ``nn.Linear`` -> PackedLinear via
     :func:`quantkern.quantize_`, group size 64. Sentences of ``load_sentences()``:
@@ -35,6 +35,7 @@ from .ptq import QuantizeConfig, quantize_
 from .ptq.models import efficientnet_preprocess, load_efficientnet_lite0, load_minilm, load_sentences, sample_photos
 
 METHOD_LABEL = {"rtn": "RTN", "hqq": "HQQ", "gptq": "GPTQ", "erq": "ERQ (weight-only, Wqer)"}
+ACT_LABEL = {"erq": "ERQ (Aqer + Wqer)"}
 
 
 def _model_mb(model: nn.Module) -> float:
@@ -54,54 +55,75 @@ def _nn_index(E):
     return S.argmax(1)
 
 
-def minilm_table(methods, bits_list, quick=False, group_size=64, out=print):
+def minilm_calib_units(model, sentences, batch: int = 16):
+    """One calibration callable per batch of ``batch`` sentences, batched by token length.
+
+    Padding tokens also pass through every Linear and so enter the layers' statistics
+    (Hessians, ERQ rows, activation ranges) although the model masks them out; batching
+    sentences of similar length keeps them few. Returns (callables, real tokens, rows incl. padding).
+    """
+    order = sorted(range(len(sentences)), key=lambda i: len(model.tokenize([sentences[i]])["input_ids"][0]))
+    feats = [model.tokenize([sentences[i] for i in order[j:j + batch]]) for j in range(0, len(order), batch)]
+    units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
+    return (units, sum(int(f["attention_mask"].sum()) for f in feats),
+            sum(f["attention_mask"].numel() for f in feats))
+
+
+def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_bits_list=(8, 4)):
     model = load_minilm("cpu")
     sents = load_sentences()
     calib, evals = sents[0::2], sents[1::2]
     if quick:
         calib, evals = calib[:32], evals[:48]
-    feats = []
-    for i in range(0, len(calib), 32):
-        feats.append(model.tokenize(calib[i:i + 32]))
-
-    def unit(f):
-        return lambda m: m(dict(f))
-
-    calib_fn = [unit(f) for f in feats]
-    ntok = sum(int(f["attention_mask"].sum()) for f in feats)
+    calib_fn, ntok, nrows = minilm_calib_units(model, calib)
 
     t0 = time.perf_counter()
     E0 = _encode(model, evals)
     t_fp = min(time.perf_counter() - t0, _time(lambda: _encode(model, evals)))
     nn0 = _nn_index(E0)
     mb0 = _model_mb(model)
+
+    def row(method, bits, act_bits=None):
+        m = copy.deepcopy(model)
+        cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, act_bits=act_bits)
+        label = METHOD_LABEL[method] if act_bits is None else ACT_LABEL.get(method, METHOD_LABEL[method])
+        if quick and method in ("gptq", "erq"):  # the solvers' column loops take minutes on 2 cores
+            cfg.skip = lambda name: ".layer.0." not in name
+            label += " (quick: layer 0 only)"
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(m, cfg, calib_fn=calib_fn, progress=False)
+        tq = time.perf_counter() - t0
+        E = _encode(m, evals)
+        ti = _time(lambda: _encode(m, evals))
+        cos = F.cosine_similarity(E, E0, dim=1)
+        agree = (_nn_index(E) == nn0).float().mean().item()
+        npk = sum(isinstance(x, PackedLinear) for x in m.modules())
+        a = f"A{act_bits}" if act_bits else ""
+        r = (f"| {label} | W{bits}{a} g{group_size} | {cos.mean():.4f} | {cos.min():.4f} | "
+             f"{100 * agree:.1f}% | {_model_mb(m):.1f} | {tq:.1f} | {ti:.2f} ({ti / t_fp:.2f}x) |")
+        out(r + f"  <!-- {npk} PackedLinear -->")
+        return r
+
     rows = [f"| fp32 | - | 1.0000 | 1.0000 | 100.0% | {mb0:.1f} | - | {t_fp:.2f} (1.00x) |"]
-    for bits in bits_list:
-        for method in methods:
-            m = copy.deepcopy(model)
-            cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size)
-            label = METHOD_LABEL[method]
-            if quick and method in ("gptq", "erq"):  # the solvers' column loops take minutes on 2 cores
-                cfg.skip = lambda name: ".layer.0." not in name
-                label += " (quick: layer 0 only)"
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_(m, cfg, calib_fn=calib_fn, progress=False)
-            tq = time.perf_counter() - t0
-            E = _encode(m, evals)
-            ti = _time(lambda: _encode(m, evals))
-            cos = F.cosine_similarity(E, E0, dim=1)
-            agree = (_nn_index(E) == nn0).float().mean().item()
-            npk = sum(isinstance(x, PackedLinear) for x in m.modules())
-            rows.append(f"| {label} | W{bits} g{group_size} | {cos.mean():.4f} | {cos.min():.4f} | "
-                        f"{100 * agree:.1f}% | {_model_mb(m):.1f} | {tq:.1f} | {ti:.2f} ({ti / t_fp:.2f}x) |")
-            out(rows[-1] + f"  <!-- {npk} PackedLinear -->")
-    head = (f"all-MiniLM-L6-v2: {len(evals)} eval sentences, {len(calib)} disjoint calibration sentences "
-            f"({ntok} tokens) for GPTQ/ERQ; every nn.Linear packed (weights + fp16 scales/zeros).\n\n"
-            "| method | config | mean cos | min cos | NN agreement | size MB | quant s | encode s (vs fp32) |\n"
+    rows += [row(method, bits) for bits in bits_list for method in methods]
+    # weight + activation rows: W4 with every Linear input fake-quantized (static per tensor,
+    # asymmetric, calibrated with QuantizeConfig's act_method on the calibration sentences)
+    act_methods = [m for m in ("rtn", "gptq", "erq") if m in methods and not (quick and m == "gptq")]
+    act_rows = [row(method, 4, ab) for ab in act_bits_list for method in act_methods]
+    cols = ("| method | config | mean cos | min cos | NN agreement | size MB | quant s | encode s (vs fp32) |\n"
             "|---|---|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows)
+    head = (f"all-MiniLM-L6-v2: {len(evals)} eval sentences, {len(calib)} disjoint calibration sentences "
+            f"({ntok} tokens, {nrows} rows with padding, length-sorted batches of 16) for GPTQ/ERQ and the "
+            f"activation ranges; every nn.Linear packed (weights + fp16 scales/zeros).\n\n" + cols)
+    text = head + "\n" + "\n".join(rows)
+    if act_rows:
+        d = QuantizeConfig()
+        text += (f"\n\nWith activation quantization (every PackedLinear's input, static per tensor, "
+                 f"{'symmetric' if d.act_symmetric else 'asymmetric'}, calibrated with {d.act_method!r}):\n\n"
+                 + cols + "\n" + "\n".join(act_rows))
+    return text
 
 
 def _time(fn, reps=2):
@@ -263,6 +285,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="few sentences / crops, W4 only (smoke test)")
     ap.add_argument("--methods", default="rtn,hqq,gptq,erq")
     ap.add_argument("--bits", default=None, help="comma list, default 4,3,2 (MiniLM) and 4 (EfficientNet)")
+    ap.add_argument("--act-bits", default="8,4", help="MiniLM W4A<b> rows with activation quantization, comma "
+                    "list ('' for none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["minilm", "effnet"], default=None)
     args = ap.parse_args(argv)
@@ -272,14 +296,16 @@ def main(argv=None):
     for m in methods:
         if m not in METHOD_LABEL:
             ap.error(f"unknown method {m!r}")
-    if args.bits:
-        bits_m = bits_e = [int(b) for b in args.bits.split(",")]
+    act_bits = [int(b) for b in args.act_bits.split(",") if b.strip()]
+    if args.bits is not None:
+        bits_m = bits_e = [int(b) for b in args.bits.split(",") if b.strip()]
     else:
         bits_m, bits_e = ([4], [4]) if args.quick else ([4, 3, 2], [4])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     tabs = []
     if args.only in (None, "minilm"):
-        tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True)))
+        tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),
+                                 act_bits_list=act_bits))
         print("\n" + tabs[-1] + "\n", flush=True)
     if args.only in (None, "effnet"):
         tabs.append(effnet_table(methods, bits_e, args.quick, out=lambda s: print(s, flush=True)))

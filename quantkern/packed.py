@@ -132,13 +132,14 @@ FORMAT_VERSION = "1"
 LAYOUT = "blocks32-lsb;int4=lo16/hi16-nibbles;int2=fields8;int3=lo2plane+hi1plane"
 
 
-def save_packed(weights: dict, path: str, extra: dict | None = None) -> None:
+def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: dict | None = None) -> None:
     """Save ``{name: PackedWeight}`` (plus optional plain tensors in ``extra``) to a safetensors file.
 
     Tensors are stored as ``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``; the
     header metadata records the format name and version, the layout string and,
     per weight, bits / group_size / shape, and is validated by :func:`load_packed`.
-    Never pickle.
+    ``metadata``: additional ``{str: str}`` header entries (not the reserved keys), read
+    back with :func:`read_packed_metadata`. Never pickle.
     """
     import json
 
@@ -155,7 +156,19 @@ def save_packed(weights: dict, path: str, extra: dict | None = None) -> None:
     for name, t in (extra or {}).items():
         tensors[name] = t.detach().contiguous().cpu()
     meta["weights"] = json.dumps(info, sort_keys=True)
+    for k, v in (metadata or {}).items():
+        if k in meta or not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"save_packed: metadata must map new str keys to str values, got {k!r}: {type(v).__name__}")
+        meta[k] = v
     save_file(tensors, path, metadata=meta)
+
+
+def read_packed_metadata(path: str) -> dict:
+    """The safetensors header metadata of a :func:`save_packed` file (``{str: str}``)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
 
 
 def load_packed(path: str, device="cpu") -> tuple[dict, dict]:

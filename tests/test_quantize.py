@@ -157,3 +157,150 @@ def test_bad_config():
         quantize_(make_model(), QuantizeConfig(group_size=0), progress=False)
     with pytest.raises(ValueError, match="no PackedLinear"):
         save_quantized(make_model(), "/tmp/never_written.safetensors")
+
+
+# ---------------------------------------------------------------- input (activation) quantizers
+def _ref_fake_quant(x, bits, sym, dynamic, scale=None, zero=None):
+    """Reference composition from calibrate's public helpers."""
+    from quantkern.ptq.calibrate import fake_quant, fake_quant_dynamic
+
+    if dynamic:
+        x2 = x.reshape(-1, x.shape[-1])
+        return fake_quant_dynamic(x2, bits, axis=0, symmetric=sym).reshape(x.shape)
+    from quantkern.ptq.calibrate import quant_range
+
+    qmin, qmax = quant_range(bits, sym)
+    return fake_quant(x, scale, zero, qmin, qmax)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_packed_linear_input_quantizer(sym, dynamic):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    pl = PackedLinear.from_linear(lin, bits=4, group_size=32)
+    x = torch.randn(3, 5, 64) * 2
+    x[0, 0] = 0  # an all-zero token
+    scale, zero = (torch.tensor(0.05), torch.tensor(0.0 if sym else 7.0))
+    pl.set_input_quantizer(4, sym, dynamic, None if dynamic else scale, None if dynamic else zero)
+    xq = _ref_fake_quant(x, 4, sym, dynamic, scale, zero)
+    ref = PackedLinear.from_linear(lin, bits=4, group_size=32)
+    with torch.no_grad():
+        torch.testing.assert_close(pl(x), ref(xq))
+    assert ("input_scale" in dict(pl.named_buffers())) == (not dynamic)
+    assert "act=" in repr(pl)
+    # state_dict round trip into a fresh module with the same input-quantizer config
+    fresh = PackedLinear(64, 24, bits=4, group_size=32).set_input_quantizer(4, sym, dynamic)
+    fresh.load_state_dict(pl.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pl(x))
+    # a module without (or with another) input quantizer refuses the checkpoint
+    with pytest.raises((ValueError, RuntimeError)):
+        PackedLinear(64, 24, bits=4, group_size=32).load_state_dict(pl.state_dict())
+    with pytest.raises(ValueError, match="act_bits"):
+        pl.set_input_quantizer(9)
+    assert pl.set_input_quantizer(None).act_config is None
+
+
+def test_packed_linear_input_quantizer_compiles():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    # one compile covers both: a static-quantizer layer, then a dynamic one
+    a = PackedLinear.from_linear(nn.Linear(64, 64), bits=4, group_size=32).set_input_quantizer(8, False, False, 0.02, 128.0)
+    b = PackedLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32).set_input_quantizer(4, True, True)
+    m = nn.Sequential(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "erq"])
+def test_quantize_with_act_bits(tmp_path, method):
+    ref = make_model()
+    errs = {}
+    for ab, dyn in ((8, False), (4, True)):
+        cfg = QuantizeConfig(method=method, bits=4, group_size=32, act_bits=ab, act_dynamic=dyn, act_method="max",
+                             erq_relative_lambda=True, erq_lambda1=1e-2, erq_lambda2=1e-2, erq_refine_iters=20)
+        m = quantize_(make_model(), cfg, calib_fn=CALIB, progress=False)
+        assert m.fc1.act_config == {"bits": ab, "symmetric": False, "dynamic": dyn}
+        assert type(m.classifier) is nn.Linear
+        errs[ab] = rel_err(m, ref)
+        p = str(tmp_path / f"a{ab}.safetensors")
+        save_quantized(m, p)
+        m2 = load_quantized(lambda: make_model(seed=5), p)
+        assert m2.fc1.act_config == m.fc1.act_config
+        with torch.no_grad():
+            assert torch.equal(m(X_EVAL), m2(X_EVAL))
+    w4 = rel_err(quantize_(make_model(), QuantizeConfig(method=method, bits=4, group_size=32), calib_fn=CALIB,
+                           progress=False), ref)
+    assert w4 <= errs[8] + 0.02 and errs[8] < errs[4] < 0.5, (w4, errs)
+
+
+def test_erq_w4a4_beats_rtn_w4a4():
+    ref = make_model()
+    kw = dict(bits=4, group_size=32, act_bits=4, act_method="mse_search")
+    rtn = rel_err(quantize_(make_model(), QuantizeConfig(method="rtn", **kw), calib_fn=CALIB, progress=False), ref)
+    erq = rel_err(quantize_(make_model(), QuantizeConfig(method="erq", erq_refine_iters=20, **kw), calib_fn=CALIB,
+                            progress=False), ref)
+    assert erq < rtn, (erq, rtn)
+
+
+def test_act_quant_needs_data_and_checks_metadata(tmp_path):
+    with pytest.raises(ValueError, match="needs calib_fn"):
+        quantize_(make_model(), QuantizeConfig(method="rtn", act_bits=8), progress=False)
+    m = quantize_(make_model(), QuantizeConfig(method="rtn", act_bits=8, act_dynamic=True), progress=False)
+    assert m.q.act_config["dynamic"]
+    p = str(tmp_path / "q.safetensors")
+    save_quantized(m, p)
+    # a header whose input-quantizer entry is malformed is refused
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(p, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    act = json.loads(meta["quantkern.act_quant"])
+    act["q"]["bits"] = 99
+    meta["quantkern.act_quant"] = json.dumps(act)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata=meta)
+    with pytest.raises(ValueError, match="input-quantizer metadata"):
+        load_quantized(make_model(), bad)
+
+
+@pytest.mark.parametrize("field,value", [("act_bits", 1), ("act_bits", 16), ("act_method", "kl"),
+                                         ("act_dynamic", "yes"), ("act_symmetric", 1), ("clip", "max"),
+                                         ("refit_passes", -1), ("erq_lambda1", -1.0), ("clip_grid", 0)])
+def test_bad_act_config_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        quantize_(make_model(), QuantizeConfig(**{field: value}), progress=False)
+
+
+def test_clip_and_refit_lower_layer_error():
+    """MSE clipping and the least-squares re-fit lower GPTQ's objective tr(D H D^T); ERQ's re-fit its output error."""
+    from quantkern.ptq._wquant import dequantize, refit_scale_zero
+    from quantkern.ptq.erq import erq_quantize
+    from quantkern.ptq.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    N, K, T = 48, 128, 512
+    X = torch.randn(T, K) @ torch.randn(K, K) * 0.3 + torch.randn(K)
+    W, b = torch.randn(N, K), torch.randn(N)
+    H = 2 * X.T @ X / T
+
+    def obj(q, s, z):
+        D = (W - dequantize(q, s, z)).double()
+        return (D @ H.double() * D).sum().item()
+
+    q0, s0, z0 = gptq_quantize(W, H, 3, 32)
+    q1, s1, z1 = gptq_quantize(W, H, 3, 32, clip="mse")
+    s2, z2, _ = refit_scale_zero(q1, 32, H.double(), W.double() @ H.double(), s1, z1)
+    assert obj(q1, s2, z2) < obj(q1, s1, z1) < obj(q0, s0, z0)
+
+    def out_err(q, s, z, nb):
+        return ((X @ dequantize(q, s, z).T + nb - (X @ W.T + b)).norm() / (X @ W.T + b).norm()).item()
+
+    kw = dict(act_quant=lambda x: x, use_aqer=False, refine_iters=10)
+    e0 = out_err(*erq_quantize(W, b, X, 3, 32, **kw))
+    e1 = out_err(*erq_quantize(W, b, X, 3, 32, clip="mse", refit=True, **kw))
+    assert e1 < e0, (e1, e0)

@@ -14,8 +14,47 @@ from ..reference import packing as ref
 FORMAT_VERSION = 1
 
 
+def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
+                     scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform fake quantization of activations ``x [..., K]`` (any float dtype; returned in x.dtype).
+
+    ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` computed in float32, with
+    the grid of :func:`quantkern.ptq.calibrate.quant_range` (symmetric: ``[-2^(b-1), 2^(b-1)-1]``,
+    z = 0; asymmetric: ``[0, 2^b - 1]``, integer z).
+
+    static: ``scale`` / ``zero`` 0-dim float32 (per tensor, from calibration).
+    dynamic: one range per token (per index of the leading dims): symmetric
+    ``s = max|x| / qmax``; asymmetric ``s = (max(x, 0) - min(x, 0)) / (2^b - 1)``,
+    ``z = round(-min / s)``. A token whose range is 0 quantizes to 0.
+    Pure tensor ops without host synchronisation, so it traces under ``torch.compile``
+    (unlike calibrate.fake_quant, which validates scale on the host).
+    """
+    qmax_s = 2 ** (bits - 1) - 1
+    qmin, qmax = (-qmax_s - 1, qmax_s) if symmetric else (0, 2**bits - 1)
+    xf = x.float()
+    if dynamic:
+        if symmetric:
+            scale = xf.abs().amax(-1, keepdim=True) / qmax
+            zero = torch.zeros_like(scale)
+        else:
+            lo = xf.amin(-1, keepdim=True).clamp_max(0)
+            hi = xf.amax(-1, keepdim=True).clamp_min(0)
+            scale = (hi - lo) / qmax
+            zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    ok = scale > 0
+    s = torch.where(ok, scale, torch.ones_like(scale))
+    out = (torch.clamp(torch.round(xf / s) + zero, qmin, qmax) - zero) * s
+    return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
+
+
 class PackedLinear(nn.Module):
-    """``y = x @ W.T + bias`` with W stored in the canonical packed format.
+    """``y = Qa(x) @ W.T + bias`` with W stored in the canonical packed format.
+
+    ``Qa`` is the optional input fake-quantizer (``act_bits`` None: identity, the
+    default); see :meth:`set_input_quantizer` and :func:`fake_quant_input`. Static
+    input quantizers keep 0-dim float32 buffers ``input_scale`` / ``input_zero`` (in
+    the state_dict); their config (bits, symmetric, dynamic) travels in the extra
+    state and is checked on load.
 
     Buffers (saved in the state_dict): ``qweight`` int32 ``[out, ceil(in/32) * bits]``,
     ``scales`` and ``zeros`` ``[out, in // group_size]``; ``bias`` is a Parameter
@@ -44,6 +83,50 @@ class PackedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
             self.register_parameter("bias", None)
+        self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
+
+    def set_input_quantizer(self, bits: int | None, symmetric: bool = False, dynamic: bool = False,
+                            scale=None, zero=None) -> "PackedLinear":
+        """Quantize the input before the packed matmul (``bits`` None removes it); returns self.
+
+        bits: 2..8. static (``dynamic=False``): ``scale`` > 0 and ``zero`` (integer on the
+        grid) are one float each (0-dim tensors or numbers) from calibration; None gives
+        placeholders (1, 0) to be overwritten by a state_dict load. dynamic: per-token
+        ranges, no buffers.
+        """
+        for name in ("input_scale", "input_zero"):
+            if name in self._buffers:
+                del self._buffers[name]
+        if bits is None:
+            self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
+            return self
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"PackedLinear: act_bits must be an int in [2, 8] or None, got {bits!r}")
+        self.act_bits, self.act_symmetric, self.act_dynamic = bits, bool(symmetric), bool(dynamic)
+        if not dynamic:
+            dev = self.qweight.device
+            s = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32).to(dev).reshape(())
+            z = torch.as_tensor(0.0 if zero is None else zero, dtype=torch.float32).to(dev).reshape(())
+            if not bool(torch.isfinite(s)) or float(s) <= 0:
+                raise ValueError(f"PackedLinear: input scale must be finite and > 0, got {float(s)}")
+            self.register_buffer("input_scale", s.clone())
+            self.register_buffer("input_zero", z.clone())
+        return self
+
+    @property
+    def act_config(self) -> dict | None:
+        """``{"bits", "symmetric", "dynamic"}`` of the input quantizer, or None."""
+        if self.act_bits is None:
+            return None
+        return {"bits": self.act_bits, "symmetric": self.act_symmetric, "dynamic": self.act_dynamic}
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``Qa(x)`` (identity without an input quantizer); shape and dtype of x."""
+        if self.act_bits is None:
+            return x
+        if self.act_dynamic:
+            return fake_quant_input(x, self.act_bits, self.act_symmetric, True)
+        return fake_quant_input(x, self.act_bits, self.act_symmetric, False, self.input_scale, self.input_zero)
 
     @classmethod
     def from_packed(cls, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto") -> "PackedLinear":
@@ -78,6 +161,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # buffers were validated at construction / load; only x and bias are checked per call
+        x = self.quantize_input(x)
         return ops._packed_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
 
@@ -92,8 +176,11 @@ class PackedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):
-        return {"format_version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
-                "in_features": self.in_features}
+        st = {"format_version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
+              "in_features": self.in_features}
+        if self.act_bits is not None:  # absent without one, so older checkpoints still load
+            st["act"] = self.act_config
+        return st
 
     def set_extra_state(self, state):
         want = self.get_extra_state()
@@ -101,8 +188,11 @@ class PackedLinear(nn.Module):
             raise ValueError(f"PackedLinear: checkpoint has {state}, this module expects {want}")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, group_size={self.group_size}, meta_dtype={self.scales.dtype}")
+        r = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"bits={self.bits}, group_size={self.group_size}, meta_dtype={self.scales.dtype}")
+        if self.act_bits is not None:
+            r += f", act={self.act_config}"
+        return r
 
 
 def _skipped(name: str, skip) -> bool:

@@ -51,7 +51,7 @@ import math
 
 import torch
 
-from ._wquant import check_weight_args, minmax_params
+from ._wquant import check_weight_args, minmax_params, quantize_int, refit_scale_zero, search_params
 from .calibrate import ActQuantizer
 
 __all__ = ["erq_quantize", "aqer", "act_quantizer_for"]
@@ -148,6 +148,11 @@ def erq_quantize(
     fit_bias: bool | None = None,
     sym: bool = False,
     row_chunk: int = 1024,
+    relative_lambda: bool = False,
+    clip: str = "minmax",
+    clip_grid: int = 40,
+    clip_max_shrink: float = 0.5,
+    refit: bool = False,
 ):
     """ERQ for one linear layer; see the module docstring.
 
@@ -169,6 +174,13 @@ def erq_quantize(
             Default: True when b is given.
         sym: symmetric weight params.
         row_chunk: output rows per refinement batch (memory bound).
+        relative_lambda: lambda1 / lambda2 are multiples of ``mean(diag(Xq^T Xq)) = T * E[x^2]``
+            (the scale of the Gram they are added to) instead of absolute values, so one
+            setting means the same for any number of tokens and any activation scale.
+        clip: group params "minmax" (GPTQ's) or "mse" (``search_params``: least
+            ``diag(A^T A)``-weighted squared error over shrinks of the range; float zero).
+        refit: after Wqer, re-fit every group's (scale, zero) and the bias by least squares
+            given q (``refit_scale_zero`` with ``Gram = A^T A``, targets ``Y_fp``).
 
     Returns:
         ``(q uint8 [N, K], scale float32 [N, K // g], zero float32 [N, K // g], new_bias float32 [N] or None)``
@@ -205,6 +217,8 @@ def erq_quantize(
         raise ValueError(f"{fn}: refine_iters must be an int >= 0, got {refine_iters!r}")
     if not isinstance(row_chunk, int) or row_chunk <= 0:
         raise ValueError(f"{fn}: row_chunk must be a positive int, got {row_chunk!r}")
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
     if fit_bias is None:
         fit_bias = b is not None
 
@@ -221,9 +235,20 @@ def erq_quantize(
     cur = torch.cat([Wd, bd[:, None]], 1) if fit_bias else Wd.clone()
     Kc = cur.shape[1]
 
+    if relative_lambda:  # T * E[x^2] of the (quantized) inputs: the scale of diag(A^T A)
+        unit = float((Xq * Xq).sum(0).mean())
+        lambda1, lambda2 = lambda1 * unit, lambda2 * unit
+    Y_fp = X.to(f64) @ Wd.T + bd if (use_aqer or refit) else None
     if use_aqer:
-        Y_fp = X.to(f64) @ Wd.T + bd
         cur = aqer(cur, A, Y_fp, float(lambda1))
+    Gram = A.T @ A  # [Kc, Kc]
+    gdiag = torch.diagonal(Gram)[:K].float()
+
+    def group_params(wg, c0):  # wg [N, n, g]: the groups starting at column c0
+        if clip == "minmax":
+            return minmax_params(wg, bits, sym)
+        wt = gdiag[c0:c0 + wg.shape[1] * g].reshape(wg.shape[1:]).to(wg.dtype)
+        return search_params(wg, bits, sym, weight=wt, grid=clip_grid, max_shrink=clip_max_shrink)
 
     maxq = 2**bits - 1
     G = K // g
@@ -232,12 +257,11 @@ def erq_quantize(
     Q = torch.zeros(N, K, dtype=f64, device=dev)
 
     if not use_wqer:
-        s, z = minmax_params(cur[:, :K].reshape(N, G, g), bits, sym)
-        q = torch.clamp(torch.round(cur[:, :K].reshape(N, G, g) / s[..., None]) + z[..., None], 0, maxq)
+        s, z = group_params(cur[:, :K].reshape(N, G, g), 0)
+        q = quantize_int(cur[:, :K].reshape(N, G, g), s[..., None], z[..., None], maxq)
         nb = cur[:, K].float() if fit_bias else None
         return q.reshape(N, K).to(torch.uint8), s.float(), z.float(), nb
 
-    Gram = A.T @ A  # [Kc, Kc]
     k0 = 0
     groups_done = 0
     while k0 < K:
@@ -248,21 +272,21 @@ def erq_quantize(
         g_hi = (k1 - 1) // g + 1
         if g_hi > groups_done:
             wg = cur[:, groups_done * g: g_hi * g].reshape(N, g_hi - groups_done, g)
-            s, z = minmax_params(wg, bits, sym)
+            s, z = group_params(wg, groups_done * g)
             scale[:, groups_done:g_hi], zero[:, groups_done:g_hi] = s, z
             groups_done = g_hi
         cols = torch.arange(k0, k1, device=dev)
         s = scale[:, cols // g]
         z = zero[:, cols // g]
         w = cur[:, k0:k1]
-        qr = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        qr = quantize_int(w, s, z, maxq)
         if refine and refine_iters > 0:
             xs = Xq[:, k0:k1]
             mu = xs.mean(0)
             cov = torch.cov(xs.T, correction=1 if xs.shape[0] > 1 else 0).reshape(nq, nq)
             Hb = mu[:, None] * mu[None, :] + cov
-            qf = torch.clamp(torch.floor(w / s) + z, 0, maxq)
-            qc = torch.clamp(torch.ceil(w / s) + z, 0, maxq)
+            qf = quantize_int(w, s, z, maxq, torch.floor)
+            qc = quantize_int(w, s, z, maxq, torch.ceil)
             for r0 in range(0, N, row_chunk):
                 r = slice(r0, min(N, r0 + row_chunk))
                 qr[r] = _refine(w[r], s[r], z[r], qr[r], qf[r], qc[r], Hb, refine_iters, refine_rule)
@@ -275,5 +299,8 @@ def erq_quantize(
             cur[:, k1:] -= _ridge_solve(Gram[k1:, k1:], rhs, float(lambda2)).T
         k0 = k1
 
-    new_bias = cur[:, K].float() if fit_bias else None
-    return Q.to(torch.uint8), scale.float(), zero.float(), new_bias
+    new_bias = cur[:, K] if fit_bias else None
+    if refit:
+        rhs = (A.T @ Y_fp).T  # [N, Kc]
+        scale, zero, new_bias = refit_scale_zero(Q, g, Gram, rhs, scale, zero, new_bias)
+    return Q.to(torch.uint8), scale.float(), zero.float(), (new_bias.float() if fit_bias else None)

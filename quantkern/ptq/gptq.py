@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ._wquant import check_weight_args, minmax_params, quantize_int
+from ._wquant import check_weight_args, minmax_params, quantize_int, search_params
 
 __all__ = ["gptq_quantize", "HessianAccumulator"]
 
@@ -95,6 +95,10 @@ def gptq_quantize(
     static_groups: bool | None = None,
     sym: bool = False,
     official_group_params: bool = False,
+    clip: str = "minmax",
+    clip_grid: int = 40,
+    clip_max_shrink: float = 0.5,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Quantize ``W`` with GPTQ.
 
@@ -112,6 +116,12 @@ def gptq_quantize(
             ``static_groups=False`` and ``group_size < K`` raises.
         sym: symmetric min-max (zero = 2^(bits-1)) instead of asymmetric.
         official_group_params: see module docstring.
+        clip: how a group's params are chosen: "minmax" (GPTQ's, integer zero) or
+            "mse" (:func:`search_params`: the shrink of the min-max range with the least
+            ``diag(H)``-weighted squared error over ``clip_grid`` candidates down to
+            ``1 - clip_max_shrink``; float zero).
+        params: ``(scale, zero)`` float ``[N, K // g]`` to use as static params (no search);
+            e.g. the output of a least-squares re-fit, for another GPTQ pass.
 
     Returns:
         (q uint8 [N, K], scale float32 [N, K // g], zero float32 [N, K // g]) with
@@ -136,8 +146,10 @@ def gptq_quantize(
         raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
     if static_groups is None:
-        static_groups = bool(act_order)
+        static_groups = bool(act_order) or params is not None
     if act_order and not static_groups and g < K:
         raise ValueError(f"{fn}: act_order with static_groups=False gives non-contiguous groups (g_idx), "
                          "which this format cannot store; use static_groups=True (the default with act_order)")
@@ -152,8 +164,22 @@ def gptq_quantize(
     G = K // g
     scale = torch.zeros(N, G, dtype=torch.float32, device=dev)
     zero = torch.zeros(N, G, dtype=torch.float32, device=dev)
-    if static_groups:
-        scale, zero = minmax_params(Wf.reshape(N, G, g), bits, sym)
+    hdiag = torch.diagonal(Hd).to(torch.float32)
+
+    def group_params(wg, c0):
+        # params of the groups whose columns start at c0 (original order), from weights wg [N, n, g] or [N, g]
+        if clip == "minmax":
+            return minmax_params(wg, bits, sym)
+        wt = hdiag[c0:c0 + wg.shape[-1] * (wg.shape[1] if wg.dim() == 3 else 1)].reshape(wg.shape[1:])
+        return search_params(wg, bits, sym, weight=wt, grid=clip_grid, max_shrink=clip_max_shrink)
+
+    if params is not None:
+        scale = params[0].to(device=dev, dtype=torch.float32).clone()
+        zero = params[1].to(device=dev, dtype=torch.float32).clone()
+        if tuple(scale.shape) != (N, G) or tuple(zero.shape) != (N, G):
+            raise ValueError(f"{fn}: params must be two [N, K // g] = [{N}, {G}] tensors")
+    elif static_groups:
+        scale, zero = group_params(Wf.reshape(N, G, g), 0)
 
     perm = None
     if act_order:
@@ -187,7 +213,7 @@ def gptq_quantize(
                     if j + g > i2:
                         beyond = Wf[:, i2:j + g] - Err1[:, :i] @ U[i1:j, i2:j + g]
                         wg = torch.cat([wg, beyond], 1)
-                s, z = minmax_params(wg, bits, sym)
+                s, z = group_params(wg, j)
                 scale[:, j // g], zero[:, j // g] = s, z
             gi = col_group[j]
             s, z = scale[:, gi], zero[:, gi]

@@ -20,10 +20,26 @@ the early stop: when the hook fires the rest of *that callable* is skipped, so
 a callable that loops over several batches only contributes its first batch;
 pass one callable per batch to use them all.
 
-ERQ here is weight-only (W4A16 and so on): ``act_quant`` is the identity and Aqer
-is off (it is a no-op without activation quantization); Wqer (rounding
-refinement + ridge compensation, bias column included) is what runs.
-``erq_lambda2`` is absolute, compare it with ``T * E[x^2]``.
+Activation quantization (``act_bits``): every new PackedLinear gets an input
+fake-quantizer (static per tensor, calibrated with ``act_method`` on the layer's
+captured calibration inputs, or dynamic per token). Calibration is sequential
+like the weights: a layer's inputs come from the already quantized earlier
+layers, input quantizers included. ERQ then runs Aqer (ridge regression of the
+activation-quantization error) and Wqer with that very quantizer; RTN / HQQ /
+GPTQ only get the quantizer (GPTQ's Hessian is of the unquantized inputs).
+Without ``act_bits`` ERQ is weight-only: Aqer is off (a no-op without activation
+quantization) and Wqer (rounding refinement + ridge compensation, bias column
+included) is what runs.
+
+ERQ's lambdas are relative by default (``erq_relative_lambda``): multiples of
+``T * E[x^2]`` (the mean diagonal of ``Xq^T Xq``, T calibration rows), so they
+mean the same for any token count and activation scale. On all-MiniLM-L6-v2
+``T * E[x^2]`` spans 17 .. 1.8e3 over the 37 layers (median 765, T = 2.7K rows),
+which is why one absolute lambda1 (~1e3, the paper's code) over-regularised some
+layers and under-regularised others. Defaults: lambda2 = 1.0 (about the old
+absolute 1e3 at the median layer), lambda1 = 10 (Aqer as a mild correction:
+small lambda1 fits the calibration tokens' activation error and hurt the
+network before, see erq.py).
 
 Group size: if ``group_size`` does not divide a layer's in_features (or is not a
 multiple of 32, which the packed format needs), that layer falls back to one
@@ -37,6 +53,7 @@ tensors. Never pickle.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -66,8 +83,24 @@ class QuantizeConfig:
         meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16).
         strict_group: raise instead of falling back to one group per row.
         damp, block_size, act_order: GPTQ.
-        erq_lambda2, erq_refine_iters: ERQ (weight-only).
+        clip: group params of GPTQ / ERQ: "minmax" or "mse" (clipping search weighted by
+            the diagonal of the layer's input Gram; see ``_wquant.search_params``).
+        clip_grid, clip_max_shrink: that search's candidates, shrinks 1 .. 1 - clip_max_shrink.
+        refit: GPTQ / ERQ: after quantizing, re-fit each group's scale and zero (ERQ: and the
+            bias) by least squares given q, under the layer's output error (``refit_scale_zero``).
+        refit_passes: GPTQ only: extra GPTQ passes run with the re-fitted params held fixed,
+            each followed by another re-fit.
+        erq_lambda1, erq_lambda2: ERQ's ridge strengths (Aqer / Wqer compensation).
+        erq_relative_lambda: the lambdas are multiples of ``T * E[x^2]`` (the mean diagonal of
+            the quantized inputs' Gram) rather than absolute values.
+        erq_refine_iters: Wqer's rounding refinement iterations.
         hqq_iters: HQQ iterations.
+        act_bits: None: weight-only; 8 or 4 (2..8 accepted): every PackedLinear quantizes its
+            input (per tensor static, or per token with act_dynamic).
+        act_method: static calibrator (calibrate.make_calibrator): "max", "percentile",
+            "mse", "entropy" or "mse_search".
+        act_dynamic: per-token dynamic ranges instead of a calibrated static range.
+        act_symmetric: symmetric grid (zero 0) instead of asymmetric.
         calib_tokens: cap on the input rows kept per layer for ERQ (random subsample).
         seed: for the ERQ subsample.
     """
@@ -81,9 +114,20 @@ class QuantizeConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    erq_lambda2: float = 1e3
+    clip: str = "mse"
+    clip_grid: int = 40
+    clip_max_shrink: float = 0.5
+    refit: bool = True
+    refit_passes: int = 0
+    erq_lambda1: float = 10.0
+    erq_lambda2: float = 1.0
+    erq_relative_lambda: bool = True
     erq_refine_iters: int = 100
     hqq_iters: int = 20
+    act_bits: int | None = None
+    act_method: str = "mse_search"
+    act_dynamic: bool = False
+    act_symmetric: bool = False
     calib_tokens: int = 4096
     seed: int = 0
 
@@ -99,6 +143,33 @@ class QuantizeConfig:
             raise ValueError(f"QuantizeConfig: meta_dtype must be float16, float32 or bfloat16, got {self.meta_dtype}")
         if not (isinstance(self.calib_tokens, int) and self.calib_tokens > 0):
             raise ValueError(f"QuantizeConfig: calib_tokens must be a positive int, got {self.calib_tokens!r}")
+        from .calibrate import METHODS as ACT_METHODS
+
+        ab = self.act_bits
+        if ab is not None and (isinstance(ab, bool) or not isinstance(ab, int) or not 2 <= ab <= 8):
+            raise ValueError(f"QuantizeConfig: act_bits must be None or an int in [2, 8] (8 or 4 typically), got {ab!r}")
+        if self.act_method not in ACT_METHODS:
+            raise ValueError(f"QuantizeConfig: act_method must be one of {ACT_METHODS}, got {self.act_method!r}")
+        for name in ("act_dynamic", "act_symmetric", "refit", "erq_relative_lambda", "act_order", "strict_group"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantizeConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.clip not in ("minmax", "mse"):
+            raise ValueError(f"QuantizeConfig: clip must be 'minmax' or 'mse', got {self.clip!r}")
+        if isinstance(self.clip_grid, bool) or not isinstance(self.clip_grid, int) or self.clip_grid < 1:
+            raise ValueError(f"QuantizeConfig: clip_grid must be an int >= 1, got {self.clip_grid!r}")
+        if not (isinstance(self.clip_max_shrink, (int, float)) and 0 <= self.clip_max_shrink < 1):
+            raise ValueError(f"QuantizeConfig: clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
+        if isinstance(self.refit_passes, bool) or not isinstance(self.refit_passes, int) or self.refit_passes < 0:
+            raise ValueError(f"QuantizeConfig: refit_passes must be an int >= 0, got {self.refit_passes!r}")
+        for name in ("erq_lambda1", "erq_lambda2", "damp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"QuantizeConfig: {name} must be a finite float >= 0, got {v!r}")
+
+    @property
+    def static_act(self) -> bool:
+        """True when layers get a calibrated (static) input quantizer."""
+        return self.act_bits is not None and not self.act_dynamic
 
 
 class _StopForward(Exception):
@@ -139,12 +210,16 @@ def _calib_units(calib_fn) -> list:
 
 
 class _Capture:
-    """Forward hook: accumulates one layer's statistics, then stops the forward."""
+    """Forward hook: accumulates one layer's statistics, then stops the forward.
 
-    def __init__(self, method: str, K: int, cap: int, seed: int):
+    GPTQ: the Hessian of the inputs; ERQ: a random subsample of at most ``cap`` input
+    rows; with a static input quantizer (``act_cal``): the calibrator sees every row.
+    """
+
+    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None):
         from .gptq import HessianAccumulator
 
-        self.method, self.cap, self.seen = method, cap, 0
+        self.method, self.cap, self.seen, self.act_cal = method, cap, 0, act_cal
         self.hess = HessianAccumulator(K) if method == "gptq" else None
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
@@ -152,9 +227,11 @@ class _Capture:
     def __call__(self, module, inputs, output=None):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         self.seen += x.shape[0]
+        if self.act_cal is not None:
+            self.act_cal.collect(x)
         if self.hess is not None:
             self.hess.add_batch(x)
-        else:
+        elif self.method == "erq":
             rows = x if self.rows is None else torch.cat([self.rows, x])
             if rows.shape[0] > self.cap:  # bounded random subsample
                 rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.cap]]
@@ -162,7 +239,20 @@ class _Capture:
         raise _StopForward
 
 
-def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeConfig, cap: _Capture | None):
+def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None):
+    """(scale, zero) 0-dim float32 of a static input quantizer (None, None when dynamic / off)."""
+    if not cfg.static_act or cap is None or cap.seen == 0:
+        return None, None
+    scale, zero, _, _ = cap.act_cal.qparams()
+    scale, zero = scale.float().reshape(()), zero.float().reshape(())
+    if not scale > 0:  # the layer only ever saw zeros: any grid represents them
+        scale, zero = torch.ones(()), torch.zeros(())
+    return scale, zero
+
+
+def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeConfig, cap: _Capture | None,
+           act_q: Callable | None):
+    from ._wquant import refit_scale_zero
     from .hqq import hqq_quantize, rtn_quantize
 
     if method == "rtn":
@@ -174,13 +264,26 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     if method == "gptq":
         from .gptq import gptq_quantize
 
-        q, s, z = gptq_quantize(W, cap.hess.H, bits, gs, damp=cfg.damp, block_size=cfg.block_size,
-                                act_order=cfg.act_order)
+        H = cap.hess.H
+        kw = dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, clip=cfg.clip,
+                  clip_grid=cfg.clip_grid, clip_max_shrink=cfg.clip_max_shrink)
+        q, s, z = gptq_quantize(W, H, bits, gs, **kw)
+        if cfg.refit:
+            Hd = H.double()
+            rhs = W.double() @ Hd  # the objective tr((W - W_hat) H (W - W_hat)^T)
+            s, z, _ = refit_scale_zero(q, gs, Hd, rhs, s, z)
+            for _ in range(cfg.refit_passes):
+                q, s, z = gptq_quantize(W, H, bits, gs, **kw, params=(s, z))
+                s, z, _ = refit_scale_zero(q, gs, Hd, rhs, s, z)
         return q, s, z, b
     from .erq import erq_quantize
 
-    q, s, z, nb = erq_quantize(W, b, cap.rows, bits, gs, lambda2=cfg.erq_lambda2, act_quant=lambda x: x,
-                               use_aqer=False, refine_iters=cfg.erq_refine_iters)
+    use_aqer = act_q is not None
+    q, s, z, nb = erq_quantize(W, b, cap.rows, bits, gs, lambda1=cfg.erq_lambda1, lambda2=cfg.erq_lambda2,
+                               act_quant=act_q if use_aqer else (lambda x: x), use_aqer=use_aqer,
+                               refine_iters=cfg.erq_refine_iters, relative_lambda=cfg.erq_relative_lambda,
+                               clip=cfg.clip, clip_grid=cfg.clip_grid, clip_max_shrink=cfg.clip_max_shrink,
+                               refit=cfg.refit)
     return q, s, z, (nb if nb is not None else b)
 
 
@@ -195,12 +298,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
-    needs_data = cfg.method in _DATA_METHODS
+    needs_data = cfg.method in _DATA_METHODS or cfg.static_act
     units = None
     if needs_data:
         if calib_fn is None:
-            raise ValueError(f"quantize_: method {cfg.method!r} needs calib_fn (a callable that runs the model on "
-                             "calibration data); rtn and hqq need none")
+            why = f"method {cfg.method!r}" if cfg.method in _DATA_METHODS else "a static input quantizer (act_bits)"
+            raise ValueError(f"quantize_: {why} needs calib_fn (a callable that runs the model on calibration "
+                             "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
     layers = _linear_layers(model, cfg.skip)
     was_training = model.training
@@ -210,7 +314,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}", unit="layer")
+        a = f"A{cfg.act_bits}" if cfg.act_bits else ""
+        it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
     for name, parent, child_name, lin in it:
         t0 = time.perf_counter()
         W = lin.weight.detach().float()
@@ -219,7 +324,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         cap = None
         method = cfg.method
         if needs_data:
-            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed)
+            act_cal = None
+            if cfg.static_act:
+                from .calibrate import make_calibrator
+
+                act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
+            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal)
             h = lin.register_forward_hook(cap)
             try:
                 for f in units:
@@ -230,11 +340,25 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             finally:
                 h.remove()
             if cap.seen == 0:
-                warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it", stacklevel=2)
+                warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
+                              + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=2)
                 method = "rtn"
-        q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap)
+        a_scale, a_zero = _act_qparams(cfg, cap)
+        act_q = None
+        if cfg.act_bits is not None:
+            from ..nn.packed_linear import fake_quant_input
+
+            dyn = cfg.act_dynamic or a_scale is None
+
+            def act_q(x, _d=dyn, _s=a_scale, _z=a_zero):
+                return fake_quant_input(x, cfg.act_bits, cfg.act_symmetric, _d, _s, _z)
+
+        q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
         pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
         new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
+        if cfg.act_bits is not None:
+            new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
+                                    a_scale, a_zero)
         setattr(parent, child_name, new)
         report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
         del cap
@@ -248,6 +372,17 @@ def _packed_modules(model: nn.Module) -> dict:
 
 
 _PACKED_KEYS = ("qweight", "scales", "zeros", "_extra_state")
+_ACT_META = "quantkern.act_quant"  # header key: {layer: {"bits", "symmetric", "dynamic"}} as JSON
+
+
+def _check_act_meta(name: str, d) -> dict:
+    """Validate one layer's input-quantizer entry of a checkpoint header; returns it."""
+    ok = (isinstance(d, dict) and set(d) == {"bits", "symmetric", "dynamic"} and type(d["bits"]) is int
+          and 2 <= d["bits"] <= 8 and type(d["symmetric"]) is bool and type(d["dynamic"]) is bool)
+    if not ok:
+        raise ValueError(f"load_quantized: bad input-quantizer metadata for {name!r}: {d!r} (expected "
+                         "{'bits': int in [2, 8], 'symmetric': bool, 'dynamic': bool})")
+    return d
 
 
 def save_quantized(model: nn.Module, path: str) -> None:
@@ -267,7 +402,10 @@ def save_quantized(model: nn.Module, path: str) -> None:
     clash = set(extra) & {f"{n}.{k}" for n in weights for k in ("qweight", "scales", "zeros")}
     if clash:
         raise ValueError(f"save_quantized: name clash {sorted(clash)}")
-    save_packed(weights, path, extra)
+    import json
+
+    act = {n: m.act_config for n, m in packed.items() if m.act_config is not None}
+    save_packed(weights, path, extra, metadata={_ACT_META: json.dumps(act, sort_keys=True)} if act else None)
 
 
 def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "auto") -> nn.Module:
@@ -279,7 +417,18 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
+    import json
+
+    from ..packed import read_packed_metadata
+
     weights, extra = load_packed(path, device=device)
+    try:
+        act = json.loads(read_packed_metadata(path).get(_ACT_META, "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_quantized: unreadable {_ACT_META} metadata in {path}: {e}") from None
+    if not isinstance(act, dict) or set(act) - set(weights):
+        raise ValueError(f"load_quantized: {_ACT_META} metadata names layers without a packed weight: "
+                         f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
     mods = dict(model.named_modules())
     for name, w in weights.items():
         lin = mods.get(name)
@@ -291,6 +440,9 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
                              f"{tuple(w.shape)} in the checkpoint")
         bias = torch.zeros(w.shape[0], dtype=lin.bias.dtype) if lin.bias is not None else None
         new = PackedLinear.from_packed(w, bias.to(device) if bias is not None else None, backend=backend)
+        if name in act:  # buffers are placeholders until the strict load below fills them
+            d = _check_act_meta(name, act[name])
+            new.set_input_quantizer(d["bits"], d["symmetric"], d["dynamic"])
         parent_name, _, child = name.rpartition(".")
         setattr(mods[parent_name] if parent_name else model, child, new)
     missing, unexpected = model.load_state_dict(extra, strict=False)

@@ -1,0 +1,63 @@
+"""MiniLM ablation of quantize_ settings: mean embedding cosine to fp32 (the demo's setup).
+
+``python benchmarks/minilm_ablation.py --bits 4,3,2 'gptq' 'gptq clip=mse refit=True' ...``
+Each positional argument is a method followed by ``key=value`` QuantizeConfig overrides
+(values parsed as Python literals). Calibration: the 110 even sentences (batches of 32,
+one callable each); evaluation: the 110 odd ones; group size 64, every Linear.
+"""
+import argparse
+import ast
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from quantkern.ptq import QuantizeConfig, quantize_
+from quantkern.ptq.models import load_minilm, load_sentences
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("configs", nargs="+")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0, help="length-sorted batches of this size (0: 32 in order)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_minilm("cpu")
+    sents = load_sentences()
+    calib, evals = sents[0::2], sents[1::2]
+    if a.batch:
+        from quantkern.demo import minilm_calib_units
+
+        units, ntok, nrows = minilm_calib_units(model, calib, a.batch)
+        print(f"calibration: {ntok} tokens, {nrows} rows with padding", flush=True)
+    else:  # the earlier demo's batches: 32 in input order
+        feats = [model.tokenize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+        units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
+
+    def enc(m):
+        with torch.inference_mode():
+            return m.encode(evals, batch_size=64, convert_to_tensor=True, show_progress_bar=False).float()
+
+    E0 = enc(model)
+    for spec in a.configs:
+        method, *kvs = spec.split()
+        over = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in kvs)}
+        res = []
+        for bits in [int(b) for b in a.bits.split(",")]:
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_(m, QuantizeConfig(method=method, bits=bits, group_size=64, **over), calib_fn=units,
+                          progress=False)
+            cos = F.cosine_similarity(enc(m), E0, dim=1).mean().item()
+            res.append(f"W{bits} {cos:.4f} ({time.perf_counter() - t0:.0f}s)")
+        print(f"{spec:60s} | " + " | ".join(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
