@@ -23,7 +23,7 @@ Implementations:
   per channel, x quantized per call).
 
 Columns: ms (median), GB/s (bytes of the weight, metadata included, per call),
-roofline (GB/s / read bandwidth, ``src.sum()`` over 256 MiB, measured in the same run), and ``vs bf16`` /
+roofline (GB/s / read bandwidth: an fp32 ``torch.mv`` over 256 MiB, measured in the same run), and ``vs bf16`` /
 ``vs aten``: baseline ms / our ms (> 1: ours is faster).
 
 Run: ``python -m benchmarks.bench_packed_linear [--quick] [--threads N] [--dtype bfloat16,float32]``.

@@ -410,12 +410,12 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 // ------------------------------------------------------------ AVX-512 VNNI GEMV
 // Workspace per row m of x (64-byte aligned pieces):
 //   xh, xl: int8 [nc][nfield][64]  the two pieces, permuted to the decode order
-//   ax:     fp32 [nc][16]          lane -> a_g / 256 of the lane's block (0 on padding)
+//   A:      fp32 [G16 + 16]        a_g / 256 per group (0 past G: a 16-group window may overhang)
 //   X:      fp32 [G16]             sum of x over each group
 // Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
 struct VnniLayout {
   int64_t bpc, nfield, nc, G16;
-  int64_t x_bytes, ax_off, X_off, per_m;
+  int64_t x_bytes, A_off, X_off, per_m;
   int64_t gl_off, g0_off, total_shared;
 };
 inline VnniLayout vnni_layout(const PackedW& P) {
@@ -425,8 +425,8 @@ inline VnniLayout vnni_layout(const PackedW& P) {
   L.nc = (P.nb + L.bpc - 1) / L.bpc;
   L.G16 = round_up(P.G, 16);
   L.x_bytes = L.nc * L.nfield * 64;
-  L.ax_off = 2 * L.x_bytes;
-  L.X_off = L.ax_off + L.nc * 64;
+  L.A_off = 2 * L.x_bytes;
+  L.X_off = L.A_off + round_up((L.G16 + 16) * 4, 64);
   L.per_m = round_up(L.X_off + L.G16 * 4, 64);
   L.gl_off = 0;
   L.g0_off = L.nc * 64;
@@ -455,15 +455,15 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
   float* xf = static_cast<float*>(scratch(2, Kp * sizeof(float)));
   int8_t* h8 = static_cast<int8_t*>(scratch(3, 2 * Kp));
   int8_t* l8 = h8 + Kp;
-  float* a_of_g = static_cast<float*>(scratch(4, P.G * sizeof(float)));
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* wm = ws + L.total_shared + m * L.per_m;
-    float* ax = reinterpret_cast<float*>(wm + L.ax_off);
+    float* A = reinterpret_cast<float*>(wm + L.A_off);
     float* X = reinterpret_cast<float*>(wm + L.X_off);
     prep_f32(P, xdt, static_cast<const char*>(x) + m * ldx * (xdt == Dt::F32 ? 4 : 2), ldx, 0, 1, xf);
     std::memset(X, 0, L.G16 * 4);
+    std::memset(A, 0, (L.G16 + 16) * 4);
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
       __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
@@ -475,7 +475,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       const float amax = _mm512_reduce_max_ps(vmax);
       X[g] = _mm512_reduce_add_ps(vsum);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      a_of_g[g] = amax / 127.f / 256.f;
+      A[g] = amax / 127.f / 256.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t k = k0; k < k1; k += 16) {
         const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);
@@ -492,9 +492,6 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     for (int64_t c = 0; c < L.nc; ++c) {
       for (int64_t b = 0; b < L.bpc; ++b) {
         const int64_t j = c * L.bpc + b;
-        const int lpb = int(16 / L.bpc);
-        const float av = j < P.nb ? a_of_g[j / P.gblk] : 0.f;
-        for (int i = 0; i < lpb; ++i) ax[c * 16 + b * lpb + i] = av;
         if (j >= P.nb) continue;
         if (P.bits == 4) {
           for (int f = 0; f < 2; ++f) {
@@ -539,13 +536,12 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
   const uint8_t* row[NR];
   const char* srow_s[NR];
   const char* srow_z[NR];
-  __m512 yacc[NR][MT], s16[NR];
+  __m512 yacc[NR][MT], sa[NR][MT];
   for (int r = 0; r < NR; ++r) {
     row[r] = P.qw + (n + r) * P.row_bytes;
     srow_s[r] = static_cast<const char*>(P.scales) + (n + r) * P.G * es;
     srow_z[r] = static_cast<const char*>(P.zeros) + (n + r) * P.G * es;
-    s16[r] = _mm512_setzero_ps();
-    for (int m = 0; m < MT; ++m) yacc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m) yacc[r][m] = sa[r][m] = _mm512_setzero_ps();
   }
   int64_t gwin = -1;
   const int64_t pf = kPfRows * NR * P.row_bytes;
@@ -586,32 +582,33 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
         }
       }
     }
-    // lane scales s[n, g(lane)]: one load per window of 16 groups
+    // s[n, g] * a_g / 256 for a window of 16 groups, once per window (not per chunk);
+    // each chunk then picks its lanes' groups with one permute
     const int64_t g0 = g0v[c];
     if (g0 != gwin) {
-      for (int r = 0; r < NR; ++r) s16[r] = load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0));
+      for (int r = 0; r < NR; ++r) {
+        const __m512 s16 = load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0));
+        for (int m = 0; m < MT; ++m)
+          sa[r][m] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(wm[m] + L.A_off) + g0), s16);
+      }
       gwin = g0;
     }
     const __m512i gidx = _mm512_loadu_si512(gl + c * 16);
-    __m512 s_lane[NR];
-    for (int r = 0; r < NR; ++r) s_lane[r] = _mm512_permutexvar_ps(gidx, s16[r]);
     for (int m = 0; m < MT; ++m) {
       const int8_t* xh = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
       const int8_t* xl = xh + L.x_bytes;
-      const __m512 ax = _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.ax_off) + c * 16);
       __m512i xhv[NF], xlv[NF];
       for (int f = 0; f < NF; ++f) {
         xhv[f] = _mm512_load_si512(xh + f * 64);
         xlv[f] = _mm512_load_si512(xl + f * 64);
       }
       for (int r = 0; r < NR; ++r) {
-        __m512i ah = _mm512_setzero_si512(), al = _mm512_setzero_si512();
-        for (int f = 0; f < NF; ++f) {
-          ah = _mm512_dpbusd_epi32(ah, fld[r][f], xhv[f]);
-          al = _mm512_dpbusd_epi32(al, fld[r][f], xlv[f]);
-        }
-        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ah, 8), al));
-        yacc[r][m] = _mm512_fmadd_ps(d, _mm512_mul_ps(ax, s_lane[r]), yacc[r][m]);
+        // 256 * (q . xh) + (q . xl): the xl products accumulate onto the shifted xh sum
+        __m512i acc = _mm512_setzero_si512();
+        for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xhv[f]);
+        acc = _mm512_slli_epi32(acc, 8);
+        for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xlv[f]);
+        yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sa[r][m]), yacc[r][m]);
       }
     }
   }
