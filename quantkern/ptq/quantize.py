@@ -64,7 +64,7 @@ from torch import nn
 from ..nn.packed_linear import PackedLinear, _skipped
 from ..packed import PackedWeight, load_packed, save_packed
 
-__all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS"]
+__all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
 
 METHODS = ("rtn", "hqq", "gptq", "erq")
 _DATA_METHODS = ("gptq", "erq")
@@ -103,6 +103,12 @@ class QuantizeConfig:
         act_symmetric: symmetric grid (zero 0) instead of asymmetric.
         calib_tokens: cap on the input rows kept per layer for ERQ (random subsample).
         seed: for the ERQ subsample.
+        fp_target: GPTQ / ERQ: a layer's target is the *float* model's output of that layer
+            (on the float model's inputs) instead of the original weights applied to the inputs
+            of the partly quantized model, so each layer also absorbs the error its quantized
+            predecessors left in its input (``fp_target_weights``). Runs every calibration unit
+            through a float copy of the model as well (about twice the forward time).
+        fp_target_damp: that least-squares fit's ridge, relative to ``mean(diag(Xq^T Xq))``.
     """
 
     method: str = "rtn"
@@ -130,6 +136,8 @@ class QuantizeConfig:
     act_symmetric: bool = False
     calib_tokens: int = 4096
     seed: int = 0
+    fp_target: bool = False
+    fp_target_damp: float = 0.01
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -150,7 +158,8 @@ class QuantizeConfig:
             raise ValueError(f"QuantizeConfig: act_bits must be None or an int in [2, 8] (8 or 4 typically), got {ab!r}")
         if self.act_method not in ACT_METHODS:
             raise ValueError(f"QuantizeConfig: act_method must be one of {ACT_METHODS}, got {self.act_method!r}")
-        for name in ("act_dynamic", "act_symmetric", "refit", "erq_relative_lambda", "act_order", "strict_group"):
+        for name in ("act_dynamic", "act_symmetric", "refit", "erq_relative_lambda", "act_order", "strict_group",
+                     "fp_target"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantizeConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.clip not in ("minmax", "mse"):
@@ -161,7 +170,7 @@ class QuantizeConfig:
             raise ValueError(f"QuantizeConfig: clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
         if isinstance(self.refit_passes, bool) or not isinstance(self.refit_passes, int) or self.refit_passes < 0:
             raise ValueError(f"QuantizeConfig: refit_passes must be an int >= 0, got {self.refit_passes!r}")
-        for name in ("erq_lambda1", "erq_lambda2", "damp"):
+        for name in ("erq_lambda1", "erq_lambda2", "damp", "fp_target_damp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"QuantizeConfig: {name} must be a finite float >= 0, got {v!r}")
@@ -214,21 +223,43 @@ class _Capture:
 
     GPTQ: the Hessian of the inputs; ERQ: a random subsample of at most ``cap`` input
     rows; with a static input quantizer (``act_cal``): the calibrator sees every row.
+    With ``pair`` (``fp_target``): :meth:`fp_hook` on the float model's copy of the layer
+    stores its input ``X`` for the unit, and the hook on the quantized model's layer
+    (input ``Xq``, same tokens) accumulates ``A^T A`` and ``B^T A`` with ``A = [Xq | 1]``,
+    ``B = [X | 1]`` (float64 sums).
     """
 
-    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None):
+    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False):
         from .gptq import HessianAccumulator
 
         self.method, self.cap, self.seen, self.act_cal = method, cap, 0, act_cal
         self.hess = HessianAccumulator(K) if method == "gptq" else None
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
+        self.pair, self.pending = pair, None
+        if pair:
+            self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+            self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+
+    def fp_hook(self, module, inputs, output=None):
+        self.pending = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        raise _StopForward
 
     def __call__(self, module, inputs, output=None):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         self.seen += x.shape[0]
         if self.act_cal is not None:
             self.act_cal.collect(x)
+        if self.pair:
+            xf = self.pending
+            if xf is None or xf.shape != x.shape:
+                raise RuntimeError("quantize_(fp_target=True): the float and the quantized model saw different "
+                                   "inputs for one calibration unit (calib_fn must be deterministic)")
+            one = torch.ones(x.shape[0], 1, dtype=torch.float64)
+            A = torch.cat([x.double(), one], 1)
+            self.AtA.addmm_(A.T, A)
+            self.BtA.addmm_(torch.cat([xf, one], 1).T, A)
+            self.pending = None
         if self.hess is not None:
             self.hess.add_batch(x)
         elif self.method == "erq":
@@ -237,6 +268,32 @@ class _Capture:
                 rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.cap]]
             self.rows = rows.clone() if rows is x else rows
         raise _StopForward
+
+
+def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor, BtA: torch.Tensor,
+                      damp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer that maps the quantized model's inputs closest to the float model's outputs.
+
+    With ``A = [Xq | 1]`` (inputs the layer sees in the partly quantized model),
+    ``B = [X | 1]`` (the float model's inputs, same tokens) and ``Wc = [W | b]``:
+    ``argmin_V ||A V^T - B Wc^T||^2 + lam ||V - Wc||^2`` =
+    ``(Wc B^T A + lam Wc) (A^T A + lam I)^-1``, ``lam = damp * mean(diag(Xq^T Xq))``
+    (the ridge pulls towards the original weights where the data say little).
+    Without a bias the ones column is dropped. Returns (W*, b*) float32.
+    """
+    K = W.shape[1]
+    fb = b is not None
+    n = K + int(fb)
+    G = AtA[:n, :n].clone()
+    Wc = torch.cat([W.double(), b.double()[:, None]], 1) if fb else W.double()
+    lam = damp * torch.diagonal(G)[:K].mean().clamp_min(1e-30)
+    G.diagonal().add_(lam)
+    rhs = Wc @ BtA[:n, :n] + lam * Wc
+    L, info = torch.linalg.cholesky_ex(G)
+    V = torch.cholesky_solve(rhs.T, L).T if info.item() == 0 else torch.linalg.lstsq(G, rhs.T).solution.T
+    if not torch.isfinite(V).all():
+        return W, b
+    return V[:, :K].float(), (V[:, K].float() if fb else None)
 
 
 def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None):
@@ -261,6 +318,10 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     if method == "hqq":
         q, s, z = hqq_quantize(W, bits, gs, iters=cfg.hqq_iters)
         return q, s, z, b
+    W0, b0 = W, b
+    pair = cap is not None and cap.pair and method in _DATA_METHODS
+    if pair:
+        W, b = fp_target_weights(W0, b0, cap.AtA, cap.BtA, cfg.fp_target_damp)
     if method == "gptq":
         from .gptq import gptq_quantize
 
@@ -268,7 +329,11 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
         kw = dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, clip=cfg.clip,
                   clip_grid=cfg.clip_grid, clip_max_shrink=cfg.clip_max_shrink)
         q, s, z = gptq_quantize(W, H, bits, gs, **kw)
-        if cfg.refit:
+        if cfg.refit and pair:  # the float model's outputs as the target, bias included
+            n = W.shape[1] + int(b is not None)
+            Wc = torch.cat([W0.double(), b0.double()[:, None]], 1) if b is not None else W0.double()
+            s, z, b = refit_scale_zero(q, gs, cap.AtA[:n, :n], Wc @ cap.BtA[:n, :n], s, z, bias=b)
+        elif cfg.refit:
             Hd = H.double()
             rhs = W.double() @ Hd  # the objective tr((W - W_hat) H (W - W_hat)^T)
             s, z, _ = refit_scale_zero(q, gs, Hd, rhs, s, z)
@@ -309,6 +374,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     layers = _linear_layers(model, cfg.skip)
     was_training = model.training
     model.eval()
+    fp_mods = None
+    if cfg.fp_target and cfg.method in _DATA_METHODS:
+        import copy
+
+        fp_model = copy.deepcopy(model)  # before any layer is replaced
+        fp_mods = dict(fp_model.named_modules())
     report = []
     it = layers
     if progress:
@@ -329,16 +400,25 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 from .calibrate import make_calibrator
 
                 act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
-            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal)
+            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=fp_mods is not None)
             h = lin.register_forward_hook(cap)
+            hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
             try:
                 for f in units:
+                    if hf is not None:
+                        cap.pending = None
+                        try:
+                            f(fp_model)
+                        except _StopForward:
+                            pass
                     try:
                         f(model)
                     except _StopForward:
                         pass
             finally:
                 h.remove()
+                if hf is not None:
+                    hf.remove()
             if cap.seen == 0:
                 warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
                               + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=2)
@@ -363,6 +443,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
         del cap
     model.train(was_training)
+    fp_model = fp_mods = None
     model._quantize_report = report
     return model
 
