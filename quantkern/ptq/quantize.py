@@ -143,7 +143,7 @@ class QuantizeConfig:
     refit: bool = True
     refit_passes: int = 0
     erq_lambda1: float = 10.0
-    erq_lambda2: float = 1.0
+    erq_lambda2: float = 0.3
     erq_relative_lambda: bool = True
     erq_refine_iters: int = 100
     hqq_iters: int = 20
@@ -154,7 +154,7 @@ class QuantizeConfig:
     calib_tokens: int = 4096
     seed: int = 0
     fp_target: bool = True
-    fp_target_damp: float = 0.3
+    fp_target_damp: float = 1.0
 
     def validate(self) -> None:
         if self.method not in METHODS:
