@@ -355,3 +355,15 @@ def test_load_calibration_texts_disjoint():
     assert not set(texts) & set(load_sentences())
     assert load_calibration_texts(10) == texts[:10]
     assert all(6 <= len(t.split()) <= 60 and "|" not in t for t in texts)
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+def test_fp_target_with_act_quant(method):
+    """With an input quantizer the float-target fit uses the quantized inputs (deferred until calibrated)."""
+    ref = make_model()
+    errs = {}
+    for ft in (False, True):
+        m = quantize_(make_model(), QuantizeConfig(method=method, bits=4, group_size=32, act_bits=8, fp_target=ft),
+                      calib_fn=CALIB, progress=False)
+        errs[ft] = rel_err(m, ref)
+    assert errs[True] < 0.2 and errs[True] < 1.5 * errs[False], errs

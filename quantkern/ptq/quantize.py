@@ -256,6 +256,8 @@ class _Capture:
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.pair, self.pending = pair, None
+        self.defer = pair == "defer"  # keep the (X, Xq) pairs until the input quantizer is known
+        self.pairs: list = []
         if pair:
             self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
             self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
@@ -274,10 +276,10 @@ class _Capture:
             if xf is None or xf.shape != x.shape:
                 raise RuntimeError("quantize_(fp_target=True): the float and the quantized model saw different "
                                    "inputs for one calibration unit (calib_fn must be deterministic)")
-            one = torch.ones(x.shape[0], 1, dtype=torch.float64)
-            A = torch.cat([x.double(), one], 1)
-            self.AtA.addmm_(A.T, A)
-            self.BtA.addmm_(torch.cat([xf, one], 1).T, A)
+            if self.defer:
+                self.pairs.append((xf, x.clone()))
+            else:
+                self._accumulate(xf, x)
             self.pending = None
         if self.hess is not None:
             self.hess.add_batch(x)
@@ -287,6 +289,19 @@ class _Capture:
                 rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.cap]]
             self.rows = rows.clone() if rows is x else rows
         raise _StopForward
+
+
+    def _accumulate(self, xf, x):
+        one = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        A = torch.cat([x.double(), one], 1)
+        self.AtA.addmm_(A.T, A)
+        self.BtA.addmm_(torch.cat([xf, one], 1).T, A)
+
+    def finish(self, act_q) -> None:
+        """Deferred pairs: accumulate with the layer's effective inputs ``act_q(Xq)``."""
+        for xf, x in self.pairs:
+            self._accumulate(xf, act_q(x))
+        self.pairs = []
 
 
 def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor, BtA: torch.Tensor,
@@ -419,7 +434,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 from .calibrate import make_calibrator
 
                 act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
-            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=fp_mods is not None)
+            pair = (("defer" if cfg.act_bits is not None else True) if fp_mods is not None else False)
+            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair)
             h = lin.register_forward_hook(cap)
             hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
             try:
@@ -452,6 +468,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             def act_q(x, _d=dyn, _s=a_scale, _z=a_zero):
                 return fake_quant_input(x, cfg.act_bits, cfg.act_symmetric, _d, _s, _z)
 
+        if cap is not None and cap.defer:
+            cap.finish(act_q)
         q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
         pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
         new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
