@@ -111,7 +111,7 @@ class QuantizeConfig:
         refit: GPTQ / ERQ: after quantizing, re-fit each group's scale and zero (ERQ: and the
             bias) by least squares given q, under the layer's output error (``refit_scale_zero``).
         refit_passes: GPTQ only: extra GPTQ passes run with the re-fitted params held fixed,
-            each followed by another re-fit.
+            each followed by another re-fit (not with fp_target, which does one re-fit).
         erq_lambda1, erq_lambda2: ERQ's ridge strengths (Aqer / Wqer compensation).
         erq_relative_lambda: the lambdas are multiples of ``T * E[x^2]`` (the mean diagonal of
             the quantized inputs' Gram) rather than absolute values.
