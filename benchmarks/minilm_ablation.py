@@ -2,8 +2,10 @@
 
 ``python benchmarks/minilm_ablation.py --bits 4,3,2 'gptq' 'gptq clip=mse refit=True' ...``
 Each positional argument is a method followed by ``key=value`` QuantizeConfig overrides
-(values parsed as Python literals). Calibration: the 110 even sentences (batches of 32,
-one callable each); evaluation: the 110 odd ones; group size 64, every Linear.
+(values parsed as Python literals). Calibration (``--calib``): "even" (the 110 even demo
+sentences), "pydoc:N" (the first N sentences of ``load_calibration_texts()``) or
+"even+pydoc:N" (both); batches of 32 in order, or length-sorted batches of ``--batch``
+(one callable each); evaluation: the 110 odd demo sentences; group size 64, every Linear.
 """
 import argparse
 import ast
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkern.ptq import QuantizeConfig, quantize_
-from quantkern.ptq.models import load_minilm, load_sentences
+from quantkern.ptq.models import load_calibration_texts, load_minilm, load_sentences
 
 
 def main():
@@ -24,11 +26,20 @@ def main():
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=0, help="length-sorted batches of this size (0: 32 in order)")
+    ap.add_argument("--calib", default="even", help="even | pydoc:N | even+pydoc:N")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_minilm("cpu")
     sents = load_sentences()
-    calib, evals = sents[0::2], sents[1::2]
+    evals = sents[1::2]
+    calib = []
+    for part in a.calib.split("+"):
+        if part == "even":
+            calib += sents[0::2]
+        elif part.startswith("pydoc:"):
+            calib += load_calibration_texts(int(part.split(":")[1]))
+        else:
+            ap.error(f"bad --calib part {part!r}")
     if a.batch:
         from quantkern.demo import minilm_calib_units
 

@@ -1,4 +1,5 @@
 """quantize_ / save_quantized / load_quantized on small random models (no downloads)."""
+import copy
 import pytest
 import torch
 from torch import nn
@@ -304,3 +305,65 @@ def test_clip_and_refit_lower_layer_error():
     e0 = out_err(*erq_quantize(W, b, X, 3, 32, **kw))
     e1 = out_err(*erq_quantize(W, b, X, 3, 32, clip="mse", refit=True, **kw))
     assert e1 < e0, (e1, e0)
+
+
+def test_fp_target_weights_closed_form():
+    """fp_target_weights solves the ridge least squares towards the float outputs (bias included)."""
+    from quantkern.ptq.quantize import fp_target_weights
+
+    torch.manual_seed(0)
+    T, K, N = 300, 16, 5
+    X = torch.randn(T, K).double()
+    Xq = X + 0.1 * torch.randn(T, K).double()
+    W, b = torch.randn(N, K), torch.randn(N)
+    one = torch.ones(T, 1, dtype=torch.float64)
+    A, B = torch.cat([Xq, one], 1), torch.cat([X, one], 1)
+    Wt, bt = fp_target_weights(W, b, A.T @ A, B.T @ A, damp=0.0)
+    V = torch.linalg.lstsq(A, B @ torch.cat([W, b[:, None]], 1).double().T).solution.T
+    torch.testing.assert_close(Wt, V[:, :K].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bt, V[:, K].float(), rtol=1e-4, atol=1e-4)
+    # inputs equal: the original layer; a huge ridge: the original layer too
+    Wi, bi = fp_target_weights(W, b, A.T @ A, A.T @ A, damp=0.01)
+    torch.testing.assert_close(Wi, W, rtol=1e-4, atol=1e-4)
+    Wh, _ = fp_target_weights(W, None, A.T @ A, B.T @ A, damp=1e9)
+    torch.testing.assert_close(Wh, W, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+def test_fp_target_lowers_network_error(method):
+    """Targeting the float model's layer outputs absorbs the upstream error: lower output error at W3."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    X = correlated_inputs(n=16, seed=3)
+    units = [lambda m, i=i: m(X[i:i + 4]) for i in range(0, 16, 4)]
+    errs = {}
+    for ft in (False, True):
+        m = quantize_(copy.deepcopy(ref), QuantizeConfig(method=method, bits=3, group_size=32, skip=None,
+                                                         fp_target=ft, fp_target_damp=0.1), calib_fn=units,
+                      progress=False)
+        with torch.no_grad():
+            y, r = m(X_EVAL), ref(X_EVAL)
+        errs[ft] = ((y - r).norm() / r.norm()).item()
+    assert errs[True] < errs[False], errs
+
+
+def test_load_calibration_texts_disjoint():
+    from quantkern.ptq.models import load_calibration_texts, load_sentences
+
+    texts = load_calibration_texts()
+    assert len(texts) > 1000 and len(set(texts)) == len(texts)
+    assert not set(texts) & set(load_sentences())
+    assert load_calibration_texts(10) == texts[:10]
+    assert all(6 <= len(t.split()) <= 60 and "|" not in t for t in texts)
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+def test_fp_target_with_act_quant(method):
+    """With an input quantizer the float-target fit uses the quantized inputs (deferred until calibrated)."""
+    ref = make_model()
+    errs = {}
+    for ft in (False, True):
+        m = quantize_(make_model(), QuantizeConfig(method=method, bits=4, group_size=32, act_bits=8, fp_target=ft),
+                      calib_fn=CALIB, progress=False)
+        errs[ft] = rel_err(m, ref)
+    assert errs[True] < 0.2 and errs[True] < 1.5 * errs[False], errs

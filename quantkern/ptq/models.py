@@ -13,6 +13,9 @@ Install (never lets pip replace torch)::
   (4.65M parameters, ReLU6, no squeeze-excite), input ``[B, 3, 224, 224]``
   scaled ``(x - 127.5) / 127.5``, output logits ``[B, 1000]``.
 * :func:`load_sentences`: the fixed demo sentence set (``data/sentences.txt``).
+* :func:`load_calibration_texts`: English prose sentences from the Python reference manual
+  that ships with the standard library (``pydoc_data.topics``): extra calibration text,
+  disjoint from the demo sentences.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_minilm", "load_efficientnet_lite0", "load_sentences", "efficientnet_preprocess", "sample_photos"]
+__all__ = ["load_minilm", "load_efficientnet_lite0", "load_sentences", "load_calibration_texts", "efficientnet_preprocess", "sample_photos"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -67,6 +70,40 @@ def load_sentences() -> list[str]:
     """The fixed demo sentences (>= 200, varied topics and lengths, some near-paraphrase pairs)."""
     lines = (DATA_DIR / "sentences.txt").read_text(encoding="utf-8").splitlines()
     return [s.strip() for s in lines if s.strip()]
+
+
+def load_calibration_texts(n: int | None = None, seed: int = 0, min_words: int = 6,
+                           max_words: int = 60) -> list[str]:
+    """Prose sentences of the Python reference manual bundled with the standard library.
+
+    ``pydoc_data.topics`` (the text ``help("if")`` shows) is split into paragraphs;
+    indented blocks (code, grammar), tables and headings are dropped, the rest is split into
+    sentences of ``min_words`` .. ``max_words`` words (about 1.3K sentences / 40K
+    MiniLM tokens on CPython 3.11), de-duplicated, and shuffled with ``seed``
+    (deterministic for a given Python version). ``n``: keep the first ``n``.
+    Offline calibration text for the demos: technical English, none of it in
+    ``load_sentences()``.
+    """
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    out, seen = [], set()
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            lines = [ln for ln in para.split("\n") if ln.strip()]
+            if not lines or any(ln.startswith(" ") for ln in lines):  # code / grammar / indented notes
+                continue
+            if re.fullmatch(r"[*=\-~^\s]+", lines[-1]) or any("|" in ln for ln in lines):  # headings, tables
+                continue
+            text = " ".join(ln.strip() for ln in lines)
+            for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", text):
+                if min_words <= len(sent.split()) <= max_words and sent not in seen:
+                    seen.add(sent)
+                    out.append(sent)
+    random.Random(seed).shuffle(out)
+    return out if n is None else out[:n]
 
 
 def efficientnet_preprocess(img, size: int = 224) -> torch.Tensor:
