@@ -136,11 +136,22 @@ def _time(fn, reps=2):
 
 
 # ------------------------------------------------------------------ (b) EfficientNet-Lite0
-def _images():
-    """(calibration images, evaluation images): uint8 [H, W, 3] arrays from disjoint photos."""
+# skimage's grayscale photos (camera man, brick, grass, gravel, moon, coins, clock), replicated to
+# RGB: extra calibration images only (the evaluation images stay the same as before)
+EFFNET_CAL_GRAY = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+
+
+def _images(extra_cal: bool = True):
+    """(calibration images, evaluation images): lists of (name, uint8 [H, W, 3]) from disjoint photos.
+
+    Colour photos: sklearn china / flower and skimage's colour images; every third one
+    (flower, coffee, retina, colorwheel) calibrates, the others evaluate. ``extra_cal``: the
+    calibration set also gets the grayscale photos of :data:`EFFNET_CAL_GRAY` (as RGB).
+    """
     import numpy as np
 
     imgs = [("sklearn:" + n, im) for n, im in zip(("china", "flower"), sample_photos())]
+    gray = []
     try:
         import skimage.data as sd
 
@@ -152,6 +163,13 @@ def _images():
                 continue
             if im.ndim == 3 and im.shape[2] >= 3 and im.dtype == np.uint8 and min(im.shape[:2]) >= 128:
                 imgs.append(("skimage:" + name, im[..., :3]))
+        for name in (EFFNET_CAL_GRAY if extra_cal else ()):
+            try:
+                im = np.asarray(getattr(sd, name)())
+            except Exception:  # noqa: BLE001
+                continue
+            if im.ndim == 2 and im.dtype == np.uint8 and min(im.shape) >= 128:
+                gray.append(("skimage:" + name + "(gray)", np.repeat(im[..., None], 3, axis=2)))
     except ImportError:
         pass
     if len(imgs) >= 4:
@@ -159,21 +177,26 @@ def _images():
         ev = [x for i, x in enumerate(imgs) if i % 3 != 1]
     else:  # sklearn only: one photo each
         cal, ev = imgs[:1], imgs[1:]
-    return cal, ev
+    return cal + gray, ev
 
 
-def _crops(imgs, n, seed):
+def _crops(imgs, n, seed, jitter: bool = False, min_frac: float = 0.35):
+    """``n`` random square crops (side ``min_frac``..1 of the short side, random position, flip
+    with p 0.5), cycling over ``imgs``, preprocessed to ``[n, 3, 224, 224]``. ``jitter``: also a random
+    per-channel gain in [0.8, 1.2] (colour / brightness; calibration crops only)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         _, im = imgs[i % len(imgs)]
         H, W = im.shape[:2]
-        s = int(min(H, W) * (0.35 + 0.65 * torch.rand((), generator=g).item()))
+        s = int(min(H, W) * (min_frac + (1 - min_frac) * torch.rand((), generator=g).item()))
         y = int(torch.randint(0, H - s + 1, (), generator=g))
         x = int(torch.randint(0, W - s + 1, (), generator=g))
         c = torch.from_numpy(im[y:y + s, x:x + s].copy())
         if torch.rand((), generator=g).item() < 0.5:
             c = c.flip(1)
+        if jitter:
+            c = (c.float() * (0.8 + 0.4 * torch.rand(3, generator=g))).clamp(0, 255)
         out.append(efficientnet_preprocess(c))
     return torch.cat(out)
 
@@ -183,11 +206,14 @@ def _logits(m, X, bs=32):
         return torch.cat([m(X[i:i + bs]) for i in range(0, X.shape[0], bs)])
 
 
-def _agree_kl(L, L0):
-    """(top-1 agreement with fp32, mean KL(fp32 || quantized)) over the eval crops."""
-    agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
+def _agree_kl(L, L0, conf: float = 0.5):
+    """(top-1 agreement with fp32 over all eval crops, mean KL(fp32 || quantized), top-1 agreement
+    over the crops where fp32's top-1 probability is > ``conf``, number of those crops)."""
+    same = L.argmax(1) == L0.argmax(1)
     kl = F.kl_div(L.log_softmax(1), L0.log_softmax(1), log_target=True, reduction="none").sum(1).mean().item()
-    return agree, kl
+    sure = L0.softmax(1).amax(1) > conf
+    agree_conf = same[sure].float().mean().item() if sure.any() else float("nan")
+    return same.float().mean().item(), kl, agree_conf, int(sure.sum())
 
 
 # EfficientNet-Lite0's first and last layers, for the labelled "stem/classifier at 8 bits" rows
