@@ -160,7 +160,8 @@ class _FixedCodeWeight(torch.nn.Module):
 
 
 def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tensor, teacher_logits: torch.Tensor,
-                     steps: int = 100, batch_size: int = 8, lr: float = 3e-4, seed: int = 0) -> dict:
+                     steps: int = 100, batch_size: int = 8, lr: float = 3e-4, seed: int = 0,
+                     extra_params=()) -> dict:
     """Tunes the group scales and zeros of already-quantized layers end to end, codes fixed.
 
     ``codes``: ``{module: (q [O, K], scale [O, G], zero [O, G])}`` (the result of a weight
@@ -170,7 +171,8 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     of the output logits on random batches of ``calib_data`` (``teacher_logits`` = the fp32
     model's logits on it). The integer codes never change, so the result stays exactly on the
     quantization grid. Other parameters are frozen; the model is left in eval mode (BatchNorm
-    statistics unchanged). Returns ``{"loss_first", "loss_last"}`` (means over the first /
+    statistics unchanged). ``extra_params``: other float parameters trained along (e.g. the
+    BatchNorm biases; same optimiser and step size). Returns ``{"loss_first", "loss_last"}`` (means over the first /
     last 10 steps) and writes the final weights (and returns ``codes`` updated in place).
     """
     from torch.nn.utils import parametrize
@@ -187,6 +189,10 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
         parametrize.register_parametrization(mod, "weight", pm, unsafe=True)
         pars[mod] = pm
     params = [p for pm in pars.values() for p in (pm.a, pm.dz)]
+    extra = list(extra_params)
+    for p in extra:
+        p.requires_grad_(True)
+    params += extra
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     model.eval()

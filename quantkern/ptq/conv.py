@@ -460,6 +460,7 @@ def fake_quantize_model_(
     distill_steps: int = 0,
     distill_batch: int = 8,
     distill_lr: float = 3e-4,
+    distill_bias: bool = False,
     return_qparams: bool = False,
 ) -> dict:
     """Fake-quantizes every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place (see the module docstring).
@@ -583,8 +584,13 @@ def fake_quantize_model_(
                     _set_bias(mod, b - shift)
                 W.copy_(Wq.reshape(W.shape).to(W.dtype))
     if weight_bits is not None and distill_steps:
+        extra = []
+        if distill_bias:
+            extra = [m.bias for _, m in layers if m.bias is not None]
+            extra += [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
         report["distill"] = distill_qparams_(model, codes, torch.cat(list(_batches(calib_data, batch_size))), teacher,
-                                             steps=distill_steps, batch_size=distill_batch, lr=distill_lr, seed=seed)
+                                             steps=distill_steps, batch_size=distill_batch, lr=distill_lr, seed=seed,
+                                             extra_params=extra)
     if weight_bits is not None and return_qparams:
         report["qparams"] = {n: codes[m] for n, m in layers}
     if act_bits is not None:
