@@ -26,6 +26,22 @@ coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwi
   :func:`gptq_depthwise` (ERQ's solver takes one input matrix shared by all rows,
   a depthwise conv has a different one per channel).
 
+* ``"adaround"``: learned up/down rounding per layer
+  (:func:`~quantkern.ptq.adaround.adaround_quantize`): group params from ``clip``
+  ("hqq": HQQ's, "minmax": RTN's, "mse": :func:`mse_clip_params`), then ``adaround_iters``
+  Adam steps on a rectified-sigmoid relaxation of the rounding against the layer objective
+  ``tr((Wq - W) H (Wq - W)^T)`` (``H`` from the im2col rows; per channel for depthwise convs).
+
+``depthwise_method`` (e.g. "hqq" with method "gptq") quantizes the depthwise convs with
+another method in the same sequential pass.
+
+End-to-end distillation (``distill_steps > 0``, any method): after all layers are
+quantized, the group scales and zeros (integer codes fixed) are tuned with Adam to
+minimise KL(fp32 logits || quantized logits) on random batches of the calibration data
+(:func:`~quantkern.ptq.adaround.distill_qparams_`; ``distill_bias`` also trains the biases of
+the quantized layers and of every BatchNorm). The weights stay exactly ``(q - zero) * scale``.
+``return_qparams=True`` puts the final ``(q, scale, zero)`` of every layer in the report.
+
 The data methods are sequential: layer ``i`` is quantized from the inputs the
 already-quantized layers ``< i`` produce on the calibration images.
 
@@ -362,7 +378,7 @@ def _fp_means(model, layers, calib_data, batch_size) -> dict:
 
 
 def _quantize_layer(mod, bits, method, gs, st, opts):
-    """Quantizes ``mod.weight`` in place; returns (dequantized weight [O, K], new bias or None, note)."""
+    """Quantizes ``mod.weight``; returns (dequantized weight [O, K], new bias or None, note, (q, scale, zero))."""
     W = mod.weight.detach().float()
     O = W.shape[0]
     W2 = W.reshape(O, -1)
@@ -468,7 +484,7 @@ def fake_quantize_model_(
     Args:
         model: any module; put it in eval mode first (BatchNorm statistics are used as they are).
         weight_bits: 1..8, or None to leave the weights in float (activation-only).
-        method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq").
+        method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq", "adaround").
         group_size: requested group size along ``I*kh*kw``; each layer uses
             :func:`group_size_for` (largest divisor <= group_size). None / -1: per channel.
         act_bits: None (weight-only) or 2..16: static per-tensor activation fake quant at
@@ -476,7 +492,7 @@ def fake_quantize_model_(
         act_method: calibrator of the activation ranges, one of :data:`ACT_METHODS`.
         calib_data: float tensor ``[N, ...]`` of model inputs (split into ``batch_size``
             batches) or an iterable of batches (re-iterated once per pass: pass a list).
-            Needed by gptq / erq, ``bias_correction`` and ``act_bits``.
+            Needed by gptq / erq / adaround, ``bias_correction``, ``distill_steps`` and ``act_bits``.
         skip: layer names (as in ``model.named_modules()``) to keep in float, or a
             predicate ``(name, module) -> bool``.
         layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
@@ -487,6 +503,12 @@ def fake_quantize_model_(
             on EfficientNet-Lite0 W4 it lowered top-1 agreement of the GPTQ-dense + HQQ-depthwise
             model from 61.7% to 46.9%, so the demo keeps min-max); dense ERQ keeps its own
             min-max params, HQQ its own zero search.
+        adaround_iters, adaround_lr, adaround_lambda: method "adaround": Adam steps per layer, step
+            size, weight of the rounding regulariser (see :func:`~quantkern.ptq.adaround.adaround_quantize`).
+        depthwise_method: None (same as ``method``) or a method for the depthwise convs only.
+        distill_steps, distill_batch, distill_lr, distill_bias: end-to-end KD of the group
+            scales / zeros after quantization (module docstring); 0 steps = off.
+        return_qparams: put ``qparams`` (name -> ``(q uint8 [O, K], scale, zero)``) in the report.
         act_order, damp: GPTQ options (also for depthwise convs and ERQ's depthwise fallback).
         erq_lambda: ERQ's ridge strengths lambda1 = lambda2 = erq_lambda * mean(diag(X^T X))
             of the layer's calibration rows (relative, so independent of the row count).
@@ -497,7 +519,8 @@ def fake_quantize_model_(
 
     Returns:
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
-        (name -> fallback note), ``seconds``.
+        (name -> fallback note), ``seconds``; ``distill`` (first / last KD loss) with
+        ``distill_steps``; ``qparams`` with ``return_qparams``.
 
     Raises:
         ValueError / TypeError for bad arguments (before the model is touched).
