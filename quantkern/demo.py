@@ -225,7 +225,7 @@ EFFNET_CROPS = {"full": (256, 256), "quick": (16, 32)}
 EFFNET_KD = {"distill_steps": 150, "distill_batch": 8, "distill_lr": 3e-4}
 # rows of the weight-only table (``rows=`` of effnet_table); the default is every row of the given methods
 EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd",
-               "kd_bias", "kd_w8")
+               "kd_bias", "kd_w8", "hybrid_kd")
 
 
 def _hybrid(model, bits, group_size, Xc, layer_bits=None):
@@ -309,6 +309,10 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                     m, tq = _hybrid(model, bits, group_size, Xc, edge)
                     row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
                         "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
+            if "hybrid_kd" in rows:
+                m, tq = quantized(bits, "gptq", depthwise_method="hqq", distill_bias=True, **kd)
+                row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq,
+                    f"all layers; {kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
