@@ -12,12 +12,14 @@
     (``fake_quantize_model_``): every conv / linear weight quantized group-wise along
     ``I*kh*kw`` (group size: the largest divisor <= 64), written back as
     ``(q - zero) * scale``. Table 1: weight-only W4 with RTN / HQQ / GPTQ / ERQ, plus
-    HQQ with bias correction, GPTQ with HQQ's params on the depthwise convs, and GPTQ on
-    the dense layers after HQQ on the depthwise ones (also with stem + classifier at 8
-    bits, labelled). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
-    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32 and mean
+    HQQ with bias correction, HQQ + end-to-end KD of the group scales/zeros (codes fixed;
+    also with the BatchNorm biases), GPTQ with HQQ's params on the depthwise convs, and GPTQ
+    on the dense layers with HQQ on the depthwise ones (also with stem + classifier at 8
+    bits, labelled, and with KD on top). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32
+    (all crops, and the crops where fp32's top-1 probability is > 0.5) and mean
     KL(fp32 || quant) on random crops of natural images; calibration crops and
-    evaluation crops come from different images.
+    evaluation crops come from different images (see ``_images``).
 """
 from __future__ import annotations
 
