@@ -297,7 +297,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                 m, tq = quantized(bits, "hqq", bias_correction=True)
                 row("HQQ + bias correction", lab, m, tq, "all layers")
             for key, label, extra, edge in kd_rows:
-                if key in rows:
+                if key in rows and not (quick and key != "kd_bias"):  # --quick: one KD row, 10 steps
                     m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
                     row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
                         ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") +
