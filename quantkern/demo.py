@@ -12,12 +12,14 @@
     (``fake_quantize_model_``): every conv / linear weight quantized group-wise along
     ``I*kh*kw`` (group size: the largest divisor <= 64), written back as
     ``(q - zero) * scale``. Table 1: weight-only W4 with RTN / HQQ / GPTQ / ERQ, plus
-    HQQ with bias correction, GPTQ with HQQ's params on the depthwise convs, and GPTQ on
-    the dense layers after HQQ on the depthwise ones (also with stem + classifier at 8
-    bits, labelled). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
-    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32 and mean
+    HQQ with bias correction, HQQ + end-to-end KD of the group scales/zeros (codes fixed;
+    also with the BatchNorm biases), GPTQ with HQQ's params on the depthwise convs, and GPTQ
+    on the dense layers with HQQ on the depthwise ones (also with stem + classifier at 8
+    bits, labelled, and with KD on top). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32
+    (all crops, and the crops where fp32's top-1 probability is > 0.5) and mean
     KL(fp32 || quant) on random crops of natural images; calibration crops and
-    evaluation crops come from different images.
+    evaluation crops come from different images (see ``_images``).
 """
 from __future__ import annotations
 
@@ -138,11 +140,22 @@ def _time(fn, reps=2):
 
 
 # ------------------------------------------------------------------ (b) EfficientNet-Lite0
-def _images():
-    """(calibration images, evaluation images): uint8 [H, W, 3] arrays from disjoint photos."""
+# skimage's grayscale photos (camera man, brick, grass, gravel, moon, coins, clock), replicated to
+# RGB: extra calibration images only (the evaluation images stay the same as before)
+EFFNET_CAL_GRAY = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+
+
+def _images(extra_cal: bool = True):
+    """(calibration images, evaluation images): lists of (name, uint8 [H, W, 3]) from disjoint photos.
+
+    Colour photos: sklearn china / flower and skimage's colour images; every third one
+    (flower, coffee, retina, colorwheel) calibrates, the others evaluate. ``extra_cal``: the
+    calibration set also gets the grayscale photos of :data:`EFFNET_CAL_GRAY` (as RGB).
+    """
     import numpy as np
 
     imgs = [("sklearn:" + n, im) for n, im in zip(("china", "flower"), sample_photos())]
+    gray = []
     try:
         import skimage.data as sd
 
@@ -154,6 +167,13 @@ def _images():
                 continue
             if im.ndim == 3 and im.shape[2] >= 3 and im.dtype == np.uint8 and min(im.shape[:2]) >= 128:
                 imgs.append(("skimage:" + name, im[..., :3]))
+        for name in (EFFNET_CAL_GRAY if extra_cal else ()):
+            try:
+                im = np.asarray(getattr(sd, name)())
+            except Exception:  # noqa: BLE001
+                continue
+            if im.ndim == 2 and im.dtype == np.uint8 and min(im.shape) >= 128:
+                gray.append(("skimage:" + name + "(gray)", np.repeat(im[..., None], 3, axis=2)))
     except ImportError:
         pass
     if len(imgs) >= 4:
@@ -161,21 +181,26 @@ def _images():
         ev = [x for i, x in enumerate(imgs) if i % 3 != 1]
     else:  # sklearn only: one photo each
         cal, ev = imgs[:1], imgs[1:]
-    return cal, ev
+    return cal + gray, ev
 
 
-def _crops(imgs, n, seed):
+def _crops(imgs, n, seed, jitter: bool = False, min_frac: float = 0.35):
+    """``n`` random square crops (side ``min_frac``..1 of the short side, random position, flip
+    with p 0.5), cycling over ``imgs``, preprocessed to ``[n, 3, 224, 224]``. ``jitter``: also a random
+    per-channel gain in [0.8, 1.2] (colour / brightness; calibration crops only)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         _, im = imgs[i % len(imgs)]
         H, W = im.shape[:2]
-        s = int(min(H, W) * (0.35 + 0.65 * torch.rand((), generator=g).item()))
+        s = int(min(H, W) * (min_frac + (1 - min_frac) * torch.rand((), generator=g).item()))
         y = int(torch.randint(0, H - s + 1, (), generator=g))
         x = int(torch.randint(0, W - s + 1, (), generator=g))
         c = torch.from_numpy(im[y:y + s, x:x + s].copy())
         if torch.rand((), generator=g).item() < 0.5:
             c = c.flip(1)
+        if jitter:
+            c = (c.float() * (0.8 + 0.4 * torch.rand(3, generator=g))).clamp(0, 255)
         out.append(efficientnet_preprocess(c))
     return torch.cat(out)
 
@@ -185,16 +210,26 @@ def _logits(m, X, bs=32):
         return torch.cat([m(X[i:i + bs]) for i in range(0, X.shape[0], bs)])
 
 
-def _agree_kl(L, L0):
-    """(top-1 agreement with fp32, mean KL(fp32 || quantized)) over the eval crops."""
-    agree = (L.argmax(1) == L0.argmax(1)).float().mean().item()
+def _agree_kl(L, L0, conf: float = 0.5):
+    """(top-1 agreement with fp32 over all eval crops, mean KL(fp32 || quantized), top-1 agreement
+    over the crops where fp32's top-1 probability is > ``conf``, number of those crops)."""
+    same = L.argmax(1) == L0.argmax(1)
     kl = F.kl_div(L.log_softmax(1), L0.log_softmax(1), log_target=True, reduction="none").sum(1).mean().item()
-    return agree, kl
+    sure = L0.softmax(1).amax(1) > conf
+    agree_conf = same[sure].float().mean().item() if sure.any() else float("nan")
+    return same.float().mean().item(), kl, agree_conf, int(sure.sum())
 
 
 # EfficientNet-Lite0's first and last layers, for the labelled "stem/classifier at 8 bits" rows
 EFFNET_EDGE_W8 = {"_conv_stem": 8, "_fc": 8}
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
+# crops: (calibration, evaluation), full run and --quick
+EFFNET_CROPS = {"full": (256, 256), "quick": (16, 32)}
+# end-to-end distillation of the group scales / zeros (codes fixed) after HQQ: the best all-W4 method
+EFFNET_KD = {"distill_steps": 150, "distill_batch": 8, "distill_lr": 3e-4}
+# rows of the weight-only table (``rows=`` of effnet_table); the default is every row of the given methods
+EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd",
+               "kd_bias", "kd_w8", "hybrid_kd")
 
 
 def _hybrid(model, bits, group_size, Xc, layer_bits=None):
@@ -203,34 +238,40 @@ def _hybrid(model, bits, group_size, Xc, layer_bits=None):
 
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    dw = lambda n, mod: isinstance(mod, nn.Conv2d) and mod.groups > 1  # noqa: E731
-    fake_quantize_model_(m, bits, "hqq", group_size, skip=lambda n, mod: not dw(n, mod), progress=False)
-    fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, skip=dw, layer_bits=layer_bits, progress=False)
+    fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, depthwise_method="hqq", layer_bits=layer_bits,
+                         progress=False)
     return m, time.perf_counter() - t0
 
 
 def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq",
-                 parts=("weights", "acts")):
+                 parts=("weights", "acts"), rows=None, crops=None):
     """Two EfficientNet-Lite0 tables (markdown): weight-only W``bits`` x methods, then W8A8 / W4A8 x calibrators.
 
     Every Conv2d / Linear is fake-quantized by :func:`quantkern.ptq.conv.fake_quantize_model_`
     (group size: the largest divisor of I*kh*kw <= ``group_size``). Metrics against fp32 on
-    evaluation crops from images disjoint from the calibration images. ``parts``: which
-    tables to compute ("weights", "acts").
+    evaluation crops from images disjoint from the calibration images: top-1 agreement over all
+    crops, mean KL(fp32 || q), and top-1 agreement over the crops where fp32's top-1 probability
+    is > 0.5. ``parts``: which tables to compute ("weights", "acts"). ``rows``: keys of
+    :data:`EFFNET_ROWS` for the weight-only table (None: all rows the ``methods`` allow; "kd*"
+    rows need "hqq", "hybrid*" / "gptq_hqqparams" need "gptq"). ``crops``: (calibration,
+    evaluation) crop counts, default :data:`EFFNET_CROPS`.
     """
     from .ptq.conv import fake_quantize_model_
 
     model = load_efficientnet_lite0("cpu")
     cal_imgs, ev_imgs = _images()
-    n_cal, n_ev = (16, 32) if quick else (32, 128)
-    Xc, Xe = _crops(cal_imgs, n_cal, seed=0), _crops(ev_imgs, n_ev, seed=1)
+    n_cal, n_ev = crops or EFFNET_CROPS["quick" if quick else "full"]
+    Xc, Xe = _crops(cal_imgs, n_cal, seed=0, jitter=True), _crops(ev_imgs, n_ev, seed=1)
     L0 = _logits(model, Xe)
-    rows = []
+    n_conf = int((L0.softmax(1).amax(1) > 0.5).sum())
+    kd = dict(EFFNET_KD, distill_steps=10) if quick else EFFNET_KD
+    rows = set(EFFNET_ROWS if rows is None else rows)
+    lines = []
 
     def row(label, cfg, m, tq, note):
-        agree, kl = _agree_kl(_logits(m, Xe), L0)
-        rows.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {tq:.1f} | {note} |")
-        out(rows[-1])
+        agree, kl, agree_c, _ = _agree_kl(_logits(m, Xe), L0)
+        lines.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {100 * agree_c:.1f}% | {tq:.1f} | {note} |")
+        out(lines[-1])
 
     def quantized(bits, method, **kw):
         m = copy.deepcopy(model)
@@ -240,27 +281,44 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
 
     # (1) weight-only, every conv / linear at W``bits``
     for bits in (bits_list if "weights" in parts else ()):
-        for method in methods:
-            if quick and method in ("gptq", "erq"):  # sequential per-layer passes: minutes on 2 cores
-                continue
-            m, tq = quantized(bits, method)
-            note = "all layers" + ("; depthwise convs: batched GPTQ" if method == "erq" else "")
-            row(METHOD_LABEL[method].split(" (")[0], f"W{bits} g<={group_size}", m, tq, note)
-        if quick:
-            continue
         lab = f"W{bits} g<={group_size}"
+        for method in methods:
+            if method not in rows or (quick and method in ("gptq", "erq", "adaround")):
+                continue  # sequential per-layer passes: minutes on 2 cores
+            kw = {"clip": "hqq", "adaround_iters": 300, "adaround_lr": 3e-2, "adaround_lambda": 0.1} \
+                if method == "adaround" else {}
+            m, tq = quantized(bits, method, **kw)
+            note = "all layers" + ("; depthwise convs: batched GPTQ" if method == "erq" else "") + \
+                ("; HQQ params, 300 Adam steps per layer" if method == "adaround" else "")
+            row(METHOD_LABEL.get(method, method).split(" (")[0], lab, m, tq, note)
         if "hqq" in methods:
-            m, tq = quantized(bits, "hqq", bias_correction=True)
-            row("HQQ + bias correction", lab, m, tq, "all layers")
-        if "gptq" in methods:
-            m, tq = quantized(bits, "gptq", clip="hqq")
-            row("GPTQ, HQQ params on depthwise", lab, m, tq, "all layers; depthwise GPTQ from HQQ's scale/zero")
-            for edge in (None, EFFNET_EDGE_W8):
-                m, tq = _hybrid(model, bits, group_size, Xc, edge)
-                row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
-                    "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
+            kd_rows = [("kd", "HQQ + KD of scales/zeros", {}, None),
+                       ("kd_bias", "HQQ + KD of scales/zeros + BN biases", {"distill_bias": True}, None),
+                       ("kd_w8", "HQQ + KD of scales/zeros", {}, EFFNET_EDGE_W8)]
+            if "hqq_bc" in rows and not quick:
+                m, tq = quantized(bits, "hqq", bias_correction=True)
+                row("HQQ + bias correction", lab, m, tq, "all layers")
+            for key, label, extra, edge in kd_rows:
+                if key in rows and not (quick and key != "kd_bias"):  # --quick: one KD row, 10 steps
+                    m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
+                    row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
+                        ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") +
+                        f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}")
+        if "gptq" in methods and not quick:
+            if "gptq_hqqparams" in rows:
+                m, tq = quantized(bits, "gptq", clip="hqq")
+                row("GPTQ, HQQ params on depthwise", lab, m, tq, "all layers; depthwise GPTQ from HQQ's scale/zero")
+            for key, edge in (("hybrid", None), ("hybrid_w8", EFFNET_EDGE_W8)):
+                if key in rows:
+                    m, tq = _hybrid(model, bits, group_size, Xc, edge)
+                    row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
+                        "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
+            if "hybrid_kd" in rows:
+                m, tq = quantized(bits, "gptq", depthwise_method="hqq", distill_bias=True, **kd)
+                row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq,
+                    f"all layers; {kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
-    rows_before = len(rows)
+    rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
     for wbits in ((8,) if quick else (8, 4)) if "acts" in parts else ():
         mw, tw = quantized(wbits, act_weight_method)
@@ -270,16 +328,19 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             fake_quantize_model_(m, None, act_bits=8, act_method=cal, calib_data=Xc, progress=False)
             row(cal, f"W{wbits}A8", m, tw + time.perf_counter() - t0,
                 f"weights {METHOD_LABEL[act_weight_method].split(' (')[0]} g<={group_size}")
-    wa_rows, rows = rows[rows_before:], rows[:rows_before]
-    src = (f"{n_ev} eval crops from {len(ev_imgs)} images ({', '.join(n for n, _ in ev_imgs)}); {n_cal} calibration "
-           f"crops from {len(cal_imgs)} other images ({', '.join(n for n, _ in cal_imgs)}).")
-    cols = "| top-1 agreement | mean KL(fp32‖q) | quant s | note |\n|---|---|---|---|---|---|"
+    wa_rows, lines = lines[rows_before:], lines[:rows_before]
+    src = (f"{n_ev} eval crops from {len(ev_imgs)} images ({', '.join(n for n, _ in ev_imgs)}); fp32 top-1 "
+           f"probability > 0.5 on {n_conf} of them (the 'confident' column). {n_cal} calibration crops (random "
+           f"size/position/flip, per-channel gain 0.8-1.2) from {len(cal_imgs)} other images "
+           f"({', '.join(n for n, _ in cal_imgs)}).")
+    cols = ("| top-1 agreement | mean KL(fp32‖q) | agreement, confident crops | quant s | note |\n"
+            "|---|---|---|---|---|---|---|")
     head1 = (f"EfficientNet-Lite0, weight-only fake quant of every conv/linear weight, group size = largest divisor "
              f"of I*kh*kw <= {group_size}. {src}\n\n| method | config " + cols)
     head2 = ("EfficientNet-Lite0, static per-tensor 8-bit activation fake quant at the input of every conv/linear "
              "(unsigned after ReLU6, symmetric signed elsewhere), calibrated on the calibration crops.\n\n"
              "| calibrator | config " + cols)
-    return head1 + "\n" + "\n".join(rows) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
+    return head1 + "\n" + "\n".join(lines) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
 
 
 def main(argv=None):

@@ -235,3 +235,15 @@ def test_efficientnet_lite0_w8_rtn_agrees():
     assert rep["group_sizes"]["_blocks.15._expand_conv"] == 64 and rep["group_sizes"]["_blocks.1._project_conv"] == 48
     with torch.no_grad():
         assert torch.equal(m(x).argmax(1), net(x).argmax(1))
+
+
+def test_depthwise_method_matches_two_passes():
+    net, Xc, Xe = _net_and_data()
+    a = copy.deepcopy(net)
+    fake_quantize_model_(a, 4, "gptq", 64, calib_data=Xc, depthwise_method="hqq", progress=False)
+    b = copy.deepcopy(net)
+    dw = lambda n, mod: isinstance(mod, nn.Conv2d) and mod.groups > 1  # noqa: E731
+    fake_quantize_model_(b, 4, "hqq", 64, skip=lambda n, mod: not dw(n, mod), progress=False)
+    fake_quantize_model_(b, 4, "gptq", 64, calib_data=Xc, skip=dw, progress=False)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=n)

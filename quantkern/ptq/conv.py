@@ -26,6 +26,22 @@ coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwi
   :func:`gptq_depthwise` (ERQ's solver takes one input matrix shared by all rows,
   a depthwise conv has a different one per channel).
 
+* ``"adaround"``: learned up/down rounding per layer
+  (:func:`~quantkern.ptq.adaround.adaround_quantize`): group params from ``clip``
+  ("hqq": HQQ's, "minmax": RTN's, "mse": :func:`mse_clip_params`), then ``adaround_iters``
+  Adam steps on a rectified-sigmoid relaxation of the rounding against the layer objective
+  ``tr((Wq - W) H (Wq - W)^T)`` (``H`` from the im2col rows; per channel for depthwise convs).
+
+``depthwise_method`` (e.g. "hqq" with method "gptq") quantizes the depthwise convs with
+another method in the same sequential pass.
+
+End-to-end distillation (``distill_steps > 0``, any method): after all layers are
+quantized, the group scales and zeros (integer codes fixed) are tuned with Adam to
+minimise KL(fp32 logits || quantized logits) on random batches of the calibration data
+(:func:`~quantkern.ptq.adaround.distill_qparams_`; ``distill_bias`` also trains the biases of
+the quantized layers and of every BatchNorm). The weights stay exactly ``(q - zero) * scale``.
+``return_qparams=True`` puts the final ``(q, scale, zero)`` of every layer in the report.
+
 The data methods are sequential: layer ``i`` is quantized from the inputs the
 already-quantized layers ``< i`` produce on the calibration images.
 
@@ -63,6 +79,7 @@ from torch import nn
 
 from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
+from .adaround import adaround_quantize, distill_qparams_
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
 from .hqq import hqq_quantize, rtn_quantize
@@ -70,7 +87,7 @@ from .hqq import hqq_quantize, rtn_quantize
 __all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
            "remove_act_quantizers", "WEIGHT_METHODS", "ACT_METHODS"]
 
-WEIGHT_METHODS = ("rtn", "hqq", "gptq", "erq")
+WEIGHT_METHODS = ("rtn", "hqq", "gptq", "erq", "adaround")
 ACT_METHODS = ("max", "percentile", "mse", "entropy", "mse_search")
 
 
@@ -361,7 +378,7 @@ def _fp_means(model, layers, calib_data, batch_size) -> dict:
 
 
 def _quantize_layer(mod, bits, method, gs, st, opts):
-    """Quantizes ``mod.weight`` in place; returns (dequantized weight [O, K], new bias or None, note)."""
+    """Quantizes ``mod.weight``; returns (dequantized weight [O, K], new bias or None, note, (q, scale, zero))."""
     W = mod.weight.detach().float()
     O = W.shape[0]
     W2 = W.reshape(O, -1)
@@ -375,6 +392,15 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
         q, s, z = rtn_quantize(W2, bits, g)
     elif method == "hqq":
         q, s, z = hqq_quantize(W2, bits, g)
+    elif method == "adaround":
+        if opts["clip"] == "hqq":
+            _, s, z = hqq_quantize(W2, bits, g)
+        elif opts["clip"] == "mse":
+            s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
+        else:
+            _, s, z = rtn_quantize(W2, bits, g)
+        H = st.Hdw if st.dw else st.acc.H
+        q, s, z = adaround_quantize(W2, H, s, z, bits, iters=opts["ada_iters"], lr=opts["ada_lr"], lam=opts["ada_lambda"])
     elif st.dw:  # gptq, and erq's documented fallback
         q, s, z = gptq_depthwise(W2, st.Hdw, bits, g, opts["damp"], opts["act_order"], opts["clip"])
         note = "depthwise: batched GPTQ" if method == "erq" else None
@@ -389,7 +415,7 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
         q, s, z, new_b = erq_quantize(W2, b, X, bits, g, act_quant=aq if aq is not None else (lambda x: x),
                                       use_aqer=aq is not None, lambda1=lam, lambda2=lam, fit_bias=True)
     Wq = dequantize(q, s, z)
-    return Wq, new_b, note
+    return Wq, new_b, note, (q, s, z)
 
 
 def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size):
@@ -443,13 +469,22 @@ def fake_quantize_model_(
     batch_size: int = 8,
     progress: bool = True,
     seed: int = 0,
+    adaround_iters: int = 300,
+    adaround_lr: float = 1e-2,
+    adaround_lambda: float = 0.01,
+    depthwise_method: str | None = None,
+    distill_steps: int = 0,
+    distill_batch: int = 8,
+    distill_lr: float = 3e-4,
+    distill_bias: bool = False,
+    return_qparams: bool = False,
 ) -> dict:
     """Fake-quantizes every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place (see the module docstring).
 
     Args:
         model: any module; put it in eval mode first (BatchNorm statistics are used as they are).
         weight_bits: 1..8, or None to leave the weights in float (activation-only).
-        method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq").
+        method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq", "adaround").
         group_size: requested group size along ``I*kh*kw``; each layer uses
             :func:`group_size_for` (largest divisor <= group_size). None / -1: per channel.
         act_bits: None (weight-only) or 2..16: static per-tensor activation fake quant at
@@ -457,7 +492,7 @@ def fake_quantize_model_(
         act_method: calibrator of the activation ranges, one of :data:`ACT_METHODS`.
         calib_data: float tensor ``[N, ...]`` of model inputs (split into ``batch_size``
             batches) or an iterable of batches (re-iterated once per pass: pass a list).
-            Needed by gptq / erq, ``bias_correction`` and ``act_bits``.
+            Needed by gptq / erq / adaround, ``bias_correction``, ``distill_steps`` and ``act_bits``.
         skip: layer names (as in ``model.named_modules()``) to keep in float, or a
             predicate ``(name, module) -> bool``.
         layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
@@ -468,6 +503,12 @@ def fake_quantize_model_(
             on EfficientNet-Lite0 W4 it lowered top-1 agreement of the GPTQ-dense + HQQ-depthwise
             model from 61.7% to 46.9%, so the demo keeps min-max); dense ERQ keeps its own
             min-max params, HQQ its own zero search.
+        adaround_iters, adaround_lr, adaround_lambda: method "adaround": Adam steps per layer, step
+            size, weight of the rounding regulariser (see :func:`~quantkern.ptq.adaround.adaround_quantize`).
+        depthwise_method: None (same as ``method``) or a method for the depthwise convs only.
+        distill_steps, distill_batch, distill_lr, distill_bias: end-to-end KD of the group
+            scales / zeros after quantization (module docstring); 0 steps = off.
+        return_qparams: put ``qparams`` (name -> ``(q uint8 [O, K], scale, zero)``) in the report.
         act_order, damp: GPTQ options (also for depthwise convs and ERQ's depthwise fallback).
         erq_lambda: ERQ's ridge strengths lambda1 = lambda2 = erq_lambda * mean(diag(X^T X))
             of the layer's calibration rows (relative, so independent of the row count).
@@ -478,7 +519,8 @@ def fake_quantize_model_(
 
     Returns:
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
-        (name -> fallback note), ``seconds``.
+        (name -> fallback note), ``seconds``; ``distill`` (first / last KD loss) with
+        ``distill_steps``; ``qparams`` with ``return_qparams``.
 
     Raises:
         ValueError / TypeError for bad arguments (before the model is touched).
@@ -488,6 +530,10 @@ def fake_quantize_model_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if method not in WEIGHT_METHODS:
         raise ValueError(f"method must be one of {WEIGHT_METHODS}, got {method!r}")
+    if depthwise_method is not None and depthwise_method not in WEIGHT_METHODS:
+        raise ValueError(f"depthwise_method must be None or one of {WEIGHT_METHODS}, got {depthwise_method!r}")
+    if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
+        raise ValueError(f"distill_steps must be an int >= 0, got {distill_steps!r}")
     if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 1 <= weight_bits <= 8):
         raise ValueError(f"weight_bits must be an int in [1, 8] or None, got {weight_bits!r}")
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16):
@@ -500,7 +546,7 @@ def fake_quantize_model_(
         raise ValueError(f"clip must be 'minmax', 'mse' or 'hqq' (not with rtn), got {clip!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    need_data = act_bits is not None or bias_correction or (weight_bits is not None and method in ("gptq", "erq"))
+    need_data = act_bits is not None or bias_correction or distill_steps or (weight_bits is not None and method in ("gptq", "erq", "adaround"))
     if need_data:
         if calib_data is None:
             raise ValueError(f"calib_data is required for method={method!r} / act_bits / bias_correction")
@@ -526,19 +572,24 @@ def fake_quantize_model_(
 
     report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
     if weight_bits is not None:
-        data_w = method in ("gptq", "erq") or bias_correction
+        data_w = method in ("gptq", "erq", "adaround") or bias_correction
         mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
         gen = torch.Generator().manual_seed(seed)
-        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip}
+        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip,
+                "ada_iters": adaround_iters, "ada_lr": adaround_lr, "ada_lambda": adaround_lambda}
         bar = _progress(layers, progress, f"W{weight_bits} {method}")
+        codes = {}
+        teacher = _logits_of(model, calib_data, batch_size) if distill_steps else None
         for name, mod in bar:
             st = None
-            if data_w:
-                st = _collect(model, mod, calib_data, batch_size, hessian=method in ("gptq", "erq"),
-                              max_rows=max_rows if (method == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
+            meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
+            if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
+                st = _collect(model, mod, calib_data, batch_size, hessian=meth in ("gptq", "erq", "adaround"),
+                              max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
             bits = layer_bits.get(name, weight_bits)
             W = mod.weight
-            Wq, new_b, note = _quantize_layer(mod, bits, method, group_size, st, opts)
+            Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, opts)
+            codes[mod] = qsz
             report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
             if note:
                 report["notes"][name] = note
@@ -555,10 +606,25 @@ def fake_quantize_model_(
                     b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0])
                     _set_bias(mod, b - shift)
                 W.copy_(Wq.reshape(W.shape).to(W.dtype))
+    if weight_bits is not None and distill_steps:
+        extra = []
+        if distill_bias:
+            extra = [m.bias for _, m in layers if m.bias is not None]
+            extra += [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+        report["distill"] = distill_qparams_(model, codes, torch.cat(list(_batches(calib_data, batch_size))), teacher,
+                                             steps=distill_steps, batch_size=distill_batch, lr=distill_lr, seed=seed,
+                                             extra_params=extra)
+    if weight_bits is not None and return_qparams:
+        report["qparams"] = {n: codes[m] for n, m in layers}
     if act_bits is not None:
         _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _logits_of(model, calib_data, batch_size) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(xb) for xb in _batches(calib_data, batch_size)])
 
 
 def _set_bias(mod, b: torch.Tensor):

@@ -1,0 +1,120 @@
+"""quantkern.ptq.adaround: learned rounding per layer, and end-to-end tuning of scales / zeros."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkern.ptq import hqq_quantize, rtn_quantize
+from quantkern.ptq._wquant import dequantize
+from quantkern.ptq.adaround import _factor, adaround_quantize, layer_error
+from quantkern.ptq.conv import fake_quantize_model_
+
+
+def _layer(O=24, K=48, T=400, rank=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, rank, generator=g) @ torch.randn(rank, K, generator=g) + 0.3 * torch.randn(T, K, generator=g)
+    W = 0.1 * torch.randn(O, K, generator=g)
+    return W, X.T @ X / T
+
+
+@pytest.mark.parametrize("init", ["rtn", "hqq"])
+def test_adaround_on_grid_and_beats_nearest(init):
+    W, H = _layer()
+    q0, s, z = (rtn_quantize if init == "rtn" else hqq_quantize)(W, 4, 16)
+    q, s2, z2 = adaround_quantize(W, H, s, z, 4, iters=200, lr=3e-2, lam=0.1)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and torch.equal(s2, s) and torch.equal(z2, z)
+    # every code is the floor or the ceil of w / s + z
+    x = W / s.repeat_interleave(16, 1) + z.repeat_interleave(16, 1)
+    assert bool(((q.float() - torch.floor(x)).abs() <= 1).all())
+    F_ = _factor(H)
+    e_near = float(layer_error(dequantize(q0, s, z) - W, F_))
+    e_ada = float(layer_error(dequantize(q, s, z) - W, F_))
+    assert e_ada < 0.9 * e_near, (e_ada, e_near)
+
+
+def test_adaround_depthwise_and_zero_iters():
+    g = torch.Generator().manual_seed(1)
+    C, k = 8, 9
+    U = torch.randn(C, 200, k, generator=g) @ torch.randn(C, k, k, generator=g)
+    H = U.transpose(1, 2) @ U / 200
+    W = torch.randn(C, k, generator=g)
+    q0, s, z = rtn_quantize(W, 3, 9)
+    q, _, _ = adaround_quantize(W, H, s, z, 3, iters=0)  # round to nearest (half up) with the given params
+    assert torch.equal(q, q0) or (q.float() - q0.float()).abs().max() <= 1
+    qa, _, _ = adaround_quantize(W, H, s, z, 3, iters=150, lr=3e-2, lam=0.1)
+    F_ = _factor(H)
+    assert float(layer_error(dequantize(qa, s, z) - W, F_)) <= float(layer_error(dequantize(q, s, z) - W, F_))
+    with pytest.raises(ValueError):
+        adaround_quantize(W, H[:3], s, z, 3)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))
+        x = F.relu6(self.pw(F.relu6(self.dw(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    net = Tiny().eval()
+    # correlated inputs make the rounding choice matter
+    base = torch.randn(48, 1, 12, 12)
+    X = base.repeat(1, 3, 1, 1) + 0.2 * torch.randn(48, 3, 12, 12)
+    return net, X
+
+
+def _on_grid(m, qp):
+    for name, (q, s, z) in qp.items():
+        W = getattr(m, name).weight.detach().reshape(q.shape)
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        torch.testing.assert_close(W, dequantize(q, s, z), rtol=0, atol=1e-6)
+
+
+def test_fake_quantize_adaround_on_grid_and_beats_rtn():
+    net, X = _net()
+    ref = net(X).detach()
+    errs = {}
+    for method in ("rtn", "adaround"):
+        m = copy.deepcopy(net)
+        rep = fake_quantize_model_(m, 4, method, 64, calib_data=X, progress=False, return_qparams=True,
+                                   adaround_iters=150, adaround_lr=3e-2, adaround_lambda=0.1)
+        _on_grid(m, rep["qparams"])
+        errs[method] = float((m(X).detach() - ref).norm() / ref.norm())
+    assert errs["adaround"] < errs["rtn"], errs
+
+
+def test_distill_qparams_on_grid_and_lowers_kl():
+    net, X = _net()
+    ref = net(X).detach()
+
+    def kl(m):
+        return float(F.kl_div(m(X).detach().log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"))
+
+    m0 = copy.deepcopy(net)
+    fake_quantize_model_(m0, 3, "rtn", 64, progress=False)
+    m1 = copy.deepcopy(net)
+    rep = fake_quantize_model_(m1, 3, "rtn", 64, calib_data=X, distill_steps=60, distill_batch=16, distill_lr=3e-3,
+                               depthwise_method="rtn", progress=False, return_qparams=True)
+    for name, (q, s, z) in rep["qparams"].items():
+        W = getattr(m1, name).weight.detach().reshape(q.shape)
+        assert int(q.max()) <= 7
+        torch.testing.assert_close(W, dequantize(q, s, z), rtol=0, atol=1e-6)
+    assert rep["distill"]["loss_last"] < rep["distill"]["loss_first"]
+    assert kl(m1) < kl(m0)
+    assert all(not p.requires_grad or p.requires_grad == q.requires_grad
+               for p, q in zip(m1.parameters(), net.parameters()))
+    with pytest.raises(ValueError, match="distill_steps"):
+        fake_quantize_model_(copy.deepcopy(net), 4, "rtn", calib_data=X, distill_steps=-1)
+    with pytest.raises(ValueError, match="depthwise_method"):
+        fake_quantize_model_(copy.deepcopy(net), 4, "rtn", depthwise_method="awq")
