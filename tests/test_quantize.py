@@ -347,6 +347,30 @@ def test_fp_target_lowers_network_error(method):
     assert errs[True] < errs[False], errs
 
 
+def test_fp_target_copy_shares_the_weights(monkeypatch):
+    """The float reference is a copy of the modules, not of the weights (memory), and the model's
+    float weights are never written in place, so the shared copy stays the float model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).eval()
+    orig = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    seen = {}
+    real = copy.deepcopy
+
+    def spy(obj, memo=None):
+        out = real(obj, memo)
+        if obj is model:
+            seen["shared"] = all(a is b for a, b in zip(out.parameters(), params))
+        return out
+
+    monkeypatch.setattr(copy, "deepcopy", spy)
+    X = correlated_inputs(n=8, seed=1)
+    quantize_(model, QuantizeConfig(method="gptq", bits=4, group_size=32, skip=None), calib_fn=[lambda m: m(X)],
+              progress=False)
+    assert seen == {"shared": True}
+    assert all(torch.equal(p, o) for p, o in zip(params, orig))
+
+
 def test_load_calibration_texts_disjoint():
     from quantkern.ptq.models import load_calibration_texts, load_sentences
 

@@ -23,7 +23,7 @@ pass one callable per batch to use them all.
 Float-model targets (``fp_target=True``, default): sequential calibration alone fits
 each layer to its original weights applied to the inputs of the partly quantized model,
 ``min ||(W - W_hat) Xq||``, so the error the quantized earlier layers left in ``Xq`` is
-never corrected. With ``fp_target`` a float copy of the model runs the same calibration
+never corrected. With ``fp_target`` a float copy of the model (sharing its weights) runs the same calibration
 units; for each layer, the float model's inputs ``X`` and the quantized model's ``Xq`` (same
 tokens) give ``A^T A`` and ``B^T A`` (``A = [Xq | 1]``, ``B = [X | 1]``) and the layer is
 first replaced by the ridge least-squares map ``W*, b*`` from ``Xq`` to the float outputs
@@ -34,7 +34,9 @@ asymmetric calibration, done as a least-squares target before the solver rather 
 inside GPTQ's column loop.) With an input quantizer (``act_bits``) GPTQ fits the target on the
 layer's effective inputs ``Qa(Xq)`` (the pairs are kept until the quantizer is calibrated;
 fitting on ``Xq`` took MiniLM GPTQ W4A4 from 0.70 to 0.53), ERQ on ``Xq`` (its Aqer corrects the
-activation error itself; fitting on ``Qa(Xq)`` as well dropped ERQ W4A4 to 0.42). Costs: a float copy of the model and a second forward per unit.
+activation error itself; fitting on ``Qa(Xq)`` as well dropped ERQ W4A4 to 0.42). Costs: a second
+forward per unit, and the replaced float layers stay in memory until ``quantize_`` returns (the copy
+shares the model's tensors, so the peak is the float model plus the packed layers, not twice the model).
 On all-MiniLM-L6-v2 (1.6K calibration tokens) it raised GPTQ's W4 / W3 / W2 embedding
 cosine; it needs a strong ridge there (0.01 hurt at W4, 0.1 .. 1 helped), because the
 1536-wide layers see about as many tokens as they have inputs.
@@ -74,6 +76,7 @@ tensors. Never pickle.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 import warnings
@@ -129,7 +132,8 @@ class QuantizeConfig:
             (on the float model's inputs) instead of the original weights applied to the inputs
             of the partly quantized model, so each layer also absorbs the error its quantized
             predecessors left in its input (``fp_target_weights``). Runs every calibration unit
-            through a float copy of the model as well (about twice the forward time).
+            through a float copy of the model as well (about twice the forward time; the copy shares
+            the model's weights, so the float layers are freed only when ``quantize_`` returns).
         fp_target_damp: that least-squares fit's ridge, relative to ``mean(diag(Xq^T Xq))``.
     """
 
@@ -415,7 +419,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     if cfg.fp_target and cfg.method in _DATA_METHODS:
         import copy
 
-        fp_model = copy.deepcopy(model)  # before any layer is replaced
+        # The float reference shares every parameter and buffer with the model (nothing here
+        # writes them in place; layers are swapped, not edited), so it costs module objects,
+        # not a second copy of the weights: the replaced float layers just stay alive until
+        # quantize_ returns instead of being freed one by one.
+        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        fp_model = copy.deepcopy(model, shared)
         fp_mods = dict(fp_model.named_modules())
     report = []
     it = layers
