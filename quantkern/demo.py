@@ -265,6 +265,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     L0 = _logits(model, Xe)
     n_conf = int((L0.softmax(1).amax(1) > 0.5).sum())
     kd = dict(EFFNET_KD, distill_steps=10) if quick else EFFNET_KD
+    kd_note = f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}"
     rows = set(EFFNET_ROWS if rows is None else rows)
     lines = []
 
@@ -302,8 +303,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                 if key in rows and not (quick and key != "kd_bias"):  # --quick: one KD row, 10 steps
                     m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
                     row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
-                        ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") +
-                        f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}")
+                        ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") + kd_note)
         if "gptq" in methods and not quick:
             if "gptq_hqqparams" in rows:
                 m, tq = quantized(bits, "gptq", clip="hqq")
@@ -315,8 +315,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                         "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
             if "hybrid_kd" in rows:
                 m, tq = quantized(bits, "gptq", depthwise_method="hqq", distill_bias=True, **kd)
-                row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq,
-                    f"all layers; {kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}")
+                row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq, "all layers; " + kd_note)
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)

@@ -297,7 +297,6 @@ class _Capture:
             self.rows = rows.clone() if rows is x else rows
         raise _StopForward
 
-
     def _accumulate(self, xf, x):
         one = torch.ones(x.shape[0], 1, dtype=torch.float64)
         A = torch.cat([x.double(), one], 1)
@@ -309,6 +308,11 @@ class _Capture:
         for xf, x in self.pairs:
             self._accumulate(xf, act_q(x))
         self.pairs = []
+
+
+def _with_bias(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``[W | b]`` in float64 (just ``W`` without a bias): the layer acting on ``[x | 1]``."""
+    return torch.cat([W.double(), b.double()[:, None]], 1) if b is not None else W.double()
 
 
 def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor, BtA: torch.Tensor,
@@ -326,7 +330,7 @@ def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor
     fb = b is not None
     n = K + int(fb)
     G = AtA[:n, :n].clone()
-    Wc = torch.cat([W.double(), b.double()[:, None]], 1) if fb else W.double()
+    Wc = _with_bias(W, b)
     lam = damp * torch.diagonal(G)[:K].mean().clamp_min(1e-30)
     G.diagonal().add_(lam)
     rhs = Wc @ BtA[:n, :n] + lam * Wc
@@ -372,8 +376,7 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
         q, s, z = gptq_quantize(W, H, bits, gs, **kw)
         if cfg.refit and pair:  # the float model's outputs as the target, bias included
             n = W.shape[1] + int(b is not None)
-            Wc = torch.cat([W0.double(), b0.double()[:, None]], 1) if b is not None else W0.double()
-            s, z, b = refit_scale_zero(q, gs, cap.AtA[:n, :n], Wc @ cap.BtA[:n, :n], s, z, bias=b)
+            s, z, b = refit_scale_zero(q, gs, cap.AtA[:n, :n], _with_bias(W0, b0) @ cap.BtA[:n, :n], s, z, bias=b)
         elif cfg.refit:
             Hd = H.double()
             rhs = W.double() @ Hd  # the objective tr((W - W_hat) H (W - W_hat)^T)
