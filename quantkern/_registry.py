@@ -223,9 +223,12 @@ for _sfx in ("", "_triton"):
 
         return _pl_backward
 
-    torch.library.register_autograd(
-        f"quantkern::packed_linear{_sfx}", _make_pl_backward(f"dequantize{_sfx}"), setup_context=_pl_setup
-    )
+    # the native op's autograd is registered in C++ (csrc/cpu/packed_linear.cpp: a Python
+    # wrapper here would run on every call, no_grad included); the Triton op keeps this one
+    if _sfx:
+        torch.library.register_autograd(
+            f"quantkern::packed_linear{_sfx}", _make_pl_backward(f"dequantize{_sfx}"), setup_context=_pl_setup
+        )
 
 
 def packed_grad_input(grad, qweight, scales, zeros, bits, group_size, in_features, dequantize, chunk_bytes=16 << 20):

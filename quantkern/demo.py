@@ -227,9 +227,12 @@ CALIBRATORS = ("max", "percentile", "mse", "entropy")
 EFFNET_CROPS = {"full": (256, 256), "quick": (16, 32)}
 # end-to-end distillation of the group scales / zeros (codes fixed) after HQQ: the best all-W4 method
 EFFNET_KD = {"distill_steps": 150, "distill_batch": 8, "distill_lr": 3e-4}
-# rows of the weight-only table (``rows=`` of effnet_table); the default is every row of the given methods
+# rows of the weight-only table (``rows=`` of effnet_table; None there: every row of the given methods)
 EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd",
                "kd_bias", "kd_w8", "hybrid_kd")
+# the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
+# the best HQQ-based and the best overall all-W4 row (the others are ablations: about 45 more minutes)
+EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "kd_bias", "hybrid_kd")
 
 
 def _hybrid(model, bits, group_size, Xc, layer_bits=None):
@@ -351,7 +354,15 @@ def main(argv=None):
                     "list ('' for none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["minilm", "effnet"], default=None)
+    ap.add_argument("--effnet-rows", default=",".join(EFFNET_DEFAULT_ROWS),
+                    help=f"EfficientNet weight-only rows, comma list of {', '.join(EFFNET_ROWS)}, or 'all' "
+                         f"(default: %(default)s)")
     args = ap.parse_args(argv)
+    eff_rows = None if args.effnet_rows.strip() == "all" else \
+        tuple(r.strip() for r in args.effnet_rows.split(",") if r.strip())
+    for r in eff_rows or ():
+        if r not in EFFNET_ROWS:
+            ap.error(f"--effnet-rows: unknown row {r!r} (choose from {', '.join(EFFNET_ROWS)}, or 'all')")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -370,6 +381,6 @@ def main(argv=None):
                                  act_bits_list=act_bits))
         print("\n" + tabs[-1] + "\n", flush=True)
     if args.only in (None, "effnet"):
-        tabs.append(effnet_table(methods, bits_e, args.quick, out=lambda s: print(s, flush=True)))
+        tabs.append(effnet_table(methods, bits_e, args.quick, out=lambda s: print(s, flush=True), rows=eff_rows))
         print("\n" + tabs[-1] + "\n", flush=True)
     return tabs

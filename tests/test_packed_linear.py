@@ -140,6 +140,22 @@ def test_torch_compile_functional_and_module():
     torch.testing.assert_close(cm(xb), m(xb))
 
 
+def test_torch_compile_backward():
+    # the native op's autograd is a C++ kernel: it must trace under torch.compile too
+    torch._dynamo.reset()
+    pw = make(24, 64, 3, 32)
+    bias = torch.randn(24, requires_grad=True)
+    f = torch.compile(lambda x: ops.packed_linear(x, pw, bias), fullgraph=True)
+    x = torch.randn(5, 64, requires_grad=True)
+    gy = torch.randn(5, 24)
+    f(x).backward(gy)
+    gx, gb = x.grad.clone(), bias.grad.clone()
+    x.grad = bias.grad = None
+    ops.packed_linear(x, pw, bias).backward(gy)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gb, bias.grad)
+
+
 def test_packed_linear_module_roundtrip():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)

@@ -37,3 +37,13 @@ def test_efficientnet_lite0_offline():
     assert x.shape == (1, 3, 224, 224) and x.min() >= -1 and x.max() <= 1
     with torch.no_grad():
         assert net(x).shape == (1, 1000)
+
+
+def test_demo_effnet_rows_cli():
+    """The demo's default EfficientNet rows exist, and an unknown row is refused before any model loads."""
+    from quantkern import demo
+
+    assert set(demo.EFFNET_DEFAULT_ROWS) <= set(demo.EFFNET_ROWS)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--effnet-rows", "rtn,bogus"])
+    assert e.value.code == 2
