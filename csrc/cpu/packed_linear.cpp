@@ -191,10 +191,8 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            int64_t, int64_t, int64_t, const std::optional<at::Tensor>&)>();
     ctx->save_for_backward({qw, s, z});
-    ctx->saved_data["bits"] = bits;
-    ctx->saved_data["group_size"] = group_size;
-    ctx->saved_data["K"] = K;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // one map entry per call (this runs under no_grad too): bits, group_size, K, has_bias
+    ctx->saved_data["args"] = std::vector<int64_t>{bits, group_size, K, bias.has_value() && bias->defined()};
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, qw, s, z, bits, group_size, K, bias);
   }
@@ -203,12 +201,11 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad = grads[0];
+    const auto args = ctx->saved_data["args"].toIntVector();
     at::Tensor gx, gb;
-    if (ctx->needs_input_grad(0))
-      gx = packed_grad_input(grad, saved[0], saved[1], saved[2], ctx->saved_data["bits"].toInt(),
-                             ctx->saved_data["group_size"].toInt(), ctx->saved_data["K"].toInt());
+    if (ctx->needs_input_grad(0)) gx = packed_grad_input(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4))
+    if (args[3] && ctx->needs_input_grad(4))
       gb = grad.reshape({-1, grad.size(-1)}).to(at::kFloat).sum(0);
     // one entry per forward argument (ints included); none for the packed weight, scales, zeros
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb};
