@@ -93,6 +93,14 @@ inline int64_t env_int(const char* name, int64_t dflt) {
 // vpdpbusd work made int4 only 3% faster (int2 9%): the int4 GEMV is bound by this
 // memory stream (~75% of the sgemv read rate), not by the decode.
 static const int64_t kPfRows = env_int("QUANTKERN_PK_PREFETCH_ROWS", 2);
+// The one-row int4 GEMV (M = 1) prefetches a fixed number of bytes ahead instead (one
+// sequential stream through consecutive rows). Measured 2026-12-03 (4096x11008 int4 g64,
+// cold, 1 thread, interleaved in one process): one row at a time with 3 KB lookahead
+// 2.23-2.30 ms, the two-row block 8 KB ahead 2.40-2.54 ms (2 threads: 1.18 vs 1.27 ms).
+// A bare read loop peaks at 0.5-4 KB lookahead (~13 GB/s) and drops to ~10 GB/s at 8 KB.
+// For 2 and 3 bits the two-row block stayed as fast or faster (their rows are shorter and
+// their decode heavier), so they keep it.
+static const int64_t kPfBytes = env_int("QUANTKERN_PK_PREFETCH_BYTES", 3072);
 #define QK_PF(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
 #endif
 
@@ -544,7 +552,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     for (int m = 0; m < MT; ++m) yacc[r][m] = sa[r][m] = _mm512_setzero_ps();
   }
   int64_t gwin = -1;
-  const int64_t pf = kPfRows * NR * P.row_bytes;
+  const int64_t pf = NR == 1 && MT == 1 ? kPfBytes : kPfRows * NR * P.row_bytes;
   for (int r = 0; r < NR; ++r)  // the metadata rows of the next block of rows
     for (int64_t b = 0; b < P.G * es; b += 64) {
       QK_PF(srow_s[r] + kPfRows * NR * P.G * es + b);
@@ -650,7 +658,7 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
     for (int i = 0; i < 64; ++i) c[i] = uint8_t(8 * (i & 7) + 2 * f);
     lshift[f] = _mm512_load_si512(c);
   }
-  constexpr int NR = MT <= 2 ? 2 : 1;
+  constexpr int NR = MT == 1 && BITS == 4 ? 1 : MT <= 2 ? 2 : 1;  // see kPfBytes
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) vnni_gemv_block<BITS, MT, NR, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
   for (; n < n1; ++n) vnni_gemv_block<BITS, MT, 1, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
