@@ -74,3 +74,23 @@ def test_bench_calibrate_quick():
     stdout = _run(["benchmarks.bench_calibrate", "--quick", "--no-plot", "--no-loop", "--threads", "1", "--reps", "1"])
     assert "| case" in stdout and "torch-batched (previous)" in stdout and "entropy asym" in stdout, stdout
     assert "amax differs" not in stdout, stdout
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not {"avx512_vnni", "avx512vbmi"} <= _cpu_flags(), reason="needs AVX-512 VNNI and VBMI")
+def test_packed_linear_stream_harness_builds_and_runs(tmp_path):
+    """benchmarks/packed_linear_stream/ (the out-of-torch GEMV A/B harness) still builds against
+    the kernel headers and runs; a tiny hot weight, no timing checked."""
+    env = dict(os.environ, OUT=str(tmp_path), HOT="1", K="256", N="64", R="2")
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "packed_linear_stream", "run.sh"), "4"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if " ms (p25 " in ln]
+    assert len(lines) == 4 and "kernel0.so" in lines[0] and "same output as the first" in lines[0], r.stdout

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the stream experiments of RESULTS_packed_linear.md and run one comparison:
+#   bash benchmarks/packed_linear_stream/run.sh [BITS] [HEADERS_DIR ...]
+# Each HEADERS_DIR (default: csrc/cpu of this checkout) is a copy of the kernel headers to
+# time against the others (A/B of a change). Pin to a core for 1-thread runs: taskset -c 1 bash ...
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${OUT:-/tmp/qk_stream}
+mkdir -p "$out"
+bits=${1:-4}
+shift || true
+dirs=("$@")
+[ ${#dirs[@]} -eq 0 ] && dirs=("$root/csrc/cpu")
+cxx="g++ -O3 -std=c++20 -fPIC -shared"
+g++ -O2 -fopenmp -o "$out/driver" "$here/driver.cpp" -ldl
+$cxx -DWORK=0 -o "$out/read_prefetch.so" "$here/stream.cpp"
+$cxx -DWORK=1 -o "$out/int4_work.so" "$here/stream.cpp"
+$cxx -DWORK=1 -DMETA=1 -o "$out/int4_work_meta.so" "$here/stream.cpp"
+libs=()
+for i in "${!dirs[@]}"; do
+  $cxx -ffp-contract=off -fno-math-errno -I"${dirs[$i]}" -I"$root/csrc/cpu" -o "$out/kernel$i.so" \
+    "$here/kernel.cpp" "$root/csrc/cpu/cpu_features.cpp"
+  libs+=("$out/kernel$i.so")
+done
+"$out/driver" "$bits" "${libs[@]}" "$out/read_prefetch.so" "$out/int4_work.so" "$out/int4_work_meta.so"
