@@ -573,6 +573,11 @@ def _ddp_worker(rank, world, init_file, out_dir):
         params = {k: v.detach().clone() for k, v in model.named_parameters()}  # BN running stats are per rank
         torch.save({"tracker": tracker.state_dict(), "model": params,
                     "metrics": tracker.metrics()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Free DDP (its reducer holds the process group) and wait for the other rank before the
+        # group goes: destroying DDP after the group, once the peer had exited, hung rank 1 at
+        # exit in about 1 run of 8.
+        del ddp, opt
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
