@@ -85,12 +85,16 @@ def _cpu_flags() -> set:
 
 
 @pytest.mark.skipif(not {"avx512_vnni", "avx512vbmi"} <= _cpu_flags(), reason="needs AVX-512 VNNI and VBMI")
-def test_packed_linear_stream_harness_builds_and_runs(tmp_path):
+@pytest.mark.parametrize("bits, n_rows", [(4, 4), (2, 2)])  # int4: + the two int4-only synthetic streams
+def test_packed_linear_stream_harness_builds_and_runs(tmp_path, bits, n_rows):
     """benchmarks/packed_linear_stream/ (the out-of-torch GEMV A/B harness) still builds against
-    the kernel headers and runs; a tiny hot weight, no timing checked."""
-    env = dict(os.environ, OUT=str(tmp_path), HOT="1", K="256", N="64", R="2")
-    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "packed_linear_stream", "run.sh"), "4"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+    the kernel headers and runs; a tiny hot weight, no timing checked. With AMX the AMX-int8
+    GEMV experiment runs too and must give the kernel's output."""
+    amx = "amx_int8" in _cpu_flags()
+    env = dict(os.environ, OUT=str(tmp_path), HOT="1", K="512", N="64", R="2", AMX_GEMV=str(int(amx)))
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "packed_linear_stream", "run.sh"), str(bits)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if " ms (p25 " in ln]
-    assert len(lines) == 4 and "kernel0.so" in lines[0] and "same output as the first" in lines[0], r.stdout
+    assert len(lines) == n_rows + amx and "kernel0.so" in lines[0], r.stdout
+    assert all("same output as the first" in ln for ln in lines[:1 + amx]), r.stdout

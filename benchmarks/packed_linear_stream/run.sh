@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the stream experiments of RESULTS_packed_linear.md and run one comparison:
-#   bash benchmarks/packed_linear_stream/run.sh [BITS] [HEADERS_DIR ...]
+#   [AMX_GEMV=1] bash benchmarks/packed_linear_stream/run.sh [BITS] [HEADERS_DIR ...]
 # Each HEADERS_DIR (default: csrc/cpu of this checkout) is a copy of the kernel headers to
 # time against the others (A/B of a change). Pin to a core for 1-thread runs: taskset -c 1 bash ...
 set -euo pipefail
@@ -23,4 +23,12 @@ for i in "${!dirs[@]}"; do
     "$here/kernel.cpp" "$root/csrc/cpu/cpu_features.cpp"
   libs+=("$out/kernel$i.so")
 done
-"$out/driver" "$bits" "${libs[@]}" "$out/read_prefetch.so" "$out/int4_work.so" "$out/int4_work_meta.so"
+# AMX_GEMV=1: also the AMX-int8 GEMV experiment (amx_gemv.cpp; int4 / int2, g64, K % 512 == 0)
+if [ "${AMX_GEMV:-0}" = 1 ]; then
+  $cxx -ffp-contract=off -o "$out/amx_gemv.so" "$here/amx_gemv.cpp"
+  libs+=("$out/amx_gemv.so")
+fi
+# the synthetic work streams model the int4 row layout (K / 2 bytes a row): int4 only
+synth=("$out/read_prefetch.so")
+[ "$bits" = 4 ] && synth+=("$out/int4_work.so" "$out/int4_work_meta.so")
+"$out/driver" "$bits" "${libs[@]}" "${synth[@]}"
