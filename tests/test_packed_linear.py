@@ -69,6 +69,37 @@ def test_packed_linear_accuracy(bits, config):
             check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_outliers_and_nonfinite(bits, config):
+    """Activation outliers whose weights are exactly zero (q == z): the small GEMV's int8 split of
+    x must keep the other entries' precision (a third piece); inf / NaN in x propagate as in a
+    float product. M <= 4 and M = 8 (other paths), fp16 / bf16 (the int8 GEMV) and fp32."""
+    N, K, gs = 40, 256, 64
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2 ** bits, (N, K), generator=g)
+    zero = 2 ** (bits - 1)
+    q[:, 3::gs] = zero
+    pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.05), torch.full((N, K // gs), float(zero)),
+                                     bits, gs)
+    for dt in DTYPES:
+        for M in (1, 3, 8):
+            for outlier in (1e2, 1e3, 3e3):
+                x = torch.randn(M, K, generator=g)
+                x[:, 3::gs] = outlier
+                x = x.to(dt)
+                check_accuracy(ops.packed_linear(x, pw), x, pw)
+            x = torch.randn(M, K, generator=g).to(dt)
+            x[0, 5] = float("inf")
+            x[-1, 70] = float("nan") if M > 1 else x[-1, 70]
+            Wd = pw.dequantize(torch.float32)
+            want = (x.float() @ Wd.T).to(dt)
+            got = ops.packed_linear(x, pw)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (dt, M)
+            fin = want.isfinite()
+            torch.testing.assert_close(got[fin], want[fin], rtol=2e-2, atol=2e-2)
+            assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0))
+
+
 def test_noncontiguous_and_batched():
     pw = make(24, 160, 4, 32)
     for dt in DTYPES:

@@ -10,10 +10,15 @@
 //                 group is one zmm; vpermps turns a vector of codes into exact
 //                 weights, which feed fp32 FMAs directly (no buffer).
 //   kPathVnni     AVX-512 VNNI + VBMI, small M, bf16/fp16 x. x is quantized per
-//                 group to two int8 pieces (x ~ a * (h + l / 256), error
-//                 <= a / 512, far below bf16/fp16 rounding); codes are decoded
-//                 with shift+mask to bytes and multiplied by vpdpbusd. The zero
-//                 point is folded: sum_k x_k w_k = s * sum_k x_k q_k - z * s * sum_k x_k.
+//                 group to two int8 pieces (x ~ a * (h + l / 256), a = amax / 127,
+//                 error <= a / 512); codes are decoded with shift+mask to bytes and
+//                 multiplied by vpdpbusd. The zero point is folded:
+//                 sum_k x_k w_k = s * sum_k x_k q_k - z * s * sum_k x_k.
+//                 a / 512 is far below bf16/fp16 rounding unless a group holds an
+//                 outlier (amax > kVnniWideRange * mean |x|): then the small entries
+//                 of that group would lose precision, so the call takes a third piece
+//                 (x ~ a * (h + l / 256 + u / 65536)). x with inf/NaN takes the
+//                 fp32 LUT path, which propagates them as a float product does.
 //   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
 //                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
@@ -417,13 +422,15 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 
 // ------------------------------------------------------------ AVX-512 VNNI GEMV
 // Workspace per row m of x (64-byte aligned pieces):
-//   xh, xl: int8 [nc][nfield][64]  the two pieces, permuted to the decode order
-//   A:      fp32 [G16 + 16]        a_g / 256 per group (0 past G: a 16-group window may overhang)
+//   xh, xl, xu: int8 [nc][nfield][64]  the three pieces, permuted to the decode order
+//   A:      fp32 [G16 + 16]        a_g per group (0 past G: a 16-group window may overhang)
 //   X:      fp32 [G16]             sum of x over each group
+//   mode:   int32                  kVnniTwo / kVnniThree (pieces this row needs) / kVnniNonFinite
+//   xf:     fp32 [Kp]              x itself (for the non-finite fallback)
 // Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
 struct VnniLayout {
   int64_t bpc, nfield, nc, G16;
-  int64_t x_bytes, A_off, X_off, per_m;
+  int64_t x_bytes, A_off, X_off, mode_off, xf_off, per_m;
   int64_t gl_off, g0_off, total_shared;
 };
 inline VnniLayout vnni_layout(const PackedW& P) {
@@ -433,14 +440,23 @@ inline VnniLayout vnni_layout(const PackedW& P) {
   L.nc = (P.nb + L.bpc - 1) / L.bpc;
   L.G16 = round_up(P.G, 16);
   L.x_bytes = L.nc * L.nfield * 64;
-  L.A_off = 2 * L.x_bytes;
+  L.A_off = 3 * L.x_bytes;
   L.X_off = L.A_off + round_up((L.G16 + 16) * 4, 64);
-  L.per_m = round_up(L.X_off + L.G16 * 4, 64);
+  L.mode_off = round_up(L.X_off + L.G16 * 4, 64);
+  L.xf_off = L.mode_off + 64;
+  L.per_m = round_up(L.xf_off + P.Kp() * 4, 64);
   L.gl_off = 0;
   L.g0_off = L.nc * 64;
   L.total_shared = round_up(L.g0_off + L.nc * 4, 64);
   return L;
 }
+
+enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniNonFinite = 2 };
+// A group whose amax exceeds this multiple of its mean |x| makes the call use three pieces.
+// Gaussian groups of 32-256 stay below ~5; one outlier of 8x the mean |x| or more (or a few
+// much larger ones) crosses it. With two pieces such a group's small entries get errors of
+// amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
+constexpr float kVnniWideRange = 8.f;
 
 inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws) {
   const VnniLayout L = vnni_layout(P);
@@ -460,56 +476,70 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       }
     }
   }
-  float* xf = static_cast<float*>(scratch(2, Kp * sizeof(float)));
-  int8_t* h8 = static_cast<int8_t*>(scratch(3, 2 * Kp));
+  int8_t* h8 = static_cast<int8_t*>(scratch(3, 3 * Kp));
   int8_t* l8 = h8 + Kp;
+  int8_t* u8 = l8 + Kp;
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* wm = ws + L.total_shared + m * L.per_m;
     float* A = reinterpret_cast<float*>(wm + L.A_off);
     float* X = reinterpret_cast<float*>(wm + L.X_off);
+    int32_t* mode = reinterpret_cast<int32_t*>(wm + L.mode_off);
+    float* xf = reinterpret_cast<float*>(wm + L.xf_off);
     prep_f32(P, xdt, static_cast<const char*>(x) + m * ldx * (xdt == Dt::F32 ? 4 : 2), ldx, 0, 1, xf);
     std::memset(X, 0, L.G16 * 4);
     std::memset(A, 0, (L.G16 + 16) * 4);
+    *mode = kVnniTwo;
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
-      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
       for (int64_t k = k0; k < k1; k += 16) {
-        const __m512 v = _mm512_loadu_ps(xf + k);
-        vmax = _mm512_max_ps(vmax, _mm512_and_ps(v, absmask));
+        const __m512 v = _mm512_loadu_ps(xf + k), a = _mm512_and_ps(v, absmask);
+        vmax = _mm512_max_ps(a, vmax);  // NaN in a propagates (max returns its second operand)
+        vabs = _mm512_add_ps(vabs, a);
         vsum = _mm512_add_ps(vsum, v);
       }
-      const float amax = _mm512_reduce_max_ps(vmax);
+      const float amax = _mm512_reduce_max_ps(vmax), asum = _mm512_reduce_add_ps(vabs);
       X[g] = _mm512_reduce_add_ps(vsum);
+      if (!(asum <= 3.0e38f)) {  // inf or NaN somewhere in the group (the sum of |x| sees both)
+        *mode = kVnniNonFinite;
+        break;
+      }
+      // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
+      if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      A[g] = amax / 127.f / 256.f;
+      A[g] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t k = k0; k < k1; k += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);
-        const __m512 h = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-        const __m512 l = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, h), c256),
-                                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);  // |v| <= 127
+        __m512 h = _mm512_roundscale_ps(v, kRound);
+        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, h), c256);  // in [-128, 128], exact
+        __m512 l = _mm512_roundscale_ps(r1, kRound);
+        const __m512 u = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, l), c256), kRound)));
+        // l = 128 does not fit int8: carry it into h (h < 127 there, since v - h > 0 needs v < 127)
+        const __mmask16 carry = _mm512_cmp_ps_mask(l, _mm512_set1_ps(128.f), _CMP_EQ_OQ);
+        h = _mm512_mask_add_ps(h, carry, h, _mm512_set1_ps(1.f));
+        l = _mm512_mask_sub_ps(l, carry, l, c256);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
       }
     }
-    int8_t* xh = reinterpret_cast<int8_t*>(wm);
-    int8_t* xl = reinterpret_cast<int8_t*>(wm + L.x_bytes);
-    std::memset(xh, 0, 2 * L.x_bytes);
-    for (int64_t c = 0; c < L.nc; ++c) {
-      for (int64_t b = 0; b < L.bpc; ++b) {
-        const int64_t j = c * L.bpc + b;
-        if (j >= P.nb) continue;
-        if (P.bits == 4) {
-          for (int f = 0; f < 2; ++f) {
-            std::memcpy(xh + (c * 2 + f) * 64 + 16 * b, h8 + 32 * j + 16 * f, 16);
-            std::memcpy(xl + (c * 2 + f) * 64 + 16 * b, l8 + 32 * j + 16 * f, 16);
-          }
-        } else {
-          for (int f = 0; f < 4; ++f) {
-            std::memcpy(xh + (c * 4 + f) * 64 + 8 * b, h8 + 32 * j + 8 * f, 8);
-            std::memcpy(xl + (c * 4 + f) * 64 + 8 * b, l8 + 32 * j + 8 * f, 8);
+    if (*mode == kVnniNonFinite) continue;
+    const int8_t* src[3] = {h8, l8, u8};
+    std::memset(wm, 0, 3 * L.x_bytes);
+    for (int p = 0; p < 3; ++p) {
+      int8_t* dst = reinterpret_cast<int8_t*>(wm + p * L.x_bytes);
+      for (int64_t c = 0; c < L.nc; ++c) {
+        for (int64_t b = 0; b < L.bpc; ++b) {
+          const int64_t j = c * L.bpc + b;
+          if (j >= P.nb) continue;
+          if (P.bits == 4) {
+            for (int f = 0; f < 2; ++f) std::memcpy(dst + (c * 2 + f) * 64 + 16 * b, src[p] + 32 * j + 16 * f, 16);
+          } else {
+            for (int f = 0; f < 4; ++f) std::memcpy(dst + (c * 4 + f) * 64 + 8 * b, src[p] + 32 * j + 8 * f, 8);
           }
         }
       }
@@ -532,7 +562,8 @@ QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64
 
 
 // NR rows of W at a time (independent work for the out-of-order core; x loads shared).
-template <int BITS, int MT, int NR, Dt MD>
+// NP: pieces of x (2 or 3, see kVnniWideRange).
+template <int BITS, int MT, int NR, Dt MD, int NP>
 QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L, const int32_t* gl, const int32_t* g0v,
                                           const uint8_t* const* wm, const __m512i* ctrl, const __m512i* lshift,
                                           int64_t n, Dt ydt, void* y, int64_t ldy, const float* bias) {
@@ -552,6 +583,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     for (int m = 0; m < MT; ++m) yacc[r][m] = sa[r][m] = _mm512_setzero_ps();
   }
   int64_t gwin = -1;
+  const __m512 piece_unit = _mm512_set1_ps(NP == 2 ? 1.f / 256.f : 1.f / 65536.f);  // A[g] is amax / 127
   const int64_t pf = NR == 1 && MT == 1 ? kPfBytes : kPfRows * NR * P.row_bytes;
   for (int r = 0; r < NR; ++r)  // the metadata rows of the next block of rows
     for (int64_t b = 0; b < P.G * es; b += 64) {
@@ -595,7 +627,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     const int64_t g0 = g0v[c];
     if (g0 != gwin) {
       for (int r = 0; r < NR; ++r) {
-        const __m512 s16 = load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0));
+        const __m512 s16 = _mm512_mul_ps(load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0)), piece_unit);
         for (int m = 0; m < MT; ++m)
           sa[r][m] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(wm[m] + L.A_off) + g0), s16);
       }
@@ -603,19 +635,18 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     }
     const __m512i gidx = _mm512_loadu_si512(gl + c * 16);
     for (int m = 0; m < MT; ++m) {
-      const int8_t* xh = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
-      const int8_t* xl = xh + L.x_bytes;
-      __m512i xhv[NF], xlv[NF];
-      for (int f = 0; f < NF; ++f) {
-        xhv[f] = _mm512_load_si512(xh + f * 64);
-        xlv[f] = _mm512_load_si512(xl + f * 64);
-      }
+      const int8_t* xp = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
+      __m512i xv[NP][NF];
+      for (int p = 0; p < NP; ++p)
+        for (int f = 0; f < NF; ++f) xv[p][f] = _mm512_load_si512(xp + p * L.x_bytes + f * 64);
       for (int r = 0; r < NR; ++r) {
-        // 256 * (q . xh) + (q . xl): the xl products accumulate onto the shifted xh sum
+        // 256 * (q . xh) + (q . xl) (then * 256 + (q . xu)): each piece's products accumulate
+        // onto the shifted sum of the ones before (int32: |sum| < 2^31 for every bit width)
         __m512i acc = _mm512_setzero_si512();
-        for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xhv[f]);
-        acc = _mm512_slli_epi32(acc, 8);
-        for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xlv[f]);
+        for (int p = 0; p < NP; ++p) {
+          if (p) acc = _mm512_slli_epi32(acc, 8);
+          for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xv[p][f]);
+        }
         yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sa[r][m]), yacc[r][m]);
       }
     }
@@ -636,7 +667,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
   }
 }
 
-template <int BITS, int MT, Dt MD>
+template <int BITS, int MT, Dt MD, int NP>
 QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const uint8_t* xm, int64_t n0, int64_t n1,
                                      Dt ydt, void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
@@ -660,13 +691,15 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
   }
   constexpr int NR = MT == 1 && BITS == 4 ? 1 : MT <= 2 ? 2 : 1;  // see kPfBytes
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) vnni_gemv_block<BITS, MT, NR, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
-  for (; n < n1; ++n) vnni_gemv_block<BITS, MT, 1, MD>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
+  for (; n + NR <= n1; n += NR)
+    vnni_gemv_block<BITS, MT, NR, MD, NP>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
+  for (; n < n1; ++n) vnni_gemv_block<BITS, MT, 1, MD, NP>(P, L, gl, g0v, wm, ctrl, lshift, n, ydt, y, ldy, bias);
 }
 
-template <int BITS, Dt MD>
-inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt,
-                             void* y, int64_t ldy, const float* bias) {
+// Rows [m0, m0 + M) of x (all of one piece count NP).
+template <int BITS, Dt MD, int NP>
+inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, int64_t M, int64_t n0, int64_t n1,
+                             Dt ydt, void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
   // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
@@ -674,15 +707,44 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int
   const int64_t slab = M <= 4 ? n1 - n0 : 16;
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const uint8_t* xm = ws + L.total_shared + m0 * L.per_m;
-      void* ym = static_cast<char*>(y) + m0 * ldy * es;
-      switch (qmin<int64_t>(4, M - m0)) {
-        case 1: vnni_gemv_rows_t<BITS, 1, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 2: vnni_gemv_rows_t<BITS, 2, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 3: vnni_gemv_rows_t<BITS, 3, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        default: vnni_gemv_rows_t<BITS, 4, MD>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+    for (int64_t mb = m0; mb < m0 + M; mb += 4) {
+      const uint8_t* xm = ws + L.total_shared + mb * L.per_m;
+      void* ym = static_cast<char*>(y) + mb * ldy * es;
+      switch (qmin<int64_t>(4, m0 + M - mb)) {
+        case 1: vnni_gemv_rows_t<BITS, 1, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: vnni_gemv_rows_t<BITS, 2, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: vnni_gemv_rows_t<BITS, 3, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: vnni_gemv_rows_t<BITS, 4, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
       }
+    }
+  }
+}
+
+template <int BITS, Dt MD>
+inline void vnni_gemv_rows_md(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                              void* y, int64_t ldy, const float* bias) {
+  const VnniLayout L = vnni_layout(P);
+  auto mode = [&](int64_t m) { return *reinterpret_cast<const int32_t*>(ws + L.total_shared + m * L.per_m + L.mode_off); };
+  bool three = false, finite = true;
+  for (int64_t m = 0; m < M; ++m) {
+    three |= mode(m) == kVnniThree;
+    finite &= mode(m) != kVnniNonFinite;
+  }
+  if (finite) {  // the common case: every row of x in one pass over the weight
+    if (three) return vnni_gemv_rows_b<BITS, MD, 3>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
+    return vnni_gemv_rows_b<BITS, MD, 2>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
+  }
+  // x holds inf or NaN: those rows take the fp32 LUT GEMV on x itself, so they propagate as a
+  // float product does; the other rows stay on this path, one at a time.
+  const int64_t es = ydt == Dt::F32 ? 4 : 2;
+  for (int64_t m = 0; m < M; ++m) {
+    if (mode(m) == kVnniNonFinite) {
+      const float* xf = reinterpret_cast<const float*>(ws + L.total_shared + m * L.per_m + L.xf_off);
+      lut_gemv_rows_t<BITS, 1>(P, xf, n0, n1, ydt, static_cast<char*>(y) + m * ldy * es, ldy, bias);
+    } else if (mode(m) == kVnniThree) {
+      vnni_gemv_rows_b<BITS, MD, 3>(P, ws, m, 1, n0, n1, ydt, y, ldy, bias);
+    } else {
+      vnni_gemv_rows_b<BITS, MD, 2>(P, ws, m, 1, n0, n1, ydt, y, ldy, bias);
     }
   }
 }
@@ -691,9 +753,9 @@ template <int BITS>
 inline void vnni_gemv_rows_m(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                              int64_t ldy, const float* bias) {
   switch (P.mdt) {
-    case Dt::F32: return vnni_gemv_rows_b<BITS, Dt::F32>(P, ws, M, n0, n1, ydt, y, ldy, bias);
-    case Dt::F16: return vnni_gemv_rows_b<BITS, Dt::F16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
-    default: return vnni_gemv_rows_b<BITS, Dt::BF16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    case Dt::F32: return vnni_gemv_rows_md<BITS, Dt::F32>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    case Dt::F16: return vnni_gemv_rows_md<BITS, Dt::F16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
+    default: return vnni_gemv_rows_md<BITS, Dt::BF16>(P, ws, M, n0, n1, ydt, y, ldy, bias);
   }
 }
 
