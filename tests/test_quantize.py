@@ -190,6 +190,29 @@ def test_packed_linear_input_quantizer(sym, dynamic):
         torch.testing.assert_close(pl(x), ref(xq))
     assert ("input_scale" in dict(pl.named_buffers())) == (not dynamic)
     assert "act=" in repr(pl)
+    # straight-through gradient to x (LoRA / QAT on top): dY W through the entries the clamp keeps,
+    # zero where it clips; forward unchanged
+    xg = x.clone().requires_grad_(True)
+    y = pl(xg)
+    torch.testing.assert_close(y.detach(), ref(xq).detach())
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    W = pl.dequantize(torch.float32)
+    from quantkern.ptq.calibrate import quant_range
+
+    qmin, qmax = quant_range(4, sym)
+    if dynamic:  # the per-token ranges of fake_quant_input
+        s_t = x.abs().amax(-1, keepdim=True) / qmax if sym else \
+            (x.amax(-1, keepdim=True).clamp_min(0) - x.amin(-1, keepdim=True).clamp_max(0)) / qmax
+        z_t = 0 if sym else torch.round(-x.amin(-1, keepdim=True).clamp_max(0) / s_t.clamp_min(1e-30))
+        v = torch.round(x / s_t.clamp_min(1e-30)) + z_t
+    else:
+        v = torch.round(x / scale) + zero
+    inside = (v >= qmin) & (v <= qmax)
+    want = (gy @ W) * inside
+    want[0, 0] = 0 if dynamic else want[0, 0]  # an all-zero token has no range: output 0, no gradient
+    torch.testing.assert_close(xg.grad, want)
+    assert inside.any() and (dynamic or not inside.all())  # the static case exercises the clipping
     # state_dict round trip into a fresh module with the same input-quantizer config
     fresh = PackedLinear(64, 24, bits=4, group_size=32).set_input_quantizer(4, sym, dynamic)
     fresh.load_state_dict(pl.state_dict())

@@ -18,7 +18,8 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
                      scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform fake quantization of activations ``x [..., K]`` (any float dtype; returned in x.dtype).
 
-    ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` computed in float32, with
+    ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` computed in float32 (gradient:
+    straight through the rounding, zero where the clamp clips; s and z held constant), with
     the grid of :func:`quantkern.ptq.calibrate.quant_range` (symmetric: ``[-2^(b-1), 2^(b-1)-1]``,
     z = 0; asymmetric: ``[0, 2^b - 1]``, integer z).
 
@@ -42,8 +43,15 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
             scale = (hi - lo) / qmax
             zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
     ok = scale > 0
-    s = torch.where(ok, scale, torch.ones_like(scale))
-    out = (torch.clamp(torch.round(xf / s) + zero, qmin, qmax) - zero) * s
+    s = torch.where(ok, scale, torch.ones_like(scale)).detach()
+    zero = zero.detach()
+    v = torch.round(xf.detach() / s) + zero
+    out = (torch.clamp(v, qmin, qmax) - zero) * s
+    # Gradient to x: straight through the rounding, the clamp's own derivative (zero where it
+    # clips); the range (static, or this token's for dynamic) counts as a constant. Adding
+    # (xf - xf.detach()), an exact zero, keeps the forward value bit for bit.
+    inside = (v >= qmin) & (v <= qmax) & ok
+    out = out + (xf - xf.detach()) * inside
     return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
 
 
