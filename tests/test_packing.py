@@ -95,6 +95,24 @@ def test_from_float_rtn(bits, gs):
     assert PackedWeight.from_float(W.half(), bits, gs).scales.dtype == torch.float16
 
 
+@pytest.mark.parametrize("meta", [torch.float16, torch.bfloat16])
+def test_from_float_tiny_range_groups(meta):
+    """Groups whose range/(2^b - 1) underflows in the metadata dtype (or whose z = -min/s would
+    overflow it) become constant groups instead of failing with a NaN/inf zero."""
+    W = torch.randn(4, 64)
+    W[1, :32] = 1e-3
+    W[1, 0] = 1e-3 + 3e-7  # fp16 s = 2e-8 -> 0
+    W[2, 32:] = 0.0
+    W[2, 40] = 1e-30 if meta == torch.bfloat16 else 2.4e-7
+    W[3, :32] = 1.0
+    W[3, 7] = 1.0 + 1e-7  # z = -1 / s overflows fp16
+    for Win in (W, W.to(meta)):
+        pw = PackedWeight.from_float(Win, 4, 32, meta)
+        assert torch.isfinite(pw.scales.float()).all() and (pw.scales.float() > 0).all()
+        err = (pw.dequantize(torch.float32) - Win.float()).abs()
+        assert err[1, :32].max() < 1e-5 and err[2, 32:].max() < 1e-5 and err[3, :32].max() < 1e-2
+
+
 def test_packed_weight_to_and_repr():
     pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
     pw2 = pw.to("cpu", meta_dtype=torch.bfloat16)

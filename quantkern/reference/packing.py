@@ -195,7 +195,8 @@ def packed_linear(x, qweight, scales, zeros, bits: int, group_size: int, K: int,
 def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     """Round-to-nearest, min-max asymmetric quantization per group along K.
 
-    Per group: ``s = (max - min) / (2^bits - 1)`` (1 when max == min), ``z = -min / s``
+    Per group: ``s = (max - min) / (2^bits - 1)`` (1 when max == min, or when the range is so
+    small that s underflows or z overflows in ``meta_dtype``), ``z = -min / s``
     (a float zero point), both rounded to ``meta_dtype`` first, then
     ``q = clamp(round(W / s + z), 0, 2^bits - 1)`` with the stored s and z, so that
     dequantization reproduces the grid exactly. ``meta_dtype`` defaults to W's
@@ -219,5 +220,11 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     s = (mx - mn) / qmax
     s = torch.where(s > 0, s, torch.ones_like(s)).to(meta_dtype)
     z = (-mn / s.float()).to(meta_dtype)
+    # A range so small that s underflows to 0 in meta_dtype, or z = -min / s overflows it, is
+    # treated as a constant group (s = 1, z = -min: every q = round(w - min) = 0, w ~= min).
+    tiny = (s == 0) | ~torch.isfinite(z)
+    if tiny.any():
+        s = torch.where(tiny, torch.ones_like(s), s)
+        z = torch.where(tiny, (-mn).to(meta_dtype), z)
     q = torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
     return q.reshape(N, K).to(torch.uint8), s, z
