@@ -414,3 +414,19 @@ def test_fp_target_with_act_quant(method):
                       calib_fn=CALIB, progress=False)
         errs[ft] = rel_err(m, ref)
     assert errs[True] < 0.2 and errs[True] < 1.5 * errs[False], errs
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_quantize_warns_on_hqq_init_clamps(method):
+    """rtn / hqq share hqq's min-max init (range <= 1e-4 -> scale 1, 1/scale <= 2e4): a layer with
+    tiny weights gets a warning naming it; ordinary weights do not."""
+    import warnings
+
+    small = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        small[0].weight.mul_(1e-4)
+    with pytest.warns(UserWarning, match=r"layer '0'.*100\.0% of its groups"):
+        quantize_(small, method=method, bits=4, group_size=32, skip=(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(nn.Sequential(nn.Linear(64, 64)), method=method, bits=4, group_size=32, skip=(), progress=False)

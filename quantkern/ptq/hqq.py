@@ -46,6 +46,10 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, axis: int = 1, bac
     """Round to nearest with the min-max init (asymmetric, float zero): HQQ with 0 iterations.
 
     ``scale = (max - min) / (2^bits - 1)`` (stored as the reciprocal of hqq's inverse scale),
-    ``zero = -min / scale``, ``q = clamp(round(W / scale + zero))``.
+    ``zero = -min / scale``, ``q = clamp(round(W / scale + zero))``, with hqq's two clamps
+    (bit-exact with the hqq package's ``optimize=False``): a group whose range is <= 1e-4 gets
+    scale 1 (a constant group), and the inverse scale is capped at 2e4 (scale >= 5e-5). Layers
+    with weights that small lose most of their information here; ``PackedWeight.from_float``
+    is the plain min-max RTN.
     """
     return ops.hqq_quantize(W, bits, group_size, axis=axis, iters=0, backend=backend)

@@ -352,6 +352,22 @@ def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None):
     return scale, zero
 
 
+def _warn_hqq_init_clamps(name: str, W: torch.Tensor, bits: int, gs: int) -> None:
+    """Warn when HQQ's min-max init (rtn and hqq, as in the hqq package) would not give a layer's
+    groups their min-max grid: a range <= 1e-4 makes the group constant (scale 1), and the
+    inverse scale is capped at 2e4. Layers with tiny weights then lose most of their information."""
+    Wg = W.float().reshape(W.shape[0], -1, gs)
+    rng = Wg.amax(-1) - Wg.amin(-1)
+    hit = (rng <= 1e-4) | ((2**bits - 1) / rng.clamp_min(1e-30) > 2e4)
+    frac = hit.float().mean().item()
+    if frac > 0:
+        warnings.warn(f"quantize_: layer {name!r}: {frac:.1%} of its groups have a weight range below HQQ's "
+                      f"thresholds (range <= 1e-4 -> scale 1, 1/scale capped at 2e4; the min-max init that "
+                      f"'rtn' and 'hqq' share with the hqq package), so they quantize far more coarsely than "
+                      f"min-max. 'gptq' / 'erq', or PackedWeight.from_float (plain min-max), keep them.",
+                      stacklevel=4)
+
+
 def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeConfig, cap: _Capture | None,
            act_q: Callable | None):
     from ._wquant import refit_scale_zero
@@ -489,6 +505,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
         if cap is not None and cap.defer:
             cap.finish(act_q)
+        if method in ("rtn", "hqq"):
+            _warn_hqq_init_clamps(name, W, cfg.bits, gs)
         q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
         pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
         new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
