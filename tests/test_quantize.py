@@ -430,3 +430,23 @@ def test_quantize_warns_on_hqq_init_clamps(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_(nn.Sequential(nn.Linear(64, 64)), method=method, bits=4, group_size=32, skip=(), progress=False)
+
+
+def test_erq_row_sample_is_uniform_over_batches():
+    """ERQ's bounded row sample (calib_tokens) is uniform over every calibration row, not biased to
+    the last batches; fewer rows than the cap are all kept, in order."""
+    from quantkern.ptq.quantize import _Capture, _StopForward
+
+    def run(batches, rows, cap):
+        c = _Capture("erq", 8, cap, seed=0)
+        for i in range(batches):
+            with pytest.raises(_StopForward):
+                c(None, (torch.full((rows, 8), float(i)),))
+        return c.rows
+
+    kept = run(16, 2048, 4096)
+    assert kept.shape == (4096, 8)
+    counts = torch.bincount(kept[:, 0].long(), minlength=16).float()
+    assert counts.min() > 256 * 0.75 and counts.max() < 256 * 1.25, counts  # 256 each expected
+    small = run(3, 100, 4096)
+    assert torch.equal(small[:, 0], torch.arange(3).repeat_interleave(100).float())

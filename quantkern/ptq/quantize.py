@@ -291,11 +291,27 @@ class _Capture:
         if self.hess is not None:
             self.hess.add_batch(x)
         elif self.method == "erq":
-            rows = x if self.rows is None else torch.cat([self.rows, x])
-            if rows.shape[0] > self.cap:  # bounded random subsample
-                rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[: self.cap]]
-            self.rows = rows.clone() if rows is x else rows
+            self._reservoir_add(x, self.seen - x.shape[0])
         raise _StopForward
+
+    def _reservoir_add(self, x: torch.Tensor, n: int) -> None:
+        """Keep a uniform random sample of at most ``cap`` of all rows seen (reservoir sampling,
+        Algorithm R, vectorised per batch): ``n`` rows came before ``x``."""
+        take = min(max(self.cap - n, 0), x.shape[0])
+        if take:  # the first cap rows fill the reservoir
+            head = x[:take].clone()
+            self.rows = head if self.rows is None else torch.cat([self.rows, head])
+        if take == x.shape[0]:
+            return
+        # row t (0-based over all rows) replaces slot r_t ~ U{0..t} when r_t < cap; a slot chosen
+        # several times in this batch ends with the last row that chose it
+        t = torch.arange(n + take, n + x.shape[0])
+        r = (torch.rand(t.shape[0], generator=self.gen, dtype=torch.float64) * (t + 1)).long()
+        keep = r < self.cap
+        last = torch.full((self.cap,), -1, dtype=torch.long)
+        last.scatter_reduce_(0, r[keep], t[keep], reduce="amax")
+        hit = last >= 0
+        self.rows[hit] = x[last[hit] - n]
 
     def _accumulate(self, xf, x):
         one = torch.ones(x.shape[0], 1, dtype=torch.float64)
