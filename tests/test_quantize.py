@@ -218,6 +218,12 @@ def test_packed_linear_input_quantizer(sym, dynamic):
     fresh.load_state_dict(pl.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), pl(x))
+    # a corrupt static range is refused on load, naming the key
+    if not dynamic:
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            sd = dict(pl.state_dict(), input_scale=torch.tensor(bad))
+            with pytest.raises(ValueError, match="input_scale"):
+                PackedLinear(64, 24, bits=4, group_size=32).set_input_quantizer(4, sym, dynamic).load_state_dict(sd)
     # a module without (or with another) input quantizer refuses the checkpoint
     with pytest.raises((ValueError, RuntimeError)):
         PackedLinear(64, 24, bits=4, group_size=32).load_state_dict(pl.state_dict())

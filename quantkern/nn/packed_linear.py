@@ -181,6 +181,12 @@ class PackedLinear(nn.Module):
             if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in (torch.float32, torch.float16,
                                                                                    torch.bfloat16):
                 setattr(self, name, torch.empty(buf.shape, dtype=t.dtype, device=buf.device))
+        # a static input quantizer's range gets the check set_input_quantizer gives it
+        s, z = state_dict.get(prefix + "input_scale"), state_dict.get(prefix + "input_zero")
+        if isinstance(s, torch.Tensor) and (s.numel() != 1 or not bool(torch.isfinite(s).all()) or not float(s) > 0):
+            raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be one finite value > 0, got {s}")
+        if isinstance(z, torch.Tensor) and (z.numel() != 1 or not bool(torch.isfinite(z).all())):
+            raise ValueError(f"PackedLinear: checkpoint {prefix}input_zero must be one finite value, got {z}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):
