@@ -456,3 +456,44 @@ def test_erq_row_sample_is_uniform_over_batches():
     assert counts.min() > 256 * 0.75 and counts.max() < 256 * 1.25, counts  # 256 each expected
     small = run(3, 100, 4096)
     assert torch.equal(small[:, 0], torch.arange(3).repeat_interleave(100).float())
+
+
+class _SharedProj(nn.Module):
+    """One nn.Linear registered under two names (a shared projection used twice)."""
+
+    def __init__(self):
+        super().__init__()
+        p = nn.Linear(64, 64)
+        self.a, self.b = nn.Sequential(p, nn.ReLU()), nn.Sequential(p, nn.ReLU())
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_shared_linear_quantized_once_and_saved(tmp_path, method):
+    from quantkern.nn import replace_linear
+
+    x = torch.randn(16, 64)
+    torch.manual_seed(0)
+    m, ref = _SharedProj(), None
+    ref = copy.deepcopy(m)
+    quantize_(m, method=method, bits=4, group_size=32, calib_fn=[lambda mm: mm(x)], progress=False, skip=("head",))
+    assert isinstance(m.a[0], PackedLinear) and m.a[0] is m.b[0]
+    assert [r[0] for r in m._quantize_report] == ["a.0"]
+    with torch.no_grad():
+        y = m(x)
+        assert ((y - ref(x)).norm() / ref(x).norm()) < 0.2
+    p = str(tmp_path / "shared.safetensors")
+    save_quantized(m, p)
+    torch.manual_seed(1)
+    m2 = load_quantized(_SharedProj(), p)
+    assert m2.a[0] is m2.b[0] and isinstance(m2.a[0], PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), y)
+    # replace_linear keeps the sharing too; a skip on either name keeps the layer in float
+    r = _SharedProj()
+    assert replace_linear(r, 4, 32, skip=("head",)) == ["a.0"] and r.a[0] is r.b[0]
+    r = _SharedProj()
+    assert replace_linear(r, 4, 32, skip=("b.0", "head")) == [] and type(r.a[0]) is nn.Linear

@@ -234,17 +234,35 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     Returns the qualified names of the replaced layers.
     """
     replaced = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not nn.Linear or _skipped(name, skip):
+    for name, sites, child in linear_sites(model, skip):
+        gs = group_size
+        K = child.in_features
+        if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
+            if not fallback_group_size:
                 continue
-            gs = group_size
-            K = child.in_features
-            if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
-                if not fallback_group_size:
-                    continue
-                gs = None
-            setattr(parent, child_name, PackedLinear.from_linear(child, bits, gs, meta_dtype, backend))
-            replaced.append(name)
+            gs = None
+        new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
+        for parent, child_name in sites:
+            setattr(parent, child_name, new)
+        replaced.append(name)
     return replaced
+
+
+def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module, str]], nn.Linear]]:
+    """Every ``nn.Linear`` of ``model`` once: ``(name, [(parent, attribute), ...], layer)``.
+
+    A layer registered under several names (a shared projection) is listed once, under the name
+    ``model.named_modules()`` gives it, with every place it sits, so replacing it keeps it shared.
+    It is skipped when any of its names matches ``skip``.
+    """
+    first = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, tuple[list, list, nn.Linear]] = {}
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                names, sites, _ = found.setdefault(id(child), ([], [], child))
+                names.append(name)
+                sites.append((parent, child_name))
+    return [(first[i], sites, lin) for i, (names, sites, lin) in found.items()
+            if not any(_skipped(n, skip) for n in names)]

@@ -85,7 +85,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn.packed_linear import PackedLinear, _skipped
+from ..nn.packed_linear import PackedLinear, linear_sites
 from ..packed import PackedWeight, load_packed, save_packed
 
 __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
@@ -209,16 +209,6 @@ class QuantizeConfig:
 
 class _StopForward(Exception):
     """Raised by the capture hook once the layer's input is captured."""
-
-
-def _linear_layers(model: nn.Module, skip) -> list[tuple[str, nn.Module, str, nn.Linear]]:
-    out = []
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent.named_children():
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and not _skipped(name, skip):
-                out.append((name, parent, child_name, child))
-    return out
 
 
 def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
@@ -447,7 +437,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             raise ValueError(f"quantize_: {why} needs calib_fn (a callable that runs the model on calibration "
                              "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
-    layers = _linear_layers(model, cfg.skip)
+    layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
     was_training = model.training
     model.eval()
     fp_mods = None
@@ -468,7 +458,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
         a = f"A{cfg.act_bits}" if cfg.act_bits else ""
         it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
-    for name, parent, child_name, lin in it:
+    for name, sites, lin in it:
         t0 = time.perf_counter()
         W = lin.weight.detach().float()
         b = lin.bias.detach().float() if lin.bias is not None else None
@@ -529,7 +519,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         if cfg.act_bits is not None:
             new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
                                     a_scale, a_zero)
-        setattr(parent, child_name, new)
+        for parent, child_name in sites:
+            setattr(parent, child_name, new)
         report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
         del cap
     model.train(was_training)
@@ -540,6 +531,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
 def _packed_modules(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """First name of every module (``named_modules()``'s) -> all names it is registered under."""
+    first = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(first[id(m)], []).append(n)
+    return out
 
 
 _PACKED_KEYS = ("qweight", "scales", "zeros", "_extra_state")
@@ -562,7 +562,8 @@ def save_quantized(model: nn.Module, path: str) -> None:
     if not packed:
         raise ValueError("save_quantized: the model has no PackedLinear layers (run quantize_ first)")
     weights = {n: m.packed_weight for n, m in packed.items()}
-    skip = {f"{n}.{k}" for n in packed for k in _PACKED_KEYS}
+    names = _aliases(model)  # a layer shared under several names is stored once, under its first
+    skip = {f"{a}.{k}" for n in packed for a in names[n] for k in _PACKED_KEYS}
     extra = {}
     for k, v in model.state_dict().items():
         if k in skip:
@@ -601,6 +602,7 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         raise ValueError(f"load_quantized: {_ACT_META} metadata names layers without a packed weight: "
                          f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
     mods = dict(model.named_modules())
+    names = _aliases(model)
     for name, w in weights.items():
         lin = mods.get(name)
         if not isinstance(lin, (nn.Linear, PackedLinear)):
@@ -614,10 +616,11 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         if name in act:  # buffers are placeholders until the strict load below fills them
             d = _check_act_meta(name, act[name])
             new.set_input_quantizer(d["bits"], d["symmetric"], d["dynamic"])
-        parent_name, _, child = name.rpartition(".")
-        setattr(mods[parent_name] if parent_name else model, child, new)
+        for alias in names.get(name, [name]):  # every place a shared layer sits
+            parent_name, _, child = alias.rpartition(".")
+            setattr(mods[parent_name] if parent_name else model, child, new)
     missing, unexpected = model.load_state_dict(extra, strict=False)
-    allowed = {f"{n}.{k}" for n in weights for k in _PACKED_KEYS}
+    allowed = {f"{a}.{k}" for n in weights for a in names.get(n, [n]) for k in _PACKED_KEYS}
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
         raise ValueError(f"load_quantized: checkpoint does not match the model: missing {bad_missing}, "
