@@ -72,9 +72,14 @@ def _stream_hist_bruteforce(batches, num_bins):
                 hist[0] += pending
             elif R_ != 0 and m > float(R_):
                 width = float(R_) / n_
-                n_ = math.ceil(m / width)
+                need, cap = math.ceil(m / width), 4 * num_bins
+                k = math.ceil(math.log2(need / cap)) if need > cap else 0  # merge bins by 2^k
+                width = math.ldexp(width, k)
+                n_ = min(math.ceil(m / width), cap)
                 R_ = torch.tensor(n_ * width, dtype=torch.float32)
-                hist = torch.cat([hist, torch.zeros(n_ - hist.numel(), dtype=torch.float64)])
+                merged = torch.zeros(max(n_, hist.numel()), dtype=torch.float64)
+                merged.index_add_(0, torch.arange(hist.numel()) >> min(k, 62), hist)
+                hist = merged[:n_] if merged[n_:].sum() == 0 else merged
             if R_ == 0:
                 pending += a.numel()
                 continue
@@ -100,6 +105,29 @@ def test_streaming_growth_matches_bruteforce(method):
         assert torch.equal(hist[c, :nc], h) and hist[c, nc:].sum() == 0
         assert torch.equal(edges[c, : nc + 1], e)
         assert amax[c].item() == _ref_amax(method, h, e, 8).float().item()
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_streaming_growth_huge_range_merges_bins(method):
+    """A later batch 1e4x (or, after a 1e-20 first batch, 1e20x) beyond the range so far: the
+    bins merge by a power of two (at most 4 * num_bins per channel), exactly as the rule says,
+    instead of allocating billions of bins or failing; other channels are not widened."""
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3, 300, generator=g) for _ in range(3)]
+    batches[0][1] *= 1e-20
+    batches[1][0, 7] = 1e4
+    batches[2][2] *= 3.0
+    cal = HistogramCalibrator(method, 8, axis=0, num_bins=64)
+    for xb in batches:
+        cal.collect(xb)
+    hist, edges, n = cal.histogram()
+    assert hist.shape[1] <= 4 * 64 and int(n.max()) <= 4 * 64
+    for c, (h, e, nc) in enumerate(_stream_hist_bruteforce(batches, 64)):
+        assert int(n[c]) == nc
+        assert torch.equal(hist[c, :nc], h[:nc]) and hist[c].sum() == 900
+        assert torch.equal(edges[c, : nc + 1], e)
+    amax = cal.compute_amax()
+    assert amax[0] > 1e3 and amax[1] > 1 and torch.isfinite(amax).all()
 
 
 # ------------------------------------------------------------------ per channel == loop of the reference

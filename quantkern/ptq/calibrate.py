@@ -290,7 +290,10 @@ class HistogramCalibrator(_Calibrator):
         num_bits, axis, unsigned: as the other calibrators (unsigned: 2^b levels in mse/entropy).
         symmetric: False: asymmetric range (compute_range()); for "mse" / "entropy" the
             asymmetric rules of :mod:`quantkern.reference.calibrate`.
-        num_bins: bins of the first batch (2048).
+        num_bins: bins of the first batch (2048). A later batch with a larger max extends the
+            histogram at the same bin width; past ``4 * num_bins`` bins a channel's bins are
+            merged by a power of two (exactly: bin i -> i >> k), so memory stays bounded
+            whatever the growth (an outlier far beyond the first batches' range).
         percentile: in [0, 100] (99.99).
         start_bin, stride: first candidate bin (asymmetric: least window width in bins) and
             step of the mse/entropy candidate grid (128; stride None = 1 symmetric,
@@ -302,8 +305,8 @@ class HistogramCalibrator(_Calibrator):
         super().__init__(num_bits, axis, unsigned, symmetric)
         if method not in ("percentile", "mse", "entropy"):
             raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {method!r}")
-        if not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+        if not isinstance(num_bins, int) or not 2 <= num_bins <= 1 << 22:
+            raise ValueError(f"num_bins must be an int in [2, 2^22], got {num_bins!r}")
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if not isinstance(start_bin, int) or start_bin < 1:
@@ -346,7 +349,17 @@ class HistogramCalibrator(_Calibrator):
             self._pending = torch.where(init, torch.zeros_like(self._pending), self._pending)
         if grow.any():
             width = self._R.double() / self._n.clamp(min=1).double()
-            new_n = torch.ceil(bmax.double() / width).long()
+            need = torch.ceil(bmax.double() / width)  # bins at this width (may be astronomically many)
+            cap = 4 * self.num_bins
+            # coarsen by 2^k so that at most cap bins cover the new max; merging is exact
+            k = torch.where(grow & (need > cap), torch.ceil(torch.log2(need / cap)), torch.zeros_like(need))
+            width = torch.ldexp(width, k.long().clamp(max=1 << 12))
+            new_n = torch.ceil(bmax.double() / width).clamp(max=cap).long()
+            if bool((k > 0).any()):
+                shift = k.long().clamp(max=62)[:, None]  # i >> 62 == 0 for every bin index
+                idx = torch.arange(self._pos.shape[1], device=dev)[None, :] >> shift
+                self._pos = torch.zeros_like(self._pos).scatter_add_(1, idx, self._pos)
+                self._neg = torch.zeros_like(self._neg).scatter_add_(1, idx, self._neg)
             self._n = torch.where(grow, new_n, self._n)
             self._R = torch.where(grow, (new_n.double() * width).float(), self._R)
         B = int(self._n.max()) if bool((self._n > 0).any()) else self.num_bins
