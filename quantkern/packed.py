@@ -171,6 +171,33 @@ def read_packed_metadata(path: str) -> dict:
         return dict(f.metadata() or {})
 
 
+def _weights_header(text: str, path: str) -> dict:
+    """The ``weights`` header entry, checked: ``{name: {"bits": int, "group_size": int | None,
+    "shape": [N, K]}}`` (JSON ints, not strings or floats)."""
+    import json
+
+    def bad(why):
+        return ValueError(f"load_packed: {path}: bad 'weights' header ({why})")
+
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"not JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise bad(f"expected an object of layers, got {type(info).__name__}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for name, d in info.items():
+        if not isinstance(d, dict) or set(d) != {"bits", "group_size", "shape"}:
+            raise bad(f"layer {name!r}: expected keys bits, group_size, shape, got {d!r}")
+        if not is_int(d["bits"]) or not (d["group_size"] is None or is_int(d["group_size"])):
+            raise bad(f"layer {name!r}: bits and group_size must be integers, got {d['bits']!r}, {d['group_size']!r}")
+        shp = d["shape"]
+        if not (isinstance(shp, list) and len(shp) == 2 and all(is_int(v) and v > 0 for v in shp)):
+            raise bad(f"layer {name!r}: shape must be [N, K] positive integers, got {shp!r}")
+        d["shape"] = tuple(shp)
+    return info
+
+
 def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
     """Load a :func:`save_packed` file: ``({name: PackedWeight}, {name: extra tensor})``.
 
@@ -191,13 +218,15 @@ def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
                              f"(this quantkern reads {FORMAT_VERSION})")
         if meta.get("layout") != LAYOUT:
             raise ValueError(f"load_packed: unknown layout {meta.get('layout')!r} (expected {LAYOUT!r})")
-        info = json.loads(meta.get("weights", "{}"))
+        info = _weights_header(meta.get("weights", "{}"), path)
         keys = set(f.keys())
         weights = {}
         for name, d in info.items():
+            missing = [f"{name}.{k}" for k in ("qweight", "scales", "zeros") if f"{name}.{k}" not in keys]
+            if missing:
+                raise ValueError(f"load_packed: {path}: the header lists weight {name!r} but the file has no {missing}")
             t = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
-            weights[name] = PackedWeight(t["qweight"], t["scales"], t["zeros"], int(d["bits"]), int(d["group_size"]),
-                                         tuple(d["shape"]))
+            weights[name] = PackedWeight(t["qweight"], t["scales"], t["zeros"], d["bits"], d["group_size"], d["shape"])
             keys -= {f"{name}.qweight", f"{name}.scales", f"{name}.zeros"}
         extra = {k: f.get_tensor(k) for k in sorted(keys)}
     return weights, extra

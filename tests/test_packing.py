@@ -270,6 +270,28 @@ def test_safetensors_checkpoint(tmp_path):
     save_file({"x": torch.ones(1)}, bad, metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a quantkern.packed checkpoint"):
         load_packed(bad)
+    # a tampered 'weights' header gives a ValueError that says what is wrong, never a raw error
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(p, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(p)
+    header = json.loads(meta["weights"])
+    tampered = {
+        "not JSON": "{",
+        "object of layers": json.dumps([1, 2]),
+        "must be integers": json.dumps(dict(header, a=dict(header["a"], bits="3"))),
+        "expected keys": json.dumps(dict(header, a={"bits": 3, "group_size": None})),
+        "shape must be": json.dumps(dict(header, a=dict(header["a"], shape=[8]))),
+        "file has no": json.dumps(dict(header, z=header["a"])),
+    }
+    for why, text in tampered.items():
+        save_file(tensors, bad, metadata=dict(meta, weights=text))
+        with pytest.raises(ValueError, match=why):
+            load_packed(bad)
 
 
 def test_nan_scales_rejected():
