@@ -64,7 +64,8 @@ def _pick_backend(op: str, x: torch.Tensor, backend: str) -> str:
     if backend == "triton":
         if x.device.type != "cuda" and not _triton_interpreting():
             raise ValueError(
-                f"quantkern.{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing); x is on {x.device}"
+                f"quantkern.{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing); "
+                f"the input is on {x.device}"
             )
         from . import triton_kernels  # noqa: F401  (registers the *_triton kernels)
     else:
@@ -528,6 +529,8 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"quantkern.{op}: q must have an integer dtype, got {q.dtype}")
     if q.dim() != 2 or q.shape[1] == 0:
         raise ValueError(f"quantkern.{op}: q must be 2-D [N, K] with K > 0, got shape {tuple(q.shape)}")
+    if q.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few CPU ops take these: widen (out of range stays so)
+        q = q.to(torch.int64)
     _load.require_native(op)
     if q.device.type != "cpu":
         return torch.ops.quantkern.pack(q.cpu(), bits).to(q.device)
@@ -579,7 +582,7 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
     Args:
         x: ``[..., in_features]``, float32 / float16 / bfloat16, any strides.
         weight: PackedWeight ``[out_features, in_features]``, on x's device.
-        bias: ``[out_features]`` (any float dtype) or None.
+        bias: ``[out_features]`` float32 / float16 / bfloat16 (any of them, whatever x's) or None.
         backend: "auto", "native" or "triton" (module docstring).
 
     Returns:

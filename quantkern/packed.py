@@ -64,8 +64,12 @@ class PackedWeight:
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                        group_size: int | None = None) -> "PackedWeight":
         """From integer codes ``q [N, K]`` and per-group ``scales``/``zeros [N, G]``."""
+        for name, t in (("q", q), ("scales", scales), ("zeros", zeros)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"PackedWeight.from_quantized: {name} must be a 2-D tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         K = q.shape[1]
-        gs = K // scales.shape[1] if group_size in (None, -1) else group_size
+        gs = K // max(scales.shape[1], 1) if group_size in (None, -1) else group_size
         return cls(ops.pack(q, bits), scales.contiguous(), zeros.contiguous(), bits, gs, q.shape)
 
     @classmethod

@@ -223,6 +223,10 @@ def test_errors():
         PackedWeight.from_float(torch.randn(4, 96), 4, 64)
     with pytest.raises(RuntimeError, match="values must lie"):
         torch.ops.quantkern.pack(q + 8, 3)
+    for dt in (torch.uint16, torch.uint32, torch.uint64):  # unsigned codes beyond uint8 are packed too
+        assert torch.equal(ops.pack(q.to(dt), 4), ops.pack(q, 4))
+    with pytest.raises(ValueError, match="q must be a 2-D tensor"):
+        PackedWeight.from_quantized(q[0], torch.ones(4, 2), torch.ones(4, 2), 4, 32)
     pw = PackedWeight.from_float(torch.randn(4, 64), 4, 32)
     with pytest.raises(ValueError, match="scales must have shape"):
         PackedWeight(pw.qweight, pw.scales[:, :1], pw.zeros[:, :1], 4, 32, (4, 64))
