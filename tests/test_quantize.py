@@ -158,6 +158,11 @@ def test_bad_config():
         quantize_(make_model(), QuantizeConfig(group_size=0), progress=False)
     with pytest.raises(ValueError, match="no PackedLinear"):
         save_quantized(make_model(), "/tmp/never_written.safetensors")
+    # an error mid-way (GPTQ's Cholesky with damp 0 on rank-deficient data) restores the train mode
+    m = make_model().train()
+    with pytest.raises(RuntimeError, match="positive definite"):
+        quantize_(m, method="gptq", damp=0.0, calib_fn=[lambda mm: mm(X_CAL[:2])], progress=False)
+    assert m.training
 
 
 # ---------------------------------------------------------------- input (activation) quantizers
@@ -300,7 +305,9 @@ def test_act_quant_needs_data_and_checks_metadata(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("act_bits", 1), ("act_bits", 16), ("act_method", "kl"),
                                          ("act_dynamic", "yes"), ("act_symmetric", 1), ("clip", "max"),
-                                         ("refit_passes", -1), ("erq_lambda1", -1.0), ("clip_grid", 0)])
+                                         ("refit_passes", -1), ("erq_lambda1", -1.0), ("clip_grid", 0),
+                                         ("hqq_iters", -1), ("erq_refine_iters", 2.5), ("block_size", 0),
+                                         ("seed", None), ("skip", 3)])
 def test_bad_act_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         quantize_(make_model(), QuantizeConfig(**{field: value}), progress=False)

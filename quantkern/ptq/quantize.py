@@ -196,6 +196,15 @@ class QuantizeConfig:
             raise ValueError(f"QuantizeConfig: clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
         if isinstance(self.refit_passes, bool) or not isinstance(self.refit_passes, int) or self.refit_passes < 0:
             raise ValueError(f"QuantizeConfig: refit_passes must be an int >= 0, got {self.refit_passes!r}")
+        for name, lo in (("hqq_iters", 0), ("erq_refine_iters", 0), ("block_size", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"QuantizeConfig: {name} must be an int >= {lo}, got {v!r}")
+        sk = self.skip
+        if not (sk is None or callable(sk) or isinstance(sk, str) or
+                (isinstance(sk, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in sk))):
+            raise ValueError(f"QuantizeConfig: skip must be None, a name / pattern, a sequence of them or a "
+                             f"predicate on the layer name, got {sk!r}")
         for name in ("erq_lambda1", "erq_lambda2", "damp", "fp_target_damp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -440,90 +449,92 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
     was_training = model.training
     model.eval()
-    fp_mods = None
-    if cfg.fp_target and cfg.method in _DATA_METHODS:
-        import copy
+    try:
+        fp_mods = None
+        if cfg.fp_target and cfg.method in _DATA_METHODS:
+            import copy
 
-        # The float reference shares every parameter and buffer with the model (nothing here
-        # writes them in place; layers are swapped, not edited), so it costs module objects,
-        # not a second copy of the weights: the replaced float layers just stay alive until
-        # quantize_ returns instead of being freed one by one.
-        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        fp_model = copy.deepcopy(model, shared)
-        fp_mods = dict(fp_model.named_modules())
-    report = []
-    it = layers
-    if progress:
-        from tqdm.auto import tqdm
+            # The float reference shares every parameter and buffer with the model (nothing here
+            # writes them in place; layers are swapped, not edited), so it costs module objects,
+            # not a second copy of the weights: the replaced float layers just stay alive until
+            # quantize_ returns instead of being freed one by one.
+            shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+            fp_model = copy.deepcopy(model, shared)
+            fp_mods = dict(fp_model.named_modules())
+        report = []
+        it = layers
+        if progress:
+            from tqdm.auto import tqdm
 
-        a = f"A{cfg.act_bits}" if cfg.act_bits else ""
-        it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
-    for name, sites, lin in it:
-        t0 = time.perf_counter()
-        W = lin.weight.detach().float()
-        b = lin.bias.detach().float() if lin.bias is not None else None
-        gs = _group_for(name, lin.in_features, cfg)
-        cap = None
-        method = cfg.method
-        if needs_data:
-            act_cal = None
-            if cfg.static_act:
-                from .calibrate import make_calibrator
+            a = f"A{cfg.act_bits}" if cfg.act_bits else ""
+            it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
+        for name, sites, lin in it:
+            t0 = time.perf_counter()
+            W = lin.weight.detach().float()
+            b = lin.bias.detach().float() if lin.bias is not None else None
+            gs = _group_for(name, lin.in_features, cfg)
+            cap = None
+            method = cfg.method
+            if needs_data:
+                act_cal = None
+                if cfg.static_act:
+                    from .calibrate import make_calibrator
 
-                act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
-            # GPTQ with an input quantizer: fit the float target on Qa(Xq) (deferred until Qa is calibrated);
-            # ERQ: on Xq, its Aqer handles the activation error itself (fitting on Qa(Xq) too
-            # double-corrects: MiniLM W4A4 0.66 -> 0.42)
-            pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
-                    if fp_mods is not None else False)
-            cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair)
-            h = lin.register_forward_hook(cap)
-            hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
-            try:
-                for f in units:
-                    if hf is not None:
-                        cap.pending = None
+                    act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
+                # GPTQ with an input quantizer: fit the float target on Qa(Xq) (deferred until Qa is calibrated);
+                # ERQ: on Xq, its Aqer handles the activation error itself (fitting on Qa(Xq) too
+                # double-corrects: MiniLM W4A4 0.66 -> 0.42)
+                pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
+                        if fp_mods is not None else False)
+                cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair)
+                h = lin.register_forward_hook(cap)
+                hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
+                try:
+                    for f in units:
+                        if hf is not None:
+                            cap.pending = None
+                            try:
+                                f(fp_model)
+                            except _StopForward:
+                                pass
                         try:
-                            f(fp_model)
+                            f(model)
                         except _StopForward:
                             pass
-                    try:
-                        f(model)
-                    except _StopForward:
-                        pass
-            finally:
-                h.remove()
-                if hf is not None:
-                    hf.remove()
-            if cap.seen == 0:
-                warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
-                              + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=2)
-                method = "rtn"
-        a_scale, a_zero = _act_qparams(cfg, cap)
-        act_q = None
-        if cfg.act_bits is not None:
-            from ..nn.packed_linear import fake_quant_input
+                finally:
+                    h.remove()
+                    if hf is not None:
+                        hf.remove()
+                if cap.seen == 0:
+                    warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
+                                  + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=2)
+                    method = "rtn"
+            a_scale, a_zero = _act_qparams(cfg, cap)
+            act_q = None
+            if cfg.act_bits is not None:
+                from ..nn.packed_linear import fake_quant_input
 
-            dyn = cfg.act_dynamic or a_scale is None
+                dyn = cfg.act_dynamic or a_scale is None
 
-            def act_q(x, _d=dyn, _s=a_scale, _z=a_zero):
-                return fake_quant_input(x, cfg.act_bits, cfg.act_symmetric, _d, _s, _z)
+                def act_q(x, _d=dyn, _s=a_scale, _z=a_zero):
+                    return fake_quant_input(x, cfg.act_bits, cfg.act_symmetric, _d, _s, _z)
 
-        if cap is not None and cap.defer:
-            cap.finish(act_q)
-        if method in ("rtn", "hqq"):
-            _warn_hqq_init_clamps(name, W, cfg.bits, gs)
-        q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
-        pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
-        new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
-        if cfg.act_bits is not None:
-            new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
-                                    a_scale, a_zero)
-        for parent, child_name in sites:
-            setattr(parent, child_name, new)
-        report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
-        del cap
-    model.train(was_training)
+            if cap is not None and cap.defer:
+                cap.finish(act_q)
+            if method in ("rtn", "hqq"):
+                _warn_hqq_init_clamps(name, W, cfg.bits, gs)
+            q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
+            pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
+            new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
+            if cfg.act_bits is not None:
+                new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
+                                        a_scale, a_zero)
+            for parent, child_name in sites:
+                setattr(parent, child_name, new)
+            report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
+            del cap
+    finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
+        model.train(was_training)
     fp_model = fp_mods = None
     model._quantize_report = report
     return model
