@@ -117,10 +117,22 @@ class PackedWeight:
         return ops.dequantize(self, dtype, backend=backend)
 
     def to(self, device=None, meta_dtype: torch.dtype | None = None) -> "PackedWeight":
-        """A copy on ``device`` (and with scales/zeros cast to ``meta_dtype`` when given)."""
+        """A copy on ``device`` (and with scales/zeros cast to ``meta_dtype`` when given).
+
+        The codes are kept, so a cast that loses a scale (underflow to 0) or overflows a zero
+        raises instead of returning a silently different weight."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"PackedWeight.to: got the dtype {device} as device; the codes keep their format, "
+                            f"use meta_dtype={device} to cast the scales / zeros")
         md = meta_dtype or self.scales.dtype
-        return PackedWeight(self.qweight.to(device), self.scales.to(device, md), self.zeros.to(device, md), self.bits,
-                            self.group_size, self.shape)
+        s, z = self.scales.to(device, md), self.zeros.to(device, md)
+        if md != self.scales.dtype:
+            lost = (s == 0) & (self.scales.to(s.device) != 0)
+            if bool(lost.any()) or not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
+                raise ValueError(f"PackedWeight.to: casting scales / zeros to {md} loses {int(lost.sum())} scale(s) to "
+                                 f"underflow or overflows a value; re-quantize from the float weight with that "
+                                 f"meta_dtype (PackedWeight.from_float) instead")
+        return PackedWeight(self.qweight.to(device), s, z, self.bits, self.group_size, self.shape)
 
     def tensors(self) -> dict:
         return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}

@@ -113,6 +113,17 @@ def test_from_float_tiny_range_groups(meta):
         assert err[1, :32].max() < 1e-5 and err[2, 32:].max() < 1e-5 and err[3, :32].max() < 1e-2
 
 
+def test_packed_weight_to_refuses_lossy_meta_cast():
+    W = torch.randn(4, 64)
+    W[1, :32] *= 1e-8  # scales ~3e-9: 0 in fp16
+    pw = PackedWeight.from_float(W, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="underflow"):
+        pw.to(meta_dtype=torch.float16)
+    assert pw.to(meta_dtype=torch.bfloat16).scales.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="meta_dtype"):
+        pw.to(torch.float16)
+
+
 def test_packed_weight_to_and_repr():
     pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
     pw2 = pw.to("cpu", meta_dtype=torch.bfloat16)

@@ -504,3 +504,19 @@ def test_shared_linear_quantized_once_and_saved(tmp_path, method):
     assert replace_linear(r, 4, 32, skip=("head",)) == ["a.0"] and r.a[0] is r.b[0]
     r = _SharedProj()
     assert replace_linear(r, 4, 32, skip=("b.0", "head")) == [] and type(r.a[0]) is nn.Linear
+
+
+def test_quantize_keeps_fp32_metadata_when_fp16_would_lose_it():
+    """Tiny weights under GPTQ: fp16 scales would underflow to 0 (a dead layer); the layer keeps
+    float32 metadata, with a warning naming it, and stays accurate."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        m[0].weight.mul_(1e-7)
+    x = torch.randn(32, 64)
+    ref = m(x)
+    with pytest.warns(UserWarning, match=r"layer '0'.*float32 metadata"):
+        quantize_(m, method="gptq", bits=4, group_size=32, skip=(), calib_fn=[lambda mm: mm(x)], progress=False)
+    assert m[0].scales.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(m(x).flatten(), ref.flatten(), 0) > 0.99

@@ -524,7 +524,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             if method in ("rtn", "hqq"):
                 _warn_hqq_init_clamps(name, W, cfg.bits, gs)
             q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
-            pw = PackedWeight.from_quantized(q.to(torch.uint8), s.to(cfg.meta_dtype), z.to(cfg.meta_dtype), cfg.bits, gs)
+            sm, zm = s.to(cfg.meta_dtype), z.to(cfg.meta_dtype)
+            if not (bool(((sm != 0) | (s == 0)).all()) and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
+                warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {cfg.meta_dtype} (a scale "
+                              f"underflows to 0 or a value overflows); this layer keeps float32 metadata",
+                              stacklevel=3)
+                sm, zm = s.float(), z.float()
+            pw = PackedWeight.from_quantized(q.to(torch.uint8), sm, zm, cfg.bits, gs)
             new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
             if cfg.act_bits is not None:
                 new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
