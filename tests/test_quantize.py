@@ -158,6 +158,8 @@ def test_bad_config():
         quantize_(make_model(), QuantizeConfig(group_size=0), progress=False)
     with pytest.raises(ValueError, match="no PackedLinear"):
         save_quantized(make_model(), "/tmp/never_written.safetensors")
+    with pytest.warns(UserWarning, match="no nn.Linear"):
+        quantize_(nn.Sequential(nn.ReLU()), method="rtn", progress=False)
     # an error mid-way (GPTQ's Cholesky with damp 0 on rank-deficient data) restores the train mode
     m = make_model().train()
     with pytest.raises(RuntimeError, match="positive definite"):

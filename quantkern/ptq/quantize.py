@@ -281,7 +281,8 @@ class _Capture:
             xf = self.pending
             if xf is None or xf.shape != x.shape:
                 raise RuntimeError("quantize_(fp_target=True): the float and the quantized model saw different "
-                                   "inputs for one calibration unit (calib_fn must be deterministic)")
+                                   "inputs for one calibration unit (calib_fn must be deterministic and run the "
+                                   "model it is passed, not a captured one)")
             if self.defer:
                 self.pairs.append((xf, x.clone()))
             else:
@@ -447,6 +448,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                              "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
+    if not layers:
+        warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip); layers of other types, e.g. "
+                      "transformers' Conv1D (GPT-2), are not converted", stacklevel=2)
     was_training = model.training
     model.eval()
     try:
