@@ -179,6 +179,31 @@ def test_act_only_and_skip():
     assert torch.equal(m2.fc.weight, net.fc.weight) and not torch.equal(m2.stem.weight, net.stem.weight)
 
 
+def test_skip_as_a_string_and_act_quantizers_replaced_on_a_second_call():
+    net, Xc, Xe = _net_and_data()
+    m = copy.deepcopy(net)
+    rep = fake_quantize_model_(m, 4, "rtn", skip="fc", progress=False)  # one name, not its letters
+    assert "fc" not in rep["layers"] and torch.equal(m.fc.weight, net.fc.weight)
+    for _ in range(2):
+        fake_quantize_model_(m, None, act_bits=8, act_method="max", calib_data=Xc, progress=False)
+    assert len(m.stem._forward_pre_hooks) == 1
+    assert remove_act_quantizers(m) == 5 and not any(len(x._forward_pre_hooks) for x in m.modules())
+    assert torch.isfinite(m(Xe)).all()
+
+
+def test_depthwise_method_gptq_under_rtn_and_erq_bias_not_corrected_twice():
+    net, Xc, _ = _net_and_data()
+    m = copy.deepcopy(net)
+    fake_quantize_model_(m, 4, "rtn", 64, calib_data=Xc, depthwise_method="gptq", progress=False)
+    assert m.dw.weight.reshape(24, -1)[0].unique().numel() <= 16
+    # ERQ re-fits each layer's bias to the float outputs: bias_correction leaves those layers alone
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    fake_quantize_model_(a, 4, "erq", 64, calib_data=Xc, progress=False)
+    fake_quantize_model_(b, 4, "erq", 64, calib_data=Xc, bias_correction=True, progress=False)
+    for name in ("stem", "expand", "project", "fc"):
+        torch.testing.assert_close(getattr(a, name).bias, getattr(b, name).bias)
+
+
 def test_bias_correction_removes_mean_shift():
     net, Xc, _ = _net_and_data()
     errs = []
@@ -215,6 +240,24 @@ def test_errors():
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(NotImplementedError):
         fake_quantize_model_(grouped, 4, "rtn")
+    # caught up front too: bits hqq does not take, distillation arguments, a calibration batch the
+    # model cannot run, depthwise_method needing data, skip names
+    with pytest.raises(ValueError, match="5-bit weights with method 'hqq'"):
+        fake_quantize_model_(net, 4, "hqq", layer_bits={"fc": 5})
+    with pytest.raises(ValueError, match="distill_lr"):
+        fake_quantize_model_(net, 4, "rtn", calib_data=Xc, distill_steps=2, distill_lr=-1.0)
+    with pytest.raises(ValueError, match="distill_batch"):
+        fake_quantize_model_(net, 4, "rtn", calib_data=Xc, distill_steps=2, distill_batch=0)
+    with pytest.raises(RuntimeError):
+        fake_quantize_model_(net, 4, "rtn", act_bits=8, calib_data=torch.randn(4, 5, 16, 16))
+    with pytest.raises(ValueError, match="depthwise_method='gptq'"):
+        fake_quantize_model_(net, 4, "rtn", depthwise_method="gptq")
+    with pytest.raises(ValueError, match="no Conv2d / Linear named"):
+        fake_quantize_model_(net, 4, "rtn", skip=["nope"])
+    same = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding="same"))
+    with pytest.raises(NotImplementedError, match="padding='same'"):
+        fake_quantize_model_(same, 4, "gptq", calib_data=torch.randn(2, 3, 8, 8))
+    assert torch.equal(same[0].weight, copy.deepcopy(same)[0].weight)
     # nothing was modified by the failing calls
     ref, _, _ = _net_and_data()
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))

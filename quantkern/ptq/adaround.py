@@ -179,6 +179,10 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
 
     if steps <= 0:
         return {}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"distill_qparams_: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"distill_qparams_: lr must be a finite float > 0, got {lr!r}")
     gen = torch.Generator().manual_seed(seed)
     was = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in was:
@@ -193,11 +197,11 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     for p in extra:
         p.requires_grad_(True)
     params += extra
-    opt = torch.optim.Adam(params, lr=lr)
     losses = []
     model.eval()
     N = calib_data.shape[0]
-    try:
+    try:  # from here on the parametrizations are always removed again
+        opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randperm(N, generator=gen)[:batch_size]

@@ -21,8 +21,10 @@ coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwi
   ``[kh*kw, kh*kw]`` Hessian per channel (each output channel sees only its own input
   channel).
 * ``"erq"``: dense layers call :func:`~quantkern.ptq.erq_quantize` (Wqer + ridge
-  compensation; with ``act_bits`` also Aqer against the layer's activation
-  quantizer) on a random subset of im2col rows; depthwise convs fall back to
+  compensation, which also re-fits the bias, so ``bias_correction`` skips these layers)
+  on a random subset of im2col rows. ``act_bits`` quantizers are calibrated after the
+  weights, so Aqer runs only against quantizers already installed by an earlier
+  activation-only call (``fake_quantize_model_(m, None, act_bits=...)``); depthwise convs fall back to
   :func:`gptq_depthwise` (ERQ's solver takes one input matrix shared by all rows,
   a depthwise conv has a different one per channel).
 
@@ -425,6 +427,8 @@ def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_s
     def sign_hook(m, a):
         neg[id(m)] |= bool((a[0] < 0).any())
 
+    for _, m in layers:  # a second call replaces the quantizers of the first
+        _remove_act_quantizer(m)
     _run_hooked(model, layers, sign_hook, calib_data, batch_size)
     for _, m in layers:
         m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
@@ -438,15 +442,17 @@ def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_s
 
 def remove_act_quantizers(model: nn.Module) -> int:
     """Removes the activation fake-quantizers added by :func:`fake_quantize_model_`; returns how many."""
-    n = 0
-    for m in model.modules():
-        h = getattr(m, "_qk_act_hook", None)
-        if h is not None:
-            h.remove()
-            del m._qk_act_hook
-            del m.input_quantizer
-            n += 1
-    return n
+    return sum(_remove_act_quantizer(m) for m in model.modules())
+
+
+def _remove_act_quantizer(m: nn.Module) -> bool:
+    h = getattr(m, "_qk_act_hook", None)
+    if h is None:
+        return False
+    h.remove()
+    del m._qk_act_hook
+    del m.input_quantizer
+    return True
 
 
 def fake_quantize_model_(
@@ -546,10 +552,14 @@ def fake_quantize_model_(
         raise ValueError(f"clip must be 'minmax', 'mse' or 'hqq' (not with rtn), got {clip!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    need_data = act_bits is not None or bias_correction or distill_steps or (weight_bits is not None and method in ("gptq", "erq", "adaround"))
+    data_methods = {"gptq", "erq", "adaround"}
+    uses_data = method in data_methods or depthwise_method in data_methods
+    need_data = act_bits is not None or bias_correction or distill_steps or (weight_bits is not None and uses_data)
     if need_data:
         if calib_data is None:
-            raise ValueError(f"calib_data is required for method={method!r} / act_bits / bias_correction")
+            dw = f", depthwise_method={depthwise_method!r}" if depthwise_method else ""
+            raise ValueError(f"calib_data is required for method={method!r}{dw} / act_bits / bias_correction / "
+                             f"distill_steps")
         if isinstance(calib_data, torch.Tensor):
             if not calib_data.is_floating_point() or calib_data.dim() == 0 or calib_data.shape[0] == 0:
                 raise ValueError(f"calib_data must be a non-empty float tensor [N, ...], got {calib_data.dtype} {tuple(calib_data.shape)}")
@@ -557,6 +567,12 @@ def fake_quantize_model_(
             calib_data = list(calib_data)
             if not calib_data or not all(isinstance(x, torch.Tensor) for x in calib_data):
                 raise ValueError("calib_data must be a tensor or a non-empty iterable of tensors")
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not callable(skip):
+        unknown = set(skip) - {n for n, _ in quantizable_layers(model)}
+        if unknown:
+            raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
     skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(skip): n in s)
     layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]
     names = {n for n, _ in quantizable_layers(model)}
@@ -566,13 +582,36 @@ def fake_quantize_model_(
             raise ValueError(f"layer_bits: no Conv2d / Linear named {n!r}")
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"layer_bits[{n!r}] must be an int in [1, 8], got {b!r}")
+    if distill_steps:
+        if isinstance(distill_batch, bool) or not isinstance(distill_batch, int) or distill_batch < 1:
+            raise ValueError(f"distill_batch must be an int >= 1, got {distill_batch!r}")
+        if isinstance(distill_lr, bool) or not isinstance(distill_lr, (int, float)) or not 0 < distill_lr < float("inf"):
+            raise ValueError(f"distill_lr must be a finite float > 0, got {distill_lr!r}")
+    from ..ops import HQQ_BITS
+
     for n, m in layers:
         if isinstance(m, nn.Conv2d) and m.groups != 1 and not _is_depthwise(m):
             raise NotImplementedError(f"{n}: grouped conv with groups={m.groups} (only dense and depthwise convs)")
+        if weight_bits is None:
+            continue
+        meth = depthwise_method if (depthwise_method and _is_depthwise(m)) else method
+        b = layer_bits.get(n, weight_bits)
+        if meth in ("rtn", "hqq") and b not in HQQ_BITS:
+            raise ValueError(f"{n}: {b}-bit weights with method {meth!r}: rtn / hqq take bits {HQQ_BITS}")
+        if isinstance(m, nn.Conv2d) and (meth in data_methods or bias_correction):
+            _padded(m, torch.zeros(1, m.in_channels, 1, 1))  # unsupported padding raises here, not mid-way
 
+    if need_data:  # one calibration batch through the untouched model: a bad input fails here, not mid-way
+        was = model.training
+        model.eval()  # (no BatchNorm statistics updated by this check)
+        try:
+            with torch.no_grad():
+                model(next(iter(_batches(calib_data, batch_size))))
+        finally:
+            model.train(was)
     report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
     if weight_bits is not None:
-        data_w = method in ("gptq", "erq", "adaround") or bias_correction
+        data_w = uses_data or bias_correction
         mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
         gen = torch.Generator().manual_seed(seed)
         opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip,
@@ -596,7 +635,7 @@ def fake_quantize_model_(
             with torch.no_grad():
                 if new_b is not None:
                     _set_bias(mod, new_b)
-                if bias_correction:
+                if bias_correction and not (meth == "erq" and new_b is not None):  # ERQ fitted the bias already
                     W2 = W.detach().float().reshape(W.shape[0], -1)
                     fp = mu_fp[id(mod)]
                     if st.dw:
