@@ -362,6 +362,11 @@ def test_fake_quant_static_dynamic_and_act_quantizer():
     assert aq(x.half()).dtype == torch.float16
     with pytest.raises(RuntimeError, match="not calibrated"):
         ActQuantizer(8)(x)
+    fresh = ActQuantizer(8)  # an uncalibrated quantizer takes a calibrated one's state_dict
+    fresh.load_state_dict(aq.state_dict())
+    assert torch.equal(fresh(x), aq(x))
+    with pytest.raises(RuntimeError, match="before any collect"):
+        make_calibrator("mse").compute_amax()
 
 
 # ------------------------------------------------------------------ bad arguments

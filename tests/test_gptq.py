@@ -90,6 +90,16 @@ def test_act_order_static_groups(problem):
     assert torch.equal(s2, s0)
 
 
+def test_act_order_one_group_mse_clip_uses_the_permuted_diag(problem):
+    """One group per row: act_order without static groups must pick the same group params as with
+    them (the MSE search weights each column by its own diag(H), whatever the column order)."""
+    W, _, H = problem
+    a = gptq_quantize(W, H, 3, None, act_order=True, static_groups=True, clip="mse")
+    b = gptq_quantize(W, H, 3, None, act_order=True, static_groups=False, clip="mse")
+    torch.testing.assert_close(a[1], b[1])
+    torch.testing.assert_close(a[2], b[2])
+
+
 def test_dead_columns_and_single_row():
     W, X = _problem(N=1, K=64, T=256)
     X[:, [3, 40]] = 0

@@ -480,7 +480,8 @@ class MseCalibrator(_Calibrator):
         return self.mult.to(self._err.device)[self._err.argmin(1)]
 
     def _amax(self):
-        return _out(self._base[1].double() * self._best(), self.axis)
+        m = self._best()  # raises a clear error before any collect()
+        return _out(self._base[1].double() * m, self.axis)
 
     def _range(self):
         m = self._best()
@@ -567,6 +568,15 @@ class ActQuantizer(torch.nn.Module):
         if self.scale is None:
             raise RuntimeError("ActQuantizer is not calibrated: call start_calibration(), feed data, finish_calibration()")
         return fake_quant(x, self.scale, self.zero, self.qmin, self.qmax, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an uncalibrated quantizer (scale / zero None, which load_state_dict would skip) takes a
+        # calibrated checkpoint's range
+        for name in ("scale", "zero"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(t))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return f"num_bits={self.num_bits}, method={self.method!r}, axis={self.axis}, symmetric={self.symmetric}, dynamic={self.dynamic}"

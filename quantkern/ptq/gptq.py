@@ -125,7 +125,8 @@ def gptq_quantize(
 
     Returns:
         (q uint8 [N, K], scale float32 [N, K // g], zero float32 [N, K // g]) with
-        ``W_hat = (q - zero) * scale``; zeros are integers in [0, 2^bits - 1].
+        ``W_hat = (q - zero) * scale``; zeros are integers in [0, 2^bits - 1] with
+        ``clip="minmax"``, floats with ``clip="mse"``.
 
     Raises:
         TypeError / ValueError naming the bad argument; RuntimeError if
@@ -186,6 +187,7 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(Hd), descending=True)
         Wf = Wf[:, perm]
         Hd = Hd[perm][:, perm]
+        hdiag = hdiag[perm]  # group_params called from here on sees columns in this order
     col_group = (perm if perm is not None else torch.arange(K, device=dev)) // g
 
     Hd.diagonal().add_(damp * torch.diagonal(Hd).mean())
