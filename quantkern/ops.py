@@ -196,8 +196,9 @@ def oscillation_init_state(
     offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
-    with torch.no_grad():
-        return ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
+    with torch.no_grad():  # contiguous state whatever the weight's strides (oscillation_update needs it)
+        meta, ema = ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
+        return meta.contiguous(), ema.contiguous()
 
 
 def oscillation_update(
@@ -252,7 +253,8 @@ def oscillation_update(
         if not t.is_contiguous():
             raise ValueError(f"quantkern.{op}: {name} must be contiguous")
     if not weight.is_contiguous():
-        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place)")
+        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place; for a channels_last "
+                         f"weight update a .contiguous() copy and copy it back, as OscillationTracker does)")
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
     if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):

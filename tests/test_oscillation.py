@@ -459,6 +459,30 @@ def test_tracker_attaches_and_freezes_weights_in_place():
         assert torch.equal(t2.tracked[n].meta, tracker.tracked[n].meta)
 
 
+def test_tracker_channels_last_weights():
+    """A channels_last conv model: the tracker updates a contiguous copy and writes it back."""
+    from quantkern import qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        StandinQConv(1, 8, 3, padding=1, bits=3), nn.BatchNorm2d(8), nn.ReLU(),
+        StandinQConv(8, 8, 3, padding=1, bits=3), nn.BatchNorm2d(8), nn.ReLU(),  # dense: really channels_last
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        StandinQLinear(32, 10, bits=4, granularity="group", group_size=16),
+    ).to(memory_format=torch.channels_last)
+    model(torch.randn(2, 1, 8, 8))
+    assert not model[3].weight.is_contiguous()
+    tracker = qat.OscillationTracker(model, momentum=0.1)
+    _train(model, 30, seed=0, tracker=tracker, thr=qat.freeze_threshold_schedule(30, 0.3, 0.05), lr=0.2)
+    assert sum(m["frozen_frac"] for m in tracker.metrics().values()) > 0
+    for name, t in tracker.tracked.items():
+        fz = tracker.frozen_mask(name)
+        L = t.layer
+        s, b = L.params()
+        q = R.integer_of(L.weight_view(), s, b, L.qmin, L.qmax, L.axis, L.group_size).view(fz.shape)
+        assert torch.equal(q[fz].long(), tracker.decode(name)["q_prev"][fz])
+
+
 def test_tracker_matches_reference_over_training():
     """The qat wrapper + kernel give the same state as the reference fed the same weights."""
     from quantkern import qat
@@ -528,6 +552,13 @@ def test_reestimate_bn_stats_is_average_of_batch_stats():
     torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model[1].running_var, var, rtol=1e-5, atol=1e-6)
     assert model[1].momentum == 0.3 and model.training and model[2].training
+    # a loader with no batch left (a reused iterator) raises and keeps the statistics
+    it = iter([(x, 0) for x in batches])
+    qat.reestimate_bn_stats(model, it, num_batches=10)
+    before = model[1].running_mean.clone(), model[1].running_var.clone()
+    with pytest.raises(ValueError, match="no batch"):
+        qat.reestimate_bn_stats(model, it)
+    assert torch.equal(model[1].running_mean, before[0]) and torch.equal(model[1].running_var, before[1])
 
 
 def test_plot_latent_distance(tmp_path):

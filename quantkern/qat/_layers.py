@@ -30,11 +30,19 @@ class QLayer:
         return self.module.weight
 
     def weight_view(self) -> torch.Tensor:
-        """The weight's data as the kernels see it (2-D [rows, K] for per-group)."""
-        w = self.module.weight.data
+        """The weight's data as the kernels see it (2-D [rows, K] for per-group), contiguous: the
+        weight itself when it is contiguous, else a contiguous copy (e.g. a channels_last conv;
+        write in-place changes back with :meth:`write_back`)."""
+        w = self.module.weight.data.contiguous()
         if self.group_size is not None and w.dim() != 2:
             w = w.view(w.shape[0], -1)
         return w
+
+    def write_back(self, w: torch.Tensor) -> None:
+        """Copy ``w`` (from :meth:`weight_view`) into the weight unless it is the weight's own storage."""
+        data = self.module.weight.data
+        if w.data_ptr() != data.data_ptr():
+            data.copy_(w.view(data.shape))
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) as the quantizer's forward uses them: fp32, detached, |scale| >= eps."""

@@ -14,7 +14,8 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     average: after n batches the running stats are the plain mean of the n batch
     statistics -- the official code's "momentum 1.0 and average"); every other module
     runs in eval mode. Afterwards momentum, ``num_batches_tracked`` and the train/eval
-    flags are restored. Returns the number of batches used.
+    flags are restored. Returns the number of batches used. A loader that yields no batch
+    raises ValueError, and an error mid-way leaves the previous statistics in place.
     """
     if num_batches <= 0:
         raise ValueError(f"reestimate_bn_stats: num_batches must be positive, got {num_batches}")
@@ -22,25 +23,33 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     if not bns:
         return 0
     flags = {m: m.training for m in model.modules()}
-    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
+             for m in bns]
     model.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
         m.train()
+    n, ok = 0, False
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        n = 0
         for batch in loader:
             if n >= num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(x.to(device))
             n += 1
+        ok = n > 0
     finally:
-        for m, mom, nbt in saved:
+        for m, mom, nbt, mean, var in saved:
             m.momentum = mom
             m.num_batches_tracked.copy_(nbt)
+            if not ok:  # no batch (an exhausted iterator) or an error: the old statistics stay
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
         for m, tr in flags.items():
             m.training = tr
+    if not ok:
+        raise ValueError("reestimate_bn_stats: the loader gave no batch (an exhausted iterator?); the BatchNorm "
+                         "statistics are unchanged")
     return n

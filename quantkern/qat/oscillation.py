@@ -89,6 +89,7 @@ class OscillationTracker:
                 w, s, b, t.meta, t.ema, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
                 momentum=self.momentum, freeze_threshold=th, backend=self.backend,
             )
+            L.write_back(w)  # frozen weights were set in w (a copy for a channels_last weight)
             if th > 0 and not t.freezing_started:
                 t.freezing_started = True
                 if self.grad_mask and L.weight.requires_grad and t.hook is None:
