@@ -435,6 +435,10 @@ def test_tracker_attaches_and_freezes_weights_in_place():
     model(torch.randn(2, 1, 8, 8))  # initialise the quantizers
     tracker = qat.OscillationTracker(model, momentum=0.1)
     assert set(tracker.tracked) == {"0", "3", "8"}
+    with pytest.raises(RuntimeError, match="before the first step"):
+        tracker.frozen_mask("0")
+    with pytest.raises(KeyError, match="no tracked layer"):
+        tracker.decode("nope")
     thr = qat.freeze_threshold_schedule(40, 0.3, 0.05)
     _train(model, 40, seed=0, tracker=tracker, thr=thr, lr=0.2)
     met = tracker.metrics()
@@ -453,8 +457,9 @@ def test_tracker_attaches_and_freezes_weights_in_place():
         assert (L.weight.grad[fz] == 0).all()
     # the state survives a state_dict round trip
     sd = tracker.state_dict()
-    t2 = qat.OscillationTracker(model, momentum=0.1, grad_mask=False)
+    t2 = qat.OscillationTracker(model, momentum=0.5, grad_mask=False)
     t2.load_state_dict(sd)
+    assert t2.momentum == 0.1  # the checkpoint's
     for n in tracker.tracked:
         assert torch.equal(t2.tracked[n].meta, tracker.tracked[n].meta)
 

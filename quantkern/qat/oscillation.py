@@ -68,7 +68,8 @@ class OscillationTracker:
         self.grad_mask = grad_mask
         layers = quantized_layers(model, max_bits) if layers is None else layers
         if not layers:
-            raise ValueError("OscillationTracker: the model has no quantized layer (module with weight and weight_quantizer)")
+            raise ValueError("OscillationTracker: the model has no quantized layer (module with weight and "
+                             f"weight_quantizer) of at most max_bits={max_bits} bits (max_bits=None tracks every one)")
         self.tracked = {l.name: _Tracked(l) for l in layers}
         self.steps = 0
 
@@ -113,18 +114,26 @@ class OscillationTracker:
                 t.hook = None
 
     # ---------------------------------------------------------------- inspection
-    def frozen_mask(self, name: str) -> torch.Tensor:
+    def _state(self, name: str):
+        if name not in self.tracked:
+            raise KeyError(f"OscillationTracker: no tracked layer {name!r} (tracked: {sorted(self.tracked)})")
         t = self.tracked[name]
+        if t.meta is None:
+            raise RuntimeError(f"OscillationTracker: layer {name!r} has no state before the first step()")
+        return t
+
+    def frozen_mask(self, name: str) -> torch.Tensor:
+        t = self._state(name)
         return ((t.meta & (1 << FROZEN_BIT)) != 0).view(t.layer.weight.shape)
 
     def frequency(self, name: str) -> torch.Tensor:
-        t = self.tracked[name]
+        t = self._state(name)
         F = (t.meta >> FREQ_SHIFT) & 0xFFFFF
         return (F.float() / FREQ_ONE).view(t.layer.weight.shape)
 
     def decode(self, name: str) -> dict[str, torch.Tensor]:
         """All state fields of a layer (q_prev, last_dir, frozen, ema_live, F, q_ema)."""
-        t = self.tracked[name]
+        t = self._state(name)
         d = decode_state(t.meta)
         d["q_ema"] = t.ema
         return {k: v.view(t.layer.weight.shape) for k, v in d.items()}
@@ -157,6 +166,8 @@ class OscillationTracker:
 
     def load_state_dict(self, sd: dict) -> None:
         self.steps = int(sd["steps"])
+        if "momentum" in sd:  # the checkpoint's EMAs were built with it
+            self.momentum = float(sd["momentum"])
         for n, st in sd["layers"].items():
             t = self.tracked[n]
             dev = t.layer.weight.device
