@@ -272,7 +272,7 @@ def parse_args(argv=None):
     p.add_argument("--case", default="per-tensor,per-channel", help="comma list: per-tensor,per-channel")
     p.add_argument("--pass", dest="passes", default=",".join(PASSES), help="comma list: fwd,bwd,fwd+bwd")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of x (parameters stay fp32)")
-    p.add_argument("--bw-mib", type=int, default=None, help="copy-bandwidth buffer size in MiB (default 256; 64 with --quick)")
+    p.add_argument("--bw-mib", type=int, default=None, help="copy-bandwidth buffer size in MiB (default 256 or twice the last-level cache, whichever is larger; 64 with --quick)")
     p.add_argument("--no-pagefault", action="store_true", help="skip the no-cache subprocess (page-fault table)")
     p.add_argument("--no-bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
 
     info = H.env_info(device)
     bw = bw_start = bw_end = float("nan")
-    bw_bytes = (args.bw_mib or (64 if args.quick else 256)) * H.MiB
+    bw_bytes = args.bw_mib * H.MiB if args.bw_mib else (64 * H.MiB if args.quick else H.memory_bytes(256))
     if not args.no_bandwidth:
         bw = bw_start = H.copy_bandwidth(device, bw_bytes)
     print(f"# fake_quant_lsq benchmark{' (--quick: smoke test, not a measurement)' if args.quick else ''}", file=out)

@@ -6,8 +6,8 @@ Shapes are ``KxN`` = in_features x out_features (the weight is ``[N, K]``):
 size 64 and 128; x in bfloat16 (default) and/or float32 (``--dtype``).
 
 Cold weights: every implementation rotates through enough copies of its
-weight to touch more than ``--pool-mib`` (default 1024 MiB, above the last-level
-cache) between two uses of one copy, so each call streams its weight from
+weight to touch more than ``--pool-mib`` (default 1024 MiB or twice the last-level
+cache, whichever is larger) between two uses of one copy, so each call streams its weight from
 memory, as a decoder step does.
 
 Implementations:
@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--bits", default=None, help="comma list of bit widths (default 4,3,2)")
     p.add_argument("--groups", default=None, help="comma list of group sizes (default 64,128)")
     p.add_argument("--dtype", default="bfloat16", help="comma list: bfloat16,float32 (dtype of x)")
-    p.add_argument("--pool-mib", type=int, default=None, help="cold-weight rotation pool per implementation (default 1024; 96 with --quick)")
+    p.add_argument("--pool-mib", type=int, default=None, help="cold-weight rotation pool per implementation (default 1024 or twice the last-level cache, "
+                   "whichever is larger; 96 with --quick)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement (default 0.6; 0.1 with --quick)")
     p.add_argument("--no-baselines", action="store_true", help="only quantkern rows")
     args = p.parse_args(argv)
@@ -91,7 +92,7 @@ def parse_args(argv=None):
     for d in args.dtype:
         if d not in DTYPES:
             p.error(f"--dtype: {d!r} not in {list(DTYPES)}")
-    args.pool = (args.pool_mib or (96 if args.quick else 1024)) * H.MiB
+    args.pool = args.pool_mib * H.MiB if args.pool_mib else (96 * H.MiB if args.quick else H.memory_bytes(1024))
     args.budget = args.budget or (0.1 if args.quick else 0.6)
     return args
 
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     import quantkern
 
     info = H.env_info("cpu")
-    bw_bytes = (64 if args.quick else 256) * H.MiB
+    bw_bytes = 64 * H.MiB if args.quick else H.memory_bytes(256)
     cp0, rd0 = H.copy_bandwidth("cpu", bw_bytes), H.read_bandwidth("cpu", bw_bytes)
     print(f"# packed_linear benchmark{' (--quick: smoke test, not a measurement)' if args.quick else ''}", file=out)
     print(f"# {H.describe(info)}; cpu features {quantkern.ops.cpu_features()}", file=out)
