@@ -63,6 +63,13 @@ def test_measure_and_table():
     assert len({len(l) for l in lines}) == 1  # aligned
 
 
+def test_memory_bytes_above_the_last_level_cache():
+    llc = H.llc_bytes()
+    assert llc >= 0
+    assert H.memory_bytes(1) >= max(H.MiB, 2 * llc)
+    assert H.memory_bytes(1 << 16) == max(1 << 36, 2 * llc)
+
+
 def test_save_plot(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [H.Row("c", impl, p, ms=v) for impl, v in (("a", 1.0), ("b", 2.0)) for p in ("fwd", "bwd")]
