@@ -209,6 +209,26 @@ def test_packed_linear_module_roundtrip():
     assert "bits=4" in repr(m)
 
 
+def test_packed_linear_module_dtype_cast_keeps_quantized_params():
+    # model.to(bf16) / .half() cast the bias only: the metadata and the input range are the model
+    torch.manual_seed(0)
+    m = PackedLinear.from_linear(torch.nn.Linear(96, 40), bits=4, group_size=32, meta_dtype=torch.float16)
+    m.set_input_quantizer(8, scale=0.0123, zero=3.0)
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    for cast in (lambda mod: mod.to(torch.bfloat16), lambda mod: mod.half(), lambda mod: mod.float()):
+        cast(m)
+        for k, v in m.state_dict().items():
+            if isinstance(v, torch.Tensor) and k != "bias":
+                assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert m.bias.dtype == torch.float32
+    m.bias.data = before["bias"]
+    y = m(x)
+    m.to(torch.bfloat16)
+    assert m.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(m(x), y, rtol=0.02, atol=0.02)
+
+
 class ToyBlock(torch.nn.Module):
     def __init__(self, d=64, h=128):
         super().__init__()

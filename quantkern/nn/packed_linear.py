@@ -69,6 +69,10 @@ class PackedLinear(nn.Module):
     (trainable; the packed weight is not). ``bits``, ``group_size`` and the format
     version travel as extra state and are checked on load.
 
+    ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()`` cast the bias only: ``scales``,
+    ``zeros`` and the input quantizer's buffers keep their dtype (the kernels take any
+    metadata dtype with any x dtype), so a model-wide cast never changes the quantized weights.
+
     Construct from a trained layer with :meth:`from_linear`, or empty (then load a
     state_dict). Works under ``torch.compile`` (the op has a fake implementation).
     """
@@ -172,6 +176,20 @@ class PackedLinear(nn.Module):
         x = self.quantize_input(x)
         return ops._packed_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
+
+    # buffers whose dtype is part of the quantized model: a module-wide dtype cast leaves them alone
+    _KEEP_DTYPE = ("scales", "zeros", "input_scale", "input_zero")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() must not round the group scales / zeros or the input
+        # quantizer's range (that would change the quantized model); device moves still apply.
+        old = {n: self._buffers[n] for n in self._KEEP_DTYPE if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in old.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != t.dtype:
+                self._buffers[n] = t.to(new.device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
