@@ -441,6 +441,8 @@ def test_bad_inputs_and_module_arguments():
         QuantConv2d(4, 4, 3, w_granularity="group")
     with pytest.raises(ValueError, match="a_granularity must be one of"):
         QuantLinear(4, 4, a_granularity="group")
+    with pytest.raises(ValueError, match="only used with w_granularity='group'"):
+        QuantLinear(4, 4, w_group_size=2)
     with pytest.raises(ValueError, match="group_size 5 does not divide"):
         QuantLinear(4, 4, w_granularity="group", w_group_size=5)
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):

@@ -55,6 +55,9 @@ class _QuantMixin:
                 raise ValueError(f"{owner}: {name} must be one of {allowed}, got {val!r}")
         if w_granularity == "group" and w_group_size is None:
             raise ValueError(f"{owner}: w_granularity='group' needs w_group_size (e.g. 32, 64, 128)")
+        if w_granularity != "group" and w_group_size is not None:
+            raise ValueError(f"{owner}: w_group_size={w_group_size} is only used with w_granularity='group', "
+                             f"got w_granularity={w_granularity!r}")
         self.w_bits, self.a_bits = w_bits, a_bits
         self.weight_quantizer = LSQQuantizer(
             w_bits,
