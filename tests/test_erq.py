@@ -71,6 +71,17 @@ def test_output_format_and_bias(layer):
     assert nb2.shape == (N,)
 
 
+def test_refit_also_after_plain_rounding(layer, aq4):
+    # use_wqer=False used to return before the refit, so refit=True was silently ignored there
+    W, b, X, _ = layer
+    X = X[:1024]
+    plain = erq_quantize(W, b, X, 4, 64, 4, act_quant=aq4, use_wqer=False)
+    refit = erq_quantize(W, b, X, 4, 64, 4, act_quant=aq4, use_wqer=False, refit=True)
+    assert torch.equal(plain[0], refit[0])  # same codes, re-fitted params
+    assert not torch.equal(plain[1], refit[1])
+    assert _err(W, b, dequantize(*refit[:3]), refit[3], aq4, X) < _err(W, b, dequantize(*plain[:3]), plain[3], aq4, X)
+
+
 def test_no_bias_quantizes_every_column(layer):
     """The official code leaves the last weight column unquantized when there is no bias; we do not."""
     W, _, X, _ = layer

@@ -179,8 +179,8 @@ def erq_quantize(
             setting means the same for any number of tokens and any activation scale.
         clip: group params "minmax" (GPTQ's) or "mse" (``search_params``: least
             ``diag(A^T A)``-weighted squared error over shrinks of the range; float zero).
-        refit: after Wqer, re-fit every group's (scale, zero) and the bias by least squares
-            given q (``refit_scale_zero`` with ``Gram = A^T A``, targets ``Y_fp``).
+        refit: after Wqer (or the plain rounding of ``use_wqer=False``), re-fit every group's
+            (scale, zero) and the bias by least squares given q (``refit_scale_zero`` with ``Gram = A^T A``, targets ``Y_fp``).
 
     Returns:
         ``(q uint8 [N, K], scale float32 [N, K // g], zero float32 [N, K // g], new_bias float32 [N] or None)``
@@ -252,52 +252,50 @@ def erq_quantize(
 
     maxq = 2**bits - 1
     G = K // g
-    scale = torch.zeros(N, G, dtype=f64, device=dev)
-    zero = torch.zeros(N, G, dtype=f64, device=dev)
-    Q = torch.zeros(N, K, dtype=f64, device=dev)
-
-    if not use_wqer:
+    if not use_wqer:  # round-to-nearest of the (Aqer-updated) weights, no compensation
         s, z = group_params(cur[:, :K].reshape(N, G, g), 0)
-        q = quantize_int(cur[:, :K].reshape(N, G, g), s[..., None], z[..., None], maxq)
-        nb = cur[:, K].float() if fit_bias else None
-        return q.reshape(N, K).to(torch.uint8), s.float(), z.float(), nb
-
-    k0 = 0
-    groups_done = 0
-    while k0 < K:
-        R_all = Kc - k0  # remaining columns, the bias column included
-        nq = min(max(1, R_all // 2), K - k0)
-        k1 = k0 + nq
-        # params of the groups this block starts, from the current weights
-        g_hi = (k1 - 1) // g + 1
-        if g_hi > groups_done:
-            wg = cur[:, groups_done * g: g_hi * g].reshape(N, g_hi - groups_done, g)
-            s, z = group_params(wg, groups_done * g)
-            scale[:, groups_done:g_hi], zero[:, groups_done:g_hi] = s, z
-            groups_done = g_hi
-        cols = torch.arange(k0, k1, device=dev)
-        s = scale[:, cols // g]
-        z = zero[:, cols // g]
-        w = cur[:, k0:k1]
-        qr = quantize_int(w, s, z, maxq)
-        if refine and refine_iters > 0:
-            xs = Xq[:, k0:k1]
-            mu = xs.mean(0)
-            cov = torch.cov(xs.T, correction=1 if xs.shape[0] > 1 else 0).reshape(nq, nq)
-            Hb = mu[:, None] * mu[None, :] + cov
-            qf = quantize_int(w, s, z, maxq, torch.floor)
-            qc = quantize_int(w, s, z, maxq, torch.ceil)
-            for r0 in range(0, N, row_chunk):
-                r = slice(r0, min(N, r0 + row_chunk))
-                qr[r] = _refine(w[r], s[r], z[r], qr[r], qf[r], qc[r], Hb, refine_iters, refine_rule)
-        deq = (qr - z) * s
-        delta = deq - w  # [N, nq]
-        Q[:, k0:k1] = qr
-        cur[:, k0:k1] = deq
-        if k1 < Kc:  # compensate with the remaining full-precision columns (and the bias)
-            rhs = Gram[k1:, k0:k1] @ delta.T  # [R, N]
-            cur[:, k1:] -= _ridge_solve(Gram[k1:, k1:], rhs, float(lambda2)).T
-        k0 = k1
+        scale, zero = s.to(f64), z.to(f64)
+        Q = quantize_int(cur[:, :K].reshape(N, G, g), s[..., None], z[..., None], maxq).reshape(N, K).to(f64)
+    else:
+        scale = torch.zeros(N, G, dtype=f64, device=dev)
+        zero = torch.zeros(N, G, dtype=f64, device=dev)
+        Q = torch.zeros(N, K, dtype=f64, device=dev)
+        k0 = 0
+        groups_done = 0
+        while k0 < K:
+            R_all = Kc - k0  # remaining columns, the bias column included
+            nq = min(max(1, R_all // 2), K - k0)
+            k1 = k0 + nq
+            # params of the groups this block starts, from the current weights
+            g_hi = (k1 - 1) // g + 1
+            if g_hi > groups_done:
+                wg = cur[:, groups_done * g: g_hi * g].reshape(N, g_hi - groups_done, g)
+                s, z = group_params(wg, groups_done * g)
+                scale[:, groups_done:g_hi], zero[:, groups_done:g_hi] = s, z
+                groups_done = g_hi
+            cols = torch.arange(k0, k1, device=dev)
+            s = scale[:, cols // g]
+            z = zero[:, cols // g]
+            w = cur[:, k0:k1]
+            qr = quantize_int(w, s, z, maxq)
+            if refine and refine_iters > 0:
+                xs = Xq[:, k0:k1]
+                mu = xs.mean(0)
+                cov = torch.cov(xs.T, correction=1 if xs.shape[0] > 1 else 0).reshape(nq, nq)
+                Hb = mu[:, None] * mu[None, :] + cov
+                qf = quantize_int(w, s, z, maxq, torch.floor)
+                qc = quantize_int(w, s, z, maxq, torch.ceil)
+                for r0 in range(0, N, row_chunk):
+                    r = slice(r0, min(N, r0 + row_chunk))
+                    qr[r] = _refine(w[r], s[r], z[r], qr[r], qf[r], qc[r], Hb, refine_iters, refine_rule)
+            deq = (qr - z) * s
+            delta = deq - w  # [N, nq]
+            Q[:, k0:k1] = qr
+            cur[:, k0:k1] = deq
+            if k1 < Kc:  # compensate with the remaining full-precision columns (and the bias)
+                rhs = Gram[k1:, k0:k1] @ delta.T  # [R, N]
+                cur[:, k1:] -= _ridge_solve(Gram[k1:, k1:], rhs, float(lambda2)).T
+            k0 = k1
 
     new_bias = cur[:, K] if fit_bias else None
     if refit:
