@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkern.ptq import ActQuantizer, gptq_quantize
+from quantkern.ptq import ActQuantizer, gptq_quantize, rtn_quantize
+from quantkern.ptq._wquant import dequantize
 from quantkern.ptq.conv import (
     conv_unfold,
     fake_quantize_model_,
@@ -237,9 +238,16 @@ def test_errors():
         fake_quantize_model_(net, 4, "rtn", layer_bits={"nope": 8})
     with pytest.raises(TypeError):
         fake_quantize_model_("net", 4)
-    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(NotImplementedError):
-        fake_quantize_model_(grouped, 4, "rtn")
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    with pytest.raises(NotImplementedError, match="grouped conv with groups=2: method 'gptq'"):
+        fake_quantize_model_(grouped, 4, "gptq", calib_data=torch.randn(2, 4, 8, 8))
+    with pytest.raises(NotImplementedError, match="bias_correction"):
+        fake_quantize_model_(grouped, 4, "rtn", calib_data=torch.randn(2, 4, 8, 8), bias_correction=True)
+    # data-free methods quantize grouped convs like any other: rows of [O, I/groups * kh * kw]
+    w0 = grouped[0].weight.detach().clone()
+    fake_quantize_model_(grouped, 4, "rtn", group_size=9)
+    q, s, z = rtn_quantize(w0.reshape(6, 18), 4, 9)
+    torch.testing.assert_close(grouped[0].weight.detach(), dequantize(q, s, z).reshape(w0.shape))
     # caught up front too: bits hqq does not take, distillation arguments, a calibration batch the
     # model cannot run, depthwise_method needing data, skip names
     with pytest.raises(ValueError, match="5-bit weights with method 'hqq'"):

@@ -14,7 +14,8 @@ coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwi
 3x3 convs g9, instead of one group of 672 or 9 values per row). Methods:
 
 * ``"rtn"`` / ``"hqq"``: :func:`~quantkern.ptq.rtn_quantize` / :func:`~quantkern.ptq.hqq_quantize`
-  (no data, unless ``bias_correction``).
+  (no data, unless ``bias_correction``); these also take grouped convs (ResNeXt-style
+  ``groups > 1``), which the data methods and ``bias_correction`` refuse.
 * ``"gptq"``: dense layers call :func:`~quantkern.ptq.gptq_quantize` with the Hessian of
   the im2col rows of the layer input; depthwise convs (``groups == in_channels ==
   out_channels``) use :func:`gptq_depthwise`, a batched GPTQ with one
@@ -590,11 +591,14 @@ def fake_quantize_model_(
     from ..ops import HQQ_BITS
 
     for n, m in layers:
-        if isinstance(m, nn.Conv2d) and m.groups != 1 and not _is_depthwise(m):
-            raise NotImplementedError(f"{n}: grouped conv with groups={m.groups} (only dense and depthwise convs)")
         if weight_bits is None:
             continue
         meth = depthwise_method if (depthwise_method and _is_depthwise(m)) else method
+        if isinstance(m, nn.Conv2d) and m.groups != 1 and not _is_depthwise(m) and (meth in data_methods
+                                                                                    or bias_correction):
+            raise NotImplementedError(f"{n}: grouped conv with groups={m.groups}: method {meth!r}"
+                                      f"{' / bias_correction' if bias_correction else ''} handles dense and "
+                                      "depthwise convs only (rtn / hqq quantize any conv)")
         b = layer_bits.get(n, weight_bits)
         if meth in ("rtn", "hqq") and b not in HQQ_BITS:
             raise ValueError(f"{n}: {b}-bit weights with method {meth!r}: rtn / hqq take bits {HQQ_BITS}")
