@@ -227,6 +227,11 @@ class PackedLinear(nn.Module):
         return r
 
 
+# the layers kept float unless the caller says otherwise (replace_linear and quantize_ alike): an
+# LLM's lm_head and a ViT / BERT classifier head, the layers most sensitive to low-bit weights
+DEFAULT_SKIP = ("lm_head", "classifier")
+
+
 def _skipped(name: str, skip) -> bool:
     if skip is None:
         return False
@@ -238,7 +243,7 @@ def _skipped(name: str, skip) -> bool:
 
 
 def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128,
-                   skip: Iterable[str] | Callable[[str], bool] | None = ("lm_head",),
+                   skip: Iterable[str] | Callable[[str], bool] | None = DEFAULT_SKIP,
                    meta_dtype: torch.dtype | None = None, fallback_group_size: bool = True,
                    backend: str = "auto") -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`PackedLinear`.
@@ -246,6 +251,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     Args:
         skip: names (exact, a suffix after ".", or fnmatch patterns such as
             ``"*.classifier"``) or a predicate on the qualified name; those layers stay.
+            Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``); None replaces all.
         fallback_group_size: when ``group_size`` does not divide a layer's
             in_features, use one group per row instead of leaving the layer alone.
 

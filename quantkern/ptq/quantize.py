@@ -85,7 +85,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn.packed_linear import PackedLinear, linear_sites
+from ..nn.packed_linear import DEFAULT_SKIP, PackedLinear, linear_sites
 from ..packed import PackedWeight, load_packed, save_packed
 
 __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
@@ -140,7 +140,7 @@ class QuantizeConfig:
     method: str = "rtn"
     bits: int = 4
     group_size: int | None = 64
-    skip: Iterable[str] | Callable[[str], bool] | None = ("lm_head", "classifier")
+    skip: Iterable[str] | Callable[[str], bool] | None = DEFAULT_SKIP
     meta_dtype: torch.dtype = torch.float16
     strict_group: bool = False
     damp: float = 0.1
