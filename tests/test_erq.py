@@ -82,6 +82,19 @@ def test_refit_also_after_plain_rounding(layer, aq4):
     assert _err(W, b, dequantize(*refit[:3]), refit[3], aq4, X) < _err(W, b, dequantize(*plain[:3]), plain[3], aq4, X)
 
 
+def test_fit_bias_false_keeps_the_bias(layer):
+    # the fit used to aim at X W^T + b without a bias column, pushing b into the weights
+    W, b, X, _ = layer
+    X = X[:1024]
+    b = b + 3.0
+    aq8 = act_quantizer_for(X, 8)
+    q, s, z, nb = erq_quantize(W, b, X, 4, 64, 8, act_quant=aq8, fit_bias=False)
+    assert nb is None
+    q2, s2, z2, nb2 = erq_quantize(W, b, X, 4, 64, 8, act_quant=aq8)
+    e_keep = _err(W, b, dequantize(q, s, z), b, aq8, X)
+    assert e_keep < 1.5 * _err(W, b, dequantize(q2, s2, z2), nb2, aq8, X)
+
+
 def test_no_bias_quantizes_every_column(layer):
     """The official code leaves the last weight column unquantized when there is no bias; we do not."""
     W, _, X, _ = layer

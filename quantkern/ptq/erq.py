@@ -171,7 +171,8 @@ def erq_quantize(
             plain round-to-nearest of the Aqer-updated weights).
         refine_iters, refine_rule: rounding refinement, "flip" (default) or "official".
         fit_bias: add the ones column (and return a bias) even when b is None.
-            Default: True when b is given.
+            Default: True when b is given. False with b given: b is kept as it is (the
+            returned bias is None; the layer is ``Qa(x) @ Wq^T + b``).
         sym: symmetric weight params.
         row_chunk: output rows per refinement batch (memory bound).
         relative_lambda: lambda1 / lambda2 are multiples of ``mean(diag(Xq^T Xq)) = T * E[x^2]``
@@ -238,7 +239,8 @@ def erq_quantize(
     if relative_lambda:  # T * E[x^2] of the (quantized) inputs: the scale of diag(A^T A)
         unit = float((Xq * Xq).sum(0).mean())
         lambda1, lambda2 = lambda1 * unit, lambda2 * unit
-    Y_fp = X.to(f64) @ Wd.T + bd if (use_aqer or refit) else None
+    # the float output the fit aims at; without a bias column b stays as it is on both sides
+    Y_fp = (X.to(f64) @ Wd.T + (bd if fit_bias else 0)) if (use_aqer or refit) else None
     if use_aqer:
         cur = aqer(cur, A, Y_fp, float(lambda1))
     Gram = A.T @ A  # [Kc, Kc]
