@@ -298,6 +298,29 @@ def test_state_dict_round_trip_after_init():
     torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
 
 
+def test_lazy_quantizer_first_forward_under_inference_mode_then_train():
+    q = LSQQuantizer(8, True, "channel", axis=-1)
+    with torch.inference_mode():
+        q(torch.randn(4, 16))
+    assert not q.scale.is_inference() and q._initialized
+    q(torch.randn(4, 16, requires_grad=True)).sum().backward()
+    assert q.scale.grad.shape == (16,)
+
+
+def test_reset_reinitialises():
+    torch.manual_seed(0)
+    q = LSQQuantizer(8, True, "tensor", init="minmax")
+    x = torch.randn(64)
+    q(x)
+    s1 = q.scale.detach().clone()
+    q(10 * x)
+    assert torch.equal(q.scale.detach(), s1)  # initialised once
+    q.reset()
+    assert not bool(q.initialized)
+    q(10 * x)
+    torch.testing.assert_close(q.scale.detach(), 10 * s1)
+
+
 def test_state_dict_lazy_quantizer_before_and_after_init():
     q = LSQQuantizer(4, True, "channel", init="lsq+")
     sd = q.state_dict()

@@ -74,6 +74,7 @@ class LSQQuantizer(nn.Module):
 
     Buffer ``initialized`` (bool, 0-d) records whether the data-dependent init has
     run; it travels with ``state_dict`` so a loaded quantizer is not re-initialised.
+    Call :meth:`reset` (not a write to the buffer) to have the next forward initialise again.
 
     Forward: ``x`` of any shape, float32 / float16 / bfloat16 -> ``x_hat`` of the same
     shape and dtype (contiguous). The scale used is ``|scale|`` clamped at ``eps``, so an
@@ -189,8 +190,10 @@ class LSQQuantizer(nn.Module):
             if p is None:
                 continue
             if is_lazy(p):
-                p.materialize(shape, device=device)
-                with torch.no_grad():
+                # a first forward under torch.inference_mode must still leave a trainable
+                # parameter (an inference tensor could never be used by autograd again)
+                with torch.inference_mode(False), torch.no_grad():
+                    p.materialize(shape, device=device)
                     p.fill_(fill)
             elif tuple(p.shape) != shape:
                 raise ValueError(
@@ -229,6 +232,12 @@ class LSQQuantizer(nn.Module):
             self.offset.copy_(b.reshape(shape))
         self.initialized.fill_(True)
         self._initialized = True
+
+    def reset(self) -> None:
+        """Mark the quantizer uninitialised: the next forward re-runs the data-dependent init
+        (scale / offset keep their shape and values until then)."""
+        self.initialized.fill_(False)
+        self._initialized = False
 
     def _init_rows(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (s, beta) for rows r [C, M] fp32."""
