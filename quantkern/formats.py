@@ -98,6 +98,17 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
         zs = meta["zero_scale"]
         meta["zero"], meta["scale"] = zs[0], zs[1]
     R = N * K // g
+    per = {"4bit_u8": 2, "2bit_u8": 4, "3bit_32": 10}.get(meta["packing"])
+    if per is not None:
+        want = (-(-R // per), g)
+        if tuple(W_q.shape) != want:
+            raise ValueError(f"from_hqq: W_q must have shape {want} for shape {(N, K)}, group_size {g} and packing "
+                             f"{meta['packing']!r}, got {tuple(W_q.shape)}")
+        if per in (2, 4) and R % per:
+            # hqq's 4/2-bit packers pair rows i and i + R/per and broadcast a short last slice: with R not a
+            # multiple of per the packed bytes do not hold the codes (hqq's own dequantize fails on them)
+            raise ValueError(f"from_hqq: {meta['packing']} needs N * K / group_size = {R} to be a multiple of {per}; "
+                             "hqq packed this weight incorrectly")
     q = _hqq_unpack_rows(W_q, meta["packing"], R).reshape(N, K)
     scale = meta["scale"].reshape(N, K // g)
     zero = meta["zero"].reshape(N, K // g)
@@ -159,9 +170,30 @@ def gptq_pack_axis0(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def to_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, zero_offset: int = 1):
-    """Codes ``q [N, K]``, integer ``zeros [N, G]`` and ``scales [N, G]`` -> GPTQ ``(qweight, qzeros, scales)``."""
-    qweight = gptq_pack_axis0(q.t(), bits)  # [K * bits / 32, N]
-    z = (zeros.to(torch.int64) - zero_offset) & ((1 << bits) - 1)  # [N, G], wraps like AutoGPTQ
+    """Codes ``q [N, K]``, integer ``zeros [N, G]`` and ``scales [N, G]`` -> GPTQ ``(qweight, qzeros, scales)``.
+
+    GPTQ stores integer zeros: codes must lie in ``[0, 2^bits - 1]`` and zeros be integers in
+    ``[zero_offset, 2^bits - 1 + zero_offset]`` (what the stored field holds); anything else raises
+    rather than being truncated or wrapped. (AutoGPTQ's v1 packer wraps a zero of 0 to 2^bits - 1;
+    such a checkpoint cannot be written here.) HQQ-style float zeros have no GPTQ form.
+    """
+    maxq = (1 << bits) - 1
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"to_gptq: bits must be 2, 3, 4 or 8, got {bits}")
+    if q.dim() != 2 or zeros.dim() != 2 or zeros.shape != scales.shape or zeros.shape[0] != q.shape[0]:
+        raise ValueError(f"to_gptq: need q [N, K] and zeros / scales [N, G], got {tuple(q.shape)}, "
+                         f"{tuple(zeros.shape)}, {tuple(scales.shape)}")
+    qi = q.to(torch.int64)
+    if q.numel() and (int(qi.min()) < 0 or int(qi.max()) > maxq):
+        raise ValueError(f"to_gptq: codes must be in [0, {maxq}] for {bits} bits, got [{int(qi.min())}, {int(qi.max())}]")
+    zf = zeros.double()
+    if zeros.numel() and (not torch.equal(zf, zf.round()) or float(zf.min()) < zero_offset
+                          or float(zf.max()) > maxq + zero_offset):
+        raise ValueError(f"to_gptq: zeros must be integers in [{zero_offset}, {maxq + zero_offset}] (GPTQ stores "
+                         f"zero - {zero_offset} in {bits} bits), got values in [{float(zf.min())}, {float(zf.max())}]"
+                         + ("" if torch.equal(zf, zf.round()) else " with fractional parts (float zeros, e.g. HQQ's)"))
+    qweight = gptq_pack_axis0(qi.t(), bits)  # [K * bits / 32, N]
+    z = zf.to(torch.int64) - zero_offset  # [N, G], in [0, maxq]
     qzeros = gptq_pack_axis0(z, bits).t().contiguous()  # packed along N: [G, N * bits / 32]
     return qweight, qzeros, scales.t().contiguous()
 
@@ -173,7 +205,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
 
     Args:
         qweight: int32 ``[K * bits / 32, N]``; qzeros: int32 ``[G, N * bits / 32]``;
-        scales: ``[G, N]``; bits: 2, 3 or 4; group_size: K // G when None;
+        scales: ``[G, N]``; bits: 2, 3 or 4; group_size: K // G when None or -1;
         g_idx: optional ``[K]``, must be ``arange(K) // group_size``;
         zero_offset: 1 for AutoGPTQ v1 checkpoints (stored zero + 1), 0 for v2;
         meta_dtype: dtype of the scales/zeros (default: scales' dtype).
@@ -186,11 +218,20 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     if scales.dim() != 2:
         raise ValueError(f"from_gptq: scales must be [G, N], got {tuple(scales.shape)}")
     G, N = scales.shape
+    if bits == 3 and qweight.shape[0] % 3:
+        raise ValueError(f"from_gptq: a 3-bit qweight packs 32 rows in 3 int32 rows: qweight.shape[0] must be a "
+                         f"multiple of 3, got {qweight.shape[0]}")
     K = qweight.shape[0] * 32 // bits
     if qweight.shape[1] != N:
         raise ValueError(f"from_gptq: qweight has {qweight.shape[1]} columns but scales has N = {N}")
+    per_word = 32 // bits if bits != 3 else 32
+    if N % per_word:
+        raise ValueError(f"from_gptq: qzeros packs {per_word} output columns per {'3 int32' if bits == 3 else 'int32'}"
+                         f": N = {N} (scales.shape[1]) must be a multiple of {per_word}")
     if qzeros.shape != (G, N * bits // 32):
         raise ValueError(f"from_gptq: qzeros must have shape {(G, N * bits // 32)}, got {tuple(qzeros.shape)}")
+    if group_size == -1:  # GPTQ configs write -1 for one group per row
+        group_size = None
     gs = group_size or K // G
     if gs * G != K:
         raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}")

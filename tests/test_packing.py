@@ -221,6 +221,39 @@ def test_gptq_act_order_rejected():
     formats.from_gptq(qw, qz, s, 4, g_idx=torch.arange(64) // 32)
 
 
+def test_gptq_converter_checks():
+    q = rand_q(8, 64, 4)
+    one = torch.ones(8, 2)
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 15\]"):
+        formats.to_gptq(q.to(torch.int64) + 16, one, one, 4)
+    with pytest.raises(ValueError, match="fractional"):
+        formats.to_gptq(q, torch.full((8, 2), 7.6), one, 4, zero_offset=0)
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[1, 16\]"):
+        formats.to_gptq(q, torch.zeros(8, 2), one, 4)  # v1 stores zero - 1: 0 would wrap
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[0, 15\]"):
+        formats.to_gptq(q, torch.full((8, 2), 20.0), one, 4, zero_offset=0)
+    qw, qz, sc = formats.to_gptq(q, one, one, 4)
+    # GPTQ configs write group_size -1 for one group per row
+    q1 = formats.to_gptq(q, torch.ones(8, 1), torch.ones(8, 1), 4)
+    assert formats.from_gptq(*q1, 4, group_size=-1).group_size == 64
+    with pytest.raises(ValueError, match="multiple of 3"):
+        formats.from_gptq(torch.zeros(4, 32, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32),
+                          torch.ones(1, 32), 3)
+    with pytest.raises(ValueError, match="N = 12"):
+        formats.from_gptq(torch.zeros(8, 12, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                          torch.ones(1, 12), 4)
+
+
+def test_from_hqq_checks_w_q_shape():
+    Quantizer = _hqq()
+    W_q, meta = Quantizer.quantize(torch.randn(3, 64), nbits=4, group_size=64, axis=1, optimize=False, device="cpu")
+    with pytest.raises(ValueError, match="multiple of 2"):  # hqq mis-packs an odd number of rows
+        formats.from_hqq(W_q, meta)
+    W_q, meta = Quantizer.quantize(torch.randn(4, 64), nbits=4, group_size=64, axis=1, optimize=False, device="cpu")
+    with pytest.raises(ValueError, match="W_q must have shape"):
+        formats.from_hqq(W_q[:, :32], meta)
+
+
 # ---------------------------------------------------------------- errors
 def test_errors():
     q = rand_q(4, 64, 4)
