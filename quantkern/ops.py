@@ -398,6 +398,11 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
     for name, t in (("R", R), ("n", n)):
         if t.shape != (C,):
             raise ValueError(f"quantkern.{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
+    if C > 0:  # bins past B would land in the next channel's row (or past the buffer)
+        lo, hi = int(n.min()), int(n.max())
+        if lo < 0 or hi > min(pos.shape[1], 1 << 24):
+            raise ValueError(f"quantkern.{op}: n must be in [0, min(B = pos.shape[1] = {pos.shape[1]}, 2^24)], "
+                             f"got values in [{lo}, {hi}]")
 
 
 def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin) -> None:

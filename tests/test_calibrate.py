@@ -613,3 +613,18 @@ def test_triton_calib_opcheck_and_errors():
         torch.ops.quantkern.calib_histogram_triton(xn, pos, neg, R_, n)
     with pytest.raises(ValueError, match="method"):
         torch.ops.quantkern.calib_search_triton(pos, neg, R_.double(), n, "max", 8, False, True, 1, 8)
+    # n past B: the bins would land in the next channel's row (clear error, nothing written)
+    p0 = pos.clone()
+    with pytest.raises(ValueError, match="n must be in"):
+        torch.ops.quantkern.calib_histogram_triton(x, pos, neg, R_, n + 100)
+    with pytest.raises(ValueError, match="n must be in"):
+        ops.calib_histogram(x, pos, neg, R_, n + 100)
+    assert torch.equal(pos, p0)
+    # finite values far beyond R clamp into the last bin, as the native kernel does
+    xb = torch.tensor([[1.0, 0.5e-20, -2.0]], device=TDEV)
+    args = (torch.tensor([1e-20], device=TDEV), torch.tensor([16], device=TDEV))
+    pt, nt = torch.zeros(1, 16, dtype=torch.long, device=TDEV), torch.zeros(1, 16, dtype=torch.long, device=TDEV)
+    torch.ops.quantkern.calib_histogram_triton(xb, pt, nt, *args)
+    pn, nn_ = torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)
+    torch.ops.quantkern.calib_histogram(xb.cpu(), pn, nn_, *(a.cpu() for a in args))
+    assert torch.equal(pt.cpu(), pn) and torch.equal(nt.cpu(), nn_) and int(pn[0, 15]) == 1 and int(nn_[0, 15]) == 1

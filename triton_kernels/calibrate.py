@@ -36,9 +36,11 @@ def _hist_kernel(x_ptr, pos_ptr, neg_ptr, r_ptr, n_ptr, bad_ptr, M, B, BLOCK: tl
     mask = (m < M) & (m * 0 + R > 0) & (m * 0 + n > 0)
     v = tl.load(x_ptr + c.to(tl.int64) * M + m, mask=mask, other=0.0).to(tl.float32)
     t = tl.div_rn(tl.abs(v) * n.to(tl.float32), R)
-    bad = mask & ((t != t) | (t > 9.0e18))
+    bad = mask & ((t != t) | (t > 3.0e38))  # calib_bad: NaN / inf only; finite values past R clamp
     tl.atomic_max(bad_ptr, tl.max(bad.to(tl.int32), 0))
-    idx = tl.minimum(tl.where(bad, 0.0, t).to(tl.int64), n - 1)
+    # calib_bin: clamp in float to n - 1 (exact for n <= 2^24), then convert
+    top = (n - 1).to(tl.float32)
+    idx = tl.where(bad, 0.0, tl.where(t < top, t, top)).to(tl.int64)
     ok = mask & (bad == 0)
     off = c.to(tl.int64) * B + idx
     one = tl.full((BLOCK,), 1, tl.int64)

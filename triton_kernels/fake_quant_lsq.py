@@ -194,6 +194,8 @@ def _plan(outer: int, C: int, inner: int):
 
 def _check(x, scale, offset, qmin, qmax, axis, group_size):
     # Arguments are validated (with messages naming them) in quantkern/ops.py; here only the invariants.
+    # Scale *values* are not checked, as in the CUDA kernel: reading them would synchronise the host
+    # with the GPU on every training step (README: "On GPU the scale values are not checked").
     assert x.dtype in _FLOATS, x.dtype
     assert scale.dtype == torch.float32 and offset.dtype == torch.float32
     assert scale.shape == offset.shape and scale.device == x.device and offset.device == x.device
