@@ -578,6 +578,22 @@ def test_calib_ops_bad_args():
         HistogramCalibrator("entropy").collect(xn)
 
 
+def test_mse_exact_ties_pick_the_same_window_everywhere():
+    # windows (1, 3) and (2, 4) have the same error, 3.25, summed in different orders: every
+    # implementation takes the first within MSE_RTOL (an exact first argmin split them)
+    pos, neg = torch.tensor([[2, 1, 3, 1]]), torch.tensor([[2, 3, 1, 0]])
+    n, w = torch.tensor([4]), torch.tensor([1.0], dtype=torch.float64)
+    lo, hi = ops.calib_search(pos, neg, w, n, "mse", 2, symmetric=False, stride=1, start_bin=3)
+    rlo, rhi = R.range_mse_asym(pos[0], neg[0], 1.0, 2, stride=1, start_bin=3)
+    assert (float(lo), float(hi)) == (float(rlo), float(rhi)) == (-1.0, 3.0)
+    if HAVE_TRITON and (INTERPRET or torch.cuda.is_available()):
+        import quantkern.triton_kernels  # noqa: F401
+
+        tlo, thi = ops.calib_search(*(t.to(TDEV) for t in (pos, neg, w, n)), "mse", 2, symmetric=False, stride=1,
+                                    start_bin=3, backend="triton")
+        assert (float(tlo), float(thi)) == (-1.0, 3.0)
+
+
 @triton_only
 def test_triton_calib_ops_equal_native():
     import quantkern.triton_kernels  # noqa: F401

@@ -9,7 +9,7 @@ atomics (integer counts: the result does not depend on the order). The bin index
 calib_search: the per-channel extended bins and their prefix sums (O(C * bins)) are
 built with torch ops; one program per (channel, block of candidates) evaluates every
 candidate's KL divergence (from prefix sums, O(levels)) or histogram MSE (O(bins)) in
-float64; the choice (entropy: last within TIE_TOL of the minimum; mse: first minimum)
+float64; the choice (entropy: last within TIE_TOL of the minimum; mse: first within MSE_RTOL of it)
 is a batched torch reduction over the [C, candidates] objectives.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import triton.language as tl
 from .._registry import LIB
 
 _TIE_TOL = 1e-9  # quantkern.reference.calibrate.TIE_TOL
+_MSE_RTOL = 1e-10  # quantkern.reference.calibrate.MSE_RTOL
 _HBLOCK = 1024
 _SBLOCK = 64
 
@@ -248,8 +249,9 @@ def calib_search_triton(pos, neg, width, n, method, num_bits, unsigned, symmetri
     if ent:
         m = masked.amin(1, keepdim=True)
         t = torch.where(valid & (masked <= m + _TIE_TOL), slot, torch.full_like(slot, -1)).amax(1)
-    else:
-        t = torch.where(has, masked.argmin(1), torch.full_like(n, -1))
+    else:  # the first within _MSE_RTOL (relative) of the minimum
+        m = masked.amin(1, keepdim=True)
+        t = torch.where(has, (valid & (masked <= m + m * _MSE_RTOL)).to(torch.int8).argmax(1), torch.full_like(n, -1))
     t = torch.where(has, t, torch.full_like(t, -1))
     w = width.double()
     tc = t.clamp(min=0)

@@ -23,7 +23,8 @@
 
 namespace qk {
 
-constexpr double kCalibTieTol = 1e-9;  // reference TIE_TOL
+constexpr double kCalibTieTol = 1e-9;    // reference TIE_TOL
+constexpr double kCalibMseRtol = 1e-10;  // reference MSE_RTOL
 enum CalibMethod : int { kCalibEntropy = 0, kCalibMse = 1 };
 
 // Histogram bin of |x| = a: trunc(a * n / R) in fp32 (two roundings, as the
@@ -273,7 +274,8 @@ QK_HD double calib_eval(const double* ext, const double* cb, const double* cz, c
 }
 
 // The chosen slot from the objectives of all slots (entropy: the last within
-// kCalibTieTol of the minimum; mse: the first minimum); -1 when none is valid.
+// kCalibTieTol of the minimum; mse: the first within kCalibMseRtol, relative, of
+// the minimum); -1 when none is valid.
 // `valid` is recomputed from the geometry so that INFINITY divergences (valid
 // candidates) are told apart from invalid asymmetric slots.
 QK_HD int64_t calib_pick(const double* obj, const CalibChan& ch, bool symmetric, int method, int64_t stride,
@@ -288,7 +290,15 @@ QK_HD int64_t calib_pick(const double* obj, const CalibChan& ch, bool symmetric,
       best = t;
     }
   }
-  if (best < 0 || method != kCalibEntropy) return best;
+  if (best < 0) return best;
+  if (method != kCalibEntropy) {
+    const double lim = m + m * kCalibMseRtol;
+    for (int64_t t = 0; t < best; ++t) {
+      int64_t l, r;
+      if (calib_window(ch, symmetric, t, stride, start_bin, l, r) && obj[t] <= lim) return t;
+    }
+    return best;
+  }
   for (int64_t t = ch.ncand - 1; t >= 0; --t) {
     int64_t l, r;
     if (calib_window(ch, symmetric, t, stride, start_bin, l, r) && obj[t] <= m + kCalibTieTol) return t;

@@ -18,6 +18,10 @@ Deliberate differences from NVIDIA, also in the batched version:
   ties and the last of them wins (NVIDIA: exact last argmin). Two correct
   float64 evaluations of the same divergence differ in the last bits, so an
   exact "last argmin" is not reproducible across formulations.
+* mse: errors within ``MSE_RTOL`` (relative) of the minimum count as ties and the
+  first of them wins (NVIDIA: exact first argmin), for the same reason: windows with
+  equal error (exact ties occur on small integer histograms) came out in a different
+  order from each backend's summation.
 * entropy with fewer than ``start_bin`` bins, or mse with at most ``start_bin``
   bins, has no candidate: the amax is the top edge (NVIDIA raises).
 * a histogram with no data (all zeros) gives amax 0.
@@ -27,6 +31,14 @@ from __future__ import annotations
 import torch
 
 TIE_TOL = 1e-9
+MSE_RTOL = 1e-10
+
+
+def first_min(errs) -> int:
+    """Index of the first error within ``MSE_RTOL`` (relative) of the smallest (mse's tie rule)."""
+    e = torch.as_tensor(errs, dtype=torch.float64)
+    m = e.min()
+    return int(torch.nonzero(e <= m + m * MSE_RTOL).min())  # m + m * rtol: as the kernels round it
 
 
 def abs_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +145,14 @@ def mse_errors(hist, edges, num_bits: int, unsigned: bool = False, stride: int =
 
 
 def amax_mse(hist, edges, num_bits: int, unsigned: bool = False, stride: int = 1, start_bin: int = 128) -> torch.Tensor:
-    """Bin center with the smallest histogram-weighted squared error (first argmin)."""
+    """Bin center with the smallest histogram-weighted squared error (first argmin, :func:`first_min`)."""
     if hist.double().sum() == 0:
         return torch.zeros((), dtype=torch.float64)
     cands, errs = mse_errors(hist, edges, num_bits, unsigned, stride, start_bin)
     e = edges.double()
     if not cands:
         return e[-1]
-    i = cands[int(torch.tensor(errs).argmin())]
+    i = cands[first_min(errs)]
     return (e[i] + e[i + 1]) / 2
 
 
@@ -260,11 +272,11 @@ def mse_errors_asym(pos, neg, width: float, num_bits: int, stride: int = 16, sta
 
 
 def range_mse_asym(pos, neg, width: float, num_bits: int, stride: int = 16, start_bin: int = 128):
-    """(amin, amax) float64 scalars of the asymmetric histogram-MSE rule (first argmin)."""
+    """(amin, amax) float64 scalars of the asymmetric histogram-MSE rule (first argmin, :func:`first_min`)."""
     if pos.double().sum() + neg.double().sum() == 0:
         return torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     cands, errs, (un, up) = mse_errors_asym(pos, neg, width, num_bits, stride, start_bin)
     if not cands:
         return torch.tensor(-un * width, dtype=torch.float64), torch.tensor(up * width, dtype=torch.float64)
-    a, b = cands[int(torch.tensor(errs, dtype=torch.float64).argmin())]
+    a, b = cands[first_min(errs)]
     return torch.tensor(-a * width, dtype=torch.float64), torch.tensor(b * width, dtype=torch.float64)
