@@ -51,7 +51,11 @@ def extension():
         return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources += rel(["csrc/cuda/*.cu"])
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    # --fmad=false: nvcc, like the CPU build, contracts no a * b + c on its own, so the shared
+    # __host__ __device__ headers round on the GPU exactly as the CPU tests check them (plain
+    # double math in shared/calibrate.h gave last-bit different amax); kernels that want an FMA
+    # write fmaf / __fmaf_rn, which the flag leaves alone.
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
     return cpp_extension.CUDAExtension(
         "quantkern._C",
         sources,

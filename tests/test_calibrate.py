@@ -644,3 +644,16 @@ def test_triton_calib_opcheck_and_errors():
     pn, nn_ = torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)
     torch.ops.quantkern.calib_histogram(xb.cpu(), pn, nn_, *(a.cpu() for a in args))
     assert torch.equal(pt.cpu(), pn) and torch.equal(nt.cpu(), nn_) and int(pn[0, 15]) == 1 and int(nn_[0, 15]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+def test_cuda_histogram_more_channels_than_grid_y():
+    # channels ride on grid.y (65535 at most per launch): 70000 channels take two launches
+    x = torch.randn(70000, 8)
+    R_ = x.abs().amax(1).float()
+    n = torch.full((70000,), 16, dtype=torch.long)
+    pos, neg = torch.zeros(70000, 16, dtype=torch.long), torch.zeros(70000, 16, dtype=torch.long)
+    torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n)
+    pc, nc = pos.cuda().zero_(), neg.cuda().zero_()
+    torch.ops.quantkern.calib_histogram(x.cuda(), pc, nc, R_.cuda(), n.cuda())
+    assert torch.equal(pc.cpu(), pos) and torch.equal(nc.cpu(), neg)

@@ -357,3 +357,15 @@ def test_non_finite_weights(val, mode):
         quantkern.set_cpu_capability(isa)
         with pytest.raises(RuntimeError, match="NaN or infinity"):
             op(W, 4, 64, mode=mode)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("g", [94, 186, 366])
+def test_cuda_native_group_sizes_at_the_shared_memory_limit(g):
+    # [g][T + 1] floats plus the kernel's static reduction buffer must fit in 48 KB
+    W = torch.randn(8, 2 * g)
+    q, s, z = quantkern.ops.hqq_quantize(W, 4, g, backend="native")
+    qc, sc, zc = quantkern.ops.hqq_quantize(W.cuda(), 4, g, backend="native")
+    assert torch.equal(qc.cpu(), q)
+    torch.testing.assert_close(sc.cpu(), s)
+    torch.testing.assert_close(zc.cpu(), z)

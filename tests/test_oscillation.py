@@ -647,3 +647,18 @@ def test_reproduction_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| W3A3 | + freezing |" in r.stdout
     assert (tmp_path / "results.md").exists() and (tmp_path / "latent_w3_freeze.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bad_scale_and_grad_device():
+    w = torch.randn(8, 4, device="cuda")
+    s, b = torch.rand(8, device="cuda") + 0.1, torch.zeros(8, device="cuda")
+    meta, ema = ops.oscillation_init_state(w, s, b, -8, 7, axis=0)
+    s_bad = s.clone()
+    s_bad[0] = 0.0
+    m0, e0, w0 = meta.clone(), ema.clone(), w.clone()
+    torch.ops.quantkern.oscillation_update(w, s_bad, b, meta, ema, -8, 7, 0, None, 0.01, 0.0)
+    # the channel with scale 0 is left untouched (the CPU op raises instead)
+    assert torch.equal(meta[0], m0[0]) and torch.equal(ema[0], e0[0]) and torch.equal(w[0], w0[0])
+    with pytest.raises(RuntimeError, match="grad of dampening_loss is on cpu"):
+        torch.ops.quantkern.dampening_loss_backward(torch.ones(()), w, s, b, -8, 7, 0, None, 1.0)

@@ -358,3 +358,17 @@ def test_triton_grad_and_opcheck():
     torch.testing.assert_close(x.grad, torch.ones(2, 24) @ pw.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.quantkern.packed_linear_triton,
                           (x.detach().requires_grad_(), pw.qweight, pw.scales, pw.zeros, 3, 32, 64, None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_native_misaligned_qweight_view(bits):
+    # a contiguous qweight view at an odd storage offset (the decoders load 8 / 16-byte vectors)
+    pw = PackedWeight.from_float(torch.randn(16, 128), bits, 64).to("cuda")
+    buf = torch.empty(pw.qweight.numel() + 1, dtype=torch.int32, device="cuda")
+    buf[1:] = pw.qweight.reshape(-1)
+    qw = buf[1:].view(pw.qweight.shape)
+    x = torch.randn(3, 128, device="cuda")
+    want = torch.ops.quantkern.packed_linear(x, pw.qweight, pw.scales, pw.zeros, bits, 64, 128, None)
+    got = torch.ops.quantkern.packed_linear(x, qw, pw.scales, pw.zeros, bits, 64, 128, None)
+    assert torch.equal(got, want)

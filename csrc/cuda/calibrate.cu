@@ -121,7 +121,6 @@ void calib_histogram_cuda(const at::Tensor& x_, at::Tensor pos, at::Tensor neg, 
   if (C == 0 || M == 0) return;
   TORCH_CHECK(n_.max().item<int64_t>() <= std::min(B, kCalibMaxBins) && n_.min().item<int64_t>() >= 0,
               "quantkern.calib_histogram: n must be in [0, B = pos.shape[1] = ", B, "]");
-  TORCH_CHECK(C <= 65535, "quantkern.calib_histogram: at most 65535 channels on CUDA, got ", C);
   c10::cuda::CUDAGuard guard(x_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto x = x_.contiguous();
@@ -129,26 +128,32 @@ void calib_histogram_cuda(const at::Tensor& x_, at::Tensor pos, at::Tensor neg, 
   auto n = n_.contiguous();
   auto bad = at::zeros({1}, x.options().dtype(at::kInt));
   const int threads = 256;
-  const int64_t bx = std::min<int64_t>((M + threads - 1) / threads, std::max<int64_t>(1, 4096 / C));
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(C));
   auto* pp = reinterpret_cast<unsigned long long*>(pos.data_ptr<int64_t>());
   auto* np = reinterpret_cast<unsigned long long*>(neg.data_ptr<int64_t>());
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      calib_hist_kernel<<<grid, threads, 0, stream>>>(x.data_ptr<float>(), pp, np, R.data_ptr<float>(),
-                                                      n.data_ptr<int64_t>(), M, B, bad.data_ptr<int>());
-      break;
-    case at::kHalf:
-      calib_hist_kernel<<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()), pp, np,
-                                                      R.data_ptr<float>(), n.data_ptr<int64_t>(), M, B,
-                                                      bad.data_ptr<int>());
-      break;
-    default:
-      calib_hist_kernel<<<grid, threads, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), pp, np,
-                                                      R.data_ptr<float>(), n.data_ptr<int64_t>(), M, B,
-                                                      bad.data_ptr<int>());
+  // channels ride on grid.y (at most 65535 per launch): more channels run as several launches
+  for (int64_t c0 = 0; c0 < C; c0 += 65535) {
+    const int64_t cn = std::min<int64_t>(C - c0, 65535);
+    const int64_t bx = std::min<int64_t>((M + threads - 1) / threads, std::max<int64_t>(1, 4096 / cn));
+    const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(cn));
+    const float* Rp = R.data_ptr<float>() + c0;
+    const int64_t* npc = n.data_ptr<int64_t>() + c0;
+    auto* pc = pp + c0 * B;
+    auto* nc = np + c0 * B;
+    switch (x.scalar_type()) {
+      case at::kFloat:
+        calib_hist_kernel<<<grid, threads, 0, stream>>>(x.data_ptr<float>() + c0 * M, pc, nc, Rp, npc, M, B,
+                                                        bad.data_ptr<int>());
+        break;
+      case at::kHalf:
+        calib_hist_kernel<<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(x.data_ptr()) + c0 * M, pc,
+                                                        nc, Rp, npc, M, B, bad.data_ptr<int>());
+        break;
+      default:
+        calib_hist_kernel<<<grid, threads, 0, stream>>>(
+            reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + c0 * M, pc, nc, Rp, npc, M, B, bad.data_ptr<int>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   TORCH_CHECK(bad.item<int>() == 0, "quantkern.calib_histogram: x contains NaN or infinity");
 }
 

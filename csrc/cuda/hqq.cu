@@ -32,7 +32,10 @@ __device__ __forceinline__ float hq_ld(const float* p, int64_t i) { return p[i];
 __device__ __forceinline__ float hq_ld(const __half* p, int64_t i) { return __half2float(p[i]); }
 __device__ __forceinline__ float hq_ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
 
-constexpr int kHqqMaxSmemBytes = 48 * 1024;
+// Dynamic shared memory a block may use without an opt-in: 48 KB minus the kernel's static
+// `red[128]` doubles (dynamic + static must stay within 48 KB, or the launch fails).
+constexpr int kHqqRed = 128;  // = the largest block hqq_threads picks
+constexpr int kHqqMaxSmemBytes = 48 * 1024 - kHqqRed * int(sizeof(double));
 
 // Threads per block for group size g; `smem` is false when [g][T+1] floats do not fit.
 inline int hqq_threads(int64_t g, bool& smem) {
@@ -82,7 +85,7 @@ __global__ void hqq_solve_kernel(const TW* __restrict__ W, HqqParams P, float* _
   }
   const bool global = P.mode == HqqStop::Global && P.iters > 0;
   if (global && owner) zhist[j] = z;
-  __shared__ double red[128];
+  __shared__ double red[kHqqRed];
   float best = hqq_inf(), zbest = z;
   bool active = true;
   for (int it = 0; it < P.iters; ++it) {

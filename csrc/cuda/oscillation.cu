@@ -38,6 +38,9 @@ __global__ void __launch_bounds__(kThreads) osc_kernel(TW* __restrict__ w, const
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = param_index(i, C, inner);
     const float sv = s[c], bv = b[c];
+    // The CPU op raises on such a scale; raising here would cost a host sync per call, so the
+    // kernel leaves those weights and their state untouched instead of writing NaN-derived codes.
+    if (!(sv > 0.f) || !isfinite(sv)) continue;
     uint32_t mo;
     float eo, wo, o, f;
     // Without freezing the integer EMA is neither read nor written.
@@ -110,11 +113,11 @@ __global__ void __launch_bounds__(kThreads) damp_sum_kernel(const float* __restr
 }
 
 template <class TW>
-__global__ void __launch_bounds__(kThreads) damp_bwd_kernel(const float* __restrict__ grad, const TW* __restrict__ w,
+__global__ void __launch_bounds__(kThreads) damp_bwd_kernel(const double* __restrict__ grad, const TW* __restrict__ w,
                                                             TW* __restrict__ gw, const float* __restrict__ s,
                                                             const float* __restrict__ b, int64_t N, int64_t C,
-                                                            int64_t inner, float n, float p, float norm2) {
-  const float g2 = __fmul_rn(grad[0], norm2);
+                                                            int64_t inner, float n, float p, double norm2) {
+  const float g2 = float(__dmul_rn(grad[0], norm2));  // as the CPU: grad * norm * 2 in double, rounded once
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = param_index(i, C, inner);
     float in;
@@ -138,9 +141,9 @@ template __global__ void osc_kernel<__nv_bfloat16, false>(__nv_bfloat16*, const 
 template __global__ void damp_fwd_kernel<float>(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, float, float);
 template __global__ void damp_fwd_kernel<__half>(const __half*, const float*, const float*, float*, int64_t, int64_t, int64_t, float, float);
 template __global__ void damp_fwd_kernel<__nv_bfloat16>(const __nv_bfloat16*, const float*, const float*, float*, int64_t, int64_t, int64_t, float, float);
-template __global__ void damp_bwd_kernel<float>(const float*, const float*, float*, const float*, const float*, int64_t, int64_t, int64_t, float, float, float);
-template __global__ void damp_bwd_kernel<__half>(const float*, const __half*, __half*, const float*, const float*, int64_t, int64_t, int64_t, float, float, float);
-template __global__ void damp_bwd_kernel<__nv_bfloat16>(const float*, const __nv_bfloat16*, __nv_bfloat16*, const float*, const float*, int64_t, int64_t, int64_t, float, float, float);
+template __global__ void damp_bwd_kernel<float>(const double*, const float*, float*, const float*, const float*, int64_t, int64_t, int64_t, float, float, double);
+template __global__ void damp_bwd_kernel<__half>(const double*, const __half*, __half*, const float*, const float*, int64_t, int64_t, int64_t, float, float, double);
+template __global__ void damp_bwd_kernel<__nv_bfloat16>(const double*, const __nv_bfloat16*, __nv_bfloat16*, const float*, const float*, int64_t, int64_t, int64_t, float, float, double);
 
 }  // namespace cuda
 }  // namespace qk
@@ -246,15 +249,17 @@ at::Tensor dampening_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const int64_t N = w.numel();
   if (N == 0) return gw;
   auto s = scale_.contiguous(), b = offset_.contiguous();
-  auto g = grad.reshape({1}).to(at::kFloat).contiguous();
+  TORCH_CHECK(grad.device() == weight_.device(), "quantkern: grad of dampening_loss is on ", grad.device(),
+              " but weight is on ", weight_.device());
+  auto g = grad.reshape({1}).to(at::kDouble).contiguous();
   int64_t C, inner;
   param_layout(L, C, inner);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_w(w, [&](auto tag) {
     using TW = std::remove_pointer_t<decltype(tag)>;
     damp_bwd_kernel<TW><<<grid_for(N), kThreads, 0, stream>>>(
-        g.data_ptr<float>(), static_cast<const TW*>(w.data_ptr()), static_cast<TW*>(gw.data_ptr()),
-        s.data_ptr<float>(), b.data_ptr<float>(), N, C, inner, float(qmin), float(qmax), float(2.0 * norm));
+        g.data_ptr<double>(), static_cast<const TW*>(w.data_ptr()), static_cast<TW*>(gw.data_ptr()),
+        s.data_ptr<float>(), b.data_ptr<float>(), N, C, inner, float(qmin), float(qmax), 2.0 * norm);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return gw;

@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -38,6 +39,13 @@
 
 namespace qk {
 namespace {
+
+// qweight as the decoders read it: contiguous and 16-byte aligned (the 4-bit / 2-bit decoders load
+// uint4 / uint2 vectors; a contiguous view at an odd storage offset would fault), copied if not.
+at::Tensor aligned_qweight(const at::Tensor& qw) {
+  auto c = qw.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 ? c.clone() : c;
+}
 
 // The packed weight as the device sees it (PackedW holds host-side sizes too).
 struct DevW {
@@ -334,7 +342,7 @@ at::Tensor unpack_cuda(const at::Tensor& qw_, int64_t bits, int64_t K) {
   TORCH_CHECK(K > 0, "quantkern.unpack: in_features must be positive, got ", K);
   check_qweight("unpack", qw_, bits, K);
   const c10::cuda::CUDAGuard guard(qw_.device());
-  auto qw = qw_.contiguous();
+  auto qw = aligned_qweight(qw_);
   const int64_t N = qw.size(0), nb = cdiv(K, 32);
   auto out = at::empty({N, K}, qw.options().dtype(at::kByte));
   if (N) {
@@ -358,7 +366,7 @@ at::Tensor dequantize_cuda(const at::Tensor& qw_, const at::Tensor& s_, const at
                            int64_t group_size, int64_t K, std::optional<at::ScalarType> dtype) {
   check_packed("dequantize", qw_, s_, z_, bits, group_size, K);
   const c10::cuda::CUDAGuard guard(qw_.device());
-  auto qw = qw_.contiguous(), s = s_.contiguous(), z = z_.contiguous();
+  auto qw = aligned_qweight(qw_), s = s_.contiguous(), z = z_.contiguous();
   auto out = at::empty({qw.size(0), K}, s.options().dtype(dtype.value_or(s.scalar_type())));
   dt_of(out, "dtype");
   if (out.numel() == 0) return out;
@@ -392,11 +400,17 @@ void launch_linear(const DevW& W, const at::Tensor& x, const M* sp, const M* zp,
     }
     return;
   }
-  const dim3 grid(unsigned(cdiv(W.N, kBN)), unsigned(cdiv(Mrows, kBM)));
-  if constexpr (std::is_same_v<X, float>) {
-    gemm_f32_kernel<BITS, M><<<grid, kGemmThreads, 0, stream>>>(W, xp, sp, zp, bp, yp, Mrows);
-  } else {
-    gemm_wmma_kernel<BITS, X, M><<<grid, kGemmThreads, 0, stream>>>(W, xp, sp, zp, bp, yp, Mrows);
+  // grid.y holds at most 65535 row tiles: more rows of x run as several launches
+  constexpr int64_t kRowsPerLaunch = int64_t(65535) * kBM;
+  for (int64_t r0 = 0; r0 < Mrows; r0 += kRowsPerLaunch) {
+    const int64_t mr = std::min(Mrows - r0, kRowsPerLaunch);
+    const dim3 grid(unsigned(cdiv(W.N, kBN)), unsigned(cdiv(mr, kBM)));
+    if constexpr (std::is_same_v<X, float>) {
+      gemm_f32_kernel<BITS, M><<<grid, kGemmThreads, 0, stream>>>(W, xp + r0 * W.K, sp, zp, bp, yp + r0 * W.N, mr);
+    } else {
+      gemm_wmma_kernel<BITS, X, M><<<grid, kGemmThreads, 0, stream>>>(W, xp + r0 * W.K, sp, zp, bp, yp + r0 * W.N,
+                                                                      mr);
+    }
   }
 }
 
@@ -421,11 +435,18 @@ at::Tensor packed_linear_cuda(const at::Tensor& x_, const at::Tensor& qw_, const
   }
   auto x = x_.reshape({-1, K}).contiguous();
   const int64_t Mrows = x.size(0);
+  // The tensor-core GEMM is compiled for sm_80 and newer only (its body is empty below that):
+  // on an older GPU, half / bf16 x with more than 4 rows goes through the fp32 kernels.
+  int cc_major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, x_.device().index()));
+  if (Mrows > 4 && x.scalar_type() != at::kFloat && cc_major < 8) {
+    return packed_linear_cuda(x_.to(at::kFloat), qw_, s_, z_, bits, group_size, K, bias_).to(x_.scalar_type());
+  }
   std::vector<int64_t> oshape(x_.sizes().begin(), x_.sizes().end());
   oshape.back() = N;
   auto y = at::empty({Mrows, N}, x.options());
   if (Mrows == 0 || N == 0) return y.reshape(oshape);
-  auto qw = qw_.contiguous(), s = s_.contiguous(), z = z_.contiguous();
+  auto qw = aligned_qweight(qw_), s = s_.contiguous(), z = z_.contiguous();
   const DevW W = dev_view(packed_view(qw, s, z, bits, group_size, K));
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
