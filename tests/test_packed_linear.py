@@ -358,6 +358,13 @@ def test_triton_grad_and_opcheck():
     torch.testing.assert_close(x.grad, torch.ones(2, 24) @ pw.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.quantkern.packed_linear_triton,
                           (x.detach().requires_grad_(), pw.qweight, pw.scales, pw.zeros, 3, 32, 64, None))
+    # direct op calls get the native op's checks (they read past the rows before)
+    with pytest.raises((ValueError, RuntimeError), match="qweight"):
+        torch.ops.quantkern.packed_linear_triton(torch.ones(1, 128), pw.qweight, pw.scales, pw.zeros, 3, 32, 128, None)
+    with pytest.raises((ValueError, RuntimeError), match="x must have shape"):
+        torch.ops.quantkern.packed_linear_triton(torch.ones(1, 32), pw.qweight, pw.scales, pw.zeros, 3, 32, 64, None)
+    with pytest.raises((ValueError, RuntimeError), match="scales"):
+        torch.ops.quantkern.dequantize_triton(pw.qweight, pw.scales[:, :1], pw.zeros[:, :1], 3, 32, 64, None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")

@@ -106,8 +106,17 @@ def _geometry(qweight, bits, group_size, in_features):
     return N, K, nb, nb * bits * 4, K // group_size
 
 
+def _checked_geometry(op, qweight, scales, zeros, bits, group_size, in_features):
+    # the public wrappers check too; a direct torch.ops call must not read past the rows either
+    from quantkern.ops import check_packed
+
+    check_packed(op, qweight, scales, zeros, bits, group_size, in_features)
+    return _geometry(qweight, bits, group_size, in_features)
+
+
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype=None):
-    N, K, nb, row_bytes, G = _geometry(qweight, bits, group_size, in_features)
+    N, K, nb, row_bytes, G = _checked_geometry("dequantize_triton", qweight, scales, zeros, bits, group_size,
+                                               in_features)
     out = torch.empty((N, K), dtype=dtype or scales.dtype, device=qweight.device)
     if N == 0:
         return out
@@ -120,7 +129,12 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
 
 
 def packed_linear_triton(x, qweight, scales, zeros, bits, group_size, in_features, bias=None):
-    N, K, nb, row_bytes, G = _geometry(qweight, bits, group_size, in_features)
+    N, K, nb, row_bytes, G = _checked_geometry("packed_linear_triton", qweight, scales, zeros, bits, group_size,
+                                               in_features)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"quantkern.packed_linear_triton: x must have shape [..., {K}], got {tuple(x.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"quantkern.packed_linear_triton: bias must have shape [{N}], got {tuple(bias.shape)}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
