@@ -150,3 +150,18 @@ def test_bad_args(problem):
     bad[0, 0], bad[1, 1], bad[0, 1], bad[1, 0] = 1.0, 1.0, 2.0, 2.0  # indefinite
     with pytest.raises(RuntimeError, match="positive definite"):
         gptq_quantize(W, bad, 4, 128, damp=0.0)
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+@pytest.mark.parametrize("sym", [False, True])
+def test_all_zero_group_decodes_to_zero(clip, sym):
+    # pruned weights (and GPTQ's dead columns) stay exactly 0; the mse search put the float zero
+    # of an all-zero group on a half step, so they decoded to +-scale / 2
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 64, generator=g) * 0.05
+    W[:, :32] = 0
+    X = torch.randn(256, 64, generator=g)
+    acc = HessianAccumulator(64)
+    acc.add_batch(X)
+    Wq = dequantize(*gptq_quantize(W, acc.H, 4, 32, clip=clip, sym=sym))
+    assert torch.equal(Wq[:, :32], torch.zeros(4, 32))

@@ -104,7 +104,8 @@ def search_params(w: torch.Tensor, bits: int, sym: bool = False, weight: torch.T
     (``weight [g]`` or broadcastable to ``w``, e.g. ``diag(H)`` of the group's columns:
     the per-column cost of an error under GPTQ's objective). The zero is not rounded
     (the packed format stores float zeros), so the clipped range maps exactly onto
-    ``[0, maxq]``. ``grid=1`` is plain min-max with a float zero.
+    ``[0, maxq]``, except in an all-zero group, whose zero is rounded so that it decodes
+    to exactly 0. ``grid=1`` is plain min-max with a float zero.
 
     Returns (scale, zero), float tensors of shape ``w.shape[:-1]``, dtype of w.
     """
@@ -125,7 +126,10 @@ def search_params(w: torch.Tensor, bits: int, sym: bool = False, weight: torch.T
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
             best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+    # an all-zero group (pruned weights, GPTQ's dead columns) must decode to exactly 0: its
+    # [-1, 1] range puts the float zero on a half step (7.5 at 4 bits), so round it
+    allz = (w == 0).all(-1)
+    return best_s, torch.where(allz, torch.round(best_z), best_z)
 
 
 def refit_scale_zero(q: torch.Tensor, group_size: int, gram: torch.Tensor, rhs: torch.Tensor,
