@@ -285,14 +285,28 @@ def test_asymmetric_percentile_bruteforce():
         neg = torch.bincount(idx[x[c] < 0], minlength=200).double()
         signed = torch.cat([neg.flip(0), pos])
         edges = torch.arange(-200, 201, dtype=torch.float64) * (Rc.double() / 200)
-        cdf = torch.cumsum(signed / signed.sum(), 0)
-        hi = int(torch.searchsorted(cdf, torch.tensor([0.99], dtype=torch.float64)))
-        lo = int(torch.searchsorted(cdf, torch.tensor([1 - 0.99], dtype=torch.float64), right=True))
+        cum = torch.cumsum(signed, 0)  # first bin whose running count reaches p * total
+        hi = int(torch.searchsorted(cum, cum[-1:] * 0.99))
+        lo = int(torch.searchsorted(cum, cum[-1:] * (1 - 0.99), right=True))
         assert amax[c].item() == pytest.approx(max(edges[hi + 1].item(), 0.0), rel=1e-7)
         assert amin[c].item() == pytest.approx(min(edges[lo].item(), 0.0), rel=1e-7)
         q_lo, q_hi = torch.quantile(x[c], 0.01).item(), torch.quantile(x[c], 0.99).item()
         w = 3 * Rc.item() / 200  # within a few bins of the interpolated quantiles
         assert min(q_lo, 0) - w <= amin[c] <= min(q_lo, 0) + w and q_hi - w <= amax[c] <= q_hi + w
+
+
+def test_asymmetric_percentile_100_stays_at_the_data():
+    # a normalised float cdf can end just below 1.0: percentile 100 then returned the padding's edge
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(5000, generator=g)
+        x[x < 0] *= 4
+        cal = HistogramCalibrator("percentile", 8, symmetric=False, num_bins=2048, percentile=100.0)
+        cal.collect(x)
+        amin, amax = cal.compute_range()
+        w = 4.1 * x.abs().max().item() / 2048
+        assert x.max().item() <= amax.item() <= x.max().item() + w
+        assert x.min().item() - w <= amin.item() <= x.min().item()
 
 
 # ------------------------------------------------------------------ edge cases

@@ -410,11 +410,13 @@ class HistogramCalibrator(_Calibrator):
         # signed bins: neg[B-1] ... neg[0] pos[0] ... pos[B-1]; edges -B*w ... 0 ... B*w
         signed = torch.cat([neg.flip(1), pos], 1)
         edges = torch.arange(-B, B + 1, dtype=torch.float64, device=pos.device)[None, :] * width[:, None]
-        total = signed.sum(1, keepdim=True)
-        cdf = torch.cumsum(signed / total, 1)
+        # integer running counts (exact in float64) against p * total: a normalised float cdf can end
+        # just below 1.0, and percentile 100 then ran past the last bin to the padding's edge
+        cum = torch.cumsum(signed, 1)
+        total = cum[:, -1:]
         p = self.percentile / 100
-        hi = torch.searchsorted(cdf, torch.full((C, 1), p, dtype=torch.float64, device=cdf.device)).clamp(max=2 * B - 1)
-        lo = torch.searchsorted(cdf, torch.full((C, 1), 1 - p, dtype=torch.float64, device=cdf.device), right=True).clamp(max=2 * B - 1)
+        hi = torch.searchsorted(cum, total * p).clamp(max=2 * B - 1)
+        lo = torch.searchsorted(cum, total * (1 - p), right=True).clamp(max=2 * B - 1)
         amax = edges.gather(1, hi + 1)[:, 0].clamp(min=0)
         amin = edges.gather(1, lo)[:, 0].clamp(max=0)
         live = self._R > 0
