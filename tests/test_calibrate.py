@@ -671,3 +671,22 @@ def test_cuda_histogram_more_channels_than_grid_y():
     pc, nc = pos.cuda().zero_(), neg.cuda().zero_()
     torch.ops.quantkern.calib_histogram(x.cuda(), pc, nc, R_.cuda(), n.cuda())
     assert torch.equal(pc.cpu(), pos) and torch.equal(nc.cpu(), neg)
+
+
+def test_mse_search_skips_leading_zero_batches_and_warns_past_its_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * 5
+    for symmetric in (True, False):
+        ref = MseCalibrator(8, symmetric=symmetric)
+        ref.collect(x)
+        cal = MseCalibrator(8, symmetric=symmetric)
+        cal.collect(torch.zeros(100))  # e.g. padding: the search must not collapse to range 0
+        cal.collect(x)
+        if symmetric:
+            assert torch.equal(cal.compute_amax(), ref.compute_amax()) and float(cal.compute_amax()) > 0
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(cal.compute_range(), ref.compute_range()))
+    cal = MseCalibrator(8)
+    cal.collect(x * 0.01)
+    with pytest.warns(UserWarning, match="beyond the largest candidate"):
+        cal.collect(x)

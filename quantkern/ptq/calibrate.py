@@ -47,6 +47,7 @@ the first batches starts its histogram at its first non-zero batch).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -435,8 +436,9 @@ def _percentile_batched(hist, edges, n, percentile):
 class MseCalibrator(_Calibrator):
     """Raw-data MSE search over ``base * linspace(start, stop, num_steps)``.
 
-    ``base`` is the amax (asymmetric: the (amin, amax) pair) of the first batch,
-    or ``base_amax`` / ``base_amin`` if given. Every collect() adds the squared
+    ``base`` is the amax (asymmetric: the (amin, amax) pair) of the first batch
+    (per channel: of the first batch that is not all zero there), or ``base_amax`` /
+    ``base_amin`` if given; a later batch beyond ``stop * base`` gets a warning. Every collect() adds the squared
     fake-quant error of every candidate (per channel); compute_amax() returns
     the first argmin. Symmetric or asymmetric, per tensor or per channel.
     """
@@ -458,6 +460,7 @@ class MseCalibrator(_Calibrator):
         self._C = None
         self._base = None
         self._err = None
+        self._warned = False
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
@@ -470,12 +473,36 @@ class MseCalibrator(_Calibrator):
                 None if self.symmetric else xc.amin(1))
             self._base = (amin, amax)
             self._err = torch.zeros(xc.shape[0], self.mult.numel(), dtype=torch.float64, device=xc.device)
+        elif self._given == (None, None):
+            self._rebase_empty(xc)
         amin, amax = self._base
         for s, m in enumerate(self.mult.tolist()):
             scale, zero, qmin, qmax = range_to_qparams(None if amin is None else amin * m, amax * m, self.num_bits, self.symmetric,
                                                        self.unsigned, self.narrow_range)
             xh = fake_quant(xc, scale, zero, qmin, qmax, axis=0)
             self._err[:, s] += ((xh - xc).double() ** 2).sum(1)
+
+    def _rebase_empty(self, xc: torch.Tensor) -> None:
+        """Channels whose base range is still empty (every batch so far was all zero there) take this
+        batch's range: their accumulated errors are exactly 0 for any candidate (0 is on every grid),
+        so nothing is lost. A batch beyond the largest candidate only gets a warning: the earlier
+        batches' errors for wider candidates are unknown."""
+        amin, amax = self._base
+        bmax = xc.abs().amax(1) if self.symmetric else xc.amax(1)
+        bmin = None if self.symmetric else xc.amin(1)
+        empty = (amax == 0) if amin is None else ((amax <= 0) & (amin >= 0))
+        if bool(empty.any()):
+            amax = torch.where(empty, bmax, amax)
+            amin = None if amin is None else torch.where(empty, bmin, amin)
+            self._base = (amin, amax)
+        top = float(self.mult[-1])
+        over = (bmax > amax * top) if amin is None else ((bmax > torch.clamp(amax, min=0) * top)
+                                                         | (bmin < torch.clamp(amin, max=0) * top))
+        if bool(over.any()) and not self._warned:
+            self._warned = True
+            warnings.warn("MseCalibrator (mse_search): a later batch reaches beyond the largest candidate range "
+                          f"({top:g}x the first batch's); the search cannot cover it. Pass base_amax / base_amin "
+                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=3)
 
     def _best(self):
         self._need_data()
