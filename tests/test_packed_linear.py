@@ -100,6 +100,23 @@ def test_packed_linear_outliers_and_nonfinite(bits, config):
             assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0))
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_tiny_inputs(bits, config):
+    # bf16 / fp32 x can be far below fp16's range: 127 / amax overflowed in the int8 GEMV for
+    # groups under ~4e-37 (every entry became -128); such groups take the fp32 path
+    pw = make(24, 256, bits, 64, torch.bfloat16, seed=3)
+    Wd = ref.dequantize(pw.qweight, pw.scales, pw.zeros, bits, 64, 256).double()
+    for dt in (torch.bfloat16, torch.float32):
+        for sc in (1e-15, 1e-25, 1e-30, 1e-36, 1e-37, 1e-38):
+            for M in (1, 3):
+                x = (torch.randn(M, 256) * sc).to(dt)
+                for xx in (x, torch.cat([x[:, :64], torch.randn(M, 64).to(dt), x[:, 128:]], 1)):
+                    truth = xx.double() @ Wd.T  # relative errors without check_accuracy's 1e-30 floor
+                    e = ((ops.packed_linear(xx, pw).double() - truth).norm() / truth.norm()).item()
+                    et = ((F.linear(xx, Wd.to(dt)).double() - truth).norm() / truth.norm()).item()
+                    assert e <= 2 * et + 1e-3, (dt, sc, M, e, et)
+
+
 def test_noncontiguous_and_batched():
     pw = make(24, 160, 4, 32)
     for dt in DTYPES:

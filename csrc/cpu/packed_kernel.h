@@ -425,8 +425,8 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 //   xh, xl, xu: int8 [nc][nfield][64]  the three pieces, permuted to the decode order
 //   A:      fp32 [G16 + 16]        a_g per group (0 past G: a 16-group window may overhang)
 //   X:      fp32 [G16]             sum of x over each group
-//   mode:   int32                  kVnniTwo / kVnniThree (pieces this row needs) / kVnniNonFinite
-//   xf:     fp32 [Kp]              x itself (for the non-finite fallback)
+//   mode:   int32                  kVnniTwo / kVnniThree (pieces this row needs) / kVnniFp32
+//   xf:     fp32 [Kp]              x itself (for the fp32 fallback: inf / NaN or a tiny group range)
 // Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
 struct VnniLayout {
   int64_t bpc, nfield, nc, G16;
@@ -451,12 +451,16 @@ inline VnniLayout vnni_layout(const PackedW& P) {
   return L;
 }
 
-enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniNonFinite = 2 };
+enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniFp32 = 2 };
 // A group whose amax exceeds this multiple of its mean |x| makes the call use three pieces.
 // Gaussian groups of 32-256 stay below ~5; one outlier of 8x the mean |x| or more (or a few
 // much larger ones) crosses it. With two pieces such a group's small entries get errors of
 // amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
 constexpr float kVnniWideRange = 8.f;
+// A group with 0 < amax below this (2^-64, only reachable with bf16 / fp32 x) takes the fp32
+// path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
+// (1/65536) times the group scale leaves the normal fp32 range and loses bits.
+constexpr float kVnniTinyAmax = 0x1p-64f;
 
 inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws) {
   const VnniLayout L = vnni_layout(P);
@@ -503,8 +507,9 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       }
       const float amax = _mm512_reduce_max_ps(vmax), asum = _mm512_reduce_add_ps(vabs);
       X[g] = _mm512_reduce_add_ps(vsum);
-      if (!(asum <= 3.0e38f)) {  // inf or NaN somewhere in the group (the sum of |x| sees both)
-        *mode = kVnniNonFinite;
+      // inf or NaN somewhere in the group (the sum of |x| sees both), or a range too tiny to scale
+      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
+        *mode = kVnniFp32;
         break;
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
@@ -527,7 +532,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
       }
     }
-    if (*mode == kVnniNonFinite) continue;
+    if (*mode == kVnniFp32) continue;
     const int8_t* src[3] = {h8, l8, u8};
     std::memset(wm, 0, 3 * L.x_bytes);
     for (int p = 0; p < 3; ++p) {
@@ -725,20 +730,21 @@ inline void vnni_gemv_rows_md(const PackedW& P, const uint8_t* ws, int64_t M, in
                               void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   auto mode = [&](int64_t m) { return *reinterpret_cast<const int32_t*>(ws + L.total_shared + m * L.per_m + L.mode_off); };
-  bool three = false, finite = true;
+  bool three = false, vnni_only = true;
   for (int64_t m = 0; m < M; ++m) {
     three |= mode(m) == kVnniThree;
-    finite &= mode(m) != kVnniNonFinite;
+    vnni_only &= mode(m) != kVnniFp32;
   }
-  if (finite) {  // the common case: every row of x in one pass over the weight
+  if (vnni_only) {  // the common case: every row of x in one pass over the weight
     if (three) return vnni_gemv_rows_b<BITS, MD, 3>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
     return vnni_gemv_rows_b<BITS, MD, 2>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
   }
-  // x holds inf or NaN: those rows take the fp32 LUT GEMV on x itself, so they propagate as a
-  // float product does; the other rows stay on this path, one at a time.
+  // x holds inf or NaN (or a group range below kVnniTinyAmax): those rows take the fp32 LUT GEMV
+  // on x itself, so they propagate as a float product does; the other rows stay on this path, one
+  // at a time.
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
   for (int64_t m = 0; m < M; ++m) {
-    if (mode(m) == kVnniNonFinite) {
+    if (mode(m) == kVnniFp32) {
       const float* xf = reinterpret_cast<const float*>(ws + L.total_shared + m * L.per_m + L.xf_off);
       lut_gemv_rows_t<BITS, 1>(P, xf, n0, n1, ydt, static_cast<char*>(y) + m * ldy * es, ldy, bias);
     } else if (mode(m) == kVnniThree) {
