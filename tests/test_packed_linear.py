@@ -117,6 +117,23 @@ def test_packed_linear_tiny_inputs(bits, config):
                     assert e <= 2 * et + 1e-3, (dt, sc, M, e, et)
 
 
+@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
+@pytest.mark.parametrize("feature", ["bf16", "vbmi"])
+def test_amx_path_needs_bf16_and_vbmi(feature):
+    # the AMX path runs AVX512-BF16 and VBMI instructions: disabling either must keep it off
+    pw = make(48, 256, 3, 64, torch.bfloat16, seed=5)
+    x = torch.randn(40, 256).bfloat16()
+    try:
+        ops.set_cpu_feature("amx", False)
+        no_amx = ops.packed_linear(x, pw)
+        ops.set_cpu_feature("amx", True)
+        ops.set_cpu_feature(feature, False)
+        assert torch.equal(ops.packed_linear(x, pw), no_amx)
+    finally:
+        ops.set_cpu_feature("amx", True)
+        ops.set_cpu_feature(feature, True)
+
+
 def test_noncontiguous_and_batched():
     pw = make(24, 160, 4, 32)
     for dt in DTYPES:

@@ -1196,7 +1196,10 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   static const int64_t vnni_max = env_int("QUANTKERN_PK_VNNI_MAX_M", 4);
   static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
   const bool vnni = cpu_feature_on(CpuFeature::Vnni) && cpu_feature_on(CpuFeature::Vbmi);
-  const bool amx = cpu_feature_on(CpuFeature::Amx) && amx_permitted();
+  // the AMX path also runs VBMI (vpmultishiftqb decode) and AVX512-BF16 (vcvtneps2bf16): disabling
+  // either (or a CPU without it) must keep it off
+  const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
+                   cpu_feature_on(CpuFeature::Bf16) && amx_permitted();
   if (xdt != Dt::F32 && vnni && M <= vnni_max) return kPathVnni;
   if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
   if (M <= lut_max) return kPathLutF32;
