@@ -564,6 +564,12 @@ def test_reestimate_bn_stats_is_average_of_batch_stats():
     with pytest.raises(ValueError, match="no batch"):
         qat.reestimate_bn_stats(model, it)
     assert torch.equal(model[1].running_mean, before[0]) and torch.equal(model[1].running_var, before[1])
+    # an iterator keeps the batches it was not asked for
+    it = iter([(x, 0) for x in batches])
+    qat.reestimate_bn_stats(model, it, num_batches=1)
+    assert len(list(it)) == 3
+    with pytest.raises(ValueError, match="not initialised"):
+        qat.reestimate_bn_stats(nn.Sequential(nn.LazyBatchNorm2d()), [torch.randn(2, 3, 4, 4)])
 
 
 def test_plot_latent_distance(tmp_path):

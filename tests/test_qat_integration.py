@@ -143,6 +143,60 @@ def test_frozen_weights_stay_at_their_integer():
         assert torch.equal(_ints(l)[k], q0[l.name][k]), l.name  # same integer
 
 
+def _frozen_grad_max(m, tracker):
+    x, y = _data()
+    m.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    return max(float(l.weight.grad[tracker.frozen_mask(l.name)].abs().sum()) for l in qat.quantized_layers(m))
+
+
+def test_grad_mask_follows_the_weight():
+    # a weight frozen while requires_grad=False, and a Parameter replaced by load_state_dict(assign=True),
+    # still get their frozen gradients masked
+    m = _model()
+    tracker = qat.OscillationTracker(m, momentum=0.2, max_bits=None)
+    _train(m, 6, tracker)
+    m.fc.weight.requires_grad_(False)  # when freezing starts
+    _train(m, 4, tracker, thr=0.02)
+    m.fc.weight.requires_grad_(True)
+    tracker.step(1e-9)
+    assert int(tracker.frozen_mask("fc").sum()) > 0 and _frozen_grad_max(m, tracker) == 0
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    tracker.step(1e-9)
+    assert _frozen_grad_max(m, tracker) == 0
+    tracker.remove_hooks()
+    tracker.step(1e-9)
+    assert _frozen_grad_max(m, tracker) > 0  # masking off, and it stays off
+
+
+def test_tracker_refuses_tied_weights_and_replaced_layers_and_checks_checkpoints():
+    m = _model()
+    m.fc2 = QuantLinear(8, 4, w_bits=3)
+    m.fc2.weight = m.fc.weight
+    with pytest.raises(ValueError, match="share one weight"):
+        qat.OscillationTracker(m, max_bits=None)
+    m = _model()
+    tracker = qat.OscillationTracker(m, momentum=0.2, max_bits=None)
+    damp = qat.DampeningLoss(m)
+    _train(m, 2, tracker)
+    sd = tracker.state_dict()
+    # a checkpoint saved from a DDP-wrapped model ("module." names) loads into an unwrapped tracker
+    wrapped = dict(sd, layers={"module." + k: v for k, v in sd["layers"].items()})
+    t2 = qat.OscillationTracker(m, momentum=0.2, max_bits=None)
+    t2.load_state_dict(wrapped)
+    assert torch.equal(t2.tracked["fc"].meta, tracker.tracked["fc"].meta)
+    with pytest.raises(KeyError, match="not tracked here"):
+        t2.load_state_dict(dict(sd, layers=dict(sd["layers"], nope=sd["layers"]["fc"])))
+    with pytest.raises(ValueError, match="elements"):
+        t2.load_state_dict(dict(sd, layers={"fc": {k: (v[:3] if torch.is_tensor(v) else v)
+                                                   for k, v in sd["layers"]["fc"].items()}}))
+    m.fc = QuantLinear(8, 4, w_bits=3)
+    with pytest.raises(RuntimeError, match="replaced"):
+        tracker.step()
+    with pytest.raises(RuntimeError, match="replaced"):
+        damp(1.0)
+
+
 def test_dampening_gradient_reaches_weights_only():
     m = _model()
     m(_data()[0])  # initialise the input quantizers

@@ -1,8 +1,11 @@
 """Batch-norm statistics re-estimation (Nagel et al. 2022, section 4.3)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 @torch.no_grad()
@@ -22,6 +25,10 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
+    lazy = [n for n, m in model.named_modules() if m in bns and is_lazy(m.running_mean)]
+    if lazy:
+        raise ValueError(f"reestimate_bn_stats: the lazy BatchNorm(s) {lazy} are not initialised yet: run a forward "
+                         "first")
     flags = {m: m.training for m in model.modules()}
     saved = [(m, m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
              for m in bns]
@@ -33,9 +40,7 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     n, ok = 0, False
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        for batch in loader:
-            if n >= num_batches:
-                break
+        for batch in itertools.islice(loader, num_batches):  # never pulls a batch it will not use
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(x.to(device))
             n += 1

@@ -38,6 +38,18 @@ class _Tracked:
         self.counts: torch.Tensor | None = None  # int64 [2], last step
         self.freezing_started = False
         self.hook = None
+        self.hooked = None  # the Parameter the hook sits on (a load_state_dict(assign=True) replaces it)
+
+
+def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) -> None:
+    """A layer replaced in the model after ``owner`` was built (``model.c2 = ...``) would silently be
+    left out (the old module is still the one used): raise instead."""
+    mods = dict(model.named_modules())
+    for L in layers:
+        m = mods.get(L.name)
+        if m is not None and m is not L.module:
+            raise RuntimeError(f"{owner}: layer {L.name!r} was replaced in the model after the {owner} was built; "
+                               f"build a new {owner}")
 
 
 class OscillationTracker:
@@ -50,7 +62,9 @@ class OscillationTracker:
             paper runs 0.001).
         freeze_threshold: default threshold for :meth:`step` (0: track only).
         max_bits: skip layers with more bits (official default 4; None: track all).
-        grad_mask: zero the gradient of frozen weights (a tensor hook on each weight).
+        grad_mask: zero the gradient of frozen weights (a tensor hook on each weight, checked
+            on every step: a weight that starts requiring grad later, or a Parameter replaced by
+            ``load_state_dict(..., assign=True)``, gets one; :meth:`remove_hooks` turns masking off).
         backend: kernel backend ("auto", "native", "triton").
 
     The state is created on the first :meth:`step` (after the quantizers have been
@@ -70,6 +84,13 @@ class OscillationTracker:
         if not layers:
             raise ValueError("OscillationTracker: the model has no quantized layer (module with weight and "
                              f"weight_quantizer) of at most max_bits={max_bits} bits (max_bits=None tracks every one)")
+        seen = {}
+        for l in layers:  # tied weights: two layers would freeze and rewrite one tensor with two grids
+            if id(l.weight) in seen:
+                raise ValueError(f"OscillationTracker: layers {seen[id(l.weight)]!r} and {l.name!r} share one weight "
+                                 "tensor; track one of them (pass layers=...)")
+            seen[id(l.weight)] = l.name
+        self.model = model
         self.tracked = {l.name: _Tracked(l) for l in layers}
         self.steps = 0
 
@@ -80,6 +101,7 @@ class OscillationTracker:
         (oscillations this step, frozen so far) without a host sync."""
         th = self.freeze_threshold if freeze_threshold is None else float(freeze_threshold)
         out = {}
+        self._check_layers_current()
         for name, t in self.tracked.items():
             L = t.layer
             w = L.weight_view()
@@ -91,13 +113,28 @@ class OscillationTracker:
                 momentum=self.momentum, freeze_threshold=th, backend=self.backend,
             )
             L.write_back(w)  # frozen weights were set in w (a copy for a channels_last weight)
-            if th > 0 and not t.freezing_started:
+            if th > 0:
                 t.freezing_started = True
-                if self.grad_mask and L.weight.requires_grad and t.hook is None:
-                    t.hook = L.weight.register_hook(self._make_hook(t))
+            self._ensure_hook(t)
             out[name] = t.counts
         self.steps += 1
         return out
+
+    def _ensure_hook(self, t: _Tracked) -> None:
+        """The gradient mask on the layer's current weight Parameter, once freezing has started."""
+        if not (self.grad_mask and t.freezing_started):
+            return
+        w = t.layer.weight
+        if t.hooked is w and t.hook is not None:
+            return
+        if t.hook is not None:
+            t.hook.remove()
+            t.hook = t.hooked = None
+        if w.requires_grad:
+            t.hook, t.hooked = w.register_hook(self._make_hook(t)), w
+
+    def _check_layers_current(self) -> None:
+        _check_layers_current("OscillationTracker", self.model, [t.layer for t in self.tracked.values()])
 
     @staticmethod
     def _make_hook(t: _Tracked):
@@ -108,10 +145,12 @@ class OscillationTracker:
         return hook
 
     def remove_hooks(self) -> None:
+        """Remove the gradient masks and stop masking (``grad_mask = False``; set it back to True to resume)."""
+        self.grad_mask = False
         for t in self.tracked.values():
             if t.hook is not None:
                 t.hook.remove()
-                t.hook = None
+                t.hook = t.hooked = None
 
     # ---------------------------------------------------------------- inspection
     def _state(self, name: str):
@@ -165,17 +204,32 @@ class OscillationTracker:
                            for n, t in self.tracked.items() if t.meta is not None}}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`. Layer names may differ by a ``module.`` prefix (DDP); every layer
+        with state in the checkpoint must be tracked here and have the weight's number of elements."""
+        layers = dict(sd["layers"])
+        strip = lambda n: n[len("module."):] if n.startswith("module.") else n
+        if set(layers) - set(self.tracked):
+            layers = {strip(n): st for n, st in layers.items()}
+            tracked = {strip(n): n for n in self.tracked}
+            layers = {tracked.get(n, n): st for n, st in layers.items()}
+        unknown = sorted(set(layers) - set(self.tracked))
+        if unknown:
+            raise KeyError(f"OscillationTracker.load_state_dict: the checkpoint has state for {unknown}, which are not "
+                           f"tracked here (tracked: {sorted(self.tracked)})")
+        for n, st in layers.items():
+            numel = self.tracked[n].layer.weight.numel()
+            if st["meta"].numel() != numel or st["ema"].numel() != numel:
+                raise ValueError(f"OscillationTracker.load_state_dict: layer {n!r} state has {st['meta'].numel()} "
+                                 f"elements, its weight {numel}")
         self.steps = int(sd["steps"])
         if "momentum" in sd:  # the checkpoint's EMAs were built with it
             self.momentum = float(sd["momentum"])
-        for n, st in sd["layers"].items():
+        for n, st in layers.items():
             t = self.tracked[n]
             dev = t.layer.weight.device
             t.meta, t.ema = st["meta"].to(dev).clone(), st["ema"].to(dev).clone()
-            if st.get("freezing_started") and not t.freezing_started:
-                t.freezing_started = True
-                if self.grad_mask and t.layer.weight.requires_grad and t.hook is None:
-                    t.hook = t.layer.weight.register_hook(self._make_hook(t))
+            t.freezing_started = t.freezing_started or bool(st.get("freezing_started"))
+            self._ensure_hook(t)
 
 
 _AGGREGATIONS = ("kernel_mean", "channel_mean", "sum", "mean")
@@ -200,6 +254,7 @@ class DampeningLoss:
                  max_bits: int | None = None, backend: str = "auto", layers: list[QLayer] | None = None):
         if aggregation not in _AGGREGATIONS:
             raise ValueError(f"DampeningLoss: aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+        self.model = model
         self.layers = quantized_layers(model, max_bits) if layers is None else layers
         if not self.layers:
             raise ValueError("DampeningLoss: the model has no quantized layer (module with weight and weight_quantizer)")
@@ -216,6 +271,7 @@ class DampeningLoss:
         dev = self.layers[0].weight.device
         if lam == 0.0:
             return torch.zeros((), device=dev)
+        _check_layers_current("DampeningLoss", self.model, self.layers)
         total = None
         for L in self.layers:
             w = L.weight
@@ -232,7 +288,9 @@ class DampeningLoss:
 class CosineSchedule:
     """``end + 0.5 (start - end)(1 + cos(pi t))`` with t = (step - warmup) / (total - warmup),
     and ``warmup_value`` for the first ``warmup_frac`` of the steps (the official CosineTempDecay
-    with rel_decay_start; steps past ``total_steps`` give ``end``)."""
+    with rel_decay_start; steps past ``total_steps`` give ``end``). Steps count from 1 as in the
+    official code: the last of ``total_steps`` steps is ``step = total_steps`` and gets ``end``
+    (``for step, batch in enumerate(loader, start=1)``)."""
 
     def __init__(self, start: float, end: float, total_steps: int, warmup_frac: float = 0.25,
                  warmup_value: float | None = None):
