@@ -522,3 +522,17 @@ def test_quantize_keeps_fp32_metadata_when_fp16_would_lose_it():
     assert m[0].scales.dtype == torch.float32
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(m(x).flatten(), ref.flatten(), 0) > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_quantize_model_on_cuda(method, act_bits):
+    # the calibration statistics (Hessian, A^T A, reservoir rows) live on the layer's device
+    ref = make_model()
+    cal = [lambda m, i=i: m(X_CAL[i:i + 4].cuda()) for i in range(0, X_CAL.shape[0], 4)]
+    m = quantize_(make_model().cuda(), QuantizeConfig(method=method, bits=4, group_size=32, act_bits=act_bits),
+                  calib_fn=cal, progress=False)
+    with torch.no_grad():
+        y, r = m(X_EVAL.cuda()).cpu(), ref(X_EVAL)
+    assert ((y - r).norm() / r.norm()).item() < 0.2

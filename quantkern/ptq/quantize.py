@@ -254,19 +254,20 @@ class _Capture:
     ``B = [X | 1]`` (float64 sums).
     """
 
-    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False):
+    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False, device=None):
         from .gptq import HessianAccumulator
 
         self.method, self.cap, self.seen, self.act_cal = method, cap, 0, act_cal
-        self.hess = HessianAccumulator(K) if method == "gptq" else None
+        # statistics live where the layer does (a model on a GPU accumulates there)
+        self.hess = HessianAccumulator(K, device=device) if method == "gptq" else None
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.pair, self.pending = pair, None
         self.defer = pair == "defer"  # keep the (X, Xq) pairs until the input quantizer is known
         self.pairs: list = []
         if pair:
-            self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
-            self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+            self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
+            self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
 
     def fp_hook(self, module, inputs, output=None):
         self.pending = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
@@ -314,7 +315,7 @@ class _Capture:
         self.rows[hit] = x[last[hit] - n]
 
     def _accumulate(self, xf, x):
-        one = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        one = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
         A = torch.cat([x.double(), one], 1)
         self.AtA.addmm_(A.T, A)
         self.BtA.addmm_(torch.cat([xf, one], 1).T, A)
@@ -364,7 +365,7 @@ def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None):
     scale, zero, _, _ = cap.act_cal.qparams()
     scale, zero = scale.float().reshape(()), zero.float().reshape(())
     if not scale > 0:  # the layer only ever saw zeros: any grid represents them
-        scale, zero = torch.ones(()), torch.zeros(())
+        scale, zero = torch.ones((), device=scale.device), torch.zeros((), device=scale.device)
     return scale, zero
 
 
@@ -490,7 +491,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 # double-corrects: MiniLM W4A4 0.66 -> 0.42)
                 pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
                         if fp_mods is not None else False)
-                cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair)
+                cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
+                               device=lin.weight.device)
                 h = lin.register_forward_hook(cap)
                 hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
                 try:
