@@ -48,6 +48,10 @@ def test_adaround_depthwise_and_zero_iters():
     assert float(layer_error(dequantize(qa, s, z) - W, F_)) <= float(layer_error(dequantize(q, s, z) - W, F_))
     with pytest.raises(ValueError):
         adaround_quantize(W, H[:3], s, z, 3)
+    Hn = H.clone()
+    Hn[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        adaround_quantize(W, Hn, s, z, 3)
 
 
 class Tiny(nn.Module):

@@ -160,6 +160,9 @@ def test_bad_config():
         save_quantized(make_model(), "/tmp/never_written.safetensors")
     with pytest.warns(UserWarning, match="no nn.Linear"):
         quantize_(nn.Sequential(nn.ReLU()), method="rtn", progress=False)
+    with pytest.warns(UserWarning, match=r"already holds 7 PackedLinear"):
+        quantize_(quantize_(make_model(), QuantizeConfig(method="rtn", bits=4, group_size=32, skip=None),
+                            progress=False), method="rtn", progress=False)
     # an error mid-way (GPTQ's Cholesky with damp 0 on rank-deficient data) restores the train mode
     m = make_model().train()
     with pytest.raises(RuntimeError, match="positive definite"):

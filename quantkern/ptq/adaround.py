@@ -86,6 +86,8 @@ def adaround_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zer
     O, K = W.shape
     if H.dim() == 2 and tuple(H.shape) != (K, K) or H.dim() == 3 and tuple(H.shape) != (O, K, K) or H.dim() not in (2, 3):
         raise ValueError(f"{fn}: H must be [K, K] or [O, K, K] with O, K = {O}, {K}, got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):  # the factorisation would drop every direction: plain RTN, silently
+        raise ValueError(f"{fn}: H contains NaN or Inf (calibration inputs with NaN / Inf?)")
     if scale.dim() != 2 or scale.shape[0] != O or K % scale.shape[1] or tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"{fn}: scale / zero must be [O, G] with G dividing K, got {tuple(scale.shape)}, {tuple(zero.shape)}")
     if not isinstance(iters, int) or iters < 0:

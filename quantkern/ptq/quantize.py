@@ -450,8 +450,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         units = _calib_units(calib_fn)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
     if not layers:
-        warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip); layers of other types, e.g. "
-                      "transformers' Conv1D (GPT-2), are not converted", stacklevel=2)
+        packed = sum(isinstance(m, PackedLinear) for m in model.modules())
+        warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
+                      + (f"; it already holds {packed} PackedLinear layer(s): quantize the float model (a second "
+                         "call does not re-quantize)" if packed else
+                         "; layers of other types, e.g. transformers' Conv1D (GPT-2), are not converted"),
+                      stacklevel=2)
     was_training = model.training
     model.eval()
     try:
