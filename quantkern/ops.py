@@ -436,7 +436,9 @@ def calib_histogram(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, R: to
 
     Args:
         x: ``[C, M]`` float32 / float16 / bfloat16 (any strides; binned in fp32),
-            channel c = row c. Must be finite (NaN / inf raise).
+            channel c = row c. Must be finite (NaN / inf raise; the check runs while binning,
+            so ``pos`` / ``neg`` may already hold part of x then: check first, as
+            ``HistogramCalibrator.collect`` does, if the histogram must survive the error).
         pos, neg: contiguous ``int64 [C, B]``, updated in place: value v of row c goes
             to bin ``k = min(trunc(|v| * n[c] / R[c]), n[c] - 1)`` (fp32 arithmetic)
             of ``neg`` if ``v < 0``, else of ``pos`` (exact zeros: ``pos[c, 0]``).
