@@ -37,10 +37,10 @@ def _case(shape, gran, qmin, qmax, dtype, seed, group_size=None):
         s = torch.rand(1, generator=g) * 0.2 + 0.2
         b = torch.randn(1, generator=g) * 0.05
         axis = None
-    elif gran == "channel":
-        axis = 0
-        s = torch.rand(shape[0], generator=g) * 0.2 + 0.2
-        b = torch.randn(shape[0], generator=g) * 0.05
+    elif gran in ("channel", "last"):  # "last": the channel axis is the last one (inner == 1)
+        axis = 0 if gran == "channel" else len(shape) - 1
+        s = torch.rand(shape[axis], generator=g) * 0.2 + 0.2
+        b = torch.randn(shape[axis], generator=g) * 0.05
     else:
         axis = None
         s = torch.rand(shape[0], shape[1] // group_size, generator=g) * 0.2 + 0.2
@@ -62,6 +62,8 @@ SAMPLES = [
     ((6, 128), "group", -8, 7, 32),
     ((5, 96), "group", -4, 3, 48),
     ((40, 1), "channel", -8, 7, None),           # inner == 1: per-element parameters
+    ((37, 5), "last", -8, 7, None),              # short last channel axis: many rows per tile
+    ((5000, 7), "last", -4, 3, None),            # ... several such tiles, the last one partial
 ]
 
 

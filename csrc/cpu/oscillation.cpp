@@ -30,18 +30,20 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Tiling {
   Layout L;
   bool per_element;
-  int64_t Cb, ncb;        // per_element: channel block
+  int64_t Cb, ncb, ro;    // per_element: channel block; outer rows per tile (C small: many rows)
   int64_t nseg, seglen;   // inner >= kTile: segments of one row
   int64_t rpt;            // inner < kTile: rows per tile
   int64_t tiles;
 };
 
 Tiling make_tiling(Layout L) {
-  Tiling T{L, L.inner == 1, 0, 0, 0, 0, 0, 0};
+  Tiling T{L, L.inner == 1, 0, 0, 0, 0, 0, 0, 0};
   if (T.per_element) {
     T.Cb = std::min<int64_t>(L.C, kTile);
     T.ncb = cdiv(L.C, T.Cb);
-    T.tiles = L.outer * T.ncb;
+    // a short channel axis ([4M, 4] with axis 1): one row per tile made 4M tiles of 4 elements
+    T.ro = T.ncb == 1 ? std::max<int64_t>(1, kTile / L.C) : 1;
+    T.tiles = cdiv(L.outer, T.ro) * T.ncb;
   } else if (L.inner >= kTile) {
     T.seglen = kTile;
     T.nseg = cdiv(L.inner, kTile);
@@ -53,14 +55,38 @@ Tiling make_tiling(Layout L) {
   return T;
 }
 
+// The scale / offset pointers the spans index: with several short rows per tile (Tiling::ro > 1)
+// a span runs over ro rows, so the parameter row is repeated ro times (at most kTile floats).
+struct TileParams {
+  std::vector<float> s, b;
+  const float *sp, *bp;
+  TileParams(const Tiling& T, const float* s0, const float* b0) : sp(s0), bp(b0) {
+    if (!(T.per_element && T.ro > 1)) return;
+    const int64_t C = T.L.C;
+    s.resize(size_t(T.ro * C));
+    b.resize(size_t(T.ro * C));
+    for (int64_t r = 0; r < T.ro; ++r) {
+      std::copy(s0, s0 + C, s.begin() + r * C);
+      std::copy(b0, b0 + C, b.begin() + r * C);
+    }
+    sp = s.data();
+    bp = b.data();
+  }
+};
+
 // fn(offset, len, param_index, param_stride) for every span of tile t.
 template <class F>
 void for_each_span(const Tiling& T, int64_t t, F&& fn) {
   const Layout& L = T.L;
   if (T.per_element) {
-    const int64_t o = t / T.ncb, cb = t % T.ncb;
+    const int64_t ot = t / T.ncb, cb = t % T.ncb;
     const int64_t c0 = cb * T.Cb, len = std::min(T.Cb, L.C - c0);
-    fn(o * L.C + c0, len, c0, int64_t(1));
+    if (T.ro > 1) {  // rows o0..o1 are contiguous: one span over a repeated parameter row (TileParams)
+      const int64_t o0 = ot * T.ro, o1 = std::min(L.outer, o0 + T.ro);
+      fn(o0 * L.C, (o1 - o0) * L.C, int64_t(0), int64_t(1));
+    } else {
+      fn(ot * L.C + c0, len, c0, int64_t(1));
+    }
   } else if (T.nseg) {
     const int64_t r = t / T.nseg, seg = t % T.nseg;
     const int64_t i0 = seg * T.seglen, len = std::min(T.seglen, L.inner - i0);
@@ -100,7 +126,8 @@ at::Tensor oscillation_update_cpu(at::Tensor& weight, const at::Tensor& scale_, 
   const bool freeze = threshold > 0.0;
   const Tiling T = make_tiling(L);
   std::vector<int64_t> part(size_t(T.tiles) * 2, 0);
-  const float *sp = s.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const TileParams tp(T, s.data_ptr<float>(), b.data_ptr<float>());
+  const float *sp = tp.sp, *bp = tp.bp;
   char* wp = bytes(weight);
   int32_t* mp = meta.data_ptr<int32_t>();
   float* ep = ema.data_ptr<float>();
@@ -135,7 +162,8 @@ at::Tensor dampening_loss_cpu(const at::Tensor& weight_, const at::Tensor& scale
   const size_t es = w.element_size();
   const Tiling T = make_tiling(L);
   std::vector<double> part(size_t(T.tiles), 0.0);
-  const float *sp = s.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const TileParams tp(T, s.data_ptr<float>(), b.data_ptr<float>());
+  const float *sp = tp.sp, *bp = tp.bp;
   const char* wp = bytes(w);
   const IsaTable& K = isa_table();
   const float n = float(qmin), p = float(qmax);
@@ -164,7 +192,8 @@ at::Tensor dampening_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const Dt dt = dt_of(w, "weight");
   const size_t es = w.element_size();
   const Tiling T = make_tiling(L);
-  const float *sp = s.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const TileParams tp(T, s.data_ptr<float>(), b.data_ptr<float>());
+  const float *sp = tp.sp, *bp = tp.bp;
   const char* wp = bytes(w);
   char* gp = bytes(gw);
   const IsaTable& K = isa_table();
