@@ -48,6 +48,11 @@ def _per_bench_args(rest: list[str], name: str, many: bool) -> list[str]:
     out, i = [], 0
     while i < len(rest):
         a = rest[i]
+        if a.startswith("--json=") and a != "--json=-":
+            root, ext = os.path.splitext(a.split("=", 1)[1])
+            out.append(f"--json={root}.{name}{ext or '.json'}")
+            i += 1
+            continue
         if a == "--json" and i + 1 < len(rest) and rest[i + 1] != "-":
             root, ext = os.path.splitext(rest[i + 1])
             out += [a, f"{root}.{name}{ext or '.json'}"]

@@ -7,8 +7,11 @@ Cases (full size; ``--quick`` shrinks them to ~1 MiB for smoke tests):
 
 Passes: ``fwd`` (training forward: inputs require grad, so each impl builds
 its graph), ``bwd`` (``torch.autograd.grad(y, inputs, gy, retain_graph=True)``
-on a graph built once) and ``fwd+bwd``. ``torch.autograd.grad`` returns the
-grads, so no ``.grad`` accumulation is timed.
+on graphs built beforehand) and ``fwd+bwd``. ``torch.autograd.grad`` returns the
+grads, so no ``.grad`` accumulation is timed. Cold data: each call takes the next
+of several copies of x and gy (and, for ``bwd``, of the graphs) covering ``--pool-mib``
+(default 1024 MiB or twice the last-level cache), so a case is streamed from memory
+even on a host whose cache could hold it.
 
 Implementations:
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -187,16 +191,26 @@ def bench_impl(name, case, x, s, b, g, device, passes, args, notes):
     if name == "composite+compile":
         notes.append(f"{case.name}: composite+compile first fwd+bwd (compile) took {first:.1f} s, excluded")
 
-    def fwd():
-        return fn(*params)
+    # Cold data: every call takes the next of n copies of (x, gy), n * |x| + n * |gy| >= args.pool, so
+    # a host whose last-level cache holds a whole case (480 MiB here) still streams it from memory.
+    xb = x.numel() * x.element_size()
+    n = max(1, -(-args.pool // (2 * xb)))
+    sets = [(params, gy)] + [((params[0].detach().clone().requires_grad_(params[0].requires_grad),) + tuple(params[1:]),
+                              gy.clone()) for _ in range(n - 1)]
+    nxt = iter(itertools.cycle(range(n)))
 
-    graph = {}
+    def fwd():
+        return fn(*sets[next(nxt)][0])
+
+    graphs = []
 
     def bwd():
-        return torch.autograd.grad(graph["y"], params, gy, retain_graph=True)
+        y_, prm, g_ = graphs[next(nxt)]
+        return torch.autograd.grad(y_, prm, g_, retain_graph=True)
 
     def fwdbwd():
-        return torch.autograd.grad(fn(*params), params, gy)
+        prm, g_ = sets[next(nxt)]
+        return torch.autograd.grad(fn(*prm), prm, g_)
 
     for p in passes:
         if p != "fwd" and bwd_error:
@@ -204,15 +218,15 @@ def bench_impl(name, case, x, s, b, g, device, passes, args, notes):
             continue
         try:
             if p == "bwd":
-                graph["y"] = fn(*params)
+                graphs[:] = [(fn(*prm), prm, g_) for prm, g_ in sets]
                 t = H.measure(bwd, args.warmup, args.reps, device=device)
-                graph.clear()
+                graphs.clear()
             else:
                 t = H.measure(fwd if p == "fwd" else fwdbwd, args.warmup, args.reps, device=device)
             nbytes = BYTES_PER_ELEM_MOVED[p] * case.numel * x.element_size()
             rows.append(H.Row.from_timing(case.name, name, p, t, bytes=nbytes))
         except Exception as e:  # noqa: BLE001
-            graph.clear()
+            graphs.clear()
             rows.append(H.Row(case.name, name, p, note=_short_error(e)))
     return rows, y_ref
 
@@ -240,7 +254,8 @@ def run_no_cache_child(args) -> list[dict]:
         out = os.path.join(tmp, "nocache.json")
         cmd = [sys.executable, "-m", "benchmarks.bench_fake_quant_lsq", "--impl", "quantkern", "--no-pagefault",
                "--no-bandwidth", "--no-plot", "--json", out, "--warmup", str(args.warmup), "--dtype", args.dtype,
-               "--case", ",".join(args.case), "--pass", ",".join(args.passes), "--device", args.device]
+               "--case", ",".join(args.case), "--pass", ",".join(args.passes), "--device", args.device,
+               "--pool-mib", str(args.pool // H.MiB)]
         if args.quick:
             cmd.append("--quick")
         if args.reps is not None:
@@ -273,9 +288,12 @@ def parse_args(argv=None):
     p.add_argument("--pass", dest="passes", default=",".join(PASSES), help="comma list: fwd,bwd,fwd+bwd")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of x (parameters stay fp32)")
     p.add_argument("--bw-mib", type=int, default=None, help="copy-bandwidth buffer size in MiB (default 256 or twice the last-level cache, whichever is larger; 64 with --quick)")
+    p.add_argument("--pool-mib", type=int, default=None, help="cold-data rotation: copies of x and grad_y covering this "
+                   "many MiB (default 1024 or twice the last-level cache, whichever is larger; 0 with --quick: one copy)")
     p.add_argument("--no-pagefault", action="store_true", help="skip the no-cache subprocess (page-fault table)")
     p.add_argument("--no-bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.pool = args.pool_mib * H.MiB if args.pool_mib is not None else (0 if args.quick else H.memory_bytes(1024))
     args.case = [c for c in args.case.split(",") if c]
     args.passes = [q for q in args.passes.split(",") if q]
     for q in args.passes:

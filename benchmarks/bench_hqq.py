@@ -27,13 +27,18 @@ error, with the number of layers where ours is at least as good as hqq's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import quantkern
+from benchmarks import _harness as H
 from quantkern.ptq import hqq_dequantize, hqq_quantize, rtn_quantize
 from quantkern.reference import hqq as R
 
@@ -53,14 +58,10 @@ def errors(W, q, s, z, g, axis):
     return ((Wd - W).norm() / W.norm()).item(), (Wd - W).abs().mean().item()
 
 
-def bandwidth_gbs():
-    """Copy bandwidth of this machine (read + write), GB/s, for the roofline column."""
-    a = torch.empty(64 * 1024 * 1024 // 4)
-    b = torch.empty_like(a)
-    a.fill_(1.0)
-    b.copy_(a)
-    t, _ = timeit(lambda: b.copy_(a), 5)
-    return 2 * a.numel() * 4 / t / 1e9
+def bandwidth_gbs(quick: bool = False):
+    """Copy bandwidth of this machine (read + write), GB/s, for the roofline column: a buffer of
+    256 MiB or twice the last-level cache (a 64 MiB one read from this host's 480 MiB L3 at 2x)."""
+    return H.copy_bandwidth("cpu", 64 * H.MiB if quick else H.memory_bytes(256), reps=5)
 
 
 def minilm(a) -> None:
@@ -108,18 +109,25 @@ def minilm(a) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=4096)
+    H.add_common_args(ap)  # --quick (512x512, one run), --threads, --reps (= --runs), --device cpu, ...
+    ap.add_argument("--n", type=int, default=None, help="rows (default 4096; 512 with --quick)")
+    ap.add_argument("--k", type=int, default=None, help="columns (default 4096; 512 with --quick)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--axis", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=None, help="timed runs (default 3; 1 with --quick)")
     ap.add_argument("--dist", choices=["normal", "t3"], default="normal")
     ap.add_argument("--skip-hqq", action="store_true", help="skip the (slow) hqq package rows")
     ap.add_argument("--minilm", action="store_true", help="every Linear of all-MiniLM-L6-v2 instead of one random weight")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.device != "cpu":
+        ap.error("bench_hqq compares CPU implementations (the hqq package runs here on the CPU): --device cpu")
+    if a.json or a.plot:
+        print("# bench_hqq writes no JSON or plot: the table below is its output")
+    a.n, a.k = a.n or (512 if a.quick else 4096), a.k or (512 if a.quick else 4096)
+    a.runs = a.runs or a.reps or (1 if a.quick else 3)
+    torch.set_num_threads(a.threads or 2)
+    a.threads = torch.get_num_threads()
     if a.minilm:
         return minilm(a)
     torch.manual_seed(0)
@@ -128,8 +136,10 @@ def main(argv=None):
     else:
         W = torch.distributions.StudentT(3.0).sample((a.n, a.k)) * 0.02
     g, axis, bits = a.group, a.axis, a.bits
-    bw = bandwidth_gbs()
-    moved = W.numel() * (4 + 1)  # fp32 read once + uint8 q written (scale/zero are 2/g of that)
+    bw = bandwidth_gbs(a.quick)
+    # the minimum traffic (fp32 W read once, uint8 q written; scale/zero are 2/g of that): the solver's
+    # ~20 passes stay in cache per group, so "roofline" is how close a run gets to that floor
+    moved = W.numel() * (4 + 1)
     print(f"# HQQ {a.n}x{a.k} {bits}-bit g{g} axis={axis} {a.dist} weights, {a.threads} threads, "
           f"ISA {quantkern.get_cpu_capability()}, torch {torch.__version__}, copy bandwidth {bw:.1f} GB/s")
     rows = []
@@ -188,11 +198,11 @@ def main(argv=None):
     add("quantkern rtn_quantize (min-max RTN)", t, *out)
 
     base = rows[0][1]
-    print(f"| {'method':55s} | time s | vs first | GB/s | roofline | rel. Frobenius err | mean abs err |")
-    print(f"|{'-' * 57}|--------|----------|------|----------|--------------------|--------------|")
+    print(f"| {'method':55s} | time s | vs first | GB/s (minimum bytes) | roofline | rel. Frobenius err | mean abs err |")
+    print(f"|{'-' * 57}|--------|----------|----------------------|----------|--------------------|--------------|")
     for name, t, rel, mae in rows:
         gbs = moved / t / 1e9
-        print(f"| {name:55s} | {t:6.3f} | {base / t:7.1f}x | {gbs:4.1f} | {gbs / bw:7.1%} | {rel:18.5%} | {mae:.6e} |")
+        print(f"| {name:55s} | {t:6.3f} | {base / t:7.1f}x | {gbs:20.1f} | {gbs / bw:7.1%} | {rel:18.5%} | {mae:.6e} |")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ Rows, per size (4-bit, per-channel, weight [rows, 1024] fp32):
 * ``update (track only)``: threshold 0 (the first 25% of training): reads w, meta and
   writes meta, 12 bytes per weight;
 * ``composite official``: the official TrackOscillation algorithm in PyTorch ops with
-  its full-size fp32 state (quantkern.reference.oscillation.OfficialTracker);
+  its full-size fp32 state (quantkern.reference.oscillation.OfficialTracker), freezing on
+  (the baseline of the first row); ``composite (track)``: the same with threshold 0, which
+  skips its freezing block (the baseline of the track-only row);
 * ``dampening fwd+bwd`` vs the composite autograd formula (reference).
+
+Cold data: every call takes the next of several copies of the weights and their state
+covering ``--pool-mib`` (default 1024 MiB or twice the last-level cache), so a host whose
+cache could hold one copy still streams it from memory.
 
 Each row: median time of ``--runs`` runs after warm-up, GB/s of the bytes the fused
 kernel must move, the fraction of the machine's copy bandwidth (measured in the same
@@ -21,6 +27,7 @@ the fused op over the composite.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -29,6 +36,11 @@ import torch
 import quantkern as qk
 from quantkern import ops
 from quantkern.reference import oscillation as R
+
+try:
+    from benchmarks._harness import add_common_args, memory_bytes
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _harness import add_common_args, memory_bytes
 
 
 def _sync(dev):
@@ -52,12 +64,9 @@ def bench(fn, dev, runs, warmup=3):
     return statistics.median(ts)
 
 
-def copy_bandwidth(dev, runs):
-    try:
-        from benchmarks._harness import memory_bytes
-    except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-        from _harness import memory_bytes
-    n = memory_bytes(256) // 4  # fp32 elements: 256 MiB, or 2x the last-level cache where that is larger
+def copy_bandwidth(dev, runs, quick=False):
+    # fp32 elements: 256 MiB, or 2x the last-level cache where that is larger (64 MiB for --quick)
+    n = (64 << 20 if quick else memory_bytes(256)) // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
     t = bench(lambda: dst.copy_(src), dev, runs)
@@ -72,15 +81,22 @@ def parse_size(s: str) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="4M,16M")
-    ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--composite-runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_common_args(ap)  # --quick, --threads, --reps (= --runs), --warmup, --device, --json, --plot / --no-plot
+    ap.add_argument("--sizes", default=None, help="comma list of weight counts (default 4M,16M; 256K with --quick)")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs of the fused ops (default 15; 3 with --quick)")
+    ap.add_argument("--composite-runs", type=int, default=None, help="timed runs of the composites (default 5; 1 quick)")
+    ap.add_argument("--pool-mib", type=int, default=None, help="cold data: state copies covering this many MiB "
+                    "(default 1024 or twice the last-level cache; 0 with --quick)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (with --threads 1 on a shared machine: the time the op ran, "
                          "not the time other processes held the core)")
     args = ap.parse_args(argv)
+    args.sizes = args.sizes or ("256K" if args.quick else "4M,16M")
+    args.runs = args.runs or args.reps or (3 if args.quick else 15)
+    args.composite_runs = args.composite_runs or (1 if args.quick else 5)
+    pool = args.pool_mib * (1 << 20) if args.pool_mib is not None else (0 if args.quick else memory_bytes(1024))
+    if args.json or args.plot:
+        print("# bench_oscillation writes no JSON or plot: the table below is its output")
     global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +106,7 @@ def main(argv=None):
         CLOCK = time.process_time
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    bw = copy_bandwidth(dev, args.runs)
+    bw = copy_bandwidth(dev, args.runs, args.quick)
     print(f"device {dev}, threads {torch.get_num_threads()}, clock {args.clock}, cpu capability "
           f"{qk.get_cpu_capability() if dev.type == 'cpu' else '-'}; copy bandwidth {bw:.1f} GB/s")
     hdr = f"{'weights':>8} {'row':<22} {'median ms':>10} {'GB/s':>7} {'of copy':>8} {'speedup':>8}"
@@ -99,49 +115,75 @@ def main(argv=None):
     qmin, qmax = -8, 7
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         rows = size // 1024
-        w = torch.randn(rows, 1024, device=dev) * 0.05
-        s = (w.abs().amax(1) / 7).clamp_min(1e-4)
-        b = torch.zeros_like(s)
-        meta, ema = ops.oscillation_init_state(w, s, b, qmin, qmax, axis=0)
-        n = w.numel()
+        n = rows * 1024
+        # cold data: copies of (w, s, b, meta, ema) covering the pool, one per call in turn
+        n_sets = max(1, -(-pool // (12 * n)))
+        sets = []
+        for _ in range(n_sets):
+            w = torch.randn(rows, 1024, device=dev) * 0.05
+            s = (w.abs().amax(1) / 7).clamp_min(1e-4)
+            b = torch.zeros_like(s)
+            meta, ema = ops.oscillation_init_state(w, s, b, qmin, qmax, axis=0)
+            # one step with freezing on to make the EMA live (steady state of the freezing phase)
+            ops.oscillation_update(w, s, b, meta, ema, qmin, qmax, axis=0, momentum=0.01, freeze_threshold=0.05)
+            sets.append((w, s, b, meta, ema))
+        w, s, b, meta, ema = sets[0]
+        turn = itertools.cycle(range(n_sets))
 
-        # one step with freezing on to make the EMA live (steady state of the freezing phase)
-        ops.oscillation_update(w, s, b, meta, ema, qmin, qmax, axis=0, momentum=0.01, freeze_threshold=0.05)
-        t_fz = bench(lambda: ops.oscillation_update(w, s, b, meta, ema, qmin, qmax, axis=0, momentum=0.01,
-                                                    freeze_threshold=0.05), dev, args.runs)
-        t_tr = bench(lambda: ops.oscillation_update(w, s, b, meta, ema, qmin, qmax, axis=0, momentum=0.01,
-                                                    freeze_threshold=0.0), dev, args.runs)
-        off = R.OfficialTracker(qmin, qmax, axis=0, momentum=0.01, freeze_threshold=0.05)
-        sv = s
-        t_co = bench(lambda: off.step(w, sv, b), dev, args.composite_runs, warmup=2)
-        del off
+        def update(th):
+            w_, s_, b_, m_, e_ = sets[next(turn)]
+            return ops.oscillation_update(w_, s_, b_, m_, e_, qmin, qmax, axis=0, momentum=0.01, freeze_threshold=th)
 
-        wg = w.clone().requires_grad_()
+        t_fz = bench(lambda: update(0.05), dev, args.runs)
+        t_tr = bench(lambda: update(0.0), dev, args.runs)
+        # the official tracker keeps 28 bytes of state per weight: as many trackers as fit the pool
+        n_off = max(1, -(-pool // (32 * n)))
+        t_co = {}
+        for th in (0.05, 0.0):  # freezing on / track only (its freezing block is skipped at 0)
+            offs = [(R.OfficialTracker(qmin, qmax, axis=0, momentum=0.01, freeze_threshold=th), sets[i % n_sets])
+                    for i in range(n_off)]
+            oturn = itertools.cycle(range(n_off))
+
+            def off_step():
+                o, (w_, s_, b_, _, _) = offs[next(oturn)]
+                return o.step(w_, s_, b_)
+
+            t_co[th] = bench(off_step, dev, args.composite_runs, warmup=max(2, n_off))
+            del offs
+
+        # dampening reads w (and writes its gradient): rotate weight copies covering the pool as well
+        n_w = max(1, -(-pool // (8 * n)))
+        wgs = [(sets[i % n_sets][0].clone().requires_grad_(), sets[i % n_sets][1], sets[i % n_sets][2])
+               for i in range(n_w)]
+        wturn = itertools.cycle(range(n_w))
         norm = w.shape[0] / n
 
         def damp_fused():
+            wg, s_, b_ = wgs[next(wturn)]
             wg.grad = None
-            ops.dampening_loss(wg, s, b, qmin, qmax, axis=0, norm=norm).backward()
+            ops.dampening_loss(wg, s_, b_, qmin, qmax, axis=0, norm=norm).backward()
 
         def damp_comp():
+            wg, s_, b_ = wgs[next(wturn)]
             wg.grad = None
-            R.dampening_loss(wg, s, b, qmin, qmax, 0, None, norm).backward()
+            R.dampening_loss(wg, s_, b_, qmin, qmax, 0, None, norm).backward()
 
         t_df = bench(damp_fused, dev, args.runs)
         t_dc = bench(damp_comp, dev, args.composite_runs, warmup=2)
 
-        label = f"{n / (1 << 20):.0f}M"
+        label = f"{n / (1 << 20):.0f}M" if n >= 1 << 20 else f"{n >> 10}K"
         for name, t, nbytes, base in (
-            ("update (freeze on)", t_fz, 20 * n, t_co),
-            ("update (track only)", t_tr, 12 * n, t_co),
-            ("composite official", t_co, 20 * n, None),
+            ("update (freeze on)", t_fz, 20 * n, t_co[0.05]),
+            ("update (track only)", t_tr, 12 * n, t_co[0.0]),
+            ("composite official", t_co[0.05], 20 * n, None),
+            ("composite (track)", t_co[0.0], 12 * n, None),
             ("dampening fwd+bwd", t_df, 12 * n, t_dc),
             ("composite dampening", t_dc, 12 * n, None),
         ):
             gbs = nbytes / t / 1e9
             sp = f"{base / t:7.1f}x" if base else f"{'':>8}"
             print(f"{label:>8} {name:<22} {t * 1e3:10.2f} {gbs:7.1f} {gbs / bw:7.0%} {sp}")
-        del w, meta, ema, wg
+        del w, meta, ema, wgs, sets
 
 
 if __name__ == "__main__":

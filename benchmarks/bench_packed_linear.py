@@ -23,10 +23,13 @@ Implementations:
   per channel, x quantized per call).
 
 Columns: ms (median), GB/s (bytes of the weight, metadata included, per call),
-roofline (GB/s / read bandwidth: an fp32 ``torch.mv`` over 256 MiB, measured in the same run), and ``vs bf16`` /
+roofline (GB/s / read bandwidth: an fp32 ``torch.mv`` over 256 MiB or twice the last-level cache, measured in the same run), and ``vs bf16`` /
 ``vs aten``: baseline ms / our ms (> 1: ours is faster).
 
-Run: ``python -m benchmarks.bench_packed_linear [--quick] [--threads N] [--dtype bfloat16,float32]``.
+Run: ``python -m benchmarks.bench_packed_linear [--quick] [--threads N] [--dtype bfloat16,float32] [--device cuda]``.
+On a GPU (``--device cuda``) the rows are the native CUDA kernels, ``quantkern triton`` (where triton
+imports), aten's CUDA int4 kernel (``_weight_int4pack_mm``, bf16 x) and F.linear; the roofline is the
+GPU's ``torch.mv`` read bandwidth; dynamic int8 is CPU-only.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ class Pool:
 
 
 def timed(fn, args) -> H.Timing:
-    return H.measure(fn, warmup=args.warmup, reps=args.reps, budget_s=args.budget)
+    return H.measure(fn, warmup=args.warmup, reps=args.reps, budget_s=args.budget, device=args.device)
 
 
 def parse_args(argv=None):
@@ -97,14 +100,36 @@ def parse_args(argv=None):
     return args
 
 
-def bench_shape(K: int, N: int, args, rows: list, out) -> None:
+def _quantkern_backends(dev: torch.device) -> list[tuple[str, object]]:
+    """(row label suffix, op) of our implementations on ``dev``: the native kernels, plus the Triton
+    ones on a GPU where triton imports."""
+    out = [("", torch.ops.quantkern.packed_linear)]
+    if dev.type == "cuda":
+        try:
+            import quantkern.triton_kernels  # noqa: F401  (registers packed_linear_triton)
+
+            out.append((" triton", torch.ops.quantkern.packed_linear_triton))
+        except Exception:  # noqa: BLE001  (no triton: native only)
+            pass
+    return out
+
+
+def _aten_int4(q: torch.Tensor, dev: torch.device):
+    """(packed weight, mm(x, w, gs, scales_and_zeros)) of PyTorch's int4 kernel for ``dev``."""
+    if dev.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), torch.ops.aten._weight_int4pack_mm_for_cpu
+    qu8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(dev)  # CUDA: uint8 [N, K / 2], 8 inner k-tiles
+    return torch.ops.aten._convert_weight_to_int4pack(qu8, 8), torch.ops.aten._weight_int4pack_mm
+
+
+def bench_shape(K: int, N: int, args, rows: list, out, dev: torch.device = torch.device("cpu")) -> None:
     import quantkern
     from quantkern import PackedWeight
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(N, K, generator=g) * 0.02
     case = f"{K}x{N}"
-    xs = {(d, M): torch.randn(M, K, generator=g).to(DTYPES[d]) for d in args.dtype for M in args.m}
+    xs = {(d, M): torch.randn(M, K, generator=g).to(DTYPES[d]).to(dev) for d in args.dtype for M in args.m}
 
     def add(impl, dtype, M, t, nbytes, **extra):
         rows.append(H.Row(case=case, impl=impl, pass_=f"{dtype} M={M}", ms=t.median, spread=t.spread, bytes=nbytes,
@@ -113,18 +138,19 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
     # ---- quantkern
     for bits in args.bits:
         for gs in args.groups:
-            pw = PackedWeight.from_float(W, bits, gs, meta_dtype=torch.bfloat16)
+            pw = PackedWeight.from_float(W, bits, gs, meta_dtype=torch.bfloat16).to(dev)
             nbytes = pw.nbytes()
             pool = Pool(lambda: (pw.qweight, pw.scales, pw.zeros), nbytes, args.pool)
-            for d in args.dtype:
-                for M in args.m:
-                    x = xs[(d, M)]
+            for label, op in _quantkern_backends(dev):
+                for d in args.dtype:
+                    for M in args.m:
+                        x = xs[(d, M)]
 
-                    def fn():
-                        qw, s, z = pool.next()
-                        return torch.ops.quantkern.packed_linear(x, qw, s, z, bits, gs, K, None)
+                        def fn():
+                            qw, s, z = pool.next()
+                            return op(x, qw, s, z, bits, gs, K, None)
 
-                    add(f"quantkern b{bits} g{gs}", d, M, timed(fn, args), nbytes, bits=bits, group=gs)
+                        add(f"quantkern{label} b{bits} g{gs}", d, M, timed(fn, args), nbytes, bits=bits, group=gs)
             del pool, pw
             gc.collect()
     if args.no_baselines:
@@ -134,13 +160,15 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
         for gs in args.groups:
             q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
             try:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                packed, mm = _aten_int4(q, dev)
             except Exception as e:  # noqa: BLE001
                 print(f"# aten int4 unavailable: {e}", file=out)
                 break
             sz = torch.randn(K // gs, N, 2, generator=g)
             for d in args.dtype:  # scales_and_zeros must have x's dtype
-                szd = sz.to(DTYPES[d])
+                if dev.type == "cuda" and d != "bfloat16":
+                    continue  # the CUDA kernel takes bf16 x only
+                szd = sz.to(DTYPES[d]).to(dev)
                 nbytes = packed.numel() * packed.element_size() + szd.numel() * szd.element_size()
                 pool = Pool(lambda: (packed, szd), nbytes, args.pool)
                 for M in args.m:
@@ -148,7 +176,7 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
 
                     def fn():
                         p, s = pool.next()
-                        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, gs, s)
+                        return mm(x, p, gs, s)
 
                     add(f"aten int4 g{gs}", d, M, timed(fn, args), nbytes, bits=4, group=gs)
                 del pool
@@ -156,7 +184,7 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
             gc.collect()
     # ---- dense F.linear (bf16 and fp32 weights)
     for wd, name in ((torch.bfloat16, "F.linear bf16"), (torch.float32, "F.linear fp32")):
-        Wd = W.to(wd)
+        Wd = W.to(wd).to(dev)
         nbytes = Wd.numel() * Wd.element_size()
         pool = Pool(lambda: (Wd,), nbytes, args.pool)
         for d in args.dtype:
@@ -170,7 +198,9 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
                 add(name, d, M, timed(fn, args), nbytes, bits=16 if wd == torch.bfloat16 else 32)
         del pool, Wd
         gc.collect()
-    # ---- dynamic int8 (fp32 activations)
+    # ---- dynamic int8 (fp32 activations; a CPU-only module)
+    if dev.type != "cpu":
+        return
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
@@ -199,13 +229,13 @@ def bench_shape(K: int, N: int, args, rows: list, out) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    H.apply_common_args(args)
+    dev = H.apply_common_args(args)
     out = H.table_stream(args)
     import quantkern
 
-    info = H.env_info("cpu")
+    info = H.env_info(dev)
     bw_bytes = 64 * H.MiB if args.quick else H.memory_bytes(256)
-    cp0, rd0 = H.copy_bandwidth("cpu", bw_bytes), H.read_bandwidth("cpu", bw_bytes)
+    cp0, rd0 = H.copy_bandwidth(dev, bw_bytes), H.read_bandwidth(dev, bw_bytes)
     print(f"# packed_linear benchmark{' (--quick: smoke test, not a measurement)' if args.quick else ''}", file=out)
     print(f"# {H.describe(info)}; cpu features {quantkern.ops.cpu_features()}", file=out)
     print(f"# bandwidth at start: read {rd0:.1f} GB/s, copy (read+write) {cp0:.1f} GB/s; "
@@ -213,8 +243,8 @@ def main(argv=None) -> int:
     rows: list[H.Row] = []
     for shape in args.shapes:
         K, N = (int(v) for v in shape.split("x"))
-        bench_shape(K, N, args, rows, out)
-    cp1, rd1 = H.copy_bandwidth("cpu", bw_bytes), H.read_bandwidth("cpu", bw_bytes)
+        bench_shape(K, N, args, rows, out, dev)
+    cp1, rd1 = H.copy_bandwidth(dev, bw_bytes), H.read_bandwidth(dev, bw_bytes)
     # A GEMV reads its weight and writes almost nothing: its ceiling is the read
     # bandwidth (the best of the two measurements: load from other jobs only lowers it).
     bw = max(rd0, rd1)

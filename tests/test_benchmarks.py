@@ -47,6 +47,13 @@ def test_bench_fake_quant_lsq_quick(tmp_path):
     assert "page faults" in stdout
 
 
+@pytest.mark.parametrize("name", ["hqq", "oscillation"])
+def test_bench_quick_takes_the_common_options(name):
+    # python -m benchmarks --quick passes the common options to every benchmark
+    stdout = _run([f"benchmarks.bench_{name}", "--quick", "--no-plot", "--threads", "1", "--warmup", "1"])
+    assert ("quantkern hqq_quantize" in stdout) if name == "hqq" else ("update (track only)" in stdout), stdout
+
+
 def test_benchmarks_main_lists_benches():
     names = _run(["benchmarks", "--list"], timeout=60).split()
     assert "fake_quant_lsq" in names
