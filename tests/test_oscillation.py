@@ -276,6 +276,11 @@ def test_triton_dampening_matches_reference(sample):
     L2.backward()
     torch.testing.assert_close(L, L2, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-8)
+    # the backward with grad != 1 rounds grad * norm * 2 once, bit for bit as the native kernel
+    args = (c["w"], c["s"], c["b"], qmin, qmax, c["axis"], gs, 0.3)
+    g = torch.tensor(0.37)
+    assert torch.equal(torch.ops.quantkern.dampening_loss_backward_triton(g, *args),
+                       torch.ops.quantkern.dampening_loss_backward(g, *args))
 
 
 # ------------------------------------------------------------------ opcheck
@@ -570,6 +575,10 @@ def test_reestimate_bn_stats_is_average_of_batch_stats():
     it = iter([(x, 0) for x in batches])
     qat.reestimate_bn_stats(model, it, num_batches=1)
     assert len(list(it)) == 3
+    assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=float("inf")) == 4
+    assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=2.0) == 2
+    with pytest.raises(ValueError, match="positive integer"):
+        qat.reestimate_bn_stats(model, batches, num_batches=1.5)
     with pytest.raises(ValueError, match="not initialised"):
         qat.reestimate_bn_stats(nn.Sequential(nn.LazyBatchNorm2d()), [torch.randn(2, 3, 4, 4)])
 
@@ -662,10 +671,11 @@ def test_cuda_bad_scale_and_grad_device():
     w = torch.randn(8, 4, device="cuda")
     s, b = torch.rand(8, device="cuda") + 0.1, torch.zeros(8, device="cuda")
     meta, ema = ops.oscillation_init_state(w, s, b, -8, 7, axis=0)
+    torch.ops.quantkern.oscillation_update(w, s, b, meta, ema, -8, 7, 0, None, 1.0, 1e-6)  # EMA live, freezing on
     s_bad = s.clone()
     s_bad[0] = 0.0
     m0, e0, w0 = meta.clone(), ema.clone(), w.clone()
-    torch.ops.quantkern.oscillation_update(w, s_bad, b, meta, ema, -8, 7, 0, None, 0.01, 0.0)
+    torch.ops.quantkern.oscillation_update(w, s_bad, b, meta, ema, -8, 7, 0, None, 0.5, 1e-6)
     # the channel with scale 0 is left untouched (the CPU op raises instead)
     assert torch.equal(meta[0], m0[0]) and torch.equal(ema[0], e0[0]) and torch.equal(w[0], w0[0])
     with pytest.raises(RuntimeError, match="grad of dampening_loss is on cpu"):

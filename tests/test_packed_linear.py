@@ -102,8 +102,8 @@ def test_packed_linear_outliers_and_nonfinite(bits, config):
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_tiny_inputs(bits, config):
-    # bf16 / fp32 x can be far below fp16's range: 127 / amax overflowed in the int8 GEMV for
-    # groups under ~4e-37 (every entry became -128); such groups take the fp32 path
+    # bf16 x can be far below fp16's range: 127 / amax overflowed in the int8 GEMV for groups under
+    # ~4e-37 (every entry became -128); such groups take the fp32 path. (fp32 x: the LUT GEMV, checked too.)
     pw = make(24, 256, bits, 64, torch.bfloat16, seed=3)
     Wd = ref.dequantize(pw.qweight, pw.scales, pw.zeros, bits, 64, 256).double()
     for dt in (torch.bfloat16, torch.float32):

@@ -139,7 +139,7 @@ def _damp_fwd_kernel(w_ptr, s_ptr, b_ptr, part_ptr, N, C, inner, n, p, BLOCK: tl
 
 
 @triton.jit
-def _damp_bwd_kernel(g_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, norm2, BLOCK: tl.constexpr):
+def _damp_bwd_kernel(g2_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -148,7 +148,7 @@ def _damp_bwd_kernel(g_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, norm
     w = w_raw.to(tl.float32)
     s = tl.load(s_ptr + c, mask=mask, other=1.0)
     b = tl.load(b_ptr + c, mask=mask, other=0.0)
-    g2 = tl.load(g_ptr).to(tl.float32) * norm2
+    g2 = tl.load(g2_ptr)  # fp32(grad * norm * 2), formed in float64 by the launcher as on the CPU
     d, inside = _damp_diff(w, s, b, n, p)
     gw = tl.where(inside, g2 * d, 0.0)
     tl.store(gw_ptr + offs, _to_storage(gw, w_raw.dtype), mask=mask)
@@ -229,8 +229,10 @@ def dampening_loss_backward_triton(grad, weight, scale, offset, qmin, qmax, axis
         return gw
     C, inner = _layout(w, scale, axis, group_size)
     nblk = triton.cdiv(N, _BLOCK)
-    _damp_bwd_kernel[(nblk,)](grad.reshape(1).float(), w, gw, scale.contiguous(), offset.contiguous(), N, C, inner,
-                              float(qmin), float(qmax), _f32(2.0 * norm), BLOCK=_BLOCK, enable_fp_fusion=False)
+    # one rounding of grad * norm * 2 (in float64, on the device: no host sync), as the CPU and CUDA kernels do
+    g2 = (grad.reshape(1).to(device=w.device, dtype=torch.float64) * (2.0 * norm)).float()
+    _damp_bwd_kernel[(nblk,)](g2, w, gw, scale.contiguous(), offset.contiguous(), N, C, inner,
+                              float(qmin), float(qmax), BLOCK=_BLOCK, enable_fp_fusion=False)
     return gw
 
 

@@ -457,8 +457,8 @@ enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniFp32 = 2 };
 // much larger ones) crosses it. With two pieces such a group's small entries get errors of
 // amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
 constexpr float kVnniWideRange = 8.f;
-// A group with 0 < amax below this (2^-64, only reachable with bf16 / fp32 x) takes the fp32
-// path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
+// A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
+// GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
 // (1/65536) times the group scale leaves the normal fp32 range and loses bits.
 constexpr float kVnniTinyAmax = 0x1p-64f;
 

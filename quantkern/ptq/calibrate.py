@@ -438,7 +438,7 @@ class MseCalibrator(_Calibrator):
 
     ``base`` is the amax (asymmetric: the (amin, amax) pair) of the first batch
     (per channel: of the first batch that is not all zero there), or ``base_amax`` /
-    ``base_amin`` if given; a later batch beyond ``stop * base`` gets a warning. Every collect() adds the squared
+    ``base_amin`` if given; without given bases, a later batch beyond ``stop * base`` gets a warning. Every collect() adds the squared
     fake-quant error of every candidate (per channel); compute_amax() returns
     the first argmin. Symmetric or asymmetric, per tensor or per channel.
     """

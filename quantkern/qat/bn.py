@@ -11,7 +11,7 @@ from torch.nn.parameter import is_lazy
 @torch.no_grad()
 def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     """Replace every BatchNorm's running mean/var by the average of per-batch statistics
-    over ``num_batches`` batches of ``loader`` (items ``x`` or ``(x, ...)``).
+    over ``num_batches`` batches of ``loader`` (items ``x`` or ``(x, ...)``; ``float("inf")``: all).
 
     BN layers run in training mode with ``momentum=None`` (PyTorch's cumulative moving
     average: after n batches the running stats are the plain mean of the n batch
@@ -20,8 +20,14 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     flags are restored. Returns the number of batches used. A loader that yields no batch
     raises ValueError, and an error mid-way leaves the previous statistics in place.
     """
-    if num_batches <= 0:
-        raise ValueError(f"reestimate_bn_stats: num_batches must be positive, got {num_batches}")
+    if num_batches == float("inf"):  # every batch of the loader
+        num_batches = None
+    elif isinstance(num_batches, float) and num_batches.is_integer():
+        num_batches = int(num_batches)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches <= 0):
+        raise ValueError(f"reestimate_bn_stats: num_batches must be a positive integer (or inf: the whole loader), "
+                         f"got {num_batches!r}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
