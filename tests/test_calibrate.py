@@ -379,6 +379,11 @@ def test_fake_quant_static_dynamic_and_act_quantizer():
     fresh = ActQuantizer(8)  # an uncalibrated quantizer takes a calibrated one's state_dict
     fresh.load_state_dict(aq.state_dict())
     assert torch.equal(fresh(x), aq(x))
+    # a checkpoint of another configuration (asymmetric 8-bit) does not fit a symmetric 4-bit grid
+    asym = ActQuantizer.from_data(torch.linspace(-1, 3, 100), 8, symmetric=False)
+    assert float(asym.zero) != 0
+    with pytest.raises(ValueError, match="do not fit this quantizer's grid"):
+        ActQuantizer(4).load_state_dict(asym.state_dict())
     with pytest.raises(RuntimeError, match="before any collect"):
         make_calibrator("mse").compute_amax()
 

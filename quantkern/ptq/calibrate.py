@@ -605,6 +605,14 @@ class ActQuantizer(torch.nn.Module):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(t))
+        # the config is not in the checkpoint, but its zero point tells a mismatched one apart (an
+        # asymmetric 8-bit range loaded into a symmetric 4-bit quantizer would saturate everything)
+        z = state_dict.get(prefix + "zero")
+        if isinstance(z, torch.Tensor) and z.numel():
+            if (self.symmetric and bool((z != 0).any())) or bool((z < self.qmin).any()) or bool((z > self.qmax).any()):
+                raise ValueError(f"ActQuantizer at {prefix!r}: the checkpoint's zero points (in [{float(z.min())}, "
+                                 f"{float(z.max())}]) do not fit this quantizer's grid [{self.qmin}, {self.qmax}] "
+                                 f"(num_bits={self.num_bits}, symmetric={self.symmetric}): a different configuration?")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
