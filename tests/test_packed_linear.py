@@ -221,6 +221,22 @@ def test_torch_compile_backward():
     torch.testing.assert_close(gb, bias.grad)
 
 
+def test_torch_compile_backward_dynamic_batch():
+    # the C++ backward keeps the batch size symbolic: no recompile (and no recompile-limit error)
+    # for every new number of rows
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pw = make(24, 64, 4, 32)
+    bias = torch.randn(24, requires_grad=True)
+    f = torch.compile(lambda x: ops.packed_linear(x, pw, bias), fullgraph=True, dynamic=True, backend="aot_eager")
+    Wd = pw.dequantize(torch.float32)
+    for M in range(2, 13):
+        x = torch.randn(M, 64, requires_grad=True)
+        f(x).sum().backward()
+        torch.testing.assert_close(x.grad, torch.ones(M, 24) @ Wd, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 def test_packed_linear_module_roundtrip():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)

@@ -167,18 +167,21 @@ at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const
                         .findSchemaOrThrow("quantkern::dequantize", "")
                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                           int64_t, std::optional<at::ScalarType>)>();
+  // Sizes of grad stay symbolic (sym_size / *_symint): under torch.compile(dynamic=True) a concrete
+  // read of the row count would pin the batch size and recompile for every new one. N (the weight's
+  // rows) is read concretely: the chunk loop needs it, and a weight does not change shape.
   const int64_t N = qw.size(0);
-  auto g2 = grad.reshape({-1, N});
-  auto out = at::zeros({g2.size(0), K}, grad.options().dtype(at::kFloat));
+  auto g2 = grad.reshape_symint({c10::SymInt(-1), c10::SymInt(N)});
+  auto out = at::zeros_symint({g2.sym_size(0), c10::SymInt(K)}, grad.options().dtype(at::kFloat));
   const int64_t step = std::max<int64_t>(1, kGradChunkBytes / (4 * K));
   for (int64_t n0 = 0; n0 < N; n0 += step) {
     const int64_t n1 = std::min(N, n0 + step);
     auto w = deq.call(qw.slice(0, n0, n1), s.slice(0, n0, n1), z.slice(0, n0, n1), bits, group_size, K, at::kFloat);
     out.addmm_(g2.slice(1, n0, n1).to(at::kFloat), w);
   }
-  std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
-  shape.back() = K;
-  return out.to(grad.scalar_type()).reshape(shape);
+  std::vector<c10::SymInt> shape(grad.sym_sizes().begin(), grad.sym_sizes().end());
+  shape.back() = c10::SymInt(K);
+  return out.to(grad.scalar_type()).reshape_symint(shape);
 }
 
 class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
@@ -206,7 +209,7 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     if (ctx->needs_input_grad(0)) gx = packed_grad_input(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
     if (args[3] && ctx->needs_input_grad(4))
-      gb = grad.reshape({-1, grad.size(-1)}).to(at::kFloat).sum(0);
+      gb = grad.reshape_symint({c10::SymInt(-1), grad.sym_size(-1)}).to(at::kFloat).sum(0);
     // one entry per forward argument (ints included); none for the packed weight, scales, zeros
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb};
   }
