@@ -248,6 +248,27 @@ def packed_grad_input(grad, qweight, scales, zeros, bits, group_size, in_feature
     return out.to(grad.dtype).reshape(*grad.shape[:-1], K)
 
 
+# --------------------------------------------------------------------------
+# Ops without a gradient formula: an input that requires grad must not give a silent zero
+# (PyTorch's fallback only warns); backward through them is a clear error instead.
+# --------------------------------------------------------------------------
+def _no_gradient(name: str, why: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"quantkern.{name}: {why}")
+
+    torch.library.register_autograd(f"quantkern::{name}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _sfx in ("", "_triton"):
+    _no_gradient(f"fake_quant_lsq_backward{_sfx}", "double backward is not supported (the LSQ+ backward is one fused "
+                 "kernel; create_graph=True through fake_quant_lsq has no second-order gradient)")
+    _no_gradient(f"dampening_loss_backward{_sfx}", "double backward is not supported (the dampening backward is one "
+                 "fused kernel)")
+    _no_gradient(f"dequantize{_sfx}", "no gradient with respect to scales / zeros (dequantize is for checks and "
+                 "export; to train group scales, write W = (q - zero) * scale in torch ops, as "
+                 "quantkern.ptq.distill_qparams_ does)")
+
+
 def op_names() -> list[str]:
     """Names of every quantkern operator, e.g. ``["fake_quant_lsq", ...]``."""
     return sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("quantkern::"))

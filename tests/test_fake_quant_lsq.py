@@ -266,3 +266,23 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         ops.fake_quant_lsq(torch.randn(4), torch.ones(1), torch.zeros(1), -8, 7, backend="triton")
+
+
+def test_double_backward_and_dequantize_gradient_are_clear_errors():
+    # ops without a second-order / parameter gradient raise instead of PyTorch's warn-and-zero fallback
+    x = torch.randn(8, 16, requires_grad=True)
+    s = (torch.rand(8) + 0.1).requires_grad_()
+    b = torch.zeros(8, requires_grad=True)
+    y = quantkern.ops.fake_quant_lsq(x, s, b, -8, 7, axis=0)
+    gx, gs, gb = torch.autograd.grad((y * y).sum(), (x, s, b), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(gs.sum(), (x, s, b))
+    w = torch.randn(8, 16, requires_grad=True)
+    (g,) = torch.autograd.grad(quantkern.ops.dampening_loss(w, s.detach(), b.detach(), -8, 7, axis=0), w,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad((g * g).sum(), w)
+    pw = quantkern.PackedWeight.from_float(torch.randn(4, 64), 4, 32)
+    sc = pw.scales.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no gradient with respect to scales"):
+        torch.ops.quantkern.dequantize(pw.qweight, sc, pw.zeros, 4, 32, 64, torch.float32).sum().backward()
