@@ -318,7 +318,8 @@ def _hqq_check_args(op, W, bits, group_size, axis, lp_norm, beta, kappa, iters, 
     if not 0.0 < float(lp_norm) <= 1.0:
         raise ValueError(f"quantkern.{op}: lp_norm must be in (0, 1], got {lp_norm!r}")
     for name, v in (("beta", beta), ("kappa", kappa)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        # (v - v) == 0 is "finite" without math.isfinite, which dynamo cannot trace on a symbolic float
+        if not (isinstance(v, (int, float, torch.SymFloat)) and (v - v) == 0 and v > 0):
             raise ValueError(f"quantkern.{op}: {name} must be a positive finite number, got {v!r}")
     if not isinstance(iters, int) or isinstance(iters, bool) or not 0 <= iters <= 100000:
         raise ValueError(f"quantkern.{op}: iters must be an int in [0, 100000], got {iters!r}")
@@ -398,7 +399,9 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
     for name, t in (("R", R), ("n", n)):
         if t.shape != (C,):
             raise ValueError(f"quantkern.{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
-    if C > 0:  # bins past B would land in the next channel's row (or past the buffer)
+    # bins past B would land in the next channel's row (or past the buffer). Reading n is a host sync
+    # that torch.compile cannot trace: compiled, the kernels' own checks (C++ / the Triton launcher) do it
+    if C > 0 and not torch.compiler.is_compiling():
         lo, hi = int(n.min()), int(n.max())
         if lo < 0 or hi > min(pos.shape[1], 1 << 24):
             raise ValueError(f"quantkern.{op}: n must be in [0, min(B = pos.shape[1] = {pos.shape[1]}, 2^24)], "

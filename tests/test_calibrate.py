@@ -695,3 +695,17 @@ def test_mse_search_skips_leading_zero_batches_and_warns_past_its_range():
     cal.collect(x * 0.01)
     with pytest.warns(UserWarning, match="beyond the largest candidate"):
         cal.collect(x)
+
+
+def test_calib_histogram_and_hqq_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(3, 50)
+    pos, neg = torch.zeros(3, 16, dtype=torch.long), torch.zeros(3, 16, dtype=torch.long)
+    R_, n = x.abs().amax(1), torch.full((3,), 16)
+    torch.compile(lambda *a: ops.calib_histogram(*a), fullgraph=True)(x, pos, neg, R_, n)
+    p0, n0 = torch.zeros_like(pos), torch.zeros_like(neg)
+    ops.calib_histogram(x, p0, n0, R_, n)
+    assert torch.equal(pos, p0) and torch.equal(neg, n0)
+    W = torch.randn(16, 128)
+    f = torch.compile(lambda W, beta: ops.hqq_quantize(W, 4, 64, beta=beta), fullgraph=True, dynamic=True)
+    assert torch.equal(f(W, 10.0)[0], ops.hqq_quantize(W, 4, 64)[0])
