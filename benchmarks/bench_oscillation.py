@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
+import sys
 import time
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import quantkern as qk
+from benchmarks._harness import add_common_args, memory_bytes
 from quantkern import ops
 from quantkern.reference import oscillation as R
-
-try:
-    from benchmarks._harness import add_common_args, memory_bytes
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from _harness import add_common_args, memory_bytes
 
 
 def _sync(dev):
