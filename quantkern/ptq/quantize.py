@@ -311,8 +311,8 @@ class _Capture:
         keep = r < self.cap
         last = torch.full((self.cap,), -1, dtype=torch.long)
         last.scatter_reduce_(0, r[keep], t[keep], reduce="amax")
-        hit = last >= 0
-        self.rows[hit] = x[last[hit] - n]
+        hit = last >= 0  # (index tensors built on the CPU; the rows live on the layer's device)
+        self.rows[hit.to(self.rows.device)] = x[(last[hit] - n).to(x.device)]
 
     def _accumulate(self, xf, x):
         one = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
