@@ -98,6 +98,8 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
         zs = meta["zero_scale"]
         meta["zero"], meta["scale"] = zs[0], zs[1]
     R = N * K // g
+    if meta.get("view_as_float"):  # hqq stored the packed words viewed as its compute dtype (view_as_float=True)
+        W_q = W_q.view(meta.get("unpack_view_dtype") or (torch.int32 if meta["packing"] == "3bit_32" else torch.uint8))
     per = {"4bit_u8": 2, "2bit_u8": 4, "3bit_32": 10}.get(meta["packing"])
     if per is not None:
         want = (-(-R // per), g)
@@ -215,8 +217,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise TypeError(f"from_gptq: {name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    if scales.dim() != 2:
-        raise ValueError(f"from_gptq: scales must be [G, N], got {tuple(scales.shape)}")
+    if scales.dim() != 2 or scales.shape[0] == 0:
+        raise ValueError(f"from_gptq: scales must be [G, N] with G >= 1 groups, got {tuple(scales.shape)}")
     G, N = scales.shape
     if bits == 3 and qweight.shape[0] % 3:
         raise ValueError(f"from_gptq: a 3-bit qweight packs 32 rows in 3 int32 rows: qweight.shape[0] must be a "

@@ -15,6 +15,7 @@ Backends:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -90,7 +91,7 @@ def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="we
     if offset is None:
         offset = torch.zeros_like(scale)
     _check_tensor(op, "offset", offset, (torch.float32,), x.device)
-    if not (isinstance(qmin, int) and isinstance(qmax, int)):
+    if not (isinstance(qmin, int) and isinstance(qmax, int)) or isinstance(qmin, bool) or isinstance(qmax, bool):
         raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
     if qmin >= qmax:
         raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
@@ -99,7 +100,7 @@ def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="we
     if group_size is not None:
         if axis is not None:
             raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both")
-        if not isinstance(group_size, int) or group_size <= 0:
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
             raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
         if x.dim() != 2:
             raise ValueError(f"quantkern.{op}: per-group {xname} must be 2-D [rows, K], got shape {tuple(x.shape)}")
@@ -109,6 +110,8 @@ def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="we
         if tuple(scale.shape) != want:
             raise ValueError(f"quantkern.{op}: per-group scale must have shape {want}, got {tuple(scale.shape)}")
     elif axis is not None:
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise TypeError(f"quantkern.{op}: axis must be an int or None, got {axis!r}")
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"quantkern.{op}: axis {axis} out of range for {xname} with {x.dim()} dims")
         axis = axis % x.dim()
@@ -198,6 +201,13 @@ def oscillation_init_state(
     offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
+    with torch.no_grad():
+        # One-time host check (as the CPU kernels do): a bad scale would silently encode garbage
+        # integers (NaN -> 0, negative -> mirrored) as every weight's starting point.
+        if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(f"quantkern.{op}: scale must be positive and finite")
+        if not bool(torch.isfinite(offset).all()):
+            raise ValueError(f"quantkern.{op}: offset must be finite")
     with torch.no_grad():  # contiguous state whatever the weight's strides (oscillation_update needs it)
         meta, ema = ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
         return meta.contiguous(), ema.contiguous()
@@ -294,6 +304,8 @@ def dampening_loss(
     """
     op = "dampening_loss"
     offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
+    if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not 0 <= norm < math.inf:
+        raise ValueError(f"quantkern.{op}: norm must be a finite number >= 0, got {norm!r}")
     be = _pick_backend(op, weight, backend)
     fn = torch.ops.quantkern.dampening_loss_triton if be == "triton" else torch.ops.quantkern.dampening_loss
     return fn(weight, scale.detach(), offset.detach(), qmin, qmax, axis, group_size, float(norm))

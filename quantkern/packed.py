@@ -170,6 +170,8 @@ def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: d
             tensors[f"{name}.{k}"] = t.detach().contiguous().cpu()
         info[name] = {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape)}
     for name, t in (extra or {}).items():
+        if name in tensors:  # would silently replace a packed weight's tensor
+            raise ValueError(f"save_packed: extra tensor {name!r} clashes with a packed weight's tensor of that name")
         tensors[name] = t.detach().contiguous().cpu()
     meta["weights"] = json.dumps(info, sort_keys=True)
     for k, v in (metadata or {}).items():
@@ -234,7 +236,10 @@ def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
                              f"(this quantkern reads {FORMAT_VERSION})")
         if meta.get("layout") != LAYOUT:
             raise ValueError(f"load_packed: unknown layout {meta.get('layout')!r} (expected {LAYOUT!r})")
-        info = _weights_header(meta.get("weights", "{}"), path)
+        if "weights" not in meta:
+            raise ValueError(f"load_packed: {path}: the header has no 'weights' entry (bits / group size / shape "
+                             f"of the packed weights)")
+        info = _weights_header(meta["weights"], path)
         keys = set(f.keys())
         weights = {}
         for name, d in info.items():

@@ -122,3 +122,15 @@ def test_distill_qparams_on_grid_and_lowers_kl():
         fake_quantize_model_(copy.deepcopy(net), 4, "rtn", calib_data=X, distill_steps=-1)
     with pytest.raises(ValueError, match="depthwise_method"):
         fake_quantize_model_(copy.deepcopy(net), 4, "rtn", depthwise_method="awq")
+
+
+def test_bad_group_params_raise():
+    # a zero / negative / NaN scale or a NaN zero gave garbage codes silently (w / 0 -> inf, NaN -> code 0)
+    W, H = torch.randn(4, 8), torch.eye(8)
+    _, s, z = rtn_quantize(W, 4, 4)
+    for bad, match in (({"scale": s * 0}, "scale"), ({"scale": -s}, "scale"), ({"scale": s * float("nan")}, "scale"),
+                       ({"zero": z * float("nan")}, "zero"), ({"scale": s.long()}, "scale"),
+                       ({"init_q": torch.zeros(4, 7)}, "init_q"), ({"init_q": torch.full((4, 8), 16.0)}, "init_q")):
+        args = {"scale": s, "zero": z, **bad}
+        with pytest.raises((ValueError, TypeError), match=match):
+            adaround_quantize(W, H, bits=4, iters=2, **args)

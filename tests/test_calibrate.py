@@ -20,6 +20,7 @@ from quantkern.ptq.calibrate import (
 )
 
 BINS = 512  # small histograms keep the reference loops fast
+METHODS_ALL = ("max", "percentile", "mse", "entropy", "mse_search")
 
 
 def _data(C=5, M=2000, seed=0):
@@ -709,3 +710,97 @@ def test_calib_histogram_and_hqq_compile_fullgraph():
     W = torch.randn(16, 128)
     f = torch.compile(lambda W, beta: ops.hqq_quantize(W, 4, 64, beta=beta), fullgraph=True, dynamic=True)
     assert torch.equal(f(W, 10.0)[0], ops.hqq_quantize(W, 4, 64)[0])
+
+
+# ------------------------------------------------------------------ argument checks (review pass)
+def test_fake_quant_rejects_bad_axis_and_grid():
+    x = torch.randn(4, 8)
+    s8, z8 = torch.ones(8), torch.zeros(8)
+    # an axis past x's dims wrapped around (axis % dim) and quantized along another dimension
+    for axis in (2, 5, -3):
+        with pytest.raises(ValueError, match="axis"):
+            fake_quant(x, s8, z8, -8, 7, axis=axis)
+        with pytest.raises(ValueError, match="axis"):
+            fake_quant_static(x, s8, 4, axis=axis)
+    with pytest.raises(TypeError, match="axis"):
+        fake_quant(x, s8, z8, -8, 7, axis=1.0)
+    assert torch.equal(fake_quant(x, s8, z8, -8, 7, axis=-1), fake_quant(x, s8, z8, -8, 7, axis=1))
+    # an empty integer grid clamped everything to qmax
+    with pytest.raises(ValueError, match="qmin"):
+        fake_quant(x, 0.1, 0, 5, -5)
+    # an inverted asymmetric range quantized everything to 0
+    with pytest.raises(ValueError, match="amin"):
+        fake_quant_static(x, torch.tensor(-1.0), 8, amin=torch.tensor(1.0), symmetric=False)
+    with pytest.raises(ValueError, match="amin"):
+        range_to_qparams(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), 8, symmetric=False)
+
+
+def test_calibrator_bad_args_raise_at_construction():
+    # accepted silently, then failed (or misbehaved) only at compute_amax() after the whole loader
+    for kw in (dict(start_bin=True), dict(stride=True), dict(percentile=True)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=name):
+            HistogramCalibrator("entropy", **kw)
+    with pytest.raises(ValueError, match="stop"):
+        MseCalibrator(stop=float("inf"))
+    with pytest.raises(ValueError, match="num_steps"):
+        MseCalibrator(num_steps=True)
+    for method in METHODS_ALL:
+        with pytest.raises(ValueError, match="num_bits >= 2"):
+            make_calibrator(method, 1)
+        make_calibrator(method, 1, unsigned=True)  # a 1-bit unsigned or asymmetric grid is fine
+        make_calibrator(method, 1, symmetric=False)
+
+
+def test_failed_first_collect_leaves_the_calibrator_empty():
+    bad = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    for method in METHODS_ALL:
+        cal = make_calibrator(method, 8, axis=0)
+        with pytest.raises(ValueError, match="NaN"):
+            cal.collect(bad)
+        with pytest.raises(RuntimeError, match="before any collect"):
+            cal.compute_amax()
+        cal.collect(torch.ones(3, 4))  # the failed batch fixed nothing, not even the channel count
+        assert cal.compute_amax().shape == (3,)
+
+
+def test_act_quantizer_mse_search_searches_its_own_grid():
+    # narrow_range=True quantizes on [-7, 7] (4 bits) but the search ran on [-8, 7]: another amax
+    g = torch.Generator().manual_seed(0)
+    x = -torch.rand(2000, generator=g) ** 3 * 4 + torch.rand(2000, generator=g) * 0.5
+    for narrow in (False, True):
+        aq = ActQuantizer.from_data(x, 4, "mse_search", narrow_range=narrow)
+        cal = MseCalibrator(4, narrow_range=narrow)
+        cal.collect(x)
+        want, _, _, _ = cal.qparams(narrow_range=narrow)
+        assert torch.equal(aq.scale, want), narrow
+
+
+def test_act_quantizer_checkpoint_grid_and_dtype_casts():
+    from quantkern.ptq.calibrate import ActQuantizer
+
+    x = torch.rand(64, 16) * 3
+    uq = ActQuantizer.from_data(x, 8, "max", unsigned=True)
+    # an unsigned range (zero 0) loaded into a signed quantizer used to pass the zero-point check
+    with pytest.raises(ValueError, match="grid"):
+        ActQuantizer(8, "max").load_state_dict(uq.state_dict())
+    ok = ActQuantizer(8, "max", unsigned=True)
+    ok.load_state_dict(uq.state_dict())
+    assert torch.equal(ok(x), uq(x))
+    # a checkpoint from before the grid was saved still loads (strict)
+    old = {k: v for k, v in uq.state_dict().items() if not k.endswith("_extra_state")}
+    ActQuantizer(8, "max", unsigned=True).load_state_dict(old)
+    # .half() keeps the calibrated range in float32 (a tiny scale underflowed to 0 in fp16)
+    tiny = ActQuantizer.from_data(torch.randn(32, 8) * 1e-6, 8, "max")  # scale ~2e-8: 0 in fp16
+    s0 = tiny.scale.clone()
+    tiny.half()
+    assert tiny.scale.dtype == torch.float32 and torch.equal(tiny.scale, s0)
+    assert (tiny(torch.randn(4, 8).half() * 1e-6) != 0).any()
+
+
+def test_mse_calibrator_qparams_default_to_its_own_grid():
+    from quantkern.ptq.calibrate import MseCalibrator
+
+    c = MseCalibrator(4, narrow_range=True)
+    c.collect(torch.randn(1000))
+    assert c.qparams()[2] == -7 and c.qparams(narrow_range=False)[2] == -8

@@ -119,6 +119,19 @@ def test_autograd_matches_composite(name, c):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_reference_backward_accepts_a_negative_axis():
+    # The reference forward broadcasts a negative axis; its backward summed the scale/offset
+    # terms over every dim (a shape error, or a wrong sum when the shapes happened to fit).
+    c = _case((3, 7, 5), axis=2, bits=4, edges=True)
+    grad = torch.randn(c["x"].shape, generator=torch.Generator().manual_seed(4))
+    args = (c["x"], c["scale"], c["offset"], c["qmin"], c["qmax"])
+    want = R.fake_quant_lsq_backward(grad, *args, 2, None, 0.5)
+    got = R.fake_quant_lsq_backward(grad, *args, -1, None, 0.5)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(R.fake_quant_lsq(*args, -1), R.fake_quant_lsq(*args, 2))
+
+
 def test_offset_none_is_lsq():
     c = _case((64, 32), axis=0, bits=4)
     s = c["scale"].clone().requires_grad_()
@@ -235,6 +248,12 @@ def _ok():
         (dict(axis=None, group_size=0), ValueError, "group_size must be a positive int"),
         (dict(group_size=32), ValueError, "either axis or group_size"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
+        # bools are ints to Python: these were accepted (groups of 1, a 0..1 grid, axis 1)
+        (dict(axis=None, group_size=True, scale=torch.full((8, 64), 0.1), offset=torch.zeros(8, 64)), ValueError,
+         "group_size must be a positive int"),
+        (dict(qmin=False, qmax=True), TypeError, "qmin and qmax must be int"),
+        (dict(axis=True, scale=torch.full((64,), 0.1), offset=torch.zeros(64)), TypeError, "axis must be an int"),
+        (dict(axis=0.0), TypeError, "axis must be an int"),
     ],
 )
 def test_bad_input_raises_clear_error(change, exc, match):
@@ -286,3 +305,14 @@ def test_double_backward_and_dequantize_gradient_are_clear_errors():
     sc = pw.scales.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="no gradient with respect to scales"):
         torch.ops.quantkern.dequantize(pw.qweight, sc, pw.zeros, 4, 32, 64, torch.float32).sum().backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_native_ops_refuse_a_non_finite_offset(bad):
+    # the CPU ops checked the scale's values but not the offset's: NaN / inf came back silently
+    x, s, b = torch.randn(4, 8), torch.full((4,), 0.1), torch.zeros(4)
+    b[2] = bad
+    with pytest.raises(RuntimeError, match=r"offset must be finite; offset\[2\]"):
+        torch.ops.quantkern.fake_quant_lsq(x, s, b, -8, 7, 0, None, 1.0)
+    with pytest.raises(RuntimeError, match="offset must be finite"):
+        torch.ops.quantkern.dampening_loss(x, s, b, -8, 7, 0, None, 1.0)

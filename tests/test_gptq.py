@@ -165,3 +165,17 @@ def test_all_zero_group_decodes_to_zero(clip, sym):
     acc.add_batch(X)
     Wq = dequantize(*gptq_quantize(W, acc.H, 4, 32, clip=clip, sym=sym))
     assert torch.equal(Wq[:, :32], torch.zeros(4, 32))
+
+
+def test_bad_static_params_raise(problem):
+    # params were silently replaced by min-max params with static_groups=False, and a zero / NaN
+    # scale was used as given (w / 0: codes clamped to the ends, NaN errors propagated)
+    W, X, H = problem
+    s, z = minmax_params(W.reshape(W.shape[0], -1, 64), 4)
+    q, s2, z2 = gptq_quantize(W, H, 4, 64, params=(s, z))
+    assert torch.equal(s2, s) and torch.equal(z2, z)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize(W, H, 4, 64, params=(s, z), static_groups=False)
+    for bad in ((s * 0, z), (-s, z), (s, z * float("nan"))):
+        with pytest.raises(ValueError, match="params"):
+            gptq_quantize(W, H, 4, 64, params=bad)

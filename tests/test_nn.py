@@ -338,6 +338,29 @@ def test_state_dict_lazy_quantizer_before_and_after_init():
         q3.load_state_dict({"scale": torch.ones(3), "offset": torch.zeros(3), "initialized": torch.tensor(True)})
 
 
+def test_state_dict_of_uninitialised_lazy_quantizer_loads_into_initialised_one():
+    # A checkpoint taken before the first forward (e.g. a model's initial state) has no scale /
+    # offset for a lazy quantizer; restoring it into the same, since trained, model raised
+    # "Missing key(s): scale, offset". It must load and mark the quantizer uninitialised.
+    fresh = QuantLinear(6, 3, a_granularity="channel")
+    sd = copy.deepcopy(fresh.state_dict())
+    assert "input_quantizer.scale" not in sd
+    x = torch.randn(4, 6)
+    fresh(x)
+    assert fresh.input_quantizer._initialized
+    fresh.load_state_dict(sd)
+    assert not fresh.input_quantizer._initialized and not fresh.input_quantizer.initialized
+    fresh(3 * x)  # re-initialised from the new data
+    want = LSQQuantizer(8, True, "channel", axis=-1)  # the layer's input quantizer, fresh
+    want.initialize(3 * x)
+    assert fresh.input_quantizer._initialized
+    torch.testing.assert_close(fresh.input_quantizer.scale, want.scale, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.input_quantizer.offset, want.offset, rtol=0, atol=0)
+    # a checkpoint that claims to be initialised but lacks the values still fails
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.input_quantizer.load_state_dict({"initialized": torch.tensor(True)})
+
+
 # ------------------------------------------------------------------ torch.compile
 def test_compile_fullgraph_training_step_matches_eager():
     torch.manual_seed(11)
@@ -436,11 +459,27 @@ def test_extra_repr():
         (dict(bits=4, signed=True, granularity="channel", group_size=8), ValueError, "group_size is only used"),
         (dict(bits=4, signed=True, backend="cuda"), ValueError, "backend must be one of"),
         (dict(bits=4, signed=True, grad_scale=-1.0), ValueError, "grad_scale"),
+        # accepted here before, and only refused by the op on the first forward
+        (dict(bits=4, signed=True, grad_scale=float("inf")), ValueError, "grad_scale must be a finite"),
+        (dict(bits=4, signed=True, grad_scale=True), ValueError, "grad_scale must be a finite"),
     ],
 )
 def test_quantizer_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LSQQuantizer(**kwargs)
+
+
+@pytest.mark.parametrize("cls,args", [(QuantLinear, (8, 4)), (QuantConv2d, (3, 4, 3))], ids=["linear", "conv"])
+@pytest.mark.parametrize("kw", [{}, {"w_granularity": "tensor"}, {"a_granularity": "channel"}],
+                         ids=["default", "w_tensor", "a_channel"])
+def test_quant_layer_builds_its_quantizers_on_its_device(cls, args, kw):
+    # device=... (and from_float of a layer on that device) must put the quantizers' scale,
+    # offset and buffers there too: a per-tensor scale used to stay on the CPU (a device
+    # mismatch in the first forward of a CUDA layer), and a lazy one could not be
+    # materialised on "meta" (the constructor raised).
+    m = cls(*args, device="meta", **kw)
+    where = {n: t.device.type for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+    assert set(where.values()) == {"meta"}, where
 
 
 def test_bad_inputs_and_module_arguments():
@@ -475,3 +514,15 @@ def test_bad_inputs_and_module_arguments():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         quantize_modules("model", 4, 8)
     assert quantkern.nn.LSQQuantizer is LSQQuantizer
+
+
+def test_state_dict_loaded_under_inference_mode_stays_trainable():
+    # loading materialised the lazy scale/offset as inference tensors: training afterwards failed
+    q = LSQQuantizer(4, True, granularity="channel")
+    q(torch.randn(3, 8))
+    q2 = LSQQuantizer(4, True, granularity="channel")
+    with torch.inference_mode():
+        q2.load_state_dict(q.state_dict())
+    assert not q2.scale.is_inference()
+    q2(torch.randn(3, 8)).sum().backward()
+    assert q2.scale.grad is not None

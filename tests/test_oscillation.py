@@ -358,6 +358,33 @@ def test_bad_input_errors():
         torch.ops.quantkern.oscillation_update(w, -s, b, meta, ema, -8, 7, 0, None, 0.1, 0.0)
 
 
+@pytest.mark.parametrize("bad", [0.0, -0.3, float("nan"), float("inf")])
+def test_init_state_refuses_bad_scale_and_offset(bad):
+    # oscillation_init_state encoded garbage starting integers without a word
+    # (NaN scale -> 0 everywhere, negative scale -> the mirrored integer).
+    w = torch.randn(8, 4)
+    s, b = torch.rand(8) + 0.1, torch.zeros(8)
+    with pytest.raises(ValueError, match="scale must be positive and finite"):
+        ops.oscillation_init_state(w, s.clone().index_fill_(0, torch.tensor([3]), bad), b, -8, 7, axis=0)
+    if bad != bad or abs(bad) == float("inf"):
+        with pytest.raises(ValueError, match="offset must be finite"):
+            ops.oscillation_init_state(w, s, b.clone().index_fill_(0, torch.tensor([3]), bad), -8, 7, axis=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, True])
+def test_dampening_refuses_bad_norm(bad):
+    # norm went straight into the kernel: a NaN / inf / negative loss with no error
+    w = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="norm must be a finite number >= 0"):
+        ops.dampening_loss(w, torch.rand(8) + 0.1, None, -8, 7, axis=0, norm=bad)
+    from quantkern import qat
+
+    if bad is not True:  # DampeningLoss takes float(weighting)
+        model = nn.Sequential(StandinQLinear(4, 8))
+        with pytest.raises(ValueError, match="norm must be a finite number >= 0"):
+            qat.DampeningLoss(model)(weighting=bad)
+
+
 # ------------------------------------------------------------------ quantkern.qat
 class StandinLSQ(nn.Module):
     """The LSQQuantizer contract of quantkern.nn (scale/offset Parameters, qmin/qmax, per-channel axis 0)."""
@@ -469,6 +496,14 @@ def test_tracker_attaches_and_freezes_weights_in_place():
     assert t2.momentum == 0.1  # the checkpoint's
     for n in tracker.tracked:
         assert torch.equal(t2.tracked[n].meta, tracker.tracked[n].meta)
+    # names saved through wrappers (DDP's module., torch.compile's _orig_mod.) load too
+    wrapped = dict(sd, layers={f"_orig_mod.module.{n}": st for n, st in sd["layers"].items()})
+    t3 = qat.OscillationTracker(model, momentum=0.5, grad_mask=False)
+    t3.load_state_dict(wrapped)
+    for n in tracker.tracked:
+        assert torch.equal(t3.tracked[n].meta, tracker.tracked[n].meta)
+    with pytest.raises(ValueError, match="momentum"):
+        qat.OscillationTracker(model, momentum=True)
 
 
 def test_tracker_channels_last_weights():
@@ -548,6 +583,22 @@ def test_dampening_loss_module_and_schedules():
     assert all(L.quantizer.scale.grad is None for L in qat.quantized_layers(model))
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(total_steps=0.5), "total_steps must be a positive integer"),   # int() made it 0: t < 0, values past start
+    (dict(total_steps=10.5), "total_steps must be a positive integer"),  # silently truncated to 10
+    (dict(total_steps=True), "total_steps must be a positive integer"),
+    (dict(total_steps=100, start=float("nan")), "start must be finite"),
+    (dict(total_steps=100, end=float("inf")), "end must be finite"),
+])
+def test_cosine_schedule_refuses_bad_arguments(kw, match):
+    from quantkern import qat
+
+    kw = {"start": 0.1, "end": 0.01, **kw}
+    with pytest.raises(ValueError, match=match):
+        qat.CosineSchedule(**kw)
+    assert qat.CosineSchedule(0.1, 0.01, 1e4)(10000) == pytest.approx(0.01)  # an integral float is fine
+
+
 def test_reestimate_bn_stats_is_average_of_batch_stats():
     from quantkern import qat
 
@@ -577,6 +628,9 @@ def test_reestimate_bn_stats_is_average_of_batch_stats():
     assert len(list(it)) == 3
     assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=float("inf")) == 4
     assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=2.0) == 2
+    import numpy as np  # numpy / torch integers count as integers
+    assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=np.int64(3)) == 3
+    assert qat.reestimate_bn_stats(model, [(x, 0) for x in batches], num_batches=torch.tensor(2)) == 2
     with pytest.raises(ValueError, match="positive integer"):
         qat.reestimate_bn_stats(model, batches, num_batches=1.5)
     with pytest.raises(ValueError, match="not initialised"):

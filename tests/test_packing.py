@@ -239,6 +239,9 @@ def test_gptq_converter_checks():
     with pytest.raises(ValueError, match="multiple of 3"):
         formats.from_gptq(torch.zeros(4, 32, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32),
                           torch.ones(1, 32), 3)
+    with pytest.raises(ValueError, match="G >= 1"):  # no groups: was a ZeroDivisionError
+        formats.from_gptq(torch.zeros(8, 8, dtype=torch.int32), torch.zeros(0, 1, dtype=torch.int32),
+                          torch.ones(0, 8), 4)
     with pytest.raises(ValueError, match="N = 12"):
         formats.from_gptq(torch.zeros(8, 12, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
                           torch.ones(1, 12), 4)
@@ -348,3 +351,67 @@ def test_nan_scales_rejected():
     s[1, 1] = float("nan")
     with pytest.raises(ValueError, match="scales contain NaN"):
         PackedWeight(pw.qweight, s, pw.zeros, 4, 32, (4, 64))
+
+
+def test_save_packed_extra_cannot_replace_a_packed_tensor(tmp_path):
+    # an extra tensor named like a packed weight's tensor used to overwrite it silently: the file then
+    # loaded as a different weight (same dtype and shape) with no error
+    from quantkern import load_packed, save_packed
+
+    pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
+    p = str(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="clashes"):
+        save_packed({"l": pw}, p, extra={"l.qweight": torch.zeros_like(pw.qweight)})
+    save_packed({"l": pw}, p, extra={"l.bias": torch.zeros(8)})
+    got, extra = load_packed(p)
+    assert torch.equal(got["l"].qweight, pw.qweight) and set(extra) == {"l.bias"}
+
+
+def test_load_packed_requires_weights_header(tmp_path):
+    # a header without the 'weights' entry used to load as "no packed weights" with every
+    # qweight / scales / zeros returned as a plain extra tensor
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from quantkern import load_packed, save_packed
+
+    p, bad = str(tmp_path / "w.safetensors"), str(tmp_path / "bad.safetensors")
+    save_packed({"l": PackedWeight.from_float(torch.randn(8, 64), 4, 32)}, p)
+    with safe_open(p, "pt") as f:
+        meta = dict(f.metadata())
+    meta.pop("weights")
+    save_file(load_file(p), bad, metadata=meta)
+    with pytest.raises(ValueError, match="no 'weights' entry"):
+        load_packed(bad)
+    save_packed({}, p, extra={"x": torch.ones(2)})  # no packed weights at all still round-trips
+    got, extra = load_packed(p)
+    assert got == {} and set(extra) == {"x"} and json.loads(read_meta(p)["weights"]) == {}
+
+
+def read_meta(p):
+    from quantkern.packed import read_packed_metadata
+
+    return read_packed_metadata(p)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_from_hqq_view_as_float(bits, compute_dtype):
+    # HQQLinear(view_as_float=True) stores W_q viewed as its compute dtype: from_hqq refused it
+    # (W_q shape error) for every case where that view changes the shape
+    _hqq()
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(bits)
+    lin = torch.nn.Linear(128, 48)
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=64, axis=1, view_as_float=True)
+    h = HQQLinear(lin, cfg, compute_dtype=compute_dtype, device="cpu", initialize=True, del_orig=False)
+    assert h.meta["view_as_float"] and h.W_q.dtype == compute_dtype
+    pw = formats.from_hqq(h)
+    meta = dict(h.meta, view_as_float=False)
+    want = formats.from_hqq(h.W_q.data.view(h.meta["unpack_view_dtype"]), meta)
+    assert torch.equal(pw.qweight, want.qweight) and torch.equal(pw.scales, want.scales)
+    if compute_dtype == torch.float32:  # hqq dequantizes in its compute dtype: bit for bit only in fp32
+        assert torch.equal(pw.dequantize(torch.float32), h.dequantize())

@@ -107,6 +107,11 @@ def test_gptq_depthwise_errors():
         gptq_depthwise(W, H, 4, group_size=4)  # does not divide 9
     with pytest.raises(ValueError, match="clip"):
         gptq_depthwise(W, H, 4, clip="max")
+    for bad in (float("nan"), float("inf")):  # was "not positive definite ... increase damp"
+        Hb = H.clone()
+        Hb[1, 2, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            gptq_depthwise(W, Hb, 4)
 
 
 class TinyNet(nn.Module):
@@ -298,3 +303,72 @@ def test_depthwise_method_matches_two_passes():
     fake_quantize_model_(b, 4, "gptq", 64, calib_data=Xc, skip=dw, progress=False)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(p, q, msg=n)
+
+
+def test_bits_the_hqq_kernel_does_not_take_raise_before_the_model_is_touched():
+    # adaround's "minmax" / "hqq" params and the depthwise clip="hqq" come from rtn / hqq, which take
+    # bits (1, 2, 3, 4, 8): a 5- or 6-bit layer used to fail there, after earlier layers were quantized
+    net, Xc, _ = _net_and_data()
+    ref = copy.deepcopy(net)
+    for meth, kw, bits in (("adaround", {}, {"fc": 5}), ("adaround", {"clip": "hqq"}, {"fc": 5}),
+                           ("gptq", {"clip": "hqq"}, {"dw": 6}), ("erq", {"clip": "hqq"}, {"dw": 6}),
+                           ("gptq", {"depthwise_method": "adaround"}, {"dw": 6})):
+        with pytest.raises(ValueError, match=r"-bit weights with method"):
+            fake_quantize_model_(net, 4, meth, calib_data=Xc, layer_bits=bits, progress=False, adaround_iters=2, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values())), meth
+    # rtn with clip="mse" does not use the HQQ kernel: any bits
+    m = copy.deepcopy(net)
+    fake_quantize_model_(m, 4, "rtn", clip="mse", layer_bits={"fc": 5}, progress=False)
+    assert m.fc.weight.reshape(-1, 16)[0].unique().numel() <= 32
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.aux = nn.Linear(4, 5)  # an auxiliary head the forward never calls
+        self.aux_dw = nn.Conv2d(4, 4, 3, groups=4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.dw(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method,kw", [("rtn", {"bias_correction": True}), ("gptq", {}), ("erq", {}),
+                                       ("adaround", {}), ("gptq", {"layer_bits": {"aux": 5, "aux_dw": 6}}),
+                                       ("hqq", {"act_bits": 8})])
+def test_layer_without_calibration_input(method, kw):
+    # a layer the calibration forward never reaches: bias correction and ERQ crashed (mid-way, the
+    # earlier layers already quantized), GPTQ zeroed its weights (an all-zero Hessian: every column
+    # dead), static activation calibration crashed. Now: RTN for its weights, a dynamic input quantizer.
+    torch.manual_seed(0)
+    net = _WithUnusedLayer().eval()
+    x = torch.randn(4, 3, 8, 8)
+    m = copy.deepcopy(net)
+    with pytest.warns(UserWarning, match="saw no calibration input"):
+        rep = fake_quantize_model_(m, 4, method, 8, calib_data=x, progress=False, adaround_iters=2, **kw)
+    for name in ("aux", "aux_dw"):
+        w, w0 = getattr(m, name).weight, getattr(net, name).weight
+        assert torch.isfinite(w).all() and ((w - w0).norm() / w0.norm()).item() < 0.3, name
+        assert torch.equal(getattr(m, name).bias, getattr(net, name).bias), name
+    if method != "hqq":
+        assert rep["notes"]["aux"] == rep["notes"]["aux_dw"] == "no calibration input: RTN"
+    assert torch.isfinite(m(x)).all()
+    if "act_bits" in kw:
+        assert m.aux.input_quantizer.dynamic and not m.fc.input_quantizer.dynamic
+        y = m.aux(torch.randn(2, 4))
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["gptq", "adaround", "rtn"])
+def test_model_on_cuda(method):
+    # the Hessians were accumulated on the CPU whatever the model's device: gptq_quantize raised
+    # "H is on cpu but W is on cuda", bias correction mixed devices
+    net, Xc, _ = _net_and_data()
+    m = copy.deepcopy(net).cuda()
+    fake_quantize_model_(m, 4, method, 64, calib_data=Xc.cuda(), progress=False, bias_correction=True,
+                         adaround_iters=2)
+    assert all(p.is_cuda for p in m.parameters())
+    assert torch.isfinite(m(Xc.cuda())).all()

@@ -459,7 +459,7 @@ def test_erq_row_sample_is_uniform_over_batches():
         c = _Capture("erq", 8, cap, seed=0)
         for i in range(batches):
             with pytest.raises(_StopForward):
-                c(None, (torch.full((rows, 8), float(i)),))
+                c(None, (torch.full((rows, 8), float(i)),), {})
         return c.rows
 
     kept = run(16, 2048, 4096)
@@ -539,3 +539,61 @@ def test_quantize_model_on_cuda(method, act_bits):
     with torch.no_grad():
         y, r = m(X_EVAL.cuda()).cpu(), ref(X_EVAL)
     assert ((y - r).norm() / r.norm()).item() < 0.2
+
+
+def test_skip_entry_matching_nothing_warns():
+    # a typo, or a parent module's name (entries match the layer's own name), used to be ignored
+    # silently: the layer the caller meant to keep float was quantized without a word
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"skip entries \['fc_1', 'blocks'\] match no nn.Linear"):
+        m = quantize_(make_model(), QuantizeConfig(method="rtn", skip=["fc_1", "blocks", "q"]), progress=False)
+    assert isinstance(m.fc1, PackedLinear) and type(m.q) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(make_model(), QuantizeConfig(method="rtn", skip="fc*"), progress=False)
+        quantize_(make_mlp(), QuantizeConfig(method="rtn"), progress=False)  # the default skip: no warning
+    # a second call naming an already quantized layer does not warn about it
+    m = quantize_(make_model(), QuantizeConfig(method="rtn", skip=["q"]), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(m, QuantizeConfig(method="rtn", skip=["k", "v"]), progress=False)
+    assert isinstance(m.q, PackedLinear) and isinstance(m.k, PackedLinear)
+
+
+class _KwargCall(nn.Module):
+    """Calls its Linears by keyword (``lin(input=x)``), as nn.Linear allows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(input=torch.relu(self.a(input=x)))
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+@pytest.mark.parametrize("fp_target", [False, True])
+def test_linear_called_by_keyword(method, fp_target):
+    # the calibration hook read inputs[0] (IndexError on a keyword call) and PackedLinear.forward
+    # named its argument x, so lin(input=x) failed after conversion: not a drop-in
+    m = _KwargCall().eval()
+    x = X_CAL.reshape(-1, 64)[:64]
+    ref = m(x)
+    quantize_(m, method=method, bits=4, group_size=32, skip=None, fp_target=fp_target,
+              calib_fn=[lambda mm: mm(x)], progress=False)
+    assert isinstance(m.a, PackedLinear) and isinstance(m.b, PackedLinear)
+    y = m(x)
+    assert (y - ref).norm() < 0.2 * ref.norm()
+
+
+def test_frozen_bias_stays_frozen_and_float64_refused():
+    m = make_model()
+    m.q.bias.requires_grad_(False)
+    quantize_(m, method="rtn", bits=4, group_size=32, progress=False)
+    assert not m.q.bias.requires_grad and m.k.bias.requires_grad
+    m = make_model().double()
+    with pytest.raises(TypeError, match="float64.*cast first"):
+        quantize_(m, method="rtn", bits=4, group_size=32, progress=False)
+    assert not any(isinstance(mod, PackedLinear) for mod in m.modules())  # nothing converted

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "../shared/layout.h"
 
 namespace qk {
@@ -54,6 +56,19 @@ inline Layout lsq_layout(const at::Tensor& x, const at::Tensor& scale, const at:
                 " (pass axis= or group_size= for finer granularity)");
   }
   return L;
+}
+
+// Values of a CPU scale / offset pair (cheap, and a CPU op is synchronous anyway): a NaN or
+// non-positive scale, or a non-finite offset, would otherwise turn the whole result into
+// NaN / inf without a word. The CUDA glue does not call this (it would force a host sync).
+inline void check_qparam_values(const at::Tensor& scale, const at::Tensor& offset) {
+  auto s = scale.contiguous(), b = offset.contiguous();
+  const float *sp = s.data_ptr<float>(), *bp = b.data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i)
+    TORCH_CHECK(std::isfinite(sp[i]) && sp[i] > 0.f, "quantkern: scale must be positive and finite; scale[", i,
+                "] = ", sp[i]);
+  for (int64_t i = 0; i < b.numel(); ++i)
+    TORCH_CHECK(std::isfinite(bp[i]), "quantkern: offset must be finite; offset[", i, "] = ", bp[i]);
 }
 
 }  // namespace qk

@@ -76,22 +76,13 @@ void for_each_span(const Plan& P, int64_t t, F&& fn) {
   }
 }
 
-void check_scale_values(const at::Tensor& scale) {
-  // CPU only (cheap, and synchronous anyway). A NaN or non-positive scale would
-  // otherwise turn the whole output into NaN or inf without a word.
-  auto s = scale.contiguous();
-  const float* p = s.data_ptr<float>();
-  for (int64_t i = 0; i < s.numel(); ++i)
-    TORCH_CHECK(std::isfinite(p[i]) && p[i] > 0.f, "quantkern: scale must be positive and finite; scale[", i, "] = ", p[i]);
-}
-
 char* bytes(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
 at::Tensor fake_quant_lsq_cpu(const at::Tensor& x_, const at::Tensor& scale_, const at::Tensor& offset_,
                               int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
                               std::optional<int64_t> group_size, double /*grad_scale: backward only*/) {
   const Layout L = lsq_layout(x_, scale_, offset_, qmin, qmax, axis, group_size);
-  check_scale_values(scale_);
+  check_qparam_values(scale_, offset_);
   auto x = x_.contiguous();
   auto s = scale_.contiguous(), b = offset_.contiguous();
   auto y = cpu_empty_like(x);
@@ -122,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_lsq_backward_cpu(
   TORCH_CHECK(grad_.scalar_type() == x_.scalar_type(), "quantkern: grad dtype ", grad_.scalar_type(),
               " must equal x dtype ", x_.scalar_type());
   TORCH_CHECK(grad_.device() == x_.device(), "quantkern: grad must be on the device of x");
-  check_scale_values(scale_);
+  check_qparam_values(scale_, offset_);
   auto x = x_.contiguous(), g = grad_.contiguous();
   auto s = scale_.contiguous(), b = offset_.contiguous();
   auto gx = cpu_empty_like(x);

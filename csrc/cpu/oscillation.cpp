@@ -97,14 +97,6 @@ void for_each_span(const Tiling& T, int64_t t, F&& fn) {
   }
 }
 
-void check_scale_positive(const at::Tensor& scale) {
-  auto s = scale.contiguous();
-  const float* p = s.data_ptr<float>();
-  for (int64_t i = 0; i < s.numel(); ++i)
-    TORCH_CHECK(p[i] > 0.f && std::isfinite(p[i]), "quantkern: scale must be positive and finite; scale[", i,
-                "] = ", p[i]);
-}
-
 char* bytes(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 
 }  // namespace
@@ -116,7 +108,7 @@ at::Tensor oscillation_update_cpu(at::Tensor& weight, const at::Tensor& scale_, 
                                   std::optional<int64_t> axis, std::optional<int64_t> group_size, double momentum,
                                   double threshold) {
   const Layout L = osc_checks(weight, scale_, offset_, meta, ema, qmin, qmax, axis, group_size, momentum, threshold);
-  check_scale_positive(scale_);
+  check_qparam_values(scale_, offset_);
   auto counts = at::zeros({2}, weight.options().dtype(at::kLong));
   if (weight.numel() == 0) return counts;
   auto s = scale_.contiguous(), b = offset_.contiguous();
@@ -153,7 +145,7 @@ at::Tensor dampening_loss_cpu(const at::Tensor& weight_, const at::Tensor& scale
                               int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
                               std::optional<int64_t> group_size, double norm) {
   const Layout L = lsq_layout(weight_, scale_, offset_, qmin, qmax, axis, group_size);
-  check_scale_positive(scale_);
+  check_qparam_values(scale_, offset_);
   auto out = at::zeros({}, scale_.options());
   if (weight_.numel() == 0) return out;
   auto w = weight_.contiguous();
@@ -184,7 +176,7 @@ at::Tensor dampening_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        std::optional<int64_t> axis, std::optional<int64_t> group_size, double norm) {
   const Layout L = lsq_layout(weight_, scale_, offset_, qmin, qmax, axis, group_size);
   TORCH_CHECK(grad.numel() == 1, "quantkern: grad of dampening_loss must hold one element, got shape ", grad.sizes());
-  check_scale_positive(scale_);
+  check_qparam_values(scale_, offset_);
   auto w = weight_.contiguous();
   auto gw = cpu_empty_like(w);
   if (w.numel() == 0) return gw;

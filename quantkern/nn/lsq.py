@@ -131,8 +131,9 @@ class LSQQuantizer(nn.Module):
                 raise ValueError(f"{name}: granularity='group' groups along the rows of x viewed as 2-D; axis must be 0, got {axis}")
         elif group_size is not None:
             raise ValueError(f"{name}: group_size is only used with granularity='group' (got granularity={granularity!r})")
-        if grad_scale is not None and not (isinstance(grad_scale, (int, float)) and grad_scale > 0):
-            raise ValueError(f"{name}: grad_scale must be a positive number or None, got {grad_scale!r}")
+        if grad_scale is not None and (isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float))
+                                       or not 0 < grad_scale < math.inf):
+            raise ValueError(f"{name}: grad_scale must be a finite positive number or None, got {grad_scale!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"{name}: backend must be one of {ops.BACKENDS}, got {backend!r}")
 
@@ -409,11 +410,14 @@ class LSQQuantizer(nn.Module):
             key = prefix + pname
             if key in state_dict:
                 if is_lazy(p):
-                    p.materialize(tuple(state_dict[key].shape))
-            elif is_lazy(p):
+                    with torch.inference_mode(False):  # as in materialize(): stays trainable
+                        p.materialize(tuple(state_dict[key].shape))
+            elif is_lazy(p) or not bool(state_dict.get(prefix + "initialized", True)):
+                # nothing to load: both sides uninitialised, or the checkpoint's quantizer never
+                # saw data (its lazy scale/offset had none); this one re-initialises on its next forward
                 lazy_absent.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for key in lazy_absent:  # both sides uninitialised: nothing to load
+        for key in lazy_absent:
             if key in missing_keys:
                 missing_keys.remove(key)
         self._initialized = bool(self.initialized)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
 
@@ -171,9 +172,9 @@ class PackedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.packed_weight.dequantize(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (nn.Linear's name: lin(input=x) works)
         # buffers were validated at construction / load; only x and bias are checked per call
-        x = self.quantize_input(x)
+        x = self.quantize_input(input)
         return ops._packed_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
 
@@ -183,13 +184,7 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() must not round the group scales / zeros or the input
         # quantizer's range (that would change the quantized model); device moves still apply.
-        old = {n: self._buffers[n] for n in self._KEEP_DTYPE if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, t in old.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != t.dtype:
-                self._buffers[n] = t.to(new.device)
-        return self
+        return apply_keeping_dtype(self, self._KEEP_DTYPE, fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast

@@ -59,6 +59,15 @@ class _QuantMixin:
             raise ValueError(f"{owner}: w_group_size={w_group_size} is only used with w_granularity='group', "
                              f"got w_granularity={w_granularity!r}")
         self.w_bits, self.a_bits = w_bits, a_bits
+        # The quantizers' parameters and buffers are created on the layer's device (device=...
+        # of the constructor; from_float), like the weight: a per-tensor scale left on the CPU
+        # would not follow a CUDA layer, and a lazy one could not be materialised on "meta".
+        with torch.device(self.weight.device):
+            self._build_quantizers(w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+                                   a_granularity, a_init, act_signed, a_learn_offset, backend)
+
+    def _build_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+                          a_granularity, a_init, act_signed, a_learn_offset, backend) -> None:
         self.weight_quantizer = LSQQuantizer(
             w_bits,
             signed=True,

@@ -90,9 +90,18 @@ def adaround_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zer
         raise ValueError(f"{fn}: H contains NaN or Inf (calibration inputs with NaN / Inf?)")
     if scale.dim() != 2 or scale.shape[0] != O or K % scale.shape[1] or tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"{fn}: scale / zero must be [O, G] with G dividing K, got {tuple(scale.shape)}, {tuple(zero.shape)}")
+    if not (scale.is_floating_point() and zero.is_floating_point()):
+        raise TypeError(f"{fn}: scale / zero must be float tensors, got {scale.dtype}, {zero.dtype}")
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):  # w / scale would be inf / NaN: garbage codes
+        raise ValueError(f"{fn}: scale must be finite and > 0")
+    if not bool(torch.isfinite(zero).all()):
+        raise ValueError(f"{fn}: zero contains NaN or Inf")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"{fn}: iters must be an int >= 0, got {iters!r}")
     maxq = 2**bits - 1
+    if init_q is not None and (tuple(init_q.shape) != (O, K) or bool(((init_q < 0) | (init_q > maxq)).any())):
+        raise ValueError(f"{fn}: init_q must be [O, K] = [{O}, {K}] codes in [0, {maxq}], got shape "
+                         f"{tuple(init_q.shape)}")
     g = K // scale.shape[1]
     s = scale.float().repeat_interleave(g, 1)
     z = zero.float().repeat_interleave(g, 1)

@@ -52,6 +52,7 @@ import warnings
 import torch
 
 from .. import ops
+from .._dtype_keep import apply_keeping_dtype
 
 __all__ = [
     "MaxCalibrator",
@@ -76,6 +77,16 @@ def _check_bits(num_bits) -> int:
     if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 16:
         raise ValueError(f"num_bits must be an int in [1, 16], got {num_bits!r}")
     return num_bits
+
+
+def _check_axis(axis, ndim: int, name: str = "x") -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for {name} with {ndim} dims")
+    return axis % ndim
 
 
 def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool = False) -> torch.Tensor:
@@ -148,7 +159,10 @@ def range_to_qparams(amin, amax, num_bits: int, symmetric: bool = True, unsigned
         return amax / qmax, torch.zeros_like(amax), qmin, qmax
     if amin is None:
         raise ValueError("asymmetric quantization needs amin")
-    amin = torch.minimum(torch.as_tensor(amin).float(), torch.zeros(()))
+    amin = torch.as_tensor(amin).float()
+    if (amin > amax).any():
+        raise ValueError("amin must be <= amax")
+    amin = torch.minimum(amin, torch.zeros(()))
     amax = torch.maximum(amax, torch.zeros(()))
     scale = (amax - amin) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -162,10 +176,12 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
     scale, zero: one element (per tensor) or 1-D of length ``x.shape[axis]``.
     Where ``scale == 0`` the output is 0.
     """
+    if qmin > qmax:
+        raise ValueError(f"need qmin <= qmax, got qmin={qmin}, qmax={qmax}")
     scale = torch.as_tensor(scale, device=x.device).float()
     zero = torch.as_tensor(zero, device=x.device).float()
+    axis = _check_axis(axis, x.dim())
     if axis is not None:
-        axis = axis % x.dim()
         if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
             raise ValueError(f"per-channel scale must be 1-D of length x.shape[{axis}] = {x.shape[axis]}, got {tuple(scale.shape)}")
         shape = [1] * x.dim()
@@ -218,13 +234,13 @@ class _Calibrator:
         self.axis = axis
         self.unsigned = bool(unsigned)
         self.symmetric = bool(symmetric)
+        quant_range(num_bits, self.symmetric, self.unsigned)  # symmetric signed needs num_bits >= 2: raise now
         self._C = None
 
     def _prep(self, x, native: bool = False) -> torch.Tensor:
+        """x as [C, M] (see _channels); the caller sets ``self._C`` once the batch is collected."""
         xc = _channels(x, self.axis, native=native)
-        if self._C is None:
-            self._C = xc.shape[0]
-        elif xc.shape[0] != self._C:
+        if self._C is not None and xc.shape[0] != self._C:
             raise ValueError(f"collect: x has {xc.shape[0]} channels along axis {self.axis}, earlier batches had {self._C}")
         return xc
 
@@ -245,8 +261,11 @@ class _Calibrator:
             return (torch.zeros_like(amax) if self.unsigned else -amax), amax
         return self._range()
 
-    def qparams(self, narrow_range: bool = False):
-        """(scale, zero, qmin, qmax) of the calibrated range (see range_to_qparams)."""
+    def qparams(self, narrow_range: bool | None = None):
+        """(scale, zero, qmin, qmax) of the calibrated range (see range_to_qparams). ``narrow_range``
+        None: the calibrator's own (MseCalibrator searched on that grid), else False."""
+        if narrow_range is None:
+            narrow_range = getattr(self, "narrow_range", False)
         amin, amax = self.compute_range()
         return range_to_qparams(amin, amax, self.num_bits, self.symmetric, self.unsigned, narrow_range)
 
@@ -273,6 +292,7 @@ class MaxCalibrator(_Calibrator):
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         if not self.symmetric:
             self._min = mn if self._min is None else torch.minimum(self._min, mn)
+        self._C = xc.shape[0]
 
     def _amax(self):
         self._need_data()
@@ -308,13 +328,13 @@ class HistogramCalibrator(_Calibrator):
             raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {method!r}")
         if not isinstance(num_bins, int) or not 2 <= num_bins <= 1 << 22:
             raise ValueError(f"num_bins must be an int in [2, 2^22], got {num_bins!r}")
-        if not 0 <= percentile <= 100:
+        if isinstance(percentile, bool) or not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-        if not isinstance(start_bin, int) or start_bin < 1:
+        if isinstance(start_bin, bool) or not isinstance(start_bin, int) or start_bin < 1:
             raise ValueError(f"start_bin must be an int >= 1, got {start_bin!r}")
         if stride is None:
             stride = 1 if symmetric else 16
-        if not isinstance(stride, int) or stride < 1:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
         self.method, self.num_bins, self.percentile, self.start_bin, self.stride = method, num_bins, float(percentile), start_bin, stride
         self.reset()
@@ -372,6 +392,7 @@ class HistogramCalibrator(_Calibrator):
         self._pending += torch.where(live, torch.zeros_like(self._pending), torch.full_like(self._pending, M))
         if live.any():  # the kernel skips channels with R == 0
             ops.calib_histogram(xc, self._pos, self._neg, self._R, self._n)
+        self._C = C
 
     def _width(self):
         return torch.where(self._n > 0, self._R.double() / self._n.clamp(min=1).double(), torch.zeros_like(self._R, dtype=torch.float64))
@@ -447,10 +468,10 @@ class MseCalibrator(_Calibrator):
                  num_steps: int = 39, start: float = 0.25, stop: float = 4.0, narrow_range: bool = False,
                  base_amax=None, base_amin=None):
         super().__init__(num_bits, axis, unsigned, symmetric)
-        if not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        if not 0 < start <= stop:
-            raise ValueError(f"need 0 < start <= stop, got start={start}, stop={stop}")
+        if not 0 < start <= stop < math.inf:
+            raise ValueError(f"need 0 < start <= stop < inf, got start={start}, stop={stop}")
         self.mult = torch.linspace(start, stop, num_steps, dtype=torch.float64)
         self.narrow_range = narrow_range
         self._given = (base_amin, base_amax)
@@ -481,6 +502,7 @@ class MseCalibrator(_Calibrator):
                                                        self.unsigned, self.narrow_range)
             xh = fake_quant(xc, scale, zero, qmin, qmax, axis=0)
             self._err[:, s] += ((xh - xc).double() ** 2).sum(1)
+        self._C = xc.shape[0]
 
     def _rebase_empty(self, xc: torch.Tensor) -> None:
         """Channels whose base range is still empty (every batch so far was all zero there) take this
@@ -564,7 +586,13 @@ class ActQuantizer(torch.nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
         if not dynamic:
-            make_calibrator(method, num_bits, axis, unsigned, symmetric, **calib_kwargs)  # validate now
+            self._make_calibrator()  # validate now
+
+    def _make_calibrator(self):
+        kwargs = dict(self.calib_kwargs)
+        if self.method == "mse_search":  # search on the grid this quantizer applies
+            kwargs["narrow_range"] = self.narrow_range
+        return make_calibrator(self.method, self.num_bits, self.axis, self.unsigned, self.symmetric, **kwargs)
 
     @classmethod
     def from_data(cls, xs, num_bits: int = 8, method: str = "max", **kwargs) -> "ActQuantizer":
@@ -576,7 +604,7 @@ class ActQuantizer(torch.nn.Module):
         return aq.finish_calibration()
 
     def start_calibration(self):
-        self.calibrator = make_calibrator(self.method, self.num_bits, self.axis, self.unsigned, self.symmetric, **self.calib_kwargs)
+        self.calibrator = self._make_calibrator()
         return self
 
     def finish_calibration(self):
@@ -613,7 +641,27 @@ class ActQuantizer(torch.nn.Module):
                 raise ValueError(f"ActQuantizer at {prefix!r}: the checkpoint's zero points (in [{float(z.min())}, "
                                  f"{float(z.max())}]) do not fit this quantizer's grid [{self.qmin}, {self.qmax}] "
                                  f"(num_bits={self.num_bits}, symmetric={self.symmetric}): a different configuration?")
+        missing_keys = args[2] if len(args) > 2 else kwargs.get("missing_keys")
+        had_extra = prefix + "_extra_state" in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not had_extra and missing_keys is not None and prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")  # checkpoints from before the grid was saved
+
+    def get_extra_state(self):
+        # the grid the saved scale / zero belong to (the zero-point check above cannot tell an
+        # unsigned range from a signed one: both have zero 0)
+        return {"num_bits": self.num_bits, "symmetric": self.symmetric, "unsigned": self.unsigned,
+                "narrow_range": self.narrow_range}
+
+    def set_extra_state(self, state):
+        want = self.get_extra_state()
+        if state != want:
+            raise ValueError(f"ActQuantizer: the checkpoint's grid {state} differs from this quantizer's {want}")
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() keep the calibrated range in its dtype (a tiny scale would underflow
+        # to 0; fake_quant computes in float32 anyway)
+        return apply_keeping_dtype(self, ("scale", "zero"), fn, recurse)
 
     def extra_repr(self):
         return f"num_bits={self.num_bits}, method={self.method!r}, axis={self.axis}, symmetric={self.symmetric}, dynamic={self.dynamic}"

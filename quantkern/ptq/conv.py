@@ -46,7 +46,9 @@ the quantized layers and of every BatchNorm). The weights stay exactly ``(q - ze
 ``return_qparams=True`` puts the final ``(q, scale, zero)`` of every layer in the report.
 
 The data methods are sequential: layer ``i`` is quantized from the inputs the
-already-quantized layers ``< i`` produce on the calibration images.
+already-quantized layers ``< i`` produce on the calibration images. A layer the calibration
+forward never reaches (e.g. an unused auxiliary head) gets RTN weights, no bias correction and a
+dynamic input quantizer, with a warning (note "no calibration input: RTN").
 
 Bias correction (``bias_correction=True``): after quantizing a layer, its bias
 absorbs the shift of the per-channel output mean over the calibration images,
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -189,6 +192,8 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     C, k = W.shape
     if not isinstance(H, torch.Tensor) or not H.is_floating_point() or tuple(H.shape) != (C, k, k):
         raise ValueError(f"{fn}: H must be a float tensor of shape [C, k, k] = [{C}, {k}, {k}], got {getattr(H, 'shape', H)}")
+    if not bool(torch.isfinite(H).all()):  # (else "not positive definite; increase damp", which it is not about)
+        raise ValueError(f"{fn}: H contains NaN or Inf")
     if not (isinstance(damp, (int, float)) and damp >= 0 and math.isfinite(damp)):
         raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
     maxq = 2**bits - 1
@@ -307,8 +312,10 @@ class _LayerStats:
         W = mod.weight
         self.K = W[0].numel()
         self.sum, self.n = None, 0
-        self.acc = HessianAccumulator(self.K) if hessian and not self.dw else None
-        self.Hdw = torch.zeros(mod.out_channels, self.K, self.K, dtype=torch.float64) if hessian and self.dw else None
+        # the Hessians live with the weights (the solvers require W and H on one device)
+        self.acc = HessianAccumulator(self.K, device=W.device) if hessian and not self.dw else None
+        self.Hdw = (torch.zeros(mod.out_channels, self.K, self.K, dtype=torch.float64, device=W.device)
+                    if hessian and self.dw else None)
         self.max_rows, self.gen, self.rows = max_rows, gen, []
 
     def add(self, x: torch.Tensor):
@@ -321,7 +328,7 @@ class _LayerStats:
                 self.sum = s if self.sum is None else self.sum + s
                 self.n += u.shape[0] * u.shape[3]
                 if self.Hdw is not None:
-                    self.Hdw += torch.einsum("bckl,bcml->ckm", u, u).double()
+                    self.Hdw += torch.einsum("bckl,bcml->ckm", u, u).to(self.Hdw)
             return
         r = _rows(m, x)
         s = r.sum(0)
@@ -335,8 +342,8 @@ class _LayerStats:
             self.rows.append(r[idx])
 
     @property
-    def mu(self) -> torch.Tensor:
-        return self.sum / self.n
+    def mu(self) -> torch.Tensor | None:
+        return self.sum / self.n if self.n else None  # None: the layer never saw an input
 
     def erq_rows(self) -> torch.Tensor:
         r = torch.cat(self.rows)
@@ -424,21 +431,29 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
 def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size):
     # pass 1: is each layer's input ever negative? (decides unsigned vs symmetric signed)
     neg = {id(m): False for _, m in layers}
+    seen = set()
 
     def sign_hook(m, a):
+        seen.add(id(m))
         neg[id(m)] |= bool((a[0] < 0).any())
 
     for _, m in layers:  # a second call replaces the quantizers of the first
         _remove_act_quantizer(m)
     _run_hooked(model, layers, sign_hook, calib_data, batch_size)
-    for _, m in layers:
-        m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
-        m.input_quantizer.start_calibration()
+    for n, m in layers:
+        if id(m) in seen:
+            m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
+            m.input_quantizer.start_calibration()
+        else:  # nothing to calibrate on: a dynamic (per-call min-max) quantizer
+            warnings.warn(f"fake_quantize_model_: layer {n!r} saw no calibration input; using a dynamic input "
+                          "quantizer for it", stacklevel=3)
+            m.input_quantizer = ActQuantizer(act_bits, symmetric=True, dynamic=True)
         m._qk_act_hook = m.register_forward_pre_hook(lambda m, a: (m.input_quantizer(a[0]),) + tuple(a[1:]))
     with torch.no_grad():
         _run(model, calib_data, batch_size)
     for _, m in layers:
-        m.input_quantizer.finish_calibration()
+        if id(m) in seen:
+            m.input_quantizer.finish_calibration()
 
 
 def remove_act_quantizers(model: nn.Module) -> int:
@@ -600,8 +615,13 @@ def fake_quantize_model_(
                                       f"{' / bias_correction' if bias_correction else ''} handles dense and "
                                       "depthwise convs only (rtn / hqq quantize any conv)")
         b = layer_bits.get(n, weight_bits)
-        if meth in ("rtn", "hqq") and b not in HQQ_BITS:
-            raise ValueError(f"{n}: {b}-bit weights with method {meth!r}: rtn / hqq take bits {HQQ_BITS}")
+        # the layers whose params come from the HQQ kernel (rtn_quantize / hqq_quantize) take its bits only
+        uses_hqq_kernel = (meth == "hqq" or (meth == "rtn" and clip != "mse")
+                           or (meth == "adaround" and clip in ("minmax", "hqq"))
+                           or (meth in ("gptq", "erq") and _is_depthwise(m) and clip == "hqq"))
+        if uses_hqq_kernel and b not in HQQ_BITS:
+            raise ValueError(f"{n}: {b}-bit weights with method {meth!r}, clip={clip!r}: its params come from "
+                             f"rtn / hqq, which take bits {HQQ_BITS}")
         if isinstance(m, nn.Conv2d) and (meth in data_methods or bias_correction):
             _padded(m, torch.zeros(1, m.in_channels, 1, 1))  # unsupported padding raises here, not mid-way
 
@@ -631,7 +651,16 @@ def fake_quantize_model_(
                               max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
             bits = layer_bits.get(name, weight_bits)
             W = mod.weight
-            Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, opts)
+            lopts = opts
+            if st is not None and st.n == 0:  # never reached by the calibration forward (an unused layer)
+                warnings.warn(f"fake_quantize_model_: layer {name!r} saw no calibration input; using RTN for it",
+                              stacklevel=2)
+                meth = "rtn"
+                if bits not in HQQ_BITS:  # rtn's min-max params come from the HQQ kernel; the clip search takes any bits
+                    lopts = dict(opts, clip="mse")
+            Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, lopts)
+            if st is not None and st.n == 0:
+                note = "no calibration input: RTN"
             codes[mod] = qsz
             report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
             if note:
@@ -639,14 +668,15 @@ def fake_quantize_model_(
             with torch.no_grad():
                 if new_b is not None:
                     _set_bias(mod, new_b)
-                if bias_correction and not (meth == "erq" and new_b is not None):  # ERQ fitted the bias already
+                if bias_correction and not (meth == "erq" and new_b is not None) and st.n and mu_fp[id(mod)] is not None:
+                    # (ERQ fitted the bias already; a layer without calibration input has no mean to correct)
                     W2 = W.detach().float().reshape(W.shape[0], -1)
                     fp = mu_fp[id(mod)]
                     if st.dw:
                         shift = (Wq * st.mu).sum(1) - (W2 * fp).sum(1)
                     else:
                         shift = Wq @ st.mu - W2 @ fp
-                    b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0])
+                    b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0], device=W.device)
                     _set_bias(mod, b - shift)
                 W.copy_(Wq.reshape(W.shape).to(W.dtype))
     if weight_bits is not None and distill_steps:

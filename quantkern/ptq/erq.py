@@ -69,7 +69,10 @@ def _ridge_solve(G: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor
     L, info = torch.linalg.cholesky_ex(M)
     if info.item() == 0:
         return torch.cholesky_solve(rhs, L)
-    return torch.linalg.lstsq(M, rhs).solution
+    if M.device.type == "cpu":  # gelsy: rank-revealing, fine for a singular M
+        return torch.linalg.lstsq(M, rhs).solution
+    # CUDA's lstsq has only gels, which assumes full rank: a singular M (lambda 0) gives garbage there
+    return torch.linalg.pinv(M, hermitian=True) @ rhs
 
 
 def aqer(Wc: torch.Tensor, A: torch.Tensor, Y_fp: torch.Tensor, lambda1: float) -> torch.Tensor:

@@ -151,6 +151,8 @@ def gptq_quantize(
         raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
     if static_groups is None:
         static_groups = bool(act_order) or params is not None
+    if params is not None and not static_groups:
+        raise ValueError(f"{fn}: params are static group params; static_groups=False would recompute them")
     if act_order and not static_groups and g < K:
         raise ValueError(f"{fn}: act_order with static_groups=False gives non-contiguous groups (g_idx), "
                          "which this format cannot store; use static_groups=True (the default with act_order)")
@@ -179,6 +181,8 @@ def gptq_quantize(
         zero = params[1].to(device=dev, dtype=torch.float32).clone()
         if tuple(scale.shape) != (N, G) or tuple(zero.shape) != (N, G):
             raise ValueError(f"{fn}: params must be two [N, K // g] = [{N}, {G}] tensors")
+        if not bool((torch.isfinite(scale) & (scale > 0)).all() & torch.isfinite(zero).all()):
+            raise ValueError(f"{fn}: params: scales must be finite and > 0, zeros finite")
     elif static_groups:
         scale, zero = group_params(Wf.reshape(N, G, g), 0)
 

@@ -243,6 +243,11 @@ def _calib_units(calib_fn) -> list:
                     f"{type(calib_fn).__name__}")
 
 
+def _layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor:
+    """A Linear's input from a forward hook's (args, kwargs): ``lin(x)`` or ``lin(input=x)``."""
+    return inputs[0] if inputs else kwargs["input"]
+
+
 class _Capture:
     """Forward hook: accumulates one layer's statistics, then stops the forward.
 
@@ -269,12 +274,14 @@ class _Capture:
             self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
             self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
 
-    def fp_hook(self, module, inputs, output=None):
-        self.pending = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+    def fp_hook(self, module, inputs, kwargs, output=None):
+        x = _layer_input(inputs, kwargs)
+        self.pending = x.detach().reshape(-1, x.shape[-1]).double()
         raise _StopForward
 
-    def __call__(self, module, inputs, output=None):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+    def __call__(self, module, inputs, kwargs, output=None):
+        x = _layer_input(inputs, kwargs)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.seen += x.shape[0]
         if self.act_cal is not None:
             self.act_cal.collect(x)
@@ -429,6 +436,24 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     return q, s, z, (nb if nb is not None else b)
 
 
+def _warn_unmatched_skip(model: nn.Module, skip) -> None:
+    """Warn about skip entries (names / patterns given by the caller) that match no linear layer: a typo
+    or a parent module's name (entries match the layer's own name) would otherwise quantize the layer."""
+    if skip is None or callable(skip):
+        return
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if skip == tuple(DEFAULT_SKIP):
+        return
+    from ..nn.packed_linear import _skipped
+
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.Linear, PackedLinear))]
+    unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
+    if unmatched:
+        warnings.warn(f"quantize_: skip entries {unmatched} match no nn.Linear of the model (entries match a layer's "
+                      f"own name: exact, '.suffix' or an fnmatch pattern such as '*.fc'; a parent module's name "
+                      f"skips nothing)", stacklevel=4)
+
+
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=None, progress: bool = True,
               **overrides) -> nn.Module:
@@ -448,7 +473,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             raise ValueError(f"quantize_: {why} needs calib_fn (a callable that runs the model on calibration "
                              "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
+    _warn_unmatched_skip(model, cfg.skip)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
+    bad = [n for n, _, lin in layers if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
+    if bad:  # checked before any layer changes: PackedLinear runs fp32 / fp16 / bf16 inputs only
+        dt = next(lin.weight.dtype for n, _, lin in layers if n == bad[0])
+        raise TypeError(f"quantize_: layers {bad[:3]}{' ...' if len(bad) > 3 else ''} have weights of dtype {dt}; "
+                        "PackedLinear takes float32 / float16 / bfloat16 models (cast first, e.g. model.float())")
     if not layers:
         packed = sum(isinstance(m, PackedLinear) for m in model.modules())
         warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
@@ -497,8 +528,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         if fp_mods is not None else False)
                 cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
                                device=lin.weight.device)
-                h = lin.register_forward_hook(cap)
-                hf = fp_mods[name].register_forward_hook(cap.fp_hook) if fp_mods is not None else None
+                h = lin.register_forward_hook(cap, with_kwargs=True)
+                hf = (fp_mods[name].register_forward_hook(cap.fp_hook, with_kwargs=True)
+                      if fp_mods is not None else None)
                 try:
                     for f in units:
                         if hf is not None:
@@ -542,6 +574,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 sm, zm = s.float(), z.float()
             pw = PackedWeight.from_quantized(q.to(torch.uint8), sm, zm, cfg.bits, gs)
             new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
+            if new.bias is not None and lin.bias is not None:  # a frozen bias stays frozen
+                new.bias.requires_grad_(lin.bias.requires_grad)
             if cfg.act_bits is not None:
                 new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
                                         a_scale, a_zero)

@@ -24,6 +24,8 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
         num_batches = None
     elif isinstance(num_batches, float) and num_batches.is_integer():
         num_batches = int(num_batches)
+    elif hasattr(num_batches, "__index__") and not isinstance(num_batches, bool):  # numpy / torch ints
+        num_batches = num_batches.__index__()
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches <= 0):
         raise ValueError(f"reestimate_bn_stats: num_batches must be a positive integer (or inf: the whole loader), "

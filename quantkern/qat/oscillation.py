@@ -74,7 +74,7 @@ class OscillationTracker:
     def __init__(self, model: nn.Module, momentum: float = 0.01, freeze_threshold: float = 0.0,
                  max_bits: int | None = 4, grad_mask: bool = True, backend: str = "auto",
                  layers: list[QLayer] | None = None):
-        if not 0 < momentum <= 1:
+        if isinstance(momentum, bool) or not 0 < momentum <= 1:
             raise ValueError(f"OscillationTracker: momentum must be in (0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.freeze_threshold = float(freeze_threshold)
@@ -204,10 +204,16 @@ class OscillationTracker:
                            for n, t in self.tracked.items() if t.meta is not None}}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore :meth:`state_dict`. Layer names may differ by a ``module.`` prefix (DDP); every layer
-        with state in the checkpoint must be tracked here and have the weight's number of elements."""
+        """Restore :meth:`state_dict`. Layer names may differ by ``module.`` / ``_orig_mod.`` prefixes (DDP,
+        torch.compile); every layer with state in the checkpoint must be tracked here and have the
+        weight's number of elements."""
         layers = dict(sd["layers"])
-        strip = lambda n: n[len("module."):] if n.startswith("module.") else n
+
+        def strip(n: str) -> str:  # wrappers' prefixes: DDP's module., torch.compile's _orig_mod.
+            while n.startswith(("module.", "_orig_mod.")):
+                n = n.split(".", 1)[1]
+            return n
+
         if set(layers) - set(self.tracked):
             layers = {strip(n): st for n, st in layers.items()}
             tracked = {strip(n): n for n in self.tracked}
@@ -294,10 +300,15 @@ class CosineSchedule:
 
     def __init__(self, start: float, end: float, total_steps: int, warmup_frac: float = 0.25,
                  warmup_value: float | None = None):
-        if total_steps <= 0:
-            raise ValueError(f"CosineSchedule: total_steps must be positive, got {total_steps}")
+        if isinstance(total_steps, float) and total_steps.is_integer():
+            total_steps = int(total_steps)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"CosineSchedule: total_steps must be a positive integer, got {total_steps!r}")
         if not 0 <= warmup_frac < 1:
             raise ValueError(f"CosineSchedule: warmup_frac must be in [0, 1), got {warmup_frac}")
+        for name, v in (("start", start), ("end", end), ("warmup_value", warmup_value)):
+            if v is not None and not math.isfinite(float(v)):
+                raise ValueError(f"CosineSchedule: {name} must be finite, got {v!r}")
         self.start, self.end, self.total = float(start), float(end), int(total_steps)
         self.warmup = warmup_frac * total_steps
         self.warmup_value = self.start if warmup_value is None else float(warmup_value)

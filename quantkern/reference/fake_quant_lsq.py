@@ -64,6 +64,7 @@ def _reduce_like(t: torch.Tensor, param: torch.Tensor, axis, group_size) -> torc
     if group_size is not None:
         return t.reshape(t.shape[0], -1, group_size).sum(-1).reshape(param.shape)
     if axis is not None:
+        axis = axis % t.dim()  # a negative axis (as lsq_param_view accepts) names the same dim
         dims = [d for d in range(t.dim()) if d != axis]
         return (t.sum(dims) if dims else t).reshape(param.shape)
     return t.sum().reshape(param.shape)
