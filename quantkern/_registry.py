@@ -14,6 +14,8 @@ against.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.library import Library
 
@@ -217,7 +219,7 @@ for _sfx in ("", "_triton"):
                 deq = getattr(torch.ops.quantkern, deq_name)
                 gx = packed_grad_input(grad, qweight, scales, zeros, bits, group_size, in_features, deq)
             if has_bias and ctx.needs_input_grad[7]:
-                gb = grad.reshape(-1, grad.shape[-1]).float().sum(0)
+                gb = grad.reshape(_rows(grad), grad.shape[-1]).float().sum(0)
             # no gradient for the packed weight, its scales or its zeros
             return gx, None, None, None, None, None, None, gb
 
@@ -231,6 +233,11 @@ for _sfx in ("", "_triton"):
         )
 
 
+def _rows(t: torch.Tensor):
+    """Product of all but the last size of ``t`` (symbolic under torch.compile)."""
+    return math.prod(t.shape[:-1])
+
+
 def packed_grad_input(grad, qweight, scales, zeros, bits, group_size, in_features, dequantize, chunk_bytes=16 << 20):
     """dX = dY @ W for y = x @ W.T, computed from the packed weight.
 
@@ -238,7 +245,7 @@ def packed_grad_input(grad, qweight, scales, zeros, bits, group_size, in_feature
     never whole; accumulation is fp32 and the result has grad's dtype.
     """
     N, K = qweight.shape[0], in_features
-    g2 = grad.reshape(-1, N)
+    g2 = grad.reshape(_rows(grad), N)  # (not -1: N may be 0)
     out = torch.zeros((g2.shape[0], K), dtype=torch.float32, device=grad.device)
     step = max(1, chunk_bytes // (4 * K))
     for n0 in range(0, N, step):

@@ -56,7 +56,9 @@ def _pick_backend(op: str, x: torch.Tensor, backend: str) -> str:
     if backend == "auto":
         if x.device.type == "cuda":
             try:
-                import triton  # noqa: F401
+                # registers the *_triton kernels (needs triton); only importing triton, as before,
+                # picked ops that were never registered: every auto call on a GPU failed
+                from . import triton_kernels  # noqa: F401
 
                 return "triton"
             except ImportError:

@@ -57,7 +57,17 @@ class PackedWeight:
         K = W.shape[1]
         gs = K if group_size in (None, -1) else group_size
         ops._check_group("PackedWeight.from_float", K, gs)
+        if W.device.type != "meta" and W.numel():
+            bad = ~torch.isfinite(W.detach()).all(1)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten()[:5].tolist()
+                raise ValueError(f"PackedWeight.from_float: W contains NaN or inf (row {', '.join(map(str, rows))}"
+                                 f"{', ...' if int(bad.sum()) > 5 else ''}); a weight must be finite to quantize")
         q, s, z = ref.quantize_rtn(W.detach(), bits, gs, meta_dtype)
+        if s.device.type != "meta" and s.numel() and not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
+            raise ValueError(f"PackedWeight.from_float: W (max |W| = {float(W.detach().abs().max()):.4g}) has values or "
+                             f"group ranges that overflow the {s.dtype} scales / zeros; use "
+                             f"meta_dtype=torch.float32 (or rescale W)")
         return cls(ops.pack(q, bits), s.contiguous(), z.contiguous(), bits, gs, W.shape)
 
     @classmethod

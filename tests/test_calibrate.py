@@ -679,6 +679,28 @@ def test_cuda_histogram_more_channels_than_grid_y():
     assert torch.equal(pc.cpu(), pos) and torch.equal(nc.cpu(), neg)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_search_matches_cpu(method, symmetric):
+    # calib_rint on the device used to resolve to qk::rint(float) and round c / s
+    # through fp32: the asymmetric MSE search then picked other ranges than the CPU
+    # for a few channels of 70 (sparse histograms: many candidates nearly tie).
+    g = torch.Generator().manual_seed(1)
+    C, M, B = 70, 300, 256
+    x = torch.randn(C, M, generator=g) * 3
+    R_ = x.abs().amax(1) * 1.1
+    n = torch.full((C,), B, dtype=torch.long)
+    pos, neg = torch.zeros(C, B, dtype=torch.long), torch.zeros(C, B, dtype=torch.long)
+    torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n)
+    width = (R_ / n).double()
+    args = (method, 8 if symmetric else 4, False, symmetric, 1 if symmetric else 4, 128 if symmetric else 8)
+    lo, hi = torch.ops.quantkern.calib_search(pos, neg, width, n, *args)
+    lo_g, hi_g = torch.ops.quantkern.calib_search(pos.cuda(), neg.cuda(), width.cuda(), n.cuda(), *args)
+    torch.testing.assert_close(lo_g.cpu(), lo, rtol=1e-12, atol=0)
+    torch.testing.assert_close(hi_g.cpu(), hi, rtol=1e-12, atol=0)
+
+
 def test_mse_search_skips_leading_zero_batches_and_warns_past_its_range():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, generator=g) * 5
@@ -804,3 +826,61 @@ def test_mse_calibrator_qparams_default_to_its_own_grid():
     c = MseCalibrator(4, narrow_range=True)
     c.collect(torch.randn(1000))
     assert c.qparams()[2] == -7 and c.qparams(narrow_range=False)[2] == -8
+
+
+class _GridRecorder:
+    """Stands in for a @triton.jit kernel: records each launch grid, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+@triton_only
+def test_triton_calib_launch_grids_fit_cuda_limits(monkeypatch):
+    # A CUDA grid's y and z sizes stop at 65535 (x at 2^31 - 1). calib_histogram put the blocks of M
+    # on y: a per-tensor histogram of more than 65535 * 1024 = 67.1M values failed to launch on a GPU;
+    # calib_search put the candidate blocks there (asymmetric, stride 1, 2048 bins: 4.2M candidates).
+    # Small blocks make the same grids out of small tensors; the launches are recorded, not run.
+    from quantkern.triton_kernels import calibrate as TC
+
+    rec = _GridRecorder()
+    monkeypatch.setattr(TC, "_hist_kernel", rec)
+    monkeypatch.setattr(TC, "_HBLOCK", 16)
+    x = torch.ones(1, 65536 * 16 + 1, device=TDEV)
+    pos = torch.zeros(1, 8, dtype=torch.long, device=TDEV)
+    TC.calib_histogram_triton(x, pos, torch.zeros_like(pos), torch.ones(1, device=TDEV),
+                              torch.full((1,), 8, device=TDEV))
+    monkeypatch.setattr(TC, "_search_kernel", rec)
+    monkeypatch.setattr(TC, "_SBLOCK", 1)
+    B = 256
+    full = torch.ones(2, B, dtype=torch.long, device=TDEV)  # (B + 1)^2 = 66049 candidates per channel
+    TC.calib_search_triton(full, full, torch.ones(2, dtype=torch.float64, device=TDEV),
+                           torch.full((2,), B, device=TDEV), "mse", 4, False, False, 1, 1)
+    assert len(rec.grids) == 2
+    assert rec.grids[0][0] >= 65537 and rec.grids[1][0] >= 2 * 66049  # every block still launched
+    for grid in rec.grids:
+        assert all(d <= 65535 for d in grid[1:]), grid
+        assert grid[0] < 2**31, grid
+
+
+@triton_only
+def test_triton_calib_many_blocks_per_channel_equal_native():
+    # Several channels x several blocks of M / of candidates on the (1-D) grid.
+    import quantkern.triton_kernels  # noqa: F401
+
+    x = _odd_data(3, 2 * 1024 + 77, torch.float32)
+    pos, neg, R_, n = _hist_state(x, 200)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    tp, tn = torch.zeros_like(pos, device=TDEV), torch.zeros_like(neg, device=TDEV)
+    ops.calib_histogram(x.to(TDEV), tp, tn, R_.to(TDEV), n.to(TDEV), backend="triton")
+    assert torch.equal(tp.cpu(), pos) and torch.equal(tn.cpu(), neg)
+    w = R_.double() / 200
+    for method in ("entropy", "mse"):
+        want = ops.calib_search(pos, neg, w, n, method, 4, symmetric=True, stride=1, start_bin=3)
+        got = ops.calib_search(tp, tn, w.to(TDEV), n.to(TDEV), method, 4, symmetric=True, stride=1, start_bin=3,
+                               backend="triton")
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), method

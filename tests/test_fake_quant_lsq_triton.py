@@ -288,3 +288,51 @@ def test_gpu_codegen_is_ieee_exact():
         for bad in ("div.full", "div.approx", "fma.", "mad.f", "mad.rn"):  # mad.wide.s32 is integer
             assert bad not in rest, (name, rest)
     assert "ld.global.v4" in lines["fwd_tensor"] and "ld.global.v4" in lines["fwd_inner1"], lines
+
+
+# ------------------------------------------------------------------ bad input (torch.ops bypasses ops.py)
+def _bad_lsq_cases():
+    x = torch.randn(4, 8, device=DEV)
+    one, zero = torch.ones(1, device=DEV), torch.zeros(1, device=DEV)
+    ch = lambda n: (torch.ones(n, device=DEV), torch.zeros(n, device=DEV))  # noqa: E731
+    gr = lambda *s: (torch.ones(*s, device=DEV), torch.zeros(*s, device=DEV))  # noqa: E731
+    return [
+        ("x-dtype", (x.double(), one, zero, -8, 7, None, None), "x"),
+        ("scale-dtype", (x, one.double(), zero, -8, 7, None, None), "scale"),
+        ("offset-dtype", (x, one, zero.double(), -8, 7, None, None), "offset"),
+        ("qmin-qmax", (x, one, zero, 7, 7, None, None), "qmin"),
+        ("offset-shape", (x, one, zero.reshape(1, 1), -8, 7, None, None), "offset shape"),
+        ("per-tensor-numel", (x, *ch(3), -8, 7, None, None), "per-tensor scale"),
+        ("per-channel-length", (x, *ch(8), -8, 7, 0, None), "per-channel scale"),
+        ("axis-range", (x, *ch(4), -8, 7, 5, None), "axis"),
+        ("group-divides", (x, *gr(4, 2), -8, 7, None, 3), "group_size"),
+        ("group-zero", (x, *gr(4, 2), -8, 7, None, 0), "group_size"),
+        # same element count, other shape: accepted before, the native op refuses it
+        ("group-scale-shape", (x, *gr(2, 4), -8, 7, None, 4), "per-group scale"),
+        ("group-3d", (torch.randn(2, 4, 8, device=DEV), *gr(2, 4, 2), -8, 7, None, 4), "per-group x"),
+    ]
+
+
+BAD_LSQ = _bad_lsq_cases()
+
+
+@pytest.mark.parametrize("name,args,match", BAD_LSQ, ids=[c[0] for c in BAD_LSQ])
+def test_bad_input_raises_like_native(name, args, match):
+    # The launcher checked with bare asserts (AssertionError without a message, nothing at all
+    # under python -O: a scale of the wrong size is then read out of bounds on the GPU), and some
+    # layouts not at all. Now: the native op's checks, each error naming the argument.
+    if DEV == "cpu" and quantkern._load._C is not None:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.quantkern.fake_quant_lsq(*args, 1.0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        FWD(*args, 1.0)
+    x = args[0]
+    with pytest.raises((ValueError, TypeError), match=match):
+        BWD(torch.ones_like(x), *args, 1.0)
+
+
+def test_backward_bad_grad_raises():
+    x, s, b = torch.randn(4, 8, device=DEV), torch.ones(1, device=DEV), torch.zeros(1, device=DEV)
+    for g in (x[:2], x.half()):
+        with pytest.raises(ValueError, match="grad"):
+            BWD(g, x, s, b, -8, 7, None, None, 1.0)

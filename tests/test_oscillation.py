@@ -70,8 +70,9 @@ SAMPLES = [
 def _walk(w, s_view, t, g):
     """Next latent weight: random drift plus an alternating push on half the weights (so they oscillate)."""
     wf = w.float()
-    push = torch.where(torch.rand(wf.shape, generator=g) < 0.5, 0.6, 0.05) * (-1) ** t
-    return (wf + s_view * (push + 0.1 * torch.randn(wf.shape, generator=g))).to(w.dtype)
+    # g is a CPU generator: draw on the CPU, then move (the CUDA test used to mix devices here)
+    push = (torch.where(torch.rand(wf.shape, generator=g) < 0.5, 0.6, 0.05) * (-1) ** t).to(wf.device)
+    return (wf + s_view * (push + 0.1 * torch.randn(wf.shape, generator=g).to(wf.device))).to(w.dtype)
 
 
 def _run_steps(c, steps, backend, momentum=0.2, th_after=0.05, warm=3, seed=0):
@@ -95,7 +96,7 @@ def _run_steps(c, steps, backend, momentum=0.2, th_after=0.05, warm=3, seed=0):
         assert torch.equal(cnt, cr), f"step {t}: counts {cnt.tolist()} vs {cr.tolist()}"
         torch.testing.assert_close(ema, er, rtol=0, atol=1e-6)
         assert torch.equal(w, wr), f"step {t}: weights differ"
-        total += cnt
+        total += cnt.cpu()
     return total, meta
 
 
@@ -734,3 +735,71 @@ def test_cuda_bad_scale_and_grad_device():
     assert torch.equal(meta[0], m0[0]) and torch.equal(ema[0], e0[0]) and torch.equal(w[0], w0[0])
     with pytest.raises(RuntimeError, match="grad of dampening_loss is on cpu"):
         torch.ops.quantkern.dampening_loss_backward(torch.ones(()), w, s, b, -8, 7, 0, None, 1.0)
+
+
+# ------------------------------------------------------------------ triton bad input (torch.ops bypasses ops.py)
+def _bad_triton_cases():
+    w = torch.randn(4, 8)
+    one, zero = torch.ones(1), torch.zeros(1)
+    ch = lambda n: (torch.ones(n), torch.zeros(n))  # noqa: E731
+    gr = lambda *s: (torch.ones(*s), torch.zeros(*s))  # noqa: E731
+    return [
+        ("weight-dtype", (w.double(), one, zero, -8, 7, None, None), "x must"),
+        ("scale-dtype", (w, one.double(), zero, -8, 7, None, None), "scale"),
+        ("offset-shape", (w, *ch(4)[:1], torch.zeros(2), -8, 7, 0, None), "offset shape"),  # read out of bounds
+        ("per-tensor-numel", (w, *ch(3), -8, 7, None, None), "per-tensor scale"),
+        ("per-channel-length", (w, *ch(8), -8, 7, 0, None), "per-channel scale"),
+        ("group-divides", (w, *gr(4, 2), -8, 7, None, 3), "group_size"),
+        ("group-zero", (w, *gr(4, 2), -8, 7, None, 0), "group_size"),
+        ("group-scale-numel", (w, *gr(4, 4), -8, 7, None, 4), "per-group scale"),
+        ("group-3d", (torch.randn(2, 4, 8), *gr(2, 4, 2), -8, 7, None, 4), "per-group x"),
+        ("offset-nan", (w, one, torch.full((1,), float("nan")), -8, 7, None, None), "offset must be finite"),
+    ]
+
+
+BAD_TRITON = _bad_triton_cases()
+
+
+@pytest.mark.parametrize("name,args,match", BAD_TRITON, ids=[c[0] for c in BAD_TRITON])
+def test_triton_bad_input_raises_like_native(name, args, match):
+    # The Triton launchers checked only the scale values, qmin < qmax and the axis range: a scale or
+    # offset of the wrong size was read out of bounds (silently wrong on CPU, garbage on a GPU), an
+    # integer / float64 weight ran, group_size 0 divided by zero inside the kernel.
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    import quantkern.triton_kernels  # noqa: F401
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+    w = args[0]
+    meta, ema = torch.zeros(w.shape, dtype=torch.int32, device=dev), torch.zeros(w.shape, device=dev)
+    Q = torch.ops.quantkern
+    if dev == "cpu" and qk._load._C is not None:
+        with pytest.raises(RuntimeError, match=match):
+            Q.oscillation_update(w.clone(), *args[1:3], meta.clone(), ema.clone(), *args[3:], 0.1, 0.5)
+        with pytest.raises(RuntimeError, match=match):
+            Q.dampening_loss(*args, 1.0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Q.oscillation_update_triton(w.clone(), *args[1:3], meta, ema, *args[3:], 0.1, 0.5)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Q.dampening_loss_triton(*args, 1.0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Q.dampening_loss_backward_triton(torch.ones((), device=dev), *args, 1.0)
+
+
+def test_triton_bad_scalars_raise_like_native():
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    import quantkern.triton_kernels  # noqa: F401
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w, s, b = torch.randn(4, 8, device=dev), torch.ones(1, device=dev), torch.zeros(1, device=dev)
+    meta, ema = torch.zeros(w.shape, dtype=torch.int32, device=dev), torch.zeros(w.shape, device=dev)
+    Q = torch.ops.quantkern
+    for mom, th, match in ((0.0, 0.5, "momentum"), (2.0, 0.5, "momentum"), (0.1, float("nan"), "freeze_threshold")):
+        with pytest.raises(ValueError, match=match):
+            Q.oscillation_update_triton(w, s, b, meta, ema, -8, 7, None, None, mom, th)
+    with pytest.raises(ValueError, match="grad of dampening_loss must hold one element"):
+        Q.dampening_loss_backward_triton(torch.ones(2, device=dev), w, s, b, -8, 7, None, None, 1.0)

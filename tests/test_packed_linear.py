@@ -429,3 +429,98 @@ def test_cuda_native_misaligned_qweight_view(bits):
     want = torch.ops.quantkern.packed_linear(x, pw.qweight, pw.scales, pw.zeros, bits, 64, 128, None)
     got = torch.ops.quantkern.packed_linear(x, qw, pw.scales, pw.zeros, bits, 64, 128, None)
     assert torch.equal(got, want)
+
+
+def test_replace_linear_and_constructor_check_arguments():
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Linear(64, 8))
+
+    with pytest.raises(TypeError, match="from_linear"):  # a bare Linear was silently left alone
+        replace_linear(torch.nn.Linear(64, 8))
+
+    # group_size=0 raised ZeroDivisionError; a negative or non-multiple-of-32 size silently became
+    # one group per row (or, with fallback_group_size=False, left every layer float)
+    for gs in (0, -2, 48, 33.0, True):
+        for fb in (True, False):
+            m = model()
+            with pytest.raises(ValueError, match="replace_linear: group_size"):
+                replace_linear(m, group_size=gs, fallback_group_size=fb)
+            assert type(m[0]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="replace_linear: bits"):
+        replace_linear(torch.nn.ReLU(), bits=5)  # even with nothing to replace
+    assert replace_linear(model(), group_size=-1)[:1] == ["0"]
+    # the constructor took any meta_dtype / backend and failed only in forward
+    with pytest.raises(TypeError, match="meta_dtype"):
+        PackedLinear(64, 8, group_size=32, meta_dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend"):
+        PackedLinear(64, 8, group_size=32, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        replace_linear(model(), group_size=32, backend="cuda")
+
+
+def test_failed_state_dict_load_keeps_the_module_usable():
+    # a checkpoint with another meta dtype AND a mismatching shape: the scales / zeros were swapped
+    # for uninitialised tensors before torch's size check failed, so the module computed NaN after
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    for other in (PackedLinear.from_linear(torch.nn.Linear(64, 9), 4, 32, torch.bfloat16),
+                  PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 64, torch.bfloat16)):
+        m = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float16)
+        y = m(x)
+        with pytest.raises((RuntimeError, ValueError)):
+            m.load_state_dict(other.state_dict())
+        assert m.scales.dtype == torch.float16
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    # a matching checkpoint with another meta dtype still loads exactly (strict)
+    m = PackedLinear(64, 8, group_size=32, meta_dtype=torch.float16)
+    src = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.bfloat16)
+    m.load_state_dict(src.state_dict(), strict=True)
+    assert m.scales.dtype == torch.bfloat16
+    torch.testing.assert_close(m(x), src(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dynamic_input_quantizer_propagates_nan(symmetric):
+    # a token holding NaN has a NaN range; it was treated like an all-zero token (range 0) and
+    # silently replaced by zeros, so the layer returned just the bias for it
+    torch.manual_seed(0)
+    m = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32).set_input_quantizer(8, symmetric, dynamic=True)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    x[2] = 0.0
+    y = m(x)
+    assert torch.isnan(y[1]).all()
+    torch.testing.assert_close(y[2], m.bias.detach(), rtol=0, atol=0)  # an all-zero token still quantizes to 0
+    assert torch.isfinite(y[0]).all()
+
+
+@pytest.mark.parametrize("backend", ("native", "triton"))
+def test_backward_with_zero_out_features(backend):
+    # the backward reshaped grad [..., 0] with -1 ("cannot reshape tensor of 0 elements")
+    if backend == "triton":
+        _triton_ready()
+    pw = PackedWeight.from_float(torch.randn(0, 64), 4, 32)
+    for shape in ((3, 64), (2, 3, 64), (64,)):
+        x = torch.randn(*shape, requires_grad=True)
+        b = torch.zeros(0, requires_grad=True)
+        y = ops.packed_linear(x, pw, b, backend=backend)
+        assert y.shape == shape[:-1] + (0,)
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.zeros(shape)) and b.grad.shape == (0,)
+
+
+def test_auto_backend_on_cuda_registers_the_triton_kernels():
+    # auto on a CUDA tensor chose "triton" after importing triton only, so the *_triton kernels
+    # were never registered and every auto call on a GPU raised NotImplementedError
+    import subprocess
+    import sys
+
+    _triton_ready()
+    code = ("import sys, types, torch, quantkern\n"
+            "from quantkern import ops\n"
+            "assert 'quantkern.triton_kernels' not in sys.modules\n"
+            "x = types.SimpleNamespace(device=torch.device('cuda'))\n"
+            "assert ops._pick_backend('packed_linear', x, 'auto') == 'triton'\n"
+            "assert 'quantkern.triton_kernels' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

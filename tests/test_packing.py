@@ -415,3 +415,34 @@ def test_from_hqq_view_as_float(bits, compute_dtype):
     assert torch.equal(pw.qweight, want.qweight) and torch.equal(pw.scales, want.scales)
     if compute_dtype == torch.float32:  # hqq dequantizes in its compute dtype: bit for bit only in fp32
         assert torch.equal(pw.dequantize(torch.float32), h.dequantize())
+
+
+def test_from_float_nonfinite_or_unrepresentable_weights_name_w():
+    # NaN / inf in W used to surface as "PackedWeight: scales contain NaN or inf" (an argument the
+    # caller never passed); a finite W whose values overflow the metadata dtype likewise
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        W = torch.randn(4, 64)
+        W[2, 5] = bad
+        for dt in (torch.float32, torch.float16):
+            with pytest.raises(ValueError, match=r"from_float: W contains NaN or inf.*row 2"):
+                PackedWeight.from_float(W.to(dt), 4, 32)
+    with pytest.raises(ValueError, match=r"from_float: W .*float16.*meta_dtype=torch.float32"):
+        PackedWeight.from_float(torch.full((2, 32), 7e4), 4, 32, torch.float16)  # a constant row beyond fp16
+    with pytest.raises(ValueError, match=r"from_float: W .*float16.*meta_dtype=torch.float32"):
+        PackedWeight.from_float(torch.tensor([[-1e6] * 16 + [1e6] * 16]), 2, 32, torch.float16)  # range beyond fp16
+    # constant and zero rows stay exact
+    W = torch.randn(3, 64)
+    W[0], W[1] = 3.0, 0.0
+    for md in META:
+        d = PackedWeight.from_float(W, 3, 32, md).dequantize(torch.float32)
+        assert torch.equal(d[:2], W[:2])
+
+
+def test_reference_pack_unpack_zero_rows():
+    # the spec must handle N = 0 like the kernels do (reshape(-1) of an empty tensor is ambiguous)
+    for bits in BITS:
+        q = torch.zeros(0, 100, dtype=torch.uint8)
+        qw = ref.pack(q, bits)
+        assert qw.shape == (0, 4 * bits) and torch.equal(qw, ops.pack(q, bits))
+        assert ref.unpack(qw, bits, 100).shape == (0, 100)
+        assert ref.dequantize(qw, torch.ones(0, 1), torch.zeros(0, 1), bits, 100, 100).shape == (0, 100)

@@ -2,12 +2,12 @@
 ``quantkern::calib_search_triton`` (semantics: quantkern/reference/calibrate.py; the same
 formulas as csrc/shared/calibrate.h).
 
-calib_histogram: one program per (channel, block of M); bins are added with int64
+calib_histogram: one program per (channel, block of M), on a 1-D grid; bins are added with int64
 atomics (integer counts: the result does not depend on the order). The bin index is
 ``trunc(div_rn(|x| * n, R))`` in fp32 (Triton's ``/`` is approximate; ``tl.div_rn`` is IEEE).
 
 calib_search: the per-channel extended bins and their prefix sums (O(C * bins)) are
-built with torch ops; one program per (channel, block of candidates) evaluates every
+built with torch ops; one program per (channel, block of candidates) (a 1-D grid) evaluates every
 candidate's KL divergence (from prefix sums, O(levels)) or histogram MSE (O(bins)) in
 float64; the choice (entropy: last within TIE_TOL of the minimum; mse: first within MSE_RTOL of it)
 is a batched torch reduction over the [C, candidates] objectives.
@@ -29,9 +29,11 @@ _SBLOCK = 64
 
 
 @triton.jit
-def _hist_kernel(x_ptr, pos_ptr, neg_ptr, r_ptr, n_ptr, bad_ptr, M, B, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _hist_kernel(x_ptr, pos_ptr, neg_ptr, r_ptr, n_ptr, bad_ptr, M, B, NMB, BLOCK: tl.constexpr):
+    # 1-D grid of C * NMB programs (a grid's y / z sizes stop at 65535: M / BLOCK can be larger)
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // NMB
+    m = (pid % NMB) * BLOCK + tl.arange(0, BLOCK)
     R = tl.load(r_ptr + c)
     n = tl.load(n_ptr + c)
     mask = (m < M) & (m * 0 + R > 0) & (m * 0 + n > 0)
@@ -58,8 +60,8 @@ def calib_histogram_triton(x, pos, neg, R, n):
         return
     xc = x.contiguous()
     bad = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _hist_kernel[(C, triton.cdiv(M, _HBLOCK))](xc, pos, neg, R.contiguous(), n.contiguous(), bad, M, pos.shape[1],
-                                               BLOCK=_HBLOCK)
+    nmb = triton.cdiv(M, _HBLOCK)
+    _hist_kernel[(C * nmb,)](xc, pos, neg, R.contiguous(), n.contiguous(), bad, M, pos.shape[1], nmb, BLOCK=_HBLOCK)
     if bool(bad.item()):
         raise ValueError("quantkern.calib_histogram_triton: x contains NaN or infinity")
 
@@ -78,9 +80,11 @@ def _xlogx(t):
 
 @triton.jit
 def _search_kernel(ext_ptr, cb_ptr, cz_ptr, cbl_ptr, meta_ptr, fmeta_ptr, obj_ptr, LD, IMAX, UMAX, JMAX, stride,
-                   start_bin, nb, hi_q, lo_q, SYM: tl.constexpr, ENT: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                   start_bin, nb, hi_q, lo_q, NTB, SYM: tl.constexpr, ENT: tl.constexpr, BLOCK: tl.constexpr):
+    # 1-D grid of C * NTB programs (a grid's y / z sizes stop at 65535: IMAX / BLOCK can be larger)
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // NTB
+    t = (pid % NTB) * BLOCK + tl.arange(0, BLOCK)
     base = c.to(tl.int64) * LD
     pbase = c.to(tl.int64) * (LD + 1)
     zero = tl.load(meta_ptr + c * 6 + 0)
@@ -238,8 +242,9 @@ def calib_search_triton(pos, neg, width, n, method, num_bits, unsigned, symmetri
     UMAX = min(nb, LD)
     JMAX = max(int(up.max()), int(un.max()), 1)
     obj = torch.empty(C, IMAX, dtype=torch.float64, device=dev)
-    _search_kernel[(C, triton.cdiv(IMAX, _SBLOCK))](
-        ext, cb, cz, cbl, meta, fmeta, obj, LD, IMAX, UMAX, JMAX, stride, start_bin, nb, hi_q, lo_q,
+    ntb = triton.cdiv(IMAX, _SBLOCK)
+    _search_kernel[(C * ntb,)](
+        ext, cb, cz, cbl, meta, fmeta, obj, LD, IMAX, UMAX, JMAX, stride, start_bin, nb, hi_q, lo_q, ntb,
         SYM=bool(symmetric), ENT=ent, BLOCK=_SBLOCK)
     # the choice, batched over channels (NaN marks invalid slots)
     valid = ~torch.isnan(obj)

@@ -169,15 +169,6 @@ def _np2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _layout(x: torch.Tensor, axis, group_size) -> tuple[int, int, int]:
-    if group_size is not None:
-        return 1, x.shape[0] * (x.shape[1] // group_size), group_size
-    if axis is not None:
-        axis = axis % x.dim()
-        return math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
-    return 1, 1, x.numel()
-
-
 def _plan(outer: int, C: int, inner: int):
     """Tile [BO, BC, BI] (powers of two, BO*BC*BI <= BLOCK) and the grid, as in csrc/cpu/fake_quant_lsq.cpp.
 
@@ -192,17 +183,50 @@ def _plan(outer: int, C: int, inner: int):
     return BO, BC, BI, nob, n_cb, n_ib
 
 
-def _check(x, scale, offset, qmin, qmax, axis, group_size):
-    # Arguments are validated (with messages naming them) in quantkern/ops.py; here only the invariants.
-    # Scale *values* are not checked, as in the CUDA kernel: reading them would synchronise the host
-    # with the GPU on every training step (README: "On GPU the scale values are not checked").
-    assert x.dtype in _FLOATS, x.dtype
-    assert scale.dtype == torch.float32 and offset.dtype == torch.float32
-    assert scale.shape == offset.shape and scale.device == x.device and offset.device == x.device
-    assert qmin < qmax
-    outer, C, inner = _layout(x, axis, group_size)
-    assert outer * C * inner == x.numel() and scale.numel() == C, (tuple(x.shape), tuple(scale.shape), axis, group_size)
-    return outer, C, inner
+def check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_axis=True):
+    """The argument checks of the native ops (csrc/cpu/checks.h ``lsq_layout``), with messages naming
+    the argument; returns the layout ``(outer, C, inner)``. torch.ops.quantkern.*_triton callers bypass
+    quantkern/ops.py, and a scale of the wrong size would be read out of bounds on the GPU.
+
+    Scale *values* are not checked, as in the CUDA kernel: reading them would synchronise the host
+    with the GPU on every training step (README: "On GPU the scale values are not checked").
+    ``negative_axis``: accept ``-x.dim() <= axis < 0`` (fake_quant_lsq_triton always did).
+    """
+    from quantkern.ops import _check_tensor
+
+    _check_tensor(op, "x", x, _FLOATS)
+    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
+    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
+    if not qmin < qmax:
+        raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    if offset.shape != scale.shape:
+        raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
+    if group_size is not None:  # wins over axis, as in the native ops
+        if x.dim() != 2:
+            raise ValueError(f"quantkern.{op}: per-group x must be 2-D [rows, K], got shape {tuple(x.shape)}")
+        if group_size <= 0 or x.shape[1] % group_size:
+            raise ValueError(f"quantkern.{op}: group_size {group_size} must divide K = {x.shape[1]}")
+        want = (x.shape[0], x.shape[1] // group_size)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"quantkern.{op}: per-group scale must be {list(want)}, got {list(scale.shape)}")
+        return 1, want[0] * want[1], group_size
+    if axis is not None:
+        lo = -x.dim() if negative_axis else 0
+        if not lo <= axis < x.dim():
+            raise ValueError(f"quantkern.{op}: axis {axis} out of range for x of dim {x.dim()}")
+        axis = axis % x.dim()
+        if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
+            raise ValueError(f"quantkern.{op}: per-channel scale must be 1-D of length x.shape[{axis}] = "
+                             f"{x.shape[axis]}, got {list(scale.shape)}")
+        return math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+    if scale.numel() != 1:
+        raise ValueError(f"quantkern.{op}: per-tensor scale must hold one element, got shape {list(scale.shape)} "
+                         "(pass axis= or group_size= for finer granularity)")
+    return 1, 1, x.numel()
+
+
+def _check(x, scale, offset, qmin, qmax, axis, group_size, op="fake_quant_lsq_triton"):
+    return check_layout(op, x, scale, offset, qmin, qmax, axis, group_size)
 
 
 def fake_quant_lsq_triton(x, scale, offset, qmin, qmax, axis=None, group_size=None, grad_scale=1.0):
@@ -221,8 +245,11 @@ def fake_quant_lsq_triton(x, scale, offset, qmin, qmax, axis=None, group_size=No
 
 
 def fake_quant_lsq_backward_triton(grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale):
-    outer, C, inner = _check(x, scale, offset, qmin, qmax, axis, group_size)
-    assert grad.shape == x.shape and grad.dtype == x.dtype and grad.device == x.device
+    op = "fake_quant_lsq_backward_triton"
+    outer, C, inner = _check(x, scale, offset, qmin, qmax, axis, group_size, op)
+    if grad.dtype != x.dtype or grad.shape != x.shape or grad.device != x.device:
+        raise ValueError(f"quantkern.{op}: grad ({grad.dtype}, {list(grad.shape)}, {grad.device}) must have the dtype, "
+                         f"shape and device of x ({x.dtype}, {list(x.shape)}, {x.device})")
     x, grad = x.contiguous(), grad.contiguous()
     s, b = scale.contiguous(), offset.contiguous()
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -13,6 +13,7 @@ Numerics notes:
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._registry import LIB
+from .fake_quant_lsq import check_layout
 
 _MAGIC = 12582912.0  # 1.5 * 2^23
 _BLOCK = 1024
@@ -171,23 +173,32 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def _check(x, scale, offset, qmin, qmax, axis, group_size):
+def _check(op, x, scale, offset, qmin, qmax, axis, group_size):
+    """The native ops' checks (csrc/cpu/checks.h): argument types and shapes (a scale or offset of the
+    wrong size would be read out of bounds), then the values of scale and offset (a host sync, as the
+    oscillation update always did: a bad scale would freeze weights at garbage)."""
+    check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_axis=False)
     if scale.numel() and not bool((scale > 0).all() & torch.isfinite(scale).all()):
-        raise ValueError("quantkern: scale must be positive and finite")
-    if not qmin < qmax:
-        raise ValueError(f"quantkern: qmin ({qmin}) must be < qmax ({qmax})")
-    if axis is not None and not 0 <= axis < x.dim():
-        raise ValueError(f"quantkern: axis {axis} out of range for x of dim {x.dim()}")
+        raise ValueError(f"quantkern.{op}: scale must be positive and finite")
+    if offset.numel() and not bool(torch.isfinite(offset).all()):
+        raise ValueError(f"quantkern.{op}: offset must be finite")
 
 
 def oscillation_update_triton(weight, scale, offset, meta, ema, qmin, qmax, axis, group_size, momentum, freeze_threshold):
-    _check(weight, scale, offset, qmin, qmax, axis, group_size)
+    op = "oscillation_update_triton"
+    _check(op, weight, scale, offset, qmin, qmax, axis, group_size)
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"quantkern: oscillation state needs -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
     if not (weight.is_contiguous() and meta.is_contiguous() and ema.is_contiguous()):
         raise ValueError("quantkern: weight, meta and ema must be contiguous")
     if meta.dtype != torch.int32 or ema.dtype != torch.float32 or meta.shape != weight.shape or ema.shape != weight.shape:
         raise ValueError("quantkern: meta (int32) and ema (float32) must have the shape of weight")
+    if meta.device != weight.device or ema.device != weight.device:
+        raise ValueError(f"quantkern.{op}: meta and ema must be on weight's device ({weight.device})")
+    if not 0 < momentum <= 1:
+        raise ValueError(f"quantkern.{op}: momentum must be in (0, 1], got {momentum}")
+    if not math.isfinite(freeze_threshold):
+        raise ValueError(f"quantkern.{op}: freeze_threshold must be finite, got {freeze_threshold}")
     counts = torch.zeros(2, dtype=torch.int64, device=weight.device)
     N = weight.numel()
     if N == 0:
@@ -207,7 +218,7 @@ def oscillation_update_triton(weight, scale, offset, meta, ema, qmin, qmax, axis
 
 
 def dampening_loss_triton(weight, scale, offset, qmin, qmax, axis, group_size, norm):
-    _check(weight, scale, offset, qmin, qmax, axis, group_size)
+    _check("dampening_loss_triton", weight, scale, offset, qmin, qmax, axis, group_size)
     w = weight.contiguous()
     N = w.numel()
     if N == 0:
@@ -221,7 +232,10 @@ def dampening_loss_triton(weight, scale, offset, qmin, qmax, axis, group_size, n
 
 
 def dampening_loss_backward_triton(grad, weight, scale, offset, qmin, qmax, axis, group_size, norm):
-    _check(weight, scale, offset, qmin, qmax, axis, group_size)
+    op = "dampening_loss_backward_triton"
+    _check(op, weight, scale, offset, qmin, qmax, axis, group_size)
+    if grad.numel() != 1:
+        raise ValueError(f"quantkern.{op}: grad of dampening_loss must hold one element, got shape {list(grad.shape)}")
     w = weight.contiguous()
     gw = torch.empty_like(w)
     N = w.numel()

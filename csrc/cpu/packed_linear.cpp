@@ -161,6 +161,13 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
 // kGradChunkBytes), never whole; fp32 accumulation, result in grad's dtype.
 constexpr int64_t kGradChunkBytes = int64_t(16) << 20;
 
+// Product of all but the last size of t (symbolic under torch.compile).
+c10::SymInt rows_of(const at::Tensor& t) {
+  c10::SymInt r = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) r = r * t.sym_size(d);
+  return r;
+}
+
 at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& s, const at::Tensor& z,
                              int64_t bits, int64_t group_size, int64_t K) {
   static auto deq = c10::Dispatcher::singleton()
@@ -171,7 +178,7 @@ at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const
   // read of the row count would pin the batch size and recompile for every new one. N (the weight's
   // rows) is read concretely: the chunk loop needs it, and a weight does not change shape.
   const int64_t N = qw.size(0);
-  auto g2 = grad.reshape_symint({c10::SymInt(-1), c10::SymInt(N)});
+  auto g2 = grad.reshape_symint({rows_of(grad), c10::SymInt(N)});  // (not -1: N may be 0)
   auto out = at::zeros_symint({g2.sym_size(0), c10::SymInt(K)}, grad.options().dtype(at::kFloat));
   const int64_t step = std::max<int64_t>(1, kGradChunkBytes / (4 * K));
   for (int64_t n0 = 0; n0 < N; n0 += step) {
@@ -209,7 +216,7 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     if (ctx->needs_input_grad(0)) gx = packed_grad_input(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
     if (args[3] && ctx->needs_input_grad(4))
-      gb = grad.reshape_symint({c10::SymInt(-1), grad.sym_size(-1)}).to(at::kFloat).sum(0);
+      gb = grad.reshape_symint({rows_of(grad), grad.sym_size(-1)}).to(at::kFloat).sum(0);
     // one entry per forward argument (ints included); none for the packed weight, scales, zeros
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb};
   }

@@ -51,18 +51,33 @@ constexpr int vec_of() {
   return 16 / int(sizeof(S));  // 4 for fp32, 8 for fp16/bf16
 }
 
-template <class S, int VEC>
+// VEC consecutive elements at p + e: one vector access when kVecLd (p + e is
+// 16-byte aligned), else VEC scalar accesses. The backward kernels take VEC
+// (how elements are grouped, hence the order of the fp32 sums) from the shape
+// alone and kVecLd from the pointers, so a misaligned view gets the very same
+// bits as an aligned copy of it.
+template <class S, int VEC, bool kVecLd = true>
 __device__ __forceinline__ void load(const S* p, int64_t e, float (&out)[VEC]) {
-  Pack<S, VEC> pk = *reinterpret_cast<const Pack<S, VEC>*>(p + e);
+  if constexpr (kVecLd) {
+    Pack<S, VEC> pk = *reinterpret_cast<const Pack<S, VEC>*>(p + e);
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = Io<S>::ld(pk.v[k]);
+    for (int k = 0; k < VEC; ++k) out[k] = Io<S>::ld(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = Io<S>::ld(p[e + k]);
+  }
 }
-template <class S, int VEC>
+template <class S, int VEC, bool kVecLd = true>
 __device__ __forceinline__ void store(S* p, int64_t e, const float (&in)[VEC]) {
-  Pack<S, VEC> pk;
+  if constexpr (kVecLd) {
+    Pack<S, VEC> pk;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = Io<S>::st(in[k]);
-  *reinterpret_cast<Pack<S, VEC>*>(p + e) = pk;
+    for (int k = 0; k < VEC; ++k) pk.v[k] = Io<S>::st(in[k]);
+    *reinterpret_cast<Pack<S, VEC>*>(p + e) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p[e + k] = Io<S>::st(in[k]);
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -164,7 +179,7 @@ struct RowsPlan {
   int64_t outer, C, inner, Sg, nseg, Ob, nob, ntasks;
 };
 
-template <class S, int VEC>
+template <class S, int VEC, bool kVecLd>
 __global__ void __launch_bounds__(kThreads) lsq_bwd_rows_kernel(const S* __restrict__ g, const S* __restrict__ x,
                                                                  S* __restrict__ gx, const float* __restrict__ s,
                                                                  const float* __restrict__ b, float* __restrict__ ps,
@@ -188,11 +203,11 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_rows_kernel(const S* __restr
   for (int k = lane; k < total; k += 32) {
     const int64_t e = ((o0 + ro) * P.C + c) * P.inner + i0 + int64_t(v) * VEC;
     float gv[VEC], xv[VEC], gxv[VEC];
-    load<S, VEC>(g, e, gv);
-    load<S, VEC>(x, e, xv);
+    load<S, VEC, kVecLd>(g, e, gv);
+    load<S, VEC, kVecLd>(x, e, xv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) bwd_elem(gv[j], xv[j], sc, bc, n, p, gxv[j], acc_s, acc_b);
-    store<S, VEC>(gx, e, gxv);
+    store<S, VEC, kVecLd>(gx, e, gxv);
     v += 32;
     while (v >= nv) {
       v -= nv;
@@ -217,7 +232,7 @@ struct ColsPlan {
 };
 constexpr int kColsMaxWidth = 64;  // threads per row at most (times VEC columns)
 
-template <class S, int VEC>
+template <class S, int VEC, bool kVecLd>
 __global__ void __launch_bounds__(kThreads) lsq_bwd_cols_kernel(const S* __restrict__ g, const S* __restrict__ x,
                                                                  S* __restrict__ gx, const float* __restrict__ s,
                                                                  const float* __restrict__ b, float* __restrict__ ps,
@@ -250,11 +265,11 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_cols_kernel(const S* __restr
     for (int64_t o = o0 + r; o < o1; o += rpb) {
       const int64_t e = o * R + c0 * P.inner + jv;
       float gv[VEC], xv[VEC], gxv[VEC];
-      load<S, VEC>(g, e, gv);
-      load<S, VEC>(x, e, xv);
+      load<S, VEC, kVecLd>(g, e, gv);
+      load<S, VEC, kVecLd>(x, e, xv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) bwd_elem(gv[j], xv[j], sc[j], bc[j], n, p, gxv[j], acc_s[j], acc_b[j]);
-      store<S, VEC>(gx, e, gxv);
+      store<S, VEC, kVecLd>(gx, e, gxv);
     }
   }
   // Column sums, laid out [row of pass][column]; idle threads contribute zeros
@@ -420,18 +435,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_lsq_backward_cuda(
       }
       const int64_t blocks = cdiv(P.ntasks, kWarps);
       check_grid(blocks, "backward");
-      const bool vec = ptrs_aligned && L.inner % V == 0;  // then VEC divides every segment
+      // VEC (the grouping, hence the summation order) from the shape only; vector
+      // loads only where the pointers allow them (same bits either way).
+      const bool vec = L.inner % V == 0;  // then VEC divides every segment
       float *pps = part_s.data_ptr<float>(), *ppb = part_b.data_ptr<float>();
-      if (vec)
-        lsq_bwd_rows_kernel<S, V><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P, n, p,
-                                                                            nslots == 1, grad_scale);
+      if (vec && ptrs_aligned)
+        lsq_bwd_rows_kernel<S, V, true><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                  n, p, nslots == 1, grad_scale);
+      else if (vec)
+        lsq_bwd_rows_kernel<S, V, false><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                   n, p, nslots == 1, grad_scale);
       else
-        lsq_bwd_rows_kernel<S, 1><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P, n, p,
-                                                                            nslots == 1, grad_scale);
+        lsq_bwd_rows_kernel<S, 1, false><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                   n, p, nslots == 1, grad_scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const int64_t R = C * L.inner;
-      const bool vec = ptrs_aligned && R % V == 0;  // then every row and tile start is VEC-aligned
+      const bool vec = R % V == 0;  // then every row and tile start is a multiple of VEC (shape only, as above)
       const int vw = vec ? V : 1;
       ColsPlan P{};
       P.outer = L.outer;
@@ -460,12 +480,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_lsq_backward_cuda(
       const int64_t blocks = P.nob * P.ncb;
       check_grid(blocks, "backward");
       float *pps = part_s.data_ptr<float>(), *ppb = part_b.data_ptr<float>();
-      if (vec)
-        lsq_bwd_cols_kernel<S, V><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P, n, p,
-                                                                            nslots == 1, grad_scale);
+      if (vec && ptrs_aligned)
+        lsq_bwd_cols_kernel<S, V, true><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                  n, p, nslots == 1, grad_scale);
+      else if (vec)
+        lsq_bwd_cols_kernel<S, V, false><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                   n, p, nslots == 1, grad_scale);
       else
-        lsq_bwd_cols_kernel<S, 1><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P, n, p,
-                                                                            nslots == 1, grad_scale);
+        lsq_bwd_cols_kernel<S, 1, false><<<unsigned(blocks), kThreads, 0, stream>>>(gp, xp, gxp, sp, bp, pps, ppb, P,
+                                                                                   n, p, nslots == 1, grad_scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (nslots > 1) {

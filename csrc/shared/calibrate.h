@@ -43,7 +43,9 @@ QK_HD int32_t calib_bin(float t, float top) { return int32_t(t < top ? t : top);
 // loop vectorisable; rint() is a library call that blocks vectorisation.
 QK_HD double calib_rint(double v) {
 #if defined(__CUDA_ARCH__)
-  return rint(v);
+  // ::rint, the CUDA double overload: an unqualified rint here would find
+  // qk::rint(float) (qk_math.h) first and round v through fp32.
+  return ::rint(v);
 #else
   const double m = 6755399441055744.0;
   const double r = (v + m) - m;

@@ -53,7 +53,8 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     # (xf - xf.detach()), an exact zero, keeps the forward value bit for bit.
     inside = (v >= qmin) & (v <= qmax) & ok
     out = out + (xf - xf.detach()) * inside
-    return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
+    # only a range of exactly 0 gives 0: a NaN range (x holds NaN) must stay NaN, not look like zeros
+    return torch.where(scale == 0, torch.zeros_like(out), out).to(x.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -85,6 +86,10 @@ class PackedLinear(nn.Module):
         gs = in_features if group_size in (None, -1) else group_size
         ops._check_bits("PackedLinear", bits)
         ops._check_group("PackedLinear", in_features, gs)
+        if meta_dtype not in ref.META_DTYPES:
+            raise TypeError(f"quantkern.PackedLinear: meta_dtype must be one of {ref.META_DTYPES}, got {meta_dtype}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"quantkern.PackedLinear: backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.backend = bits, gs, backend
         G = in_features // gs
@@ -187,12 +192,18 @@ class PackedLinear(nn.Module):
         return apply_keeping_dtype(self, self._KEEP_DTYPE, fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an incompatible checkpoint (bits / group size / input quantizer) fails before any buffer is
+        # overwritten (torch checks the extra state last, after copying qweight into this module)
+        if prefix + "_extra_state" in state_dict:
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
         for name in ("scales", "zeros"):
             t = state_dict.get(prefix + name)
             buf = getattr(self, name)
-            if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in (torch.float32, torch.float16,
-                                                                                   torch.bfloat16):
+            # only when the shape matches: otherwise torch's size check fails the load and the
+            # uninitialised replacement would stay behind (NaN outputs after a caught failed load)
+            if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in ref.META_DTYPES and \
+                    t.shape == buf.shape:
                 setattr(self, name, torch.empty(buf.shape, dtype=t.dtype, device=buf.device))
         # a static input quantizer's range gets the check set_input_quantizer gives it
         s, z = state_dict.get(prefix + "input_scale"), state_dict.get(prefix + "input_zero")
@@ -252,6 +263,15 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
 
     Returns the qualified names of the replaced layers.
     """
+    ops._check_bits("replace_linear", bits)
+    if group_size not in (None, -1) and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                         or group_size <= 0 or group_size % 32):
+        # checked once here: a bad size would otherwise fall back to one group per row (or skip every
+        # layer with fallback_group_size=False) without a word, or divide by zero
+        raise ValueError(f"quantkern.replace_linear: group_size must be a positive multiple of 32 (e.g. 32, 64, "
+                         f"128, 256), or None / -1 for one group per row; got {group_size!r}")
+    if type(model) is nn.Linear:  # it has no parent here to be replaced in: nothing would change
+        raise TypeError("quantkern.replace_linear: model is itself an nn.Linear; use PackedLinear.from_linear(layer)")
     replaced = []
     for name, sites, child in linear_sites(model, skip):
         gs = group_size

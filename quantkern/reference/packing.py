@@ -97,7 +97,7 @@ def check_group_size(K: int, group_size: int) -> None:
 def _bytes_to_words(b: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 4m] -> int32 [..., m], little-endian."""
     b = b.to(torch.int64)
-    b = b.reshape(*b.shape[:-1], -1, 4)
+    b = b.reshape(*b.shape[:-1], b.shape[-1] // 4, 4)  # not -1: ambiguous for N = 0 rows
     w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
@@ -106,7 +106,7 @@ def _words_to_bytes(w: torch.Tensor) -> torch.Tensor:
     """int32 [..., m] -> uint8 [..., 4m], little-endian."""
     w = w.to(torch.int64) & 0xFFFFFFFF
     b = torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
-    return b.reshape(*w.shape[:-1], -1).to(torch.uint8)
+    return b.reshape(*w.shape[:-1], 4 * w.shape[-1]).to(torch.uint8)
 
 
 def _plane2(q: torch.Tensor) -> torch.Tensor:
