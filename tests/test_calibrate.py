@@ -614,16 +614,22 @@ def test_mse_exact_ties_pick_the_same_window_everywhere():
         assert (float(tlo), float(thi)) == (-1.0, 3.0)
 
 
+def _hist_native_and_triton(x, bins):
+    """Histogram state of x from the native op and from the Triton op (asserted equal)."""
+    pos, neg, R_, n = _hist_state(x, bins)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    tp, tn = torch.zeros_like(pos, device=TDEV), torch.zeros_like(neg, device=TDEV)
+    ops.calib_histogram(x.to(TDEV), tp, tn, R_.to(TDEV), n.to(TDEV), backend="triton")
+    assert torch.equal(tp.cpu(), pos) and torch.equal(tn.cpu(), neg)
+    return pos, neg, R_, n, tp, tn
+
+
 @triton_only
 def test_triton_calib_ops_equal_native():
     import quantkern.triton_kernels  # noqa: F401
 
     x = _odd_data(3, 301, torch.float16)
-    pos, neg, R_, n = _hist_state(x, 48)
-    ops.calib_histogram(x, pos, neg, R_, n)
-    tp, tn = torch.zeros_like(pos, device=TDEV), torch.zeros_like(neg, device=TDEV)
-    ops.calib_histogram(x.to(TDEV), tp, tn, R_.to(TDEV), n.to(TDEV), backend="triton")
-    assert torch.equal(tp.cpu(), pos) and torch.equal(tn.cpu(), neg)
+    pos, neg, R_, n, tp, tn = _hist_native_and_triton(x, 48)
     w = R_.double() / 48
     for sym, unsigned, stride in ((True, False, 1), (True, True, 3), (False, False, 4)):
         for method in ("entropy", "mse"):
@@ -873,11 +879,7 @@ def test_triton_calib_many_blocks_per_channel_equal_native():
     import quantkern.triton_kernels  # noqa: F401
 
     x = _odd_data(3, 2 * 1024 + 77, torch.float32)
-    pos, neg, R_, n = _hist_state(x, 200)
-    ops.calib_histogram(x, pos, neg, R_, n)
-    tp, tn = torch.zeros_like(pos, device=TDEV), torch.zeros_like(neg, device=TDEV)
-    ops.calib_histogram(x.to(TDEV), tp, tn, R_.to(TDEV), n.to(TDEV), backend="triton")
-    assert torch.equal(tp.cpu(), pos) and torch.equal(tn.cpu(), neg)
+    pos, neg, R_, n, tp, tn = _hist_native_and_triton(x, 200)
     w = R_.double() / 200
     for method in ("entropy", "mse"):
         want = ops.calib_search(pos, neg, w, n, method, 4, symmetric=True, stride=1, start_bin=3)
