@@ -8,6 +8,7 @@ from . import _registry  # noqa: F401  (defines the operators)
 from . import _load
 
 _load.load()
+_load.map_source_triton_kernels()  # a source tree used in place: quantkern.triton_kernels resolves too
 
 from . import ops, ptq, reference  # noqa: E402
 from .ops import (  # noqa: E402

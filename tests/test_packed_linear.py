@@ -524,3 +524,26 @@ def test_auto_backend_on_cuda_registers_the_triton_kernels():
             "assert 'quantkern.triton_kernels' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_triton_kernels_import_from_an_uninstalled_source_tree(tmp_path):
+    # a tree built with `setup.py build_ext --inplace` and run from its root (no install, so no
+    # package_dir mapping): quantkern.triton_kernels failed to import there (seen on a GPU machine)
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _triton_ready()
+    root = Path(quantkern.__file__).resolve().parent.parent
+    shutil.copytree(root / "quantkern", tmp_path / "quantkern", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "triton_kernels", tmp_path / "triton_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "setup.py", tmp_path / "setup.py")
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(getattr(f, '__module__', ''))]\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "import quantkern, quantkern.triton_kernels as t\n"
+            f"assert quantkern.__file__.startswith({str(tmp_path)!r}), quantkern.__file__\n"
+            f"assert t.__file__.startswith({str(tmp_path)!r}), t.__file__\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
