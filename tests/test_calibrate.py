@@ -886,3 +886,18 @@ def test_triton_calib_many_blocks_per_channel_equal_native():
         got = ops.calib_search(tp, tn, w.to(TDEV), n.to(TDEV), method, 4, symmetric=True, stride=1, start_bin=3,
                                backend="triton")
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), method
+
+
+def test_fake_quant_gradient_is_straight_through():
+    # round() has a zero gradient: training through an ActQuantizer got silent zeros
+    from quantkern.ptq.calibrate import ActQuantizer, fake_quant
+
+    x = torch.tensor([-3.0, -0.26, 0.1, 0.74, 2.9], requires_grad=True)
+    y = fake_quant(x, 0.5, 0.0, -4, 3)  # grid [-2, 1.5]: -3 and 2.9 clip
+    assert torch.equal(y.detach(), fake_quant(x.detach(), 0.5, 0.0, -4, 3))
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    aq = ActQuantizer.from_data(torch.randn(64, 8), 8, "max")
+    xb = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    aq(xb).float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and (xb.grad != 0).any()

@@ -174,7 +174,8 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
     """``(clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale`` in fp32, returned in x.dtype.
 
     scale, zero: one element (per tensor) or 1-D of length ``x.shape[axis]``.
-    Where ``scale == 0`` the output is 0.
+    Where ``scale == 0`` the output is 0. Gradient to x: straight through the rounding, zero
+    where the clamp clips (scale and zero count as constants).
     """
     if qmin > qmax:
         raise ValueError(f"need qmin <= qmax, got qmin={qmin}, qmax={qmax}")
@@ -196,7 +197,12 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
     ok = scale > 0
     s = torch.where(ok, scale, torch.ones_like(scale))
     xf = x.float()
-    out = (torch.clamp(torch.round(xf / s) + zero, qmin, qmax) - zero) * s
+    v = torch.round(xf.detach() / s) + zero
+    out = (torch.clamp(v, qmin, qmax) - zero) * s
+    if xf.requires_grad:  # straight through the rounding, zero where the clamp clips (round's own
+        # gradient is 0: training through an activation quantizer got silent zeros); the added
+        # term is an exact zero, so the forward value is unchanged
+        out = out + (xf - xf.detach()) * ((v >= qmin) & (v <= qmax) & ok)
     return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
 
 
