@@ -901,3 +901,33 @@ def test_fake_quant_gradient_is_straight_through():
     xb = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
     aq(xb).float().sum().backward()
     assert xb.grad.dtype == torch.bfloat16 and (xb.grad != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_huge_finite_values_are_not_rejected(dtype):
+    # |x| * n overflowed fp32 for finite |x| > FLT_MAX / n (~1.7e35 at 2048 bins): the kernel called
+    # such data "NaN or infinity". The bins must be those of the same data scaled by 2^-64 (exact).
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 3001, generator=g) * torch.tensor([[1e36], [3e37]])).to(dtype)
+    x[0, 7] = 0.0
+    pos, neg, R_, n = _hist_state(x, 2048)
+    ops.calib_histogram(x, pos, neg, R_, n)
+    small = (x.float() * 2.0**-64).to(dtype)
+    assert torch.equal(small.float() * 2.0**64, x.float())  # the scaling is exact
+    p2, q2, R2, n2 = _hist_state(small, 2048)
+    ops.calib_histogram(small, p2, q2, R2, n2)
+    assert torch.equal(pos, p2) and torch.equal(neg, q2)
+    for c in range(2):
+        p, q, _ = R.signed_histogram(small[c], 2048)
+        assert torch.equal(pos[c].double(), p) and torch.equal(neg[c].double(), q)
+    # a finite value far past R goes to the last bin; NaN / inf still raise
+    pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
+    ops.calib_histogram(torch.tensor([[3e38, -1e38]]).to(dtype), pos[:1], neg[:1], torch.tensor([1e-3]), n[:1])
+    assert pos[0, 2047] == 1 and neg[0, 2047] == 1 and pos.sum() + neg.sum() == 2
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="NaN or infinity"):
+            ops.calib_histogram(torch.tensor([[1e36, bad]]).to(dtype), pos[:1], neg[:1], R_[:1], n[:1])
+    # the calibrator collects such data
+    cal = HistogramCalibrator("percentile")
+    cal.collect(x.float())
+    assert cal.compute_amax().isfinite().all()

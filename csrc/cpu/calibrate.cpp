@@ -40,14 +40,20 @@ void hist_span(const T* x, int64_t len, float nf, float R, int64_t n, int64_t* p
     int nbad = 0;
     for (int k = 0; k < cnt; ++k) {
       const float v = float(x[m0 + k]);
-      const float t = calib_ratio(std::fabs(v), nf, R);
+      const float t = calib_ratio_fast(std::fabs(v), nf, R);
       nbad += calib_bad(t);
       bin[k] = calib_bin(t, top);
       sgn[k] = v < 0;
     }
-    if (nbad) {
-      bad = true;
-      return;
+    if (nbad) {  // NaN / inf in x, or a finite |x| * n beyond fp32: redo the chunk exactly
+      for (int k = 0; k < cnt; ++k) {
+        const float t = calib_ratio(std::fabs(float(x[m0 + k])), nf, R);
+        if (calib_bad(t)) {
+          bad = true;
+          return;
+        }
+        bin[k] = calib_bin(t, top);
+      }
     }
     for (int k = 0; k < cnt; ++k) rows[sgn[k]][bin[k]] += 1;
   }

@@ -34,7 +34,22 @@ enum CalibMethod : int { kCalibEntropy = 0, kCalibMse = 1 };
 // clamping the integer for n <= 2^24 (checked by the glue), and keeps the CPU
 // loop free of branches so that it vectorises.
 constexpr int64_t kCalibMaxBins = int64_t(1) << 24;
-QK_HD float calib_ratio(float a, float nf, float R) { return div(mul(a, nf), R); }
+//
+// A finite a so large that a * n overflows fp32 (a > FLT_MAX / n >= 2^104) must not
+// read as inf (it did: finite x beyond ~1.7e35 was rejected as "NaN or infinity"):
+// calib_ratio then repeats the two roundings on a and R scaled by 2^-64 (exact for
+// such a), i.e. the quotient fp32 would give with an unbounded exponent, and a
+// quotient still beyond fp32 (R far below a) becomes 3e38: the last bin, as for
+// any finite value past R. Only NaN / inf a give a non-finite t. calib_ratio_fast
+// is the plain quotient (the CPU's vectorised loop; it redoes a chunk with
+// calib_ratio when calib_bad flags one of its values).
+QK_HD float calib_ratio_fast(float a, float nf, float R) { return div(mul(a, nf), R); }
+QK_HD float calib_ratio(float a, float nf, float R) {
+  const float t = calib_ratio_fast(a, nf, R);
+  if (t <= 3.0e38f || !(a <= 3.4028234664e38f)) return t;
+  const float ts = div(mul(mul(a, 0x1p-64f), nf), mul(R, 0x1p-64f));
+  return ts <= 3.0e38f ? ts : 3.0e38f;
+}
 QK_HD bool calib_bad(float t) { return !(t <= 3.0e38f); }
 QK_HD int32_t calib_bin(float t, float top) { return int32_t(t < top ? t : top); }
 

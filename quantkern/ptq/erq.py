@@ -44,6 +44,15 @@ column). Here the bias column is never quantized and every weight column is.
 ceil), accepted unless the quadratic form rises; it only flips when
 ``|g_j|`` exceeds about half a step. The default ``"flip"`` always proposes
 the flip and keeps it only if the loss strictly falls.
+
+Both rules (on purpose) skip entries whose floor and ceil coincide (the weight is
+clamped at 0 or 2^b - 1, or ``w / s`` is an exact integer). The official code can
+select such an entry; its update is then a no-op that does not raise the loss, so
+it selects the same entry on every later iteration and that row's refinement stops
+there. Apart from this (and float rounding), ``refine_rule="official"`` with
+``group_size=None`` reproduces the official Wqer given the same params, inputs and
+lambdas; the official code's weight params are a per-row percentile search by
+squared error (RepQ-ViT's), not GPTQ's min-max.
 """
 from __future__ import annotations
 
