@@ -210,7 +210,7 @@ def oscillation_init_state(
             raise ValueError(f"quantkern.{op}: scale must be positive and finite")
         if not bool(torch.isfinite(offset).all()):
             raise ValueError(f"quantkern.{op}: offset must be finite")
-    with torch.no_grad():  # contiguous state whatever the weight's strides (oscillation_update needs it)
+        # contiguous state whatever the weight's strides (oscillation_update needs it)
         meta, ema = ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
         return meta.contiguous(), ema.contiguous()
 
