@@ -9,8 +9,8 @@ Backends:
 * ``"triton"``: ``quantkern::<op>_triton`` (CUDA; on CPU only under
   ``TRITON_INTERPRET=1``, for testing).
 * ``"auto"``: CPU tensors -> native; CUDA tensors -> triton when triton is
-  installed, else native. No CUDA kernel has run on a GPU yet (see README), and
-  the Triton kernels' logic has been checked end to end by the interpreter.
+  installed, else native. The native CUDA kernels have run on one GPU (README);
+  the Triton kernels' logic is checked end to end by the interpreter.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """packed_linear: accuracy vs torch's own error, every CPU path, autograd, opcheck, compile, PackedLinear."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -375,8 +377,6 @@ def test_errors():
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
 def _triton_ready():
-    import os
-
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest.py)")
     try:
@@ -397,6 +397,97 @@ def test_triton_packed_linear(bits):
         for dt in DTYPES:
             x = torch.randn(M, K).to(dt)
             check_accuracy(ops.packed_linear(x, pw, bias, backend="triton"), x, pw, bias)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_triton_every_autotune_config(bits):
+    """Each GEMV / GEMM candidate a GPU may pick (the interpreter autotunes over one), with and
+    without split-K, K slices that end inside a tile, a ragged last block and one group per row."""
+    _triton_ready()
+    from quantkern.triton_kernels import packed_linear as tpl
+
+    cases = [(2, 37, 544, 32), (3, 19, 100, 100)]  # nb = 17 blocks (split 3: 6 + 6 + 5); K % 32 != 0
+    for M, N, K, gs in cases:
+        pw = make(N, K, bits, gs, torch.bfloat16, seed=K)
+        bias = torch.randn(N)
+        for i, cfg in enumerate(tpl.GPU_GEMV_CONFIGS):  # (x's dtype alternates over the configs)
+            x = torch.randn(M, K).to((torch.bfloat16, torch.float32)[i % 2])
+            for split in (1, 3):
+                y = torch.empty(M, N, dtype=x.dtype)
+                tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, split=split,
+                           gemv=True, config=cfg)
+                check_accuracy(y, x, pw, bias)
+        for i, cfg in enumerate(tpl.GPU_GEMM_CONFIGS):
+            x = torch.randn(20, K).to((torch.float16, torch.float32)[i % 2])
+            y = torch.empty(20, N, dtype=x.dtype)
+            tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, gemv=False, config=cfg)
+            check_accuracy(y, x, pw, bias)
+    # the automatic split: enough programs for the (interpreter's) fixed target, slices >= 8 blocks
+    assert tpl.gemv_split(1, 16, 64, torch.device("cpu")) == 8
+    assert tpl.gemv_split(1, 16, 20, torch.device("cpu")) == 2
+    assert tpl.gemv_split(4, 4096, 128, torch.device("cpu")) == 1
+
+
+# Compiles every GPU autotune candidate for sm_90 (Triton ships ptxas: no GPU needed), bits and
+# x's dtype cycling over the configs, and reports the PTX instructions that matter.
+_PTX_SCRIPT = r"""
+import re
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantkern.triton_kernels import packed_linear as P
+
+TY = {tl.bfloat16: "bf16", tl.float32: "fp32", tl.float16: "fp16"}
+GEO = {n: "i32" for n in ("M", "N", "K", "G", "gs", "row_bytes", "nb")}
+DIV16 = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "K", "row_bytes")
+
+def ops(fn, sig, consts, cfg):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {(list(sig).index(a),): [["tt.divisibility", 16]] for a in DIV16}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False})
+    found = set(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", k.asm["ptx"], re.M))
+    return sorted(o for o in found if o.startswith(("fma", "mad.f", "ld.global.v", "mma", "wgmma.mma")))
+
+for i, cfg in enumerate(P.GPU_GEMV_CONFIGS):
+    bits, xt, direct = (4, 3, 2)[i % 3], (tl.bfloat16, tl.float32)[i % 2], i % 2 == 0
+    sig = {"x_ptr": "*" + TY[xt], "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*fp32",
+           "out_ptr": "*" + (TY[xt] if direct else "fp32"), **GEO, "SPLIT": "i32", "M_CLASS": "i32"}
+    print("gemv", i, bits, TY[xt], *ops(P._gemv_kernel, sig, dict(cfg.kwargs, BITS=bits, XT=xt, HAS_BIAS=True, DIRECT=direct), cfg))
+for i, cfg in enumerate(P.GPU_GEMM_CONFIGS):
+    bits, xt = (2, 3, 4)[i % 3], (tl.bfloat16, tl.float32, tl.float16)[i % 3]
+    sig = {"x_ptr": "*" + TY[xt], "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp32",
+           "y_ptr": "*" + TY[xt], **GEO, "M_CLASS": "i32"}
+    c = dict(cfg.kwargs, BITS=bits, XT=xt, HAS_BIAS=True, UPCAST=False, BM=64 if i % 2 else 16)
+    print("gemm", i, bits, TY[xt], *ops(P._gemm_kernel, sig, c, cfg))
+"""
+
+
+def test_triton_packed_linear_gpu_codegen():
+    """Every GPU candidate compiles for sm_90; the GEMV has no fused multiply-add (the reference's
+    separate rounding) and loads 4-bit weights 16 bytes at a time; the 16-bit GEMM runs on tensor cores."""
+    import subprocess
+    import sys
+
+    _triton_ready()
+    from triton import knobs
+
+    if knobs.nvidia.ptxas.path is None:
+        pytest.skip("no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    from quantkern.triton_kernels import packed_linear as tpl
+
+    assert len(rows) == len(tpl.GPU_GEMV_CONFIGS) + len(tpl.GPU_GEMM_CONFIGS)
+    for kind, i, bits, dt, *found in rows:
+        if kind == "gemv":
+            assert not any(o.startswith(("fma", "mad.f")) for o in found), (kind, i, found)
+            if bits == "4":
+                assert "ld.global.v4.b32" in found, (kind, i, found)
+        elif dt != "fp32":
+            assert any(o.startswith(("mma.sync", "wgmma.mma")) for o in found), (kind, i, found)
 
 
 def test_triton_grad_and_opcheck():

@@ -2,19 +2,37 @@
 ``quantkern::dequantize_triton``.
 
 They read the same bytes as the CPU and CUDA kernels (spec and bit diagrams:
-``quantkern/reference/packing.py``). ``qweight`` is viewed as bytes; weight ``k``
-of row ``n`` is in block ``j = k // 32`` at ``t = k % 32``:
+``quantkern/reference/packing.py``). ``qweight`` is viewed as bytes. A row is a
+sequence of 32-weight blocks; the kernels decode a block *field* by field, where
+field ``f`` of block ``j`` is a run of ``W`` consecutive weights
+``k = 32 j + W f + p`` (``p in [0, W)``) held by the same bit positions of ``W``
+consecutive bytes:
 
-* 4 bits: byte ``16 j + (t & 15)``, nibble ``t >> 4``;
-* 2 bits: byte ``8 j + (t & 7)``, bits ``2 (t >> 3)``;
-* 3 bits: the 2-bit layout for ``q & 3`` plus bit ``t & 7`` of byte
-  ``8 nb + 4 j + (t >> 3)`` for bit 2 (the hi plane after the lo plane).
+* 4 bits: ``W = 16``, 2 fields: bytes ``[16 j, 16 j + 16)``, nibble ``f``;
+* 2 bits: ``W = 8``, 4 fields: bytes ``[8 j, 8 j + 8)``, bits ``[2 f, 2 f + 2)``;
+* 3 bits: the 2-bit fields of ``q & 3`` plus, for bit 2, bit ``p`` of byte
+  ``8 nb + 4 j + f`` (the hi plane after the lo plane).
+
+So every load is a contiguous run of bytes (vectorisable), and a dot product
+takes x in the same field order (a dot product does not care about the order of
+its terms). Groups are whole blocks (or one group per row), so a block's scale
+and zero are one load.
 
 ``w = (q - z) * s`` in fp32 (a subtraction then a multiply, exactly the
-reference); packed_linear multiplies tiles with ``tl.dot`` and accumulates in
-fp32: fp32 x with IEEE fp32 products (no TF32), bf16/fp16 x with the weight tile
-rounded to x's dtype (as ``F.linear(x, W.to(x.dtype))`` does). The whole weight
-is never materialised: each program dequantizes a [BN, BK] tile in registers.
+reference). bf16/fp16 x multiplies the weight rounded to x's dtype (as
+``F.linear(x, W.to(x.dtype))`` does); fp32 x the exact fp32 weight (IEEE fp32
+products, no TF32). Accumulation is fp32. The whole weight is never
+materialised:
+
+* GEMV (``M <= GEMV_MAX_M``): one program per (``BN`` rows, K slice, row of x);
+  the K slices (split-K, sized to fill the GPU) write fp32 partial sums that a
+  second kernel adds in a fixed order, with the bias, and rounds to x's dtype
+  (deterministic: no atomics).
+* GEMM: ``[BM, BN]`` output tiles, ``tl.dot`` per field.
+
+Both are autotuned over tile sizes and warps on a GPU (``GEMV_CONFIGS``,
+``GEMM_CONFIGS``, keyed on N, K and M's size class); under the interpreter one
+small config runs (tests run every config directly).
 
 Registered for CUDA, and for CPU when TRITON_INTERPRET=1 (testing under the interpreter).
 """
@@ -30,6 +48,7 @@ from quantkern import _registry  # noqa: F401  (defines the quantkern::*_triton 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+GEMV_MAX_M = 4  # rows of x up to which packed_linear_triton runs the GEMV
 
 
 @triton.jit
@@ -45,59 +64,142 @@ def _cast(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _weights(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, G, gs, row_bytes, nb, BITS: tl.constexpr):
-    """Dequantized fp32 tile w[rn, rk] (rn: [BN, 1], rk: [1, BK]); 0 outside [N, K]."""
-    mask = (rn < N) & (rk < K)
-    j = rk // 32
-    t = rk % 32
-    base = qw_ptr + rn.to(tl.int64) * row_bytes
+def _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, F: tl.constexpr, BITS: tl.constexpr,
+           W: tl.constexpr):
+    """Field F of blocks jj of rows rn, dequantized: fp32 [BN, NBK, W] (rn: [BN], jj: [NBK]) for
+    weights k = 32 jj + W F + p; 0 for rows >= N and blocks >= nb (the padding inside the last
+    block decodes as q = 0 times a real scale: the caller's x is 0 there)."""
+    p = tl.arange(0, W)
+    r3 = rn[:, None, None]
+    j3 = jj[None, :, None]
+    mask = (r3 < N) & (j3 < nb)
+    base = qw_ptr + r3.to(tl.int64) * row_bytes
     if BITS == 4:
-        b = tl.load(base + 16 * j + (t & 15), mask=mask, other=0).to(tl.int32)
-        q = (b >> ((t >> 4) * 4)) & 15
+        b = tl.load(base + 16 * j3 + p[None, None, :], mask=mask, other=0).to(tl.int32)
+        q = (b >> (4 * F)) & 15
     else:
-        lo = tl.load(base + 8 * j + (t & 7), mask=mask, other=0).to(tl.int32)
-        q = (lo >> (2 * (t >> 3))) & 3
+        lo = tl.load(base + 8 * j3 + p[None, None, :], mask=mask, other=0).to(tl.int32)
+        q = (lo >> (2 * F)) & 3
         if BITS == 3:
-            hb = tl.load(base + 8 * nb + 4 * j + (t >> 3), mask=mask, other=0).to(tl.int32)
-            q = q | (((hb >> (t & 7)) & 1) << 2)
-    g = rk // gs
-    s = tl.load(s_ptr + rn.to(tl.int64) * G + g, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rn.to(tl.int64) * G + g, mask=mask, other=0.0).to(tl.float32)
-    w = (q.to(tl.float32) - z) * s
-    return tl.where(mask, w, 0.0)
+            hb = tl.load(base + 8 * nb + 4 * j3 + F, mask=mask, other=0).to(tl.int32)  # [BN, NBK, 1]
+            q = q | (((hb >> p[None, None, :]) & 1) << 2)
+    mg = (rn[:, None] < N) & (jj[None, :] < nb)
+    goff = rn[:, None].to(tl.int64) * G + (32 * jj[None, :]) // gs
+    s = tl.load(s_ptr + goff, mask=mg, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + goff, mask=mg, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - z[:, :, None]) * s[:, :, None]
+
+
+@triton.jit
+def _x_field(x_ptr, rm, jj, M, K, F: tl.constexpr, W: tl.constexpr):
+    """x[rm, 32 jj + W F + p] as fp32 [BM, NBK, W]; 0 past M and K (rm: [BM], jj: [NBK])."""
+    k = 32 * jj[None, :, None] + W * F + tl.arange(0, W)[None, None, :]
+    r3 = rm[:, None, None]
+    return tl.load(x_ptr + r3.to(tl.int64) * K + k, mask=(r3 < M) & (k < K), other=0.0)
 
 
 @triton.jit
 def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, gs, row_bytes, nb, BITS: tl.constexpr,
-                       OUT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
-    w = _weights(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, G, gs, row_bytes, nb, BITS)
-    tl.store(out_ptr + rn.to(tl.int64) * K + rk, _cast(w, OUT), mask=(rn < N) & (rk < K))
+                       OUT: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr):
+    W: tl.constexpr = 16 if BITS == 4 else 8
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    jj = tl.program_id(1) * NBK + tl.arange(0, NBK)
+    for f in tl.static_range(32 // W):
+        w = _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W)
+        k = 32 * jj[None, :, None] + W * f + tl.arange(0, W)[None, None, :]
+        r3 = rn[:, None, None]
+        tl.store(out_ptr + r3.to(tl.int64) * K + k, _cast(w, OUT), mask=(r3 < N) & (k < K))
 
 
 @triton.jit
-def _packed_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, gs, row_bytes, nb,
-                          BITS: tl.constexpr, XT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G, gs, row_bytes, nb, SPLIT, M_CLASS,
+                 BITS: tl.constexpr, XT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+                 BN: tl.constexpr, NBK: tl.constexpr):
+    """out = partial sums fp32 [SPLIT, M, N] (DIRECT: y [M, N] in x's dtype, with the bias)."""
+    W: tl.constexpr = 16 if BITS == 4 else 8
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    ks = tl.program_id(1)
+    m = tl.program_id(2)
+    rm = m + tl.arange(0, 1)
+    steps = tl.cdiv(nb, NBK)
+    per = tl.cdiv(steps, SPLIT)
+    acc = tl.zeros((BN, NBK, W), dtype=tl.float32)
+    for step in range(ks * per, tl.minimum(ks * per + per, steps)):
+        jj = step * NBK + tl.arange(0, NBK)
+        for f in tl.static_range(32 // W):
+            w = _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W)
+            if XT != tl.float32:
+                w = _cast(w, XT).to(tl.float32)
+            x = _x_field(x_ptr, rm, jj, M, K, f, W).to(tl.float32)  # [1, NBK, W]
+            acc += w * x
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if DIRECT:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=rn < N, other=0.0)
+        tl.store(out_ptr + m.to(tl.int64) * N + rn, _cast(y, XT), mask=rn < N)
+    else:
+        tl.store(out_ptr + (ks * M + m).to(tl.int64) * N + rn, y, mask=rn < N)
+
+
+@triton.jit
+def _splitk_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, SPLIT, XT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """y[M, N] = sum over s (in order) of part[s] (+ bias), rounded to x's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + i
+    for _ in range(0, SPLIT):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += M * N  # (a pointer step: no int32 product of the slice index)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i % N, mask=ok, other=0.0)
+    tl.store(y_ptr + i, _cast(acc, XT), mask=ok)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, gs, row_bytes, nb, M_CLASS,
+                 BITS: tl.constexpr, XT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr):
+    W: tl.constexpr = 16 if BITS == 4 else 8
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        xm = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=xm, other=0.0)
-        w = _weights(qw_ptr, s_ptr, z_ptr, rn[:, None], rk[None, :], N, K, G, gs, row_bytes, nb, BITS)  # [BN, BK]
-        if XT == tl.float32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        elif UPCAST:  # interpreter: its bf16 dot is wrong; fp32 products of 16-bit values are exact
-            acc += tl.dot(x.to(tl.float32), tl.trans(_cast(w, XT).to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(_cast(w, XT)))
+    for j0 in range(0, nb, NBK):
+        jj = j0 + tl.arange(0, NBK)
+        for f in tl.static_range(32 // W):
+            w = tl.reshape(_field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W), (BN, NBK * W))
+            x = tl.reshape(_x_field(x_ptr, rm, jj, M, K, f, W), (BM, NBK * W))
+            if XT == tl.float32:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            elif UPCAST:  # interpreter: its bf16 dot is wrong; fp32 products of 16-bit values are exact
+                acc += tl.dot(x.to(tl.float32), tl.trans(_cast(w, XT).to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(_cast(w, XT)))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
     ym = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], _cast(acc, XT), mask=ym)
+
+
+def _cfg(num_warps, num_stages=2, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+# Autotune candidates: a GPU picks the fastest per (N, K, size class of M, bits); the
+# interpreter runs only the first of each list (the tests run every one directly). GEMV: a
+# [BN rows, 32 NBK weights] tile per step, i.e. BN rows of 16 NBK (4 bits) / 8 NBK (2 bits)
+# contiguous bytes per field load. GEMM: tl.dot needs K >= 16 per field, so NBK >= 2.
+GPU_GEMV_CONFIGS = [
+    _cfg(4, BN=16, NBK=8), _cfg(4, BN=8, NBK=16), _cfg(4, BN=32, NBK=4), _cfg(8, BN=32, NBK=8),
+    _cfg(8, BN=16, NBK=16), _cfg(8, BN=64, NBK=4), _cfg(4, BN=16, NBK=4, num_stages=3), _cfg(2, BN=8, NBK=8)]
+GPU_GEMM_CONFIGS = [
+    _cfg(4, BN=64, NBK=2), _cfg(4, BN=128, NBK=2), _cfg(8, BN=128, NBK=4), _cfg(4, BN=32, NBK=2),
+    _cfg(4, BN=64, NBK=2, num_stages=3), _cfg(8, BN=64, NBK=4, num_stages=3), _cfg(8, BN=256, NBK=2)]
+GEMV_CONFIGS = [_cfg(4, BN=8, NBK=2)] if _INTERPRET else GPU_GEMV_CONFIGS
+GEMM_CONFIGS = [_cfg(4, BN=32, NBK=2)] if _INTERPRET else GPU_GEMM_CONFIGS
+_gemv = triton.autotune(GEMV_CONFIGS, key=["N", "K", "M_CLASS", "BITS", "XT", "DIRECT"])(_gemv_kernel)
+_gemm = triton.autotune(GEMM_CONFIGS, key=["N", "K", "M_CLASS", "BITS", "XT"])(_gemm_kernel)
 
 
 def _geometry(qweight, bits, group_size, in_features):
@@ -114,16 +216,30 @@ def _checked_geometry(op, qweight, scales, zeros, bits, group_size, in_features)
     return _geometry(qweight, bits, group_size, in_features)
 
 
+def _programs_wanted(device) -> int:
+    """About four waves of programs on this GPU (a fixed small number under the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_split(M: int, N: int, nb: int, device) -> int:
+    """K slices of the GEMV: enough (rows of 16, K slices, rows of x) programs to fill the GPU,
+    each slice at least 8 blocks (256 weights) long."""
+    tiles = triton.cdiv(N, 16) * M
+    return max(1, min(triton.cdiv(_programs_wanted(device), tiles), nb // 8))
+
+
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype=None):
     N, K, nb, row_bytes, G = _checked_geometry("dequantize_triton", qweight, scales, zeros, bits, group_size,
                                                in_features)
     out = torch.empty((N, K), dtype=dtype or scales.dtype, device=qweight.device)
     if N == 0:
         return out
-    BN, BK = 32, 64
-    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
+    BN, NBK = 32, 2
+    grid = (triton.cdiv(N, BN), triton.cdiv(nb, NBK))
     _dequantize_kernel[grid](qweight.contiguous().view(torch.uint8), scales.contiguous(), zeros.contiguous(), out,
-                             N, K, G, group_size, row_bytes, nb, BITS=bits, OUT=_TL[out.dtype], BN=BN, BK=BK,
+                             N, K, G, group_size, row_bytes, nb, BITS=bits, OUT=_TL[out.dtype], BN=BN, NBK=NBK,
                              enable_fp_fusion=False)
     return out
 
@@ -139,15 +255,41 @@ def packed_linear_triton(x, qweight, scales, zeros, bits, group_size, in_feature
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N:
-        BM = 16 if M <= 16 else (32 if M <= 32 else 64)
-        BN, BK = 64, 64
-        b = bias.float().contiguous() if bias is not None else y  # dummy pointer when no bias
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-        _packed_linear_kernel[grid](x2, qweight.contiguous().view(torch.uint8), scales.contiguous(), zeros.contiguous(),
-                                    b, y, M, N, K, G, group_size, row_bytes, nb, BITS=bits, XT=_TL[x.dtype],
-                                    HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK, UPCAST=_INTERPRET, num_warps=4,
-                                    enable_fp_fusion=False)
+        launch(x2, qweight.contiguous().view(torch.uint8), scales.contiguous(), zeros.contiguous(),
+               None if bias is None else bias.float().contiguous(), y, bits, group_size)
     return y.reshape(*x.shape[:-1], N)
+
+
+def launch(x2, qw8, scales, zeros, bias, y, bits, group_size, split=None, gemv=None, config=None):
+    """y [M, N] = x2 [M, K] @ W.T (+ bias fp32 [N]) on contiguous tensors, qw8 the packed rows as bytes.
+
+    ``split`` / ``gemv`` / ``config`` (a ``triton.Config``) override the choices of
+    :func:`gemv_split`, ``M <= GEMV_MAX_M`` and the autotuner (tests run every config with them)."""
+    M, K = x2.shape
+    N = qw8.shape[0]
+    nb = (K + 31) // 32
+    geo = (M, N, K, K // group_size, group_size, nb * bits * 4, nb)
+    m_class = min(triton.next_power_of_2(M), 256)
+    xt = _TL[x2.dtype]
+    b = bias if bias is not None else y  # dummy pointer when there is no bias
+    opts = {"enable_fp_fusion": False}
+    if gemv if gemv is not None else M <= GEMV_MAX_M:
+        S = split or gemv_split(M, N, nb, x2.device)
+        part = y if S == 1 else torch.empty((S, M, N), dtype=torch.float32, device=y.device)
+        kern, meta = (_gemv_kernel, dict(config.all_kwargs(), **opts)) if config else (_gemv, opts)
+        grid = lambda c: (triton.cdiv(N, c["BN"]), S, M)  # noqa: E731
+        kern[grid](x2, qw8, scales, zeros, b, part, *geo, S, m_class, BITS=bits, XT=xt, HAS_BIAS=bias is not None,
+                   DIRECT=S == 1, **meta)
+        if S > 1:
+            BLOCK = 1024
+            _splitk_sum_kernel[(triton.cdiv(M * N, BLOCK),)](part, b, y, M, N, S, XT=xt, HAS_BIAS=bias is not None,
+                                                             BLOCK=BLOCK, **opts)
+    else:
+        BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+        kern, meta = (_gemm_kernel, dict(config.all_kwargs(), **opts)) if config else (_gemm, opts)
+        grid = lambda c: (triton.cdiv(M, BM), triton.cdiv(N, c["BN"]))  # noqa: E731
+        kern[grid](x2, qw8, scales, zeros, b, y, *geo, m_class, BITS=bits, XT=xt, HAS_BIAS=bias is not None,
+                   UPCAST=_INTERPRET, BM=BM, **meta)
 
 
 # ------------------------------------------------------------------ registration
