@@ -64,30 +64,37 @@ def _cast(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, F: tl.constexpr, BITS: tl.constexpr,
-           W: tl.constexpr):
-    """Field F of blocks jj of rows rn, dequantized: fp32 [BN, NBK, W] (rn: [BN], jj: [NBK]) for
-    weights k = 32 jj + W F + p; 0 for rows >= N and blocks >= nb (the padding inside the last
-    block decodes as q = 0 times a real scale: the caller's x is 0 there)."""
-    p = tl.arange(0, W)
+def _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W: tl.constexpr):
+    """Blocks jj of rows rn (rn: [BN], jj: [NBK]): their (lo-plane) bytes int32 [BN, NBK, W], one
+    contiguous run per row, and their scale and zero fp32 [BN, NBK, 1]; 0 for rows >= N and
+    blocks >= nb. Loaded once per tile and shared by its fields."""
     r3 = rn[:, None, None]
     j3 = jj[None, :, None]
     mask = (r3 < N) & (j3 < nb)
-    base = qw_ptr + r3.to(tl.int64) * row_bytes
+    b = tl.load(qw_ptr + r3.to(tl.int64) * row_bytes + (W * j3 + tl.arange(0, W)[None, None, :]), mask=mask,
+                other=0).to(tl.int32)
+    goff = r3.to(tl.int64) * G + (32 * j3) // gs
+    s = tl.load(s_ptr + goff, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + goff, mask=mask, other=0.0).to(tl.float32)
+    return b, s, z
+
+
+@triton.jit
+def _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, F: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
+    """Field F of the tile of :func:`_blocks`, dequantized: fp32 [BN, NBK, W] for weights
+    k = 32 jj + W F + p (the padding inside the last block decodes as q = 0 times a real scale:
+    the caller's x is 0 there)."""
     if BITS == 4:
-        b = tl.load(base + 16 * j3 + p[None, None, :], mask=mask, other=0).to(tl.int32)
         q = (b >> (4 * F)) & 15
     else:
-        lo = tl.load(base + 8 * j3 + p[None, None, :], mask=mask, other=0).to(tl.int32)
-        q = (lo >> (2 * F)) & 3
-        if BITS == 3:
-            hb = tl.load(base + 8 * nb + 4 * j3 + F, mask=mask, other=0).to(tl.int32)  # [BN, NBK, 1]
-            q = q | (((hb >> p[None, None, :]) & 1) << 2)
-    mg = (rn[:, None] < N) & (jj[None, :] < nb)
-    goff = rn[:, None].to(tl.int64) * G + (32 * jj[None, :]) // gs
-    s = tl.load(s_ptr + goff, mask=mg, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + goff, mask=mg, other=0.0).to(tl.float32)
-    return (q.to(tl.float32) - z[:, :, None]) * s[:, :, None]
+        q = (b >> (2 * F)) & 3
+        if BITS == 3:  # bit 2: bit p of hi-plane byte 4 j + F
+            r3 = rn[:, None, None]
+            j3 = jj[None, :, None]
+            hb = tl.load(qw_ptr + r3.to(tl.int64) * row_bytes + 8 * nb + 4 * j3 + F, mask=(r3 < N) & (j3 < nb),
+                         other=0).to(tl.int32)  # [BN, NBK, 1]
+            q = q | (((hb >> tl.arange(0, W)[None, None, :]) & 1) << 2)
+    return (q.to(tl.float32) - z) * s
 
 
 @triton.jit
@@ -104,8 +111,9 @@ def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, gs, row_bytes, nb
     W: tl.constexpr = 16 if BITS == 4 else 8
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     jj = tl.program_id(1) * NBK + tl.arange(0, NBK)
+    b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
     for f in tl.static_range(32 // W):
-        w = _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W)
+        w = _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W)
         k = 32 * jj[None, :, None] + W * f + tl.arange(0, W)[None, None, :]
         r3 = rn[:, None, None]
         tl.store(out_ptr + r3.to(tl.int64) * K + k, _cast(w, OUT), mask=(r3 < N) & (k < K))
@@ -126,8 +134,9 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G, gs, ro
     acc = tl.zeros((BN, NBK, W), dtype=tl.float32)
     for step in range(ks * per, tl.minimum(ks * per + per, steps)):
         jj = step * NBK + tl.arange(0, NBK)
+        b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
         for f in tl.static_range(32 // W):
-            w = _field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W)
+            w = _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W)
             if XT != tl.float32:
                 w = _cast(w, XT).to(tl.float32)
             x = _x_field(x_ptr, rm, jj, M, K, f, W).to(tl.float32)  # [1, NBK, W]
@@ -167,8 +176,9 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, gs, row_
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for j0 in range(0, nb, NBK):
         jj = j0 + tl.arange(0, NBK)
+        b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
         for f in tl.static_range(32 // W):
-            w = tl.reshape(_field(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, f, BITS, W), (BN, NBK * W))
+            w = tl.reshape(_field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W), (BN, NBK * W))
             x = tl.reshape(_x_field(x_ptr, rm, jj, M, K, f, W), (BM, NBK * W))
             if XT == tl.float32:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
