@@ -402,7 +402,7 @@ def test_triton_packed_linear(bits):
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_triton_every_autotune_config(bits):
     """Each GEMV / GEMM candidate a GPU may pick (the interpreter autotunes over one), with and
-    without split-K, K slices that end inside a tile, a ragged last block and one group per row."""
+    without split-K (slices of unequal length), a ragged last block and one group per row."""
     _triton_ready()
     from quantkern.triton_kernels import packed_linear as tpl
 
@@ -426,6 +426,26 @@ def test_triton_every_autotune_config(bits):
     assert tpl.gemv_split(1, 16, 64, torch.device("cpu")) == 8
     assert tpl.gemv_split(1, 16, 20, torch.device("cpu")) == 2
     assert tpl.gemv_split(4, 4096, 128, torch.device("cpu")) == 1
+
+
+def test_triton_padding_weights_are_zero():
+    """The padding after K in the last block decodes as -z * s; rounded to fp16 that may be inf
+    (here -75000) and inf * 0 = NaN: the kernels must use exact zeros there (as the native ones)."""
+    _triton_ready()
+    from quantkern.triton_kernels import packed_linear as tpl
+
+    K = N = 40
+    W = torch.randint(3, 16, (N, K)).float()
+    q, s, z = W.to(torch.uint8), torch.full((N, 1), 5000.0), torch.full((N, 1), 15.0)
+    pw = PackedWeight(ops.pack(q, 4), s, z, 4, K, (N, K))
+    for M in (1, 8):
+        x = torch.randn(M, K).half() * 1e-3
+        want = ops.packed_linear(x, pw)  # native
+        assert torch.isfinite(want).all()
+        assert torch.isfinite(ops.packed_linear(x, pw, backend="triton")).all()
+        y = torch.empty(M, N, dtype=x.dtype)
+        tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, None, y, 4, K, split=2, gemv=True)
+        assert torch.isfinite(y).all()
 
 
 # Compiles every GPU autotune candidate for sm_90 (Triton ships ptxas: no GPU needed), bits and

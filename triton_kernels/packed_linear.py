@@ -27,7 +27,8 @@ materialised:
 * GEMV (``M <= GEMV_MAX_M``): one program per (``BN`` rows, K slice, row of x);
   the K slices (split-K, sized to fill the GPU) write fp32 partial sums that a
   second kernel adds in a fixed order, with the bias, and rounds to x's dtype
-  (deterministic: no atomics).
+  (no atomics: the same config and split give the same bits on every call; another
+  config or GPU may sum in another order, within fp32 rounding).
 * GEMM: ``[BM, BN]`` output tiles, ``tl.dot`` per field.
 
 Both are autotuned over tile sizes and warps on a GPU (``GEMV_CONFIGS``,
@@ -80,10 +81,10 @@ def _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W: tl.constex
 
 
 @triton.jit
-def _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, F: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
+def _field(b, s, z, qw_ptr, rn, jj, N, K, row_bytes, nb, F: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
     """Field F of the tile of :func:`_blocks`, dequantized: fp32 [BN, NBK, W] for weights
-    k = 32 jj + W F + p (the padding inside the last block decodes as q = 0 times a real scale:
-    the caller's x is 0 there)."""
+    k = 32 jj + W F + p; exactly 0 for k >= K (the padding of the last block would decode as
+    -z * s, which a 16-bit x's dtype may round to inf, and inf * 0 is NaN)."""
     if BITS == 4:
         q = (b >> (4 * F)) & 15
     else:
@@ -94,7 +95,8 @@ def _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, F: tl.constexpr, BITS: tl.
             hb = tl.load(qw_ptr + r3.to(tl.int64) * row_bytes + 8 * nb + 4 * j3 + F, mask=(r3 < N) & (j3 < nb),
                          other=0).to(tl.int32)  # [BN, NBK, 1]
             q = q | (((hb >> tl.arange(0, W)[None, None, :]) & 1) << 2)
-    return (q.to(tl.float32) - z) * s
+    k = 32 * jj[None, :, None] + W * F + tl.arange(0, W)[None, None, :]
+    return tl.where(k < K, (q.to(tl.float32) - z) * s, 0.0)
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, gs, row_bytes, nb
     jj = tl.program_id(1) * NBK + tl.arange(0, NBK)
     b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
     for f in tl.static_range(32 // W):
-        w = _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W)
+        w = _field(b, s, z, qw_ptr, rn, jj, N, K, row_bytes, nb, f, BITS, W)
         k = 32 * jj[None, :, None] + W * f + tl.arange(0, W)[None, None, :]
         r3 = rn[:, None, None]
         tl.store(out_ptr + r3.to(tl.int64) * K + k, _cast(w, OUT), mask=(r3 < N) & (k < K))
@@ -123,11 +125,14 @@ def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, gs, row_bytes, nb
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G, gs, row_bytes, nb, SPLIT, M_CLASS,
                  BITS: tl.constexpr, XT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
                  BN: tl.constexpr, NBK: tl.constexpr):
-    """out = partial sums fp32 [SPLIT, M, N] (DIRECT: y [M, N] in x's dtype, with the bias)."""
+    """out = partial sums fp32 [SPLIT, M, N] (DIRECT: y [M, N] in x's dtype, with the bias).
+
+    Grid (cdiv(N, BN) * M, SPLIT): the rows of x are the fastest axis, so the (at most 4)
+    programs that read the same weight tile run together and share it through the L2."""
     W: tl.constexpr = 16 if BITS == 4 else 8
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.program_id(0) % M
+    rn = (tl.program_id(0) // M) * BN + tl.arange(0, BN)
     ks = tl.program_id(1)
-    m = tl.program_id(2)
     rm = m + tl.arange(0, 1)
     steps = tl.cdiv(nb, NBK)
     per = tl.cdiv(steps, SPLIT)
@@ -136,7 +141,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G, gs, ro
         jj = step * NBK + tl.arange(0, NBK)
         b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
         for f in tl.static_range(32 // W):
-            w = _field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W)
+            w = _field(b, s, z, qw_ptr, rn, jj, N, K, row_bytes, nb, f, BITS, W)
             if XT != tl.float32:
                 w = _cast(w, XT).to(tl.float32)
             x = _x_field(x_ptr, rm, jj, M, K, f, W).to(tl.float32)  # [1, NBK, W]
@@ -178,7 +183,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, gs, row_
         jj = j0 + tl.arange(0, NBK)
         b, s, z = _blocks(qw_ptr, s_ptr, z_ptr, rn, jj, N, G, gs, row_bytes, nb, W)
         for f in tl.static_range(32 // W):
-            w = tl.reshape(_field(b, s, z, qw_ptr, rn, jj, N, row_bytes, nb, f, BITS, W), (BN, NBK * W))
+            w = tl.reshape(_field(b, s, z, qw_ptr, rn, jj, N, K, row_bytes, nb, f, BITS, W), (BN, NBK * W))
             x = tl.reshape(_x_field(x_ptr, rm, jj, M, K, f, W), (BM, NBK * W))
             if XT == tl.float32:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -196,7 +201,10 @@ def _cfg(num_warps, num_stages=2, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-# Autotune candidates: a GPU picks the fastest per (N, K, size class of M, bits); the
+# Autotune candidates: a GPU picks the fastest per (N, K, size class of M, bits, x's dtype; for the
+# GEMV also split or not); the first call with a new key benchmarks them (it synchronises: run one
+# call before capturing a CUDA graph). Configs that spill registers on sm_90 at BM = 64 (BN >= 128
+# with NBK = 4, BN = 256) are left out. The
 # interpreter runs only the first of each list (the tests run every one directly). GEMV: a
 # [BN rows, 32 NBK weights] tile per step, i.e. BN rows of 16 NBK (4 bits) / 8 NBK (2 bits)
 # contiguous bytes per field load. GEMM: tl.dot needs K >= 16 per field, so NBK >= 2.
@@ -204,8 +212,8 @@ GPU_GEMV_CONFIGS = [
     _cfg(4, BN=16, NBK=8), _cfg(4, BN=8, NBK=16), _cfg(4, BN=32, NBK=4), _cfg(8, BN=32, NBK=8),
     _cfg(8, BN=16, NBK=16), _cfg(8, BN=64, NBK=4), _cfg(4, BN=16, NBK=4, num_stages=3), _cfg(2, BN=8, NBK=8)]
 GPU_GEMM_CONFIGS = [
-    _cfg(4, BN=64, NBK=2), _cfg(4, BN=128, NBK=2), _cfg(8, BN=128, NBK=4), _cfg(4, BN=32, NBK=2),
-    _cfg(4, BN=64, NBK=2, num_stages=3), _cfg(8, BN=64, NBK=4, num_stages=3), _cfg(8, BN=256, NBK=2)]
+    _cfg(4, BN=64, NBK=2), _cfg(8, BN=128, NBK=2), _cfg(4, BN=32, NBK=2), _cfg(4, BN=32, NBK=4),
+    _cfg(4, BN=64, NBK=2, num_stages=3), _cfg(8, BN=64, NBK=4, num_stages=3)]
 GEMV_CONFIGS = [_cfg(4, BN=8, NBK=2)] if _INTERPRET else GPU_GEMV_CONFIGS
 GEMM_CONFIGS = [_cfg(4, BN=32, NBK=2)] if _INTERPRET else GPU_GEMM_CONFIGS
 _gemv = triton.autotune(GEMV_CONFIGS, key=["N", "K", "M_CLASS", "BITS", "XT", "DIRECT"])(_gemv_kernel)
@@ -234,8 +242,10 @@ def _programs_wanted(device) -> int:
 
 
 def gemv_split(M: int, N: int, nb: int, device) -> int:
-    """K slices of the GEMV: enough (rows of 16, K slices, rows of x) programs to fill the GPU,
-    each slice at least 8 blocks (256 weights) long."""
+    """K slices of the GEMV: enough (16-row tiles, rows of x, K slices) programs to fill the GPU,
+    at most nb // 8 slices (about 8 blocks = 256 weights each or more). The kernel cuts K in whole
+    steps of its tile's NBK blocks, so with a large NBK some slices are short or empty (an empty
+    slice adds 0)."""
     tiles = triton.cdiv(N, 16) * M
     return max(1, min(triton.cdiv(_programs_wanted(device), tiles), nb // 8))
 
@@ -257,6 +267,8 @@ def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dty
 def packed_linear_triton(x, qweight, scales, zeros, bits, group_size, in_features, bias=None):
     N, K, nb, row_bytes, G = _checked_geometry("packed_linear_triton", qweight, scales, zeros, bits, group_size,
                                                in_features)
+    if x.dtype not in _TL:
+        raise ValueError(f"quantkern.packed_linear_triton: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"quantkern.packed_linear_triton: x must have shape [..., {K}], got {tuple(x.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
@@ -287,7 +299,7 @@ def launch(x2, qw8, scales, zeros, bias, y, bits, group_size, split=None, gemv=N
         S = split or gemv_split(M, N, nb, x2.device)
         part = y if S == 1 else torch.empty((S, M, N), dtype=torch.float32, device=y.device)
         kern, meta = (_gemv_kernel, dict(config.all_kwargs(), **opts)) if config else (_gemv, opts)
-        grid = lambda c: (triton.cdiv(N, c["BN"]), S, M)  # noqa: E731
+        grid = lambda c: (triton.cdiv(N, c["BN"]) * M, S)  # noqa: E731
         kern[grid](x2, qw8, scales, zeros, b, part, *geo, S, m_class, BITS=bits, XT=xt, HAS_BIAS=bias is not None,
                    DIRECT=S == 1, **meta)
         if S > 1:
