@@ -448,6 +448,32 @@ def test_triton_padding_weights_are_zero():
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_triton_gpu_every_config(bits):
+    """The compiled Triton kernels on a GPU (run with TRITON_INTERPRET=0, as scripts/gpu_check/run.sh
+    does): the autotuned public path and every candidate, GEMV with and without split-K, GEMM."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 runs the interpreter: set TRITON_INTERPRET=0 to test the compiled kernels")
+    from quantkern.triton_kernels import packed_linear as tpl
+
+    for M, N, K, gs in [(1, 4099, 4096, 64), (3, 37, 544, 32), (2, 19, 100, 100), (40, 300, 1024, 128)]:
+        pw = make(N, K, bits, gs, torch.bfloat16, seed=N).to("cuda")
+        bias = torch.randn(N, device="cuda")
+        for dt in DTYPES:
+            x = torch.randn(M, K, device="cuda").to(dt)
+            check_accuracy(ops.packed_linear(x, pw, bias, backend="triton"), x, pw, bias)
+            assert torch.equal(pw.dequantize(torch.float32, backend="triton"),
+                               ref.dequantize(pw.qweight, pw.scales, pw.zeros, bits, gs, K))
+            gemv = M <= tpl.GEMV_MAX_M
+            for cfg in tpl.GPU_GEMV_CONFIGS if gemv else tpl.GPU_GEMM_CONFIGS:
+                for split in ((1, 3) if gemv else (None,)):
+                    y = torch.empty(M, N, dtype=dt, device="cuda")
+                    tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, split=split,
+                               gemv=gemv, config=cfg)
+                    check_accuracy(y, x, pw, bias)
+
+
 # Compiles every GPU autotune candidate for sm_90 (Triton ships ptxas: no GPU needed), bits and
 # x's dtype cycling over the configs, and reports the PTX instructions that matter.
 _PTX_SCRIPT = r"""

@@ -17,6 +17,9 @@ timeout 200 python3 scripts/gpu_check/check_all.py 2>&1 | tee $OUT/check.log | t
 echo "check done at $(( $(date +%s) - T0 )) s"
 timeout ${PYT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_fake_quant_lsq_cuda.py tests/test_oscillation.py tests/test_hqq.py tests/test_packed_linear.py tests/test_calibrate.py tests/test_quantize.py tests/test_ptq_conv.py -k "cuda or gpu" 2>&1 | tee $OUT/pytest.log | tail -25
 echo "pytest done at $(( $(date +%s) - T0 )) s"
+# the compiled Triton packed_linear kernels (the tests above run Triton in the interpreter)
+TRITON_INTERPRET=0 timeout ${TRT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_packed_linear.py -k "triton_gpu" 2>&1 | tee $OUT/triton.log | tail -15
+echo "triton done at $(( $(date +%s) - T0 )) s"
 if [ "${SAN:-1}" = 1 ]; then
 SMALL=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANT:-150} compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/gpu_check/check_all.py > $OUT/memcheck.log 2>&1
 echo "memcheck rc=$? at $(( $(date +%s) - T0 )) s"; grep -m30 -E "Invalid|ERROR SUMMARY|DONE|FAIL|at 0x|by thread" $OUT/memcheck.log
