@@ -71,6 +71,9 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(dev)
 
 
+CUDA_BLOCK = 20  # GPU calls per timed sample (see measure)
+
+
 def measure(
     fn: Callable[[], Any],
     warmup: int = 3,
@@ -84,10 +87,13 @@ def measure(
     """Time ``fn()``: ``warmup`` untimed calls, then ``reps`` timed calls; median ms.
 
     ``reps=None`` picks the count from the warm-up time so the timed part takes
-    about ``budget_s`` (clamped to ``[min_reps, max_reps]``). Each call is
-    timed on its own (perf_counter around the call on the CPU, a pair of CUDA
-    events on a GPU), so one slow outlier moves the median not at all.
-    Results of ``fn`` are dropped before the next call.
+    about ``budget_s`` (clamped to ``[min_reps, max_reps]``). On the CPU each call
+    is timed on its own (perf_counter around the call), so one slow outlier moves
+    the median not at all. On a GPU a pair of CUDA events around one call would
+    also time the host's Python and launch work whenever that is longer than the
+    kernel (a floor of ~25-45 us), so each timed sample is a block of
+    ``CUDA_BLOCK`` back-to-back calls between one pair of events, divided by the
+    block size. Results of ``fn`` are dropped before the next call.
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -111,10 +117,11 @@ def measure(
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
             starts[i].record()
-            fn()
+            for _ in range(CUDA_BLOCK):
+                fn()
             ends[i].record()
         torch.cuda.synchronize(dev)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        times = [s.elapsed_time(e) / CUDA_BLOCK for s, e in zip(starts, ends)]
     else:
         for _ in range(reps):
             t0 = time.perf_counter()

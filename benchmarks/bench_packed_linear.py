@@ -275,7 +275,8 @@ def summary(rows, args, out) -> None:
     for d in args.dtype:
         r = find("4096x11008", "quantkern b4 g64", d, 1)
         if r:
-            lines.append(f"M=1 int4 g64 4096x11008 {d}: {r.ms:.3f} ms (target <= 0.9), roofline {100 * r.extra['roofline']:.0f}%")
+            lines.append(f"M=1 int4 g64 4096x11008 {d}: {r.ms:.3f} ms (issue: <= 0.9 ms on its host), "
+                         f"roofline {100 * r.extra['roofline']:.0f}% (target >= 90%)")
         for b in (3, 2):
             r = find("4096x11008", f"quantkern b{b} g64", d, 1)
             if r:
@@ -283,10 +284,10 @@ def summary(rows, args, out) -> None:
         r = find("4096x11008", "quantkern b4 g64", d, 32)
         if r:
             lines.append(f"M=32 int4 g64 4096x11008 {d}: {r.ms:.3f} ms (target <= 4.5), vs bf16 F.linear {r.extra['vs_bf16_x']:.2f}x")
-    slower = [r for r in rows if r.impl.startswith("quantkern") and math.isfinite(r.extra.get("vs_bf16_x", float("nan")))
-              and r.extra["vs_bf16_x"] < 1.0]
-    lines.append(f"quantkern rows slower than bf16 F.linear: {len(slower)} of "
-                 f"{sum(1 for r in rows if r.impl.startswith('quantkern'))}"
+    # (only rows with a bf16 F.linear row to compare with: none under --no-baselines)
+    compared = [r for r in rows if r.impl.startswith("quantkern") and math.isfinite(r.extra.get("vs_bf16_x", float("nan")))]
+    slower = [r for r in compared if r.extra["vs_bf16_x"] < 1.0]
+    lines.append(f"quantkern rows slower than bf16 F.linear: {len(slower)} of {len(compared)} compared"
                  + ("" if not slower else " -- " + ", ".join(f"{r.case} {r.pass_} {r.impl} ({r.extra['vs_bf16_x']:.2f}x)"
                                                              for r in slower[:12])))
     print("\n### targets\n", file=out)
