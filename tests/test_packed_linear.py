@@ -684,3 +684,10 @@ def test_triton_kernels_import_from_an_uninstalled_source_tree(tmp_path):
             f"assert t.__file__.startswith({str(tmp_path)!r}), t.__file__\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_replace_linear_keeps_a_frozen_bias_frozen():
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    m.requires_grad_(False)
+    replace_linear(m, 4, 32, skip=None)
+    assert isinstance(m[0], PackedLinear) and not m[0].bias.requires_grad

@@ -597,3 +597,74 @@ def test_frozen_bias_stays_frozen_and_float64_refused():
     with pytest.raises(TypeError, match="float64.*cast first"):
         quantize_(m, method="rtn", bits=4, group_size=32, progress=False)
     assert not any(isinstance(mod, PackedLinear) for mod in m.modules())  # nothing converted
+
+
+def test_linear_shared_twice_under_one_parent(tmp_path):
+    # named_children() lists a parent's repeated child once: the second place stayed float and
+    # the checkpoint did not load back
+    lin = nn.Linear(64, 64)
+    m = nn.Sequential(lin, nn.ReLU(), lin)
+    quantize_(m, method="rtn", group_size=32, skip=None, progress=False)
+    assert isinstance(m[0], PackedLinear) and m[0] is m[2]
+    save_quantized(m, tmp_path / "m.safetensors")
+    m2 = load_quantized(lambda: (lambda lin: nn.Sequential(lin, nn.ReLU(), lin))(nn.Linear(64, 64)),
+                        tmp_path / "m.safetensors")
+    x = torch.randn(3, 64)
+    assert m2[0] is m2[2] and torch.equal(m2(x), m(x))
+    # skipping by the second name skips the shared layer
+    lin = nn.Linear(64, 64)
+    m = nn.Sequential(lin, nn.ReLU(), lin)
+    quantize_(m, method="rtn", group_size=32, skip=("2",), progress=False)
+    assert type(m[0]) is nn.Linear and m[0] is m[2]
+
+
+@pytest.mark.parametrize("method", ("rtn", "gptq"))
+def test_torch_transformer_encoder(tmp_path, method):
+    # torch's fused encoder paths read linear1.weight directly: they must be switched off
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
+    x = torch.randn(2, 10, 64)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 7:] = True
+    with torch.inference_mode():
+        ref, ref_m = enc(x), enc(x, src_key_padding_mask=mask)
+    X = torch.randn(64, 10, 64)  # fixed: calib_fn must run the same data on every call
+    calib = (lambda model: model(X)) if method == "gptq" else None
+    quantize_(enc, method=method, group_size=32, calib_fn=calib, progress=False)
+    assert isinstance(enc.layers[0].linear1, PackedLinear) and isinstance(enc.layers[1].linear2, PackedLinear)
+    with torch.inference_mode():
+        y, y_m = enc(x), enc(x, src_key_padding_mask=mask)
+    assert (y - ref).norm() / ref.norm() < 0.2
+    assert torch.isfinite(y_m[0]).all() and (y_m[0] - ref_m[0]).norm() / ref_m[0].norm() < 0.2
+    save_quantized(enc, tmp_path / "e.safetensors")
+    fresh = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
+    enc2 = load_quantized(lambda: fresh, tmp_path / "e.safetensors")
+    with torch.inference_mode():
+        assert torch.equal(enc2(x, src_key_padding_mask=mask), y_m)
+
+
+def test_zero_row_keeps_half_metadata():
+    # the float-target fit leaves ~1e-18 in an all-zero row, whose fp16 scale underflows to 0:
+    # harmless (the row decodes as 0), so the layer keeps fp16 metadata and no warning
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    with torch.no_grad():
+        m[0].weight[5] = 0
+    X = torch.randn(64, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(m, method="gptq", group_size=32, calib_fn=lambda model: model(X), progress=False, skip=None)
+    assert m[0].scales.dtype == torch.float16
+    assert m[0].packed_weight.dequantize(torch.float32)[5].abs().max() < 1e-12
+
+
+def test_bare_packed_linear_and_meta_model_errors(tmp_path):
+    layer = PackedLinear.from_linear(nn.Linear(64, 8), 4, 32)
+    with pytest.raises(TypeError, match="itself a PackedLinear"):
+        save_quantized(layer, tmp_path / "x.safetensors")
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_(m, method="hqq", group_size=32, skip=None, progress=False)

@@ -273,7 +273,9 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     if type(model) is nn.Linear:  # it has no parent here to be replaced in: nothing would change
         raise TypeError("quantkern.replace_linear: model is itself an nn.Linear; use PackedLinear.from_linear(layer)")
     replaced = []
-    for name, sites, child in linear_sites(model, skip):
+    sites_list = linear_sites(model, skip)
+    disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
+    for name, sites, child in sites_list:
         gs = group_size
         K = child.in_features
         if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
@@ -281,6 +283,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
                 continue
             gs = None
         new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
+        if new.bias is not None and child.bias is not None:  # a frozen bias stays frozen
+            new.bias.requires_grad_(child.bias.requires_grad)
         for parent, child_name in sites:
             setattr(parent, child_name, new)
         replaced.append(name)
@@ -297,7 +301,7 @@ def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module
     first = {id(m): n for n, m in model.named_modules()}
     found: dict[int, tuple[list, list, nn.Linear]] = {}
     for parent_name, parent in model.named_modules():
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
             if type(child) is nn.Linear:
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
                 names, sites, _ = found.setdefault(id(child), ([], [], child))
@@ -305,3 +309,22 @@ def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module
                 sites.append((parent, child_name))
     return [(first[i], sites, lin) for i, (names, sites, lin) in found.items()
             if not any(_skipped(n, skip) for n in names)]
+
+
+def disable_fused_encoder_paths(model: nn.Module, linears) -> int:
+    """Switch off torch's fused inference paths of the ``nn.TransformerEncoderLayer`` s whose
+    ``linear1`` / ``linear2`` are (or are about to become) one of ``linears``, and the nested-tensor
+    path of the ``nn.TransformerEncoder`` s holding them. Both read ``linear1.weight`` directly (a
+    PackedLinear has no dense weight) and give the same result as the regular path they fall back
+    to. Sets ``layer.activation_relu_or_gelu = 0`` (only those checks read it) and
+    ``encoder.use_nested_tensor = False``. Returns the number of encoder layers changed."""
+    ids = {id(m) for m in linears}
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
+              and (id(m.linear1) in ids or id(m.linear2) in ids)]
+    for m in layers:
+        m.activation_relu_or_gelu = 0
+    changed = {id(m) for m in layers}
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(id(layer) in changed for layer in m.layers):
+            m.use_nested_tensor = False
+    return len(layers)

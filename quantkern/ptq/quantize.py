@@ -85,7 +85,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn.packed_linear import DEFAULT_SKIP, PackedLinear, linear_sites
+from ..nn.packed_linear import DEFAULT_SKIP, PackedLinear, disable_fused_encoder_paths, linear_sites
 from ..packed import PackedWeight, load_packed, save_packed
 
 __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
@@ -460,6 +460,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     """Quantize ``model`` in place (every non-skipped ``nn.Linear`` -> ``PackedLinear``); returns it.
 
     Keyword overrides update ``config`` (e.g. ``quantize_(m, method="hqq", bits=3)``).
+    ``calib_fn``: ``f(model)`` or a list of them (one per calibration batch), each running the model
+    on its batch. They are called again for every layer (and on the float model for the float
+    target), so each must run the same data on every call: no fresh random batches.
     Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
     After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer.
     """
@@ -480,6 +483,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         dt = next(lin.weight.dtype for n, _, lin in layers if n == bad[0])
         raise TypeError(f"quantize_: layers {bad[:3]}{' ...' if len(bad) > 3 else ''} have weights of dtype {dt}; "
                         "PackedLinear takes float32 / float16 / bfloat16 models (cast first, e.g. model.float())")
+    meta = [n for n, _, lin in layers if lin.weight.is_meta]
+    if meta:
+        raise ValueError(f"quantize_: layers {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the meta device "
+                         "(no data); load real weights first")
     if not layers:
         packed = sum(isinstance(m, PackedLinear) for m in model.modules())
         warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
@@ -487,6 +494,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                          "call does not re-quantize)" if packed else
                          "; layers of other types, e.g. transformers' Conv1D (GPT-2), are not converted"),
                       stacklevel=2)
+    # (before any calibration forward: converted encoder layers must not take torch's fused path)
+    disable_fused_encoder_paths(model, [lin for _, _, lin in layers])
     was_training = model.training
     model.eval()
     try:
@@ -567,7 +576,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 _warn_hqq_init_clamps(name, W, cfg.bits, gs)
             q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
             sm, zm = s.to(cfg.meta_dtype), z.to(cfg.meta_dtype)
-            if not (bool(((sm != 0) | (s == 0)).all()) and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
+            # A scale that underflows to 0 zeroes its group; harmless when the group's weights are
+            # negligible (e.g. the ~1e-18 a float-target fit leaves in an all-zero row), not otherwise.
+            lost = (sm == 0) & (s != 0)
+            lost_ok = not bool(lost.any()) or bool(
+                (s[lost].abs().float() * (2 ** cfg.bits - 1 + z[lost].abs().float())
+                 <= 1e-6 * float(W.detach().abs().max())).all())
+            if not (lost_ok and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
                 warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {cfg.meta_dtype} (a scale "
                               f"underflows to 0 or a value overflows); this layer keeps float32 metadata",
                               stacklevel=3)
@@ -619,6 +634,9 @@ def _check_act_meta(name: str, d) -> dict:
 
 def save_quantized(model: nn.Module, path: str) -> None:
     """Save a :func:`quantize_`-d model to one safetensors file (packed weights + every other float tensor)."""
+    if isinstance(model, PackedLinear):
+        raise TypeError("save_quantized: model is itself a PackedLinear; save the module that holds it, or use "
+                        "quantkern.save_packed({'name': layer.packed_weight}, path)")
     packed = _packed_modules(model)
     if not packed:
         raise ValueError("save_quantized: the model has no PackedLinear layers (run quantize_ first)")
@@ -680,6 +698,7 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         for alias in names.get(name, [name]):  # every place a shared layer sits
             parent_name, _, child = alias.rpartition(".")
             setattr(mods[parent_name] if parent_name else model, child, new)
+        disable_fused_encoder_paths(model, [new])
     missing, unexpected = model.load_state_dict(extra, strict=False)
     allowed = {f"{a}.{k}" for n in weights for a in names.get(n, [n]) for k in _PACKED_KEYS}
     bad_missing = [k for k in missing if k not in allowed]
