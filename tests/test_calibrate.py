@@ -931,3 +931,23 @@ def test_histogram_huge_finite_values_are_not_rejected(dtype):
     cal = HistogramCalibrator("percentile")
     cal.collect(x.float())
     assert cal.compute_amax().isfinite().all()
+
+
+def test_asymmetric_search_keeps_both_signs_of_two_sided_data():
+    """Asymmetric entropy picked windows [0, b] / [-a, 0] for data of both signs (KL hardly sees a
+    whole half folded into the window's end bin): every value of the other sign became 0."""
+    from quantkern import ptq
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000), torch.randn(20) * 1e3])
+    for method in ("entropy", "mse"):
+        lo, hi = ptq.compute_amax(x, method, symmetric=False)
+        assert lo < 0 < hi, (method, lo, hi)
+    cal = ptq.make_calibrator("entropy", axis=0, symmetric=False)
+    for s in (0.001, 1, 0.01, 50, 3, 1e5, 0.5):  # streamed batches of very different scales
+        cal.collect(torch.randn(3, 200) * s)
+    lo, hi = cal.compute_range()
+    assert (lo < 0).all() and (hi > 0).all(), (lo, hi)
+    # one-signed data still gets a one-sided window
+    lo, hi = ptq.compute_amax(x.abs(), "entropy", symmetric=False)
+    assert lo == 0 < hi

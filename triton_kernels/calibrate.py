@@ -104,7 +104,9 @@ def _search_kernel(ext_ptr, cb_ptr, cz_ptr, cbl_ptr, meta_ptr, fmeta_ptr, obj_pt
         b = (t64 % nbx) * stride
         l = zero - a
         r = zero + b
-        valid = (t64 < ncand) & (a + b >= start_bin)
+        # a side holding values keeps at least one stride of it (reference: _asym_candidates)
+        # (the scalars broadcast to a's shape first: the interpreter rejects a mask mixing them)
+        valid = (t64 < ncand) & (a + b >= start_bin) & ((a > 0) | (a * 0 + zero == 0)) & ((b > 0) | (b * 0 + nbx == 1))
     if ENT:
         i = tl.maximum(r - l, 1)
         lc = tl.where(valid, l, 0)

@@ -177,7 +177,8 @@ QK_HD bool calib_window(const CalibChan& ch, bool symmetric, int64_t t, int64_t 
   const int64_t a = (t / ch.nbx) * stride, b = (t % ch.nbx) * stride;
   l = ch.zero - a;
   r = ch.zero + b;
-  return a + b >= start_bin;
+  // a side holding values keeps at least one stride of it (reference: _asym_candidates)
+  return a + b >= start_bin && (a > 0 || ch.zero == 0) && (b > 0 || ch.nbx == 1);
 }
 
 // KL(P || Q) of the window [l, r) of ext with 2^levels_log2 levels (reference

@@ -5,8 +5,8 @@
     thr = freeze_threshold_schedule(total_steps, 0.1, 0.01)       # 0 for the first 25%
     damp = DampeningLoss(model)
     lam = dampening_schedule(total_steps, 0.1)                    # 0 for the first 25%
-    for step, (x, y) in enumerate(loader):
-        loss = F.cross_entropy(model(x), y) + lam(step) * damp()
+    for step, (x, y) in enumerate(loader, start=1):               # schedules count steps from 1
+        loss = F.cross_entropy(model(x), y) + damp(weighting=lam(step))
         opt.zero_grad(); loss.backward(); opt.step()
         tracker.step(freeze_threshold=thr(step))                  # after the optimiser step
 

@@ -209,9 +209,14 @@ def _extent(h: torch.Tensor) -> int:
 
 
 def _asym_candidates(un: int, up: int, stride: int, start_bin: int):
+    """Windows (a, b) in bins below / above 0 on the stride grid, a + b >= start_bin. A side that
+    holds values keeps at least one stride of it: with a = 0 entropy folded the whole negative
+    half into the window's first bin, which KL(P || Q) hardly penalises (P folds the same way),
+    and picked one-sided windows for two-sided data."""
     A = -(-un // stride) * stride
     Bx = -(-up // stride) * stride
-    return [(a, b) for a in range(0, A + 1, stride) for b in range(0, Bx + 1, stride) if a + b >= start_bin], A, Bx
+    return [(a, b) for a in range(0, A + 1, stride) for b in range(0, Bx + 1, stride)
+            if a + b >= start_bin and (a > 0 or un == 0) and (b > 0 or up == 0)], A, Bx
 
 
 def entropy_divergences_asym(pos, neg, num_bits: int, stride: int = 16, start_bin: int = 128):
