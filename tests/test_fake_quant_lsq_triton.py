@@ -290,6 +290,15 @@ def test_gpu_codegen_is_ieee_exact():
     assert "ld.global.v4" in lines["fwd_tensor"] and "ld.global.v4" in lines["fwd_inner1"], lines
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="CPU tensors (the interpreter): a GPU does not check scale values")
+def test_triton_on_cpu_checks_scale_values_as_native():
+    x = torch.randn(100)
+    for bad_s, bad_b in ((-0.5, 0.0), (0.0, 0.0), (float("nan"), 0.0), (0.5, float("inf"))):
+        for be in ("native", "triton"):
+            with pytest.raises((ValueError, RuntimeError), match="scale|offset"):
+                ops.fake_quant_lsq(x, torch.tensor([bad_s]), torch.tensor([bad_b]), -8, 7, backend=be)
+
+
 # ------------------------------------------------------------------ bad input (torch.ops bypasses ops.py)
 def _bad_lsq_cases():
     x = torch.randn(4, 8, device=DEV)

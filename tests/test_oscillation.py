@@ -284,6 +284,18 @@ def test_triton_dampening_matches_reference(sample):
                        torch.ops.quantkern.dampening_loss_backward(g, *args))
 
 
+def test_triton_dampening_gradient_of_nonfinite_weights():
+    # the native kernel multiplies by the inside mask (a NaN weight gives a NaN gradient); Triton
+    # selected 0 there
+    pytest.importorskip("triton")
+    grads = []
+    for be in ("native", "triton"):
+        w = torch.tensor([0.1, float("nan"), float("inf"), -float("inf"), 0.3], requires_grad=True)
+        ops.dampening_loss(w, torch.tensor([0.2]), None, -8, 7, backend=be).backward()
+        grads.append(w.grad)
+    assert torch.equal(grads[0].nan_to_num(7.0), grads[1].nan_to_num(7.0)) and grads[1][1].isnan()
+
+
 # ------------------------------------------------------------------ opcheck
 def _opcheck_args(triton=False):
     c = _case((16, 3, 3, 3), "channel", -4, 3, torch.float32, seed=2)

@@ -226,7 +226,13 @@ def check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_ax
 
 
 def _check(x, scale, offset, qmin, qmax, axis, group_size, op="fake_quant_lsq_triton"):
-    return check_layout(op, x, scale, offset, qmin, qmax, axis, group_size)
+    layout = check_layout(op, x, scale, offset, qmin, qmax, axis, group_size)
+    if scale.device.type == "cpu":  # (the interpreter) as the native CPU op; a GPU would need a host sync
+        if scale.numel() and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(f"quantkern.{op}: scale must be positive and finite")
+        if offset is not None and offset.numel() and not bool(torch.isfinite(offset).all()):
+            raise ValueError(f"quantkern.{op}: offset must be finite")
+    return layout
 
 
 def fake_quant_lsq_triton(x, scale, offset, qmin, qmax, axis=None, group_size=None, grad_scale=1.0):

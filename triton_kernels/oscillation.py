@@ -152,7 +152,7 @@ def _damp_bwd_kernel(g2_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, BLO
     b = tl.load(b_ptr + c, mask=mask, other=0.0)
     g2 = tl.load(g2_ptr)  # fp32(grad * norm * 2), formed in float64 by the launcher as on the CPU
     d, inside = _damp_diff(w, s, b, n, p)
-    gw = tl.where(inside, g2 * d, 0.0)
+    gw = (g2 * d) * inside.to(tl.float32)  # (a product, as the native kernel: a NaN weight gives a NaN gradient)
     tl.store(gw_ptr + offs, _to_storage(gw, w_raw.dtype), mask=mask)
 
 
