@@ -239,17 +239,11 @@ def test_compile_fullgraph():
 
 # ------------------------------------------------------------------ GPU code generation, no GPU needed
 _PTX_SCRIPT = r"""
-import os, re, sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import triton
+from _ptx import compile_ptx, instructions
 from quantkern.triton_kernels import fake_quant_lsq as TK
 
 def ptx(fn, sig, consts, div16):
-    attrs = {(list(sig).index(a),): [["tt.divisibility", 16]] for a in div16}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": TK.NUM_WARPS, "enable_fp_fusion": False})
-    return k.asm["ptx"]
+    return compile_ptx(fn, sig, consts, div16, num_warps=TK.NUM_WARPS)
 
 fwd = {"x_ptr": "*fp32", "y_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*fp32", "outer": "i32", "C": "i32", "inner": "i32",
        "n_cb": "i32", "n_ib": "i32", "qn": "fp32", "qp": "fp32", "BO": "constexpr", "BC": "constexpr", "BI": "constexpr"}
@@ -263,7 +257,7 @@ out = {
     "bwd_bf16": ptx(TK._lsq_bwd_kernel, bwd, {"BO": 16, "BC": 1, "BI": 256, "FINAL": False}, []),
 }
 for name, p in out.items():
-    ops = set(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", p, re.M))
+    ops = instructions(p)
     print(name, "div.rn.f32" in ops, sorted(o for o in ops if o.startswith(("div.", "fma", "mad.", "ld.global.v"))))
 """
 
@@ -272,17 +266,9 @@ def test_gpu_codegen_is_ieee_exact():
     # Compiles the kernels for sm_90 (Triton ships ptxas; no GPU needed) and checks the PTX:
     # IEEE division (Triton's plain "/" would be div.full.f32), no fused multiply-add, and
     # vectorised 16-byte loads on aligned per-tensor and channel-last tiles.
-    import subprocess
-    import sys
+    import _ptx
 
-    from triton import knobs
-
-    if knobs.nvidia.ptxas.path is None:
-        pytest.skip("no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    lines = dict(line.split(" ", 1) for line in _ptx.run_script(_PTX_SCRIPT, timeout=300))
     for name, rest in lines.items():
         assert rest.startswith("True"), (name, rest)  # div.rn.f32 present
         for bad in ("div.full", "div.approx", "fma.", "mad.f", "mad.rn"):  # mad.wide.s32 is integer

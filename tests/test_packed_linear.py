@@ -399,6 +399,15 @@ def test_triton_packed_linear(bits):
             check_accuracy(ops.packed_linear(x, pw, bias, backend="triton"), x, pw, bias)
 
 
+def _launch(x, pw, bias, **kw):
+    """y = x @ W.T (+ bias) by the Triton launcher directly (``kw``: split / gemv / config overrides)."""
+    from quantkern.triton_kernels import packed_linear as tpl
+
+    y = torch.empty(x.shape[0], pw.shape[0], dtype=x.dtype, device=x.device)
+    tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, pw.bits, pw.group_size, **kw)
+    return y
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_triton_every_autotune_config(bits):
     """Each GEMV / GEMM candidate a GPU may pick (the interpreter autotunes over one), with and
@@ -413,15 +422,10 @@ def test_triton_every_autotune_config(bits):
         for i, cfg in enumerate(tpl.GPU_GEMV_CONFIGS):  # (x's dtype alternates over the configs)
             x = torch.randn(M, K).to((torch.bfloat16, torch.float32)[i % 2])
             for split in (1, 3):
-                y = torch.empty(M, N, dtype=x.dtype)
-                tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, split=split,
-                           gemv=True, config=cfg)
-                check_accuracy(y, x, pw, bias)
+                check_accuracy(_launch(x, pw, bias, split=split, gemv=True, config=cfg), x, pw, bias)
         for i, cfg in enumerate(tpl.GPU_GEMM_CONFIGS):
             x = torch.randn(20, K).to((torch.float16, torch.float32)[i % 2])
-            y = torch.empty(20, N, dtype=x.dtype)
-            tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, gemv=False, config=cfg)
-            check_accuracy(y, x, pw, bias)
+            check_accuracy(_launch(x, pw, bias, gemv=False, config=cfg), x, pw, bias)
     # the automatic split: enough programs for the (interpreter's) fixed target, slices >= 8 blocks
     assert tpl.gemv_split(1, 16, 64, torch.device("cpu")) == 8
     assert tpl.gemv_split(1, 16, 20, torch.device("cpu")) == 2
@@ -432,8 +436,6 @@ def test_triton_padding_weights_are_zero():
     """The padding after K in the last block decodes as -z * s; rounded to fp16 that may be inf
     (here -75000) and inf * 0 = NaN: the kernels must use exact zeros there (as the native ones)."""
     _triton_ready()
-    from quantkern.triton_kernels import packed_linear as tpl
-
     K = N = 40
     W = torch.randint(3, 16, (N, K)).float()
     q, s, z = W.to(torch.uint8), torch.full((N, 1), 5000.0), torch.full((N, 1), 15.0)
@@ -443,9 +445,7 @@ def test_triton_padding_weights_are_zero():
         want = ops.packed_linear(x, pw)  # native
         assert torch.isfinite(want).all()
         assert torch.isfinite(ops.packed_linear(x, pw, backend="triton")).all()
-        y = torch.empty(M, N, dtype=x.dtype)
-        tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, None, y, 4, K, split=2, gemv=True)
-        assert torch.isfinite(y).all()
+        assert torch.isfinite(_launch(x, pw, None, split=2, gemv=True)).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
@@ -468,19 +468,14 @@ def test_triton_gpu_every_config(bits):
             gemv = M <= tpl.GEMV_MAX_M
             for cfg in tpl.GPU_GEMV_CONFIGS if gemv else tpl.GPU_GEMM_CONFIGS:
                 for split in ((1, 3) if gemv else (None,)):
-                    y = torch.empty(M, N, dtype=dt, device="cuda")
-                    tpl.launch(x, pw.qweight.view(torch.uint8), pw.scales, pw.zeros, bias, y, bits, gs, split=split,
-                               gemv=gemv, config=cfg)
-                    check_accuracy(y, x, pw, bias)
+                    check_accuracy(_launch(x, pw, bias, split=split, gemv=gemv, config=cfg), x, pw, bias)
 
 
 # Compiles every GPU autotune candidate for sm_90 (Triton ships ptxas: no GPU needed), bits and
 # x's dtype cycling over the configs, and reports the PTX instructions that matter.
 _PTX_SCRIPT = r"""
-import re
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
+from _ptx import compile_ptx, instructions
 from quantkern.triton_kernels import packed_linear as P
 
 TY = {tl.bfloat16: "bf16", tl.float32: "fp32", tl.float16: "fp16"}
@@ -489,10 +484,7 @@ DIV16 = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "K", "row_bytes")
 
 def ops(fn, sig, consts, cfg):
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    attrs = {(list(sig).index(a),): [["tt.divisibility", 16]] for a in DIV16}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False})
-    found = set(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", k.asm["ptx"], re.M))
+    found = instructions(compile_ptx(fn, sig, consts, DIV16, cfg.num_warps, cfg.num_stages))
     return sorted(o for o in found if o.startswith(("fma", "mad.f", "ld.global.v", "mma", "wgmma.mma")))
 
 for i, cfg in enumerate(P.GPU_GEMV_CONFIGS):
@@ -512,18 +504,10 @@ for i, cfg in enumerate(P.GPU_GEMM_CONFIGS):
 def test_triton_packed_linear_gpu_codegen():
     """Every GPU candidate compiles for sm_90; the GEMV has no fused multiply-add (the reference's
     separate rounding) and loads 4-bit weights 16 bytes at a time; the 16-bit GEMM runs on tensor cores."""
-    import subprocess
-    import sys
+    import _ptx
 
     _triton_ready()
-    from triton import knobs
-
-    if knobs.nvidia.ptxas.path is None:
-        pytest.skip("no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    rows = [line.split() for line in _ptx.run_script(_PTX_SCRIPT, timeout=600)]
     from quantkern.triton_kernels import packed_linear as tpl
 
     assert len(rows) == len(tpl.GPU_GEMV_CONFIGS) + len(tpl.GPU_GEMM_CONFIGS)

@@ -225,13 +225,19 @@ def check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_ax
     return 1, 1, x.numel()
 
 
+def check_qparam_values(op, scale, offset) -> None:
+    """The native ops' value checks (csrc/cpu/checks.h ``check_qparam_values``): scale positive and
+    finite, offset finite. Reads the values on the host (a synchronisation on a GPU)."""
+    if scale.numel() and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        raise ValueError(f"quantkern.{op}: scale must be positive and finite")
+    if offset is not None and offset.numel() and not bool(torch.isfinite(offset).all()):
+        raise ValueError(f"quantkern.{op}: offset must be finite")
+
+
 def _check(x, scale, offset, qmin, qmax, axis, group_size, op="fake_quant_lsq_triton"):
     layout = check_layout(op, x, scale, offset, qmin, qmax, axis, group_size)
     if scale.device.type == "cpu":  # (the interpreter) as the native CPU op; a GPU would need a host sync
-        if scale.numel() and not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            raise ValueError(f"quantkern.{op}: scale must be positive and finite")
-        if offset is not None and offset.numel() and not bool(torch.isfinite(offset).all()):
-            raise ValueError(f"quantkern.{op}: offset must be finite")
+        check_qparam_values(op, scale, offset)
     return layout
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._registry import LIB
-from .fake_quant_lsq import check_layout
+from .fake_quant_lsq import check_layout, check_qparam_values
 
 _MAGIC = 12582912.0  # 1.5 * 2^23
 _BLOCK = 1024
@@ -178,10 +178,7 @@ def _check(op, x, scale, offset, qmin, qmax, axis, group_size):
     wrong size would be read out of bounds), then the values of scale and offset (a host sync, as the
     oscillation update always did: a bad scale would freeze weights at garbage)."""
     check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_axis=False)
-    if scale.numel() and not bool((scale > 0).all() & torch.isfinite(scale).all()):
-        raise ValueError(f"quantkern.{op}: scale must be positive and finite")
-    if offset.numel() and not bool(torch.isfinite(offset).all()):
-        raise ValueError(f"quantkern.{op}: offset must be finite")
+    check_qparam_values(op, scale, offset)
 
 
 def oscillation_update_triton(weight, scale, offset, meta, ema, qmin, qmax, axis, group_size, momentum, freeze_threshold):
