@@ -119,6 +119,41 @@ def test_packed_linear_tiny_inputs(bits, config):
                     assert e <= 2 * et + 1e-3, (dt, sc, M, e, et)
 
 
+_STREAM_ORDER_SCRIPT = """
+import sys, torch, quantkern
+from quantkern import PackedWeight, ops
+torch.set_num_threads(int(sys.argv[2]))
+out = {}
+for bits in (2, 3, 4):
+    for N in (32, 35, 71, 133):  # one slice per stream and tails of 1-3 rows
+        g = torch.Generator().manual_seed(N * bits)
+        pw = PackedWeight.from_float(torch.randn(N, 320, generator=g), bits, 64, torch.bfloat16)
+        for M in (1, 2):
+            x = torch.randn(M, 320, generator=g).to(torch.bfloat16)
+            out[f"{bits}-{N}-{M}"] = ops.packed_linear(x, pw, torch.randn(N, generator=g))
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
+@pytest.mark.parametrize("threads", (1, 2))
+def test_gemv_stream_order_is_bit_identical(tmp_path, threads):
+    # At M <= 2 the VNNI GEMV reads far-apart slices of its rows in lockstep (QUANTKERN_PK_STREAMS,
+    # read once at load time, hence the subprocesses); each row's sum is the same either way.
+    import subprocess
+    import sys
+    runs = {}
+    for streams in ("0", "1"):
+        env = dict(os.environ, QUANTKERN_PK_STREAMS=streams)
+        path = tmp_path / f"{streams}.pt"
+        r = subprocess.run([sys.executable, "-c", _STREAM_ORDER_SCRIPT, str(path), str(threads)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[streams] = torch.load(path)
+    for key, y in runs["1"].items():
+        assert torch.equal(y, runs["0"][key]), key
+
+
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
 @pytest.mark.parametrize("feature", ["bf16", "vbmi"])
 def test_amx_path_needs_bf16_and_vbmi(feature):
