@@ -15,6 +15,7 @@ dirs=("$@")
 cxx="g++ -O3 -std=c++20 -fPIC -shared"
 g++ -O2 -fopenmp -o "$out/driver" "$here/driver.cpp" -ldl
 $cxx -DWORK=0 -o "$out/read_prefetch.so" "$here/stream.cpp"
+$cxx -DWORK=0 -DSTREAMS=4 -o "$out/read_4streams.so" "$here/stream.cpp"
 $cxx -DWORK=1 -o "$out/int4_work.so" "$here/stream.cpp"
 $cxx -DWORK=1 -DMETA=1 -o "$out/int4_work_meta.so" "$here/stream.cpp"
 libs=()
@@ -29,6 +30,6 @@ if [ "${AMX_GEMV:-0}" = 1 ]; then
   libs+=("$out/amx_gemv.so")
 fi
 # the synthetic work streams model the int4 row layout (K / 2 bytes a row): int4 only
-synth=("$out/read_prefetch.so")
+synth=("$out/read_prefetch.so" "$out/read_4streams.so")
 [ "$bits" = 4 ] && synth+=("$out/int4_work.so" "$out/int4_work_meta.so")
 "$out/driver" "$bits" "${libs[@]}" "${synth[@]}"

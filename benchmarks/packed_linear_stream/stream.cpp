@@ -1,5 +1,6 @@
 // Synthetic int4 streams over the driver's buffers (results are meaningless; only time counts).
-//   -DWORK=0: read the bytes, optionally software-prefetched PFD bytes ahead with hint HINT
+//   -DWORK=0: read the bytes, optionally software-prefetched PFD bytes ahead with hint HINT, as
+//             -DSTREAMS=S far-apart slices read in lockstep (S concurrent sequential streams)
 //   -DWORK=1: per 64-byte weight line the int4 GEMV's work (decode, 4 vpdpbusd, convert, FMA)
 //             over the packed weights only; -DMETA=1 adds the scale / zero rows as two more
 //             streams (prefetched 2 rows ahead), as the kernel reads them. WORK=1 without META
@@ -10,6 +11,9 @@
 #include <cstdint>
 #include <cstdlib>
 #pragma GCC target("avx512f,avx512bw,avx512vnni,avx512vbmi,avx512dq")
+#ifndef STREAMS
+#define STREAMS 1
+#endif
 #ifndef HINT
 #define HINT _MM_HINT_T1
 #endif
@@ -20,17 +24,21 @@ extern "C" void run(const uint8_t* qw, const void* s, const void* z, const uint1
                     long N, long gs, uint8_t*) {
   const long d = kPfd;
 #if WORK == 0
+  // STREAMS (compile time) equal slices of the bytes read in lockstep, 256 bytes of each per round
   const long bytes = N * (K / 32) * bits * 4 + 2 * N * (K / gs) * 2;  // packed + metadata: contiguous in driver.cpp
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-  for (long i = 0; i + 256 <= bytes; i += 256) {
-    if (d)
-      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(qw) + i + d + 64 * l, HINT);
-    a0 = _mm512_add_epi32(a0, _mm512_load_si512(qw + i));
-    a1 = _mm512_add_epi32(a1, _mm512_load_si512(qw + i + 64));
-    a2 = _mm512_add_epi32(a2, _mm512_load_si512(qw + i + 128));
-    a3 = _mm512_add_epi32(a3, _mm512_load_si512(qw + i + 192));
-  }
-  y[0] = uint16_t(_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))));
+  const long slice = bytes / STREAMS / 256 * 256;
+  __m512i a[STREAMS];
+  for (int t = 0; t < STREAMS; ++t) a[t] = _mm512_setzero_si512();
+  for (long i = 0; i + 256 <= slice; i += 256)
+    for (int t = 0; t < STREAMS; ++t) {
+      const uint8_t* p = qw + t * slice + i;
+      if (d)
+        for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(p) + d + 64 * l, HINT);
+      a[t] = _mm512_add_epi32(a[t], _mm512_add_epi32(_mm512_add_epi32(_mm512_load_si512(p), _mm512_load_si512(p + 64)),
+                                                     _mm512_add_epi32(_mm512_load_si512(p + 128), _mm512_load_si512(p + 192))));
+    }
+  for (int t = 1; t < STREAMS; ++t) a[0] = _mm512_add_epi32(a[0], a[t]);
+  y[0] = uint16_t(_mm512_reduce_add_epi32(a[0]));
 #else
   const long row = K / 2, G = K / gs;  // int4 only
   const __m512i m0f = _mm512_set1_epi8(15);
