@@ -951,3 +951,27 @@ def test_asymmetric_search_keeps_both_signs_of_two_sided_data():
     # one-signed data still gets a one-sided window
     lo, hi = ptq.compute_amax(x.abs(), "entropy", symmetric=False)
     assert lo == 0 < hi
+
+
+def test_percentile_never_zero_for_nonzero_data():
+    # one outlier > 2048x the bulk puts 99.99% of the data in bin 0, whose left edge is 0
+    x = torch.randn(200, 64)
+    x[0, 3] = 1e5
+    amax = float(compute_amax(x, "percentile"))
+    assert 0 < amax < 1e5
+    h, e = R.abs_histogram(x, 2048)
+    assert float(R.amax_percentile(h, e)) == float(e[1]) > 0
+    assert float(compute_amax(torch.zeros(10, 4), "percentile")) == 0
+
+
+def test_act_quantizer_dynamic_is_part_of_its_checkpoint():
+    from quantkern.ptq.calibrate import ActQuantizer
+
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        ActQuantizer(8, "nonsense", dynamic=True)
+    static = ActQuantizer.from_data(torch.randn(64, 8), 8, "max")
+    with pytest.raises(ValueError, match="mode"):
+        ActQuantizer(8, "max", dynamic=True).load_state_dict(static.state_dict())
+    old = static.state_dict()
+    old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "dynamic"}  # saved before it was
+    ActQuantizer(8, "max").load_state_dict(old)

@@ -179,3 +179,16 @@ def test_bad_static_params_raise(problem):
     for bad in ((s * 0, z), (-s, z), (s, z * float("nan"))):
         with pytest.raises(ValueError, match="params"):
             gptq_quantize(W, H, 4, 64, params=bad)
+
+
+@pytest.mark.parametrize("kw", [{"clip_max_shrink": 2.0}, {"clip_max_shrink": -0.1}, {"clip_grid": 0},
+                                {"clip_grid": 2.5}, {"clip": "max"}])
+def test_clip_arguments_are_checked(kw):
+    from quantkern.ptq import erq_quantize, gptq_quantize
+
+    W = torch.randn(8, 64)
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=name):
+        gptq_quantize(W, torch.eye(64), 2, 32, **{"clip": "mse", **kw})
+    with pytest.raises(ValueError, match=name):
+        erq_quantize(W, None, torch.randn(80, 64), 2, 32, **{"clip": "mse", **kw})

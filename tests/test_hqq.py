@@ -355,7 +355,7 @@ def test_non_finite_weights(val, mode):
     W[5, 77] = val
     for isa in ISAS:
         quantkern.set_cpu_capability(isa)
-        with pytest.raises(RuntimeError, match="NaN or infinity"):
+        with pytest.raises(ValueError, match="NaN or infinity"):
             op(W, 4, 64, mode=mode)
 
 
@@ -369,3 +369,13 @@ def test_cuda_native_group_sizes_at_the_shared_memory_limit(g):
     assert torch.equal(qc.cpu(), q)
     torch.testing.assert_close(sc.cpu(), s)
     torch.testing.assert_close(zc.cpu(), z)
+
+
+def test_one_group_per_row_spelled_like_the_other_solvers():
+    # gptq_quantize / erq_quantize / quantize_ take group_size -1 or None as one group per row
+    W = make_w((8, 100), 1.0, 16)
+    for fn in (hqq_quantize, rtn_quantize):
+        want = fn(W, 4, 100)
+        for gs in (-1, None):
+            got = fn(W, 4, gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -652,7 +652,7 @@ def test_zero_row_keeps_half_metadata():
     m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
     with torch.no_grad():
         m[0].weight[5] = 0
-    X = torch.randn(64, 128)
+    X = torch.randn(160, 128)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_(m, method="gptq", group_size=32, calib_fn=lambda model: model(X), progress=False, skip=None)
@@ -668,3 +668,42 @@ def test_bare_packed_linear_and_meta_model_errors(tmp_path):
         m = nn.Sequential(nn.Linear(64, 8))
     with pytest.raises(ValueError, match="meta device"):
         quantize_(m, method="hqq", group_size=32, skip=None, progress=False)
+
+
+def test_nonfinite_calibration_input_names_the_layer():
+    # a NaN used to reach ERQ's float-target least squares and fail inside LAPACK
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    bad = torch.randn(80, 64)
+    bad[0, 0] = float("nan")
+    for method in ("erq", "gptq"):
+        with pytest.raises(ValueError, match="layer '0' contains NaN or Inf"):
+            quantize_(copy.deepcopy(m), method=method, group_size=32, calib_fn=lambda mm: mm(bad), progress=False,
+                      skip=None)
+
+
+def test_input_zero_point_must_sit_on_its_grid():
+    pl = PackedLinear(64, 8, bits=4, group_size=32)
+    for bits, sym, zero in ((8, True, 37.0), (8, False, 300.0), (4, False, 2.5), (4, False, -1.0)):
+        with pytest.raises(ValueError, match="input zero must be"):
+            pl.set_input_quantizer(bits, symmetric=sym, scale=0.1, zero=zero)
+    pl.set_input_quantizer(8, symmetric=False, scale=0.1, zero=255.0)
+    sd = pl.state_dict()
+    sd["input_zero"] = torch.tensor(1000.0)
+    with pytest.raises(ValueError, match="input_zero must be an integer in"):
+        PackedLinear(64, 8, bits=4, group_size=32).set_input_quantizer(8).load_state_dict(sd)
+
+
+def test_warnings_point_at_the_caller_and_few_tokens_warn():
+    import warnings
+
+    m = nn.Sequential(nn.Linear(40, 16), nn.Linear(16, 8))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        quantize_(m, method="gptq", group_size=32, calib_fn=lambda mm: mm[1](torch.randn(4, 16)), progress=False,
+                  skip="nothere")
+        quantize_(nn.Sequential(nn.ReLU()), method="rtn", progress=False)
+    msgs = [str(w.message) for w in rec]
+    assert all(w.filename == __file__ for w in rec), [(w.filename, str(w.message)[:40]) for w in rec]
+    for part in ("match no nn.Linear", "does not fit layer '0'", "saw no calibration input",
+                 "1 layer(s) saw fewer calibration tokens", "no nn.Linear to quantize"):
+        assert any(part in s for s in msgs), part

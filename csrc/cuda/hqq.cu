@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hqq_quantize_cuda(const at::Tenso
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  TORCH_CHECK(bad.item<int>() == 0, "quantkern.hqq_quantize: W contains NaN or infinity");
+  TORCH_CHECK_VALUE(bad.item<int>() == 0, "quantkern.hqq_quantize: W contains NaN or infinity");
   return {q, scale, zero};
 }
 

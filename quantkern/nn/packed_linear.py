@@ -15,6 +15,17 @@ from ..reference import packing as ref
 FORMAT_VERSION = 1
 
 
+def _check_input_zero(z: torch.Tensor, bits: int, symmetric: bool, what: str) -> None:
+    """A static input zero point must sit on its grid: 0 when symmetric, an integer in [0, 2^b - 1]
+    when not (fake_quant_input's grids). Anything else is a corrupted or mismatched checkpoint
+    (e.g. an asymmetric 8-bit range loaded into a symmetric or 4-bit quantizer)."""
+    v = float(z)
+    hi = 0 if symmetric else 2**bits - 1
+    if v != round(v) or not 0 <= v <= hi:
+        raise ValueError(f"PackedLinear: {what} must be {'0 (symmetric grid)' if symmetric else f'an integer in [0, {hi}]'}"
+                         f" for the {bits}-bit {'symmetric' if symmetric else 'asymmetric'} input quantizer, got {v}")
+
+
 def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
                      scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform fake quantization of activations ``x [..., K]`` (any float dtype; returned in x.dtype).
@@ -127,6 +138,7 @@ class PackedLinear(nn.Module):
             z = torch.as_tensor(0.0 if zero is None else zero, dtype=torch.float32).to(dev).reshape(())
             if not bool(torch.isfinite(s)) or float(s) <= 0:
                 raise ValueError(f"PackedLinear: input scale must be finite and > 0, got {float(s)}")
+            _check_input_zero(z, bits, bool(symmetric), "input zero")
             self.register_buffer("input_scale", s.clone())
             self.register_buffer("input_zero", z.clone())
         return self
@@ -211,6 +223,8 @@ class PackedLinear(nn.Module):
             raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be one finite value > 0, got {s}")
         if isinstance(z, torch.Tensor) and (z.numel() != 1 or not bool(torch.isfinite(z).all())):
             raise ValueError(f"PackedLinear: checkpoint {prefix}input_zero must be one finite value, got {z}")
+        if isinstance(z, torch.Tensor) and self.act_bits is not None:
+            _check_input_zero(z, self.act_bits, self.act_symmetric, f"checkpoint {prefix}input_zero")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):

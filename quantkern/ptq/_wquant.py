@@ -94,6 +94,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((qg - zero.float()[..., None]) * scale.float()[..., None]).reshape(N, K)
 
 
+def check_clip(fn: str, clip, clip_grid, clip_max_shrink) -> None:
+    """The clipping-search arguments of gptq_quantize / erq_quantize / QuantizeConfig."""
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
+    if isinstance(clip_grid, bool) or not isinstance(clip_grid, int) or clip_grid < 1:
+        raise ValueError(f"{fn}: clip_grid must be an int >= 1, got {clip_grid!r}")
+    # a shrink of 1 or more gives zero or negative ranges (scales)
+    if isinstance(clip_max_shrink, bool) or not (isinstance(clip_max_shrink, (int, float)) and 0 <= clip_max_shrink < 1):
+        raise ValueError(f"{fn}: clip_max_shrink must be in [0, 1), got {clip_max_shrink!r}")
+
+
 def search_params(w: torch.Tensor, bits: int, sym: bool = False, weight: torch.Tensor | None = None,
                   grid: int = 40, max_shrink: float = 0.5, norm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping search: min-max params whose range is shrunk by the factor with the least error.

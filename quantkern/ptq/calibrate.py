@@ -20,7 +20,8 @@ call) and streams: nothing but the running statistics is kept.
 Methods:
 
 * ``max``: running max of ``|x|`` (symmetric) or running min and max (asymmetric).
-* ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cdf, p/100)]``.
+* ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cdf, p/100)]``, the left edge
+  of the bin holding the quantile (the right edge for bin 0, so non-zero data never gets amax 0).
   Asymmetric: a signed histogram; ``amin`` is the left edge of the bin holding
   the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile.
 * ``mse`` (histogram): candidates are the bin centers from ``start_bin``;
@@ -456,7 +457,7 @@ def _percentile_batched(hist, edges, n, percentile):
     total = hist.sum(1, keepdim=True)
     cdf = torch.cumsum(hist / torch.where(total > 0, total, torch.ones_like(total)), 1)
     v = torch.full((C, 1), percentile / 100, dtype=torch.float64, device=hist.device)
-    idx = torch.minimum(torch.searchsorted(cdf, v)[:, 0], n)
+    idx = torch.minimum(torch.searchsorted(cdf, v)[:, 0].clamp(min=1), n)  # bin 0: its right edge
     return edges.gather(1, idx[:, None])[:, 0]
 
 
@@ -591,8 +592,7 @@ class ActQuantizer(torch.nn.Module):
         self.calibrator = None
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
-        if not dynamic:
-            self._make_calibrator()  # validate now
+        self._make_calibrator()  # validate the method and its arguments now (a dynamic one too)
 
     def _make_calibrator(self):
         kwargs = dict(self.calib_kwargs)
@@ -657,12 +657,14 @@ class ActQuantizer(torch.nn.Module):
         # the grid the saved scale / zero belong to (the zero-point check above cannot tell an
         # unsigned range from a signed one: both have zero 0)
         return {"num_bits": self.num_bits, "symmetric": self.symmetric, "unsigned": self.unsigned,
-                "narrow_range": self.narrow_range}
+                "narrow_range": self.narrow_range, "dynamic": self.dynamic}
 
     def set_extra_state(self, state):
         want = self.get_extra_state()
+        if isinstance(state, dict) and "dynamic" not in state:  # saved before "dynamic" was recorded
+            want.pop("dynamic")
         if state != want:
-            raise ValueError(f"ActQuantizer: the checkpoint's grid {state} differs from this quantizer's {want}")
+            raise ValueError(f"ActQuantizer: the checkpoint's grid and mode {state} differ from this quantizer's {want}")
 
     def _apply(self, fn, recurse=True):
         # .half() / .bfloat16() keep the calibrated range in its dtype (a tiny scale would underflow

@@ -60,7 +60,7 @@ import math
 
 import torch
 
-from ._wquant import check_weight_args, minmax_params, quantize_int, refit_scale_zero, search_params
+from ._wquant import check_clip, check_weight_args, minmax_params, quantize_int, refit_scale_zero, search_params
 from .calibrate import ActQuantizer
 
 __all__ = ["erq_quantize", "aqer", "act_quantizer_for"]
@@ -230,8 +230,7 @@ def erq_quantize(
         raise ValueError(f"{fn}: refine_iters must be an int >= 0, got {refine_iters!r}")
     if not isinstance(row_chunk, int) or row_chunk <= 0:
         raise ValueError(f"{fn}: row_chunk must be a positive int, got {row_chunk!r}")
-    if clip not in ("minmax", "mse"):
-        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
+    check_clip(fn, clip, clip_grid, clip_max_shrink)
     if fit_bias is None:
         fit_bias = b is not None
 

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ._wquant import check_weight_args, minmax_params, quantize_int, search_params
+from ._wquant import check_clip, check_weight_args, minmax_params, quantize_int, search_params
 
 __all__ = ["gptq_quantize", "HessianAccumulator"]
 
@@ -147,8 +147,7 @@ def gptq_quantize(
         raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
-    if clip not in ("minmax", "mse"):
-        raise ValueError(f"{fn}: clip must be 'minmax' or 'mse', got {clip!r}")
+    check_clip(fn, clip, clip_grid, clip_max_shrink)
     if static_groups is None:
         static_groups = bool(act_order) or params is not None
     if params is not None and not static_groups:

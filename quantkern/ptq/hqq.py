@@ -16,10 +16,18 @@ from ..reference.hqq import hqq_dequantize
 __all__ = ["hqq_quantize", "rtn_quantize", "hqq_dequantize"]
 
 
+def _one_group_per_row(W, group_size):
+    """group_size -1 or None: one group per row (g = K), as gptq_quantize / erq_quantize / quantize_ take it."""
+    if (group_size is None or (group_size == -1 and not isinstance(group_size, bool))) and \
+            isinstance(W, torch.Tensor) and W.dim() == 2:
+        return W.shape[1]
+    return group_size
+
+
 def hqq_quantize(
     W: torch.Tensor,
     bits: int,
-    group_size: int,
+    group_size: int | None,
     axis: int = 1,
     lp_norm: float = 0.7,
     beta: float = 10.0,
@@ -33,16 +41,16 @@ def hqq_quantize(
     Defaults are the official ones (p = 0.7, beta = 10, kappa = 1.01, 20
     iterations, global early stop); ``kappa=1.0`` reproduces hqq 0.2.8.post1 (which
     ignores kappa). ``early_stop="group"`` is the per-group variant (each group
-    stops on its own error and keeps its best zero). See
-    :func:`quantkern.ops.hqq_quantize` for every argument.
+    stops on its own error and keeps its best zero). ``group_size`` -1 or None: one group
+    per row. See :func:`quantkern.ops.hqq_quantize` for every argument.
     """
     return ops.hqq_quantize(
-        W, bits, group_size, axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
+        W, bits, _one_group_per_row(W, group_size), axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
         early_stop=early_stop, backend=backend,
     )
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, axis: int = 1, backend: str = "auto"):
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None, axis: int = 1, backend: str = "auto"):
     """Round to nearest with the min-max init (asymmetric, float zero): HQQ with 0 iterations.
 
     ``scale = (max - min) / (2^bits - 1)`` (stored as the reciprocal of hqq's inverse scale),
@@ -50,6 +58,6 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, axis: int = 1, bac
     (bit-exact with the hqq package's ``optimize=False``): a group whose range is <= 1e-4 gets
     scale 1 (a constant group), and the inverse scale is capped at 2e4 (scale >= 5e-5). Layers
     with weights that small lose most of their information here; ``PackedWeight.from_float``
-    is the plain min-max RTN.
+    is the plain min-max RTN. ``group_size`` -1 or None: one group per row.
     """
-    return ops.hqq_quantize(W, bits, group_size, axis=axis, iters=0, backend=backend)
+    return ops.hqq_quantize(W, bits, _one_group_per_row(W, group_size), axis=axis, iters=0, backend=backend)

@@ -87,6 +87,7 @@ from torch import nn
 
 from ..nn.packed_linear import DEFAULT_SKIP, PackedLinear, disable_fused_encoder_paths, linear_sites
 from ..packed import PackedWeight, load_packed, save_packed
+from ._wquant import check_clip
 
 __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
 
@@ -188,12 +189,7 @@ class QuantizeConfig:
                      "fp_target"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantizeConfig: {name} must be a bool, got {getattr(self, name)!r}")
-        if self.clip not in ("minmax", "mse"):
-            raise ValueError(f"QuantizeConfig: clip must be 'minmax' or 'mse', got {self.clip!r}")
-        if isinstance(self.clip_grid, bool) or not isinstance(self.clip_grid, int) or self.clip_grid < 1:
-            raise ValueError(f"QuantizeConfig: clip_grid must be an int >= 1, got {self.clip_grid!r}")
-        if not (isinstance(self.clip_max_shrink, (int, float)) and 0 <= self.clip_max_shrink < 1):
-            raise ValueError(f"QuantizeConfig: clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
+        check_clip("QuantizeConfig", self.clip, self.clip_grid, self.clip_max_shrink)
         if isinstance(self.refit_passes, bool) or not isinstance(self.refit_passes, int) or self.refit_passes < 0:
             raise ValueError(f"QuantizeConfig: refit_passes must be an int >= 0, got {self.refit_passes!r}")
         for name, lo in (("hqq_iters", 0), ("erq_refine_iters", 0), ("block_size", 1), ("seed", 0)):
@@ -229,7 +225,7 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
                f"multiple of 32 that divides in_features)")
         if cfg.strict_group:
             raise ValueError(msg)
-        warnings.warn(msg + "; using one group per row for this layer", stacklevel=3)
+        warnings.warn(msg + "; using one group per row for this layer", stacklevel=4)
         return K
     return gs
 
@@ -259,10 +255,11 @@ class _Capture:
     ``B = [X | 1]`` (float64 sums).
     """
 
-    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False, device=None):
+    def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False, device=None,
+                 name: str = "?"):
         from .gptq import HessianAccumulator
 
-        self.method, self.cap, self.seen, self.act_cal = method, cap, 0, act_cal
+        self.method, self.cap, self.seen, self.act_cal, self.name = method, cap, 0, act_cal, name
         # statistics live where the layer does (a model on a GPU accumulates there)
         self.hess = HessianAccumulator(K, device=device) if method == "gptq" else None
         self.rows: torch.Tensor | None = None
@@ -274,14 +271,22 @@ class _Capture:
             self.AtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
             self.BtA = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=device)
 
+    def _check_finite(self, x: torch.Tensor, which: str) -> None:
+        # here, naming the layer: a NaN would otherwise surface deep inside a solver (lstsq / LAPACK)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"quantize_: the {which} input of layer {self.name!r} contains NaN or Inf "
+                             "(check the calibration data)")
+
     def fp_hook(self, module, inputs, kwargs, output=None):
         x = _layer_input(inputs, kwargs)
         self.pending = x.detach().reshape(-1, x.shape[-1]).double()
+        self._check_finite(self.pending, "float model's")
         raise _StopForward
 
     def __call__(self, module, inputs, kwargs, output=None):
         x = _layer_input(inputs, kwargs)
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        self._check_finite(x, "calibration")
         self.seen += x.shape[0]
         if self.act_cal is not None:
             self.act_cal.collect(x)
@@ -493,7 +498,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                       + (f"; it already holds {packed} PackedLinear layer(s): quantize the float model (a second "
                          "call does not re-quantize)" if packed else
                          "; layers of other types, e.g. transformers' Conv1D (GPT-2), are not converted"),
-                      stacklevel=2)
+                      stacklevel=3)
     # (before any calibration forward: converted encoder layers must not take torch's fused path)
     disable_fused_encoder_paths(model, [lin for _, _, lin in layers])
     was_training = model.training
@@ -510,7 +515,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
             fp_model = copy.deepcopy(model, shared)
             fp_mods = dict(fp_model.named_modules())
-        report = []
+        report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
         it = layers
         if progress:
             from tqdm.auto import tqdm
@@ -536,7 +541,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
                         if fp_mods is not None else False)
                 cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
-                               device=lin.weight.device)
+                               device=lin.weight.device, name=name)
                 h = lin.register_forward_hook(cap, with_kwargs=True)
                 hf = (fp_mods[name].register_forward_hook(cap.fp_hook, with_kwargs=True)
                       if fp_mods is not None else None)
@@ -558,8 +563,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         hf.remove()
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
-                                  + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=2)
+                                  + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=3)
                     method = "rtn"
+                elif method in ("gptq", "erq") and cap.seen < lin.in_features:
+                    few.append(f"{name!r} ({cap.seen} < {lin.in_features})")
             a_scale, a_zero = _act_qparams(cfg, cap)
             act_q = None
             if cfg.act_bits is not None:
@@ -598,6 +605,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 setattr(parent, child_name, new)
             report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
             del cap
+        if few:
+            warnings.warn(f"quantize_: {len(few)} layer(s) saw fewer calibration tokens than their in_features, "
+                          f"e.g. {', '.join(few[:3])}: {cfg.method} then fits the calibration data rather than the "
+                          f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
         model.train(was_training)
     fp_model = fp_mods = None

@@ -56,7 +56,12 @@ def abs_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.T
 
 
 def amax_percentile(hist: torch.Tensor, edges: torch.Tensor, percentile: float = 99.99) -> torch.Tensor:
-    """``edges[searchsorted(cdf, percentile / 100)]`` with ``cdf = cumsum(hist / total)`` (float64 scalar)."""
+    """``edges[searchsorted(cdf, percentile / 100)]`` with ``cdf = cumsum(hist / total)`` (float64 scalar).
+
+    That is the left edge of the bin holding the quantile (NVIDIA's rule), except in bin 0, whose
+    left edge is 0: there the right edge, so data that is not all zero never gets amax 0 (it
+    happens when one outlier stretches the histogram past ~2048x the bulk's range).
+    """
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     hist = hist.double()
@@ -65,7 +70,7 @@ def amax_percentile(hist: torch.Tensor, edges: torch.Tensor, percentile: float =
         return torch.zeros((), dtype=torch.float64)
     cdf = torch.cumsum(hist / total, 0)
     idx = int(torch.searchsorted(cdf, torch.tensor([percentile / 100], dtype=torch.float64)))
-    return edges.double()[min(idx, edges.numel() - 1)]
+    return edges.double()[min(max(idx, 1), edges.numel() - 1)]
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
