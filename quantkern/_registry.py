@@ -203,6 +203,11 @@ for _sfx in ("", "_triton"):
 
     @torch.library.register_fake(f"quantkern::packed_linear{_sfx}")
     def _packed_linear_fake(x, qweight, scales, zeros, bits, group_size, in_features, bias=None):
+        # a direct op call mixing devices (e.g. one meta tensor among CPU ones) lands here: refuse it
+        # as the real kernels do, instead of returning an uninitialised tensor
+        for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"quantkern.packed_linear: {name} is on {t.device} but x is on {x.device}")
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     def _pl_setup(ctx, inputs, output):

@@ -189,11 +189,19 @@ def to_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: in
     if q.numel() and (int(qi.min()) < 0 or int(qi.max()) > maxq):
         raise ValueError(f"to_gptq: codes must be in [0, {maxq}] for {bits} bits, got [{int(qi.min())}, {int(qi.max())}]")
     zf = zeros.double()
+    for name, t in (("zeros", zf), ("scales", scales)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"to_gptq: {name} contain NaN or Inf")
     if zeros.numel() and (not torch.equal(zf, zf.round()) or float(zf.min()) < zero_offset
                           or float(zf.max()) > maxq + zero_offset):
         raise ValueError(f"to_gptq: zeros must be integers in [{zero_offset}, {maxq + zero_offset}] (GPTQ stores "
                          f"zero - {zero_offset} in {bits} bits), got values in [{float(zf.min())}, {float(zf.max())}]"
                          + ("" if torch.equal(zf, zf.round()) else " with fractional parts (float zeros, e.g. HQQ's)"))
+    per = 32 if bits == 3 else 32 // bits  # codes per int32 (3 bits: 32 per 3 int32)
+    for what, n in (("in_features K = q.shape[1]", q.shape[1]), ("out_features N = q.shape[0] (qzeros packs along N)",
+                                                                   q.shape[0])):
+        if n % per:
+            raise ValueError(f"to_gptq: {bits}-bit GPTQ tensors need {what} to be a multiple of {per}, got {n}")
     qweight = gptq_pack_axis0(qi.t(), bits)  # [K * bits / 32, N]
     z = zf.to(torch.int64) - zero_offset  # [N, G], in [0, maxq]
     qzeros = gptq_pack_axis0(z, bits).t().contiguous()  # packed along N: [G, N * bits / 32]
@@ -233,6 +241,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     if qzeros.shape != (G, N * bits // 32):
         raise ValueError(f"from_gptq: qzeros must have shape {(G, N * bits // 32)}, got {tuple(qzeros.shape)}")
     if group_size == -1:  # GPTQ configs write -1 for one group per row
+        if G != 1:
+            raise ValueError(f"from_gptq: group_size -1 means one group per row, but scales has G = {G} groups")
         group_size = None
     gs = group_size or K // G
     if gs * G != K:

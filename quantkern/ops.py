@@ -76,13 +76,14 @@ def _pick_backend(op: str, x: torch.Tensor, backend: str) -> str:
     return backend
 
 
-def _check_tensor(op: str, name: str, t, dtypes=None, device=None) -> None:
+def _check_tensor(op: str, name: str, t, dtypes=None, device=None, ref: str = "x") -> None:
+    """Type / dtype / device check; ``ref`` names the tensor whose ``device`` t must share."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"quantkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"quantkern.{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"quantkern.{op}: {name} is on {t.device} but x is on {device}")
+        raise ValueError(f"quantkern.{op}: {name} is on {t.device} but {ref} is on {device}")
 
 
 def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="weight"):
@@ -259,8 +260,8 @@ def oscillation_update(
     """
     op = "oscillation_update"
     offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
-    _check_tensor(op, "meta", meta, (torch.int32,), weight.device)
-    _check_tensor(op, "ema", ema, (torch.float32,), weight.device)
+    _check_tensor(op, "meta", meta, (torch.int32,), weight.device, "weight")
+    _check_tensor(op, "ema", ema, (torch.float32,), weight.device, "weight")
     for name, t in (("meta", meta), ("ema", ema)):
         if t.shape != weight.shape:
             raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
@@ -428,11 +429,11 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
     if pos.dim() != 2 or pos.shape[1] < 2:
         raise ValueError(f"quantkern.{op}: pos must be int64 [C, B] with B >= 2, got shape {tuple(pos.shape)}")
     C = pos.shape[0]
-    _check_tensor(op, "neg", neg, (torch.int64,), pos.device)
+    _check_tensor(op, "neg", neg, (torch.int64,), pos.device, "pos")
     if neg.shape != pos.shape:
         raise ValueError(f"quantkern.{op}: neg shape {tuple(neg.shape)} must equal pos shape {tuple(pos.shape)}")
-    _check_tensor(op, "width", width, (torch.float64,), pos.device)
-    _check_tensor(op, "n", n, (torch.int64,), pos.device)
+    _check_tensor(op, "width", width, (torch.float64,), pos.device, "pos")
+    _check_tensor(op, "n", n, (torch.int64,), pos.device, "pos")
     for name, t in (("width", width), ("n", n)):
         if t.shape != (C,):
             raise ValueError(f"quantkern.{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
@@ -531,8 +532,8 @@ def check_packed(op: str, qweight, scales, zeros, bits: int, group_size: int, in
             f"quantkern.{op}: qweight must have shape [N, {words}] for in_features={in_features}, bits={bits}; "
             f"got {tuple(qweight.shape)}"
         )
-    _check_tensor(op, "scales", scales, _FLOATS, qweight.device)
-    _check_tensor(op, "zeros", zeros, _FLOATS, qweight.device)
+    _check_tensor(op, "scales", scales, _FLOATS, qweight.device, "qweight")
+    _check_tensor(op, "zeros", zeros, _FLOATS, qweight.device, "qweight")
     want = (qweight.shape[0], in_features // group_size)
     if tuple(scales.shape) != want:
         raise ValueError(

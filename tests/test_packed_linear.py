@@ -103,6 +103,29 @@ def test_packed_linear_outliers_and_nonfinite(bits, config):
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_many_large_entries_on_zero_weights(bits, config):
+    """Several large entries per group (1/8 .. 1/2 of it) that all meet zero weights, so the output
+    comes from the small ones: the mean-based outlier rule missed them and two int8 pieces gave 144%
+    error (a test-drive). The bulk rule takes three pieces, or the exact fp32 path when even three
+    cannot hold the small entries (range 1e5). Small entries down to amax / 32 and below."""
+    N, K, gs = 32, 256, 64
+    g = torch.Generator().manual_seed(10 + bits)
+    zero = 2 ** (bits - 1)
+    for every in (2, 4, 8, 64):
+        q = torch.randint(0, 2 ** bits, (N, K), generator=g)
+        q[:, ::every] = zero
+        pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.125), torch.full((N, K // gs), float(zero)),
+                                         bits, gs)
+        for small in (1e-5, 1e-3, 1e-2):
+            for dt in (torch.float16, torch.bfloat16):
+                for M in (1, 3):
+                    x = torch.randn(M, K, generator=g) * small
+                    x[:, ::every] = 1.0
+                    x = x.to(dt)
+                    check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_tiny_inputs(bits, config):
     # bf16 x can be far below fp16's range: 127 / amax overflowed in the int8 GEMV for groups under
     # ~4e-37 (every entry became -128); such groups take the fp32 path. (fp32 x: the LUT GEMV, checked too.)
@@ -408,6 +431,12 @@ def test_errors():
     with pytest.raises(RuntimeError, match="x must be float32"):
         torch.ops.quantkern.packed_linear(torch.randn(2, 64).double(), pw.qweight, pw.scales, pw.zeros, 4, 32, 64,
                                           None)
+    # device checks name the tensor they compare with; a meta tensor among CPU ones reaches the fake kernel
+    with pytest.raises(ValueError, match="zeros is on meta but qweight is on cpu"):
+        PackedWeight(pw.qweight, pw.scales, pw.zeros.to("meta"), 4, 32, (8, 64))
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        torch.ops.quantkern.packed_linear(torch.randn(2, 64), pw.qweight, pw.scales, pw.zeros, 4, 32, 64,
+                                          torch.randn(8, device="meta"))
 
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
@@ -564,6 +593,13 @@ def test_triton_grad_and_opcheck():
     torch.testing.assert_close(x.grad, torch.ones(2, 24) @ pw.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.quantkern.packed_linear_triton,
                           (x.detach().requires_grad_(), pw.qweight, pw.scales, pw.zeros, 3, 32, 64, None))
+    # a float64 bias / output dtype is refused as natively, not cast (bias) or a KeyError (dtype)
+    with pytest.raises(ValueError, match="bias must be float32"):
+        torch.ops.quantkern.packed_linear_triton(x.detach(), pw.qweight, pw.scales, pw.zeros, 3, 32, 64,
+                                                 torch.randn(24, dtype=torch.float64))
+    from quantkern.triton_kernels.packed_linear import dequantize_triton
+    with pytest.raises(ValueError, match="dtype must be"):
+        dequantize_triton(pw.qweight, pw.scales, pw.zeros, 3, 32, 64, torch.float64)
     # direct op calls get the native op's checks (they read past the rows before)
     with pytest.raises((ValueError, RuntimeError), match="qweight"):
         torch.ops.quantkern.packed_linear_triton(torch.ones(1, 128), pw.qweight, pw.scales, pw.zeros, 3, 32, 128, None)

@@ -446,3 +446,16 @@ def test_reference_pack_unpack_zero_rows():
         assert qw.shape == (0, 4 * bits) and torch.equal(qw, ops.pack(q, bits))
         assert ref.unpack(qw, bits, 100).shape == (0, 100)
         assert ref.dequantize(qw, torch.ones(0, 1), torch.zeros(0, 1), bits, 100, 100).shape == (0, 100)
+
+
+def test_gptq_converters_refuse_what_they_cannot_hold():
+    q = torch.randint(0, 16, (8, 64))
+    with pytest.raises(ValueError, match="out_features N"):
+        formats.to_gptq(q[:6], torch.full((6, 2), 8.0), torch.ones(6, 2), 4)
+    with pytest.raises(ValueError, match="zeros contain NaN"):
+        formats.to_gptq(q, torch.full((8, 2), float("nan")), torch.ones(8, 2), 4)
+    with pytest.raises(ValueError, match="scales contain NaN"):
+        formats.to_gptq(q, torch.full((8, 2), 8.0), torch.full((8, 2), float("inf")), 4)
+    qw, qz, s = formats.to_gptq(q, torch.full((8, 2), 8.0), torch.ones(8, 2), 4)
+    with pytest.raises(ValueError, match="one group per row"):
+        formats.from_gptq(qw, qz, s, 4, group_size=-1)

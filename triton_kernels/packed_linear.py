@@ -253,6 +253,8 @@ def gemv_split(M: int, N: int, nb: int, device) -> int:
 def dequantize_triton(qweight, scales, zeros, bits, group_size, in_features, dtype=None):
     N, K, nb, row_bytes, G = _checked_geometry("dequantize_triton", qweight, scales, zeros, bits, group_size,
                                                in_features)
+    if dtype is not None and dtype not in _TL:
+        raise ValueError(f"quantkern.dequantize_triton: dtype must be float32, float16 or bfloat16, got {dtype}")
     out = torch.empty((N, K), dtype=dtype or scales.dtype, device=qweight.device)
     if N == 0:
         return out
@@ -273,6 +275,8 @@ def packed_linear_triton(x, qweight, scales, zeros, bits, group_size, in_feature
         raise ValueError(f"quantkern.packed_linear_triton: x must have shape [..., {K}], got {tuple(x.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"quantkern.packed_linear_triton: bias must have shape [{N}], got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype not in _TL:  # as the native op: no silent cast of a float64 / int bias
+        raise ValueError(f"quantkern.packed_linear_triton: bias must be float32, float16 or bfloat16, got {bias.dtype}")
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -296,6 +300,8 @@ def launch(x2, qw8, scales, zeros, bias, y, bits, group_size, split=None, gemv=N
     b = bias if bias is not None else y  # dummy pointer when there is no bias
     opts = {"enable_fp_fusion": False}
     if gemv if gemv is not None else M <= GEMV_MAX_M:
+        if split is not None and split < 1:
+            raise ValueError(f"launch: split must be >= 1 (None: automatic), got {split}")
         S = split or gemv_split(M, N, nb, x2.device)
         part = y if S == 1 else torch.empty((S, M, N), dtype=torch.float32, device=y.device)
         kern, meta = (_gemv_kernel, dict(config.all_kwargs(), **opts)) if config else (_gemv, opts)

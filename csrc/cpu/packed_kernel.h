@@ -466,6 +466,18 @@ enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniFp32 = 2 };
 // much larger ones) crosses it. With two pieces such a group's small entries get errors of
 // amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
 constexpr float kVnniWideRange = 8.f;
+// Several large entries hide from that mean: with 1/8 of a group at 1 and the rest at 1e-5, the
+// output comes from the small entries when the large ones meet zero weights, and two pieces
+// (error amax / 65024 each) got it wrong by 140% (a test-drive). So a group whose nonzero
+// entries are mostly (>= half) at or below amax / kVnniWideRange ("bulk") takes three pieces too
+// when the bulk's mean |x| is below amax / kVnniBulkRange, and the row takes the exact fp32 path
+// below amax / kVnniBulkFp32, where three pieces (resolution amax / 2^24) no longer hold the bulk
+// to fp16's precision. Gaussian, uniform, Laplace, Student-t, log-normal and ReLU'd groups of
+// 32-128 never trip these on their own (simulated: 200 rows of 4096; heavy-tailed and ReLU'd rows
+// mostly take three pieces by kVnniWideRange already). With fp16 x a bulk between amax / 32 and
+// amax / 8 whose large entries all meet zero weights can still see up to ~2.2x F.linear's error.
+constexpr float kVnniBulkRange = 32.f;
+constexpr float kVnniBulkFp32 = 1024.f;
 // A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
 // GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
 // (1/65536) times the group scale leaves the normal fp32 range and loses bits.
@@ -525,8 +537,16 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       A[g] = amax / 127.f;
-      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512 vinv = _mm512_set1_ps(inv), vsmall = _mm512_set1_ps(amax / kVnniWideRange);
+      __m512 vbulk = _mm512_setzero_ps();
+      int64_t nbulk = 0, nnz = 0;
       for (int64_t k = k0; k < k1; k += 16) {
+        const __m512 xa = _mm512_and_ps(_mm512_loadu_ps(xf + k), absmask);
+        const __mmask16 nz = _mm512_cmp_ps_mask(xa, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __mmask16 small = _mm512_mask_cmp_ps_mask(nz, xa, vsmall, _CMP_LE_OQ);
+        vbulk = _mm512_mask_add_ps(vbulk, small, vbulk, xa);
+        nbulk += __builtin_popcount(small);
+        nnz += __builtin_popcount(nz);
         const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);  // |v| <= 127
         __m512 h = _mm512_roundscale_ps(v, kRound);
         const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, h), c256);  // in [-128, 128], exact
@@ -539,6 +559,14 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
+      }
+      if (2 * nbulk >= nnz && nbulk > 0) {
+        const float bulk = _mm512_reduce_add_ps(vbulk);
+        if (amax * float(nbulk) > kVnniBulkFp32 * bulk) {
+          *mode = kVnniFp32;
+          break;
+        }
+        if (amax * float(nbulk) > kVnniBulkRange * bulk) *mode = kVnniThree;
       }
     }
     if (*mode == kVnniFp32) continue;
