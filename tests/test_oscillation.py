@@ -2,6 +2,7 @@
 (interpreter), opcheck, the official algorithm, bad input, quantkern.qat, DDP."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ from torch import nn
 
 import quantkern as qk
 from quantkern import ops
+REF = importlib.import_module("quantkern.reference.fake_quant_lsq")  # the package re-exports a function of that name
 from quantkern.reference import oscillation as R
 
 ISAS = qk.cpu_capabilities()
@@ -517,6 +519,49 @@ def test_tracker_attaches_and_freezes_weights_in_place():
         assert torch.equal(t3.tracked[n].meta, tracker.tracked[n].meta)
     with pytest.raises(ValueError, match="momentum"):
         qat.OscillationTracker(model, momentum=True)
+
+
+@pytest.mark.parametrize("frozen_grad", ["official", "grid"])
+def test_frozen_weights_give_the_scale_the_official_gradient(frozen_grad):
+    # official: a frozen integer is a constant in the quantizer's forward, so q_frozen * s + beta gives
+    # the scale q_frozen and the offset 1 (x the LSQ gradient scale), the weight 0. "grid": the
+    # weight sits on its grid point: the plain LSQ gradient (0 inside the range).
+    from quantkern import qat
+
+    model = _tiny_model(seed=3)
+    model(torch.randn(2, 1, 8, 8))
+    tracker = qat.OscillationTracker(model, momentum=0.1, frozen_grad=frozen_grad)
+    _train(model, 40, seed=1, tracker=tracker, thr=qat.freeze_threshold_schedule(40, 0.3, 0.05), lr=0.2)
+    checked = 0
+    for name, t in tracker.tracked.items():
+        fz = tracker.frozen_mask(name)
+        if not fz.any():
+            continue
+        L, q = t.layer, t.layer.quantizer
+        model.zero_grad()
+        out = q(L.weight)
+        P = torch.randn(out.shape, generator=torch.Generator().manual_seed(checked))
+        (out * P).sum().backward()
+        wv, P2 = L.weight_view(), P.reshape(fz.shape)
+        s, b = L.params()
+        with torch.no_grad():  # values: the fake-quant's, frozen or not
+            torch.testing.assert_close(out.reshape(fz.shape), REF.fake_quant_lsq(wv, s, b, L.qmin, L.qmax, L.axis,
+                                                                                  L.group_size), rtol=0, atol=1e-6)
+        live = frozen_grad == "grid"
+        Pn = P2 if live else P2.masked_fill(fz, 0)
+        _, ds, db = REF.fake_quant_lsq_backward(Pn, wv, s, b, L.qmin, L.qmax, L.axis, L.group_size, 1.0)
+        if not live:
+            qf = tracker.decode(name)["q_prev"].reshape(fz.shape).float()
+            ds = ds + REF._reduce_like(torch.where(fz, P2 * qf, 0), s, L.axis, L.group_size)
+            db = db + REF._reduce_like(torch.where(fz, P2, 0), b, L.axis, L.group_size)
+        ds = ds * torch.sign(q.scale.detach()).reshape(ds.shape)  # the quantizer uses |scale|
+        torch.testing.assert_close(q.scale.grad.reshape(ds.shape), ds, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(q.offset.grad.reshape(db.shape), db, rtol=1e-4, atol=1e-4)
+        assert (L.weight.grad.reshape(fz.shape)[fz] == 0).all()
+        checked += 1
+    assert checked
+    tracker.remove_hooks()
+    assert all(t.fwd_hook is None for t in tracker.tracked.values())
 
 
 def test_tracker_channels_last_weights():

@@ -16,7 +16,10 @@ layer: 8 bytes of state per weight, one pass. Frozen weights are kept in place b
 offset keep training, so the integer stays q_frozen in the next forward), and
 (2) optionally (``grad_mask=True``, default) a gradient hook that zeroes their
 gradient, so the optimiser's momentum/Adam state does not carry them (the official
-code gives them no gradient either: their integer is a constant).
+code gives them no gradient either: their integer is a constant), and (3) with
+``frozen_grad="official"`` (default) a forward hook on each weight quantizer that makes
+their output ``q_frozen * s + beta`` with q_frozen a constant, so the scale and offset
+get the official code's gradients from them (``q_frozen`` and 1).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..reference.fake_quant_lsq import lsq_param_view
 from ..reference.oscillation import FREQ_ONE, FREQ_SHIFT, FROZEN_BIT, decode_state
 from ._layers import QLayer, quantized_layers
 
@@ -39,6 +43,7 @@ class _Tracked:
         self.freezing_started = False
         self.hook = None
         self.hooked = None  # the Parameter the hook sits on (a load_state_dict(assign=True) replaces it)
+        self.fwd_hook = None  # frozen_grad="official": on the weight quantizer
 
 
 def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) -> None:
@@ -50,6 +55,42 @@ def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) ->
         if m is not None and m is not L.module:
             raise RuntimeError(f"{owner}: layer {L.name!r} was replaced in the model after the {owner} was built; "
                                f"build a new {owner}")
+
+
+def _frozen_forward_hook(t: _Tracked):
+    """Forward hook on a weight quantizer (frozen_grad="official"): its frozen entries become
+    ``q_frozen * s + beta`` with q_frozen (the state's integer field) a constant, so they give the
+    scale ``q_frozen`` and the offset 1 (times the LSQ gradient scale) and the weight nothing, as the
+    official code's frozen integer does. The values equal what the fake-quant gave (the tracker wrote
+    the weight onto that grid point); only the gradients change."""
+    L = t.layer
+
+    def hook(mod, inputs, out):
+        if t.meta is None or not t.freezing_started or not inputs or inputs[0] is not L.module.weight:
+            return out
+        q = L.quantizer
+        shape = out.shape
+        meta = t.meta.reshape(t.meta.shape if L.group_size is not None else shape)
+        o = out.reshape(meta.shape)
+        frozen = (meta & (1 << FROZEN_BIT)) != 0
+        qf = ((meta & 0xFF) ^ 0x80) - 0x80  # the int8 integer field (sign-extended)
+        s = q.scale.float().abs().clamp_min(float(getattr(q, "eps", 1e-8)))
+        off = getattr(q, "offset", None)
+        b = off.float() if isinstance(off, torch.Tensor) else torch.zeros_like(s)
+        # the quantizer's LSQ gradient scale: LSQQuantizer's grad_scale (None: its default
+        # 1 / sqrt(N qmax)); a quantizer without the attribute: 1 (fake_quant_lsq's default)
+        g = getattr(q, "grad_scale", 1.0)
+        if g is None:
+            g = 1.0 / math.sqrt(max(1, o.numel() // s.numel()) * L.qmax)
+        s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (as the LSQ kernel's)
+        b = b * g + (b - b * g).detach()
+        axis, gs = L.axis, L.group_size
+        if axis is None and gs is None:
+            s, b = s.reshape(()), b.reshape(())
+        x_frozen = qf.float() * lsq_param_view(o, s, axis, gs) + lsq_param_view(o, b, axis, gs)
+        return torch.where(frozen, x_frozen.to(o.dtype), o).reshape(shape)
+
+    return hook
 
 
 class OscillationTracker:
@@ -65,6 +106,15 @@ class OscillationTracker:
         grad_mask: zero the gradient of frozen weights (a tensor hook on each weight, checked
             on every step: a weight that starts requiring grad later, or a Parameter replaced by
             ``load_state_dict(..., assign=True)``, gets one; :meth:`remove_hooks` turns masking off).
+        frozen_grad: what a frozen weight gives its quantizer's scale / offset. "official" (default):
+            as the official code, whose frozen integer is a constant inside the quantizer's forward:
+            ``q_frozen * s + beta`` contributes ``q_frozen`` to the scale's gradient and 1 to the
+            offset's (times the LSQ gradient scale: the quantizer's ``grad_scale``, None meaning
+            LSQQuantizer's ``1 / sqrt(N / numel(scale) * qmax)``, 1 without the attribute). A
+            forward hook on each weight quantizer (registered here: build the tracker before
+            ``torch.compile``, which does not see hooks added later) replaces the frozen entries
+            of its output (same values) once a step has had a freeze threshold. "grid": no hook; the weight sits on its grid
+            point, so (inside the range) it contributes ``round(v) - v = 0``.
         backend: kernel backend ("auto", "native", "triton").
 
     The state is created on the first :meth:`step` (after the quantizers have been
@@ -73,9 +123,12 @@ class OscillationTracker:
 
     def __init__(self, model: nn.Module, momentum: float = 0.01, freeze_threshold: float = 0.0,
                  max_bits: int | None = 4, grad_mask: bool = True, backend: str = "auto",
-                 layers: list[QLayer] | None = None):
+                 layers: list[QLayer] | None = None, frozen_grad: str = "official"):
         if isinstance(momentum, bool) or not 0 < momentum <= 1:
             raise ValueError(f"OscillationTracker: momentum must be in (0, 1], got {momentum!r}")
+        if frozen_grad not in ("official", "grid"):
+            raise ValueError(f"OscillationTracker: frozen_grad must be 'official' or 'grid', got {frozen_grad!r}")
+        self.frozen_grad = frozen_grad
         self.momentum = float(momentum)
         self.freeze_threshold = float(freeze_threshold)
         self.backend = backend
@@ -93,6 +146,8 @@ class OscillationTracker:
         self.model = model
         self.tracked = {l.name: _Tracked(l) for l in layers}
         self.steps = 0
+        for t in self.tracked.values():  # now, not at the first freeze: torch.compile does not see hooks added later
+            self._ensure_forward_hook(t)
 
     # ---------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -116,6 +171,7 @@ class OscillationTracker:
             if th > 0:
                 t.freezing_started = True
             self._ensure_hook(t)
+            self._ensure_forward_hook(t)  # after remove_hooks() and frozen_grad set back to "official"
             out[name] = t.counts
         self.steps += 1
         return out
@@ -133,6 +189,10 @@ class OscillationTracker:
         if w.requires_grad:
             t.hook, t.hooked = w.register_hook(self._make_hook(t)), w
 
+    def _ensure_forward_hook(self, t: _Tracked) -> None:
+        if self.frozen_grad == "official" and t.fwd_hook is None:
+            t.fwd_hook = t.layer.quantizer.register_forward_hook(_frozen_forward_hook(t))
+
     def _check_layers_current(self) -> None:
         _check_layers_current("OscillationTracker", self.model, [t.layer for t in self.tracked.values()])
 
@@ -145,12 +205,18 @@ class OscillationTracker:
         return hook
 
     def remove_hooks(self) -> None:
-        """Remove the gradient masks and stop masking (``grad_mask = False``; set it back to True to resume)."""
+        """Remove the gradient masks and the frozen-integer forward hooks (``grad_mask = False``,
+        ``frozen_grad = "grid"``; set them back to resume on the next step, before a new
+        ``torch.compile``)."""
         self.grad_mask = False
+        self.frozen_grad = "grid"
         for t in self.tracked.values():
             if t.hook is not None:
                 t.hook.remove()
                 t.hook = t.hooked = None
+            if t.fwd_hook is not None:
+                t.fwd_hook.remove()
+                t.fwd_hook = None
 
     # ---------------------------------------------------------------- inspection
     def _state(self, name: str):

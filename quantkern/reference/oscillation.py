@@ -40,11 +40,12 @@ Where the compact state differs from the official code, on purpose:
 3. The frozen integer is written back into the latent weight (w = q_frozen * s + beta)
    every step, so the next forward quantizes it to q_frozen; the official code
    instead overrides the integer inside the quantizer's forward. Two consequences:
-   (a) the step size's gradient differs for frozen weights: officially the frozen
-   integer is a constant, so a frozen weight contributes ``d x_hat / d s = q_frozen``
-   (and 1 to the offset), wherever q_frozen lies; here its latent weight sits on the
-   grid point, v = q_frozen, so it contributes ``round(v) - v = 0`` (and 0) unless
-   q_frozen is qmin or qmax (then qmin / qmax and 1, as officially).
+   (a) the step size's gradient: officially the frozen integer is a constant, so a frozen
+   weight contributes ``d x_hat / d s = q_frozen`` (and 1 to the offset), wherever q_frozen
+   lies. ``OscillationTracker(frozen_grad="official")`` (the default) restores exactly that
+   with a forward hook on the weight quantizer; with ``frozen_grad="grid"`` the latent weight
+   just sits on the grid point, v = q_frozen, and contributes ``round(v) - v = 0`` (and 0)
+   unless q_frozen is qmin or qmax.
    (b) a weight frozen at step t is used at round(q_ema) from the next forward on;
    officially that forward still uses its unfrozen integer (the freeze is decided
    after the forward's integer was taken), so the frozen value applies one forward later.
