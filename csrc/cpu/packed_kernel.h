@@ -99,7 +99,8 @@ inline int64_t env_int(const char* name, int64_t dflt) {
 // memory stream (~75% of the sgemv read rate), not by the decode.
 static const int64_t kPfRows = env_int("QUANTKERN_PK_PREFETCH_ROWS", 2);
 // The one-row int4 GEMV (M = 1) prefetches a fixed number of bytes ahead instead (one
-// sequential stream through consecutive rows). Measured 2026-12-03 (4096x11008 int4 g64,
+// sequential stream through consecutive rows); so does every block that advances one row per
+// stream (the slices of kStreams; M = 3, 4). Measured 2026-12-03 (4096x11008 int4 g64,
 // cold, 1 thread, interleaved in one process): one row at a time with 3 KB lookahead
 // 2.23-2.30 ms, the two-row block 8 KB ahead 2.40-2.54 ms (2 threads: 1.18 vs 1.27 ms).
 // A bare read loop peaks at 0.5-4 KB lookahead (~13 GB/s) and drops to ~10 GB/s at 8 KB.
