@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from quantkern.demo import st_features
 from quantkern.ptq import QuantizeConfig, quantize_
 from quantkern.ptq.models import load_calibration_texts, load_minilm, load_sentences
 
@@ -46,7 +47,7 @@ def main():
         units, ntok, nrows = minilm_calib_units(model, calib, a.batch)
         print(f"calibration: {ntok} tokens, {nrows} rows with padding", flush=True)
     else:  # the earlier demo's batches: 32 in input order
-        feats = [model.tokenize(calib[i:i + 32]) for i in range(0, len(calib), 32)]
+        feats = [st_features(model, calib[i:i + 32]) for i in range(0, len(calib), 32)]
         units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
 
     def enc(m):

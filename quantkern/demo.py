@@ -57,6 +57,12 @@ def _nn_index(E):
     return S.argmax(1)
 
 
+def st_features(model, texts):
+    """sentence-transformers' model inputs for ``texts`` (``preprocess``; ``tokenize`` before 6.x,
+    which 6.x deprecates with a warning and forwards to ``preprocess``)."""
+    return model.preprocess(inputs=texts) if hasattr(model, "preprocess") else model.tokenize(texts)
+
+
 def minilm_calib_units(model, sentences, batch: int = 16):
     """One calibration callable per batch of ``batch`` sentences, batched by token length.
 
@@ -64,8 +70,8 @@ def minilm_calib_units(model, sentences, batch: int = 16):
     (Hessians, ERQ rows, activation ranges) although the model masks them out; batching
     sentences of similar length keeps them few. Returns (callables, real tokens, rows incl. padding).
     """
-    order = sorted(range(len(sentences)), key=lambda i: len(model.tokenize([sentences[i]])["input_ids"][0]))
-    feats = [model.tokenize([sentences[i] for i in order[j:j + batch]]) for j in range(0, len(order), batch)]
+    order = sorted(range(len(sentences)), key=lambda i: len(st_features(model, [sentences[i]])["input_ids"][0]))
+    feats = [st_features(model, [sentences[i] for i in order[j:j + batch]]) for j in range(0, len(order), batch)]
     units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
     return (units, sum(int(f["attention_mask"].sum()) for f in feats),
             sum(f["attention_mask"].numel() for f in feats))

@@ -746,3 +746,9 @@ def test_replace_linear_keeps_a_frozen_bias_frozen():
     m.requires_grad_(False)
     replace_linear(m, 4, 32, skip=None)
     assert isinstance(m[0], PackedLinear) and not m[0].bias.requires_grad
+
+
+def test_replace_linear_warns_when_nothing_is_replaced():
+    # e.g. GPT-2, whose projections are transformers' Conv1D: an empty result used to pass silently
+    with pytest.warns(UserWarning, match="no nn.Linear to replace"):
+        assert replace_linear(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv1d(4, 4, 1))) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -302,6 +303,9 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         for parent, child_name in sites:
             setattr(parent, child_name, new)
         replaced.append(name)
+    if not sites_list:
+        warnings.warn("quantkern.replace_linear: the model has no nn.Linear to replace (after skip); layers of "
+                      "other types, e.g. transformers' Conv1D (GPT-2), are not converted", stacklevel=2)
     return replaced
 
 
