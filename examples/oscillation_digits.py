@@ -170,7 +170,7 @@ def pretrain(seed, data, epochs):
 
 
 def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=0.1, momentum=0.01,
-            freeze_start=0.1, freeze_end=None, freeze_warmup=0.25, osc_freq=0.005):
+            freeze_start=0.1, freeze_end=None, freeze_warmup=0.25, osc_freq=0.005, frozen_grad="grid"):
     Xtr, ytr, Xte, yte = data
     torch.manual_seed(seed)
     model = quantize(fp_model, bits)
@@ -184,7 +184,7 @@ def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=
     opt_q = torch.optim.Adam(qparams, lr=1e-3)
     sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, steps)
     low_bit = [l for l in qat.quantized_layers(model) if l.name not in W8A8]
-    tracker = qat.OscillationTracker(model, momentum=momentum, max_bits=None, layers=low_bit)
+    tracker = qat.OscillationTracker(model, momentum=momentum, max_bits=None, layers=low_bit, frozen_grad=frozen_grad)
     f_end = (0.01 if bits == 4 else 0.011) if freeze_end is None else freeze_end
     thr = qat.freeze_threshold_schedule(steps, freeze_start, f_end, freeze_warmup) if method == "freeze" else (lambda t: 0.0)
     damp = qat.DampeningLoss(model, layers=low_bit) if method == "damp" else None
@@ -247,6 +247,8 @@ def main(argv=None):
     ap.add_argument("--damp-lambda", type=float, default=0.1, help="final dampening weight (paper: 0.1)")
     ap.add_argument("--methods", default="lsq,damp,freeze")
     ap.add_argument("--momentum", type=float, default=0.01, help="oscillation EMA momentum (official class 0.01, paper 0.001)")
+    ap.add_argument("--frozen-grad", default="grid", choices=("grid", "official"),
+                    help="OscillationTracker(frozen_grad=...): frozen weights' scale / offset gradients")
     ap.add_argument("--freeze-start", type=float, default=0.1, help="freezing threshold at the start of freezing")
     ap.add_argument("--freeze-end", type=float, default=None, help="final freezing threshold (default 0.01 at 4 bits, 0.011 at 3)")
     ap.add_argument("--freeze-warmup", type=float, default=0.25, help="fraction of QAT before freezing starts")
@@ -272,7 +274,7 @@ def main(argv=None):
         for bits in bits_list:
             for key, _ in methods:
                 r = qat_run(fp, seed, data, bits, key, args.qat_epochs, args.bn_batches, args.damp_lambda, args.momentum,
-                            args.freeze_start, args.freeze_end, args.freeze_warmup, args.osc_freq)
+                            args.freeze_start, args.freeze_end, args.freeze_warmup, args.osc_freq, args.frozen_grad)
                 res.setdefault((bits, key), []).append(r)
                 print(f"  W{bits}A{bits} {key:<6} acc {r['acc_before']:.4f} -> {r['acc_after']:.4f} (BN re-est.)  "
                       f"osc dw {r['osc_dw']:.2%} pw {r['osc_pw']:.2%} frozen {r['frozen']:.2%}  "

@@ -90,10 +90,10 @@ def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="we
     """Validate a tensor and its quantizer parameters (the granularity follows the shapes, as in
     fake_quant_lsq); returns (offset, axis) with offset=None replaced by zeros and axis made non-negative."""
     _check_tensor(op, xname, x, _FLOATS)
-    _check_tensor(op, "scale", scale, (torch.float32,), x.device)
+    _check_tensor(op, "scale", scale, (torch.float32,), x.device, xname)
     if offset is None:
         offset = torch.zeros_like(scale)
-    _check_tensor(op, "offset", offset, (torch.float32,), x.device)
+    _check_tensor(op, "offset", offset, (torch.float32,), x.device, xname)
     if not (isinstance(qmin, int) and isinstance(qmax, int)) or isinstance(qmin, bool) or isinstance(qmax, bool):
         raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
     if qmin >= qmax:

@@ -379,3 +379,5 @@ def test_one_group_per_row_spelled_like_the_other_solvers():
         for gs in (-1, None):
             got = fn(W, 4, gs)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="needs axis=1"):
+        hqq_quantize(W, 4, -1, axis=0)

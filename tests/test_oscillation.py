@@ -564,6 +564,56 @@ def test_frozen_weights_give_the_scale_the_official_gradient(frozen_grad):
     assert all(t.fwd_hook is None for t in tracker.tracked.values())
 
 
+def test_official_frozen_grad_with_lsq_quantizer_pickling_and_a_discarded_tracker(tmp_path):
+    # the real LSQQuantizer (grad_scale None: 1 / sqrt(N qmax)); torch.save of the whole model with
+    # the hook attached; a deleted tracker's hook stops acting
+    import gc
+
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+
+    torch.manual_seed(0)
+    m = nn.Sequential(QuantLinear(32, 16, w_bits=3), nn.ReLU(), QuantLinear(16, 4, w_bits=3))
+    m(torch.randn(4, 32))
+    tr = qat.OscillationTracker(m, momentum=0.1, frozen_grad="official")
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+    thr = qat.freeze_threshold_schedule(40, 0.3, 0.05)
+    for t in range(40):
+        loss = F.cross_entropy(m(torch.randn(16, 32)), torch.randint(0, 4, (16,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tr.step(thr(t + 1))
+    t0 = tr.tracked["0"]
+    fz, L, q = tr.frozen_mask("0"), t0.layer, t0.layer.quantizer
+    assert fz.any() and q.grad_scale is None
+    m.zero_grad()
+    out = q(L.weight)
+    P = torch.randn(out.shape)
+    (out * P).sum().backward()
+    s, b = L.params()
+    g = 1 / math.sqrt(L.weight.numel() // s.numel() * L.qmax)
+    _, ds, _ = REF.fake_quant_lsq_backward(P.masked_fill(fz, 0), L.weight_view(), s, b, L.qmin, L.qmax, L.axis,
+                                           L.group_size, g)
+    qf = tr.decode("0")["q_prev"].float()
+    ds = (ds + g * REF._reduce_like(torch.where(fz, P * qf, 0), s, L.axis, L.group_size))
+    ds = ds * torch.sign(q.scale.detach()).reshape(ds.shape)
+    torch.testing.assert_close(q.scale.grad.reshape(ds.shape), ds, rtol=1e-4, atol=1e-5)
+    torch.save(m, tmp_path / "m.pt")  # the hook pickles (as a spent one)
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(m2(torch.ones(2, 32)), m(torch.ones(2, 32)))
+    with torch.no_grad():  # tracker gone: the hook passes the fake-quant's output through unchanged
+        L.weight.add_(0.3 * torch.randn_like(L.weight))  # off the grid: the fake-quant now differs
+        before = q(L.weight)
+    del tr, t0
+    gc.collect()
+    with torch.no_grad():
+        after = q(L.weight)
+    s, b = L.params()
+    want = REF.fake_quant_lsq(L.weight_view(), s, b, L.qmin, L.qmax, L.axis, L.group_size)
+    assert not torch.equal(before, want) and torch.equal(after, want)
+
+
 def test_tracker_channels_last_weights():
     """A channels_last conv model: the tracker updates a contiguous copy and writes it back."""
     from quantkern import qat

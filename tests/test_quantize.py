@@ -683,7 +683,8 @@ def test_nonfinite_calibration_input_names_the_layer():
 
 def test_input_zero_point_must_sit_on_its_grid():
     pl = PackedLinear(64, 8, bits=4, group_size=32)
-    for bits, sym, zero in ((8, True, 37.0), (8, False, 300.0), (4, False, 2.5), (4, False, -1.0)):
+    for bits, sym, zero in ((8, True, 37.0), (8, False, 300.0), (4, False, 2.5), (4, False, -1.0),
+                            (8, False, float("inf")), (8, True, float("nan"))):
         with pytest.raises(ValueError, match="input zero must be"):
             pl.set_input_quantizer(bits, symmetric=sym, scale=0.1, zero=zero)
     pl.set_input_quantizer(8, symmetric=False, scale=0.1, zero=255.0)
@@ -705,5 +706,5 @@ def test_warnings_point_at_the_caller_and_few_tokens_warn():
     msgs = [str(w.message) for w in rec]
     assert all(w.filename == __file__ for w in rec), [(w.filename, str(w.message)[:40]) for w in rec]
     for part in ("match no nn.Linear", "does not fit layer '0'", "saw no calibration input",
-                 "1 layer(s) saw fewer calibration tokens", "no nn.Linear to quantize"):
+                 "1 layer(s) were fitted to fewer calibration tokens", "no nn.Linear to quantize"):
         assert any(part in s for s in msgs), part

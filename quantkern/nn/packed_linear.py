@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from typing import Callable, Iterable
 
@@ -22,7 +23,7 @@ def _check_input_zero(z: torch.Tensor, bits: int, symmetric: bool, what: str) ->
     (e.g. an asymmetric 8-bit range loaded into a symmetric or 4-bit quantizer)."""
     v = float(z)
     hi = 0 if symmetric else 2**bits - 1
-    if v != round(v) or not 0 <= v <= hi:
+    if not math.isfinite(v) or v != round(v) or not 0 <= v <= hi:
         raise ValueError(f"PackedLinear: {what} must be {'0 (symmetric grid)' if symmetric else f'an integer in [0, {hi}]'}"
                          f" for the {bits}-bit {'symmetric' if symmetric else 'asymmetric'} input quantizer, got {v}")
 
@@ -303,9 +304,11 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         for parent, child_name in sites:
             setattr(parent, child_name, new)
         replaced.append(name)
-    if not sites_list:
-        warnings.warn("quantkern.replace_linear: the model has no nn.Linear to replace (after skip); layers of "
-                      "other types, e.g. transformers' Conv1D (GPT-2), are not converted", stacklevel=2)
+    if not replaced:
+        warnings.warn("quantkern.replace_linear: no layer replaced: " + (
+            "every nn.Linear's in_features is unfit for the group size (fallback_group_size=False)" if sites_list else
+            "the model has no nn.Linear (after skip); layers of other types, e.g. transformers' Conv1D (GPT-2), are "
+            "not converted"), stacklevel=2)
     return replaced
 
 

@@ -16,10 +16,12 @@ from ..reference.hqq import hqq_dequantize
 __all__ = ["hqq_quantize", "rtn_quantize", "hqq_dequantize"]
 
 
-def _one_group_per_row(W, group_size):
+def _one_group_per_row(W, group_size, axis):
     """group_size -1 or None: one group per row (g = K), as gptq_quantize / erq_quantize / quantize_ take it."""
     if (group_size is None or (group_size == -1 and not isinstance(group_size, bool))) and \
             isinstance(W, torch.Tensor) and W.dim() == 2:
+        if axis != 1:  # hqq's axis=0 groups are strided over the flattened weight, not rows
+            raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
         return W.shape[1]
     return group_size
 
@@ -45,7 +47,7 @@ def hqq_quantize(
     per row. See :func:`quantkern.ops.hqq_quantize` for every argument.
     """
     return ops.hqq_quantize(
-        W, bits, _one_group_per_row(W, group_size), axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
+        W, bits, _one_group_per_row(W, group_size, axis), axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
         early_stop=early_stop, backend=backend,
     )
 
@@ -60,4 +62,4 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None, axis: int =
     with weights that small lose most of their information here; ``PackedWeight.from_float``
     is the plain min-max RTN. ``group_size`` -1 or None: one group per row.
     """
-    return ops.hqq_quantize(W, bits, _one_group_per_row(W, group_size), axis=axis, iters=0, backend=backend)
+    return ops.hqq_quantize(W, bits, _one_group_per_row(W, group_size, axis), axis=axis, iters=0, backend=backend)

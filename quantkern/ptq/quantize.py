@@ -565,8 +565,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
                                   + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=3)
                     method = "rtn"
-                elif method in ("gptq", "erq") and cap.seen < lin.in_features:
-                    few.append(f"{name!r} ({cap.seen} < {lin.in_features})")
+                else:  # ERQ fits on its sample of at most calib_tokens rows (unless it fits a float target)
+                    used = min(cap.seen, cfg.calib_tokens) if method == "erq" and not cap.pair else cap.seen
+                    if method in ("gptq", "erq") and used < lin.in_features:
+                        few.append(f"{name!r} ({used} < {lin.in_features})")
             a_scale, a_zero = _act_qparams(cfg, cap)
             act_q = None
             if cfg.act_bits is not None:
@@ -606,7 +608,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
             del cap
         if few:
-            warnings.warn(f"quantize_: {len(few)} layer(s) saw fewer calibration tokens than their in_features, "
+            warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
+                          f"in_features (ERQ: at most calib_tokens), "
                           f"e.g. {', '.join(few[:3])}: {cfg.method} then fits the calibration data rather than the "
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
