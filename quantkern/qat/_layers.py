@@ -44,8 +44,9 @@ class QLayer:
         if w.data_ptr() != data.data_ptr():
             data.copy_(w.view(data.shape))
 
-    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, offset) as the quantizer's forward uses them: fp32, detached, |scale| >= eps."""
+    def params(self, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) as the quantizer's forward uses them: fp32, |scale| >= eps; detached
+        unless ``detach=False`` (then differentiable in the quantizer's parameters)."""
         q = self.quantizer
         if getattr(q, "_initialized", True) is False and callable(getattr(q, "initialize", None)):
             # LSQQuantizer initialises from the data on its first forward; for a weight
@@ -53,9 +54,11 @@ class QLayer:
             # placeholder scale (1, or a lazy parameter with no data).
             q.initialize(self.module.weight)
         eps = float(getattr(q, "eps", 1e-8))
-        s = q.scale.detach().float().abs().clamp_min(eps)
+        s = q.scale.float().abs().clamp_min(eps)
         off = getattr(q, "offset", None)
-        b = off.detach().float() if isinstance(off, torch.Tensor) else torch.zeros_like(s)
+        b = off.float() if isinstance(off, torch.Tensor) else torch.zeros_like(s)
+        if detach:
+            s, b = s.detach(), b.detach()
         if self.axis is not None or self.group_size is not None:
             return s, b
         return s.reshape(1), b.reshape(1)

@@ -88,9 +88,7 @@ class _FrozenForwardHook:
         o = out.reshape(meta.shape)
         frozen = (meta & (1 << FROZEN_BIT)) != 0
         qf = ((meta & 0xFF) ^ 0x80) - 0x80  # the int8 integer field (sign-extended)
-        s = q.scale.float().abs().clamp_min(float(getattr(q, "eps", 1e-8)))
-        off = getattr(q, "offset", None)
-        b = off.float() if isinstance(off, torch.Tensor) else torch.zeros_like(s)
+        s, b = L.params(detach=False)
         # the quantizer's LSQ gradient scale: LSQQuantizer's grad_scale (None: its default
         # 1 / sqrt(N qmax)); a quantizer without the attribute: 1 (fake_quant_lsq's default)
         g = getattr(q, "grad_scale", 1.0)
@@ -99,8 +97,6 @@ class _FrozenForwardHook:
         s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (as the LSQ kernel's)
         b = b * g + (b - b * g).detach()
         axis, gs = L.axis, L.group_size
-        if axis is None and gs is None:
-            s, b = s.reshape(()), b.reshape(())
         x_frozen = qf.float() * lsq_param_view(o, s, axis, gs) + lsq_param_view(o, b, axis, gs)
         return torch.where(frozen, x_frozen.to(o.dtype), o).reshape(shape)
 
