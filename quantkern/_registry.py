@@ -278,7 +278,7 @@ for _sfx in ("", "_triton"):
                  "fused kernel)")
     _no_gradient(f"dequantize{_sfx}", "no gradient with respect to scales / zeros (dequantize is for checks and "
                  "export; to train group scales, write W = (q - zero) * scale in torch ops, as "
-                 "quantkern.ptq.distill_qparams_ does)")
+                 "quantkern.ptq.conv.distill_qparams_ does)")
 
 
 def op_names() -> list[str]:

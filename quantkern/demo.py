@@ -292,7 +292,8 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     # (1) weight-only, every conv / linear at W``bits``
     for bits in (bits_list if "weights" in parts else ()):
         lab = f"W{bits} g<={group_size}"
-        for method in methods:
+        # AdaRound is a row, not a --methods entry: it runs whenever the rows ask for it
+        for method in list(methods) + (["adaround"] if "adaround" in rows and "adaround" not in methods else []):
             if method not in rows or (quick and method in ("gptq", "erq", "adaround")):
                 continue  # sequential per-layer passes: minutes on 2 cores
             kw = {"clip": "hqq", "adaround_iters": 300, "adaround_lr": 3e-2, "adaround_lambda": 0.1} \
@@ -300,7 +301,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             m, tq = quantized(bits, method, **kw)
             note = "all layers" + ("; depthwise convs: batched GPTQ" if method == "erq" else "") + \
                 ("; HQQ params, 300 Adam steps per layer" if method == "adaround" else "")
-            row(METHOD_LABEL.get(method, method).split(" (")[0], lab, m, tq, note)
+            row(METHOD_LABEL.get(method, "AdaRound").split(" (")[0], lab, m, tq, note)
         if "hqq" in methods:
             kd_rows = [("kd", "HQQ + KD of scales/zeros", {}, None),
                        ("kd_bias", "HQQ + KD of scales/zeros + BN biases", {"distill_bias": True}, None),
@@ -353,7 +354,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m quantkern demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few sentences / crops, W4 only (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="few sentences / crops, W4 weights (plus the MiniLM W4A8 / W4A4 and two EfficientNet W8A8 rows), a smoke test")
     ap.add_argument("--methods", default="rtn,hqq,gptq,erq")
     ap.add_argument("--bits", default=None, help="comma list, default 4,3,2 (MiniLM) and 4 (EfficientNet)")
     ap.add_argument("--act-bits", default="8,4", help="MiniLM W4A<b> rows with activation quantization, comma "

@@ -211,6 +211,8 @@ def oscillation_init_state(
             raise ValueError(f"quantkern.{op}: scale must be positive and finite")
         if not bool(torch.isfinite(offset).all()):
             raise ValueError(f"quantkern.{op}: offset must be finite")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"quantkern.{op}: weight must be finite (a NaN / inf would start as a garbage integer)")
         # contiguous state whatever the weight's strides (oscillation_update needs it)
         meta, ema = ref.init_state(weight.detach(), scale.detach(), offset.detach(), qmin, qmax, axis, group_size)
         return meta.contiguous(), ema.contiguous()

@@ -386,6 +386,41 @@ def test_init_state_refuses_bad_scale_and_offset(bad):
             ops.oscillation_init_state(w, s, b.clone().index_fill_(0, torch.tensor([3]), bad), -8, 7, axis=0)
 
 
+def test_init_state_refuses_non_finite_weights():
+    # a NaN weight started as integer 0 (and an inf one at qmax) without a word
+    w, s = torch.randn(8, 4), torch.rand(8) + 0.1
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight must be finite"):
+            ops.oscillation_init_state(w.clone().index_fill_(0, torch.tensor([2]), bad), s, None, -8, 7, axis=0)
+
+
+@pytest.mark.parametrize("bad", ["a", float("nan"), float("inf"), True, None])
+def test_tracker_refuses_bad_thresholds(bad):
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+
+    model = nn.Sequential(QuantLinear(8, 4, w_bits=4))
+    model(torch.randn(2, 8))
+    if bad is not None:  # None is the default of step(), not of the constructor
+        with pytest.raises(ValueError, match="freeze_threshold must be a finite number"):
+            qat.OscillationTracker(model, freeze_threshold=bad)
+    tracker = qat.OscillationTracker(model)
+    if bad is not None:
+        with pytest.raises(ValueError, match="freeze_threshold must be a finite number"):
+            tracker.step(freeze_threshold=bad)
+    with pytest.raises(ValueError, match="momentum"):
+        qat.OscillationTracker(model, momentum="a" if bad is None else bad)
+
+
+def test_raw_ops_refuse_axis_and_group_size_together():
+    # the raw ops used group_size and ignored axis; ops.* already refused both
+    x, s = torch.randn(3, 8), torch.ones(3, 2)
+    for fn, args in ((torch.ops.quantkern.fake_quant_lsq, (x, s, torch.zeros(3, 2), -8, 7, 0, 4, 1.0)),
+                     (torch.ops.quantkern.dampening_loss, (x, s, torch.zeros(3, 2), -8, 7, 0, 4, 1.0))):
+        with pytest.raises(RuntimeError, match="either axis or group_size, not both"):
+            fn(*args)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, True])
 def test_dampening_refuses_bad_norm(bad):
     # norm went straight into the kernel: a NaN / inf / negative loss with no error
@@ -695,8 +730,9 @@ def test_dampening_loss_module_and_schedules():
     (dict(total_steps=0.5), "total_steps must be a positive integer"),   # int() made it 0: t < 0, values past start
     (dict(total_steps=10.5), "total_steps must be a positive integer"),  # silently truncated to 10
     (dict(total_steps=True), "total_steps must be a positive integer"),
-    (dict(total_steps=100, start=float("nan")), "start must be finite"),
-    (dict(total_steps=100, end=float("inf")), "end must be finite"),
+    (dict(total_steps=100, start=float("nan")), "start must be a finite number"),
+    (dict(total_steps=100, end=float("inf")), "end must be a finite number"),
+    (dict(total_steps=100, start="a"), "start must be a finite number"),
 ])
 def test_cosine_schedule_refuses_bad_arguments(kw, match):
     from quantkern import qat

@@ -177,6 +177,43 @@ def test_gemv_stream_order_is_bit_identical(tmp_path, threads):
         assert torch.equal(y, runs["0"][key]), key
 
 
+_THREADS_SCRIPT = """
+import sys, torch, quantkern
+from quantkern import PackedWeight, ops
+torch.set_num_threads(int(sys.argv[2]))
+out = {}
+for bits, K, N in ((4, 1024, 300), (3, 320, 1000), (2, 777, 130)):
+    g = torch.Generator().manual_seed(K + N)
+    pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, 64 if K % 64 == 0 else None)
+    b = torch.randn(N, generator=g)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for M in (1, 5, 17, 64, 200):  # GEMV, LUT, and the BLAS GEMM (fp32 / fp16) or AMX (bf16)
+            x = torch.randn(M, K, generator=g).to(dt).requires_grad_()
+            y = ops.packed_linear(x, pw, b.to(dt))
+            y.backward(torch.randn(M, N, generator=g).to(dt))
+            out[f"{bits}-{dt}-{M}"] = (y.detach(), x.grad)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
+    # Every CPU path, forward and dX, at 1, 2 and 3 threads (3 oversubscribes a 2-core machine, which
+    # changes timing, never tiles): the BLAS paths run fixed tiles, one single-threaded sgemm each.
+    import subprocess
+    import sys
+    runs = {}
+    for threads in (1, 2, 3):
+        path = tmp_path / f"{threads}.pt"
+        r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path), str(threads)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[threads] = torch.load(path)
+    for threads in (2, 3):
+        for key, (y, gx) in runs[threads].items():
+            assert torch.equal(y, runs[1][key][0]), (threads, key, "forward")
+            assert torch.equal(gx, runs[1][key][1]), (threads, key, "grad of x")
+
+
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
 @pytest.mark.parametrize("feature", ["bf16", "vbmi"])
 def test_amx_path_needs_bf16_and_vbmi(feature):
@@ -220,6 +257,23 @@ def test_grad_x(dt):
         torch.testing.assert_close(x.grad, want, rtol=tol, atol=tol)
         torch.testing.assert_close(bias.grad, gy.float().sum(0), rtol=1e-4, atol=1e-4)
         bias.grad = None
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16])
+def test_blas_paths_across_tiles_and_chunks(dt):
+    # The CPU fp32 / fp16 GEMM (M > 16) and the backward use fixed tiles and, for the backward,
+    # chunks of 16 MiB of dequantized rows: here 2 chunks (N > 1024 at K = 4096), 2 row tiles of
+    # dY (R > 256), full and partial tiles, against an fp64 product.
+    pw = make(1100, 4096, 4, 64, seed=11)
+    Wd = pw.dequantize(torch.float32).double()
+    x = torch.randn(300, 4096).to(dt).requires_grad_()
+    y = ops.packed_linear(x, pw)
+    check_accuracy(y.detach(), x.detach(), pw)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    truth = gy.double() @ Wd
+    e, et = rel_err(x.grad, truth), rel_err((gy.float() @ Wd.float()).to(dt), truth)
+    assert e <= 2 * et + FLOOR[dt], (e, et)
 
 
 def test_grad_input_is_chunked():

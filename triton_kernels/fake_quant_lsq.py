@@ -201,7 +201,9 @@ def check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_ax
         raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
     if offset.shape != scale.shape:
         raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
-    if group_size is not None:  # wins over axis, as in the native ops
+    if group_size is not None and axis is not None:
+        raise ValueError(f"quantkern.{op}: pass either axis or group_size, not both (got axis {axis}, group_size {group_size})")
+    if group_size is not None:
         if x.dim() != 2:
             raise ValueError(f"quantkern.{op}: per-group x must be 2-D [rows, K], got shape {tuple(x.shape)}")
         if group_size <= 0 or x.shape[1] % group_size:

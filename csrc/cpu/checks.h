@@ -34,6 +34,8 @@ inline Layout lsq_layout(const at::Tensor& x, const at::Tensor& scale, const at:
   TORCH_CHECK(qmin < qmax, "quantkern: qmin (", qmin, ") must be < qmax (", qmax, ")");
   TORCH_CHECK(scale.sizes() == offset.sizes(), "quantkern: offset shape ", offset.sizes(),
               " must equal scale shape ", scale.sizes());
+  TORCH_CHECK(!(axis.has_value() && group_size.has_value()), "quantkern: pass either axis or group_size, not both (got axis ",
+              axis.value_or(0), ", group_size ", group_size.value_or(0), ")");
   Layout L{1, 1, x.numel()};
   if (group_size.has_value()) {
     int64_t gs = *group_size;

@@ -7,6 +7,7 @@
 // range, so the weight streams from memory in order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -14,6 +15,19 @@
 #include "host_cache.h"
 #include "isa.h"
 #include "packed_checks.h"
+
+// The BLAS sgemm and MKL's per-thread thread count, as libtorch_cpu exports them in torch's MKL
+// builds (x86). Weak: null elsewhere, and then packed_linear keeps to its own fp32 GEMM.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // C interface (lower case: Fortran's)
+// MKL's packed-operand GEMM (CBLAS enums: ColMajor 102, NoTrans 111, Trans 112, BMatrix 162, Packed 151).
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest) __attribute__((weak));
+extern "C" void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                                    const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 
 namespace qk {
 namespace {
@@ -77,24 +91,76 @@ at::Tensor dequantize_cpu(const at::Tensor& qw_, const at::Tensor& scales_, cons
   return out;
 }
 
-// fp32 GEMM for larger M on fp32/fp16 x: dequantize panels of rows to fp32 (our
-// kernels, exact as the reference) and multiply each with MKL's sgemm. Only one
-// panel (kPanelRows x K fp32) exists at a time.
-void gemm_panels_mkl(const IsaTable& T, const PackedW& P, const at::Tensor& x, const at::Tensor& bias, at::Tensor& y) {
-  const int64_t N = P.N, K = P.K;
-  const int64_t rows = std::max<int64_t>(64, std::min<int64_t>(N, (int64_t(4) << 20) / (4 * K)) / 16 * 16);
-  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  auto panel = at::empty({std::min(rows, N), K}, x.options().dtype(at::kFloat));
-  float* pp = panel.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t nb = std::min(rows, N - n0);
-    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) {
-      T.pk_dequant(P, n0 + a, n0 + b, Dt::F32, pp + a * K, K);
-    });
-    auto blk = at::mm(xf, panel.narrow(0, 0, nb).t());
-    if (bias.defined()) blk.add_(bias.narrow(0, n0, nb));
-    y.narrow(1, n0, nb).copy_(blk);
+// The BLAS paths below need both symbols and 32-bit sizes.
+bool blas_usable(std::initializer_list<int64_t> sizes) {
+  if (!sgemm_ || !MKL_Set_Num_Threads_Local) return false;
+  for (int64_t v : sizes)
+    if (v >= (int64_t(1) << 31)) return false;  // sgemm_ takes 32-bit sizes
+  return true;
+}
+
+// fp32 GEMM for larger M on fp32/fp16 x: dequantize tiles of rows to fp32 (our kernels,
+// exact as the reference) and multiply each with MKL's sgemm, one thread per tile. The tiles
+// are fixed by the shape and every MKL call runs on one thread (MKL_Set_Num_Threads_Local), so
+// the output bits do not depend on the thread count: a multi-threaded sgemm splits its sums by
+// thread count, and so does MKL called inside a parallel region without the local setting.
+// Worker threads run no ATen ops (they would miss the caller's inference / fake-tensor modes).
+//
+// Tile sizes: up to `cap` of n, and at least 8 tiles where n allows (2 threads stay balanced).
+int64_t blas_tile(int64_t n, int64_t cap) { return std::min(cap, std::max<int64_t>(32, (n + 127) / 128 * 16)); }
+
+// The B operand shared by many tiles (column-major k x n, leading dimension ldb) packed once into
+// MKL's layout (cblas_sgemm_pack) for products with m rows, instead of once per sgemm call
+// (4096 x 11008, M = 32, 2 threads: 26 -> 16 ms). Packed on one MKL thread: the layout MKL picks
+// follows its thread count. Undefined where torch's MKL lacks the packed API.
+at::Tensor mkl_pack_b(const float* b, int64_t m, int64_t n, int64_t k, int64_t ldb, const at::TensorOptions& o) {
+  if (!cblas_sgemm_pack || !cblas_sgemm_compute || !cblas_sgemm_pack_get_size) return {};
+  const int prev = MKL_Set_Num_Threads_Local(1);
+  auto dest = at::empty({int64_t(cblas_sgemm_pack_get_size(162, int(m), int(n), int(k)) / 4) + 1}, o);
+  cblas_sgemm_pack(102, 162, 111, int(m), int(n), int(k), 1.f, b, int(ldb), dest.data_ptr<float>());
+  MKL_Set_Num_Threads_Local(prev);
+  return dest;
+}
+
+// One tile, column-major: C (m x n, ldc) = op(A) B + beta C, op(A) = A^T when trans_a (A is then
+// k x m, lda), else A (m x k). B (k x n, ldb) comes packed from mkl_pack_b when `bk` is set, which
+// needs the m it was packed for (MKL: compute takes pack's m, n, k); other tiles take plain sgemm.
+void tile_sgemm(bool trans_a, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                int64_t ldb, const at::Tensor& bk, int64_t bk_m, float beta, float* c, int64_t ldc) {
+  if (bk.defined() && m == bk_m) {
+    cblas_sgemm_compute(102, trans_a ? 112 : 111, 151, int(m), int(n), int(k), a, int(lda), bk.data_ptr<float>(),
+                        int(k), beta, c, int(ldc));
+    return;
   }
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  const float one = 1.f;
+  sgemm_(trans_a ? "T" : "N", "N", &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+}
+
+void gemm_panels_mkl(const IsaTable& T, const PackedW& P, const at::Tensor& x, const at::Tensor& bias, at::Tensor& y) {
+  const int64_t N = P.N, K = P.K, M = x.size(0);
+  // Taller tiles for larger M (fewer passes over x); at small M, a tile that stays in L2.
+  const int64_t rows = blas_tile(N, M <= 64 ? 64 : M <= 512 ? 256 : 512);
+  auto xf = x.to(at::kFloat).contiguous();
+  auto yf = y.scalar_type() == at::kFloat ? y : at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  const at::Tensor xk = N >= rows ? mkl_pack_b(xp, rows, M, K, K, xf.options()) : at::Tensor();  // every tile's B
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    const size_t bytes = (size_t(std::min(rows, N)) * K * sizeof(float) + 63) / 64 * 64;  // aligned_alloc: a multiple
+    std::unique_ptr<float, decltype(&std::free)> panel(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+    TORCH_CHECK(panel, "quantkern.packed_linear: out of memory for a ", rows, " x ", K, " fp32 tile");
+    const int prev = MKL_Set_Num_Threads_Local(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, nb = std::min(rows, N - n0);
+      T.pk_dequant(P, n0, n0 + nb, Dt::F32, panel.get(), K);
+      // column-major view: y[:, n0:n0+nb]^T (nb x M, ld N) = tile (K x nb, ld K)^T * x^T (K x M, ld K)
+      tile_sgemm(true, nb, M, K, panel.get(), K, xp, K, xk, rows, 0.f, yp + n0, N);
+    }
+    MKL_Set_Num_Threads_Local(prev);
+  });
+  if (bias.defined()) yf.add_(bias);
+  if (!yf.is_same(y)) y.copy_(yf);
 }
 
 at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const at::Tensor& scales_,
@@ -126,7 +192,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
   const PackedW P = packed_view(qw, s, z, bits, group_size, K);
   const IsaTable& T = isa_table();
   const int path = T.pk_plan(P, xdt, M);
-  if (path == 0 /* generic fp32 GEMM */ && M > 16) {
+  if (path == 0 /* generic fp32 GEMM */ && M > 16 && blas_usable({M * K, M * N, N * K})) {
     gemm_panels_mkl(T, P, x, bias, y);
     return y.reshape(oshape);
   }
@@ -168,6 +234,44 @@ c10::SymInt rows_of(const at::Tensor& t) {
   return r;
 }
 
+// dX [R, K] fp32 = g [R, N] (fp32, contiguous) W, for plain CPU tensors: in chunks of rows of W
+// fixed by K (dequantized in parallel, elementwise), each chunk's product split over tiles of
+// dX fixed by the shape (blas_tile rows x columns), one single-threaded sgemm per tile, so that
+// the bits do not depend on the thread count (one multi-threaded sgemm splits its sums by
+// thread count).
+at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, const at::Tensor& s_,
+                                  const at::Tensor& z_, int64_t bits, int64_t group_size, int64_t K) {
+  auto qw = qw_.contiguous(), s = s_.contiguous(), z = z_.contiguous();
+  const PackedW P = packed_view(qw, s, z, bits, group_size, K);
+  const IsaTable& T = isa_table();
+  const int64_t R = g.size(0), N = P.N;
+  auto out = at::zeros({R, K}, g.options());
+  const int64_t step = std::max<int64_t>(1, std::min(N, kGradChunkBytes / (4 * K)));
+  auto panel = at::empty({step, K}, g.options());
+  float* pp = panel.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const int64_t kt = blas_tile(K, 512), rt = 256, tk = (K + kt - 1) / kt, tr = (R + rt - 1) / rt;
+  for (int64_t n0 = 0; n0 < N; n0 += step) {
+    const int64_t nb = std::min(step, N - n0);
+    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) { T.pk_dequant(P, n0 + a, n0 + b, Dt::F32, pp + a * K, K); });
+    std::vector<at::Tensor> gk(tr);  // each row tile of dY is the B of all its column tiles
+    for (int64_t r = 0; r < tr && K >= kt; ++r)
+      gk[r] = mkl_pack_b(gp + r * rt * N + n0, kt, std::min(rt, R - r * rt), nb, N, g.options());
+    at::parallel_for(0, tr * tk, 1, [&](int64_t t0, int64_t t1) {
+      const int prev = MKL_Set_Num_Threads_Local(1);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = t / tk, r0 = r * rt, k0 = t % tk * kt;
+        // column-major view: dX^T[k0:k0+m, r0:r0+n] (ld K) += W^T[k0:k0+m, chunk] (ld K) g^T[chunk, r0:r0+n] (ld N)
+        tile_sgemm(false, std::min(kt, K - k0), std::min(rt, R - r0), nb, pp + k0, K, gp + r0 * N + n0, N, gk[r], kt,
+                   1.f, op + r0 * K + k0, K);
+      }
+      MKL_Set_Num_Threads_Local(prev);
+    });
+  }
+  return out;
+}
+
 at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& s, const at::Tensor& z,
                              int64_t bits, int64_t group_size, int64_t K) {
   static auto deq = c10::Dispatcher::singleton()
@@ -179,6 +283,16 @@ at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const
   // rows) is read concretely: the chunk loop needs it, and a weight does not change shape.
   const int64_t N = qw.size(0);
   auto g2 = grad.reshape_symint({rows_of(grad), c10::SymInt(N)});  // (not -1: N may be 0)
+  // Plain CPU tensors (not fake, functional or batched: under torch.compile this function is
+  // traced, and the traced ops run), no double backward: the thread-count-independent BLAS path.
+  if (grad.is_cpu() && qw.is_cpu() && !at::areAnyTensorSubclassLike({grad, qw, s, z}) && !at::GradMode::is_enabled() &&
+      blas_usable({grad.numel(), N, K, g2.size(0) * K})) {
+    std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
+    shape.back() = K;
+    return packed_grad_input_blas(g2.to(at::kFloat).contiguous(), qw, s, z, bits, group_size, K)
+        .to(grad.scalar_type())
+        .reshape(shape);
+  }
   auto out = at::zeros_symint({g2.sym_size(0), c10::SymInt(K)}, grad.options().dtype(at::kFloat));
   const int64_t step = std::max<int64_t>(1, kGradChunkBytes / (4 * K));
   for (int64_t n0 = 0; n0 < N; n0 += step) {

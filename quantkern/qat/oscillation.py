@@ -101,6 +101,16 @@ class _FrozenForwardHook:
         return torch.where(frozen, x_frozen.to(o.dtype), o).reshape(shape)
 
 
+
+def _finite_real(v) -> bool:
+    """A finite real number (int, float, 0-d tensor; not a bool or a string)."""
+    if isinstance(v, (bool, str)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
 class OscillationTracker:
     """Tracks integer oscillations of every quantized weight and freezes the oscillating ones.
 
@@ -135,11 +145,13 @@ class OscillationTracker:
     def __init__(self, model: nn.Module, momentum: float = 0.01, freeze_threshold: float = 0.0,
                  max_bits: int | None = 4, grad_mask: bool = True, backend: str = "auto",
                  layers: list[QLayer] | None = None, frozen_grad: str = "grid"):
-        if isinstance(momentum, bool) or not 0 < momentum <= 1:
+        if not _finite_real(momentum) or not 0 < float(momentum) <= 1:
             raise ValueError(f"OscillationTracker: momentum must be in (0, 1], got {momentum!r}")
         if frozen_grad not in ("official", "grid"):
             raise ValueError(f"OscillationTracker: frozen_grad must be 'official' or 'grid', got {frozen_grad!r}")
         self.frozen_grad = frozen_grad
+        if not _finite_real(freeze_threshold):
+            raise ValueError(f"OscillationTracker: freeze_threshold must be a finite number, got {freeze_threshold!r}")
         self.momentum = float(momentum)
         self.freeze_threshold = float(freeze_threshold)
         self.backend = backend
@@ -165,6 +177,8 @@ class OscillationTracker:
     def step(self, freeze_threshold: float | None = None) -> dict[str, torch.Tensor]:
         """One tracking (+ freezing) step for every layer; returns {name: int64 [2]} counts
         (oscillations this step, frozen so far) without a host sync."""
+        if freeze_threshold is not None and not _finite_real(freeze_threshold):
+            raise ValueError(f"OscillationTracker.step: freeze_threshold must be a finite number, got {freeze_threshold!r}")
         th = self.freeze_threshold if freeze_threshold is None else float(freeze_threshold)
         out = {}
         self._check_layers_current()
@@ -392,8 +406,8 @@ class CosineSchedule:
         if not 0 <= warmup_frac < 1:
             raise ValueError(f"CosineSchedule: warmup_frac must be in [0, 1), got {warmup_frac}")
         for name, v in (("start", start), ("end", end), ("warmup_value", warmup_value)):
-            if v is not None and not math.isfinite(float(v)):
-                raise ValueError(f"CosineSchedule: {name} must be finite, got {v!r}")
+            if v is not None and not _finite_real(v):
+                raise ValueError(f"CosineSchedule: {name} must be a finite number, got {v!r}")
         self.start, self.end, self.total = float(start), float(end), int(total_steps)
         self.warmup = warmup_frac * total_steps
         self.warmup_value = self.start if warmup_value is None else float(warmup_value)

@@ -42,7 +42,7 @@ Where the compact state differs from the official code, on purpose:
    instead overrides the integer inside the quantizer's forward. Two consequences:
    (a) the step size's gradient: officially the frozen integer is a constant, so a frozen
    weight contributes ``d x_hat / d s = q_frozen`` (and 1 to the offset), wherever q_frozen
-   lies. ``OscillationTracker(frozen_grad="official")`` (the default) restores exactly that
+   lies. ``OscillationTracker(frozen_grad="official")`` (opt-in; the default is "grid") restores exactly that
    with a forward hook on the weight quantizer; with ``frozen_grad="grid"`` the latent weight
    just sits on the grid point, v = q_frozen, and contributes ``round(v) - v = 0`` (and 0)
    unless q_frozen is qmin or qmax.
