@@ -251,7 +251,7 @@ at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, co
   float* pp = panel.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
-  const int64_t kt = blas_tile(K, 512), rt = 256, tk = (K + kt - 1) / kt, tr = (R + rt - 1) / rt;
+  const int64_t rt = 256, tr = (R + rt - 1) / rt, kt = std::min(K, blas_tile(K * tr, 512)), tk = (K + kt - 1) / kt;
   for (int64_t n0 = 0; n0 < N; n0 += step) {
     const int64_t nb = std::min(step, N - n0);
     at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) { T.pk_dequant(P, n0 + a, n0 + b, Dt::F32, pp + a * K, K); });
