@@ -189,15 +189,23 @@ for bits, K, N in ((4, 1024, 300), (3, 320, 1000), (2, 777, 130)):
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for M in (1, 5, 17, 64, 200):  # GEMV, LUT, and the BLAS GEMM (fp32 / fp16) or AMX (bf16)
             x = torch.randn(M, K, generator=g).to(dt).requires_grad_()
-            y = ops.packed_linear(x, pw, b.to(dt))
+            bias = b.to(dt).detach().clone().requires_grad_()
+            y = ops.packed_linear(x, pw, bias)
             y.backward(torch.randn(M, N, generator=g).to(dt))
-            out[f"{bits}-{dt}-{M}"] = (y.detach(), x.grad)
+            out[f"{bits}-{dt}-{M}"] = (y.detach(), x.grad, bias.grad)
+# a one-output head over many rows: ATen's sum split the bias gradient's rows by thread count
+g = torch.Generator().manual_seed(1)
+pw = PackedWeight.from_float(torch.randn(1, 64, generator=g), 4, 64)
+x = torch.randn(40000, 64, generator=g).requires_grad_()
+bias = torch.zeros(1, requires_grad=True)
+ops.packed_linear(x, pw, bias).backward(torch.randn(40000, 1, generator=g))
+out["head"] = (torch.zeros(1), x.grad, bias.grad)
 torch.save(out, sys.argv[1])
 """
 
 
 def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
-    # Every CPU path, forward and dX, at 1, 2 and 3 threads (3 oversubscribes a 2-core machine, which
+    # Every CPU path, forward, dX and the bias gradient, at 1, 2 and 3 threads (3 oversubscribes a 2-core machine, which
     # changes timing, never tiles): the BLAS paths run fixed tiles, one single-threaded sgemm each.
     import subprocess
     import sys
@@ -209,9 +217,10 @@ def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
         assert r.returncode == 0, r.stderr
         runs[threads] = torch.load(path)
     for threads in (2, 3):
-        for key, (y, gx) in runs[threads].items():
+        for key, (y, gx, gb) in runs[threads].items():
             assert torch.equal(y, runs[1][key][0]), (threads, key, "forward")
             assert torch.equal(gx, runs[1][key][1]), (threads, key, "grad of x")
+            assert torch.equal(gb, runs[1][key][2]), (threads, key, "grad of bias")
 
 
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")

@@ -92,6 +92,16 @@ at::Tensor dequantize_cpu(const at::Tensor& qw_, const at::Tensor& scales_, cons
 }
 
 // The BLAS paths below need both symbols and 32-bit sizes.
+// MKL on one thread for the calling thread while in scope (restored on exceptions too: a thread
+// left at one MKL thread would run every later torch matmul single-threaded).
+struct MklOneThread {
+  int prev;
+  MklOneThread() : prev(MKL_Set_Num_Threads_Local(1)) {}
+  ~MklOneThread() { MKL_Set_Num_Threads_Local(prev); }
+  MklOneThread(const MklOneThread&) = delete;
+  MklOneThread& operator=(const MklOneThread&) = delete;
+};
+
 bool blas_usable(std::initializer_list<int64_t> sizes) {
   if (!sgemm_ || !MKL_Set_Num_Threads_Local) return false;
   for (int64_t v : sizes)
@@ -115,10 +125,9 @@ int64_t blas_tile(int64_t n, int64_t cap) { return std::min(cap, std::max<int64_
 // follows its thread count. Undefined where torch's MKL lacks the packed API.
 at::Tensor mkl_pack_b(const float* b, int64_t m, int64_t n, int64_t k, int64_t ldb, const at::TensorOptions& o) {
   if (!cblas_sgemm_pack || !cblas_sgemm_compute || !cblas_sgemm_pack_get_size) return {};
-  const int prev = MKL_Set_Num_Threads_Local(1);
+  MklOneThread one;
   auto dest = at::empty({int64_t(cblas_sgemm_pack_get_size(162, int(m), int(n), int(k)) / 4) + 1}, o);
   cblas_sgemm_pack(102, 162, 111, int(m), int(n), int(k), 1.f, b, int(ldb), dest.data_ptr<float>());
-  MKL_Set_Num_Threads_Local(prev);
   return dest;
 }
 
@@ -150,14 +159,13 @@ void gemm_panels_mkl(const IsaTable& T, const PackedW& P, const at::Tensor& x, c
     const size_t bytes = (size_t(std::min(rows, N)) * K * sizeof(float) + 63) / 64 * 64;  // aligned_alloc: a multiple
     std::unique_ptr<float, decltype(&std::free)> panel(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
     TORCH_CHECK(panel, "quantkern.packed_linear: out of memory for a ", rows, " x ", K, " fp32 tile");
-    const int prev = MKL_Set_Num_Threads_Local(1);
+    MklOneThread one;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, nb = std::min(rows, N - n0);
       T.pk_dequant(P, n0, n0 + nb, Dt::F32, panel.get(), K);
       // column-major view: y[:, n0:n0+nb]^T (nb x M, ld N) = tile (K x nb, ld K)^T * x^T (K x M, ld K)
       tile_sgemm(true, nb, M, K, panel.get(), K, xp, K, xk, rows, 0.f, yp + n0, N);
     }
-    MKL_Set_Num_Threads_Local(prev);
   });
   if (bias.defined()) yf.add_(bias);
   if (!yf.is_same(y)) y.copy_(yf);
@@ -259,16 +267,40 @@ at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, co
     for (int64_t r = 0; r < tr && K >= kt; ++r)
       gk[r] = mkl_pack_b(gp + r * rt * N + n0, kt, std::min(rt, R - r * rt), nb, N, g.options());
     at::parallel_for(0, tr * tk, 1, [&](int64_t t0, int64_t t1) {
-      const int prev = MKL_Set_Num_Threads_Local(1);
+      MklOneThread one;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r = t / tk, r0 = r * rt, k0 = t % tk * kt;
         // column-major view: dX^T[k0:k0+m, r0:r0+n] (ld K) += W^T[k0:k0+m, chunk] (ld K) g^T[chunk, r0:r0+n] (ld N)
         tile_sgemm(false, std::min(kt, K - k0), std::min(rt, R - r0), nb, pp + k0, K, gp + r0 * N + n0, N, gk[r], kt,
                    1.f, op + r0 * K + k0, K);
       }
-      MKL_Set_Num_Threads_Local(prev);
     });
   }
+  return out;
+}
+
+// Plain CPU tensors outside create_graph: not fake, functional or batched (under torch.compile
+// the backward is traced, and the traced ops run), and no graph to record for a double backward.
+bool plain_cpu(std::initializer_list<at::Tensor> ts) {
+  for (const auto& t : ts)
+    if (!t.is_cpu()) return false;
+  return !at::areAnyTensorSubclassLike(ts) && !at::GradMode::is_enabled();
+}
+
+// Column sums of g [R, N] (fp32, contiguous) in double, columns split over threads and each
+// column's rows added in order: the same bits for any thread count (ATen's sum splits the rows
+// by thread count when the output is small, e.g. the bias gradient of a one-output head).
+at::Tensor column_sums(const at::Tensor& g) {
+  const int64_t R = g.size(0), N = g.size(1);
+  auto out = at::empty({N}, g.options());
+  const float* gp = g.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc(c1 - c0, 0.0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += gp[r * N + c];
+    for (int64_t c = c0; c < c1; ++c) op[c] = float(acc[c - c0]);
+  });
   return out;
 }
 
@@ -283,10 +315,8 @@ at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const
   // rows) is read concretely: the chunk loop needs it, and a weight does not change shape.
   const int64_t N = qw.size(0);
   auto g2 = grad.reshape_symint({rows_of(grad), c10::SymInt(N)});  // (not -1: N may be 0)
-  // Plain CPU tensors (not fake, functional or batched: under torch.compile this function is
-  // traced, and the traced ops run), no double backward: the thread-count-independent BLAS path.
-  if (grad.is_cpu() && qw.is_cpu() && !at::areAnyTensorSubclassLike({grad, qw, s, z}) && !at::GradMode::is_enabled() &&
-      blas_usable({grad.numel(), N, K, g2.size(0) * K})) {
+  // The thread-count-independent BLAS path (each call reaches at most 256 rows of dY and dX).
+  if (plain_cpu({grad, qw, s, z}) && blas_usable({N * 256, K * 256})) {
     std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
     shape.back() = K;
     return packed_grad_input_blas(g2.to(at::kFloat).contiguous(), qw, s, z, bits, group_size, K)
@@ -329,8 +359,10 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     at::Tensor gx, gb;
     if (ctx->needs_input_grad(0)) gx = packed_grad_input(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
-    if (args[3] && ctx->needs_input_grad(4))
-      gb = grad.reshape_symint({rows_of(grad), grad.sym_size(-1)}).to(at::kFloat).sum(0);
+    if (args[3] && ctx->needs_input_grad(4)) {
+      auto g2 = grad.reshape_symint({rows_of(grad), grad.sym_size(-1)}).to(at::kFloat);
+      gb = plain_cpu({grad}) ? column_sums(g2.contiguous()) : g2.sum(0);
+    }
     // one entry per forward argument (ints included); none for the packed weight, scales, zeros
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb};
   }
