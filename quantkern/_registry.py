@@ -238,6 +238,37 @@ for _sfx in ("", "_triton"):
         )
 
 
+# dX = dY W of the native packed_linear (its bias gradient is a plain sum), an op of its own so
+# that torch.compile's backward graph runs its kernel (on the CPU: the same bits for any thread
+# count) rather than a traced dequantize + addmm; d(dX)/d(dY) applied to u is packed_linear(u, W).
+LIB.define(f"packed_linear_backward(Tensor grad, {_PK_ARGS}) -> Tensor")
+
+
+@torch.library.register_fake("quantkern::packed_linear_backward")
+def _packed_linear_backward_fake(grad, qweight, scales, zeros, bits, group_size, in_features):
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.device != grad.device:
+            raise ValueError(f"quantkern.packed_linear_backward: {name} is on {t.device} but grad is on {grad.device}")
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _plb_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:4])
+    ctx.args = inputs[4:]
+
+
+def _plb_backward(ctx, g):
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, in_features = ctx.args
+    gg = None
+    if ctx.needs_input_grad[0]:
+        gg = torch.ops.quantkern.packed_linear(g, qweight, scales, zeros, bits, group_size, in_features)
+    return gg, None, None, None, None, None, None
+
+
+torch.library.register_autograd("quantkern::packed_linear_backward", _plb_backward, setup_context=_plb_setup)
+
+
 def _rows(t: torch.Tensor):
     """Product of all but the last size of ``t`` (symbolic under torch.compile)."""
     return math.prod(t.shape[:-1])

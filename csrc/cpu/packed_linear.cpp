@@ -15,6 +15,7 @@
 #include "host_cache.h"
 #include "isa.h"
 #include "packed_checks.h"
+#include "packed_grad.h"
 
 // The BLAS sgemm and MKL's per-thread thread count, as libtorch_cpu exports them in torch's MKL
 // builds (x86). Weak: null elsewhere, and then packed_linear keeps to its own fp32 GEMM.
@@ -224,24 +225,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
   return y.reshape(oshape);
 }
 
-// ------------------------------------------------------------ autograd (every device)
-// packed_linear's autograd lives here rather than in Python (torch.library.register_autograd):
-// the Python wrapper runs on every call, no_grad included, and once a large weight has
-// streamed through the caches its cold interpreter path cost ~40 us per call (4096x2048
-// int4, 1 thread: 370 us vs 330 us under inference_mode). The _triton op keeps the Python
-// version (quantkern/_registry.py, packed_grad_input), which this backward mirrors.
-
-// dX = dY W for y = x W^T, W dequantized to fp32 a block of rows at a time (at most
-// kGradChunkBytes), never whole; fp32 accumulation, result in grad's dtype.
-constexpr int64_t kGradChunkBytes = int64_t(16) << 20;
-
-// Product of all but the last size of t (symbolic under torch.compile).
-c10::SymInt rows_of(const at::Tensor& t) {
-  c10::SymInt r = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) r = r * t.sym_size(d);
-  return r;
-}
-
+// ------------------------------------------------------------ packed_linear_backward
 // dX [R, K] fp32 = g [R, N] (fp32, contiguous) W, for plain CPU tensors: in chunks of rows of W
 // fixed by K (dequantized in parallel, elementwise), each chunk's product split over tiles of
 // dX fixed by the shape (blas_tile rows x columns), one single-threaded sgemm per tile, so that
@@ -304,35 +288,33 @@ at::Tensor column_sums(const at::Tensor& g) {
   return out;
 }
 
-at::Tensor packed_grad_input(const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& s, const at::Tensor& z,
-                             int64_t bits, int64_t group_size, int64_t K) {
-  static auto deq = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("quantkern::dequantize", "")
-                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                          int64_t, std::optional<at::ScalarType>)>();
-  // Sizes of grad stay symbolic (sym_size / *_symint): under torch.compile(dynamic=True) a concrete
-  // read of the row count would pin the batch size and recompile for every new one. N (the weight's
-  // rows) is read concretely: the chunk loop needs it, and a weight does not change shape.
+// dX = dY W (the op packed_linear_backward): the BLAS path, whose bits do not depend on the
+// thread count (each call reaches at most 256 rows of dY and dX), or the composite form.
+at::Tensor packed_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& s,
+                                      const at::Tensor& z, int64_t bits, int64_t group_size, int64_t K) {
+  check_packed_backward(grad, qw, s, z, bits, group_size, K);
   const int64_t N = qw.size(0);
-  auto g2 = grad.reshape_symint({rows_of(grad), c10::SymInt(N)});  // (not -1: N may be 0)
-  // The thread-count-independent BLAS path (each call reaches at most 256 rows of dY and dX).
-  if (plain_cpu({grad, qw, s, z}) && blas_usable({N * 256, K * 256})) {
-    std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
-    shape.back() = K;
-    return packed_grad_input_blas(g2.to(at::kFloat).contiguous(), qw, s, z, bits, group_size, K)
-        .to(grad.scalar_type())
-        .reshape(shape);
-  }
-  auto out = at::zeros_symint({g2.sym_size(0), c10::SymInt(K)}, grad.options().dtype(at::kFloat));
-  const int64_t step = std::max<int64_t>(1, kGradChunkBytes / (4 * K));
-  for (int64_t n0 = 0; n0 < N; n0 += step) {
-    const int64_t n1 = std::min(N, n0 + step);
-    auto w = deq.call(qw.slice(0, n0, n1), s.slice(0, n0, n1), z.slice(0, n0, n1), bits, group_size, K, at::kFloat);
-    out.addmm_(g2.slice(1, n0, n1).to(at::kFloat), w);
-  }
-  std::vector<c10::SymInt> shape(grad.sym_sizes().begin(), grad.sym_sizes().end());
-  shape.back() = c10::SymInt(K);
-  return out.to(grad.scalar_type()).reshape_symint(shape);
+  if (!blas_usable({N * 256, K * 256})) return packed_grad_composite(grad, qw, s, z, bits, group_size, K);
+  std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
+  shape.back() = K;
+  auto g2 = grad.reshape({grad_rows(grad), N}).to(at::kFloat).contiguous();
+  return packed_grad_input_blas(g2, qw, s, z, bits, group_size, K).to(grad.scalar_type()).reshape(shape);
+}
+
+// ------------------------------------------------------------ autograd (every device)
+// packed_linear's autograd lives here rather than in Python (torch.library.register_autograd):
+// the Python wrapper runs on every call, no_grad included, and once a large weight has
+// streamed through the caches its cold interpreter path cost ~40 us per call (4096x2048
+// int4, 1 thread: 370 us vs 330 us under inference_mode). The _triton op keeps the Python
+// version (quantkern/_registry.py). dX is the op packed_linear_backward, so torch.compile's
+// backward graph runs its kernel, and create_graph=True differentiates it (its autograd,
+// quantkern/_registry.py, is packed_linear itself).
+
+// Product of all but the last size of t (symbolic under torch.compile).
+c10::SymInt rows_of(const at::Tensor& t) {
+  c10::SymInt r = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) r = r * t.sym_size(d);
+  return r;
 }
 
 class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
@@ -357,7 +339,11 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
     const at::Tensor& grad = grads[0];
     const auto args = ctx->saved_data["args"].toIntVector();
     at::Tensor gx, gb;
-    if (ctx->needs_input_grad(0)) gx = packed_grad_input(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
+    static auto bwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("quantkern::packed_linear_backward", "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            int64_t, int64_t, int64_t)>();
+    if (ctx->needs_input_grad(0)) gx = bwd.call(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
     if (args[3] && ctx->needs_input_grad(4)) {
       auto g2 = grad.reshape_symint({rows_of(grad), grad.sym_size(-1)}).to(at::kFloat);
@@ -380,6 +366,7 @@ TORCH_LIBRARY_IMPL(quantkern, CPU, m) {
   m.impl("unpack", &unpack_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("packed_linear", &packed_linear_cpu);
+  m.impl("packed_linear_backward", &packed_linear_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(quantkern, Autograd, m) { m.impl("packed_linear", &packed_linear_autograd); }

@@ -1,4 +1,5 @@
-// CUDA kernels of the packed-weight ops: pack, unpack, dequantize, packed_linear.
+// CUDA kernels of the packed-weight ops: pack, unpack, dequantize, packed_linear (and
+// packed_linear_backward, the composite dX = dY W).
 //
 // They read the canonical format (csrc/shared/packing.h; spec with bit diagrams:
 // quantkern/reference/packing.py), the same bytes as the CPU and Triton kernels:
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "../cpu/packed_checks.h"  // check_packed, packed_view: the CPU glue's argument checks
+#include "../cpu/packed_grad.h"    // packed_linear_backward's checks and composite form
 #include "io.cuh"
 #include "../shared/packing.h"
 
@@ -473,9 +475,18 @@ at::Tensor packed_linear_cuda(const at::Tensor& x_, const at::Tensor& qw_, const
   return y.reshape(oshape);
 }
 
+// dX = dY W: the composite form (dequantize chunks of W, cuBLAS addmm; csrc/cpu/packed_grad.h).
+at::Tensor packed_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& s,
+                                       const at::Tensor& z, int64_t bits, int64_t group_size, int64_t K) {
+  check_packed_backward(grad, qw, s, z, bits, group_size, K);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return packed_grad_composite(grad, qw, s, z, bits, group_size, K);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
+  m.impl("packed_linear_backward", &packed_linear_backward_cuda);
   m.impl("pack", &pack_cuda);
   m.impl("unpack", &unpack_cuda);
   m.impl("dequantize", &dequantize_cuda);
