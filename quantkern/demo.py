@@ -155,7 +155,8 @@ def _images(extra_cal: bool = True):
     """(calibration images, evaluation images): lists of (name, uint8 [H, W, 3]) from disjoint photos.
 
     Colour photos: sklearn china / flower and skimage's colour images; every third one
-    (flower, coffee, retina, colorwheel) calibrates, the others evaluate. ``extra_cal``: the
+    (flower, coffee, retina, colorwheel) calibrates, the others evaluate (each distinct photo
+    once: skimage's ``cat`` is ``chelsea``). ``extra_cal``: the
     calibration set also gets the grayscale photos of :data:`EFFNET_CAL_GRAY` (as RGB).
     """
     import numpy as np
@@ -187,7 +188,15 @@ def _images(extra_cal: bool = True):
         ev = [x for i, x in enumerate(imgs) if i % 3 != 1]
     else:  # sklearn only: one photo each
         cal, ev = imgs[:1], imgs[1:]
-    return cal + gray, ev
+    # skimage's cat is chelsea (one photo, two names): keep an evaluation photo once, and never
+    # one that also calibrates
+    seen, unique = {hash(im.tobytes()) for _, im in cal}, []
+    for name, im in ev:
+        h = hash(im.tobytes())
+        if h not in seen:
+            seen.add(h)
+            unique.append((name, im))
+    return cal + gray, unique
 
 
 def _crops(imgs, n, seed, jitter: bool = False, min_frac: float = 0.35):

@@ -47,3 +47,16 @@ def test_demo_effnet_rows_cli():
     with pytest.raises(SystemExit) as e:
         demo.main(["--effnet-rows", "rtn,bogus"])
     assert e.value.code == 2
+
+
+def test_demo_images_are_distinct_photos():
+    """Evaluation photos appear once each and never among the calibration images (skimage's `cat`
+    is `chelsea`: the evaluation set had that photo twice)."""
+    pytest.importorskip("sklearn")
+    from quantkern import demo
+
+    cal, ev = demo._images()
+    keys = [im.tobytes() for _, im in ev]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {im.tobytes() for _, im in cal}
+    assert "skimage:cat" not in [n for n, _ in ev] or "skimage:chelsea" not in [n for n, _ in ev]
