@@ -92,7 +92,6 @@ at::Tensor dequantize_cpu(const at::Tensor& qw_, const at::Tensor& scales_, cons
   return out;
 }
 
-// The BLAS paths below need both symbols and 32-bit sizes.
 // MKL on one thread for the calling thread while in scope (restored on exceptions too: a thread
 // left at one MKL thread would run every later torch matmul single-threaded).
 struct MklOneThread {
@@ -103,6 +102,7 @@ struct MklOneThread {
   MklOneThread& operator=(const MklOneThread&) = delete;
 };
 
+// The BLAS paths below need both symbols and 32-bit sizes.
 bool blas_usable(std::initializer_list<int64_t> sizes) {
   if (!sgemm_ || !MKL_Set_Num_Threads_Local) return false;
   for (int64_t v : sizes)
@@ -226,11 +226,11 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
 }
 
 // ------------------------------------------------------------ packed_linear_backward
-// dX [R, K] fp32 = g [R, N] (fp32, contiguous) W, for plain CPU tensors: in chunks of rows of W
-// fixed by K (dequantized in parallel, elementwise), each chunk's product split over tiles of
-// dX fixed by the shape (blas_tile rows x columns), one single-threaded sgemm per tile, so that
-// the bits do not depend on the thread count (one multi-threaded sgemm splits its sums by
-// thread count).
+// dX [R, K] fp32 = g [R, N] (fp32, contiguous) W: in chunks of rows of W fixed by K (dequantized
+// in parallel, elementwise), each chunk's product split over tiles of dX fixed by the shape (256
+// rows of dY x blas_tile columns, at least 8 tiles in all where the shape allows), one
+// single-threaded sgemm per tile, so that the bits do not depend on the thread count (one
+// multi-threaded sgemm splits its sums by thread count).
 at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, const at::Tensor& s_,
                                   const at::Tensor& z_, int64_t bits, int64_t group_size, int64_t K) {
   auto qw = qw_.contiguous(), s = s_.contiguous(), z = z_.contiguous();

@@ -101,7 +101,6 @@ class _FrozenForwardHook:
         return torch.where(frozen, x_frozen.to(o.dtype), o).reshape(shape)
 
 
-
 def _finite_real(v) -> bool:
     """A finite real number (int, float, 0-d tensor; not a bool or a string)."""
     if isinstance(v, (bool, str)):
@@ -110,6 +109,7 @@ def _finite_real(v) -> bool:
         return math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
+
 
 class OscillationTracker:
     """Tracks integer oscillations of every quantized weight and freezes the oscillating ones.
