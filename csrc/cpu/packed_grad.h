@@ -12,10 +12,11 @@ namespace qk {
 // W is dequantized to fp32 at most this many bytes of rows at a time, never whole.
 constexpr int64_t kGradChunkBytes = int64_t(16) << 20;
 
-// Rows of grad [..., N]: the product of all but the last size (N may be 0).
-inline int64_t grad_rows(const at::Tensor& grad) {
-  int64_t r = 1;
-  for (int64_t d = 0; d + 1 < grad.dim(); ++d) r *= grad.size(d);
+// Product of all but the last size of t (symbolic under torch.compile; .expect_int() in kernels).
+// The row count of grad [..., N] without reshape(-1, N), which fails for N = 0.
+inline c10::SymInt rows_of(const at::Tensor& t) {
+  c10::SymInt r = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) r = r * t.sym_size(d);
   return r;
 }
 
@@ -37,7 +38,7 @@ inline at::Tensor packed_grad_composite(const at::Tensor& grad, const at::Tensor
                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                           int64_t, std::optional<at::ScalarType>)>();
   const int64_t N = qw.size(0);
-  auto g2 = grad.reshape({grad_rows(grad), N});
+  auto g2 = grad.reshape({rows_of(grad).expect_int(), N});
   auto out = at::zeros({g2.size(0), K}, grad.options().dtype(at::kFloat));
   const int64_t step = std::max<int64_t>(1, kGradChunkBytes / (4 * K));
   for (int64_t n0 = 0; n0 < N; n0 += step) {

@@ -248,7 +248,7 @@ at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, co
     const int64_t nb = std::min(step, N - n0);
     at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) { T.pk_dequant(P, n0 + a, n0 + b, Dt::F32, pp + a * K, K); });
     std::vector<at::Tensor> gk(tr);  // each row tile of dY is the B of all its column tiles
-    for (int64_t r = 0; r < tr && K >= kt; ++r)
+    for (int64_t r = 0; r < tr; ++r)
       gk[r] = mkl_pack_b(gp + r * rt * N + n0, kt, std::min(rt, R - r * rt), nb, N, g.options());
     at::parallel_for(0, tr * tk, 1, [&](int64_t t0, int64_t t1) {
       MklOneThread one;
@@ -297,7 +297,7 @@ at::Tensor packed_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   if (!blas_usable({N * 256, K * 256})) return packed_grad_composite(grad, qw, s, z, bits, group_size, K);
   std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
   shape.back() = K;
-  auto g2 = grad.reshape({grad_rows(grad), N}).to(at::kFloat).contiguous();
+  auto g2 = grad.reshape({rows_of(grad).expect_int(), N}).to(at::kFloat).contiguous();
   return packed_grad_input_blas(g2, qw, s, z, bits, group_size, K).to(grad.scalar_type()).reshape(shape);
 }
 
@@ -309,13 +309,6 @@ at::Tensor packed_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 // version (quantkern/_registry.py). dX is the op packed_linear_backward, so torch.compile's
 // backward graph runs its kernel, and create_graph=True differentiates it (its autograd,
 // quantkern/_registry.py, is packed_linear itself).
-
-// Product of all but the last size of t (symbolic under torch.compile).
-c10::SymInt rows_of(const at::Tensor& t) {
-  c10::SymInt r = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) r = r * t.sym_size(d);
-  return r;
-}
 
 class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
  public:
