@@ -268,6 +268,29 @@ def _plb_backward(ctx, g):
 
 torch.library.register_autograd("quantkern::packed_linear_backward", _plb_backward, setup_context=_plb_setup)
 
+# The bias gradient of the native packed_linear, an op of its own for the same reason: grad
+# [..., N] summed over every leading dim, fp32 [N]; on the CPU each column's rows in order, in
+# double (ATen's sum splits rows by thread count when there are few columns).
+LIB.define("packed_linear_bias_backward(Tensor grad) -> Tensor")
+
+
+@torch.library.register_fake("quantkern::packed_linear_bias_backward")
+def _packed_linear_bias_backward_fake(grad):
+    if grad.dim() < 1:
+        raise ValueError("quantkern.packed_linear_bias_backward: grad must have at least 1 dim")
+    return grad.new_empty((grad.shape[-1],), dtype=torch.float32)
+
+
+def _plbb_setup(ctx, inputs, output):
+    ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+
+
+def _plbb_backward(ctx, g):
+    return g.to(ctx.dtype).expand(ctx.shape) if ctx.needs_input_grad[0] else None
+
+
+torch.library.register_autograd("quantkern::packed_linear_bias_backward", _plbb_backward, setup_context=_plbb_setup)
+
 
 def _rows(t: torch.Tensor):
     """Product of all but the last size of ``t`` (symbolic under torch.compile)."""

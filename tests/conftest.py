@@ -1,6 +1,12 @@
 """Shared pytest setup for the quantkern test suite."""
 import os
 
+# Inductor's on-disk caches key a compiled graph on the Python side only: after a rebuild that
+# changed a C++ op's autograd (e.g. which op computes a gradient), a cached backward graph from
+# the old build was reused and ran the old ops. Tests compile from scratch (set before
+# torch is imported: inductor reads it once).
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
 import torch
 
 # The Triton kernels run on CPU under the Triton interpreter when there is no GPU.

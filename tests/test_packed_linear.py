@@ -198,8 +198,15 @@ g = torch.Generator().manual_seed(1)
 pw = PackedWeight.from_float(torch.randn(1, 64, generator=g), 4, 64)
 x = torch.randn(40000, 64, generator=g).requires_grad_()
 bias = torch.zeros(1, requires_grad=True)
-ops.packed_linear(x, pw, bias).backward(torch.randn(40000, 1, generator=g))
+gy = torch.randn(40000, 1, generator=g)
+ops.packed_linear(x, pw, bias).backward(gy)
 out["head"] = (torch.zeros(1), x.grad, bias.grad)
+# the same under torch.compile and with create_graph=True (the traced backward runs the same ops)
+x.grad = bias.grad = None
+torch.compile(lambda x: ops.packed_linear(x, pw, bias), fullgraph=True)(x).backward(gy)
+out["head compiled"] = (torch.zeros(1), x.grad, bias.grad)
+out["head create_graph"] = (torch.zeros(1),) + torch.autograd.grad(ops.packed_linear(x, pw, bias), (x, bias), gy,
+                                                                   create_graph=True)
 torch.save(out, sys.argv[1])
 """
 
@@ -221,6 +228,8 @@ def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
             assert torch.equal(y, runs[1][key][0]), (threads, key, "forward")
             assert torch.equal(gx, runs[1][key][1]), (threads, key, "grad of x")
             assert torch.equal(gb, runs[1][key][2]), (threads, key, "grad of bias")
+    for key in ("head compiled", "head create_graph"):
+        assert torch.equal(runs[1][key][2], runs[1]["head"][2]), key
 
 
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
@@ -315,6 +324,20 @@ def test_opcheck(dt):
         gy = torch.randn(M, 20).to(dt).requires_grad_()
         torch.library.opcheck(torch.ops.quantkern.packed_linear_backward,
                               (gy, pw.qweight, pw.scales, pw.zeros, bits, gs, 64))
+        torch.library.opcheck(torch.ops.quantkern.packed_linear_bias_backward, (gy,))
+        torch.library.opcheck(torch.ops.quantkern.packed_linear_bias_backward, (gy.detach().reshape(M, 4, 5),))
+
+
+def test_bias_backward_op():
+    # grad [..., N] -> fp32 [N], every leading dim summed; empty and zero-size shapes; a clear error on a 0-dim grad
+    g = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    out = torch.ops.quantkern.packed_linear_bias_backward(g)
+    assert out.dtype == torch.float32 and out.shape == (7,)
+    torch.testing.assert_close(out, g.float().sum((0, 1)))
+    assert torch.equal(torch.ops.quantkern.packed_linear_bias_backward(torch.zeros(0, 4)), torch.zeros(4))
+    assert torch.ops.quantkern.packed_linear_bias_backward(torch.zeros(3, 0)).shape == (0,)
+    with pytest.raises(RuntimeError, match="at least 1 dim"):
+        torch.ops.quantkern.packed_linear_bias_backward(torch.tensor(1.0))
 
 
 def test_torch_compile_functional_and_module():
@@ -343,8 +366,8 @@ def test_torch_compile_backward():
     gx, gb = x.grad.clone(), bias.grad.clone()
     x.grad = bias.grad = None
     ops.packed_linear(x, pw, bias).backward(gy)
-    assert torch.equal(gx, x.grad)  # the compiled backward runs the same packed_linear_backward kernel
-    torch.testing.assert_close(gb, bias.grad)
+    # the compiled backward runs the same packed_linear_backward and packed_linear_bias_backward kernels
+    assert torch.equal(gx, x.grad) and torch.equal(gb, bias.grad)
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
@@ -361,6 +384,12 @@ def test_double_backward(dt):
     v = torch.randn(7, 96).to(dt)
     (ggy,) = torch.autograd.grad(gx, gy, v)
     assert ggy.dtype == dt and rel_err(ggy, v.double() @ Wd.T) < tol
+    # the bias gradient (the op packed_linear_bias_backward) is differentiable too: d(sum of gy over rows)/d(gy)
+    bias = torch.randn(30, requires_grad=True)
+    (gb,) = torch.autograd.grad(ops.packed_linear(x, pw, bias), bias, gy, create_graph=True)
+    u = torch.randn(30)
+    (ggy,) = torch.autograd.grad(gb, gy, u)
+    assert ggy.dtype == dt and torch.equal(ggy, u.to(dt).expand(7, 30))
 
 
 def test_torch_compile_backward_dynamic_batch():

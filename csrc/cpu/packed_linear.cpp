@@ -7,7 +7,6 @@
 // range, so the weight streams from memory in order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -263,14 +262,6 @@ at::Tensor packed_grad_input_blas(const at::Tensor& g, const at::Tensor& qw_, co
   return out;
 }
 
-// Plain CPU tensors outside create_graph: not fake, functional or batched (under torch.compile
-// the backward is traced, and the traced ops run), and no graph to record for a double backward.
-bool plain_cpu(std::initializer_list<at::Tensor> ts) {
-  for (const auto& t : ts)
-    if (!t.is_cpu()) return false;
-  return !at::areAnyTensorSubclassLike(ts) && !at::GradMode::is_enabled();
-}
-
 // Column sums of g [R, N] (fp32, contiguous) in double, columns split over threads and each
 // column's rows added in order: the same bits for any thread count (ATen's sum splits the rows
 // by thread count when the output is small, e.g. the bias gradient of a one-output head).
@@ -286,6 +277,12 @@ at::Tensor column_sums(const at::Tensor& g) {
     for (int64_t c = c0; c < c1; ++c) op[c] = float(acc[c - c0]);
   });
   return out;
+}
+
+// The op packed_linear_bias_backward: grad [..., N] summed over every leading dim, fp32 [N].
+at::Tensor packed_linear_bias_backward_cpu(const at::Tensor& grad) {
+  TORCH_CHECK(grad.dim() >= 1, "quantkern.packed_linear_bias_backward: grad must have at least 1 dim");
+  return column_sums(grad.reshape({rows_of(grad).expect_int(), grad.size(-1)}).to(at::kFloat).contiguous());
 }
 
 // dX = dY W (the op packed_linear_backward): the BLAS path, whose bits do not depend on the
@@ -338,10 +335,10 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
                                             int64_t, int64_t, int64_t)>();
     if (ctx->needs_input_grad(0)) gx = bwd.call(grad, saved[0], saved[1], saved[2], args[0], args[1], args[2]);
     // needs_input_grad counts tensor inputs only: x, qweight, scales, zeros, bias
-    if (args[3] && ctx->needs_input_grad(4)) {
-      auto g2 = grad.reshape_symint({rows_of(grad), grad.sym_size(-1)}).to(at::kFloat);
-      gb = plain_cpu({grad}) ? column_sums(g2.contiguous()) : g2.sum(0);
-    }
+    static auto bias_bwd = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("quantkern::packed_linear_bias_backward", "")
+                               .typed<at::Tensor(const at::Tensor&)>();
+    if (args[3] && ctx->needs_input_grad(4)) gb = bias_bwd.call(grad);
     // one entry per forward argument (ints included); none for the packed weight, scales, zeros
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb};
   }
@@ -360,6 +357,7 @@ TORCH_LIBRARY_IMPL(quantkern, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("packed_linear", &packed_linear_cpu);
   m.impl("packed_linear_backward", &packed_linear_backward_cpu);
+  m.impl("packed_linear_bias_backward", &packed_linear_bias_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(quantkern, Autograd, m) { m.impl("packed_linear", &packed_linear_autograd); }

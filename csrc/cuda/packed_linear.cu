@@ -483,10 +483,18 @@ at::Tensor packed_linear_backward_cuda(const at::Tensor& grad, const at::Tensor&
   return packed_grad_composite(grad, qw, s, z, bits, group_size, K);
 }
 
+// The bias gradient: grad [..., N] summed over every leading dim, fp32 [N] (ATen's reduction).
+at::Tensor packed_linear_bias_backward_cuda(const at::Tensor& grad) {
+  TORCH_CHECK(grad.dim() >= 1, "quantkern.packed_linear_bias_backward: grad must have at least 1 dim");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return grad.reshape({rows_of(grad).expect_int(), grad.size(-1)}).to(at::kFloat).sum(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
   m.impl("packed_linear_backward", &packed_linear_backward_cuda);
+  m.impl("packed_linear_bias_backward", &packed_linear_bias_backward_cuda);
   m.impl("pack", &pack_cuda);
   m.impl("unpack", &unpack_cuda);
   m.impl("dequantize", &dequantize_cuda);
