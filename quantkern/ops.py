@@ -423,6 +423,11 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
         if lo < 0 or hi > min(pos.shape[1], 1 << 24):
             raise ValueError(f"quantkern.{op}: n must be in [0, min(B = pos.shape[1] = {pos.shape[1]}, 2^24)], "
                              f"got values in [{lo}, {hi}]")
+        # a NaN range, or a range with no bins, would drop the row's values without a word
+        if not bool(torch.isfinite(R).all()):
+            raise ValueError(f"quantkern.{op}: R must be finite (rows with R <= 0 are skipped)")
+        if bool(((R > 0) & (n < 1)).any()):
+            raise ValueError(f"quantkern.{op}: n must be >= 1 where R > 0")
 
 
 def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin) -> None:
@@ -448,6 +453,14 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
     for name, v in (("stride", stride), ("start_bin", start_bin)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"quantkern.{op}: {name} must be an int >= 1, got {v!r}")
+    # values (host syncs; compiled, the kernels' own checks remain)
+    if C > 0 and not torch.compiler.is_compiling():
+        if not bool((torch.isfinite(width) & (width >= 0)).all()):
+            raise ValueError(f"quantkern.{op}: width must be finite and >= 0 (0: no data)")
+        if bool(((width > 0) & (n < 2)).any()):
+            raise ValueError(f"quantkern.{op}: n must be >= 2 where width > 0")
+        if bool((pos < 0).any()) or bool((neg < 0).any()):
+            raise ValueError(f"quantkern.{op}: pos and neg hold counts, which must be >= 0")
 
 
 def calib_histogram(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, R: torch.Tensor, n: torch.Tensor, *,

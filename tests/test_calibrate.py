@@ -598,6 +598,24 @@ def test_calib_ops_bad_args():
         HistogramCalibrator("entropy").collect(xn)
 
 
+def test_search_on_an_empty_histogram_gives_zero():
+    # the reference's rule ("a histogram with no data gives amax 0"); the kernels returned the first
+    # candidate's amax (e.g. 2.0 for symmetric entropy) for a channel with a width but no counts
+    pos = neg = torch.zeros(2, 256, dtype=torch.int64)
+    w, n = torch.tensor([0.01, 1.0], dtype=torch.float64), torch.tensor([200, 256])
+    backends = ["native"] + (["triton"] if HAVE_TRITON and (INTERPRET or torch.cuda.is_available()) else [])
+    if "triton" in backends:
+        import quantkern.triton_kernels  # noqa: F401
+    for be in backends:
+        dev = TDEV if be == "triton" else "cpu"
+        for method in ("entropy", "mse"):
+            for symmetric in (True, False):
+                lo, hi = ops.calib_search(pos.to(dev), neg.to(dev), w.to(dev), n.to(dev), method, 8, symmetric=symmetric,
+                                          stride=1 if symmetric else 16, start_bin=128, backend=be)
+                assert lo.eq(0).all() and hi.eq(0).all(), (be, method, symmetric, lo, hi)
+    assert float(R.amax_entropy(pos[0].double(), torch.arange(257) * 0.01, 8)) == 0.0
+
+
 def test_mse_exact_ties_pick_the_same_window_everywhere():
     # windows (1, 3) and (2, 4) have the same error, 3.25, summed in different orders: every
     # implementation takes the first within MSE_RTOL (an exact first argmin split them)
@@ -918,8 +936,10 @@ def test_histogram_huge_finite_values_are_not_rejected(dtype):
     ops.calib_histogram(small, p2, q2, R2, n2)
     assert torch.equal(pos, p2) and torch.equal(neg, q2)
     for c in range(2):
-        p, q, _ = R.signed_histogram(small[c], 2048)
-        assert torch.equal(pos[c].double(), p) and torch.equal(neg[c].double(), q)
+        for xc in (small[c], x[c]):  # the reference bins the huge values themselves alike (it put them in bin 0)
+            p, q, _ = R.signed_histogram(xc, 2048)
+            assert torch.equal(pos[c].double(), p) and torch.equal(neg[c].double(), q)
+            assert torch.equal(R.abs_histogram(xc, 2048)[0], p + q)
     # a finite value far past R goes to the last bin; NaN / inf still raise
     pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
     ops.calib_histogram(torch.tensor([[3e38, -1e38]]).to(dtype), pos[:1], neg[:1], torch.tensor([1e-3]), n[:1])
@@ -975,3 +995,71 @@ def test_act_quantizer_dynamic_is_part_of_its_checkpoint():
     old = static.state_dict()
     old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "dynamic"}  # saved before it was
     ActQuantizer(8, "max").load_state_dict(old)
+
+
+# ------------------------------------------------------------ found by a test-drive (2026-12-04)
+def test_all_zero_calibration_gets_a_usable_scale_and_a_warning():
+    # scale 0 turned every later input into 0, silently
+    for method in METHODS_ALL:
+        with pytest.warns(UserWarning, match="saw only zeros"):
+            aq = ActQuantizer.from_data([torch.zeros(4, 4)], 8, method)
+        assert float(aq.scale) == 1.0 and float(aq.zero) == 0.0
+        assert aq(torch.full((2, 2), 3.0)).eq(3.0).all()
+    x = torch.randn(3, 50)
+    x[1] = 0.0  # one dead channel of three
+    with pytest.warns(UserWarning, match="1 of 3 channels"):
+        aq = ActQuantizer.from_data(x, 8, "max", axis=0)
+    assert aq.scale[1] == 1.0 and aq.scale[0] != 1.0
+
+
+def test_percentile_100_is_the_top_bins_left_edge_for_any_count():
+    # a normalised float cdf ended just below 1.0 for some counts, and percentile 100 then gave the max
+    for N in (3, 7, 10, 20, 49, 100):
+        x = torch.linspace(0.1, 1, N)
+        got = float(compute_amax(x, "percentile", percentile=100.0))
+        h, e = R.abs_histogram(x, 2048)
+        assert got == pytest.approx(float(e[2047]), rel=1e-6) == float(R.amax_percentile(h, e, 100.0)), N
+
+
+def test_mse_search_near_the_float32_limit():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 8e37  # 4x its max overflows fp32
+    for symmetric in (True, False):
+        out = compute_amax(x, "mse_search", symmetric=symmetric)
+        assert all(bool(torch.isfinite(t).all()) for t in (out if isinstance(out, tuple) else (out,)))
+    cal = MseCalibrator(symmetric=False, start=2.0, stop=4.0, num_steps=3)
+    cal.collect(torch.tensor([-3e38, 3e38]))  # no candidate's grid fits fp32
+    with pytest.raises(ValueError, match="float32"):
+        cal.compute_range()
+
+
+def test_calibrator_arguments_are_checked_by_name():
+    with pytest.raises(ValueError, match="percentile"):
+        compute_amax(torch.randn(10), "percentile", percentile="99")
+    with pytest.raises(ValueError, match="base_amax"):
+        compute_amax(torch.randn(4, 10), "mse_search", axis=0, base_amax=[1.0, 2.0])
+    cal = HistogramCalibrator()
+    cal.collect(torch.randn(100))
+    with pytest.raises(ValueError, match="method"):
+        cal.method = "max"
+    with pytest.raises(ValueError, match="percentile"):
+        cal.percentile = 150
+    cal.method, cal.percentile = "entropy", 99.9  # valid changes still work
+    assert cal.compute_amax() > 0
+    with pytest.raises(ValueError, match="float64 values beyond"):
+        compute_amax(torch.tensor([1e39, 1.0], dtype=torch.float64), "max")
+
+
+def test_raw_calibration_ops_check_values():
+    pos = neg = torch.zeros(1, 16, dtype=torch.int64)
+    w, n = torch.tensor([0.1], dtype=torch.float64), torch.tensor([16])
+    for kw, match in (({"width": torch.tensor([float("nan")], dtype=torch.float64)}, "width"),
+                      ({"width": torch.tensor([-1.0], dtype=torch.float64)}, "width"),
+                      ({"n": torch.tensor([1])}, "n must be >= 2"),
+                      ({"pos": torch.full((1, 16), -1, dtype=torch.int64)}, "counts")):
+        a = {"pos": pos, "neg": neg, "width": w, "n": n} | kw
+        with pytest.raises(ValueError, match=match):
+            ops.calib_search(a["pos"], a["neg"], a["width"], a["n"], "mse", 8, start_bin=4)
+    x = torch.randn(1, 10)
+    for Rv, nv, match in ((float("nan"), 16, "R must be finite"), (1.0, 0, "n must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            ops.calib_histogram(x, pos.clone(), neg.clone(), torch.tensor([Rv]), torch.tensor([nv]))

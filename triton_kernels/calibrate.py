@@ -200,6 +200,7 @@ def calib_search_triton(pos, neg, width, n, method, num_bits, unsigned, symmetri
     inside = k[None, :] < n[:, None]
     p = torch.where(inside, pos, 0).double()
     q = torch.where(inside, neg, 0).double()
+    raw = (p + q).sum(1)
     if ent:  # the bin of the exact zeros takes its neighbour's count (reference rule)
         p[:, 0] = torch.where(n > 1, p[:, 1], p[:, 0])
     if symmetric:
@@ -273,7 +274,7 @@ def calib_search_triton(pos, neg, width, n, method, num_bits, unsigned, symmetri
         b = (tc % nbx) * stride
         amin = torch.where(t >= 0, -(a.double() * w), -(un.double() * w))
         amax = torch.where(t >= 0, b.double() * w, up.double() * w)
-    live = w > 0
+    live = (w > 0) & (raw > 0)  # an empty histogram: (0, 0), as in the reference
     return torch.where(live, amin, torch.zeros_like(amin)), torch.where(live, amax, torch.zeros_like(amax))
 
 

@@ -88,6 +88,7 @@ struct CalibChan {
   int64_t ncand;     // candidate slots (some asymmetric slots are invalid: a + b < start_bin)
   int64_t nnz;       // mse: non-empty bins, listed in cb (count) and cz (signed bin number)
   double T;          // total count of ext (entropy) or of the unmodified bins (mse)
+  double raw;        // total count of pos and neg (0: no data, the range is (0, 0) as in the reference)
   double width;
 };
 
@@ -98,6 +99,7 @@ QK_HD CalibChan calib_build(const int64_t* pos, const int64_t* neg, int64_t n, d
                             double* cbl) {
   CalibChan ch{};
   ch.width = width;
+  for (int64_t k = 0; k < n; ++k) ch.raw += double(pos[k] + neg[k]);
   const bool ent = method == kCalibEntropy;
   // the value of pos[0] as the search sees it (entropy: replaced by pos[1])
   auto posv = [&](int64_t k) -> double { return double(k == 0 && ent && n > 1 ? pos[1] : pos[k]); };
@@ -324,10 +326,15 @@ QK_HD int64_t calib_pick(const double* obj, const CalibChan& ch, bool symmetric,
   return best;
 }
 
-// (amin, amax) of channel ch for the chosen slot (-1: no candidate -> the used range).
+// (amin, amax) of channel ch for the chosen slot (-1: no candidate -> the used range; an
+// empty histogram: (0, 0)).
 QK_HD void calib_result(const CalibChan& ch, bool symmetric, int method, bool is_unsigned, int64_t n, int64_t stride,
                         int64_t start_bin, int64_t t, double& amin, double& amax) {
   const double w = ch.width;
+  if (ch.raw == 0) {
+    amin = amax = 0.0;
+    return;
+  }
   if (t < 0) {
     if (symmetric) {
       amax = double(n) * w;

@@ -15,12 +15,14 @@ Shapes. A calibrator is built with ``axis``:
   ``compute_amax()`` returns float32 ``[x.shape[a]]``.
 
 ``collect(x)`` accepts any float dtype and shape (the same channel count every
-call) and streams: nothing but the running statistics is kept.
+call) and streams: nothing but the running statistics is kept. Statistics are taken
+in float32: float64 values beyond its range raise (as inf would), values below
+~1e-45 count as 0.
 
 Methods:
 
 * ``max``: running max of ``|x|`` (symmetric) or running min and max (asymmetric).
-* ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cdf, p/100)]``, the left edge
+* ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cumsum(hist), total * p/100)]``, the left edge
   of the bin holding the quantile (the right edge for bin 0, so non-zero data never gets amax 0).
   Asymmetric: a signed histogram; ``amin`` is the left edge of the bin holding
   the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile.
@@ -90,6 +92,10 @@ def _check_axis(axis, ndim: int, name: str = "x") -> int | None:
     return axis % ndim
 
 
+def _nonfinite_msg(name: str, wide: bool) -> str:
+    return f"{name} contains NaN or Inf" + (" (as float32: float64 values beyond 3.4e38 become inf)" if wide else "")
+
+
 def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool = False) -> torch.Tensor:
     """``x`` as float32 ``[C, M]`` (C = 1 per tensor).
 
@@ -103,7 +109,8 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool =
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     x = x.detach()
-    if not native or x.dtype == torch.float64:
+    wide = x.dtype == torch.float64
+    if not native or wide:
         x = x.float()
     if axis is None:
         out = x.reshape(1, -1)
@@ -112,7 +119,7 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool =
             raise ValueError(f"axis {axis} out of range for {name} with {x.dim()} dims")
         out = x.movedim(axis, 0).reshape(x.shape[axis], -1)
     if not native and not torch.isfinite(out).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise ValueError(_nonfinite_msg(name, wide))
     return out
 
 
@@ -169,6 +176,20 @@ def range_to_qparams(amin, amax, num_bits: int, symmetric: bool = True, unsigned
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.where(scale > 0, torch.round(-amin / safe), torch.zeros_like(scale)).clamp(qmin, qmax)
     return scale, zero, qmin, qmax
+
+
+def nonzero_scale(scale: torch.Tensor, zero: torch.Tensor, where: str):
+    """(scale, zero) with scale 1 and zero 0 wherever scale is 0, i.e. where calibration saw only
+    zeros (a static quantizer with scale 0 turns every later input into 0); warns when it does."""
+    dead = ~(scale > 0)
+    if bool(dead.any()):
+        what = f"{int(dead.sum())} of {dead.numel()} channels" if dead.dim() else "its input"
+        warnings.warn(f"{where}: {what} saw only zeros during calibration; using scale 1 (an integer grid) there "
+                      "instead of 0, which would turn every later input into 0. Calibrate on data that reaches it.",
+                      stacklevel=3)
+        scale = torch.where(dead, torch.ones_like(scale), scale)
+        zero = torch.where(dead, torch.zeros_like(zero), zero)
+    return scale, zero
 
 
 def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
@@ -262,7 +283,12 @@ class _Calibrator:
         return self._amax()
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(amin, amax), float32, 0-dim or [C]. Symmetric: (-amax, amax), or (0, amax) when unsigned."""
+        """(amin, amax), float32, 0-dim or [C]. Symmetric: (-amax, amax), or (0, amax) when unsigned.
+
+        Asymmetric: the chosen candidate range, which :meth:`qparams` widens to contain 0. For
+        ``mse_search`` (a multiple of the first batch's range) it need not contain the data or 0:
+        constant data 3.0 may give (6.375, 6.375); use :meth:`qparams` for the grid applied.
+        """
         if self.symmetric:
             amax = self._amax()
             return (torch.zeros_like(amax) if self.unsigned else -amax), amax
@@ -293,7 +319,7 @@ class MaxCalibrator(_Calibrator):
         xc = self._prep(x, native=True)
         mn, mx = _minmax(xc)
         if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
-            raise ValueError("x contains NaN or Inf")
+            raise ValueError(_nonfinite_msg("x", x.dtype == torch.float64))
         if self.symmetric:
             mx = torch.maximum(mx, -mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
@@ -331,20 +357,38 @@ class HistogramCalibrator(_Calibrator):
     def __init__(self, method: str = "percentile", num_bits: int = 8, axis=None, unsigned: bool = False, symmetric: bool = True,
                  num_bins: int = 2048, percentile: float = 99.99, start_bin: int = 128, stride: int | None = None):
         super().__init__(num_bits, axis, unsigned, symmetric)
-        if method not in ("percentile", "mse", "entropy"):
-            raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {method!r}")
         if not isinstance(num_bins, int) or not 2 <= num_bins <= 1 << 22:
             raise ValueError(f"num_bins must be an int in [2, 2^22], got {num_bins!r}")
-        if isinstance(percentile, bool) or not 0 <= percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if isinstance(start_bin, bool) or not isinstance(start_bin, int) or start_bin < 1:
             raise ValueError(f"start_bin must be an int >= 1, got {start_bin!r}")
         if stride is None:
             stride = 1 if symmetric else 16
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
-        self.method, self.num_bins, self.percentile, self.start_bin, self.stride = method, num_bins, float(percentile), start_bin, stride
+        self.method, self.percentile = method, percentile  # checked by their setters
+        self.num_bins, self.start_bin, self.stride = num_bins, start_bin, stride
         self.reset()
+
+    # method and percentile may change after collecting (one histogram, several readings): checked when set
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        if value not in ("percentile", "mse", "entropy"):
+            raise ValueError(f"HistogramCalibrator method must be 'percentile', 'mse' or 'entropy', got {value!r}")
+        self._method = value
+
+    @property
+    def percentile(self) -> float:
+        return self._percentile
+
+    @percentile.setter
+    def percentile(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise ValueError(f"percentile must be a number in [0, 100], got {value!r}")
+        self._percentile = float(value)
 
     def reset(self):
         self._C = None
@@ -361,7 +405,7 @@ class HistogramCalibrator(_Calibrator):
         mn, mx = _minmax(xc)
         bmax = torch.maximum(mx, -mn)
         if not torch.isfinite(bmax).all():  # aminmax propagates NaN and inf
-            raise ValueError("x contains NaN or Inf")
+            raise ValueError(_nonfinite_msg("x", x.dtype == torch.float64))
         if self._R is None:
             self._R = torch.zeros(C, device=dev)
             self._n = torch.zeros(C, dtype=torch.long, device=dev)
@@ -453,11 +497,10 @@ class HistogramCalibrator(_Calibrator):
 
 
 def _percentile_batched(hist, edges, n, percentile):
-    C = hist.shape[0]
-    total = hist.sum(1, keepdim=True)
-    cdf = torch.cumsum(hist / torch.where(total > 0, total, torch.ones_like(total)), 1)
-    v = torch.full((C, 1), percentile / 100, dtype=torch.float64, device=hist.device)
-    idx = torch.minimum(torch.searchsorted(cdf, v)[:, 0].clamp(min=1), n)  # bin 0: its right edge
+    # integer running counts (exact in float64) against p * total, as in _range
+    cum = torch.cumsum(hist, 1)
+    idx = torch.searchsorted(cum, cum[:, -1:] * (percentile / 100))
+    idx = torch.minimum(idx[:, 0].clamp(min=1), n)  # bin 0: its right edge
     return edges.gather(1, idx[:, None])[:, 0]
 
 
@@ -495,6 +538,10 @@ class MseCalibrator(_Calibrator):
         xc = self._prep(x)
         if self._base is None:
             gmin, gmax = self._given
+            for name, g in (("base_amax", gmax), ("base_amin", gmin)):
+                if g is not None and torch.as_tensor(g).numel() not in (1, xc.shape[0]):
+                    raise ValueError(f"MseCalibrator: {name} must hold 1 value or one per channel ({xc.shape[0]}), "
+                                     f"got {torch.as_tensor(g).numel()}")
             amax = torch.as_tensor(gmax, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmax is not None else (
                 xc.abs().amax(1) if self.symmetric else xc.amax(1))
             amin = torch.as_tensor(gmin, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmin is not None else (
@@ -507,8 +554,11 @@ class MseCalibrator(_Calibrator):
         for s, m in enumerate(self.mult.tolist()):
             scale, zero, qmin, qmax = range_to_qparams(None if amin is None else amin * m, amax * m, self.num_bits, self.symmetric,
                                                        self.unsigned, self.narrow_range)
-            xh = fake_quant(xc, scale, zero, qmin, qmax, axis=0)
-            self._err[:, s] += ((xh - xc).double() ** 2).sum(1)
+            # a candidate whose grid overflows fp32 (data near FLT_MAX) is no candidate
+            fin = scale.isfinite()
+            xh = fake_quant(xc, torch.where(fin, scale, torch.ones_like(scale)), zero, qmin, qmax, axis=0)
+            err = ((xh - xc).double() ** 2).sum(1)
+            self._err[:, s] += torch.where(fin, err, torch.full_like(err, math.inf))
         self._C = xc.shape[0]
 
     def _rebase_empty(self, xc: torch.Tensor) -> None:
@@ -535,6 +585,9 @@ class MseCalibrator(_Calibrator):
 
     def _best(self):
         self._need_data()
+        if not bool(self._err.isfinite().any(1).all()):
+            raise ValueError("MseCalibrator (mse_search): no candidate range fits float32 for this data (its range "
+                             "is near the float32 limit, 3.4e38); use method='max' or a histogram method")
         return self.mult.to(self._err.device)[self._err.argmin(1)]
 
     def _amax(self):
@@ -578,7 +631,8 @@ class ActQuantizer(torch.nn.Module):
         aq.finish_calibration()           # freezes scale / zero buffers
         x_hat = aq(x)
 
-    ``dynamic=True``: every call uses the min/max of that call's input (per tensor,
+    A static range that saw only zeros (a channel, or the whole input) gets scale 1 and a
+    warning (see :func:`nonzero_scale`). ``dynamic=True``: every call uses the min/max of that call's input (per tensor,
     or per index of ``axis``). forward keeps shape and dtype.
     """
 
@@ -617,7 +671,7 @@ class ActQuantizer(torch.nn.Module):
         if self.calibrator is None:
             raise RuntimeError("finish_calibration() without start_calibration()")
         scale, zero, _, _ = self.calibrator.qparams(self.narrow_range)
-        self.scale, self.zero = scale, zero
+        self.scale, self.zero = nonzero_scale(scale, zero, "ActQuantizer")
         self.calibrator = None
         return self
 

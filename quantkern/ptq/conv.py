@@ -65,8 +65,8 @@ submodule ``input_quantizer``), calibrated with ``act_method`` on the
 calibration images after the weights are quantized (all quantizers collect in
 one pass, pass-through while calibrating). Range: unsigned ``[0, amax]`` where
 the layer input was never negative on the calibration images (after ReLU6),
-else symmetric signed ``[-amax, amax]`` (the histogram calibrators, mse and
-entropy, are symmetric-only; zero stays exact, so zero padding is unaffected).
+else symmetric signed ``[-amax, amax]`` (symmetric, so that zero stays exact and zero
+padding is unaffected; the calibrators have asymmetric modes, not used here).
 
 Convs must pad with zeros (``padding_mode="zeros"``, numeric padding) or carry a
 ``static_padding`` module applied before a padding-free conv (the

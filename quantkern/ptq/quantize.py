@@ -370,15 +370,14 @@ def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor
     return V[:, :K].float(), (V[:, K].float() if fb else None)
 
 
-def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None):
+def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None, name: str):
     """(scale, zero) 0-dim float32 of a static input quantizer (None, None when dynamic / off)."""
     if not cfg.static_act or cap is None or cap.seen == 0:
         return None, None
     scale, zero, _, _ = cap.act_cal.qparams()
-    scale, zero = scale.float().reshape(()), zero.float().reshape(())
-    if not scale > 0:  # the layer only ever saw zeros: any grid represents them
-        scale, zero = torch.ones((), device=scale.device), torch.zeros((), device=scale.device)
-    return scale, zero
+    from .calibrate import nonzero_scale
+
+    return nonzero_scale(scale.float().reshape(()), zero.float().reshape(()), f"quantize_: layer {name!r}")
 
 
 def _warn_hqq_init_clamps(name: str, W: torch.Tensor, bits: int, gs: int) -> None:
@@ -569,7 +568,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     used = min(cap.seen, cfg.calib_tokens) if method == "erq" and not cap.pair else cap.seen
                     if method in ("gptq", "erq") and used < lin.in_features:
                         few.append(f"{name!r} ({used} < {lin.in_features})")
-            a_scale, a_zero = _act_qparams(cfg, cap)
+            a_scale, a_zero = _act_qparams(cfg, cap, name)
             act_q = None
             if cfg.act_bits is not None:
                 from ..nn.packed_linear import fake_quant_input

@@ -8,7 +8,7 @@ against these.
 
 Histogram convention (the first batch of ``torch.histc(|x|, bins, min=0, max=amax)``):
 bin ``k`` of ``n`` covers ``[k*R/n, (k+1)*R/n)``, the index of a value is
-``trunc(|x| * n / R)`` (fp32, clamped to ``n - 1``) and edge ``k`` is
+``trunc(|x| * n / R)`` (fp32, clamped to ``n - 1``; :func:`bin_index`) and edge ``k`` is
 ``k * (R / n)`` in float64 (NVIDIA uses ``torch.linspace``, which may differ
 from this in the last ulp).
 
@@ -25,6 +25,10 @@ Deliberate differences from NVIDIA, also in the batched version:
 * entropy with fewer than ``start_bin`` bins, or mse with at most ``start_bin``
   bins, has no candidate: the amax is the top edge (NVIDIA raises).
 * a histogram with no data (all zeros) gives amax 0.
+* percentile: the running counts (exact integers in float64) are compared with
+  ``total * p / 100`` (NVIDIA: a normalised cdf, ``cumsum(hist / total)``, against
+  ``p / 100``). The normalised cdf can end just below 1.0, so percentile 100 gave the
+  top non-empty bin's left edge or the histogram's top edge depending on rounding.
 """
 from __future__ import annotations
 
@@ -41,6 +45,22 @@ def first_min(errs) -> int:
     return int(torch.nonzero(e <= m + m * MSE_RTOL).min())  # m + m * rtol: as the kernels round it
 
 
+def bin_index(a: torch.Tensor, num_bins: int, R: torch.Tensor) -> torch.Tensor:
+    """Bin of each ``a = |x|`` (fp32): ``trunc(a * n / R)`` in fp32, clamped to ``n - 1``.
+
+    Where ``a * n`` overflows fp32 (``a`` above ~FLT_MAX / n, e.g. 1.7e35 for 2048 bins) the
+    quotient is taken on ``a`` and ``R`` scaled by 2^-64 (exact for such values), i.e. what fp32
+    would give with an unbounded exponent; a quotient still beyond fp32 is the last bin. This is
+    the kernels' ``calib_ratio`` (csrc/shared/calibrate.h).
+    """
+    t = a * float(num_bins) / R
+    big = ~(t <= 3.0e38) & (a <= 3.4028234664e38)
+    if bool(big.any()):
+        ts = (a * 2.0**-64 * float(num_bins)) / (R * 2.0**-64)
+        t = torch.where(big, ts.clamp(max=3.0e38), t)
+    return torch.trunc(t.clamp(max=float(num_bins - 1))).long()
+
+
 def abs_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram of |x| over [0, max|x|]: (counts float64 [num_bins], edges float64 [num_bins + 1])."""
     a = x.detach().reshape(-1).float().abs()
@@ -49,14 +69,14 @@ def abs_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.T
         counts = torch.zeros(num_bins, dtype=torch.float64)
         counts[0] = a.numel()
         return counts, torch.zeros(num_bins + 1, dtype=torch.float64)
-    idx = torch.trunc(a * float(num_bins) / amax).long().clamp_(0, num_bins - 1)
+    idx = bin_index(a, num_bins, amax)
     counts = torch.bincount(idx, minlength=num_bins).double()
     edges = torch.arange(num_bins + 1, dtype=torch.float64) * (amax.double() / num_bins)
     return counts, edges
 
 
 def amax_percentile(hist: torch.Tensor, edges: torch.Tensor, percentile: float = 99.99) -> torch.Tensor:
-    """``edges[searchsorted(cdf, percentile / 100)]`` with ``cdf = cumsum(hist / total)`` (float64 scalar).
+    """``edges[searchsorted(cumsum(hist), total * percentile / 100)]`` (float64 scalar).
 
     That is the left edge of the bin holding the quantile (NVIDIA's rule), except in bin 0, whose
     left edge is 0: there the right edge, so data that is not all zero never gets amax 0 (it
@@ -68,8 +88,7 @@ def amax_percentile(hist: torch.Tensor, edges: torch.Tensor, percentile: float =
     total = hist.sum()
     if total == 0:
         return torch.zeros((), dtype=torch.float64)
-    cdf = torch.cumsum(hist / total, 0)
-    idx = int(torch.searchsorted(cdf, torch.tensor([percentile / 100], dtype=torch.float64)))
+    idx = int(torch.searchsorted(torch.cumsum(hist, 0), (total * (percentile / 100)).reshape(1)))
     return edges.double()[min(max(idx, 1), edges.numel() - 1)]
 
 
@@ -202,7 +221,7 @@ def signed_histogram(x: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torc
         pos = torch.zeros(num_bins, dtype=torch.float64)
         pos[0] = a.numel()
         return pos, torch.zeros(num_bins, dtype=torch.float64), 0.0
-    idx = torch.trunc(a * float(num_bins) / R).long().clamp_(0, num_bins - 1)
+    idx = bin_index(a, num_bins, R)
     pos = torch.bincount(idx[xf >= 0], minlength=num_bins).double()
     neg = torch.bincount(idx[xf < 0], minlength=num_bins).double()
     return pos, neg, float(R.double() / num_bins)
