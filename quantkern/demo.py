@@ -1,6 +1,7 @@
 """Model demo: quantize real models offline and measure what it costs.
 
-``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--act-bits 8,4] [--threads N]``
+``python -m quantkern demo [--quick] [--methods rtn,hqq,gptq,erq] [--bits 4,3,2] [--act-bits 8,4] [--threads N]
+[--only minilm|effnet] [--effnet-rows ROWS|all]`` (``--help`` explains each)
 
 (a) all-MiniLM-L6-v2 (sentence embeddings): every ``nn.Linear`` -> PackedLinear via
     :func:`quantkern.quantize_`, group size 64. Sentences of ``load_sentences()``:
@@ -361,15 +362,43 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     return head1 + "\n" + "\n".join(lines) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
 
 
+# bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits), EfficientNet is fake
+# quantized (1..8); its activation rows are 8-bit
+MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), tuple(range(1, 9)), tuple(range(2, 9))
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse type: a comma list of ints ('' for none)."""
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def _threads(text: str) -> int:
+    """argparse type: a thread count >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m quantkern demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few sentences / crops, W4 weights (plus the MiniLM W4A8 / W4A4 and two EfficientNet W8A8 rows), a smoke test")
-    ap.add_argument("--methods", default="rtn,hqq,gptq,erq")
-    ap.add_argument("--bits", default=None, help="comma list, default 4,3,2 (MiniLM) and 4 (EfficientNet)")
-    ap.add_argument("--act-bits", default="8,4", help="MiniLM W4A<b> rows with activation quantization, comma "
-                    "list ('' for none)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", choices=["minilm", "effnet"], default=None)
+    ap.add_argument("--methods", default="rtn,hqq,gptq,erq",
+                    help=f"comma list of {', '.join(METHOD_LABEL)} (default: %(default)s; --quick skips GPTQ / ERQ / "
+                         "AdaRound on EfficientNet and runs them on MiniLM's first layer only)")
+    ap.add_argument("--bits", type=_int_list, default=None,
+                    help=f"comma list of weight bits, default 4,3,2 (MiniLM) and 4 (EfficientNet); MiniLM takes "
+                         f"{', '.join(map(str, MINILM_BITS))}, EfficientNet 1-8: each model runs the bits it takes")
+    ap.add_argument("--act-bits", type=_int_list, default=[8, 4], help="MiniLM W4A<b> rows with activation "
+                    "quantization, comma list of 2-8 ('' for none; default 8,4)")
+    ap.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--only", choices=["minilm", "effnet"], default=None, help="one model's table only")
     ap.add_argument("--effnet-rows", default=",".join(EFFNET_DEFAULT_ROWS),
                     help=f"EfficientNet weight-only rows, comma list of {', '.join(EFFNET_ROWS)}, or 'all' "
                          f"(default: %(default)s)")
@@ -379,22 +408,41 @@ def main(argv=None):
     for r in eff_rows or ():
         if r not in EFFNET_ROWS:
             ap.error(f"--effnet-rows: unknown row {r!r} (choose from {', '.join(EFFNET_ROWS)}, or 'all')")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if eff_rows == ():
+        ap.error("--effnet-rows: no row given")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        ap.error("--methods: no method given")
     for m in methods:
         if m not in METHOD_LABEL:
-            ap.error(f"unknown method {m!r}")
-    act_bits = [int(b) for b in args.act_bits.split(",") if b.strip()]
+            ap.error(f"--methods: unknown method {m!r} (choose from {', '.join(METHOD_LABEL)})")
+    for b in args.act_bits:
+        if b not in MINILM_ACT_BITS:
+            ap.error(f"--act-bits: {b} is not in 2-8")
     if args.bits is not None:
-        bits_m = bits_e = [int(b) for b in args.bits.split(",") if b.strip()]
+        if not args.bits:
+            ap.error("--bits: no bit width given")
+        for b in args.bits:
+            if b not in MINILM_BITS + EFFNET_BITS:
+                ap.error(f"--bits: {b} is not in 1-8 (MiniLM takes {', '.join(map(str, MINILM_BITS))})")
+        bits_m = [b for b in args.bits if b in MINILM_BITS]
+        bits_e = [b for b in args.bits if b in EFFNET_BITS]
     else:
         bits_m, bits_e = ([4], [4]) if args.quick else ([4, 3, 2], [4])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    nt = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {nt} thread{'s' if nt > 1 else ''}", flush=True)
+    if args.only in (None, "minilm") and not bits_m:
+        print(f"MiniLM: none of --bits {','.join(map(str, args.bits))} is one it takes "
+              f"({', '.join(map(str, MINILM_BITS))}): its table is skipped", flush=True)
+    if args.quick and args.only != "minilm" and not set(methods) & {"rtn", "hqq"}:
+        print("EfficientNet: --quick skips GPTQ / ERQ / AdaRound, so its weight-only table has no method rows",
+              flush=True)
     tabs = []
-    if args.only in (None, "minilm"):
+    if args.only in (None, "minilm") and bits_m:
         tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),
-                                 act_bits_list=act_bits))
+                                 act_bits_list=args.act_bits))
         print("\n" + tabs[-1] + "\n", flush=True)
     if args.only in (None, "effnet"):
         tabs.append(effnet_table(methods, bits_e, args.quick, out=lambda s: print(s, flush=True), rows=eff_rows))

@@ -49,6 +49,33 @@ def test_demo_effnet_rows_cli():
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv", [["--bits", "5"], ["--bits", "0"], ["--bits", "abc"], ["--bits", ""], ["--act-bits", "x"],
+                                  ["--act-bits", "16"], ["--threads", "0"], ["--threads", "-1"], ["--methods", ","],
+                                  ["--methods", "foo"], ["--effnet-rows", ","]])
+def test_demo_refuses_bad_arguments_before_loading_models(argv, capsys):
+    # each used to load the models first and end in a traceback (or run and print nothing)
+    from quantkern import demo
+
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_demo_bits_go_to_the_models_that_take_them(monkeypatch, capsys):
+    # --bits 8: EfficientNet's W8 rows; MiniLM (2-4 bits) is skipped with a note instead of failing
+    from quantkern import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "minilm_table", lambda methods, bits, *a, **k: calls.append(("minilm", bits)) or "")
+    monkeypatch.setattr(demo, "effnet_table", lambda methods, bits, *a, **k: calls.append(("effnet", bits)) or "")
+    demo.main(["--bits", "8"])
+    assert calls == [("effnet", [8])] and "MiniLM" in capsys.readouterr().out
+    calls.clear()
+    demo.main(["--bits", "4,8"])
+    assert calls == [("minilm", [4]), ("effnet", [4, 8])]
+
+
 def test_demo_images_are_distinct_photos():
     """Evaluation photos appear once each and never among the calibration images (skimage's `cat`
     is `chelsea`: the evaluation set had that photo twice)."""
