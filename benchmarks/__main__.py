@@ -5,7 +5,8 @@ variables read once per process, thread settings and allocator caches do not
 leak from one benchmark into the next). Every other argument is passed through
 unchanged (``--quick``, ``--threads N``, ``--reps N``, ``--no-plot``, ...);
 ``--json PATH`` becomes ``PATH`` with ``.<name>`` before the suffix per
-benchmark when more than one runs. Exit status: non-zero if any benchmark failed.
+benchmark when more than one runs; with ``--json -`` the runner's own lines go to
+stderr, so stdout holds only the benchmarks' JSON. Exit status: non-zero if any benchmark failed.
 """
 from __future__ import annotations
 
@@ -69,22 +70,28 @@ def main(argv=None) -> int:
     if listing:
         print("\n".join(names))
         return 0
-    if only:
+    if only is not None:  # "--only" with an empty value is a mistake, not "all of them"
         want = [n.strip().removeprefix("bench_").removesuffix(".py") for n in only.split(",") if n.strip()]
+        if not want:
+            print(f"--only needs benchmark name(s); available: {names}", file=sys.stderr)
+            return 2
         missing = [n for n in want if n not in names]
         if missing:
             print(f"unknown benchmark(s) {missing}; available: {names}", file=sys.stderr)
             return 2
         names = want
+    # with --json - the benchmarks' JSON goes to stdout: keep the runner's own lines off it
+    json_stdout = "--json=-" in rest or any(a == "--json" and b == "-" for a, b in zip(rest, rest[1:]))
+    log = sys.stderr if json_stdout else sys.stdout
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     failed = []
     for name in names:
         cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"] + _per_bench_args(rest, name, len(names) > 1)
-        print(f"\n## bench_{name}: {' '.join(cmd[1:])}", flush=True)
+        print(f"\n## bench_{name}: {' '.join(cmd[1:])}", file=log, flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call(cmd, cwd=ROOT, env=env)
-        print(f"## bench_{name}: exit {rc} in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"## bench_{name}: exit {rc} in {time.perf_counter() - t0:.1f} s", file=log, flush=True)
         if rc != 0:
             failed.append(name)
     if failed:

@@ -12,7 +12,9 @@ taken, printed and saved the same way:
   buffers (and cold-weight pools) above the last-level cache.
 * :class:`Row`, :func:`print_table`, :func:`save_plot`, :func:`write_json`.
 * :func:`add_common_args` / :func:`apply_common_args` -- ``--quick``,
-  ``--threads``, ``--reps``, ``--warmup``, ``--device``, ``--json``, ``--plot``.
+  ``--threads``, ``--reps``, ``--warmup``, ``--device``, ``--json``, ``--plot``;
+  argparse types for the benchmarks' own options (:func:`positive_int`,
+  :func:`comma_list`, ...): a bad value is a one-line usage error (exit 2).
 
 GB/s here is decimal (1e9 bytes per second), as memory bandwidth is usually
 quoted.
@@ -446,26 +448,89 @@ def _json_default(o):
 
 
 # -------------------------------------------------------------------- CLI
-def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None) -> argparse.ArgumentParser:
-    """Options every benchmark takes. ``plot_name``: default PNG under benchmarks/out/."""
+# Argument types: argparse turns an ArgumentTypeError into a one-line
+# "error: argument --x: ..." and exit status 2, so a bad value stops the run
+# before anything is measured, without a traceback.
+def _int_at_least(s: str, lo: int) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(s, 1)
+
+
+def nonneg_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(s, 0)
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s!r}")
+    return v
+
+
+def one_of(choices: Sequence) -> Callable[[str], Any]:
+    """argparse type: one of ``choices`` (ints or strings), matched by its text."""
+    def parse(s: str):
+        for c in choices:
+            if str(c) == s:
+                return c
+        raise argparse.ArgumentTypeError(f"{s!r} is not one of {', '.join(map(str, choices))}")
+    return parse
+
+
+def comma_list(item: Callable[[str], Any]) -> Callable[[str], list]:
+    """argparse type: a comma list, each entry through ``item``. Empty entries are skipped
+    (a trailing comma is harmless), but at least one entry must remain."""
+    def parse(s: str) -> list:
+        parts = [v.strip() for v in s.split(",") if v.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{s!r}: expected a comma list of at least one value")
+        return [item(v) for v in parts]  # each item type's message names the bad entry
+    return parse
+
+
+def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None, *, threads: int | None = None,
+                    warmup: int = 3, writes_files: bool = True) -> argparse.ArgumentParser:
+    """Options every benchmark takes. ``plot_name``: default PNG under benchmarks/out/; ``threads`` /
+    ``warmup``: this benchmark's defaults; ``writes_files=False``: a benchmark that writes no JSON or
+    plot (it still accepts ``--json`` / ``--plot``: ``python -m benchmarks`` passes them to every one)."""
     p.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke test, not a measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring (default: torch's)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default: ~1 s worth, 5..100)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    default_threads = threads or "torch's"
+    p.add_argument("--threads", type=positive_int, default=threads,
+                   help=f"torch.set_num_threads(N) before measuring (default: {default_threads})")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per measurement (default: ~1 s worth, 5..100)")
+    p.add_argument("--warmup", type=nonneg_int, default=warmup, help=f"untimed calls before timing (default {warmup})")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON to PATH ('-': stdout, table goes to stderr)")
+    if writes_files:
+        json_help = "also write the rows as JSON to PATH ('-': stdout, table goes to stderr)"
+    else:
+        json_help = "ignored: this benchmark writes no JSON ('-': its table goes to stderr, stdout stays empty)"
+    p.add_argument("--json", metavar="PATH", default=None, help=json_help)
     default_plot = os.path.join(OUT_DIR, plot_name) if plot_name else None
-    p.add_argument("--plot", metavar="PATH", default=default_plot,
-                   help=f"PNG bar chart path (default {os.path.relpath(default_plot) if default_plot else 'none'}; needs matplotlib)")
+    plot_help = (f"PNG bar chart path (default {os.path.relpath(default_plot) if default_plot else 'none'}; needs matplotlib)"
+                 if writes_files else "ignored: this benchmark writes no plot")
+    p.add_argument("--plot", metavar="PATH", default=default_plot, help=plot_help)
     p.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not write a PNG")
     return p
 
 
 def apply_common_args(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads``, check ``--device``; returns the device."""
+    """Apply ``--threads`` (validated by its type), check ``--device``; returns the device."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -475,6 +540,20 @@ def apply_common_args(args: argparse.Namespace) -> torch.device:
     if args.quick:
         args.warmup = min(args.warmup, 1)
     return dev
+
+
+def note_no_files(args: argparse.Namespace, name: str, out) -> None:
+    """For a benchmark built with ``writes_files=False``: say that --json / --plot wrote nothing."""
+    if args.json or args.plot:
+        print(f"# {name} writes no JSON or plot: the table below is its output", file=out)
+
+
+def plot_rows(rows: Sequence[Row], args: argparse.Namespace, out, title: str, metric: str = "ms") -> None:
+    """Write the ``--plot`` chart, if one was asked for, and say where."""
+    if args.plot:
+        path = save_plot(rows, args.plot, metric=metric, title=title)
+        if path:
+            print(f"\nplot: {os.path.relpath(path)}", file=out)
 
 
 def table_stream(args: argparse.Namespace):

@@ -217,20 +217,24 @@ def _loop_per_channel(method, x, axis, max_channels):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--n", type=int, default=4096)
-    p.add_argument("--loop-channels", type=int, default=16, help="channels timed for the per-channel loop (extrapolated)")
-    p.add_argument("--legacy-channels", type=int, default=512,
-                   help="per-channel mse/entropy: channels the previous code is timed on (scaled up)")
+    # sizes default to None: --quick picks small defaults, but explicit sizes win over --quick
+    p.add_argument("--tokens", type=H.positive_int, default=None, help="activation rows (default 4096; 64 with --quick)")
+    p.add_argument("--k", type=H.positive_int, default=None, help="columns (default 4096; 256 with --quick)")
+    p.add_argument("--n", type=H.positive_int, default=None, help="weight rows (default 4096; 16 with --quick)")
+    p.add_argument("--loop-channels", type=H.positive_int, default=16,
+                   help="channels timed for the per-channel loop (extrapolated)")
+    p.add_argument("--legacy-channels", type=H.positive_int, default=None,
+                   help="per-channel mse/entropy: channels the previous code is timed on (scaled up; default 512, "
+                        "8 with --quick)")
     p.add_argument("--no-loop", action="store_true", help="skip the per-channel reference loop rows")
-    H.add_common_args(p)
+    H.add_common_args(p, warmup=1)
     args = p.parse_args(argv)
     dev = H.apply_common_args(args)
     if dev.type != "cpu":
         raise SystemExit("bench_calibrate: CPU only for now (the baseline copy is CPU code)")
-    if args.quick:
-        args.tokens, args.k, args.n, args.legacy_channels = 64, 256, 16, 8
+    for name, full, quick in (("tokens", 4096, 64), ("k", 4096, 256), ("n", 4096, 16), ("legacy_channels", 512, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     g = torch.Generator().manual_seed(0)
     act = torch.randn(args.tokens, args.k, generator=g) * torch.rand(args.k, generator=g) * 3  # channel-varying scale
     act[:, :4] *= 20  # outlier features, as in LLM activations
@@ -243,7 +247,7 @@ def main(argv=None):
     cases = [(f"act [{args.tokens}x{args.k}] per tensor", act, None), (f"weight [{args.n}x{args.k}] per channel", w, 0)]
     for case, x, axis in cases:
         for method in ("max", "percentile", "mse", "entropy"):
-            t_ours = H.measure(lambda: _ours(method, axis)(x), warmup=1, reps=reps)
+            t_ours = H.measure(lambda: _ours(method, axis)(x), warmup=args.warmup, reps=reps)
             a_ours = _ours(method, axis)(x)
             rows.append(H.Row(case, "quantkern", method, t_ours.median, t_ours.spread))
             # the previous code's mse / entropy over thousands of channels takes minutes: time a
@@ -251,7 +255,7 @@ def main(argv=None):
             C = 1 if axis is None else x.shape[axis]
             sub = C if (axis is None or method in ("max", "percentile")) else min(C, args.legacy_channels)
             xs = x if sub == C else x.narrow(axis, 0, sub)
-            t_old = H.measure(lambda: _legacy(method, axis)(xs), warmup=1, reps=reps if sub == C else 3)
+            t_old = H.measure(lambda: _legacy(method, axis)(xs), warmup=args.warmup, reps=reps if sub == C else 3)
             a_old = _legacy(method, axis)(xs)
             same = torch.equal(a_ours.reshape(-1)[:sub], a_old.reshape(-1))
             ms_old = t_old.median * C / sub
@@ -266,12 +270,13 @@ def main(argv=None):
                                   extra={"ours_x": ms / t_ours.median}))
         if axis is None:
             for method in ("mse", "entropy"):
-                t = H.measure(lambda: _ours(method, axis, symmetric=False)(x), warmup=1, reps=reps)
+                t = H.measure(lambda: _ours(method, axis, symmetric=False)(x), warmup=args.warmup, reps=reps)
                 rows.append(H.Row(case, "quantkern", f"{method} asym (stride 16)", t.median, t.spread))
     H.print_table(rows, ["case", "impl", "pass_", "ms", "spread", "ours_x", "note"], title="Calibrators (collect + compute)",
                   file=out, titles={"pass_": "method", "ours_x": "ours speedup"})
     if args.json:
         H.write_json(args.json, rows, info)
+    H.plot_rows(rows, args, out, title=f"calibrators ({H.describe(info)})")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ class Case:
         return x.to(device=device, dtype=dtype), s.to(device), b.to(device), g
 
 
+CASES = ("per-tensor", "per-channel")  # the keys of cases()
+
+
 def cases(quick: bool) -> dict[str, Case]:
     if quick:
         return {
@@ -167,6 +170,19 @@ def _short_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     first = msg[0].split("  (Could this error message be improved")[0] if msg else ""
     return f"{type(e).__name__}: {first[:90]}"
+
+
+def triton_check(device) -> None:
+    """Stop up front when ``--impl quantkern-triton`` cannot run here (e.g. a CPU without
+    TRITON_INTERPRET=1), instead of a table of error notes and exit 0: one tiny call."""
+    import quantkern
+
+    x = torch.zeros(4, device=device)
+    s = torch.ones(1, device=device)
+    try:
+        quantkern.fake_quant_lsq(x, s, torch.zeros_like(s), -8, 7, backend="triton")
+    except Exception as e:  # noqa: BLE001 -- any failure means the rows would all fail
+        raise SystemExit(f"--impl quantkern-triton: not usable on {device} ({_short_error(e)})") from None
 
 
 def bench_impl(name, case, x, s, b, g, device, passes, args, notes):
@@ -284,23 +300,20 @@ def fresh_alloc_cost(numel: int, dtype, reps, warmup) -> tuple[float, float]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     H.add_common_args(p, plot_name="fake_quant_lsq.png")
-    p.add_argument("--impl", default=None, help=f"comma list from {','.join(ALL_IMPLS)} (default: all that apply; "
-                   "--quick leaves out composite+compile)")
-    p.add_argument("--case", default="per-tensor,per-channel", help="comma list: per-tensor,per-channel")
-    p.add_argument("--pass", dest="passes", default=",".join(PASSES), help="comma list: fwd,bwd,fwd+bwd")
+    p.add_argument("--impl", type=H.comma_list(H.one_of(ALL_IMPLS)), default=None,
+                   help=f"comma list from {','.join(ALL_IMPLS)} (default: all that apply; --quick leaves out composite+compile)")
+    p.add_argument("--case", type=H.comma_list(H.one_of(CASES)), default=",".join(CASES),
+                   help=f"comma list: {','.join(CASES)}")
+    p.add_argument("--pass", dest="passes", type=H.comma_list(H.one_of(PASSES)), default=",".join(PASSES),
+                   help="comma list: fwd,bwd,fwd+bwd")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of x (parameters stay fp32)")
-    p.add_argument("--bw-mib", type=int, default=None, help="copy-bandwidth buffer size in MiB (default 256 or twice the last-level cache, whichever is larger; 64 with --quick)")
-    p.add_argument("--pool-mib", type=int, default=None, help="cold-data rotation: copies of x and grad_y covering this "
+    p.add_argument("--bw-mib", type=H.positive_int, default=None, help="copy-bandwidth buffer size in MiB (default 256 or twice the last-level cache, whichever is larger; 64 with --quick)")
+    p.add_argument("--pool-mib", type=H.nonneg_int, default=None, help="cold-data rotation: copies of x and grad_y covering this "
                    "many MiB (default 1024 or twice the last-level cache, whichever is larger; 0 with --quick: one copy)")
     p.add_argument("--no-pagefault", action="store_true", help="skip the no-cache subprocess (page-fault table)")
     p.add_argument("--no-bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.pool = args.pool_mib * H.MiB if args.pool_mib is not None else (0 if args.quick else H.memory_bytes(1024))
-    args.case = [c for c in args.case.split(",") if c]
-    args.passes = [q for q in args.passes.split(",") if q]
-    for q in args.passes:
-        if q not in PASSES:
-            p.error(f"--pass: unknown pass {q!r} (choose from {PASSES})")
     return args
 
 
@@ -311,14 +324,10 @@ def main(argv=None) -> int:
     import quantkern
 
     all_cases = cases(args.quick)
-    for c in args.case:
-        if c not in all_cases:
-            raise SystemExit(f"--case: unknown case {c!r} (choose from {list(all_cases)})")
     if args.impl:
-        impls = [i for i in args.impl.split(",") if i]
-        for i in impls:
-            if i not in ALL_IMPLS:
-                raise SystemExit(f"--impl: unknown implementation {i!r} (choose from {ALL_IMPLS})")
+        impls = args.impl
+        if "quantkern-triton" in impls:
+            triton_check(device)
     else:
         impls = ["quantkern"] + (["quantkern-triton"] if device.type == "cuda" else []) + ["torch-learnable", "composite"]
         if not args.quick:
@@ -412,10 +421,7 @@ def main(argv=None) -> int:
         H.write_json(args.json, rows, meta={**info, "copy_gbps": bw, "copy_gbps_start": bw_start,
                                                   "copy_gbps_end": bw_end, "quick": args.quick, "notes": notes},
                      page_faults=pf_rows)
-    if args.plot:
-        path = H.save_plot(rows, args.plot, metric="ms", title=f"fake_quant_lsq ({H.describe(info)})")
-        if path:
-            print(f"\nplot: {os.path.relpath(path)}", file=out)
+    H.plot_rows(rows, args, out, title=f"fake_quant_lsq ({H.describe(info)})")
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -39,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import quantkern as qk
-from benchmarks._harness import add_common_args, memory_bytes
+from benchmarks import _harness as H
 from quantkern import ops
 from quantkern.reference import oscillation as R
 
@@ -67,54 +68,66 @@ def bench(fn, dev, runs, warmup=3):
 
 def copy_bandwidth(dev, runs, quick=False):
     # fp32 elements: 256 MiB, or 2x the last-level cache where that is larger (64 MiB for --quick)
-    n = (64 << 20 if quick else memory_bytes(256)) // 4
+    n = (64 << 20 if quick else H.memory_bytes(256)) // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
     t = bench(lambda: dst.copy_(src), dev, runs)
     return 2 * src.numel() * 4 / t / 1e9
 
 
+SIZE_FORMAT = "N, NK or NM (K = 1024, M = 1024K; N may have decimals), a multiple of 1024 (the row length)"
+
+
 def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
-    return int(float(s.rstrip("KM")) * mult)
+    """argparse type of one --sizes entry: a weight count, whole rows of 1024."""
+    t = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v.is_integer() and v >= 1024 and int(v) % 1024 == 0):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected {SIZE_FORMAT}")
+    return int(v)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(ap)  # --quick, --threads, --reps (= --runs), --warmup, --device, --json, --plot / --no-plot
-    ap.add_argument("--sizes", default=None, help="comma list of weight counts (default 4M,16M; 256K with --quick)")
-    ap.add_argument("--runs", type=int, default=None, help="timed runs of the fused ops (default 15; 3 with --quick)")
-    ap.add_argument("--composite-runs", type=int, default=None, help="timed runs of the composites (default 5; 1 quick)")
-    ap.add_argument("--pool-mib", type=int, default=None, help="cold data: state copies covering this many MiB "
+    # --quick, --threads, --reps (= --runs), --warmup, --device, --json, --plot / --no-plot
+    H.add_common_args(ap, writes_files=False)
+    ap.add_argument("--sizes", type=H.comma_list(parse_size), default=None,
+                    help=f"comma list of weight counts, each {SIZE_FORMAT} (default 4M,16M; 256K with --quick)")
+    ap.add_argument("--runs", type=H.positive_int, default=None,
+                    help="timed runs of the fused ops (default 15; 3 with --quick)")
+    ap.add_argument("--composite-runs", type=H.positive_int, default=None,
+                    help="timed runs of the composites (default 5; 1 quick)")
+    ap.add_argument("--pool-mib", type=H.nonneg_int, default=None, help="cold data: state copies covering this many MiB "
                     "(default 1024 or twice the last-level cache; 0 with --quick)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (with --threads 1 on a shared machine: the time the op ran, "
                          "not the time other processes held the core)")
     args = ap.parse_args(argv)
-    args.sizes = args.sizes or ("256K" if args.quick else "4M,16M")
+    dev = H.apply_common_args(args)  # --threads, --device (cuda without a GPU is an error), --quick
+    args.sizes = args.sizes or ([256 << 10] if args.quick else [4 << 20, 16 << 20])
     args.runs = args.runs or args.reps or (3 if args.quick else 15)
     args.composite_runs = args.composite_runs or (1 if args.quick else 5)
-    pool = args.pool_mib * (1 << 20) if args.pool_mib is not None else (0 if args.quick else memory_bytes(1024))
-    if args.json or args.plot:
-        print("# bench_oscillation writes no JSON or plot: the table below is its output")
+    pool = args.pool_mib * (1 << 20) if args.pool_mib is not None else (0 if args.quick else H.memory_bytes(1024))
+    out = H.table_stream(args)
+    H.note_no_files(args, "bench_oscillation", out)
     global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         if torch.get_num_threads() != 1 or args.device != "cpu":
             ap.error("--clock cpu needs --threads 1 on the CPU")
         CLOCK = time.process_time
-    dev = torch.device(args.device)
     torch.manual_seed(0)
     bw = copy_bandwidth(dev, args.runs, args.quick)
     print(f"device {dev}, threads {torch.get_num_threads()}, clock {args.clock}, cpu capability "
-          f"{qk.get_cpu_capability() if dev.type == 'cpu' else '-'}; copy bandwidth {bw:.1f} GB/s")
+          f"{qk.get_cpu_capability() if dev.type == 'cpu' else '-'}; copy bandwidth {bw:.1f} GB/s", file=out)
     hdr = f"{'weights':>8} {'row':<22} {'median ms':>10} {'GB/s':>7} {'of copy':>8} {'speedup':>8}"
-    print(hdr)
-    print("-" * len(hdr))
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
     qmin, qmax = -8, 7
-    for size in [parse_size(s) for s in args.sizes.split(",")]:
+    for size in args.sizes:
         rows = size // 1024
         n = rows * 1024
         # cold data: copies of (w, s, b, meta, ema) covering the pool, one per call in turn
@@ -135,8 +148,8 @@ def main(argv=None):
             w_, s_, b_, m_, e_ = sets[next(turn)]
             return ops.oscillation_update(w_, s_, b_, m_, e_, qmin, qmax, axis=0, momentum=0.01, freeze_threshold=th)
 
-        t_fz = bench(lambda: update(0.05), dev, args.runs)
-        t_tr = bench(lambda: update(0.0), dev, args.runs)
+        t_fz = bench(lambda: update(0.05), dev, args.runs, args.warmup)
+        t_tr = bench(lambda: update(0.0), dev, args.runs, args.warmup)
         # the official tracker keeps 28 bytes of state per weight: as many trackers as fit the pool
         n_off = max(1, -(-pool // (32 * n)))
         t_co = {}
@@ -149,7 +162,8 @@ def main(argv=None):
                 o, (w_, s_, b_, _, _) = offs[next(oturn)]
                 return o.step(w_, s_, b_)
 
-            t_co[th] = bench(off_step, dev, args.composite_runs, warmup=max(2, n_off))
+            # at least one step per tracker: its first step allocates its state
+            t_co[th] = bench(off_step, dev, args.composite_runs, warmup=max(args.warmup, n_off))
             del offs
 
         # dampening reads w (and writes its gradient): rotate weight copies covering the pool as well
@@ -169,8 +183,8 @@ def main(argv=None):
             wg.grad = None
             R.dampening_loss(wg, s_, b_, qmin, qmax, 0, None, norm).backward()
 
-        t_df = bench(damp_fused, dev, args.runs)
-        t_dc = bench(damp_comp, dev, args.composite_runs, warmup=2)
+        t_df = bench(damp_fused, dev, args.runs, args.warmup)
+        t_dc = bench(damp_comp, dev, args.composite_runs, args.warmup)
 
         label = f"{n / (1 << 20):.0f}M" if n >= 1 << 20 else f"{n >> 10}K"
         for name, t, nbytes, base in (
@@ -183,7 +197,7 @@ def main(argv=None):
         ):
             gbs = nbytes / t / 1e9
             sp = f"{base / t:7.1f}x" if base else f"{'':>8}"
-            print(f"{label:>8} {name:<22} {t * 1e3:10.2f} {gbs:7.1f} {gbs / bw:7.0%} {sp}")
+            print(f"{label:>8} {name:<22} {t * 1e3:10.2f} {gbs:7.1f} {gbs / bw:7.0%} {sp}", file=out)
         del w, meta, ema, wgs, sets
 
 

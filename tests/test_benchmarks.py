@@ -13,12 +13,16 @@ sys.path.insert(0, ROOT)
 from benchmarks import _harness as H  # noqa: E402
 
 
-def _run(args, timeout=120):
+def _run_proc(args, timeout=120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r.stdout
+    return r
+
+
+def _run(args, timeout=120):
+    return _run_proc(args, timeout).stdout
 
 
 def test_bench_fake_quant_lsq_quick(tmp_path):
@@ -49,14 +53,149 @@ def test_bench_fake_quant_lsq_quick(tmp_path):
 
 @pytest.mark.parametrize("name", ["hqq", "oscillation"])
 def test_bench_quick_takes_the_common_options(name):
-    # python -m benchmarks --quick passes the common options to every benchmark
-    stdout = _run([f"benchmarks.bench_{name}", "--quick", "--no-plot", "--threads", "1", "--warmup", "1"])
-    assert ("quantkern hqq_quantize" in stdout) if name == "hqq" else ("update (track only)" in stdout), stdout
+    # python -m benchmarks --quick passes the common options to every benchmark; these two write no
+    # JSON, and with --json - their table goes to stderr so that stdout stays clean
+    r = _run_proc([f"benchmarks.bench_{name}", "--quick", "--no-plot", "--threads", "1", "--warmup", "1", "--json", "-"])
+    assert r.stdout == "", r.stdout
+    assert "writes no JSON" in r.stderr
+    assert ("quantkern hqq_quantize" in r.stderr) if name == "hqq" else ("update (track only)" in r.stderr), r.stderr
 
 
 def test_benchmarks_main_lists_benches():
     names = _run(["benchmarks", "--list"], timeout=60).split()
     assert "fake_quant_lsq" in names
+
+
+def test_benchmarks_main_only_needs_names(capsys):
+    from benchmarks.__main__ import main
+
+    # an empty --only ran every benchmark at full size, and "--only ," ran none and exited 0
+    for argv in (["--only"], ["--only", ""], ["--only", ","], ["--only=,"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--only needs benchmark name(s)" in err and "fake_quant_lsq" in err, (argv, err)
+
+
+def test_runner_json_stdout_and_calibrate_options(tmp_path):
+    """--json - through the runner: stdout is the JSON alone (the runner's ## lines go to stderr).
+    bench_calibrate: explicit sizes win over --quick, and --plot writes its PNG."""
+    png = tmp_path / "cal.png"
+    r = _run_proc(["benchmarks", "--only", "calibrate", "--quick", "--tokens", "128", "--k", "512", "--n", "8",
+                   "--legacy-channels", "4", "--no-loop", "--reps", "1", "--threads", "1", "--json", "-",
+                   "--plot", str(png)])
+    doc = json.loads(r.stdout)
+    assert "## bench_calibrate" in r.stderr
+    cases = {row["case"] for row in doc["rows"]}
+    assert cases == {"act [128x512] per tensor", "weight [8x512] per channel"}, cases
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert png.stat().st_size > 1000 and "plot:" in r.stderr
+
+
+def _bench(name):
+    import importlib
+
+    return importlib.import_module(f"benchmarks.bench_{name}")
+
+
+# (benchmark, entry point, argv, text of the one-line error): each must stop at parse time, exit 2
+BAD_ARGS = [
+    ("oscillation", "main", ["--threads", "0"], "--threads: must be >= 1"),
+    ("hqq", "main", ["--threads", "0"], "--threads: must be >= 1"),
+    ("hqq", "main", ["--threads", "-1"], "--threads: must be >= 1"),
+    ("hqq", "main", ["--warmup", "-1"], "--warmup: must be >= 0"),
+    ("calibrate", "main", ["--loop-channels", "0"], "--loop-channels: must be >= 1"),
+    ("calibrate", "main", ["--tokens", "0"], "--tokens: must be >= 1"),
+    ("calibrate", "main", ["--n", "0"], "--n: must be >= 1"),
+    ("oscillation", "main", ["--sizes", "1000"], "a multiple of 1024"),
+    ("oscillation", "main", ["--sizes", "1536"], "a multiple of 1024"),
+    ("oscillation", "main", ["--sizes", "256K,,4G"], "'4G': expected N, NK or NM"),
+    ("oscillation", "main", ["--sizes", ","], "at least one value"),
+    ("packed_linear", "parse_args", ["--shapes", "4096x"], "expected KxN"),
+    ("packed_linear", "parse_args", ["--shapes", "256"], "expected KxN"),
+    ("packed_linear", "parse_args", ["--m", "-1"], "--m: must be >= 1"),
+    ("packed_linear", "parse_args", ["--m", "0"], "--m: must be >= 1"),
+    ("packed_linear", "parse_args", ["--bits", "5"], "'5' is not one of 4, 3, 2"),
+    ("packed_linear", "parse_args", ["--groups", "0"], "--groups: must be >= 1"),
+    ("packed_linear", "parse_args", ["--groups", "48"], "--groups 48 does not fit shape"),
+    ("packed_linear", "parse_args", ["--dtype", "fp8"], "'fp8' is not one of"),
+    ("fake_quant_lsq", "parse_args", ["--bw-mib", "-5"], "--bw-mib: must be >= 1"),
+    ("fake_quant_lsq", "parse_args", ["--pool-mib", "-1"], "--pool-mib: must be >= 0"),
+    ("fake_quant_lsq", "parse_args", ["--pass", ","], "at least one value"),
+    ("fake_quant_lsq", "parse_args", ["--case", ","], "at least one value"),
+    ("fake_quant_lsq", "parse_args", ["--case", "per-row"], "'per-row' is not one of"),
+    ("fake_quant_lsq", "parse_args", ["--impl", "nope"], "'nope' is not one of"),
+    ("fake_quant_lsq", "parse_args", ["--reps", "0"], "--reps: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("name, entry, argv, msg", BAD_ARGS, ids=[f"{b[0]} {' '.join(b[2])}" for b in BAD_ARGS])
+def test_bench_bad_args_are_usage_errors(name, entry, argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        getattr(_bench(name), entry)(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_bench_arg_lists_parse():
+    a = _bench("packed_linear").parse_args(["--shapes", "256x512,", "--m", "1,8", "--bits", "2,4", "--groups", "256",
+                                            "--dtype", "float32"])
+    assert (a.shapes, a.m, a.bits, a.groups, a.dtype) == ([(256, 512)], [1, 8], [2, 4], [256], ["float32"])
+    q = _bench("packed_linear").parse_args(["--quick"])
+    assert (q.shapes, q.m, q.bits, q.groups, q.dtype) == ([(768, 3072), (4096, 11008)], [1, 32], [4], [64], ["bfloat16"])
+    f = _bench("fake_quant_lsq").parse_args(["--pass", "bwd,fwd", "--impl", "composite"])
+    assert (f.passes, f.case, f.impl) == (["bwd", "fwd"], ["per-tensor", "per-channel"], ["composite"])
+    osc = _bench("oscillation")
+    assert [osc.parse_size(s) for s in ("1024", "256K", "1.5M")] == [1024, 256 << 10, 3 << 19]
+
+
+def test_bench_help_says_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _bench("hqq").main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2)" in out and "(default 1)" in out  # threads, warmup
+    assert "ignored: this benchmark writes no JSON" in out and "ignored: this benchmark writes no plot" in out
+    assert "ignores --n, --k, --axis, --dist" in out
+
+
+def test_oscillation_cuda_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        _bench("oscillation").main(["--device", "cuda"])
+
+
+def test_fake_quant_triton_unusable_is_an_error_up_front(monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the triton backend runs here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call: no interpreter, so no triton on the CPU
+    with pytest.raises(SystemExit, match="--impl quantkern-triton: not usable on cpu"):
+        _bench("fake_quant_lsq").main(["--quick", "--impl", "quantkern-triton", "--no-plot", "--no-pagefault"])
+
+
+@pytest.mark.parametrize("skip_hqq", [False, True])
+def test_hqq_minilm_without_the_hqq_package(monkeypatch, capsys, skip_hqq):
+    """--minilm without hqq: its rows are skipped, as on the default path (a tiny stand-in model)."""
+    import torch
+
+    import quantkern.ptq.models as models
+
+    monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq -> ImportError
+    monkeypatch.setattr(models, "load_minilm", lambda device: torch.nn.Sequential(torch.nn.Linear(128, 64)))
+    threads = torch.get_num_threads()
+    try:
+        _bench("hqq").main(["--quick", "--minilm", "--threads", str(threads)] + (["--skip-hqq"] if skip_hqq else []))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert ("its rows are skipped" in err) != skip_hqq, err
+    assert "1 Linear weights" in out and "quantkern hqq_quantize (defaults)" in out and "hqq Quantizer" not in out, out
 
 
 def test_measure_and_table():
