@@ -4,9 +4,9 @@ Each benchmark runs in its own subprocess (a fresh process: environment
 variables read once per process, thread settings and allocator caches do not
 leak from one benchmark into the next). Every other argument is passed through
 unchanged (``--quick``, ``--threads N``, ``--reps N``, ``--no-plot``, ...);
-``--json PATH`` becomes ``PATH`` with ``.<name>`` before the suffix per
-benchmark when more than one runs; with ``--json -`` the runner's own lines go to
-stderr, so stdout holds only the benchmarks' JSON. Exit status: non-zero if any benchmark failed.
+``--json PATH`` and ``--plot PATH`` become ``PATH`` with ``.<name>`` before the
+suffix per benchmark when more than one runs; with ``--json -`` the runner's own lines go to
+stderr, so stdout holds only the benchmarks' JSON (one document per benchmark). Exit status: non-zero if any benchmark failed.
 """
 from __future__ import annotations
 
@@ -44,22 +44,23 @@ def _split(argv: list[str]):
 
 
 def _per_bench_args(rest: list[str], name: str, many: bool) -> list[str]:
+    """``rest`` for benchmark ``name``: with several benchmarks, ``--json PATH`` / ``--plot PATH``
+    get ``.<name>`` before the suffix, so each writes its own file (``--json -`` stays stdout)."""
     if not many:
         return rest
+    suffixed = {"--json": ".json", "--plot": ".png"}
     out, i = [], 0
     while i < len(rest):
-        a = rest[i]
-        if a.startswith("--json=") and a != "--json=-":
-            root, ext = os.path.splitext(a.split("=", 1)[1])
-            out.append(f"--json={root}.{name}{ext or '.json'}")
-            i += 1
+        flag, eq, val = rest[i].partition("=")
+        if flag in suffixed and (eq or i + 1 < len(rest)):
+            val = val if eq else rest[i + 1]
+            if val != "-":
+                root, ext = os.path.splitext(val)
+                val = f"{root}.{name}{ext or suffixed[flag]}"
+            out.append(f"{flag}={val}")
+            i += 1 if eq else 2
             continue
-        if a == "--json" and i + 1 < len(rest) and rest[i + 1] != "-":
-            root, ext = os.path.splitext(rest[i + 1])
-            out += [a, f"{root}.{name}{ext or '.json'}"]
-            i += 2
-            continue
-        out.append(a)
+        out.append(rest[i])
         i += 1
     return out
 

@@ -134,9 +134,9 @@ def main(argv=None):
     H.add_common_args(ap, threads=2, warmup=1, writes_files=False)
     ap.add_argument("--n", type=H.positive_int, default=None, help="rows (default 4096; 512 with --quick)")
     ap.add_argument("--k", type=H.positive_int, default=None, help="columns (default 4096; 512 with --quick)")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group", type=H.positive_int, default=64)
-    ap.add_argument("--axis", type=int, default=1)
+    ap.add_argument("--bits", type=H.one_of((1, 2, 3, 4, 8)), default=4, help="1, 2, 3, 4 or 8 (default 4)")
+    ap.add_argument("--group", type=H.positive_int, default=64, help="group size, dividing the grouped dim (default 64)")
+    ap.add_argument("--axis", type=H.one_of((0, 1)), default=1, help="1: groups along a row (default), 0: along a column")
     ap.add_argument("--runs", type=H.positive_int, default=None, help="timed runs (default 3; 1 with --quick)")
     ap.add_argument("--dist", choices=["normal", "t3"], default="normal")
     ap.add_argument("--skip-hqq", action="store_true", help="skip the (slow) hqq package rows")
@@ -148,6 +148,9 @@ def main(argv=None):
     out = H.table_stream(a)
     H.note_no_files(a, "bench_hqq", out)
     a.n, a.k = a.n or (512 if a.quick else 4096), a.k or (512 if a.quick else 4096)
+    if not a.minilm and (a.k if a.axis == 1 else a.n) % a.group:
+        ap.error(f"--group {a.group} must divide the grouped dim ({'--k' if a.axis == 1 else '--n'} = "
+                 f"{a.k if a.axis == 1 else a.n})")
     a.runs = a.runs or a.reps or (1 if a.quick else 3)
     torch.set_num_threads(a.threads)
     if a.minilm:

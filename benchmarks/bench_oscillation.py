@@ -186,7 +186,7 @@ def main(argv=None):
         t_df = bench(damp_fused, dev, args.runs, args.warmup)
         t_dc = bench(damp_comp, dev, args.composite_runs, args.warmup)
 
-        label = f"{n / (1 << 20):.0f}M" if n >= 1 << 20 else f"{n >> 10}K"
+        label = f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
         for name, t, nbytes, base in (
             ("update (freeze on)", t_fz, 20 * n, t_co[0.05]),
             ("update (track only)", t_tr, 12 * n, t_co[0.0]),

@@ -114,7 +114,7 @@ def parse_args(argv=None):
                 ops._check_group("packed_linear", K, gs)
             except ValueError as e:
                 p.error(f"--groups {gs} does not fit shape {K}x{N}: {e}")
-    args.pool = args.pool_mib * H.MiB if args.pool_mib else (96 * H.MiB if args.quick else H.memory_bytes(1024))
+    args.pool = args.pool_mib * H.MiB if args.pool_mib is not None else (96 * H.MiB if args.quick else H.memory_bytes(1024))
     args.budget = args.budget or (0.1 if args.quick else 0.6)
     return args
 

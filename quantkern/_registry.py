@@ -277,7 +277,7 @@ LIB.define("packed_linear_bias_backward(Tensor grad) -> Tensor")
 @torch.library.register_fake("quantkern::packed_linear_bias_backward")
 def _packed_linear_bias_backward_fake(grad):
     if grad.dim() < 1:
-        raise ValueError("quantkern.packed_linear_bias_backward: grad must have at least 1 dim")
+        raise RuntimeError("quantkern.packed_linear_bias_backward: grad must have at least 1 dim")  # as the kernels
     return grad.new_empty((grad.shape[-1],), dtype=torch.float32)
 
 

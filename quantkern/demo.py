@@ -362,9 +362,9 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     return head1 + "\n" + "\n".join(lines) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
 
 
-# bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits), EfficientNet is fake
-# quantized (1..8); its activation rows are 8-bit
-MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), tuple(range(1, 9)), tuple(range(2, 9))
+# bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits); EfficientNet is fake
+# quantized, and its RTN / HQQ rows (the KD rows too) take 1, 2, 3, 4 and 8 bits
+MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), (1, 2, 3, 4, 8), tuple(range(2, 9))
 
 
 def _int_list(text: str) -> list[int]:
@@ -394,7 +394,8 @@ def main(argv=None):
                          "AdaRound on EfficientNet and runs them on MiniLM's first layer only)")
     ap.add_argument("--bits", type=_int_list, default=None,
                     help=f"comma list of weight bits, default 4,3,2 (MiniLM) and 4 (EfficientNet); MiniLM takes "
-                         f"{', '.join(map(str, MINILM_BITS))}, EfficientNet 1-8: each model runs the bits it takes")
+                         f"{', '.join(map(str, MINILM_BITS))}, EfficientNet {', '.join(map(str, EFFNET_BITS))}: each "
+                         "model runs the bits it takes")
     ap.add_argument("--act-bits", type=_int_list, default=[8, 4], help="MiniLM W4A<b> rows with activation "
                     "quantization, comma list of 2-8 ('' for none; default 8,4)")
     ap.add_argument("--threads", type=_threads, default=None, help="torch threads (default: torch's)")
@@ -422,11 +423,16 @@ def main(argv=None):
     if args.bits is not None:
         if not args.bits:
             ap.error("--bits: no bit width given")
+        args.bits = list(dict.fromkeys(args.bits))  # each width once, in the given order
         for b in args.bits:
             if b not in MINILM_BITS + EFFNET_BITS:
-                ap.error(f"--bits: {b} is not in 1-8 (MiniLM takes {', '.join(map(str, MINILM_BITS))})")
+                ap.error(f"--bits: {b} is not one of 1, 2, 3, 4, 8 (MiniLM takes {', '.join(map(str, MINILM_BITS))}, "
+                         f"EfficientNet {', '.join(map(str, EFFNET_BITS))})")
         bits_m = [b for b in args.bits if b in MINILM_BITS]
         bits_e = [b for b in args.bits if b in EFFNET_BITS]
+        for model, only, usable in (("MiniLM", "minilm", bits_m), ("EfficientNet", "effnet", bits_e)):
+            if args.only == only and not usable:
+                ap.error(f"--bits: {model} takes none of {','.join(map(str, args.bits))}")
     else:
         bits_m, bits_e = ([4], [4]) if args.quick else ([4, 3, 2], [4])
     if args.threads:

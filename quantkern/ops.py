@@ -423,7 +423,7 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
         if lo < 0 or hi > min(pos.shape[1], 1 << 24):
             raise ValueError(f"quantkern.{op}: n must be in [0, min(B = pos.shape[1] = {pos.shape[1]}, 2^24)], "
                              f"got values in [{lo}, {hi}]")
-        # a NaN range, or a range with no bins, would drop the row's values without a word
+        # a NaN range, or a range with no bins, would drop the row's values without a word (eager only, as above)
         if not bool(torch.isfinite(R).all()):
             raise ValueError(f"quantkern.{op}: R must be finite (rows with R <= 0 are skipped)")
         if bool(((R > 0) & (n < 1)).any()):
@@ -453,7 +453,8 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
     for name, v in (("stride", stride), ("start_bin", start_bin)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"quantkern.{op}: {name} must be an int >= 1, got {v!r}")
-    # values (host syncs; compiled, the kernels' own checks remain)
+    # values: host syncs, so eager calls of ops.calib_search only (compiled, or through
+    # torch.ops.quantkern directly, only the kernels' shape and n-range checks run)
     if C > 0 and not torch.compiler.is_compiling():
         if not bool((torch.isfinite(width) & (width >= 0)).all()):
             raise ValueError(f"quantkern.{op}: width must be finite and >= 0 (0: no data)")

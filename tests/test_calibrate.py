@@ -1063,3 +1063,22 @@ def test_raw_calibration_ops_check_values():
     for Rv, nv, match in ((float("nan"), 16, "R must be finite"), (1.0, 0, "n must be >= 1")):
         with pytest.raises(ValueError, match=match):
             ops.calib_histogram(x, pos.clone(), neg.clone(), torch.tensor([Rv]), torch.tensor([nv]))
+
+
+def test_review_fixes_growth_to_float_max_and_number_types():
+    # a batch at FLT_MAX after a small one made the histogram range inf (and the next collect fail)
+    cal = HistogramCalibrator()
+    cal.collect(torch.tensor([1.0]))
+    cal.collect(torch.tensor([3.4028234663852886e38]))
+    cal.collect(torch.tensor([2.0]))
+    assert torch.isfinite(cal.compute_amax())
+    # percentile: any real number (numpy scalars, 0-dim tensors), not bools or strings
+    import numpy as np
+
+    for p in (np.float32(99.9), np.int64(100), torch.tensor(99.0)):
+        assert compute_amax(torch.randn(100), "percentile", percentile=p) > 0
+    for p in (True, "99", float("nan")):
+        with pytest.raises(ValueError, match="percentile"):
+            compute_amax(torch.randn(100), "percentile", percentile=p)
+    with pytest.raises(ValueError, match="base_amax"):
+        compute_amax(torch.randn(4, 10), "mse_search", axis=0, base_amax=[[1.0], [2.0], [3.0], [4.0]])

@@ -186,7 +186,7 @@ def nonzero_scale(scale: torch.Tensor, zero: torch.Tensor, where: str):
         what = f"{int(dead.sum())} of {dead.numel()} channels" if dead.dim() else "its input"
         warnings.warn(f"{where}: {what} saw only zeros during calibration; using scale 1 (an integer grid) there "
                       "instead of 0, which would turn every later input into 0. Calibrate on data that reaches it.",
-                      stacklevel=3)
+                      stacklevel=2)
         scale = torch.where(dead, torch.ones_like(scale), scale)
         zero = torch.where(dead, torch.zeros_like(zero), zero)
     return scale, zero
@@ -386,9 +386,13 @@ class HistogramCalibrator(_Calibrator):
 
     @percentile.setter
     def percentile(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        try:  # any real number: int, float, numpy scalar, 0-dim tensor (not a bool or a string)
+            v = float(value) if not isinstance(value, (bool, str)) else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        if not 0 <= v <= 100:
             raise ValueError(f"percentile must be a number in [0, 100], got {value!r}")
-        self._percentile = float(value)
+        self._percentile = v
 
     def reset(self):
         self._C = None
@@ -426,7 +430,10 @@ class HistogramCalibrator(_Calibrator):
             # coarsen by 2^k so that at most cap bins cover the new max; merging is exact
             k = torch.where(grow & (need > cap), torch.ceil(torch.log2(need / cap)), torch.zeros_like(need))
             width = torch.ldexp(width, k.long().clamp(max=1 << 12))
-            new_n = torch.ceil(bmax.double() / width).clamp(max=cap).long()
+            new_n = torch.ceil(bmax.double() / width).clamp(max=cap)
+            # R = n * width must stay finite in fp32 (data near FLT_MAX made it inf); values past R
+            # go to the last bin
+            new_n = torch.minimum(new_n, torch.floor(3.4028234663852886e38 / width).clamp(min=1)).long()
             if bool((k > 0).any()):
                 shift = k.long().clamp(max=62)[:, None]  # i >> 62 == 0 for every bin index
                 idx = torch.arange(self._pos.shape[1], device=dev)[None, :] >> shift
@@ -539,8 +546,8 @@ class MseCalibrator(_Calibrator):
         if self._base is None:
             gmin, gmax = self._given
             for name, g in (("base_amax", gmax), ("base_amin", gmin)):
-                if g is not None and torch.as_tensor(g).numel() not in (1, xc.shape[0]):
-                    raise ValueError(f"MseCalibrator: {name} must hold 1 value or one per channel ({xc.shape[0]}), "
+                if g is not None and (torch.as_tensor(g).numel() not in (1, xc.shape[0]) or torch.as_tensor(g).dim() > 1):
+                    raise ValueError(f"MseCalibrator: {name} must be 1 value or a 1-D list of one per channel ({xc.shape[0]}), "
                                      f"got {torch.as_tensor(g).numel()}")
             amax = torch.as_tensor(gmax, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmax is not None else (
                 xc.abs().amax(1) if self.symmetric else xc.amax(1))
@@ -667,11 +674,12 @@ class ActQuantizer(torch.nn.Module):
         self.calibrator = self._make_calibrator()
         return self
 
-    def finish_calibration(self):
+    def finish_calibration(self, name: str | None = None):
+        """Freezes the range; ``name`` (e.g. the layer's) labels the all-zero-data warning."""
         if self.calibrator is None:
             raise RuntimeError("finish_calibration() without start_calibration()")
         scale, zero, _, _ = self.calibrator.qparams(self.narrow_range)
-        self.scale, self.zero = nonzero_scale(scale, zero, "ActQuantizer")
+        self.scale, self.zero = nonzero_scale(scale, zero, f"ActQuantizer of {name!r}" if name else "ActQuantizer")
         self.calibrator = None
         return self
 

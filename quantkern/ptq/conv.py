@@ -451,9 +451,9 @@ def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_s
         m._qk_act_hook = m.register_forward_pre_hook(lambda m, a: (m.input_quantizer(a[0]),) + tuple(a[1:]))
     with torch.no_grad():
         _run(model, calib_data, batch_size)
-    for _, m in layers:
+    for name, m in layers:
         if id(m) in seen:
-            m.input_quantizer.finish_calibration()
+            m.input_quantizer.finish_calibration(name)
 
 
 def remove_act_quantizers(model: nn.Module) -> int:
