@@ -482,6 +482,15 @@ def positive_float(s: str) -> float:
     return v
 
 
+def device_name(s: str) -> str:
+    """argparse type: a torch device string (cpu, cuda, cuda:1, ...)."""
+    try:
+        torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device (cpu or cuda)") from None
+    return s
+
+
 def one_of(choices: Sequence) -> Callable[[str], Any]:
     """argparse type: one of ``choices`` (ints or strings), matched by its text."""
     def parse(s: str):
@@ -504,17 +513,19 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None, *, threads: int | None = None,
-                    warmup: int = 3, writes_files: bool = True) -> argparse.ArgumentParser:
+                    warmup: int = 3, writes_files: bool = True, reps_help: str | None = None) -> argparse.ArgumentParser:
     """Options every benchmark takes. ``plot_name``: default PNG under benchmarks/out/; ``threads`` /
-    ``warmup``: this benchmark's defaults; ``writes_files=False``: a benchmark that writes no JSON or
+    ``warmup``: this benchmark's defaults; ``reps_help``: what --reps means here, if not the default's;
+    ``writes_files=False``: a benchmark that writes no JSON or
     plot (it still accepts ``--json`` / ``--plot``: ``python -m benchmarks`` passes them to every one)."""
     p.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke test, not a measurement")
     default_threads = threads or "torch's"
     p.add_argument("--threads", type=positive_int, default=threads,
                    help=f"torch.set_num_threads(N) before measuring (default: {default_threads})")
-    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per measurement (default: ~1 s worth, 5..100)")
+    p.add_argument("--reps", type=positive_int, default=None,
+                   help=reps_help or "timed repetitions per measurement (default: ~1 s worth, 5..100)")
     p.add_argument("--warmup", type=nonneg_int, default=warmup, help=f"untimed calls before timing (default {warmup})")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)")
     if writes_files:
         json_help = "also write the rows as JSON to PATH ('-': stdout, table goes to stderr)"
     else:

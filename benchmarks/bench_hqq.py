@@ -131,7 +131,7 @@ def minilm(a, out) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --quick (512x512, one run), --threads, --reps (= --runs), --warmup, --device cpu, ...
-    H.add_common_args(ap, threads=2, warmup=1, writes_files=False)
+    H.add_common_args(ap, threads=2, warmup=1, writes_files=False, reps_help="same as --runs")
     ap.add_argument("--n", type=H.positive_int, default=None, help="rows (default 4096; 512 with --quick)")
     ap.add_argument("--k", type=H.positive_int, default=None, help="columns (default 4096; 512 with --quick)")
     ap.add_argument("--bits", type=H.one_of((1, 2, 3, 4, 8)), default=4, help="1, 2, 3, 4 or 8 (default 4)")

@@ -94,7 +94,7 @@ def parse_size(s: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # --quick, --threads, --reps (= --runs), --warmup, --device, --json, --plot / --no-plot
-    H.add_common_args(ap, writes_files=False)
+    H.add_common_args(ap, writes_files=False, reps_help="same as --runs")
     ap.add_argument("--sizes", type=H.comma_list(parse_size), default=None,
                     help=f"comma list of weight counts, each {SIZE_FORMAT} (default 4M,16M; 256K with --quick)")
     ap.add_argument("--runs", type=H.positive_int, default=None,

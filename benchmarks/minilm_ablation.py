@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--batch", type=int, default=0, help="length-sorted batches of this size (0: 32 in order)")
     ap.add_argument("--calib", default="even", help="even | pydoc:N | even+pydoc:N")
     a = ap.parse_args()
+    if a.threads < 1:
+        ap.error(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
     model = load_minilm("cpu")
     sents = load_sentences()

@@ -107,6 +107,7 @@ BAD_ARGS = [
     ("hqq", "main", ["--threads", "-1"], "--threads: must be >= 1"),
     ("hqq", "main", ["--warmup", "-1"], "--warmup: must be >= 0"),
     ("hqq", "main", ["--bits", "9"], "--bits: '9' is not one of"),
+    ("packed_linear", "main", ["--quick", "--device", "gpu0"], "--device: 'gpu0' is not a device"),
     ("hqq", "main", ["--axis", "2"], "--axis: '2' is not one of"),
     ("hqq", "main", ["--quick", "--group", "48"], "--group 48 must divide"),
     ("calibrate", "main", ["--loop-channels", "0"], "--loop-channels: must be >= 1"),
