@@ -433,7 +433,7 @@ class HistogramCalibrator(_Calibrator):
             new_n = torch.ceil(bmax.double() / width).clamp(max=cap)
             # R = n * width must stay finite in fp32 (data near FLT_MAX made it inf); values past R
             # go to the last bin
-            new_n = torch.minimum(new_n, torch.floor(3.4028234663852886e38 / width).clamp(min=1)).long()
+            new_n = torch.minimum(new_n, torch.floor(torch.finfo(torch.float32).max / width).clamp(min=1)).long()
             if bool((k > 0).any()):
                 shift = k.long().clamp(max=62)[:, None]  # i >> 62 == 0 for every bin index
                 idx = torch.arange(self._pos.shape[1], device=dev)[None, :] >> shift
@@ -546,9 +546,10 @@ class MseCalibrator(_Calibrator):
         if self._base is None:
             gmin, gmax = self._given
             for name, g in (("base_amax", gmax), ("base_amin", gmin)):
-                if g is not None and (torch.as_tensor(g).numel() not in (1, xc.shape[0]) or torch.as_tensor(g).dim() > 1):
+                t = None if g is None else torch.as_tensor(g)
+                if t is not None and (t.numel() not in (1, xc.shape[0]) or t.dim() > 1):
                     raise ValueError(f"MseCalibrator: {name} must be 1 value or a 1-D list of one per channel ({xc.shape[0]}), "
-                                     f"got {torch.as_tensor(g).numel()}")
+                                     f"got {t.numel()}")
             amax = torch.as_tensor(gmax, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmax is not None else (
                 xc.abs().amax(1) if self.symmetric else xc.amax(1))
             amin = torch.as_tensor(gmin, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmin is not None else (
