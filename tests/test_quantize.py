@@ -708,3 +708,67 @@ def test_warnings_point_at_the_caller_and_few_tokens_warn():
     for part in ("match no nn.Linear", "does not fit layer '0'", "saw no calibration input",
                  "1 layer(s) were fitted to fewer calibration tokens", "no nn.Linear to quantize"):
         assert any(part in s for s in msgs), part
+
+
+# ---------------------------------------------------------------- test-drive: bad input to quantize_ / load
+def test_bits_must_be_an_int():
+    # 4.0 == 4 passed the membership test, so the error came later from a solver (not naming the config)
+    for bits in (4.0, 3.0):
+        with pytest.raises(ValueError, match="QuantizeConfig: bits must be 2, 3 or 4"):
+            quantize_(make_model(), QuantizeConfig(bits=bits), progress=False)
+
+
+def test_quantize_refuses_a_bare_linear():
+    # a bare nn.Linear has no parent to be swapped in: it used to warn "the model has no nn.Linear"
+    # and return it unchanged
+    with pytest.raises(TypeError, match="itself an nn.Linear"):
+        quantize_(nn.Linear(64, 32), method="rtn", group_size=32, progress=False)
+
+
+def test_empty_calibration_batch_is_skipped_with_static_act_quant():
+    # an empty batch used to reach the activation calibrator ("x is empty", no layer named)
+    m = make_model()
+    ref = quantize_(copy.deepcopy(m), method="rtn", group_size=32, act_bits=8, calib_fn=[CALIB[0]], progress=False)
+    got = quantize_(m, method="rtn", group_size=32, act_bits=8, calib_fn=[lambda mm: mm(X_CAL[:0]), CALIB[0]],
+                    progress=False)
+    assert torch.equal(got(X_EVAL), ref(X_EVAL))
+
+
+def test_load_quantized_bad_paths_name_the_path(tmp_path):
+    m = quantize_(make_model(), method="rtn", group_size=32, progress=False)
+    good = tmp_path / "m.safetensors"
+    save_quantized(m, good)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_quantized(make_model(1), tmp_path)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*not a readable safetensors file"):
+        load_quantized(make_model(1), cut)
+    with pytest.raises(FileNotFoundError):
+        load_quantized(make_model(1), tmp_path / "missing.safetensors")
+
+
+def test_load_quantized_onto_a_meta_model_is_refused_up_front(tmp_path):
+    # the float tensors of a meta model cannot be filled by load_state_dict (a no-op on meta):
+    # this used to fail at the final model.to() with torch's "Cannot copy out of meta tensor",
+    # after the layers were swapped
+    m = quantize_(make_model(), method="rtn", group_size=32, progress=False)
+    save_quantized(m, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        fresh = make_model(1)
+    with pytest.raises(ValueError, match=r"meta device.*ln1\.weight"):
+        load_quantized(fresh, tmp_path / "m.safetensors")
+    assert type(fresh.q) is nn.Linear  # nothing was swapped
+
+
+
+def test_nonfinite_weight_names_the_layer_before_any_change():
+    # the error came from the solver ("hqq_quantize: W contains NaN ...") without the layer's name,
+    # after the layers before it were already swapped
+    m = make_model()
+    with torch.no_grad():
+        m.fc1.weight[3, 5] = float("inf")
+    for method in ("rtn", "gptq"):
+        with pytest.raises(ValueError, match=r"layers \['fc1'\] have NaN or Inf weights"):
+            quantize_(m, method=method, group_size=32, calib_fn=CALIB, progress=False)
+        assert not any(isinstance(x, PackedLinear) for x in m.modules())

@@ -210,6 +210,16 @@ class PackedLinear(nn.Module):
         # overwritten (torch checks the extra state last, after copying qweight into this module)
         if prefix + "_extra_state" in state_dict:
             self.set_extra_state(state_dict[prefix + "_extra_state"])
+        # the checks load_quantized / PackedWeight give a packed weight (forward trusts the buffers):
+        # torch's copy would take NaN / inf scales, cast a float qweight into the int32 buffer, or
+        # leave scales and zeros in different dtypes, all without a word
+        t = [state_dict.get(prefix + n) for n in ("qweight", "scales", "zeros")]
+        if all(isinstance(v, torch.Tensor) for v in t) and len({v.device for v in t}) == 1:
+            try:
+                PackedWeight(*t, self.bits, self.group_size, (self.out_features, self.in_features))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"PackedLinear: checkpoint {prefix}qweight / scales / zeros do not form this "
+                              f"module's packed weight: {e}") from None
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
         for name in ("scales", "zeros"):
             t = state_dict.get(prefix + name)
@@ -290,6 +300,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         raise TypeError("quantkern.replace_linear: model is itself an nn.Linear; use PackedLinear.from_linear(layer)")
     replaced = []
     sites_list = linear_sites(model, skip)
+    check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
     for name, sites, child in sites_list:
         gs = group_size
@@ -330,6 +341,29 @@ def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module
                 sites.append((parent, child_name))
     return [(first[i], sites, lin) for i, (names, sites, lin) in found.items()
             if not any(_skipped(n, skip) for n in names)]
+
+
+def check_linear_weights(op: str, sites_list) -> None:
+    """Refuse, before any layer is replaced, weights a PackedLinear cannot take: a dtype other than
+    fp32 / fp16 / bf16 (the packed matmul runs those inputs only: a float64 model would convert and
+    then fail on every forward), the meta device (no data) and NaN / Inf (the quantizers refuse them
+    later, without the layer's name, with the earlier layers already swapped).
+    ``sites_list``: :func:`linear_sites`'s list."""
+    def names(bad):
+        return f"{bad[:3]}{' ...' if len(bad) > 3 else ''}"
+
+    bad = [(n, lin.weight.dtype) for n, _, lin in sites_list
+           if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
+    if bad:
+        raise TypeError(f"{op}: layers {names([n for n, _ in bad])} have weights of dtype {bad[0][1]}; PackedLinear "
+                        "takes float32 / float16 / bfloat16 models (cast first, e.g. model.float())")
+    meta = [n for n, _, lin in sites_list if lin.weight.is_meta]
+    if meta:
+        raise ValueError(f"{op}: layers {names(meta)} are on the meta device (no data); load real weights first")
+    nonfinite = [n for n, _, lin in sites_list if not bool(torch.isfinite(lin.weight.detach()).all())]
+    if nonfinite:
+        raise ValueError(f"{op}: layers {names(nonfinite)} have NaN or Inf weights; a weight must be finite to "
+                         "quantize (skip those layers or fix the model)")
 
 
 def disable_fused_encoder_paths(model: nn.Module, linears) -> int:

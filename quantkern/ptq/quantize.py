@@ -85,7 +85,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn.packed_linear import DEFAULT_SKIP, PackedLinear, disable_fused_encoder_paths, linear_sites
+from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
+                                 linear_sites)
 from ..packed import PackedWeight, load_packed, save_packed
 from ._wquant import check_clip
 
@@ -169,7 +170,8 @@ class QuantizeConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"QuantizeConfig: unknown method {self.method!r}; choose one of {METHODS}")
-        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+        # an int: 4.0 == 4 passes the membership test and failed later, in a solver
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (2, 3, 4):
             raise ValueError(f"QuantizeConfig: bits must be 2, 3 or 4, got {self.bits!r}")
         gs = self.group_size
         if gs is not None and gs != -1 and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
@@ -288,7 +290,7 @@ class _Capture:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self._check_finite(x, "calibration")
         self.seen += x.shape[0]
-        if self.act_cal is not None:
+        if self.act_cal is not None and x.shape[0]:  # an empty batch carries nothing (the calibrator refuses it)
             self.act_cal.collect(x)
         if self.pair:
             xf = self.pending
@@ -472,6 +474,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
+    if type(model) is nn.Linear:  # it has no parent here to be swapped in: nothing would change
+        raise TypeError("quantize_: model is itself an nn.Linear; quantize the module that holds it, or use "
+                        "PackedLinear.from_linear(layer)")
     needs_data = cfg.method in _DATA_METHODS or cfg.static_act
     units = None
     if needs_data:
@@ -482,15 +487,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         units = _calib_units(calib_fn)
     _warn_unmatched_skip(model, cfg.skip)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
-    bad = [n for n, _, lin in layers if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
-    if bad:  # checked before any layer changes: PackedLinear runs fp32 / fp16 / bf16 inputs only
-        dt = next(lin.weight.dtype for n, _, lin in layers if n == bad[0])
-        raise TypeError(f"quantize_: layers {bad[:3]}{' ...' if len(bad) > 3 else ''} have weights of dtype {dt}; "
-                        "PackedLinear takes float32 / float16 / bfloat16 models (cast first, e.g. model.float())")
-    meta = [n for n, _, lin in layers if lin.weight.is_meta]
-    if meta:
-        raise ValueError(f"quantize_: layers {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the meta device "
-                         "(no data); load real weights first")
+    check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
     if not layers:
         packed = sum(isinstance(m, PackedLinear) for m in model.modules())
         warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
@@ -682,12 +679,25 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
     import json
+    import os
+
+    from safetensors import SafetensorError
 
     from ..packed import read_packed_metadata
 
-    weights, extra = load_packed(path, device=device)
+    # safetensors' own messages name neither the file nor the cause ("No such device (os error 19)"
+    # for a directory, "incomplete metadata, file not fully covered" for a truncated file)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load_quantized: path {str(path)!r} is a directory; expected the safetensors "
+                                "file written by save_quantized")
     try:
-        act = json.loads(read_packed_metadata(path).get(_ACT_META, "{}"))
+        weights, extra = load_packed(path, device=device)
+        header = read_packed_metadata(path)
+    except SafetensorError as e:
+        raise ValueError(f"load_quantized: {path} is not a readable safetensors file (truncated or corrupted?): "
+                         f"{e}") from None
+    try:
+        act = json.loads(header.get(_ACT_META, "{}"))
     except json.JSONDecodeError as e:
         raise ValueError(f"load_quantized: unreadable {_ACT_META} metadata in {path}: {e}") from None
     if not isinstance(act, dict) or set(act) - set(weights):
@@ -695,6 +705,16 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
                          f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
     mods = dict(model.named_modules())
     names = _aliases(model)
+    # load_state_dict cannot fill meta tensors (a no-op with a warning), so a model built on the
+    # meta device would fail only at the final .to(device), with its layers already swapped
+    swapped = {a for n in weights for a in names.get(n, [n])}
+    on_meta = [f"{mn}.{tn}" if mn else tn for mn, mod in model.named_modules() if mn not in swapped
+               for tn, t in itertools.chain(mod._parameters.items(), mod._buffers.items())
+               if t is not None and t.is_meta]
+    if on_meta:
+        raise ValueError(f"load_quantized: the model has tensors on the meta device ({', '.join(on_meta[:3])}"
+                         f"{', ...' if len(on_meta) > 3 else ''}), which a checkpoint cannot fill; build the float "
+                         "model on a real device (its nn.Linear weights are replaced by the packed ones)")
     for name, w in weights.items():
         lin = mods.get(name)
         if not isinstance(lin, (nn.Linear, PackedLinear)):
