@@ -142,6 +142,65 @@ def test_packed_linear_tiny_inputs(bits, config):
                     assert e <= 2 * et + 1e-3, (dt, sc, M, e, et)
 
 
+
+def _activations(kind, M, K, g):
+    x = torch.randn(M, K, generator=g)
+    if kind == "relu":
+        return x.relu()
+    if kind == "lognormal":
+        return x.exp()
+    if kind == "gelu_negative":  # GELU of mostly negative inputs: a few large entries over a tiny bulk
+        return F.gelu(2 * x - 2)
+    if kind == "student_t":  # heavy tails: x / sqrt(chi2_3 / 3)
+        return x / (torch.randn(3, M, K, generator=g).pow(2).mean(0).sqrt())
+    return x
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_fp32_x_int8_gemv(bits, config):
+    """fp32 x at M <= 4 and K >= 1024 takes the VNNI GEMV with three int8 pieces and codes centred
+    on (2^bits - 1) / 2; groups that three pieces cannot hold (an outlier, a small bulk) send their
+    row to the exact fp32 LUT GEMV, one row at a time. Within 2x F.linear's error for every kind of
+    activation, group size and metadata dtype; mixed rows of one call; inf / NaN propagate."""
+    g = torch.Generator().manual_seed(40 + bits)
+    for K, gs in ((1152, 32), (1152, 128), (1280, 256), (1056, None), (4096, 64)):
+        meta = (torch.float16, torch.bfloat16, torch.float32)[K % 3]
+        pw = PackedWeight.from_float(torch.randn(37, K, generator=g), bits, gs, meta)
+        for kind in ("gauss", "relu", "lognormal", "gelu_negative", "student_t"):
+            for M in (1, 2, 4):
+                x = _activations(kind, M, K, g)
+                bias = torch.randn(37, generator=g) if M == 2 else None
+                check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
+        # one row with an outlier whose weights are zero (it takes the LUT), two without
+        x = torch.randn(3, K, generator=g)
+        x[1, 7] = 1e4
+        check_accuracy(ops.packed_linear(x, pw), x, pw)
+        x[2, 9] = float("nan")
+        x[0, 3] = float("inf")
+        want = x @ pw.dequantize(torch.float32).T
+        got = ops.packed_linear(x, pw)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
+@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities()
+                    or not all(ops.cpu_features()[f][0] for f in ("vnni", "vbmi")), reason="needs AVX-512 VNNI + VBMI")
+def test_fp32_x_takes_the_int8_gemv_from_k_1024():
+    """The dispatch: fp32 x at K >= 1024 is no longer the LUT GEMV's (its bits differ from the LUT's,
+    which VNNI off forces); below K = 1024 it still is (same bits)."""
+    g = torch.Generator().manual_seed(0)
+    for K, same in ((1024, False), (960, True)):
+        pw = PackedWeight.from_float(torch.randn(64, K, generator=g), 4, 64)
+        x = torch.randn(1, K, generator=g)
+        y = ops.packed_linear(x, pw)
+        ops.set_cpu_feature("vnni", False)
+        try:
+            y_lut = ops.packed_linear(x, pw)
+        finally:
+            ops.set_cpu_feature("vnni", True)
+        assert torch.equal(y, y_lut) == same, K
+        check_accuracy(y, x, pw)
+
+
 _STREAM_ORDER_SCRIPT = """
 import sys, torch, quantkern
 from quantkern import PackedWeight, ops
@@ -866,3 +925,40 @@ def test_replace_linear_warns_when_nothing_is_replaced():
     with pytest.warns(UserWarning, match="fallback_group_size=False"):
         assert replace_linear(torch.nn.Sequential(torch.nn.Linear(40, 8)), group_size=32, skip=None,
                               fallback_group_size=False) == []
+
+
+@pytest.mark.parametrize("bad", ["nan_scales", "inf_zeros", "float_qweight", "float64_scales"])
+def test_packed_linear_state_dict_load_validates_the_packed_weight(bad):
+    # load_quantized validates through PackedWeight; a plain load_state_dict used to take NaN
+    # scales (NaN outputs), cast a float qweight into the int32 buffer (wrong weights) or leave
+    # scales and zeros in different dtypes (forward error), silently
+    src = PackedLinear.from_linear(torch.nn.Linear(64, 16), 4, 32)
+    sd = src.state_dict()
+    if bad == "nan_scales":
+        sd["scales"] = torch.full_like(sd["scales"], float("nan"))
+    elif bad == "inf_zeros":
+        sd["zeros"] = torch.full_like(sd["zeros"], float("inf"))
+    elif bad == "float_qweight":
+        sd["qweight"] = sd["qweight"].float()
+    else:
+        sd["scales"] = sd["scales"].double()
+    dst = PackedLinear(64, 16, bits=4, group_size=32)
+    before = {k: v.clone() for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises((ValueError, TypeError), match="PackedLinear: checkpoint"):
+        dst.load_state_dict(sd)
+    for k, v in dst.state_dict().items():  # refused before any buffer changed
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+
+
+def test_replace_linear_refuses_meta_and_float64_models_up_front():
+    # a meta model failed inside the quantizer ("Tensor.item() cannot be called on meta tensors");
+    # a float64 model was converted, then every forward failed (PackedLinear takes fp32 / fp16 / bf16)
+    with torch.device("meta"):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"layers \['0'\] are on the meta device"):
+        replace_linear(m, 4, 32, skip=None)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32)).double()
+    with pytest.raises(TypeError, match="float64"):
+        replace_linear(m, 4, 32, skip=None)
+    assert all(type(x) is torch.nn.Linear for x in m)
