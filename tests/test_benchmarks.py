@@ -255,3 +255,25 @@ def test_packed_linear_stream_harness_builds_and_runs(tmp_path, bits, n_rows):
     lines = [ln for ln in r.stdout.splitlines() if " ms (p25 " in ln]
     assert len(lines) == n_rows + amx and "kernel0.so" in lines[0], r.stdout
     assert all("same output as the first" in ln for ln in lines[:1 + amx]), r.stdout
+
+
+def test_effnet_sensitivity_args_and_layer_kinds(capsys):
+    """benchmarks/effnet_sensitivity.py: bad arguments stop at parse time (before the model loads);
+    every layer name of EfficientNet-Lite0 maps to one kind."""
+    from torch import nn
+
+    from benchmarks import effnet_sensitivity as es
+
+    for argv, msg in ((["--bits", "9"], "--bits must be in 1..8"), (["--per-layer", "bogus"], "'bogus' is not one of"),
+                      (["--method", "gptq"], "invalid choice"), (["--threads", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            es.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err, (argv, err)
+    dense, dw = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, groups=8)
+    assert es.layer_kind("_blocks.3._depthwise_conv", dw) == "dw"
+    assert [es.layer_kind(n, dense) for n in ("_conv_stem", "_blocks.1._expand_conv", "_blocks.1._project_conv",
+                                               "_conv_head")] == ["stem", "expand", "project", "head"]
+    assert es.layer_kind("_fc", nn.Linear(8, 2)) == "fc"
+    with pytest.raises(ValueError, match="unknown"):
+        es.layer_kind("_blocks.0._se_reduce", dense)
