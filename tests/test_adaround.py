@@ -134,3 +134,42 @@ def test_bad_group_params_raise():
         args = {"scale": s, "zero": z, **bad}
         with pytest.raises((ValueError, TypeError), match=match):
             adaround_quantize(W, H, bits=4, iters=2, **args)
+
+
+def test_distill_report_first_and_last_losses_do_not_overlap_for_short_runs():
+    # loss_first / loss_last were the means of the first / last min(10, steps) steps: with fewer than 20
+    # steps the windows overlapped (steps <= 10: the same mean twice, so the report said "no change")
+    net, X = _net()
+    from quantkern.ptq.adaround import distill_qparams_
+
+    for steps in (1, 3, 12):
+        m = copy.deepcopy(net)
+        rep = fake_quantize_model_(m, 3, "rtn", 64, calib_data=X, distill_steps=steps, distill_batch=8, distill_lr=3e-2,
+                                   progress=False, return_qparams=True)
+        d = rep["distill"]
+        if steps == 1:
+            assert d["loss_first"] == d["loss_last"]
+        else:
+            assert d["loss_first"] != d["loss_last"], steps
+    assert distill_qparams_(net, {}, X, net(X).detach(), steps=0) == {}
+
+
+def test_distill_needs_logits_and_weights():
+    # a model returning a tuple failed in torch.cat ("expected Tensor as element 0 ..."); distill_steps /
+    # return_qparams with weight_bits=None did nothing, silently
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.c(x).mean((2, 3))
+            return y, 2 * y
+
+    X = torch.randn(4, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"distill_steps needs a model that returns a float logits tensor.*tuple"):
+        fake_quantize_model_(Two().eval(), 4, "rtn", calib_data=X, distill_steps=2, progress=False)
+    net, X = _net()
+    for kw in ({"distill_steps": 2}, {"return_qparams": True}):
+        with pytest.raises(ValueError, match="weight_bits=None"):
+            fake_quantize_model_(net, None, calib_data=X, act_bits=8, progress=False, **kw)

@@ -372,3 +372,157 @@ def test_model_on_cuda(method):
                          adaround_iters=2)
     assert all(p.is_cuda for p in m.parameters())
     assert torch.isfinite(m(Xc.cuda())).all()
+
+
+def test_model_in_train_mode_keeps_its_batchnorm_statistics():
+    # the calibration passes ran the model as given: in train() mode every pass updated the BatchNorm
+    # running statistics (num_batches_tracked grew by one per calibration batch and layer), silently
+    # changing the model being quantized
+    net, Xc, _ = _net_and_data()
+    for method, kw in (("gptq", {"act_bits": 8}), ("rtn", {"bias_correction": True}), ("rtn", {"distill_steps": 2})):
+        m = copy.deepcopy(net).train()
+        fake_quantize_model_(m, 4, method, 64, calib_data=Xc, progress=False, **kw)
+        assert m.training and m.bn0.training, method  # the mode is given back
+        torch.testing.assert_close(m.bn0.running_mean, net.bn0.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(m.bn0.running_var, net.bn0.running_var, rtol=0, atol=0)
+        assert int(m.bn0.num_batches_tracked) == int(net.bn0.num_batches_tracked), method
+
+
+@pytest.mark.parametrize("kw", [{"bias_correction": True}, {"distill_steps": 2}, {"act_bits": 8},
+                                {"method": "gptq"}])
+def test_nan_or_inf_calibration_data_raises_before_the_model_is_touched(kw):
+    # bias_correction and distill_steps wrote NaN into every bias / weight without a word; the others
+    # failed inside a layer with "add_batch: x contains NaN or Inf" / "x contains NaN or Inf"
+    net, Xc, _ = _net_and_data()
+    ref = copy.deepcopy(net)
+    kw = dict(kw)
+    method = kw.pop("method", "rtn")
+    for bad in (float("nan"), float("inf")):
+        Xb = Xc.clone()
+        Xb[3, 1, 2, 2] = bad
+        for data in (Xb, list(Xb.split(4))):
+            with pytest.raises(ValueError, match="calib_data contains NaN or Inf"):
+                fake_quantize_model_(net, 4, method, 64, calib_data=data, progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
+class _SharedHead(nn.Module):
+    """One head ``b`` run on two feature maps with different statistics (as FPN detectors share heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        return torch.cat([self.b(f), self.b(f * 3 + 2)], 1)
+
+
+def test_module_called_twice_is_calibrated_on_both_calls():
+    # the calibration pass stopped at a layer's first call: a shared module's Hessian and mean came from
+    # its first call only, while bias correction's fp32 mean covered both, so the "correction" added a
+    # large mean error instead of removing it
+    torch.manual_seed(0)
+    net = _SharedHead().eval()
+    X = torch.randn(8, 3, 10, 10)
+    with torch.no_grad():
+        ref = net(X)
+    errs = {}
+    for bc in (False, True):
+        m = copy.deepcopy(net)
+        fake_quantize_model_(m, 3, "rtn", 64, calib_data=X, bias_correction=bc, progress=False)
+        with torch.no_grad():
+            d = (m(X) - ref).mean((0, 2, 3))
+        errs[bc] = (d[:8] + d[8:]).abs().max().item()  # the mean error over both calls, per channel
+    assert errs[True] < 1e-4 < errs[False], errs
+    # GPTQ / ERQ / AdaRound get the statistics of both calls too
+    from quantkern.ptq.conv import _collect
+
+    st = _collect(net, net.b, X, 8, hessian=True, max_rows=0, gen=None, stop=False)
+    f = torch.relu(net.a(X)).detach()
+    rows = torch.cat([F.unfold(f, 3, padding=1), F.unfold(f * 3 + 2, 3, padding=1)], 2).transpose(1, 2).reshape(-1, 72)
+    assert st.n == rows.shape[0]
+    torch.testing.assert_close(st.mu, rows.mean(0))
+    m = copy.deepcopy(net)
+    fake_quantize_model_(m, 3, "gptq", 64, calib_data=X, progress=False)
+    with torch.no_grad():
+        e_gptq = (m(X) - ref).norm().item()
+    fake_quantize_model_(m := copy.deepcopy(net), 3, "rtn", 64, progress=False)
+    with torch.no_grad():
+        assert e_gptq < (m(X) - ref).norm().item()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"damp": -1.0}, "damp"), ({"damp": float("nan")}, "damp"), ({"erq_lambda": -1.0}, "erq_lambda"),
+    ({"max_rows": 0}, "max_rows"), ({"adaround_iters": -1}, "adaround_iters"),
+    ({"adaround_lr": float("nan")}, "adaround_lr"), ({"adaround_lambda": -1.0}, "adaround_lambda"),
+    ({"batch_size": True}, "batch_size"), ({"calib_data": "ints"}, "calib_data"),
+])
+def test_solver_arguments_checked_before_the_model_is_touched(kw, match):
+    # these were checked by the solvers, i.e. at the first layer using them: with depthwise_method the
+    # dense layers were already quantized (erq_lambda's error showed the scaled value, -177.9, max_rows=0
+    # failed in torch.cat, integer calibration batches in a list failed in the model's conv)
+    net, Xc, _ = _net_and_data()
+    ref = copy.deepcopy(net)
+    kw = dict(kw)
+    if kw.get("calib_data") == "ints":
+        kw["calib_data"] = [(Xc * 10).long()]
+    kw.setdefault("calib_data", Xc)
+    kw.setdefault("adaround_iters", 2)
+    dw = {"damp": "gptq", "erq_lambda": "erq", "max_rows": "erq"}.get(match, "adaround")
+    with pytest.raises(ValueError, match=match):
+        fake_quantize_model_(net, 4, "rtn", depthwise_method=dw, progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
+def test_conv_types_other_than_conv2d_are_reported_not_silently_left_in_float():
+    # Conv1d / Conv3d / ConvTranspose2d weights were left in float without a word (report["layers"]
+    # simply lacked them): now a warning names them and report["notes"] says why
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+            self.c1 = nn.Conv1d(4, 4, 3, padding=1)
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.c2(x)
+            x = self.c1(x.flatten(2)).reshape(x.shape)
+            return self.fc(self.up(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    w1, wt = m.c1.weight.clone(), m.up.weight.clone()
+    with pytest.warns(UserWarning, match=r"not quantized.*'c1' \(Conv1d\), 'up' \(ConvTranspose2d\)"):
+        rep = fake_quantize_model_(m, 4, "gptq", calib_data=torch.randn(2, 3, 6, 6), progress=False, act_bits=8)
+    assert rep["layers"] == ["c2", "fc"]
+    assert rep["notes"]["c1"] == "not quantized: Conv1d (only Conv2d / Linear are)"
+    assert rep["notes"]["up"] == "not quantized: ConvTranspose2d (only Conv2d / Linear are)"
+    assert torch.equal(m.c1.weight, w1) and torch.equal(m.up.weight, wt) and not hasattr(m.up, "input_quantizer")
+
+
+def test_skip_and_layer_bits_take_every_name_of_a_layer_registered_twice():
+    # named_modules() lists a module registered under two attributes once, under its first name:
+    # skip=["classifier"] / layer_bits={"classifier": 8} raised "no Conv2d / Linear named" for it
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 2)
+            self.classifier = self.head  # (timm-style alias)
+
+        def forward(self, x):
+            return self.classifier(self.a(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Alias().eval()
+    w0 = m.head.weight.clone()
+    rep = fake_quantize_model_(m, 4, "rtn", 4, skip=["classifier"], progress=False)
+    assert rep["layers"] == ["a"] and torch.equal(m.head.weight, w0)
+    m = Alias().eval()
+    w0 = m.head.weight.detach().clone()
+    fake_quantize_model_(m, 2, "rtn", 4, layer_bits={"classifier": 8}, progress=False)
+    q, s, z = rtn_quantize(w0, 8, 4)
+    torch.testing.assert_close(m.head.weight.detach(), dequantize(q, s, z))

@@ -184,7 +184,7 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     quantization grid. Other parameters are frozen; the model is left in eval mode (BatchNorm
     statistics unchanged). ``extra_params``: other float parameters trained along (e.g. the
     BatchNorm biases; same optimiser and step size). Returns ``{"loss_first", "loss_last"}`` (means over the first /
-    last 10 steps) and writes the final weights (and returns ``codes`` updated in place).
+    last ``min(10, steps // 2)`` steps, at least one) and writes the final weights (and returns ``codes`` updated in place).
     """
     from torch.nn.utils import parametrize
 
@@ -235,5 +235,5 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
                 mod.weight.copy_(Wq.reshape(mod.weight.shape).to(mod.weight.dtype))
         for p, r in was:
             p.requires_grad_(r)
-    k = min(10, len(losses))
+    k = max(1, min(10, len(losses) // 2))  # disjoint windows (overlapping ones hid the change of short runs)
     return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}

@@ -11,7 +11,10 @@ group-wise along that row (asymmetric, float zero; the format of
 :func:`quantkern.ptq.rtn_quantize`). Group size: :func:`group_size_for`, the largest
 divisor of ``K = I*kh*kw`` that is ``<= group_size``, so no layer gets groups
 coarser than asked (EfficientNet's 1x1 convs with 672 inputs get g56 and depthwise
-3x3 convs g9, instead of one group of 672 or 9 values per row). Methods:
+3x3 convs g9, instead of one group of 672 or 9 values per row). Other convs (``nn.Conv1d``,
+``nn.Conv3d``, ``nn.ConvTranspose*``) stay in float, with a warning and a ``report["notes"]``
+entry. In fp16 / bf16 models the written weights are ``(q - zero) * scale`` rounded to that
+dtype (the returned ``qparams`` are float32). Methods:
 
 * ``"rtn"`` / ``"hqq"``: :func:`~quantkern.ptq.rtn_quantize` / :func:`~quantkern.ptq.hqq_quantize`
   (no data, unless ``bias_correction``); these also take grouped convs (ResNeXt-style
@@ -46,7 +49,8 @@ the quantized layers and of every BatchNorm). The weights stay exactly ``(q - ze
 ``return_qparams=True`` puts the final ``(q, scale, zero)`` of every layer in the report.
 
 The data methods are sequential: layer ``i`` is quantized from the inputs the
-already-quantized layers ``< i`` produce on the calibration images. A layer the calibration
+already-quantized layers ``< i`` produce on the calibration images (a module called more than once
+per forward, e.g. a shared head, is calibrated on all its calls). A layer the calibration
 forward never reaches (e.g. an unused auxiliary head) gets RTN weights, no bias correction and a
 dynamic input quantizer, with a warning (note "no calibration input: RTN").
 
@@ -352,13 +356,18 @@ class _LayerStats:
         return r
 
 
-def _collect(model, mod, calib_data, batch_size, **kw) -> _LayerStats:
-    """Runs the calibration images up to ``mod`` (stopping there) and collects its input stats."""
+def _collect(model, mod, calib_data, batch_size, stop: bool = True, **kw) -> _LayerStats:
+    """Runs the calibration images up to ``mod`` (stopping there) and collects its input stats.
+
+    ``stop=False`` (a module called more than once per forward): runs the whole forward, so the
+    stats cover every call, as the fp32 means of bias correction do.
+    """
     st = _LayerStats(mod, **kw)
 
     def hook(m, args):
         st.add(args[0].detach())
-        raise _Stop
+        if stop:
+            raise _Stop
 
     h = mod.register_forward_pre_hook(hook)
     try:
@@ -504,7 +513,8 @@ def fake_quantize_model_(
     """Fake-quantizes every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place (see the module docstring).
 
     Args:
-        model: any module; put it in eval mode first (BatchNorm statistics are used as they are).
+        model: any module. Every pass runs it in eval mode (BatchNorm statistics are used as they
+            are, never updated); each submodule's train / eval mode is given back at the end.
         weight_bits: 1..8, or None to leave the weights in float (activation-only).
         method: one of :data:`WEIGHT_METHODS` ("rtn", "hqq", "gptq", "erq", "adaround").
         group_size: requested group size along ``I*kh*kw``; each layer uses
@@ -513,7 +523,8 @@ def fake_quantize_model_(
             the input of every quantized layer.
         act_method: calibrator of the activation ranges, one of :data:`ACT_METHODS`.
         calib_data: float tensor ``[N, ...]`` of model inputs (split into ``batch_size``
-            batches) or an iterable of batches (re-iterated once per pass: pass a list).
+            batches) or an iterable of float batches (a generator is read into a list once);
+            NaN / Inf values are refused.
             Needed by gptq / erq / adaround, ``bias_correction``, ``distill_steps`` and ``act_bits``.
         skip: layer names (as in ``model.named_modules()``) to keep in float, or a
             predicate ``(name, module) -> bool``.
@@ -541,8 +552,9 @@ def fake_quantize_model_(
 
     Returns:
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
-        (name -> fallback note), ``seconds``; ``distill`` (first / last KD loss) with
-        ``distill_steps``; ``qparams`` with ``return_qparams``.
+        (name -> fallback note; also Conv1d / Conv3d / ConvTranspose layers left in float),
+        ``seconds``; ``distill`` (first / last KD loss) with ``distill_steps``; ``qparams`` with
+        ``return_qparams``.
 
     Raises:
         ValueError / TypeError for bad arguments (before the model is touched).
@@ -556,6 +568,8 @@ def fake_quantize_model_(
         raise ValueError(f"depthwise_method must be None or one of {WEIGHT_METHODS}, got {depthwise_method!r}")
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
         raise ValueError(f"distill_steps must be an int >= 0, got {distill_steps!r}")
+    if weight_bits is None and (distill_steps or return_qparams):  # (there are no weight params to tune / return)
+        raise ValueError("distill_steps / return_qparams need quantized weights, not weight_bits=None")
     if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 1 <= weight_bits <= 8):
         raise ValueError(f"weight_bits must be an int in [1, 8] or None, got {weight_bits!r}")
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16):
@@ -566,8 +580,21 @@ def fake_quantize_model_(
         raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
     if clip not in ("minmax", "mse", "hqq") or (clip == "hqq" and method == "rtn"):
         raise ValueError(f"clip must be 'minmax', 'mse' or 'hqq' (not with rtn), got {clip!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    # the solvers' own checks run at the first layer that uses them, after earlier layers (e.g. the
+    # dense ones under depthwise_method) were already written: check their arguments here
+    def _num(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+    for arg, v in (("damp", damp), ("erq_lambda", erq_lambda), ("adaround_lambda", adaround_lambda)):
+        if not (_num(v) and v >= 0):
+            raise ValueError(f"{arg} must be a finite float >= 0, got {v!r}")
+    if not (_num(adaround_lr) and adaround_lr > 0):
+        raise ValueError(f"adaround_lr must be a finite float > 0, got {adaround_lr!r}")
+    for arg, v, lo in (("adaround_iters", adaround_iters, 0), ("max_rows", max_rows, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
     data_methods = {"gptq", "erq", "adaround"}
     uses_data = method in data_methods or depthwise_method in data_methods
     need_data = act_bits is not None or bias_correction or distill_steps or (weight_bits is not None and uses_data)
@@ -583,21 +610,34 @@ def fake_quantize_model_(
             calib_data = list(calib_data)
             if not calib_data or not all(isinstance(x, torch.Tensor) for x in calib_data):
                 raise ValueError("calib_data must be a tensor or a non-empty iterable of tensors")
+            if not all(x.is_floating_point() for x in calib_data):
+                raise ValueError(f"calib_data must hold float tensors, got {sorted({str(x.dtype) for x in calib_data})}")
+        # NaN / Inf inputs made bias correction and distillation write NaN into the model without a word
+        # (and the Hessian methods fail inside some layer): refuse them here
+        for i, x in enumerate([calib_data] if isinstance(calib_data, torch.Tensor) else calib_data):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("calib_data contains NaN or Inf" + ("" if isinstance(calib_data, torch.Tensor)
+                                                                     else f" (batch {i})"))
     if isinstance(skip, str):
         skip = (skip,)
+    # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
+    # self.head``) is listed once, under its first name, but skip / layer_bits may use either
+    first = {id(m): n for n, m in quantizable_layers(model)}
+    names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
     if not callable(skip):
-        unknown = set(skip) - {n for n, _ in quantizable_layers(model)}
+        unknown = set(skip) - set(names)
         if unknown:
             raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
-    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(skip): n in s)
+    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip): n in s)
     layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]
-    names = {n for n, _ in quantizable_layers(model)}
-    layer_bits = dict(layer_bits or {})
-    for n, b in layer_bits.items():
+    bits_by_name = {}
+    for n, b in dict(layer_bits or {}).items():
         if n not in names:
             raise ValueError(f"layer_bits: no Conv2d / Linear named {n!r}")
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"layer_bits[{n!r}] must be an int in [1, 8], got {b!r}")
+        bits_by_name[names[n]] = b
+    layer_bits = bits_by_name
     if distill_steps:
         if isinstance(distill_batch, bool) or not isinstance(distill_batch, int) or distill_batch < 1:
             raise ValueError(f"distill_batch must be an int >= 1, got {distill_batch!r}")
@@ -625,74 +665,111 @@ def fake_quantize_model_(
         if isinstance(m, nn.Conv2d) and (meth in data_methods or bias_correction):
             _padded(m, torch.zeros(1, m.in_channels, 1, 1))  # unsupported padding raises here, not mid-way
 
-    if need_data:  # one calibration batch through the untouched model: a bad input fails here, not mid-way
-        was = model.training
-        model.eval()  # (no BatchNorm statistics updated by this check)
-        try:
-            with torch.no_grad():
-                model(next(iter(_batches(calib_data, batch_size))))
-        finally:
-            model.train(was)
-    report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
-    if weight_bits is not None:
-        data_w = uses_data or bias_correction
-        mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
-        gen = torch.Generator().manual_seed(seed)
-        opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip,
-                "ada_iters": adaround_iters, "ada_lr": adaround_lr, "ada_lambda": adaround_lambda}
-        bar = _progress(layers, progress, f"W{weight_bits} {method}")
-        codes = {}
-        teacher = _logits_of(model, calib_data, batch_size) if distill_steps else None
-        for name, mod in bar:
-            st = None
-            meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
-            if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
-                st = _collect(model, mod, calib_data, batch_size, hessian=meth in ("gptq", "erq", "adaround"),
-                              max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
-            bits = layer_bits.get(name, weight_bits)
-            W = mod.weight
-            lopts = opts
-            if st is not None and st.n == 0:  # never reached by the calibration forward (an unused layer)
-                warnings.warn(f"fake_quantize_model_: layer {name!r} saw no calibration input; using RTN for it",
-                              stacklevel=2)
-                meth = "rtn"
-                if bits not in HQQ_BITS:  # rtn's min-max params come from the HQQ kernel; the clip search takes any bits
-                    lopts = dict(opts, clip="mse")
-            Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, lopts)
-            if st is not None and st.n == 0:
-                note = "no calibration input: RTN"
-            codes[mod] = qsz
-            report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
-            if note:
-                report["notes"][name] = note
-            with torch.no_grad():
-                if new_b is not None:
-                    _set_bias(mod, new_b)
-                if bias_correction and not (meth == "erq" and new_b is not None) and st.n and mu_fp[id(mod)] is not None:
-                    # (ERQ fitted the bias already; a layer without calibration input has no mean to correct)
-                    W2 = W.detach().float().reshape(W.shape[0], -1)
-                    fp = mu_fp[id(mod)]
-                    if st.dw:
-                        shift = (Wq * st.mu).sum(1) - (W2 * fp).sum(1)
-                    else:
-                        shift = Wq @ st.mu - W2 @ fp
-                    b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0], device=W.device)
-                    _set_bias(mod, b - shift)
-                W.copy_(Wq.reshape(W.shape).to(W.dtype))
-    if weight_bits is not None and distill_steps:
-        extra = []
-        if distill_bias:
-            extra = [m.bias for _, m in layers if m.bias is not None]
-            extra += [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
-        report["distill"] = distill_qparams_(model, codes, torch.cat(list(_batches(calib_data, batch_size))), teacher,
-                                             steps=distill_steps, batch_size=distill_batch, lr=distill_lr, seed=seed,
-                                             extra_params=extra)
-    if weight_bits is not None and return_qparams:
-        report["qparams"] = {n: codes[m] for n, m in layers}
-    if act_bits is not None:
-        _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size)
+    # Every pass runs in eval mode: in train() mode each calibration pass would update the BatchNorm
+    # running statistics (and sample dropout masks). Each module's own mode is given back at the end.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        calls = {}
+        if need_data:  # one calibration batch through the untouched model: a bad input fails here, not mid-way
+            calls = _check_forward(model, layers, calib_data, batch_size, distill_steps)
+        report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
+        # other weight layers with a conv's semantics (Conv1d / Conv3d / ConvTranspose*) stay in float:
+        # say so, rather than leave the model half quantized without a word
+        other = [(n, type(m).__name__) for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d)]
+        if other:
+            warnings.warn("fake_quantize_model_: not quantized (only Conv2d / Linear are): "
+                          + ", ".join(f"{n!r} ({t})" for n, t in other), stacklevel=2)
+            for n, t in other:
+                report["notes"][n] = f"not quantized: {t} (only Conv2d / Linear are)"
+        if weight_bits is not None:
+            data_w = uses_data or bias_correction
+            mu_fp = _fp_means(model, layers, calib_data, batch_size) if bias_correction else None
+            gen = torch.Generator().manual_seed(seed)
+            opts = {"damp": damp, "act_order": act_order, "erq_lambda": erq_lambda, "clip": clip,
+                    "ada_iters": adaround_iters, "ada_lr": adaround_lr, "ada_lambda": adaround_lambda}
+            bar = _progress(layers, progress, f"W{weight_bits} {method}")
+            codes = {}
+            teacher = _logits_of(model, calib_data, batch_size) if distill_steps else None
+            for name, mod in bar:
+                st = None
+                meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
+                if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
+                    st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1,
+                                  hessian=meth in ("gptq", "erq", "adaround"),
+                                  max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
+                bits = layer_bits.get(name, weight_bits)
+                W = mod.weight
+                lopts = opts
+                if st is not None and st.n == 0:  # never reached by the calibration forward (an unused layer)
+                    warnings.warn(f"fake_quantize_model_: layer {name!r} saw no calibration input; using RTN for it",
+                                  stacklevel=2)
+                    meth = "rtn"
+                    if bits not in HQQ_BITS:  # rtn's min-max params come from the HQQ kernel; the clip search takes any bits
+                        lopts = dict(opts, clip="mse")
+                Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, lopts)
+                if st is not None and st.n == 0:
+                    note = "no calibration input: RTN"
+                codes[mod] = qsz
+                report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
+                if note:
+                    report["notes"][name] = note
+                with torch.no_grad():
+                    if new_b is not None:
+                        _set_bias(mod, new_b)
+                    if bias_correction and not (meth == "erq" and new_b is not None) and st.n and mu_fp[id(mod)] is not None:
+                        # (ERQ fitted the bias already; a layer without calibration input has no mean to correct)
+                        W2 = W.detach().float().reshape(W.shape[0], -1)
+                        fp = mu_fp[id(mod)]
+                        if st.dw:
+                            shift = (Wq * st.mu).sum(1) - (W2 * fp).sum(1)
+                        else:
+                            shift = Wq @ st.mu - W2 @ fp
+                        b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0], device=W.device)
+                        _set_bias(mod, b - shift)
+                    W.copy_(Wq.reshape(W.shape).to(W.dtype))
+        if weight_bits is not None and distill_steps:
+            extra = []
+            if distill_bias:
+                extra = [m.bias for _, m in layers if m.bias is not None]
+                extra += [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+            report["distill"] = distill_qparams_(model, codes, torch.cat(list(_batches(calib_data, batch_size))), teacher,
+                                                 steps=distill_steps, batch_size=distill_batch, lr=distill_lr, seed=seed,
+                                                 extra_params=extra)
+        if weight_bits is not None and return_qparams:
+            report["qparams"] = {n: codes[m] for n, m in layers}
+        if act_bits is not None:
+            _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size)
+    finally:
+        for m, was in modes:
+            m.train(was)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _check_forward(model, layers, calib_data, batch_size, distill_steps) -> dict:
+    """One calibration batch through the (untouched, eval-mode) model; returns ``{id(layer): calls}``.
+
+    A bad input fails here, not after some layers were quantized. The call counts find modules
+    run more than once per forward (shared blocks): their stats must come from every call.
+    """
+    calls = {id(m): 0 for _, m in layers}
+
+    def count(m, a):
+        calls[id(m)] += 1
+
+    hs = [m.register_forward_pre_hook(count) for _, m in layers]
+    try:
+        with torch.no_grad():
+            out = model(next(iter(_batches(calib_data, batch_size))))
+    finally:
+        for h in hs:
+            h.remove()
+    if distill_steps and not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 2):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"distill_steps needs a model that returns a float logits tensor [B, C, ...], got {shape}")
+    return calls
 
 
 def _logits_of(model, calib_data, batch_size) -> torch.Tensor:
