@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import _load
+from . import _functorch, _load
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "native", "triton")
@@ -659,6 +659,8 @@ def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bia
         if bias.dim() != 1 or bias.shape[0] != qweight.shape[0]:
             raise ValueError(f"quantkern.{op}: bias must have shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
     be = _pick_backend(op, x, backend)
+    if be != "triton" and _functorch.transforms_active():  # the C++ autograd cannot run under torch.func
+        return _functorch.PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
     fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
     return fn(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 

@@ -962,3 +962,52 @@ def test_replace_linear_refuses_meta_and_float64_models_up_front():
     with pytest.raises(TypeError, match="float64"):
         replace_linear(m, 4, 32, skip=None)
     assert all(type(x) is torch.nn.Linear for x in m)
+
+
+def test_packed_linear_under_torch_func():
+    """torch.func transforms: the C++ autograd cannot run under them, so ops.packed_linear takes
+    quantkern/_functorch.py's autograd.Functions there: vmap (a batch of x is one kernel call, a
+    batched bias one call per sample), grad / vjp / jacrev, jvp / jacfwd / hessian, and per-sample
+    gradients of a trainable layer next to a packed one."""
+    g = torch.Generator().manual_seed(7)
+    pw = make(24, 320, 4, 64, torch.bfloat16, seed=7)
+    Wd = pw.dequantize(torch.float32)
+    bias = torch.randn(24, generator=g)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 3, 320, generator=g).to(dt)
+        b = bias.to(dt)
+        y = torch.func.vmap(lambda xi: ops.packed_linear(xi, pw, b))(x)
+        torch.testing.assert_close(y, ops.packed_linear(x, pw, b))
+        y1 = torch.func.vmap(lambda xi: ops.packed_linear(xi, pw, b), in_dims=1, out_dims=1)(x)
+        torch.testing.assert_close(y1, ops.packed_linear(x, pw, b))
+        B = torch.randn(5, 24, generator=g).to(dt)  # batched bias: one call per sample, the same bits
+        yb = torch.func.vmap(lambda xi, bi: ops.packed_linear(xi, pw, bi))(x, B)
+        assert torch.equal(yb, torch.stack([ops.packed_linear(x[i], pw, B[i]) for i in range(5)]))
+    x = torch.randn(5, 3, 320, generator=g)
+    xr = x.clone().requires_grad_()
+    br = bias.clone().requires_grad_()
+    ops.packed_linear(xr, pw, br).pow(2).sum().backward()
+    gx, gb = torch.func.grad(lambda xi, bi: ops.packed_linear(xi, pw, bi).pow(2).sum(), argnums=(0, 1))(x, bias)
+    assert torch.equal(gx, xr.grad) and torch.equal(gb, br.grad)
+    per = torch.func.vmap(torch.func.grad(lambda xi: ops.packed_linear(xi, pw, bias).pow(2).sum()))(x)
+    torch.testing.assert_close(per, xr.grad)
+    assert torch.equal(torch.func.jacrev(lambda xi: ops.packed_linear(xi, pw))(x[0, 0]), Wd)
+    torch.testing.assert_close(torch.func.jacfwd(lambda xi: ops.packed_linear(xi, pw, bias))(x[0, 0]), Wd)
+    H = torch.func.hessian(lambda xi: ops.packed_linear(xi, pw, bias).pow(2).sum())(x[0, 0])
+    torch.testing.assert_close(H, 2 * Wd.T @ Wd, rtol=1e-5, atol=1e-4)
+    t = torch.randn_like(x)
+    _, yt = torch.func.jvp(lambda xi: ops.packed_linear(xi, pw, bias), (x,), (t,))
+    assert torch.equal(yt, ops.packed_linear(t, pw))
+    # per-sample gradients of a LoRA-style adapter beside the packed layer
+    lin = torch.nn.Linear(320, 24)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def loss(p, xi):
+        return (torch.func.functional_call(lin, p, (xi,)) + ops.packed_linear(xi, pw)).pow(2).sum()
+
+    per = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in (0, 4):
+        lin.zero_grad()
+        (lin(x[i]) + ops.packed_linear(x[i], pw)).pow(2).sum().backward()
+        torch.testing.assert_close(per["weight"][i], lin.weight.grad)
+        torch.testing.assert_close(per["bias"][i], lin.bias.grad)

@@ -1,0 +1,133 @@
+"""packed_linear under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
+
+The native ``packed_linear``'s autograd is a C++ ``torch::autograd::Function``
+(csrc/cpu/packed_linear.cpp: no Python on the eager path), and functorch refuses those; the
+autograd ``torch.library.register_autograd`` gives ``packed_linear_backward`` /
+``packed_linear_bias_backward`` is refused too (no ``setup_context`` override in this torch).
+So while a transform is active, :func:`quantkern.ops.packed_linear` goes through the three
+Python ``autograd.Function`` s below instead: each runs its op below the autograd key, has the
+same derivative as the C++ / registered ones, a forward-mode rule (jvp: all three are linear
+in their tensors), and a vmap rule: a batch of x (or dY) is folded into its leading dims, one
+kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels' bits.
+"""
+import torch
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class PackedLinearFn(torch.autograd.Function):
+    """y = packed_linear(x, W) + bias; dX = packed_linear_backward(dY, W); dbias = bias_backward(dY)."""
+
+    @staticmethod
+    def forward(x, qweight, scales, zeros, bits, group_size, in_features, bias):
+        return _below_autograd(torch.ops.quantkern.packed_linear, x, qweight, scales, zeros, bits, group_size,
+                               in_features, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, qweight, scales, zeros, bits, group_size, in_features, bias = inputs
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.save_for_forward(qweight, scales, zeros)
+        ctx.args = (bits, group_size, in_features)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype, ctx.x_shape = inputs[0].dtype, inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = PackedLinearBackwardFn.apply(grad, qweight, scales, zeros, *ctx.args)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
+            gb = BiasBackwardFn.apply(grad).to(ctx.bias_dtype)
+        return gx, None, None, None, None, None, None, gb
+
+    @staticmethod
+    def vmap(info, in_dims, x, qweight, scales, zeros, bits, group_size, in_features, bias):
+        # a batch of x is more leading dims of x: one call; anything else batched, one call per sample
+        if in_dims[0] is None or any(d is not None for d in in_dims[1:]):
+            return _per_sample(PackedLinearFn, info, in_dims,
+                               (x, qweight, scales, zeros, bits, group_size, in_features, bias))
+        x = x.movedim(in_dims[0], 0)
+        return PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias), 0
+
+    @staticmethod
+    def jvp(ctx, x_t, qweight_t, scales_t, zeros_t, bits_t, group_size_t, in_features_t, bias_t):
+        # linear in x and bias; the packed weight carries no tangent
+        qweight, scales, zeros = ctx.saved_tensors
+        if x_t is None:
+            x_t = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=qweight.device)
+        return PackedLinearFn.apply(x_t, qweight, scales, zeros, *ctx.args, bias_t)
+
+
+class PackedLinearBackwardFn(torch.autograd.Function):
+    """dX = packed_linear_backward(dY, W); its derivative along u is packed_linear(u, W)."""
+
+    @staticmethod
+    def forward(grad, qweight, scales, zeros, bits, group_size, in_features):
+        return _below_autograd(torch.ops.quantkern.packed_linear_backward, grad, qweight, scales, zeros, bits,
+                               group_size, in_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:4])
+        ctx.save_for_forward(*inputs[1:4])
+        ctx.args = inputs[4:]
+
+    @staticmethod
+    def backward(ctx, g):
+        qweight, scales, zeros = ctx.saved_tensors
+        gg = PackedLinearFn.apply(g, qweight, scales, zeros, *ctx.args, None) if ctx.needs_input_grad[0] else None
+        return gg, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad, qweight, scales, zeros, bits, group_size, in_features):
+        args = (grad, qweight, scales, zeros, bits, group_size, in_features)
+        if in_dims[0] is None or any(d is not None for d in in_dims[1:]):
+            return _per_sample(PackedLinearBackwardFn, info, in_dims, args)
+        return PackedLinearBackwardFn.apply(grad.movedim(in_dims[0], 0), *args[1:]), 0
+
+    @staticmethod
+    def jvp(ctx, grad_t, *_):
+        qweight, scales, zeros = ctx.saved_tensors
+        return PackedLinearBackwardFn.apply(grad_t, qweight, scales, zeros, *ctx.args)
+
+
+class BiasBackwardFn(torch.autograd.Function):
+    """packed_linear_bias_backward(dY): dY summed over its leading dims in fp32; derivative: expand."""
+
+    @staticmethod
+    def forward(grad):
+        return _below_autograd(torch.ops.quantkern.packed_linear_bias_backward, grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).expand(ctx.shape) if ctx.needs_input_grad[0] else None
+
+    @staticmethod
+    def vmap(info, in_dims, grad):
+        # the op sums over every leading dim, the batch's too: one call per sample
+        return _per_sample(BiasBackwardFn, info, in_dims, (grad,))
+
+    @staticmethod
+    def jvp(ctx, grad_t):
+        return BiasBackwardFn.apply(grad_t)
+
+
+def _per_sample(fn, info, in_dims, args):
+    """vmap rule of last resort: ``fn`` on each sample, stacked on dim 0 (the ops' own bits)."""
+    outs = [fn.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+            for i in range(info.batch_size)]
+    return torch.stack(outs), 0
+
+
+def transforms_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, ...)."""
+    return torch._C._are_functorch_transforms_active()
