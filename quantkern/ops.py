@@ -636,8 +636,7 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
         bias); the packed weight gets no gradient.
 
     CPU paths (chosen per call): small M uses a GEMV (AVX-512 VNNI on bf16/fp16
-    x and on fp32 x with in_features >= 1024, exact fp32 table-lookup
-    dequantization on other fp32 x); larger M dequantizes
+    x, exact fp32 table-lookup dequantization on fp32 x); larger M dequantizes
     panels of rows into a cache-resident buffer and uses AMX (bf16 x) or fp32
     FMA (fp32/fp16 x). ``quantkern.set_cpu_capability`` and
     ``quantkern.ops.set_cpu_feature`` force the fallbacks.

@@ -157,48 +157,36 @@ def _activations(kind, M, K, g):
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
-def test_packed_linear_fp32_x_int8_gemv(bits, config):
-    """fp32 x at M <= 4 and K >= 1024 takes the VNNI GEMV with three int8 pieces and codes centred
-    on (2^bits - 1) / 2; groups that three pieces cannot hold (an outlier, a small bulk) send their
-    row to the exact fp32 LUT GEMV, one row at a time. Within 2x F.linear's error for every kind of
-    activation, group size and metadata dtype; mixed rows of one call; inf / NaN propagate."""
+def test_packed_linear_fp32_x_large_k(bits, config):
+    """fp32 x at M <= 4 stays on the exact fp32 GEMV: the int8 VNNI GEMV with three pieces of x
+    (tried twice, benchmarks/RESULTS_packed_linear.md) broke these. Zero-mean but skewed weights
+    (z far from the middle of the code range) with one-signed x; just over half of a group's
+    entries large where the weights are exactly zero; products near fp32's lower range."""
     g = torch.Generator().manual_seed(40 + bits)
-    for K, gs in ((1152, 32), (1152, 128), (1280, 256), (1056, None), (4096, 64)):
+    for K, gs in ((1152, 32), (1280, 256), (1056, None), (4096, 128)):
         meta = (torch.float16, torch.bfloat16, torch.float32)[K % 3]
-        pw = PackedWeight.from_float(torch.randn(37, K, generator=g), bits, gs, meta)
+        pw = PackedWeight.from_float(torch.empty(37, K).exponential_(generator=g) - 1, bits, gs, meta)
         for kind in ("gauss", "relu", "lognormal", "gelu_negative", "student_t"):
-            for M in (1, 2, 4):
+            for M in (1, 3):
                 x = _activations(kind, M, K, g)
-                bias = torch.randn(37, generator=g) if M == 2 else None
+                bias = torch.randn(37, generator=g) if M == 3 else None
                 check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
-        # one row with an outlier whose weights are zero (it takes the LUT), two without
-        x = torch.randn(3, K, generator=g)
-        x[1, 7] = 1e4
+        x = 1 + 0.1 * torch.rand(2, K, generator=g)
         check_accuracy(ops.packed_linear(x, pw), x, pw)
-        x[2, 9] = float("nan")
-        x[0, 3] = float("inf")
-        want = x @ pw.dequantize(torch.float32).T
-        got = ops.packed_linear(x, pw)
-        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
-
-
-@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities()
-                    or not all(ops.cpu_features()[f][0] for f in ("vnni", "vbmi")), reason="needs AVX-512 VNNI + VBMI")
-def test_fp32_x_takes_the_int8_gemv_from_k_1024():
-    """The dispatch: fp32 x at K >= 1024 is no longer the LUT GEMV's (its bits differ from the LUT's,
-    which VNNI off forces); below K = 1024 it still is (same bits)."""
-    g = torch.Generator().manual_seed(0)
-    for K, same in ((1024, False), (960, True)):
-        pw = PackedWeight.from_float(torch.randn(64, K, generator=g), 4, 64)
-        x = torch.randn(1, K, generator=g)
-        y = ops.packed_linear(x, pw)
-        ops.set_cpu_feature("vnni", False)
-        try:
-            y_lut = ops.packed_linear(x, pw)
-        finally:
-            ops.set_cpu_feature("vnni", True)
-        assert torch.equal(y, y_lut) == same, K
-        check_accuracy(y, x, pw)
+    K, N, top = 1024, 40, 2 ** bits - 1
+    x = torch.randn(1, K, generator=g).sign() * 1e-6
+    large = torch.zeros(K, dtype=torch.bool)
+    for k0 in range(0, K, 32):
+        large[k0 + torch.randperm(32, generator=g)[:17]] = True
+    x[0, large] = 1.0
+    q = torch.randint(0, top + 1, (N, K), dtype=torch.uint8, generator=g)
+    q[:, large] = top // 2
+    pw = PackedWeight.from_quantized(q, torch.full((N, K // 32), 0.01), torch.full((N, K // 32), float(top // 2)),
+                                     bits, 32)
+    check_accuracy(ops.packed_linear(x, pw), x, pw)
+    pw = PackedWeight.from_float(torch.randn(N, K, generator=g) * 3e-36, bits, 128, torch.float32)
+    x = torch.randn(2, K, generator=g) * 1e3
+    check_accuracy(ops.packed_linear(x, pw), x, pw)
 
 
 _STREAM_ORDER_SCRIPT = """

@@ -6,12 +6,10 @@
 //   kPathGemmF32  every ISA. Dequantize a panel of rows to fp32, exactly as the
 //                 reference ((q - z) * s), into a cache-resident buffer, then a
 //                 register-blocked fp32 FMA micro-kernel (dot products along K).
-//   kPathLutF32   AVX-512, small M, fp32 x with K < kVnniF32MinK (and rows of x the
-//                 VNNI GEMV hands back). The 16-entry table (e - z) * s of a
+//   kPathLutF32   AVX-512, small M, fp32 x. The 16-entry table (e - z) * s of a
 //                 group is one zmm; vpermps turns a vector of codes into exact
 //                 weights, which feed fp32 FMAs directly (no buffer).
-//   kPathVnni     AVX-512 VNNI + VBMI, small M, bf16/fp16 x, and fp32 x with K >=
-//                 kVnniF32MinK (always three pieces, below). x is quantized per
+//   kPathVnni     AVX-512 VNNI + VBMI, small M, bf16/fp16 x. x is quantized per
 //                 group to two int8 pieces (x ~ a * (h + l / 256), a = amax / 127,
 //                 error <= a / 512); codes are decoded with shift+mask to bytes and
 //                 multiplied by vpdpbusd. The zero point is folded:
@@ -19,10 +17,8 @@
 //                 a / 512 is far below bf16/fp16 rounding unless a group holds an
 //                 outlier (amax > kVnniWideRange * mean |x|): then the small entries
 //                 of that group would lose precision, so the call takes a third piece
-//                 (x ~ a * (h + l / 256 + u / 65536)); with three pieces the codes are
-//                 centred (2 q - (2^bits - 1)) and the zero-point term runs in fp64, so
-//                 the fold does not cancel. x with inf/NaN takes the fp32 LUT path,
-//                 which propagates them as a float product does.
+//                 (x ~ a * (h + l / 256 + u / 65536)). x with inf/NaN takes the
+//                 fp32 LUT path, which propagates them as a float product does.
 //   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
 //                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
@@ -441,13 +437,10 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 //   X:      fp32 [G16]             sum of x over each group
 //   mode:   int32                  kVnniTwo / kVnniThree (pieces this row needs) / kVnniFp32
 //   xf:     fp32 [Kp]              x itself (for the fp32 fallback: inf / NaN or a tiny group range)
-//   cS:     int32 [nc][16]         (2^bits - 1) * (x's three-piece integer value summed over each
-//                                  lane's entries); see vnni_gemv_block
-//   ZS:     fp64 [G16]             x's three-piece integer value summed over each group
 // Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
 struct VnniLayout {
   int64_t bpc, nfield, nc, G16;
-  int64_t x_bytes, A_off, X_off, mode_off, xf_off, cS_off, ZS_off, per_m;
+  int64_t x_bytes, A_off, X_off, mode_off, xf_off, per_m;
   int64_t gl_off, g0_off, total_shared;
 };
 inline VnniLayout vnni_layout(const PackedW& P) {
@@ -461,9 +454,7 @@ inline VnniLayout vnni_layout(const PackedW& P) {
   L.X_off = L.A_off + round_up((L.G16 + 16) * 4, 64);
   L.mode_off = round_up(L.X_off + L.G16 * 4, 64);
   L.xf_off = L.mode_off + 64;
-  L.cS_off = round_up(L.xf_off + P.Kp() * 4, 64);
-  L.ZS_off = L.cS_off + L.nc * 64;
-  L.per_m = L.ZS_off + L.G16 * 8;
+  L.per_m = round_up(L.xf_off + P.Kp() * 4, 64);
   L.gl_off = 0;
   L.g0_off = L.nc * 64;
   L.total_shared = round_up(L.g0_off + L.nc * 4, 64);
@@ -492,12 +483,6 @@ constexpr float kVnniBulkFp32 = 1024.f;
 // GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
 // (1/65536) times the group scale leaves the normal fp32 range and loses bits.
 constexpr float kVnniTinyAmax = 0x1p-64f;
-// fp32 x takes this GEMV (three pieces) from this K on; below it the exact LUT GEMV. Three
-// pieces hold x to about 2^-24 of each group's range. Against F.linear's error over Gaussian,
-// Laplace, uniform, ReLU'd, Student-t, log-normal and GELU x (groups of 32 .. K, 6 seeds, 504
-// cases per K): median 0.8x from K = 1024 on (max 2.2x), but up to 3.5x at K = 768 and 2.6x at
-// 384, where F.linear has fewer sums to round.
-constexpr int64_t kVnniF32MinK = 1024;
 
 // One piece of x, int8 [Kp] in natural order -> dst int8 [nc][nfield][64] in the decode order
 // (field f of chunk c: each block's entries of field f, block after block), zero past the last
@@ -556,9 +541,6 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  // fp32 x needs x to 2^-24 of each group's range: three pieces always, and groups that three
-  // cannot hold (the outlier and bulk rules below) send the row to the exact fp32 path
-  const bool f32x = xdt == Dt::F32;
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* wm = ws + L.total_shared + m * L.per_m;
     float* A = reinterpret_cast<float*>(wm + L.A_off);
@@ -567,10 +549,8 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     float* xf = reinterpret_cast<float*>(wm + L.xf_off);
     prep_f32(P, xdt, static_cast<const char*>(x) + m * ldx * (xdt == Dt::F32 ? 4 : 2), ldx, 0, 1, xf);
     std::memset(X, 0, L.G16 * 4);
-    double* ZS = reinterpret_cast<double*>(wm + L.ZS_off);
-    std::memset(ZS, 0, L.G16 * 8);
     std::memset(A, 0, (L.G16 + 16) * 4);
-    *mode = f32x ? kVnniThree : kVnniTwo;
+    *mode = kVnniTwo;
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
       __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
@@ -588,19 +568,11 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         break;
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
-      if (amax * float(k1 - k0) > kVnniWideRange * asum) {
-        if (f32x) {
-          *mode = kVnniFp32;
-          break;
-        }
-        *mode = kVnniThree;
-      }
+      if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       A[g] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv), vsmall = _mm512_set1_ps(amax / kVnniWideRange);
       __m512 vbulk = _mm512_setzero_ps();
-      // sums of the pieces over the group (int32: |sum| <= 128 * Kp)
-      __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512(), su = _mm512_setzero_si512();
       int64_t nbulk = 0, nnz = 0;
       for (int64_t k = k0; k < k1; k += 16) {
         const __m512 xa = _mm512_and_ps(_mm512_loadu_ps(xf + k), absmask);
@@ -618,19 +590,13 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         const __mmask16 carry = _mm512_cmp_ps_mask(l, _mm512_set1_ps(128.f), _CMP_EQ_OQ);
         h = _mm512_mask_add_ps(h, carry, h, _mm512_set1_ps(1.f));
         l = _mm512_mask_sub_ps(l, carry, l, c256);
-        const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l), ui = _mm512_cvtps_epi32(u);
-        sh = _mm512_add_epi32(sh, hi);
-        sl = _mm512_add_epi32(sl, li);
-        su = _mm512_add_epi32(su, ui);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(hi));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(li));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(ui));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
       }
-      // the group's three-piece integer value summed (exact in fp64)
-      ZS[g] = 65536.0 * _mm512_reduce_add_epi32(sh) + 256.0 * _mm512_reduce_add_epi32(sl) + double(_mm512_reduce_add_epi32(su));
       if (2 * nbulk >= nnz && nbulk > 0) {
         const float bulk = _mm512_reduce_add_ps(vbulk);
-        if (amax * float(nbulk) > (f32x ? kVnniBulkRange : kVnniBulkFp32) * bulk) {
+        if (amax * float(nbulk) > kVnniBulkFp32 * bulk) {
           *mode = kVnniFp32;
           break;
         }
@@ -640,23 +606,6 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     if (*mode == kVnniFp32) continue;
     const int8_t* src[3] = {h8, l8, u8};
     for (int p = 0; p < 3; ++p) vnni_order_piece(P, L, src[p], reinterpret_cast<int8_t*>(wm + p * L.x_bytes));
-    // (2^bits - 1) * x's three-piece integer value summed over each lane (vnni_gemv_block subtracts it
-    // from twice the code sum, which centres the codes)
-    const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1);
-    int32_t* cS = reinterpret_cast<int32_t*>(wm + L.cS_off);
-    for (int64_t ch = 0; ch < L.nc; ++ch) {
-      __m512i sp[3];
-      for (int p = 0; p < 3; ++p) {
-        sp[p] = _mm512_setzero_si512();
-        for (int64_t f = 0; f < L.nfield; ++f) {
-          const __m512i v = _mm512_load_si512(wm + p * L.x_bytes + (ch * L.nfield + f) * 64);
-          sp[p] = _mm512_add_epi32(sp[p], _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, v), ones16));
-        }
-      }
-      const __m512i two = _mm512_add_epi32(_mm512_slli_epi32(sp[0], 8), sp[1]);
-      const __m512i three = _mm512_add_epi32(_mm512_slli_epi32(two, 8), sp[2]);
-      _mm512_store_si512(cS + ch * 16, _mm512_sub_epi32(_mm512_slli_epi32(three, P.bits), three));
-    }
   }
 }
 
@@ -669,10 +618,6 @@ QK_SI __m512 load_meta16(const void* p, int64_t i, __mmask16 k) {
     return _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i)), 16));
 }
-
-// The low / high 8 floats of v widened to fp64.
-QK_SI __m512d lo_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-QK_SI __m512d hi_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)); }
 
 QK_SI __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
@@ -701,8 +646,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     for (int m = 0; m < MT; ++m) yacc[r][m] = sa[r][m] = _mm512_setzero_ps();
   }
   int64_t gwin = -1;
-  // A[g] is amax / 127; three pieces count twice (their codes are doubled, see below)
-  const __m512 piece_unit = _mm512_set1_ps(NP == 2 ? 1.f / 256.f : 1.f / 131072.f);
+  const __m512 piece_unit = _mm512_set1_ps(NP == 2 ? 1.f / 256.f : 1.f / 65536.f);  // A[g] is amax / 127
   const int64_t pf = adv == 1 ? kPfBytes : kPfRows * adv * P.row_bytes;
   for (int r = 0; r < NR; ++r)  // the metadata rows of the next block of rows
     for (int64_t b = 0; b < P.G * es; b += 64) {
@@ -746,19 +690,16 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     const int64_t g0 = g0v[c];
     if (g0 != gwin) {
       for (int r = 0; r < NR; ++r) {
-        const __m512 s16 = load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0));
+        const __m512 s16 = _mm512_mul_ps(load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0)), piece_unit);
         for (int m = 0; m < MT; ++m)
-          sa[r][m] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(wm[m] + L.A_off) + g0),
-                                   _mm512_mul_ps(s16, piece_unit));
+          sa[r][m] = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(wm[m] + L.A_off) + g0), s16);
       }
       gwin = g0;
     }
     const __m512i gidx = _mm512_loadu_si512(gl + c * 16);
-    __m512i cs[MT];
     for (int m = 0; m < MT; ++m) {
       const int8_t* xp = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
       __m512i xv[NP][NF];
-      if constexpr (NP == 3) cs[m] = _mm512_load_si512(reinterpret_cast<const int32_t*>(wm[m] + L.cS_off) + c * 16);
       for (int p = 0; p < NP; ++p)
         for (int f = 0; f < NF; ++f) xv[p][f] = _mm512_load_si512(xp + p * L.x_bytes + f * 64);
       for (int r = 0; r < NR; ++r) {
@@ -769,41 +710,9 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
           if (p) acc = _mm512_slli_epi32(acc, 8);
           for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xv[p][f]);
         }
-        // Three pieces (fp32 x, or an outlier): sum (2 q - (2^bits - 1)) x, the codes centred on
-        // the middle of their range (exact; may wrap in between, the result fits). Uncentred, the
-        // zero-point fold cancelled: up to 35x F.linear's error for fp32 x.
-        if constexpr (NP == 3) acc = _mm512_sub_epi32(_mm512_slli_epi32(acc, 1), cs[m]);
         yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sa[r][m]), yacc[r][m]);
       }
     }
-  }
-  if constexpr (NP == 3) {
-    // zero-point term: - sum_g (z - c) * s * (a / 65536) * ZS_g, c = (2^bits - 1) / 2: from the
-    // three-piece x (ZS), and in fp64 with the final sum. In fp32 its rounding (it is the size of
-    // the result for one-signed x) and x's fp32 group sums gave up to 4x F.linear's error
-    // (ReLU'd x, large groups); now the code term's fp32 sums are the only rounding left.
-    const __m512d cc = _mm512_set1_pd(double((1 << BITS) - 1) / 2.0), unit_d = _mm512_set1_pd(1.0 / 65536.0);
-    for (int r = 0; r < NR; ++r) {
-      __m512d zd[MT];
-      for (int m = 0; m < MT; ++m) zd[m] = _mm512_setzero_pd();
-      for (int64_t g = 0; g < P.G; g += 16) {
-        const __mmask16 k = mask16(P.G - g);
-        const __m512 z16 = load_meta16<MD>(srow_z[r], g, k), s16 = load_meta16<MD>(srow_s[r], g, k);
-        const __m512d zl = _mm512_sub_pd(lo_pd(z16), cc), zh = _mm512_sub_pd(hi_pd(z16), cc);
-        const __m512d sl = _mm512_mul_pd(lo_pd(s16), unit_d), sh = _mm512_mul_pd(hi_pd(s16), unit_d);
-        for (int m = 0; m < MT; ++m) {
-          const __m512 a16 = _mm512_loadu_ps(reinterpret_cast<const float*>(wm[m] + L.A_off) + g);
-          const double* ZS = reinterpret_cast<const double*>(wm[m] + L.ZS_off) + g;
-          zd[m] = _mm512_fmadd_pd(_mm512_mul_pd(zl, _mm512_mul_pd(sl, lo_pd(a16))), _mm512_load_pd(ZS), zd[m]);
-          zd[m] = _mm512_fmadd_pd(_mm512_mul_pd(zh, _mm512_mul_pd(sh, hi_pd(a16))), _mm512_load_pd(ZS + 8), zd[m]);
-        }
-      }
-      for (int m = 0; m < MT; ++m)
-        store_any(ydt, y, m * ldy + rn[r],
-                  float(double(_mm512_reduce_add_ps(yacc[r][m])) - _mm512_reduce_add_pd(zd[m]) +
-                        (bias ? double(bias[rn[r]]) : 0.0)));
-    }
-    return;
   }
   // zero-point term: - sum_g z * s * X_g
   for (int r = 0; r < NR; ++r) {
@@ -1368,8 +1277,7 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   // either (or a CPU without it) must keep it off
   const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
                    cpu_feature_on(CpuFeature::Bf16) && amx_permitted();
-  static const int64_t vnni_f32_min_k = env_int("QUANTKERN_PK_VNNI_F32_MIN_K", kVnniF32MinK);
-  if (vnni && M <= vnni_max && (xdt != Dt::F32 || P.K >= vnni_f32_min_k)) return kPathVnni;
+  if (xdt != Dt::F32 && vnni && M <= vnni_max) return kPathVnni;
   if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
   if (M <= lut_max) return kPathLutF32;
   return kPathGemmF32;
