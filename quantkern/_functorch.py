@@ -1,9 +1,9 @@
 """packed_linear under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
 
-The native ``packed_linear``'s autograd is a C++ ``torch::autograd::Function``
-(csrc/cpu/packed_linear.cpp: no Python on the eager path), and functorch refuses those; the
-autograd ``torch.library.register_autograd`` gives ``packed_linear_backward`` /
-``packed_linear_bias_backward`` is refused too (no ``setup_context`` override in this torch).
+functorch refuses the native ``packed_linear``'s autograd, a C++ ``torch::autograd::Function``
+(csrc/cpu/packed_linear.cpp: no Python on the eager path), and also the autograd that
+``torch.library.register_autograd`` gives ``packed_linear_backward`` /
+``packed_linear_bias_backward`` (its generated Function has no ``setup_context`` override).
 So while a transform is active, :func:`quantkern.ops.packed_linear` goes through the three
 Python ``autograd.Function`` s below instead: each runs its op below the autograd key, has the
 same derivative as the C++ / registered ones, a forward-mode rule (jvp: all three are linear
@@ -14,8 +14,19 @@ import torch
 
 
 def _below_autograd(op, *args):
+    # Function.forward runs with grad off, so the op's own autograd would not record anything;
+    # skipping it is a shortcut eager mode can take, but dynamo cannot trace the guard
+    # (torch.compile around vmap failed with it), so compiled code calls the op as it is
+    if torch.compiler.is_compiling():
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def native_kernel(op: str, device: torch.device) -> bool:
+    """Whether the native ``quantkern::op`` has a kernel for ``device`` (e.g. a CUDA build)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkern::{op}", key)
 
 
 class PackedLinearFn(torch.autograd.Function):
@@ -126,8 +137,3 @@ def _per_sample(fn, info, in_dims, args):
     outs = [fn.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
     return torch.stack(outs), 0
-
-
-def transforms_active() -> bool:
-    """True inside a torch.func transform (vmap, grad, ...)."""
-    return torch._C._are_functorch_transforms_active()

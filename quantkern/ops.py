@@ -658,7 +658,14 @@ def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bia
         if bias.dim() != 1 or bias.shape[0] != qweight.shape[0]:
             raise ValueError(f"quantkern.{op}: bias must have shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
     be = _pick_backend(op, x, backend)
-    if be != "triton" and _functorch.transforms_active():  # the C++ autograd cannot run under torch.func
+    # torch.func refuses the ops' own autograd (C++ / Python). (Compiled code keeps the op: dynamo
+    # refuses the transform query inside vmap(torch.compile(f)), and traces vmap itself.)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if be == "triton" and not (backend == "auto" and _functorch.native_kernel("packed_linear", x.device)):
+            raise NotImplementedError(
+                f"quantkern.{op}: torch.func transforms (vmap, grad, jvp, ...) need the native kernels; the "
+                "Triton op has no transform support (its jvp would be zero): pass backend='native' "
+                f"({'build the CUDA kernels' if x.device.type == 'cuda' else 'the CPU kernels'})")
         return _functorch.PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
     fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
     return fn(x, qweight, scales, zeros, bits, group_size, in_features, bias)

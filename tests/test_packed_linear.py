@@ -999,3 +999,18 @@ def test_packed_linear_under_torch_func():
         (lin(x[i]) + ops.packed_linear(x[i], pw)).pow(2).sum().backward()
         torch.testing.assert_close(per["weight"][i], lin.weight.grad)
         torch.testing.assert_close(per["bias"][i], lin.bias.grad)
+
+
+def test_packed_linear_torch_func_with_compile_and_triton(monkeypatch):
+    """torch.compile(fullgraph=True) around vmap keeps working (dynamo traces vmap itself; the
+    transform path's guard is not traceable), and the Triton op, which has no transform support
+    (its jvp came out zero), is refused inside a transform with a clear error."""
+    pw = make(16, 64, 4, 64, seed=1)
+    x = torch.randn(5, 3, 64)
+    f = lambda xi: ops.packed_linear(xi, pw)  # noqa: E731
+    torch.testing.assert_close(torch.compile(lambda t: torch.func.vmap(f)(t), fullgraph=True)(x), f(x))
+    _triton_ready()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for transform in (lambda g: torch.func.jvp(g, (x,), (x,)), lambda g: torch.func.grad(lambda t: g(t).sum())(x)):
+        with pytest.raises(NotImplementedError, match="need the native kernels"):
+            transform(lambda xi: ops.packed_linear(xi, pw, backend="triton"))

@@ -471,8 +471,11 @@ def test_solver_arguments_checked_before_the_model_is_touched(kw, match):
     kw.setdefault("calib_data", Xc)
     kw.setdefault("adaround_iters", 2)
     dw = {"damp": "gptq", "erq_lambda": "erq", "max_rows": "erq"}.get(match, "adaround")
-    with pytest.raises(ValueError, match=match):
+    # integer batches are allowed (token ids for an embedding): here the conv's own error, with a note
+    ints = match == "calib_data"
+    with pytest.raises(RuntimeError if ints else ValueError, match=None if ints else match) as e:
         fake_quantize_model_(net, 4, "rtn", depthwise_method=dw, progress=False, **kw)
+    assert not ints or "first batch of calib_data" in "".join(e.value.__notes__)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
 
 
@@ -526,3 +529,21 @@ def test_skip_and_layer_bits_take_every_name_of_a_layer_registered_twice():
     fake_quantize_model_(m, 2, "rtn", 4, layer_bits={"classifier": 8}, progress=False)
     q, s, z = rtn_quantize(w0, 8, 4)
     torch.testing.assert_close(m.head.weight.detach(), dequantize(q, s, z))
+
+
+def test_integer_calibration_batches_and_skip_generators():
+    """A list of integer batches (token ids for a model that starts with an embedding) stays
+    allowed (the NaN check is for float batches); a generator as ``skip`` is read once, not used
+    up by the name check; two names of one layer with different ``layer_bits`` are refused."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+    rep = fake_quantize_model_(m, 4, "gptq", 8, calib_data=[torch.randint(0, 10, (4, 3))], progress=False)
+    assert rep["layers"] == ["1"]
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    w = m[1].weight.detach().clone()
+    rep = fake_quantize_model_(m, 4, "rtn", 8, skip=(n for n in ["1"]), progress=False)
+    assert rep["layers"] == ["0"] and torch.equal(m[1].weight, w)
+    m = nn.Sequential(nn.Linear(8, 8))
+    m.alias = m[0]
+    with pytest.raises(ValueError, match="another entry gives 3 bits"):
+        fake_quantize_model_(m, 4, "rtn", 8, layer_bits={"0": 3, "alias": 2}, progress=False)

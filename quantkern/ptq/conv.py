@@ -526,8 +526,9 @@ def fake_quantize_model_(
             batches) or an iterable of float batches (a generator is read into a list once);
             NaN / Inf values are refused.
             Needed by gptq / erq / adaround, ``bias_correction``, ``distill_steps`` and ``act_bits``.
-        skip: layer names (as in ``model.named_modules()``) to keep in float, or a
-            predicate ``(name, module) -> bool``.
+        skip: layer names (as in ``model.named_modules()``; a layer registered under two names
+            takes either) to keep in float, or a predicate ``(name, module) -> bool`` (called
+            with the first name of each layer, as :func:`quantizable_layers` lists it).
         layer_bits: per-layer weight bits overriding ``weight_bits`` (e.g. ``{"_conv_stem": 8}``).
         bias_correction: correct the per-channel output mean of each layer (sequential).
         clip: "minmax", "mse" (:func:`mse_clip_params`) or "hqq": the group params of ``rtn``
@@ -610,16 +611,17 @@ def fake_quantize_model_(
             calib_data = list(calib_data)
             if not calib_data or not all(isinstance(x, torch.Tensor) for x in calib_data):
                 raise ValueError("calib_data must be a tensor or a non-empty iterable of tensors")
-            if not all(x.is_floating_point() for x in calib_data):
-                raise ValueError(f"calib_data must hold float tensors, got {sorted({str(x.dtype) for x in calib_data})}")
+            # (integer batches stay allowed: token ids for a model that starts with an embedding)
         # NaN / Inf inputs made bias correction and distillation write NaN into the model without a word
         # (and the Hessian methods fail inside some layer): refuse them here
         for i, x in enumerate([calib_data] if isinstance(calib_data, torch.Tensor) else calib_data):
-            if not bool(torch.isfinite(x).all()):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError("calib_data contains NaN or Inf" + ("" if isinstance(calib_data, torch.Tensor)
                                                                      else f" (batch {i})"))
     if isinstance(skip, str):
         skip = (skip,)
+    elif not callable(skip):
+        skip = tuple(skip)  # a generator would be used up by the name check below
     # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
     # self.head``) is listed once, under its first name, but skip / layer_bits may use either
     first = {id(m): n for n, m in quantizable_layers(model)}
@@ -636,6 +638,9 @@ def fake_quantize_model_(
             raise ValueError(f"layer_bits: no Conv2d / Linear named {n!r}")
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"layer_bits[{n!r}] must be an int in [1, 8], got {b!r}")
+        if bits_by_name.get(names[n], b) != b:
+            raise ValueError(f"layer_bits: {n!r} is layer {names[n]!r}, which another entry gives "
+                             f"{bits_by_name[names[n]]} bits")
         bits_by_name[names[n]] = b
     layer_bits = bits_by_name
     if distill_steps:
@@ -763,6 +768,10 @@ def _check_forward(model, layers, calib_data, batch_size, distill_steps) -> dict
     try:
         with torch.no_grad():
             out = model(next(iter(_batches(calib_data, batch_size))))
+    except Exception as e:  # a bad input: say which argument (the error keeps its type)
+        e.add_note("fake_quantize_model_: the model's forward failed on the first batch of calib_data "
+                   "(nothing was changed)")
+        raise
     finally:
         for h in hs:
             h.remove()
