@@ -85,11 +85,18 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
             "from_hqq: axis=0 groups are strided across rows and cannot be stored in the canonical format "
             "(groups contiguous along in_features); quantize with axis=1"
         )
+    missing = [k for k in ("nbits", "group_size", "shape", "packing") if k not in meta]
+    if missing or not (("scale" in meta and "zero" in meta) or "zero_scale" in meta):
+        raise ValueError(f"from_hqq: meta lacks {missing or ['scale', 'zero']} (hqq's quantize meta needs nbits, "
+                         f"group_size, shape, axis, packing and scale / zero)")
     bits = meta["nbits"]
     if bits not in (2, 3, 4):
         raise ValueError(f"from_hqq: nbits must be 2, 3 or 4, got {bits}")
     if not meta.get("packing"):
         raise ValueError("from_hqq: W_q is not bit-packed (meta['packing'] is None); use PackedWeight.from_quantized")
+    pbits = {"4bit_u8": 4, "2bit_u8": 2, "3bit_32": 3}.get(meta["packing"])
+    if pbits is not None and pbits != bits:  # the codes would be read with the wrong width
+        raise ValueError(f"from_hqq: meta['nbits'] = {bits} does not match meta['packing'] = {meta['packing']!r}")
     N, K = (int(d) for d in meta["shape"])
     g = meta["group_size"] or K
     if K % g:
@@ -112,6 +119,10 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
             raise ValueError(f"from_hqq: {meta['packing']} needs N * K / group_size = {R} to be a multiple of {per}; "
                              "hqq packed this weight incorrectly")
     q = _hqq_unpack_rows(W_q, meta["packing"], R).reshape(N, K)
+    for k in ("scale", "zero"):  # else a raw reshape error
+        if meta[k].numel() != R:
+            raise ValueError(f"from_hqq: meta[{k!r}] must hold N * K / group_size = {R} values (one per group), "
+                             f"got shape {tuple(meta[k].shape)}")
     scale = meta["scale"].reshape(N, K // g)
     zero = meta["zero"].reshape(N, K // g)
     if not torch.is_floating_point(zero):
@@ -182,9 +193,21 @@ def to_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: in
     maxq = (1 << bits) - 1
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"to_gptq: bits must be 2, 3, 4 or 8, got {bits}")
+    if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):
+        raise TypeError(f"to_gptq: zero_offset must be an int (1 for AutoGPTQ v1, 0 for v2), got {zero_offset!r}")
     if q.dim() != 2 or zeros.dim() != 2 or zeros.shape != scales.shape or zeros.shape[0] != q.shape[0]:
         raise ValueError(f"to_gptq: need q [N, K] and zeros / scales [N, G], got {tuple(q.shape)}, "
                          f"{tuple(zeros.shape)}, {tuple(scales.shape)}")
+    # float codes were truncated by .to(int64) (2.7 -> 2): codes are integers, as for quantkern.pack
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise TypeError(f"to_gptq: q (the codes) must have an integer dtype, got {q.dtype}")
+    if not scales.dtype.is_floating_point:
+        raise TypeError(f"to_gptq: scales must be a float tensor, got {scales.dtype}")
+    G = zeros.shape[1]
+    if G == 0 or q.shape[1] % G:
+        # a G that does not divide K gave GPTQ tensors no reader (from_gptq included) can use
+        raise ValueError(f"to_gptq: zeros / scales have G = {G} groups per row, which must be >= 1 and divide "
+                         f"in_features K = {q.shape[1]} (group_size = K / G)")
     qi = q.to(torch.int64)
     if q.numel() and (int(qi.min()) < 0 or int(qi.max()) > maxq):
         raise ValueError(f"to_gptq: codes must be in [0, {maxq}] for {bits} bits, got [{int(qi.min())}, {int(qi.max())}]")
@@ -222,6 +245,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     """
     if bits not in (2, 3, 4):
         raise ValueError(f"from_gptq: bits must be 2, 3 or 4, got {bits}")
+    if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):  # 0.5 gave fractional zeros
+        raise TypeError(f"from_gptq: zero_offset must be an int (1 for AutoGPTQ v1, 0 for v2), got {zero_offset!r}")
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise TypeError(f"from_gptq: {name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
@@ -232,6 +257,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"from_gptq: a 3-bit qweight packs 32 rows in 3 int32 rows: qweight.shape[0] must be a "
                          f"multiple of 3, got {qweight.shape[0]}")
     K = qweight.shape[0] * 32 // bits
+    if K == 0:
+        raise ValueError(f"from_gptq: qweight has no rows (in_features K = 0), got {tuple(qweight.shape)}")
     if qweight.shape[1] != N:
         raise ValueError(f"from_gptq: qweight has {qweight.shape[1]} columns but scales has N = {N}")
     per_word = 32 // bits if bits != 3 else 32
@@ -244,12 +271,17 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         if G != 1:
             raise ValueError(f"from_gptq: group_size -1 means one group per row, but scales has G = {G} groups")
         group_size = None
-    gs = group_size or K // G
+    gs = K // G if group_size is None else group_size  # not `or`: group_size=0 was taken as None
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
+        raise ValueError(f"from_gptq: group_size must be a positive int, None or -1, got {group_size!r}")
     if gs * G != K:
         raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}")
     if g_idx is not None:
+        if not isinstance(g_idx, torch.Tensor) or g_idx.shape != (K,):  # not an act-order question
+            raise ValueError(f"from_gptq: g_idx must have shape ({K},) (in_features), got "
+                             f"{tuple(g_idx.shape) if isinstance(g_idx, torch.Tensor) else type(g_idx).__name__}")
         want = torch.arange(K, device=g_idx.device) // gs
-        if g_idx.shape != (K,) or not torch.equal(g_idx.to(torch.int64), want):
+        if not torch.equal(g_idx.to(torch.int64), want):
             raise NotImplementedError(
                 "from_gptq: g_idx is not arange(K) // group_size (act-order / desc_act checkpoint); groups would "
                 "not be contiguous along in_features, which the canonical format requires"

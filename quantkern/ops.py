@@ -538,7 +538,7 @@ def _check_group(op: str, in_features: int, group_size) -> None:
 def check_packed(op: str, qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> None:
     """Validate the tensors of a packed weight; raise TypeError/ValueError naming the argument."""
     _check_bits(op, bits)
-    if not isinstance(in_features, int) or in_features <= 0:
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features <= 0:  # True is not 1 feature
         raise ValueError(f"quantkern.{op}: in_features must be a positive int, got {in_features!r}")
     _check_group(op, in_features, group_size)
     _check_tensor(op, "qweight", qweight, (torch.int32,))
@@ -587,7 +587,7 @@ def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     op = "unpack"
     _check_bits(op, bits)
     _check_tensor(op, "qweight", qweight, (torch.int32,))
-    if not isinstance(in_features, int) or in_features <= 0:
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features <= 0:  # True is not 1 feature
         raise ValueError(f"quantkern.{op}: in_features must be a positive int, got {in_features!r}")
     words = (in_features + 31) // 32 * bits
     if qweight.dim() != 2 or qweight.shape[1] != words:

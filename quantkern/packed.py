@@ -55,6 +55,8 @@ class PackedWeight:
             raise ValueError(f"PackedWeight.from_float: W must be a 2-D float tensor, got {getattr(W, 'shape', W)}")
         ops._check_bits("PackedWeight.from_float", bits)
         K = W.shape[1]
+        if K == 0:  # else the error named group_size (None -> K = 0) or quantkern.pack's q
+            raise ValueError(f"PackedWeight.from_float: W must have in_features > 0, got shape {tuple(W.shape)}")
         gs = K if group_size in (None, -1) else group_size
         ops._check_group("PackedWeight.from_float", K, gs)
         if W.device.type != "meta" and W.numel():
@@ -65,9 +67,11 @@ class PackedWeight:
                                  f"{', ...' if int(bad.sum()) > 5 else ''}); a weight must be finite to quantize")
         q, s, z = ref.quantize_rtn(W.detach(), bits, gs, meta_dtype)
         if s.device.type != "meta" and s.numel() and not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
+            # fp32 metadata overflows only for a (float64) W beyond the fp32 range: suggesting
+            # meta_dtype=torch.float32 there would be no help
+            fix = "rescale W" if s.dtype == torch.float32 else "use meta_dtype=torch.float32 (or rescale W)"
             raise ValueError(f"PackedWeight.from_float: W (max |W| = {float(W.detach().abs().max()):.4g}) has values or "
-                             f"group ranges that overflow the {s.dtype} scales / zeros; use "
-                             f"meta_dtype=torch.float32 (or rescale W)")
+                             f"group ranges that overflow the {s.dtype} scales / zeros; {fix}")
         return cls(ops.pack(q, bits), s.contiguous(), z.contiguous(), bits, gs, W.shape)
 
     @classmethod
@@ -79,7 +83,17 @@ class PackedWeight:
                 raise ValueError(f"PackedWeight.from_quantized: {name} must be a 2-D tensor, got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         K = q.shape[1]
-        gs = K // max(scales.shape[1], 1) if group_size in (None, -1) else group_size
+        if group_size in (None, -1):
+            G = scales.shape[1]
+            gs = K // G if G else 0
+            try:
+                ops._check_group("PackedWeight.from_quantized", K, gs)
+            except ValueError:  # name what the caller passed, not a group_size inferred from it
+                raise ValueError(f"PackedWeight.from_quantized: scales has {G} groups per row, which gives no valid "
+                                 f"group size for in_features K = {K} (need K / G a multiple of 32 dividing K, or "
+                                 f"G = 1); got scales {tuple(scales.shape)}") from None
+        else:
+            gs = group_size
         return cls(ops.pack(q, bits), scales.contiguous(), zeros.contiguous(), bits, gs, q.shape)
 
     @classmethod
@@ -127,13 +141,17 @@ class PackedWeight:
         return ops.dequantize(self, dtype, backend=backend)
 
     def to(self, device=None, meta_dtype: torch.dtype | None = None) -> "PackedWeight":
-        """A copy on ``device`` (and with scales/zeros cast to ``meta_dtype`` when given).
+        """A PackedWeight on ``device`` (and with scales/zeros cast to ``meta_dtype`` when given).
 
+        Like ``Tensor.to``, tensors already on ``device`` (with that dtype) are shared, not copied.
         The codes are kept, so a cast that loses a scale (underflow to 0) or overflows a zero
         raises instead of returning a silently different weight."""
         if isinstance(device, torch.dtype):
             raise TypeError(f"PackedWeight.to: got the dtype {device} as device; the codes keep their format, "
                             f"use meta_dtype={device} to cast the scales / zeros")
+        if meta_dtype is not None and meta_dtype not in ref.META_DTYPES:
+            # an int dtype used to be reported as "loses scale(s) to underflow"
+            raise TypeError(f"PackedWeight.to: meta_dtype must be one of {ref.META_DTYPES} or None, got {meta_dtype!r}")
         md = meta_dtype or self.scales.dtype
         s, z = self.scales.to(device, md), self.zeros.to(device, md)
         if md != self.scales.dtype:
@@ -173,16 +191,31 @@ def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: d
 
     tensors, meta = {}, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": LAYOUT}
     info = {}
+    seen = set()
+
+    def own(t):
+        # safetensors refuses tensors that share memory: one PackedWeight saved under two names (tied
+        # layers) raised "Some tensors share memory"; copy a tensor whose storage is already saved
+        t = t.detach().contiguous().cpu()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        return t
+
     for name, w in weights.items():
+        if not isinstance(name, str):  # json.dumps would turn 1 into "1": it would load under another key
+            raise TypeError(f"save_packed: weight names must be str, got {name!r}")
         if not isinstance(w, PackedWeight):
             raise TypeError(f"save_packed: {name!r} is {type(w).__name__}, not a PackedWeight")
         for k, t in w.tensors().items():
-            tensors[f"{name}.{k}"] = t.detach().contiguous().cpu()
+            tensors[f"{name}.{k}"] = own(t)
         info[name] = {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape)}
     for name, t in (extra or {}).items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_packed: extra must map str names to tensors, got {name!r}: {type(t).__name__}")
         if name in tensors:  # would silently replace a packed weight's tensor
             raise ValueError(f"save_packed: extra tensor {name!r} clashes with a packed weight's tensor of that name")
-        tensors[name] = t.detach().contiguous().cpu()
+        tensors[name] = own(t)
     meta["weights"] = json.dumps(info, sort_keys=True)
     for k, v in (metadata or {}).items():
         if k in meta or not isinstance(k, str) or not isinstance(v, str):
@@ -191,11 +224,25 @@ def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: d
     save_file(tensors, path, metadata=meta)
 
 
+def _safe_open(op: str, path, device: str):
+    """safetensors' safe_open, with errors that name the file: its own say "No such device (os error 19)"
+    for a directory and "invalid header length" for a truncated file, naming neither."""
+    import os
+
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{op}: path {str(path)!r} is a directory; expected a safetensors file written by "
+                                "save_packed")
+    try:
+        return safe_open(path, framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{op}: {path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
 def read_packed_metadata(path: str) -> dict:
     """The safetensors header metadata of a :func:`save_packed` file (``{str: str}``)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with _safe_open("read_packed_metadata", path, "cpu") as f:
         return dict(f.metadata() or {})
 
 
@@ -233,11 +280,10 @@ def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
     supported version and layout, or if a weight's tensors do not match its
     recorded bits / group size / shape.
     """
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device=str(device)) as f:
+    device = torch.device(device)
+    # read on the CPU and move each checked tensor: safe_open itself refuses device="meta" (and its error
+    # would read as a damaged file), and a bad tensor is then refused before it takes device memory
+    with _safe_open("load_packed", path, "cpu") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"load_packed: {path} is not a {FORMAT_NAME} checkpoint (format={meta.get('format')!r})")
@@ -257,7 +303,11 @@ def load_packed(path: str, device="cpu") -> tuple[dict, dict]:
             if missing:
                 raise ValueError(f"load_packed: {path}: the header lists weight {name!r} but the file has no {missing}")
             t = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
-            weights[name] = PackedWeight(t["qweight"], t["scales"], t["zeros"], d["bits"], d["group_size"], d["shape"])
+            try:
+                w = PackedWeight(t["qweight"], t["scales"], t["zeros"], d["bits"], d["group_size"], d["shape"])
+            except (TypeError, ValueError) as e:  # say which file and which of its weights is bad
+                raise type(e)(f"load_packed: {path}: weight {name!r}: {e}") from None
+            weights[name] = w.to(device)
             keys -= {f"{name}.qweight", f"{name}.scales", f"{name}.zeros"}
-        extra = {k: f.get_tensor(k) for k in sorted(keys)}
+        extra = {k: f.get_tensor(k).to(device) for k in sorted(keys)}
     return weights, extra

@@ -459,3 +459,154 @@ def test_gptq_converters_refuse_what_they_cannot_hold():
     qw, qz, s = formats.to_gptq(q, torch.full((8, 2), 8.0), torch.ones(8, 2), 4)
     with pytest.raises(ValueError, match="one group per row"):
         formats.from_gptq(qw, qz, s, 4, group_size=-1)
+
+
+# ---------------------------------------------------------------- test-drive of the packed-format API
+def test_from_float_group_range_beyond_fp32():
+    # max - min of finite fp32 weights overflowed to inf: from_float refused a weight whose fp32 scale
+    # (range / 15) and zero are representable, advising meta_dtype=torch.float32, already in use
+    W = torch.tensor([[-3e38] * 16 + [3e38] * 16, [1.0] * 16 + [2.0] * 16])
+    pw = PackedWeight.from_float(W, 4, 32)
+    assert torch.isfinite(pw.scales).all() and torch.equal(pw.unpack()[0], torch.tensor([0] * 16 + [15] * 16,
+                                                                                          dtype=torch.uint8))
+    assert torch.allclose(pw.dequantize(torch.float32), W, rtol=1e-6)
+    q, s, z = ref.quantize_rtn(torch.randn(4, 64), 3, 32)  # ordinary ranges: the fp32 formula, bit for bit
+    W2 = torch.randn(4, 64)
+    s2 = (W2.reshape(4, 2, 32).amax(-1) - W2.reshape(4, 2, 32).amin(-1)) / 7
+    assert torch.equal(ref.quantize_rtn(W2, 3, 32)[1], s2)
+    W64 = torch.randn(2, 32, dtype=torch.float64)
+    W64[0, 3] = 1e39  # beyond fp32: no metadata dtype can hold it, and the message must not suggest fp32
+    with pytest.raises(ValueError, match="rescale W") as e:
+        PackedWeight.from_float(W64, 4, 32)
+    assert "meta_dtype" not in str(e.value)
+    with pytest.raises(ValueError, match=r"W must have in_features > 0"):  # named group_size / quantkern.pack
+        PackedWeight.from_float(torch.randn(4, 0), 4, None)
+
+
+def test_from_quantized_inferred_group_size_names_scales():
+    q = rand_q(4, 64, 4)
+    # G = 3 does not divide K = 64: the error named a "group_size 21" the caller never passed
+    with pytest.raises(ValueError, match=r"from_quantized: scales has 3 groups per row.*K = 64"):
+        PackedWeight.from_quantized(q, torch.ones(4, 3), torch.zeros(4, 3), 4)
+    with pytest.raises(ValueError, match=r"scales has 0 groups"):
+        PackedWeight.from_quantized(q, torch.ones(4, 0), torch.zeros(4, 0), 4)
+    assert PackedWeight.from_quantized(q, torch.ones(4, 2), torch.zeros(4, 2), 4).group_size == 32
+
+
+def test_packed_weight_to_meta_dtype_must_be_float():
+    pw = PackedWeight.from_float(torch.randn(4, 64), 4, 32)
+    # an int meta_dtype was reported as "loses scale(s) to underflow"
+    for bad in (torch.int32, torch.float64):
+        with pytest.raises(TypeError, match="meta_dtype must be one of"):
+            pw.to(meta_dtype=bad)
+    assert pw.to(meta_dtype=torch.float16).meta_dtype == torch.float16
+
+
+def test_unpack_refuses_bool_in_features():
+    # True passed the int check and unpacked one column
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        ops.unpack(torch.zeros(2, 4, dtype=torch.int32), 4, True)
+
+
+def test_to_gptq_refuses_float_codes_and_bad_groups():
+    q = rand_q(8, 64, 4)
+    one = torch.ones(8, 2)
+    # float codes were truncated (2.7 -> 2) without a word
+    with pytest.raises(TypeError, match="q .*integer dtype"):
+        formats.to_gptq(torch.full((8, 64), 2.7), one, one, 4)
+    # G = 3 does not divide K = 64: tensors were written that no reader (from_gptq included) accepts
+    with pytest.raises(ValueError, match=r"G = 3 groups.*K = 64"):
+        formats.to_gptq(q, torch.ones(8, 3), torch.ones(8, 3), 4)
+    with pytest.raises(ValueError, match=r"G = 0 groups"):  # was a raw reshape error
+        formats.to_gptq(q, torch.ones(8, 0), torch.ones(8, 0), 4)
+    with pytest.raises(TypeError, match="scales must be a float"):
+        formats.to_gptq(q, one, one.long(), 4)
+    with pytest.raises(TypeError, match="zero_offset must be an int"):
+        formats.to_gptq(q, one, one, 4, zero_offset=0.5)
+
+
+def test_from_gptq_argument_checks():
+    q = rand_q(8, 64, 4)
+    qw, qz, s = formats.to_gptq(q, torch.ones(8, 2), torch.ones(8, 2), 4)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):  # 0 was taken as None
+        formats.from_gptq(qw, qz, s, 4, group_size=0)
+    with pytest.raises(TypeError, match="zero_offset must be an int"):  # 0.5 gave fractional zeros
+        formats.from_gptq(qw, qz, s, 4, zero_offset=0.5)
+    with pytest.raises(ValueError, match=r"g_idx must have shape \(64,\)"):  # was reported as act-order
+        formats.from_gptq(qw, qz, s, 4, g_idx=torch.arange(65) // 32)
+    with pytest.raises(ValueError, match="qweight has no rows"):
+        formats.from_gptq(torch.zeros(0, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                          torch.ones(1, 8), 4)
+    assert torch.equal(formats.from_gptq(qw, qz, s, 4, group_size=32).unpack(), q)
+
+
+def _hqq_4bit(N=4, K=64, g=32):
+    """A synthetic hqq 4bit_u8 (W_q, meta): W_q[i] = q[i] << 4 | q[i + R / 2] (hqq/core/bitpack.py)."""
+    R = N * K // g
+    q = rand_q(N, K, 4)
+    qr = q.reshape(R, g).to(torch.int64)
+    W_q = ((qr[: R // 2] << 4) | qr[R // 2:]).to(torch.uint8)
+    meta = dict(nbits=4, group_size=g, shape=(N, K), axis=1, packing="4bit_u8", scale=torch.rand(R, 1) + 0.1,
+                zero=torch.rand(R, 1) * 15)
+    return q, W_q, meta
+
+
+def test_from_hqq_checks_meta_without_hqq():
+    q, W_q, meta = _hqq_4bit()
+    pw = formats.from_hqq(W_q, meta)
+    assert torch.equal(pw.unpack(), q) and torch.equal(pw.scales.flatten(), meta["scale"].flatten())
+    with pytest.raises(ValueError, match=r"nbits'\] = 2 does not match.*4bit_u8"):  # was quantkern.pack's q error
+        formats.from_hqq(W_q, dict(meta, nbits=2))
+    with pytest.raises(ValueError, match=r"meta\['scale'\] must hold .* 8 values"):  # was a raw reshape error
+        formats.from_hqq(W_q, dict(meta, scale=meta["scale"][:4]))
+    with pytest.raises(ValueError, match=r"meta lacks \['shape'\]"):  # was KeyError: 'shape'
+        formats.from_hqq(W_q, {k: v for k, v in meta.items() if k != "shape"})
+
+
+def test_load_packed_errors_name_the_file_and_weight(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from quantkern import load_packed, save_packed
+    from quantkern.packed import read_packed_metadata
+
+    p, bad = str(tmp_path / "w.safetensors"), str(tmp_path / "bad.safetensors")
+    save_packed({"l0": PackedWeight.from_float(torch.randn(8, 64), 4, 32),
+                 "l1": PackedWeight.from_float(torch.randn(8, 100), 3, None)}, p, extra={"b": torch.ones(8)})
+    with safe_open(p, "pt") as f:
+        meta = dict(f.metadata())
+    header = json.loads(meta["weights"])
+    save_file(load_file(p), bad, metadata=dict(meta, weights=json.dumps(dict(header, l1=dict(header["l1"], bits=4)))))
+    # the PackedWeight error named neither the file nor which of its weights
+    with pytest.raises(ValueError, match=r"load_packed: .*bad\.safetensors: weight 'l1': .*qweight must have shape"):
+        load_packed(bad)
+    with pytest.raises(IsADirectoryError, match="is a directory"):  # was "No such device (os error 19)"
+        load_packed(str(tmp_path))
+    with open(bad, "wb") as f:
+        f.write(open(p, "rb").read()[:50])
+    for fn in (load_packed, read_packed_metadata):  # was a SafetensorError naming no file
+        with pytest.raises(ValueError, match=r"bad\.safetensors is not a readable safetensors file"):
+            fn(bad)
+    # device="meta" was refused by safe_open; any torch device works now (read on the CPU, then moved)
+    w, extra = load_packed(p, device="meta")
+    assert w["l1"].device.type == "meta" and extra["b"].device.type == "meta" and w["l1"].shape == (8, 100)
+    w, extra = load_packed(p, device=torch.device("cpu"))
+    assert w["l0"].device.type == "cpu"
+
+
+def test_save_packed_tied_weights_and_argument_types(tmp_path):
+    from quantkern import load_packed, save_packed
+
+    p = str(tmp_path / "w.safetensors")
+    pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
+    bias = torch.randn(8)
+    # one PackedWeight (or extra tensor) under two names: safetensors raised "Some tensors share memory"
+    save_packed({"enc": pw, "dec": pw}, p, extra={"enc.bias": bias, "dec.bias": bias})
+    w, extra = load_packed(p)
+    assert torch.equal(w["dec"].qweight, pw.qweight) and torch.equal(extra["dec.bias"], bias)
+    with pytest.raises(TypeError, match="weight names must be str"):  # 1 was saved as, and loaded under, "1"
+        save_packed({1: pw}, p)
+    with pytest.raises(TypeError, match="extra must map str names to tensors"):  # was an AttributeError
+        save_packed({"a": pw}, p, extra={"x": 3})

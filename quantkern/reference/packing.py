@@ -217,7 +217,11 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     qmax = (1 << bits) - 1
     Wg = W.float().reshape(N, K // group_size, group_size)
     mn, mx = Wg.amin(-1), Wg.amax(-1)
-    s = (mx - mn) / qmax
+    rng = mx - mn
+    # max - min of finite fp32 values can overflow to inf (|W| near 3.4e38) although s = range / qmax
+    # and z = -min / s are representable: those groups take the range in fp64 (others keep the fp32
+    # formula bit for bit)
+    s = torch.where(torch.isfinite(rng), rng / qmax, ((mx.double() - mn.double()) / qmax).float())
     s = torch.where(s > 0, s, torch.ones_like(s)).to(meta_dtype)
     z = (-mn / s.float()).to(meta_dtype)
     # A range so small that s underflows to 0 in meta_dtype, or z = -min / s overflows it, is
