@@ -526,3 +526,37 @@ def test_state_dict_loaded_under_inference_mode_stays_trainable():
     assert not q2.scale.is_inference()
     q2(torch.randn(3, 8)).sum().backward()
     assert q2.scale.grad is not None
+
+
+def test_quantize_modules_failure_names_the_layer_and_leaves_the_model_unchanged():
+    # w_group_size 8 fits the conv (row length 2*2*2 = 8), not the Linear (row length 12): the conv
+    # used to be swapped already when the Linear raised, and the error did not name the layer
+    model = nn.Sequential(nn.Conv2d(2, 4, 2), nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(ValueError, match=r"quantize_modules: layer '2' \(Linear\): .*group_size 8 does not divide"):
+        quantize_modules(model, w_bits=4, a_bits=8, w_granularity="group", w_group_size=8)
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear
+    with pytest.raises(TypeError, match=r"layer '0' \(Conv2d\).*unexpected keyword argument 'bogus'"):
+        quantize_modules(model, bogus=1)
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_quant_layers_take_a_fixed_gradient_scale():
+    # the README's advice for torch.compile over varying batch sizes ("pass a fixed grad_scale")
+    # had no way in through QuantLinear / QuantConv2d / quantize_modules
+    torch.manual_seed(0)
+    model = quantize_modules(nn.Sequential(nn.Linear(8, 4)), w_bits=4, a_bits=8, w_grad_scale=0.5, a_grad_scale=0.25)
+    assert model[0].weight_quantizer.grad_scale == 0.5 and model[0].input_quantizer.grad_scale == 0.25
+    qc = QuantConv2d(3, 4, 3, a_grad_scale=1.0)
+    assert qc.weight_quantizer.grad_scale is None and qc.input_quantizer.grad_scale == 1.0
+    x = torch.randn(5, 8)
+    ref = LSQQuantizer(8, True, "tensor", init="mse", grad_scale=0.25)
+    model[0](x).sum().backward()
+    ref.load_state_dict(model[0].input_quantizer.state_dict())
+    xr = x.clone().requires_grad_(True)
+    torch.nn.functional.linear(ref(xr), model[0].weight_quantizer(model[0].weight).detach(), model[0].bias).sum().backward()
+    torch.testing.assert_close(model[0].input_quantizer.scale.grad, ref.scale.grad)
+    for bad in (0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="QuantLinear: a_grad_scale must be a finite positive number or None"):
+            QuantLinear(8, 4, a_grad_scale=bad)
+        with pytest.raises(ValueError, match="QuantConv2d: w_grad_scale must be a finite positive number or None"):
+            QuantConv2d(3, 4, 3, w_grad_scale=bad)

@@ -429,10 +429,12 @@ def test_dampening_refuses_bad_norm(bad):
         ops.dampening_loss(w, torch.rand(8) + 0.1, None, -8, 7, axis=0, norm=bad)
     from quantkern import qat
 
-    if bad is not True:  # DampeningLoss takes float(weighting)
-        model = nn.Sequential(StandinQLinear(4, 8))
-        with pytest.raises(ValueError, match="norm must be a finite number >= 0"):
-            qat.DampeningLoss(model)(weighting=bad)
+    # DampeningLoss checks its own lambda, so the error names weighting (not the op's norm = lambda * norm_l)
+    model = nn.Sequential(StandinQLinear(4, 8))
+    with pytest.raises(ValueError, match="DampeningLoss: weighting must be a finite number >= 0"):
+        qat.DampeningLoss(model)(weighting=bad)
+    with pytest.raises(ValueError, match="DampeningLoss: weighting must be a finite number >= 0"):
+        qat.DampeningLoss(model, weighting=bad)
 
 
 # ------------------------------------------------------------------ quantkern.qat
@@ -946,3 +948,67 @@ def test_triton_bad_scalars_raise_like_native():
             Q.oscillation_update_triton(w, s, b, meta, ema, -8, 7, None, None, mom, th)
     with pytest.raises(ValueError, match="grad of dampening_loss must hold one element"):
         Q.dampening_loss_backward_triton(torch.ones(2, device=dev), w, s, b, -8, 7, None, None, 1.0)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, 2])
+def test_tracker_refuses_threshold_outside_unit_interval(bad):
+    # a negative threshold silently turned freezing off (the op reads <= 0 as "off") and one
+    # above 1 could never be reached by the frequency EMA: both trained without freezing
+    from quantkern import qat
+
+    model = nn.Sequential(StandinQLinear(8, 4))
+    with pytest.raises(ValueError, match=r"freeze_threshold must be in \[0, 1\]"):
+        qat.OscillationTracker(model, freeze_threshold=bad)
+    tracker = qat.OscillationTracker(model)
+    with pytest.raises(ValueError, match=r"OscillationTracker.step: freeze_threshold must be in \[0, 1\]"):
+        tracker.step(freeze_threshold=bad)
+    tracker.step(freeze_threshold=0)  # both ends are fine
+    tracker.step(freeze_threshold=1)
+
+
+def test_tracker_and_helpers_refuse_bad_arguments_naming_them():
+    from quantkern import qat
+
+    model = nn.Sequential(StandinQLinear(8, 4))
+    # accepted, then failed at the first step()
+    with pytest.raises(ValueError, match="OscillationTracker: backend must be one of"):
+        qat.OscillationTracker(model, backend="cuda")
+    # a truthy string silently turned the gradient masks on
+    with pytest.raises(TypeError, match="OscillationTracker: grad_mask must be a bool"):
+        qat.OscillationTracker(model, grad_mask="no")
+    # "'>' not supported between instances of 'int' and 'str'"
+    for bad in ("4", 0, -1, 2.5):
+        with pytest.raises(ValueError, match="quantized_layers: max_bits must be a positive int or None"):
+            qat.OscillationTracker(model, max_bits=bad)
+    assert len(qat.quantized_layers(model, max_bits=4)) == 1
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q: q.CosineSchedule(0.1, 0.01, 100, warmup_frac="0.25"), "warmup_frac must be a number in"),  # TypeError '<='
+    (lambda q: q.CosineSchedule(0.1, 0.01, 100)(float("nan")), "step must be a finite number"),  # silently gave end
+    (lambda q: q.CosineSchedule(0.1, 0.01, 100)("3"), "step must be a finite number"),
+    (lambda q: q.freeze_threshold_schedule(100, f_start=2.0), r"f_start must be in \[0, 1\]"),
+    (lambda q: q.freeze_threshold_schedule(100, f_end=-0.01), r"f_end must be in \[0, 1\]"),
+    (lambda q: q.dampening_schedule(100, lam_max=-0.1), "lam_max must be a finite number >= 0"),
+])
+def test_schedules_refuse_bad_arguments(call, match):
+    from quantkern import qat
+
+    with pytest.raises(ValueError, match=match):
+        call(qat)
+    s = qat.freeze_threshold_schedule(8, 0.1, 0.01)  # step 0 / before warmup: 0; past the end: f_end
+    assert s(0) == 0.0 and s(1) == 0.0 and s(2) == pytest.approx(0.1) and s(8) == s(100) == pytest.approx(0.01)
+
+
+def test_plot_latent_distance_refuses_unknown_layer_names(tmp_path):
+    pytest.importorskip("matplotlib")
+    from quantkern import qat
+
+    model = _tiny_model()
+    model(torch.randn(2, 1, 8, 8))
+    # a misspelt name was skipped: a missing curve (or an empty plot) without a word
+    with pytest.raises(KeyError, match=r"\['8x'\]"):
+        qat.plot_latent_distance(model, str(tmp_path / "a.png"), groups={"conv": ["0"], "fc": ["8x"]})
+    with pytest.raises(ValueError, match="no quantized layer"):
+        qat.plot_latent_distance(nn.Sequential(nn.Linear(2, 2)), str(tmp_path / "b.png"))
+    assert qat.plot_latent_distance(model, str(tmp_path / "c.png"), groups={"conv": ["0", "3"]}).endswith("c.png")

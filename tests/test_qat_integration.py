@@ -247,3 +247,24 @@ def test_example_quick(tmp_path):
         assert 0 <= r["acc_before"] <= 1 and 0 <= r["acc_after"] <= 1 and r["ms_step"] > 0
     assert res[(3, "freeze")][0]["frozen"] > 0 and res[(3, "lsq")][0]["frozen"] == 0
     assert (tmp_path / "results.md").exists() and (tmp_path / "latent_w3_freeze.png").exists()
+
+
+def test_reestimate_bn_stats_loader_of_dicts_needs_input_fn():
+    torch.manual_seed(0)
+    model = quantize_modules(Net(), w_bits=4, a_bits=8)
+    xs = [torch.randn(4, 1, 8, 8) * (i + 1) for i in range(3)]
+    model(xs[0])
+    before = model.bn.running_mean.clone()
+    # a dict batch failed with "'dict' object has no attribute 'to'"
+    with pytest.raises(TypeError, match=r"dict batches \(keys \['image', 'label'\]\); pass input_fn"):
+        qat.reestimate_bn_stats(model, [{"image": x, "label": 0} for x in xs])
+    assert torch.equal(model.bn.running_mean, before)
+    with pytest.raises(TypeError, match="input_fn must be callable"):
+        qat.reestimate_bn_stats(model, xs, input_fn="image")
+    n = qat.reestimate_bn_stats(model, [{"image": x, "label": 0} for x in xs], input_fn=lambda b: b["image"])
+    ref = quantize_modules(Net(), w_bits=4, a_bits=8)
+    ref.load_state_dict(model.state_dict())
+    assert n == qat.reestimate_bn_stats(ref, [(x, 0) for x in xs]) == 3  # same as a loader of tuples
+    torch.testing.assert_close(model.bn.running_mean, ref.bn.running_mean)
+    torch.testing.assert_close(model.bn2.running_var, ref.bn2.running_var)
+    assert model.bn.momentum == 0.1 and model.bn.training  # restored

@@ -8,6 +8,8 @@ the weight, bias, scales and offsets all train.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,8 @@ class _QuantMixin:
         act_signed,
         a_learn_offset,
         backend,
+        w_grad_scale=None,
+        a_grad_scale=None,
     ) -> None:
         owner = type(self).__name__
         _check_bits(owner, "w_bits", w_bits, allow_none=False)
@@ -58,16 +62,22 @@ class _QuantMixin:
         if w_granularity != "group" and w_group_size is not None:
             raise ValueError(f"{owner}: w_group_size={w_group_size} is only used with w_granularity='group', "
                              f"got w_granularity={w_granularity!r}")
+        for name, g in (("w_grad_scale", w_grad_scale), ("a_grad_scale", a_grad_scale)):
+            # checked here too so that the error names the layer's argument, not LSQQuantizer's grad_scale
+            if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf):
+                raise ValueError(f"{owner}: {name} must be a finite positive number or None, got {g!r}")
         self.w_bits, self.a_bits = w_bits, a_bits
         # The quantizers' parameters and buffers are created on the layer's device (device=...
         # of the constructor; from_float), like the weight: a per-tensor scale left on the CPU
         # would not follow a CUDA layer, and a lazy one could not be materialised on "meta".
         with torch.device(self.weight.device):
             self._build_quantizers(w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-                                   a_granularity, a_init, act_signed, a_learn_offset, backend)
+                                   a_granularity, a_init, act_signed, a_learn_offset, backend,
+                                   w_grad_scale, a_grad_scale)
 
     def _build_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-                          a_granularity, a_init, act_signed, a_learn_offset, backend) -> None:
+                          a_granularity, a_init, act_signed, a_learn_offset, backend,
+                          w_grad_scale=None, a_grad_scale=None) -> None:
         self.weight_quantizer = LSQQuantizer(
             w_bits,
             signed=True,
@@ -76,6 +86,7 @@ class _QuantMixin:
             init=w_init,
             axis=0,
             group_size=w_group_size if w_granularity == "group" else None,
+            grad_scale=w_grad_scale,
             backend=backend,
         )
         # Shapes are known now, so an optimiser can be built before the first forward;
@@ -91,6 +102,7 @@ class _QuantMixin:
                 learn_offset=a_learn_offset,
                 init=a_init,
                 axis=self._act_axis,
+                grad_scale=a_grad_scale,
                 backend=backend,
             )
 
@@ -113,6 +125,9 @@ _QUANT_DOC_ARGS = """
         act_signed: signed input grid (default True); use False for inputs that follow a
             ReLU (unsigned grid ``[0, 2^b-1]``, one more bit of resolution).
         a_learn_offset: learn the LSQ+ input offset beta (default True, asymmetric).
+        w_grad_scale, a_grad_scale: the LSQ gradient scale of the weight / input quantizer
+            (``grad_scale`` of LSQQuantizer; None, the default: ``1 / sqrt(N * qmax)``). A fixed
+            ``a_grad_scale`` lets ``torch.compile`` run over varying batch sizes without recompiling.
         backend: kernel backend for :func:`quantkern.ops.fake_quant_lsq`.
 """
 
@@ -148,12 +163,14 @@ class QuantLinear(_QuantMixin, nn.Linear):
         a_init: str = "mse",
         act_signed: bool = True,
         a_learn_offset: bool = True,
+        w_grad_scale: float | None = None,
+        a_grad_scale: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup_quantizers(
             w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-            a_granularity, a_init, act_signed, a_learn_offset, backend,
+            a_granularity, a_init, act_signed, a_learn_offset, backend, w_grad_scale, a_grad_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,6 +238,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         a_init: str = "mse",
         act_signed: bool = True,
         a_learn_offset: bool = True,
+        w_grad_scale: float | None = None,
+        a_grad_scale: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -229,7 +248,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         )
         self._setup_quantizers(
             w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-            a_granularity, a_init, act_signed, a_learn_offset, backend,
+            a_granularity, a_init, act_signed, a_learn_offset, backend, w_grad_scale, a_grad_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,13 +330,23 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     if type(model) in _SWAP:
         return model if skipped("") else _SWAP[type(model)].from_float(model, w_bits, a_bits, **kwargs)
 
+    # Build every replacement first and swap only when all succeeded: a layer that fails (e.g. a
+    # w_group_size that does not divide its row length) used to leave the model half converted,
+    # and the error did not say which layer it was.
     done: dict[int, nn.Module] = {}
+    swaps = []
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # not named_children: it drops repeats
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if child is None or type(child) not in _SWAP or skipped(full):
                 continue
             if id(child) not in done:
-                done[id(child)] = _SWAP[type(child)].from_float(child, w_bits, a_bits, **kwargs)
-            setattr(parent, child_name, done[id(child)])
+                try:
+                    done[id(child)] = _SWAP[type(child)].from_float(child, w_bits, a_bits, **kwargs)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"quantize_modules: layer {full!r} ({type(child).__name__}): {e} "
+                                  "(the model is unchanged)") from e
+            swaps.append((parent, child_name, done[id(child)]))
+    for parent, child_name, q in swaps:
+        setattr(parent, child_name, q)
     return model

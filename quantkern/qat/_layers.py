@@ -90,7 +90,11 @@ def _granularity(module, q) -> tuple[int | None, int | None]:
 
 
 def quantized_layers(model: nn.Module, max_bits: int | None = None) -> list[QLayer]:
-    """Every module of ``model`` with a weight and a weight_quantizer (see module docstring)."""
+    """Every module of ``model`` with a weight and a weight_quantizer (see module docstring) of at most
+    ``max_bits`` bits (a positive int; None: all)."""
+    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or max_bits <= 0):
+        # a string failed deep inside with "'>' not supported", 0 / negative silently matched nothing
+        raise ValueError(f"quantized_layers: max_bits must be a positive int or None, got {max_bits!r}")
     out = []
     for name, mod in model.named_modules():
         q = getattr(mod, "weight_quantizer", None)

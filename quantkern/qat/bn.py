@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -9,15 +10,20 @@ from torch.nn.parameter import is_lazy
 
 
 @torch.no_grad()
-def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
+def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_fn=None) -> int:
     """Replace every BatchNorm's running mean/var by the average of per-batch statistics
     over ``num_batches`` batches of ``loader`` (items ``x`` or ``(x, ...)``; ``float("inf")``: all).
+
+    ``input_fn(batch)`` picks the model input out of a batch of another kind (e.g.
+    ``lambda b: b["image"]`` for a loader of dicts, which otherwise raises TypeError); a tensor
+    it returns is moved to the model's device, anything else is passed to ``model`` as it is.
 
     BN layers run in training mode with ``momentum=None`` (PyTorch's cumulative moving
     average: after n batches the running stats are the plain mean of the n batch
     statistics -- the official code's "momentum 1.0 and average"); every other module
     runs in eval mode. Afterwards momentum, ``num_batches_tracked`` and the train/eval
-    flags are restored. Returns the number of batches used. A loader that yields no batch
+    flags are restored. Returns the number of batches used (0 for a model without a BatchNorm
+    that tracks running stats: no batch is read). A loader that yields no batch
     raises ValueError, and an error mid-way leaves the previous statistics in place.
     """
     if num_batches == float("inf"):  # every batch of the loader
@@ -30,6 +36,8 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
                                     or num_batches <= 0):
         raise ValueError(f"reestimate_bn_stats: num_batches must be a positive integer (or inf: the whole loader), "
                          f"got {num_batches!r}")
+    if input_fn is not None and not callable(input_fn):
+        raise TypeError(f"reestimate_bn_stats: input_fn must be callable (batch -> model input), got {input_fn!r}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
@@ -49,8 +57,17 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50) -> int:
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         for batch in itertools.islice(loader, num_batches):  # never pulls a batch it will not use
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
+            if input_fn is not None:
+                x = input_fn(batch)
+            elif isinstance(batch, (tuple, list)):
+                x = batch[0]
+            elif isinstance(batch, Mapping):  # which entry is the input is the caller's to say (it failed with
+                raise TypeError(  # "'dict' object has no attribute 'to'")
+                    f"reestimate_bn_stats: the loader gives {type(batch).__name__} batches (keys "
+                    f"{list(batch)[:8]}); pass input_fn=lambda batch: batch[<key of the model input>]")
+            else:
+                x = batch
+            model(x.to(device) if isinstance(x, torch.Tensor) else x)
             n += 1
         ok = n > 0
     finally:

@@ -111,6 +111,15 @@ def _finite_real(v) -> bool:
         return False
 
 
+def _check_threshold(owner: str, th) -> None:
+    """A freeze threshold is compared with a frequency EMA in [0, 1]: a negative one silently
+    disabled freezing (the op treats ``<= 0`` as "off") and one above 1 could never be reached."""
+    if not _finite_real(th):
+        raise ValueError(f"{owner}: freeze_threshold must be a finite number, got {th!r}")
+    if not 0 <= float(th) <= 1:
+        raise ValueError(f"{owner}: freeze_threshold must be in [0, 1] (a frequency; 0: no freezing), got {th!r}")
+
+
 class OscillationTracker:
     """Tracks integer oscillations of every quantized weight and freezes the oscillating ones.
 
@@ -119,7 +128,7 @@ class OscillationTracker:
             tracked (see quantkern.qat._layers), or pass ``layers`` explicitly.
         momentum: EMA momentum of the frequency and integer EMAs (official class 0.01,
             paper runs 0.001).
-        freeze_threshold: default threshold for :meth:`step` (0: track only).
+        freeze_threshold: default threshold for :meth:`step`, in [0, 1] (0: track only).
         max_bits: skip layers with more bits (official default 4; None: track all).
         grad_mask: zero the gradient of frozen weights (a tensor hook on each weight, checked
             on every step: a weight that starts requiring grad later, or a Parameter replaced by
@@ -150,8 +159,11 @@ class OscillationTracker:
         if frozen_grad not in ("official", "grid"):
             raise ValueError(f"OscillationTracker: frozen_grad must be 'official' or 'grid', got {frozen_grad!r}")
         self.frozen_grad = frozen_grad
-        if not _finite_real(freeze_threshold):
-            raise ValueError(f"OscillationTracker: freeze_threshold must be a finite number, got {freeze_threshold!r}")
+        _check_threshold("OscillationTracker", freeze_threshold)
+        if not isinstance(grad_mask, bool):  # a truthy string ("no") would silently turn the masks on
+            raise TypeError(f"OscillationTracker: grad_mask must be a bool, got {grad_mask!r}")
+        if backend not in ops.BACKENDS:  # else it would only fail at the first step()
+            raise ValueError(f"OscillationTracker: backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.momentum = float(momentum)
         self.freeze_threshold = float(freeze_threshold)
         self.backend = backend
@@ -177,8 +189,8 @@ class OscillationTracker:
     def step(self, freeze_threshold: float | None = None) -> dict[str, torch.Tensor]:
         """One tracking (+ freezing) step for every layer; returns {name: int64 [2]} counts
         (oscillations this step, frozen so far) without a host sync."""
-        if freeze_threshold is not None and not _finite_real(freeze_threshold):
-            raise ValueError(f"OscillationTracker.step: freeze_threshold must be a finite number, got {freeze_threshold!r}")
+        if freeze_threshold is not None:
+            _check_threshold("OscillationTracker.step", freeze_threshold)
         th = self.freeze_threshold if freeze_threshold is None else float(freeze_threshold)
         out = {}
         self._check_layers_current()
@@ -337,6 +349,14 @@ class OscillationTracker:
             self._ensure_hook(t)
 
 
+def _check_weighting(owner: str, lam) -> float:
+    """lambda >= 0 and finite; a bad one used to surface as the op's "norm must be ... >= 0, got
+    <lambda * norm>" (or a bare float() error), which names neither the argument nor its value."""
+    if not _finite_real(lam) or float(lam) < 0:
+        raise ValueError(f"{owner}: weighting must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
 _AGGREGATIONS = ("kernel_mean", "channel_mean", "sum", "mean")
 
 
@@ -363,7 +383,7 @@ class DampeningLoss:
         self.layers = quantized_layers(model, max_bits) if layers is None else layers
         if not self.layers:
             raise ValueError("DampeningLoss: the model has no quantized layer (module with weight and weight_quantizer)")
-        self.weighting = float(weighting)
+        self.weighting = _check_weighting("DampeningLoss", weighting)
         self.aggregation = aggregation
         self.backend = backend
 
@@ -372,7 +392,7 @@ class DampeningLoss:
         return {"kernel_mean": rows / n, "channel_mean": 1.0 / rows, "sum": 1.0, "mean": 1.0 / n}[self.aggregation]
 
     def __call__(self, weighting: float | None = None) -> torch.Tensor:
-        lam = self.weighting if weighting is None else float(weighting)
+        lam = self.weighting if weighting is None else _check_weighting("DampeningLoss", weighting)
         dev = self.layers[0].weight.device
         if lam == 0.0:
             return torch.zeros((), device=dev)
@@ -403,8 +423,9 @@ class CosineSchedule:
             total_steps = int(total_steps)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"CosineSchedule: total_steps must be a positive integer, got {total_steps!r}")
-        if not 0 <= warmup_frac < 1:
-            raise ValueError(f"CosineSchedule: warmup_frac must be in [0, 1), got {warmup_frac}")
+        if not _finite_real(warmup_frac) or not 0 <= float(warmup_frac) < 1:
+            raise ValueError(f"CosineSchedule: warmup_frac must be a number in [0, 1), got {warmup_frac!r}")
+        warmup_frac = float(warmup_frac)
         for name, v in (("start", start), ("end", end), ("warmup_value", warmup_value)):
             if v is not None and not _finite_real(v):
                 raise ValueError(f"CosineSchedule: {name} must be a finite number, got {v!r}")
@@ -413,6 +434,9 @@ class CosineSchedule:
         self.warmup_value = self.start if warmup_value is None else float(warmup_value)
 
     def __call__(self, step: int) -> float:
+        if not _finite_real(step):  # a NaN step fell through every comparison and gave ``end``
+            raise ValueError(f"CosineSchedule: step must be a finite number, got {step!r}")
+        step = float(step)
         if step < self.warmup:
             return self.warmup_value
         t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
@@ -422,10 +446,15 @@ class CosineSchedule:
 def freeze_threshold_schedule(total_steps: int, f_start: float = 0.1, f_end: float = 0.01,
                               warmup_frac: float = 0.25) -> CosineSchedule:
     """Threshold 0 (no freezing) for the first ``warmup_frac``, then cosine from f_start to f_end
-    (paper, MobileNetV2: 4-bit 0.1 -> 0.01, 3-bit 0.1 -> 0.011)."""
+    (paper, MobileNetV2: 4-bit 0.1 -> 0.01, 3-bit 0.1 -> 0.011). Both are frequencies, in [0, 1]."""
+    for name, v in (("f_start", f_start), ("f_end", f_end)):  # the tracker refuses them later, mid-run
+        if not _finite_real(v) or not 0 <= float(v) <= 1:
+            raise ValueError(f"freeze_threshold_schedule: {name} must be in [0, 1], got {v!r}")
     return CosineSchedule(f_start, f_end, total_steps, warmup_frac, warmup_value=0.0)
 
 
 def dampening_schedule(total_steps: int, lam_max: float = 0.1, warmup_frac: float = 0.25) -> CosineSchedule:
-    """Lambda 0 for the first ``warmup_frac``, then a cosine ramp from 0 to ``lam_max``."""
+    """Lambda 0 for the first ``warmup_frac``, then a cosine ramp from 0 to ``lam_max`` (>= 0)."""
+    if not _finite_real(lam_max) or float(lam_max) < 0:  # a negative lambda rewards oscillation
+        raise ValueError(f"dampening_schedule: lam_max must be a finite number >= 0, got {lam_max!r}")
     return CosineSchedule(0.0, lam_max, total_steps, warmup_frac, warmup_value=0.0)

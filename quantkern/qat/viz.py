@@ -25,8 +25,8 @@ def plot_latent_distance(model: nn.Module, path: str, groups: dict[str, list[str
                          title: str | None = None, bins: int = 50) -> str:
     """Histogram of :func:`latent_distance_to_edge` per group of layers, saved as a PNG.
 
-    ``groups``: label -> list of layer names (as in ``model.named_modules()``); default:
-    one group per quantized layer (at most 8). Oscillating weights pile up near 0.
+    ``groups``: label -> list of layer names (as in ``model.named_modules()``; a name that is
+    not a quantized layer raises KeyError); default: one group per quantized layer (at most 8). Oscillating weights pile up near 0.
     Returns ``path``.
     """
     import matplotlib
@@ -35,8 +35,15 @@ def plot_latent_distance(model: nn.Module, path: str, groups: dict[str, list[str
     import matplotlib.pyplot as plt
 
     layers = {l.name: l for l in quantized_layers(model)}
+    if not layers:
+        raise ValueError("plot_latent_distance: the model has no quantized layer (module with weight and weight_quantizer)")
     if groups is None:
         groups = {n: [n] for n in list(layers)[:8]}
+    # a misspelt name used to be skipped silently (a missing curve, or an empty plot)
+    unknown = sorted({n for names in groups.values() for n in names if n not in layers})
+    if unknown:
+        raise KeyError(f"plot_latent_distance: groups name layers that are not quantized layers of the model: "
+                       f"{unknown} (quantized layers: {sorted(layers)})")
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, names in groups.items():
         ds = [latent_distance_to_edge(layers[n]) for n in names if n in layers]
