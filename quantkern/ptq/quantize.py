@@ -679,23 +679,12 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
     import json
-    import os
-
-    from safetensors import SafetensorError
 
     from ..packed import read_packed_metadata
 
-    # safetensors' own messages name neither the file nor the cause ("No such device (os error 19)"
-    # for a directory, "incomplete metadata, file not fully covered" for a truncated file)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"load_quantized: path {str(path)!r} is a directory; expected the safetensors "
-                                "file written by save_quantized")
-    try:
-        weights, extra = load_packed(path, device=device)
-        header = read_packed_metadata(path)
-    except SafetensorError as e:
-        raise ValueError(f"load_quantized: {path} is not a readable safetensors file (truncated or corrupted?): "
-                         f"{e}") from None
+    # (a directory or a damaged file: load_packed's errors name the path)
+    weights, extra = load_packed(path, device=device)
+    header = read_packed_metadata(path)
     try:
         act = json.loads(header.get(_ACT_META, "{}"))
     except json.JSONDecodeError as e:
