@@ -14,11 +14,9 @@ import torch
 
 
 def _below_autograd(op, *args):
-    # Function.forward runs with grad off, so the op's own autograd would not record anything;
-    # skipping it is a shortcut eager mode can take, but dynamo cannot trace the guard
-    # (torch.compile around vmap failed with it), so compiled code calls the op as it is
-    if torch.compiler.is_compiling():
-        return op(*args)
+    # the op's own autograd (refused under a transform) is skipped; Function.forward runs with grad
+    # off, so it would record nothing anyway. (Never traced: ops.packed_linear keeps compiled code
+    # off this path, and dynamo cannot trace the guard.)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
