@@ -188,3 +188,28 @@ def test_bad_args(layer):
         erq_quantize(W, b, X * float("nan"), 4, 64, 4)
     with pytest.raises(TypeError, match="X_calib must be a float"):
         erq_quantize(W, b, X.long(), 4, 64, 4)
+
+
+def test_bad_act_quant_output_and_bias_raise(layer):
+    # an act_quant returning NaN reached MKL's least squares (an internal assert / "Parameter 4
+    # was incorrect"), a non-tensor an AttributeError; bools passed as counts / lambdas
+    W, b, X, _ = layer
+    W, b, X = W[:8], b[:8], X[:200]
+    with pytest.raises(ValueError, match="act_quant returned NaN or Inf"):
+        erq_quantize(W, b, X, 4, 64, 4, act_quant=lambda x: x * float("nan"))
+    with pytest.raises(TypeError, match="act_quant must return a float tensor"):
+        erq_quantize(W, b, X, 4, 64, 4, act_quant=lambda x: x.numpy())
+    with pytest.raises(TypeError, match="b must be a float tensor"):
+        erq_quantize(W, torch.ones(8, dtype=torch.int64), X, 4, 64, 4)
+    for kw in ({"refine_iters": True}, {"row_chunk": True}, {"lambda1": True}, {"lambda2": False}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            erq_quantize(W, b, X, 4, 64, 4, **kw)
+
+
+def test_sym_all_positive_weights(layer):
+    # symmetric params of an all-positive group clamped every weight above ~max / 2 (see test_gptq)
+    _, _, X, _ = layer
+    g = torch.Generator().manual_seed(3)
+    W = torch.rand(8, K, generator=g) + 0.5
+    q, s, z, _ = erq_quantize(W, None, X[:500], 4, 64, 8, sym=True, use_aqer=False, use_wqer=False)
+    assert (dequantize(q, s, z) - W).abs().max() <= 1.5 * 2 / 15 / 2 + 1e-6

@@ -192,3 +192,63 @@ def test_clip_arguments_are_checked(kw):
         gptq_quantize(W, torch.eye(64), 2, 32, **{"clip": "mse", **kw})
     with pytest.raises(ValueError, match=name):
         erq_quantize(W, None, torch.randn(80, 64), 2, 32, **{"clip": "mse", **kw})
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_sym_all_positive_group_keeps_its_range(clip):
+    # symmetric params of a group with no negative weight used the range [0, max] with the zero
+    # at 2^(b-1) (the official code's xmin = -xmax only where xmin < 0): every weight above
+    # ~max / 2 was clamped (4-bit error up to half the group's max, 17x RTN-asymmetric's)
+    g = torch.Generator().manual_seed(0)
+    W = torch.rand(4, 32, generator=g) + 0.5  # every weight in [0.5, 1.5)
+    q, s, z = rtn_minmax(W, 4, 8, sym=True)
+    assert (dequantize(q, s, z) - W).abs().max() <= 1.5 * 2 / 15 / 2 + 1e-6  # half a step of [-max, max]
+    assert torch.equal(z, torch.full_like(z, 8.0))
+    q, s, z = gptq_quantize(W, torch.eye(32), 4, 8, sym=True, clip=clip)
+    # min-max: at most half a step; the mse search may clip the top a little (it was 0.8 for both)
+    assert (dequantize(q, s, z) - W).abs().max() <= (1.5 * 2 / 15 / 2 + 1e-6 if clip == "minmax" else 0.2)
+    Wn = -W  # all-negative groups were already fine: unchanged
+    assert torch.equal(minmax_params(Wn.reshape(4, 4, 8), 4, sym=True)[0], Wn.reshape(4, 4, 8).abs().amax(-1) * 2 / 15)
+
+
+def test_non_symmetric_hessian_raises(problem):
+    # Cholesky reads only one triangle of H: a non-symmetric H (e.g. X [K, K] passed for H) was
+    # silently treated as the symmetric matrix of its lower triangle
+    W, X, H = problem
+    with pytest.raises(ValueError, match="H must be symmetric"):
+        gptq_quantize(W, X[:256], 4, 128)
+    H2 = H.clone()
+    H2[0, 1] += 1.0
+    with pytest.raises(ValueError, match="H must be symmetric"):
+        gptq_quantize(W, H2, 4, 128)
+    # rounding-level asymmetry (a float32 X^T X, a float16 H) is fine
+    Xh = X[:300].half().float()
+    gptq_quantize(W, (Xh.T @ Xh).half(), 4, 128)
+
+
+@pytest.mark.parametrize("kw", [{"damp": True}, {"block_size": True}, {"damp": float("inf")}])
+def test_bool_and_inf_args_raise(problem, kw):
+    W, X, H = problem
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        gptq_quantize(W, H, 4, 128, **kw)
+
+
+@pytest.mark.parametrize("W", [torch.full((2, 8), 3e38).mul_(torch.tensor([1.0, -1.0]).repeat(4)),
+                               torch.full((2, 8), 1e300, dtype=torch.float64)])
+def test_weights_beyond_the_float32_range_raise(W):
+    # the float32 group range (max - min) overflowed: scale inf, every dequantized weight NaN
+    from quantkern.ptq import erq_quantize
+
+    with pytest.raises(ValueError, match="below 2"):
+        gptq_quantize(W, torch.eye(8), 4, 4)
+    with pytest.raises(ValueError, match="below 2"):
+        erq_quantize(W, None, torch.randn(16, 8), 4, 4)
+    with pytest.raises(ValueError, match="below 2"):
+        rtn_minmax(W, 4, 4)
+    Wq = dequantize(*gptq_quantize(W * 1e-270 if W.dtype == torch.float64 else W / 3, torch.eye(8), 4, 4))
+    assert torch.isfinite(Wq).all()
+
+
+def test_hessian_accumulator_rejects_bool_in_features():
+    with pytest.raises(ValueError, match="in_features"):
+        HessianAccumulator(True)

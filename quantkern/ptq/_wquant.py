@@ -22,6 +22,12 @@ def check_weight_args(fn: str, W, bits, group_size) -> int:
         raise ValueError(f"{fn}: W is empty (shape {tuple(W.shape)})")
     if not torch.isfinite(W).all():
         raise ValueError(f"{fn}: W contains NaN or Inf")
+    # params and outputs are float32: a group range (max - min) past float32's max (a float64 W
+    # beyond it, or |W| >= 2^127) made scale inf and every dequantized weight NaN, without a word
+    amax = float(W.detach().abs().max())
+    if amax >= 2.0**127:
+        raise ValueError(f"{fn}: W has values up to {amax:.3g} in magnitude; they must be below 2^127 "
+                         "(~1.7e38) so that a group's float32 range max - min stays finite")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"{fn}: bits must be an int in [1, 8], got {bits!r}")
     K = W.shape[1]
@@ -36,13 +42,15 @@ def check_weight_args(fn: str, W, bits, group_size) -> int:
 
 def _minmax_range(w: torch.Tensor, sym: bool):
     """(xmin, xmax) over the last dim, widened to contain 0; symmetric: ``xmax = max|w|``,
-    ``xmin = -xmax`` unless the group has no negative value; an all-zero group gets [-1, 1]."""
+    ``xmin = -xmax``; an all-zero group gets [-1, 1]."""
     zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
     xmin = torch.minimum(w.amin(-1), zero_t)
     xmax = torch.maximum(w.amax(-1), zero_t)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        # always -xmax: the official code keeps xmin = 0 for a group with no negative weight, but the
+        # symmetric zero sits at 2^(b-1), so such a group could only reach ~xmax / 2 (clamped above)
+        xmin = -xmax
     both0 = (xmin == 0) & (xmax == 0)
     return torch.where(both0, -torch.ones_like(xmin), xmin), torch.where(both0, torch.ones_like(xmax), xmax)
 
@@ -52,7 +60,8 @@ def minmax_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.
 
     The range is widened to contain 0; ``scale = (xmax - xmin) / maxq``;
     asymmetric ``zero = round(-xmin / scale)``, symmetric ``zero = (maxq + 1) / 2``
-    with ``xmax = max(|xmin|, xmax)``; an all-zero group gets the range [-1, 1].
+    with the range ``[-max|w|, max|w|]`` (also for a group with no negative weight, where the
+    official GPTQ code uses ``[0, max]``); an all-zero group gets the range [-1, 1].
     """
     maxq = 2**bits - 1
     xmin, xmax = _minmax_range(w, sym)

@@ -206,6 +206,10 @@ def erq_quantize(
     if b is not None:
         if not isinstance(b, torch.Tensor) or b.shape != (N,):
             raise ValueError(f"{fn}: b must be a tensor of shape [N] = [{N}] or None, got {getattr(b, 'shape', type(b).__name__)}")
+        if not b.is_floating_point():
+            raise TypeError(f"{fn}: b must be a float tensor, got {b.dtype}")
+        if b.device != dev:
+            raise ValueError(f"{fn}: b is on {b.device} but W is on {dev}")
         if not torch.isfinite(b).all():
             raise ValueError(f"{fn}: b contains NaN or Inf")
     if not isinstance(X_calib, torch.Tensor) or not X_calib.is_floating_point():
@@ -222,13 +226,13 @@ def erq_quantize(
     if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not 2 <= a_bits <= 16:
         raise ValueError(f"{fn}: a_bits must be an int in [2, 16], got {a_bits!r}")
     for name, lam in (("lambda1", lambda1), ("lambda2", lambda2)):
-        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"{fn}: {name} must be a finite float >= 0, got {lam!r}")
     if refine_rule not in ("flip", "official"):
         raise ValueError(f"{fn}: refine_rule must be 'flip' or 'official', got {refine_rule!r}")
-    if not isinstance(refine_iters, int) or refine_iters < 0:
+    if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
         raise ValueError(f"{fn}: refine_iters must be an int >= 0, got {refine_iters!r}")
-    if not isinstance(row_chunk, int) or row_chunk <= 0:
+    if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk <= 0:
         raise ValueError(f"{fn}: row_chunk must be a positive int, got {row_chunk!r}")
     check_clip(fn, clip, clip_grid, clip_max_shrink)
     if fit_bias is None:
@@ -237,9 +241,18 @@ def erq_quantize(
     f64 = torch.float64
     if act_quant is None:
         act_quant = act_quantizer_for(X.float(), a_bits, a_method, a_symmetric)
-    Xq = act_quant(X.float()).to(f64)
+    Xq = act_quant(X.float())
+    if not isinstance(Xq, torch.Tensor) or not Xq.is_floating_point():
+        raise TypeError(f"{fn}: act_quant must return a float tensor, got "
+                        f"{Xq.dtype if isinstance(Xq, torch.Tensor) else type(Xq).__name__}")
     if Xq.shape != X.shape:
         raise ValueError(f"{fn}: act_quant changed the shape {tuple(X.shape)} -> {tuple(Xq.shape)}")
+    if Xq.device != dev:
+        raise ValueError(f"{fn}: act_quant returned a tensor on {Xq.device} but W is on {dev}")
+    # NaN / Inf here reached the ridge solves (MKL's lstsq fails with an internal assert there)
+    if not bool(torch.isfinite(Xq).all()):
+        raise ValueError(f"{fn}: act_quant returned NaN or Inf")
+    Xq = Xq.to(f64)
     Wd = W.detach().to(f64)
     bd = b.detach().to(f64) if b is not None else torch.zeros(N, dtype=f64, device=dev)
     ones = torch.ones(X.shape[0], 1, dtype=f64, device=dev)

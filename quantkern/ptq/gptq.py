@@ -28,7 +28,9 @@ the same block (their errors are applied to ``W`` only after the block). We use
 the fully updated weights, which is what the paper describes.
 ``official_group_params=True`` reproduces the official behaviour.
 Per-channel (``group_size`` None or -1) params are computed at column 0, after
-the dead columns are zeroed (official: before).
+the dead columns are zeroed (official: before). Symmetric params (``sym=True``)
+always use the range ``[-max|w|, max|w|]``; the official code keeps ``[0, max]``
+for a group with no negative weight, whose upper half its zero ``2^(bits-1)`` clamps.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None):
-        if not isinstance(in_features, int) or in_features <= 0:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -104,7 +106,7 @@ def gptq_quantize(
 
     Args:
         W: ``[N, K]`` float (any float dtype; computed in float32).
-        H: ``[K, K]`` float, ``2 X^T X`` (any positive scale) from the layer's
+        H: ``[K, K]`` symmetric float, ``2 X^T X`` (any positive scale) from the layer's
            calibration inputs ``X [T, K]`` (see :class:`HessianAccumulator`).
         bits: 1..8.
         group_size: divides K; None or -1: one group per row (per channel).
@@ -143,7 +145,14 @@ def gptq_quantize(
         raise ValueError(f"{fn}: H is on {H.device} but W is on {W.device}")
     if not torch.isfinite(H).all():
         raise ValueError(f"{fn}: H contains NaN or Inf")
-    if not (isinstance(damp, (int, float)) and damp >= 0 and math.isfinite(damp)):
+    # the Cholesky below reads one triangle only: a non-symmetric H (e.g. some X [K, K] passed for
+    # H) would be silently replaced by the symmetric matrix of its lower triangle. Rounding-level
+    # asymmetry (a float32 / float16 X^T X) passes.
+    # (in row chunks: no full-size float64 temporaries for a large K)
+    asym = max(float((H[i:i + 1024].double() - H[:, i:i + 1024].T.double()).abs().max()) for i in range(0, K, 1024))
+    if asym > 1e-3 * float(H.detach().abs().max()):
+        raise ValueError(f"{fn}: H must be symmetric (2 X^T X); max |H - H^T| = {asym:.3g}")
+    if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and damp >= 0 and math.isfinite(damp)):
         raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
