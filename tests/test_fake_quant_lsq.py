@@ -316,3 +316,41 @@ def test_native_ops_refuse_a_non_finite_offset(bad):
         torch.ops.quantkern.fake_quant_lsq(x, s, b, -8, 7, 0, None, 1.0)
     with pytest.raises(RuntimeError, match="offset must be finite"):
         torch.ops.quantkern.dampening_loss(x, s, b, -8, 7, 0, None, 1.0)
+
+
+def test_torch_func_transforms():
+    # torch.func.grad / vmap(grad) / jacrev raised PyTorch's "autograd.Function ... must override the
+    # setup_context staticmethod" (the registered autograd is refused inside a transform).
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4)
+    s, b = torch.rand(4) * 0.2 + 0.05, torch.randn(4) * 0.05
+
+    def loss(xi, si, bi):
+        return (ops.fake_quant_lsq(xi, si, bi, -8, 7, axis=-1, grad_scale=0.3) ** 2).sum()
+
+    want = []
+    for i in range(5):
+        xi, si, bi = (t.clone().requires_grad_() for t in (x[i], s, b))
+        want.append(torch.autograd.grad(loss(xi, si, bi), (xi, si, bi)))
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(x[0], s, b)
+    for g, w in zip(got, want[0]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # per-sample gradients
+    got = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None))(x, s, b)
+    for k in range(3):
+        torch.testing.assert_close(got[k], torch.stack([w[k] for w in want]), rtol=0, atol=0)
+    jac = torch.func.jacrev(lambda si: ops.fake_quant_lsq(x[0], si, None, -8, 7, axis=1))(s)
+    assert jac.shape == (3, 4, 4)
+    y = torch.func.vmap(lambda si: ops.fake_quant_lsq(x, si, b, -8, 7, axis=2))(torch.stack([s, 2 * s]))
+    torch.testing.assert_close(y[1], R.fake_quant_lsq(x, 2 * s, b, -8, 7, 2), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.func.grad(lambda si: torch.func.grad(loss, argnums=1)(x[0], si, b).sum())(s)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(2**25 + 1, 2**25 + 3), (0, 2**24 + 1), (-(2**70), 7), (0, 2**63)])
+def test_grid_beyond_fp32_exact_integers_is_refused(qmin, qmax):
+    # the arithmetic is fp32: qmin = 2^25 + 1 became 2^25, and x = 5 came back as 2^25, outside the
+    # grid, silently; beyond int64 the error was the schema's "Expected a value of type 'int' ... 'int'"
+    with pytest.raises(ValueError, match=r"qmin and qmax must lie in \[-2\^24, 2\^24\]"):
+        ops.fake_quant_lsq(torch.tensor([5.0]), torch.ones(1), None, qmin, qmax)
+    ops.fake_quant_lsq(torch.tensor([5.0]), torch.ones(1), None, -(2**24), 2**24)  # the widest exact grid

@@ -493,7 +493,7 @@ def test_bad_inputs_and_module_arguments():
         LSQQuantizer(4, True)(torch.ones(3, dtype=torch.int32))
     q = LSQQuantizer(4, True, "channel")
     q(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="per-channel scale must be 1-D of length"):
+    with pytest.raises(ValueError, match=r"LSQQuantizer: scale has shape \(3,\).*needs \(5,\)"):
         q(torch.randn(5, 4))
     with pytest.raises(ValueError, match="w_bits must be an int in 2..8"):
         QuantLinear(4, 4, w_bits=1)
@@ -560,3 +560,44 @@ def test_quant_layers_take_a_fixed_gradient_scale():
             QuantLinear(8, 4, a_grad_scale=bad)
         with pytest.raises(ValueError, match="QuantConv2d: w_grad_scale must be a finite positive number or None"):
             QuantConv2d(3, 4, 3, w_grad_scale=bad)
+
+
+# ------------------------------------------------------------------ user-facing edge cases
+@pytest.mark.parametrize(
+    "kw,shape,bad_shape,match",
+    [
+        (dict(granularity="channel", axis=1), (4, 3), (4, 5), r"scale has shape \(3,\).*x of shape \(4, 5\) needs \(5,\)"),
+        (dict(granularity="channel", axis=-1), (2, 3, 4), (2, 4, 3), r"scale has shape \(4,\).*needs \(3,\)"),
+        (dict(granularity="group", group_size=4), (4, 2, 4), (2, 4, 4), r"scale has shape \(4, 2\).*\(2, 4, 4\) needs \(2, 4\)"),
+    ],
+)
+def test_quantizer_called_with_a_different_parameter_shape_names_itself(kw, shape, bad_shape, match):
+    # the error came from the op about the reshaped x ("per-group scale must have shape (2, 4),
+    # got (4, 2)"), naming neither the quantizer nor the input the user passed
+    q = LSQQuantizer(4, True, **kw)
+    q(torch.randn(shape))
+    with pytest.raises(ValueError, match="LSQQuantizer: " + match):
+        q(torch.randn(bad_shape))
+    q(torch.randn(shape))  # still usable with the shape it was initialised for
+
+
+def test_failed_load_leaves_quantizer_usable():
+    # A plain-LSQ checkpoint (no offset) loaded into a lazy LSQ+ quantizer must fail, but it left
+    # initialized=True with a still-lazy offset: the next forward died with PyTorch's
+    # "Can't access the shape of an uninitialized parameter".
+    src = LSQQuantizer(4, True, "channel", learn_offset=False)
+    src(torch.randn(3, 8))
+    dst = LSQQuantizer(4, True, "channel")
+    with pytest.raises(RuntimeError, match="initialized=True but has no scale/offset"):
+        dst.load_state_dict(src.state_dict(), strict=False)
+    assert not dst._initialized and not dst.initialized
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(dst(x), _ref(dst, x), rtol=0, atol=0)  # initialises from x
+    assert dst._initialized and dst.offset.shape == (3,)
+
+
+def test_extra_repr_shows_non_default_grad_scale_and_backend():
+    r = repr(LSQQuantizer(4, True, grad_scale=0.125, backend="native"))
+    assert "grad_scale=0.125" in r and "backend='native'" in r
+    r = repr(LSQQuantizer(4, True))
+    assert "grad_scale" not in r and "backend" not in r

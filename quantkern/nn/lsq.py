@@ -360,6 +360,17 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             self.initialize(x)
+        else:
+            # Shapes only (no host sync, nothing for dynamo to break on). Without this a different
+            # channel count / row length reached the op, whose error describes the reshaped x and
+            # names neither the quantizer nor the input the caller passed.
+            want = self.param_shape(x.shape)
+            if tuple(self.scale.shape) != want:
+                raise ValueError(
+                    f"{type(self).__name__}: scale has shape {tuple(self.scale.shape)} (from the first input or "
+                    f"the checkpoint), but x of shape {tuple(x.shape)} needs {want} with "
+                    f"granularity={self.granularity!r} (use a separate quantizer for inputs of another shape)"
+                )
         shape = x.shape
         axis, group_size = None, None
         if self.granularity == "channel":
@@ -426,6 +437,11 @@ class LSQQuantizer(nn.Module):
                 f"{type(self).__name__} at {prefix!r}: state_dict says initialized=True but has no scale/offset "
                 f"({', '.join(lazy_absent)})"
             )
+            # load_state_dict raises, but the module must stay usable: initialised with a still-lazy
+            # parameter, its next forward would fail on the uninitialised parameter instead of
+            # initialising it from data.
+            self.initialized.fill_(False)
+            self._initialized = False
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, granularity={self.granularity!r}"
@@ -434,6 +450,10 @@ class LSQQuantizer(nn.Module):
         if self.granularity == "group":
             s += f", group_size={self.group_size}"
         s += f", learn_offset={self.learn_offset}, init={self.init!r}, qrange=({self.qmin}, {self.qmax})"
+        if self.grad_scale is not None:  # non-defaults change training: show them
+            s += f", grad_scale={self.grad_scale}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
         if not self._initialized:
             s += ", initialized=False"
         return s
