@@ -1,4 +1,4 @@
-"""packed_linear under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
+"""packed_linear and fake_quant_lsq under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
 
 functorch refuses the native ``packed_linear``'s autograd, a C++ ``torch::autograd::Function``
 (csrc/cpu/packed_linear.cpp: no Python on the eager path), and also the autograd that
@@ -9,8 +9,16 @@ Python ``autograd.Function`` s below instead: each runs its op below the autogra
 same derivative as the C++ / registered ones, a forward-mode rule (jvp: all three are linear
 in their tensors), and a vmap rule: a batch of x (or dY) is folded into its leading dims, one
 kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels' bits.
+``fake_quant_lsq`` (whose ``register_autograd`` autograd is refused the same way) has two more:
+reverse mode only, one call per sample under vmap.
 """
 import torch
+
+
+def in_transform() -> bool:
+    """Inside a torch.func transform (and not compiling: dynamo refuses the query inside
+    ``vmap(torch.compile(f))`` and traces ``vmap`` itself, so compiled code keeps the ops)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def _below_autograd(op, *args):
@@ -131,7 +139,63 @@ class BiasBackwardFn(torch.autograd.Function):
 
 
 def _per_sample(fn, info, in_dims, args):
-    """vmap rule of last resort: ``fn`` on each sample, stacked on dim 0 (the ops' own bits)."""
+    """vmap rule of last resort: ``fn`` on each sample, stacked on dim 0 (the ops' own bits); a
+    tuple output is stacked element by element."""
     outs = [fn.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
+
+
+class FakeQuantLSQFn(torch.autograd.Function):
+    """fake_quant_lsq under torch.func transforms: same kernels and derivative as the registered
+    autograd (quantkern/_registry.py); vmap runs one call per sample; no jvp (torch says so)."""
+
+    @staticmethod
+    def forward(x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be):
+        fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
+        return _below_autograd(fn, x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be = inputs
+        ctx.save_for_backward(x, scale, offset)
+        ctx.args = (qmin, qmax, axis, group_size, grad_scale)
+        ctx.be = be
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, offset = ctx.saved_tensors
+        gx, gs, gb = FakeQuantLSQBackwardFn.apply(grad.contiguous(), x, scale, offset, *ctx.args, ctx.be)
+        return gx, gs, gb, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(FakeQuantLSQFn, info, in_dims, args)
+
+
+class FakeQuantLSQBackwardFn(torch.autograd.Function):
+    """fake_quant_lsq_backward under torch.func transforms (the registered op's autograd, which
+    raises for double backward, is refused there too); a second derivative raises the same error."""
+
+    @staticmethod
+    def forward(grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be):
+        bwd = (torch.ops.quantkern.fake_quant_lsq_backward_triton if be == "triton"
+               else torch.ops.quantkern.fake_quant_lsq_backward)
+        return _below_autograd(bwd, grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "quantkern.fake_quant_lsq: double backward is not supported (the LSQ+ backward is one fused "
+            "kernel; a second-order gradient through fake_quant_lsq has no rule)"
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(FakeQuantLSQBackwardFn, info, in_dims, args)

@@ -180,66 +180,10 @@ def fake_quant_lsq(
         raise ValueError(f"quantkern.{op}: grad_scale must be a finite float > 0, got {grad_scale!r}")
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
-    # torch.func.grad / vjp / jacrev refuse the autograd that register_autograd generates (it has no
-    # setup_context): "In order to use an autograd.Function with functorch transforms ...". Inside a
-    # transform go through a Function that has one. (Compiled code keeps the op, as packed_linear.)
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _FakeQuantLSQFn.apply(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale), be)
+    # torch.func refuses the autograd register_autograd generates: inside a transform, a Function that it takes
+    if _functorch.in_transform():
+        return _functorch.FakeQuantLSQFn.apply(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale), be)
     return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))
-
-
-class _FakeQuantLSQFn(torch.autograd.Function):
-    """fake_quant_lsq under torch.func transforms: same kernels and derivative as the registered
-    autograd (quantkern/_registry.py); vmap runs one call per sample; no jvp (torch says so)."""
-
-    @staticmethod
-    def forward(x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be):
-        fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
-        return _functorch._below_autograd(fn, x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be = inputs
-        ctx.save_for_backward(x, scale, offset)
-        ctx.args = (qmin, qmax, axis, group_size, grad_scale)
-        ctx.be = be
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, offset = ctx.saved_tensors
-        gx, gs, gb = _FakeQuantLSQBackwardFn.apply(grad.contiguous(), x, scale, offset, *ctx.args, ctx.be)
-        return gx, gs, gb, None, None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _functorch._per_sample(_FakeQuantLSQFn, info, in_dims, args)
-
-
-class _FakeQuantLSQBackwardFn(torch.autograd.Function):
-    """fake_quant_lsq_backward under torch.func transforms (the registered op's autograd, which
-    raises for double backward, is refused there too); a second derivative raises the same error."""
-
-    @staticmethod
-    def forward(grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be):
-        bwd = torch.ops.quantkern.fake_quant_lsq_backward_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq_backward
-        return _functorch._below_autograd(bwd, grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "quantkern.fake_quant_lsq: double backward is not supported (the LSQ+ backward is one fused "
-            "kernel; a second-order gradient through fake_quant_lsq has no rule)"
-        )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        outs = [_FakeQuantLSQBackwardFn.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
-                for i in range(info.batch_size)]
-        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
 
 
 # ------------------------------------------------- oscillation tracking / dampening
@@ -722,9 +666,8 @@ def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bia
         if bias.dim() != 1 or bias.shape[0] != qweight.shape[0]:
             raise ValueError(f"quantkern.{op}: bias must have shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
     be = _pick_backend(op, x, backend)
-    # torch.func refuses the ops' own autograd (C++ / Python). (Compiled code keeps the op: dynamo
-    # refuses the transform query inside vmap(torch.compile(f)), and traces vmap itself.)
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    # torch.func refuses the ops' own autograd (C++ / Python)
+    if _functorch.in_transform():
         if be == "triton" and not (backend == "auto" and _functorch.native_kernel("packed_linear", x.device)):
             raise NotImplementedError(
                 f"quantkern.{op}: torch.func transforms (vmap, grad, jvp, ...) need the native kernels; the "
