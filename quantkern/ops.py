@@ -98,6 +98,10 @@ def _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="we
         raise TypeError(f"quantkern.{op}: qmin and qmax must be int, got {type(qmin).__name__}, {type(qmax).__name__}")
     if qmin >= qmax:
         raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    # The grid is applied in fp32: a bound beyond 2^24 is not an exact float and was silently moved
+    # (qmin = 2^25 + 1 clamped to 2^25, outside the grid); beyond int64 the schema refused it obscurely.
+    if not -(1 << 24) <= qmin < qmax <= 1 << 24:
+        raise ValueError(f"quantkern.{op}: qmin and qmax must lie in [-2^24, 2^24] (fp32-exact integers), got {qmin}, {qmax}")
     if offset.shape != scale.shape:
         raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
     if group_size is not None:
@@ -172,10 +176,6 @@ def fake_quant_lsq(
     """
     op = "fake_quant_lsq"
     offset, axis = _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="x")
-    # The grid is applied in fp32: a bound beyond 2^24 is not an exact float and was silently moved
-    # (qmin = 2^25 + 1 clamped to 2^25, outside the grid); beyond int64 the schema refused it obscurely.
-    if not -(1 << 24) <= qmin < qmax <= 1 << 24:
-        raise ValueError(f"quantkern.{op}: qmin and qmax must lie in [-2^24, 2^24] (fp32-exact integers), got {qmin}, {qmax}")
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < float("inf"):
         raise ValueError(f"quantkern.{op}: grad_scale must be a finite float > 0, got {grad_scale!r}")
     be = _pick_backend(op, x, backend)

@@ -354,3 +354,15 @@ def test_grid_beyond_fp32_exact_integers_is_refused(qmin, qmax):
     with pytest.raises(ValueError, match=r"qmin and qmax must lie in \[-2\^24, 2\^24\]"):
         ops.fake_quant_lsq(torch.tensor([5.0]), torch.ones(1), None, qmin, qmax)
     ops.fake_quant_lsq(torch.tensor([5.0]), torch.ones(1), None, -(2**24), 2**24)  # the widest exact grid
+
+
+def test_grid_beyond_fp32_exact_integers_is_refused_by_raw_ops_and_dampening():
+    # torch.ops.quantkern.* skip the Python checks: the C++ glue (shared by the LSQ and oscillation ops)
+    # refuses the grid too; dampening_loss (same fp32 grid) refuses it by name
+    x, s, b = torch.tensor([5.0]), torch.ones(1), torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"qmin and qmax must lie in \[-2\^24, 2\^24\]"):
+        torch.ops.quantkern.fake_quant_lsq(x, s, b, 0, 2**24 + 1, None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"qmin and qmax must lie in \[-2\^24, 2\^24\]"):
+        torch.ops.quantkern.dampening_loss(x, s, b, -(2**24) - 1, 7, None, None, 1.0)
+    with pytest.raises(ValueError, match=r"quantkern.dampening_loss: qmin and qmax must lie in"):
+        ops.dampening_loss(x, s, None, 0, 2**24 + 1)

@@ -32,6 +32,9 @@ inline Layout lsq_layout(const at::Tensor& x, const at::Tensor& scale, const at:
   TORCH_CHECK(scale.device() == x.device(), "quantkern: scale is on ", scale.device(), " but x is on ", x.device());
   TORCH_CHECK(offset.device() == x.device(), "quantkern: offset is on ", offset.device(), " but x is on ", x.device());
   TORCH_CHECK(qmin < qmax, "quantkern: qmin (", qmin, ") must be < qmax (", qmax, ")");
+  // The grid is applied in fp32: a bound beyond 2^24 is not an exact float and would be moved silently.
+  TORCH_CHECK(qmin >= -(int64_t(1) << 24) && qmax <= (int64_t(1) << 24),
+              "quantkern: qmin and qmax must lie in [-2^24, 2^24] (fp32-exact integers), got ", qmin, ", ", qmax);
   TORCH_CHECK(scale.sizes() == offset.sizes(), "quantkern: offset shape ", offset.sizes(),
               " must equal scale shape ", scale.sizes());
   TORCH_CHECK(!(axis.has_value() && group_size.has_value()), "quantkern: pass either axis or group_size, not both (got axis ",

@@ -7,9 +7,13 @@
   fake-quantized weight and input (QAT); build with ``from_float``.
 * :func:`quantize_modules`: swap a model's Linear/Conv2d layers for QAT in place.
 * :class:`PackedLinear`, :func:`replace_linear`: packed low-bit inference.
+* :class:`MultiheadAttention`, :func:`unfuse_attention`: ``nn.MultiheadAttention`` with its
+  projections as Linear submodules, so the tools above reach them.
 """
+from .attention import MultiheadAttention, unfuse_attention
 from .lsq import LSQQuantizer, qrange
 from .packed_linear import PackedLinear, replace_linear
 from .quant_modules import QuantConv2d, QuantLinear, quantize_modules
 
-__all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange", "PackedLinear", "replace_linear"]
+__all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange", "PackedLinear", "replace_linear",
+           "MultiheadAttention", "unfuse_attention"]

@@ -13,6 +13,7 @@ from .. import ops
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
+from .attention import unfuse_attention
 
 FORMAT_VERSION = 1
 
@@ -282,6 +283,10 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
                    backend: str = "auto") -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`PackedLinear`.
 
+    ``nn.MultiheadAttention`` modules are first replaced by :class:`quantkern.nn.MultiheadAttention`
+    (same function; its q / k / v / out projections are ``nn.Linear`` submodules, then packed
+    like any other): torch's module reads its fused weights directly, so they could not be packed.
+
     Args:
         skip: names (exact, a suffix after ".", or fnmatch patterns such as
             ``"*.classifier"``) or a predicate on the qualified name; those layers stay.
@@ -300,7 +305,11 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
                          f"128, 256), or None / -1 for one group per row; got {group_size!r}")
     if type(model) is nn.Linear:  # it has no parent here to be replaced in: nothing would change
         raise TypeError("quantkern.replace_linear: model is itself an nn.Linear; use PackedLinear.from_linear(layer)")
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("quantkern.replace_linear: model is itself an nn.MultiheadAttention (no parent to replace it "
+                        "in); wrap it, or convert quantkern.nn.MultiheadAttention.from_torch(module)")
     replaced = []
+    unfuse_attention(model, skip)  # its projections become nn.Linear layers, packed below
     sites_list = linear_sites(model, skip)
     check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
@@ -372,16 +381,17 @@ def check_linear_weights(op: str, sites_list) -> None:
                          "quantize (skip those layers or fix the model)")
 
 
-def disable_fused_encoder_paths(model: nn.Module, linears) -> int:
+def disable_fused_encoder_paths(model: nn.Module, modules) -> int:
     """Switch off torch's fused inference paths of the ``nn.TransformerEncoderLayer`` s whose
-    ``linear1`` / ``linear2`` are (or are about to become) one of ``linears``, and the nested-tensor
-    path of the ``nn.TransformerEncoder`` s holding them. Both read ``linear1.weight`` directly (a
-    PackedLinear has no dense weight) and give the same result as the regular path they fall back
-    to. Sets ``layer.activation_relu_or_gelu = 0`` (only those checks read it) and
+    ``linear1`` / ``linear2`` / ``self_attn`` are (or are about to become) one of ``modules``, and
+    the nested-tensor path of the ``nn.TransformerEncoder`` s holding them. Both read
+    ``linear1.weight`` and the attention's fused weights directly (a PackedLinear has no dense
+    weight) and give the same result as the regular path they fall back to. Sets
+    ``layer.activation_relu_or_gelu = 0`` (only those checks read it) and
     ``encoder.use_nested_tensor = False``. Returns the number of encoder layers changed."""
-    ids = {id(m) for m in linears}
+    ids = {id(m) for m in modules}
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
-              and (id(m.linear1) in ids or id(m.linear2) in ids)]
+              and any(id(getattr(m, a, None)) in ids for a in ("linear1", "linear2", "self_attn"))]
     for m in layers:
         m.activation_relu_or_gelu = 0
     changed = {id(m) for m in layers}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import unfuse_attention
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
 
 
@@ -306,10 +307,12 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
             Raises ValueError for a name that matches no module (a typo would otherwise
             silently quantize the layer).
 
-    Only modules whose type is exactly nn.Linear or nn.Conv2d are swapped: subclasses
-    (e.g. ``nn.MultiheadAttention.out_proj``, whose weight the parent reads directly)
-    and layers already quantized are left alone. A layer shared by several parents is
-    converted once and stays shared.
+    ``nn.MultiheadAttention`` modules (not skipped) are first replaced by
+    :class:`quantkern.nn.MultiheadAttention` (same function, projections ``q_proj`` / ``k_proj`` /
+    ``v_proj`` / ``out_proj`` as nn.Linear submodules), so their projections are quantized too
+    (torch's module reads its fused weights directly). Otherwise only modules whose type is
+    exactly nn.Linear or nn.Conv2d are swapped: subclasses and layers already quantized are
+    left alone. A layer shared by several parents is converted once and stays shared.
 
     Returns:
         ``model`` (converted in place).
@@ -329,6 +332,10 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
 
     if type(model) in _SWAP:
         return model if skipped("") else _SWAP[type(model)].from_float(model, w_bits, a_bits, **kwargs)
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("quantize_modules: model is itself an nn.MultiheadAttention (no parent to replace it in); "
+                        "convert quantkern.nn.MultiheadAttention.from_torch(module)")
+    unfuse_attention(model, skipped)
 
     # Build every replacement first and swap only when all succeeded: a layer that fails (e.g. a
     # w_group_size that does not divide its row length) used to leave the model half converted,

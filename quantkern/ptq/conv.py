@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.attention import unfuse_attention
 from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
@@ -622,12 +623,16 @@ def fake_quantize_model_(
         skip = (skip,)
     elif not callable(skip):
         skip = tuple(skip)  # a generator would be used up by the name check below
+    # torch's attention reads its fused weights directly (in_proj was never quantized, out_proj saw no
+    # calibration input): its projections become Linear submodules (the same function), unless skipped by name
+    unfuse_attention(model, None if callable(skip) else (lambda n, s=frozenset(skip): n in s))
+    kept_attn = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)}
     # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
     # self.head``) is listed once, under its first name, but skip / layer_bits may use either
     first = {id(m): n for n, m in quantizable_layers(model)}
     names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
     if not callable(skip):
-        unknown = set(skip) - set(names)
+        unknown = set(skip) - set(names) - kept_attn
         if unknown:
             raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
     skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip): n in s)

@@ -85,6 +85,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..nn.attention import unfuse_attention
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
                                  linear_sites)
 from ..packed import PackedWeight, load_packed, save_packed
@@ -452,7 +453,8 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
         return
     from ..nn.packed_linear import _skipped
 
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.Linear, PackedLinear))]
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention))]  # (a skipped attention stays torch's)
     unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
     if unmatched:
         warnings.warn(f"quantize_: skip entries {unmatched} match no nn.Linear of the model (entries match a layer's "
@@ -485,6 +487,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             raise ValueError(f"quantize_: {why} needs calib_fn (a callable that runs the model on calibration "
                              "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("quantize_: model is itself an nn.MultiheadAttention (no parent to replace it in); wrap it "
+                        "in a module")
+    unfuse_attention(model, cfg.skip)  # torch's attention reads its fused weights: its projections become Linears
     _warn_unmatched_skip(model, cfg.skip)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
     check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
@@ -692,6 +698,10 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(act, dict) or set(act) - set(weights):
         raise ValueError(f"load_quantized: {_ACT_META} metadata names layers without a packed weight: "
                          f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
+    # quantize_ saved each nn.MultiheadAttention as quantkern's (projections q_proj, ...): give the float
+    # model the same structure where the checkpoint has it
+    keys = set(weights) | {k.rpartition(".")[0] for k in extra}
+    unfuse_attention(model, skip=lambda n: f"{n}.q_proj" not in keys)
     mods = dict(model.named_modules())
     names = _aliases(model)
     # load_state_dict cannot fill meta tensors (a no-op with a warning), so a model built on the

@@ -1,0 +1,266 @@
+"""Multi-head attention with its four projections as ordinary submodules.
+
+``torch.nn.MultiheadAttention`` keeps the query / key / value projections in one
+``in_proj_weight`` Parameter and reads ``out_proj.weight`` directly in its forward, so no
+Linear-swapping tool (``replace_linear``, ``quantize_``, ``quantize_modules``) can reach them:
+in a model built on it (``nn.TransformerEncoder``, torchvision's ViT) a third of the Linear
+weights used to stay in float without a word. :class:`MultiheadAttention` computes the same
+function with ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` as ``nn.Linear`` submodules
+(called through their forward, so they can be swapped for PackedLinear / QuantLinear and
+observed by forward hooks); :func:`unfuse_attention` swaps a model's torch attention modules
+for it, and :meth:`MultiheadAttention.to_torch` goes back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True = not allowed to attend) as an additive float mask of ``dtype``; a float
+    mask as given (added to the attention logits), as torch's MultiheadAttention does."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"quantkern.nn.MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
+    return mask
+
+
+class MultiheadAttention(nn.Module):
+    """Drop-in for ``torch.nn.MultiheadAttention`` (same constructor, forward and results) whose
+    projections are submodules: ``q_proj`` [E <- E], ``k_proj`` [E <- kdim], ``v_proj``
+    [E <- vdim] and ``out_proj`` [E <- E], each an ``nn.Linear`` (or whatever replaces it, e.g.
+    a PackedLinear). ``bias_k`` / ``bias_v`` ([1, 1, E]) and ``add_zero_attn`` as in torch.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)``: query [L, B, E] (``[B, L, E]`` with
+    ``batch_first``, ``[L, E]`` unbatched), key / value [S, B, kdim / vdim]; masks as in torch
+    (key_padding_mask [B, S], attn_mask [L, S] or [B * num_heads, L, S], bool or additive
+    float). Returns ``(output like query, weights or None)``, weights [B, L, S] averaged over
+    heads or [B, num_heads, L, S]. The softmax runs in x's dtype, as torch's does.
+
+    The projections run as three matmuls where torch runs one [3E, E] product for
+    self-attention. Build from a torch module with :meth:`from_torch` (bit-exact weights).
+    """
+
+    # torch's fused encoder paths (nn.TransformerEncoderLayer / nn.TransformerEncoder) check
+    # ``self_attn.in_proj_bias is None`` before reading the fused weights: None makes them step
+    # aside to the regular path, which calls this module's forward.
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"quantkern.nn.MultiheadAttention: {name} must be a positive int, got {v!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"quantkern.nn.MultiheadAttention: embed_dim {embed_dim} is not divisible by "
+                             f"num_heads {num_heads}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"quantkern.nn.MultiheadAttention: dropout must be in [0, 1], got {dropout!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn = float(dropout), bool(batch_first), bool(add_zero_attn)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+        else:
+            self.bias_k = self.bias_v = None
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
+        """The same attention as ``mha`` (weights copied exactly, ``requires_grad`` and the
+        training mode kept)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"MultiheadAttention.from_torch: expected an nn.MultiheadAttention, got {type(mha).__name__}")
+        w = mha.out_proj.weight
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
+                  mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=w.dtype)
+        E = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            ws = mha.in_proj_weight.detach().split(E)
+            grads = [mha.in_proj_weight.requires_grad] * 3
+        else:
+            ws = [p.detach() for p in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
+            grads = [p.requires_grad for p in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
+        bs = mha.in_proj_bias.detach().split(E) if mha.in_proj_bias is not None else (None,) * 3
+        bgrad = mha.in_proj_bias.requires_grad if mha.in_proj_bias is not None else False
+
+        def param(t, req):  # a copy: the new module must not alias the old one's storage
+            return nn.Parameter(t.clone(), requires_grad=req)
+
+        for lin, wt, b, req in zip((new.q_proj, new.k_proj, new.v_proj), ws, bs, grads):
+            lin.weight = param(wt, req)
+            lin.bias = param(b, bgrad) if b is not None else None
+        new.out_proj.weight = param(mha.out_proj.weight.detach(), mha.out_proj.weight.requires_grad)
+        ob = mha.out_proj.bias
+        new.out_proj.bias = param(ob.detach(), ob.requires_grad) if ob is not None else None
+        if mha.bias_k is not None:
+            new.bias_k = param(mha.bias_k.detach(), mha.bias_k.requires_grad)
+            new.bias_v = param(mha.bias_v.detach(), mha.bias_v.requires_grad)
+        return new.train(mha.training)
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """An ``nn.MultiheadAttention`` with this module's weights (each projection must be an
+        ``nn.Linear``, or have a ``weight`` such as QuantLinear's float weight): e.g. to put
+        fake-quantized weights back into a torch model."""
+        lins = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
+        for name, lin in zip(("q_proj", "k_proj", "v_proj", "out_proj"), lins):
+            if not isinstance(getattr(lin, "weight", None), torch.Tensor):
+                raise TypeError(f"MultiheadAttention.to_torch: {name} ({type(lin).__name__}) has no dense weight")
+        w = self.out_proj.weight
+        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.out_proj.bias is not None,
+                                  self.bias_k is not None, self.add_zero_attn, self.kdim, self.vdim,
+                                  self.batch_first, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if m._qkv_same_embed_dim:
+                m.in_proj_weight.copy_(torch.cat([lin.weight for lin in lins[:3]]))
+            else:
+                for p, lin in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), lins[:3]):
+                    p.copy_(lin.weight)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias.copy_(torch.cat([lin.bias for lin in lins[:3]]))
+                m.out_proj.bias.copy_(self.out_proj.bias)
+            m.out_proj.weight.copy_(self.out_proj.weight)
+            if self.bias_k is not None:
+                m.bias_k.copy_(self.bias_k)
+                m.bias_v.copy_(self.bias_v)
+        return m.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.add_zero_attn:
+            s += ", add_zero_attn=True"
+        return s
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        op = "quantkern.nn.MultiheadAttention"
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{op}: query, key and value must all be 3-D (batched) or 2-D (unbatched); got "
+                             f"{query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
+        if not batched:  # one sequence: a batch of one
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # work in [B, L, E]
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, L, E = query.shape
+        S = key.shape[1]
+        if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"{op}: expected query / key / value features {self.embed_dim} / {self.kdim} / "
+                             f"{self.vdim}, got {E} / {key.shape[-1]} / {value.shape[-1]}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != B:
+            raise ValueError(f"{op}: key and value must share batch and sequence sizes with each other and the "
+                             f"batch size with query; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)} (as [B, seq, features])")
+        H, D = self.num_heads, self.head_dim
+        kpm = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(f"{op}: is_causal is a hint that attn_mask is the causal mask; pass the mask too "
+                               "(e.g. nn.Transformer.generate_square_subsequent_mask)")
+        if is_causal and kpm is None and not need_weights:
+            am = None  # SDPA builds the causal mask itself
+        else:
+            am = _float_mask(attn_mask, "attn_mask", query.dtype)
+            is_causal = is_causal and kpm is None
+        if am is not None:
+            want = (L, S) if am.dim() == 2 else (B * H, L, S)
+            if am.dim() not in (2, 3) or tuple(am.shape) != want:
+                raise ValueError(f"{op}: attn_mask must have shape {(L, S)} or {(B * H, L, S)}, got {tuple(am.shape)}")
+            am = am.view(1, 1, L, S) if am.dim() == 2 else am.view(B, H, L, S)
+        if kpm is not None:
+            if tuple(kpm.shape) != (B, S):
+                raise ValueError(f"{op}: key_padding_mask must have shape {(B, S) if batched else (S,)}, got "
+                                 f"{tuple(kpm.shape[int(not batched):])}")
+            kpm = kpm.view(B, 1, 1, S)
+
+        q = self.q_proj(query).view(B, L, H, D).transpose(1, 2)
+        k, v = self.k_proj(key), self.v_proj(value)
+        extra = []  # key positions appended after the S real ones (masks get a zero column each)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, E)], 1)
+            v = torch.cat([v, self.bias_v.expand(B, 1, E)], 1)
+            extra.append(1)
+        k, v = (t.view(B, -1, H, D).transpose(1, 2) for t in (k, v))
+        if self.add_zero_attn:
+            z = torch.zeros(B, H, 1, D, dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, z], 2), torch.cat([v, z], 2)
+            extra.append(1)
+        if extra:
+            am = F.pad(am, (0, len(extra))) if am is not None else None
+            kpm = F.pad(kpm, (0, len(extra))) if kpm is not None else None
+        mask = kpm if am is None else (am if kpm is None else am + kpm)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            logits = torch.matmul(q * math.sqrt(1.0 / D), k.transpose(-2, -1))
+            if mask is not None:
+                logits = logits + mask
+            w = torch.softmax(logits, dim=-1)
+            out = torch.matmul(F.dropout(w, p) if p > 0 else w, v)
+            weights = w.mean(1) if average_attn_weights else w
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)
+            weights = None
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
+    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by :class:`MultiheadAttention`
+    (the same function, projections as submodules); returns the qualified names replaced. A
+    module shared under several names is replaced once and stays shared; ``skip`` (names or a
+    predicate, as in :func:`quantkern.nn.replace_linear`) leaves the matching ones alone.
+
+    Encoder layers holding a replaced module stop taking torch's fused inference path (it reads
+    the fused weights; the regular path it falls back to computes the same).
+    """
+    from .packed_linear import _skipped, disable_fused_encoder_paths
+
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("unfuse_attention: model is itself an nn.MultiheadAttention (it has no parent to be replaced "
+                        "in); use quantkern.nn.MultiheadAttention.from_torch(module)")
+    found: dict[int, tuple[list, list, nn.Module]] = {}
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
+            if isinstance(child, nn.MultiheadAttention):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                names, sites, _ = found.setdefault(id(child), ([], [], child))
+                names.append(name)
+                sites.append((parent, child_name))
+    replaced, new_mods = [], []
+    for names, sites, mha in found.values():
+        if any(_skipped(n, skip) for n in names):
+            continue
+        new = MultiheadAttention.from_torch(mha)
+        for parent, child_name in sites:
+            setattr(parent, child_name, new)
+        replaced.append(names[0])
+        new_mods.append(new)
+    disable_fused_encoder_paths(model, new_mods)
+    return replaced

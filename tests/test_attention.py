@@ -1,0 +1,230 @@
+"""quantkern.nn.MultiheadAttention (torch's attention with its projections as submodules) and the
+conversions that use it: replace_linear, quantize_ / save / load, quantize_modules, fake_quantize_model_."""
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import quantkern
+from quantkern.nn import MultiheadAttention, PackedLinear, QuantLinear, quantize_modules, replace_linear, unfuse_attention
+from quantkern.ptq.conv import fake_quantize_model_
+
+E, H, L, S, B = 16, 4, 5, 7, 3
+
+
+def _inputs(batch_first, unbatched, self_attn, kdim, dtype=torch.float32, g=None):
+    def mk(t, f):
+        shape = (t, f) if unbatched else ((B, t, f) if batch_first else (t, B, f))
+        return torch.randn(shape, dtype=dtype, generator=g)
+
+    q = mk(L, E)
+    if self_attn:
+        return q, q, q, L
+    return q, mk(S, kdim or E), mk(S, kdim or E), S
+
+
+def _masks(kind_kpm, kind_am, unbatched, s, dtype, g):
+    kw = {}
+    if kind_kpm == "bool":
+        m = torch.rand((s,) if unbatched else (B, s), generator=g) > 0.6
+        m[..., 0] = False  # a row with every key masked is NaN in both
+        kw["key_padding_mask"] = m
+    elif kind_kpm == "float":
+        kw["key_padding_mask"] = torch.randn((s,) if unbatched else (B, s), dtype=dtype, generator=g)
+    if kind_am == "2d":
+        kw["attn_mask"] = torch.randn(L, s, dtype=dtype, generator=g)
+    elif kind_am == "3d":
+        kw["attn_mask"] = torch.randn((1 if unbatched else B) * H, L, s, dtype=dtype, generator=g)
+    elif kind_am == "bool":
+        m = torch.rand(L, s, generator=g) > 0.7
+        m[:, 0] = False
+        kw["attn_mask"] = m
+    return kw
+
+
+CASES = list(itertools.product([None, 12], [True, False], [False, True], [False, True], [False, True], [False, True],
+                               [True, False], [None, "bool", "float"], [None, "2d", "3d", "bool"], [True, False]))
+
+
+@pytest.mark.parametrize("case", range(0, len(CASES), 11))  # a spread-out eleventh of the grid (~280 cases)
+def test_matches_torch_bit_for_bit(case):
+    kdim, bias, bkv, zero, bf, unb, sa, kpm, am, nw = CASES[case]
+    if kpm == "float" and am == "bool" or kpm == "bool" and am in ("2d", "3d"):
+        am = None  # torch deprecates mixing bool and float masks
+    torch.manual_seed(case)
+    g = torch.Generator().manual_seed(case)
+    ref = nn.MultiheadAttention(E, H, 0.0, bias, bkv, zero, kdim, kdim, bf).eval()
+    ours = MultiheadAttention.from_torch(ref)
+    q, k, v, s = _inputs(bf, unb, sa and kdim is None, kdim, g=g)
+    kw = _masks(kpm, am, unb, s, torch.float32, g)
+    for avg in (True, False):
+        a = ref(q, k, v, need_weights=nw, average_attn_weights=avg, **kw)
+        b = ours(q, k, v, need_weights=nw, average_attn_weights=avg, **kw)
+        assert torch.equal(a[0], b[0])
+        assert (a[1] is None and b[1] is None) or torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_causal_hint_and_errors_like_torch(need_weights):
+    ref = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ours = MultiheadAttention.from_torch(ref)
+    x = torch.randn(B, L, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(L)
+    a = ref(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)[0]
+    b = ours(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)[0]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        ours(x, x, x, is_causal=True)
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        ours(x, x, x, attn_mask=torch.zeros(L, L + 1))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        ours(x, x, x, key_padding_mask=torch.zeros(B, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="features 16 / 16 / 16"):
+        ours(x[..., :8], x, x)
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadAttention(10, 3)
+
+
+def test_bf16_training_and_gradients():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, dropout=0.0, batch_first=True)
+    ours = MultiheadAttention.from_torch(ref)
+    x = torch.randn(B, L, E, requires_grad=True)
+    a, _ = ref(x, x, x)
+    b, _ = ours(x, x, x)
+    a.square().sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    b.square().sum().backward()
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+    gq = torch.cat([ours.q_proj.weight.grad, ours.k_proj.weight.grad, ours.v_proj.weight.grad])
+    torch.testing.assert_close(gq, ref.in_proj_weight.grad, rtol=1e-5, atol=1e-6)
+    # bf16 and dropout in training mode: same shapes, finite
+    m16 = MultiheadAttention.from_torch(nn.MultiheadAttention(E, H, dropout=0.5, dtype=torch.bfloat16)).train()
+    y, w = m16(*(torch.randn(L, B, E, dtype=torch.bfloat16),) * 3)
+    assert y.shape == (L, B, E) and y.dtype == torch.bfloat16 and w.shape == (B, L, L) and torch.isfinite(y).all()
+
+
+def test_round_trip_and_unfuse():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, bias=True, add_bias_kv=True, kdim=12, vdim=10).eval()
+    ref.q_proj_weight.requires_grad_(False)
+    ours = MultiheadAttention.from_torch(ref)
+    assert not ours.q_proj.weight.requires_grad and ours.k_proj.weight.requires_grad and not ours.training
+    back = ours.to_torch()
+    for (n1, p1), (n2, p2) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(E, H)
+            self.b = self.a  # shared
+            self.c = nn.MultiheadAttention(E, H)
+
+    m = Two()
+    assert unfuse_attention(m, skip=["c"]) == ["a"]
+    assert m.a is m.b and isinstance(m.a, MultiheadAttention) and isinstance(m.c, nn.MultiheadAttention)
+    with pytest.raises(TypeError, match="itself an nn.MultiheadAttention"):
+        unfuse_attention(nn.MultiheadAttention(E, H))
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+
+
+def test_encoder_fast_paths_step_aside():
+    enc = _encoder()
+    x = torch.randn(2, 6, 64)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():  # torch's fused / nested-tensor paths run here before the swap
+        ref, ref_pad = enc(x), enc(x, src_key_padding_mask=pad)
+        unfuse_attention(enc)
+        out, out_pad = enc(x), enc(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_pad[~pad], ref_pad[~pad], rtol=1e-5, atol=1e-5)
+
+
+def test_replace_linear_packs_attention_projections():
+    enc = _encoder()
+    x = torch.randn(2, 6, 64)
+    names = replace_linear(enc, 4, 32)
+    assert "layers.0.self_attn.q_proj" in names and "layers.1.self_attn.out_proj" in names and len(names) == 12
+    assert sum(p.numel() for p in enc.parameters() if p.dim() == 2) == 0  # every weight matrix packed
+    # the same model with the dequantized weights, torch's attention: same output
+    ref = _encoder()
+    with torch.no_grad():
+        for i, layer in enumerate(enc.layers):
+            att, r = layer.self_attn, ref.layers[i].self_attn
+            r.in_proj_weight.copy_(torch.cat([p.packed_weight.dequantize(torch.float32)
+                                              for p in (att.q_proj, att.k_proj, att.v_proj)]))
+            r.out_proj.weight.copy_(att.out_proj.packed_weight.dequantize(torch.float32))
+            for a in ("linear1", "linear2"):
+                getattr(ref.layers[i], a).weight.copy_(getattr(layer, a).packed_weight.dequantize(torch.float32))
+        torch.testing.assert_close(enc(x), ref(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="itself an nn.MultiheadAttention"):
+        replace_linear(nn.MultiheadAttention(64, 4))
+
+
+def test_quantize_save_load_round_trip(tmp_path):
+    enc = _encoder()
+    x = torch.randn(2, 6, 64)
+    quantkern.quantize_(enc, method="hqq", bits=4, group_size=32, progress=False)
+    assert isinstance(enc.layers[0].self_attn.v_proj, PackedLinear)
+    with torch.no_grad():
+        y = enc(x)
+    path = str(tmp_path / "enc.safetensors")
+    quantkern.save_quantized(enc, path)
+    loaded = quantkern.load_quantized(_encoder, path)
+    assert isinstance(loaded.layers[1].self_attn, MultiheadAttention)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+def test_quantize_skip_keeps_torch_attention():
+    enc = _encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skip naming the attention module is a match, not a typo
+        quantkern.quantize_(enc, method="rtn", bits=4, group_size=32, skip=["layers.0.self_attn"], progress=False)
+    assert isinstance(enc.layers[0].self_attn, nn.MultiheadAttention)
+    assert isinstance(enc.layers[1].self_attn.k_proj, PackedLinear)
+    with torch.no_grad():
+        assert torch.isfinite(enc(torch.randn(2, 6, 64))).all()
+
+
+def test_qat_and_fake_quant_reach_projections():
+    enc = _encoder()
+    quantize_modules(enc, 4, 8)
+    assert isinstance(enc.layers[0].self_attn.q_proj, QuantLinear)
+    enc.train()
+    enc(torch.randn(2, 6, 64)).square().mean().backward()
+    assert enc.layers[0].self_attn.q_proj.weight.grad is not None
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x)[0].mean(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # out_proj used to see no calibration input (RTN fallback, warned)
+        rep = fake_quantize_model_(net, 4, "gptq", 32, calib_data=torch.randn(8, 5, 32), progress=False)
+    assert rep["layers"] == ["att.q_proj", "att.k_proj", "att.v_proj", "att.out_proj", "fc"]
+
+
+def test_compile_fullgraph():
+    torch.manual_seed(0)
+    m = MultiheadAttention.from_torch(nn.MultiheadAttention(E, H, batch_first=True)).eval()
+    x = torch.randn(B, L, E)
+    f = torch.compile(lambda t: m(t, t, t, need_weights=False)[0], fullgraph=True)
+    torch.testing.assert_close(f(x), m(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
