@@ -102,6 +102,7 @@ def parse_args(argv=None):
                    help="seconds of timed calls per measurement (default 0.6; 0.1 with --quick)")
     p.add_argument("--no-baselines", action="store_true", help="only quantkern rows")
     args = p.parse_args(argv)
+    groups_given = args.groups is not None
     args.shapes = args.shapes or [kxn(s) for s in (["768x3072", "4096x11008"] if args.quick else SHAPES)]
     args.m = args.m or ([1, 32] if args.quick else MS)
     args.bits = args.bits or ([4] if args.quick else BITS)
@@ -113,7 +114,9 @@ def parse_args(argv=None):
             try:
                 ops._check_group("packed_linear", K, gs)
             except ValueError as e:
-                p.error(f"--groups {gs} does not fit shape {K}x{N}: {e}")
+                # a default group size that does not fit a --shapes entry: say so, and what to pass
+                p.error(f"--groups {gs}{'' if groups_given else ' (the default; pass --groups)'} does not fit "
+                        f"shape {K}x{N}: {e}")
     args.pool = args.pool_mib * H.MiB if args.pool_mib is not None else (96 * H.MiB if args.quick else H.memory_bytes(1024))
     args.budget = args.budget or (0.1 if args.quick else 0.6)
     return args

@@ -39,6 +39,27 @@ from .ptq.models import efficientnet_preprocess, load_efficientnet_lite0, load_m
 
 METHOD_LABEL = {"rtn": "RTN", "hqq": "HQQ", "gptq": "GPTQ", "erq": "ERQ (weight-only, Wqer)"}
 ACT_LABEL = {"erq": "ERQ (Aqer + Wqer)"}
+# bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits); EfficientNet is fake
+# quantized, and its RTN / HQQ rows (the KD rows too) take 1, 2, 3, 4 and 8 bits
+MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), (1, 2, 3, 4, 8), tuple(range(2, 9))
+
+
+def _choices(name: str, values, allowed, empty_ok: bool = False, hint: str = "") -> list:
+    """``values`` (a sequence, or a comma list in a string) as a list whose entries are all in
+    ``allowed`` (same type: 4.0 or "4" is not the bit width 4); ValueError naming ``name`` and the
+    bad entry otherwise, or when empty unless ``empty_ok``. Checks the arguments of the tables and of
+    the CLI, before any model loads (a bad entry used to surface after minutes, as a KeyError, or
+    not at all: an unknown EfficientNet row or method was skipped in silence)."""
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",") if v.strip()]
+    values = list(dict.fromkeys(values))  # each once, in the given order
+    choose = f"choose from {', '.join(map(str, allowed))}{hint}"
+    if not values and not empty_ok:
+        raise ValueError(f"{name}: none given ({choose})")
+    for v in values:
+        if not any(v == a and type(v) is type(a) for a in allowed):
+            raise ValueError(f"{name}: unknown entry {v!r} ({choose})")
+    return values
 
 
 def _model_mb(model: nn.Module) -> float:
@@ -79,6 +100,20 @@ def minilm_calib_units(model, sentences, batch: int = 16):
 
 
 def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_bits_list=(8, 4)):
+    """The MiniLM tables (markdown): weight-only W``bits`` x ``methods``, then W4A``act_bits``.
+
+    ``methods``: keys of :data:`METHOD_LABEL` (a list, or a comma list in a string); ``bits_list``:
+    weight bits of :data:`MINILM_BITS`; ``act_bits_list``: activation bits of
+    :data:`MINILM_ACT_BITS` (empty: no activation table). ``group_size`` must fit every Linear
+    (a multiple of 32 dividing in_features 384 and 1536; None / -1: one group per row): the rows are
+    labelled with it, so a layer never falls back to one group per row in silence.
+    ``out`` gets each row as it is measured. Arguments are checked before the model loads.
+    """
+    methods = _choices("methods", methods, METHOD_LABEL)
+    bits_list = _choices("bits_list", bits_list, MINILM_BITS)
+    act_bits_list = _choices("act_bits_list", act_bits_list, MINILM_ACT_BITS, empty_ok=True)
+    QuantizeConfig(group_size=group_size).validate()
+    glabel = "per row" if group_size in (None, -1) else f"g{group_size}"
     model = load_minilm("cpu")
     sents = load_sentences()
     calib, evals = sents[0::2], sents[1::2]
@@ -94,7 +129,7 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
 
     def row(method, bits, act_bits=None):
         m = copy.deepcopy(model)
-        cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, act_bits=act_bits)
+        cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, act_bits=act_bits, strict_group=True)
         label = METHOD_LABEL[method] if act_bits is None else ACT_LABEL.get(method, METHOD_LABEL[method])
         if quick and method in ("gptq", "erq"):  # the solvers' column loops take minutes on 2 cores
             cfg.skip = lambda name: ".layer.0." not in name
@@ -110,7 +145,7 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         agree = (_nn_index(E) == nn0).float().mean().item()
         npk = sum(isinstance(x, PackedLinear) for x in m.modules())
         a = f"A{act_bits}" if act_bits else ""
-        r = (f"| {label} | W{bits}{a} g{group_size} | {cos.mean():.4f} | {cos.min():.4f} | "
+        r = (f"| {label} | W{bits}{a} {glabel} | {cos.mean():.4f} | {cos.min():.4f} | "
              f"{100 * agree:.1f}% | {_model_mb(m):.1f} | {tq:.1f} | {ti:.2f} ({ti / t_fp:.2f}x) |")
         out(r + f"  <!-- {npk} PackedLinear -->")
         return r
@@ -167,8 +202,11 @@ def _images(extra_cal: bool = True):
     try:
         import skimage.data as sd
 
+        # images bundled with the skimage wheel only: "skin" / "lily" are fetched from the network by
+        # pooch where it is installed (the image set, so every number, then depended on the machine),
+        # and without it skimage calls pytest.skip under pytest (the tests of _images were skipped)
         for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina",
-                     "immunohistochemistry", "cat", "colorwheel", "logo", "skin", "lily"):
+                     "immunohistochemistry", "cat", "colorwheel", "logo"):
             try:
                 im = np.asarray(getattr(sd, name)())
             except Exception:  # noqa: BLE001  (absent in this skimage version / needs pooch)
@@ -249,6 +287,23 @@ EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparam
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
 # the best HQQ-based and the best overall all-W4 row (the others are ablations: about 45 more minutes)
 EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "kd_bias", "hybrid_kd")
+# effnet_table's ``parts``: the weight-only table, the weight + activation table
+EFFNET_PARTS = ("weights", "acts")
+# rows --quick leaves out: the sequential per-layer passes (minutes on 2 cores) and all KD rows but one
+EFFNET_QUICK_SKIP = ("gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd", "kd_w8",
+                     "hybrid_kd")
+
+
+def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
+    """The weight-only rows (keys of :data:`EFFNET_ROWS`, in table order) that :func:`effnet_table`
+    computes for ``methods`` and ``rows`` (None: all): a method's own row, "adaround" whenever asked
+    for, "hqq_bc" / "kd*" with "hqq" in ``methods``, "gptq_hqqparams" / "hybrid*" with "gptq";
+    ``quick`` leaves out :data:`EFFNET_QUICK_SKIP`."""
+    rows = EFFNET_ROWS if rows is None else rows
+    order = [m for m in methods if m in METHOD_LABEL] + ["adaround"]
+    order += ["hqq_bc", "kd", "kd_bias", "kd_w8"] if "hqq" in methods else []
+    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd"] if "gptq" in methods else []
+    return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)]
 
 
 def _hybrid(model, bits, group_size, Xc, layer_bits=None):
@@ -270,27 +325,40 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     (group size: the largest divisor of I*kh*kw <= ``group_size``). Metrics against fp32 on
     evaluation crops from images disjoint from the calibration images: top-1 agreement over all
     crops, mean KL(fp32 || q), and top-1 agreement over the crops where fp32's top-1 probability
-    is > 0.5. ``parts``: which tables to compute ("weights", "acts"). ``rows``: keys of
-    :data:`EFFNET_ROWS` for the weight-only table (None: all rows the ``methods`` allow; "kd*"
-    rows need "hqq", "hybrid*" / "gptq_hqqparams" need "gptq"). ``crops``: (calibration,
-    evaluation) crop counts, default :data:`EFFNET_CROPS`.
+    is > 0.5. ``methods``: keys of :data:`METHOD_LABEL` (a list, or a comma list in a string);
+    ``bits_list``: weight bits of :data:`EFFNET_BITS`. ``parts``: which tables to compute, of
+    :data:`EFFNET_PARTS`. ``rows``: keys of :data:`EFFNET_ROWS` for the weight-only table (None: all
+    rows the ``methods`` allow; :func:`effnet_rows_run` says which run). ``act_weight_method``: the
+    weights' method (of :data:`METHOD_LABEL`) in the activation table. ``crops``: (calibration,
+    evaluation) crop counts, ints >= 1, default :data:`EFFNET_CROPS`. Arguments are checked
+    before the model loads.
     """
     from .ptq.conv import fake_quantize_model_
 
+    parts = _choices("parts", parts, EFFNET_PARTS)
+    weights = "weights" in parts  # methods / bits only matter to the weight-only table
+    methods = _choices("methods", methods, METHOD_LABEL, empty_ok=not weights)
+    bits_list = _choices("bits_list", bits_list, EFFNET_BITS, empty_ok=not weights)
+    rows = set(EFFNET_ROWS if rows is None else _choices("rows", rows, EFFNET_ROWS))
+    _choices("act_weight_method", [act_weight_method], METHOD_LABEL)
+    n_cal, n_ev = crops or EFFNET_CROPS["quick" if quick else "full"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (n_cal, n_ev)):
+        raise ValueError(f"crops: (calibration, evaluation) crop counts must be ints >= 1, got {crops!r}")
+    runs = effnet_rows_run(methods, rows, quick)
+
     model = load_efficientnet_lite0("cpu")
     cal_imgs, ev_imgs = _images()
-    n_cal, n_ev = crops or EFFNET_CROPS["quick" if quick else "full"]
     Xc, Xe = _crops(cal_imgs, n_cal, seed=0, jitter=True), _crops(ev_imgs, n_ev, seed=1)
     L0 = _logits(model, Xe)
     n_conf = int((L0.softmax(1).amax(1) > 0.5).sum())
     kd = dict(EFFNET_KD, distill_steps=10) if quick else EFFNET_KD
     kd_note = f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}"
-    rows = set(EFFNET_ROWS if rows is None else rows)
     lines = []
 
     def row(label, cfg, m, tq, note):
         agree, kl, agree_c, _ = _agree_kl(_logits(m, Xe), L0)
-        lines.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {100 * agree_c:.1f}% | {tq:.1f} | {note} |")
+        conf = "-" if agree_c != agree_c else f"{100 * agree_c:.1f}%"  # NaN: no confident crop
+        lines.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {conf} | {tq:.1f} | {note} |")
         out(lines[-1])
 
     def quantized(bits, method, **kw):
@@ -300,12 +368,13 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         return m, time.perf_counter() - t0
 
     # (1) weight-only, every conv / linear at W``bits``
-    for bits in (bits_list if "weights" in parts else ()):
+    # ``runs`` (effnet_rows_run) says which rows run; the blocks below keep its order
+    for bits in (bits_list if weights else ()):
         lab = f"W{bits} g<={group_size}"
         # AdaRound is a row, not a --methods entry: it runs whenever the rows ask for it
-        for method in list(methods) + (["adaround"] if "adaround" in rows and "adaround" not in methods else []):
-            if method not in rows or (quick and method in ("gptq", "erq", "adaround")):
-                continue  # sequential per-layer passes: minutes on 2 cores
+        for method in list(methods) + ["adaround"]:
+            if method not in runs:
+                continue
             kw = {"clip": "hqq", "adaround_iters": 300, "adaround_lr": 3e-2, "adaround_lambda": 0.1} \
                 if method == "adaround" else {}
             m, tq = quantized(bits, method, **kw)
@@ -316,24 +385,24 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             kd_rows = [("kd", "HQQ + KD of scales/zeros", {}, None),
                        ("kd_bias", "HQQ + KD of scales/zeros + BN biases", {"distill_bias": True}, None),
                        ("kd_w8", "HQQ + KD of scales/zeros", {}, EFFNET_EDGE_W8)]
-            if "hqq_bc" in rows and not quick:
+            if "hqq_bc" in runs:
                 m, tq = quantized(bits, "hqq", bias_correction=True)
                 row("HQQ + bias correction", lab, m, tq, "all layers")
             for key, label, extra, edge in kd_rows:
-                if key in rows and not (quick and key != "kd_bias"):  # --quick: one KD row, 10 steps
+                if key in runs:  # --quick: one KD row (kd_bias), 10 steps
                     m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
                     row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
                         ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") + kd_note)
-        if "gptq" in methods and not quick:
-            if "gptq_hqqparams" in rows:
+        if "gptq" in methods:
+            if "gptq_hqqparams" in runs:
                 m, tq = quantized(bits, "gptq", clip="hqq")
                 row("GPTQ, HQQ params on depthwise", lab, m, tq, "all layers; depthwise GPTQ from HQQ's scale/zero")
             for key, edge in (("hybrid", None), ("hybrid_w8", EFFNET_EDGE_W8)):
-                if key in rows:
+                if key in runs:
                     m, tq = _hybrid(model, bits, group_size, Xc, edge)
                     row("GPTQ dense + HQQ depthwise", lab + (", stem + fc W8" if edge else ""), m, tq,
                         "not all-W4: stem conv and classifier at 8 bits" if edge else "all layers")
-            if "hybrid_kd" in rows:
+            if "hybrid_kd" in runs:
                 m, tq = quantized(bits, "gptq", depthwise_method="hqq", distill_bias=True, **kd)
                 row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq, "all layers; " + kd_note)
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
@@ -348,23 +417,22 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             row(cal, f"W{wbits}A8", m, tw + time.perf_counter() - t0,
                 f"weights {METHOD_LABEL[act_weight_method].split(' (')[0]} g<={group_size}")
     wa_rows, lines = lines[rows_before:], lines[:rows_before]
-    src = (f"{n_ev} eval crops from {len(ev_imgs)} images ({', '.join(n for n, _ in ev_imgs)}); fp32 top-1 "
+    ev_used, cal_used = ev_imgs[:n_ev], cal_imgs[:n_cal]  # _crops cycles over the images: fewer crops, fewer images
+    src = (f"{n_ev} eval crops from {len(ev_used)} images ({', '.join(n for n, _ in ev_used)}); fp32 top-1 "
            f"probability > 0.5 on {n_conf} of them (the 'confident' column). {n_cal} calibration crops (random "
-           f"size/position/flip, per-channel gain 0.8-1.2) from {len(cal_imgs)} other images "
-           f"({', '.join(n for n, _ in cal_imgs)}).")
+           f"size/position/flip, per-channel gain 0.8-1.2) from {len(cal_used)} other images "
+           f"({', '.join(n for n, _ in cal_used)}).")
     cols = ("| top-1 agreement | mean KL(fp32‖q) | agreement, confident crops | quant s | note |\n"
             "|---|---|---|---|---|---|---|")
     head1 = (f"EfficientNet-Lite0, weight-only fake quant of every conv/linear weight, group size = largest divisor "
              f"of I*kh*kw <= {group_size}. {src}\n\n| method | config " + cols)
     head2 = ("EfficientNet-Lite0, static per-tensor 8-bit activation fake quant at the input of every conv/linear "
-             "(unsigned after ReLU6, symmetric signed elsewhere), calibrated on the calibration crops.\n\n"
-             "| calibrator | config " + cols)
-    return head1 + "\n" + "\n".join(lines) + "\n\n" + head2 + "\n" + "\n".join(wa_rows)
-
-
-# bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits); EfficientNet is fake
-# quantized, and its RTN / HQQ rows (the KD rows too) take 1, 2, 3, 4 and 8 bits
-MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), (1, 2, 3, 4, 8), tuple(range(2, 9))
+             "(unsigned after ReLU6, symmetric signed elsewhere), calibrated on the calibration crops."
+             + ("" if weights else " " + src) + "\n\n| calibrator | config " + cols)
+    # only the tables of ``parts`` (an empty table with its header reads as a failed run)
+    tables = ([head1 + "\n" + "\n".join(lines)] if weights else []) + \
+        ([head2 + "\n" + "\n".join(wa_rows)] if "acts" in parts else [])
+    return "\n\n".join(tables)
 
 
 def _int_list(text: str) -> list[int]:
@@ -404,22 +472,13 @@ def main(argv=None):
                     help=f"EfficientNet weight-only rows, comma list of {', '.join(EFFNET_ROWS)}, or 'all' "
                          f"(default: %(default)s)")
     args = ap.parse_args(argv)
-    eff_rows = None if args.effnet_rows.strip() == "all" else \
-        tuple(r.strip() for r in args.effnet_rows.split(",") if r.strip())
-    for r in eff_rows or ():
-        if r not in EFFNET_ROWS:
-            ap.error(f"--effnet-rows: unknown row {r!r} (choose from {', '.join(EFFNET_ROWS)}, or 'all')")
-    if eff_rows == ():
-        ap.error("--effnet-rows: no row given")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        ap.error("--methods: no method given")
-    for m in methods:
-        if m not in METHOD_LABEL:
-            ap.error(f"--methods: unknown method {m!r} (choose from {', '.join(METHOD_LABEL)})")
-    for b in args.act_bits:
-        if b not in MINILM_ACT_BITS:
-            ap.error(f"--act-bits: {b} is not in 2-8")
+    try:  # the tables' own checks, named by option, before any model loads
+        eff_rows = None if args.effnet_rows.strip() == "all" else \
+            _choices("--effnet-rows", args.effnet_rows, EFFNET_ROWS, hint=", or 'all'")
+        methods = _choices("--methods", args.methods, METHOD_LABEL)
+        args.act_bits = _choices("--act-bits", args.act_bits, MINILM_ACT_BITS, empty_ok=True)
+    except ValueError as e:
+        ap.error(str(e))
     if args.bits is not None:
         if not args.bits:
             ap.error("--bits: no bit width given")
@@ -442,9 +501,10 @@ def main(argv=None):
     if args.only in (None, "minilm") and not bits_m:
         print(f"MiniLM: none of --bits {','.join(map(str, args.bits))} is one it takes "
               f"({', '.join(map(str, MINILM_BITS))}): its table is skipped", flush=True)
-    if args.quick and args.only != "minilm" and not set(methods) & {"rtn", "hqq"}:
-        print("EfficientNet: --quick skips GPTQ / ERQ / AdaRound, so its weight-only table has no method rows",
-              flush=True)
+    if args.only in (None, "effnet") and not effnet_rows_run(methods, eff_rows, args.quick):
+        print(f"EfficientNet: none of its weight-only rows runs with --methods {','.join(methods)} and "
+              f"--effnet-rows {args.effnet_rows}" + (" (--quick skips " + ", ".join(EFFNET_QUICK_SKIP) + ")"
+                                                     if args.quick else "") + ": that table stays empty", flush=True)
     tabs = []
     if args.only in (None, "minilm") and bits_m:
         tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),

@@ -260,7 +260,7 @@ def oscillation_update(
         meta, ema: the state from :func:`oscillation_init_state`, updated in place.
         qmin, qmax: integer grid, ``-128 <= qmin < qmax <= 127``.
         momentum: EMA momentum m in (0, 1] (official class default 0.01, paper runs 0.001).
-        freeze_threshold: freeze where f exceeds it; ``<= 0`` turns freezing (and the
+        freeze_threshold: in [0, 1]; freeze where f exceeds it; 0 turns freezing (and the
             integer EMA) off, as in the official code.
         backend: "auto", "native" or "triton".
 
@@ -282,10 +282,13 @@ def oscillation_update(
                          f"weight update a .contiguous() copy and copy it back, as OscillationTracker does)")
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
-    if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+    # bools are ints: momentum=True ran as 1; a threshold outside [0, 1] silently never froze
+    # (negative: off, > 1: f never exceeds it), as OscillationTracker already refuses
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
         raise ValueError(f"quantkern.{op}: momentum must be in (0, 1], got {momentum!r}")
-    if not (isinstance(freeze_threshold, (int, float)) and freeze_threshold == freeze_threshold and abs(freeze_threshold) != float("inf")):
-        raise ValueError(f"quantkern.{op}: freeze_threshold must be a finite number, got {freeze_threshold!r}")
+    if isinstance(freeze_threshold, bool) or not isinstance(freeze_threshold, numbers.Real) or not 0 <= freeze_threshold <= 1:
+        raise ValueError(f"quantkern.{op}: freeze_threshold must be a number in [0, 1] (a frequency; 0: no freezing), "
+                         f"got {freeze_threshold!r}")
     be = _pick_backend(op, weight, backend)
     fn = torch.ops.quantkern.oscillation_update_triton if be == "triton" else torch.ops.quantkern.oscillation_update
     with torch.no_grad():
@@ -338,13 +341,15 @@ def _hqq_check_args(op, W, bits, group_size, axis, lp_norm, beta, kappa, iters, 
         raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
     if W.shape[1] % group_size:
         raise ValueError(f"quantkern.{op}: group_size {group_size} does not divide K = W.shape[1] = {W.shape[1]}")
-    if axis not in (0, 1):
+    # bools and floats compare equal to 0 / 1: True, 1.0 or "0.7" passed as axis / lp_norm before
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1):
         raise ValueError(f"quantkern.{op}: axis must be 0 or 1, got {axis!r}")
-    if not 0.0 < float(lp_norm) <= 1.0:
-        raise ValueError(f"quantkern.{op}: lp_norm must be in (0, 1], got {lp_norm!r}")
+    real = (int, float, torch.SymFloat)
+    if isinstance(lp_norm, bool) or not isinstance(lp_norm, real) or not 0.0 < lp_norm <= 1.0:
+        raise ValueError(f"quantkern.{op}: lp_norm must be a number in (0, 1], got {lp_norm!r}")
     for name, v in (("beta", beta), ("kappa", kappa)):
         # (v - v) == 0 is "finite" without math.isfinite, which dynamo cannot trace on a symbolic float
-        if not (isinstance(v, (int, float, torch.SymFloat)) and (v - v) == 0 and v > 0):
+        if isinstance(v, bool) or not (isinstance(v, real) and (v - v) == 0 and v > 0):
             raise ValueError(f"quantkern.{op}: {name} must be a positive finite number, got {v!r}")
     if not isinstance(iters, int) or isinstance(iters, bool) or not 0 <= iters <= 100000:
         raise ValueError(f"quantkern.{op}: iters must be an int in [0, 100000], got {iters!r}")
@@ -374,7 +379,10 @@ def hqq_quantize(
 
     Args:
         W: ``[N, K]`` float32 / float16 / bfloat16, any strides; computed in fp32.
-            Must be finite.
+            Must be finite, with ``max|W| * max(group_size, 2) <= 2^127`` (1.7e38): beyond,
+            the solver's fp32 intermediates overflow (the group range max - min, a
+            constant group's zero sum) and scale / zero come out inf or NaN; scale such W
+            down by a power of two first.
         bits: 1, 2, 3, 4 or 8.
         group_size: g, must divide K.
         axis: 1 (groups contiguous along K: what fast kernels want) or 0 (hqq's
@@ -436,6 +444,9 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
             raise ValueError(f"quantkern.{op}: R must be finite (rows with R <= 0 are skipped)")
         if bool(((R > 0) & (n < 1)).any()):
             raise ValueError(f"quantkern.{op}: n must be >= 1 where R > 0")
+        # one buffer passed as both halves summed the signs' counts into it without a word
+        if pos.numel() and pos.untyped_storage().data_ptr() == neg.untyped_storage().data_ptr():
+            raise ValueError(f"quantkern.{op}: pos and neg must be separate tensors (they share memory)")
 
 
 def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin) -> None:
@@ -537,9 +548,10 @@ def _check_group(op: str, in_features: int, group_size) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"quantkern.{op}: group_size must be a positive int, got {group_size!r}")
     if group_size != in_features and (group_size % 32 or in_features % group_size):
+        fit = [g for g in (32, 64, 128, 256) if in_features % g == 0]  # (the examples must fit this K)
         raise ValueError(
             f"quantkern.{op}: group_size {group_size} must be a multiple of 32 that divides "
-            f"in_features={in_features} (e.g. 32, 64, 128, 256), or equal in_features (one group per row)"
+            f"in_features={in_features}{f' (e.g. {fit})' if fit else ''}, or equal in_features (one group per row)"
         )
 
 

@@ -124,6 +124,8 @@ BAD_ARGS = [
     ("packed_linear", "parse_args", ["--bits", "5"], "'5' is not one of 4, 3, 2"),
     ("packed_linear", "parse_args", ["--groups", "0"], "--groups: must be >= 1"),
     ("packed_linear", "parse_args", ["--groups", "48"], "--groups 48 does not fit shape"),
+    # a default group size that does not fit --shapes: the message says it is the default (not typed by the user)
+    ("packed_linear", "parse_args", ["--shapes", "64x64"], "--groups 128 (the default; pass --groups) does not fit"),
     ("packed_linear", "parse_args", ["--dtype", "fp8"], "'fp8' is not one of"),
     ("fake_quant_lsq", "parse_args", ["--bw-mib", "-5"], "--bw-mib: must be >= 1"),
     ("fake_quant_lsq", "parse_args", ["--pool-mib", "-1"], "--pool-mib: must be >= 0"),

@@ -1082,3 +1082,114 @@ def test_review_fixes_growth_to_float_max_and_number_types():
             compute_amax(torch.randn(100), "percentile", percentile=p)
     with pytest.raises(ValueError, match="base_amax"):
         compute_amax(torch.randn(4, 10), "mse_search", axis=0, base_amax=[[1.0], [2.0], [3.0], [4.0]])
+
+
+def test_asymmetric_qparams_of_a_range_wider_than_float32():
+    # amax - amin overflowed fp32 (inf scale): the quantizer calibrated, then every forward raised
+    scale, zero, _, _ = range_to_qparams(torch.tensor(-3e38), torch.tensor(3e38), 8, symmetric=False)
+    assert float(scale) == pytest.approx(6e38 / 255, rel=1e-6) and float(zero) == 128
+    x = torch.tensor([-3e38, 3e38, 1.0, -2e38])
+    for method in ("max", "percentile", "mse_search"):
+        y = ActQuantizer.from_data(x, 8, method, symmetric=False)(x)
+        assert torch.isfinite(y).all() and (y - x).abs().max() <= 2 * float(scale), method
+
+
+def test_qparams_and_fake_quant_check_range_and_zero():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="amax"):  # NaN gave a NaN scale
+        range_to_qparams(None, float("nan"), 8)
+    with pytest.raises(ValueError, match="amin"):
+        range_to_qparams(torch.tensor(float("nan")), torch.tensor(1.0), 8, symmetric=False)
+    with pytest.raises(ValueError, match=r"amin \(shape \(3,\)\) and amax"):  # was a broadcasting RuntimeError
+        fake_quant_static(x, torch.ones(8), 8, amin=-torch.ones(3), axis=1, symmetric=False)
+    with pytest.raises(ValueError, match="zero must have one element or as many as scale"):
+        fake_quant(x, torch.ones(8), torch.zeros(3), 0, 255, axis=1)
+    with pytest.raises(ValueError, match="zero must be finite"):  # every output was NaN
+        fake_quant(x, torch.ones(8), torch.full((8,), float("nan")), 0, 255, axis=1)
+    assert torch.equal(fake_quant(x, torch.ones(8), 0, -128, 127, axis=1), torch.round(x))  # a scalar zero still broadcasts
+
+
+@pytest.mark.parametrize("method", METHODS_ALL)
+def test_unsigned_calibration_of_negative_values_warns_once(method):
+    import warnings
+
+    with pytest.warns(UserWarning, match="unsigned=True.*negative") as rec:
+        cal = make_calibrator(method, 8, unsigned=True)
+        cal.collect(torch.randn(200))
+        cal.collect(torch.randn(200))
+    assert sum("unsigned=True" in str(w.message) for w in rec) == 1 and rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_calibrator(method, 8, unsigned=True).collect(torch.rand(200))  # non-negative: fine
+        make_calibrator(method, 8, unsigned=True, symmetric=False).collect(torch.randn(200))  # asymmetric: no sign issue
+        fake_quant_dynamic(torch.rand(20), unsigned=True)
+    with pytest.warns(UserWarning, match="fake_quant_dynamic \\(unsigned=True\\)"):
+        fake_quant_dynamic(torch.randn(20), unsigned=True)
+
+
+def test_mse_search_bases_are_checked_by_name():
+    x = torch.randn(100)
+    for kw, match in (({"base_amax": float("nan")}, "base_amax must be finite"),
+                      ({"base_amax": float("inf")}, "base_amax must be finite"),
+                      ({"base_amax": -1.0}, "base_amax must be >= 0"),
+                      ({"base_amin": -1.0}, "base_amin is for symmetric=False"),
+                      ({"base_amin": 1.0, "base_amax": -1.0, "symmetric": False}, "base_amin <= base_amax")):
+        with pytest.raises(ValueError, match=match):
+            compute_amax(x, "mse_search", **kw)
+    with pytest.raises(TypeError, match="base_amax"):
+        MseCalibrator(base_amax="1")
+    with pytest.raises(ValueError, match=r"base_amax.*got shape \(1, 1\)"):
+        compute_amax(x, "mse_search", base_amax=torch.ones(1, 1))
+    assert float(compute_amax(x, "mse_search", base_amax=2.0)) > 0
+
+
+def test_act_quantizer_empty_loader_and_pair_batches_get_clear_errors():
+    with pytest.raises(RuntimeError, match="before any input was seen.*empty calibration loader"):
+        ActQuantizer.from_data([], 8, "percentile")  # was "compute_amax() before any collect()"
+    xs = [torch.randn(4, 8) for _ in range(2)]
+    for batches, kind in (([(x, 0) for x in xs], "tuple"), ([{"x": x} for x in xs], "dict")):
+        with pytest.raises(TypeError, match=f"batch 0 is a {kind}.*for x, _ in loader"):
+            ActQuantizer.from_data(batches, 8, "max")
+    assert ActQuantizer.from_data((x for x, _ in [(x, 0) for x in xs]), 8, "max").scale > 0
+
+
+def test_act_quantizer_refused_checkpoint_changes_nothing():
+    x = torch.rand(64, 16) * 3
+    per_ch = ActQuantizer.from_data(x, 8, "max", axis=-1)
+    per_t = ActQuantizer.from_data(x, 8, "max")
+    # the axis is not in the checkpoint: a per-channel range loaded into a per-tensor quantizer
+    for dst, src in ((ActQuantizer(8, "max"), per_ch), (ActQuantizer(8, "max", axis=-1), per_t)):
+        with pytest.raises(ValueError, match="different axis"):
+            dst.load_state_dict(src.state_dict())
+        assert dst.scale is None
+    # a refused grid left an uncalibrated quantizer with an uninitialised (torch.empty_like) scale,
+    # and a calibrated one with the refused checkpoint's range
+    asym = ActQuantizer.from_data(x - 1, 8, "max", symmetric=False)
+    unsigned = ActQuantizer.from_data(x, 8, "max", unsigned=True)
+    fresh = ActQuantizer(8, "max")
+    with pytest.raises(ValueError, match="zero points"):
+        fresh.load_state_dict(asym.state_dict())
+    assert fresh.scale is None and fresh.zero is None
+    s0 = per_t.scale.clone()
+    with pytest.raises(ValueError, match="grid and mode"):
+        per_t.load_state_dict(unsigned.state_dict())
+    assert torch.equal(per_t.scale, s0)
+
+
+def test_calib_histogram_refuses_one_buffer_for_both_signs():
+    h = torch.zeros(1, 16, dtype=torch.int64)
+    with pytest.raises(ValueError, match="pos and neg must be separate"):
+        ops.calib_histogram(torch.randn(1, 10), h, h, torch.tensor([4.0]), torch.tensor([16]), backend="native")
+    assert int(h.sum()) == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"axis": 1, "symmetric": False}, {"dynamic": True}])
+def test_act_quantizer_compiles_fullgraph(kw):
+    # the value checks (finite scale / zero, amax >= 0, ...) read tensor data: a data-dependent branch
+    # under torch.compile, which failed fullgraph=True; they run in eager only
+    from quantkern.ptq.calibrate import ActQuantizer
+
+    x = torch.randn(4, 16)
+    aq = ActQuantizer(8, "max", **kw) if kw.get("dynamic") else ActQuantizer.from_data(torch.randn(64, 16), 8, "max", **kw)
+    f = torch.compile(lambda t: aq(t), fullgraph=True)
+    assert torch.equal(f(x), aq(x))

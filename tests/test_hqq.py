@@ -312,6 +312,14 @@ def test_triton_opcheck_and_errors():
         ({"group_size": 48}, ValueError, "does not divide"),
         ({"group_size": 0}, ValueError, "group_size"),
         ({"axis": 2}, ValueError, "axis"),
+        # bools and floats equal to 0 / 1 (and a numeric string) passed as axis / lp_norm / beta / kappa
+        ({"axis": True}, ValueError, "axis must be 0 or 1, got True"),
+        ({"axis": 0.0}, ValueError, "axis must be 0 or 1, got 0.0"),
+        ({"lp_norm": True}, ValueError, "lp_norm"),
+        ({"lp_norm": "0.7"}, ValueError, "lp_norm"),
+        ({"lp_norm": None}, ValueError, "lp_norm"),  # TypeError from float(), not naming it
+        ({"beta": True}, ValueError, "beta"),
+        ({"kappa": True}, ValueError, "kappa"),
         ({"lp_norm": 0.0}, ValueError, "lp_norm"),
         ({"lp_norm": 1.5}, ValueError, "lp_norm"),
         ({"beta": -1.0}, ValueError, "beta"),
@@ -381,3 +389,42 @@ def test_one_group_per_row_spelled_like_the_other_solvers():
             assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(ValueError, match="needs axis=1"):
         hqq_quantize(W, 4, -1, axis=0)
+
+
+def test_one_group_per_row_of_an_empty_row_names_it():
+    # was "group_size must be a positive int, got 0": a value the caller never passed
+    with pytest.raises(ValueError, match=r"group_size None \(one group per row\) needs K >= 1"):
+        hqq_quantize(torch.zeros(4, 0), 4, None)
+
+
+def test_beta_annealed_to_zero_matches_kernel():
+    # kappa < 1 drives beta_i = beta * kappa^i to 0.0; the kernels use c = 1 / 0 = inf (the shrink
+    # is 0: the beta -> 0 limit), the reference raised ZeroDivisionError in both orders
+    W = make_w((4, 64), 1.0, 21)
+    kw = dict(kappa=1e-10, iters=40, early_stop="none")
+    want = R.hqq_quantize(W, 4, 32, 1, order="kernel", **kw)
+    assert_same(op(W, 4, 32, kappa=1e-10, iters=40, mode="none"), want, "beta -> 0")
+    assert torch.equal(R.hqq_quantize(W, 4, 32, 1, order="torch", **kw)[0], want[0])
+
+
+@pytest.mark.parametrize("row,g,bits", [
+    ([2.0**127, -2.0**127], 2, 4),                         # max - min = 2^128: inverse scale 0, NaN zero
+    ([2.0**127 - 2.0**103, -(2.0**127 - 2.0**103)], 2, 1),  # 1 / range is subnormal: returned scale inf
+    ([1e37] * 64, 64, 4),                                   # a constant group's zero sum -g * w: zero -inf
+])
+def test_weights_beyond_the_fp32_range_of_the_solver_are_refused(row, g, bits):
+    # sufficient and near-tight: max|W| * max(group_size, 2) <= 2^127 keeps every intermediate finite
+    # (scale / zero came out inf or NaN without a word)
+    with pytest.raises(ValueError, match=r"max\|W\| \* max\(group_size, 2\) > 2\^127"):
+        op(torch.tensor([row]), bits, g)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_weights_at_the_fp32_limit_of_the_solver_work(bits):
+    # the other side of the bound above (max|W| * max(g, 2) = 2^127): finite, and as the reference computes
+    for row, g in (([2.0**125, -2.0**125, 2.0**124, -1.0], 4), ([2.0**126, -2.0**126], 2), ([2.0**120] * 128, 128)):
+        W = torch.tensor([row] * 3)
+        got = op(W, bits, g)
+        assert all(torch.isfinite(t.float()).all() for t in got)
+        assert torch.isfinite(hqq_dequantize(*got, g)).all()
+        assert_same(got, R.hqq_quantize(W, bits, g, 1, order="kernel"), f"{row[:2]} g={g}")

@@ -1012,3 +1012,59 @@ def test_plot_latent_distance_refuses_unknown_layer_names(tmp_path):
     with pytest.raises(ValueError, match="no quantized layer"):
         qat.plot_latent_distance(nn.Sequential(nn.Linear(2, 2)), str(tmp_path / "b.png"))
     assert qat.plot_latent_distance(model, str(tmp_path / "c.png"), groups={"conv": ["0", "3"]}).endswith("c.png")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"momentum": True}, "momentum must be in"),  # ran as momentum 1
+    ({"freeze_threshold": True}, r"freeze_threshold must be a number in \[0, 1\]"),
+    ({"freeze_threshold": -0.5}, r"freeze_threshold must be a number in \[0, 1\]"),  # silently no freezing
+    ({"freeze_threshold": 1.5}, r"freeze_threshold must be a number in \[0, 1\]"),  # f <= 1 never exceeds it
+    ({"freeze_threshold": float("nan")}, r"freeze_threshold must be a number in \[0, 1\]"),
+])
+def test_update_refuses_bool_scalars_and_thresholds_outside_unit_interval(kw, match):
+    w, s = torch.randn(8, 4), torch.rand(8) + 0.1
+    meta, ema = ops.oscillation_init_state(w, s, None, -8, 7, axis=0)
+    m0, e0, w0 = meta.clone(), ema.clone(), w.clone()
+    with pytest.raises(ValueError, match=match):
+        ops.oscillation_update(w, s, None, meta, ema, -8, 7, axis=0, **kw)
+    assert torch.equal(meta, m0) and torch.equal(ema, e0) and torch.equal(w, w0)
+    for th in (0, 1, 0.0, 1.0):  # both ends are fine, as for OscillationTracker
+        ops.oscillation_update(w, s, None, meta, ema, -8, 7, axis=0, momentum=1, freeze_threshold=th)
+
+
+def test_compile_fullgraph_training_step():
+    # a QAT step through torch.compile(fullgraph=True): the SGD step, then the in-place tracking /
+    # freezing update, then the loss with the dampening term (its backward runs through AOT autograd);
+    # same results as eager
+    g = torch.Generator().manual_seed(0)  # not the global RNG: the freezing below depends on the data
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+
+    def run(compile_):
+        torch.manual_seed(0)
+        lin = nn.Linear(8, 4)
+        s, b = torch.full((4,), 0.1), torch.zeros(4)
+        meta, ema = ops.oscillation_init_state(lin.weight.detach(), s, b, -4, 3, axis=0)
+
+        def step(x, y):
+            with torch.no_grad():
+                for p in lin.parameters():
+                    p -= 1.0 * p.grad  # a learning rate that makes some integers oscillate
+            # a constant threshold: each new float value is a recompile (a float schema argument)
+            cnt = ops.oscillation_update(lin.weight.data, s, b, meta, ema, -4, 3, axis=0, momentum=0.3,
+                                         freeze_threshold=0.05)
+            return ((lin(x) - y) ** 2).mean() + 0.1 * ops.dampening_loss(lin.weight, s, b, -4, 3, axis=0, norm=0.5), cnt
+
+        f = torch.compile(step, fullgraph=True, backend="aot_eager") if compile_ else step
+        ((lin(x) - y) ** 2).mean().backward()
+        out = []
+        for _ in range(6):
+            loss, cnt = f(x, y)
+            lin.zero_grad()
+            loss.backward()
+            out += [loss.detach(), lin.weight.grad.clone(), cnt]
+        return out + [lin.weight.detach(), meta, ema]
+
+    want, got = run(False), run(True)
+    assert want[-4][1] > 0  # something froze
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)

@@ -907,7 +907,7 @@ def test_replace_linear_keeps_a_frozen_bias_frozen():
 
 
 def test_replace_linear_warns_when_nothing_is_replaced():
-    # e.g. GPT-2, whose projections are transformers' Conv1D: an empty result used to pass silently
+    # e.g. a model of convolutions only: an empty result used to pass silently
     with pytest.warns(UserWarning, match="has no nn.Linear"):
         assert replace_linear(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv1d(4, 4, 1))) == []
     with pytest.warns(UserWarning, match="fallback_group_size=False"):

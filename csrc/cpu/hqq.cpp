@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hqq_quantize_cpu(const at::Tensor
     }
   });
   for (int64_t t = 0; t < ntiles; ++t)
-    TORCH_CHECK_VALUE(!bad[size_t(t)], "quantkern.hqq_quantize: W contains NaN or infinity (in groups ", t * TG, "..",
+    TORCH_CHECK_VALUE(!bad[size_t(t)], "quantkern.hqq_quantize: W contains NaN or infinity, or a group with max|W| * max(group_size, 2) > 2^127 "
+                "(the fp32 solver would overflow: scale W down by a power of two) (in groups ", t * TG, "..",
                 std::min(M, (t + 1) * TG) - 1, ")");
   if (global) {
     std::vector<float> E(size_t(P.iters));

@@ -54,6 +54,7 @@ inline HqqHost hqq_prepare(const at::Tensor& W, int64_t bits, int64_t group_size
   P.iters = int(iters);
   P.l1 = lp_norm == 1.0;
   P.qmax = float((1 << bits) - 1);
+  P.wmax = float(std::ldexp(1.0, 127) / double(std::max<int64_t>(group_size, 2)));
   P.y = float(lp_norm - 1.0);
   H.c.resize(size_t(iters));
   H.thr.resize(size_t(iters));

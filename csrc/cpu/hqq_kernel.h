@@ -157,7 +157,7 @@ void hqq_solve_t(const void* W, const HqqParams& P, int64_t j0, int64_t j1, floa
     const int nl = int(std::min<int64_t>(kW, j1 - jb));
     hqq_gather<D>(W, P, jb, nl, buf);
     V s, z, chk;
-    hqq_init_lanes(w_at, g, qmax, s, z, chk);
+    hqq_init_lanes(w_at, g, qmax, splat_like(V(), P.wmax), s, z, chk);
     if (!all_finite(chk)) *bad = 1;
     store_lanes(s_inv + jb, s, nl);
     store_lanes(scale + jb, div(one, s), nl);

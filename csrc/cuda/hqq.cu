@@ -77,7 +77,7 @@ __global__ void hqq_solve_kernel(const TW* __restrict__ W, HqqParams P, float* _
   auto w_at = [&](int64_t i) -> float { return kSmem ? sm[i * ld + l] : hq_ld(W, hq_index(P, j, i)); };
 
   float s, z, chk;
-  hqq_init_lanes(w_at, g, P.qmax, s, z, chk);
+  hqq_init_lanes(w_at, g, P.qmax, P.wmax, s, z, chk);
   if (owner) {
     if (!(chk == chk)) atomicOr(bad, 1);
     s_inv[j] = s;
@@ -265,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hqq_quantize_cuda(const at::Tenso
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  TORCH_CHECK_VALUE(bad.item<int>() == 0, "quantkern.hqq_quantize: W contains NaN or infinity");
+  TORCH_CHECK_VALUE(bad.item<int>() == 0, "quantkern.hqq_quantize: W contains NaN or infinity, or a group with "
+                    "max|W| * max(group_size, 2) > 2^127 (the fp32 solver would overflow: scale W down by a power of two)");
   return {q, scale, zero};
 }
 

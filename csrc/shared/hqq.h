@@ -42,6 +42,7 @@ struct HqqParams {
   HqqStop mode;
   int l1;         // lp_norm == 1: the shrink is relu(|x| - c) (no power)
   float qmax;     // 2^bits - 1
+  float wmax;     // largest max|W| of a group the fp32 solver takes: fp32(2^127 / max(g, 2))
   float y;        // fp32(lp_norm - 1)
   const float* c;    // [iters] fp32(1 / beta_i), beta_i = beta * kappa^i (host or device memory)
   const float* thr;  // [iters] shrink thresholds
@@ -161,9 +162,12 @@ QK_HD T hqq_q(T w, T s, T z, T qmax) {
 }
 
 // Min-max init of the lanes' groups: inverse scale s and zero z. `bad` gets a
-// NaN lane where a group holds a NaN or an infinity (w - w is 0 otherwise).
+// NaN lane where a group holds a NaN or an infinity (w - w is 0 otherwise), or
+// max|w| > wmax: beyond it the fp32 intermediates overflow (max - min, a 1/den in
+// the subnormals, a constant group's zero sum g * |w|) and scale / zero came out
+// inf or NaN.
 template <class T, class WAt>
-QK_HD void hqq_init_lanes(WAt&& w_at, int64_t g, T qmax, T& s, T& z, T& bad) {
+QK_HD void hqq_init_lanes(WAt&& w_at, int64_t g, T qmax, T wmax, T& s, T& z, T& bad) {
   T mn = w_at(0), mx = mn;
   T chk = sub(mn, mn);
   for (int64_t i = 1; i < g; ++i) {
@@ -178,7 +182,8 @@ QK_HD void hqq_init_lanes(WAt&& w_at, int64_t g, T qmax, T& s, T& z, T& bad) {
   s = select(le(den, splat_like(mn, 1e-4f)), one, s);
   s = min_(s, splat_like(mn, 2e4f));
   z = mul(mul(mn, splat_like(mn, -1.f)), s);
-  bad = chk;
+  const T inf = splat_like(mn, hqq_inf());
+  bad = select(gt(max_(mx, mul(mn, splat_like(mn, -1.f))), wmax), sub(inf, inf), chk);
 }
 
 // One element of one iteration: returns q - (w - we) * s and sets a = |w - wr|.

@@ -8,12 +8,14 @@
 * :func:`quantize_modules`: swap a model's Linear/Conv2d layers for QAT in place.
 * :class:`PackedLinear`, :func:`replace_linear`: packed low-bit inference.
 * :class:`MultiheadAttention`, :func:`unfuse_attention`: ``nn.MultiheadAttention`` with its
-  projections as Linear submodules, so the tools above reach them.
+  projections as Linear submodules, so the tools above reach them; :func:`conv1d_to_linear`
+  (transformers' Conv1D, GPT-2), :func:`expose_linears` (both).
 """
 from .attention import MultiheadAttention, unfuse_attention
+from .expose import conv1d_to_linear, expose_linears
 from .lsq import LSQQuantizer, qrange
 from .packed_linear import PackedLinear, replace_linear
 from .quant_modules import QuantConv2d, QuantLinear, quantize_modules
 
 __all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange", "PackedLinear", "replace_linear",
-           "MultiheadAttention", "unfuse_attention"]
+           "MultiheadAttention", "unfuse_attention", "conv1d_to_linear", "expose_linears"]

@@ -13,7 +13,7 @@ from .. import ops
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
-from .attention import unfuse_attention
+from .expose import expose_linears
 
 FORMAT_VERSION = 1
 
@@ -286,6 +286,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     ``nn.MultiheadAttention`` modules are first replaced by :class:`quantkern.nn.MultiheadAttention`
     (same function; its q / k / v / out projections are ``nn.Linear`` submodules, then packed
     like any other): torch's module reads its fused weights directly, so they could not be packed.
+    transformers' ``Conv1D`` layers (GPT-2) become ``nn.Linear`` likewise (:func:`expose_linears`).
 
     Args:
         skip: names (exact, a suffix after ".", or fnmatch patterns such as
@@ -309,7 +310,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         raise TypeError("quantkern.replace_linear: model is itself an nn.MultiheadAttention (no parent to replace it "
                         "in); wrap it, or convert quantkern.nn.MultiheadAttention.from_torch(module)")
     replaced = []
-    unfuse_attention(model, skip)  # its projections become nn.Linear layers, packed below
+    expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
     sites_list = linear_sites(model, skip)
     check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
@@ -329,8 +330,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     if not replaced:
         warnings.warn("quantkern.replace_linear: no layer replaced: " + (
             "every nn.Linear's in_features is unfit for the group size (fallback_group_size=False)" if sites_list else
-            "the model has no nn.Linear (after skip); layers of other types, e.g. transformers' Conv1D (GPT-2), are "
-            "not converted"), stacklevel=2)
+            "the model has no nn.Linear (after skip)"), stacklevel=2)
     return replaced
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import unfuse_attention
+from .expose import expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
 
 
@@ -310,7 +310,8 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     ``nn.MultiheadAttention`` modules (not skipped) are first replaced by
     :class:`quantkern.nn.MultiheadAttention` (same function, projections ``q_proj`` / ``k_proj`` /
     ``v_proj`` / ``out_proj`` as nn.Linear submodules), so their projections are quantized too
-    (torch's module reads its fused weights directly). Otherwise only modules whose type is
+    (torch's module reads its fused weights directly); transformers' ``Conv1D`` layers (GPT-2)
+    become nn.Linear. Otherwise only modules whose type is
     exactly nn.Linear or nn.Conv2d are swapped: subclasses and layers already quantized are
     left alone. A layer shared by several parents is converted once and stays shared.
 
@@ -335,7 +336,7 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("quantize_modules: model is itself an nn.MultiheadAttention (no parent to replace it in); "
                         "convert quantkern.nn.MultiheadAttention.from_torch(module)")
-    unfuse_attention(model, skipped)
+    expose_linears(model, skipped)
 
     # Build every replacement first and swap only when all succeeded: a layer that fails (e.g. a
     # w_group_size that does not divide its row length) used to leave the model half converted,

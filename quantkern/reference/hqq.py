@@ -105,13 +105,19 @@ def quantize_q(Wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) ->
 
 
 # ------------------------------------------------------------- shrinking
+def inv_beta(beta: float) -> float:
+    """1 / beta in double, inf once beta_i = beta * kappa^i has underflowed to 0 (kappa < 1, many
+    iterations): the kernels' c = fp32(1 / beta_i), where 1 / 0 is inf; Python raised ZeroDivisionError."""
+    return 1.0 / beta if beta != 0 else math.inf
+
+
 def shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
     """The official shrink: sign(x) * relu(|x| - |x|^(p-1) / beta) (in-place op order of hqq 0.2.8)."""
     out = torch.abs(x)
     if lp_norm == 1:
-        out.sub_(1.0 / beta).clamp_min_(0.0)
+        out.sub_(inv_beta(beta)).clamp_min_(0.0)
     else:
-        out.sub_((1.0 / beta) * out.pow(lp_norm - 1)).clamp_min_(0.0)
+        out.sub_(inv_beta(beta) * out.pow(lp_norm - 1)).clamp_min_(0.0)
     out.mul_(torch.sign(x))
     return out
 
@@ -240,7 +246,7 @@ def hqq_solve_groups(
         Wq = quantize_q(Wg, s, z, qmax)
         Wr = (Wq - z) / s
         if kern:
-            c = float(torch.tensor(1.0 / b, dtype=torch.float32))
+            c = float(torch.tensor(inv_beta(b), dtype=torch.float32))
             We = shrink_kernel(Wg - Wr, c, lp_norm, shrink_threshold(c, lp_norm))
         else:
             We = shrink_lp(Wg - Wr, b, lp_norm)

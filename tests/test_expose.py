@@ -1,5 +1,6 @@
-"""quantkern.nn.MultiheadAttention (torch's attention with its projections as submodules) and the
-conversions that use it: replace_linear, quantize_ / save / load, quantize_modules, fake_quantize_model_."""
+"""quantkern.nn.expose: quantkern.nn.MultiheadAttention (torch's attention with its projections as
+submodules) and transformers' Conv1D -> nn.Linear, and the conversions that use them:
+replace_linear, quantize_ / save / load, quantize_modules, fake_quantize_model_."""
 import itertools
 import warnings
 
@@ -228,3 +229,38 @@ def test_compile_fullgraph():
     x = torch.randn(B, L, E)
     f = torch.compile(lambda t: m(t, t, t, need_weights=False)[0], fullgraph=True)
     torch.testing.assert_close(f(x), m(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def _gpt2():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_layers_are_converted_and_round_trip(tmp_path):
+    from quantkern.nn import conv1d_to_linear
+
+    ids = torch.randint(0, 128, (2, 10))
+    model = _gpt2()
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert len(conv1d_to_linear(model)) == 2 * 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+        assert isinstance(model.transformer.h[0].attn.c_attn, nn.Linear)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)  # the same function
+    model = _gpt2()
+    names = replace_linear(model, 4, 32)  # lm_head (tied to the embedding) skipped by default
+    assert len(names) == 8 and "transformer.h.1.mlp.c_fc" in names
+    with torch.no_grad():
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 0.2 * ref.abs().max()
+    model = _gpt2()
+    quantkern.quantize_(model, method="gptq", bits=4, group_size=32, progress=False,
+                        calib_fn=[lambda m: m(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1)))])
+    with torch.no_grad():
+        y = model(ids).logits
+    path = str(tmp_path / "gpt2.safetensors")
+    quantkern.save_quantized(model, path)
+    loaded = quantkern.load_quantized(_gpt2, path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, y)

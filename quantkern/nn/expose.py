@@ -1,0 +1,64 @@
+"""Give a model's hidden linear maps the form the Linear-swapping tools look for.
+
+``replace_linear``, ``quantize_``, ``quantize_modules`` and ``fake_quantize_model_`` convert
+``nn.Linear`` modules. Two common layers compute a linear map without being one:
+
+* ``torch.nn.MultiheadAttention`` (fused ``in_proj_weight``, ``out_proj.weight`` read directly):
+  replaced by :class:`quantkern.nn.MultiheadAttention` (:func:`unfuse_attention`);
+* transformers' ``Conv1D`` (GPT-2 and its relatives: ``y = x @ W + b`` with ``W`` [in, out]):
+  replaced by an ``nn.Linear`` holding ``W.T`` (:func:`conv1d_to_linear`).
+
+Both replacements compute the same function (Conv1D's up to the rounding of a transposed
+product); :func:`expose_linears` runs both.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import unfuse_attention
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    # by name: transformers is optional, and importing it only to test a type would cost seconds
+    t = type(m)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers")
+
+
+def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
+    """Replace every transformers ``Conv1D`` (weight ``[in, out]``, ``y = x @ W + b``) of ``model``
+    by an ``nn.Linear(in, out)`` with weight ``W.T`` (a copy; ``requires_grad`` kept), in place;
+    returns the qualified names replaced. A module shared under several names is replaced once
+    and stays shared; ``skip`` (names or a predicate, as in ``replace_linear``) leaves the
+    matching ones alone."""
+    from .packed_linear import _skipped
+
+    if _is_hf_conv1d(model):
+        raise TypeError("conv1d_to_linear: model is itself a Conv1D (no parent to replace it in); wrap it in a module")
+    found: dict[int, tuple[list, list, nn.Module]] = {}
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
+            if _is_hf_conv1d(child):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                names, sites, _ = found.setdefault(id(child), ([], [], child))
+                names.append(name)
+                sites.append((parent, child_name))
+    replaced = []
+    for names, sites, conv in found.values():
+        if any(_skipped(n, skip) for n in names):
+            continue
+        w, b = conv.weight, conv.bias
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta", dtype=w.dtype)
+        lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+        if b is not None:
+            lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        lin.train(conv.training)
+        for parent, child_name in sites:
+            setattr(parent, child_name, lin)
+        replaced.append(names[0])
+    return replaced
+
+
+def expose_linears(model: nn.Module, skip=None) -> list[str]:
+    """:func:`unfuse_attention` then :func:`conv1d_to_linear` on ``model`` (in place, same
+    ``skip``); returns the names of the modules replaced."""
+    return unfuse_attention(model, skip) + conv1d_to_linear(model, skip)
