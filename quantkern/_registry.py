@@ -199,6 +199,9 @@ for _sfx in ("", "_triton"):
 
     @torch.library.register_fake(f"quantkern::dequantize{_sfx}")
     def _dequantize_fake(qweight, scales, zeros, bits, group_size, in_features, dtype=None):
+        for name, t in (("scales", scales), ("zeros", zeros)):  # (as _packed_linear_fake: mixed devices)
+            if t.device != qweight.device:
+                raise ValueError(f"quantkern.dequantize: {name} is on {t.device} but qweight is on {qweight.device}")
         return scales.new_empty((qweight.shape[0], in_features), dtype=dtype or scales.dtype)
 
     @torch.library.register_fake(f"quantkern::packed_linear{_sfx}")

@@ -475,8 +475,10 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
     # values: host syncs, so eager calls of ops.calib_search only (compiled, or through
     # torch.ops.quantkern directly, only the kernels' shape and n-range checks run)
     if C > 0 and not torch.compiler.is_compiling():
-        if not bool((torch.isfinite(width) & (width >= 0)).all()):
-            raise ValueError(f"quantkern.{op}: width must be finite and >= 0 (0: no data)")
+        # (beyond ~1e150 every candidate's squared error overflows float64 and the choice is arbitrary;
+        # a histogram of fp32 data has width < 4e38)
+        if not bool((torch.isfinite(width) & (width >= 0) & (width <= 1e150)).all()):
+            raise ValueError(f"quantkern.{op}: width must be finite, >= 0 (0: no data) and <= 1e150")
         if bool(((width > 0) & (n < 2)).any()):
             raise ValueError(f"quantkern.{op}: n must be >= 2 where width > 0")
         if bool((pos < 0).any()) or bool((neg < 0).any()):

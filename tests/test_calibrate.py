@@ -590,6 +590,8 @@ def test_calib_ops_bad_args():
         ops.calib_search(pos, neg, w, n, "mse", stride=0)
     with pytest.raises(TypeError, match="width"):
         ops.calib_search(pos, neg, w.float(), n, "mse")
+    with pytest.raises(ValueError, match="<= 1e150"):  # every candidate's error overflowed float64
+        ops.calib_search(pos, neg, torch.full_like(w, 1e200), n, "mse")
     with pytest.raises(RuntimeError, match="method must be"):
         torch.ops.quantkern.calib_search(pos, neg, w, n, "kl", 8, False, True, 1, 8)
     with pytest.raises(RuntimeError, match="start_bin"):

@@ -156,12 +156,28 @@ def test_special_values():
 
 
 def test_huge_grid_rounds_exactly():
-    # qmin/qmax beyond 2^23: rint must be exact for every fp32 (large v, half-integers near 2^22..2^23).
+    # the widest grid, [-2^24, 2^24]: rint must be exact for every fp32 (large v, half-integers near
+    # 2^22..2^23, integers past 2^23 where the 1.5 * 2^23 trick would round to even)
     s, b = torch.tensor([1.0], device=DEV), torch.tensor([0.0], device=DEV)
-    base = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 2.0**22 + 0.5, 2.0**22 + 1.5, -(2.0**22) - 0.5, 2.0**23 - 0.5, 2.0**23, 3e9, -3e9])
+    base = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 2.0**22 + 0.5, 2.0**22 + 1.5, -(2.0**22) - 0.5, 2.0**23 - 0.5, 2.0**23,
+                         2.0**23 + 1, -(2.0**23) - 3, 2.0**24 - 1, 3e9, -3e9])
     x = torch.cat([base, torch.randn(1000) * 1e6]).to(DEV)
-    y = FWD(x, s, b, -(2**31), 2**31 - 1, None, None, 1.0)
-    assert torch.equal(y, R.fake_quant_lsq(x, s, b, -(2**31), 2**31 - 1))
+    y = FWD(x, s, b, -(2**24), 2**24, None, None, 1.0)
+    assert torch.equal(y, R.fake_quant_lsq(x, s, b, -(2**24), 2**24))
+
+
+def test_grid_beyond_2_24_is_refused_like_the_public_op():
+    # The raw Triton op ran any int64 grid: 2^24 + 1 is not an fp32 and was moved silently (qmin
+    # 2^25 + 1 clamped to 2^25, outside the grid). Same message as quantkern.ops.fake_quant_lsq.
+    x, s, b = torch.randn(4, 8, device=DEV), torch.ones(1, device=DEV), torch.zeros(1, device=DEV)
+    for qmin, qmax in ((-(2**24) - 1, 7), (-8, 2**24 + 1), (2**25 + 1, 2**26)):
+        with pytest.raises(ValueError) as pub:
+            ops.fake_quant_lsq(x, s, b, qmin, qmax, backend="triton")
+        with pytest.raises(ValueError) as raw:
+            FWD(x, s, b, qmin, qmax, None, None, 1.0)
+        assert str(raw.value) == str(pub.value).replace("fake_quant_lsq:", "fake_quant_lsq_triton:")
+        with pytest.raises(ValueError, match=r"qmin and qmax must lie in \[-2\^24, 2\^24\]"):
+            BWD(torch.ones_like(x), x, s, b, qmin, qmax, None, None, 1.0)
 
 
 def test_fp16_bf16_output_rounding_is_rne():
@@ -296,6 +312,7 @@ def _bad_lsq_cases():
         ("scale-dtype", (x, one.double(), zero, -8, 7, None, None), "scale"),
         ("offset-dtype", (x, one, zero.double(), -8, 7, None, None), "offset"),
         ("qmin-qmax", (x, one, zero, 7, 7, None, None), "qmin"),
+        ("grid-past-2^24", (x, one, zero, -(2**24) - 1, 7, None, None), "qmin and qmax must lie in"),
         ("offset-shape", (x, one, zero.reshape(1, 1), -8, 7, None, None), "offset shape"),
         ("per-tensor-numel", (x, *ch(3), -8, 7, None, None), "per-tensor scale"),
         ("per-channel-length", (x, *ch(8), -8, 7, 0, None), "per-channel scale"),

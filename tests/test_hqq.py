@@ -405,6 +405,11 @@ def test_beta_annealed_to_zero_matches_kernel():
     want = R.hqq_quantize(W, 4, 32, 1, order="kernel", **kw)
     assert_same(op(W, 4, 32, kappa=1e-10, iters=40, mode="none"), want, "beta -> 0")
     assert torch.equal(R.hqq_quantize(W, 4, 32, 1, order="torch", **kw)[0], want[0])
+    if HAVE_TRITON and (INTERPRET or torch.cuda.is_available()):  # (its constants raised ZeroDivisionError)
+        import quantkern.triton_kernels  # noqa: F401
+
+        got = quantkern.ops.hqq_quantize(W, 4, 32, kappa=1e-10, iters=40, early_stop="none", backend="triton")
+        assert_same(got, want, "beta -> 0, triton")
 
 
 @pytest.mark.parametrize("row,g,bits", [
@@ -417,6 +422,11 @@ def test_weights_beyond_the_fp32_range_of_the_solver_are_refused(row, g, bits):
     # (scale / zero came out inf or NaN without a word)
     with pytest.raises(ValueError, match=r"max\|W\| \* max\(group_size, 2\) > 2\^127"):
         op(torch.tensor([row]), bits, g)
+    if HAVE_TRITON and (INTERPRET or torch.cuda.is_available()):
+        import quantkern.triton_kernels  # noqa: F401
+
+        with pytest.raises(ValueError, match=r"max\|W\| \* max\(group_size, 2\) > 2\^127"):
+            quantkern.ops.hqq_quantize(torch.tensor([row]), bits, g, backend="triton")
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -1068,3 +1068,12 @@ def test_compile_fullgraph_training_step():
     assert want[-4][1] > 0  # something froze
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+
+
+def test_dampening_loss_checks_backend_up_front():
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+
+    model = nn.Sequential(QuantLinear(8, 4, w_bits=4))
+    with pytest.raises(ValueError, match="DampeningLoss: backend must be one of"):  # (it failed at the first call)
+        qat.DampeningLoss(model, backend="cuda")

@@ -1014,3 +1014,10 @@ def test_packed_linear_torch_func_with_compile_and_triton(monkeypatch):
     for transform in (lambda g: torch.func.jvp(g, (x,), (x,)), lambda g: torch.func.grad(lambda t: g(t).sum())(x)):
         with pytest.raises(NotImplementedError, match="need the native kernels"):
             transform(lambda xi: ops.packed_linear(xi, pw, backend="triton"))
+
+
+def test_dequantize_refuses_metadata_on_another_device():
+    # a direct op call with scales / zeros on meta and qweight on the CPU returned a meta tensor silently
+    pw = make(8, 64, 4, 32)
+    with pytest.raises(ValueError, match="scales is on meta but qweight is on cpu"):
+        torch.ops.quantkern.dequantize(pw.qweight, pw.scales.to("meta"), pw.zeros.to("meta"), 4, 32, 64, None)

@@ -38,8 +38,16 @@ def _hist_kernel(x_ptr, pos_ptr, neg_ptr, r_ptr, n_ptr, bad_ptr, M, B, NMB, BLOC
     n = tl.load(n_ptr + c)
     mask = (m < M) & (m * 0 + R > 0) & (m * 0 + n > 0)
     v = tl.load(x_ptr + c.to(tl.int64) * M + m, mask=mask, other=0.0).to(tl.float32)
-    t = tl.div_rn(tl.abs(v) * n.to(tl.float32), R)
-    bad = mask & ((t != t) | (t > 3.0e38))  # calib_bad: NaN / inf only; finite values past R clamp
+    a = tl.abs(v)
+    nf = n.to(tl.float32)
+    t = tl.div_rn(a * nf, R)
+    # calib_ratio: a finite |x| whose a * n / R overflows fp32 (|x| far beyond R, or R tiny) is not
+    # "NaN or infinity": redo the two roundings on a and R scaled by 2^-64 and clamp a quotient
+    # still past fp32 to 3e38 (the last bin), as the native kernels do
+    slow = ~(t <= 3.0e38) & (a <= 3.4028234664e38)
+    ts = tl.div_rn((a * 5.421010862427522e-20) * nf, R * 5.421010862427522e-20)
+    t = tl.where(slow, tl.where(ts <= 3.0e38, ts, 3.0e38), t)
+    bad = mask & ~(t <= 3.0e38)  # calib_bad: NaN / inf in x only; finite values past R clamp
     tl.atomic_max(bad_ptr, tl.max(bad.to(tl.int32), 0))
     # calib_bin: clamp in float to n - 1 (exact for n <= 2^24), then convert
     top = (n - 1).to(tl.float32)

@@ -199,6 +199,10 @@ def check_layout(op, x, scale, offset, qmin, qmax, axis, group_size, negative_ax
     _check_tensor(op, "offset", offset, (torch.float32,), x.device)
     if not qmin < qmax:
         raise ValueError(f"quantkern.{op}: qmin ({qmin}) must be < qmax ({qmax})")
+    # The grid is applied in fp32: a bound beyond 2^24 is not an exact float and would be moved
+    # silently (as quantkern.ops._check_qparams and csrc/cpu/checks.h refuse it)
+    if not -(1 << 24) <= qmin < qmax <= 1 << 24:
+        raise ValueError(f"quantkern.{op}: qmin and qmax must lie in [-2^24, 2^24] (fp32-exact integers), got {qmin}, {qmax}")
     if offset.shape != scale.shape:
         raise ValueError(f"quantkern.{op}: offset shape {tuple(offset.shape)} must equal scale shape {tuple(scale.shape)}")
     if group_size is not None and axis is not None:

@@ -97,7 +97,7 @@ def _elem(w, s, z, qmax, c, y, thr, L1: tl.constexpr):
 
 @triton.jit
 def _hqq_solve_kernel(w_ptr, sinv_ptr, scale_ptr, zero_ptr, zhist_ptr, errp_ptr, q_ptr, bad_ptr, c_ptr, thr_ptr,
-                      M, G, qmax, y, ITERS,
+                      M, G, qmax, wmax, y, ITERS,
                       AXIS: tl.constexpr, MODE: tl.constexpr, L1: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -126,7 +126,8 @@ def _hqq_solve_kernel(w_ptr, sinv_ptr, scale_ptr, zero_ptr, zhist_ptr, errp_ptr,
     s = tl.where(den <= 1e-4, 1.0, s)
     s = tl.minimum(s, 20000.0)
     z = (mn * -1.0) * s
-    tl.store(bad_ptr + pid, tl.sum(tl.where(valid & (chk != chk), 1, 0)))
+    # NaN / inf in the group, or max|w| > wmax (csrc/shared/hqq.h: the fp32 intermediates would overflow)
+    tl.store(bad_ptr + pid, tl.sum(tl.where(valid & ((chk != chk) | (tl.maximum(mx, -mn) > wmax)), 1, 0)))
     tl.store(sinv_ptr + j, s, mask=valid)
     tl.store(scale_ptr + j, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s), mask=valid)
     if MODE == 0:
@@ -206,7 +207,7 @@ def hqq_constants(lp_norm: float, beta: float, kappa: float, iters: int) -> tupl
     """Per-iteration c_i = fp32(1 / beta_i) and shrink thresholds, as csrc/cpu/hqq_host.h computes them."""
     cs, thrs, b = [], [], float(beta)
     for i in range(iters):
-        c = _f32(1.0 / b)
+        c = _f32(1.0 / b) if b else math.inf  # beta annealed to 0: c = inf, as in C++
         if not (math.isfinite(b) and c >= 1.1754943508222875e-38):
             raise ValueError(
                 f"quantkern.hqq_quantize: beta * kappa^i leaves the fp32 range at iteration {i} (beta_i = {b}); "
@@ -247,11 +248,12 @@ def hqq_quantize_triton(W, bits, group_size, axis=1, lp_norm=0.7, beta=10.0, kap
         zhist = errp = s_inv  # unused
     _hqq_solve_kernel[(nprog,)](
         Wc, s_inv, scale, zero, zhist, errp, q, bad, c_t, thr_t,
-        M, g, float(2**bits - 1), _f32(lp_norm - 1.0), iters,
+        M, g, float(2**bits - 1), _f32(2.0**127 / max(g, 2)), _f32(lp_norm - 1.0), iters,
         AXIS=axis, MODE=mode, L1=lp_norm == 1.0, BLOCK=_BLOCK, enable_fp_fusion=False,
     )
     if bool(bad.any()):
-        raise ValueError("quantkern.hqq_quantize_triton: W contains NaN or infinity")
+        raise ValueError("quantkern.hqq_quantize_triton: W contains NaN or infinity, or a group with max|W| * "
+                         "max(group_size, 2) > 2^127 (the fp32 solver would overflow: scale W down by a power of two)")
     if mode == 0:
         # The official rule on the device: E_i = fp32(sum of error sums / numel); the loop
         # breaks after applying the update of the first i with !(E_i < E_{i-1}) (E_-1 = inf).

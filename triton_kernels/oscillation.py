@@ -5,9 +5,10 @@ same fp32 operation order). Registered for CUDA, and for CPU when
 ``TRITON_INTERPRET=1`` (the interpreter is how the tests run them here).
 
 Numerics notes:
-* round-half-to-even is ``(x + 1.5 * 2^23) - 1.5 * 2^23`` (exact for |x| < 2^22; all
-  rounded values here are integers of at most 2^20), because libdevice.rint is not
-  available in the interpreter;
+* round-half-to-even in the oscillation update is ``(x + 1.5 * 2^23) - 1.5 * 2^23`` (exact
+  for |x| < 2^22; all values it rounds there are at most 2^20), because libdevice.rint is not
+  available in the interpreter; the dampening loss takes any grid in [-2^24, 2^24], so it
+  rounds with the exact ``_rint`` of fake_quant_lsq;
 * division is ``tl.div_rn`` (IEEE), and kernels launch with ``enable_fp_fusion=False``
   so no multiply-add is contracted into an FMA (the CPU/CUDA kernels round twice).
 """
@@ -22,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .._registry import LIB
-from .fake_quant_lsq import check_layout, check_qparam_values
+from ..ops import _check_tensor
+from .fake_quant_lsq import _rint as _rint_exact, check_layout, check_qparam_values
 
 _MAGIC = 12582912.0  # 1.5 * 2^23
 _BLOCK = 1024
@@ -118,7 +120,8 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
 @triton.jit
 def _damp_diff(w, s, b, n, p):
     v = tl.div_rn(w - b, s)
-    xq = _rint(tl.where(v < n, n, tl.where(v > p, p, v))) * s + b
+    # (not _rint: the grid may reach 2^24, where the 1.5 * 2^23 trick is off by one)
+    xq = _rint_exact(tl.where(v < n, n, tl.where(v > p, p, v))) * s + b
     lo = n * s + b
     hi = p * s + b
     inside = (w >= lo) & (w <= hi)
@@ -185,13 +188,18 @@ def oscillation_update_triton(weight, scale, offset, meta, ema, qmin, qmax, axis
     op = "oscillation_update_triton"
     _check(op, weight, scale, offset, qmin, qmax, axis, group_size)
     if not -128 <= qmin < qmax <= 127:
-        raise ValueError(f"quantkern: oscillation state needs -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
-    if not (weight.is_contiguous() and meta.is_contiguous() and ema.is_contiguous()):
-        raise ValueError("quantkern: weight, meta and ema must be contiguous")
-    if meta.dtype != torch.int32 or ema.dtype != torch.float32 or meta.shape != weight.shape or ema.shape != weight.shape:
-        raise ValueError("quantkern: meta (int32) and ema (float32) must have the shape of weight")
-    if meta.device != weight.device or ema.device != weight.device:
-        raise ValueError(f"quantkern.{op}: meta and ema must be on weight's device ({weight.device})")
+        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, "
+                         f"got {qmin}, {qmax}")
+    if not weight.is_contiguous():
+        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place)")
+    # one message per argument (a single combined message blamed the shape of a meta of the wrong dtype)
+    _check_tensor(op, "meta", meta, (torch.int32,), weight.device, "weight")
+    _check_tensor(op, "ema", ema, (torch.float32,), weight.device, "weight")
+    for name, t in (("meta", meta), ("ema", ema)):
+        if t.shape != weight.shape:
+            raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"quantkern.{op}: {name} must be contiguous")
     if not 0 < momentum <= 1:
         raise ValueError(f"quantkern.{op}: momentum must be in (0, 1], got {momentum}")
     if not math.isfinite(freeze_threshold):

@@ -271,6 +271,13 @@ def packed_linear_triton(x, qweight, scales, zeros, bits, group_size, in_feature
                                                in_features)
     if x.dtype not in _TL:
         raise ValueError(f"quantkern.packed_linear_triton: x must be float32, float16 or bfloat16, got {x.dtype}")
+    # as the native op: a CUDA x with a CPU bias (or the reverse) dispatches here and the launch would fail
+    # deep inside Triton ("Pointer argument cannot be accessed")
+    from quantkern.ops import _check_tensor
+
+    _check_tensor("packed_linear_triton", "x", x, None, qweight.device, "qweight")
+    if bias is not None:
+        _check_tensor("packed_linear_triton", "bias", bias, None, x.device, "x")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"quantkern.packed_linear_triton: x must have shape [..., {K}], got {tuple(x.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):

@@ -216,7 +216,9 @@ class MultiheadAttention(nn.Module):
             if mask is not None:
                 logits = logits + mask
             w = torch.softmax(logits, dim=-1)
-            out = torch.matmul(F.dropout(w, p) if p > 0 else w, v)
+            if p > 0:  # the returned weights are the dropped-out ones, as torch's
+                w = F.dropout(w, p)
+            out = torch.matmul(w, v)
             weights = w.mean(1) if average_attn_weights else w
             if not batched:
                 weights = weights.squeeze(0)

@@ -379,6 +379,8 @@ class DampeningLoss:
                  max_bits: int | None = None, backend: str = "auto", layers: list[QLayer] | None = None):
         if aggregation not in _AGGREGATIONS:
             raise ValueError(f"DampeningLoss: aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+        if backend not in ops.BACKENDS:  # else it would only fail at the first call
+            raise ValueError(f"DampeningLoss: backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.model = model
         self.layers = quantized_layers(model, max_bits) if layers is None else layers
         if not self.layers:
