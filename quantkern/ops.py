@@ -226,6 +226,23 @@ def oscillation_init_state(
         return meta.contiguous(), ema.contiguous()
 
 
+def check_osc_state(op: str, weight, meta, ema, qmin: int, qmax: int) -> None:
+    """The oscillation state's checks (also run by the raw Triton op): meta int32 / ema fp32 of
+    weight's shape and device, all contiguous (updated in place), an int8 grid."""
+    _check_tensor(op, "meta", meta, (torch.int32,), weight.device, "weight")
+    _check_tensor(op, "ema", ema, (torch.float32,), weight.device, "weight")
+    for name, t in (("meta", meta), ("ema", ema)):
+        if t.shape != weight.shape:
+            raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"quantkern.{op}: {name} must be contiguous")
+    if not weight.is_contiguous():
+        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place; for a channels_last "
+                         f"weight update a .contiguous() copy and copy it back, as OscillationTracker does)")
+    if not -128 <= qmin < qmax <= 127:
+        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
+
+
 def oscillation_update(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -270,18 +287,7 @@ def oscillation_update(
     """
     op = "oscillation_update"
     offset, axis = _check_qparams(op, weight, scale, offset, qmin, qmax, axis, group_size)
-    _check_tensor(op, "meta", meta, (torch.int32,), weight.device, "weight")
-    _check_tensor(op, "ema", ema, (torch.float32,), weight.device, "weight")
-    for name, t in (("meta", meta), ("ema", ema)):
-        if t.shape != weight.shape:
-            raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"quantkern.{op}: {name} must be contiguous")
-    if not weight.is_contiguous():
-        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place; for a channels_last "
-                         f"weight update a .contiguous() copy and copy it back, as OscillationTracker does)")
-    if not -128 <= qmin < qmax <= 127:
-        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, got {qmin}, {qmax}")
+    check_osc_state(op, weight, meta, ema, qmin, qmax)
     # bools are ints: momentum=True ran as 1; a threshold outside [0, 1] silently never froze
     # (negative: off, > 1: f never exceeds it), as OscillationTracker already refuses
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:

@@ -7,7 +7,6 @@ interpreter keeps the whole file fast, but some are chosen to need several
 tiles (partial-sum slots and the second reduction kernel).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -17,12 +16,9 @@ triton = pytest.importorskip("triton")
 import quantkern  # noqa: E402,F401
 from quantkern import ops, reference as R  # noqa: E402
 
-if torch.cuda.is_available():
-    DEV = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from _triton_dev import triton_device  # noqa: E402
+
+DEV = triton_device()
 
 import quantkern.triton_kernels  # noqa: E402,F401  (registers the *_triton kernels)
 from quantkern.triton_kernels import fake_quant_lsq as TK  # noqa: E402

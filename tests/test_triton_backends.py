@@ -6,7 +6,6 @@ Runs the kernels on CPU tensors under the Triton interpreter (tests/conftest.py 
 TRITON_INTERPRET=1 before triton is imported), or on CUDA. Shapes are small: the interpreter
 is slow.
 """
-import os
 
 import pytest
 import torch
@@ -17,12 +16,9 @@ pytest.importorskip("triton")
 import quantkern  # noqa: E402
 from quantkern import PackedWeight, ops  # noqa: E402
 
-if torch.cuda.is_available():
-    DEV = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from _triton_dev import triton_device  # noqa: E402
+
+DEV = triton_device()
 
 import quantkern.triton_kernels  # noqa: E402,F401  (registers the *_triton kernels)
 

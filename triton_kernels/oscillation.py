@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._registry import LIB
-from ..ops import _check_tensor
+from ..ops import check_osc_state
 from .fake_quant_lsq import _rint as _rint_exact, check_layout, check_qparam_values
 
 _MAGIC = 12582912.0  # 1.5 * 2^23
@@ -187,19 +187,8 @@ def _check(op, x, scale, offset, qmin, qmax, axis, group_size):
 def oscillation_update_triton(weight, scale, offset, meta, ema, qmin, qmax, axis, group_size, momentum, freeze_threshold):
     op = "oscillation_update_triton"
     _check(op, weight, scale, offset, qmin, qmax, axis, group_size)
-    if not -128 <= qmin < qmax <= 127:
-        raise ValueError(f"quantkern.{op}: the state keeps the integer in int8: need -128 <= qmin < qmax <= 127, "
-                         f"got {qmin}, {qmax}")
-    if not weight.is_contiguous():
-        raise ValueError(f"quantkern.{op}: weight must be contiguous (it is updated in place)")
     # one message per argument (a single combined message blamed the shape of a meta of the wrong dtype)
-    _check_tensor(op, "meta", meta, (torch.int32,), weight.device, "weight")
-    _check_tensor(op, "ema", ema, (torch.float32,), weight.device, "weight")
-    for name, t in (("meta", meta), ("ema", ema)):
-        if t.shape != weight.shape:
-            raise ValueError(f"quantkern.{op}: {name} shape {tuple(t.shape)} must equal weight shape {tuple(weight.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"quantkern.{op}: {name} must be contiguous")
+    check_osc_state(op, weight, meta, ema, qmin, qmax)
     if not 0 < momentum <= 1:
         raise ValueError(f"quantkern.{op}: momentum must be in (0, 1], got {momentum}")
     if not math.isfinite(freeze_threshold):
