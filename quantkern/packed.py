@@ -29,7 +29,9 @@ class PackedWeight:
         ops.check_packed("PackedWeight", qweight, scales, zeros, bits, group_size, shape[1])
         if qweight.shape[0] != shape[0]:
             raise ValueError(f"PackedWeight: qweight has {qweight.shape[0]} rows but shape[0] = {shape[0]}")
-        if scales.device.type != "meta":
+        # value checks read the data (a host sync): eager only, so that a PackedWeight can be built inside
+        # torch.compile(fullgraph=True) (PackedLinear.packed_weight / dequantize in a compiled forward)
+        if scales.device.type != "meta" and not torch.compiler.is_compiling():
             for name, t in (("scales", scales), ("zeros", zeros)):
                 if t.numel() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"PackedWeight: {name} contain NaN or inf")
@@ -59,14 +61,15 @@ class PackedWeight:
             raise ValueError(f"PackedWeight.from_float: W must have in_features > 0, got shape {tuple(W.shape)}")
         gs = K if group_size in (None, -1) else group_size
         ops._check_group("PackedWeight.from_float", K, gs)
-        if W.device.type != "meta" and W.numel():
+        eager = not torch.compiler.is_compiling()  # value checks: eager only (as in __init__)
+        if W.device.type != "meta" and W.numel() and eager:
             bad = ~torch.isfinite(W.detach()).all(1)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten()[:5].tolist()
                 raise ValueError(f"PackedWeight.from_float: W contains NaN or inf (row {', '.join(map(str, rows))}"
                                  f"{', ...' if int(bad.sum()) > 5 else ''}); a weight must be finite to quantize")
         q, s, z = ref.quantize_rtn(W.detach(), bits, gs, meta_dtype)
-        if s.device.type != "meta" and s.numel() and not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
+        if eager and s.device.type != "meta" and s.numel() and not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
             # fp32 metadata overflows only for a (float64) W beyond the fp32 range: suggesting
             # meta_dtype=torch.float32 there would be no help
             fix = "rescale W" if s.dtype == torch.float32 else "use meta_dtype=torch.float32 (or rescale W)"

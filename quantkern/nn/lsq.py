@@ -212,7 +212,10 @@ class LSQQuantizer(nn.Module):
         return xf.reshape(-1, self.group_size)
 
     # ------------------------------------------------------------ init
-    @torch.compiler.disable  # data dependent: runs eagerly (a graph break) if reached under torch.compile
+    # data dependent: runs eagerly (a graph break) if reached under torch.compile; with fullgraph=True dynamo
+    # raises, and the reason is what its error tells the user (its own hint, "remove the disable call", misleads)
+    @torch.compiler.disable(reason="LSQQuantizer's data-dependent init: run one eager forward (or initialize(x)) "
+                                   "before torch.compile(fullgraph=True)")
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set scale (and offset) from the data ``x`` with ``self.init``; marks the quantizer initialised."""

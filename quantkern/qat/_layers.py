@@ -41,7 +41,9 @@ class QLayer:
     def write_back(self, w: torch.Tensor) -> None:
         """Copy ``w`` (from :meth:`weight_view`) into the weight unless it is the weight's own storage."""
         data = self.module.weight.data
-        if w.data_ptr() != data.data_ptr():
+        # weight_view copied exactly when the weight is not contiguous; decided from the strides, not
+        # by comparing data pointers, which torch.compile cannot trace (a compiled tracker.step failed)
+        if not data.is_contiguous():
             data.copy_(w.view(data.shape))
 
     def params(self, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,7 @@ class _Tracked:
         self.hook = None
         self.hooked = None  # the Parameter the hook sits on (a load_state_dict(assign=True) replaces it)
         self.fwd_hook = None  # frozen_grad="official": on the weight quantizer
+        self.fwd_hooked = False  # fwd_hook is set (a bool: a compiled step() cannot read the handle)
 
 
 def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) -> None:
@@ -106,9 +107,12 @@ def _finite_real(v) -> bool:
     if isinstance(v, (bool, str)):
         return False
     try:
-        return math.isfinite(float(v))
+        f = float(v)
     except (TypeError, ValueError):
         return False
+    # not math.isfinite: under torch.compile a scheduled value (a lambda, a threshold) becomes a symbolic
+    # float from its second distinct value on, which math.isfinite cannot trace (fullgraph=True failed)
+    return f - f == 0  # inf - inf and NaN give NaN
 
 
 def _check_threshold(owner: str, th) -> None:
@@ -218,7 +222,7 @@ class OscillationTracker:
         if not (self.grad_mask and t.freezing_started):
             return
         w = t.layer.weight
-        if t.hooked is w and t.hook is not None:
+        if t.hooked is w:  # (hooked is set and cleared with hook; not reading the handle lets dynamo trace step)
             return
         if t.hook is not None:
             t.hook.remove()
@@ -227,8 +231,9 @@ class OscillationTracker:
             t.hook, t.hooked = w.register_hook(self._make_hook(t)), w
 
     def _ensure_forward_hook(self, t: _Tracked) -> None:
-        if self.frozen_grad == "official" and t.fwd_hook is None:
+        if self.frozen_grad == "official" and not t.fwd_hooked:
             t.fwd_hook = t.layer.quantizer.register_forward_hook(_FrozenForwardHook(t))
+            t.fwd_hooked = True
 
     def _check_layers_current(self) -> None:
         _check_layers_current("OscillationTracker", self.model, [t.layer for t in self.tracked.values()])
@@ -256,9 +261,9 @@ class OscillationTracker:
             if t.hook is not None:
                 t.hook.remove()
                 t.hook = t.hooked = None
-            if t.fwd_hook is not None:
+            if t.fwd_hooked:
                 t.fwd_hook.remove()
-                t.fwd_hook = None
+                t.fwd_hook, t.fwd_hooked = None, False
 
     # ---------------------------------------------------------------- inspection
     def _state(self, name: str):
