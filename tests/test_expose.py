@@ -264,3 +264,24 @@ def test_gpt2_conv1d_layers_are_converted_and_round_trip(tmp_path):
     loaded = quantkern.load_quantized(_gpt2, path)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, y)
+
+
+@pytest.mark.parametrize("expose_first", [False, True])
+def test_gpt2_unpacked_conv1d_layers_load_in_their_saved_layout(tmp_path, expose_first):
+    # attn.c_proj is square (64 x 64): a Conv1D kept as it is and one turned into an unpacked Linear
+    # (transposed weight) have the same shape, so the checkpoint must say which it holds
+    from quantkern.nn import expose_linears
+
+    ids = torch.randint(0, 128, (2, 10))
+    model = _gpt2()
+    if expose_first:  # every Conv1D becomes a Linear, then attn.c_proj stays unpacked (float)
+        expose_linears(model)
+    quantkern.quantize_(model, method="rtn", bits=4, group_size=32, skip=["lm_head", "*.attn.c_proj"], progress=False)
+    with torch.no_grad():
+        y = model(ids).logits
+    path = str(tmp_path / "gpt2.safetensors")
+    quantkern.save_quantized(model, path)
+    loaded = quantkern.load_quantized(_gpt2, path)
+    assert type(loaded.transformer.h[0].attn.c_proj).__name__ == ("Linear" if expose_first else "Conv1D")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, y)

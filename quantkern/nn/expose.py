@@ -52,6 +52,7 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
         if b is not None:
             lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
         lin.train(conv.training)
+        lin._qk_from_conv1d = True  # save_quantized records it when it stays unpacked (see load_quantized)
         for parent, child_name in sites:
             setattr(parent, child_name, lin)
         replaced.append(names[0])

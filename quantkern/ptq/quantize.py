@@ -637,6 +637,10 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 _PACKED_KEYS = ("qweight", "scales", "zeros", "_extra_state")
 _ACT_META = "quantkern.act_quant"  # header key: {layer: {"bits", "symmetric", "dynamic"}} as JSON
+# header key: JSON list of the float nn.Linear layers that were transformers Conv1D (conv1d_to_linear) but
+# stayed unpacked: their saved weight is transposed from the fresh model's Conv1D (for a square one the
+# shapes agree, so the load could not tell). Packed ones are known by their packed weight.
+_CONV1D_META = "quantkern.conv1d_as_linear"
 
 
 def _check_act_meta(name: str, d) -> dict:
@@ -673,7 +677,10 @@ def save_quantized(model: nn.Module, path: str) -> None:
     import json
 
     act = {n: m.act_config for n, m in packed.items() if m.act_config is not None}
-    save_packed(weights, path, extra, metadata={_ACT_META: json.dumps(act, sort_keys=True)} if act else None)
+    conv1d = sorted(n for n, m in model.named_modules() if getattr(m, "_qk_from_conv1d", False) and n not in packed)
+    meta = {**({_ACT_META: json.dumps(act, sort_keys=True)} if act else {}),
+            **({_CONV1D_META: json.dumps(conv1d)} if conv1d else {})}
+    save_packed(weights, path, extra, metadata=meta or None)
 
 
 def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "auto") -> nn.Module:
@@ -703,7 +710,11 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     # Conv1D as an nn.Linear: give the float model the same structure where the checkpoint has it
     keys = set(weights) | {k.rpartition(".")[0] for k in extra}
     unfuse_attention(model, skip=lambda n: f"{n}.q_proj" not in keys)
-    conv1d_to_linear(model, skip=lambda n: n not in keys)
+    try:
+        unpacked_conv1d = set(json.loads(header.get(_CONV1D_META, "[]")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"load_quantized: unreadable {_CONV1D_META} metadata in {path}: {e}") from None
+    conv1d_to_linear(model, skip=lambda n: n not in weights and n not in unpacked_conv1d)
     mods = dict(model.named_modules())
     names = _aliases(model)
     # load_state_dict cannot fill meta tensors (a no-op with a warning), so a model built on the
