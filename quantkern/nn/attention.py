@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sites import module_sites
+
 
 def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
     """A bool mask (True = not allowed to attend) as an additive float mask of ``dtype``; a float
@@ -247,16 +249,8 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("unfuse_attention: model is itself an nn.MultiheadAttention (it has no parent to be replaced "
                         "in); use quantkern.nn.MultiheadAttention.from_torch(module)")
-    found: dict[int, tuple[list, list, nn.Module]] = {}
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
-            if isinstance(child, nn.MultiheadAttention):
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                names, sites, _ = found.setdefault(id(child), ([], [], child))
-                names.append(name)
-                sites.append((parent, child_name))
     replaced, new_mods = [], []
-    for names, sites, mha in found.values():
+    for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
         if any(_skipped(n, skip) for n in names):
             continue
         new = MultiheadAttention.from_torch(mha)

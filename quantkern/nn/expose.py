@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._sites import module_sites
 from .attention import unfuse_attention
 
 
@@ -34,16 +35,8 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
 
     if _is_hf_conv1d(model):
         raise TypeError("conv1d_to_linear: model is itself a Conv1D (no parent to replace it in); wrap it in a module")
-    found: dict[int, tuple[list, list, nn.Module]] = {}
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
-            if _is_hf_conv1d(child):
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                names, sites, _ = found.setdefault(id(child), ([], [], child))
-                names.append(name)
-                sites.append((parent, child_name))
     replaced = []
-    for names, sites, conv in found.values():
+    for names, sites, conv in module_sites(model, _is_hf_conv1d):
         if any(_skipped(n, skip) for n in names):
             continue
         w, b = conv.weight, conv.bias

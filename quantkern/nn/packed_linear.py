@@ -13,6 +13,7 @@ from .. import ops
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
+from ._sites import module_sites
 from .expose import expose_linears
 
 FORMAT_VERSION = 1
@@ -342,15 +343,7 @@ def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module
     It is skipped when any of its names matches ``skip``.
     """
     first = {id(m): n for n, m in model.named_modules()}
-    found: dict[int, tuple[list, list, nn.Linear]] = {}
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
-            if type(child) is nn.Linear:
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                names, sites, _ = found.setdefault(id(child), ([], [], child))
-                names.append(name)
-                sites.append((parent, child_name))
-    return [(first[i], sites, lin) for i, (names, sites, lin) in found.items()
+    return [(first[id(lin)], sites, lin) for names, sites, lin in module_sites(model, lambda m: type(m) is nn.Linear)
             if not any(_skipped(n, skip) for n in names)]
 
 
