@@ -627,14 +627,14 @@ def fake_quantize_model_(
     # calibration input): its projections become Linear submodules (the same function), and transformers'
     # Conv1D layers nn.Linear, unless skipped by name
     expose_linears(model, None if callable(skip) else (lambda n, s=frozenset(skip): n in s))
-    kept_attn = {n for n, m in model.named_modules(remove_duplicate=False)
+    kept_unexposed = {n for n, m in model.named_modules(remove_duplicate=False)
                  if isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)}
     # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
     # self.head``) is listed once, under its first name, but skip / layer_bits may use either
     first = {id(m): n for n, m in quantizable_layers(model)}
     names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
     if not callable(skip):
-        unknown = set(skip) - set(names) - kept_attn
+        unknown = set(skip) - set(names) - kept_unexposed
         if unknown:
             raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
     skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip): n in s)
