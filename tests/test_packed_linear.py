@@ -324,6 +324,32 @@ def test_grad_x(dt):
         bias.grad = None
 
 
+def test_inference_skips_autograd_but_not_its_rules():
+    # Calls that need no gradient skip the C++ autograd Function (a fast path): same output bits,
+    # no graph; a tensor input that requires grad (x, bias, or even the scales, whose gradient is
+    # None) still records one; forward-mode dual tensors are refused, not silently untangented.
+    pw = make(40, 96, 4, 32)
+    x, bias = torch.randn(3, 96).bfloat16(), torch.randn(40)
+    op = torch.ops.quantkern.packed_linear
+    args = (pw.qweight, pw.scales, pw.zeros, 4, 32, 96)
+    y0 = op(x, *args, bias)
+    assert y0.grad_fn is None and not y0.requires_grad
+    with torch.no_grad():
+        assert op(x.requires_grad_(), *args, bias).grad_fn is None
+    y1 = op(x, *args, bias)
+    assert y1.grad_fn is not None and torch.equal(y0.view(torch.int16), y1.detach().view(torch.int16))
+    x.requires_grad_(False)
+    assert op(x, *args, bias.clone().requires_grad_()).requires_grad
+    s = pw.scales.clone().requires_grad_()
+    y2 = op(x, pw.qweight, s, pw.zeros, 4, 32, 96, bias)
+    assert y2.requires_grad and torch.equal(y2.detach().view(torch.int16), y0.view(torch.int16))
+    import torch.autograd.forward_ad as fwAD
+
+    for ctx in (torch.enable_grad, torch.no_grad):
+        with ctx(), fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+            op(fwAD.make_dual(x.float(), torch.randn(3, 96)), *args, None)
+
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16])
 def test_blas_paths_across_tiles_and_chunks(dt):
     # The CPU fp32 / fp16 GEMM (M > 16) and the backward use fixed tiles and, for the backward,

@@ -517,27 +517,50 @@ inline void vnni_order_piece(const PackedW& P, const VnniLayout& L, const int8_t
     for (int64_t f = 0; f < L.nfield; ++f) std::memcpy(last + f * 64 + fb * (j - full * L.bpc), src + 32 * j + fb * f, fb);
 }
 
-inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws) {
-  const VnniLayout L = vnni_layout(P);
-  const int64_t Kp = P.Kp();
-  if (m0 == 0) {  // lane -> group tables (shared by all rows of x)
-    int32_t* gl = reinterpret_cast<int32_t*>(ws + L.gl_off);
-    int32_t* g0 = reinterpret_cast<int32_t*>(ws + L.g0_off);
-    const int64_t lanes_per_block = 16 / L.bpc;
+// Lane -> group tables of the GEMV (shared by all rows of x): per chunk c, g0[c] is its first
+// group rounded down to a multiple of 8 (a chunk spans at most 8 groups, so all its lanes fall in
+// the window of 16 groups from there) and gl[16 c + lane] the lane's group minus g0[c]. Computed
+// per call from the shape alone, 16 lanes at a time: a scalar loop with two 64-bit divisions per
+// lane took ~14% of a small layer's prep.
+inline void vnni_group_tables(const PackedW& P, const VnniLayout& L, uint8_t* ws) {
+  int32_t* gl = reinterpret_cast<int32_t*>(ws + L.gl_off);
+  int32_t* g0 = reinterpret_cast<int32_t*>(ws + L.g0_off);
+  const int64_t lanes_per_block = 16 / L.bpc;
+  const bool pow2 = (P.gblk & (P.gblk - 1)) == 0;
+  if (P.G == 1 || !pow2) {  // one group per row (the only case with gblk not a power of two), or a fallback
     for (int64_t c = 0; c < L.nc; ++c) {
       const int64_t j0 = c * L.bpc;
-      // window of 16 groups starting at g0 = first group rounded down to a multiple of 8:
-      // a chunk spans at most 8 groups, so all its lanes fall inside the window.
       g0[c] = int32_t((j0 / P.gblk) & ~int64_t(7));
-      for (int lane = 0; lane < 16; ++lane) {
-        const int64_t j = qmin(P.nb - 1, j0 + lane / lanes_per_block);
-        gl[c * 16 + lane] = int32_t(j / P.gblk - g0[c]);
-      }
+      for (int lane = 0; lane < 16; ++lane)
+        gl[c * 16 + lane] = int32_t(qmin(P.nb - 1, j0 + lane / lanes_per_block) / P.gblk - g0[c]);
     }
+    return;
   }
-  int8_t* h8 = static_cast<int8_t*>(scratch(3, 3 * Kp));
+  const __m512i sh = _mm512_set1_epi32(__builtin_ctzll(uint64_t(P.gblk)));
+  const __m512i lanes = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          __builtin_ctz(unsigned(lanes_per_block)));
+  const __m512i last = _mm512_set1_epi32(int32_t(P.nb - 1));
+  for (int64_t c = 0; c < L.nc; ++c) {
+    const int64_t j0 = c * L.bpc;
+    g0[c] = int32_t((j0 >> __builtin_ctzll(uint64_t(P.gblk))) & ~int64_t(7));
+    const __m512i j = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)), lanes), last);
+    _mm512_storeu_si512(gl + c * 16, _mm512_sub_epi32(_mm512_srlv_epi32(j, sh), _mm512_set1_epi32(g0[c])));
+  }
+}
+
+// Rows [m0, m1) of x -> their int8 pieces, per-group scales and sums and mode (see VnniLayout).
+// The third piece is computed and reordered only where the GEMV reads it: for a row in three-piece
+// mode, or for every row when `all_pieces` (M > 1: one three-piece row makes the whole call read
+// three pieces of every row).
+inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws,
+                      bool all_pieces) {
+  const VnniLayout L = vnni_layout(P);
+  const int64_t Kp = P.Kp();
+  if (m0 == 0) vnni_group_tables(P, L, ws);
+  int8_t* h8 = static_cast<int8_t*>(scratch(3, 3 * Kp + 4 * P.G));
   int8_t* l8 = h8 + Kp;
   int8_t* u8 = l8 + Kp;
+  float* ginv = reinterpret_cast<float*>(u8 + Kp);  // 127 / amax per group (Kp is a multiple of 32)
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -570,6 +593,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
       if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      ginv[g] = inv;
       A[g] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv), vsmall = _mm512_set1_ps(amax / kVnniWideRange);
       __m512 vbulk = _mm512_setzero_ps();
@@ -583,16 +607,13 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         nnz += __builtin_popcount(nz);
         const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);  // |v| <= 127
         __m512 h = _mm512_roundscale_ps(v, kRound);
-        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, h), c256);  // in [-128, 128], exact
-        __m512 l = _mm512_roundscale_ps(r1, kRound);
-        const __m512 u = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, l), c256), kRound)));
+        __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, h), c256), kRound);  // r1 in [-128, 128], exact
         // l = 128 does not fit int8: carry it into h (h < 127 there, since v - h > 0 needs v < 127)
         const __mmask16 carry = _mm512_cmp_ps_mask(l, _mm512_set1_ps(128.f), _CMP_EQ_OQ);
         h = _mm512_mask_add_ps(h, carry, h, _mm512_set1_ps(1.f));
         l = _mm512_mask_sub_ps(l, carry, l, c256);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
       }
       if (2 * nbulk >= nnz && nbulk > 0) {
         const float bulk = _mm512_reduce_add_ps(vbulk);
@@ -604,8 +625,22 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       }
     }
     if (*mode == kVnniFp32) continue;
+    const int np = all_pieces || *mode == kVnniThree ? 3 : 2;
+    if (np == 3) {  // the third piece: what the first two leave, times 2^16 (from l before its carry)
+      for (int64_t g = 0; g < P.G; ++g) {
+        const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);
+        const __m512 vinv = _mm512_set1_ps(ginv[g]);
+        for (int64_t k = k0; k < k1; k += 16) {
+          const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);
+          const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_roundscale_ps(v, kRound)), c256);
+          const __m512 l = _mm512_roundscale_ps(r1, kRound);
+          const __m512 u = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, l), c256), kRound)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
+        }
+      }
+    }
     const int8_t* src[3] = {h8, l8, u8};
-    for (int p = 0; p < 3; ++p) vnni_order_piece(P, L, src[p], reinterpret_cast<int8_t*>(wm + p * L.x_bytes));
+    for (int p = 0; p < np; ++p) vnni_order_piece(P, L, src[p], reinterpret_cast<int8_t*>(wm + p * L.x_bytes));
   }
 }
 
@@ -1312,7 +1347,7 @@ inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
 inline void pk_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t M, int path, int64_t u0, int64_t u1,
                     void* ws) {
 #if defined(QK_ISA_AVX512)
-  if (path == kPathVnni) return vnni_prep(P, xdt, x, ldx, u0, u1, static_cast<uint8_t*>(ws));
+  if (path == kPathVnni) return vnni_prep(P, xdt, x, ldx, u0, u1, static_cast<uint8_t*>(ws), M > 1);
   if (path == kPathAmx) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
 #endif
   (void)M;

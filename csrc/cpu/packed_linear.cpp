@@ -307,20 +307,25 @@ at::Tensor packed_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 // backward graph runs its kernel, and create_graph=True differentiates it (its autograd,
 // quantkern/_registry.py, is packed_linear itself).
 
+at::Tensor packed_linear_below_autograd(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& s,
+                                        const at::Tensor& z, int64_t bits, int64_t group_size, int64_t K,
+                                        const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("quantkern::packed_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t, int64_t, int64_t, const std::optional<at::Tensor>&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, qw, s, z, bits, group_size, K, bias);
+}
+
 class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qw,
                             const at::Tensor& s, const at::Tensor& z, int64_t bits, int64_t group_size, int64_t K,
                             const std::optional<at::Tensor>& bias) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("quantkern::packed_linear", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           int64_t, int64_t, int64_t, const std::optional<at::Tensor>&)>();
     ctx->save_for_backward({qw, s, z});
-    // one map entry per call (this runs under no_grad too): bits, group_size, K, has_bias
     ctx->saved_data["args"] = std::vector<int64_t>{bits, group_size, K, bias.has_value() && bias->defined()};
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, qw, s, z, bits, group_size, K, bias);
+    return packed_linear_below_autograd(x, qw, s, z, bits, group_size, K, bias);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -346,6 +351,18 @@ class PackedLinearFn : public torch::autograd::Function<PackedLinearFn> {
 
 at::Tensor packed_linear_autograd(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& s, const at::Tensor& z,
                                   int64_t bits, int64_t group_size, int64_t K, const std::optional<at::Tensor>& bias) {
+  // Inference (no_grad, or no input that requires grad) skips the autograd Function: its context,
+  // saved-tensor list and argument map cost ~1 us a call, a tenth of a small layer's M = 1 GEMV.
+  // Every tensor input counts, as Function::apply counts them: the output of a call with scales
+  // that require grad still requires grad (their gradient is None).
+  // Forward-mode dual tensors keep the Function path, which refuses them (no jvp) rather than
+  // dropping their tangent.
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool dual = x._fw_grad(0).defined() || s._fw_grad(0).defined() || z._fw_grad(0).defined() ||
+                    (has_bias && bias->_fw_grad(0).defined());
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || qw.requires_grad() || s.requires_grad() ||
+                                                   z.requires_grad() || (has_bias && bias->requires_grad()));
+  if (!grad && !dual) return packed_linear_below_autograd(x, qw, s, z, bits, group_size, K, bias);
   return PackedLinearFn::apply(x, qw, s, z, bits, group_size, K, bias);
 }
 
