@@ -285,3 +285,159 @@ def test_gpt2_unpacked_conv1d_layers_load_in_their_saved_layout(tmp_path, expose
     assert type(loaded.transformer.h[0].attn.c_proj).__name__ == ("Linear" if expose_first else "Conv1D")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, y)
+
+
+def test_empty_batch_and_torch_checkpoints():
+    torch.manual_seed(0)
+    for kw in ({}, {"kdim": 12, "vdim": 10, "add_bias_kv": True}, {"bias": False}):
+        ref = nn.MultiheadAttention(E, H, **kw).eval()
+        ours = MultiheadAttention(E, H, **kw).eval()
+        sd = ref.state_dict()
+        ours.load_state_dict(sd)  # torch's keys (in_proj_weight or q/k/v_proj_weight) split into the projections
+        assert list(sd) == list(ref.state_dict())  # the caller's dict is left as it was
+        q, k, v = torch.randn(L, B, E), torch.randn(S, B, kw.get("kdim", E)), torch.randn(S, B, kw.get("vdim", E))
+        assert torch.equal(ours(q, k, v)[0], ref(q, k, v)[0])
+        for nw in (True, False):  # an empty batch: shapes as torch's (a view(B, -1, ...) used to fail)
+            e = (q[:, :0], k[:, :0], v[:, :0])
+            a, b = ref(*e, need_weights=nw), ours(*e, need_weights=nw)
+            assert a[0].shape == b[0].shape and (a[1] is None) == (b[1] is None)
+    # inside a model: a torch checkpoint loads into the unfused model, strictly
+    enc, fresh = _encoder(), _encoder()
+    unfuse_attention(fresh)
+    fresh.load_state_dict(enc.state_dict())
+    x = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), enc(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"in_proj_weight: torch's checkpoint holds \(96, 32\)"):
+        MultiheadAttention(E, H).load_state_dict(nn.MultiheadAttention(32, H).state_dict())
+
+
+def test_unfuse_moves_hooks_and_leaves_subclasses():
+    class P(nn.Module):
+        def __init__(self, att):
+            super().__init__()
+            self.att = att
+
+    calls = []
+    p = P(nn.MultiheadAttention(E, H))
+    h1 = p.att.register_forward_hook(lambda m, i, o: calls.append(type(m) is MultiheadAttention))
+    h2 = p.att.register_forward_pre_hook(lambda m, a, k: calls.append(k.get("need_weights")), with_kwargs=True)
+    assert unfuse_attention(p) == ["att"]
+    x = torch.randn(L, B, E)
+    p.att(x, x, x, need_weights=False)
+    assert calls == [False, True]
+    h1.remove(), h2.remove()  # the user's handles still work
+    p.att(x, x, x)
+    assert len(calls) == 2
+
+    class Doubled(nn.MultiheadAttention):  # its own forward: unfusing would change what it computes
+        def forward(self, *a, **kw):
+            out, w = super().forward(*a, **kw)
+            return 2 * out, w
+
+    class Tagged(nn.MultiheadAttention):  # torch's forward, no extra state: the same function
+        pass
+
+    p = P(Doubled(E, H))
+    p.other = Tagged(E, H)
+    with pytest.warns(UserWarning, match=r"left 1 subclass.*att \(Doubled overrides forward\)"):
+        assert unfuse_attention(p) == ["other"]
+    assert type(p.att) is Doubled and type(p.other) is MultiheadAttention
+    with pytest.raises(TypeError, match="overrides forward"):
+        MultiheadAttention.from_torch(Doubled(E, H))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unfuse_attention(P(Doubled(E, H)), skip=["att"])  # skipped by name: no warning
+
+
+def test_skip_reaches_modules_under_a_shared_parent():
+    # enc.layers[1] is enc.layers[0]: every module inside has two names, and a skip under either applies
+    enc = _encoder()
+    enc.layers[1] = enc.layers[0]
+    assert unfuse_attention(enc, skip=["layers.1.self_attn"]) == []
+    names = replace_linear(enc, 4, 32, skip=["layers.1.linear1"])
+    assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
+                     "layers.0.self_attn.out_proj", "layers.0.linear2"]  # named_modules order: attention first
+    assert type(enc.layers[0].linear1) is nn.Linear and enc.layers[0] is enc.layers[1]
+
+
+def test_encoder_built_from_converted_layer_and_to_torch_refuses_quant_layers():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    layer.self_attn = MultiheadAttention.from_torch(layer.self_attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: nested tensors off, the attention has no fused bias)
+        enc = nn.TransformerEncoder(layer, 2).eval()  # its constructor reads self_attn._qkv_same_embed_dim
+    assert not enc.use_nested_tensor
+    with torch.no_grad():
+        assert enc(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    att = enc.layers[0].self_attn
+    quantize_modules(att, 4, 8)
+    with pytest.raises(TypeError, match="q_proj is a QuantLinear, not a plain nn.Linear"):
+        att.to_torch()  # would silently drop the fake quantization
+
+
+def test_gpt2_conv1d_hooks_and_frozen_weights_carry_over():
+    from quantkern.nn import conv1d_to_linear
+
+    model = _gpt2()
+    model.requires_grad_(False)
+    seen = []
+    handle = model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    conv1d_to_linear(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        model(ids)
+        handle.remove()
+        model(ids)
+    assert seen == [(1, 4, 3 * 64)]
+
+
+def test_shared_layers_save_load_and_skip_every_converter(tmp_path):
+    # A layer shared by two parents (enc.layers[1] is enc.layers[0]; an attention registered twice):
+    # load_quantized rebuilds it (it looked for the second name's packed weights and failed), and a
+    # skip under the second name applies in quantize_modules (it converted the first site) and in
+    # fake_quantize_model_ (KeyError for an attention's alias).
+    def shared():
+        enc = _encoder()
+        enc.layers[1] = enc.layers[0]
+        return enc
+
+    x = torch.randn(2, 6, 64)
+    enc = shared()
+    quantkern.quantize_(enc, method="rtn", bits=4, group_size=32, progress=False)
+    with torch.no_grad():
+        y = enc(x)
+    path = str(tmp_path / "shared.safetensors")
+    quantkern.save_quantized(enc, path)
+    loaded = quantkern.load_quantized(shared, path)
+    assert loaded.layers[0] is loaded.layers[1] and isinstance(loaded.layers[1].self_attn.q_proj, PackedLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+    q = quantize_modules(shared(), 4, 8, skip=["layers.1.self_attn.q_proj", "layers.1.linear1"])
+    assert type(q.layers[0].self_attn.q_proj) is nn.Linear and type(q.layers[0].linear1) is nn.Linear
+    assert isinstance(q.layers[0].self_attn.k_proj, QuantLinear) and isinstance(q.layers[0].linear2, QuantLinear)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.b = self.a
+
+        def forward(self, t):
+            return self.a(t, t, t)[0] + self.b(t, t, t)[0]
+
+    m = Twice().eval()
+    fake_quantize_model_(m, 4, "rtn", 16, skip=["b"])
+    assert type(m.a) is nn.MultiheadAttention and m.b is m.a
+
+
+def test_skip_keeping_a_gpt2_conv1d_is_not_called_unmatched():
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Conv1D stays a Conv1D: the skip matched
+        quantkern.quantize_(model, method="rtn", bits=4, group_size=32, skip=["lm_head", "*.attn.c_proj"],
+                            progress=False)
+    assert type(model.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    assert isinstance(model.transformer.h[0].attn.c_attn, PackedLinear)

@@ -8,14 +8,33 @@ from torch import nn
 
 def module_sites(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[list[str], list[tuple[nn.Module, str]], nn.Module]]:
     """Every submodule of ``model`` with ``match(module)`` true, once: ``(names, sites, module)``,
-    its qualified names and every ``(parent, attribute)`` it sits at, in ``named_modules`` order.
+    its qualified names and every ``(parent, attribute)`` it sits at, in ``named_modules`` order
+    (``names[0]`` is the name ``model.named_modules()`` gives it).
     A module registered under several names (a shared layer, also twice under one parent) is
-    listed once with all of them, so replacing it at every site keeps it shared."""
+    listed once with all of them, so replacing it at every site keeps it shared. ``names`` also
+    holds the paths through a shared ancestor (``enc.layers[1] = enc.layers[0]``: ``layers.0.fc``
+    and ``layers.1.fc``), so a skip given under any name a user can see matches; ``sites`` lists
+    each (parent, attribute) pair once."""
     found: dict[int, tuple[list, list, nn.Module]] = {}
-    for parent_name, parent in model.named_modules():
+    seen_sites: set[tuple[int, str]] = set()
+
+    # A depth-first walk over every path (named_modules(remove_duplicate=False) order), guarded
+    # against a module that holds one of its ancestors (that would recurse forever).
+    def walk(parent: nn.Module, parent_name: str, on_path: set[int]) -> None:
+        on_path.add(id(parent))
         for child_name, child in parent._modules.items():  # (named_children() drops a parent's repeats)
-            if child is not None and match(child):
+            if child is None:
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if match(child):
                 names, sites, _ = found.setdefault(id(child), ([], [], child))
-                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-                sites.append((parent, child_name))
+                names.append(name)
+                if (id(parent), child_name) not in seen_sites:
+                    seen_sites.add((id(parent), child_name))
+                    sites.append((parent, child_name))
+            if id(child) not in on_path:
+                walk(child, name, on_path)
+        on_path.discard(id(parent))
+
+    walk(model, "", set())
     return list(found.values())

@@ -13,6 +13,7 @@ for it, and :meth:`MultiheadAttention.to_torch` goes back.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,38 @@ def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> tor
     if not torch.is_floating_point(mask):
         raise TypeError(f"quantkern.nn.MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
     return mask
+
+
+# what torch's nn.MultiheadAttention registers (in_proj_weight or q / k / v_proj_weight, the others None)
+_TORCH_MHA_STATE = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                              "bias_k", "bias_v", "out_proj"})
+
+
+def _not_plain(mha: nn.MultiheadAttention) -> str:
+    """Why ``mha`` (a subclass of torch's module) is not torch's attention and nothing more ("" when
+    it is): its own ``forward`` may compute something else, and state torch's has not would be lost."""
+    if type(mha) is nn.MultiheadAttention:
+        return ""
+    if type(mha).forward is not nn.MultiheadAttention.forward:
+        return "overrides forward"
+    extra = sorted((set(mha._parameters) | set(mha._buffers) | set(mha._modules)) - _TORCH_MHA_STATE)
+    return f"holds {extra} besides torch's state" if extra else ""
+
+
+# the hooks a module's __call__ runs around forward: unfuse_attention / conv1d_to_linear move them to
+# the replacement (which takes the same inputs and gives the same outputs)
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _move_call_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward / backward hooks of ``old`` (the same dicts, so the handles the user
+    holds still remove them)."""
+    for a in _CALL_HOOKS:
+        if a in old.__dict__:
+            setattr(new, a, getattr(old, a))
+    if "_is_full_backward_hook" in old.__dict__:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 class MultiheadAttention(nn.Module):
@@ -70,6 +103,8 @@ class MultiheadAttention(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        # read by nn.TransformerEncoder's constructor before it looks at in_proj_bias
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout, self.batch_first, self.add_zero_attn = float(dropout), bool(batch_first), bool(add_zero_attn)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
@@ -86,9 +121,19 @@ class MultiheadAttention(nn.Module):
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
         """The same attention as ``mha`` (weights copied exactly, ``requires_grad`` and the
-        training mode kept)."""
+        training mode kept; hooks are not copied: :func:`unfuse_attention` moves them). A
+        subclass of ``nn.MultiheadAttention`` with its own ``forward`` or extra parameters /
+        buffers / submodules is refused (TypeError): the copy would drop them.
+
+        To swap it into an ``nn.TransformerEncoder`` by hand, also call
+        ``quantkern.nn.packed_linear.disable_fused_encoder_paths(encoder, [new])``: the encoder's
+        nested-tensor path reads ``in_proj_weight`` (:func:`unfuse_attention` does this)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_torch: expected an nn.MultiheadAttention, got {type(mha).__name__}")
+        why = _not_plain(mha)
+        if why:
+            raise TypeError(f"MultiheadAttention.from_torch: {type(mha).__name__} is a subclass of "
+                            f"nn.MultiheadAttention that {why}: the copy would compute torch's attention without it")
         w = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
                   mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=w.dtype)
@@ -117,13 +162,17 @@ class MultiheadAttention(nn.Module):
         return new.train(mha.training)
 
     def to_torch(self) -> nn.MultiheadAttention:
-        """An ``nn.MultiheadAttention`` with this module's weights (each projection must be an
-        ``nn.Linear``, or have a ``weight`` such as QuantLinear's float weight): e.g. to put
-        fake-quantized weights back into a torch model."""
+        """An ``nn.MultiheadAttention`` with this module's weights (each projection must be a plain
+        ``nn.Linear``; a PackedLinear or QuantLinear is refused): e.g. to put the weights
+        :func:`quantkern.ptq.fake_quantize_model_` wrote back into a torch model."""
         lins = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
         for name, lin in zip(("q_proj", "k_proj", "v_proj", "out_proj"), lins):
-            if not isinstance(getattr(lin, "weight", None), torch.Tensor):
-                raise TypeError(f"MultiheadAttention.to_torch: {name} ({type(lin).__name__}) has no dense weight")
+            # torch's module computes F.linear(x, weight, bias): a projection that does more (QuantLinear's
+            # fake-quantized weight and input) would be dropped without a word, so it is refused too
+            if not isinstance(lin, nn.Linear) or type(lin).forward is not nn.Linear.forward:
+                raise TypeError(f"MultiheadAttention.to_torch: {name} is a {type(lin).__name__}, not a plain nn.Linear "
+                                "(torch's module holds dense float weights and applies them as they are); replace "
+                                "it by an nn.Linear holding the weight you want first")
         w = self.out_proj.weight
         m = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.out_proj.bias is not None,
                                   self.bias_k is not None, self.add_zero_attn, self.kdim, self.vdim,
@@ -142,6 +191,32 @@ class MultiheadAttention(nn.Module):
                 m.bias_k.copy_(self.bias_k)
                 m.bias_v.copy_(self.bias_v)
         return m.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint of torch's nn.MultiheadAttention (in_proj_weight / in_proj_bias, or q / k / v_proj_weight)
+        # loads here: split into the projections' keys. Without this, strict=False would leave q / k / v at
+        # their random init without a word. (This dict is load_state_dict's copy: the caller's is untouched;
+        # the children load after this, from it.)
+        E = self.embed_dim
+        projs = ("q_proj", "k_proj", "v_proj")
+        if not any(f"{prefix}{n}.weight" in state_dict or f"{prefix}{n}.bias" in state_dict for n in projs):
+            for fused, suffix in (("in_proj_weight", "weight"), ("in_proj_bias", "bias")):
+                t = state_dict.get(prefix + fused)
+                if t is None:
+                    continue
+                if t.dim() < 1 or t.shape[0] != 3 * E:
+                    error_msgs.append(f"size mismatch for {prefix}{fused}: torch's checkpoint holds {tuple(t.shape)}, "
+                                      f"this attention needs [3 * embed_dim = {3 * E}, ...]")
+                    continue
+                del state_dict[prefix + fused]
+                for n, part in zip(projs, t.split(E)):  # (copies: load_state_dict(assign=True) keeps them)
+                    state_dict[f"{prefix}{n}.{suffix}"] = part.clone()
+            for n in projs:
+                if prefix + f"{n}_weight" in state_dict:
+                    state_dict[f"{prefix}{n}.weight"] = state_dict.pop(f"{prefix}{n}_weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
@@ -203,7 +278,7 @@ class MultiheadAttention(nn.Module):
             k = torch.cat([k, self.bias_k.expand(B, 1, E)], 1)
             v = torch.cat([v, self.bias_v.expand(B, 1, E)], 1)
             extra.append(1)
-        k, v = (t.view(B, -1, H, D).transpose(1, 2) for t in (k, v))
+        k, v = (t.view(B, t.shape[1], H, D).transpose(1, 2) for t in (k, v))  # (not -1: B may be 0)
         if self.add_zero_attn:
             z = torch.zeros(B, H, 1, D, dtype=k.dtype, device=k.device)
             k, v = torch.cat([k, z], 2), torch.cat([v, z], 2)
@@ -239,7 +314,13 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
     """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by :class:`MultiheadAttention`
     (the same function, projections as submodules); returns the qualified names replaced. A
     module shared under several names is replaced once and stays shared; ``skip`` (names or a
-    predicate, as in :func:`quantkern.nn.replace_linear`) leaves the matching ones alone.
+    predicate, as in :func:`quantkern.nn.replace_linear`) leaves the matching ones alone: a
+    shared module is skipped when any of its names matches. The forward / backward hooks of a
+    replaced module move to its replacement (the handles still remove them); hooks on torch's
+    ``out_proj`` never ran (torch reads its weight) and are not carried.
+
+    A subclass of ``nn.MultiheadAttention`` with its own ``forward`` or extra state is left as it
+    is, with a warning (its projections are not reached).
 
     Encoder layers holding a replaced module stop taking torch's fused inference path (it reads
     the fused weights; the regular path it falls back to computes the same).
@@ -249,14 +330,24 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("unfuse_attention: model is itself an nn.MultiheadAttention (it has no parent to be replaced "
                         "in); use quantkern.nn.MultiheadAttention.from_torch(module)")
-    replaced, new_mods = [], []
+    replaced, new_mods, kept = [], [], []
     for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
         if any(_skipped(n, skip) for n in names):
             continue
+        why = _not_plain(mha)
+        if why:
+            kept.append(f"{names[0]} ({type(mha).__name__} {why})")
+            continue
         new = MultiheadAttention.from_torch(mha)
+        _move_call_hooks(mha, new)
         for parent, child_name in sites:
             setattr(parent, child_name, new)
         replaced.append(names[0])
         new_mods.append(new)
+    if kept:
+        warnings.warn(f"unfuse_attention: left {len(kept)} subclass(es) of nn.MultiheadAttention as they are, their "
+                      f"projections in float: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} (the "
+                      "replacement computes torch's attention only); skip them by name to silence this",
+                      stacklevel=2)
     disable_fused_encoder_paths(model, new_mods)
     return replaced

@@ -16,13 +16,13 @@ from __future__ import annotations
 from torch import nn
 
 from ._sites import module_sites
-from .attention import unfuse_attention
+from .attention import _move_call_hooks, unfuse_attention
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
     # by name: transformers is optional, and importing it only to test a type would cost seconds
     t = type(m)
-    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers")
+    return t.__name__ == "Conv1D" and (t.__module__ == "transformers" or t.__module__.startswith("transformers."))
 
 
 def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
@@ -30,7 +30,11 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
     by an ``nn.Linear(in, out)`` with weight ``W.T`` (a copy; ``requires_grad`` kept), in place;
     returns the qualified names replaced. A module shared under several names is replaced once
     and stays shared; ``skip`` (names or a predicate, as in ``replace_linear``) leaves the
-    matching ones alone."""
+    matching ones alone. Forward / backward hooks move to the Linear.
+
+    The Linear's state-dict ``weight`` is ``[out, in]``, the Conv1D's ``[in, out]``: a GPT-2
+    checkpoint does not load into the converted model (nor the converse) without transposing
+    (a size mismatch, except for a square layer such as ``attn.c_proj``)."""
     from .packed_linear import _skipped
 
     if _is_hf_conv1d(model):
@@ -46,6 +50,7 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
             lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
         lin.train(conv.training)
         lin._qk_from_conv1d = True  # save_quantized records it when it stays unpacked (see load_quantized)
+        _move_call_hooks(conv, lin)  # same inputs and outputs: the user's hooks keep working
         for parent, child_name in sites:
             setattr(parent, child_name, lin)
         replaced.append(names[0])

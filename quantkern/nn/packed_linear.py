@@ -40,9 +40,14 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     z = 0; asymmetric: ``[0, 2^b - 1]``, integer z).
 
     static: ``scale`` / ``zero`` 0-dim float32 (per tensor, from calibration).
-    dynamic: one range per token (per index of the leading dims): symmetric
-    ``s = max|x| / qmax``; asymmetric ``s = (max(x, 0) - min(x, 0)) / (2^b - 1)``,
+    dynamic: one range per token (per index of the leading dims; a 1-D x is one token):
+    symmetric ``s = max|x| / qmax``; asymmetric ``s = (max(x, 0) - min(x, 0)) / (2^b - 1)``,
     ``z = round(-min / s)``. A token whose range is 0 quantizes to 0.
+
+    Non-finite x (no error: there is no host check): NaN stays NaN; static: +-inf saturates
+    to the grid's end like any value beyond the range (calibrate.fake_quant's result);
+    dynamic: a token holding NaN or +-inf has a non-finite range and comes out all NaN
+    (calibrate.fake_quant_dynamic refuses such x), never as zeros or finite garbage.
     Pure tensor ops without host synchronisation, so it traces under ``torch.compile``
     (unlike calibrate.fake_quant, which validates scale on the host).
     """
@@ -57,6 +62,11 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
             lo = xf.amin(-1, keepdim=True).clamp_max(0)
             hi = xf.amax(-1, keepdim=True).clamp_min(0)
             scale = (hi - lo) / qmax
+            # hi - lo overflows fp32 for a finite token spanning more than 3.4e38 (near -FLT_MAX and
+            # FLT_MAX): its scale came out inf and the whole token NaN; take those in float64, as
+            # calibrate.range_to_qparams does (same bits everywhere else)
+            wide = torch.isinf(scale) & torch.isfinite(lo) & torch.isfinite(hi)
+            scale = torch.where(wide, ((hi.double() - lo.double()) / qmax).float(), scale)
             zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
     ok = scale > 0
     s = torch.where(ok, scale, torch.ones_like(scale)).detach()
@@ -65,9 +75,11 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     out = (torch.clamp(v, qmin, qmax) - zero) * s
     # Gradient to x: straight through the rounding, the clamp's own derivative (zero where it
     # clips); the range (static, or this token's for dynamic) counts as a constant. Adding
-    # (xf - xf.detach()), an exact zero, keeps the forward value bit for bit.
+    # (xf - xf.detach()), an exact zero, keeps the forward value bit for bit; through where, not a
+    # product with the mask: for x = +-inf it is inf - inf = NaN, and 0 * NaN turned the
+    # saturated (finite) value of a static quantizer into NaN
     inside = (v >= qmin) & (v <= qmax) & ok
-    out = out + (xf - xf.detach()) * inside
+    out = out + torch.where(inside, xf - xf.detach(), torch.zeros_like(out))
     # only a range of exactly 0 gives 0: a NaN range (x holds NaN) must stay NaN, not look like zeros
     return torch.where(scale == 0, torch.zeros_like(out), out).to(x.dtype)
 
@@ -122,30 +134,60 @@ class PackedLinear(nn.Module):
                             scale=None, zero=None) -> "PackedLinear":
         """Quantize the input before the packed matmul (``bits`` None removes it); returns self.
 
-        bits: 2..8. static (``dynamic=False``): ``scale`` > 0 and ``zero`` (integer on the
-        grid) are one float each (0-dim tensors or numbers) from calibration; None gives
-        placeholders (1, 0) to be overwritten by a state_dict load. dynamic: per-token
-        ranges, no buffers.
+        bits: int 2..8; symmetric, dynamic: bools. static (``dynamic=False``): ``scale`` > 0
+        and ``zero`` (integer on the grid; default 0) are one float each (0-dim / one-element
+        tensors or numbers, stored as 0-dim float32 buffers, detached) from calibration.
+        Without ``scale`` the buffers are placeholders (1, 0) for a state_dict load to fill:
+        until one does, forward raises (the placeholder grid would round inputs to integers).
+        dynamic: per-token ranges, no buffers, no scale / zero.
+        Everything is checked before anything changes: a refused call leaves the module as it was.
         """
+        def fail(msg):
+            raise ValueError(f"PackedLinear.set_input_quantizer: {msg}")
+
+        if bits is None:
+            if scale is not None or zero is not None:
+                fail("scale / zero given without bits (bits=None removes the input quantizer)")
+        elif isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            # (the message's "act_bits" matches QuantizeConfig's field)
+            raise ValueError(f"PackedLinear: act_bits must be an int in [2, 8] or None, got {bits!r}")
+        for name, v in (("symmetric", symmetric), ("dynamic", dynamic)):
+            if not isinstance(v, bool):  # bool("false") is True: a string or a number flipped the grid silently
+                fail(f"{name} must be a bool, got {v!r}")
+        s = z = None
+        if bits is not None and dynamic and (scale is not None or zero is not None):
+            fail("a dynamic quantizer computes its range from every token; scale / zero are for a static one "
+                 "(dynamic=False)")
+        if bits is not None and not dynamic:
+            def one(v, what):
+                try:  # detached: a scale carrying autograd history made the module un-deepcopy-able
+                    t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float32)
+                except (TypeError, ValueError, RuntimeError) as e:
+                    fail(f"{what} must be a number or a one-element tensor, got {v!r} ({e})")
+                if t.numel() != 1:
+                    fail(f"{what} must be one value (the input quantizer is per tensor), got shape {tuple(t.shape)}")
+                return t.reshape(()).to(self.qweight.device)
+
+            s = one(1.0 if scale is None else scale, "scale")
+            z = one(0.0 if zero is None else zero, "zero")
+            if not bool(torch.isfinite(s)) or float(s) <= 0:  # in float32: 1e-50 is 0 there, 1e39 inf
+                raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got {float(s)}")
+            _check_input_zero(z, bits, symmetric, "input zero")
         for name in ("input_scale", "input_zero"):
-            if name in self._buffers:
-                del self._buffers[name]
+            self._buffers.pop(name, None)
         if bits is None:
             self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
             return self
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"PackedLinear: act_bits must be an int in [2, 8] or None, got {bits!r}")
-        self.act_bits, self.act_symmetric, self.act_dynamic = bits, bool(symmetric), bool(dynamic)
-        if not dynamic:
-            dev = self.qweight.device
-            s = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32).to(dev).reshape(())
-            z = torch.as_tensor(0.0 if zero is None else zero, dtype=torch.float32).to(dev).reshape(())
-            if not bool(torch.isfinite(s)) or float(s) <= 0:
-                raise ValueError(f"PackedLinear: input scale must be finite and > 0, got {float(s)}")
-            _check_input_zero(z, bits, bool(symmetric), "input zero")
+        self.act_bits, self.act_symmetric, self.act_dynamic = bits, symmetric, dynamic
+        if s is not None:
             self.register_buffer("input_scale", s.clone())
             self.register_buffer("input_zero", z.clone())
+        self._input_range_set = dynamic or scale is not None
         return self
+
+    # False between set_input_quantizer(bits) without a scale (placeholder range) and the state_dict
+    # load that fills it; a class default so modules pickled before it existed still run
+    _input_range_set = True
 
     @property
     def act_config(self) -> dict | None:
@@ -160,6 +202,10 @@ class PackedLinear(nn.Module):
             return x
         if self.act_dynamic:
             return fake_quant_input(x, self.act_bits, self.act_symmetric, True)
+        if not self._input_range_set:  # a Python flag: no host sync, a guard under torch.compile
+            raise RuntimeError("PackedLinear: the static input quantizer has no range yet (set_input_quantizer "
+                               "without scale gives placeholders): pass scale= / zero= from calibration, or "
+                               "load a state_dict that holds input_scale / input_zero")
         return fake_quant_input(x, self.act_bits, self.act_symmetric, False, self.input_scale, self.input_zero)
 
     @classmethod
@@ -224,6 +270,11 @@ class PackedLinear(nn.Module):
             except (TypeError, ValueError) as e:
                 raise type(e)(f"PackedLinear: checkpoint {prefix}qweight / scales / zeros do not form this "
                               f"module's packed weight: {e}") from None
+        # the bias too, before anything is copied (torch's size check came after qweight was overwritten)
+        b = state_dict.get(prefix + "bias")
+        if isinstance(b, torch.Tensor) and self.bias is not None and b.shape != self.bias.shape:
+            raise ValueError(f"PackedLinear: checkpoint {prefix}bias has shape {tuple(b.shape)}, this module's "
+                             f"{tuple(self.bias.shape)}")
         # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
         for name in ("scales", "zeros"):
             t = state_dict.get(prefix + name)
@@ -233,15 +284,36 @@ class PackedLinear(nn.Module):
             if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in ref.META_DTYPES and \
                     t.shape == buf.shape:
                 setattr(self, name, torch.empty(buf.shape, dtype=t.dtype, device=buf.device))
+        # a static range in a checkpoint without the extra state (filtered, or saved by hand) must meet a
+        # static quantizer: torch's strict check caught it only after copying this module's weights, and
+        # strict=False dropped the quantizer without a word. (The reverse, a static quantizer given no
+        # range, cannot be told from a partial load here: torch passes strict=True to every module; its
+        # missing-key check reports it, and forward refuses the placeholder range.)
+        if (prefix + "input_scale" in state_dict or prefix + "input_zero" in state_dict) and \
+                (self.act_bits is None or self.act_dynamic):
+            raise ValueError(f"PackedLinear: checkpoint holds a static input quantizer's range ({prefix}input_scale / "
+                             f"input_zero) but this module has {self.act_config or 'no input quantizer'}; call "
+                             "set_input_quantizer(bits, symmetric, dynamic=False) first")
         # a static input quantizer's range gets the check set_input_quantizer gives it
+        # (judged in float32, the buffer's dtype: a float64 1e-50 became scale 0, i.e. every input 0,
+        # and 1e39 an inf scale, i.e. NaN outputs, both loaded without a word)
         s, z = state_dict.get(prefix + "input_scale"), state_dict.get(prefix + "input_zero")
-        if isinstance(s, torch.Tensor) and (s.numel() != 1 or not bool(torch.isfinite(s).all()) or not float(s) > 0):
-            raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be one finite value > 0, got {s}")
-        if isinstance(z, torch.Tensor) and (z.numel() != 1 or not bool(torch.isfinite(z).all())):
+        if isinstance(s, torch.Tensor) and (s.numel() != 1 or not bool(torch.isfinite(s.float()).all())
+                                            or not float(s.float()) > 0):
+            raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be one value, finite and > 0 in "
+                             f"float32, got {s}")
+        if isinstance(z, torch.Tensor) and (z.numel() != 1 or not bool(torch.isfinite(z.float()).all())):
             raise ValueError(f"PackedLinear: checkpoint {prefix}input_zero must be one finite value, got {z}")
         if isinstance(z, torch.Tensor) and self.act_bits is not None:
             _check_input_zero(z, self.act_bits, self.act_symmetric, f"checkpoint {prefix}input_zero")
+        error_msgs = args[4] if len(args) > 4 else kwargs.get("error_msgs")
+        n_err = len(error_msgs) if error_msgs is not None else 0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # a placeholder range (set_input_quantizer without scale) counts as set once both buffers
+        # came from the checkpoint without an error (a failed copy leaves the placeholders)
+        if (self.act_bits is not None and not self.act_dynamic and isinstance(s, torch.Tensor)
+                and isinstance(z, torch.Tensor) and (error_msgs is None or len(error_msgs) == n_err)):
+            self._input_range_set = True
 
     def get_extra_state(self):
         st = {"format_version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,

@@ -324,6 +324,8 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
         skip = (skip,)
     skip = tuple(skip)
     names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    names |= {f"{n}.{p}" for n, m in model.named_modules(remove_duplicate=False)  # made by expose_linears below
+              if isinstance(m, nn.MultiheadAttention) for p in ("q_proj", "k_proj", "v_proj")}
     unknown = [s for s in skip if s not in names]
     if unknown:
         raise ValueError(f"quantize_modules: skip names not found in the model: {unknown}")
@@ -343,10 +345,12 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     # and the error did not say which layer it was.
     done: dict[int, nn.Module] = {}
     swaps = []
+    # a layer shared by several parents stays float when any of its names is skipped
+    kept = {id(m) for n, m in model.named_modules(remove_duplicate=False) if skipped(n)}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # not named_children: it drops repeats
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if child is None or type(child) not in _SWAP or skipped(full):
+            if child is None or type(child) not in _SWAP or id(child) in kept:
                 continue
             if id(child) not in done:
                 try:

@@ -250,8 +250,9 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
     out = (torch.clamp(v, qmin, qmax) - zero) * s
     if xf.requires_grad:  # straight through the rounding, zero where the clamp clips (round's own
         # gradient is 0: training through an activation quantizer got silent zeros); the added
-        # term is an exact zero, so the forward value is unchanged
-        out = out + (xf - xf.detach()) * ((v >= qmin) & (v <= qmax) & ok)
+        # term is an exact zero, so the forward value is unchanged (through where, not a product with
+        # the mask: for x = +-inf it is inf - inf = NaN, and 0 * NaN made the saturated value NaN)
+        out = out + torch.where((v >= qmin) & (v <= qmax) & ok, xf - xf.detach(), torch.zeros_like(out))
     return torch.where(ok, out, torch.zeros_like(out)).to(x.dtype)
 
 

@@ -637,7 +637,7 @@ def fake_quantize_model_(
         unknown = set(skip) - set(names) - kept_unexposed
         if unknown:
             raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
-    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip): n in s)
+    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip if k in names): n in s)
     layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]
     bits_by_name = {}
     for n, b in dict(layer_bits or {}).items():

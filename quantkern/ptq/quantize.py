@@ -452,10 +452,11 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if skip == tuple(DEFAULT_SKIP):
         return
+    from ..nn.expose import _is_hf_conv1d
     from ..nn.packed_linear import _skipped
 
     names = [n for n, m in model.named_modules(remove_duplicate=False)
-             if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention))]  # (a skipped attention stays torch's)
+             if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]  # (a skipped one stays as it is)
     unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
     if unmatched:
         warnings.warn(f"quantize_: skip entries {unmatched} match no nn.Linear of the model (entries match a layer's "
@@ -661,6 +662,10 @@ def save_quantized(model: nn.Module, path: str) -> None:
     packed = _packed_modules(model)
     if not packed:
         raise ValueError("save_quantized: the model has no PackedLinear layers (run quantize_ first)")
+    unset = [n for n, m in packed.items() if m.act_bits is not None and not m.act_dynamic and not m._input_range_set]
+    if unset:  # their placeholder range (1, 0) would load as if calibrated
+        raise ValueError(f"save_quantized: static input quantizer(s) without a range: {unset[:3]}"
+                         f"{' ...' if len(unset) > 3 else ''} (set_input_quantizer(..., scale=, zero=) or calibrate first)")
     weights = {n: m.packed_weight for n, m in packed.items()}
     names = _aliases(model)  # a layer shared under several names is stored once, under its first
     skip = {f"{a}.{k}" for n in packed for a in names[n] for k in _PACKED_KEYS}
@@ -709,13 +714,15 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     # quantize_ saved each nn.MultiheadAttention as quantkern's (projections q_proj, ...) and each transformers
     # Conv1D as an nn.Linear: give the float model the same structure where the checkpoint has it
     keys = set(weights) | {k.rpartition(".")[0] for k in extra}
-    unfuse_attention(model, skip=lambda n: f"{n}.q_proj" not in keys)
+    # (a shared module is skipped when any of its names is: skip it only when none of them was saved)
+    every = {a: al for al in _aliases(model).values() for a in al}  # any name -> all names of that module
+    unfuse_attention(model, skip=lambda n: not any(f"{a}.q_proj" in keys for a in every.get(n, [n])))
     try:
         unpacked_conv1d = set(json.loads(header.get(_CONV1D_META, "[]")))
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"load_quantized: unreadable {_CONV1D_META} metadata in {path}: {e}") from None
-    conv1d_to_linear(model, skip=lambda n: n not in weights and n not in unpacked_conv1d)
-    mods = dict(model.named_modules())
+    conv1d_to_linear(model, skip=lambda n: not any(a in weights or a in unpacked_conv1d for a in every.get(n, [n])))
+    mods = dict(model.named_modules(remove_duplicate=False))  # (parents reached only through a shared module too)
     names = _aliases(model)
     # load_state_dict cannot fill meta tensors (a no-op with a warning), so a model built on the
     # meta device would fail only at the final .to(device), with its layers already swapped
