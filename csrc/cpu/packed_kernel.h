@@ -553,7 +553,7 @@ inline void vnni_group_tables(const PackedW& P, const VnniLayout& L, uint8_t* ws
 // mode, or for every row when `all_pieces` (M > 1: one three-piece row makes the whole call read
 // three pieces of every row).
 inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t m0, int64_t m1, uint8_t* ws,
-                      bool all_pieces) {
+                      bool all_pieces = true) {
   const VnniLayout L = vnni_layout(P);
   const int64_t Kp = P.Kp();
   if (m0 == 0) vnni_group_tables(P, L, ws);
