@@ -118,9 +118,13 @@ void calib_histogram_cuda(const at::Tensor& x_, at::Tensor pos, at::Tensor neg, 
   calib_histogram_check(x_, pos, neg, R_, n_);
   TORCH_CHECK(x_.is_cuda(), "quantkern.calib_histogram: x must be a CUDA tensor, got ", x_.device());
   const int64_t C = x_.size(0), M = x_.size(1), B = pos.size(1);
-  if (C == 0 || M == 0) return;
-  TORCH_CHECK(n_.max().item<int64_t>() <= std::min(B, kCalibMaxBins) && n_.min().item<int64_t>() >= 0,
-              "quantkern.calib_histogram: n must be in [0, B = pos.shape[1] = ", B, "]");
+  if (C == 0) return;
+  // The CPU check's bounds and messages (calibrate_checks.h does it on the CPU only: reading n
+  // here is a host sync), and like it also when M == 0, so a bad n fails on every device.
+  TORCH_CHECK(n_.max().item<int64_t>() <= std::min(B, kCalibMaxBins), "quantkern.calib_histogram: ",
+              "n must be <= B = pos.shape[1] = ", B, " and <= 2^24");
+  TORCH_CHECK(n_.min().item<int64_t>() >= 0, "quantkern.calib_histogram: ", "n must be >= 0");
+  if (M == 0) return;
   c10::cuda::CUDAGuard guard(x_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto x = x_.contiguous();

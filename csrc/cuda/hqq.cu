@@ -7,15 +7,19 @@
 // A block of T threads owns T consecutive groups. Their g*T values are loaded
 // once, coalesced, into shared memory as [g][T+1] (padded: conflict-free for
 // both the transposing load and the per-thread sweeps), and all iterations
-// read them from there. Groups too large for shared memory (g > 372) are read
-// from global memory (L1/L2) instead.
+// read them from there. Groups too large for shared memory (g > 356: [g][33]
+// floats plus the static red[] past 48 KB) are read from global memory (L1/L2) instead.
 //
 // Global early stop (the official rule): every thread records its zero after
 // each iteration (zhist), and each block sums its groups' fp32 error sums in
 // fp64 in group order per iteration. A one-block kernel reduces the blocks,
 // applies the rule and stores the number of updates on the device; the last
 // kernel writes zero and q from it (no host round trip except the final
-// NaN/inf check).
+// NaN/inf check). The CPU groups that fp64 sum by its tiles (hqq_tile_groups),
+// this kernel by blocks of T groups: the mean errors E can differ in the last
+// fp64 bit (fp32 values summed exactly, as is typical, give equal sums), so the
+// stop iteration, and with it zero and q, matches the CPU except when such a
+// bit flips E's fp32 rounding at a tie of the stop test.
 //
 // Build check without a CUDA torch: the kernels are torch-free and compile alone with
 //   nvcc -std=c++17 -DQK_KERNELS_ONLY -arch=sm_80 -c csrc/cuda/hqq.cu

@@ -38,9 +38,10 @@ __global__ void __launch_bounds__(kThreads) osc_kernel(TW* __restrict__ w, const
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = param_index(i, C, inner);
     const float sv = s[c], bv = b[c];
-    // The CPU op raises on such a scale; raising here would cost a host sync per call, so the
-    // kernel leaves those weights and their state untouched instead of writing NaN-derived codes.
-    if (!(sv > 0.f) || !isfinite(sv)) continue;
+    // The CPU op raises on such a scale or offset; raising here would cost a host sync per call, so
+    // the kernel leaves those weights and their state untouched instead of writing NaN-derived codes
+    // (a NaN offset gave q = NaN: q_prev int(NaN), a NaN EMA; an inf one rewrote frozen weights as inf).
+    if (!(sv > 0.f) || !isfinite(sv) || !isfinite(bv)) continue;
     uint32_t mo;
     float eo, wo, o, f;
     // Without freezing the integer EMA is neither read nor written.

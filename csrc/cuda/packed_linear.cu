@@ -16,7 +16,7 @@
 //            block; per K step of 32 the block dequantizes a [64 x 32] weight tile
 //            to x's dtype in shared memory (rounded as W.to(dtype)), loads the x
 //            tile, and 4 warps each update a 32 x 32 sub-tile; fp32 accumulators.
-//   fp32, M > 4: the same tiling with SIMT fp32 FMAs (4 x 4 outputs per thread).
+//   fp32, M > 4: the same tiling with SIMT fp32 FMAs (4 x 8 outputs per thread).
 // The whole dequantized weight is never materialised.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -324,9 +324,11 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 at::Tensor pack_cuda(const at::Tensor& q_, int64_t bits) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "quantkern.pack: bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(q_.dim() == 2 && q_.size(1) > 0, "quantkern.pack: q must be 2-D [N, K] with K > 0, got ", q_.sizes());
+  // The CPU op's checks, in its order and with its messages (pack_cpu).
+  TORCH_CHECK(q_.dim() == 2, "quantkern.pack: q must be 2-D [N, K], got shape ", q_.sizes());
   TORCH_CHECK(at::isIntegralType(q_.scalar_type(), false), "quantkern.pack: q must have an integer dtype, got ",
               q_.scalar_type());
+  TORCH_CHECK(q_.size(1) > 0, "quantkern.pack: K (q.shape[1]) must be positive");
   if (q_.numel()) {
     auto mm = at::aminmax(q_);
     const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
