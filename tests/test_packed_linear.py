@@ -324,6 +324,20 @@ def test_grad_x(dt):
         bias.grad = None
 
 
+def test_half_bias_equals_its_fp32_widening():
+    # a bf16 / fp16 bias is widened to fp32 inside the op (no ATen call): same bits as passing the
+    # fp32 copy, strided or not, on the GEMV (M <= 4), AMX / fp32 GEMM and MKL (fp32, M > 16) paths
+    for K, N, M in [(256, 33, 1), (256, 33, 7), (1024, 40, 40), (96, 17, 3)]:
+        pw = make(N, K, 4, 32)
+        args = (pw.qweight, pw.scales, pw.zeros, 4, 32, K)
+        for xdt in DTYPES:
+            x = torch.randn(M, K).to(xdt)
+            for bdt in (torch.bfloat16, torch.float16):
+                b = (torch.randn(2 * N) * 3).to(bdt)[::2]
+                y = torch.ops.quantkern.packed_linear(x, *args, b)
+                assert torch.equal(y, torch.ops.quantkern.packed_linear(x, *args, b.float()))
+
+
 def test_inference_skips_autograd_but_not_its_rules():
     # Calls that need no gradient skip the C++ autograd Function (a fast path): same output bits,
     # no graph; a tensor input that requires grad (x, bias, or even the scales, whose gradient is

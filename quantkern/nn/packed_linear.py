@@ -242,7 +242,10 @@ class PackedLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (nn.Linear's name: lin(input=x) works)
         # buffers were validated at construction / load; only x and bias are checked per call
         x = self.quantize_input(input)
-        return ops._packed_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+        # the buffers straight from _buffers: nn.Module.__getattr__ cost ~0.5 us each, ~1/4 of the
+        # Python time of a small layer's call (the op itself takes ~7 us at K = 4096, N = 16)
+        b = self._buffers
+        return ops._packed_linear(x, b["qweight"], b["scales"], b["zeros"], self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
 
     # buffers whose dtype is part of the quantized model: a module-wide dtype cast leaves them alone
