@@ -196,14 +196,14 @@ def qat_run(fp_model, seed, data, bits, method, epochs, bn_batches, damp_lambda=
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(xb), yb)
             if damp is not None:
-                loss = loss + damp(lam(n_steps))
+                loss = loss + damp(lam(n_steps + 1))  # schedules count steps from 1
             opt_w.zero_grad()
             opt_q.zero_grad()
             loss.backward()
             opt_w.step()
             opt_q.step()
             sch.step()
-            tracker.step(thr(n_steps))  # track-only (threshold 0) except for "freeze"
+            tracker.step(thr(n_steps + 1))  # track-only (threshold 0) except for "freeze"
             t_total += time.perf_counter() - t0
             n_steps += 1
     acc_before = accuracy(model, Xte, yte)

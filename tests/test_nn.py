@@ -602,3 +602,17 @@ def test_extra_repr_shows_non_default_grad_scale_and_backend():
     assert "grad_scale=0.125" in r and "backend='native'" in r
     r = repr(LSQQuantizer(4, True))
     assert "grad_scale" not in r and "backend" not in r
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_all_zero_first_batch_defers_the_init(granularity):
+    # A padding batch (or a dead layer's output) first: the init waits for data with a non-zero
+    # value instead of fixing scale 1e-8, which clipped every later input to ~0.
+    q = LSQQuantizer(4, signed=False, granularity=granularity, axis=1, learn_offset=True, init="mse")
+    with pytest.warns(UserWarning, match="all zeros"):
+        assert torch.equal(q(torch.zeros(8, 5)), torch.zeros(8, 5))
+    assert not q._initialized and not bool(q.initialized) and tuple(q.scale.shape) in ((1,), (5,))
+    x = torch.rand(8, 5) * 3
+    y = q(x)
+    ref = LSQQuantizer(4, signed=False, granularity=granularity, axis=1, learn_offset=True, init="mse")
+    assert q._initialized and torch.equal(y, ref(x)) and torch.equal(q.scale, ref.scale)

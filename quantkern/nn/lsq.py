@@ -12,6 +12,7 @@ Parameters are initialised from data on the first forward (or by an explicit
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -57,7 +58,9 @@ class LSQQuantizer(nn.Module):
               only s is searched; with one, both ends are searched (asymmetric LSQ+).
             * ``"minmax"``: the smallest grid that covers ``[min(x), max(x)]``.
 
-            Statistics are per channel / per group for those granularities.
+            Statistics are per channel / per group for those granularities. Data that is all
+            zeros initialises nothing: the parameters get placeholders (scale 1, offset 0), a
+            warning says so, and the next forward with a non-zero value initialises.
         axis: channel axis for ``"channel"`` (negative counts from the end). Must be 0
             for ``"group"``; ignored for ``"tensor"``.
         group_size: group length for ``"group"`` (positive int dividing the row length).
@@ -85,6 +88,7 @@ class LSQQuantizer(nn.Module):
     """
 
     eps: float = 1e-8
+    _warned_zero_init: bool = False
     #: MSE search: coarse grid size for the kept fraction of the range, and for the raise of
     #: the lower end (only with a learnt offset and negative data); then a 9 x 5 refinement.
     mse_grid: int = 24
@@ -227,6 +231,19 @@ class LSQQuantizer(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: cannot initialise from x containing NaN or inf")
         self.materialize(x.shape, device=x.device)
+        if not bool(x.any()):
+            # All zeros (a zero-initialised layer, a padding batch, a dead input): every init gives
+            # scale eps (1e-8) here, a grid that clipped every later input to ~0 until training grew
+            # it (hundreds of Adam steps). Any scale quantizes zeros exactly, so the parameters get
+            # placeholders (1, 0) and the init waits for the next forward with a non-zero value.
+            self.scale.fill_(1.0)
+            if self.offset is not None:
+                self.offset.zero_()
+            if not self._warned_zero_init:
+                self._warned_zero_init = True
+                warnings.warn(f"{name}: initialisation data is all zeros; the init waits for the next input "
+                              "with a non-zero value (scale 1 until then)", stacklevel=3)
+            return
         shape = tuple(self.scale.shape)
         rows = self._rows(x)
         s, b = self._init_rows(rows)

@@ -227,6 +227,9 @@ class PackedLinear(nn.Module):
         """Quantize ``linear.weight`` with round-to-nearest min-max per group (PackedWeight.from_float)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"PackedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        if getattr(linear, "weight_quantizer", None) is not None:
+            raise TypeError(f"PackedLinear.from_linear: {type(linear).__name__} is a QAT layer: round-to-nearest on "
+                            "its latent float weight would drop its learnt scales and input quantizer")
         w = PackedWeight.from_float(linear.weight.detach(), bits, group_size, meta_dtype)
         b = linear.bias.detach() if linear.bias is not None else None
         return cls.from_packed(w, b, backend)
@@ -406,7 +409,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     if not replaced:
         warnings.warn("quantkern.replace_linear: no layer replaced: " + (
             "every nn.Linear's in_features is unfit for the group size (fallback_group_size=False)" if sites_list else
-            "the model has no nn.Linear (after skip)"), stacklevel=2)
+            "the model has no nn.Linear (after skip; QAT layers such as QuantLinear are not converted)"),
+            stacklevel=2)
     return replaced
 
 

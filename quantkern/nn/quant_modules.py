@@ -354,7 +354,15 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
                 continue
             if id(child) not in done:
                 try:
-                    done[id(child)] = _SWAP[type(child)].from_float(child, w_bits, a_bits, **kwargs)
+                    q = _SWAP[type(child)].from_float(child, w_bits, a_bits, **kwargs)
+                    # the float layer's own Parameters (equal values): weights tied between layers
+                    # (or to an embedding) stay tied, and an optimizer built before keeps training them
+                    for pn in ("weight", "bias"):
+                        p_old, p_new = getattr(child, pn), getattr(q, pn)
+                        if isinstance(p_old, nn.Parameter) and isinstance(p_new, nn.Parameter) and \
+                                p_old.shape == p_new.shape and p_old.dtype == p_new.dtype and p_old.device == p_new.device:
+                            setattr(q, pn, p_old)
+                    done[id(child)] = q
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"quantize_modules: layer {full!r} ({type(child).__name__}): {e} "
                                   "(the model is unchanged)") from e
