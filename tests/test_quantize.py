@@ -109,10 +109,13 @@ def test_skip_list():
 
 def test_group_fallback_warns():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 8))
-    with pytest.warns(UserWarning, match="one group per row"):
-        quantize_(m, QuantizeConfig(method="hqq", bits=4, group_size=32, skip=None), progress=False)
-    assert m[0].group_size == 48 and m[2].group_size == 32
+    m = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8))
+    with pytest.warns(UserWarning) as rec:
+        quantize_(m, QuantizeConfig(method="hqq", bits=4, group_size=64, skip=None), progress=False)
+    # no multiple of 32 divides 48: one group per row; 96 takes g32 (the largest below 64 dividing it)
+    assert m[0].group_size == 48 and m[2].group_size == 64 and m[4].group_size == 32
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "one group per row" in msgs and "using group size 32" in msgs
     with pytest.raises(ValueError, match="does not fit"):
         quantize_(nn.Sequential(nn.Linear(48, 8)), QuantizeConfig(strict_group=True, group_size=32), progress=False)
 

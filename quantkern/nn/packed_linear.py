@@ -251,6 +251,14 @@ class PackedLinear(nn.Module):
         return ops._packed_linear(x, b["qweight"], b["scales"], b["zeros"], self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
 
+    def __setattr__(self, name, value):
+        # transformers' tie_weights() ties an output layer by `lm_head.weight = embed_tokens.weight`: on a
+        # PackedLinear that added a stray Parameter the forward never reads (saved, then refused on load)
+        if name == "weight":
+            raise AttributeError("PackedLinear has no dense weight (it is packed); a packed layer cannot be tied to "
+                                 "another module's weight (untie it first, e.g. config.tie_word_embeddings = False)")
+        super().__setattr__(name, value)
+
     # buffers whose dtype is part of the quantized model: a module-wide dtype cast leaves them alone
     _KEEP_DTYPE = ("scales", "zeros", "input_scale", "input_zero")
 
@@ -372,7 +380,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
             ``"*.classifier"``) or a predicate on the qualified name; those layers stay.
             Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``); None replaces all.
         fallback_group_size: when ``group_size`` does not divide a layer's
-            in_features, use one group per row instead of leaving the layer alone.
+            in_features, use the largest multiple of 32 below it that does (one group per
+            row when none does) instead of leaving the layer alone.
 
     Returns the qualified names of the replaced layers.
     """
@@ -399,7 +408,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
             if not fallback_group_size:
                 continue
-            gs = None
+            gs = fallback_group(K, gs)
         new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
         if new.bias is not None and child.bias is not None:  # a frozen bias stays frozen
             new.bias.requires_grad_(child.bias.requires_grad)
@@ -471,3 +480,26 @@ def disable_fused_encoder_paths(model: nn.Module, modules) -> int:
         if isinstance(m, nn.TransformerEncoder) and any(id(layer) in changed for layer in m.layers):
             m.use_nested_tensor = False
     return len(layers)
+
+
+def fallback_group(K: int, group_size: int) -> int:
+    """The group size a layer of ``K`` inputs gets when ``group_size`` does not fit it: the largest
+    multiple of 32 not above ``group_size`` that divides K (finer groups, never coarser than asked),
+    else K (one group per row)."""
+    return max((g for g in range(32, min(group_size, K) + 1, 32) if K % g == 0), default=K)
+
+
+def untie_packed_outputs(model: nn.Module, replaced_weights) -> list[str]:
+    """After packing layers whose weight another module still holds (an lm_head tied to the input
+    embedding), tell transformers the tie is gone (``config.tie_word_embeddings = False``, and the
+    same on sub-configs such as ``text_config``), so its ``tie_weights()`` leaves the packed layer alone.
+    ``replaced_weights``: the replaced layers' weight tensors. Returns the names still holding one."""
+    ids = {id(w) for w in replaced_weights}
+    still = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    if still:
+        for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+        warnings.warn(f"a packed layer was tied to {still}, which stays float: the tie is broken "
+                      "(config.tie_word_embeddings set to False)", stacklevel=3)
+    return still

@@ -65,8 +65,9 @@ small lambda1 fits the calibration tokens' activation error and hurt the
 network before, see erq.py).
 
 Group size: if ``group_size`` does not divide a layer's in_features (or is not a
-multiple of 32, which the packed format needs), that layer falls back to one
-group per row and a warning names it (``strict_group=True`` raises instead).
+multiple of 32, which the packed format needs), that layer falls back to a smaller
+group size (the largest multiple of 32 below it that divides in_features, else one group per
+row) and a warning names it (``strict_group=True`` raises instead).
 
 Checkpoints: safetensors through :func:`quantkern.save_packed` (format name,
 version, layout and per-weight bits / group size / shape are validated on load);
@@ -109,7 +110,7 @@ class QuantizeConfig:
         skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
             or a predicate on the qualified name; those layers stay float.
         meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16).
-        strict_group: raise instead of falling back to one group per row.
+        strict_group: raise instead of falling back to a smaller group size (or one group per row).
         damp, block_size, act_order: GPTQ (defaults 0.1, 128, True with static groups; on
             all-MiniLM-L6-v2 with 1.6K calibration tokens damp 0.1 beat GPTQ's usual 0.01).
         clip: group params of GPTQ / ERQ: "minmax" or "mse" (clipping search weighted by
@@ -229,8 +230,12 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
                f"multiple of 32 that divides in_features)")
         if cfg.strict_group:
             raise ValueError(msg)
-        warnings.warn(msg + "; using one group per row for this layer", stacklevel=4)
-        return K
+        from ..nn.packed_linear import fallback_group
+
+        fit = fallback_group(K, gs)
+        warnings.warn(msg + (f"; using group size {fit} for this layer" if fit < K else
+                             "; using one group per row for this layer"), stacklevel=4)
+        return fit
     return gs
 
 
@@ -618,6 +623,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
         model.train(was_training)
+    from ..nn.packed_linear import untie_packed_outputs
+    untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
     fp_model = fp_mods = None
     model._quantize_report = report
     return model
@@ -642,6 +649,7 @@ _ACT_META = "quantkern.act_quant"  # header key: {layer: {"bits", "symmetric", "
 # stayed unpacked: their saved weight is transposed from the fresh model's Conv1D (for a square one the
 # shapes agree, so the load could not tell). Packed ones are known by their packed weight.
 _CONV1D_META = "quantkern.conv1d_as_linear"
+_TIED_META = "quantkern.tied"  # header key: JSON {name: name it shares its tensor with (stored)}
 
 
 def _check_act_meta(name: str, d) -> dict:
@@ -669,12 +677,19 @@ def save_quantized(model: nn.Module, path: str) -> None:
     weights = {n: m.packed_weight for n, m in packed.items()}
     names = _aliases(model)  # a layer shared under several names is stored once, under its first
     skip = {f"{a}.{k}" for n in packed for a in names[n] for k in _PACKED_KEYS}
-    extra = {}
+    extra, tied, first = {}, {}, {}
     for k, v in model.state_dict().items():
         if k in skip:
             continue
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"save_quantized: state_dict entry {k!r} is {type(v).__name__}, not a tensor")
+        # one tensor under several names (tie_word_embeddings: lm_head.weight is embed_tokens.weight) is
+        # stored once; the header maps the other names to it
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype, v.device)
+        if v.numel() and key in first:
+            tied[k] = first[key]
+            continue
+        first[key] = k
         extra[k] = v.detach().clone()  # clone: safetensors refuses tensors that share storage
     clash = set(extra) & {f"{n}.{k}" for n in weights for k in ("qweight", "scales", "zeros")}
     if clash:
@@ -684,7 +699,8 @@ def save_quantized(model: nn.Module, path: str) -> None:
     act = {n: m.act_config for n, m in packed.items() if m.act_config is not None}
     conv1d = sorted(n for n, m in model.named_modules() if getattr(m, "_qk_from_conv1d", False) and n not in packed)
     meta = {**({_ACT_META: json.dumps(act, sort_keys=True)} if act else {}),
-            **({_CONV1D_META: json.dumps(conv1d)} if conv1d else {})}
+            **({_CONV1D_META: json.dumps(conv1d)} if conv1d else {}),
+            **({_TIED_META: json.dumps(tied, sort_keys=True)} if tied else {})}
     save_packed(weights, path, extra, metadata=meta or None)
 
 
@@ -734,8 +750,11 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         raise ValueError(f"load_quantized: the model has tensors on the meta device ({', '.join(on_meta[:3])}"
                          f"{', ...' if len(on_meta) > 3 else ''}), which a checkpoint cannot fill; build the float "
                          "model on a real device (its nn.Linear weights are replaced by the packed ones)")
+    replaced_linears = []
     for name, w in weights.items():
         lin = mods.get(name)
+        if isinstance(lin, nn.Linear):
+            replaced_linears.append(lin)
         if not isinstance(lin, (nn.Linear, PackedLinear)):
             raise ValueError(f"load_quantized: the checkpoint has a packed weight {name!r} but the model has "
                              f"{type(lin).__name__ if lin is not None else 'no such module'}")
@@ -751,7 +770,29 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
             parent_name, _, child = alias.rpartition(".")
             setattr(mods[parent_name] if parent_name else model, child, new)
         disable_fused_encoder_paths(model, [new])
+    try:
+        tied = json.loads(header.get(_TIED_META, "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_quantized: unreadable {_TIED_META} metadata in {path}: {e}") from None
+    if not isinstance(tied, dict) or any(not isinstance(v, str) or v not in extra for v in tied.values()):
+        raise ValueError(f"load_quantized: bad {_TIED_META} metadata in {path}: {tied!r}")
+    extra.update({k: extra[v] for k, v in tied.items()})
+    # names that are one tensor in the model must hold one value in the checkpoint: torch copies each
+    # into the shared tensor in turn, so an untied checkpoint loaded into a tied model kept the last
+    # (lm_head.weight as the embedding) without a word
+    groups: dict = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if k in extra and isinstance(t, torch.Tensor) and t.numel():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(k)
+    for ks in groups.values():
+        if any(not torch.equal(extra[ks[0]], extra[k]) for k in ks[1:]):
+            raise ValueError(f"load_quantized: {ks} are one (tied) tensor in the model but differ in {path}; build "
+                             "the model with the checkpoint's tying (e.g. tie_word_embeddings=False)")
     missing, unexpected = model.load_state_dict(extra, strict=False)
+    from ..nn.packed_linear import untie_packed_outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        untie_packed_outputs(model, [m.weight for m in replaced_linears])
     allowed = {f"{a}.{k}" for n in weights for a in names.get(n, [n]) for k in _PACKED_KEYS}
     bad_missing = [k for k in missing if k not in allowed]
     if bad_missing or unexpected:
