@@ -12,7 +12,30 @@ replaces every ``nn.Linear`` (except the skipped ones) by a
   exception, so the forward stops at that layer. The layer is quantized and
   swapped in before the next layer is calibrated, so later layers see the
   quantized earlier ones (sequential, as GPTQ does). Memory: one layer's
-  statistics at a time.
+  statistics at a time (the layers of a calibration group share one set).
+
+Calibration groups: layers that read the very same input tensor (q / k / v projections,
+gate / up, BERT's query / key / value) share one calibration pass instead of one each.
+When the hook of the layer being calibrated (the group's leader) has captured its input
+``x``, the forward goes on (instead of stopping), and each next layer in module order joins
+the group if it is the next hooked layer to fire and is called with ``x`` itself (the same
+tensor object, its version counter unchanged: no in-place change since the leader's call);
+the forward stops once the group is complete or at the first hooked call that does not fit
+(another tensor, a layer out of order, the leader again). A member's input does not depend
+on the leader's output, so quantizing the leader first (as the one-layer-per-pass order did)
+would not have changed it: its statistics are the leader's, computed once (one Hessian, one
+row sample, one activation calibrator, one float-target Gram), and the members are then
+quantized one after another from them, exactly as before: results are bit-identical. The
+group is found in the first unit where the leader fires and only shrinks in later units: a
+member that fires before the leader (its first call is elsewhere), or not right after the
+previous member, or with another input, leaves the group with every member after it (and is
+calibrated in a pass of its own later). With ``fp_target`` the float model's pass must show
+the same chain. Passes per calibration unit: 4 instead of 7 for a Llama block (q/k/v, o,
+gate/up, down), 4 instead of 6 for BERT's and ``nn.TransformerEncoder``'s. Assumed: whether
+the next layers are called with ``x`` does not depend on the *values* of the leader's output
+(true of attention and MLP blocks). Tensors made under ``torch.inference_mode`` have no version
+counter, so a ``calib_fn`` that runs the model under it gets one layer per pass. At most
+``_MAX_GROUP`` layers share a pass; ``_GROUP_CALIBRATION = False`` restores one layer per pass.
 
 ``calib_fn``: a callable ``f(model)`` that runs the model on calibration data,
 or a sequence of such callables (one per batch). Each callable is one unit of
@@ -97,6 +120,12 @@ __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "M
 
 METHODS = ("rtn", "hqq", "gptq", "erq")
 _DATA_METHODS = ("gptq", "erq")
+# Calibration groups (module docstring). Private switch: False calibrates one layer per pass (the
+# tests compare the two paths for bit-identical results).
+_GROUP_CALIBRATION = True
+# At most this many layers (the leader and the next ones in order with its in_features) are hooked
+# as one group's candidates. Not a memory bound: a group holds one set of statistics, whatever its size.
+_MAX_GROUP = 16
 
 
 @dataclasses.dataclass
@@ -218,7 +247,7 @@ class QuantizeConfig:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the layer's input is captured."""
+    """Raised by a calibration hook to end the forward once the group's inputs are captured."""
 
 
 def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
@@ -254,14 +283,17 @@ def _layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward hook: accumulates one layer's statistics, then stops the forward.
+    """One layer's (or one calibration group's: the same inputs) statistics.
 
-    GPTQ: the Hessian of the inputs; ERQ: a random subsample of at most ``cap`` input
-    rows; with a static input quantizer (``act_cal``): the calibrator sees every row.
-    With ``pair`` (``fp_target``): :meth:`fp_hook` on the float model's copy of the layer
-    stores its input ``X`` for the unit, and the hook on the quantized model's layer
-    (input ``Xq``, same tokens) accumulates ``A^T A`` and ``B^T A`` with ``A = [Xq | 1]``,
-    ``B = [X | 1]`` (float64 sums).
+    :meth:`add` takes the layer's input of one calibration unit, :meth:`set_float_input`
+    the float model's (``fp_target``); as forward hooks (``__call__`` / :meth:`fp_hook`)
+    each then stops the forward. GPTQ: the Hessian of the inputs; ERQ: a random subsample
+    of at most ``cap`` input rows; with a static input quantizer (``act_cal``): the
+    calibrator sees every row. With ``pair`` (``fp_target``): the float model's input ``X``
+    of the unit is stored first, and the quantized model's input (``Xq``, same tokens)
+    accumulates ``A^T A`` and ``B^T A`` with ``A = [Xq | 1]``, ``B = [X | 1]`` (float64 sums).
+    Nothing here changes once the passes are done except :meth:`finish` (a no-op when called
+    again): the layers of a group read one _Capture in turn.
     """
 
     def __init__(self, method: str, K: int, cap: int, seed: int, act_cal=None, pair: bool = False, device=None,
@@ -287,13 +319,20 @@ class _Capture:
                              "(check the calibration data)")
 
     def fp_hook(self, module, inputs, kwargs, output=None):
-        x = _layer_input(inputs, kwargs)
-        self.pending = x.detach().reshape(-1, x.shape[-1]).double()
-        self._check_finite(self.pending, "float model's")
+        self.set_float_input(_layer_input(inputs, kwargs))
         raise _StopForward
 
     def __call__(self, module, inputs, kwargs, output=None):
-        x = _layer_input(inputs, kwargs)
+        self.add(_layer_input(inputs, kwargs))
+        raise _StopForward
+
+    def set_float_input(self, x: torch.Tensor) -> None:
+        """The float model's input of this unit (``fp_target``), paired with the next :meth:`add`."""
+        self.pending = x.detach().reshape(-1, x.shape[-1]).double()
+        self._check_finite(self.pending, "float model's")
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one unit's input ``x [..., K]`` (read only: it is not changed)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self._check_finite(x, "calibration")
         self.seen += x.shape[0]
@@ -314,7 +353,6 @@ class _Capture:
             self.hess.add_batch(x)
         elif self.method == "erq":
             self._reservoir_add(x, self.seen - x.shape[0])
-        raise _StopForward
 
     def _reservoir_add(self, x: torch.Tensor, n: int) -> None:
         """Keep a uniform random sample of at most ``cap`` of all rows seen (reservoir sampling,
@@ -346,6 +384,86 @@ class _Capture:
         for xf, x in self.pairs:
             self._accumulate(xf, act_q(x))
         self.pairs = []
+
+
+def _version(x: torch.Tensor):
+    """``x``'s version counter (every in-place change bumps it); None for an inference tensor (it has none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+class _Chain:
+    """Forward hooks on a calibration group's candidates (the leader, then the next layers in order).
+
+    One :meth:`run` is one pass of one calibration unit. The leader's first call hands its input
+    to ``on_lead`` (which captures the statistics); candidate ``p`` then joins the pass's chain
+    when it is the next hooked layer to fire, right after candidates ``0 .. p-1``, with the very
+    tensor the leader got at the same version (not changed in place since). The forward stops
+    once the chain holds ``limit`` layers, or at the first hooked call that does not join it
+    (another tensor, a candidate out of turn, the leader again). A candidate that fires before
+    the leader has its first call elsewhere: the limit drops to below it.
+    """
+
+    def __init__(self, mods: list, on_lead: Callable):
+        self.on_lead, self.limit, self.n, self.x, self.ver = on_lead, len(mods), 0, None, None
+        self.handles = [m.register_forward_hook(self._hook(p), with_kwargs=True) for p, m in enumerate(mods)]
+
+    def _hook(self, p: int):
+        def fire(module, inputs, kwargs, output=None):
+            x = _layer_input(inputs, kwargs)
+            if self.n == 0:
+                if p:  # before the leader: this is p's first call, not one the chain could hold
+                    self.limit = min(self.limit, p)
+                    return
+                self.x, self.ver = x, _version(x)  # (before on_lead: a change it made would end the chain)
+                self.on_lead(x)
+                self.n = 1
+            elif p == self.n and p < self.limit and x is self.x and self.ver is not None and _version(x) == self.ver:
+                self.n += 1
+            else:
+                raise _StopForward
+            if self.n >= self.limit:
+                raise _StopForward
+        return fire
+
+    def run(self, f: Callable, model: nn.Module, limit: int) -> int:
+        """Run unit ``f`` on ``model`` with at most ``limit`` candidates in the chain; returns the new
+        limit: the chain's length if the leader fired, else ``limit`` less the candidates that fired."""
+        self.limit, self.n = limit, 0
+        try:
+            f(model)
+        except _StopForward:
+            pass
+        finally:
+            self.x = None
+        return self.n or self.limit
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, units: list, model: nn.Module,
+                     fp_model: nn.Module | None) -> int:
+    """Run every calibration unit for the candidates ``mods`` (the leader first, then the next layers
+    in order; ``fp_mods``: their copies in the float model, with ``fp_target``), the leader's inputs
+    going to ``cap``. Returns how many of them, from the leader on (>= 1), share these statistics."""
+    limit = len(mods)
+    chain = _Chain(mods, cap.add)
+    fchain = _Chain(fp_mods, cap.set_float_input) if fp_mods is not None else None
+    try:
+        for f in units:
+            if fchain is not None:  # first: the quantized model's pass pairs its inputs with these
+                cap.pending = None
+                limit = fchain.run(f, fp_model, limit)
+            limit = chain.run(f, model, limit)
+    finally:
+        chain.remove()
+        if fchain is not None:
+            fchain.remove()
+    return limit
 
 
 def _with_bias(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -476,10 +594,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
     Keyword overrides update ``config`` (e.g. ``quantize_(m, method="hqq", bits=3)``).
     ``calib_fn``: ``f(model)`` or a list of them (one per calibration batch), each running the model
-    on its batch. They are called again for every layer (and on the float model for the float
-    target), so each must run the same data on every call: no fresh random batches.
+    on its batch. They are called again for every layer, or every group of layers that read the same
+    input tensor (module docstring: calibration groups), and on the float model for the float
+    target, so each must run the same data on every call: no fresh random batches.
     Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
-    After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer.
+    After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer (a
+    group's calibration passes count in its first layer's seconds).
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
@@ -513,7 +633,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     was_training = model.training
     model.eval()
     try:
-        fp_mods = None
+        fp_model = fp_mods = None
         if cfg.fp_target and cfg.method in _DATA_METHODS:
             import copy
 
@@ -531,7 +651,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
             a = f"A{cfg.act_bits}" if cfg.act_bits else ""
             it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
-        for name, sites, lin in it:
+        group_cap, group_end = None, 0  # the statistics of the current calibration group, its end in layers
+        for i, (name, sites, lin) in enumerate(it):
             t0 = time.perf_counter()
             W = lin.weight.detach().float()
             b = lin.bias.detach().float() if lin.bias is not None else None
@@ -539,37 +660,32 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             cap = None
             method = cfg.method
             if needs_data:
-                act_cal = None
-                if cfg.static_act:
-                    from .calibrate import make_calibrator
+                if i < group_end:  # calibrated in its group's pass: its inputs are the leader's
+                    cap = group_cap
+                else:
+                    act_cal = None
+                    if cfg.static_act:
+                        from .calibrate import make_calibrator
 
-                    act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
-                # GPTQ with an input quantizer: fit the float target on Qa(Xq) (deferred until Qa is calibrated);
-                # ERQ: on Xq, its Aqer handles the activation error itself (fitting on Qa(Xq) too
-                # double-corrects: MiniLM W4A4 0.66 -> 0.42)
-                pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
-                        if fp_mods is not None else False)
-                cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
-                               device=lin.weight.device, name=name)
-                h = lin.register_forward_hook(cap, with_kwargs=True)
-                hf = (fp_mods[name].register_forward_hook(cap.fp_hook, with_kwargs=True)
-                      if fp_mods is not None else None)
-                try:
-                    for f in units:
-                        if hf is not None:
-                            cap.pending = None
-                            try:
-                                f(fp_model)
-                            except _StopForward:
-                                pass
-                        try:
-                            f(model)
-                        except _StopForward:
-                            pass
-                finally:
-                    h.remove()
-                    if hf is not None:
-                        hf.remove()
+                        act_cal = make_calibrator(cfg.act_method, cfg.act_bits, None, symmetric=cfg.act_symmetric)
+                    # GPTQ with an input quantizer: fit the float target on Qa(Xq) (deferred until Qa is calibrated);
+                    # ERQ: on Xq, its Aqer handles the activation error itself (fitting on Qa(Xq) too
+                    # double-corrects: MiniLM W4A4 0.66 -> 0.42)
+                    pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
+                            if fp_mods is not None else False)
+                    cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
+                                   device=lin.weight.device, name=name)
+                    # candidates: the next layers in order that could read the same tensor
+                    n = 1
+                    while (_GROUP_CALIBRATION and n < _MAX_GROUP and i + n < len(layers)
+                           and layers[i + n][2].in_features == lin.in_features
+                           and layers[i + n][2].weight.device == lin.weight.device):
+                        n += 1
+                    group = layers[i:i + n]
+                    n = _calibrate_group(cap, [m for _, _, m in group],
+                                         [fp_mods[nm] for nm, _, _ in group] if fp_mods is not None else None,
+                                         units, model, fp_model)
+                    group_cap, group_end = cap, i + n
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
                                   + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=3)
@@ -616,6 +732,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 setattr(parent, child_name, new)
             report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
             del cap
+            if i + 1 >= group_end:  # the group is done: free its statistics before the next one
+                group_cap = None
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
