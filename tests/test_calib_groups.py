@@ -145,3 +145,36 @@ def test_inference_mode_calibration_gets_one_layer_per_pass(monkeypatch):
     inf = _run(cfg, True, monkeypatch, inference=True)
     _assert_same(inf, _run(cfg, False, monkeypatch))
     assert inf[2]["model"] == len(_X) * N_LAYERS
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+def test_token_mask_drops_padding_rows(method):
+    # (f, token_mask): a padded batch with its mask calibrates exactly as the real tokens alone
+    # (same rows, same order); without the mask the padding rows count as data
+    import torch.nn as tnn
+
+    from quantkern import QuantizeConfig, quantize_
+
+    def mlp():
+        torch.manual_seed(0)
+        return tnn.Sequential(tnn.Linear(64, 96), tnn.ReLU(), tnn.Linear(96, 32))
+
+    g = torch.Generator().manual_seed(1)
+    real = [torch.randn(2, 5, 64, generator=g), torch.randn(2, 7, 64, generator=g)]
+    lens = [torch.tensor([5, 3]), torch.tensor([7, 4])]
+    pads, masks, rows = [], [], []
+    for x, n in zip(real, lens):
+        mask = torch.arange(x.shape[1])[None] < n[:, None]
+        pads.append(torch.where(mask[..., None], x, torch.randn(x.shape, generator=g) * 5))
+        masks.append(mask.long())
+        rows.append(x[mask])
+    cfg = QuantizeConfig(method=method, bits=4, group_size=32, skip=None, act_bits=8)
+    a = quantize_(mlp(), cfg, [(lambda m, x=x: m(x), k) for x, k in zip(pads, masks)], progress=False)
+    b = quantize_(mlp(), cfg, [lambda m, x=x: m(x) for x in rows], progress=False)
+    c = quantize_(mlp(), cfg, [lambda m, x=x: m(x) for x in pads], progress=False)
+    sa, sb, sc = ({k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)} for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert [r[2] for r in a._quantize_report] == [r[2] for r in b._quantize_report] == [19, 19]
+    with pytest.raises(TypeError, match="token mask"):
+        quantize_(mlp(), cfg, [(lambda m: m(pads[0]), masks[0].float())], progress=False)

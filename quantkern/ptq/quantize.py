@@ -41,7 +41,12 @@ counter, so a ``calib_fn`` that runs the model under it gets one layer per pass.
 or a sequence of such callables (one per batch). Each callable is one unit of
 the early stop: when the hook fires the rest of *that callable* is skipped, so
 a callable that loops over several batches only contributes its first batch;
-pass one callable per batch to use them all.
+pass one callable per batch to use them all. A unit may be a pair ``(f, token_mask)``
+with ``token_mask`` a bool / integer tensor ``[batch, seq]`` (an attention mask; nonzero:
+a real token): a layer input whose leading dims have that shape then contributes only
+the real tokens' rows (padding would count as calibration data, and hide a too-small
+calibration set from the few-tokens warning); other inputs (a pooler's ``[batch, K]``)
+keep every row.
 
 Float-model targets (``fp_target=True``, default): sequential calibration alone fits
 each layer to its original weights applied to the inputs of the partly quantized model,
@@ -268,13 +273,30 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
     return gs
 
 
+def _calib_unit(u):
+    """``f`` or ``(f, token_mask)`` -> ``(f, bool mask or None)``; None when ``u`` is neither."""
+    if callable(u):
+        return u, None
+    if isinstance(u, tuple) and len(u) == 2 and callable(u[0]) and isinstance(u[1], torch.Tensor):
+        m = u[1]
+        if m.dtype.is_floating_point or m.dtype.is_complex or m.dim() == 0:
+            raise TypeError(f"quantize_: a calibration token mask must be a bool or integer tensor [batch, seq] "
+                            f"(nonzero: a real token), got {m.dtype} of shape {tuple(m.shape)}")
+        return u[0], m.detach().bool()
+    return None
+
+
 def _calib_units(calib_fn) -> list:
-    if callable(calib_fn):
-        return [calib_fn]
-    if isinstance(calib_fn, Sequence) and calib_fn and all(callable(f) for f in calib_fn):
-        return list(calib_fn)
-    raise TypeError("quantize_: calib_fn must be a callable f(model) or a non-empty sequence of them, got "
-                    f"{type(calib_fn).__name__}")
+    """``calib_fn`` as a list of ``(f, token_mask or None)``."""
+    one = _calib_unit(calib_fn)
+    if one is not None:
+        return [one]
+    if isinstance(calib_fn, Sequence) and calib_fn:
+        units = [_calib_unit(u) for u in calib_fn]
+        if all(u is not None for u in units):
+            return units
+    raise TypeError("quantize_: calib_fn must be a callable f(model), a pair (f, token_mask), or a non-empty "
+                    f"sequence of them, got {type(calib_fn).__name__}")
 
 
 def _layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor:
@@ -306,6 +328,7 @@ class _Capture:
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.pair, self.pending = pair, None
+        self.mask: torch.Tensor | None = None  # the current unit's token mask (calib_fn's (f, token_mask))
         self.defer = pair == "defer"  # keep the (X, Xq) pairs until the input quantizer is known
         self.pairs: list = []
         if pair:
@@ -326,14 +349,24 @@ class _Capture:
         self.add(_layer_input(inputs, kwargs))
         raise _StopForward
 
+    def _token_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` as rows ``[n, K]``: with a token mask whose shape is x's leading dims, only the
+        real tokens' rows (padding would count as calibration data); other inputs (a pooler's
+        ``[batch, K]``) keep every row."""
+        x = x.detach()
+        m = self.mask
+        if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
+            return x[m.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
     def set_float_input(self, x: torch.Tensor) -> None:
         """The float model's input of this unit (``fp_target``), paired with the next :meth:`add`."""
-        self.pending = x.detach().reshape(-1, x.shape[-1]).double()
+        self.pending = self._token_rows(x).double()
         self._check_finite(self.pending, "float model's")
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one unit's input ``x [..., K]`` (read only: it is not changed)."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = self._token_rows(x).float()
         self._check_finite(x, "calibration")
         self.seen += x.shape[0]
         if self.act_cal is not None and x.shape[0]:  # an empty batch carries nothing (the calibrator refuses it)
@@ -454,12 +487,14 @@ def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, units: lis
     chain = _Chain(mods, cap.add)
     fchain = _Chain(fp_mods, cap.set_float_input) if fp_mods is not None else None
     try:
-        for f in units:
+        for f, mask in units:
+            cap.mask = mask
             if fchain is not None:  # first: the quantized model's pass pairs its inputs with these
                 cap.pending = None
                 limit = fchain.run(f, fp_model, limit)
             limit = chain.run(f, model, limit)
     finally:
+        cap.mask = None
         chain.remove()
         if fchain is not None:
             fchain.remove()
