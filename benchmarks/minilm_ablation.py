@@ -47,7 +47,7 @@ def main():
         from quantkern.demo import minilm_calib_units
 
         units, ntok, nrows = minilm_calib_units(model, calib, a.batch)
-        print(f"calibration: {ntok} tokens, {nrows} rows with padding", flush=True)
+        print(f"calibration: {ntok} tokens ({nrows - ntok} padding rows left out by the attention mask)", flush=True)
     else:  # the earlier demo's batches: 32 in input order
         feats = [st_features(model, calib[i:i + 32]) for i in range(0, len(calib), 32)]
         units = [(lambda f: (lambda m: m(dict(f))))(f) for f in feats]
