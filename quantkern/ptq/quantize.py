@@ -115,9 +115,9 @@ import torch
 from torch import nn
 
 from ..nn.attention import unfuse_attention
-from ..nn.expose import conv1d_to_linear, expose_linears
+from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
-                                 linear_sites)
+                                 fallback_group, linear_sites, untie_packed_outputs)
 from ..packed import PackedWeight, load_packed, save_packed
 from ._wquant import check_clip
 
@@ -264,8 +264,6 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
                f"multiple of 32 that divides in_features)")
         if cfg.strict_group:
             raise ValueError(msg)
-        from ..nn.packed_linear import fallback_group
-
         fit = fallback_group(K, gs)
         warnings.warn(msg + (f"; using group size {fit} for this layer" if fit < K else
                              "; using one group per row for this layer"), stacklevel=4)
@@ -610,7 +608,6 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if skip == tuple(DEFAULT_SKIP):
         return
-    from ..nn.expose import _is_hf_conv1d
     from ..nn.packed_linear import _skipped
 
     names = [n for n, m in model.named_modules(remove_duplicate=False)
@@ -776,7 +773,6 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
         model.train(was_training)
-    from ..nn.packed_linear import untie_packed_outputs
     untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
     fp_model = fp_mods = None
     model._quantize_report = report
@@ -803,6 +799,11 @@ _ACT_META = "quantkern.act_quant"  # header key: {layer: {"bits", "symmetric", "
 # shapes agree, so the load could not tell). Packed ones are known by their packed weight.
 _CONV1D_META = "quantkern.conv1d_as_linear"
 _TIED_META = "quantkern.tied"  # header key: JSON {name: name it shares its tensor with (stored)}
+
+
+def _same_tensor_key(t: torch.Tensor) -> tuple:
+    """Equal for two names of one tensor (a tied weight): same storage, offset, shape, strides, dtype."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def _check_act_meta(name: str, d) -> dict:
@@ -838,7 +839,7 @@ def save_quantized(model: nn.Module, path: str) -> None:
             raise TypeError(f"save_quantized: state_dict entry {k!r} is {type(v).__name__}, not a tensor")
         # one tensor under several names (tie_word_embeddings: lm_head.weight is embed_tokens.weight) is
         # stored once; the header maps the other names to it
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype, v.device)
+        key = _same_tensor_key(v)
         if v.numel() and key in first:
             tied[k] = first[key]
             continue
@@ -936,13 +937,12 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     groups: dict = {}
     for k, t in model.state_dict(keep_vars=True).items():
         if k in extra and isinstance(t, torch.Tensor) and t.numel():
-            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(k)
+            groups.setdefault(_same_tensor_key(t), []).append(k)
     for ks in groups.values():
         if any(not torch.equal(extra[ks[0]], extra[k]) for k in ks[1:]):
             raise ValueError(f"load_quantized: {ks} are one (tied) tensor in the model but differ in {path}; build "
                              "the model with the checkpoint's tying (e.g. tie_word_embeddings=False)")
     missing, unexpected = model.load_state_dict(extra, strict=False)
-    from ..nn.packed_linear import untie_packed_outputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         untie_packed_outputs(model, [m.weight for m in replaced_linears])
