@@ -28,8 +28,16 @@ GPTQ (AutoGPTQ / GPTQModel / exllama checkpoints)
   the 11th, 10 more, 1 + 2 bits of the 22nd, 10 more).
 * ``qzeros``: int32 ``[G, N * bits / 32]``, packed along N the same way.
 * ``scales``: ``[G, N]`` (fp16 in checkpoints).
-* ``g_idx`` (optional): group of each input; only the trivial ``k // group_size``
-  is representable (act-order checkpoints with a permuted g_idx are rejected).
+* ``g_idx`` (optional): integer ``[K]``, the group of each input. Without act-order it
+  is ``k // group_size``. Act-order (``desc_act=True``) checkpoints quantized the columns
+  in a permuted order, so g_idx is a permutation of that: every group g still holds
+  exactly ``group_size`` inputs, but they are scattered along K. The canonical format
+  needs contiguous groups, so such a weight is stored permuted: with ``P`` the stable
+  argsort of g_idx (int64 ``[K]``; columns ``P[g*gs:(g+1)*gs]`` are group g), the
+  PackedWeight holds ``Wp = W[:, P]`` (codes ``q[:, P]``, scales / zeros unchanged)
+  and ``x @ W.T == x[..., P] @ Wp.T``. ``from_gptq(..., return_perm=True)`` returns
+  ``(Wp, P)``; :meth:`quantkern.nn.PackedLinear.from_gptq` builds a layer that
+  gathers its input by P (one ``index_select`` of x per call).
 * Dequantization: ``w[n, k] = scales[g, n] * (q[k, n] - (qzeros[g, n] + zero_offset))``.
   ``zero_offset=1`` is the historical AutoGPTQ ("v1") convention: the packer
   stored ``zero - 1`` and every kernel adds 1 back; GPTQModel's ``gptq_v2``
@@ -231,18 +239,60 @@ def to_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: in
     return qweight, qzeros, scales.t().contiguous()
 
 
+def _gptq_group_perm(g_idx, K: int, G: int, gs: int) -> torch.Tensor | None:
+    """Validate a GPTQ ``g_idx`` and return the column permutation that makes its groups contiguous.
+
+    ``g_idx``: integer ``[K]`` with values in ``[0, G)``, each taken by exactly ``gs`` inputs.
+    Returns None when g_idx is ``arange(K) // gs`` (no permutation needed), else int64 ``[K]``
+    ``P`` = the stable argsort of g_idx: ``P[g*gs:(g+1)*gs]`` are group g's inputs, ascending.
+    """
+    if not isinstance(g_idx, torch.Tensor) or g_idx.shape != (K,):  # not an act-order question
+        raise ValueError(f"from_gptq: g_idx must have shape ({K},) (in_features), got "
+                         f"{tuple(g_idx.shape) if isinstance(g_idx, torch.Tensor) else type(g_idx).__name__}")
+    if g_idx.dtype.is_floating_point or g_idx.dtype.is_complex or g_idx.dtype == torch.bool:
+        # group ids are integers (int32 in checkpoints); a float g_idx is a mix-up of tensors
+        raise TypeError(f"from_gptq: g_idx must have an integer dtype (int32 / int64), got {g_idx.dtype}")
+    gi = g_idx.detach().to("cpu", torch.int64)  # host checks: this runs once per layer, at load time
+    bad = (gi < 0) | (gi >= G)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"from_gptq: g_idx values must lie in [0, {G}) (scales has G = {G} groups), got "
+                         f"g_idx[{k}] = {int(gi[k])}")
+    counts = torch.bincount(gi, minlength=G)
+    off = (counts != gs).nonzero().flatten()
+    if off.numel():
+        g = int(off[0])
+        raise ValueError(f"from_gptq: g_idx must give every group exactly group_size = {gs} inputs; group {g} has "
+                         f"{int(counts[g])} ({off.numel()} group(s) off), so this is no GPTQ layout")
+    if torch.equal(gi, torch.arange(K) // gs):
+        return None
+    # stable: inputs keep their ascending order inside a group (a forward-streaming gather of x)
+    return torch.sort(gi, stable=True).indices
+
+
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int = 4,
               group_size: int | None = None, g_idx: torch.Tensor | None = None, zero_offset: int = 1,
-              meta_dtype: torch.dtype | None = None) -> PackedWeight:
+              meta_dtype: torch.dtype | None = None, return_perm: bool = False):
     """Convert GPTQ-style tensors (module docstring) to a PackedWeight, exactly.
 
     Args:
         qweight: int32 ``[K * bits / 32, N]``; qzeros: int32 ``[G, N * bits / 32]``;
         scales: ``[G, N]``; bits: 2, 3 or 4; group_size: K // G when None or -1;
-        g_idx: optional ``[K]``, must be ``arange(K) // group_size``;
+        g_idx: optional integer ``[K]``, the group of each input, every group exactly
+            ``group_size`` inputs. ``arange(K) // group_size`` (or None) is the plain layout;
+            any other (act-order / desc_act) needs ``return_perm=True``;
         zero_offset: 1 for AutoGPTQ v1 checkpoints (stored zero + 1), 0 for v2;
-        meta_dtype: dtype of the scales/zeros (default: scales' dtype).
+        meta_dtype: dtype of the scales/zeros (default: scales' dtype);
+        return_perm: False: return the PackedWeight and refuse an act-order g_idx
+            (NotImplementedError). True: return ``(pw, perm)``, ``perm`` None for a plain
+            g_idx, else int64 ``[K]`` on qweight's device with ``pw`` holding ``W[:, perm]``
+            (so ``x @ W.T == x[..., perm] @ pw.dequantize().T``; module docstring).
+
+    Returns:
+        ``PackedWeight`` ``[N, K]``, or ``(PackedWeight, perm | None)`` with ``return_perm=True``.
     """
+    if not isinstance(return_perm, bool):
+        raise TypeError(f"from_gptq: return_perm must be a bool, got {return_perm!r}")
     if bits not in (2, 3, 4):
         raise ValueError(f"from_gptq: bits must be 2, 3 or 4, got {bits}")
     if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):  # 0.5 gave fractional zeros
@@ -276,18 +326,20 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"from_gptq: group_size must be a positive int, None or -1, got {group_size!r}")
     if gs * G != K:
         raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}")
-    if g_idx is not None:
-        if not isinstance(g_idx, torch.Tensor) or g_idx.shape != (K,):  # not an act-order question
-            raise ValueError(f"from_gptq: g_idx must have shape ({K},) (in_features), got "
-                             f"{tuple(g_idx.shape) if isinstance(g_idx, torch.Tensor) else type(g_idx).__name__}")
-        want = torch.arange(K, device=g_idx.device) // gs
-        if not torch.equal(g_idx.to(torch.int64), want):
-            raise NotImplementedError(
-                "from_gptq: g_idx is not arange(K) // group_size (act-order / desc_act checkpoint); groups would "
-                "not be contiguous along in_features, which the canonical format requires"
-            )
-    q = gptq_unpack_axis0(qweight, bits, K).t()  # [N, K]
+    perm = None if g_idx is None else _gptq_group_perm(g_idx, K, G, gs)
+    if perm is not None and not return_perm:
+        raise NotImplementedError(
+            "from_gptq: g_idx is not arange(K) // group_size (an act-order / desc_act checkpoint): its groups are "
+            "not contiguous along in_features, so the weight is stored with its columns permuted and the layer "
+            "must gather its input by that permutation; pass return_perm=True to get (PackedWeight, perm), or "
+            "build the layer with quantkern.nn.PackedLinear.from_gptq(..., g_idx=g_idx)")
+    q = gptq_unpack_axis0(qweight, bits, K)  # [K, N]
+    if perm is not None:
+        perm = perm.to(qweight.device)
+        q = q.index_select(0, perm)  # row j of Wp^T is input perm[j]: groups now contiguous
+    q = q.t()  # [N, K]
     z = gptq_unpack_axis0(qzeros.t(), bits, N)  # stored zeros [N, G]
     md = meta_dtype or scales.dtype
     zeros = (z + zero_offset).to(md).contiguous()  # [N, G]
-    return PackedWeight.from_quantized(q.to(torch.uint8).contiguous(), scales.t().to(md).contiguous(), zeros, bits, gs)
+    pw = PackedWeight.from_quantized(q.to(torch.uint8).contiguous(), scales.t().to(md).contiguous(), zeros, bits, gs)
+    return (pw, perm) if return_perm else pw

@@ -98,6 +98,14 @@ class PackedLinear(nn.Module):
     (trainable; the packed weight is not). ``bits``, ``group_size`` and the format
     version travel as extra state and are checked on load.
 
+    Optional input permutation ``in_perm``: int64 ``[in]`` buffer (None by default, and then
+    absent from the state_dict), a permutation of ``range(in)``. When set, the packed weight
+    holds the columns of the layer's weight in that order (``Wp = W[:, in_perm]``, as an
+    act-order GPTQ checkpoint needs; :meth:`from_gptq`) and forward computes
+    ``Qa(x).index_select(-1, in_perm) @ Wp.T + bias`` (one gather of x per call), which is
+    ``Qa(x) @ W.T + bias``. :meth:`dequantize` returns W in the original column order;
+    :attr:`packed_weight` is Wp. Set it with :meth:`set_input_permutation`.
+
     ``module.to(dtype)`` / ``.half()`` / ``.bfloat16()`` cast the bias only: ``scales``,
     ``zeros`` and the input quantizer's buffers keep their dtype (the kernels take any
     metadata dtype with any x dtype), so a model-wide cast never changes the quantized weights.
@@ -129,6 +137,36 @@ class PackedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
+        # registered as None so that forward reads it with one dict lookup (None buffers are not in the state_dict)
+        self.register_buffer("in_perm", None)
+
+    def _checked_perm(self, perm, what: str) -> torch.Tensor:
+        """``perm`` validated as a permutation of range(in_features): int64 ``[K]`` on qweight's device."""
+        K = self.in_features
+        if not isinstance(perm, torch.Tensor):
+            raise TypeError(f"PackedLinear: {what} must be a tensor (int64 [{K}]) or None, got {type(perm).__name__}")
+        if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
+            raise TypeError(f"PackedLinear: {what} must have an integer dtype (int64 [{K}]), got {perm.dtype}")
+        if perm.shape != (K,):
+            raise ValueError(f"PackedLinear: {what} must have shape ({K},) (in_features), got {tuple(perm.shape)}")
+        p = perm.detach().to(torch.int64)
+        if p.device.type != "meta":  # (a meta layer has no values to check, like its other buffers)
+            # every index once: sorted it is arange(K) (a repeated index would duplicate an input, silently)
+            if not torch.equal(torch.sort(p).values, torch.arange(K, device=p.device)):
+                raise ValueError(f"PackedLinear: {what} must be a permutation of range({K}) (each input index once)")
+        return p.to(self.qweight.device).contiguous()
+
+    def set_input_permutation(self, perm: torch.Tensor | None) -> "PackedLinear":
+        """Set (or with None remove) the input permutation ``in_perm``; returns self.
+
+        ``perm``: integer ``[in_features]``, a permutation of ``range(in_features)``, meaning that
+        this layer's packed weight holds column ``perm[j]`` of the weight at column j (class
+        docstring). Stored as int64 on the layer's device. Setting it reinterprets the packed
+        weight; it does not move any weight data.
+        """
+        p = None if perm is None else self._checked_perm(perm, "in_perm")
+        self._buffers["in_perm"] = p
+        return self
 
     def set_input_quantizer(self, bits: int | None, symmetric: bool = False, dynamic: bool = False,
                             scale=None, zero=None) -> "PackedLinear":
@@ -209,7 +247,10 @@ class PackedLinear(nn.Module):
         return fake_quant_input(x, self.act_bits, self.act_symmetric, False, self.input_scale, self.input_zero)
 
     @classmethod
-    def from_packed(cls, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto") -> "PackedLinear":
+    def from_packed(cls, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto",
+                    in_perm: torch.Tensor | None = None) -> "PackedLinear":
+        """A layer holding ``weight`` (copied) and ``bias``; ``in_perm`` (int ``[in]`` or None): the
+        input permutation ``weight`` was stored under (class docstring; :func:`quantkern.formats.from_gptq`)."""
         out_f, in_f = weight.shape
         m = cls(in_f, out_f, bias is not None, weight.bits, weight.group_size, weight.scales.dtype,
                 device=weight.device, dtype=bias.dtype if bias is not None else None, backend=backend)
@@ -219,7 +260,27 @@ class PackedLinear(nn.Module):
         if bias is not None:
             with torch.no_grad():
                 m.bias.copy_(bias)
+        if in_perm is not None:
+            m.set_input_permutation(in_perm)
         return m
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None, bits: int = 4, group_size: int | None = None,
+                  g_idx: torch.Tensor | None = None, zero_offset: int = 1, meta_dtype: torch.dtype | None = None,
+                  backend: str = "auto") -> "PackedLinear":
+        """A layer from a GPTQ checkpoint's tensors, exactly; act-order (desc_act) ones included.
+
+        Arguments as :func:`quantkern.formats.from_gptq` (qweight int32 ``[K * bits / 32, N]``,
+        qzeros int32 ``[G, N * bits / 32]``, scales ``[G, N]``, g_idx integer ``[K]`` or None),
+        plus ``bias`` ``[N]`` or None. A permuted g_idx gives the layer an ``in_perm`` (one gather
+        of x per call); a plain one (``arange(K) // group_size``) or None gives none.
+        """
+        from ..formats import from_gptq
+
+        pw, perm = from_gptq(qweight, qzeros, scales, bits, group_size, g_idx=g_idx, zero_offset=zero_offset,
+                             meta_dtype=meta_dtype, return_perm=True)
+        return cls.from_packed(pw, bias.detach() if bias is not None else None, backend, in_perm=perm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
@@ -236,11 +297,19 @@ class PackedLinear(nn.Module):
 
     @property
     def packed_weight(self) -> PackedWeight:
+        """The stored packed weight; with an ``in_perm`` its columns are in that order (``W[:, in_perm]``)."""
         return PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                             (self.out_features, self.in_features))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.packed_weight.dequantize(dtype)
+        """The layer's weight ``W [out, in]`` (``dtype``: see PackedWeight.dequantize), in the original
+        input order: ``F.linear(x, layer.dequantize(), bias)`` is what forward computes (up to rounding)."""
+        w = self.packed_weight.dequantize(dtype)
+        p = self._buffers.get("in_perm")
+        if p is not None:  # column j of the stored weight is column p[j] of W: scatter them back
+            # (into a fresh tensor: inductor miscompiled w.index_copy(1, p, w), source aliasing self)
+            w = torch.empty_like(w).index_copy_(1, p, w)
+        return w
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (nn.Linear's name: lin(input=x) works)
         # buffers were validated at construction / load; only x and bias are checked per call
@@ -248,8 +317,23 @@ class PackedLinear(nn.Module):
         # the buffers straight from _buffers: nn.Module.__getattr__ cost ~0.5 us each, ~1/4 of the
         # Python time of a small layer's call (the op itself takes ~7 us at K = 4096, N = 16)
         b = self._buffers
+        if b.get("in_perm") is not None:  # (.get: modules pickled before in_perm existed)
+            x = self._permute_input(x, b["in_perm"])
         return ops._packed_linear(x, b["qweight"], b["scales"], b["zeros"], self.bits, self.group_size,
                                   self.in_features, self.bias, self.backend)
+
+    def _permute_input(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """``x[..., perm]`` for the packed weight's column order. After the input quantizer: its ranges
+        (per tensor, or per token over the whole last dim) do not depend on the order, so Qa commutes
+        with the gather bit for bit. Gradient to x: index_select's (a scatter back)."""
+        # checked here, before the gather: a wider x would be cut to K columns by the gather, and the
+        # packed op, seeing K, would not object
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"quantkern.packed_linear: x must have shape [..., {self.in_features}] (in_features), "
+                             f"got {tuple(x.shape)}")
+        if x.device != perm.device:
+            raise ValueError(f"quantkern.packed_linear: weight is on {perm.device} but x is on {x.device}")
+        return x.index_select(-1, perm)
 
     def __setattr__(self, name, value):
         # transformers' tie_weights() ties an output layer by `lm_head.weight = embed_tokens.weight`: on a
@@ -257,6 +341,9 @@ class PackedLinear(nn.Module):
         if name == "weight":
             raise AttributeError("PackedLinear has no dense weight (it is packed); a packed layer cannot be tied to "
                                  "another module's weight (untie it first, e.g. config.tie_word_embeddings = False)")
+        if name == "in_perm":  # `layer.in_perm = t` gets set_input_permutation's checks (torch's would take anything)
+            self.set_input_permutation(value)
+            return
         super().__setattr__(name, value)
 
     # buffers whose dtype is part of the quantized model: a module-wide dtype cast leaves them alone
@@ -298,6 +385,19 @@ class PackedLinear(nn.Module):
             if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in ref.META_DTYPES and \
                     t.shape == buf.shape:
                 setattr(self, name, torch.empty(buf.shape, dtype=t.dtype, device=buf.device))
+        # the input permutation belongs to the packed weight it comes with (the column order of qweight):
+        # * checkpoint has in_perm: checked, then taken whether or not this module had one (registered
+        #   before torch's copy, so the key is neither unexpected nor dropped under strict=False)
+        # * checkpoint has qweight but no in_perm while this module has one: the checkpoint's weight is
+        #   in the original order, and keeping the permutation would scramble its inputs; refused
+        #   (a checkpoint without qweight, e.g. the bias alone, leaves both as they are)
+        perm = state_dict.get(prefix + "in_perm")
+        if perm is not None:
+            perm = self._checked_perm(perm, f"checkpoint {prefix}in_perm")
+        elif prefix + "qweight" in state_dict and self._buffers.get("in_perm") is not None:
+            raise ValueError(f"PackedLinear: checkpoint {prefix}qweight comes without {prefix}in_perm (its weight is "
+                             "in the original input order) but this module has an input permutation; call "
+                             "set_input_permutation(None) first to load a plain layer")
         # a static range in a checkpoint without the extra state (filtered, or saved by hand) must meet a
         # static quantizer: torch's strict check caught it only after copying this module's weights, and
         # strict=False dropped the quantizer without a word. (The reverse, a static quantizer given no
@@ -322,6 +422,8 @@ class PackedLinear(nn.Module):
             _check_input_zero(z, self.act_bits, self.act_symmetric, f"checkpoint {prefix}input_zero")
         error_msgs = args[4] if len(args) > 4 else kwargs.get("error_msgs")
         n_err = len(error_msgs) if error_msgs is not None else 0
+        if perm is not None:  # (all checks passed: nothing above raises after this)
+            self._buffers["in_perm"] = perm
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # a placeholder range (set_input_quantizer without scale) counts as set once both buffers
         # came from the checkpoint without an error (a failed copy leaves the placeholders)
@@ -346,6 +448,8 @@ class PackedLinear(nn.Module):
              f"bits={self.bits}, group_size={self.group_size}, meta_dtype={self.scales.dtype}")
         if self.act_bits is not None:
             r += f", act={self.act_config}"
+        if self._buffers.get("in_perm") is not None:
+            r += ", in_perm=True"
         return r
 
 
