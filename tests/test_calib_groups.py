@@ -61,8 +61,10 @@ N_GROUPS = 13  # per block {q,k,v} {o} {gate,up} {down}; then {r} {t,u} {k2} {q2
 _X = torch.randn(3, 2, 16, 64, generator=torch.Generator().manual_seed(1)) * 2
 
 
-def _run(cfg, grouped, monkeypatch, extra_units=(), inference=False):
-    """(state_dict, (report without times, warnings), {calibration forwards of the model, Hessian batches})."""
+def _run(cfg, grouped, monkeypatch, extra_units=(), inference=False, block_cache=False):
+    """(state_dict, (report without times, warnings), {calibration forwards of the model, Hessian batches}).
+    Block inputs are not cached by default (each pass a forward of the model, which is what these
+    tests count; tests/test_calib_blocks.py covers the cached passes)."""
     monkeypatch.setattr(qmod, "_GROUP_CALIBRATION", grouped)
     model = _model()
     calls = {"model": 0, "hess": 0}
@@ -89,7 +91,7 @@ def _run(cfg, grouped, monkeypatch, extra_units=(), inference=False):
     monkeypatch.setattr(HessianAccumulator, "add_batch", counted)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        quantize_(model, calib_fn=units, progress=False, group_size=32, skip=None, **cfg)
+        quantize_(model, calib_fn=units, progress=False, group_size=32, skip=None, block_cache=block_cache, **cfg)
     monkeypatch.setattr(HessianAccumulator, "add_batch", add)
     sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
     return sd, ([(r[0], r[2]) for r in model._quantize_report], [str(w.message) for w in rec]), calls

@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.expose import _is_hf_conv1d, expose_linears
+from ._blocks import BlockInputs, plan_blocks
 from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
@@ -357,11 +358,14 @@ class _LayerStats:
         return r
 
 
-def _collect(model, mod, calib_data, batch_size, stop: bool = True, **kw) -> _LayerStats:
+def _collect(model, mod, calib_data, batch_size, stop: bool = True, blocks: BlockInputs | None = None,
+             **kw) -> _LayerStats:
     """Runs the calibration images up to ``mod`` (stopping there) and collects its input stats.
 
-    ``stop=False`` (a module called more than once per forward): runs the whole forward, so the
-    stats cover every call, as the fp32 means of bias correction do.
+    ``stop=False`` (a module called more than once per forward): runs the whole forward (with
+    ``blocks``: the whole block), so the stats cover every call, as the fp32 means of bias
+    correction do. ``blocks``: every batch's cached input to ``mod``'s block (``_blocks``), run
+    instead of the model from its start.
     """
     st = _LayerStats(mod, **kw)
 
@@ -373,7 +377,14 @@ def _collect(model, mod, calib_data, batch_size, stop: bool = True, **kw) -> _La
     h = mod.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            _run(model, calib_data, batch_size)
+            if blocks is None:
+                _run(model, calib_data, batch_size)
+            else:
+                for u in range(len(blocks.items)):
+                    try:
+                        blocks.run(u)
+                    except _Stop:
+                        pass
     finally:
         h.remove()
     return st
@@ -510,6 +521,7 @@ def fake_quantize_model_(
     distill_lr: float = 3e-4,
     distill_bias: bool = False,
     return_qparams: bool = False,
+    block_cache: bool = True,
 ) -> dict:
     """Fake-quantizes every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place (see the module docstring).
 
@@ -551,12 +563,17 @@ def fake_quantize_model_(
         batch_size: images per calibration forward.
         progress: tqdm bar over layers.
         seed: for the ERQ row subsets.
+        block_cache: the per-layer calibration passes (gptq / erq / adaround / bias_correction) run
+            only the layer's block on each batch's cached input to it when the model runs a list of
+            blocks as a chain (EfficientNet's ``_blocks``; checked on the first batch, see
+            ``quantkern.ptq._blocks``), instead of the model from its start: bit-identical, one
+            block input per batch held in memory. False: every pass runs the whole model.
 
     Returns:
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
         (name -> fallback note; also Conv1d / Conv3d / ConvTranspose layers left in float),
         ``seconds``; ``distill`` (first / last KD loss) with ``distill_steps``; ``qparams`` with
-        ``return_qparams``.
+        ``return_qparams``; ``block_list``: the block list whose inputs were cached (None: none).
 
     Raises:
         ValueError / TypeError for bad arguments (before the model is touched).
@@ -594,6 +611,8 @@ def fake_quantize_model_(
             raise ValueError(f"{arg} must be a finite float >= 0, got {v!r}")
     if not (_num(adaround_lr) and adaround_lr > 0):
         raise ValueError(f"adaround_lr must be a finite float > 0, got {adaround_lr!r}")
+    if not isinstance(block_cache, bool):
+        raise ValueError(f"block_cache must be a bool, got {block_cache!r}")
     for arg, v, lo in (("adaround_iters", adaround_iters, 0), ("max_rows", max_rows, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
@@ -704,13 +723,29 @@ def fake_quantize_model_(
             bar = _progress(layers, progress, f"W{weight_bits} {method}")
             codes = {}
             teacher = _logits_of(model, calib_data, batch_size) if distill_steps else None
-            for name, mod in bar:
+            plan = cache = None  # the block list whose inputs are cached, and those inputs
+            if data_w and block_cache:
+                first = next(iter(_batches(calib_data, batch_size)))
+                with torch.no_grad():
+                    plan, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(first))
+            report["block_list"] = plan.name if plan is not None else None
+            for idx, (name, mod) in enumerate(bar):
                 st = None
                 meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
                 if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
-                    st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1,
+                    blocks = None
+                    if plan is not None and plan.first <= idx <= plan.last:
+                        with torch.no_grad():
+                            if cache is None:  # the first layer in the blocks: every batch's input to block 0
+                                cache = BlockInputs(plan.blocks, plan.own)
+                                cache.capture([lambda xb=xb: model(xb) for xb in _batches(calib_data, batch_size)])
+                            cache.advance(plan.block_of[id(mod)])  # (earlier blocks are final by now)
+                        blocks = cache
+                    st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1, blocks=blocks,
                                   hessian=meth in ("gptq", "erq", "adaround"),
                                   max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
+                if plan is not None and idx == plan.last:  # past the blocks: free their cached inputs
+                    cache = None
                 bits = layer_bits.get(name, weight_bits)
                 W = mod.weight
                 lopts = opts

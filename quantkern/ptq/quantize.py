@@ -13,6 +13,13 @@ replaces every ``nn.Linear`` (except the skipped ones) by a
   swapped in before the next layer is calibrated, so later layers see the
   quantized earlier ones (sequential, as GPTQ does). Memory: one layer's
   statistics at a time (the layers of a calibration group share one set).
+* Cached block inputs (``block_cache``, ``_blocks``): when the model runs a list of
+  blocks as a chain (a transformer's layers, checked on the first unit), each unit's
+  input to the current block is kept, so a pass of a layer in block ``j`` runs block
+  ``j`` alone rather than the model from its start; bit-identical, and the forwards
+  grow with the depth instead of its square. Memory: one block input per unit (two
+  with ``fp_target``). A transformers model's ``config.use_cache`` is off meanwhile
+  (a KV cache passed to every block could not be replayed).
 
 Calibration groups: layers that read the very same input tensor (q / k / v projections,
 gate / up, BERT's query / key / value) share one calibration pass instead of one each.
@@ -119,6 +126,8 @@ from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
                                  fallback_group, linear_sites, untie_packed_outputs)
 from ..packed import PackedWeight, load_packed, save_packed
+from ._blocks import BlockInputs, plan_blocks
+from ._blocks import StopForward as _StopForward
 from ._wquant import check_clip
 
 __all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
@@ -174,6 +183,11 @@ class QuantizeConfig:
             through a float copy of the model as well (about twice the forward time; the copy shares
             the model's weights, so the float layers are freed only when ``quantize_`` returns).
         fp_target_damp: that least-squares fit's ridge, relative to ``mean(diag(Xq^T Xq))``.
+        block_cache: GPTQ / ERQ / static act: when the model runs a list of blocks one after the
+            other (a transformer's layers; checked on the first calibration unit), keep each
+            unit's input to the current block so a layer's calibration pass runs its block
+            alone instead of the model from its start (``_blocks``; bit-identical results).
+            Costs one block input per calibration unit (two with ``fp_target``) held in memory.
     """
 
     method: str = "rtn"
@@ -203,6 +217,7 @@ class QuantizeConfig:
     seed: int = 0
     fp_target: bool = True
     fp_target_damp: float = 1.0
+    block_cache: bool = True
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -225,7 +240,7 @@ class QuantizeConfig:
         if self.act_method not in ACT_METHODS:
             raise ValueError(f"QuantizeConfig: act_method must be one of {ACT_METHODS}, got {self.act_method!r}")
         for name in ("act_dynamic", "act_symmetric", "refit", "erq_relative_lambda", "act_order", "strict_group",
-                     "fp_target"):
+                     "fp_target", "block_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantizeConfig: {name} must be a bool, got {getattr(self, name)!r}")
         check_clip("QuantizeConfig", self.clip, self.clip_grid, self.clip_max_shrink)
@@ -249,10 +264,6 @@ class QuantizeConfig:
     def static_act(self) -> bool:
         """True when layers get a calibrated (static) input quantizer."""
         return self.act_bits is not None and not self.act_dynamic
-
-
-class _StopForward(Exception):
-    """Raised by a calibration hook to end the forward once the group's inputs are captured."""
 
 
 def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
@@ -357,11 +368,13 @@ class _Capture:
             return x[m.to(x.device)]
         return x.reshape(-1, x.shape[-1])
 
-    def set_float_input(self, x: torch.Tensor) -> None:
+    @torch.inference_mode(False)  # (a unit run under inference_mode must not make the statistics
+    def set_float_input(self, x: torch.Tensor) -> None:  # inference tensors: later units update them in place)
         """The float model's input of this unit (``fp_target``), paired with the next :meth:`add`."""
         self.pending = self._token_rows(x).double()
         self._check_finite(self.pending, "float model's")
 
+    @torch.inference_mode(False)
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one unit's input ``x [..., K]`` (read only: it is not changed)."""
         x = self._token_rows(x).float()
@@ -459,12 +472,13 @@ class _Chain:
                 raise _StopForward
         return fire
 
-    def run(self, f: Callable, model: nn.Module, limit: int) -> int:
-        """Run unit ``f`` on ``model`` with at most ``limit`` candidates in the chain; returns the new
-        limit: the chain's length if the leader fired, else ``limit`` less the candidates that fired."""
+    def run(self, call: Callable[[], object], limit: int) -> int:
+        """Run one pass (``call()``: a unit on the model, or on the current block) with at most ``limit``
+        candidates in the chain; returns the new limit: the chain's length if the leader fired, else
+        ``limit`` less the candidates that fired."""
         self.limit, self.n = limit, 0
         try:
-            f(model)
+            call()
         except _StopForward:
             pass
         finally:
@@ -476,21 +490,22 @@ class _Chain:
             h.remove()
 
 
-def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, units: list, model: nn.Module,
-                     fp_model: nn.Module | None) -> int:
-    """Run every calibration unit for the candidates ``mods`` (the leader first, then the next layers
-    in order; ``fp_mods``: their copies in the float model, with ``fp_target``), the leader's inputs
-    going to ``cap``. Returns how many of them, from the leader on (>= 1), share these statistics."""
+def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, passes: list) -> int:
+    """Run every calibration unit's passes for the candidates ``mods`` (the leader first, then the
+    next layers in order; ``fp_mods``: their copies in the float model, with ``fp_target``), the
+    leader's inputs going to ``cap``. ``passes``: per unit ``(call, fp_call or None, token mask)``,
+    each call running the unit on the model (or on the current block: ``_blocks``). Returns how
+    many of the candidates, from the leader on (>= 1), share these statistics."""
     limit = len(mods)
     chain = _Chain(mods, cap.add)
     fchain = _Chain(fp_mods, cap.set_float_input) if fp_mods is not None else None
     try:
-        for f, mask in units:
+        for call, fp_call, mask in passes:
             cap.mask = mask
             if fchain is not None:  # first: the quantized model's pass pairs its inputs with these
                 cap.pending = None
-                limit = fchain.run(f, fp_model, limit)
-            limit = chain.run(f, model, limit)
+                limit = fchain.run(fp_call, limit)
+            limit = chain.run(call, limit)
     finally:
         cap.mask = None
         chain.remove()
@@ -626,12 +641,14 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
 
     Keyword overrides update ``config`` (e.g. ``quantize_(m, method="hqq", bits=3)``).
     ``calib_fn``: ``f(model)`` or a list of them (one per calibration batch), each running the model
-    on its batch. They are called again for every layer, or every group of layers that read the same
-    input tensor (module docstring: calibration groups), and on the float model for the float
-    target, so each must run the same data on every call: no fresh random batches.
+    on its batch. They are called several times: for every layer, or every group of layers that read
+    the same input tensor (module docstring: calibration groups), unless the layer's block input is
+    cached (then once to check the block chain and once per unit to reach the first block), and on the
+    float model for the float target; so each must run the same data on every call: no fresh random batches.
     Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
     After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer (a
-    group's calibration passes count in its first layer's seconds).
+    group's calibration passes count in its first layer's seconds), and ``model._quantize_block_list``
+    names the block list whose inputs were cached (None: every pass ran the model from its start).
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
@@ -664,6 +681,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     disable_fused_encoder_paths(model, [lin for _, _, lin in layers])
     was_training = model.training
     model.eval()
+    # A transformers model's calibration forwards need no KV cache, and one (a stateful object every
+    # block appends to) would keep the block inputs from being cached (``_blocks``): off meanwhile.
+    hf_cfg = getattr(model, "config", None)
+    cache_was_on = needs_data and getattr(hf_cfg, "use_cache", None) is True
+    if cache_was_on:
+        hf_cfg.use_cache = False
     try:
         fp_model = fp_mods = None
         if cfg.fp_target and cfg.method in _DATA_METHODS:
@@ -676,6 +699,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
             fp_model = copy.deepcopy(model, shared)
             fp_mods = dict(fp_model.named_modules())
+        plan = None  # the block list whose inputs are cached (``_blocks``), and the caches
+        qcache = fcache = None
+        if needs_data and cfg.block_cache and layers:
+            f0 = units[0][0]
+            plan, note = plan_blocks(model, layers, lambda: f0(model))
+            if note is not None:
+                warnings.warn(f"quantize_: calibration reruns the model from its start for every layer ({note}): "
+                              "run the calibration forwards with use_cache=False to let each pass run one block",
+                              stacklevel=2)
         report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
         it = layers
         if progress:
@@ -714,9 +746,25 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                            and layers[i + n][2].weight.device == lin.weight.device):
                         n += 1
                     group = layers[i:i + n]
+                    if plan is not None and plan.first <= i <= plan.last:
+                        if qcache is None:  # the first layer in the blocks: every unit's input to block 0
+                            qcache = BlockInputs(plan.blocks, plan.own)
+                            qcache.capture([lambda f=f: f(model) for f, _ in units])
+                            if fp_model is not None:
+                                fcache = BlockInputs(list(fp_model.get_submodule(plan.name)), plan.own)
+                                fcache.capture([lambda f=f: f(fp_model) for f, _ in units])
+                        j = plan.block_of[id(lin)]
+                        qcache.advance(j)
+                        if fcache is not None:
+                            fcache.advance(j)
+                        passes = [(lambda u=u: qcache.run(u), (lambda u=u: fcache.run(u)) if fcache else None, mask)
+                                  for u, (_, mask) in enumerate(units)]
+                    else:
+                        passes = [(lambda f=f: f(model), (lambda f=f: f(fp_model)) if fp_model is not None else None,
+                                   mask) for f, mask in units]
                     n = _calibrate_group(cap, [m for _, _, m in group],
                                          [fp_mods[nm] for nm, _, _ in group] if fp_mods is not None else None,
-                                         units, model, fp_model)
+                                         passes)
                     group_cap, group_end = cap, i + n
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
@@ -766,6 +814,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             del cap
             if i + 1 >= group_end:  # the group is done: free its statistics before the next one
                 group_cap = None
+            if plan is not None and i == plan.last:  # past the blocks: free their cached inputs
+                qcache = fcache = None
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
@@ -773,9 +823,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
         model.train(was_training)
+        if cache_was_on:
+            hf_cfg.use_cache = True
     untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
     fp_model = fp_mods = None
     model._quantize_report = report
+    model._quantize_block_list = plan.name if plan is not None else None
     return model
 
 

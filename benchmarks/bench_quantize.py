@@ -1,0 +1,104 @@
+"""``quantize_`` end to end: calibration with cached block inputs against rerunning the model from its start.
+
+``python -m benchmarks.bench_quantize [--depths 4,8,16] [--method gptq] [--threads 2]``
+
+A randomly initialised Llama-style causal LM (transformers config, no download) of each depth is
+quantized twice with the same calibration batches: ``block_cache=True`` (a layer's calibration pass
+runs its decoder block alone on every unit's cached input) and ``block_cache=False`` (each pass runs
+the model from the embedding up to the layer, so the forwards grow with the square of the depth).
+Reports seconds (median of ``--reps``), the speed-up, and whether the two packed models are
+bit-identical (they must be).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+try:
+    from . import _harness as H
+except ImportError:  # run as a script
+    import _harness as H
+
+
+def _llama(depth: int, hidden: int, seed: int = 0):
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 32 * 32,
+                         num_hidden_layers=depth, num_attention_heads=max(hidden // 64, 1),
+                         num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=1024)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _quantize(model, units, method: str, bits: int, group: int, cached: bool):
+    from quantkern import QuantizeConfig, quantize_
+
+    t = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the few-tokens warning on small calibration sets
+        quantize_(model, QuantizeConfig(method=method, bits=bits, group_size=group, block_cache=cached),
+                  calib_fn=units, progress=False)
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_common_args(ap, threads=2, warmup=0, writes_files=False, reps_help="timed runs per row (default 1)")
+    ap.add_argument("--depths", type=H.comma_list(H.positive_int), default=None, help="decoder layers (default 4,8,16; 2,4 with --quick)")
+    ap.add_argument("--hidden", type=H.positive_int, default=None, help="hidden size (default 256; 128 with --quick)")
+    ap.add_argument("--method", choices=["gptq", "erq"], default="gptq")
+    ap.add_argument("--bits", type=H.one_of((2, 3, 4)), default=4)
+    ap.add_argument("--group", type=H.positive_int, default=64)
+    ap.add_argument("--batches", type=H.positive_int, default=4, help="calibration units (default 4)")
+    ap.add_argument("--tokens", type=H.positive_int, default=None, help="tokens per unit, 2 sequences (default 256)")
+    a = ap.parse_args(argv)
+    dev = H.apply_common_args(a)
+    out = H.table_stream(a)
+    H.note_no_files(a, "bench_quantize", out)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("# bench_quantize: transformers is not installed; nothing to measure", file=out)
+        return 0
+    depths = a.depths or ([2, 4] if a.quick else [4, 8, 16])
+    hidden = a.hidden or (128 if a.quick else 256)
+    T = (a.tokens or (64 if a.quick else 256)) // 2
+    reps = a.reps or 1
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(1, 512, (2, T), generator=g).to(dev) for _ in range(a.batches)]
+    units = [lambda m, b=b: m(input_ids=b) for b in batches]
+    print(f"# quantize_ {a.method} W{a.bits} g{a.group}, Llama-style hidden {hidden}, {a.batches} units of 2x{T} "
+          f"tokens, {torch.get_num_threads()} threads, device {dev}, torch {torch.__version__}; median of {reps}",
+          file=out)
+    print("\n| layers | Linear layers | cached blocks s | rerun from start s | speed-up | bit-identical |", file=out)
+    print("|--:|--:|--:|--:|--:|---|", file=out)
+    for d in depths:
+        base = _llama(d, hidden).to(dev)
+        res = {}
+        for cached in (True, False):
+            ts = []
+            for _ in range(reps):
+                m = copy.deepcopy(base)
+                ts.append(_quantize(m, units, a.method, a.bits, a.group, cached))
+            res[cached] = (statistics.median(ts), {k: v for k, v in m.state_dict().items()
+                                                   if isinstance(v, torch.Tensor)})
+        same = res[True][1].keys() == res[False][1].keys() and all(
+            torch.equal(res[True][1][k], res[False][1][k]) for k in res[True][1])
+        n_lin = 7 * d
+        print(f"| {d} | {n_lin} | {res[True][0]:.2f} | {res[False][0]:.2f} | {res[False][0] / res[True][0]:.2f}x | "
+              f"{'yes' if same else 'NO'} |", file=out)
+        if not same:
+            print("# ERROR: the two calibration paths gave different packed models", file=out)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

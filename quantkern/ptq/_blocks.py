@@ -1,0 +1,294 @@
+"""Cached block inputs for ``quantize_``'s calibration passes.
+
+Without them every calibration pass of a layer reruns the model from its start up to that
+layer, so the forwards grow with the square of the depth. Most models to quantize run a list
+of blocks one after the other (a transformer's ``layers`` / ``encoder.layer`` / ``h``, an
+``nn.Sequential``), each reading the previous one's output: then each calibration unit's input
+to the current block can be kept, a pass of a layer in block ``j`` runs block ``j`` alone on
+it, and once block ``j``'s layers are quantized, block ``j`` runs once per unit to give the
+inputs of block ``j + 1``. The block computes exactly what it computes inside the whole
+model's forward (same module, same arguments, same grad / inference mode), so the statistics,
+and the quantized model, are bit-identical to rerunning the model.
+
+That is only true when the model really is such a chain, which :func:`plan_blocks` checks on
+the first calibration unit before anything is quantized (one forward of the float model,
+stopped after the last block). For a candidate list (an ``nn.ModuleList`` / ``nn.Sequential``
+with at least two children holding layers to quantize):
+
+* each child is called exactly once, in order (the first time round, when a unit runs the
+  model twice);
+* block ``j > 0`` gets the previous block's output (or its first element, for blocks that return
+  a tuple) as its first positional argument, the very tensor, and every other argument is the
+  very object block 0 got (an attention mask, position embeddings, ``use_cache=False``) or a
+  number / string / None of its own (a layer index, a drop-path rate: replayed as the probe saw
+  it, so it must not depend on the data);
+* those other arguments are tensors, numbers, strings, None or tuples / lists / dicts of them,
+  none changed in place between blocks; a stateful object (a transformers KV ``Cache`` that
+  every block appends to) cannot be replayed: the model is then rerun from its start (and
+  ``quantize_`` says so: calibrate with ``use_cache=False``);
+* no block changes its input in place; autocast is off.
+
+The layers inside the list must come in block order in ``quantize_``'s layer list, with no
+layer outside the list between them, each inside one block only. A list that fails any check
+is not used (layers outside the chosen list always take the rerun-from-start path).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a calibration hook to end the forward once what it needs is captured."""
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (torch.Tensor,) + _PLAIN):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_plain(e) for e in v)
+    if isinstance(v, dict):
+        return all(_plain(e) for e in v.values())
+    return False
+
+
+def _versions(v) -> list:
+    """The version counters of the tensors in an argument (None for inference tensors)."""
+    if isinstance(v, torch.Tensor):
+        try:
+            return [v._version]
+        except RuntimeError:
+            return [None]
+    if isinstance(v, (tuple, list)):
+        return [x for e in v for x in _versions(e)]
+    if isinstance(v, dict):
+        return [x for e in v.values() for x in _versions(e)]
+    return []
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (type(None), bool, int, float, str))
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
+def _hidden(out):
+    """A block's output as the next block's input: the tensor, or a tuple's first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+class _Probe:
+    """Hooks on one candidate list's blocks during the probe forward; ``why`` is None while it fits."""
+
+    def __init__(self, name: str, blocks: list):
+        self.name, self.blocks, self.n = name, blocks, len(blocks)
+        self.next, self.why, self.nonplain = 0, None, None
+        self.rest = self.kw = self.ver = self.prev = self.x = self.xver = None
+        self.own: list[dict] = []  # per block: its own scalar arguments (position in args[1:] or name -> value)
+        self.handles = []
+        for j, b in enumerate(blocks):
+            # prepend: see the arguments before any user pre-hook rewrites them (a replay calls the
+            # block, which runs those hooks again)
+            self.handles.append(b.register_forward_pre_hook(self._pre(j), with_kwargs=True, prepend=True))
+            self.handles.append(b.register_forward_hook(self._post(j), with_kwargs=True))
+
+    def fail(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+
+    def _pre(self, j: int):
+        def pre(module, args, kwargs):
+            if self.why is not None or self.next >= self.n:  # (a unit's second run of the model: ignored)
+                return
+            if j != self.next:
+                return self.fail(f"block {j} was called when block {self.next} was expected")
+            if not args or not isinstance(args[0], torch.Tensor):
+                return self.fail(f"block {j}'s first positional argument is not a tensor")
+            if _autocast_on():
+                return self.fail("autocast is on")
+            rest = args[1:]
+            if j == 0:
+                bad = [(f"argument {i + 1}", v) for i, v in enumerate(rest) if not _plain(v)]
+                bad += [(f"argument {k!r}", v) for k, v in kwargs.items() if not _plain(v)]
+                if bad:
+                    self.nonplain = f"{bad[0][0]} of type {type(bad[0][1]).__name__}"
+                    return self.fail(f"block 0's {self.nonplain} cannot be replayed")
+                self.rest, self.kw, self.ver = rest, dict(kwargs), _versions((rest, kwargs))
+                self.own.append({})
+            else:
+                if args[0] is not self.prev:
+                    return self.fail(f"block {j}'s input is not block {j - 1}'s output")
+                if len(rest) != len(self.rest) or kwargs.keys() != self.kw.keys():
+                    return self.fail(f"block {j}'s arguments are not block 0's")
+                own = {}
+                for key, a, b in [(i, a, self.rest[i]) for i, a in enumerate(rest)] + \
+                        [(k, v, self.kw[k]) for k, v in kwargs.items()]:
+                    if a is b:
+                        continue
+                    if not (_scalar(a) and _scalar(b)):
+                        return self.fail(f"block {j}'s argument {key!r} is not block 0's")
+                    own[key] = a
+                if _versions((rest, kwargs)) != self.ver:
+                    return self.fail(f"block 0's other arguments were changed in place before block {j}")
+                self.own.append(own)
+            self.prev = None
+            self.x, self.xver = args[0], _versions(args[0])
+        return pre
+
+    def _post(self, j: int):
+        def post(module, args, kwargs, out):
+            if self.why is not None or j != self.next:
+                return
+            if _versions(self.x) != self.xver:
+                return self.fail(f"block {j} changed its input in place")
+            self.x = None
+            self.prev = _hidden(out)
+            if self.prev is None:
+                return self.fail(f"block {j}'s output is not a tensor or a tuple starting with one")
+            self.next += 1
+        return post
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.rest = self.kw = self.prev = self.x = None
+
+
+class BlockPlan:
+    """The block list chosen for cached calibration, and each layer's block in it."""
+
+    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list):
+        self.name, self.blocks, self.block_of, self.first, self.last = name, blocks, block_of, first, last
+        self.own = own  # per block: the scalar arguments it gets instead of block 0's
+
+
+def _candidates(model: nn.Module, layers: list) -> list:
+    """``(name, blocks, block_of)`` for every ModuleList / Sequential whose children hold layers of
+    ``layers`` (quantize_'s ``(name, sites, layer)`` list) in at least two of them, each layer in
+    one child only (its every site too); the finest first (most blocks holding layers)."""
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        blocks = list(mod)
+        inside = [{id(m) for m in b.modules()} for b in blocks]
+        block_of, ok = {}, True
+        for _, sites, lin in layers:
+            js = [j for j, ids in enumerate(inside) if id(lin) in ids]
+            if len(js) > 1 or (js and any(id(p) not in inside[js[0]] for p, _ in sites)):
+                ok = False  # shared across blocks, or also registered outside its block
+                break
+            if js:
+                block_of[id(lin)] = js[0]
+        if ok and len(set(block_of.values())) >= 2:
+            out.append((name, blocks, block_of))
+    out.sort(key=lambda c: (-len(set(c[2].values())), -len(c[2])))
+    return out
+
+
+def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], object]):
+    """Choose the block list for cached calibration (module docstring); ``(BlockPlan or None,
+    note)``. ``run_first_unit()`` runs the model (still float) on the first calibration unit:
+    it is stopped once the candidate lists' last blocks have run. ``note`` names a candidate that
+    failed only for an argument that cannot be replayed (a KV cache), else is None."""
+    cands = _candidates(model, layers)
+    if not cands:
+        return None, None
+    probes = [_Probe(name, blocks) for name, blocks, _ in cands]
+
+    def stop_when_done(module, args, kwargs, out):
+        if all(p.why is not None or p.next >= p.n for p in probes):
+            raise StopForward
+    # after the probes' own post hooks (registered first), on every candidate's last block
+    stops = [p.blocks[-1].register_forward_hook(stop_when_done, with_kwargs=True) for p in probes]
+    try:
+        try:
+            run_first_unit()
+        except StopForward:
+            pass
+    finally:
+        for h in stops:
+            h.remove()
+        for p in probes:
+            p.remove()
+    note = None
+    for p, (name, blocks, block_of) in zip(probes, cands):
+        if p.why is None and p.next < p.n:
+            p.why = f"only {p.next} of its {p.n} blocks ran"
+        if p.why is not None:
+            if p.nonplain and note is None:
+                note = f"{name or 'the model'}: block 0's {p.nonplain}"
+            continue
+        idx = [i for i, (_, _, lin) in enumerate(layers) if id(lin) in block_of]
+        order = [block_of[id(layers[i][2])] for i in idx]
+        if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
+            continue  # another layer between them, or not in block order
+        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own), None
+    return None, note
+
+
+class BlockInputs:
+    """Every calibration unit's input to block ``j`` of one model (the one being quantized, or the
+    float copy): ``(x, other positional args, kwargs, (grad mode, inference mode))`` per unit, None
+    for a unit that never reached block 0."""
+
+    def __init__(self, blocks: list, own: list):
+        """``blocks``: the block list (of this model); ``own``: :class:`BlockPlan`'s per-block scalars."""
+        self.blocks, self.own, self.j, self.items = blocks, own, 0, []
+
+    def capture(self, calls: list) -> None:
+        """Run each unit (``call()`` runs the whole model) up to block 0 and keep its arguments."""
+        got = []
+
+        def pre(module, args, kwargs):
+            x = args[0]
+            got.append((x.detach() if x.requires_grad else x, args[1:], dict(kwargs),
+                        (torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+            raise StopForward
+        h = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+        try:
+            for call in calls:
+                n = len(got)
+                try:
+                    call()
+                except StopForward:
+                    pass
+                if len(got) == n:
+                    got.append(None)
+        finally:
+            h.remove()
+        self.items, self.j = got, 0
+
+    def _call(self, item):
+        x, rest, kw, (grad, inference) = item
+        own = self.own[self.j]
+        if own:
+            rest = tuple(own.get(i, a) for i, a in enumerate(rest))
+            kw = {k: own.get(k, v) for k, v in kw.items()}
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return self.blocks[self.j](x, *rest, **kw)
+
+    def run(self, u: int) -> None:
+        """Block ``j`` on unit ``u``'s input: one calibration pass (its hooks may stop it)."""
+        if self.items[u] is not None:
+            self._call(self.items[u])
+
+    def advance(self, to: int) -> None:
+        """Run blocks ``j .. to - 1`` (their layers are final by now) so the inputs are block ``to``'s."""
+        while self.j < to:
+            for u, item in enumerate(self.items):
+                if item is not None:
+                    x = _hidden(self._call(item))
+                    self.items[u] = (x.detach() if x.requires_grad else x,) + item[1:]
+            self.j += 1
