@@ -1,13 +1,16 @@
 """``quantize_`` end to end: calibration with cached block inputs against rerunning the model from its start.
 
 ``python -m benchmarks.bench_quantize [--depths 4,8,16] [--method gptq] [--threads 2]``
+``python -m benchmarks.bench_quantize --effnet [--crops 32]``  (``fake_quantize_model_`` on EfficientNet-Lite0)
 
 A randomly initialised Llama-style causal LM (transformers config, no download) of each depth is
 quantized twice with the same calibration batches: ``block_cache=True`` (a layer's calibration pass
 runs its decoder block alone on every unit's cached input) and ``block_cache=False`` (each pass runs
 the model from the embedding up to the layer, so the forwards grow with the square of the depth).
 Reports seconds (median of ``--reps``), the speed-up, and whether the two packed models are
-bit-identical (they must be).
+bit-identical (they must be). ``--effnet``: the same comparison for ``fake_quantize_model_`` W4 g64
+on EfficientNet-Lite0 (the demo's model and calibration crops; needs its PyPI packages, see
+``scripts/demo.sh``) with GPTQ, ERQ, GPTQ + HQQ depthwise and RTN + bias correction.
 """
 from __future__ import annotations
 
@@ -48,6 +51,46 @@ def _quantize(model, units, method: str, bits: int, group: int, cached: bool):
     return time.perf_counter() - t
 
 
+EFFNET_ROWS = {"gptq": dict(method="gptq"), "erq": dict(method="erq"),
+               "gptq + hqq depthwise": dict(method="gptq", depthwise_method="hqq"),
+               "rtn + bias correction": dict(method="rtn", bias_correction=True)}
+
+
+def _effnet(a, out) -> int:
+    try:
+        from quantkern.demo import _crops, _images
+        from quantkern.ptq.models import load_efficientnet_lite0
+        base = load_efficientnet_lite0()
+    except ImportError as e:
+        print(f"# bench_quantize --effnet: EfficientNet-Lite0 is not installed ({e}); see scripts/demo.sh", file=out)
+        return 0
+    from quantkern.ptq.conv import fake_quantize_model_
+
+    n = a.crops or (4 if a.quick else 32)
+    Xc = _crops(_images()[0], n, 0, jitter=True)
+    reps = a.reps or 1
+    print(f"# fake_quantize_model_ W4 g64 on EfficientNet-Lite0, {n} calibration crops (the demo's), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {reps}", file=out)
+    print("\n| method | cached blocks s | rerun from start s | speed-up | bit-identical |\n|---|--:|--:|--:|---|", file=out)
+    rows = EFFNET_ROWS if not a.quick else {"gptq": EFFNET_ROWS["gptq"]}
+    for label, kw in rows.items():
+        res = {}
+        for cached in (True, False):
+            ts = []
+            for _ in range(reps):
+                m = copy.deepcopy(base)
+                t = time.perf_counter()
+                fake_quantize_model_(m, 4, group_size=64, calib_data=Xc, progress=False, block_cache=cached, **kw)
+                ts.append(time.perf_counter() - t)
+            res[cached] = (statistics.median(ts), m.state_dict())
+        same = all(torch.equal(v, res[False][1][k]) for k, v in res[True][1].items())
+        print(f"| {label} | {res[True][0]:.1f} | {res[False][0]:.1f} | {res[False][0] / res[True][0]:.2f}x | "
+              f"{'yes' if same else 'NO'} |", file=out)
+        if not same:
+            return 1
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     H.add_common_args(ap, threads=2, warmup=0, writes_files=False, reps_help="timed runs per row (default 1)")
@@ -58,10 +101,16 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=H.positive_int, default=64)
     ap.add_argument("--batches", type=H.positive_int, default=4, help="calibration units (default 4)")
     ap.add_argument("--tokens", type=H.positive_int, default=None, help="tokens per unit, 2 sequences (default 256)")
+    ap.add_argument("--effnet", action="store_true", help="fake_quantize_model_ on EfficientNet-Lite0 instead")
+    ap.add_argument("--crops", type=H.positive_int, default=None, help="--effnet calibration crops (default 32)")
     a = ap.parse_args(argv)
     dev = H.apply_common_args(a)
     out = H.table_stream(a)
     H.note_no_files(a, "bench_quantize", out)
+    if a.effnet:
+        if dev.type != "cpu":
+            ap.error("--effnet runs on the CPU (the demo's model): --device cpu")
+        return _effnet(a, out)
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -61,6 +61,15 @@ def test_bench_quick_takes_the_common_options(name):
     assert ("quantkern hqq_quantize" in r.stderr) if name == "hqq" else ("update (track only)" in r.stderr), r.stderr
 
 
+def test_bench_quantize_quick():
+    # cached block inputs against rerunning the model: both columns timed, the packed models identical
+    out = _run(["benchmarks.bench_quantize", "--quick", "--threads", "1", "--reps", "1"], timeout=300)
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2 and all(r.rstrip().endswith("| yes |") for r in rows), out
+    eff = _run(["benchmarks.bench_quantize", "--quick", "--effnet", "--threads", "1", "--reps", "1"], timeout=300)
+    assert "not installed" in eff or "| gptq |" in eff and "| yes |" in eff, eff
+
+
 def test_benchmarks_main_lists_benches():
     names = _run(["benchmarks", "--list"], timeout=60).split()
     assert "fake_quant_lsq" in names

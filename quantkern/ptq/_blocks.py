@@ -20,8 +20,9 @@ with at least two children holding layers to quantize):
 * block ``j > 0`` gets the previous block's output (or its first element, for blocks that return
   a tuple) as its first positional argument, the very tensor, and every other argument is the
   very object block 0 got (an attention mask, position embeddings, ``use_cache=False``) or a
-  number / string / None of its own (a layer index, a drop-path rate: replayed as the probe saw
-  it, so it must not depend on the data);
+  number / string / None: one equal to block 0's is taken from each unit (as block 0's is), one
+  that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so such a
+  per-block value must not depend on the data;
 * those other arguments are tensors, numbers, strings, None or tuples / lists / dicts of them,
   none changed in place between blocks; a stateful object (a transformers KV ``Cache`` that
   every block appends to) cannot be replayed: the model is then rerun from its start (and
@@ -138,7 +139,8 @@ class _Probe:
                         continue
                     if not (_scalar(a) and _scalar(b)):
                         return self.fail(f"block {j}'s argument {key!r} is not block 0's")
-                    own[key] = a
+                    if a != b:  # (an equal one, e.g. a length computed per block, stays the unit's own)
+                        own[key] = a
                 if _versions((rest, kwargs)) != self.ver:
                     return self.fail(f"block 0's other arguments were changed in place before block {j}")
                 self.own.append(own)
@@ -176,7 +178,9 @@ class BlockPlan:
 def _candidates(model: nn.Module, layers: list) -> list:
     """``(name, blocks, block_of)`` for every ModuleList / Sequential whose children hold layers of
     ``layers`` (quantize_'s ``(name, sites, layer)`` list) in at least two of them, each layer in
-    one child only (its every site too); the finest first (most blocks holding layers)."""
+    one child only (its every site too). Best first: the most (layers covered) x (blocks holding
+    layers), roughly the forwards the cache saves (a Swin's list of stages, not one stage's blocks;
+    a Llama's decoder layers, not a Sequential of embedding / layers / head around them)."""
     out = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
@@ -193,7 +197,7 @@ def _candidates(model: nn.Module, layers: list) -> list:
                 block_of[id(lin)] = js[0]
         if ok and len(set(block_of.values())) >= 2:
             out.append((name, blocks, block_of))
-    out.sort(key=lambda c: (-len(set(c[2].values())), -len(c[2])))
+    out.sort(key=lambda c: -len(c[2]) * len(set(c[2].values())))
     return out
 
 

@@ -368,8 +368,10 @@ class _Capture:
             return x[m.to(x.device)]
         return x.reshape(-1, x.shape[-1])
 
-    @torch.inference_mode(False)  # (a unit run under inference_mode must not make the statistics
-    def set_float_input(self, x: torch.Tensor) -> None:  # inference tensors: later units update them in place)
+    # inference_mode(False): a unit run under inference_mode must not make the statistics inference
+    # tensors (the next units update them in place, which torch refuses outside inference mode)
+    @torch.inference_mode(False)
+    def set_float_input(self, x: torch.Tensor) -> None:
         """The float model's input of this unit (``fp_target``), paired with the next :meth:`add`."""
         self.pending = self._token_rows(x).double()
         self._check_finite(self.pending, "float model's")
