@@ -267,3 +267,26 @@ def test_conv_fake_quant_blocks_bit_identical(kw):
         out.append((r["block_list"], _tensors(m)))
     assert out[0][0] == "blocks" and out[1][0] is None
     _same(out[0][1], out[1][1])
+
+
+def test_no_cache_when_it_would_not_fit(monkeypatch):
+    # the cached inputs (units x the first unit's block input, twice with fp_target) must fit in half the free
+    # memory; otherwise the passes rerun the model, with a warning, and give the same model
+    import quantkern.ptq._blocks as B
+
+    units = _units(3)
+    need = 3 * 2 * (2 * 7 * 32 * 4)  # units x (fp + quantized) x [2, 7, 32] fp32
+    monkeypatch.setattr(B, "available_bytes", lambda device: 2 * need - 1)
+    m, _, msgs = _both(lambda: _Net(3), units)
+    assert m._quantize_block_list is None
+    assert any("more than half" in w and "GiB free" in w for w in msgs), msgs
+    monkeypatch.setattr(B, "available_bytes", lambda device: 2 * need)
+    m, _, msgs = _both(lambda: _Net(3), units)
+    assert m._quantize_block_list == "blocks" and not any("more than half" in w for w in msgs)
+    monkeypatch.setattr(B, "available_bytes", lambda device: 1)
+    from quantkern.ptq.conv import fake_quantize_model_
+
+    X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with pytest.warns(UserWarning, match="more than half"):
+        r = fake_quantize_model_(_CNN().eval(), 4, "gptq", 16, calib_data=X, batch_size=4, progress=False)
+    assert r["block_list"] is None

@@ -96,6 +96,7 @@ class _Probe:
         self.name, self.blocks, self.n = name, blocks, len(blocks)
         self.next, self.why, self.nonplain = 0, None, None
         self.rest = self.kw = self.ver = self.prev = self.x = self.xver = None
+        self.in_bytes, self.device = 0, None
         self.own: list[dict] = []  # per block: its own scalar arguments (position in args[1:] or name -> value)
         self.handles = []
         for j, b in enumerate(blocks):
@@ -144,6 +145,8 @@ class _Probe:
                 if _versions((rest, kwargs)) != self.ver:
                     return self.fail(f"block 0's other arguments were changed in place before block {j}")
                 self.own.append(own)
+            if j == 0:
+                self.in_bytes, self.device = args[0].numel() * args[0].element_size(), args[0].device
             self.prev = None
             self.x, self.xver = args[0], _versions(args[0])
         return pre
@@ -167,12 +170,38 @@ class _Probe:
         self.rest = self.kw = self.prev = self.x = None
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: /proc/meminfo's MemAvailable); None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
 class BlockPlan:
     """The block list chosen for cached calibration, and each layer's block in it."""
 
-    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list):
+    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list,
+                 in_bytes: int, device: torch.device):
         self.name, self.blocks, self.block_of, self.first, self.last = name, blocks, block_of, first, last
         self.own = own  # per block: the scalar arguments it gets instead of block 0's
+        self.in_bytes, self.device = in_bytes, device  # the first unit's block input: size, device
+
+    def too_big(self, n_units: int, copies: int = 1) -> str | None:
+        """Why not to cache (None: fine): ``copies`` x ``n_units`` block inputs the size of the first
+        unit's would take more than half of the memory free on their device."""
+        need, free = self.in_bytes * n_units * copies, available_bytes(self.device)
+        if free is None or 2 * need <= free:
+            return None
+        return (f"caching {n_units} calibration inputs of {self.name or 'the model'}'s blocks would take about "
+                f"{need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free on {self.device}")
 
 
 def _candidates(model: nn.Module, layers: list) -> list:
@@ -238,7 +267,7 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
         order = [block_of[id(layers[i][2])] for i in idx]
         if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
             continue  # another layer between them, or not in block order
-        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own), None
+        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device), None
     return None, note
 
 

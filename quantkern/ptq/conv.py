@@ -728,6 +728,11 @@ def fake_quantize_model_(
                 first = next(iter(_batches(calib_data, batch_size)))
                 with torch.no_grad():
                     plan, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(first))
+                big = plan.too_big(sum(1 for _ in _batches(calib_data, batch_size))) if plan is not None else None
+                if big is not None:
+                    warnings.warn(f"fake_quantize_model_: {big}; every calibration pass reruns the model from its "
+                                  "start instead", stacklevel=2)
+                    plan = None
             report["block_list"] = plan.name if plan is not None else None
             for idx, (name, mod) in enumerate(bar):
                 st = None

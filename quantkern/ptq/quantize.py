@@ -706,6 +706,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         if needs_data and cfg.block_cache and layers:
             f0 = units[0][0]
             plan, note = plan_blocks(model, layers, lambda: f0(model))
+            big = plan.too_big(len(units), 2 if fp_model is not None else 1) if plan is not None else None
+            if big is not None:
+                warnings.warn(f"quantize_: {big}; every calibration pass reruns the model from its start instead "
+                              "(slower on deep models; block_cache=False turns the cache, and this warning, off)",
+                              stacklevel=2)
+                plan = None
             if note is not None:
                 warnings.warn(f"quantize_: calibration reruns the model from its start for every layer ({note}): "
                               "run the calibration forwards with use_cache=False to let each pass run one block",
