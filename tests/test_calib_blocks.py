@@ -290,3 +290,62 @@ def test_no_cache_when_it_would_not_fit(monkeypatch):
     with pytest.warns(UserWarning, match="more than half"):
         r = fake_quantize_model_(_CNN().eval(), 4, "gptq", 16, calib_data=X, batch_size=4, progress=False)
     assert r["block_list"] is None
+
+
+class _PoolBlock(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+
+    def forward(self, x, n):  # n: this block's token count, which halves from block to block
+        y = x + self.a(x) / n
+        return F.avg_pool1d(y.transpose(1, 2), 2, ceil_mode=True).transpose(1, 2)
+
+
+class _Pool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.layers, self.out = nn.Linear(16, 32), nn.ModuleList(_PoolBlock() for _ in range(3)), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.layers:
+            h = b(h, h.shape[1])
+        return self.out(h.mean(1))
+
+
+def test_per_block_values_that_depend_on_the_data_are_not_replayed():
+    # per-block token counts differ between units of 8 and 16 tokens: the first unit's cannot be replayed
+    g = torch.Generator().manual_seed(8)
+    units = [lambda m, x=torch.randn(2, t, 16, generator=g): m(x) for t in (8, 16)]
+    m, _, _ = _both(_Pool, units)
+    assert m._quantize_block_list is None
+    same_len = [lambda m, x=torch.randn(2, 8, 16, generator=g): m(x) for _ in range(2)]
+    m, _, _ = _both(_Pool, same_len)  # the same counts in every unit: replayed
+    assert m._quantize_block_list == "layers"
+
+
+class _CNNAgain(_CNN):
+    def forward(self, x):  # the last block runs once more after the list (weight sharing)
+        x = self.stem(x)
+        for j, b in enumerate(self.blocks):
+            x = b(x, drop_rate=0.05 * j)
+        x = self.blocks[2](x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kw", [dict(method="gptq"), dict(method="rtn", bias_correction=True)])
+def test_conv_layer_called_again_after_the_blocks(kw):
+    # its statistics cover every call, some outside its block: that layer reruns the model
+    from quantkern.ptq.conv import fake_quantize_model_
+
+    X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    out = []
+    for bc in (True, False):
+        m = _CNNAgain().eval()
+        r = fake_quantize_model_(m, 4, group_size=16, calib_data=X, batch_size=4, progress=False, block_cache=bc,
+                                 **kw)
+        out.append((r["block_list"], _tensors(m)))
+    assert out[0][0] == "blocks"
+    _same(out[0][1], out[1][1])

@@ -21,8 +21,9 @@ with at least two children holding layers to quantize):
   a tuple) as its first positional argument, the very tensor, and every other argument is the
   very object block 0 got (an attention mask, position embeddings, ``use_cache=False``) or a
   number / string / None: one equal to block 0's is taken from each unit (as block 0's is), one
-  that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so such a
-  per-block value must not depend on the data;
+  that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so every other
+  calibration unit is probed too (only then) and must show the same per-block values (a token
+  count per stage of a pooling model would not);
 * those other arguments are tensors, numbers, strings, None or tuples / lists / dicts of them,
   none changed in place between blocks; a stateful object (a transformers KV ``Cache`` that
   every block appends to) cannot be replayed: the model is then rerun from its start (and
@@ -230,14 +231,38 @@ def _candidates(model: nn.Module, layers: list) -> list:
     return out
 
 
-def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], object]):
+def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], object], run_other_units=()):
     """Choose the block list for cached calibration (module docstring); ``(BlockPlan or None,
     note)``. ``run_first_unit()`` runs the model (still float) on the first calibration unit:
-    it is stopped once the candidate lists' last blocks have run. ``note`` names a candidate that
+    it is stopped once the candidate lists' last blocks have run; ``run_other_units``: the same for
+    the other units, run only for a list whose blocks get per-block values. ``note`` names a candidate that
     failed only for an argument that cannot be replayed (a KV cache), else is None."""
     cands = _candidates(model, layers)
     if not cands:
         return None, None
+    probes = _probe(cands, run_first_unit)
+    note = None
+    for p, (name, blocks, block_of) in zip(probes, cands):
+        if p.why is not None:
+            if p.nonplain and note is None:
+                note = f"{name or 'the model'}: block 0's {p.nonplain}"
+            continue
+        idx = [i for i, (_, _, lin) in enumerate(layers) if id(lin) in block_of]
+        order = [block_of[id(layers[i][2])] for i in idx]
+        if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
+            continue  # another layer between them, or not in block order
+        # a per-block value that differs from block 0's is replayed as the first unit showed it: every
+        # other unit must show the same (a token count or an image size per stage would not)
+        if any(p.own) and any(q.why is not None or q.own != p.own
+                              for run in run_other_units for q in _probe([(name, blocks, block_of)], run)):
+            continue
+        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device), None
+    return None, note
+
+
+def _probe(cands: list, run: Callable[[], object]) -> list:
+    """One unit's forward (``run()``) with a :class:`_Probe` on each candidate, stopped once their last
+    blocks have run; the probes, ``why`` set for every candidate that is not a chain."""
     probes = [_Probe(name, blocks) for name, blocks, _ in cands]
 
     def stop_when_done(module, args, kwargs, out):
@@ -247,7 +272,7 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
     stops = [p.blocks[-1].register_forward_hook(stop_when_done, with_kwargs=True) for p in probes]
     try:
         try:
-            run_first_unit()
+            run()
         except StopForward:
             pass
     finally:
@@ -255,20 +280,10 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
             h.remove()
         for p in probes:
             p.remove()
-    note = None
-    for p, (name, blocks, block_of) in zip(probes, cands):
+    for p in probes:
         if p.why is None and p.next < p.n:
             p.why = f"only {p.next} of its {p.n} blocks ran"
-        if p.why is not None:
-            if p.nonplain and note is None:
-                note = f"{name or 'the model'}: block 0's {p.nonplain}"
-            continue
-        idx = [i for i, (_, _, lin) in enumerate(layers) if id(lin) in block_of]
-        order = [block_of[id(layers[i][2])] for i in idx]
-        if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
-            continue  # another layer between them, or not in block order
-        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device), None
-    return None, note
+    return probes
 
 
 class BlockInputs:

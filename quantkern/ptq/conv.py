@@ -727,7 +727,8 @@ def fake_quantize_model_(
             if data_w and block_cache:
                 first = next(iter(_batches(calib_data, batch_size)))
                 with torch.no_grad():
-                    plan, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(first))
+                    plan, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(first),
+                                           [lambda xb=xb: model(xb) for xb in list(_batches(calib_data, batch_size))[1:]])
                 big = plan.too_big(sum(1 for _ in _batches(calib_data, batch_size))) if plan is not None else None
                 if big is not None:
                     warnings.warn(f"fake_quantize_model_: {big}; every calibration pass reruns the model from its "
@@ -739,7 +740,9 @@ def fake_quantize_model_(
                 meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
                 if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
                     blocks = None
-                    if plan is not None and plan.first <= idx <= plan.last:
+                    # a layer run more than once per forward (a shared block) takes every call's stats, and
+                    # some calls may lie outside its block (the block run again after the list): rerun the model
+                    if plan is not None and plan.first <= idx <= plan.last and calls.get(id(mod), 0) <= 1:
                         with torch.no_grad():
                             if cache is None:  # the first layer in the blocks: every batch's input to block 0
                                 cache = BlockInputs(plan.blocks, plan.own)

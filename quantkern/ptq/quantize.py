@@ -685,10 +685,11 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     model.eval()
     # A transformers model's calibration forwards need no KV cache, and one (a stateful object every
     # block appends to) would keep the block inputs from being cached (``_blocks``): off meanwhile.
-    hf_cfg = getattr(model, "config", None)
-    cache_was_on = needs_data and getattr(hf_cfg, "use_cache", None) is True
-    if cache_was_on:
-        hf_cfg.use_cache = False
+    # Every config object counts: T5's stacks hold their own copies, a VLM's language model its text_config.
+    cfgs = {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules()) if c is not None}
+    cache_on = [c for c in cfgs.values() if getattr(c, "use_cache", None) is True] if needs_data else []
+    for c in cache_on:
+        c.use_cache = False
     try:
         fp_model = fp_mods = None
         if cfg.fp_target and cfg.method in _DATA_METHODS:
@@ -705,7 +706,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         qcache = fcache = None
         if needs_data and cfg.block_cache and layers:
             f0 = units[0][0]
-            plan, note = plan_blocks(model, layers, lambda: f0(model))
+            plan, note = plan_blocks(model, layers, lambda: f0(model), [lambda f=f: f(model) for f, _ in units[1:]])
             big = plan.too_big(len(units), 2 if fp_model is not None else 1) if plan is not None else None
             if big is not None:
                 warnings.warn(f"quantize_: {big}; every calibration pass reruns the model from its start instead "
@@ -831,8 +832,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
     finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
         model.train(was_training)
-        if cache_was_on:
-            hf_cfg.use_cache = True
+        for c in cache_on:
+            c.use_cache = True
     untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
     fp_model = fp_mods = None
     model._quantize_report = report
