@@ -441,3 +441,73 @@ def test_skip_keeping_a_gpt2_conv1d_is_not_called_unmatched():
                             progress=False)
     assert type(model.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
     assert isinstance(model.transformer.h[0].attn.c_attn, PackedLinear)
+
+
+class _SameForward(nn.Linear):  # inherits nn.Linear.forward: a plain Linear
+    pass
+
+
+class _OwnForward(nn.Linear):  # its own forward, not known to be Linear's math: left alone
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _ExtraParam(nn.Linear):  # state of its own: left alone
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.gain = nn.Parameter(torch.ones(1))
+
+
+def test_plain_linear_subclasses_become_linear():
+    from quantkern.nn import plain_linear_subclasses
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_SameForward(16, 32), _OwnForward(32, 32), _ExtraParam(32, 8))
+    m.append(m[0])  # shared: replaced once, stays shared (16 -> 32 again would not fit: only the object matters)
+    w = m[0].weight
+    seen = []
+    m[0].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert plain_linear_subclasses(m) == ["0"]
+    assert type(m[0]) is nn.Linear and m[3] is m[0] and m[0].weight is w  # the same Parameter, not a copy
+    assert type(m[1]) is _OwnForward and type(m[2]) is _ExtraParam
+    m[0](torch.randn(2, 16))
+    assert seen == [(2, 32)]  # the hook moved
+
+
+def test_falcon_linear_is_quantized_and_round_trips(tmp_path):
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    make = lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,  # noqa: E731
+                                                         num_attention_heads=4)).eval()
+    m = make()
+    assert type(m.transformer.h[0].mlp.dense_h_to_4h).__name__ == "FalconLinear"
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    quantkern.quantize_(m, method="rtn", bits=4, group_size=32, progress=False)
+    assert sum(isinstance(x, PackedLinear) for x in m.modules()) == 8  # 4 per block (lm_head skipped)
+    path = str(tmp_path / "falcon.safetensors")
+    quantkern.save_quantized(m, path)
+    torch.manual_seed(0)
+    m2 = quantkern.load_quantized(make(), path)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, m2(ids).logits)
+
+
+def test_t5_wo_stays_float():
+    # T5 lists `wo` in _keep_in_fp32_modules (its forward reads wo.weight.dtype): packing it broke forward
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=64, d_ff=128, num_layers=2, num_heads=4,
+                                                    d_kv=16)).eval()
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    for convert in (lambda m: quantkern.quantize_(m, method="rtn", bits=4, group_size=32, progress=False),
+                    lambda m: replace_linear(m, bits=4, group_size=32)):
+        m = __import__("copy").deepcopy(t5)
+        with pytest.warns(UserWarning, match="_keep_in_fp32_modules"):
+            convert(m)
+        wo = [n for n, x in m.named_modules() if n.endswith(".wo")]
+        assert len(wo) == 4 and all(type(m.get_submodule(n)) is nn.Linear for n in wo)
+        assert sum(isinstance(x, PackedLinear) for x in m.modules()) == 28
+        with torch.no_grad():
+            m(input_ids=ids, decoder_input_ids=ids[:, :5])

@@ -9,13 +9,15 @@
 * :class:`PackedLinear`, :func:`replace_linear`: packed low-bit inference.
 * :class:`MultiheadAttention`, :func:`unfuse_attention`: ``nn.MultiheadAttention`` with its
   projections as Linear submodules, so the tools above reach them; :func:`conv1d_to_linear`
-  (transformers' Conv1D, GPT-2), :func:`expose_linears` (both).
+  (transformers' Conv1D, GPT-2), :func:`plain_linear_subclasses` (Falcon's FalconLinear),
+  :func:`expose_linears` (all three).
 """
 from .attention import MultiheadAttention, unfuse_attention
-from .expose import conv1d_to_linear, expose_linears
+from .expose import conv1d_to_linear, expose_linears, plain_linear_subclasses
 from .lsq import LSQQuantizer, qrange
 from .packed_linear import PackedLinear, replace_linear
 from .quant_modules import QuantConv2d, QuantLinear, quantize_modules
 
 __all__ = ["LSQQuantizer", "QuantLinear", "QuantConv2d", "quantize_modules", "qrange", "PackedLinear", "replace_linear",
-           "MultiheadAttention", "unfuse_attention", "conv1d_to_linear", "expose_linears"]
+           "MultiheadAttention", "unfuse_attention", "conv1d_to_linear", "expose_linears",
+           "plain_linear_subclasses"]

@@ -8,12 +8,18 @@
 * transformers' ``Conv1D`` (GPT-2 and its relatives: ``y = x @ W + b`` with ``W`` [in, out]):
   replaced by an ``nn.Linear`` holding ``W.T`` (:func:`conv1d_to_linear`).
 
-Both replacements compute the same function (Conv1D's up to the rounding of a transposed
-product); :func:`expose_linears` runs both.
+* an ``nn.Linear`` subclass that computes ``x @ W.T + b`` itself (transformers' ``FalconLinear``)
+  or inherits ``nn.Linear.forward`` unchanged, with no state of its own: replaced by a plain
+  ``nn.Linear`` holding the very same Parameters (:func:`plain_linear_subclasses`); the tools match
+  ``type(m) is nn.Linear``, so such a layer (every projection of a Falcon) was left in float.
+
+The replacements compute the same function (Conv1D's up to the rounding of a transposed
+product); :func:`expose_linears` runs all three.
 """
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._sites import module_sites
 from .attention import _move_call_hooks, unfuse_attention
@@ -57,7 +63,47 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
     return replaced
 
 
+# nn.Linear subclasses known to override forward with nn.Linear's own math (checked against their source)
+_SAME_MATH = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def _is_plain_linear_subclass(m: nn.Module) -> bool:
+    t = type(m)
+    # NonDynamicallyQuantizableLinear: the out_proj of torch's nn.MultiheadAttention, which reads its
+    # weight directly (unfuse_attention handles those; a skipped attention module keeps it)
+    if t is nn.Linear or not isinstance(m, nn.Linear) or issubclass(t, NonDynamicallyQuantizableLinear):
+        return False
+    same = t.forward is nn.Linear.forward or (t.__module__, t.__name__) in _SAME_MATH
+    # nothing of its own beyond weight / bias (a LoRA layer, an input scale, ... is not a plain Linear)
+    return same and set(m._parameters) <= {"weight", "bias"} and not m._buffers and not m._modules
+
+
+def plain_linear_subclasses(model: nn.Module, skip=None) -> list[str]:
+    """Replace every ``nn.Linear`` subclass of ``model`` that computes exactly ``nn.Linear``'s function
+    (module docstring) by an ``nn.Linear`` holding the same ``weight`` / ``bias`` Parameters (shared, not
+    copied: ties and optimizers keep working), in place; returns the qualified names replaced. Shared
+    modules stay shared; ``skip`` as in ``replace_linear``; hooks move to the new module."""
+    from .packed_linear import _skipped
+
+    if _is_plain_linear_subclass(model):
+        raise TypeError(f"plain_linear_subclasses: model is itself a {type(model).__name__} (no parent to replace "
+                        "it in); wrap it in a module")
+    replaced = []
+    for names, sites, old in module_sites(model, _is_plain_linear_subclass):
+        if any(_skipped(n, skip) for n in names):
+            continue
+        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta",
+                        dtype=old.weight.dtype)
+        lin.weight, lin.bias = old.weight, old.bias
+        lin.train(old.training)
+        _move_call_hooks(old, lin)
+        for parent, child_name in sites:
+            setattr(parent, child_name, lin)
+        replaced.append(names[0])
+    return replaced
+
+
 def expose_linears(model: nn.Module, skip=None) -> list[str]:
-    """:func:`unfuse_attention` then :func:`conv1d_to_linear` on ``model`` (in place, same
-    ``skip``); returns the names of the modules replaced."""
-    return unfuse_attention(model, skip) + conv1d_to_linear(model, skip)
+    """:func:`unfuse_attention`, :func:`conv1d_to_linear` and :func:`plain_linear_subclasses` on
+    ``model`` (in place, same ``skip``); returns the names of the modules replaced."""
+    return unfuse_attention(model, skip) + conv1d_to_linear(model, skip) + plain_linear_subclasses(model, skip)

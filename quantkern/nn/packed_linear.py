@@ -468,6 +468,24 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or fnmatch.fnmatch(name, s) or name.endswith("." + s) for s in skip)
 
 
+def with_keep_float(op: str, model: nn.Module, skip):
+    """``skip`` plus the layers a transformers model asks to keep in float (``_keep_in_fp32_modules``,
+    e.g. T5's ``wo``, whose forward reads ``wo.weight.dtype``: a PackedLinear has no ``weight``), as
+    transformers' own quantizers do; a name matches when one of its dotted components (or runs of
+    them) is an entry. Warns once naming the layers so kept."""
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    if not isinstance(keep, (list, tuple, set)) or not keep or not all(isinstance(k, str) for k in keep):
+        return skip
+
+    def kept(n: str) -> bool:
+        return any(f".{k}." in f".{n}." for k in keep)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and kept(n) and not _skipped(n, skip)]
+    if names:
+        warnings.warn(f"{op}: {len(names)} layer(s) stay float because the model lists them in "
+                      f"_keep_in_fp32_modules ({sorted(keep)}), e.g. {names[:2]}", stacklevel=3)
+    return lambda n: _skipped(n, skip) or kept(n)
+
+
 def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128,
                    skip: Iterable[str] | Callable[[str], bool] | None = DEFAULT_SKIP,
                    meta_dtype: torch.dtype | None = None, fallback_group_size: bool = True,
@@ -503,7 +521,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
                         "in); wrap it, or convert quantkern.nn.MultiheadAttention.from_torch(module)")
     replaced = []
     expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
-    sites_list = linear_sites(model, skip)
+    sites_list = linear_sites(model, with_keep_float("replace_linear", model, skip))
     check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
     for name, sites, child in sites_list:

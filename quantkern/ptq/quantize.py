@@ -124,7 +124,7 @@ from torch import nn
 from ..nn.attention import unfuse_attention
 from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
-                                 fallback_group, linear_sites, untie_packed_outputs)
+                                 fallback_group, linear_sites, untie_packed_outputs, with_keep_float)
 from ..packed import PackedWeight, load_packed, save_packed
 from ._blocks import BlockInputs, plan_blocks
 from ._blocks import StopForward as _StopForward
@@ -670,7 +670,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         "in a module")
     expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
     _warn_unmatched_skip(model, cfg.skip)
-    layers = linear_sites(model, cfg.skip)  # a layer shared under several names: once, kept shared
+    # a layer shared under several names: once, kept shared; _keep_in_fp32_modules stay float
+    layers = linear_sites(model, with_keep_float("quantize_", model, cfg.skip))
     check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
     if not layers:
         packed = sum(isinstance(m, PackedLinear) for m in model.modules())
