@@ -39,7 +39,7 @@ def _both(make, units, **cfg):
                       calib_fn=units, progress=False)
         out.append((m, _tensors(m), [str(w.message) for w in rec]))
     _same(out[0][1], out[1][1])
-    assert out[1][0]._quantize_block_list is None
+    assert out[1][0]._quantize_block_lists == ()
     return out[0]
 
 
@@ -102,7 +102,7 @@ def _units(n=3, masked=True):
 def test_block_passes_and_forward_count():
     units = _units()
     m, _, _ = _both(lambda: _Net(), units)
-    assert m._quantize_block_list == "blocks"
+    assert m._quantize_block_lists == ("blocks",)
     # probe (5 blocks, one unit) + per unit: one pass per group (a, b) of every block, advancing 4
     # blocks, and the whole model once more for `out` (after the blocks: rerun from the start)
     assert sum(b.calls for b in m.blocks) == 5 + len(units) * (2 * 5 + 4 + 5)
@@ -116,13 +116,13 @@ def test_block_passes_and_forward_count():
 
 def test_per_block_scalar_arguments_are_replayed():
     m, _, _ = _both(lambda: _Net(4, order="per_block_scalar"), _units(2))
-    assert m._quantize_block_list == "blocks"
+    assert m._quantize_block_lists == ("blocks",)
 
 
 @pytest.mark.parametrize("order", ["parallel", "reversed", "per_block_kwarg"])
 def test_not_a_chain_reruns_the_model(order):
     m, _, _ = _both(lambda: _Net(3, order=order), _units(2))
-    assert m._quantize_block_list is None
+    assert m._quantize_block_lists == ()
 
 
 class _InPlace(nn.Module):
@@ -143,7 +143,7 @@ def test_block_changing_its_input_in_place_is_not_cached():
     units = [lambda m, x=x: m(x) for x in torch.randn(2, 4, 16, generator=g)]
     m, _, _ = _both(make, units)
     # the only other chain, the Sequential's children, includes the in-place blocks
-    assert m._quantize_block_list is None
+    assert m._quantize_block_lists == ()
 
 
 @pytest.mark.parametrize("cfg", [dict(act_bits=8), dict(method="erq", act_bits=4, erq_refine_iters=5)])
@@ -162,7 +162,7 @@ def test_modes_hooks_and_masks_replayed(cfg):
             return m(x)
     units = [inf, lambda m, x=xs[1]: m(x), (lambda m, x=xs[2]: m(x), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]))]
     m, _, _ = _both(make, units, **cfg)  # (an inference-mode unit first: statistics stay normal tensors)
-    assert m._quantize_block_list == "blocks"
+    assert m._quantize_block_lists == ("blocks",)
 
 
 def _hf(name):
@@ -201,8 +201,8 @@ def test_transformers_are_chains(name, blocks):
         units = [(lambda m, x=x: m(input_ids=x, attention_mask=att), att) for x in ids]
     kw = dict(skip=None) if name == "encoder" else {}
     m, _, msgs = _both(make, units, act_bits=8, **kw)
-    assert m._quantize_block_list == blocks
-    assert not any("reruns the model" in w for w in msgs)
+    assert m._quantize_block_lists == (blocks,)
+    assert not any("rerun the model" in w for w in msgs)
 
 
 def test_explicit_kv_cache_reruns_the_model_with_a_warning():
@@ -212,10 +212,10 @@ def test_explicit_kv_cache_reruns_the_model_with_a_warning():
     assert base.config.use_cache
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     m, _, msgs = _both(lambda: copy.deepcopy(base), [lambda m: m(input_ids=ids, use_cache=True)])
-    assert m._quantize_block_list is None and m.config.use_cache
+    assert m._quantize_block_lists == () and m.config.use_cache
     assert any("use_cache=False" in w and "Cache" in w for w in msgs)
     m2, t2, _ = _both(lambda: copy.deepcopy(base), [lambda m: m(input_ids=ids)])
-    assert m2._quantize_block_list == "model.layers" and m2.config.use_cache
+    assert m2._quantize_block_lists == ("model.layers",) and m2.config.use_cache
     _same(_tensors(m), t2)  # the KV cache object changes nothing in the numbers
 
 
@@ -264,8 +264,8 @@ def test_conv_fake_quant_blocks_bit_identical(kw):
         m = _CNN().eval()
         r = fake_quantize_model_(m, 4, group_size=16, calib_data=X, batch_size=4, progress=False, block_cache=bc,
                                  **kw)
-        out.append((r["block_list"], _tensors(m)))
-    assert out[0][0] == "blocks" and out[1][0] is None
+        out.append((r["block_lists"], _tensors(m)))
+    assert out[0][0] == ("blocks",) and out[1][0] == ()
     _same(out[0][1], out[1][1])
 
 
@@ -278,18 +278,18 @@ def test_no_cache_when_it_would_not_fit(monkeypatch):
     need = 3 * 2 * (2 * 7 * 32 * 4)  # units x (fp + quantized) x [2, 7, 32] fp32
     monkeypatch.setattr(B, "available_bytes", lambda device: 2 * need - 1)
     m, _, msgs = _both(lambda: _Net(3), units)
-    assert m._quantize_block_list is None
+    assert m._quantize_block_lists == ()
     assert any("more than half" in w and "GiB free" in w for w in msgs), msgs
     monkeypatch.setattr(B, "available_bytes", lambda device: 2 * need)
     m, _, msgs = _both(lambda: _Net(3), units)
-    assert m._quantize_block_list == "blocks" and not any("more than half" in w for w in msgs)
+    assert m._quantize_block_lists == ("blocks",) and not any("more than half" in w for w in msgs)
     monkeypatch.setattr(B, "available_bytes", lambda device: 1)
     from quantkern.ptq.conv import fake_quantize_model_
 
     X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     with pytest.warns(UserWarning, match="more than half"):
         r = fake_quantize_model_(_CNN().eval(), 4, "gptq", 16, calib_data=X, batch_size=4, progress=False)
-    assert r["block_list"] is None
+    assert r["block_lists"] == ()
 
 
 class _PoolBlock(nn.Module):
@@ -320,10 +320,10 @@ def test_per_block_values_that_depend_on_the_data_are_not_replayed():
     g = torch.Generator().manual_seed(8)
     units = [lambda m, x=torch.randn(2, t, 16, generator=g): m(x) for t in (8, 16)]
     m, _, _ = _both(_Pool, units)
-    assert m._quantize_block_list is None
+    assert m._quantize_block_lists == ()
     same_len = [lambda m, x=torch.randn(2, 8, 16, generator=g): m(x) for _ in range(2)]
     m, _, _ = _both(_Pool, same_len)  # the same counts in every unit: replayed
-    assert m._quantize_block_list == "layers"
+    assert m._quantize_block_lists == ("layers",)
 
 
 class _CNNAgain(_CNN):
@@ -346,6 +346,6 @@ def test_conv_layer_called_again_after_the_blocks(kw):
         m = _CNNAgain().eval()
         r = fake_quantize_model_(m, 4, group_size=16, calib_data=X, batch_size=4, progress=False, block_cache=bc,
                                  **kw)
-        out.append((r["block_list"], _tensors(m)))
-    assert out[0][0] == "blocks"
+        out.append((r["block_lists"], _tensors(m)))
+    assert out[0][0] == ("blocks",)
     _same(out[0][1], out[1][1])

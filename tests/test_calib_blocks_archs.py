@@ -1,8 +1,8 @@
 """quantize_'s cached block inputs (``quantkern/ptq/_blocks.py``) on tiny random transformers models.
 
 For each architecture two copies are quantized, with ``block_cache=True`` and ``False``: every tensor
-of the state_dict must be bit-identical, and ``_quantize_block_list`` must name the list the cache
-used (None: the model was rerun from its start for every layer). The architectures are the ones
+of the state_dict must be bit-identical, and ``_quantize_block_lists`` must name the lists the cache
+used (empty: the model was rerun from its start for every layer). The architectures are the ones
 whose block calls differ in an informative way: rotary position embeddings shared by every layer
 (Llama), one sliding-window mask for all layers (Mistral), experts inside the blocks (Qwen2-MoE),
 ALiBi (BLOOM), a per-layer-type mask (Gemma2: not a chain as checked today), a shared layer
@@ -83,24 +83,21 @@ def _tensors(m):
 
 
 CASES = [
-    ("llama", "model.layers", "gptq"),
-    ("mistral_sliding4", "model.layers", "erq"),
-    ("qwen2_moe", "model.layers", "gptq"),
-    ("bloom", "transformer.h", "erq"),
+    ("llama", ("model.layers",), "gptq"),
+    ("mistral_sliding4", ("model.layers",), "erq"),
+    ("qwen2_moe", ("model.layers",), "gptq"),
+    ("bloom", ("transformer.h",), "erq"),
     # the sliding / global layers get two different mask objects (block 1's attention_mask is not block
-    # 0's): rerun from the start. Expected to become "model.layers" once per-layer-type masks are replayed.
-    ("gemma2", None, "gptq"),
+    # 0's): rerun from the start
+    ("gemma2", (), "gptq"),
     # one layer object shared by every depth: no list holds it in a single child
-    ("albert", None, "gptq"),
-    # one list only (the decoder's, covering as many layers as the encoder's and chosen first); expected
-    # to cache both lists once several disjoint lists are used
-    ("bart", "model.decoder.layers", "erq"),
-    # the stages' list fails (each stage gets its own input_dimensions tuple): the first stage's blocks.
-    # Expected to also cache encoder.layers.1.blocks with several lists
-    ("swin", "encoder.layers.0.blocks", "gptq"),
-    # blocks 1.. get block 0's position_bias output (not block 0's argument); the decoder also gets a KV
-    # cache: its own config (a copy) keeps use_cache=True, quantize_ turns off only model.config's
-    ("t5", None, "erq"),
+    ("albert", (), "gptq"),
+    # an encoder-decoder: both lists, one after the other
+    ("bart", ("model.encoder.layers", "model.decoder.layers"), "erq"),
+    # the stages' list fails (each stage gets its own input_dimensions tuple): each stage's blocks
+    ("swin", ("encoder.layers.0.blocks", "encoder.layers.1.blocks"), "gptq"),
+    # blocks 1.. get block 0's position_bias output (not block 0's argument): rerun from the start
+    ("t5", (), "erq"),
 ]
 
 
@@ -116,9 +113,9 @@ def test_block_cache_bit_identical_across_architectures(name, blocks, method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_(m, QuantizeConfig(**cfg, block_cache=bc), calib_fn=units, progress=False)
-        got.append((m._quantize_block_list, _tensors(m)))
+        got.append((m._quantize_block_lists, _tensors(m)))
     (listed, a), (ref_list, b) = got
-    assert ref_list is None
+    assert ref_list == ()
     assert listed == blocks
     assert a.keys() == b.keys()
     bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]

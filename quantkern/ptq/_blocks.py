@@ -32,7 +32,11 @@ with at least two children holding layers to quantize):
 
 The layers inside the list must come in block order in ``quantize_``'s layer list, with no
 layer outside the list between them, each inside one block only. A list that fails any check
-is not used (layers outside the chosen list always take the rerun-from-start path).
+is not used. Several lists are used when their layers do not overlap (an encoder's and a
+decoder's blocks, each Swin stage's), one after the other, each cache captured when its first
+layer comes (running the model, with the earlier lists final, up to its block 0) and freed after
+its last; of nested lists the better ranked one (:func:`_candidates`). Layers outside every
+chosen list take the rerun-from-start path.
 """
 from __future__ import annotations
 
@@ -232,22 +236,27 @@ def _candidates(model: nn.Module, layers: list) -> list:
 
 
 def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], object], run_other_units=()):
-    """Choose the block list for cached calibration (module docstring); ``(BlockPlan or None,
-    note)``. ``run_first_unit()`` runs the model (still float) on the first calibration unit:
-    it is stopped once the candidate lists' last blocks have run; ``run_other_units``: the same for
-    the other units, run only for a list whose blocks get per-block values. ``note`` names a candidate that
-    failed only for an argument that cannot be replayed (a KV cache), else is None."""
+    """Choose the block lists for cached calibration (module docstring); ``(plans, note)``, ``plans``
+    a list of :class:`BlockPlan` in layer order whose layer ranges do not overlap (an encoder's and a
+    decoder's blocks; of nested lists, the better ranked). ``run_first_unit()`` runs the model (still
+    float) on the first calibration unit: it is stopped once the candidate lists' last blocks have
+    run; ``run_other_units``: the same for the other units, run only for a list whose blocks get
+    per-block values. ``note`` names a candidate outside every plan that failed only for an argument
+    that cannot be replayed (a KV cache), else is None."""
     cands = _candidates(model, layers)
     if not cands:
-        return None, None
+        return [], None
     probes = _probe(cands, run_first_unit)
-    note = None
+    plans, refused = [], []
     for p, (name, blocks, block_of) in zip(probes, cands):
-        if p.why is not None:
-            if p.nonplain and note is None:
-                note = f"{name or 'the model'}: block 0's {p.nonplain}"
-            continue
         idx = [i for i, (_, _, lin) in enumerate(layers) if id(lin) in block_of]
+        span = (idx[0], idx[-1])
+        if any(span[0] <= q.last and q.first <= span[1] for q in plans):
+            continue  # overlaps a better-ranked list (nested in it, or around it)
+        if p.why is not None:
+            if p.nonplain:
+                refused.append((span, f"{name or 'the model'}: block 0's {p.nonplain}"))
+            continue
         order = [block_of[id(layers[i][2])] for i in idx]
         if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
             continue  # another layer between them, or not in block order
@@ -256,8 +265,10 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
         if any(p.own) and any(q.why is not None or q.own != p.own
                               for run in run_other_units for q in _probe([(name, blocks, block_of)], run)):
             continue
-        return BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device), None
-    return None, note
+        plans.append(BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device))
+    plans.sort(key=lambda q: q.first)
+    note = next((why for (a, b), why in refused if not any(a <= q.last and q.first <= b for q in plans)), None)
+    return plans, note
 
 
 def _probe(cands: list, run: Callable[[], object]) -> list:

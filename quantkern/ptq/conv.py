@@ -573,7 +573,7 @@ def fake_quantize_model_(
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
         (name -> fallback note; also Conv1d / Conv3d / ConvTranspose layers left in float),
         ``seconds``; ``distill`` (first / last KD loss) with ``distill_steps``; ``qparams`` with
-        ``return_qparams``; ``block_list``: the block list whose inputs were cached (None: none).
+        ``return_qparams``; ``block_lists``: the block lists whose inputs were cached (empty: none).
 
     Raises:
         ValueError / TypeError for bad arguments (before the model is touched).
@@ -723,18 +723,17 @@ def fake_quantize_model_(
             bar = _progress(layers, progress, f"W{weight_bits} {method}")
             codes = {}
             teacher = _logits_of(model, calib_data, batch_size) if distill_steps else None
-            plan = cache = None  # the block list whose inputs are cached, and those inputs
+            plans, active, cache = [], None, None  # the block lists whose inputs are cached; the one in use, its inputs
             if data_w and block_cache:
-                first = next(iter(_batches(calib_data, batch_size)))
+                batches = list(_batches(calib_data, batch_size))
                 with torch.no_grad():
-                    plan, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(first),
-                                           [lambda xb=xb: model(xb) for xb in list(_batches(calib_data, batch_size))[1:]])
-                big = plan.too_big(sum(1 for _ in _batches(calib_data, batch_size))) if plan is not None else None
-                if big is not None:
-                    warnings.warn(f"fake_quantize_model_: {big}; every calibration pass reruns the model from its "
+                    plans, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(batches[0]),
+                                           [lambda xb=xb: model(xb) for xb in batches[1:]])
+                for big in filter(None, [p.too_big(len(batches)) for p in plans]):
+                    warnings.warn(f"fake_quantize_model_: {big}; its calibration passes rerun the model from its "
                                   "start instead", stacklevel=2)
-                    plan = None
-            report["block_list"] = plan.name if plan is not None else None
+                plans = [p for p in plans if p.too_big(len(batches)) is None]
+            report["block_lists"] = tuple(p.name for p in plans)
             for idx, (name, mod) in enumerate(bar):
                 st = None
                 meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
@@ -742,18 +741,19 @@ def fake_quantize_model_(
                     blocks = None
                     # a layer run more than once per forward (a shared block) takes every call's stats, and
                     # some calls may lie outside its block (the block run again after the list): rerun the model
-                    if plan is not None and plan.first <= idx <= plan.last and calls.get(id(mod), 0) <= 1:
+                    plan = next((p for p in plans if p.first <= idx <= p.last), None)
+                    if plan is not None and calls.get(id(mod), 0) <= 1:
                         with torch.no_grad():
-                            if cache is None:  # the first layer in the blocks: every batch's input to block 0
-                                cache = BlockInputs(plan.blocks, plan.own)
+                            if plan is not active:  # the first layer in these blocks: every batch's input to block 0
+                                active, cache = plan, BlockInputs(plan.blocks, plan.own)
                                 cache.capture([lambda xb=xb: model(xb) for xb in _batches(calib_data, batch_size)])
                             cache.advance(plan.block_of[id(mod)])  # (earlier blocks are final by now)
                         blocks = cache
                     st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1, blocks=blocks,
                                   hessian=meth in ("gptq", "erq", "adaround"),
                                   max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
-                if plan is not None and idx == plan.last:  # past the blocks: free their cached inputs
-                    cache = None
+                if active is not None and idx == active.last:  # past the blocks: free their cached inputs
+                    active = cache = None
                 bits = layer_bits.get(name, weight_bits)
                 W = mod.weight
                 lopts = opts

@@ -649,8 +649,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     float model for the float target; so each must run the same data on every call: no fresh random batches.
     Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
     After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer (a
-    group's calibration passes count in its first layer's seconds), and ``model._quantize_block_list``
-    names the block list whose inputs were cached (None: every pass ran the model from its start).
+    group's calibration passes count in its first layer's seconds), and ``model._quantize_block_lists``
+    names the block lists whose inputs were cached (empty: every pass ran the model from its start).
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
@@ -703,19 +703,18 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
             fp_model = copy.deepcopy(model, shared)
             fp_mods = dict(fp_model.named_modules())
-        plan = None  # the block list whose inputs are cached (``_blocks``), and the caches
-        qcache = fcache = None
+        plans = []  # the block lists whose inputs are cached (``_blocks``); the one in use and its caches
+        active = qcache = fcache = None
         if needs_data and cfg.block_cache and layers:
             f0 = units[0][0]
-            plan, note = plan_blocks(model, layers, lambda: f0(model), [lambda f=f: f(model) for f, _ in units[1:]])
-            big = plan.too_big(len(units), 2 if fp_model is not None else 1) if plan is not None else None
-            if big is not None:
-                warnings.warn(f"quantize_: {big}; every calibration pass reruns the model from its start instead "
+            plans, note = plan_blocks(model, layers, lambda: f0(model), [lambda f=f: f(model) for f, _ in units[1:]])
+            for big in filter(None, [p.too_big(len(units), 2 if fp_model is not None else 1) for p in plans]):
+                warnings.warn(f"quantize_: {big}; its calibration passes rerun the model from its start instead "
                               "(slower on deep models; block_cache=False turns the cache, and this warning, off)",
                               stacklevel=2)
-                plan = None
+            plans = [p for p in plans if p.too_big(len(units), 2 if fp_model is not None else 1) is None]
             if note is not None:
-                warnings.warn(f"quantize_: calibration reruns the model from its start for every layer ({note}): "
+                warnings.warn(f"quantize_: calibration passes rerun the model from its start for the layers of {note}: "
                               "run the calibration forwards with use_cache=False to let each pass run one block",
                               stacklevel=2)
         report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
@@ -756,8 +755,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                            and layers[i + n][2].weight.device == lin.weight.device):
                         n += 1
                     group = layers[i:i + n]
-                    if plan is not None and plan.first <= i <= plan.last:
-                        if qcache is None:  # the first layer in the blocks: every unit's input to block 0
+                    plan = next((p for p in plans if p.first <= i <= p.last), None)
+                    if plan is not None:
+                        if plan is not active:  # the first layer in these blocks: every unit's input to block 0
+                            active = plan
                             qcache = BlockInputs(plan.blocks, plan.own)
                             qcache.capture([lambda f=f: f(model) for f, _ in units])
                             if fp_model is not None:
@@ -824,8 +825,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             del cap
             if i + 1 >= group_end:  # the group is done: free its statistics before the next one
                 group_cap = None
-            if plan is not None and i == plan.last:  # past the blocks: free their cached inputs
-                qcache = fcache = None
+            if active is not None and i == active.last:  # past the blocks: free their cached inputs
+                active = qcache = fcache = None
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
@@ -838,7 +839,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
     fp_model = fp_mods = None
     model._quantize_report = report
-    model._quantize_block_list = plan.name if plan is not None else None
+    model._quantize_block_lists = tuple(p.name for p in plans)
     return model
 
 
