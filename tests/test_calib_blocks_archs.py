@@ -96,8 +96,8 @@ CASES = [
     ("bart", ("model.encoder.layers", "model.decoder.layers"), "erq"),
     # the stages' list fails (each stage gets its own input_dimensions tuple): each stage's blocks
     ("swin", ("encoder.layers.0.blocks", "encoder.layers.1.blocks"), "gptq"),
-    # blocks 1.. get block 0's position_bias output (not block 0's argument): rerun from the start
-    ("t5", (), "erq"),
+    # blocks 1.. get the position bias block 0 made, handed on in each block's output
+    ("t5", ("encoder.block", "decoder.block"), "erq"),
 ]
 
 

@@ -19,7 +19,9 @@ with at least two children holding layers to quantize):
   model twice);
 * block ``j > 0`` gets the previous block's output (or its first element, for blocks that return
   a tuple) as its first positional argument, the very tensor, and every other argument is the
-  very object block 0 got (an attention mask, position embeddings, ``use_cache=False``) or a
+  very object block 0 got (an attention mask, position embeddings, ``use_cache=False``), another
+  element of the previous block's output tuple (T5's position bias, which block 0 makes and every
+  block hands on: replayed from that element, so it follows the quantized blocks), or a
   number / string / None: one equal to block 0's is taken from each unit (as block 0's is), one
   that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so every other
   calibration unit is probed too (only then) and must show the same per-block values (a token
@@ -100,9 +102,12 @@ class _Probe:
     def __init__(self, name: str, blocks: list):
         self.name, self.blocks, self.n = name, blocks, len(blocks)
         self.next, self.why, self.nonplain = 0, None, None
-        self.rest = self.kw = self.ver = self.prev = self.x = self.xver = None
+        self.rest = self.kw = self.ver = self.prev = self.prev_out = self.x = self.xver = None
         self.in_bytes, self.device = 0, None
-        self.own: list[dict] = []  # per block: its own scalar arguments (position in args[1:] or name -> value)
+        # per block, keyed by position in args[1:] or keyword: its own scalar arguments (-> value), and
+        # the arguments that are an element of the previous block's output (-> index in that tuple)
+        self.own: list[dict] = []
+        self.carry: list[dict] = []
         self.handles = []
         for j, b in enumerate(blocks):
             # prepend: see the arguments before any user pre-hook rewrites them (a replay calls the
@@ -131,25 +136,31 @@ class _Probe:
                 if bad:
                     self.nonplain = f"{bad[0][0]} of type {type(bad[0][1]).__name__}"
                     return self.fail(f"block 0's {self.nonplain} cannot be replayed")
-                self.rest, self.kw, self.ver = rest, dict(kwargs), _versions((rest, kwargs))
+                self.rest, self.kw = rest, dict(kwargs)
+                self.ver = {k: _versions(v) for k, v in list(enumerate(rest)) + list(kwargs.items())}
                 self.own.append({})
+                self.carry.append({})
             else:
                 if args[0] is not self.prev:
                     return self.fail(f"block {j}'s input is not block {j - 1}'s output")
                 if len(rest) != len(self.rest) or kwargs.keys() != self.kw.keys():
                     return self.fail(f"block {j}'s arguments are not block 0's")
-                own = {}
+                own, carry = {}, {}
+                out = self.prev_out if isinstance(self.prev_out, (tuple, list)) else ()
                 for key, a, b in [(i, a, self.rest[i]) for i, a in enumerate(rest)] + \
                         [(k, v, self.kw[k]) for k, v in kwargs.items()]:
                     if a is b:
-                        continue
-                    if not (_scalar(a) and _scalar(b)):
+                        if _versions(a) != self.ver[key]:
+                            return self.fail(f"block 0's argument {key!r} was changed in place before block {j}")
+                    elif isinstance(a, torch.Tensor) and any(a is e for e in out[1:]):
+                        # handed on from block to block (T5's position bias, made by block 0)
+                        carry[key] = next(i for i, e in enumerate(out) if e is a)
+                    elif not (_scalar(a) and _scalar(b)):
                         return self.fail(f"block {j}'s argument {key!r} is not block 0's")
-                    if a != b:  # (an equal one, e.g. a length computed per block, stays the unit's own)
+                    elif a != b:  # (an equal one, e.g. a length computed per block, stays the unit's own)
                         own[key] = a
-                if _versions((rest, kwargs)) != self.ver:
-                    return self.fail(f"block 0's other arguments were changed in place before block {j}")
                 self.own.append(own)
+                self.carry.append(carry)
             if j == 0:
                 self.in_bytes, self.device = args[0].numel() * args[0].element_size(), args[0].device
             self.prev = None
@@ -162,7 +173,7 @@ class _Probe:
                 return
             if _versions(self.x) != self.xver:
                 return self.fail(f"block {j} changed its input in place")
-            self.x = None
+            self.x, self.prev_out = None, out
             self.prev = _hidden(out)
             if self.prev is None:
                 return self.fail(f"block {j}'s output is not a tensor or a tuple starting with one")
@@ -172,7 +183,7 @@ class _Probe:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.rest = self.kw = self.prev = self.x = None
+        self.rest = self.kw = self.prev = self.prev_out = self.x = None
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -193,10 +204,11 @@ def available_bytes(device: torch.device) -> int | None:
 class BlockPlan:
     """The block list chosen for cached calibration, and each layer's block in it."""
 
-    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list,
+    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list, carry: list,
                  in_bytes: int, device: torch.device):
         self.name, self.blocks, self.block_of, self.first, self.last = name, blocks, block_of, first, last
         self.own = own  # per block: the scalar arguments it gets instead of block 0's
+        self.carry = carry  # per block: the arguments it takes from the previous block's output (-> index)
         self.in_bytes, self.device = in_bytes, device  # the first unit's block input: size, device
 
     def too_big(self, n_units: int, copies: int = 1) -> str | None:
@@ -262,10 +274,10 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
             continue  # another layer between them, or not in block order
         # a per-block value that differs from block 0's is replayed as the first unit showed it: every
         # other unit must show the same (a token count or an image size per stage would not)
-        if any(p.own) and any(q.why is not None or q.own != p.own
+        if any(p.own) and any(q.why is not None or q.own != p.own or q.carry != p.carry
                               for run in run_other_units for q in _probe([(name, blocks, block_of)], run)):
             continue
-        plans.append(BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.in_bytes, p.device))
+        plans.append(BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.carry, p.in_bytes, p.device))
     plans.sort(key=lambda q: q.first)
     note = next((why for (a, b), why in refused if not any(a <= q.last and q.first <= b for q in plans)), None)
     return plans, note
@@ -299,12 +311,14 @@ def _probe(cands: list, run: Callable[[], object]) -> list:
 
 class BlockInputs:
     """Every calibration unit's input to block ``j`` of one model (the one being quantized, or the
-    float copy): ``(x, other positional args, kwargs, (grad mode, inference mode))`` per unit, None
-    for a unit that never reached block 0."""
+    float copy): ``(x, other positional args, kwargs, (grad mode, inference mode), carried)`` per
+    unit (``carried``: the arguments block ``j`` takes from block ``j - 1``'s output), None for a
+    unit that never reached block 0."""
 
-    def __init__(self, blocks: list, own: list):
-        """``blocks``: the block list (of this model); ``own``: :class:`BlockPlan`'s per-block scalars."""
-        self.blocks, self.own, self.j, self.items = blocks, own, 0, []
+    def __init__(self, plan: "BlockPlan", blocks: list | None = None):
+        """``plan``'s blocks (or ``blocks``: the same list in the float copy), per-block scalars and carries."""
+        self.blocks = plan.blocks if blocks is None else blocks
+        self.own, self.carry, self.j, self.items = plan.own, plan.carry, 0, []
 
     def capture(self, calls: list) -> None:
         """Run each unit (``call()`` runs the whole model) up to block 0 and keep its arguments."""
@@ -313,7 +327,7 @@ class BlockInputs:
         def pre(module, args, kwargs):
             x = args[0]
             got.append((x.detach() if x.requires_grad else x, args[1:], dict(kwargs),
-                        (torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+                        (torch.is_grad_enabled(), torch.is_inference_mode_enabled()), {}))
             raise StopForward
         h = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
         try:
@@ -330,8 +344,8 @@ class BlockInputs:
         self.items, self.j = got, 0
 
     def _call(self, item):
-        x, rest, kw, (grad, inference) = item
-        own = self.own[self.j]
+        x, rest, kw, (grad, inference), carried = item
+        own = {**self.own[self.j], **carried}
         if own:
             rest = tuple(own.get(i, a) for i, a in enumerate(rest))
             kw = {k: own.get(k, v) for k, v in kw.items()}
@@ -348,6 +362,9 @@ class BlockInputs:
         while self.j < to:
             for u, item in enumerate(self.items):
                 if item is not None:
-                    x = _hidden(self._call(item))
-                    self.items[u] = (x.detach() if x.requires_grad else x,) + item[1:]
+                    out = self._call(item)
+                    x = _hidden(out)
+                    carried = {k: out[i].detach() if out[i].requires_grad else out[i]
+                               for k, i in self.carry[self.j + 1].items()}
+                    self.items[u] = (x.detach() if x.requires_grad else x,) + item[1:4] + (carried,)
             self.j += 1

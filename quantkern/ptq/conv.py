@@ -745,7 +745,7 @@ def fake_quantize_model_(
                     if plan is not None and calls.get(id(mod), 0) <= 1:
                         with torch.no_grad():
                             if plan is not active:  # the first layer in these blocks: every batch's input to block 0
-                                active, cache = plan, BlockInputs(plan.blocks, plan.own)
+                                active, cache = plan, BlockInputs(plan)
                                 cache.capture([lambda xb=xb: model(xb) for xb in _batches(calib_data, batch_size)])
                             cache.advance(plan.block_of[id(mod)])  # (earlier blocks are final by now)
                         blocks = cache

@@ -759,10 +759,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     if plan is not None:
                         if plan is not active:  # the first layer in these blocks: every unit's input to block 0
                             active = plan
-                            qcache = BlockInputs(plan.blocks, plan.own)
+                            qcache = BlockInputs(plan)
                             qcache.capture([lambda f=f: f(model) for f, _ in units])
                             if fp_model is not None:
-                                fcache = BlockInputs(list(fp_model.get_submodule(plan.name)), plan.own)
+                                fcache = BlockInputs(plan, list(fp_model.get_submodule(plan.name)))
                                 fcache.capture([lambda f=f: f(fp_model) for f, _ in units])
                         j = plan.block_of[id(lin)]
                         qcache.advance(j)
