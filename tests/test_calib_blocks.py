@@ -50,8 +50,8 @@ def test_cached_blocks_are_bit_identical(name, monkeypatch):
     cfg = CONFIGS[name]
     cached = _run(cfg, True, monkeypatch, block_cache=True)
     _assert_same(cached, _run(cfg, True, monkeypatch))
-    # the model itself runs once to check the chain, then once per unit up to block 0
-    assert cached[2]["model"] == 1 + len(_X)
+    # the model itself runs once per unit to check the chain, then once per unit up to block 0
+    assert cached[2]["model"] == 2 * len(_X)
 
 
 class _Blk(nn.Module):
@@ -83,8 +83,10 @@ class _Net(nn.Module):
         for j, b in enumerate(blocks):
             if self.order == "inplace":  # the block's input changed in place after its call: still fine
                 h = b(h, mask=mask)[0]
-            elif self.order == "per_block_kwarg":  # another mask object per block
-                h = b(h, mask=None if mask is None else mask.clone())[0]
+            elif self.order == "per_block_kwarg":  # another mask object per block, made from the data, not h:
+                h = b(h, mask=None if mask is None else mask.clone())[0]  # replayed per unit (a per-layer-type mask)
+            elif self.order == "mask_from_h":  # a mask that follows the hidden states: not replayable
+                h = b(h, mask=(h[..., 0] > 0).float())[0]
             elif self.order == "per_block_scalar":  # a number of its own per block (a drop-path rate): fine
                 h = b(h, mask=mask, drop=0.1 * j)[0]
             else:
@@ -103,9 +105,9 @@ def test_block_passes_and_forward_count():
     units = _units()
     m, _, _ = _both(lambda: _Net(), units)
     assert m._quantize_block_lists == ("blocks",)
-    # probe (5 blocks, one unit) + per unit: one pass per group (a, b) of every block, advancing 4
+    # per unit: the chain check (5 blocks), one pass per group (a, b) of every block, advancing 4
     # blocks, and the whole model once more for `out` (after the blocks: rerun from the start)
-    assert sum(b.calls for b in m.blocks) == 5 + len(units) * (2 * 5 + 4 + 5)
+    assert sum(b.calls for b in m.blocks) == len(units) * (5 + 2 * 5 + 4 + 5)
     ref = _Net()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,12 +116,13 @@ def test_block_passes_and_forward_count():
     assert sum(b.calls for b in ref.blocks) == len(units) * (sum(2 * (j + 1) for j in range(5)) + 5)
 
 
-def test_per_block_scalar_arguments_are_replayed():
-    m, _, _ = _both(lambda: _Net(4, order="per_block_scalar"), _units(2))
+@pytest.mark.parametrize("order", ["per_block_scalar", "per_block_kwarg"])
+def test_per_block_arguments_are_replayed(order):
+    m, _, _ = _both(lambda: _Net(4, order=order), _units(2))
     assert m._quantize_block_lists == ("blocks",)
 
 
-@pytest.mark.parametrize("order", ["parallel", "reversed", "per_block_kwarg"])
+@pytest.mark.parametrize("order", ["parallel", "reversed", "mask_from_h"])
 def test_not_a_chain_reruns_the_model(order):
     m, _, _ = _both(lambda: _Net(3, order=order), _units(2))
     assert m._quantize_block_lists == ()

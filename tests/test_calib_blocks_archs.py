@@ -87,15 +87,15 @@ CASES = [
     ("mistral_sliding4", ("model.layers",), "erq"),
     ("qwen2_moe", ("model.layers",), "gptq"),
     ("bloom", ("transformer.h",), "erq"),
-    # the sliding / global layers get two different mask objects (block 1's attention_mask is not block
-    # 0's): rerun from the start
-    ("gemma2", (), "gptq"),
+    # the sliding / global layers get two different mask objects: each block's own, captured per unit
+    # (checked not to follow the hidden states)
+    ("gemma2", ("model.layers",), "gptq"),
     # one layer object shared by every depth: no list holds it in a single child
     ("albert", (), "gptq"),
     # an encoder-decoder: both lists, one after the other
     ("bart", ("model.encoder.layers", "model.decoder.layers"), "erq"),
-    # the stages' list fails (each stage gets its own input_dimensions tuple): each stage's blocks
-    ("swin", ("encoder.layers.0.blocks", "encoder.layers.1.blocks"), "gptq"),
+    # the stages (each with its own input_dimensions tuple, captured per unit), over each stage's blocks
+    ("swin", ("encoder.layers",), "gptq"),
     # blocks 1.. get the position bias block 0 made, handed on in each block's output
     ("t5", ("encoder.block", "decoder.block"), "erq"),
 ]

@@ -11,7 +11,7 @@ model's forward (same module, same arguments, same grad / inference mode), so th
 and the quantized model, are bit-identical to rerunning the model.
 
 That is only true when the model really is such a chain, which :func:`plan_blocks` checks on
-the first calibration unit before anything is quantized (one forward of the float model,
+every calibration unit before anything is quantized (one forward of the float model per unit,
 stopped after the last block). For a candidate list (an ``nn.ModuleList`` / ``nn.Sequential``
 with at least two children holding layers to quantize):
 
@@ -24,8 +24,11 @@ with at least two children holding layers to quantize):
   block hands on: replayed from that element, so it follows the quantized blocks), or a
   number / string / None: one equal to block 0's is taken from each unit (as block 0's is), one
   that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so every other
-  calibration unit is probed too (only then) and must show the same per-block values (a token
-  count per stage of a pooling model would not);
+  calibration unit must show the same per-block values (a token count per stage of a pooling
+  model would not), or a tensor (tuple) of its own that does not follow the hidden states (a
+  per-layer-type attention mask or position embedding, Gemma 2 / 3's sliding and global layers):
+  checked by rerunning the first unit with block 0's input perturbed (those tensors must come out
+  equal), then captured per unit by running the model up to the last block that gets one;
 * those other arguments are tensors, numbers, strings, None or tuples / lists / dicts of them,
   none changed in place between blocks; a stateful object (a transformers KV ``Cache`` that
   every block appends to) cannot be replayed: the model is then rerun from its start (and
@@ -103,11 +106,13 @@ class _Probe:
         self.name, self.blocks, self.n = name, blocks, len(blocks)
         self.next, self.why, self.nonplain = 0, None, None
         self.rest = self.kw = self.ver = self.prev = self.prev_out = self.x = self.xver = None
-        self.in_bytes, self.device = 0, None
-        # per block, keyed by position in args[1:] or keyword: its own scalar arguments (-> value), and
-        # the arguments that are an element of the previous block's output (-> index in that tuple)
+        self.in_bytes, self.device, self.x0_float = 0, None, None
+        # per block, keyed by position in args[1:] or keyword: its own scalar arguments (-> value), the
+        # arguments that are an element of the previous block's output (-> index in that tuple), and
+        # other tensor arguments of its own (-> the value seen: a per-layer-type mask, checked later)
         self.own: list[dict] = []
         self.carry: list[dict] = []
+        self.loose: list[dict] = []
         self.handles = []
         for j, b in enumerate(blocks):
             # prepend: see the arguments before any user pre-hook rewrites them (a replay calls the
@@ -140,12 +145,13 @@ class _Probe:
                 self.ver = {k: _versions(v) for k, v in list(enumerate(rest)) + list(kwargs.items())}
                 self.own.append({})
                 self.carry.append({})
+                self.loose.append({})
             else:
                 if args[0] is not self.prev:
                     return self.fail(f"block {j}'s input is not block {j - 1}'s output")
                 if len(rest) != len(self.rest) or kwargs.keys() != self.kw.keys():
                     return self.fail(f"block {j}'s arguments are not block 0's")
-                own, carry = {}, {}
+                own, carry, loose = {}, {}, {}
                 out = self.prev_out if isinstance(self.prev_out, (tuple, list)) else ()
                 for key, a, b in [(i, a, self.rest[i]) for i, a in enumerate(rest)] + \
                         [(k, v, self.kw[k]) for k, v in kwargs.items()]:
@@ -155,14 +161,19 @@ class _Probe:
                     elif isinstance(a, torch.Tensor) and any(a is e for e in out[1:]):
                         # handed on from block to block (T5's position bias, made by block 0)
                         carry[key] = next(i for i, e in enumerate(out) if e is a)
-                    elif not (_scalar(a) and _scalar(b)):
-                        return self.fail(f"block {j}'s argument {key!r} is not block 0's")
-                    elif a != b:  # (an equal one, e.g. a length computed per block, stays the unit's own)
-                        own[key] = a
+                    elif _scalar(a) and _scalar(b):
+                        if a != b:  # (an equal one, e.g. a length computed per block, stays the unit's own)
+                            own[key] = a
+                    elif _plain(a):  # its own tensor(s): replayable if they do not follow the hidden states
+                        loose[key] = a
+                    else:
+                        return self.fail(f"block {j}'s argument {key!r} ({type(a).__name__}) cannot be replayed")
                 self.own.append(own)
                 self.carry.append(carry)
+                self.loose.append(loose)
             if j == 0:
                 self.in_bytes, self.device = args[0].numel() * args[0].element_size(), args[0].device
+                self.x0_float = args[0].is_floating_point()
             self.prev = None
             self.x, self.xver = args[0], _versions(args[0])
         return pre
@@ -204,12 +215,12 @@ def available_bytes(device: torch.device) -> int | None:
 class BlockPlan:
     """The block list chosen for cached calibration, and each layer's block in it."""
 
-    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, own: list, carry: list,
-                 in_bytes: int, device: torch.device):
+    def __init__(self, name: str, blocks: list, block_of: dict, first: int, last: int, probe: _Probe):
         self.name, self.blocks, self.block_of, self.first, self.last = name, blocks, block_of, first, last
-        self.own = own  # per block: the scalar arguments it gets instead of block 0's
-        self.carry = carry  # per block: the arguments it takes from the previous block's output (-> index)
-        self.in_bytes, self.device = in_bytes, device  # the first unit's block input: size, device
+        self.own = probe.own  # per block: the scalar arguments it gets instead of block 0's
+        self.carry = probe.carry  # per block: the arguments it takes from the previous block's output (-> index)
+        self.loose = [set(d) for d in probe.loose]  # per block: the arguments captured per unit for it
+        self.in_bytes, self.device = probe.in_bytes, probe.device  # the first unit's block input: size, device
 
     def too_big(self, n_units: int, copies: int = 1) -> str | None:
         """Why not to cache (None: fine): ``copies`` x ``n_units`` block inputs the size of the first
@@ -250,20 +261,23 @@ def _candidates(model: nn.Module, layers: list) -> list:
 def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], object], run_other_units=()):
     """Choose the block lists for cached calibration (module docstring); ``(plans, note)``, ``plans``
     a list of :class:`BlockPlan` in layer order whose layer ranges do not overlap (an encoder's and a
-    decoder's blocks; of nested lists, the better ranked). ``run_first_unit()`` runs the model (still
-    float) on the first calibration unit: it is stopped once the candidate lists' last blocks have
-    run; ``run_other_units``: the same for the other units, run only for a list whose blocks get
-    per-block values. ``note`` names a candidate outside every plan that failed only for an argument
-    that cannot be replayed (a KV cache), else is None."""
+    decoder's blocks; of nested lists, the better ranked). ``run_first_unit()`` / each of
+    ``run_other_units`` runs the model (still float) on one calibration unit; each is stopped once
+    the candidate lists' last blocks have run. Every unit must show the same chain (the same blocks
+    called, the same per-block values); a list whose blocks get tensors of their own is also checked
+    by rerunning the first unit with block 0's input perturbed: those tensors must not change.
+    ``note`` names a candidate outside every plan that failed only for an argument that cannot be
+    replayed (a KV cache), else is None."""
     cands = _candidates(model, layers)
     if not cands:
         return [], None
     probes = _probe(cands, run_first_unit)
-    plans, refused = [], []
-    for p, (name, blocks, block_of) in zip(probes, cands):
+    chosen, refused = [], []
+    for p, cand in zip(probes, cands):
+        name, blocks, block_of = cand
         idx = [i for i, (_, _, lin) in enumerate(layers) if id(lin) in block_of]
         span = (idx[0], idx[-1])
-        if any(span[0] <= q.last and q.first <= span[1] for q in plans):
+        if any(span[0] <= c[1][1] and c[1][0] <= span[1] for c in chosen):
             continue  # overlaps a better-ranked list (nested in it, or around it)
         if p.why is not None:
             if p.nonplain:
@@ -272,15 +286,51 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
         order = [block_of[id(layers[i][2])] for i in idx]
         if idx[-1] - idx[0] + 1 != len(idx) or order != sorted(order):
             continue  # another layer between them, or not in block order
-        # a per-block value that differs from block 0's is replayed as the first unit showed it: every
-        # other unit must show the same (a token count or an image size per stage would not)
-        if any(p.own) and any(q.why is not None or q.own != p.own or q.carry != p.carry
-                              for run in run_other_units for q in _probe([(name, blocks, block_of)], run)):
-            continue
-        plans.append(BlockPlan(name, blocks, block_of, idx[0], idx[-1], p.own, p.carry, p.in_bytes, p.device))
-    plans.sort(key=lambda q: q.first)
+        chosen.append((cand, span, p))
+    # every other unit: the same chain (a unit that skips blocks, or per-block values that follow the
+    # data, e.g. a token count per pooling stage, would make the replay differ)
+    for run in run_other_units:
+        if not chosen:
+            break
+        qs = _probe([c for c, _, _ in chosen], run)
+        chosen = [(c, span, p) for (c, span, p), q in zip(chosen, qs)
+                  if q.why is None and (q.own, q.carry) == (p.own, p.carry)
+                  and [set(d) for d in q.loose] == [set(d) for d in p.loose]]
+    chosen = [(c, span, p) for c, span, p in chosen if not any(p.loose) or _loose_stable(c, run_first_unit, p)]
+    plans = sorted((BlockPlan(c[0], c[1], c[2], span[0], span[1], p) for c, span, p in chosen), key=lambda q: q.first)
     note = next((why for (a, b), why in refused if not any(a <= q.last and q.first <= b for q in plans)), None)
     return plans, note
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _loose_stable(cand, run: Callable[[], object], p: _Probe) -> bool:
+    """Rerun the first unit with block 0's input perturbed (noise of the size of its spread): the
+    tensors blocks get of their own (``p.loose``) must come out equal, i.e. they are made before the
+    chain and do not follow its hidden states (masks and position embeddings per layer type)."""
+    def perturb(module, args, kwargs):
+        x = args[0]
+        g = torch.Generator(device=x.device).manual_seed(0)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return (x + noise * (x.detach().float().std() + 1).to(x.dtype),) + tuple(args[1:]), kwargs
+    if p.x0_float is False:
+        return False  # (an integer block input cannot be perturbed)
+    h = cand[1][0].register_forward_pre_hook(perturb, with_kwargs=True)  # after the probe's (prepended) hook
+    try:
+        q = _probe([cand], run)[0]
+    finally:
+        h.remove()
+    return q.why is None and len(q.loose) == len(p.loose) and all(
+        d.keys() == e.keys() and all(_same(d[k], e[k]) for k in d) for d, e in zip(p.loose, q.loose))
 
 
 def _probe(cands: list, run: Callable[[], object]) -> list:
@@ -309,27 +359,50 @@ def _probe(cands: list, run: Callable[[], object]) -> list:
     return probes
 
 
+class _Unit:
+    """One calibration unit's arguments to the current block."""
+    __slots__ = ("x", "rest", "kw", "mode", "carried", "loose")
+
+    def __init__(self, x, rest, kw, mode, loose):
+        self.x, self.rest, self.kw, self.mode = x, rest, kw, mode  # mode: (grad, inference) at block 0's call
+        self.carried = {}  # the arguments the current block takes from the previous block's output
+        self.loose = loose  # block -> {argument: the unit's own tensor(s) for that block}
+
+
+def _kept(t):
+    return t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+
 class BlockInputs:
     """Every calibration unit's input to block ``j`` of one model (the one being quantized, or the
-    float copy): ``(x, other positional args, kwargs, (grad mode, inference mode), carried)`` per
-    unit (``carried``: the arguments block ``j`` takes from block ``j - 1``'s output), None for a
-    unit that never reached block 0."""
+    float copy): a :class:`_Unit` per unit, None for a unit that never reached block 0."""
 
     def __init__(self, plan: "BlockPlan", blocks: list | None = None):
-        """``plan``'s blocks (or ``blocks``: the same list in the float copy), per-block scalars and carries."""
+        """``plan``'s blocks (or ``blocks``: the same list in the float copy) and per-block arguments."""
         self.blocks = plan.blocks if blocks is None else blocks
-        self.own, self.carry, self.j, self.items = plan.own, plan.carry, 0, []
+        self.own, self.carry, self.loose, self.j, self.items = plan.own, plan.carry, plan.loose, 0, []
 
     def capture(self, calls: list) -> None:
-        """Run each unit (``call()`` runs the whole model) up to block 0 and keep its arguments."""
-        got = []
+        """Run each unit (``call()`` runs the whole model) up to block 0 (or up to the last block that
+        gets tensors of its own, which are kept too) and keep its arguments."""
+        got, last = [], max((j for j, keys in enumerate(self.loose) if keys), default=0)
 
-        def pre(module, args, kwargs):
-            x = args[0]
-            got.append((x.detach() if x.requires_grad else x, args[1:], dict(kwargs),
-                        (torch.is_grad_enabled(), torch.is_inference_mode_enabled()), {}))
-            raise StopForward
-        h = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+        def pre0(module, args, kwargs):
+            got.append(_Unit(_kept(args[0]), args[1:], dict(kwargs),
+                             (torch.is_grad_enabled(), torch.is_inference_mode_enabled()), {}))
+            if last == 0:
+                raise StopForward
+
+        def pre(j):
+            def hook(module, args, kwargs):
+                if got and got[-1] is not None and j not in got[-1].loose:
+                    got[-1].loose[j] = {k: args[1 + k] if isinstance(k, int) else kwargs[k] for k in self.loose[j]}
+                if j == last:
+                    raise StopForward
+            return hook
+        hs = [self.blocks[0].register_forward_pre_hook(pre0, with_kwargs=True, prepend=True)]
+        hs += [self.blocks[j].register_forward_pre_hook(pre(j), with_kwargs=True, prepend=True)
+               for j in range(1, len(self.blocks)) if self.loose[j]]
         try:
             for call in calls:
                 n = len(got)
@@ -339,18 +412,22 @@ class BlockInputs:
                     pass
                 if len(got) == n:
                     got.append(None)
+                elif len(got) > n + 1:  # block 0 ran twice before the stop: only the first call counts
+                    del got[n + 1:]
         finally:
-            h.remove()
+            for h in hs:
+                h.remove()
         self.items, self.j = got, 0
 
-    def _call(self, item):
-        x, rest, kw, (grad, inference), carried = item
-        own = {**self.own[self.j], **carried}
-        if own:
-            rest = tuple(own.get(i, a) for i, a in enumerate(rest))
-            kw = {k: own.get(k, v) for k, v in kw.items()}
+    def _call(self, u: _Unit):
+        over = {**self.own[self.j], **u.carried, **u.loose.get(self.j, {})}
+        rest, kw = u.rest, u.kw
+        if over:
+            rest = tuple(over.get(i, a) for i, a in enumerate(rest))
+            kw = {k: over.get(k, v) for k, v in kw.items()}
+        grad, inference = u.mode
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return self.blocks[self.j](x, *rest, **kw)
+            return self.blocks[self.j](u.x, *rest, **kw)
 
     def run(self, u: int) -> None:
         """Block ``j`` on unit ``u``'s input: one calibration pass (its hooks may stop it)."""
@@ -360,11 +437,10 @@ class BlockInputs:
     def advance(self, to: int) -> None:
         """Run blocks ``j .. to - 1`` (their layers are final by now) so the inputs are block ``to``'s."""
         while self.j < to:
-            for u, item in enumerate(self.items):
-                if item is not None:
-                    out = self._call(item)
-                    x = _hidden(out)
-                    carried = {k: out[i].detach() if out[i].requires_grad else out[i]
-                               for k, i in self.carry[self.j + 1].items()}
-                    self.items[u] = (x.detach() if x.requires_grad else x,) + item[1:4] + (carried,)
+            for unit in self.items:
+                if unit is not None:
+                    out = self._call(unit)
+                    unit.x = _kept(_hidden(out))
+                    unit.carried = {k: _kept(out[i]) for k, i in self.carry[self.j + 1].items()}
+                    unit.loose.pop(self.j, None)  # (this block's own tensors are no longer needed)
             self.j += 1
