@@ -74,6 +74,7 @@ class _Net(nn.Module):
         torch.manual_seed(0)
         self.inp, self.blocks, self.out = nn.Linear(16, d), nn.ModuleList(_Blk(d) for _ in range(n)), nn.Linear(d, 8)
         self.order = order
+        self.register_buffer("mbuf", torch.zeros(2, 7))
 
     def forward(self, x, mask=None):
         h = self.inp(x)
@@ -87,6 +88,15 @@ class _Net(nn.Module):
                 h = b(h, mask=None if mask is None else mask.clone())[0]  # replayed per unit (a per-layer-type mask)
             elif self.order == "mask_from_h":  # a mask that follows the hidden states: not replayable
                 h = b(h, mask=(h[..., 0] > 0).float())[0]
+            elif self.order == "scalar_from_h":  # a number that follows the hidden states: not replayable
+                h = b(h, mask=mask, drop=float(h.abs().mean()) * 0.1)[0]
+            elif self.order == "inplace_between":  # the output changed in place before the next block reads it
+                h = b(h, mask=mask)[0]
+                h.mul_(0.5)
+            elif self.order == "buffer_mask":  # every forward's mask written into one buffer: caught at capture
+                if j == 0:
+                    self.mbuf.copy_(mask)
+                h = b(h, mask=self.mbuf)[0]
             elif self.order == "per_block_scalar":  # a number of its own per block (a drop-path rate): fine
                 h = b(h, mask=mask, drop=0.1 * j)[0]
             else:
@@ -122,7 +132,8 @@ def test_per_block_arguments_are_replayed(order):
     assert m._quantize_block_lists == ("blocks",)
 
 
-@pytest.mark.parametrize("order", ["parallel", "reversed", "mask_from_h"])
+@pytest.mark.parametrize("order", ["parallel", "reversed", "mask_from_h", "scalar_from_h", "inplace_between",
+                                   "buffer_mask"])
 def test_not_a_chain_reruns_the_model(order):
     m, _, _ = _both(lambda: _Net(3, order=order), _units(2))
     assert m._quantize_block_lists == ()
@@ -278,7 +289,7 @@ def test_no_cache_when_it_would_not_fit(monkeypatch):
     import quantkern.ptq._blocks as B
 
     units = _units(3)
-    need = 3 * 2 * (2 * 7 * 32 * 4)  # units x (fp + quantized) x [2, 7, 32] fp32
+    need = 3 * 2 * (2 * 7 * 32 * 4 + 2 * 7 * 4)  # units x (fp + quantized) x (x [2, 7, 32] + mask [2, 7]) fp32
     monkeypatch.setattr(B, "available_bytes", lambda device: 2 * need - 1)
     m, _, msgs = _both(lambda: _Net(3), units)
     assert m._quantize_block_lists == ()
@@ -352,3 +363,32 @@ def test_conv_layer_called_again_after_the_blocks(kw):
         out.append((r["block_lists"], _tensors(m)))
     assert out[0][0] == ("blocks",)
     _same(out[0][1], out[1][1])
+
+
+class _DictBlk(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+
+    def forward(self, x, state):
+        state["depth"] += 1  # a dict every block updates: a replay would count on from the last unit's
+        return x + self.a(x) * state["depth"]
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_DictBlk() for _ in range(3))
+
+    def forward(self, x):
+        state = {"depth": 0}
+        for b in self.blocks:
+            x = b(x, state)
+        return x
+
+
+def test_argument_updated_by_the_blocks_is_not_replayed():
+    g = torch.Generator().manual_seed(10)
+    m, _, _ = _both(_DictNet, [lambda m, x=torch.randn(2, 5, 32, generator=g): m(x) for _ in range(2)], skip=None)
+    assert m._quantize_block_lists == ()

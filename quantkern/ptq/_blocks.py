@@ -33,7 +33,11 @@ with at least two children holding layers to quantize):
   none changed in place between blocks; a stateful object (a transformers KV ``Cache`` that
   every block appends to) cannot be replayed: the model is then rerun from its start (and
   ``quantize_`` says so: calibrate with ``use_cache=False``);
-* no block changes its input in place; autocast is off.
+* no block changes its arguments in place (its input, a mask, a dict it updates), nothing changes
+  a block's output before the next block reads it, and what each unit passes is not changed by a
+  later unit (a buffer the model rewrites every forward: caught at capture, the list is then
+  dropped); autocast is off. A replay runs outside the unit's callable, so a context it sets
+  around the model call is not in effect (documented at ``QuantizeConfig.block_cache``).
 
 The layers inside the list must come in block order in ``quantize_``'s layer list, with no
 layer outside the list between them, each inside one block only. A list that fails any check
@@ -68,18 +72,34 @@ def _plain(v) -> bool:
     return False
 
 
-def _versions(v) -> list:
-    """The version counters of the tensors in an argument (None for inference tensors)."""
+def _sig(v):
+    """A fingerprint of an argument that changes when it, or anything in it, is changed in place:
+    tensors by identity and version counter (None for inference tensors, which have none), tuples /
+    lists / dicts by their contents (a dict a block updates changes it), other values by value."""
     if isinstance(v, torch.Tensor):
         try:
-            return [v._version]
+            return ("t", id(v), v._version)
         except RuntimeError:
-            return [None]
+            return ("t", id(v), None)
     if isinstance(v, (tuple, list)):
-        return [x for e in v for x in _versions(e)]
+        return (type(v).__name__, tuple(_sig(e) for e in v))
     if isinstance(v, dict):
-        return [x for e in v.values() for x in _versions(e)]
-    return []
+        return ("dict", tuple((k, _sig(e)) for k, e in v.items()))
+    return ("v", v) if isinstance(v, _PLAIN) else ("o", id(v))
+
+
+def _tensor_bytes(v, seen: set) -> int:
+    """Bytes of the tensors in an argument not counted yet (``seen``: their ids)."""
+    if isinstance(v, torch.Tensor):
+        if id(v) in seen:
+            return 0
+        seen.add(id(v))
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_tensor_bytes(e, seen) for e in v)
+    if isinstance(v, dict):
+        return sum(_tensor_bytes(e, seen) for e in v.values())
+    return 0
 
 
 def _scalar(v) -> bool:
@@ -105,8 +125,8 @@ class _Probe:
     def __init__(self, name: str, blocks: list):
         self.name, self.blocks, self.n = name, blocks, len(blocks)
         self.next, self.why, self.nonplain = 0, None, None
-        self.rest = self.kw = self.ver = self.prev = self.prev_out = self.x = self.xver = None
-        self.in_bytes, self.device, self.x0_float = 0, None, None
+        self.rest = self.kw = self.ver = self.prev = self.prev_out = self.outsig = self.argrefs = self.argsig = None
+        self.in_bytes, self.device, self.x0_float, self.seen = 0, None, None, set()
         # per block, keyed by position in args[1:] or keyword: its own scalar arguments (-> value), the
         # arguments that are an element of the previous block's output (-> index in that tuple), and
         # other tensor arguments of its own (-> the value seen: a per-layer-type mask, checked later)
@@ -142,13 +162,15 @@ class _Probe:
                     self.nonplain = f"{bad[0][0]} of type {type(bad[0][1]).__name__}"
                     return self.fail(f"block 0's {self.nonplain} cannot be replayed")
                 self.rest, self.kw = rest, dict(kwargs)
-                self.ver = {k: _versions(v) for k, v in list(enumerate(rest)) + list(kwargs.items())}
+                self.ver = {k: _sig(v) for k, v in list(enumerate(rest)) + list(kwargs.items())}
                 self.own.append({})
                 self.carry.append({})
                 self.loose.append({})
             else:
                 if args[0] is not self.prev:
                     return self.fail(f"block {j}'s input is not block {j - 1}'s output")
+                if _sig(self.prev_out) != self.outsig:  # (a replay would feed the unchanged output)
+                    return self.fail(f"block {j - 1}'s output was changed in place before block {j}")
                 if len(rest) != len(self.rest) or kwargs.keys() != self.kw.keys():
                     return self.fail(f"block {j}'s arguments are not block 0's")
                 own, carry, loose = {}, {}, {}
@@ -156,7 +178,7 @@ class _Probe:
                 for key, a, b in [(i, a, self.rest[i]) for i, a in enumerate(rest)] + \
                         [(k, v, self.kw[k]) for k, v in kwargs.items()]:
                     if a is b:
-                        if _versions(a) != self.ver[key]:
+                        if _sig(a) != self.ver[key]:
                             return self.fail(f"block 0's argument {key!r} was changed in place before block {j}")
                     elif isinstance(a, torch.Tensor) and any(a is e for e in out[1:]):
                         # handed on from block to block (T5's position bias, made by block 0)
@@ -171,20 +193,25 @@ class _Probe:
                 self.own.append(own)
                 self.carry.append(carry)
                 self.loose.append(loose)
-            if j == 0:
-                self.in_bytes, self.device = args[0].numel() * args[0].element_size(), args[0].device
+                kept = [a for i, a in enumerate(rest) if i in carry or i in loose]
+                kept += [v for k, v in kwargs.items() if k in carry or k in loose]
+                self.in_bytes += _tensor_bytes(kept, self.seen)
+            if j == 0:  # what a cache holds per unit: block 0's arguments (then what later blocks add)
+                self.in_bytes, self.device = _tensor_bytes((args, kwargs), self.seen), args[0].device
                 self.x0_float = args[0].is_floating_point()
             self.prev = None
-            self.x, self.xver = args[0], _versions(args[0])
+            self.argrefs = (args, dict(kwargs))
+            self.argsig = _sig(self.argrefs)
         return pre
 
     def _post(self, j: int):
         def post(module, args, kwargs, out):
             if self.why is not None or j != self.next:
                 return
-            if _versions(self.x) != self.xver:
-                return self.fail(f"block {j} changed its input in place")
-            self.x, self.prev_out = None, out
+            # (the arguments as the block got them, before any user pre-hook replaced some)
+            if _sig(self.argrefs) != self.argsig:  # its input, a mask, a dict it updates, ...
+                return self.fail(f"block {j} changed one of its arguments in place")
+            self.argrefs, self.prev_out, self.outsig = None, out, _sig(out)
             self.prev = _hidden(out)
             if self.prev is None:
                 return self.fail(f"block {j}'s output is not a tensor or a tuple starting with one")
@@ -194,7 +221,7 @@ class _Probe:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.rest = self.kw = self.prev = self.prev_out = self.x = None
+        self.rest = self.kw = self.prev = self.prev_out = self.argrefs = None
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -296,7 +323,8 @@ def plan_blocks(model: nn.Module, layers: list, run_first_unit: Callable[[], obj
         chosen = [(c, span, p) for (c, span, p), q in zip(chosen, qs)
                   if q.why is None and (q.own, q.carry) == (p.own, p.carry)
                   and [set(d) for d in q.loose] == [set(d) for d in p.loose]]
-    chosen = [(c, span, p) for c, span, p in chosen if not any(p.loose) or _loose_stable(c, run_first_unit, p)]
+    chosen = [(c, span, p) for c, span, p in chosen
+              if not (any(p.loose) or any(p.own)) or _stable(c, run_first_unit, p)]
     plans = sorted((BlockPlan(c[0], c[1], c[2], span[0], span[1], p) for c, span, p in chosen), key=lambda q: q.first)
     note = next((why for (a, b), why in refused if not any(a <= q.last and q.first <= b for q in plans)), None)
     return plans, note
@@ -313,10 +341,11 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _loose_stable(cand, run: Callable[[], object], p: _Probe) -> bool:
+def _stable(cand, run: Callable[[], object], p: _Probe) -> bool:
     """Rerun the first unit with block 0's input perturbed (noise of the size of its spread): the
-    tensors blocks get of their own (``p.loose``) must come out equal, i.e. they are made before the
-    chain and do not follow its hidden states (masks and position embeddings per layer type)."""
+    values and tensors blocks get of their own (``p.own``, ``p.loose``) must come out equal, i.e. they
+    are made before the chain and do not follow its hidden states (masks and position embeddings per
+    layer type, a drop-path rate; not a number computed from the hidden states)."""
     def perturb(module, args, kwargs):
         x = args[0]
         g = torch.Generator(device=x.device).manual_seed(0)
@@ -329,7 +358,7 @@ def _loose_stable(cand, run: Callable[[], object], p: _Probe) -> bool:
         q = _probe([cand], run)[0]
     finally:
         h.remove()
-    return q.why is None and len(q.loose) == len(p.loose) and all(
+    return q.why is None and q.own == p.own and len(q.loose) == len(p.loose) and all(
         d.keys() == e.keys() and all(_same(d[k], e[k]) for k in d) for d, e in zip(p.loose, q.loose))
 
 
@@ -378,14 +407,16 @@ class BlockInputs:
     float copy): a :class:`_Unit` per unit, None for a unit that never reached block 0."""
 
     def __init__(self, plan: "BlockPlan", blocks: list | None = None):
-        """``plan``'s blocks (or ``blocks``: the same list in the float copy) and per-block arguments."""
+        """``plan``'s blocks (or ``blocks``: the same list in the float copy) and per-block arguments.
+        ``why``: after :meth:`capture`, None, or why these inputs cannot be replayed."""
         self.blocks = plan.blocks if blocks is None else blocks
         self.own, self.carry, self.loose, self.j, self.items = plan.own, plan.carry, plan.loose, 0, []
+        self.why = None
 
     def capture(self, calls: list) -> None:
         """Run each unit (``call()`` runs the whole model) up to block 0 (or up to the last block that
         gets tensors of its own, which are kept too) and keep its arguments."""
-        got, last = [], max((j for j, keys in enumerate(self.loose) if keys), default=0)
+        got, sigs, last = [], [], max((j for j, keys in enumerate(self.loose) if keys), default=0)
 
         def pre0(module, args, kwargs):
             got.append(_Unit(_kept(args[0]), args[1:], dict(kwargs),
@@ -414,10 +445,16 @@ class BlockInputs:
                     got.append(None)
                 elif len(got) > n + 1:  # block 0 ran twice before the stop: only the first call counts
                     del got[n + 1:]
+                u = got[-1]
+                sigs.append(None if u is None else _sig((u.x, u.rest, u.kw, u.loose)))
         finally:
             for h in hs:
                 h.remove()
         self.items, self.j = got, 0
+        # what is kept must still be what each unit passed: a model that writes every forward's mask
+        # into one buffer it passes on would leave every unit with the last unit's
+        if any(u is not None and sig != _sig((u.x, u.rest, u.kw, u.loose)) for u, sig in zip(got, sigs)):
+            self.why = "an argument the model passed to its blocks was changed by a later calibration unit"
 
     def _call(self, u: _Unit):
         over = {**self.own[self.j], **u.carried, **u.loose.get(self.j, {})}

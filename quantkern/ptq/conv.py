@@ -567,7 +567,8 @@ def fake_quantize_model_(
             only the layer's block on each batch's cached input to it when the model runs a list of
             blocks as a chain (EfficientNet's ``_blocks``; checked on the first batch, see
             ``quantkern.ptq._blocks``), instead of the model from its start: bit-identical, one
-            block input per batch held in memory. False: every pass runs the whole model.
+            block input per batch held in memory. False: every pass runs the whole model (needed
+            when the model reads settings made outside its forward that change between batches).
 
     Returns:
         dict: ``layers`` (names quantized), ``group_sizes`` (name -> g), ``notes``
@@ -747,7 +748,15 @@ def fake_quantize_model_(
                             if plan is not active:  # the first layer in these blocks: every batch's input to block 0
                                 active, cache = plan, BlockInputs(plan)
                                 cache.capture([lambda xb=xb: model(xb) for xb in _batches(calib_data, batch_size)])
-                            cache.advance(plan.block_of[id(mod)])  # (earlier blocks are final by now)
+                                if cache.why is not None:
+                                    warnings.warn(f"fake_quantize_model_: {plan.name or 'the model'}: {cache.why}; its "
+                                                  "layers' calibration passes rerun the model from its start",
+                                                  stacklevel=2)
+                                    plans.remove(plan)
+                                    report["block_lists"] = tuple(p.name for p in plans)
+                                    plan = active = cache = None
+                            if cache is not None:
+                                cache.advance(plan.block_of[id(mod)])  # (earlier blocks are final by now)
                         blocks = cache
                     st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1, blocks=blocks,
                                   hessian=meth in ("gptq", "erq", "adaround"),

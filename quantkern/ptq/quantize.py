@@ -188,6 +188,10 @@ class QuantizeConfig:
             unit's input to the current block so a layer's calibration pass runs its block
             alone instead of the model from its start (``_blocks``; bit-identical results).
             Costs one block input per calibration unit (two with ``fp_target``) held in memory.
+            A replayed block runs outside ``calib_fn``: a context ``calib_fn`` sets around the
+            model call (``sdpa_kernel``, TF32 flags, an attribute the blocks read) is not in
+            effect then (autocast is detected and turns the cache off); use False for such a
+            ``calib_fn``.
     """
 
     method: str = "rtn"
@@ -645,8 +649,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     ``calib_fn``: ``f(model)`` or a list of them (one per calibration batch), each running the model
     on its batch. They are called several times: for every layer, or every group of layers that read
     the same input tensor (module docstring: calibration groups), unless the layer's block input is
-    cached (then once to check the block chain and once per unit to reach the first block), and on the
-    float model for the float target; so each must run the same data on every call: no fresh random batches.
+    cached (then once per unit to check the block chains and, per chain, once per unit to reach it;
+    twice more with per-block tensors), and on the float model for the float target; so each must run
+    the same data on every call (no fresh random batches) and do nothing but run the model
+    (``QuantizeConfig.block_cache``).
     Raises ValueError on a bad config and when gptq / erq get no ``calib_fn``.
     After the call ``model._quantize_report`` lists ``(name, seconds, tokens_seen)`` per layer (a
     group's calibration passes count in its first layer's seconds), and ``model._quantize_block_lists``
@@ -756,14 +762,20 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         n += 1
                     group = layers[i:i + n]
                     plan = next((p for p in plans if p.first <= i <= p.last), None)
+                    if plan is not None and plan is not active:  # its first layer: every unit's input to block 0
+                        active = plan
+                        qcache = BlockInputs(plan)
+                        qcache.capture([lambda f=f: f(model) for f, _ in units])
+                        if fp_model is not None:
+                            fcache = BlockInputs(plan, list(fp_model.get_submodule(plan.name)))
+                            fcache.capture([lambda f=f: f(fp_model) for f, _ in units])
+                        why = qcache.why or (fcache.why if fcache is not None else None)
+                        if why is not None:
+                            warnings.warn(f"quantize_: {plan.name or 'the model'}: {why}; its layers' calibration "
+                                          "passes rerun the model from its start", stacklevel=2)
+                            plans.remove(plan)
+                            plan = active = qcache = fcache = None
                     if plan is not None:
-                        if plan is not active:  # the first layer in these blocks: every unit's input to block 0
-                            active = plan
-                            qcache = BlockInputs(plan)
-                            qcache.capture([lambda f=f: f(model) for f, _ in units])
-                            if fp_model is not None:
-                                fcache = BlockInputs(plan, list(fp_model.get_submodule(plan.name)))
-                                fcache.capture([lambda f=f: f(fp_model) for f, _ in units])
                         j = plan.block_of[id(lin)]
                         qcache.advance(j)
                         if fcache is not None:
