@@ -270,17 +270,23 @@ class _CNN(nn.Module):
                                 dict(method="erq"), dict(method="rtn", bias_correction=True),
                                 dict(method="adaround", adaround_iters=5)])
 def test_conv_fake_quant_blocks_bit_identical(kw):
+    assert _conv_both(_CNN, 12, 6, **kw) == (("blocks",), ())
+
+
+def _conv_both(make, n, seed, **kw):
+    """fake_quantize_model_ on two copies, with and without the block cache: checks that the weights are
+    bit-identical; returns the two reports' block lists."""
     from quantkern.ptq.conv import fake_quantize_model_
 
-    X = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    X = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     out = []
     for bc in (True, False):
-        m = _CNN().eval()
+        m = make().eval()
         r = fake_quantize_model_(m, 4, group_size=16, calib_data=X, batch_size=4, progress=False, block_cache=bc,
                                  **kw)
         out.append((r["block_lists"], _tensors(m)))
-    assert out[0][0] == ("blocks",) and out[1][0] == ()
     _same(out[0][1], out[1][1])
+    return out[0][0], out[1][0]
 
 
 def test_no_cache_when_it_would_not_fit(monkeypatch):
@@ -352,17 +358,7 @@ class _CNNAgain(_CNN):
 @pytest.mark.parametrize("kw", [dict(method="gptq"), dict(method="rtn", bias_correction=True)])
 def test_conv_layer_called_again_after_the_blocks(kw):
     # its statistics cover every call, some outside its block: that layer reruns the model
-    from quantkern.ptq.conv import fake_quantize_model_
-
-    X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(9))
-    out = []
-    for bc in (True, False):
-        m = _CNNAgain().eval()
-        r = fake_quantize_model_(m, 4, group_size=16, calib_data=X, batch_size=4, progress=False, block_cache=bc,
-                                 **kw)
-        out.append((r["block_lists"], _tensors(m)))
-    assert out[0][0] == ("blocks",)
-    _same(out[0][1], out[1][1])
+    assert _conv_both(_CNNAgain, 8, 9, **kw)[0] == ("blocks",)
 
 
 class _DictBlk(nn.Module):
