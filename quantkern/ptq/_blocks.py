@@ -24,8 +24,9 @@ with at least two children holding layers to quantize):
   block hands on: replayed from that element, so it follows the quantized blocks), or a
   number / string / None: one equal to block 0's is taken from each unit (as block 0's is), one
   that differs (a layer index, a drop-path rate) is replayed as the probe saw it, so every other
-  calibration unit must show the same per-block values (a token count per stage of a pooling
-  model would not), or a tensor (tuple) of its own that does not follow the hidden states (a
+  calibration unit, and the first one rerun with block 0's input perturbed, must show the same
+  per-block values (a token count per stage of a pooling model, or a number computed from the
+  hidden states, would not), or a tensor (tuple) of its own that does not follow the hidden states (a
   per-layer-type attention mask or position embedding, Gemma 2 / 3's sliding and global layers):
   checked by rerunning the first unit with block 0's input perturbed (those tensors must come out
   equal), then captured per unit by running the model up to the last block that gets one;
@@ -42,7 +43,7 @@ with at least two children holding layers to quantize):
 The layers inside the list must come in block order in ``quantize_``'s layer list, with no
 layer outside the list between them, each inside one block only. A list that fails any check
 is not used. Several lists are used when their layers do not overlap (an encoder's and a
-decoder's blocks, each Swin stage's), one after the other, each cache captured when its first
+decoder's blocks, CLIP's two towers), one after the other, each cache captured when its first
 layer comes (running the model, with the earlier lists final, up to its block 0) and freed after
 its last; of nested lists the better ranked one (:func:`_candidates`). Layers outside every
 chosen list take the rerun-from-start path.
