@@ -3,7 +3,8 @@
 ``python -m benchmarks.bench_quantize [--depths 4,8,16] [--method gptq] [--threads 2]``
 ``python -m benchmarks.bench_quantize --effnet [--crops 32]``  (``fake_quantize_model_`` on EfficientNet-Lite0)
 
-A randomly initialised Llama-style causal LM (transformers config, no download) of each depth is
+A randomly initialised Llama-style causal LM (transformers config, no download; without transformers,
+a pure-torch stack of the same layer shapes without rotary embeddings) of each depth is
 quantized twice with the same calibration batches: ``block_cache=True`` (a layer's calibration pass
 runs its decoder block alone on every unit's cached input) and ``block_cache=False`` (each pass runs
 the model from the embedding up to the layer, so the forwards grow with the square of the depth).
@@ -22,6 +23,8 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 try:
     from . import _harness as H
@@ -29,12 +32,50 @@ except ImportError:  # run as a script
     import _harness as H
 
 
-def _llama(depth: int, hidden: int, seed: int = 0):
-    import transformers as tf
+class _Block(nn.Module):
+    """Pre-norm attention + gated MLP (a Llama block without rotary embeddings), for machines without
+    transformers."""
 
-    tf.logging.set_verbosity_error()
+    def __init__(self, d: int, ff: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d, bias=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        h = self.n1(x)
+        sh = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(sh(self.q(h)), sh(self.k(h)), sh(self.v(h)), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, D))
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class _TorchLM(nn.Module):
+    def __init__(self, depth: int, d: int, ff: int, heads: int, vocab: int = 512):
+        super().__init__()
+        self.embed, self.layers = nn.Embedding(vocab, d), nn.ModuleList(_Block(d, ff, heads) for _ in range(depth))
+        self.norm, self.lm_head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for b in self.layers:
+            x = b(x)
+        return self.lm_head(self.norm(x))
+
+
+def _llama(depth: int, hidden: int, seed: int = 0):
+    """transformers' LlamaForCausalLM when installed, else :class:`_TorchLM` (same layer shapes)."""
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 32 * 32,
+    ff = hidden * 11 // 4 // 32 * 32
+    try:
+        import transformers as tf
+    except ImportError:
+        return _TorchLM(depth, hidden, ff, max(hidden // 64, 1)).eval()
+    tf.logging.set_verbosity_error()
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ff,
                          num_hidden_layers=depth, num_attention_heads=max(hidden // 64, 1),
                          num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=1024)
     return tf.LlamaForCausalLM(cfg).eval()
@@ -111,11 +152,6 @@ def main(argv=None) -> int:
         if dev.type != "cpu":
             ap.error("--effnet runs on the CPU (the demo's model): --device cpu")
         return _effnet(a, out)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("# bench_quantize: transformers is not installed; nothing to measure", file=out)
-        return 0
     depths = a.depths or ([2, 4] if a.quick else [4, 8, 16])
     hidden = a.hidden or (128 if a.quick else 256)
     T = (a.tokens or (64 if a.quick else 256)) // 2
@@ -123,7 +159,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(1, 512, (2, T), generator=g).to(dev) for _ in range(a.batches)]
     units = [lambda m, b=b: m(input_ids=b) for b in batches]
-    print(f"# quantize_ {a.method} W{a.bits} g{a.group}, Llama-style hidden {hidden}, {a.batches} units of 2x{T} "
+    kind = type(_llama(1, 64)).__name__
+    print(f"# quantize_ {a.method} W{a.bits} g{a.group}, {kind} hidden {hidden}, {a.batches} units of 2x{T} "
           f"tokens, {torch.get_num_threads()} threads, device {dev}, torch {torch.__version__}; median of {reps}",
           file=out)
     print("\n| layers | Linear layers | cached blocks s | rerun from start s | speed-up | bit-identical |", file=out)
