@@ -730,10 +730,11 @@ def fake_quantize_model_(
                 with torch.no_grad():
                     plans, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(batches[0]),
                                            [lambda xb=xb: model(xb) for xb in batches[1:]])
-                for big in filter(None, [p.too_big(len(batches)) for p in plans]):
-                    warnings.warn(f"fake_quantize_model_: {big}; its calibration passes rerun the model from its "
+                big = [p.too_big(len(batches)) for p in plans]
+                for why in filter(None, big):
+                    warnings.warn(f"fake_quantize_model_: {why}; its calibration passes rerun the model from its "
                                   "start instead", stacklevel=2)
-                plans = [p for p in plans if p.too_big(len(batches)) is None]
+                plans = [p for p, why in zip(plans, big) if why is None]
             report["block_lists"] = tuple(p.name for p in plans)
             for idx, (name, mod) in enumerate(bar):
                 st = None

@@ -714,11 +714,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         if needs_data and cfg.block_cache and layers:
             f0 = units[0][0]
             plans, note = plan_blocks(model, layers, lambda: f0(model), [lambda f=f: f(model) for f, _ in units[1:]])
-            for big in filter(None, [p.too_big(len(units), 2 if fp_model is not None else 1) for p in plans]):
-                warnings.warn(f"quantize_: {big}; its calibration passes rerun the model from its start instead "
+            big = [p.too_big(len(units), 2 if fp_model is not None else 1) for p in plans]
+            for why in filter(None, big):
+                warnings.warn(f"quantize_: {why}; its calibration passes rerun the model from its start instead "
                               "(slower on deep models; block_cache=False turns the cache, and this warning, off)",
                               stacklevel=2)
-            plans = [p for p in plans if p.too_big(len(units), 2 if fp_model is not None else 1) is None]
+            plans = [p for p, why in zip(plans, big) if why is None]
             if note is not None:
                 warnings.warn(f"quantize_: calibration passes rerun the model from its start for the layers of {note}: "
                               "run the calibration forwards with use_cache=False to let each pass run one block",
