@@ -41,24 +41,35 @@ def conv1d_to_linear(model: nn.Module, skip=None) -> list[str]:
     The Linear's state-dict ``weight`` is ``[out, in]``, the Conv1D's ``[in, out]``: a GPT-2
     checkpoint does not load into the converted model (nor the converse) without transposing
     (a size mismatch, except for a square layer such as ``attn.c_proj``)."""
-    from .packed_linear import _skipped
-
-    if _is_hf_conv1d(model):
-        raise TypeError("conv1d_to_linear: model is itself a Conv1D (no parent to replace it in); wrap it in a module")
-    replaced = []
-    for names, sites, conv in module_sites(model, _is_hf_conv1d):
-        if any(_skipped(n, skip) for n in names):
-            continue
+    def build(conv):
         w, b = conv.weight, conv.bias
         lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta", dtype=w.dtype)
         lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
         if b is not None:
             lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
-        lin.train(conv.training)
         lin._qk_from_conv1d = True  # save_quantized records it when it stays unpacked (see load_quantized)
-        _move_call_hooks(conv, lin)  # same inputs and outputs: the user's hooks keep working
+        return lin
+
+    if _is_hf_conv1d(model):
+        raise TypeError("conv1d_to_linear: model is itself a Conv1D (no parent to replace it in); wrap it in a module")
+    return _replace_each(model, _is_hf_conv1d, skip, build)
+
+
+def _replace_each(model: nn.Module, match, skip, build) -> list[str]:
+    """Replace every module of ``model`` that ``match``es (once, shared ones stay shared; ``skip`` as in
+    ``replace_linear``) by ``build(old)``, which keeps ``old``'s train / eval mode and call hooks (same
+    inputs and outputs: the user's hooks keep working); returns the qualified names replaced."""
+    from .packed_linear import _skipped
+
+    replaced = []
+    for names, sites, old in module_sites(model, match):
+        if any(_skipped(n, skip) for n in names):
+            continue
+        new = build(old)
+        new.train(old.training)
+        _move_call_hooks(old, new)
         for parent, child_name in sites:
-            setattr(parent, child_name, lin)
+            setattr(parent, child_name, new)
         replaced.append(names[0])
     return replaced
 
@@ -83,24 +94,16 @@ def plain_linear_subclasses(model: nn.Module, skip=None) -> list[str]:
     (module docstring) by an ``nn.Linear`` holding the same ``weight`` / ``bias`` Parameters (shared, not
     copied: ties and optimizers keep working), in place; returns the qualified names replaced. Shared
     modules stay shared; ``skip`` as in ``replace_linear``; hooks move to the new module."""
-    from .packed_linear import _skipped
+    def build(old):
+        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta",
+                        dtype=old.weight.dtype)
+        lin.weight, lin.bias = old.weight, old.bias
+        return lin
 
     if _is_plain_linear_subclass(model):
         raise TypeError(f"plain_linear_subclasses: model is itself a {type(model).__name__} (no parent to replace "
                         "it in); wrap it in a module")
-    replaced = []
-    for names, sites, old in module_sites(model, _is_plain_linear_subclass):
-        if any(_skipped(n, skip) for n in names):
-            continue
-        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta",
-                        dtype=old.weight.dtype)
-        lin.weight, lin.bias = old.weight, old.bias
-        lin.train(old.training)
-        _move_call_hooks(old, lin)
-        for parent, child_name in sites:
-            setattr(parent, child_name, lin)
-        replaced.append(names[0])
-    return replaced
+    return _replace_each(model, _is_plain_linear_subclass, skip, build)
 
 
 def expose_linears(model: nn.Module, skip=None) -> list[str]:

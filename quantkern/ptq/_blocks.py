@@ -50,6 +50,7 @@ chosen list take the rerun-from-start path.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -63,14 +64,20 @@ class StopForward(Exception):
 _PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
 
 
-def _plain(v) -> bool:
-    if isinstance(v, (torch.Tensor,) + _PLAIN):
-        return True
+def _leaves(v):
+    """The non-container values of an argument (through nested tuples / lists / dict values)."""
     if isinstance(v, (tuple, list)):
-        return all(_plain(e) for e in v)
-    if isinstance(v, dict):
-        return all(_plain(e) for e in v.values())
-    return False
+        for e in v:
+            yield from _leaves(e)
+    elif isinstance(v, dict):
+        for e in v.values():
+            yield from _leaves(e)
+    else:
+        yield v
+
+
+def _plain(v) -> bool:
+    return all(isinstance(e, (torch.Tensor,) + _PLAIN) for e in _leaves(v))
 
 
 def _sig(v):
@@ -90,17 +97,13 @@ def _sig(v):
 
 
 def _tensor_bytes(v, seen: set) -> int:
-    """Bytes of the tensors in an argument not counted yet (``seen``: their ids)."""
-    if isinstance(v, torch.Tensor):
-        if id(v) in seen:
-            return 0
-        seen.add(id(v))
-        return v.numel() * v.element_size()
-    if isinstance(v, (tuple, list)):
-        return sum(_tensor_bytes(e, seen) for e in v)
-    if isinstance(v, dict):
-        return sum(_tensor_bytes(e, seen) for e in v.values())
-    return 0
+    """Bytes of the tensors in an argument not counted yet (``seen``: their ids, updated)."""
+    n = 0
+    for t in _leaves(v):
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
 
 
 def _scalar(v) -> bool:
@@ -248,11 +251,12 @@ class BlockPlan:
         self.own = probe.own  # per block: the scalar arguments it gets instead of block 0's
         self.carry = probe.carry  # per block: the arguments it takes from the previous block's output (-> index)
         self.loose = [set(d) for d in probe.loose]  # per block: the arguments captured per unit for it
-        self.in_bytes, self.device = probe.in_bytes, probe.device  # the first unit's block input: size, device
+        self.in_bytes, self.device = probe.in_bytes, probe.device  # what the first unit's cache keeps, and where
 
     def too_big(self, n_units: int, copies: int = 1) -> str | None:
-        """Why not to cache (None: fine): ``copies`` x ``n_units`` block inputs the size of the first
-        unit's would take more than half of the memory free on their device."""
+        """Why not to cache (None: fine): ``copies`` x ``n_units`` times what the first unit's cache
+        keeps (block inputs, masks, carried and per-block tensors) would take more than half of the
+        memory free on their device."""
         need, free = self.in_bytes * n_units * copies, available_bytes(self.device)
         if free is None or 2 * need <= free:
             return None
@@ -352,7 +356,7 @@ def _stable(cand, run: Callable[[], object], p: _Probe) -> bool:
         g = torch.Generator(device=x.device).manual_seed(0)
         noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         return (x + noise * (x.detach().float().std() + 1).to(x.dtype),) + tuple(args[1:]), kwargs
-    if p.x0_float is False:
+    if not p.x0_float:
         return False  # (an integer block input cannot be perturbed)
     h = cand[1][0].register_forward_pre_hook(perturb, with_kwargs=True)  # after the probe's (prepended) hook
     try:
@@ -401,6 +405,21 @@ class _Unit:
 
 def _kept(t):
     return t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+
+def fitting(op: str, plans: list, n_units: int, copies: int = 1) -> list:
+    """``plans`` less those whose caches would not fit in memory (:meth:`BlockPlan.too_big`), each
+    dropped with a warning from ``op``."""
+    kept = []
+    for p in plans:
+        why = p.too_big(n_units, copies)
+        if why is None:
+            kept.append(p)
+        else:
+            warnings.warn(f"{op}: {why}; its calibration passes rerun the model from its start instead "
+                          "(slower on deep models; block_cache=False turns the cache, and this warning, off)",
+                          stacklevel=3)
+    return kept
 
 
 class BlockInputs:

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.expose import _is_hf_conv1d, expose_linears
-from ._blocks import BlockInputs, plan_blocks
+from ._blocks import BlockInputs, fitting, plan_blocks
 from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
@@ -730,11 +730,7 @@ def fake_quantize_model_(
                 with torch.no_grad():
                     plans, _ = plan_blocks(model, [(n, [], m) for n, m in layers], lambda: model(batches[0]),
                                            [lambda xb=xb: model(xb) for xb in batches[1:]])
-                big = [p.too_big(len(batches)) for p in plans]
-                for why in filter(None, big):
-                    warnings.warn(f"fake_quantize_model_: {why}; its calibration passes rerun the model from its "
-                                  "start instead", stacklevel=2)
-                plans = [p for p, why in zip(plans, big) if why is None]
+                plans = fitting("fake_quantize_model_", plans, len(batches))
             report["block_lists"] = tuple(p.name for p in plans)
             for idx, (name, mod) in enumerate(bar):
                 st = None
@@ -748,7 +744,7 @@ def fake_quantize_model_(
                         with torch.no_grad():
                             if plan is not active:  # the first layer in these blocks: every batch's input to block 0
                                 active, cache = plan, BlockInputs(plan)
-                                cache.capture([lambda xb=xb: model(xb) for xb in _batches(calib_data, batch_size)])
+                                cache.capture([lambda xb=xb: model(xb) for xb in batches])
                                 if cache.why is not None:
                                     warnings.warn(f"fake_quantize_model_: {plan.name or 'the model'}: {cache.why}; its "
                                                   "layers' calibration passes rerun the model from its start",

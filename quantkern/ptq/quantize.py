@@ -126,7 +126,7 @@ from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
                                  fallback_group, linear_sites, untie_packed_outputs, with_keep_float)
 from ..packed import PackedWeight, load_packed, save_packed
-from ._blocks import BlockInputs, plan_blocks
+from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
 from ._wquant import check_clip
 
@@ -714,12 +714,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         if needs_data and cfg.block_cache and layers:
             f0 = units[0][0]
             plans, note = plan_blocks(model, layers, lambda: f0(model), [lambda f=f: f(model) for f, _ in units[1:]])
-            big = [p.too_big(len(units), 2 if fp_model is not None else 1) for p in plans]
-            for why in filter(None, big):
-                warnings.warn(f"quantize_: {why}; its calibration passes rerun the model from its start instead "
-                              "(slower on deep models; block_cache=False turns the cache, and this warning, off)",
-                              stacklevel=2)
-            plans = [p for p, why in zip(plans, big) if why is None]
+            plans = fitting("quantize_", plans, len(units), 2 if fp_model is not None else 1)
             if note is not None:
                 warnings.warn(f"quantize_: calibration passes rerun the model from its start for the layers of {note}: "
                               "run the calibration forwards with use_cache=False to let each pass run one block",
