@@ -2,7 +2,7 @@
 
 ``python benchmarks/minilm_ablation.py --bits 4,3,2 'gptq' 'gptq clip=mse refit=True' ...``
 Each positional argument is a method followed by ``key=value`` QuantizeConfig overrides
-(values parsed as Python literals). Calibration (``--calib``): "even" (the 110 even demo
+(values parsed as Python literals, so no spaces inside one: ``layer_config={'*.output.dense':{'bits':4}}``). Calibration (``--calib``): "even" (the 110 even demo
 sentences), "pydoc:N" (the first N sentences of ``load_calibration_texts()``) or
 "even+pydoc:N" (both); batches of 32 in order, or length-sorted batches of ``--batch``
 (one callable each); evaluation: the 110 odd demo sentences; group size 64, every Linear.
@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from quantkern.demo import st_features
+from quantkern.demo import _model_mb, st_features
 from quantkern.ptq import QuantizeConfig, quantize_
 from quantkern.ptq.models import load_calibration_texts, load_minilm, load_sentences
 
@@ -69,7 +69,7 @@ def main():
                 quantize_(m, QuantizeConfig(method=method, bits=bits, group_size=64, **over), calib_fn=units,
                           progress=False)
             cos = F.cosine_similarity(enc(m), E0, dim=1).mean().item()
-            res.append(f"W{bits} {cos:.4f} ({time.perf_counter() - t0:.0f}s)")
+            res.append(f"W{bits} {cos:.4f} ({time.perf_counter() - t0:.0f}s, {_model_mb(m):.1f} MB)")
         print(f"{spec:60s} | " + " | ".join(res), flush=True)
 
 

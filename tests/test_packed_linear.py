@@ -1061,3 +1061,30 @@ def test_dequantize_refuses_metadata_on_another_device():
     pw = make(8, 64, 4, 32)
     with pytest.raises(ValueError, match="scales is on meta but qweight is on cpu"):
         torch.ops.quantkern.dequantize(pw.qweight, pw.scales.to("meta"), pw.zeros.to("meta"), 4, 32, 64, None)
+
+
+def test_packed_linear_module_edge_cases():
+    from quantkern.nn import PackedLinear
+
+    for args, name in (((0, 4), "in_features"), ((64, -1), "out_features"), ((64.0, 4), "in_features")):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            PackedLinear(*args)
+    # a float64 layer built, then failed on every forward
+    with pytest.raises(TypeError, match="cast first"):
+        PackedLinear.from_linear(torch.nn.Linear(64, 4).double(), 4, 64)
+    lin = torch.nn.Linear(64, 4)
+    lin.bias.requires_grad_(False)  # a frozen bias stays frozen
+    assert not PackedLinear.from_linear(lin, 4, 64).bias.requires_grad
+    m = PackedLinear.from_linear(torch.nn.Linear(64, 4), 4, 64)
+    # code reading a Linear's .weight gets told why there is none
+    with pytest.raises(AttributeError, match="no dense .weight"):
+        m.weight
+    assert not hasattr(m, "weight")
+    # a partial checkpoint is checked together with the module's own buffers
+    with pytest.raises(ValueError, match="NaN"):
+        m.load_state_dict({"scales": torch.full_like(m.scales, float("nan"))}, strict=False)
+    assert m.scales.dtype == torch.float32
+    with pytest.raises(TypeError, match="must equal scales dtype"):
+        m.load_state_dict({"scales": m.scales.half()}, strict=False)
+    m.load_state_dict({"scales": m.scales.half(), "zeros": m.zeros.half()}, strict=False)
+    assert m.scales.dtype == m.zeros.dtype == torch.float16

@@ -1,5 +1,7 @@
 """quantize_ / save_quantized / load_quantized on small random models (no downloads)."""
 import copy
+import dataclasses
+import itertools
 import pytest
 import torch
 from torch import nn
@@ -775,3 +777,152 @@ def test_nonfinite_weight_names_the_layer_before_any_change():
         with pytest.raises(ValueError, match=r"layers \['fc1'\] have NaN or Inf weights"):
             quantize_(m, method=method, group_size=32, calib_fn=CALIB, progress=False)
         assert not any(isinstance(x, PackedLinear) for x in m.modules())
+
+
+def _packed_state(layer: PackedLinear) -> list:
+    pw = layer.packed_weight
+    return [pw.bits, pw.group_size, pw.qweight, pw.scales, pw.zeros]
+
+
+def _same_layer(a: PackedLinear, b: PackedLinear) -> bool:
+    return all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(_packed_state(a), _packed_state(b)))
+
+
+@pytest.mark.parametrize("fp_target", [False, True])
+def test_layer_config_sets_each_layers_solver(fp_target):
+    # q / k / v read one tensor and share one calibration pass; k switched to hqq leaves that group,
+    # and q and v come out exactly as in the uniform run (their inputs do not depend on k)
+    base = QuantizeConfig(method="gptq", bits=3, group_size=32, fp_target=fp_target)
+    plain = quantize_(make_model(), base, calib_fn=CALIB, progress=False)
+    lc = {"k": {"method": "hqq", "bits": 4}, "fc*": {"group_size": 64}, "fc2": {"bits": 2}, "o": {"method": "rtn"}}
+    mixed = quantize_(make_model(), dataclasses.replace(base, layer_config=lc), calib_fn=CALIB, progress=False)
+    got = {n: (m.packed_weight.bits, m.packed_weight.group_size) for n, m in mixed.named_modules()
+           if isinstance(m, PackedLinear)}
+    # fc2 matches "fc*" first (the first matching pattern wins), so it keeps the config's 3 bits
+    assert got == {"q": (3, 32), "k": (4, 32), "v": (3, 32), "o": (3, 32), "fc1": (3, 64), "fc2": (3, 64)}
+    assert _same_layer(mixed.q, plain.q) and _same_layer(mixed.v, plain.v)
+    hqq = quantize_(make_model(), QuantizeConfig(method="hqq", bits=4, group_size=32), progress=False)
+    rtn = quantize_(make_model(), QuantizeConfig(method="rtn", bits=3, group_size=32), progress=False)
+    assert _same_layer(mixed.k, hqq.k) and _same_layer(mixed.o, rtn.o)
+    # a pattern that restates the config changes nothing
+    same = quantize_(make_model(), dataclasses.replace(base, layer_config={"*": {"bits": 3}}), calib_fn=CALIB,
+                     progress=False)
+    assert all(_same_layer(getattr(same, n), getattr(plain, n)) for n in ("q", "k", "v", "o", "fc1", "fc2"))
+
+
+def test_layer_config_data_method_on_some_layers(tmp_path):
+    # rtn model-wide, gptq on fc2 only: calib_fn is needed, and fc2 is the only layer calibrated
+    with pytest.raises(ValueError, match="method 'gptq' needs calib_fn"):
+        quantize_(make_model(), QuantizeConfig(method="rtn", layer_config={"fc2": {"method": "gptq"}}), progress=False)
+    m = quantize_(make_model(), QuantizeConfig(method="rtn", bits=3, group_size=32,
+                                               layer_config={"fc2": {"method": "gptq", "bits": 4}}),
+                  calib_fn=CALIB, progress=False)
+    tokens = {name: seen for name, _, seen in m._quantize_report}
+    assert tokens == {"q": 0, "k": 0, "v": 0, "o": 0, "fc1": 0, "fc2": X_CAL.shape[0] * X_CAL.shape[1]}
+    assert m.fc2.packed_weight.bits == 4 and m.fc1.packed_weight.bits == 3
+    p = str(tmp_path / "mixed.safetensors")
+    save_quantized(m, p)
+    m2 = load_quantized(lambda: make_model(seed=5), p)
+    assert m2.fc2.packed_weight.bits == 4 and m2.q.packed_weight.bits == 3
+    with torch.no_grad():
+        assert torch.equal(m(X_EVAL), m2(X_EVAL))
+    # with a static input quantizer every layer is calibrated, whatever its weight method
+    m = quantize_(make_model(), QuantizeConfig(method="gptq", act_bits=8, layer_config={"q": {"method": "rtn"}}),
+                  calib_fn=CALIB, progress=False)
+    assert m.q._input_range_set and m.fc2._input_range_set
+
+
+@pytest.mark.parametrize("lc, match", [
+    ({"q": {"act_bits": 8}}, r"layer_config\['q'\]: \['act_bits'\] cannot be set per layer"),
+    ({"q": {"bits": 5}}, r"layer_config\['q'\]: bits must be 2, 3 or 4"),
+    ({"q": {"method": "awq"}}, r"layer_config\['q'\]: unknown method"),
+    ({"q": 4}, "layer_config must be a dict"),
+    (["q"], "layer_config must be a dict"),
+])
+def test_layer_config_bad_entries_name_the_pattern(lc, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_(make_model(), QuantizeConfig(layer_config=lc), progress=False)
+
+
+def test_layer_config_pattern_matching_nothing_warns():
+    with pytest.warns(UserWarning, match=r"layer_config patterns \['fc_1'\] match no nn.Linear"):
+        quantize_(make_model(), QuantizeConfig(layer_config={"fc_1": {"bits": 2}, "fc1": {"bits": 2}}),
+                  progress=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_under_inference_mode(method):
+    # the statistics and the new buffers used to be inference tensors: GPTQ's Hessian update failed,
+    # and an rtn model could not load a state_dict or train a LoRA afterwards
+    m = make_model()
+    with torch.inference_mode():
+        quantize_(m, QuantizeConfig(method=method, bits=4, group_size=32), calib_fn=CALIB, progress=False)
+    assert not any(t.is_inference() for t in itertools.chain(m.parameters(), m.buffers()))
+    m.load_state_dict(m.state_dict())
+    m.classifier.weight.requires_grad_(True)
+    m(X_EVAL[:1]).sum().backward()
+
+
+def test_config_as_dict_and_bad_types():
+    m = quantize_(make_model(), {"method": "rtn", "bits": 3, "group_size": 32}, progress=False)
+    assert m.q.packed_weight.bits == 3
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['methd'\]"):
+        quantize_(make_model(), {"methd": "rtn"}, progress=False)
+    with pytest.raises(TypeError, match="config must be a QuantizeConfig"):
+        quantize_(make_model(), "rtn", progress=False)
+    # a group size the packed format cannot hold used to fall back to one group per row (the coarsest)
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 32"):
+        quantize_(make_model(), QuantizeConfig(group_size=16), progress=False)
+
+
+def test_quantize_keeps_each_modules_mode_and_hooks():
+    m = make_model().train()
+    m.q.eval()
+    fired = []
+    h = m.k.register_forward_hook(lambda mod, a, out: fired.append(type(mod).__name__))
+    quantize_(m, QuantizeConfig(method="gptq", group_size=32), calib_fn=CALIB, progress=False)
+    assert m.training and not m.q.training and m.k.training and m.fc1.training
+    fired.clear()
+    m(X_EVAL[:1])
+    assert fired == ["PackedLinear"]
+    h.remove()
+    m(X_EVAL[:1])
+    assert fired == ["PackedLinear"]
+
+
+def test_save_and_load_through_a_compile_wrapper(tmp_path):
+    m = quantize_(make_model(), QuantizeConfig(method="rtn", group_size=32), progress=False)
+    p = str(tmp_path / "c.safetensors")
+    save_quantized(torch.compile(m), p)  # saved under the inner model's names (no "_orig_mod.")
+    from safetensors import safe_open
+
+    with safe_open(p, "pt") as f:
+        assert "q.qweight" in f.keys() and not any("_orig_mod" in k for k in f.keys())
+    m2 = load_quantized(make_model(seed=3), p)
+    w = load_quantized(torch.compile(make_model(seed=4)), p)
+    with torch.no_grad():
+        assert torch.equal(m2(X_EVAL), m(X_EVAL)) and torch.equal(w._orig_mod(X_EVAL), m(X_EVAL))
+
+
+class _Experts(nn.Module):
+    """A transformers-5-style fused MoE block: the experts as one [E, out, in] Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(64, 4)
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 128, 64) * 0.02)
+
+    def forward(self, x):
+        return x + torch.einsum("btk,enk->btn", x, self.gate_up_proj)[..., :64] * self.router(x).softmax(-1)[..., :1]
+
+
+def test_weights_left_float_warn():
+    from torch.nn.utils import parametrizations
+
+    m = nn.Sequential(parametrizations.weight_norm(nn.Linear(64, 64)), _Experts(), nn.Linear(64, 8))
+    with pytest.warns(UserWarning) as rec:
+        quantize_(m, QuantizeConfig(method="rtn", group_size=32), progress=False)
+    msgs = " ".join(str(r.message) for r in rec)
+    assert "1 nn.Linear subclass layer(s) stay float" in msgs and "['0']" in msgs
+    assert "1 3-D weight tensor(s) stay float" in msgs and "1.gate_up_proj" in msgs
+    assert isinstance(m[2], PackedLinear) and isinstance(m[1].router, PackedLinear)

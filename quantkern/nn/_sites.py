@@ -38,3 +38,22 @@ def module_sites(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[t
 
     walk(model, "", set())
     return list(found.values())
+
+
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` at every ``(parent, attribute)`` of ``sites`` in place of ``old``, with ``old``'s
+    train / eval mode and its forward / backward hooks (the same dicts, so the handles the user holds
+    still remove them: a hook on a layer keeps firing after the layer is converted). Returns ``new``."""
+    new.train(old.training)
+    for a in _CALL_HOOKS:
+        if a in old.__dict__:
+            setattr(new, a, getattr(old, a))
+    if "_is_full_backward_hook" in old.__dict__:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    for parent, attr in sites:
+        setattr(parent, attr, new)
+    return new

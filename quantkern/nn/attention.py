@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._sites import module_sites
+from ._sites import module_sites, swap_module
 
 
 def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -48,22 +48,6 @@ def _not_plain(mha: nn.MultiheadAttention) -> str:
         return "overrides forward"
     extra = sorted((set(mha._parameters) | set(mha._buffers) | set(mha._modules)) - _TORCH_MHA_STATE)
     return f"holds {extra} besides torch's state" if extra else ""
-
-
-# the hooks a module's __call__ runs around forward: unfuse_attention / conv1d_to_linear move them to
-# the replacement (which takes the same inputs and gives the same outputs)
-_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _move_call_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the forward / backward hooks of ``old`` (the same dicts, so the handles the user
-    holds still remove them)."""
-    for a in _CALL_HOOKS:
-        if a in old.__dict__:
-            setattr(new, a, getattr(old, a))
-    if "_is_full_backward_hook" in old.__dict__:
-        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 class MultiheadAttention(nn.Module):
@@ -338,12 +322,8 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
         if why:
             kept.append(f"{names[0]} ({type(mha).__name__} {why})")
             continue
-        new = MultiheadAttention.from_torch(mha)
-        _move_call_hooks(mha, new)
-        for parent, child_name in sites:
-            setattr(parent, child_name, new)
+        new_mods.append(swap_module(sites, mha, MultiheadAttention.from_torch(mha)))
         replaced.append(names[0])
-        new_mods.append(new)
     if kept:
         warnings.warn(f"unfuse_attention: left {len(kept)} subclass(es) of nn.MultiheadAttention as they are, their "
                       f"projections in float: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} (the "

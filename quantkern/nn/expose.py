@@ -21,8 +21,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._sites import module_sites
-from .attention import _move_call_hooks, unfuse_attention
+from ._sites import module_sites, swap_module
+from .attention import unfuse_attention
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -65,11 +65,7 @@ def _replace_each(model: nn.Module, match, skip, build) -> list[str]:
     for names, sites, old in module_sites(model, match):
         if any(_skipped(n, skip) for n in names):
             continue
-        new = build(old)
-        new.train(old.training)
-        _move_call_hooks(old, new)
-        for parent, child_name in sites:
-            setattr(parent, child_name, new)
+        swap_module(sites, old, build(old))
         replaced.append(names[0])
     return replaced
 

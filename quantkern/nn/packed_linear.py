@@ -13,7 +13,7 @@ from .. import ops
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
-from ._sites import module_sites
+from ._sites import module_sites, swap_module
 from .expose import expose_linears
 
 FORMAT_VERSION = 1
@@ -118,6 +118,9 @@ class PackedLinear(nn.Module):
                  group_size: int | None = 128, meta_dtype: torch.dtype = torch.float16, device=None,
                  dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
+        for name, v, lo in (("in_features", in_features, 1), ("out_features", out_features, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"quantkern.PackedLinear: {name} must be an int >= {lo}, got {v!r}")
         gs = in_features if group_size in (None, -1) else group_size
         ops._check_bits("PackedLinear", bits)
         ops._check_group("PackedLinear", in_features, gs)
@@ -291,9 +294,16 @@ class PackedLinear(nn.Module):
         if getattr(linear, "weight_quantizer", None) is not None:
             raise TypeError(f"PackedLinear.from_linear: {type(linear).__name__} is a QAT layer: round-to-nearest on "
                             "its latent float weight would drop its learnt scales and input quantizer")
+        if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            # (a float64 layer built, then failed on every forward: the packed matmul runs these dtypes only)
+            raise TypeError(f"PackedLinear.from_linear: the layer's weight is {linear.weight.dtype}; PackedLinear "
+                            "runs float32 / float16 / bfloat16 models: cast first, e.g. layer.float()")
         w = PackedWeight.from_float(linear.weight.detach(), bits, group_size, meta_dtype)
         b = linear.bias.detach() if linear.bias is not None else None
-        return cls.from_packed(w, b, backend)
+        m = cls.from_packed(w, b, backend)
+        if b is not None:  # a frozen bias stays frozen (an optimizer over requires_grad params would train it)
+            m.bias.requires_grad_(linear.bias.requires_grad)
+        return m
 
     @property
     def packed_weight(self) -> PackedWeight:
@@ -302,8 +312,9 @@ class PackedLinear(nn.Module):
                             (self.out_features, self.in_features))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The layer's weight ``W [out, in]`` (``dtype``: see PackedWeight.dequantize), in the original
-        input order: ``F.linear(x, layer.dequantize(), bias)`` is what forward computes (up to rounding)."""
+        """The layer's weight ``W [out, in]`` (``dtype``: see PackedWeight.dequantize; default the
+        metadata's dtype, e.g. fp16), in the original input order: ``F.linear(x, layer.dequantize(x.dtype),
+        bias)`` is what forward computes (up to rounding; the kernels accumulate in fp32)."""
         w = self.packed_weight.dequantize(dtype)
         p = self._buffers.get("in_perm")
         if p is not None:  # column j of the stored weight is column p[j] of W: scatter them back
@@ -335,6 +346,17 @@ class PackedLinear(nn.Module):
             raise ValueError(f"quantkern.packed_linear: weight is on {perm.device} but x is on {x.device}")
         return x.index_select(-1, perm)
 
+    def __getattr__(self, name):
+        # (reached only when normal lookup fails) code that reads a Linear's weight directly, e.g.
+        # WavLM passing q_proj.weight to F.multi_head_attention_forward, got a bare "no attribute
+        # 'weight'"; hasattr(layer, "weight") stays False
+        if name == "weight":
+            raise AttributeError("PackedLinear has no dense .weight (it is packed: .packed_weight, and .dequantize() "
+                                 "gives W): code that reads a Linear's .weight directly (instead of calling the layer) "
+                                 "cannot run on a packed layer; keep that layer float (quantize_ / replace_linear "
+                                 "skip=[its name])")
+        return super().__getattr__(name)
+
     def __setattr__(self, name, value):
         # transformers' tie_weights() ties an output layer by `lm_head.weight = embed_tokens.weight`: on a
         # PackedLinear that added a stray Parameter the forward never reads (saved, then refused on load)
@@ -362,10 +384,13 @@ class PackedLinear(nn.Module):
         # the checks load_quantized / PackedWeight give a packed weight (forward trusts the buffers):
         # torch's copy would take NaN / inf scales, cast a float qweight into the int32 buffer, or
         # leave scales and zeros in different dtypes, all without a word
-        # (a partial checkpoint, strict=False, or tensors on several devices: torch's copy below
-        # reports the missing keys / moves them; the values are checked whenever all three come together)
-        t = [state_dict.get(prefix + n) for n in ("qweight", "scales", "zeros")]
-        if all(isinstance(v, torch.Tensor) for v in t) and len({v.device for v in t}) == 1:
+        # A partial checkpoint (strict=False) is checked together with this module's other buffers
+        # (NaN scales alone, or scales of another dtype than the zeros, loaded without a word); tensors
+        # on several devices (or this module on meta) are left to torch's copy below.
+        names = ("qweight", "scales", "zeros")
+        t = [state_dict.get(prefix + n, self._buffers[n]) for n in names]
+        if any(prefix + n in state_dict for n in names) and all(isinstance(v, torch.Tensor) for v in t) \
+                and len({v.device for v in t}) == 1:
             try:
                 PackedWeight(*t, self.bits, self.group_size, (self.out_features, self.in_features))
             except (TypeError, ValueError) as e:
@@ -531,12 +556,11 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
             if not fallback_group_size:
                 continue
             gs = fallback_group(K, gs)
-        new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
-        if new.bias is not None and child.bias is not None:  # a frozen bias stays frozen
-            new.bias.requires_grad_(child.bias.requires_grad)
-        for parent, child_name in sites:
-            setattr(parent, child_name, new)
+        with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
+            new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
+        swap_module(sites, child, new)
         replaced.append(name)
+    warn_left_float("quantkern.replace_linear", model, skip)
     if not replaced:
         warnings.warn("quantkern.replace_linear: no layer replaced: " + (
             "every nn.Linear's in_features is unfit for the group size (fallback_group_size=False)" if sites_list else
@@ -609,6 +633,31 @@ def fallback_group(K: int, group_size: int) -> int:
     multiple of 32 not above ``group_size`` that divides K (finer groups, never coarser than asked),
     else K (one group per row)."""
     return max((g for g in range(32, min(group_size, K) + 1, 32) if K % g == 0), default=K)
+
+
+def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> None:
+    """After a Linear converter ran: warn about the weights it could not reach, which stay float
+    although the caller may think them converted: ``nn.Linear`` subclasses with state or code of their
+    own (a parametrization such as weight_norm), and 3-D weight tensors outside convolutions (the
+    fused experts of transformers 5's MoE blocks, ``experts.gate_up_proj`` [experts, ...])."""
+    from torch.nn.modules.conv import _ConvNd
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    subs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear
+            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)]
+    if subs:
+        warnings.warn(f"{op}: {len(subs)} nn.Linear subclass layer(s) stay float: they carry state or code of their "
+                      f"own (e.g. a parametrization such as weight_norm: torch.nn.utils.parametrize."
+                      f"remove_parametrizations(layer, 'weight') first makes them plain), e.g. {subs[:3]}", stacklevel=stacklevel)
+    total = sum(p.numel() for p in model.parameters())
+    fused = [(f"{mn}.{pn}" if mn else pn, p.numel()) for mn, m in model.named_modules() if not isinstance(m, _ConvNd)
+             for pn, p in m.named_parameters(recurse=False)
+             if p.is_floating_point() and p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) >= 8]
+    if fused:
+        share = sum(n for _, n in fused) / max(total, 1)
+        warnings.warn(f"{op}: {len(fused)} 3-D weight tensor(s) stay float ({share:.0%} of the parameters): fused "
+                      f"mixture-of-experts weights ([experts, out, in] tensors, not nn.Linear layers) are not "
+                      f"converted, e.g. {[n for n, _ in fused[:2]]}", stacklevel=stacklevel)
 
 
 def untie_packed_outputs(model: nn.Module, replaced_weights) -> list[str]:

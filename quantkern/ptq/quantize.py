@@ -112,27 +112,36 @@ tensors. Never pickle.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..nn._sites import swap_module
 from ..nn.attention import unfuse_attention
 from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
-from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, check_linear_weights, disable_fused_encoder_paths,
-                                 fallback_group, linear_sites, untie_packed_outputs, with_keep_float)
+from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights,
+                                 disable_fused_encoder_paths, fallback_group, linear_sites, untie_packed_outputs,
+                                 warn_left_float, with_keep_float)
 from ..packed import PackedWeight, load_packed, save_packed
 from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
 from ._wquant import check_clip
 
-__all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "fp_target_weights"]
+__all__ = ["QuantizeConfig", "quantize_", "save_quantized", "load_quantized", "METHODS", "LAYER_FIELDS",
+           "fp_target_weights"]
 
 METHODS = ("rtn", "hqq", "gptq", "erq")
+# the QuantizeConfig fields QuantizeConfig.layer_config may set per layer: the weight solver's
+LAYER_FIELDS = ("method", "bits", "group_size", "meta_dtype", "strict_group", "damp", "block_size", "act_order",
+                "clip", "clip_grid", "clip_max_shrink", "refit", "refit_passes", "erq_lambda1", "erq_lambda2",
+                "erq_relative_lambda", "erq_refine_iters", "hqq_iters", "calib_tokens", "fp_target_damp")
 _DATA_METHODS = ("gptq", "erq")
 # Calibration groups (module docstring). Private switch: False calibrates one layer per pass (the
 # tests compare the two paths for bit-identical results).
@@ -149,7 +158,8 @@ class QuantizeConfig:
     Attributes:
         method: "rtn", "hqq", "gptq" or "erq" (weight-only ERQ; see module docstring).
         bits: 2, 3 or 4.
-        group_size: contiguous input group per (scale, zero); None / -1: one group per row.
+        group_size: contiguous input group per (scale, zero), a multiple of 32; None / -1: one
+            group per row.
         skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
             or a predicate on the qualified name; those layers stay float.
         meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16).
@@ -192,6 +202,14 @@ class QuantizeConfig:
             model call (``sdpa_kernel``, TF32 flags, an attribute the blocks read) is not in
             effect then (autocast is detected and turns the cache off); use False for such a
             ``calib_fn``.
+        layer_config: per-layer settings, ``{pattern: {field: value}}`` (a dict, in order; patterns
+            match a layer's name as ``skip``'s entries do: exact, ".suffix" or fnmatch). A layer takes
+            the fields of the first pattern that matches it; the others keep the config's values.
+            Fields: :data:`LAYER_FIELDS` (the weight solver's: ``method``, ``bits``, ``group_size``,
+            ...); input quantization, ``fp_target``, ``block_cache``, ``seed`` and ``skip`` are the
+            model's. E.g. ``{"*.down_proj": {"bits": 4}, "*.self_attn.*": {"method": "hqq"}}`` on a
+            W3 GPTQ config. A layer whose method needs no data (rtn / hqq) gets no calibration pass
+            unless an input quantizer needs one.
     """
 
     method: str = "rtn"
@@ -222,6 +240,7 @@ class QuantizeConfig:
     fp_target: bool = True
     fp_target_damp: float = 1.0
     block_cache: bool = True
+    layer_config: Mapping[str, Mapping[str, object]] | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -230,8 +249,11 @@ class QuantizeConfig:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (2, 3, 4):
             raise ValueError(f"QuantizeConfig: bits must be 2, 3 or 4, got {self.bits!r}")
         gs = self.group_size
-        if gs is not None and gs != -1 and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
-            raise ValueError(f"QuantizeConfig: group_size must be a positive int, None or -1, got {gs!r}")
+        # (a size the packed format cannot hold, such as 16, used to fall back to one group per row: the
+        # coarsest grid, not the finer one asked for)
+        if gs is not None and gs != -1 and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 32):
+            raise ValueError(f"QuantizeConfig: group_size must be a positive multiple of 32 (32, 64, 128, 256, ...: "
+                             f"the packed format's groups), None or -1 (one group per row), got {gs!r}")
         if self.meta_dtype not in (torch.float16, torch.float32, torch.bfloat16):
             raise ValueError(f"QuantizeConfig: meta_dtype must be float16, float32 or bfloat16, got {self.meta_dtype}")
         if not (isinstance(self.calib_tokens, int) and self.calib_tokens > 0):
@@ -263,6 +285,30 @@ class QuantizeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"QuantizeConfig: {name} must be a finite float >= 0, got {v!r}")
+        self.layer_configs()
+
+    def layer_configs(self) -> list[tuple[str, "QuantizeConfig"]]:
+        """``layer_config`` as ``[(pattern, the full config of the layers it matches)]``, validated."""
+        lc = self.layer_config
+        if lc is None:
+            return []
+        if not isinstance(lc, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping) for k, v in lc.items()):
+            raise ValueError("QuantizeConfig: layer_config must be a dict {layer name pattern: {field: value}}, got "
+                             f"{lc!r}")
+        out = []
+        for pat, fields in lc.items():
+            bad = sorted(set(fields) - set(LAYER_FIELDS))
+            if bad:
+                raise ValueError(f"QuantizeConfig: layer_config[{pat!r}]: {bad} cannot be set per layer; the fields "
+                                 f"that can: {LAYER_FIELDS}")
+            one = dataclasses.replace(self, layer_config=None, **fields)
+            try:
+                one.validate()
+            except ValueError as e:
+                msg = str(e).removeprefix("QuantizeConfig: ")
+                raise ValueError(f"QuantizeConfig: layer_config[{pat!r}]: {msg}") from None
+            out.append((pat, one))
+        return out
 
     @property
     def static_act(self) -> bool:
@@ -274,7 +320,7 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
     gs = cfg.group_size
     if gs in (None, -1) or gs == K:
         return K
-    if K % gs or gs % 32:
+    if K % gs:
         msg = (f"quantize_: group_size {gs} does not fit layer {name!r} (in_features={K}; the packed format needs a "
                f"multiple of 32 that divides in_features)")
         if cfg.strict_group:
@@ -621,26 +667,37 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     return q, s, z, (nb if nb is not None else b)
 
 
-def _warn_unmatched_skip(model: nn.Module, skip) -> None:
+def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> None:
     """Warn about skip entries (names / patterns given by the caller) that match no linear layer: a typo
-    or a parent module's name (entries match the layer's own name) would otherwise quantize the layer."""
+    or a parent module's name (entries match the layer's own name) would otherwise quantize the layer
+    (``what``: how the message calls them, e.g. layer_config's patterns)."""
     if skip is None or callable(skip):
         return
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    if skip == tuple(DEFAULT_SKIP):
+    if not skip or skip == tuple(DEFAULT_SKIP):
         return
-    from ..nn.packed_linear import _skipped
-
     names = [n for n, m in model.named_modules(remove_duplicate=False)
              if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]  # (a skipped one stays as it is)
     unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
     if unmatched:
-        warnings.warn(f"quantize_: skip entries {unmatched} match no nn.Linear of the model (entries match a layer's "
+        warnings.warn(f"quantize_: {what} {unmatched} match no nn.Linear of the model (entries match a layer's "
                       f"own name: exact, '.suffix' or an fnmatch pattern such as '*.fc'; a parent module's name "
-                      f"skips nothing)", stacklevel=4)
+                      f"matches none)", stacklevel=4)
 
 
-@torch.no_grad()
+def _no_grad_outside_inference_mode(fn):
+    """``torch.no_grad()`` with inference mode off, as one wrapper (one frame: the warnings' stacklevels
+    count it). Under a caller's ``inference_mode`` the calibration statistics and the new layers'
+    buffers would be inference tensors, which later in-place updates, ``load_state_dict`` and a
+    LoRA backward refuse."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+    return run
+
+
+@_no_grad_outside_inference_mode
 def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=None, progress: bool = True,
               **overrides) -> nn.Module:
     """Quantize ``model`` in place (every non-skipped ``nn.Linear`` -> ``PackedLinear``); returns it.
@@ -658,16 +715,25 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     group's calibration passes count in its first layer's seconds), and ``model._quantize_block_lists``
     names the block lists whose inputs were cached (empty: every pass ran the model from its start).
     """
+    if isinstance(config, Mapping):  # the fields as a dict (e.g. read from a JSON file)
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(QuantizeConfig)})
+        if unknown:
+            raise ValueError(f"quantize_: config has unknown field(s) {unknown}")
+        config = QuantizeConfig(**config)
+    elif config is not None and not isinstance(config, QuantizeConfig):
+        raise TypeError(f"quantize_: config must be a QuantizeConfig (or a dict of its fields), got "
+                        f"{type(config).__name__}")
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
+    per_layer = cfg.layer_configs()
     if type(model) is nn.Linear:  # it has no parent here to be swapped in: nothing would change
         raise TypeError("quantize_: model is itself an nn.Linear; quantize the module that holds it, or use "
                         "PackedLinear.from_linear(layer)")
-    needs_data = cfg.method in _DATA_METHODS or cfg.static_act
+    data_methods = [c.method for c in [cfg] + [c for _, c in per_layer] if c.method in _DATA_METHODS]
     units = None
-    if needs_data:
+    if data_methods or cfg.static_act:
         if calib_fn is None:
-            why = f"method {cfg.method!r}" if cfg.method in _DATA_METHODS else "a static input quantizer (act_bits)"
+            why = f"method {data_methods[0]!r}" if data_methods else "a static input quantizer (act_bits)"
             raise ValueError(f"quantize_: {why} needs calib_fn (a callable that runs the model on calibration "
                              "data); rtn and hqq weight-only or with act_dynamic need none")
         units = _calib_units(calib_fn)
@@ -676,9 +742,14 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         "in a module")
     expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
     _warn_unmatched_skip(model, cfg.skip)
+    _warn_unmatched_skip(model, [p for p, _ in per_layer], "layer_config patterns")
     # a layer shared under several names: once, kept shared; _keep_in_fp32_modules stay float
     layers = linear_sites(model, with_keep_float("quantize_", model, cfg.skip))
     check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
+    cfgs = [next((c for p, c in per_layer if _skipped(name, (p,))), cfg) for name, _, _ in layers]
+    # which layers get calibration passes: the data methods' and, with a static input quantizer, all
+    calibrated = [c.method in _DATA_METHODS or cfg.static_act for c in cfgs]
+    needs_data = any(calibrated)
     if not layers:
         packed = sum(isinstance(m, PackedLinear) for m in model.modules())
         warnings.warn("quantize_: the model has no nn.Linear to quantize (after skip)"
@@ -688,18 +759,19 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                       stacklevel=3)
     # (before any calibration forward: converted encoder layers must not take torch's fused path)
     disable_fused_encoder_paths(model, [lin for _, _, lin in layers])
-    was_training = model.training
+    # each module's own mode, restored by name at the end (a packed layer takes its float layer's)
+    modes = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     # A transformers model's calibration forwards need no KV cache, and one (a stateful object every
     # block appends to) would keep the block inputs from being cached (``_blocks``): off meanwhile.
     # Every config object counts: T5's stacks hold their own copies, a VLM's language model its text_config.
-    cfgs = {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules()) if c is not None}
-    cache_on = [c for c in cfgs.values() if getattr(c, "use_cache", None) is True] if needs_data else []
+    hf_cfgs = {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules()) if c is not None}
+    cache_on = [c for c in hf_cfgs.values() if getattr(c, "use_cache", None) is True] if needs_data else []
     for c in cache_on:
         c.use_cache = False
     try:
         fp_model = fp_mods = None
-        if cfg.fp_target and cfg.method in _DATA_METHODS:
+        if cfg.fp_target and any(c.method in _DATA_METHODS for c in cfgs):
             import copy
 
             # The float reference shares every parameter and buffer with the model (nothing here
@@ -725,16 +797,18 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             from tqdm.auto import tqdm
 
             a = f"A{cfg.act_bits}" if cfg.act_bits else ""
-            it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}", unit="layer")
+            mixed = " + layer_config" if per_layer else ""
+            it = tqdm(layers, desc=f"quantize {cfg.method} W{cfg.bits}{a}{mixed}", unit="layer")
         group_cap, group_end = None, 0  # the statistics of the current calibration group, its end in layers
         for i, (name, sites, lin) in enumerate(it):
             t0 = time.perf_counter()
             W = lin.weight.detach().float()
             b = lin.bias.detach().float() if lin.bias is not None else None
-            gs = _group_for(name, lin.in_features, cfg)
+            lc = cfgs[i]  # this layer's solver settings
+            gs = _group_for(name, lin.in_features, lc)
             cap = None
-            method = cfg.method
-            if needs_data:
+            method = lc.method
+            if calibrated[i]:
                 if i < group_end:  # calibrated in its group's pass: its inputs are the leader's
                     cap = group_cap
                 else:
@@ -746,15 +820,18 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     # GPTQ with an input quantizer: fit the float target on Qa(Xq) (deferred until Qa is calibrated);
                     # ERQ: on Xq, its Aqer handles the activation error itself (fitting on Qa(Xq) too
                     # double-corrects: MiniLM W4A4 0.66 -> 0.42)
-                    pair = ((("defer" if cfg.act_bits is not None and cfg.method == "gptq" else True))
-                            if fp_mods is not None else False)
-                    cap = _Capture(cfg.method, lin.in_features, cfg.calib_tokens, cfg.seed, act_cal, pair=pair,
+                    pair = ((("defer" if cfg.act_bits is not None and method == "gptq" else True))
+                            if fp_mods is not None and method in _DATA_METHODS else False)
+                    cap = _Capture(method, lin.in_features, lc.calib_tokens, cfg.seed, act_cal, pair=pair,
                                    device=lin.weight.device, name=name)
-                    # candidates: the next layers in order that could read the same tensor
+                    # candidates: the next layers in order that could read the same tensor (and are
+                    # calibrated into the same kind of statistics)
                     n = 1
                     while (_GROUP_CALIBRATION and n < _MAX_GROUP and i + n < len(layers)
                            and layers[i + n][2].in_features == lin.in_features
-                           and layers[i + n][2].weight.device == lin.weight.device):
+                           and layers[i + n][2].weight.device == lin.weight.device
+                           and calibrated[i + n] and (cfgs[i + n].method, cfgs[i + n].calib_tokens)
+                           == (method, lc.calib_tokens)):
                         n += 1
                     group = layers[i:i + n]
                     plan = next((p for p in plans if p.first <= i <= p.last), None)
@@ -782,15 +859,16 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                         passes = [(lambda f=f: f(model), (lambda f=f: f(fp_model)) if fp_model is not None else None,
                                    mask) for f, mask in units]
                     n = _calibrate_group(cap, [m for _, _, m in group],
-                                         [fp_mods[nm] for nm, _, _ in group] if fp_mods is not None else None,
-                                         passes)
+                                         [fp_mods[nm] for nm, _, _ in group] if cap.pair else None, passes)
                     group_cap, group_end = cap, i + n
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
-                                  + (" and a dynamic input quantizer" if cfg.static_act else ""), stacklevel=3)
+                                  + (" and a dynamic input quantizer" if cfg.static_act else "")
+                                  + " (if the model reads its .weight instead of calling it, as WavLM's attention "
+                                  "does, a packed layer cannot serve it: skip it)", stacklevel=3)
                     method = "rtn"
                 else:  # ERQ fits on its sample of at most calib_tokens rows (unless it fits a float target)
-                    used = min(cap.seen, cfg.calib_tokens) if method == "erq" and not cap.pair else cap.seen
+                    used = min(cap.seen, lc.calib_tokens) if method == "erq" and not cap.pair else cap.seen
                     if method in ("gptq", "erq") and used < lin.in_features:
                         few.append(f"{name!r} ({used} < {lin.in_features})")
             a_scale, a_zero = _act_qparams(cfg, cap, name)
@@ -806,29 +884,28 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             if cap is not None and cap.defer:
                 cap.finish(act_q)
             if method in ("rtn", "hqq"):
-                _warn_hqq_init_clamps(name, W, cfg.bits, gs)
-            q, s, z, nb = _solve(method, W, b, cfg.bits, gs, cfg, cap, act_q)
-            sm, zm = s.to(cfg.meta_dtype), z.to(cfg.meta_dtype)
+                _warn_hqq_init_clamps(name, W, lc.bits, gs)
+            q, s, z, nb = _solve(method, W, b, lc.bits, gs, lc, cap, act_q)
+            sm, zm = s.to(lc.meta_dtype), z.to(lc.meta_dtype)
             # A scale that underflows to 0 zeroes its group; harmless when the group's weights are
             # negligible (e.g. the ~1e-18 a float-target fit leaves in an all-zero row), not otherwise.
             lost = (sm == 0) & (s != 0)
             lost_ok = not bool(lost.any()) or bool(
-                (s[lost].abs().float() * (2 ** cfg.bits - 1 + z[lost].abs().float())
+                (s[lost].abs().float() * (2 ** lc.bits - 1 + z[lost].abs().float())
                  <= 1e-6 * float(W.detach().abs().max())).all())
             if not (lost_ok and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
-                warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {cfg.meta_dtype} (a scale "
+                warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {lc.meta_dtype} (a scale "
                               f"underflows to 0 or a value overflows); this layer keeps float32 metadata",
                               stacklevel=3)
                 sm, zm = s.float(), z.float()
-            pw = PackedWeight.from_quantized(q.to(torch.uint8), sm, zm, cfg.bits, gs)
+            pw = PackedWeight.from_quantized(q.to(torch.uint8), sm, zm, lc.bits, gs)
             new = PackedLinear.from_packed(pw.to(lin.weight.device), nb.to(lin.weight.dtype) if nb is not None else None)
             if new.bias is not None and lin.bias is not None:  # a frozen bias stays frozen
                 new.bias.requires_grad_(lin.bias.requires_grad)
             if cfg.act_bits is not None:
                 new.set_input_quantizer(cfg.act_bits, cfg.act_symmetric, cfg.act_dynamic or a_scale is None,
                                         a_scale, a_zero)
-            for parent, child_name in sites:
-                setattr(parent, child_name, new)
+            swap_module(sites, lin, new)
             report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
             del cap
             if i + 1 >= group_end:  # the group is done: free its statistics before the next one
@@ -838,13 +915,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
-                          f"e.g. {', '.join(few[:3])}: {cfg.method} then fits the calibration data rather than the "
+                          f"e.g. {', '.join(few[:3])}: GPTQ / ERQ then fits the calibration data rather than the "
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
-    finally:  # an error mid-way leaves the layers done so far quantized, and the mode as it was
-        model.train(was_training)
+    finally:  # an error mid-way leaves the layers done so far quantized, and the modes as they were
+        for n, m in model.named_modules(remove_duplicate=False):
+            m.training = modes.get(n, m.training)
         for c in cache_on:
             c.use_cache = True
     untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
+    warn_left_float("quantize_", model, cfg.skip, stacklevel=4)  # (+1: the no-grad wrapper)
     fp_model = fp_mods = None
     model._quantize_report = report
     model._quantize_block_lists = tuple(p.name for p in plans)
@@ -888,8 +967,19 @@ def _check_act_meta(name: str, d) -> dict:
     return d
 
 
+def _unwrap_compiled(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds; anything else unchanged."""
+    import sys
+
+    # (no wrapper exists unless dynamo was imported: importing it here would cost a second and warnings)
+    ev = sys.modules.get("torch._dynamo.eval_frame")
+    return model._orig_mod if ev is not None and isinstance(model, ev.OptimizedModule) else model
+
+
 def save_quantized(model: nn.Module, path: str) -> None:
-    """Save a :func:`quantize_`-d model to one safetensors file (packed weights + every other float tensor)."""
+    """Save a :func:`quantize_`-d model to one safetensors file (packed weights + every other float tensor).
+    A ``torch.compile`` wrapper is saved as the model it wraps (names without ``_orig_mod.``)."""
+    model = _unwrap_compiled(model)
     if isinstance(model, PackedLinear):
         raise TypeError("save_quantized: model is itself a PackedLinear; save the module that holds it, or use "
                         "quantkern.save_packed({'name': layer.packed_weight}, path)")
@@ -939,6 +1029,7 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
+    wrapper, model = model, _unwrap_compiled(model)  # (a torch.compile wrapper: load into what it wraps)
     import json
 
     from ..packed import read_packed_metadata
@@ -992,9 +1083,9 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         if name in act:  # buffers are placeholders until the strict load below fills them
             d = _check_act_meta(name, act[name])
             new.set_input_quantizer(d["bits"], d["symmetric"], d["dynamic"])
-        for alias in names.get(name, [name]):  # every place a shared layer sits
-            parent_name, _, child = alias.rpartition(".")
-            setattr(mods[parent_name] if parent_name else model, child, new)
+        sites = [(mods[p] if p else model, child) for p, _, child in
+                 (alias.rpartition(".") for alias in names.get(name, [name]))]  # every place a shared layer sits
+        swap_module(sites, lin, new)
         disable_fused_encoder_paths(model, [new])
     try:
         tied = json.loads(header.get(_TIED_META, "{}"))
@@ -1023,4 +1114,5 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if bad_missing or unexpected:
         raise ValueError(f"load_quantized: checkpoint does not match the model: missing {bad_missing}, "
                          f"unexpected {list(unexpected)}")
-    return model.to(device)
+    model.to(device)
+    return wrapper
