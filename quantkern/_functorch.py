@@ -11,14 +11,59 @@ in their tensors), and a vmap rule: a batch of x (or dY) is folded into its lead
 kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels' bits.
 ``fake_quant_lsq`` (whose ``register_autograd`` autograd is refused the same way) has two more:
 reverse mode only, one call per sample under vmap.
+
+Under ``torch.compile`` dynamo traces the transforms itself (their interpreters are live while it
+traces). Inside ``vmap`` (or ``functionalize``) alone the raw op is traced (functorch's batching
+fallback). Inside ``grad`` / ``vjp`` / ``jacrev`` / ``jvp`` / ``hessian`` (alone or under vmap) the op
+has no compiled form: dynamo refuses an ``autograd.Function`` with a jvp rule, traces one without it
+only when an input requires grad outside the transforms (it does not see the transform's own
+tracking, so it ran the raw op: "cannot use C++ torch::autograd::Function with functorch
+transforms"), and its compiled Function has no vmap rule. So the call breaks the graph
+(``torch.compiler.disable``): without ``fullgraph`` the frame runs eagerly, where the Functions
+below work; with ``fullgraph=True`` dynamo's error carries the reason and the way out.
+
+The packed weight is frozen: scales / zeros that require grad, carry a tangent or are
+differentiated by a transform raise (:data:`METADATA_GRAD_ERROR`) rather than get a silent zero.
 """
 import torch
+
+METADATA_GRAD_ERROR = (
+    "no gradient with respect to scales / zeros (the packed weight is frozen: they would silently get "
+    "none, or a zero under torch.func); pass them detached (.detach()) or call under torch.no_grad(). To train "
+    "group scales, write W = (q - zero) * scale in torch ops, as quantkern.ptq.conv.distill_qparams_ does")
+
+
+def metadata_grad_error(op: str = "packed_linear") -> RuntimeError:
+    return RuntimeError(f"quantkern.{op}: {METADATA_GRAD_ERROR}")
 
 
 def in_transform() -> bool:
     """Inside a torch.func transform (and not compiling: dynamo refuses the query inside
     ``vmap(torch.compile(f))`` and traces ``vmap`` itself, so compiled code keeps the ops)."""
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+@torch.compiler.assume_constant_result
+def _active_transforms() -> tuple:
+    """Names of the active functorch transforms ("Vmap", "Grad", "Jvp", "Functionalize"). A constant of
+    the traced code: dynamo runs it while tracing, when the interpreters the code itself pushes are live
+    (and it guards the stack the frame was entered with)."""
+    return tuple(ci.key().name for ci in (torch._C._functorch.get_interpreter_stack() or ()))
+
+
+EAGER, COMPILED = "eager", "compiled"
+
+
+def transform_kind():
+    """How ``packed_linear`` must run here: None (no transform, or dynamo tracing inside ``vmap`` /
+    ``functionalize`` only: the raw op), EAGER (inside an eager transform: the Python Functions) or
+    COMPILED (dynamo tracing inside a grad / jvp transform: no compiled form, the graph breaks).
+    Outside a transform it costs what ``in_transform`` did (two C calls)."""
+    if torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active() and not set(_active_transforms()) <= {"Vmap", "Functionalize"}:
+            return COMPILED
+        return None
+    return EAGER if torch._C._are_functorch_transforms_active() else None
 
 
 def _below_autograd(op, *args):
@@ -46,6 +91,8 @@ class PackedLinearFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, qweight, scales, zeros, bits, group_size, in_features, bias = inputs
+        # None, not zeros, for the tangent of an input that has none: a tangent of scales / zeros is refused
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(qweight, scales, zeros)
         ctx.save_for_forward(qweight, scales, zeros)
         ctx.args = (bits, group_size, in_features)
@@ -54,8 +101,12 @@ class PackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # else a silent zero gradient
+            raise metadata_grad_error()
         qweight, scales, zeros = ctx.saved_tensors
         gx = gb = None
+        if grad is None:  # (grads are not materialised)
+            return (None,) * 8
         if ctx.needs_input_grad[0]:
             gx = PackedLinearBackwardFn.apply(grad, qweight, scales, zeros, *ctx.args)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
@@ -73,7 +124,10 @@ class PackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, qweight_t, scales_t, zeros_t, bits_t, group_size_t, in_features_t, bias_t):
-        # linear in x and bias; the packed weight carries no tangent
+        # linear in x and bias; the packed weight carries no tangent (a tangent of scales / zeros
+        # would be dropped: refused)
+        if scales_t is not None or zeros_t is not None:
+            raise metadata_grad_error()
         qweight, scales, zeros = ctx.saved_tensors
         if x_t is None:
             x_t = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=qweight.device)
@@ -90,14 +144,18 @@ class PackedLinearBackwardFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # (as in PackedLinearFn)
         ctx.save_for_backward(*inputs[1:4])
         ctx.save_for_forward(*inputs[1:4])
         ctx.args = inputs[4:]
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise metadata_grad_error()
         qweight, scales, zeros = ctx.saved_tensors
-        gg = PackedLinearFn.apply(g, qweight, scales, zeros, *ctx.args, None) if ctx.needs_input_grad[0] else None
+        gg = (PackedLinearFn.apply(g, qweight, scales, zeros, *ctx.args, None)
+              if ctx.needs_input_grad[0] and g is not None else None)
         return gg, None, None, None, None, None, None
 
     @staticmethod
@@ -108,9 +166,11 @@ class PackedLinearBackwardFn(torch.autograd.Function):
         return PackedLinearBackwardFn.apply(grad.movedim(in_dims[0], 0), *args[1:]), 0
 
     @staticmethod
-    def jvp(ctx, grad_t, *_):
+    def jvp(ctx, grad_t, qweight_t, scales_t, zeros_t, *_):
+        if scales_t is not None or zeros_t is not None:
+            raise metadata_grad_error()
         qweight, scales, zeros = ctx.saved_tensors
-        return PackedLinearBackwardFn.apply(grad_t, qweight, scales, zeros, *ctx.args)
+        return PackedLinearBackwardFn.apply(grad_t, qweight, scales, zeros, *ctx.args)  # (grad_t: the only other)
 
 
 class BiasBackwardFn(torch.autograd.Function):
@@ -140,12 +200,44 @@ class BiasBackwardFn(torch.autograd.Function):
 
 def _per_sample(fn, info, in_dims, args):
     """vmap rule of last resort: ``fn`` on each sample, stacked on dim 0 (the ops' own bits); a
-    tuple output is stacked element by element."""
+    tuple output is stacked element by element. An empty batch gives empty outputs of the right shape."""
+    if info.batch_size == 0:
+        return _empty_batch(fn, in_dims, args)
     outs = [fn.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
+
+
+def _empty_batch(fn, in_dims, args):
+    """``_per_sample`` of a batch of 0: the per-sample output shapes from one call on meta tensors
+    (the ops' fake kernels: no data, no kernel), each with a leading 0."""
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    meta = [a.new_empty(a.shape[:d] + a.shape[d + 1:], device="meta") if d is not None
+            else a.to("meta") if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
+    out = fn.apply(*meta)
+    if isinstance(out, tuple):
+        return (tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=dev) for o in out), (0,) * len(out))
+    return torch.empty((0, *out.shape), dtype=out.dtype, device=dev), 0
+
+
+@torch.compiler.disable(reason=(
+    "quantkern.packed_linear cannot be compiled inside torch.func.grad / vjp / jacrev / jvp / jacfwd / hessian "
+    "(PyTorch compiles no autograd.Function under them: dynamo does not see the transform's grad tracking and "
+    "has no jvp / vmap rule for it), so the graph breaks here and the frame runs eagerly, transforms included. "
+    "With fullgraph=True: drop fullgraph=True (the frame then runs eagerly, as said), or run the torch.func "
+    "transform without torch.compile (e.g. torch.func.vmap(torch.func.grad(f))(x) eagerly); torch.compile "
+    "of torch.func.vmap alone traces"))
+def _eager_packed_linear(*args):
+    return PackedLinearFn.apply(*args)
+
+
+def packed_linear(kind, x, qweight, scales, zeros, bits, group_size, in_features, bias):
+    """ops.packed_linear inside a transform (``kind`` from :func:`transform_kind`)."""
+    if kind == EAGER:
+        return PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+    return _eager_packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 
 
 class FakeQuantLSQFn(torch.autograd.Function):

@@ -113,19 +113,32 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
         zs = meta["zero_scale"]
         meta["zero"], meta["scale"] = zs[0], zs[1]
     R = N * K // g
-    if meta.get("view_as_float"):  # hqq stored the packed words viewed as its compute dtype (view_as_float=True)
-        W_q = W_q.view(meta.get("unpack_view_dtype") or (torch.int32 if meta["packing"] == "3bit_32" else torch.uint8))
     per = {"4bit_u8": 2, "2bit_u8": 4, "3bit_32": 10}.get(meta["packing"])
+    if per in (2, 4) and R % per:
+        # hqq's 4/2-bit packers pair rows i and i + R/per and broadcast a short last slice: with R not a
+        # multiple of per the packed bytes do not hold the codes (hqq's own dequantize fails on them). Checked
+        # before W_q's shape, which such a broadcast leaves arbitrary (the shape error hid this cause)
+        raise ValueError(f"from_hqq: {meta['packing']} needs N * K / group_size = {R} to be a multiple of {per}; "
+                         "hqq packed this weight incorrectly")
+    if not isinstance(W_q, torch.Tensor):
+        raise TypeError(f"from_hqq: W_q must be a torch.Tensor, got {type(W_q).__name__}")
+    word = torch.int32 if meta["packing"] == "3bit_32" else torch.uint8  # what hqq's packer returns
+    if meta.get("view_as_float"):  # hqq stored the packed words viewed as its compute dtype (view_as_float=True)
+        if not W_q.dtype.is_floating_point:
+            raise TypeError(f"from_hqq: meta['view_as_float'] is True, so W_q must be the packed words viewed as a float "
+                            f"dtype (hqq's compute dtype), got {W_q.dtype}")
+        W_q = W_q.view(meta.get("unpack_view_dtype") or word)
+    if per is not None and W_q.dtype != word:
+        # checked before the unpacker's .view(): an int32 W_q for 4bit_u8 was read as 4x the bytes ("shape
+        # '[16, 128]' is invalid for input of size 8192"), a float one likewise
+        hint = (" (a float W_q is hqq's view_as_float=True storage: pass its meta with view_as_float)"
+                if W_q.dtype.is_floating_point and not meta.get("view_as_float") else "")
+        raise TypeError(f"from_hqq: W_q must be {word} for packing {meta['packing']!r}, got {W_q.dtype}{hint}")
     if per is not None:
         want = (-(-R // per), g)
         if tuple(W_q.shape) != want:
             raise ValueError(f"from_hqq: W_q must have shape {want} for shape {(N, K)}, group_size {g} and packing "
                              f"{meta['packing']!r}, got {tuple(W_q.shape)}")
-        if per in (2, 4) and R % per:
-            # hqq's 4/2-bit packers pair rows i and i + R/per and broadcast a short last slice: with R not a
-            # multiple of per the packed bytes do not hold the codes (hqq's own dequantize fails on them)
-            raise ValueError(f"from_hqq: {meta['packing']} needs N * K / group_size = {R} to be a multiple of {per}; "
-                             "hqq packed this weight incorrectly")
     q = _hqq_unpack_rows(W_q, meta["packing"], R).reshape(N, K)
     for k in ("scale", "zero"):  # else a raw reshape error
         if meta[k].numel() != R:

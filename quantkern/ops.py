@@ -661,7 +661,9 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
     Returns:
         ``[..., out_features]`` in x's dtype. Accumulation is fp32; the whole
         dequantized weight is never materialised. Differentiable w.r.t. x (and
-        bias); the packed weight gets no gradient.
+        bias); the packed weight gets no gradient: scales / zeros that require grad
+        (with grad mode on), carry a tangent or are differentiated by a torch.func
+        transform raise RuntimeError. No autocast: the output dtype follows x.
 
     CPU paths (chosen per call): small M uses a GEMV (AVX-512 VNNI on bf16/fp16
     x, exact fp32 table-lookup dequantization on fp32 x); larger M dequantizes
@@ -686,14 +688,19 @@ def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bia
         if bias.dim() != 1 or bias.shape[0] != qweight.shape[0]:
             raise ValueError(f"quantkern.{op}: bias must have shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
     be = _pick_backend(op, x, backend)
-    # torch.func refuses the ops' own autograd (C++ / Python)
-    if _functorch.in_transform():
+    # the packed weight is frozen: trainable scales / zeros got a silent None (zero under torch.func) gradient
+    # (two attribute reads on the hot path; a tangent or a transform's differentiation raises in _functorch)
+    if (scales.requires_grad or zeros.requires_grad) and torch.is_grad_enabled():
+        raise _functorch.metadata_grad_error(op)
+    # torch.func refuses the ops' own autograd (C++ / Python); dynamo traces the transforms too
+    kind = _functorch.transform_kind()
+    if kind is not None:
         if be == "triton" and not (backend == "auto" and _functorch.native_kernel("packed_linear", x.device)):
             raise NotImplementedError(
                 f"quantkern.{op}: torch.func transforms (vmap, grad, jvp, ...) need the native kernels; the "
                 "Triton op has no transform support (its jvp would be zero): pass backend='native' "
                 f"({'build the CUDA kernels' if x.device.type == 'cuda' else 'the CPU kernels'})")
-        return _functorch.PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+        return _functorch.packed_linear(kind, x, qweight, scales, zeros, bits, group_size, in_features, bias)
     fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
     return fn(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 

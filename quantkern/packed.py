@@ -30,8 +30,10 @@ class PackedWeight:
         if qweight.shape[0] != shape[0]:
             raise ValueError(f"PackedWeight: qweight has {qweight.shape[0]} rows but shape[0] = {shape[0]}")
         # value checks read the data (a host sync): eager only, so that a PackedWeight can be built inside
-        # torch.compile(fullgraph=True) (PackedLinear.packed_weight / dequantize in a compiled forward)
-        if scales.device.type != "meta" and not torch.compiler.is_compiling():
+        # torch.compile(fullgraph=True) (PackedLinear.packed_weight / dequantize in a compiled forward), and
+        # outside torch.func transforms (vmap refuses data-dependent control flow over batched scales)
+        if (scales.device.type != "meta" and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()):
             for name, t in (("scales", scales), ("zeros", zeros)):
                 if t.numel() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"PackedWeight: {name} contain NaN or inf")
@@ -56,6 +58,13 @@ class PackedWeight:
         if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
             raise ValueError(f"PackedWeight.from_float: W must be a 2-D float tensor, got {getattr(W, 'shape', W)}")
         ops._check_bits("PackedWeight.from_float", bits)
+        if meta_dtype is not None and meta_dtype not in ref.META_DTYPES:  # (was the reference's unprefixed error)
+            raise TypeError(f"quantkern.PackedWeight.from_float: meta_dtype must be one of {ref.META_DTYPES} or None, "
+                            f"got {meta_dtype!r}")
+        if W.device.type == "meta":  # (failed in the quantizer: "Tensor.item() cannot be called on meta tensors")
+            raise ValueError(f"quantkern.PackedWeight.from_float: W (shape {tuple(W.shape)}) is on the meta device: it "
+                             f"has no values to quantize; quantize the real weight, or for a meta model build "
+                             f"PackedLinear(in_features, out_features, ...) / load_packed(path, device='meta')")
         K = W.shape[1]
         if K == 0:  # else the error named group_size (None -> K = 0) or quantkern.pack's q
             raise ValueError(f"PackedWeight.from_float: W must have in_features > 0, got shape {tuple(W.shape)}")

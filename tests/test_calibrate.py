@@ -1159,7 +1159,7 @@ def test_act_quantizer_refused_checkpoint_changes_nothing():
     x = torch.rand(64, 16) * 3
     per_ch = ActQuantizer.from_data(x, 8, "max", axis=-1)
     per_t = ActQuantizer.from_data(x, 8, "max")
-    # the axis is not in the checkpoint: a per-channel range loaded into a per-tensor quantizer
+    # the shapes alone tell a per-channel range from a per-tensor one (checkpoints without the axis)
     for dst, src in ((ActQuantizer(8, "max"), per_ch), (ActQuantizer(8, "max", axis=-1), per_t)):
         with pytest.raises(ValueError, match="different axis"):
             dst.load_state_dict(src.state_dict())
@@ -1195,3 +1195,69 @@ def test_act_quantizer_compiles_fullgraph(kw):
     aq = ActQuantizer(8, "max", **kw) if kw.get("dynamic") else ActQuantizer.from_data(torch.randn(64, 16), 8, "max", **kw)
     f = torch.compile(lambda t: aq(t), fullgraph=True)
     assert torch.equal(f(x), aq(x))
+
+
+@pytest.mark.filterwarnings("ignore:MseCalibrator")  # mse_search on these small per-channel batches
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy", "mse_search"])
+def test_empty_batches_are_skipped(method):
+    # an MoE expert that got no token this step: "x is empty" from dynamic quantization and from
+    # calibration; now dynamic returns the empty tensor and the calibrators record nothing
+    empty = torch.randn(0, 16)
+    for kw in ({}, {"axis": 0}, {"axis": 1, "symmetric": False}, {"unsigned": True}):
+        y = ActQuantizer(8, dynamic=True, **kw)(empty)
+        assert y.shape == (0, 16) and y.dtype == empty.dtype
+        assert fake_quant_dynamic(empty.half(), 4, **kw).dtype == torch.float16
+    xs = [torch.randn(5, 16), torch.randn(3, 16)]
+    for kw in ({}, {"axis": -1}, {"symmetric": False}):
+        want = ActQuantizer.from_data(xs, 8, method, **kw)
+        got = ActQuantizer.from_data([empty, xs[0], empty, xs[1], torch.randn(2, 0, 16)], 8, method, **kw)
+        assert torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
+        assert got(empty).shape == (0, 16)
+    with pytest.raises(RuntimeError, match="only empty batches"):
+        ActQuantizer.from_data([empty], 8, method)
+    with pytest.raises(ValueError, match="x is empty"):  # one-shot: nothing to calibrate on
+        compute_amax(empty, method)
+    cal = make_calibrator(method, 8, axis=-1)
+    cal.collect(xs[0])
+    with pytest.raises(ValueError, match="x has 8 channels along axis -1, earlier batches had 16"):
+        cal.collect(torch.randn(0, 8))
+
+
+def test_asymmetric_percentile_below_50_is_refused():
+    # amin is the (100 - p) quantile, amax the p one: below 50 they cross, and the range came out
+    # (0, 0) on N(0, 1) data, then "saw only zeros" and an integer grid
+    x = torch.randn(10000)
+    with pytest.raises(ValueError, match="percentile must be >= 50 for an asymmetric range"):
+        compute_amax(x, "percentile", symmetric=False, percentile=30)
+    with pytest.raises(ValueError, match="percentile must be >= 50"):
+        ActQuantizer(8, "percentile", symmetric=False, percentile=49.9)
+    cal = HistogramCalibrator("percentile", symmetric=False)
+    cal.collect(x)
+    with pytest.raises(ValueError, match="percentile must be >= 50"):
+        cal.percentile = 10
+    assert cal.percentile == 99.99
+    cal.percentile = 50
+    amin, amax = cal.compute_range()
+    assert amin <= 0 <= amax and amax - amin < 0.1  # the median's bins
+    assert compute_amax(x, "percentile", percentile=30) > 0  # symmetric: a quantile of |x|
+
+
+def test_act_quantizer_checkpoint_records_the_axis():
+    # a per-channel axis=-1 range loaded silently into an axis=0 quantizer (both 1-D), and only the
+    # first forward failed; a dynamic quantizer has no range at all to tell per token from per tensor
+    src = ActQuantizer.from_data([torch.randn(4, 7, 16)], 8, "max", axis=-1)
+    dst = ActQuantizer(8, "max", axis=0)
+    with pytest.raises(ValueError, match=r"grid and mode \(with the axis\).*'axis': -1.*'axis': 0"):
+        dst.load_state_dict(src.state_dict())
+    assert dst.scale is None
+    with pytest.raises(ValueError, match="'axis': 0"):
+        ActQuantizer(8, dynamic=True).load_state_dict(ActQuantizer(8, dynamic=True, axis=0).state_dict())
+    same = ActQuantizer(8, "max", axis=-1)
+    same.load_state_dict(src.state_dict())
+    assert torch.equal(same.scale, src.scale)
+    # checkpoints from before the axis was saved still load
+    sd = src.state_dict()
+    sd["_extra_state"] = {k: v for k, v in sd["_extra_state"].items() if k != "axis"}
+    old = ActQuantizer(8, "max", axis=-1)
+    old.load_state_dict(sd)
+    assert torch.equal(old.scale, src.scale)

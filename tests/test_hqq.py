@@ -391,6 +391,35 @@ def test_one_group_per_row_spelled_like_the_other_solvers():
         hqq_quantize(W, 4, -1, axis=0)
 
 
+def test_tiny_weights_warn_with_the_fraction_of_groups():
+    """hqq's init clamps (range <= 1e-4 -> scale 1, 1/scale capped at 2e4) coarsen groups of tiny
+    weights; hqq_quantize / rtn_quantize said nothing. The warning counts exactly the groups whose
+    stored scale the clamps set (constant groups excluded: scale 1 keeps them exactly)."""
+    import warnings
+
+    W = make_w((8, 128), 1.0, 21)
+    W[:2] *= 1e-5  # range ~5e-5 <= 1e-4: scale 1
+    W[2] *= 1e-3   # range ~5e-3: 4 bits 15 / 5e-3 < 2e4 (untouched), 8 bits 255 / 5e-3 > 2e4 (capped)
+    W[3] = 0.5     # constant: exact with scale 1, not counted
+    for bits, frac in ((4, "25.0%"), (8, "37.5%")):
+        for fn, name in ((hqq_quantize, "hqq_quantize"), (rtn_quantize, "rtn_quantize")):
+            with pytest.warns(UserWarning, match=rf"{name}: {frac} of the groups have a weight range below") as rec:
+                fn(W, bits, 64)
+            assert all(w.filename == __file__ for w in rec)  # points at the caller
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                fn(W, bits, 64, warn=False)
+        _, s, _ = rtn_quantize(W, bits, 64, warn=False)
+        clamped = (s == 1.0) | (s == torch.tensor(2e4).reciprocal())  # the stored scale is 1 / (inverse scale)
+        clamped[3] = False
+        assert f"{clamped.float().mean().item():.1%}" == frac
+    with warnings.catch_warnings():  # ordinary and all-zero weights: no warning
+        warnings.simplefilter("error")
+        hqq_quantize(make_w((8, 128), 0.02, 22), 4, 64)
+        rtn_quantize(torch.zeros(8, 128), 4, -1)
+        hqq_quantize(make_w((8, 128), 1.0, 23, torch.bfloat16), 4, 64, axis=0)
+
+
 def test_one_group_per_row_of_an_empty_row_names_it():
     # was "group_size must be a positive int, got 0": a value the caller never passed
     with pytest.raises(ValueError, match=r"group_size None \(one group per row\) needs K >= 1"):

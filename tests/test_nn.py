@@ -488,8 +488,8 @@ def test_bad_inputs_and_module_arguments():
         LSQQuantizer(4, True, "group", group_size=8)(torch.randn(2, 12))
     with pytest.raises(ValueError, match="axis 2 out of range"):
         LSQQuantizer(4, True, "channel", axis=2)(torch.randn(2, 12))
-    with pytest.raises(ValueError, match="empty tensor"):
-        LSQQuantizer(4, True)(torch.randn(0, 3))
+    q = LSQQuantizer(4, True)  # an empty batch initialises nothing (see test_empty_batch_waits_for_the_init)
+    assert q(torch.randn(0, 3)).shape == (0, 3) and not q._initialized
     with pytest.raises(TypeError, match="floating-point"):
         LSQQuantizer(4, True)(torch.ones(3, dtype=torch.int32))
     q = LSQQuantizer(4, True, "channel")
@@ -595,6 +595,97 @@ def test_failed_load_leaves_quantizer_usable():
     x = torch.randn(3, 8)
     torch.testing.assert_close(dst(x), _ref(dst, x), rtol=0, atol=0)  # initialises from x
     assert dst._initialized and dst.offset.shape == (3,)
+
+
+@pytest.mark.parametrize("init", ["mse", "minmax", "lsq", "lsq+"])
+@pytest.mark.parametrize("learn_offset", [True, False])
+def test_constant_rows_at_init_get_a_usable_scale(init, learn_offset):
+    # A channel that is constant in the first batch (a dead input channel, an alpha channel == 1)
+    # got scale 1e-8 (every init gives it 0 there), and training never grew it back: later inputs
+    # quantized to ~0 or to the offset. It takes the median of the other rows' scales, with its
+    # value kept on the grid; the other rows are exactly what they were.
+    torch.manual_seed(0)
+    x = torch.rand(8, 4, 5, 5)
+    x[:, 1] = 0.0
+    x[:, 3] = 1.0
+    q = LSQQuantizer(8, signed=learn_offset, granularity="channel", axis=1, learn_offset=learn_offset, init=init)
+    s0, b0 = q._init_rows(q._rows(x))  # the init of every row, before the fix-up
+    flat = s0 <= q.eps  # channel 1 always; channel 3 unless the init gives it a scale (lsq, lsq+)
+    assert flat[1] and not flat[0] and not flat[2]
+    with pytest.warns(UserWarning, match=rf"{int(flat.sum())} of 4 channels are constant"):
+        y = q(x)
+    s = q.scale.detach()
+    assert torch.equal(s[~flat], s0.clamp_min(q.eps)[~flat])  # normal rows: bit-identical
+    assert (s[flat] == s0.clamp_min(q.eps)[~flat].median()).all()
+    if learn_offset:
+        assert torch.equal(q.offset.detach()[~flat], b0[~flat])
+    torch.testing.assert_close(y[:, 1], x[:, 1], rtol=0, atol=1e-7)  # the constants are on the grid
+    if flat[3]:  # (lsq / lsq+ give the 1.0 channel a scale of its own: their init's grid, not ours)
+        torch.testing.assert_close(y[:, 3], x[:, 3], rtol=1e-6, atol=0)
+    x2 = torch.rand(8, 4, 5, 5)  # later, the channels vary: their grids resolve them as the others'
+    err = (q(x2) - x2).abs().amax((0, 2, 3))
+    assert err[flat].max() <= 2 * err[~flat].max(), err
+
+
+def test_constant_rows_every_row_and_per_tensor():
+    # every row constant: the placeholder scale 1, values kept on the grid (was 1e-8 everywhere)
+    q = LSQQuantizer(4, True, "channel", learn_offset=True, init="minmax")
+    w = torch.tensor([[0.5, 0.5, 0.5], [2.25, 2.25, 2.25]])
+    with pytest.warns(UserWarning, match="2 of 2 channels are constant.*scale 1"):
+        y = q(w)
+    assert torch.equal(q.scale.detach(), torch.ones(2)) and torch.equal(y, w)
+    q = LSQQuantizer(8, False, learn_offset=True, init="mse")
+    with pytest.warns(UserWarning, match="the initialisation data is constant"):
+        y = q(torch.full((4, 4), 0.3))
+    assert q.scale.item() == 1.0 and torch.allclose(y, torch.full((4, 4), 0.3), rtol=1e-6, atol=0)
+    # a weight quantizer with a zero (pruned) row, one constant row and normal rows (lsq+ init)
+    lin = nn.Linear(16, 4)
+    with torch.no_grad():
+        lin.weight[2].zero_()
+    with pytest.warns(UserWarning, match="1 of 4 channels are constant"):
+        ql = QuantLinear.from_float(lin, w_bits=4, a_bits=None)
+        ql(torch.randn(2, 16))
+    s = ql.weight_quantizer.scale.detach()
+    assert s[2] == s[[0, 1, 3]].median() and (s > 1e-3).all()
+
+
+def test_empty_batch_waits_for_the_init():
+    # an MoE expert that got no token: "cannot initialise from an empty tensor" before; now the init
+    # waits for the next non-empty batch (as for all-zero data) and the output is empty
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 4)
+    q = QuantLinear.from_float(copy.deepcopy(lin), w_bits=4, a_bits=8, a_granularity="channel")
+    x0 = torch.randn(0, 16, requires_grad=True)
+    y0 = q(x0)
+    assert y0.shape == (0, 4) and not q.input_quantizer._initialized
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 16)
+    x = torch.randn(5, 16)
+    ref = QuantLinear.from_float(copy.deepcopy(lin), w_bits=4, a_bits=8, a_granularity="channel")
+    assert torch.equal(q(x), ref(x)) and torch.equal(q.input_quantizer.scale, ref.input_quantizer.scale)
+    assert q(x0).shape == (0, 4)  # initialised: the op itself takes an empty batch
+    # the empty dim may be the one the parameters' shape comes from: nothing is materialised
+    g = LSQQuantizer(4, True, "group", group_size=4)
+    assert g(torch.randn(0, 8)).shape == (0, 8) and not g._initialized
+    g(torch.randn(3, 8))
+    assert g.scale.shape == (3, 2) and g._initialized
+    with pytest.raises(ValueError, match="group_size 8 does not divide the row length 12"):
+        LSQQuantizer(4, True, "group", group_size=8)(torch.randn(0, 12))
+
+
+def test_gradients_at_the_grid_ends_as_documented():
+    # README / DESIGN.md: dx counts v == qmin / qmax as inside (qmin <= v <= qmax), the scale and
+    # offset gradients as clipped (strictly inside only: qmin < v < qmax)
+    q = LSQQuantizer(4, True, learn_offset=True, grad_scale=1.0)
+    q.initialize(torch.randn(16))
+    with torch.no_grad():
+        q.scale.fill_(0.125)
+        q.offset.zero_()
+    x = torch.tensor([-1.0, -0.5, 0.25, 0.875, 0.9375], requires_grad=True)  # v = -8 (qmin), -4, 2, 7 (qmax), 7.5
+    for i, (dx, ds, db) in enumerate([(1, -8, 1), (1, 0, 0), (1, 0, 0), (1, 7, 1), (0, 7, 1)]):
+        x.grad = q.scale.grad = q.offset.grad = None
+        q(x)[i].backward()
+        assert (x.grad[i].item(), q.scale.grad.item(), q.offset.grad.item()) == (dx, ds, db), i
 
 
 def test_extra_repr_shows_non_default_grad_scale_and_backend():

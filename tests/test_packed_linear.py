@@ -1056,6 +1056,104 @@ def test_packed_linear_torch_func_with_compile_and_triton(monkeypatch):
             transform(lambda xi: ops.packed_linear(xi, pw, backend="triton"))
 
 
+def test_packed_linear_refuses_gradients_of_scales_and_zeros():
+    """The packed weight is frozen: scales / zeros that require grad got a silent None gradient
+    (eager) or a zero gradient / tangent (torch.func); they raise now, as dequantize does."""
+    pw = make(12, 96, 4, 32, torch.float32, seed=3)
+    x = torch.randn(2, 96)
+    mk = lambda s=pw.scales, z=pw.zeros: PackedWeight(pw.qweight, s, z, 4, 32, pw.shape)  # noqa: E731
+    msg = "no gradient with respect to scales / zeros"
+    for s, z in ((pw.scales.clone().requires_grad_(), pw.zeros), (pw.scales, pw.zeros.clone().requires_grad_())):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.packed_linear(x, mk(s, z))
+        with torch.no_grad():  # no gradient asked for: the same bits as before
+            assert torch.equal(ops.packed_linear(x, mk(s, z)), ops.packed_linear(x, pw))
+    s0, z0, ones = pw.scales.clone(), pw.zeros.clone(), torch.ones_like(pw.scales)
+    fs = lambda s: ops.packed_linear(x, mk(s))  # noqa: E731
+    fz = lambda z: ops.packed_linear(x, mk(z=z))  # noqa: E731
+    for call in (lambda: torch.func.grad(lambda s: fs(s).sum())(s0),
+                 lambda: torch.func.jacrev(fz)(z0),
+                 lambda: torch.func.vjp(fs, s0),
+                 lambda: torch.func.jvp(fs, (s0,), (ones,)),
+                 lambda: torch.func.jvp(fz, (z0,), (ones,)),
+                 lambda: torch.func.jacfwd(fs)(s0),
+                 lambda: torch.func.vmap(torch.func.grad(lambda s: fs(s).sum()))(torch.stack([s0, s0])),
+                 lambda: torch.func.jacrev(lambda s: torch.func.grad(
+                     lambda t: ops.packed_linear(t, mk(s)).pow(2).sum())(x))(s0)):
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+    # a constant packed weight inside jvp / jacfwd / hessian is not a tangent (functorch gave zeros there)
+    bias = torch.randn(12)
+    _, yt = torch.func.jvp(lambda t: ops.packed_linear(t, pw, bias), (x,), (x,))
+    assert torch.equal(yt, ops.packed_linear(x, pw))
+    Wd = pw.dequantize(torch.float32)
+    torch.testing.assert_close(torch.func.hessian(lambda t: ops.packed_linear(t, pw).pow(2).sum())(x[0]),
+                               2 * Wd.T @ Wd, rtol=1e-5, atol=1e-4)
+
+
+def test_packed_linear_compiled_around_torch_func_grad():
+    """torch.compile around torch.func.grad / vmap(grad) / jvp of a packed layer crashed ("cannot use C++
+    torch::autograd::Function with functorch transforms": the transform path was skipped while compiling).
+    PyTorch has no compiled form there: the call breaks the graph and the frame runs eagerly (same bits);
+    fullgraph=True says so and what to do. torch.compile(fullgraph=True) of vmap alone still traces."""
+    torch.manual_seed(0)
+    m = PackedLinear.from_linear(torch.nn.Linear(64, 16), 4, 32)
+    x = torch.randn(5, 64)
+    g = lambda t: torch.func.grad(lambda u: m(u).pow(2).sum())(t)  # noqa: E731
+    cases = [g, lambda t: torch.func.vmap(g)(t[:, None]),
+             lambda t: torch.func.jvp(m, (t,), (t,))[1],
+             lambda t: torch.func.grad(lambda u: torch.func.vmap(m)(u).sum())(t)]
+    for f in cases:
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(f)(x), f(x))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"cannot be compiled inside torch.func.grad(.|\n)*drop fullgraph=True"):
+        torch.compile(g, fullgraph=True)(x)
+    torch._dynamo.reset()
+    v = lambda t: torch.func.vmap(m)(t[:, None])  # noqa: E731
+    assert torch.equal(torch.compile(v, fullgraph=True)(x), v(x))
+
+
+def test_packed_linear_vmap_empty_batch():
+    """vmap over an empty batch (e.g. a Poisson-sampled DP-SGD batch) with a batched bias (or a per-sample
+    bias gradient) raised IndexError in the per-sample rule; it gives F.linear's empty shapes now."""
+    pw = make(8, 64, 4, 32, torch.float32, seed=4)
+    W = pw.dequantize(torch.float32)
+    b, xs, x3, B = torch.randn(8), torch.randn(0, 64), torch.randn(0, 3, 64), torch.randn(0, 8)
+    X = torch.randn(3, 64)
+
+    def same(f, ref):
+        got, want = f(), ref()
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+
+    same(lambda: torch.func.vmap(torch.func.grad(lambda bb, t: ops.packed_linear(t, pw, bb).sum()),
+                                 in_dims=(None, 0))(b, xs),
+         lambda: torch.func.vmap(torch.func.grad(lambda bb, t: F.linear(t, W, bb).sum()), in_dims=(None, 0))(b, xs))
+    same(lambda: torch.func.vmap(lambda bb: ops.packed_linear(X, pw, bb))(B),
+         lambda: torch.func.vmap(lambda bb: F.linear(X, W, bb))(B))
+    same(lambda: torch.func.vmap(lambda t, bb: ops.packed_linear(t, pw, bb))(x3.bfloat16(), B.half()),
+         lambda: torch.func.vmap(lambda t, bb: F.linear(t, W.bfloat16(), bb.bfloat16()))(x3.bfloat16(), B.half()))
+    same(lambda: torch.func.vmap(torch.func.grad(lambda t, bb: ops.packed_linear(t, pw, bb).sum(),
+                                                 argnums=(0, 1)))(x3, B),
+         lambda: torch.func.vmap(torch.func.grad(lambda t, bb: F.linear(t, W, bb).sum(), argnums=(0, 1)))(x3, B))
+    S = pw.scales[None][:0]
+    assert torch.func.vmap(lambda s: ops.packed_linear(X, PackedWeight(pw.qweight, s, pw.zeros, 4, 32, pw.shape)))(
+        S).shape == (0, 3, 8)
+
+
+def test_vmap_over_packed_weight_scales():
+    """A PackedWeight built inside vmap from batched scales failed on its finite-value check
+    (data-dependent control flow); the check is skipped inside torch.func transforms, kept outside."""
+    pw = make(4, 64, 4, 32, torch.float32, seed=5)
+    x = torch.randn(2, 64)
+    S = torch.stack([pw.scales, pw.scales * 2])
+    f = lambda s: ops.packed_linear(x, PackedWeight(pw.qweight, s, pw.zeros, 4, 32, pw.shape))  # noqa: E731
+    assert torch.equal(torch.func.vmap(f)(S), torch.stack([f(s) for s in S]))
+    with pytest.raises(ValueError, match="scales contain NaN or inf"):
+        PackedWeight(pw.qweight, pw.scales * float("nan"), pw.zeros, 4, 32, pw.shape)
+
+
 def test_dequantize_refuses_metadata_on_another_device():
     # a direct op call with scales / zeros on meta and qweight on the CPU returned a meta tensor silently
     pw = make(8, 64, 4, 32)

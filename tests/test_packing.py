@@ -563,6 +563,44 @@ def test_from_hqq_checks_meta_without_hqq():
         formats.from_hqq(W_q, {k: v for k, v in meta.items() if k != "shape"})
 
 
+def test_from_hqq_checks_w_q_dtype_and_mispacked_2bit():
+    q, W_q, meta = _hqq_4bit()
+    # a wrong dtype was viewed as uint8 first: "shape '[4, 64]' is invalid for input of size ..." named nothing
+    with pytest.raises(TypeError, match=r"W_q must be torch.uint8 for packing '4bit_u8', got torch.int32"):
+        formats.from_hqq(W_q.to(torch.int32), meta)
+    with pytest.raises(TypeError, match=r"got torch.float32 \(a float W_q is hqq's view_as_float"):
+        formats.from_hqq(W_q.float(), meta)
+    with pytest.raises(TypeError, match=r"view_as_float'\] is True, so W_q must be .* float dtype"):
+        formats.from_hqq(W_q, dict(meta, view_as_float=True))
+    with pytest.raises(TypeError, match=r"W_q must be torch.int32 for packing '3bit_32', got torch.uint8"):
+        formats.from_hqq(W_q, dict(meta, nbits=3, packing="3bit_32"))
+    # hqq's 2-bit packer on R = N * K / g = 7 rows broadcasts a short slice into 4 rows: the shape error
+    # ("W_q must have shape (2, 64)") hid the cause
+    R, g = 7, 64
+    qr = rand_q(R, g, 2).to(torch.int64)
+    s = R // 4
+    W2 = (qr[:s] << 6 | qr[s:2 * s] << 4 | qr[2 * s:3 * s] << 2 | qr[3 * s:]).to(torch.uint8)
+    assert W2.shape == (4, 64)
+    meta2 = dict(nbits=2, group_size=g, shape=(7, 64), axis=1, packing="2bit_u8", scale=torch.ones(R, 1),
+                 zero=torch.zeros(R, 1))
+    with pytest.raises(ValueError, match=r"2bit_u8 needs N \* K / group_size = 7 to be a multiple of 4; hqq packed "
+                                         r"this weight incorrectly"):
+        formats.from_hqq(W2, meta2)
+    assert torch.equal(formats.from_hqq(W_q, meta).unpack(), q)  # the good one still converts
+
+
+def test_from_float_meta_w_and_bad_meta_dtype_errors():
+    # a meta W failed in the quantizer: "Tensor.item() cannot be called on meta tensors"
+    with pytest.raises(ValueError, match=r"quantkern.PackedWeight.from_float: W \(shape \(4, 64\)\) is on the meta "
+                                         r"device"):
+        PackedWeight.from_float(torch.empty(4, 64, device="meta"), 4, 64)
+    # the reference quantizer's error had no prefix ("meta_dtype must be one of ...")
+    for bad in (torch.float64, torch.int32):
+        with pytest.raises(TypeError, match=r"^quantkern.PackedWeight.from_float: meta_dtype must be one of"):
+            PackedWeight.from_float(torch.randn(4, 64), 4, 64, meta_dtype=bad)
+    assert PackedWeight.from_float(torch.randn(4, 64), 4, 64, meta_dtype=torch.bfloat16).meta_dtype == torch.bfloat16
+
+
 def test_load_packed_errors_name_the_file_and_weight(tmp_path):
     import json
 

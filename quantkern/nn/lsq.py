@@ -60,7 +60,10 @@ class LSQQuantizer(nn.Module):
 
             Statistics are per channel / per group for those granularities. Data that is all
             zeros initialises nothing: the parameters get placeholders (scale 1, offset 0), a
-            warning says so, and the next forward with a non-zero value initialises.
+            warning says so, and the next forward with a non-zero value initialises; an empty x
+            initialises nothing either (the forward returns it). A row (channel / group) that is
+            constant in the data and gets no scale from the init takes the median of the other
+            rows' scales (1 if all are constant), its constant kept on the grid, with a warning.
         axis: channel axis for ``"channel"`` (negative counts from the end). Must be 0
             for ``"group"``; ignored for ``"tensor"``.
         group_size: group length for ``"group"`` (positive int dividing the row length).
@@ -89,6 +92,7 @@ class LSQQuantizer(nn.Module):
 
     eps: float = 1e-8
     _warned_zero_init: bool = False
+    _warned_flat_init: bool = False
     #: MSE search: coarse grid size for the kept fraction of the range, and for the raise of
     #: the lower end (only with a learnt offset and negative data); then a 9 x 5 refinement.
     mse_grid: int = 24
@@ -227,7 +231,11 @@ class LSQQuantizer(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{name}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.numel() == 0:
-            raise ValueError(f"{name}: cannot initialise from an empty tensor (shape {tuple(x.shape)})")
+            # An empty batch (an MoE expert that got no token) has nothing to initialise from: as for
+            # all-zero data, the init waits for the next non-empty input. Nothing is materialised, since
+            # the empty dim may be the one the parameters' shape comes from (a 0-row group weight).
+            self.param_shape(x.shape)  # a bad shape still raises now
+            return
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: cannot initialise from x containing NaN or inf")
         self.materialize(x.shape, device=x.device)
@@ -247,6 +255,7 @@ class LSQQuantizer(nn.Module):
         shape = tuple(self.scale.shape)
         rows = self._rows(x)
         s, b = self._init_rows(rows)
+        s, b = self._fix_flat_rows(rows, s, b)
         s = s.clamp_min(self.eps)
         self.scale.copy_(s.reshape(shape))
         if self.offset is not None:
@@ -259,6 +268,37 @@ class LSQQuantizer(nn.Module):
         (scale / offset keep their shape and values until then)."""
         self.initialized.fill_(False)
         self._initialized = False
+
+    def _fix_flat_rows(self, r, s, b) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that are constant in the init data (a dead input channel, an alpha channel == 1, a
+        pruned weight row) and got no scale from the init (<= eps: a zero row under every init, any
+        constant row under "minmax" / "mse" with an offset): the eps (1e-8) they were clamped to
+        stayed stuck (an optimiser step moves a scale by ~lr, not by its own size), so later
+        inputs quantized to ~0 or to the offset. They take the median of
+        the other rows' scales (1 if every row is constant); with an offset, the median of their
+        offsets (0 if none), shifted so that the row's constant value is a grid point. Other rows
+        are left exactly as they are."""
+        mn, mx = r.amin(1), r.amax(1)
+        flat = (mn == mx) & (s <= self.eps)
+        n = int(flat.sum())
+        if n == 0:
+            return s, b
+        s = s.clamp_min(self.eps)
+        fill = s[~flat].median() if n < s.numel() else torch.ones((), device=s.device)
+        s = torch.where(flat, fill, s)
+        if self.offset is not None:
+            # the other rows' typical grid (median offset), moved by less than a step (or, for a value
+            # beyond it, to its end) so that the constant is a grid point
+            b_ref = b[~flat].median() if n < s.numel() else torch.zeros((), device=s.device)
+            k = torch.round((mn - b_ref) / s).clamp(self.qmin, self.qmax)
+            b = torch.where(flat, mn - k * s, b)
+        if not self._warned_flat_init:
+            self._warned_flat_init = True
+            what = ("the initialisation data is constant; it gets" if self.granularity == "tensor" else
+                    f"{n} of {s.numel()} {self.granularity}s are constant in the initialisation data; they get")
+            warnings.warn(f"{type(self).__name__}: {what} {'the median scale of the others' if n < s.numel() else 'scale 1'} "
+                          f"({float(fill):.3g}) instead of {self.eps:g}, which training would not grow back", stacklevel=4)
+        return s, b
 
     def _init_rows(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (s, beta) for rows r [C, M] fp32."""
@@ -380,6 +420,8 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             self.initialize(x)
+            if x.numel() == 0:  # nothing to initialise from (the init waits) and nothing to quantize
+                return x.clone(memory_format=torch.contiguous_format)
         else:
             # Shapes only (no host sync, nothing for dynamo to break on). Without this a different
             # channel count / row length reached the op, whose error describes the reshaped x and

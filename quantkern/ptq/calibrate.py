@@ -15,7 +15,8 @@ Shapes. A calibrator is built with ``axis``:
   ``compute_amax()`` returns float32 ``[x.shape[a]]``.
 
 ``collect(x)`` accepts any float dtype and shape (the same channel count every
-call) and streams: nothing but the running statistics is kept. Statistics are taken
+call) and streams: nothing but the running statistics is kept; an empty x (no token)
+records nothing. Statistics are taken
 in float32: float64 values beyond its range raise (as inf would), values below
 ~1e-45 count as 0. Symmetric ``unsigned=True`` calibrators (and ``fake_quant_dynamic``)
 warn once when they see negative values: the grid quantizes them to 0, and max and the
@@ -27,7 +28,10 @@ Methods:
 * ``percentile`` (histogram, default 99.99): ``edges[searchsorted(cumsum(hist), total * p/100)]``, the left edge
   of the bin holding the quantile (the right edge for bin 0, so non-zero data never gets amax 0).
   Asymmetric: a signed histogram; ``amin`` is the left edge of the bin holding
-  the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile.
+  the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile
+  (so p >= 50). The rank is the float product ``total * p / 100``, as NVIDIA's calibrator computes
+  it (bit-exact with it): where that is an integer rank up to rounding (20000 x 99.9%), the rounding
+  picks the rank's bin or the next one's.
 * ``mse`` (histogram): candidates are the bin centers from ``start_bin``;
   argmin of the count-weighted squared error of symmetric fake quantization.
   Asymmetric (``symmetric=False``): windows ``[-a*w, b*w]`` of the signed histogram
@@ -98,17 +102,19 @@ def _nonfinite_msg(name: str, wide: bool) -> str:
     return f"{name} contains NaN or Inf" + (" (as float32: float64 values beyond 3.4e38 become inf)" if wide else "")
 
 
-def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool = False) -> torch.Tensor:
+def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool = False,
+              empty_ok: bool = False) -> torch.Tensor:
     """``x`` as float32 ``[C, M]`` (C = 1 per tensor).
 
     native: keep float16 / bfloat16 (the kernels read them directly) and skip the
     NaN / inf check (the caller checks a reduction of x instead: one pass less).
+    empty_ok: an empty x gives an empty ``[C, 0]`` (or ``[0, M]``) instead of raising.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-    if x.numel() == 0:
+    if x.numel() == 0 and not empty_ok:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     x = x.detach()
     wide = x.dtype == torch.float64
@@ -119,7 +125,10 @@ def _channels(x: torch.Tensor, axis: int | None, name: str = "x", native: bool =
     else:
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"axis {axis} out of range for {name} with {x.dim()} dims")
-        out = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        rest = list(x.shape)
+        del rest[axis]
+        # M spelled out: reshape(0, -1) cannot infer it (x empty along the channel axis)
+        out = x.movedim(axis, 0).reshape(x.shape[axis], math.prod(rest))
     if not native and _eager() and not torch.isfinite(out).all():
         raise ValueError(_nonfinite_msg(name, wide))
     return out
@@ -270,9 +279,13 @@ def fake_quant_dynamic(x, num_bits: int = 8, *, axis=None, symmetric: bool = Tru
     """Dynamic fake quantization: the range is the min/max of this very ``x``.
 
     axis=None: one range for the tensor; axis=a: one range per index of dimension a
-    (per token for activations ``[T, K]``: ``axis=0``). Returns x_hat like x.
+    (per token for activations ``[T, K]``: ``axis=0``). Returns x_hat like x; an empty x
+    (no token, e.g. an MoE expert that received none) is returned as an empty copy.
     """
-    xc = _channels(x, axis)
+    xc = _channels(x, axis, empty_ok=True)
+    if xc.numel() == 0:  # no range to take and nothing to quantize (amin / amax of nothing raised)
+        quant_range(num_bits, symmetric, unsigned, narrow_range)  # a bad grid still raises
+        return x.clone(memory_format=torch.contiguous_format)
     mn, mx = _minmax(xc)
     if symmetric and unsigned and _eager() and bool((mn < 0).any()):  # negative values became 0 without a word
         warnings.warn(_negative_unsigned_msg("fake_quant_dynamic", mn), stacklevel=2)
@@ -306,15 +319,17 @@ class _Calibrator:
             warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=4)
 
     def _prep(self, x, native: bool = False) -> torch.Tensor:
-        """x as [C, M] (see _channels); the caller sets ``self._C`` once the batch is collected."""
-        xc = _channels(x, self.axis, native=native)
+        """x as [C, M] (see _channels), or None for an empty x (nothing to collect); the caller sets
+        ``self._C`` once the batch is collected."""
+        xc = _channels(x, self.axis, native=native, empty_ok=True)
         if self._C is not None and xc.shape[0] != self._C:
             raise ValueError(f"collect: x has {xc.shape[0]} channels along axis {self.axis}, earlier batches had {self._C}")
-        return xc
+        # an empty batch (no token this step) records nothing: the caller skips it
+        return None if xc.numel() == 0 else xc
 
     def _need_data(self):
         if self._C is None:
-            raise RuntimeError(f"{type(self).__name__}: compute_amax() before any collect()")
+            raise RuntimeError(f"{type(self).__name__}: compute_amax() before any collect() of a non-empty x")
 
     def compute_amax(self) -> torch.Tensor:
         """Symmetric range: float32, 0-dim (per tensor) or [C]."""
@@ -358,6 +373,8 @@ class MaxCalibrator(_Calibrator):
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
+        if xc is None:
+            return
         mn, mx = _minmax(xc)
         if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
             raise ValueError(_nonfinite_msg("x", x.dtype == torch.float64))
@@ -390,7 +407,7 @@ class HistogramCalibrator(_Calibrator):
             histogram at the same bin width; past ``4 * num_bins`` bins a channel's bins are
             merged by a power of two (exactly: bin i -> i >> k), so memory stays bounded
             whatever the growth (an outlier far beyond the first batches' range).
-        percentile: in [0, 100] (99.99).
+        percentile: in [0, 100] (99.99); at least 50 when asymmetric.
         start_bin, stride: first candidate bin (asymmetric: least window width in bins) and
             step of the mse/entropy candidate grid (128; stride None = 1 symmetric,
             16 asymmetric, where the grid is two-dimensional).
@@ -434,6 +451,11 @@ class HistogramCalibrator(_Calibrator):
             v = math.nan
         if not 0 <= v <= 100:
             raise ValueError(f"percentile must be a number in [0, 100], got {value!r}")
+        if not self.symmetric and v < 50:
+            # amin is the (100 - p) quantile and amax the p quantile: below 50 they cross, and the
+            # range collapsed to (0, 0), later reported as "saw only zeros"
+            raise ValueError(f"percentile must be >= 50 for an asymmetric range (symmetric=False: amin is the "
+                             f"(100 - percentile) quantile, amax the percentile quantile), got {value!r}")
         self._percentile = v
 
     def reset(self):
@@ -447,6 +469,8 @@ class HistogramCalibrator(_Calibrator):
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
+        if xc is None:
+            return
         C, M = xc.shape
         dev = xc.device
         mn, mx = _minmax(xc)
@@ -609,6 +633,8 @@ class MseCalibrator(_Calibrator):
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x)
+        if xc is None:
+            return
         if self.symmetric and self.unsigned and not self._warned_sign:
             self._check_sign(xc.amin(1))
         if self._base is None:
@@ -693,6 +719,8 @@ def compute_amax(x: torch.Tensor, method: str = "max", num_bits: int = 8, axis=N
     Returns amax (symmetric; float32, 0-dim or [C]) or (amin, amax) (asymmetric).
     """
     cal = make_calibrator(method, num_bits, axis, unsigned, symmetric, **kwargs)
+    if isinstance(x, torch.Tensor) and x.numel() == 0:  # collect() skips an empty batch: nothing to calibrate on
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
     cal.collect(x)
     return cal.compute_amax() if symmetric else cal.compute_range()
 
@@ -754,7 +782,7 @@ class ActQuantizer(torch.nn.Module):
             raise RuntimeError("finish_calibration() without start_calibration()")
         if self.calibrator._C is None:  # the calibrator's own error spoke of a compute_amax() the user never called
             raise RuntimeError(f"ActQuantizer{f' of {name!r}' if name else ''}: finish_calibration() before any input was seen "
-                               "since start_calibration() (an empty calibration loader?)")
+                               "since start_calibration() (an empty calibration loader, or only empty batches?)")
         scale, zero, _, _ = self.calibrator.qparams(self.narrow_range)
         self.scale, self.zero = nonzero_scale(scale, zero, f"ActQuantizer of {name!r}" if name else "ActQuantizer")
         self.calibrator = None
@@ -776,8 +804,8 @@ class ActQuantizer(torch.nn.Module):
         # quantizer with an uninitialised scale (torch.empty_like), or a calibrated one with the refused range
         for name in ("scale", "zero"):
             t = state_dict.get(prefix + name)
-            # the axis is not in the checkpoint: a per-channel range loaded into a per-tensor quantizer
-            # (or back) loaded, and only the first forward failed
+            # checkpoints from before the axis was saved: a per-channel range loaded into a per-tensor
+            # quantizer (or back) loaded, and only the first forward failed
             if isinstance(t, torch.Tensor) and (t.numel() != 1 if self.axis is None else t.dim() != 1):
                 raise ValueError(f"ActQuantizer at {prefix!r}: the checkpoint's {name} has shape {tuple(t.shape)}, but this "
                                  f"quantizer is {'per tensor (axis=None)' if self.axis is None else f'per channel (axis={self.axis})'}"
@@ -807,15 +835,19 @@ class ActQuantizer(torch.nn.Module):
     def get_extra_state(self):
         # the grid the saved scale / zero belong to (the zero-point check above cannot tell an
         # unsigned range from a signed one: both have zero 0)
+        # and the axis (the load check above sees only that a range is 1-D, not along which axis it was
+        # taken, and a dynamic quantizer has no range to tell per-token from per-tensor)
         return {"num_bits": self.num_bits, "symmetric": self.symmetric, "unsigned": self.unsigned,
-                "narrow_range": self.narrow_range, "dynamic": self.dynamic}
+                "narrow_range": self.narrow_range, "dynamic": self.dynamic, "axis": self.axis}
 
     def set_extra_state(self, state):
         want = self.get_extra_state()
-        if isinstance(state, dict) and "dynamic" not in state:  # saved before "dynamic" was recorded
-            want.pop("dynamic")
+        for key in ("dynamic", "axis"):  # saved before these were recorded
+            if isinstance(state, dict) and key not in state:
+                want.pop(key)
         if state != want:
-            raise ValueError(f"ActQuantizer: the checkpoint's grid and mode {state} differ from this quantizer's {want}")
+            raise ValueError(f"ActQuantizer: the checkpoint's grid and mode (with the axis) {state} differ from this "
+                             f"quantizer's {want}")
 
     def _apply(self, fn, recurse=True):
         # .half() / .bfloat16() keep the calibrated range in its dtype (a tiny scale would underflow

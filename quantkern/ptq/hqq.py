@@ -8,6 +8,8 @@ Triton); quantkern/reference/hqq.py is its oracle.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import ops
@@ -28,6 +30,32 @@ def _one_group_per_row(W, group_size, axis):
     return group_size
 
 
+def init_clamp_fraction(W: torch.Tensor, bits: int, group_size: int, axis: int = 1) -> float:
+    """The fraction of W's groups that hqq's min-max init does not give their min-max grid: a range
+    <= 1e-4 gets inverse scale 1, and the inverse scale is capped at 2e4 (as in the hqq package). A
+    constant group (range 0) is not counted: scale 1 reproduces it exactly."""
+    if W.numel() == 0 or W.is_meta:  # (nothing to count; a meta W has no values)
+        return 0.0
+    # the kernel's fp32 arithmetic: min / max are exact in W's dtype, the range is taken in fp32
+    Wg = W.detach().reshape(-1, group_size) if axis == 1 else W.detach().reshape(group_size, -1)
+    rng = Wg.amax(axis).float() - Wg.amin(axis).float()
+    hit = (rng > 0) & ((rng <= 1e-4) | ((2**bits - 1) / rng > 2e4))
+    return hit.float().mean().item()
+
+
+def _warn_init_clamps(who: str, W: torch.Tensor, bits: int, group_size: int, axis: int) -> None:
+    """Warn when :func:`init_clamp_fraction` is not 0."""
+    if torch.compiler.is_compiling():  # a data-dependent branch
+        return
+    frac = init_clamp_fraction(W, bits, group_size, axis)
+    if frac > 0:
+        warnings.warn(f"{who}: {frac:.1%} of the groups have a weight range below hqq's thresholds "
+                      "(range <= 1e-4 -> scale 1, 1/scale capped at 2e4, as in the hqq package), so they quantize far "
+                      "more coarsely than min-max (weights that small lose most of their information). gptq_quantize, "
+                      "or PackedWeight.from_float (plain min-max), keep them; or scale W up by a power of two first. "
+                      "warn=False silences this.", stacklevel=3)
+
+
 def hqq_quantize(
     W: torch.Tensor,
     bits: int,
@@ -39,6 +67,8 @@ def hqq_quantize(
     iters: int = 20,
     backend: str = "auto",
     early_stop: str = "global",
+    *,
+    warn: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HQQ of W ``[N, K]``: min-max init, then up to ``iters`` proximal iterations on the zero.
 
@@ -47,14 +77,25 @@ def hqq_quantize(
     ignores kappa). ``early_stop="group"`` is the per-group variant (each group
     stops on its own error and keeps its best zero). ``group_size`` -1 or None: one group
     per row. See :func:`quantkern.ops.hqq_quantize` for every argument.
+
+    Tiny weights: the min-max init has hqq's two clamps (as :func:`rtn_quantize`): a group whose
+    range is <= 1e-4 gets scale 1, and the inverse scale is capped at 2e4 (scale >= 5e-5), and
+    only the zero is optimised afterwards, so such groups quantize far more coarsely than min-max
+    (a group of weights ~1e-5 comes out nearly constant). ``warn`` (default True): a warning names
+    the fraction of groups this hits (constant groups, which scale 1 keeps exactly, are not counted).
     """
-    return ops.hqq_quantize(
-        W, bits, _one_group_per_row(W, group_size, axis), axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
+    g = _one_group_per_row(W, group_size, axis)
+    out = ops.hqq_quantize(
+        W, bits, g, axis=axis, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
         early_stop=early_stop, backend=backend,
     )
+    if warn:
+        _warn_init_clamps("hqq_quantize", W, bits, g, axis)
+    return out
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None, axis: int = 1, backend: str = "auto"):
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None, axis: int = 1, backend: str = "auto", *,
+                 warn: bool = True):
     """Round to nearest with the min-max init (asymmetric, float zero): HQQ with 0 iterations.
 
     ``scale = (max - min) / (2^bits - 1)`` (stored as the reciprocal of hqq's inverse scale),
@@ -62,6 +103,11 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None, axis: int =
     (bit-exact with the hqq package's ``optimize=False``): a group whose range is <= 1e-4 gets
     scale 1 (a constant group), and the inverse scale is capped at 2e4 (scale >= 5e-5). Layers
     with weights that small lose most of their information here; ``PackedWeight.from_float``
-    is the plain min-max RTN. ``group_size`` -1 or None: one group per row.
+    is the plain min-max RTN. ``warn`` (default True): a warning names the fraction of groups
+    the clamps hit, as :func:`hqq_quantize`'s. ``group_size`` -1 or None: one group per row.
     """
-    return ops.hqq_quantize(W, bits, _one_group_per_row(W, group_size, axis), axis=axis, iters=0, backend=backend)
+    g = _one_group_per_row(W, group_size, axis)
+    out = ops.hqq_quantize(W, bits, g, axis=axis, iters=0, backend=backend)
+    if warn:
+        _warn_init_clamps("rtn_quantize", W, bits, g, axis)
+    return out

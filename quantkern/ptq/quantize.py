@@ -608,13 +608,12 @@ def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None, name: str):
 
 
 def _warn_hqq_init_clamps(name: str, W: torch.Tensor, bits: int, gs: int) -> None:
-    """Warn when HQQ's min-max init (rtn and hqq, as in the hqq package) would not give a layer's
-    groups their min-max grid: a range <= 1e-4 makes the group constant (scale 1), and the
-    inverse scale is capped at 2e4. Layers with tiny weights then lose most of their information."""
-    Wg = W.float().reshape(W.shape[0], -1, gs)
-    rng = Wg.amax(-1) - Wg.amin(-1)
-    hit = (rng <= 1e-4) | ((2**bits - 1) / rng.clamp_min(1e-30) > 2e4)
-    frac = hit.float().mean().item()
+    """Warn when HQQ's min-max init (rtn and hqq, as in the hqq package) would not give some of a
+    layer's groups their min-max grid (:func:`~quantkern.ptq.hqq.init_clamp_fraction`). Layers with
+    tiny weights then lose most of their information."""
+    from .hqq import init_clamp_fraction
+
+    frac = init_clamp_fraction(W, bits, gs)
     if frac > 0:
         warnings.warn(f"quantize_: layer {name!r}: {frac:.1%} of its groups have a weight range below HQQ's "
                       f"thresholds (range <= 1e-4 -> scale 1, 1/scale capped at 2e4; the min-max init that "
@@ -629,10 +628,10 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     from .hqq import hqq_quantize, rtn_quantize
 
     if method == "rtn":
-        q, s, z = rtn_quantize(W, bits, gs)
+        q, s, z = rtn_quantize(W, bits, gs, warn=False)  # (quantize_ warns itself, naming the layer)
         return q, s, z, b
     if method == "hqq":
-        q, s, z = hqq_quantize(W, bits, gs, iters=cfg.hqq_iters)
+        q, s, z = hqq_quantize(W, bits, gs, iters=cfg.hqq_iters, warn=False)
         return q, s, z, b
     W0, b0 = W, b
     pair = cap is not None and cap.pair and method in _DATA_METHODS

@@ -95,8 +95,10 @@ class _FrozenForwardHook:
         g = getattr(q, "grad_scale", 1.0)
         if g is None:
             g = 1.0 / math.sqrt(max(1, o.numel() // s.numel()) * L.qmax)
-        s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (as the LSQ kernel's)
-        b = b * g + (b - b * g).detach()
+        # value exactly s (s * g + (s - s * g) was off by an ulp for some s), gradient scaled by g (as the
+        # LSQ kernel's): the added term is an exact 0 in the forward
+        s = s.detach() + (s - s.detach()) * g
+        b = b.detach() + (b - b.detach()) * g
         axis, gs = L.axis, L.group_size
         x_frozen = qf.float() * lsq_param_view(o, s, axis, gs) + lsq_param_view(o, b, axis, gs)
         return torch.where(frozen, x_frozen.to(o.dtype), o).reshape(shape)
