@@ -37,12 +37,6 @@ def metadata_grad_error(op: str = "packed_linear") -> RuntimeError:
     return RuntimeError(f"quantkern.{op}: {METADATA_GRAD_ERROR}")
 
 
-def in_transform() -> bool:
-    """Inside a torch.func transform (and not compiling: dynamo refuses the query inside
-    ``vmap(torch.compile(f))`` and traces ``vmap`` itself, so compiled code keeps the ops)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-
-
 @torch.compiler.assume_constant_result
 def _active_transforms() -> tuple:
     """Names of the active functorch transforms ("Vmap", "Grad", "Jvp", "Functionalize"). A constant of
@@ -55,10 +49,10 @@ EAGER, COMPILED = "eager", "compiled"
 
 
 def transform_kind():
-    """How ``packed_linear`` must run here: None (no transform, or dynamo tracing inside ``vmap`` /
-    ``functionalize`` only: the raw op), EAGER (inside an eager transform: the Python Functions) or
-    COMPILED (dynamo tracing inside a grad / jvp transform: no compiled form, the graph breaks).
-    Outside a transform it costs what ``in_transform`` did (two C calls)."""
+    """How ``packed_linear`` / ``fake_quant_lsq`` must run here: None (no transform, or dynamo tracing
+    inside ``vmap`` / ``functionalize`` only: the raw op), EAGER (inside an eager transform: the Python
+    Functions) or COMPILED (dynamo tracing inside a grad / jvp transform: no compiled form, the graph
+    breaks: :func:`apply`). Outside a transform it costs two C calls."""
     if torch.compiler.is_compiling():
         if torch._C._are_functorch_transforms_active() and not set(_active_transforms()) <= {"Vmap", "Functionalize"}:
             return COMPILED
@@ -223,21 +217,20 @@ def _empty_batch(fn, in_dims, args):
 
 
 @torch.compiler.disable(reason=(
-    "quantkern.packed_linear cannot be compiled inside torch.func.grad / vjp / jacrev / jvp / jacfwd / hessian "
-    "(PyTorch compiles no autograd.Function under them: dynamo does not see the transform's grad tracking and "
-    "has no jvp / vmap rule for it), so the graph breaks here and the frame runs eagerly, transforms included. "
-    "With fullgraph=True: drop fullgraph=True (the frame then runs eagerly, as said), or run the torch.func "
-    "transform without torch.compile (e.g. torch.func.vmap(torch.func.grad(f))(x) eagerly); torch.compile "
-    "of torch.func.vmap alone traces"))
-def _eager_packed_linear(*args):
-    return PackedLinearFn.apply(*args)
+    "quantkern's packed_linear / fake_quant_lsq cannot be compiled inside torch.func.grad / vjp / jacrev / jvp / "
+    "jacfwd / hessian (PyTorch compiles no autograd.Function under them: dynamo does not see the transform's grad "
+    "tracking and has no jvp / vmap rule for it), so the graph breaks here and the frame runs eagerly, transforms "
+    "included. With fullgraph=True: drop fullgraph=True (the frame then runs eagerly, as said), or run the "
+    "torch.func transform without torch.compile (e.g. torch.func.vmap(torch.func.grad(f))(x) eagerly); "
+    "torch.compile of torch.func.vmap alone traces"))
+def _eager_apply(fn, *args):
+    return fn.apply(*args)
 
 
-def packed_linear(kind, x, qweight, scales, zeros, bits, group_size, in_features, bias):
-    """ops.packed_linear inside a transform (``kind`` from :func:`transform_kind`)."""
-    if kind == EAGER:
-        return PackedLinearFn.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
-    return _eager_packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+def apply(kind, fn, *args):
+    """``fn.apply(*args)`` inside a transform (``kind`` from :func:`transform_kind`): directly when
+    eager, behind a graph break when dynamo traces a grad / jvp transform."""
+    return fn.apply(*args) if kind == EAGER else _eager_apply(fn, *args)
 
 
 class FakeQuantLSQFn(torch.autograd.Function):

@@ -181,8 +181,10 @@ def fake_quant_lsq(
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
     # torch.func refuses the autograd register_autograd generates: inside a transform, a Function that it takes
-    if _functorch.in_transform():
-        return _functorch.FakeQuantLSQFn.apply(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale), be)
+    kind = _functorch.transform_kind()
+    if kind is not None:
+        return _functorch.apply(kind, _functorch.FakeQuantLSQFn, x, scale, offset, qmin, qmax, axis, group_size,
+                                float(grad_scale), be)
     return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))
 
 
@@ -700,7 +702,8 @@ def _packed_linear(x, qweight, scales, zeros, bits, group_size, in_features, bia
                 f"quantkern.{op}: torch.func transforms (vmap, grad, jvp, ...) need the native kernels; the "
                 "Triton op has no transform support (its jvp would be zero): pass backend='native' "
                 f"({'build the CUDA kernels' if x.device.type == 'cuda' else 'the CPU kernels'})")
-        return _functorch.packed_linear(kind, x, qweight, scales, zeros, bits, group_size, in_features, bias)
+        return _functorch.apply(kind, _functorch.PackedLinearFn, x, qweight, scales, zeros, bits, group_size,
+                                in_features, bias)
     fn = torch.ops.quantkern.packed_linear_triton if be == "triton" else torch.ops.quantkern.packed_linear
     return fn(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 

@@ -366,3 +366,15 @@ def test_grid_beyond_fp32_exact_integers_is_refused_by_raw_ops_and_dampening():
         torch.ops.quantkern.dampening_loss(x, s, b, -(2**24) - 1, 7, None, None, 1.0)
     with pytest.raises(ValueError, match=r"quantkern.dampening_loss: qmin and qmax must lie in"):
         ops.dampening_loss(x, s, None, 0, 2**24 + 1)
+
+
+def test_compiled_around_torch_func_grad():
+    """torch.compile around torch.func.grad of fake_quant_lsq crashed (the raw op's registered autograd
+    under a transform); the call breaks the graph there and runs eagerly: the same gradients."""
+    x, s, b = torch.randn(8, 16), torch.tensor(0.1), torch.tensor(0.02)
+    fx = lambda t: ops.fake_quant_lsq(t, s, b, -8, 7).pow(2).sum()  # noqa: E731
+    fs = lambda t: ops.fake_quant_lsq(x, t, b, -8, 7).pow(2).sum()  # noqa: E731
+    for f, a in ((lambda t: torch.func.grad(fx)(t), x), (lambda t: torch.func.grad(fs)(t), s)):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(f)(a), f(a))
+    torch._dynamo.reset()
