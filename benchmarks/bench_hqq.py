@@ -143,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--minilm", action="store_true", help="every Linear of all-MiniLM-L6-v2 instead of one random "
                     "weight (uses --bits, --group, --runs, --skip-hqq; ignores --n, --k, --axis, --dist)")
     a = ap.parse_args(argv)
+    if a.reps is not None and a.runs is not None and a.reps != a.runs:  # (--runs won silently)
+        ap.error(f"--reps and --runs are the same setting (timed runs), given {a.reps} and {a.runs}: give one")
     if a.device != "cpu":
         ap.error("bench_hqq compares CPU implementations (the hqq package runs here on the CPU): --device cpu")
     out = H.table_stream(a)

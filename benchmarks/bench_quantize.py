@@ -145,6 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("--effnet", action="store_true", help="fake_quantize_model_ on EfficientNet-Lite0 instead")
     ap.add_argument("--crops", type=H.positive_int, default=None, help="--effnet calibration crops (default 32)")
     a = ap.parse_args(argv)
+    # (checked here: these failed only after the models were built, inside quantize_ / the model's forward)
+    if not a.effnet and a.group % 32:
+        ap.error(f"--group must be a multiple of 32 (quantize_'s packed groups; --effnet takes any), got {a.group}")
+    if a.tokens is not None and a.tokens < 2:
+        ap.error(f"--tokens must be >= 2 (two sequences of tokens // 2 each), got {a.tokens}")
     dev = H.apply_common_args(a)
     out = H.table_stream(a)
     H.note_no_files(a, "bench_quantize", out)

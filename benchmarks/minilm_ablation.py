@@ -31,6 +31,26 @@ def main():
     a = ap.parse_args()
     if a.threads < 1:
         ap.error(f"--threads must be >= 1, got {a.threads}")
+    if a.batch < 0:
+        ap.error(f"--batch must be >= 0, got {a.batch}")
+    # every config checked before the model loads (an unknown method or --bits 9 failed after minutes)
+    try:
+        bits_list = [int(b) for b in a.bits.split(",")]
+    except ValueError:
+        ap.error(f"--bits must be a comma list of ints, got {a.bits!r}")
+    specs = []
+    for spec in a.configs:
+        try:
+            method, *kvs = spec.split()
+            over = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in kvs)}
+            for bits in bits_list:
+                QuantizeConfig(method=method, bits=bits, group_size=64, **over).validate()
+        except (ValueError, TypeError, SyntaxError) as e:
+            ap.error(f"config {spec!r}: {e}")
+        specs.append((spec, method, over))
+    for part in a.calib.split("+"):
+        if part != "even" and not (part.startswith("pydoc:") and part[6:].isdigit()):
+            ap.error(f"bad --calib part {part!r} (even | pydoc:N | even+pydoc:N)")
     torch.set_num_threads(a.threads)
     model = load_minilm("cpu")
     sents = load_sentences()
@@ -57,11 +77,9 @@ def main():
             return m.encode(evals, batch_size=64, convert_to_tensor=True, show_progress_bar=False).float()
 
     E0 = enc(model)
-    for spec in a.configs:
-        method, *kvs = spec.split()
-        over = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in kvs)}
+    for spec, method, over in specs:
         res = []
-        for bits in [int(b) for b in a.bits.split(",")]:
+        for bits in bits_list:
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             with warnings.catch_warnings():

@@ -474,7 +474,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:  # the tables' own checks, named by option, before any model loads
         eff_rows = None if args.effnet_rows.strip() == "all" else \
-            _choices("--effnet-rows", args.effnet_rows, EFFNET_ROWS, hint=", or 'all'")
+            _choices("--effnet-rows", args.effnet_rows, EFFNET_ROWS, hint=", or 'all' alone")
         methods = _choices("--methods", args.methods, METHOD_LABEL)
         args.act_bits = _choices("--act-bits", args.act_bits, MINILM_ACT_BITS, empty_ok=True)
     except ValueError as e:

@@ -352,8 +352,12 @@ def test_layer_without_calibration_input(method, kw):
         w, w0 = getattr(m, name).weight, getattr(net, name).weight
         assert torch.isfinite(w).all() and ((w - w0).norm() / w0.norm()).item() < 0.3, name
         assert torch.equal(getattr(m, name).bias, getattr(net, name).bias), name
-    if method != "hqq":
+    if method in ("gptq", "erq", "adaround"):
         assert rep["notes"]["aux"] == rep["notes"]["aux_dw"] == "no calibration input: RTN"
+    elif method == "rtn":  # (rtn / hqq need no data: the method is kept, only the bias correction is left out)
+        assert rep["notes"]["aux"] == rep["notes"]["aux_dw"] == "no calibration input: no bias correction"
+    else:  # the dynamic activation fallback is noted too
+        assert rep["notes"]["aux"] == rep["notes"]["aux_dw"] == "no calibration input: dynamic input quantizer"
     assert torch.isfinite(m(x)).all()
     if "act_bits" in kw:
         assert m.aux.input_quantizer.dynamic and not m.fc.input_quantizer.dynamic

@@ -28,7 +28,8 @@ dtype (the returned ``qparams`` are float32). Methods:
   compensation, which also re-fits the bias, so ``bias_correction`` skips these layers)
   on a random subset of im2col rows. ``act_bits`` quantizers are calibrated after the
   weights, so Aqer runs only against quantizers already installed by an earlier
-  activation-only call (``fake_quantize_model_(m, None, act_bits=...)``); depthwise convs fall back to
+  activation-only call (``fake_quantize_model_(m, None, act_bits=...)``; its rows are the float input
+  of that quantizer, which Aqer quantizes itself); depthwise convs fall back to
   :func:`gptq_depthwise` (ERQ's solver takes one input matrix shared by all rows,
   a depthwise conv has a different one per channel).
 
@@ -51,8 +52,16 @@ the quantized layers and of every BatchNorm). The weights stay exactly ``(q - ze
 The data methods are sequential: layer ``i`` is quantized from the inputs the
 already-quantized layers ``< i`` produce on the calibration images (a module called more than once
 per forward, e.g. a shared head, is calibrated on all its calls). A layer the calibration
-forward never reaches (e.g. an unused auxiliary head) gets RTN weights, no bias correction and a
-dynamic input quantizer, with a warning (note "no calibration input: RTN").
+forward never reaches (e.g. an unused auxiliary head) gets RTN weights under the data methods (rtn /
+hqq keep theirs), no bias correction and a dynamic input quantizer, with a warning and a note
+("no calibration input: RTN" / "...: no bias correction" / "...: dynamic input quantizer").
+
+Failures. Every argument, name, weight (NaN / Inf) and the forward of one calibration batch are
+checked before the model changes (torch's attention modules are unfused only after that); a failure
+in some layer's solver names that layer (the layers before it were already written); a failed
+activation calibration removes the quantizers it installed. Layers whose weight is computed
+(parametrizations, ``nn.utils.weight_norm``) stay in float with a warning and a note. The call runs
+with inference mode off.
 
 Bias correction (``bias_correction=True``): after quantizing a layer, its bias
 absorbs the shift of the per-channel output mean over the calibration images,
@@ -94,7 +103,7 @@ from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
-from .hqq import hqq_quantize, rtn_quantize
+from .hqq import hqq_quantize, init_clamp_fraction, rtn_quantize
 
 __all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
            "remove_act_quantizers", "WEIGHT_METHODS", "ACT_METHODS"]
@@ -200,6 +209,11 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
         raise ValueError(f"{fn}: H must be a float tensor of shape [C, k, k] = [{C}, {k}, {k}], got {getattr(H, 'shape', H)}")
     if not bool(torch.isfinite(H).all()):  # (else "not positive definite; increase damp", which it is not about)
         raise ValueError(f"{fn}: H contains NaN or Inf")
+    # the Cholesky reads one triangle only: a non-symmetric H[c] would be replaced by the symmetric matrix of
+    # its lower triangle without a word (as gptq_quantize, rounding-level asymmetry passes)
+    asym = float((H.detach().double() - H.detach().double().transpose(1, 2)).abs().max()) if C else 0.0
+    if asym > 1e-3 * float(H.detach().abs().max()):
+        raise ValueError(f"{fn}: H[c] must be symmetric (2 X_c^T X_c); max |H - H^T| = {asym:.3g}")
     if not (isinstance(damp, (int, float)) and damp >= 0 and math.isfinite(damp)):
         raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r}")
     maxq = 2**bits - 1
@@ -214,7 +228,7 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     scale = torch.zeros(C, G, dtype=torch.float32, device=W.device)
     zero = torch.zeros(C, G, dtype=torch.float32, device=W.device)
     if clip == "hqq":
-        _, scale, zero = hqq_quantize(Wf, bits, g)
+        _, scale, zero = hqq_quantize(Wf, bits, g, warn=False)
     elif clip == "mse":
         scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, dg.float().reshape(C, G, g))
     elif static:
@@ -287,6 +301,11 @@ def mse_clip_params(Wg: torch.Tensor, bits: int, weight: torch.Tensor | None = N
 
 class _Stop(Exception):
     """Raised by a hook to end the forward pass once the layer of interest has seen its input."""
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A layer's input from a forward pre-hook's (args, kwargs): ``layer(x)`` or ``layer(input=x)``."""
+    return args[0] if args else kwargs["input"]
 
 
 def _batches(calib_data, batch_size: int):
@@ -369,12 +388,19 @@ def _collect(model, mod, calib_data, batch_size, stop: bool = True, blocks: Bloc
     """
     st = _LayerStats(mod, **kw)
 
-    def hook(m, args):
-        st.add(args[0].detach())
+    def take(x):
+        st.add(x.detach())
         if stop:
             raise _Stop
 
-    h = mod.register_forward_pre_hook(hook)
+    # ERQ's rows (max_rows) of a layer with an input quantizer from an earlier call: Aqer needs the float
+    # input X (it applies the quantizer itself), which that quantizer's pre-hook has replaced by Qa(X) before
+    # a hook of ours would run: its pre-hook hands over its own input instead (the forward goes on as usual)
+    tap = bool(st.max_rows) and getattr(mod, "_qk_act_hook", None) is not None
+    if tap:
+        mod._qk_act_tap = take
+    else:
+        h = mod.register_forward_pre_hook(lambda m, args, kwargs: take(_input_of(args, kwargs)), with_kwargs=True)
     try:
         with torch.no_grad():
             if blocks is None:
@@ -386,13 +412,17 @@ def _collect(model, mod, calib_data, batch_size, stop: bool = True, blocks: Bloc
                     except _Stop:
                         pass
     finally:
-        h.remove()
+        if tap:
+            del mod._qk_act_tap
+        else:
+            h.remove()
     return st
 
 
 def _run_hooked(model, layers, pre_hook, calib_data, batch_size):
-    """One pass over the calibration data with ``pre_hook(module, args)`` on every layer."""
-    hs = [m.register_forward_pre_hook(pre_hook) for _, m in layers]
+    """One pass over the calibration data with ``pre_hook(module, input)`` on every layer."""
+    hs = [m.register_forward_pre_hook(lambda m, args, kwargs: pre_hook(m, _input_of(args, kwargs)), with_kwargs=True)
+          for _, m in layers]
     try:
         with torch.no_grad():
             _run(model, calib_data, batch_size)
@@ -404,7 +434,7 @@ def _run_hooked(model, layers, pre_hook, calib_data, batch_size):
 def _fp_means(model, layers, calib_data, batch_size) -> dict:
     """Mean im2col rows of every layer's input in the (still fp32) model, one pass."""
     stats = {id(m): _LayerStats(m, False, 0, None) for _, m in layers}
-    _run_hooked(model, layers, lambda m, a: stats[id(m)].add(a[0].detach()), calib_data, batch_size)
+    _run_hooked(model, layers, lambda m, x: stats[id(m)].add(x.detach()), calib_data, batch_size)
     return {k: v.mu for k, v in stats.items()}
 
 
@@ -420,16 +450,16 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
         s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
         q = quantize_int(W2.reshape(O, -1, g), s[..., None], z[..., None], 2**bits - 1).reshape(O, -1)
     elif method == "rtn":
-        q, s, z = rtn_quantize(W2, bits, g)
+        q, s, z = rtn_quantize(W2, bits, g, warn=False)  # (fake_quantize_model_ warns once, naming layers)
     elif method == "hqq":
-        q, s, z = hqq_quantize(W2, bits, g)
+        q, s, z = hqq_quantize(W2, bits, g, warn=False)
     elif method == "adaround":
         if opts["clip"] == "hqq":
-            _, s, z = hqq_quantize(W2, bits, g)
+            _, s, z = hqq_quantize(W2, bits, g, warn=False)
         elif opts["clip"] == "mse":
             s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
         else:
-            _, s, z = rtn_quantize(W2, bits, g)
+            _, s, z = rtn_quantize(W2, bits, g, warn=False)
         H = st.Hdw if st.dw else st.acc.H
         q, s, z = adaround_quantize(W2, H, s, z, bits, iters=opts["ada_iters"], lr=opts["ada_lr"], lam=opts["ada_lambda"])
     elif st.dw:  # gptq, and erq's documented fallback
@@ -449,32 +479,63 @@ def _quantize_layer(mod, bits, method, gs, st, opts):
     return Wq, new_b, note, (q, s, z)
 
 
-def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size):
+def _act_pre_hook(m, args, kwargs):
+    """The forward pre-hook of an input quantizer (module level: a model holding it can be pickled)."""
+    x = _input_of(args, kwargs)
+    tap = getattr(m, "_qk_act_tap", None)  # (_collect: ERQ's Aqer takes the float input)
+    if tap is not None:
+        tap(x)
+    xq = m.input_quantizer(x)
+    if args:
+        return (xq,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "input": xq}
+
+
+def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size, notes=None):
     # pass 1: is each layer's input ever negative? (decides unsigned vs symmetric signed)
     neg = {id(m): False for _, m in layers}
     seen = set()
 
-    def sign_hook(m, a):
+    def sign_hook(m, x):
         seen.add(id(m))
-        neg[id(m)] |= bool((a[0] < 0).any())
+        neg[id(m)] |= bool((x < 0).any())
 
-    for _, m in layers:  # a second call replaces the quantizers of the first
-        _remove_act_quantizer(m)
-    _run_hooked(model, layers, sign_hook, calib_data, batch_size)
-    for n, m in layers:
-        if id(m) in seen:
-            m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
-            m.input_quantizer.start_calibration()
-        else:  # nothing to calibrate on: a dynamic (per-call min-max) quantizer
-            warnings.warn(f"fake_quantize_model_: layer {n!r} saw no calibration input; using a dynamic input "
-                          "quantizer for it", stacklevel=3)
-            m.input_quantizer = ActQuantizer(act_bits, symmetric=True, dynamic=True)
-        m._qk_act_hook = m.register_forward_pre_hook(lambda m, a: (m.input_quantizer(a[0]),) + tuple(a[1:]))
-    with torch.no_grad():
-        _run(model, calib_data, batch_size)
-    for name, m in layers:
-        if id(m) in seen:
-            m.input_quantizer.finish_calibration(name)
+    old = {}  # a second call replaces the quantizers of the first (given back if this call fails)
+    for _, m in layers:
+        if getattr(m, "_qk_act_hook", None) is not None:
+            old[m] = m.input_quantizer
+            _remove_act_quantizer(m)
+    installed = set()
+    try:
+        _run_hooked(model, layers, sign_hook, calib_data, batch_size)
+        for n, m in layers:
+            if id(m) in seen:
+                m.input_quantizer = ActQuantizer(act_bits, act_method, symmetric=True, unsigned=not neg[id(m)])
+                m.input_quantizer.start_calibration()
+            else:  # nothing to calibrate on: a dynamic (per-call min-max) quantizer
+                warnings.warn(f"fake_quantize_model_: layer {n!r} saw no calibration input; using a dynamic input "
+                              "quantizer for it", stacklevel=3)
+                m.input_quantizer = ActQuantizer(act_bits, symmetric=True, dynamic=True)
+                if notes is not None:
+                    notes[n] = (notes[n] + "; " if n in notes else "") + "no calibration input: dynamic input quantizer"
+            m._qk_act_hook = m.register_forward_pre_hook(_act_pre_hook, with_kwargs=True)
+            installed.add(m)
+        with torch.no_grad():
+            _run(model, calib_data, batch_size)
+        for name, m in layers:
+            if id(m) in seen:
+                m.input_quantizer.finish_calibration(name)
+    except BaseException:  # no quantizer left half calibrated: this call's are removed, the earlier ones given back
+        for _, m in layers:
+            if m in installed:
+                _remove_act_quantizer(m)
+            elif "input_quantizer" in m._modules and getattr(m, "_qk_act_hook", None) is None:
+                del m.input_quantizer
+        for m, q in old.items():
+            if getattr(m, "_qk_act_hook", None) is None:
+                m.input_quantizer = q
+                m._qk_act_hook = m.register_forward_pre_hook(_act_pre_hook, with_kwargs=True)
+        raise
 
 
 def remove_act_quantizers(model: nn.Module) -> int:
@@ -488,8 +549,57 @@ def _remove_act_quantizer(m: nn.Module) -> bool:
         return False
     h.remove()
     del m._qk_act_hook
-    del m.input_quantizer
+    if "input_quantizer" in m._modules:  # (a failed call may have removed it first)
+        del m.input_quantizer
     return True
+
+
+def _layer_names(model: nn.Module, skip_names) -> tuple[dict, dict, set]:
+    """The layers the model will have once :func:`expose_linears` ran, without running it.
+
+    Returns ``names`` (every name of a Conv2d / Linear -> its first name, as :func:`quantizable_layers`
+    lists it), ``mods`` (first name -> module, in module order; None for a projection of a torch
+    attention module that expose_linears will create, ``attn.q_proj``) and the names of the torch
+    attention / transformers Conv1D modules (a skip may name those: they are then kept as they are).
+    ``skip_names``: the names skipped (expose_linears leaves those modules alone), or None.
+    """
+    from ..nn._sites import module_sites
+    from ..nn.attention import _not_plain
+
+    names, mods, whole = {}, {}, set()
+    first = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) or (_is_hf_conv1d(m) and not (skip_names and n in skip_names)):
+            names[n] = first.setdefault(id(m), n)
+            mods.setdefault(names[n], m)
+        if isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m):
+            whole.add(n)
+    for mnames, _, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
+        if (skip_names and any(n in skip_names for n in mnames)) or _not_plain(mha):
+            continue
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            for n in mnames:
+                names[f"{n}.{proj}"] = f"{mnames[0]}.{proj}"
+            mods[f"{mnames[0]}.{proj}"] = None
+    return names, mods, whole
+
+
+def _computed_weight(m: nn.Module) -> str:
+    """Why ``m.weight`` is not a plain Parameter that writing the quantized weight into would change ("" if it is)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(m, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in m.parametrizations["weight"])
+        return (f"its weight is parametrized ({kinds}): torch.nn.utils.parametrize.remove_parametrizations(m, "
+                "'weight') makes it a plain Parameter")
+    if m._parameters.get("weight") is not None:
+        return ""
+    hooks = [type(h).__name__ for h in m._forward_pre_hooks.values()]
+    if "WeightNorm" in hooks:
+        return "its weight is computed by torch.nn.utils.weight_norm: torch.nn.utils.remove_weight_norm(m) removes it"
+    if "SpectralNorm" in hooks:
+        return "its weight is computed by torch.nn.utils.spectral_norm: torch.nn.utils.remove_spectral_norm(m) removes it"
+    return "its weight is not a Parameter (computed from other tensors)"
 
 
 def fake_quantize_model_(
@@ -513,8 +623,8 @@ def fake_quantize_model_(
     progress: bool = True,
     seed: int = 0,
     adaround_iters: int = 300,
-    adaround_lr: float = 1e-2,
-    adaround_lambda: float = 0.01,
+    adaround_lr: float = 3e-2,
+    adaround_lambda: float = 100.0,
     depthwise_method: str | None = None,
     distill_steps: int = 0,
     distill_batch: int = 8,
@@ -551,7 +661,8 @@ def fake_quantize_model_(
             model from 61.7% to 46.9%, so the demo keeps min-max); dense ERQ keeps its own
             min-max params, HQQ its own zero search.
         adaround_iters, adaround_lr, adaround_lambda: method "adaround": Adam steps per layer, step
-            size, weight of the rounding regulariser (see :func:`~quantkern.ptq.adaround.adaround_quantize`).
+            size, weight of the rounding regulariser (see :func:`~quantkern.ptq.adaround.adaround_quantize`;
+            the defaults were 1e-2 / 0.01 before 2026-12, which gave round-to-nearest in effect).
         depthwise_method: None (same as ``method``) or a method for the depthwise convs only.
         distill_steps, distill_batch, distill_lr, distill_bias: end-to-end KD of the group
             scales / zeros after quantization (module docstring); 0 steps = off.
@@ -643,43 +754,42 @@ def fake_quantize_model_(
         skip = (skip,)
     elif not callable(skip):
         skip = tuple(skip)  # a generator would be used up by the name check below
-    # torch's attention reads its fused weights directly (in_proj was never quantized, out_proj saw no
-    # calibration input): its projections become Linear submodules (the same function), and transformers'
-    # Conv1D layers nn.Linear, unless skipped by name
-    expose_linears(model, None if callable(skip) else (lambda n, s=frozenset(skip): n in s))
-    kept_unexposed = {n for n, m in model.named_modules(remove_duplicate=False)
-                 if isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)}
-    # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
-    # self.head``) is listed once, under its first name, but skip / layer_bits may use either
-    first = {id(m): n for n, m in quantizable_layers(model)}
-    names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
-    if not callable(skip):
-        unknown = set(skip) - set(names) - kept_unexposed
+    # Every check runs before anything changes the model, expose_linears included (below: torch's attention
+    # modules get Linear projections, transformers' Conv1D layers become nn.Linear), so the names skip /
+    # layer_bits may use are those of the exposed model, predicted here without changing it
+    name_skip = None if callable(skip) else frozenset(skip)
+    pnames, pmods, kept_unexposed = _layer_names(model, name_skip)
+    if name_skip is not None:
+        unknown = set(skip) - set(pnames) - kept_unexposed
         if unknown:
             raise ValueError(f"skip: no Conv2d / Linear named {sorted(unknown)}")
-    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip if k in names): n in s)
-    layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]
     bits_by_name = {}
     for n, b in dict(layer_bits or {}).items():
-        if n not in names:
+        if n not in pnames:
             raise ValueError(f"layer_bits: no Conv2d / Linear named {n!r}")
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"layer_bits[{n!r}] must be an int in [1, 8], got {b!r}")
-        if bits_by_name.get(names[n], b) != b:
-            raise ValueError(f"layer_bits: {n!r} is layer {names[n]!r}, which another entry gives "
-                             f"{bits_by_name[names[n]]} bits")
-        bits_by_name[names[n]] = b
+        if bits_by_name.get(pnames[n], b) != b:
+            raise ValueError(f"layer_bits: {n!r} is layer {pnames[n]!r}, which another entry gives "
+                             f"{bits_by_name[pnames[n]]} bits")
+        bits_by_name[pnames[n]] = b
     layer_bits = bits_by_name
     if distill_steps:
         if isinstance(distill_batch, bool) or not isinstance(distill_batch, int) or distill_batch < 1:
             raise ValueError(f"distill_batch must be an int >= 1, got {distill_batch!r}")
         if isinstance(distill_lr, bool) or not isinstance(distill_lr, (int, float)) or not 0 < distill_lr < float("inf"):
             raise ValueError(f"distill_lr must be a finite float > 0, got {distill_lr!r}")
+        shapes = sorted({tuple(x.shape[1:]) for x in ([calib_data] if isinstance(calib_data, torch.Tensor) else calib_data)})
+        if len(shapes) > 1:  # (the distillation draws its random batches from all of them, concatenated)
+            raise ValueError(f"distill_steps needs calibration batches of one shape [*, ...], got {shapes[:4]}"
+                             f"{' ...' if len(shapes) > 4 else ''}")
+    elif distill_bias:
+        warnings.warn("fake_quantize_model_: distill_bias=True does nothing without distill_steps > 0", stacklevel=2)
     from ..ops import HQQ_BITS
 
-    for n, m in layers:
+    def check_layer(n, m):  # m None: a projection expose_linears will create (an nn.Linear)
         if weight_bits is None:
-            continue
+            return
         meth = depthwise_method if (depthwise_method and _is_depthwise(m)) else method
         if isinstance(m, nn.Conv2d) and m.groups != 1 and not _is_depthwise(m) and (meth in data_methods
                                                                                     or bias_correction):
@@ -696,16 +806,82 @@ def fake_quantize_model_(
                              f"rtn / hqq, which take bits {HQQ_BITS}")
         if isinstance(m, nn.Conv2d) and (meth in data_methods or bias_correction):
             _padded(m, torch.zeros(1, m.in_channels, 1, 1))  # unsupported padding raises here, not mid-way
+        if m is not None:  # (else the solver of some layer fails after the layers before it were written)
+            W = m.weight.detach()
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(f"layer {n!r}: its weight contains NaN or Inf")
+            g = group_size_for(W[0].numel(), group_size)
+            if uses_hqq_kernel and float(W.abs().max()) * max(g, 2) > 2.0**127:
+                raise ValueError(f"layer {n!r}: max|W| = {float(W.abs().max()):.3g} overflows the fp32 solver of "
+                                 f"rtn / hqq (max|W| * group size > 2^127); scale the layer down by a power of two")
+
+    # layers whose weight is computed from other parameters (torch.nn.utils.parametrize, weight_norm,
+    # spectral_norm): writing it would change a temporary only, so they stay in float (warning + note)
+    skip_first = None if name_skip is None else {pnames[k] for k in name_skip if k in pnames}
+    computed, checked = {}, set()
+    for n, m in pmods.items():
+        if m is None or (skip_first is not None and n in skip_first) or (skip_first is None and skip(n, m)):
+            continue  # (the projections expose_linears creates are checked once they exist)
+        why = _computed_weight(m)
+        if why:
+            computed[n] = why
+            continue
+        check_layer(n, m)
+        checked.add(id(m))
+    if skip_first is not None:
+        for n, m in pmods.items():
+            if m is None and n not in skip_first:
+                check_layer(n, None)
 
     # Every pass runs in eval mode: in train() mode each calibration pass would update the BatchNorm
     # running statistics (and sample dropout masks). Each module's own mode is given back at the end.
+    calls = {}
+    if need_data:  # one calibration batch through the untouched model: a bad input fails here, not mid-way
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            calls = _check_forward(model, [(n, m) for n, m in pmods.items() if m is not None], calib_data, batch_size,
+                                   distill_steps)
+        finally:
+            for m, was in modes:
+                m.train(was)
+
+    # torch's attention reads its fused weights directly (in_proj was never quantized, out_proj saw no
+    # calibration input): its projections become Linear submodules (the same function), and transformers'
+    # Conv1D layers nn.Linear, unless skipped by name
+    exposed = expose_linears(model, None if callable(skip) else (lambda n, s=name_skip: n in s))
+    # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
+    # self.head``) is listed once, under its first name, but skip / layer_bits may use either
+    first = {id(m): n for n, m in quantizable_layers(model)}
+    names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
+    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip if k in names): n in s)
+    layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m) and n not in computed]
+    for n, m in layers:
+        if id(m) not in checked:  # the new projections (under a predicate skip: known only now)
+            check_layer(n, m)
+    if computed:
+        warnings.warn(f"fake_quantize_model_: {len(computed)} layer(s) stay in float, their weight is computed from "
+                      "other parameters, which quantization would not change: "
+                      + "; ".join(f"{n!r}: {w}" for n, w in list(computed.items())[:3])
+                      + (" ..." if len(computed) > 3 else ""), stacklevel=2)
+    noop = sorted(set(layer_bits) - {n for n, _ in layers})
+    if noop and weight_bits is not None:
+        warnings.warn(f"fake_quantize_model_: layer_bits names layer(s) that stay in float (skipped): {noop}",
+                      stacklevel=2)
+
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    # inference mode off for the whole call (the biases it creates, the KD / AdaRound autograd): entered here
+    # rather than as a decorator, which would add a frame that the warnings' stacklevel does not count
+    no_inference = torch.inference_mode(False)
+    no_inference.__enter__()
+    stage = None  # what runs now, for the error message of a failure mid-way
     try:
-        calls = {}
-        if need_data:  # one calibration batch through the untouched model: a bad input fails here, not mid-way
-            calls = _check_forward(model, layers, calib_data, batch_size, distill_steps)
+        if need_data and exposed:  # the call counts of the modules expose_linears created
+            calls = _check_forward(model, layers, calib_data, batch_size, 0)
         report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
+        for n, why in computed.items():
+            report["notes"][n] = f"not quantized: {why}"
         # other weight layers with a conv's semantics (Conv1d / Conv3d / ConvTranspose*) stay in float:
         # say so, rather than leave the model half quantized without a word
         other = [(n, type(m).__name__) for n, m in model.named_modules()
@@ -732,7 +908,10 @@ def fake_quantize_model_(
                                            [lambda xb=xb: model(xb) for xb in batches[1:]])
                 plans = fitting("fake_quantize_model_", plans, len(batches))
             report["block_lists"] = tuple(p.name for p in plans)
+            clamped = []  # layers whose HQQ min-max init hit hqq's clamps, with the fraction of groups
+            tiny = []  # layers whose group size fell far below the one asked for (a prime K: g = 1)
             for idx, (name, mod) in enumerate(bar):
+                stage = (idx, name)
                 st = None
                 meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
                 if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction):
@@ -763,15 +942,28 @@ def fake_quantize_model_(
                 bits = layer_bits.get(name, weight_bits)
                 W = mod.weight
                 lopts = opts
-                if st is not None and st.n == 0:  # never reached by the calibration forward (an unused layer)
+                no_input = st is not None and st.n == 0  # never reached by the calibration forward (an unused layer)
+                fell_back = no_input and meth in data_methods
+                if fell_back:
                     warnings.warn(f"fake_quantize_model_: layer {name!r} saw no calibration input; using RTN for it",
                                   stacklevel=2)
                     meth = "rtn"
                     if bits not in HQQ_BITS:  # rtn's min-max params come from the HQQ kernel; the clip search takes any bits
                         lopts = dict(opts, clip="mse")
+                elif no_input:  # (rtn / hqq need no data: only the bias correction is left out)
+                    warnings.warn(f"fake_quantize_model_: layer {name!r} saw no calibration input; no bias correction "
+                                  "for it", stacklevel=2)
                 Wq, new_b, note, qsz = _quantize_layer(mod, bits, meth, group_size, st, lopts)
-                if st is not None and st.n == 0:
-                    note = "no calibration input: RTN"
+                g = group_size_for(Wq.shape[1], group_size)
+                if g <= 2 and g < min(Wq.shape[1], group_size if group_size not in (None, -1) else Wq.shape[1]):
+                    tiny.append(f"{name!r} (K={Wq.shape[1]}: g{g})")
+                if meth == "hqq" or (meth in ("rtn", "adaround") and lopts["clip"] != "mse"):  # HQQ's min-max init
+                    frac = init_clamp_fraction(W.detach().reshape(W.shape[0], -1), bits,
+                                               group_size_for(Wq.shape[1], group_size))
+                    if frac > 0:
+                        clamped.append(f"{name!r} ({frac:.1%})")
+                if no_input:
+                    note = "no calibration input: " + ("RTN" if fell_back else "no bias correction")
                 codes[mod] = qsz
                 report["group_sizes"][name] = group_size_for(Wq.shape[1], group_size)
                 if note:
@@ -790,7 +982,19 @@ def fake_quantize_model_(
                         b = mod.bias.detach().float() if mod.bias is not None else torch.zeros(W.shape[0], device=W.device)
                         _set_bias(mod, b - shift)
                     W.copy_(Wq.reshape(W.shape).to(W.dtype))
+            stage = None
+            if tiny:
+                warnings.warn(f"fake_quantize_model_: {len(tiny)} layer(s) get tiny groups (the largest divisor of K "
+                              f"that is <= group_size={group_size}) of 1 or 2 weights, which min-max params keep (nearly) "
+                              f"exact: quantization is in effect off there: {', '.join(tiny[:3])}{' ...' if len(tiny) > 3 else ''}; "
+                              "skip them or give another group_size", stacklevel=2)
+            if clamped:
+                warnings.warn(f"fake_quantize_model_: {len(clamped)} layer(s) have groups whose weight range is below "
+                              "hqq's thresholds (range <= 1e-4 -> scale 1, 1/scale capped at 2e4: the min-max init "
+                              "of 'rtn' / 'hqq'), which quantize far more coarsely than min-max, e.g. "
+                              f"{', '.join(clamped[:3])}; clip='mse' (rtn) or 'gptq' keep them", stacklevel=2)
         if weight_bits is not None and distill_steps:
+            stage = "distill"
             extra = []
             if distill_bias:
                 extra = [m.bias for _, m in layers if m.bias is not None]
@@ -801,10 +1005,33 @@ def fake_quantize_model_(
         if weight_bits is not None and return_qparams:
             report["qparams"] = {n: codes[m] for n, m in layers}
         if act_bits is not None:
-            _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size)
+            stage = "act"
+            _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size, report["notes"])
+    except Exception as e:  # a failure mid-way: say where, and what was already written
+        if stage == "distill":
+            e.add_note("fake_quantize_model_: every layer was quantized (weights written in place) before the "
+                       "distillation failed; the distillation's changes were taken out")
+        elif stage == "act" and weight_bits is not None:
+            e.add_note("fake_quantize_model_: the weights were quantized (in place) before the activation "
+                       "calibration failed; its input quantizers were removed")
+        if not isinstance(stage, tuple):
+            raise
+        i, n = stage
+        msg = (f"fake_quantize_model_: layer {n!r} ({i + 1} of {len(layers)}): {e}"
+               + ("; the layers before it were already quantized in place (the model is partly quantized: start "
+                  "again from a float copy)" if i else "; no weight was changed yet"))
+        try:
+            err = type(e)(msg)
+        except Exception:  # (an exception type that does not take one message)
+            err = None
+        if err is None:
+            e.add_note(msg)
+            raise
+        raise err from e
     finally:
         for m, was in modes:
             m.train(was)
+        no_inference.__exit__(None, None, None)
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -817,10 +1044,10 @@ def _check_forward(model, layers, calib_data, batch_size, distill_steps) -> dict
     """
     calls = {id(m): 0 for _, m in layers}
 
-    def count(m, a):
+    def count(m, args, kwargs):
         calls[id(m)] += 1
 
-    hs = [m.register_forward_pre_hook(count) for _, m in layers]
+    hs = [m.register_forward_pre_hook(count, with_kwargs=True) for _, m in layers]
     try:
         with torch.no_grad():
             out = model(next(iter(_batches(calib_data, batch_size))))
