@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 import warnings
@@ -134,8 +135,7 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             cfg.skip = lambda name: ".layer.0." not in name
             label += " (quick: layer 0 only)"
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             quantize_(m, cfg, calib_fn=calib_fn, progress=False)
         tq = time.perf_counter() - t0
         E = _encode(m, evals)
@@ -312,9 +312,19 @@ def _hybrid(model, bits, group_size, Xc, layer_bits=None):
 
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, depthwise_method="hqq", layer_bits=layer_bits,
-                         progress=False)
+    with _quiet():
+        fake_quantize_model_(m, bits, "gptq", group_size, calib_data=Xc, depthwise_method="hqq",
+                             layer_bits=layer_bits, progress=False)
     return m, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The demo's quantization calls run without warnings (the tables say what each row is; e.g. the
+    hqq init-clamp warning names the layers HQQ / RTN coarsen, which is those methods' definition)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_weight_method="hqq",
@@ -364,7 +374,8 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     def quantized(bits, method, **kw):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        fake_quantize_model_(m, bits, method, group_size, calib_data=Xc, progress=False, **kw)
+        with _quiet():
+            fake_quantize_model_(m, bits, method, group_size, calib_data=Xc, progress=False, **kw)
         return m, time.perf_counter() - t0
 
     # (1) weight-only, every conv / linear at W``bits``
@@ -413,7 +424,8 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         for cal in (CALIBRATORS[:2] if quick else CALIBRATORS):
             m = copy.deepcopy(mw)
             t0 = time.perf_counter()
-            fake_quantize_model_(m, None, act_bits=8, act_method=cal, calib_data=Xc, progress=False)
+            with _quiet():
+                fake_quantize_model_(m, None, act_bits=8, act_method=cal, calib_data=Xc, progress=False)
             row(cal, f"W{wbits}A8", m, tw + time.perf_counter() - t0,
                 f"weights {METHOD_LABEL[act_weight_method].split(' (')[0]} g<={group_size}")
     wa_rows, lines = lines[rows_before:], lines[:rows_before]
