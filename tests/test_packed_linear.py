@@ -1186,3 +1186,13 @@ def test_packed_linear_module_edge_cases():
         m.load_state_dict({"scales": m.scales.half()}, strict=False)
     m.load_state_dict({"scales": m.scales.half(), "zeros": m.zeros.half()}, strict=False)
     assert m.scales.dtype == m.zeros.dtype == torch.float16
+
+
+def test_replace_linear_under_inference_mode_makes_normal_tensors():
+    # the layers it creates (packed ones, and attention projections it leaves float) were inference tensors
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    m.add_module("attn", torch.nn.MultiheadAttention(32, 4, batch_first=True))
+    with torch.inference_mode():
+        replace_linear(m, 4, 32, skip=["attn.k_proj"])
+    assert not any(t.is_inference() for t in list(m.parameters()) + list(m.buffers()))
+    assert type(m.attn.k_proj) is torch.nn.Linear and isinstance(m.attn.q_proj, PackedLinear)

@@ -305,3 +305,81 @@ def test_gptq_depthwise_refuses_a_non_symmetric_hessian():
     H[0, 0, 1] += 10.0
     with pytest.raises(ValueError, match="symmetric"):
         gptq_depthwise(W, H, 4, 9)
+
+
+def test_inference_mode_with_attention_modules():
+    # the projections expose_linears created under the caller's inference_mode were inference tensors
+    m = _MHANet().eval()
+    with torch.inference_mode():
+        rep = fake_quantize_model_(m, 4, "gptq", 16, calib_data=torch.randn(4, 3, 16, 16), progress=False)
+    assert "attn.q_proj" in rep["layers"]
+    assert not any(p.is_inference() for p in m.parameters())
+
+
+def test_nan_in_attention_weights_is_found_before_unfusing():
+    m = _MHANet().eval()
+    with torch.no_grad():
+        m.attn.in_proj_weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'attn': its in_proj_weight contains NaN"):
+        fake_quantize_model_(m, 4, "rtn", 16, progress=False)
+    assert type(m.attn) is nn.MultiheadAttention
+
+
+class _TwoExperts(nn.Module):
+    """Expert e1 gets the tokens with x[:, 0] > 100: none of the calibration data."""
+
+    def __init__(self):
+        super().__init__()
+        self.e0, self.e1, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        sel = x[:, 0] > 100
+        y = torch.zeros_like(x)
+        y[~sel] = self.e0(x[~sel])
+        y[sel] = self.e1(x[sel])
+        return self.head(y)
+
+
+def test_layer_with_only_empty_batches_gets_a_dynamic_input_quantizer():
+    torch.manual_seed(0)
+    m = _TwoExperts().eval()
+    with pytest.warns(UserWarning, match="'e1' saw no calibration input"):
+        rep = fake_quantize_model_(m, None, act_bits=8, calib_data=torch.randn(64, 32), progress=False)
+    assert rep["notes"] == {"e1": "no calibration input: dynamic input quantizer"}
+
+
+def test_activation_only_call_reaches_layers_with_computed_weights():
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), parametrizations.weight_norm(nn.Linear(16, 4))).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "stays in float" warning: no weight is quantized)
+        fake_quantize_model_(m, None, act_bits=8, calib_data=torch.randn(8, 16), progress=False)
+    assert hasattr(m[0], "input_quantizer") and hasattr(m[2], "input_quantizer")
+
+
+def test_failed_distillation_gives_the_quantized_model_back():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 10)
+            self.calls, self.fail_after = 0, None
+
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                self.calls += 1
+                if self.fail_after is not None and self.calls > self.fail_after:
+                    raise RuntimeError("boom")
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    X = torch.randn(32, 32)
+    ref = Flaky().eval()
+    m = copy.deepcopy(ref)
+    fake_quantize_model_(ref, 4, "rtn", 32, calib_data=X, progress=False)
+    m.fail_after = 5
+    with pytest.raises(RuntimeError, match="boom"):
+        fake_quantize_model_(m, 4, "rtn", 32, calib_data=X, progress=False, distill_steps=20, distill_lr=1e-2,
+                             distill_bias=True)
+    assert _same(_state(m), _state(ref))

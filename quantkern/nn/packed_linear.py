@@ -545,7 +545,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
         raise TypeError("quantkern.replace_linear: model is itself an nn.MultiheadAttention (no parent to replace it "
                         "in); wrap it, or convert quantkern.nn.MultiheadAttention.from_torch(module)")
     replaced = []
-    expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
+    with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
+        expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
     sites_list = linear_sites(model, with_keep_float("replace_linear", model, skip))
     check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
@@ -556,7 +557,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
             if not fallback_group_size:
                 continue
             gs = fallback_group(K, gs)
-        with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
+        with torch.inference_mode(False):
             new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
         swap_module(sites, child, new)
         replaced.append(name)
@@ -649,13 +650,16 @@ def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> Non
         warnings.warn(f"{op}: {len(subs)} nn.Linear subclass layer(s) stay float: they carry state or code of their "
                       f"own (e.g. a parametrization such as weight_norm: torch.nn.utils.parametrize."
                       f"remove_parametrizations(layer, 'weight') first makes them plain), e.g. {subs[:3]}", stacklevel=stacklevel)
-    total = sum(p.numel() for p in model.parameters())
-    fused = [(f"{mn}.{pn}" if mn else pn, p.numel()) for mn, m in model.named_modules() if not isinstance(m, _ConvNd)
+    # the share of the model's weights (a packed layer counts its in x out: its weight is no parameter now)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+    fused = [(f"{mn}.{pn}" if mn else pn, p.numel()) for mn, m in model.named_modules()
+             if not isinstance(m, (_ConvNd, nn.Bilinear))
              for pn, p in m.named_parameters(recurse=False)
              if p.is_floating_point() and p.dim() == 3 and p.shape[0] > 1 and min(p.shape[1:]) >= 8]
     if fused:
         share = sum(n for _, n in fused) / max(total, 1)
-        warnings.warn(f"{op}: {len(fused)} 3-D weight tensor(s) stay float ({share:.0%} of the parameters): fused "
+        warnings.warn(f"{op}: {len(fused)} 3-D weight tensor(s) stay float ({share:.0%} of the weights): fused "
                       f"mixture-of-experts weights ([experts, out, in] tensors, not nn.Linear layers) are not "
                       f"converted, e.g. {[n for n, _ in fused[:2]]}", stacklevel=stacklevel)
 

@@ -207,6 +207,7 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     statistics unchanged). ``extra_params``: other float parameters trained along (e.g. the
     BatchNorm biases; same optimiser and step size). Returns ``{"loss_first", "loss_last"}`` (means over the first /
     last ``min(10, steps // 2)`` steps, at least one) and writes the final weights (and returns ``codes`` updated in place).
+    If a step fails, the weights and ``extra_params`` are given back as they came in, and the error raised.
     """
     from torch.nn.utils import parametrize
 
@@ -240,6 +241,8 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     losses = []
     model.eval()
     N = calib_data.shape[0]
+    start = [p.detach().clone() for p in extra]  # (a failure gives them back, with the starting scales / zeros)
+    done = False
     try:  # from here on the parametrizations are always removed again
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
@@ -259,11 +262,18 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
                     for p, m32 in masters:
                         p.copy_(m32)
                 losses.append(float(loss.detach()))
+        done = True
     finally:
-        for p in extra:  # (no gradients left behind on the model)
+        for p, p0 in zip(extra, start):  # (no gradients left behind on the model)
             p.grad = None
+            if not done:
+                with torch.no_grad():
+                    p.copy_(p0)
         for mod, pm in pars.items():
             with torch.no_grad():
+                if not done:  # a failure mid-way leaves the weights as they came in
+                    pm.a.zero_()
+                    pm.dz.zero_()
                 s, z = pm.params()
                 codes[mod] = (pm.q.clone(), s.detach().clone(), z.detach().clone())
                 parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)

@@ -497,8 +497,9 @@ def _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_s
     seen = set()
 
     def sign_hook(m, x):
-        seen.add(id(m))
-        neg[id(m)] |= bool((x < 0).any())
+        if x.numel():  # (a layer that only ever gets empty batches, an MoE expert no token reached: unseen)
+            seen.add(id(m))
+            neg[id(m)] |= bool((x < 0).any())
 
     old = {}  # a second call replaces the quantizers of the first (given back if this call fails)
     for _, m in layers:
@@ -822,7 +823,7 @@ def fake_quantize_model_(
     for n, m in pmods.items():
         if m is None or (skip_first is not None and n in skip_first) or (skip_first is None and skip(n, m)):
             continue  # (the projections expose_linears creates are checked once they exist)
-        why = _computed_weight(m)
+        why = _computed_weight(m) if weight_bits is not None else ""  # (an activation-only call reads no weight)
         if why:
             computed[n] = why
             continue
@@ -832,6 +833,14 @@ def fake_quantize_model_(
         for n, m in pmods.items():
             if m is None and n not in skip_first:
                 check_layer(n, None)
+    # the projections expose_linears will create take their weights from a torch attention module: checked
+    # there, before it is unfused (a NaN found once they exist left the attention unfused)
+    if weight_bits is not None:
+        for n, m in model.named_modules():
+            if isinstance(m, nn.MultiheadAttention) and pmods.get(f"{n}.q_proj", 0) is None:
+                bad = [pn for pn, p in m.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+                if bad:
+                    raise ValueError(f"layer {n!r}: its {bad[0]} contains NaN or Inf")
 
     # Every pass runs in eval mode: in train() mode each calibration pass would update the BatchNorm
     # running statistics (and sample dropout masks). Each module's own mode is given back at the end.
@@ -849,7 +858,8 @@ def fake_quantize_model_(
     # torch's attention reads its fused weights directly (in_proj was never quantized, out_proj saw no
     # calibration input): its projections become Linear submodules (the same function), and transformers'
     # Conv1D layers nn.Linear, unless skipped by name
-    exposed = expose_linears(model, None if callable(skip) else (lambda n, s=name_skip: n in s))
+    with torch.inference_mode(False):  # (the projections it creates must be normal tensors, as the rest below)
+        exposed = expose_linears(model, None if callable(skip) else (lambda n, s=name_skip: n in s))
     # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
     # self.head``) is listed once, under its first name, but skip / layer_bits may use either
     first = {id(m): n for n, m in quantizable_layers(model)}
@@ -1006,11 +1016,13 @@ def fake_quantize_model_(
             report["qparams"] = {n: codes[m] for n, m in layers}
         if act_bits is not None:
             stage = "act"
-            _add_act_quantizers(model, layers, act_bits, act_method, calib_data, batch_size, report["notes"])
+            act_layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m)]  # (computed ones too)
+            _add_act_quantizers(model, act_layers, act_bits, act_method, calib_data, batch_size, report["notes"])
     except Exception as e:  # a failure mid-way: say where, and what was already written
         if stage == "distill":
             e.add_note("fake_quantize_model_: every layer was quantized (weights written in place) before the "
-                       "distillation failed; the distillation's changes were taken out")
+                       "distillation failed; the distillation's changes were taken out (the weights and biases are "
+                       "those of the quantization)")
         elif stage == "act" and weight_bits is not None:
             e.add_note("fake_quantize_model_: the weights were quantized (in place) before the activation "
                        "calibration failed; its input quantizers were removed")
