@@ -707,3 +707,16 @@ def test_all_zero_first_batch_defers_the_init(granularity):
     y = q(x)
     ref = LSQQuantizer(4, signed=False, granularity=granularity, axis=1, learn_offset=True, init="mse")
     assert q._initialized and torch.equal(y, ref(x)) and torch.equal(q.scale, ref.scale)
+
+
+def test_lsq_init_warnings_point_at_the_caller():
+    # the compiler.disable / no_grad wrappers around the init made them point into torch's eval_frame.py
+    from quantkern.nn.lsq import LSQQuantizer
+
+    x = torch.randn(4, 8)
+    x[:, 3] = 0.0
+    for data in (x, torch.zeros(4, 8)):
+        q = LSQQuantizer(4, True, granularity="channel", axis=1, init="minmax")
+        with pytest.warns(UserWarning) as rec:
+            q(data)
+        assert {r.filename for r in rec} == {__file__}

@@ -20,6 +20,20 @@ from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from .. import ops
 
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the calling function) of the first frame outside
+    quantkern and torch, so a warning points at the user's code whatever wrappers sit between
+    (``torch.compiler.disable``, ``no_grad``, nn.Module's call machinery)."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(skip):
+        f, level = f.f_back, level + 1
+    return level
+
 GRANULARITIES = ("tensor", "channel", "group")
 INITS = ("lsq", "lsq+", "mse", "minmax")
 
@@ -250,7 +264,7 @@ class LSQQuantizer(nn.Module):
             if not self._warned_zero_init:
                 self._warned_zero_init = True
                 warnings.warn(f"{name}: initialisation data is all zeros; the init waits for the next input "
-                              "with a non-zero value (scale 1 until then)", stacklevel=3)
+                              "with a non-zero value (scale 1 until then)", stacklevel=_user_stacklevel())
             return
         shape = tuple(self.scale.shape)
         rows = self._rows(x)
@@ -297,7 +311,7 @@ class LSQQuantizer(nn.Module):
             what = ("the initialisation data is constant; it gets" if self.granularity == "tensor" else
                     f"{n} of {s.numel()} {self.granularity}s are constant in the initialisation data; they get")
             warnings.warn(f"{type(self).__name__}: {what} {'the median scale of the others' if n < s.numel() else 'scale 1'} "
-                          f"({float(fill):.3g}) instead of {self.eps:g}, which training would not grow back", stacklevel=4)
+                          f"({float(fill):.3g}) instead of {self.eps:g}, which training would not grow back", stacklevel=_user_stacklevel())
         return s, b
 
     def _init_rows(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
