@@ -860,11 +860,9 @@ def fake_quantize_model_(
     # Conv1D layers nn.Linear, unless skipped by name
     with torch.inference_mode(False):  # (the projections it creates must be normal tensors, as the rest below)
         exposed = expose_linears(model, None if callable(skip) else (lambda n, s=name_skip: n in s))
-    # every name of a layer -> its name in quantizable_layers: a module registered twice (``self.classifier =
-    # self.head``) is listed once, under its first name, but skip / layer_bits may use either
-    first = {id(m): n for n, m in quantizable_layers(model)}
-    names = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
-    skip_fn = skip if callable(skip) else (lambda n, m, s=frozenset(names[k] for k in skip if k in names): n in s)
+    # a module registered twice (``self.classifier = self.head``) is listed once, under its first name, but
+    # skip may use either: skip_first holds the first names (_layer_names predicted the exposed model's)
+    skip_fn = skip if callable(skip) else (lambda n, m: n in skip_first)
     layers = [(n, m) for n, m in quantizable_layers(model) if not skip_fn(n, m) and n not in computed]
     for n, m in layers:
         if id(m) not in checked:  # the new projections (under a predicate skip: known only now)
