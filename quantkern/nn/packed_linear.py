@@ -15,6 +15,7 @@ from ..packed import PackedWeight
 from ..reference import packing as ref
 from ._sites import module_sites, swap_module
 from .expose import expose_linears
+from .lsq import qrange
 
 FORMAT_VERSION = 1
 
@@ -90,8 +91,10 @@ class PackedLinear(nn.Module):
     ``Qa`` is the optional input fake-quantizer (``act_bits`` None: identity, the
     default); see :meth:`set_input_quantizer` and :func:`fake_quant_input`. Static
     input quantizers keep 0-dim float32 buffers ``input_scale`` / ``input_zero`` (in
-    the state_dict); their config (bits, symmetric, dynamic) travels in the extra
-    state and is checked on load.
+    the state_dict); the offset (LSQ+) form of a converted QAT layer (:meth:`from_qat`)
+    keeps float32 ``input_scale`` / ``input_offset``, ``[1]`` or ``[in_features]``. The
+    config (bits, symmetric, dynamic, and the form) travels in the extra state and is
+    checked on load.
 
     Buffers (saved in the state_dict): ``qweight`` int32 ``[out, ceil(in/32) * bits]``,
     ``scales`` and ``zeros`` ``[out, in // group_size]``; ``bias`` is a Parameter
@@ -172,7 +175,7 @@ class PackedLinear(nn.Module):
         return self
 
     def set_input_quantizer(self, bits: int | None, symmetric: bool = False, dynamic: bool = False,
-                            scale=None, zero=None) -> "PackedLinear":
+                            scale=None, zero=None, offset=None, per_channel: bool = False) -> "PackedLinear":
         """Quantize the input before the packed matmul (``bits`` None removes it); returns self.
 
         bits: int 2..8; symmetric, dynamic: bools. static (``dynamic=False``): ``scale`` > 0
@@ -181,11 +184,24 @@ class PackedLinear(nn.Module):
         Without ``scale`` the buffers are placeholders (1, 0) for a state_dict load to fill:
         until one does, forward raises (the placeholder grid would round inputs to integers).
         dynamic: per-token ranges, no buffers, no scale / zero.
+
+        ``offset`` (not None) selects the LSQ+ form instead, a trained QAT input quantizer's
+        (:meth:`from_qat`): ``Qa(x) = round(clamp((x - offset) / scale, qmin, qmax)) * scale + offset``
+        with a float ``offset``, computed by :func:`quantkern.ops.fake_quant_lsq` (the QAT forward's
+        kernel, so the same bits); grid ``[-2^(b-1), 2^(b-1)-1]`` if ``symmetric`` (LSQ's signed
+        grid) else ``[0, 2^b - 1]``. ``per_channel=False``: ``scale`` and ``offset`` are one value
+        each (float32 ``[1]`` buffers ``input_scale`` / ``input_offset``); True: ``[in_features]``
+        each, one per input feature. Static only, no ``zero``. Without ``scale`` the buffers are
+        placeholders (1, and ``offset`` broadcast) for a state_dict load to fill, as above.
         Everything is checked before anything changes: a refused call leaves the module as it was.
         """
         def fail(msg):
             raise ValueError(f"PackedLinear.set_input_quantizer: {msg}")
 
+        if not isinstance(per_channel, bool):
+            fail(f"per_channel must be a bool, got {per_channel!r}")
+        if offset is not None or per_channel:
+            return self._set_offset_input_quantizer(bits, symmetric, dynamic, scale, zero, offset, per_channel, fail)
         if bits is None:
             if scale is not None or zero is not None:
                 fail("scale / zero given without bits (bits=None removes the input quantizer)")
@@ -214,28 +230,83 @@ class PackedLinear(nn.Module):
             if not bool(torch.isfinite(s)) or float(s) <= 0:  # in float32: 1e-50 is 0 there, 1e39 inf
                 raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got {float(s)}")
             _check_input_zero(z, bits, symmetric, "input zero")
-        for name in ("input_scale", "input_zero"):
-            self._buffers.pop(name, None)
+        self._replace_input_buffers({} if s is None else {"input_scale": s, "input_zero": z})
         if bits is None:
             self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
             return self
         self.act_bits, self.act_symmetric, self.act_dynamic = bits, symmetric, dynamic
-        if s is not None:
-            self.register_buffer("input_scale", s.clone())
-            self.register_buffer("input_zero", z.clone())
         self._input_range_set = dynamic or scale is not None
+        return self
+
+    def _replace_input_buffers(self, bufs: dict) -> None:
+        """Drop every input-quantizer buffer and form flag, then register ``bufs`` (cloned)."""
+        for name in ("input_scale", "input_zero", "input_offset"):
+            self._buffers.pop(name, None)
+        self.__dict__.pop("act_offset_form", None)
+        self.__dict__.pop("act_per_channel", None)
+        for name, t in bufs.items():
+            self.register_buffer(name, t.clone())
+
+    def _set_offset_input_quantizer(self, bits, symmetric, dynamic, scale, zero, offset, per_channel, fail):
+        """set_input_quantizer's LSQ+ form (``offset`` given or ``per_channel``); same contract."""
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"PackedLinear: act_bits must be an int in [2, 8] for the offset (LSQ+) input quantizer, "
+                             f"got {bits!r}")
+        if not isinstance(symmetric, bool):
+            fail(f"symmetric must be a bool, got {symmetric!r}")
+        if dynamic is not False:
+            fail("the offset (LSQ+) form is static: its scale and offset come from training (dynamic=False)")
+        if zero is not None:
+            fail("the offset (LSQ+) form has a float offset instead of an integer zero point: pass offset=, not zero=")
+        if offset is None:
+            offset = 0.0
+        K = self.in_features
+        n = K if per_channel else 1
+        what = f"{K} values (per_channel=True: one per input feature)" if per_channel else "one value"
+
+        def vals(v, name, fill):
+            try:
+                t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as e:
+                fail(f"{name} must be a number or a float tensor, got {v!r} ({e})")
+            if t.numel() == 1 and fill:
+                t = t.reshape(1).expand(n)
+            if t.numel() != n:
+                hint = " (pass per_channel=True for one per input feature)" if t.numel() == K else ""
+                fail(f"{name} must hold {what}, got shape {tuple(t.shape)}{hint}")
+            return t.reshape(n).to(self.qweight.device).contiguous()
+
+        s = vals(1.0 if scale is None else scale, "scale", fill=scale is None)
+        b = vals(offset, "offset", fill=scale is None or not per_channel)
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got min "
+                             f"{float(s.min()):.4g}")
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError("PackedLinear: input offset must be finite")
+        self._replace_input_buffers({"input_scale": s, "input_offset": b})
+        self.act_bits, self.act_symmetric, self.act_dynamic = bits, symmetric, False
+        self.act_offset_form, self.act_per_channel = True, per_channel
+        self._input_range_set = scale is not None
         return self
 
     # False between set_input_quantizer(bits) without a scale (placeholder range) and the state_dict
     # load that fills it; a class default so modules pickled before it existed still run
     _input_range_set = True
+    # the offset (LSQ+) form of the input quantizer and its per-input-feature variant (instance
+    # attributes only while that form is set; class defaults for every other module)
+    act_offset_form = False
+    act_per_channel = False
 
     @property
     def act_config(self) -> dict | None:
-        """``{"bits", "symmetric", "dynamic"}`` of the input quantizer, or None."""
+        """``{"bits", "symmetric", "dynamic"}`` of the input quantizer (plus ``"offset": True`` and
+        ``"per_channel"`` for the offset (LSQ+) form), or None."""
         if self.act_bits is None:
             return None
-        return {"bits": self.act_bits, "symmetric": self.act_symmetric, "dynamic": self.act_dynamic}
+        d = {"bits": self.act_bits, "symmetric": self.act_symmetric, "dynamic": self.act_dynamic}
+        if self.act_offset_form:  # (absent otherwise, so the older form's checkpoints stay as they were)
+            d.update(offset=True, per_channel=self.act_per_channel)
+        return d
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``Qa(x)`` (identity without an input quantizer); shape and dtype of x."""
@@ -246,7 +317,12 @@ class PackedLinear(nn.Module):
         if not self._input_range_set:  # a Python flag: no host sync, a guard under torch.compile
             raise RuntimeError("PackedLinear: the static input quantizer has no range yet (set_input_quantizer "
                                "without scale gives placeholders): pass scale= / zero= from calibration, or "
-                               "load a state_dict that holds input_scale / input_zero")
+                               "load a state_dict that holds input_scale / input_zero (input_offset for the "
+                               "offset form)")
+        if self.act_offset_form:
+            qmin, qmax = qrange(self.act_bits, self.act_symmetric)
+            return ops.fake_quant_lsq(x, self.input_scale, self.input_offset, qmin, qmax,
+                                      axis=-1 if self.act_per_channel else None)
         return fake_quant_input(x, self.act_bits, self.act_symmetric, False, self.input_scale, self.input_zero)
 
     @classmethod
@@ -286,6 +362,25 @@ class PackedLinear(nn.Module):
         return cls.from_packed(pw, bias.detach() if bias is not None else None, backend, in_perm=perm)
 
     @classmethod
+    def from_qat(cls, layer: nn.Linear, meta_dtype: torch.dtype = torch.float32,
+                 backend: str = "auto") -> "PackedLinear":
+        """The packed inference form of a trained QAT layer (:class:`quantkern.nn.QuantLinear`, or any
+        ``nn.Linear`` whose ``weight_quantizer`` is an :class:`~quantkern.nn.LSQQuantizer`).
+
+        Keeps the integers the QAT layer's forward uses (oscillation-frozen ones included), its
+        scales, its weight offset as the float zero point, and its input quantizer (the offset
+        form of :meth:`set_input_quantizer`): see :mod:`quantkern.nn.qat_convert`. 2-4-bit
+        weights; per tensor, per output channel, or groups of a multiple of 32 dividing
+        in_features. ``meta_dtype``: the scales' / zeros' dtype, float32 by default (exact: the
+        learnt scales are float32); float16 / bfloat16 round them (smaller, a little faster at
+        small groups). The layer is left as it was (a weight quantizer that never ran initialises
+        from the weight first, as its first forward would).
+        """
+        from .qat_convert import packed_from_qat
+
+        return packed_from_qat(layer, meta_dtype, backend)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
                     meta_dtype: torch.dtype | None = None, backend: str = "auto") -> "PackedLinear":
         """Quantize ``linear.weight`` with round-to-nearest min-max per group (PackedWeight.from_float)."""
@@ -293,7 +388,8 @@ class PackedLinear(nn.Module):
             raise TypeError(f"PackedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         if getattr(linear, "weight_quantizer", None) is not None:
             raise TypeError(f"PackedLinear.from_linear: {type(linear).__name__} is a QAT layer: round-to-nearest on "
-                            "its latent float weight would drop its learnt scales and input quantizer")
+                            "its latent float weight would drop its learnt scales and input quantizer; use "
+                            "PackedLinear.from_qat(layer) (quantkern.nn.convert_qat(model) for a whole model)")
         if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             # (a float64 layer built, then failed on every forward: the packed matmul runs these dtypes only)
             raise TypeError(f"PackedLinear.from_linear: the layer's weight is {linear.weight.dtype}; PackedLinear "
@@ -369,7 +465,7 @@ class PackedLinear(nn.Module):
         super().__setattr__(name, value)
 
     # buffers whose dtype is part of the quantized model: a module-wide dtype cast leaves them alone
-    _KEEP_DTYPE = ("scales", "zeros", "input_scale", "input_zero")
+    _KEEP_DTYPE = ("scales", "zeros", "input_scale", "input_zero", "input_offset")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() must not round the group scales / zeros or the input
@@ -428,23 +524,34 @@ class PackedLinear(nn.Module):
         # strict=False dropped the quantizer without a word. (The reverse, a static quantizer given no
         # range, cannot be told from a partial load here: torch passes strict=True to every module; its
         # missing-key check reports it, and forward refuses the placeholder range.)
-        if (prefix + "input_scale" in state_dict or prefix + "input_zero" in state_dict) and \
-                (self.act_bits is None or self.act_dynamic):
-            raise ValueError(f"PackedLinear: checkpoint holds a static input quantizer's range ({prefix}input_scale / "
-                             f"input_zero) but this module has {self.act_config or 'no input quantizer'}; call "
-                             "set_input_quantizer(bits, symmetric, dynamic=False) first")
+        ranges = [n for n in ("input_scale", "input_zero", "input_offset") if prefix + n in state_dict]
+        if ranges and (self.act_bits is None or self.act_dynamic
+                       or (prefix + "input_offset" in state_dict) != self.act_offset_form
+                       or (prefix + "input_zero" in state_dict and self.act_offset_form)):
+            form = "set_input_quantizer(bits, symmetric, offset=..., per_channel=...)" \
+                if prefix + "input_offset" in state_dict else "set_input_quantizer(bits, symmetric, dynamic=False)"
+            raise ValueError(f"PackedLinear: checkpoint holds a static input quantizer's range "
+                             f"({', '.join(prefix + n for n in ranges)}) but this module has "
+                             f"{self.act_config or 'no input quantizer'}; call {form} first")
         # a static input quantizer's range gets the check set_input_quantizer gives it
         # (judged in float32, the buffer's dtype: a float64 1e-50 became scale 0, i.e. every input 0,
         # and 1e39 an inf scale, i.e. NaN outputs, both loaded without a word)
         s, z = state_dict.get(prefix + "input_scale"), state_dict.get(prefix + "input_zero")
-        if isinstance(s, torch.Tensor) and (s.numel() != 1 or not bool(torch.isfinite(s.float()).all())
-                                            or not float(s.float()) > 0):
-            raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be one value, finite and > 0 in "
-                             f"float32, got {s}")
+        off = state_dict.get(prefix + "input_offset")
+        n_range = self.input_scale.numel() if self.act_offset_form else 1
+        if isinstance(s, torch.Tensor) and (s.numel() != n_range or not bool(torch.isfinite(s.float()).all())
+                                            or not bool((s.float() > 0).all())):
+            raise ValueError(f"PackedLinear: checkpoint {prefix}input_scale must be {n_range} value(s), finite and > 0 "
+                             f"in float32, got {s if s.numel() <= 8 else tuple(s.shape)}")
+        if isinstance(off, torch.Tensor) and (off.numel() != n_range or not bool(torch.isfinite(off.float()).all())):
+            raise ValueError(f"PackedLinear: checkpoint {prefix}input_offset must be {n_range} finite value(s), got "
+                             f"{off if off.numel() <= 8 else tuple(off.shape)}")
         if isinstance(z, torch.Tensor) and (z.numel() != 1 or not bool(torch.isfinite(z.float()).all())):
             raise ValueError(f"PackedLinear: checkpoint {prefix}input_zero must be one finite value, got {z}")
         if isinstance(z, torch.Tensor) and self.act_bits is not None:
             _check_input_zero(z, self.act_bits, self.act_symmetric, f"checkpoint {prefix}input_zero")
+        if self.act_offset_form:  # (the second buffer of the range, whatever the form)
+            z = off
         error_msgs = args[4] if len(args) > 4 else kwargs.get("error_msgs")
         n_err = len(error_msgs) if error_msgs is not None else 0
         if perm is not None:  # (all checks passed: nothing above raises after this)
@@ -565,7 +672,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     if not replaced:
         warnings.warn("quantkern.replace_linear: no layer replaced: " + (
             "every nn.Linear's in_features is unfit for the group size (fallback_group_size=False)" if sites_list else
-            "the model has no nn.Linear (after skip; QAT layers such as QuantLinear are not converted)"),
+            "the model has no nn.Linear (after skip; QAT layers such as QuantLinear are not converted: quantkern.nn.convert_qat packs them)"),
             stacklevel=2)
     return replaced
 
@@ -645,7 +752,13 @@ def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> Non
     from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
     subs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear
-            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)]
+            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)
+            and getattr(m, "weight_quantizer", None) is None]
+    qat = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)
+           and getattr(m, "weight_quantizer", None) is not None]
+    if qat:
+        warnings.warn(f"{op}: {len(qat)} QAT layer(s) stay as they are, e.g. {qat[:3]}: quantkern.nn.convert_qat(model) "
+                      "packs trained QAT layers exactly (their learnt scales and integers)", stacklevel=stacklevel)
     if subs:
         warnings.warn(f"{op}: {len(subs)} nn.Linear subclass layer(s) stay float: they carry state or code of their "
                       f"own (e.g. a parametrization such as weight_norm: torch.nn.utils.parametrize."

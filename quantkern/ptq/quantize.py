@@ -943,7 +943,9 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 _PACKED_KEYS = ("qweight", "scales", "zeros", "_extra_state")
-_ACT_META = "quantkern.act_quant"  # header key: {layer: {"bits", "symmetric", "dynamic"}} as JSON
+# header key: {layer: {"bits", "symmetric", "dynamic"[, "offset": true, "per_channel"]}} as JSON (the offset keys
+# for a converted QAT layer's input quantizer, PackedLinear.from_qat)
+_ACT_META = "quantkern.act_quant"
 # header key: JSON list of the float nn.Linear layers that were transformers Conv1D (conv1d_to_linear) but
 # stayed unpacked: their saved weight is transposed from the fresh model's Conv1D (for a square one the
 # shapes agree, so the load could not tell). Packed ones are known by their packed weight.
@@ -958,11 +960,14 @@ def _same_tensor_key(t: torch.Tensor) -> tuple:
 
 def _check_act_meta(name: str, d) -> dict:
     """Validate one layer's input-quantizer entry of a checkpoint header; returns it."""
-    ok = (isinstance(d, dict) and set(d) == {"bits", "symmetric", "dynamic"} and type(d["bits"]) is int
-          and 2 <= d["bits"] <= 8 and type(d["symmetric"]) is bool and type(d["dynamic"]) is bool)
+    base = {"bits", "symmetric", "dynamic"}
+    ok = (isinstance(d, dict) and set(d) in (base, base | {"offset", "per_channel"}) and type(d["bits"]) is int
+          and 2 <= d["bits"] <= 8 and type(d["symmetric"]) is bool and type(d["dynamic"]) is bool
+          and ("offset" not in d or (d["offset"] is True and type(d["per_channel"]) is bool and not d["dynamic"])))
     if not ok:
         raise ValueError(f"load_quantized: bad input-quantizer metadata for {name!r}: {d!r} (expected "
-                         "{'bits': int in [2, 8], 'symmetric': bool, 'dynamic': bool})")
+                         "{'bits': int in [2, 8], 'symmetric': bool, 'dynamic': bool}, plus 'offset': true and "
+                         "'per_channel': bool for a static offset (LSQ+) quantizer)")
     return d
 
 
@@ -1081,7 +1086,10 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         new = PackedLinear.from_packed(w, bias.to(device) if bias is not None else None, backend=backend)
         if name in act:  # buffers are placeholders until the strict load below fills them
             d = _check_act_meta(name, act[name])
-            new.set_input_quantizer(d["bits"], d["symmetric"], d["dynamic"])
+            if "offset" in d:  # (placeholders too: the strict load below fills them)
+                new.set_input_quantizer(d["bits"], d["symmetric"], offset=0.0, per_channel=d["per_channel"])
+            else:
+                new.set_input_quantizer(d["bits"], d["symmetric"], d["dynamic"])
         sites = [(mods[p] if p else model, child) for p, _, child in
                  (alias.rpartition(".") for alias in names.get(name, [name]))]  # every place a shared layer sits
         swap_module(sites, lin, new)
