@@ -70,6 +70,14 @@ def test_bench_quantize_quick():
     assert "not installed" in eff or "| gptq |" in eff and "| yes |" in eff, eff
 
 
+def test_bench_qat_convert_quick():
+    # the QAT layer, its packed form and the float layer, each timed, for every M and dtype
+    out = _run(["benchmarks.bench_qat_convert", "--quick", "--threads", "1", "--m", "1,3"], timeout=120)
+    rows = [line for line in out.splitlines() if line.startswith("| 512x512 |")]
+    assert len(rows) == 2 * 2 * 3, out
+    assert sum("packed (convert_qat)" in r for r in rows) == 4, out
+
+
 def test_benchmarks_main_lists_benches():
     names = _run(["benchmarks", "--list"], timeout=60).split()
     assert "fake_quant_lsq" in names
