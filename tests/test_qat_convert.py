@@ -23,12 +23,7 @@ from quantkern.reference import packing as ref
 from quantkern.reference.fake_quant_lsq import fake_quant_lsq as ref_fq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest: tiny models, one thread)
 
 
 def _qparams(q: QuantLinear):
@@ -263,7 +258,7 @@ def test_convert_qat_leaves_what_it_cannot_pack_with_a_warning():
     x = torch.randn(5, 3, 2, 2)
     with torch.no_grad():
         y0 = m(x)
-    with pytest.warns(UserWarning, match=r"3 QAT layer\(s\) stay fake-quantized.*8-bit.*group size 16.*QuantConv2d"):
+    with pytest.warns(UserWarning, match=r"3 QAT layer\(s\) stay as they are.*8-bit.*group size 16.*QuantConv2d"):
         names = convert_qat(m)
     assert names == ["4", "5"]
     assert isinstance(m[2], QuantLinear) and isinstance(m[3], QuantLinear) and isinstance(m[0], QuantConv2d)
@@ -279,7 +274,7 @@ def test_convert_qat_checks_every_layer_before_changing_any():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
     quantize_modules(m, w_bits=4, a_bits=8)  # input quantizers: no data yet
-    with pytest.raises(ValueError, match=r"layer '0'.*never saw data"):
+    with pytest.raises(ValueError, match=r"layer '0'.*never initialised"):
         convert_qat(m)
     assert isinstance(m[0], QuantLinear) and isinstance(m[2], QuantLinear)
     m(torch.randn(4, 32))
@@ -291,6 +286,102 @@ def test_convert_qat_checks_every_layer_before_changing_any():
     with torch.no_grad():
         m[2].weight[0, 0] = 0.0
     assert convert_qat(m, skip=("2",)) == ["0"] and isinstance(m[2], QuantLinear)
+
+
+def test_convert_qat_leaves_layers_with_code_or_state_of_their_own():
+    """A QuantLinear subclass with its own forward (LoRA), a pruned QAT layer (weight_orig / weight_mask
+    and a pre-hook), an input quantizer on a narrowed grid, a widened weight grid, a non-LSQ weight
+    quantizer: converting them would change what they compute; they stay, with a warning."""
+    import torch.nn.utils.prune as prune
+
+    class LoRAQuantLinear(QuantLinear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.lora = nn.Parameter(torch.randn(self.out_features, self.in_features) * 0.1)
+
+        def forward(self, x):
+            return super().forward(x) + F.linear(x, self.lora)
+
+    class OtherQ(nn.Module):
+        def forward(self, w):
+            return w
+
+    torch.manual_seed(0)
+    lora = LoRAQuantLinear(32, 32, a_bits=None)
+    pruned = QuantLinear.from_float(nn.Linear(32, 32), a_bits=None)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    narrow = QuantLinear.from_float(nn.Linear(32, 32), a_bits=4)
+    narrow.input_quantizer.qmin = -7
+    wide = QuantLinear.from_float(nn.Linear(32, 32), w_bits=4, a_bits=None)
+    wide.weight_quantizer.qmax = 8
+    other = nn.Linear(32, 32)
+    other.weight_quantizer = OtherQ()
+    m = nn.Sequential(lora, pruned, narrow, wide, other, QuantLinear.from_float(nn.Linear(32, 32), a_bits=None))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    with pytest.warns(UserWarning, match=r"5 QAT layer\(s\) stay as they are: 0 \(LoRAQuantLinear .*overrides its "
+                                         r"forward.*1 \(it has state of its own \(weight_orig.*2 \(its input quantizer's "
+                                         r"integer range \[-7, 7\].*3 \(its weight integer range \[-8, 8\]"):
+        assert convert_qat(m) == ["5"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y0, rtol=1e-5, atol=1e-5)
+    for layer in m[:4]:
+        with pytest.raises(ValueError, match="cannot be packed"):
+            PackedLinear.from_qat(layer)
+
+
+def test_convert_qat_skip_rules_compile_wrapper_and_error_names():
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.enc = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    m.head = nn.Linear(32, 8)
+    quantize_modules(m, w_bits=4, a_bits=None)
+    # a name skips everything under it (quantize_modules' rule); a generator is read once, whole
+    assert convert_qat(copy.deepcopy(m), skip=("enc",)) == ["head"]
+    assert convert_qat(copy.deepcopy(m), skip=(n for n in ["enc.0", "head"])) == ["enc.1"]
+    assert convert_qat(copy.deepcopy(m), skip="*.1") == ["enc.0", "head"]
+    with pytest.warns(UserWarning, match="match no module: \\['nope'\\]"):
+        convert_qat(copy.deepcopy(m), skip=("nope",))
+    # through a torch.compile wrapper: the model's own names
+    c = copy.deepcopy(m)
+    assert convert_qat(torch.compile(c)) == ["enc.0", "enc.1", "head"] and isinstance(c.head, PackedLinear)
+    # diverged scales: refused, the layer named, nothing changed
+    bad = copy.deepcopy(m)
+    with torch.no_grad():
+        bad.head.weight_quantizer.scale[0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'head'.*scale holds NaN"):
+        convert_qat(bad)
+    assert isinstance(bad.enc[0], QuantLinear)
+
+
+def test_half_metadata_warns_when_rounding_moves_weights():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 8), w_bits=4, a_bits=None, w_learn_offset=True)
+    with torch.no_grad():
+        q.weight_quantizer.offset.copy_(q.weight_quantizer.scale.abs() * 500)  # an offset of 500 steps
+    with pytest.warns(UserWarning, match="of a grid step"):
+        PackedLinear.from_qat(q, meta_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PackedLinear.from_qat(q)  # float32: exact, no warning
+
+
+def test_quantize_modules_turns_off_the_fused_encoder_path():
+    """torch's fused TransformerEncoderLayer path (eval, no_grad) read linear1 / linear2's latent float
+    weights, bypassing the QAT layers: quantize_modules switches it off, so no_grad gives the QAT result."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+    quantize_modules(m, w_bits=2, a_bits=4, skip=("self_attn",))
+    x = torch.randn(2, 5, 64)
+    m(x)
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, m(x).detach(), rtol=1e-5, atol=1e-5)
+    convert_qat(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_convert_qat_keeps_shared_layers_hooks_and_warns_on_nothing():

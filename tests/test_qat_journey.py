@@ -22,13 +22,7 @@ from quantkern.reference.fake_quant_lsq import lsq_param_view
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a loaded 2-core machine a second thread made them ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest: tiny models, one thread)
 
 
 # ------------------------------------------------------------------ data and models

@@ -264,20 +264,20 @@ class PackedLinear(nn.Module):
         n = K if per_channel else 1
         what = f"{K} values (per_channel=True: one per input feature)" if per_channel else "one value"
 
-        def vals(v, name, fill):
+        def vals(v, name):
             try:
                 t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as e:
                 fail(f"{name} must be a number or a float tensor, got {v!r} ({e})")
-            if t.numel() == 1 and fill:
+            if t.numel() == 1:  # one value: every input feature's, with per_channel=True
                 t = t.reshape(1).expand(n)
             if t.numel() != n:
                 hint = " (pass per_channel=True for one per input feature)" if t.numel() == K else ""
                 fail(f"{name} must hold {what}, got shape {tuple(t.shape)}{hint}")
             return t.reshape(n).to(self.qweight.device).contiguous()
 
-        s = vals(1.0 if scale is None else scale, "scale", fill=scale is None)
-        b = vals(offset, "offset", fill=scale is None or not per_channel)
+        s = vals(1.0 if scale is None else scale, "scale")
+        b = vals(offset, "offset")
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got min "
                              f"{float(s.min()):.4g}")

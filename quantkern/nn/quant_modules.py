@@ -16,6 +16,7 @@ from torch import nn
 
 from .expose import expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
+from .packed_linear import disable_fused_encoder_paths
 
 
 def _check_bits(owner: str, name: str, bits, allow_none: bool) -> None:
@@ -369,4 +370,7 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
             swaps.append((parent, child_name, done[id(child)]))
     for parent, child_name, q in swaps:
         setattr(parent, child_name, q)
+    # torch's fused TransformerEncoderLayer inference path (eval under no_grad) reads linear1 / linear2's
+    # weights directly: it ran the latent float weights, not the fake-quantized ones
+    disable_fused_encoder_paths(model, [q for _, _, q in swaps])
     return model
