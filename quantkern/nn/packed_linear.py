@@ -364,8 +364,8 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_qat(cls, layer: nn.Linear, meta_dtype: torch.dtype = torch.float32,
                  backend: str = "auto") -> "PackedLinear":
-        """The packed inference form of a trained QAT layer (:class:`quantkern.nn.QuantLinear`, or any
-        ``nn.Linear`` whose ``weight_quantizer`` is an :class:`~quantkern.nn.LSQQuantizer`).
+        """The packed inference form of a trained QAT layer (:class:`quantkern.nn.QuantLinear`; a subclass
+        with a forward or state of its own, e.g. LoRA or pruning, is refused: packing would drop them).
 
         Keeps the integers the QAT layer's forward uses (oscillation-frozen ones included), its
         scales, its weight offset as the float zero point, and its input quantizer (the offset

@@ -1,7 +1,6 @@
 """From quantization-aware training to packed inference: a trained QAT layer as a PackedLinear.
 
-A :class:`QuantLinear` (any ``nn.Linear`` whose ``weight_quantizer`` is an
-:class:`LSQQuantizer`) computes ``F.linear(Qa(x), Qw(W), bias)`` with
+A :class:`QuantLinear` computes ``F.linear(Qa(x), Qw(W), bias)`` with
 ``Qw(W) = q * s + beta``, ``q = round(clamp((W - beta) / s, qmin, qmax))``. Its packed form keeps
 those integers exactly, as codes ``c = q - qmin`` in ``[0, 2^b - 1]``, with the packed format's
 float zero point ``z = -qmin - beta / s``, so that ``(c - z) * s = q * s + beta``:
