@@ -279,17 +279,31 @@ def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
         assert torch.equal(runs[1][key][2], runs[1]["head"][2]), key
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_bf16_gemm_odd_shapes(bits, config):
+    """bf16 x at M > 8: the AMX GEMM, or on CPUs without AMX (and with -noamx) the AVX512-BF16 GEMM
+    (vdpbf16ps): rows of W not a multiple of 8 / 32, 1 to 3 m-tiles of 16 and a partial one, K with a
+    partial chunk of the decode order, K blocks (partial sums kept between blocks), two x chunks."""
+    for i, (M, N, K, gs) in enumerate([(17, 7, 96, 32), (33, 45, 1000, 1000), (40, 33, 256, 64),
+                                       (100, 70, 4224, 64), (47, 9, 160, 32), (290, 12, 512, 128)]):
+        pw = make(N, K, bits, gs, (torch.float16, torch.bfloat16, torch.float32)[i % 3], seed=i)
+        bias = torch.randn(N) if i % 2 else None
+        x = torch.randn(M, K).bfloat16()
+        check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
+
+
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
 @pytest.mark.parametrize("feature", ["bf16", "vbmi"])
 def test_amx_path_needs_bf16_and_vbmi(feature):
-    # the AMX path runs AVX512-BF16 and VBMI instructions: disabling either must keep it off
+    # the AMX path runs AVX512-BF16 and VBMI instructions: disabling either must keep it off (and the
+    # AVX512-BF16 path of CPUs without AMX, which runs both too)
     pw = make(48, 256, 3, 64, torch.bfloat16, seed=5)
     x = torch.randn(40, 256).bfloat16()
     try:
         ops.set_cpu_feature("amx", False)
+        ops.set_cpu_feature(feature, False)
         no_amx = ops.packed_linear(x, pw)
         ops.set_cpu_feature("amx", True)
-        ops.set_cpu_feature(feature, False)
         assert torch.equal(ops.packed_linear(x, pw), no_amx)
     finally:
         ops.set_cpu_feature("amx", True)

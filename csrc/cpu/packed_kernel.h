@@ -22,6 +22,8 @@
 //   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
 //                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
+//   kPathDpBf16   AVX512-BF16 without AMX (AMD Zen 4), large M, bf16 x: the AMX
+//                 path's panels and x layout, multiplied with vdpbf16ps.
 #pragma once
 
 #include <cstdlib>
@@ -39,7 +41,7 @@
 namespace qk {
 namespace QK_ISA_NS {
 
-enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3 };
+enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3, kPathDpBf16 = 4 };
 
 QK_SI float meta_at(const void* p, Dt dt, int64_t i) {
   switch (dt) {
@@ -957,12 +959,34 @@ inline void amx_prep(const PackedW& P, const void* x, int64_t ldx, int64_t M, in
         std::memset(o, 0, Kpa * 2);
         continue;
       }
-      for (int64_t pos = 0; pos < Kpa; pos += run) {
+      // whole chunks in registers: within a chunk the permutation moves blocks of `run` elements, a
+      // transpose of 128-bit lanes (2/3 bits: 4 x 4 blocks of 8) or of 256-bit halves (4 bits: 2 x 2
+      // blocks of 16)
+      const uint16_t* xm = xs + m * ldx;
+      const int64_t chunk = P.bits == 4 ? 64 : 128;
+      int64_t pos = 0;
+      for (; pos + chunk <= Kpa && pos + chunk <= P.K; pos += chunk) {
+        if (P.bits == 4) {
+          const __m512i a = _mm512_loadu_si512(xm + pos), b = _mm512_loadu_si512(xm + pos + 32);
+          _mm512_storeu_si512(o + pos, _mm512_shuffle_i64x2(a, b, 0x44));
+          _mm512_storeu_si512(o + pos + 32, _mm512_shuffle_i64x2(a, b, 0xEE));
+        } else {
+          const __m512i a = _mm512_loadu_si512(xm + pos), b = _mm512_loadu_si512(xm + pos + 32),
+                        c = _mm512_loadu_si512(xm + pos + 64), d = _mm512_loadu_si512(xm + pos + 96);
+          const __m512i ab0 = _mm512_shuffle_i64x2(a, b, 0x88), ab1 = _mm512_shuffle_i64x2(a, b, 0xDD);
+          const __m512i cd0 = _mm512_shuffle_i64x2(c, d, 0x88), cd1 = _mm512_shuffle_i64x2(c, d, 0xDD);
+          _mm512_storeu_si512(o + pos, _mm512_shuffle_i64x2(ab0, cd0, 0x88));       // lane 0 of a, b, c, d
+          _mm512_storeu_si512(o + pos + 32, _mm512_shuffle_i64x2(ab1, cd1, 0x88));  // lane 1
+          _mm512_storeu_si512(o + pos + 64, _mm512_shuffle_i64x2(ab0, cd0, 0xDD));  // lane 2
+          _mm512_storeu_si512(o + pos + 96, _mm512_shuffle_i64x2(ab1, cd1, 0xDD));  // lane 3
+        }
+      }
+      for (; pos < Kpa; pos += run) {  // the last, partial chunk (and the zero padding)
         const int64_t k = amx_k_of(P.bits, pos);
         if (k + run <= P.K) {
-          std::memcpy(o + pos, xs + m * ldx + k, run * 2);
+          std::memcpy(o + pos, xm + k, run * 2);
         } else {
-          for (int e = 0; e < run; ++e) o[pos + e] = k + e < P.K ? xs[m * ldx + k + e] : uint16_t(0);
+          for (int e = 0; e < run; ++e) o[pos + e] = k + e < P.K ? xm[k + e] : uint16_t(0);
         }
       }
     }
@@ -1298,6 +1322,101 @@ inline void amx_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64
     default: return amx_gemm_rows_t<2>(P, xT, M, n0, n1, ydt, y, ldy, bias);
   }
 }
+
+// ------------------------------------------------------------ AVX512-BF16 GEMM (no AMX)
+// The AMX path's data with vdpbf16ps instead of tiles, for CPUs with AVX512-BF16 but no AMX
+// (AMD Zen 4, Intel Cooper Lake): the same bf16 panels of 32 rows (amx_dequant_row: W_deq rounded
+// to bf16, positions in decode order) and the same x layout (amx_prep: [Mt][Kpa / 2][16 m][2]).
+// A zmm of x holds one k-pair of 16 rows m; a row's k-pair of the panel is broadcast; each
+// vdpbf16ps adds both products to 16 fp32 sums (one per m). Register block: 8 rows of W x 48 m
+// (24 accumulators; per k-pair 3 loads of x, 8 broadcasts, 24 vdpbf16ps). The fp32 sums of a
+// K block that is not the last wait in `cacc` [block][m-tile][32 rows][16 m].
+// Same products as the AMX path (bf16 x bf16, fp32 sums, denormal inputs read as 0); the sums
+// are added in another order, and not split by thread count.
+#define QK_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi")))
+
+// 8 rows of the panel (row stride kc) x NT m-tiles of x (m-tile stride xs), k-pairs [0, kc / 2):
+// acc[8 t + i] += the products of row i and m-tile t.
+template <int NT>
+QK_BF16_TARGET inline void dp_block8(const uint16_t* pnl, int64_t kc, const uint16_t* x, int64_t xs, __m512* acc) {
+  const int32_t* r[8];
+  for (int i = 0; i < 8; ++i) r[i] = reinterpret_cast<const int32_t*>(pnl + i * kc);
+  for (int64_t kp = 0; kp < kc / 2; ++kp) {
+    __m512bh v[NT];
+    for (int t = 0; t < NT; ++t) v[t] = (__m512bh)_mm512_loadu_si512(x + t * xs + kp * 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(r[i][kp]);
+      for (int t = 0; t < NT; ++t) acc[8 * t + i] = _mm512_dpbf16_ps(acc[8 * t + i], v[t], w);
+    }
+  }
+}
+
+template <int BITS>
+QK_BF16_TARGET void dp_gemm_rows_t(const PackedW& P, const uint16_t* xT, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                                   void* y, int64_t ldy, const float* bias) {
+  constexpr int kNT = 3;  // m-tiles per block: 24 accumulators, a broadcast of W feeds 3 vdpbf16ps
+  const int64_t Kpa = amx_kpa(P);
+  const int64_t Mt = (M + 15) / 16;
+  const int64_t xs = (Kpa / 2) * 32;  // bf16 elements between m-tiles of xT
+  // K block: the x block (Mt * 16 rows x Kc bf16) within ~512 KiB and the panel (32 x Kc) within
+  // 256 KiB, so both stay in a 1 MiB L2 (Zen 4's) while a block of rows is multiplied.
+  static const int64_t kc_cap = env_int("QUANTKERN_PK_DP_KC", 4096);
+  const int64_t Kc = qmin(Kpa, qmin<int64_t>(kc_cap, qmax<int64_t>(128, (int64_t(1) << 19) / (Mt * 32) / 128 * 128)));
+  const int64_t nkb = (Kpa + Kc - 1) / Kc;
+  const int64_t nnb = (n1 - n0 + 31) / 32;
+  uint16_t* panel = static_cast<uint16_t*>(scratch(5, size_t(32) * Kc * 2));
+  float* cacc = nkb > 1 ? static_cast<float*>(scratch(6, size_t(nnb) * Mt * 32 * 16 * 4)) : nullptr;
+  alignas(64) float cbuf[256];
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t p0 = kb * Kc, p1 = qmin(Kpa, p0 + Kc), kc = p1 - p0;
+    const bool first = kb == 0, last = kb == nkb - 1;
+    for (int64_t bi = 0; bi < nnb; ++bi) {
+      const int64_t b0 = n0 + 32 * bi;
+      const int64_t rows = qmin<int64_t>(32, n1 - b0);
+      for (int64_t r = 0; r < rows; ++r) amx_dequant_row<BITS>(P, b0 + r, p0, p1, panel + r * kc);
+      for (int64_t r = rows; r < round_up(rows, 8); ++r) std::memset(panel + r * kc, 0, kc * 2);
+      for (int64_t mt = 0; mt < Mt; mt += kNT) {
+        const int nt = int(qmin<int64_t>(kNT, Mt - mt));
+        const uint16_t* xm = xT + mt * xs + (p0 / 2) * 32;
+        for (int64_t r8 = 0; r8 < rows; r8 += 8) {
+          __m512 acc[8 * kNT];
+          // this block's sums of m-tile mt + t, rows r8.. (K blocks before the last)
+          float* ca = cacc ? cacc + ((bi * Mt + mt) * 32 + r8) * 16 : nullptr;
+          for (int t = 0; t < nt; ++t)
+            for (int i = 0; i < 8; ++i)
+              acc[8 * t + i] = first ? _mm512_setzero_ps() : _mm512_load_ps(ca + t * 512 + 16 * i);
+          switch (nt) {
+            case 3: dp_block8<3>(panel + r8 * kc, kc, xm, xs, acc); break;
+            case 2: dp_block8<2>(panel + r8 * kc, kc, xm, xs, acc); break;
+            default: dp_block8<1>(panel + r8 * kc, kc, xm, xs, acc); break;
+          }
+          if (!last) {
+            for (int t = 0; t < nt; ++t)
+              for (int i = 0; i < 8; ++i) _mm512_store_ps(ca + t * 512 + 16 * i, acc[8 * t + i]);
+            continue;
+          }
+          const int64_t nb = b0 + r8, ne = qmin(n1, nb + 8);
+          for (int t = 0; t < nt; ++t) {  // C tile [16 n (8 used)][16 m] -> y
+            for (int i = 0; i < 8; ++i) _mm512_store_ps(cbuf + 16 * i, acc[8 * t + i]);
+            for (int i = 8; i < 16; ++i) _mm512_store_ps(cbuf + 16 * i, _mm512_setzero_ps());
+            amx_store_tile(cbuf, nb, ne, (mt + t) * 16, M, ydt, y, ldy, bias);
+          }
+        }
+      }
+    }
+  }
+}
+
+inline void dp_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                         int64_t ldy, const float* bias) {
+  switch (P.bits) {
+    case 4: return dp_gemm_rows_t<4>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+    case 3: return dp_gemm_rows_t<3>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+    default: return dp_gemm_rows_t<2>(P, xT, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
 #endif  // QK_ISA_AVX512
 
 // ------------------------------------------------------------ dispatch (IsaTable entries)
@@ -1312,8 +1431,15 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   // either (or a CPU without it) must keep it off
   const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
                    cpu_feature_on(CpuFeature::Bf16) && amx_permitted();
-  if (xdt != Dt::F32 && vnni && M <= vnni_max) return kPathVnni;
+  // Without AMX the int8 GEMV stays ahead of the other paths up to M = 8; bf16 x beyond goes to the
+  // AVX512-BF16 GEMM (4096 x 11008 int4, AMD Zen 4, 2 threads: GEMV 2.9 / 4.1 / 5.8 / 7.4 ms at
+  // M = 5 / 8 / 12 / 16, the BF16 GEMM 4.5 ms for any M <= 16, the fp32 LUT 9.9 ms at M = 8).
+  static const int64_t vnni_max_noamx = env_int("QUANTKERN_PK_VNNI_MAX_M_NOAMX", 8);
+  if (xdt != Dt::F32 && vnni && M <= (amx ? vnni_max : qmax(vnni_max, vnni_max_noamx))) return kPathVnni;
   if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
+  if (xdt == Dt::BF16 && !amx && cpu_feature_on(CpuFeature::Bf16) && cpu_feature_on(CpuFeature::Vbmi) &&
+      M > vnni_max)
+    return kPathDpBf16;
   if (M <= lut_max) return kPathLutF32;
   return kPathGemmF32;
 #else
@@ -1325,12 +1451,14 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
 
 // Rows of x per chunk (the caller loops over chunks; the weight is read once per chunk).
 inline int64_t pk_mchunk(int path) {
-  if (path == kPathAmx) return 256;
+  if (path == kPathAmx || path == kPathDpBf16) return 256;
   if (path == kPathGemmF32) return 128;
   return 1 << 30;
 }
 
-inline int64_t pk_prep_units(int path, int64_t M) { return path == kPathAmx ? (M + 15) / 16 : M; }
+inline int64_t pk_prep_units(int path, int64_t M) {
+  return path == kPathAmx || path == kPathDpBf16 ? (M + 15) / 16 : M;
+}
 
 inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
 #if defined(QK_ISA_AVX512)
@@ -1338,7 +1466,7 @@ inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
     const VnniLayout L = vnni_layout(P);
     return L.total_shared + M * L.per_m;
   }
-  if (path == kPathAmx) return ((M + 15) / 16) * 16 * amx_kpa(P) * 2;
+  if (path == kPathAmx || path == kPathDpBf16) return ((M + 15) / 16) * 16 * amx_kpa(P) * 2;
 #endif
   (void)path;
   return M * P.Kp() * 4;
@@ -1348,7 +1476,7 @@ inline void pk_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_
                     void* ws) {
 #if defined(QK_ISA_AVX512)
   if (path == kPathVnni) return vnni_prep(P, xdt, x, ldx, u0, u1, static_cast<uint8_t*>(ws), M > 1);
-  if (path == kPathAmx) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
+  if (path == kPathAmx || path == kPathDpBf16) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
 #endif
   (void)M;
   (void)path;
@@ -1360,6 +1488,7 @@ inline void pk_run(const PackedW& P, const void* ws, int64_t M, int path, int64_
 #if defined(QK_ISA_AVX512)
   if (path == kPathVnni) return vnni_gemv_rows(P, static_cast<const uint8_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (path == kPathAmx) return amx_gemm_rows(P, static_cast<const uint16_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (path == kPathDpBf16) return dp_gemm_rows(P, static_cast<const uint16_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (path == kPathLutF32) return lut_gemv_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
 #endif
   (void)path;
@@ -1367,6 +1496,6 @@ inline void pk_run(const PackedW& P, const void* ws, int64_t M, int path, int64_
 }
 
 // Rows of W per parallel task.
-inline int64_t pk_n_grain(int path) { return path == kPathAmx ? 32 : 16; }
+inline int64_t pk_n_grain(int path) { return path == kPathAmx || path == kPathDpBf16 ? 32 : 16; }
 }  // namespace QK_ISA_NS
 }  // namespace qk
