@@ -23,13 +23,14 @@ Implementations:
   per channel, x quantized per call).
 
 Columns: ms (median), GB/s (bytes of the weight, metadata included, per call),
-roofline (GB/s / read bandwidth: an fp32 ``torch.mv`` over 256 MiB or twice the last-level cache, measured in the same run), and ``vs bf16`` /
+roofline (GB/s / read bandwidth: the fastest of an fp32 ``torch.mv``, ``amax()`` and an int64 ``sum()``
+over 256 MiB or twice the last-level cache, measured in the same run; :func:`_harness.read_bandwidth`), and ``vs bf16`` /
 ``vs aten``: baseline ms / our ms (> 1: ours is faster).
 
 Run: ``python -m benchmarks.bench_packed_linear [--quick] [--threads N] [--dtype bfloat16,float32] [--device cuda]``.
 On a GPU (``--device cuda``) the rows are the native CUDA kernels, ``quantkern triton`` (where triton
 imports), aten's CUDA int4 kernel (``_weight_int4pack_mm``, bf16 x) and F.linear; the roofline is the
-GPU's ``torch.mv`` read bandwidth; dynamic int8 is CPU-only.
+GPU's read bandwidth (the same probes); dynamic int8 is CPU-only.
 """
 from __future__ import annotations
 
