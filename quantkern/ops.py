@@ -668,10 +668,13 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
         transform raise RuntimeError. No autocast: the output dtype follows x.
 
     CPU paths (chosen per call): small M uses a GEMV (AVX-512 VNNI on bf16/fp16
-    x, exact fp32 table-lookup dequantization on fp32 x); larger M dequantizes
-    panels of rows into a cache-resident buffer and uses AMX (bf16 x) or fp32
-    FMA (fp32/fp16 x). ``quantkern.set_cpu_capability`` and
-    ``quantkern.ops.set_cpu_feature`` force the fallbacks.
+    x, up to 4 rows with AMX and 8 without; exact fp32 table-lookup dequantization
+    on fp32 x); larger M dequantizes panels of rows into a cache-resident buffer
+    and uses AMX, or AVX512-BF16 ``vdpbf16ps`` on CPUs without AMX (bf16 x; the
+    weight rounded to bf16, denormal inputs read as 0, as bf16 ``F.linear``), or
+    fp32 FMA / MKL sgemm on exactly dequantized tiles (fp32/fp16 x).
+    ``quantkern.set_cpu_capability`` and ``quantkern.ops.set_cpu_feature`` force
+    the fallbacks.
     """
     w = _weight_parts("packed_linear", weight)
     return _packed_linear(x, w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, bias, backend)

@@ -292,6 +292,22 @@ def test_bf16_gemm_odd_shapes(bits, config):
         check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
 
 
+def test_bf16_gemm_k_block_knob_is_rounded_to_whole_chunks():
+    # QUANTKERN_PK_DP_KC (the AVX512-BF16 GEMM's K block, read once per process) must stay a multiple of
+    # the 128-position decode chunk: 200 gave wrong outputs, 64 crashed, 0 divided by zero
+    import subprocess
+    import sys
+    code = ("import torch, quantkern; import torch.nn.functional as F; from quantkern import PackedWeight, ops; "
+            "from quantkern.reference import packing as ref; torch.manual_seed(0); "
+            "pw = PackedWeight.from_float(torch.randn(24, 4224), 3, 128); x = torch.randn(9, 4224).bfloat16(); "
+            "W = ref.dequantize(pw.qweight, pw.scales, pw.zeros, 3, 128, 4224); t = x.double() @ W.double().T; "
+            "e = ((ops.packed_linear(x, pw).double() - t).norm() / t.norm()).item(); assert e < 0.01, e")
+    for kc in ("0", "64", "200"):
+        env = dict(os.environ, QUANTKERN_PK_DP_KC=kc, QUANTKERN_DISABLE_CPU_FEATURES="amx")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (kc, r.returncode, r.stderr[-2000:])
+
+
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
 @pytest.mark.parametrize("feature", ["bf16", "vbmi"])
 def test_amx_path_needs_bf16_and_vbmi(feature):

@@ -1324,15 +1324,16 @@ inline void amx_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64
 }
 
 // ------------------------------------------------------------ AVX512-BF16 GEMM (no AMX)
-// The AMX path's data with vdpbf16ps instead of tiles, for CPUs with AVX512-BF16 but no AMX
-// (AMD Zen 4, Intel Cooper Lake): the same bf16 panels of 32 rows (amx_dequant_row: W_deq rounded
-// to bf16, positions in decode order) and the same x layout (amx_prep: [Mt][Kpa / 2][16 m][2]).
+// The AMX path's data with vdpbf16ps instead of tiles, for CPUs with AVX512-BF16 and VBMI but no
+// AMX (AMD Zen 4; Cooper Lake lacks VBMI): the same bf16 panels of 32 rows (amx_dequant_row: W_deq
+// rounded to bf16, positions in decode order) and the same x layout (amx_prep: [Mt][Kpa / 2][16 m][2]).
 // A zmm of x holds one k-pair of 16 rows m; a row's k-pair of the panel is broadcast; each
 // vdpbf16ps adds both products to 16 fp32 sums (one per m). Register block: 8 rows of W x 48 m
 // (24 accumulators; per k-pair 3 loads of x, 8 broadcasts, 24 vdpbf16ps). The fp32 sums of a
 // K block that is not the last wait in `cacc` [block][m-tile][32 rows][16 m].
-// Same products as the AMX path (bf16 x bf16, fp32 sums, denormal inputs read as 0); the sums
-// are added in another order, and not split by thread count.
+// Same products as the AMX path (bf16 x bf16, fp32 sums, denormal inputs read as 0, as bf16
+// F.linear's vdpbf16ps: |x| or |w| near 1e-38 lose their precision here, not on the exact paths);
+// the sums are added in another order, and not split by thread count.
 #define QK_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi")))
 
@@ -1362,7 +1363,8 @@ QK_BF16_TARGET void dp_gemm_rows_t(const PackedW& P, const uint16_t* xT, int64_t
   const int64_t xs = (Kpa / 2) * 32;  // bf16 elements between m-tiles of xT
   // K block: the x block (Mt * 16 rows x Kc bf16) within ~512 KiB and the panel (32 x Kc) within
   // 256 KiB, so both stay in a 1 MiB L2 (Zen 4's) while a block of rows is multiplied.
-  static const int64_t kc_cap = env_int("QUANTKERN_PK_DP_KC", 4096);
+  // (a tuning knob; amx_dequant_row needs K blocks of whole 128-position chunks)
+  static const int64_t kc_cap = qmax<int64_t>(128, env_int("QUANTKERN_PK_DP_KC", 4096) / 128 * 128);
   const int64_t Kc = qmin(Kpa, qmin<int64_t>(kc_cap, qmax<int64_t>(128, (int64_t(1) << 19) / (Mt * 32) / 128 * 128)));
   const int64_t nkb = (Kpa + Kc - 1) / Kc;
   const int64_t nnb = (n1 - n0 + 31) / 32;
