@@ -224,6 +224,48 @@ def test_gemv_stream_order_is_bit_identical(tmp_path, threads):
         assert torch.equal(y, runs["0"][key]), key
 
 
+_ZEN4_FORM_SCRIPT = """
+import sys, torch, quantkern
+from quantkern import PackedWeight, ops
+torch.set_num_threads(int(sys.argv[2]))
+out = {}
+for bits in (2, 3, 4):
+    for K, gs in ((320, 64), (800, 32), (4096, 128), (1000, None), (96, 32)):  # partial chunks, one group per row
+        for N, mdt in ((7, torch.float32), (70, torch.float16), (133, torch.bfloat16)):
+            g = torch.Generator().manual_seed(K + N + bits)
+            pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, gs, mdt)
+            x = torch.randn(3, K, generator=g)
+            x[1, 5] = 300.0  # an outlier: three pieces of x
+            b = torch.randn(N, generator=g)
+            for xdt in (torch.bfloat16, torch.float16):
+                for m in range(3):
+                    out[f"{bits}-{K}-{gs}-{N}-{xdt}-{m}"] = ops.packed_linear(x[m:m + 1].to(xdt), pw, b)
+                out[f"{bits}-{K}-{gs}-{N}-{xdt}-all"] = ops.packed_linear(x.to(xdt), pw)
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
+@pytest.mark.parametrize("threads", (1, 2))
+def test_zen4_gemv_form_is_bit_identical(tmp_path, threads):
+    # The M = 1 GEMV has a form tuned for AMD Zen 4 (QUANTKERN_PK_ZEN4_GEMV, the default on AMD
+    # CPUs, read once at load time, hence the subprocesses): scales from a per-row buffer, 2-bit
+    # fields from shifts. Both forms must give the same bits on any CPU that runs the GEMV.
+    import subprocess
+    import sys
+    runs = {}
+    for form in ("0", "1"):
+        env = dict(os.environ, QUANTKERN_PK_ZEN4_GEMV=form)
+        path = tmp_path / f"{form}.pt"
+        r = subprocess.run([sys.executable, "-c", _ZEN4_FORM_SCRIPT, str(path), str(threads)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[form] = torch.load(path)
+    assert runs["1"].keys() == runs["0"].keys()
+    for key, y in runs["1"].items():
+        assert torch.equal(y, runs["0"][key]), key
+
+
 _THREADS_SCRIPT = """
 import sys, torch, quantkern
 from quantkern import PackedWeight, ops

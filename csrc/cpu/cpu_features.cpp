@@ -72,4 +72,15 @@ bool set_cpu_feature_enabled(const char* name, bool on) {
   return false;
 }
 
+bool cpu_is_amd() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char v[13];
+  std::memcpy(v, &b, 4);
+  std::memcpy(v + 4, &d, 4);
+  std::memcpy(v + 8, &c, 4);
+  v[12] = 0;
+  return std::strcmp(v, "AuthenticAMD") == 0;
+}
+
 }  // namespace qk

@@ -17,5 +17,7 @@ bool cpu_feature_detected(CpuFeature f);
 bool cpu_feature_on(CpuFeature f);
 // Returns false if the name is unknown.
 bool set_cpu_feature_enabled(const char* name, bool on);
+// The CPU's vendor string is "AuthenticAMD" (kernels that tune their instruction mix per vendor).
+bool cpu_is_amd();
 
 }  // namespace qk

@@ -19,6 +19,7 @@
 //                 of that group would lose precision, so the call takes a third piece
 //                 (x ~ a * (h + l / 256 + u / 65536)). x with inf/NaN takes the
 //                 fp32 LUT path, which propagates them as a float product does.
+//                 One row of x on AMD CPUs runs its Zen 4 form (kZen4Gemv).
 //   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
 //                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
@@ -118,6 +119,19 @@ static const int64_t kPfBytes = env_int("QUANTKERN_PK_PREFETCH_BYTES", 3072);
 // bit-identical. Rows interleaved one at a time across the slices instead of in lockstep
 // gained half as much. QUANTKERN_PK_STREAMS=0 restores the one-stream order (for A/B runs).
 static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
+// The one-row GEMV (M = 1) in the form tuned for AMD Zen 4: (1) the group scales times a_g of a
+// whole row go to a buffer before the chunk loop (vnni_gemv_block) instead of into registers
+// whenever the 16-group window moves; (2) 2-bit fields come from 16-bit shifts (vnni_decode): on
+// Zen 4 vpmultishiftqb shares vpdpbusd's pipes (a vpdpbusd paired with one takes 2 cycles, with
+// a vpsrlw 1.15), while on the Xeons vpdpbusd has port 0 to itself. Measured on 2 vCPUs of an
+// EPYC (hot weights, cycles per 256 weights, int2 / int3 / int4, g64): 16.4 / 23.0 / 19.6 ->
+// 14.8 / 22.2 / 18.1; cold 4096x11008: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md).
+// Outputs are bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default
+// (-1) takes it on AMD CPUs (the Xeon form was tuned on hardware this host cannot re-measure).
+static const bool kZen4Gemv = [] {
+  const int64_t v = env_int("QUANTKERN_PK_ZEN4_GEMV", -1);
+  return v < 0 ? cpu_is_amd() : v != 0;
+}();
 #define QK_PF(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
 #endif
 
@@ -660,17 +674,64 @@ QK_SI __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask
 QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
 
 
+// The code fields of one chunk of one row: NF vectors of one code per byte, in the decode
+// order of vnni_order_piece. Also prefetches the row pf bytes ahead.
+template <int BITS, bool Z4>
+QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0, int64_t nvalid, bool full, int64_t pf,
+                                      const __m512i* ctrl, const __m512i* lshift, __m512i* fld) {
+  constexpr int64_t bpb = BITS == 4 ? 16 : 8;  // bytes per block in the primary plane
+  const __m512i m0f = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+  // Software prefetch of the same line NR rows ahead (the next block of rows): with
+  // the hardware streamer alone a cold row stream ran at ~60% of the bandwidth.
+  QK_PF(row + bpb * j0 + pf);
+  if constexpr (BITS == 3) QK_PF(row + 8 * nb + 4 * j0 + pf);
+  const __m512i w = full ? _mm512_loadu_si512(row + bpb * j0) : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
+  // Fields f > 0 come from vpmultishiftqb (port 5 on the Xeons) rather than a shift (port 0,
+  // which also runs every vpdpbusd and the int->float conversion). On Zen 4 it is the other way
+  // round (see kZen4Gemv): 2-bit fields come from 16-bit shifts there (int2 GEMV ~1.4 cycles
+  // less per 256 weights; 3 and 4 bits measured no faster, so they keep vpmultishiftqb).
+  // The AND that follows drops the bits pulled in from the next byte.
+  if constexpr (BITS == 4) {
+    fld[0] = _mm512_and_si512(w, m0f);
+    fld[1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[2], w), m0f);
+  } else if constexpr (BITS == 2) {
+    fld[0] = _mm512_and_si512(w, m0f);
+    for (int f = 1; f < 4; ++f)
+      fld[f] = _mm512_and_si512(Z4 ? _mm512_srli_epi16(w, 2 * f) : _mm512_multishift_epi64_epi8(lshift[f], w), m0f);
+  } else {
+    const __m256i hw = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * nb + 4 * j0))
+                            : _mm256_maskz_loadu_epi32(__mmask8((1u << nvalid) - 1u), row + 8 * nb + 4 * j0);
+    const __m512i hq = _mm512_cvtepu32_epi64(hw);
+    const __m512i three = _mm512_set1_epi8(0x03), seven = _mm512_set1_epi8(0x07);
+    for (int f = 0; f < 4; ++f) {
+      const __m512i lo = f == 0 ? w : _mm512_multishift_epi64_epi8(lshift[f], w);
+      const __m512i hb = _mm512_multishift_epi64_epi8(ctrl[f], hq);
+      fld[f] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hb, three, 0xE4), seven);
+    }
+  }
+}
+
+// sum over the pieces p of 256^(NP-1-p) * (q . x_p) per int32 lane (int32: |sum| < 2^31 for
+// every bit width): each piece's products accumulate onto the shifted sum of the ones before.
+template <int NF, int NP>
+QK_VNNI_TARGET QK_SI __m512i vnni_products(const __m512i* fld, const __m512i (*xv)[NF]) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int p = 0; p < NP; ++p) {
+    if (p) acc = _mm512_slli_epi32(acc, 8);
+    for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[f], xv[p][f]);
+  }
+  return acc;
+}
+
 // NR rows of W at a time (independent work for the out-of-order core; x loads shared).
-// NP: pieces of x (2 or 3, see kVnniWideRange).
-template <int BITS, int MT, int NR, Dt MD, int NP>
+// NP: pieces of x (2 or 3, see kVnniWideRange). Z4: the Zen 4 form (kZen4Gemv; MT = 1 only),
+// which reads its group scales from sbuf.
+template <int BITS, int MT, int NR, Dt MD, int NP, bool Z4>
 QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L, const int32_t* gl, const int32_t* g0v,
                                           const uint8_t* const* wm, const __m512i* ctrl, const __m512i* lshift,
                                           const int64_t* rn, int64_t adv, Dt ydt, void* y, int64_t ldy,
-                                          const float* bias) {
-  const __m512i m0f = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x03);
-  const __m512i three = _mm512_set1_epi8(0x03), seven = _mm512_set1_epi8(0x07);
+                                          const float* bias, float* sbuf) {
   constexpr int NF = BITS == 4 ? 2 : 4;
-  constexpr int64_t bpb = BITS == 4 ? 16 : 8;  // bytes per block in the primary plane
   constexpr int64_t es = MD == Dt::F32 ? 4 : 2;
   const uint8_t* row[NR];
   const char* srow_s[NR];
@@ -685,47 +746,35 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
   int64_t gwin = -1;
   const __m512 piece_unit = _mm512_set1_ps(NP == 2 ? 1.f / 256.f : 1.f / 65536.f);  // A[g] is amax / 127
   const int64_t pf = adv == 1 ? kPfBytes : kPfRows * adv * P.row_bytes;
-  for (int r = 0; r < NR; ++r)  // the metadata rows of the next block of rows
-    for (int64_t b = 0; b < P.G * es; b += 64) {
+  // Loops over a runtime range go outside the loops over r and m throughout: a loop over r
+  // around one that GCC cannot unroll made it keep yacc, row and srow_* in memory (a store of
+  // every accumulator per chunk).
+  for (int64_t b = 0; b < P.G * es; b += 64)  // the metadata rows of the next block of rows
+    for (int r = 0; r < NR; ++r) {
       QK_PF(srow_s[r] + kPfRows * adv * P.G * es + b);
       QK_PF(srow_z[r] + kPfRows * adv * P.G * es + b);
     }
+  // s[n, g] * a_g / 256 (or / 65536 with three pieces): each chunk picks its lanes' groups from
+  // a window of 16 groups starting at g0v[c] with one permute. The window's products are made in
+  // registers whenever it moves (every 8 groups), or with Z4 for the whole row into sbuf (one row
+  // [G16 + 16] per r) before the chunk loop, each chunk loading its window from there: on Zen 4
+  // the moves cost ~10 cycles per row and window on the chunk's critical path.
+  static_assert(!Z4 || MT == 1, "the Zen 4 form serves one row of x");
+  const int64_t sstride = L.G16 + 16;
+  if constexpr (Z4) {
+    for (int64_t g = 0; g < P.G; g += 16) {
+      const __mmask16 k = mask16(P.G - g);
+      const __m512 a16 = _mm512_loadu_ps(reinterpret_cast<const float*>(wm[0] + L.A_off) + g);
+      for (int r = 0; r < NR; ++r)
+        _mm512_store_ps(sbuf + r * sstride + g, _mm512_mul_ps(a16, _mm512_mul_ps(load_meta16<MD>(srow_s[r], g, k), piece_unit)));
+    }
+  }
   for (int64_t c = 0; c < L.nc; ++c) {
     const int64_t j0 = c * L.bpc;
     const int64_t nvalid = qmin<int64_t>(L.bpc, P.nb - j0);
     const bool full = nvalid == L.bpc;
-    __m512i fld[NR][NF];
-    for (int r = 0; r < NR; ++r) {
-      // Software prefetch of the same line NR rows ahead (the next block of rows): with
-      // the hardware streamer alone a cold row stream ran at ~60% of the bandwidth.
-      QK_PF(row[r] + bpb * j0 + pf);
-      if constexpr (BITS == 3) QK_PF(row[r] + 8 * P.nb + 4 * j0 + pf);
-      const __m512i w = full ? _mm512_loadu_si512(row[r] + bpb * j0)
-                             : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row[r] + bpb * j0);
-      // Fields f > 0 come from vpmultishiftqb (port 5) rather than a shift (port 0):
-      // the decode is port-bound and port 0 also runs every vpdpbusd and the int->float
-      // conversion. The AND that follows drops the bits pulled in from the next byte.
-      if constexpr (BITS == 4) {
-        fld[r][0] = _mm512_and_si512(w, m0f);
-        fld[r][1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[2], w), m0f);
-      } else if constexpr (BITS == 2) {
-        fld[r][0] = _mm512_and_si512(w, m0f);
-        for (int f = 1; f < 4; ++f) fld[r][f] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[f], w), m0f);
-      } else {
-        const __m256i hw = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + 8 * P.nb + 4 * j0))
-                                : _mm256_maskz_loadu_epi32(__mmask8((1u << nvalid) - 1u), row[r] + 8 * P.nb + 4 * j0);
-        const __m512i hq = _mm512_cvtepu32_epi64(hw);
-        for (int f = 0; f < 4; ++f) {
-          const __m512i lo = f == 0 ? w : _mm512_multishift_epi64_epi8(lshift[f], w);
-          const __m512i hb = _mm512_multishift_epi64_epi8(ctrl[f], hq);
-          fld[r][f] = _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hb, three, 0xE4), seven);
-        }
-      }
-    }
-    // s[n, g] * a_g / 256 for a window of 16 groups, once per window (not per chunk);
-    // each chunk then picks its lanes' groups with one permute
     const int64_t g0 = g0v[c];
-    if (g0 != gwin) {
+    if (!Z4 && g0 != gwin) {
       for (int r = 0; r < NR; ++r) {
         const __m512 s16 = _mm512_mul_ps(load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0)), piece_unit);
         for (int m = 0; m < MT; ++m)
@@ -734,40 +783,57 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
       gwin = g0;
     }
     const __m512i gidx = _mm512_loadu_si512(gl + c * 16);
-    for (int m = 0; m < MT; ++m) {
-      const int8_t* xp = reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64;
-      __m512i xv[NP][NF];
-      for (int p = 0; p < NP; ++p)
-        for (int f = 0; f < NF; ++f) xv[p][f] = _mm512_load_si512(xp + p * L.x_bytes + f * 64);
+    __m512i xv[NP][NF];
+#define QK_LOAD_X(m)                                                                  \
+  for (int p = 0; p < NP; ++p)                                                        \
+    for (int f = 0; f < NF; ++f)                                                      \
+      xv[p][f] = _mm512_load_si512(reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64 + p * L.x_bytes + f * 64);
+    if constexpr (Z4) {
+      // each row of W decoded just before its products: one row's fields live at a time
+      QK_LOAD_X(0)
       for (int r = 0; r < NR; ++r) {
-        // 256 * (q . xh) + (q . xl) (then * 256 + (q . xu)): each piece's products accumulate
-        // onto the shifted sum of the ones before (int32: |sum| < 2^31 for every bit width)
-        __m512i acc = _mm512_setzero_si512();
-        for (int p = 0; p < NP; ++p) {
-          if (p) acc = _mm512_slli_epi32(acc, 8);
-          for (int f = 0; f < NF; ++f) acc = _mm512_dpbusd_epi32(acc, fld[r][f], xv[p][f]);
+        __m512i fld[NF];
+        vnni_decode<BITS, true>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld);
+        const __m512 sw = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(sbuf + r * sstride + g0));
+        yacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP>(fld, xv)), sw, yacc[r][0]);
+      }
+    } else {
+      __m512i fld[NR][NF];
+      for (int r = 0; r < NR; ++r) vnni_decode<BITS, false>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld[r]);
+      for (int m = 0; m < MT; ++m) {
+        QK_LOAD_X(m)
+        for (int r = 0; r < NR; ++r) {
+          const __m512 sw = _mm512_permutexvar_ps(gidx, sa[r][m]);
+          yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP>(fld[r], xv)), sw, yacc[r][m]);
         }
-        yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sa[r][m]), yacc[r][m]);
       }
     }
+#undef QK_LOAD_X
   }
   // zero-point term: - sum_g z * s * X_g
-  for (int r = 0; r < NR; ++r) {
-    __m512 zacc[MT];
-    for (int m = 0; m < MT; ++m) zacc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < P.G; g += 16) {
-      const __mmask16 k = mask16(P.G - g);
+  __m512 zacc[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) zacc[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < P.G; g += 16) {
+    const __mmask16 k = mask16(P.G - g);
+    for (int r = 0; r < NR; ++r) {
       const __m512 zs = _mm512_mul_ps(load_meta16<MD>(srow_z[r], g, k), load_meta16<MD>(srow_s[r], g, k));
       for (int m = 0; m < MT; ++m)
-        zacc[m] = _mm512_fmadd_ps(zs, _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.X_off) + g), zacc[m]);
+        zacc[r][m] = _mm512_fmadd_ps(zs, _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.X_off) + g), zacc[r][m]);
     }
-    for (int m = 0; m < MT; ++m)
-      store_any(ydt, y, m * ldy + rn[r],
-                _mm512_reduce_add_ps(yacc[r][m]) - _mm512_reduce_add_ps(zacc[m]) + (bias ? bias[rn[r]] : 0.f));
   }
+  // Reduced in a loop of its own that unrolls: with the calls of store_any in it, the loop stayed a
+  // loop over yacc's address, so yacc lived in memory.
+  float ys[NR][MT];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) ys[r][m] = _mm512_reduce_add_ps(yacc[r][m]) - _mm512_reduce_add_ps(zacc[r][m]);
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) store_any(ydt, y, m * ldy + rn[r], ys[r][m] + (bias ? bias[rn[r]] : 0.f));
 }
 
-template <int BITS, int MT, Dt MD, int NP>
+template <int BITS, int MT, Dt MD, int NP, bool Z4>
 QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const uint8_t* xm, int64_t n0, int64_t n1,
                                      Dt ydt, void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
@@ -794,6 +860,7 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
   constexpr int NS = MT == 1 ? 4 : 2;
   constexpr int NR = MT == 1 && BITS == 4 ? 1 : MT <= 2 ? 2 : 1;  // see kPfBytes
   int64_t rn[NS > NR ? NS : NR];
+  float* sbuf = Z4 ? static_cast<float*>(scratch(4, size_t(NS > NR ? NS : NR) * (L.G16 + 16) * 4)) : nullptr;
   int64_t n = n0;
   bool spread = false;
   if constexpr (MT <= 2) {
@@ -801,17 +868,17 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
     spread = kStreams && len >= 8;
     for (int64_t i = 0; spread && i < len; ++i) {
       for (int r = 0; r < NS; ++r) rn[r] = n0 + r * len + i;
-      vnni_gemv_block<BITS, MT, NS, MD, NP>(P, L, gl, g0v, wm, ctrl, lshift, rn, 1, ydt, y, ldy, bias);
+      vnni_gemv_block<BITS, MT, NS, MD, NP, Z4>(P, L, gl, g0v, wm, ctrl, lshift, rn, 1, ydt, y, ldy, bias, sbuf);
     }
     if (spread) n = n0 + NS * len;
   }
   for (; !spread && n + NR <= n1; n += NR) {
     for (int r = 0; r < NR; ++r) rn[r] = n + r;
-    vnni_gemv_block<BITS, MT, NR, MD, NP>(P, L, gl, g0v, wm, ctrl, lshift, rn, NR, ydt, y, ldy, bias);
+    vnni_gemv_block<BITS, MT, NR, MD, NP, Z4>(P, L, gl, g0v, wm, ctrl, lshift, rn, NR, ydt, y, ldy, bias, sbuf);
   }
   for (; n < n1; ++n) {
     rn[0] = n;
-    vnni_gemv_block<BITS, MT, 1, MD, NP>(P, L, gl, g0v, wm, ctrl, lshift, rn, 1, ydt, y, ldy, bias);
+    vnni_gemv_block<BITS, MT, 1, MD, NP, Z4>(P, L, gl, g0v, wm, ctrl, lshift, rn, 1, ydt, y, ldy, bias, sbuf);
   }
 }
 
@@ -821,6 +888,9 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, in
                              Dt ydt, void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
+  if (M == 1 && kZen4Gemv)
+    return vnni_gemv_rows_t<BITS, 1, MD, NP, true>(P, ws, ws + L.total_shared + m0 * L.per_m, n0, n1, ydt,
+                                                   static_cast<char*>(y) + m0 * ldy * es, ldy, bias);
   // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
   // cache for the second group, so the weight streams from memory once.
   const int64_t slab = M <= 4 ? n1 - n0 : 16;
@@ -830,10 +900,10 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, in
       const uint8_t* xm = ws + L.total_shared + mb * L.per_m;
       void* ym = static_cast<char*>(y) + mb * ldy * es;
       switch (qmin<int64_t>(4, m0 + M - mb)) {
-        case 1: vnni_gemv_rows_t<BITS, 1, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 2: vnni_gemv_rows_t<BITS, 2, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 3: vnni_gemv_rows_t<BITS, 3, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        default: vnni_gemv_rows_t<BITS, 4, MD, NP>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 1: vnni_gemv_rows_t<BITS, 1, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: vnni_gemv_rows_t<BITS, 2, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: vnni_gemv_rows_t<BITS, 3, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: vnni_gemv_rows_t<BITS, 4, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
       }
     }
   }
