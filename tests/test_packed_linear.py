@@ -189,6 +189,18 @@ def test_packed_linear_fp32_x_large_k(bits, config):
     check_accuracy(ops.packed_linear(x, pw), x, pw)
 
 
+def _run_saved(tmp_path, script, threads, name, env=None):
+    """Runs `script` (which saves its outputs to argv[1], argv[2] = thread count) in a fresh Python
+    process (the kernels read their QUANTKERN_* knobs once at load time) and returns what it saved."""
+    import subprocess
+    import sys
+    path = tmp_path / f"{name}.pt"
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(threads)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return torch.load(path)
+
+
 _STREAM_ORDER_SCRIPT = """
 import sys, torch, quantkern
 from quantkern import PackedWeight, ops
@@ -205,25 +217,6 @@ torch.save(out, sys.argv[1])
 """
 
 
-@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
-@pytest.mark.parametrize("threads", (1, 2))
-def test_gemv_stream_order_is_bit_identical(tmp_path, threads):
-    # At M <= 2 the VNNI GEMV reads far-apart slices of its rows in lockstep (QUANTKERN_PK_STREAMS,
-    # read once at load time, hence the subprocesses); each row's sum is the same either way.
-    import subprocess
-    import sys
-    runs = {}
-    for streams in ("0", "1"):
-        env = dict(os.environ, QUANTKERN_PK_STREAMS=streams)
-        path = tmp_path / f"{streams}.pt"
-        r = subprocess.run([sys.executable, "-c", _STREAM_ORDER_SCRIPT, str(path), str(threads)], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        runs[streams] = torch.load(path)
-    for key, y in runs["1"].items():
-        assert torch.equal(y, runs["0"][key]), key
-
-
 _ZEN4_FORM_SCRIPT = """
 import sys, torch, quantkern
 from quantkern import PackedWeight, ops
@@ -234,36 +227,34 @@ for bits in (2, 3, 4):
         for N, mdt in ((7, torch.float32), (70, torch.float16), (133, torch.bfloat16)):
             g = torch.Generator().manual_seed(K + N + bits)
             pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, gs, mdt)
-            x = torch.randn(3, K, generator=g)
+            x = torch.randn(8, K, generator=g)
             x[1, 5] = 300.0  # an outlier: three pieces of x
             b = torch.randn(N, generator=g)
             for xdt in (torch.bfloat16, torch.float16):
                 for m in range(3):
                     out[f"{bits}-{K}-{gs}-{N}-{xdt}-{m}"] = ops.packed_linear(x[m:m + 1].to(xdt), pw, b)
-                out[f"{bits}-{K}-{gs}-{N}-{xdt}-all"] = ops.packed_linear(x.to(xdt), pw)
+                for rows in (2, 3, 4, 5, 8):  # 3-4 rows of x take two rows of W per block in the Zen 4 form
+                    out[f"{bits}-{K}-{gs}-{N}-{xdt}-:{rows}"] = ops.packed_linear(x[:rows].to(xdt), pw)
+                xi = x[:4].clone()
+                xi[2, 0] = float("inf")  # that row takes the fp32 path, the others the GEMV one by one
+                out[f"{bits}-{K}-{gs}-{N}-{xdt}-inf"] = ops.packed_linear(xi.to(xdt), pw, b)
 torch.save(out, sys.argv[1])
 """
 
 
 @pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
 @pytest.mark.parametrize("threads", (1, 2))
-def test_zen4_gemv_form_is_bit_identical(tmp_path, threads):
-    # The M = 1 GEMV has a form tuned for AMD Zen 4 (QUANTKERN_PK_ZEN4_GEMV, the default on AMD
-    # CPUs, read once at load time, hence the subprocesses): scales from a per-row buffer, 2-bit
-    # fields from shifts. Both forms must give the same bits on any CPU that runs the GEMV.
-    import subprocess
-    import sys
-    runs = {}
-    for form in ("0", "1"):
-        env = dict(os.environ, QUANTKERN_PK_ZEN4_GEMV=form)
-        path = tmp_path / f"{form}.pt"
-        r = subprocess.run([sys.executable, "-c", _ZEN4_FORM_SCRIPT, str(path), str(threads)], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        runs[form] = torch.load(path)
+@pytest.mark.parametrize("knob, script", [("QUANTKERN_PK_STREAMS", _STREAM_ORDER_SCRIPT),
+                                          ("QUANTKERN_PK_ZEN4_GEMV", _ZEN4_FORM_SCRIPT)])
+def test_gemv_knob_keeps_bits(tmp_path, threads, knob, script):
+    # Knobs of the VNNI GEMV, read once at load time (hence the subprocesses), that must not change
+    # one output bit. QUANTKERN_PK_STREAMS: at M <= 2 it reads far-apart slices of its rows in
+    # lockstep. QUANTKERN_PK_ZEN4_GEMV (the default on AMD CPUs): at M = 1 scales from a per-row
+    # buffer and 2-bit fields from shifts, at 3-4 rows of x two rows of W per block.
+    runs = {v: _run_saved(tmp_path, script, threads, v, dict(os.environ, **{knob: v})) for v in ("0", "1")}
     assert runs["1"].keys() == runs["0"].keys()
-    for key, y in runs["1"].items():
-        assert torch.equal(y, runs["0"][key]), key
+    for key, y in runs["1"].items():  # as bytes: NaN (inf times a zero weight) compares equal to itself
+        assert torch.equal(y.view(torch.uint8), runs["0"][key].view(torch.uint8)), key
 
 
 _THREADS_SCRIPT = """
@@ -303,15 +294,7 @@ torch.save(out, sys.argv[1])
 def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
     # Every CPU path, forward, dX and the bias gradient, at 1, 2 and 3 threads (3 oversubscribes a 2-core machine, which
     # changes timing, never tiles): the BLAS paths run fixed tiles, one single-threaded sgemm each.
-    import subprocess
-    import sys
-    runs = {}
-    for threads in (1, 2, 3):
-        path = tmp_path / f"{threads}.pt"
-        r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path), str(threads)], capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        runs[threads] = torch.load(path)
+    runs = {threads: _run_saved(tmp_path, _THREADS_SCRIPT, threads, threads) for threads in (1, 2, 3)}
     for threads in (2, 3):
         for key, (y, gx, gb) in runs[threads].items():
             assert torch.equal(y, runs[1][key][0]), (threads, key, "forward")

@@ -19,7 +19,7 @@
 //                 of that group would lose precision, so the call takes a third piece
 //                 (x ~ a * (h + l / 256 + u / 65536)). x with inf/NaN takes the
 //                 fp32 LUT path, which propagates them as a float product does.
-//                 One row of x on AMD CPUs runs its Zen 4 form (kZen4Gemv).
+//                 On AMD CPUs it runs its Zen 4 form (kZen4Gemv).
 //   kPathAmx      AMX-BF16, large M, bf16 x. A panel of 32 rows is dequantized to
 //                 bf16 (the same rounding as W_deq.to(bfloat16)) and multiplied as
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
@@ -119,15 +119,19 @@ static const int64_t kPfBytes = env_int("QUANTKERN_PK_PREFETCH_BYTES", 3072);
 // bit-identical. Rows interleaved one at a time across the slices instead of in lockstep
 // gained half as much. QUANTKERN_PK_STREAMS=0 restores the one-stream order (for A/B runs).
 static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
-// The one-row GEMV (M = 1) in the form tuned for AMD Zen 4: (1) the group scales times a_g of a
+// The GEMV in the form tuned for AMD Zen 4. It applies to each group of rows of x the GEMV takes
+// at once (up to 4; a call with 5 rows runs 4 + 1, and rows of a call that must go one by one
+// because another row holds inf / NaN run as single rows). One row of x: (1) the group scales times a_g of a
 // whole row go to a buffer before the chunk loop (vnni_gemv_block) instead of into registers
 // whenever the 16-group window moves; (2) 2-bit fields come from 16-bit shifts (vnni_decode): on
 // Zen 4 vpmultishiftqb shares vpdpbusd's pipes (a vpdpbusd paired with one takes 2 cycles, with
-// a vpsrlw 1.15), while on the Xeons vpdpbusd has port 0 to itself. Measured on 2 vCPUs of an
-// EPYC (hot weights, cycles per 256 weights, int2 / int3 / int4, g64): 16.4 / 23.0 / 19.6 ->
-// 14.8 / 22.2 / 18.1; cold 4096x11008: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md).
-// Outputs are bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default
-// (-1) takes it on AMD CPUs (the Xeon form was tuned on hardware this host cannot re-measure).
+// a vpsrlw 1.15), while on the Xeons vpdpbusd has port 0 to itself. 3-4 rows of x: (3) two rows
+// of W per block (NR in vnni_gemv_rows_t). Measured on 2 vCPUs of an EPYC (hot weights, cycles
+// per 256 weights and row of x, int2 / int3 / int4, g64): M = 1 16.4 / 23.0 / 19.6 -> 14.8 /
+// 22.2 / 18.1, M = 3-8 19-21 -> 12-15; cold 4096x11008 M = 1: int2 -13 to -17%, int3 -8%
+// (RESULTS_packed_linear.md). Outputs are bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1
+// forces either form; the default (-1) takes it on every AMD CPU with the GEMV's instructions
+// (measured on Zen 4 only; the Xeon form was tuned on hardware this host cannot re-measure).
 static const bool kZen4Gemv = [] {
   const int64_t v = env_int("QUANTKERN_PK_ZEN4_GEMV", -1);
   return v < 0 ? cpu_is_amd() : v != 0;
@@ -688,8 +692,9 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
   const __m512i w = full ? _mm512_loadu_si512(row + bpb * j0) : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
   // Fields f > 0 come from vpmultishiftqb (port 5 on the Xeons) rather than a shift (port 0,
   // which also runs every vpdpbusd and the int->float conversion). On Zen 4 it is the other way
-  // round (see kZen4Gemv): 2-bit fields come from 16-bit shifts there (int2 GEMV ~1.4 cycles
-  // less per 256 weights; 3 and 4 bits measured no faster, so they keep vpmultishiftqb).
+  // round (see kZen4Gemv): with one row of x, 2-bit fields come from 16-bit shifts there (the
+  // ablation in RESULTS_packed_linear.md; 3 and 4 bits, and several rows of x, measured no faster
+  // that way, so they keep vpmultishiftqb).
   // The AND that follows drops the bits pulled in from the next byte.
   if constexpr (BITS == 4) {
     fld[0] = _mm512_and_si512(w, m0f);
@@ -724,8 +729,8 @@ QK_VNNI_TARGET QK_SI __m512i vnni_products(const __m512i* fld, const __m512i (*x
 }
 
 // NR rows of W at a time (independent work for the out-of-order core; x loads shared).
-// NP: pieces of x (2 or 3, see kVnniWideRange). Z4: the Zen 4 form (kZen4Gemv; MT = 1 only),
-// which reads its group scales from sbuf.
+// NP: pieces of x (2 or 3, see kVnniWideRange). Z4: the Zen 4 form (kZen4Gemv); with MT = 1 it
+// reads its group scales from sbuf.
 template <int BITS, int MT, int NR, Dt MD, int NP, bool Z4>
 QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L, const int32_t* gl, const int32_t* g0v,
                                           const uint8_t* const* wm, const __m512i* ctrl, const __m512i* lshift,
@@ -756,12 +761,13 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     }
   // s[n, g] * a_g / 256 (or / 65536 with three pieces): each chunk picks its lanes' groups from
   // a window of 16 groups starting at g0v[c] with one permute. The window's products are made in
-  // registers whenever it moves (every 8 groups), or with Z4 for the whole row into sbuf (one row
-  // [G16 + 16] per r) before the chunk loop, each chunk loading its window from there: on Zen 4
-  // the moves cost ~10 cycles per row and window on the chunk's critical path.
-  static_assert(!Z4 || MT == 1, "the Zen 4 form serves one row of x");
+  // registers whenever it moves (every 8 groups), or with Z4 and one row of x for the whole row
+  // into sbuf (one row [G16 + 16] per r) before the chunk loop, each chunk loading its window from
+  // there: on Zen 4 the moves cost ~10 cycles per row and window on the chunk's critical path
+  // (with several rows of x they are shared by them, and loading from sbuf measured slower).
   const int64_t sstride = L.G16 + 16;
-  if constexpr (Z4) {
+  constexpr bool kRowBuf = Z4 && MT == 1;
+  if constexpr (kRowBuf) {
     for (int64_t g = 0; g < P.G; g += 16) {
       const __mmask16 k = mask16(P.G - g);
       const __m512 a16 = _mm512_loadu_ps(reinterpret_cast<const float*>(wm[0] + L.A_off) + g);
@@ -774,7 +780,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     const int64_t nvalid = qmin<int64_t>(L.bpc, P.nb - j0);
     const bool full = nvalid == L.bpc;
     const int64_t g0 = g0v[c];
-    if (!Z4 && g0 != gwin) {
+    if (!kRowBuf && g0 != gwin) {
       for (int r = 0; r < NR; ++r) {
         const __m512 s16 = _mm512_mul_ps(load_meta16<MD>(srow_s[r], g0, mask16(P.G - g0)), piece_unit);
         for (int m = 0; m < MT; ++m)
@@ -788,7 +794,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
   for (int p = 0; p < NP; ++p)                                                        \
     for (int f = 0; f < NF; ++f)                                                      \
       xv[p][f] = _mm512_load_si512(reinterpret_cast<const int8_t*>(wm[m]) + c * NF * 64 + p * L.x_bytes + f * 64);
-    if constexpr (Z4) {
+    if constexpr (kRowBuf) {
       // each row of W decoded just before its products: one row's fields live at a time
       QK_LOAD_X(0)
       for (int r = 0; r < NR; ++r) {
@@ -858,9 +864,11 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
   // M = 1 and 2: NS rows from NS equal, far-apart slices of [n0, n1) in lockstep, i.e. NS
   // concurrent sequential streams (see kStreams); larger M and short ranges: NR adjacent rows.
   constexpr int NS = MT == 1 ? 4 : 2;
-  constexpr int NR = MT == 1 && BITS == 4 ? 1 : MT <= 2 ? 2 : 1;  // see kPfBytes
+  // NR = 2 at MT = 3 / 4 too on Zen 4: one rows' x loads then serve two rows of W (a zmm load from
+  // L1 costs ~2 cycles there); 19-21 -> 12-15 cycles per 256 weights and row of x at M = 3-8.
+  constexpr int NR = MT == 1 && BITS == 4 ? 1 : MT <= 2 || Z4 ? 2 : 1;  // see kPfBytes
   int64_t rn[NS > NR ? NS : NR];
-  float* sbuf = Z4 ? static_cast<float*>(scratch(4, size_t(NS > NR ? NS : NR) * (L.G16 + 16) * 4)) : nullptr;
+  float* sbuf = Z4 && MT == 1 ? static_cast<float*>(scratch(4, size_t(NS > NR ? NS : NR) * (L.G16 + 16) * 4)) : nullptr;
   int64_t n = n0;
   bool spread = false;
   if constexpr (MT <= 2) {
@@ -888,22 +896,29 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, in
                              Dt ydt, void* y, int64_t ldy, const float* bias) {
   const VnniLayout L = vnni_layout(P);
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
-  if (M == 1 && kZen4Gemv)
-    return vnni_gemv_rows_t<BITS, 1, MD, NP, true>(P, ws, ws + L.total_shared + m0 * L.per_m, n0, n1, ydt,
-                                                   static_cast<char*>(y) + m0 * ldy * es, ldy, bias);
   // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
   // cache for the second group, so the weight streams from memory once.
   const int64_t slab = M <= 4 ? n1 - n0 : 16;
+  const bool z4 = kZen4Gemv;  // (MT = 2 is the same code either way)
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
     for (int64_t mb = m0; mb < m0 + M; mb += 4) {
       const uint8_t* xm = ws + L.total_shared + mb * L.per_m;
       void* ym = static_cast<char*>(y) + mb * ldy * es;
       switch (qmin<int64_t>(4, m0 + M - mb)) {
-        case 1: vnni_gemv_rows_t<BITS, 1, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 1:
+          z4 ? vnni_gemv_rows_t<BITS, 1, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
+             : vnni_gemv_rows_t<BITS, 1, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
+          break;
         case 2: vnni_gemv_rows_t<BITS, 2, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 3: vnni_gemv_rows_t<BITS, 3, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        default: vnni_gemv_rows_t<BITS, 4, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3:
+          z4 ? vnni_gemv_rows_t<BITS, 3, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
+             : vnni_gemv_rows_t<BITS, 3, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
+          break;
+        default:
+          z4 ? vnni_gemv_rows_t<BITS, 4, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
+             : vnni_gemv_rows_t<BITS, 4, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
+          break;
       }
     }
   }
