@@ -120,18 +120,20 @@ static const int64_t kPfBytes = env_int("QUANTKERN_PK_PREFETCH_BYTES", 3072);
 // gained half as much. QUANTKERN_PK_STREAMS=0 restores the one-stream order (for A/B runs).
 static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
 // The GEMV in the form tuned for AMD Zen 4. It applies to each group of rows of x the GEMV takes
-// at once (up to 4; a call with 5 rows runs 4 + 1, and rows of a call that must go one by one
-// because another row holds inf / NaN run as single rows). One row of x: (1) the group scales times a_g of a
-// whole row go to a buffer before the chunk loop (vnni_gemv_block) instead of into registers
-// whenever the 16-group window moves; (2) 2-bit fields come from 16-bit shifts (vnni_decode): on
-// Zen 4 vpmultishiftqb shares vpdpbusd's pipes (a vpdpbusd paired with one takes 2 cycles, with
-// a vpsrlw 1.15), while on the Xeons vpdpbusd has port 0 to itself. 3-4 rows of x: (3) two rows
-// of W per block (NR in vnni_gemv_rows_t). Measured on 2 vCPUs of an EPYC (hot weights, cycles
-// per 256 weights and row of x, int2 / int3 / int4, g64): M = 1 16.4 / 23.0 / 19.6 -> 14.8 /
-// 22.2 / 18.1, M = 3-8 19-21 -> 12-15; cold 4096x11008 M = 1: int2 -13 to -17%, int3 -8%
-// (RESULTS_packed_linear.md). Outputs are bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1
-// forces either form; the default (-1) takes it on every AMD CPU with the GEMV's instructions
-// (measured on Zen 4 only; the Xeon form was tuned on hardware this host cannot re-measure).
+// at once (up to 4; a call with 5 rows runs 4 + 1, and the rows of a call that must go one by
+// one, because another row holds inf / NaN, run as single rows).
+//   One row of x: (1) the group scales times a_g of a whole row go to a buffer before the chunk
+//   loop (vnni_gemv_block) instead of into registers whenever the 16-group window moves; (2) 2-bit
+//   fields come from 16-bit shifts (vnni_decode): on Zen 4 vpmultishiftqb shares vpdpbusd's pipes
+//   (a vpdpbusd paired with one takes 2 cycles, with a vpsrlw 1.15), while on the Xeons vpdpbusd
+//   has port 0 to itself.
+//   3-4 rows of x: (3) two rows of W per block (NR in vnni_gemv_rows_t).
+// Measured on 2 vCPUs of an EPYC (hot weights, cycles per 256 weights and row of x, int2 / int3 /
+// int4, g64): M = 1 16.4 / 23.0 / 19.6 -> 14.8 / 22.2 / 18.1, M = 3-8 19-21 -> 12-15; cold
+// 4096x11008 M = 1: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md). Outputs are bit for
+// bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default (-1) takes it on
+// every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon form was tuned on
+// hardware this host cannot re-measure).
 static const bool kZen4Gemv = [] {
   const int64_t v = env_int("QUANTKERN_PK_ZEN4_GEMV", -1);
   return v < 0 ? cpu_is_amd() : v != 0;
