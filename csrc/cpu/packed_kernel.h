@@ -1520,10 +1520,12 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   // either (or a CPU without it) must keep it off
   const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
                    cpu_feature_on(CpuFeature::Bf16) && amx_permitted();
-  // Without AMX the int8 GEMV stays ahead of the other paths up to M = 8; bf16 x beyond goes to the
-  // AVX512-BF16 GEMM (4096 x 11008 int4, AMD Zen 4, 2 threads: GEMV 2.9 / 4.1 / 5.8 / 7.4 ms at
-  // M = 5 / 8 / 12 / 16, the BF16 GEMM 4.5 ms for any M <= 16, the fp32 LUT 9.9 ms at M = 8).
-  static const int64_t vnni_max_noamx = env_int("QUANTKERN_PK_VNNI_MAX_M_NOAMX", 8);
+  // Without AMX the int8 GEMV stays ahead of the other paths up to M = 12; bf16 x beyond goes to the
+  // AVX512-BF16 GEMM (AMD Zen 4, 2 threads, with the Zen 4 GEMV form: 4096 x 11008 int4 GEMV 3.6 /
+  // 4.2 / 5.6 ms at M = 10 / 12 / 16 against the BF16 GEMM's 4.5 ms for any M <= 16, int2 3.4 / 3.9
+  // / 5.2 against 4.2; 3072 x 768 int4 0.22 / 0.25 / 0.33 against 0.26; the fp32 LUT took 9.9 ms
+  // at M = 8). It was 8 before the Zen 4 form.
+  static const int64_t vnni_max_noamx = env_int("QUANTKERN_PK_VNNI_MAX_M_NOAMX", 12);
   if (xdt != Dt::F32 && vnni && M <= (amx ? vnni_max : qmax(vnni_max, vnni_max_noamx))) return kPathVnni;
   if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
   if (xdt == Dt::BF16 && !amx && cpu_feature_on(CpuFeature::Bf16) && cpu_feature_on(CpuFeature::Vbmi) &&
