@@ -892,6 +892,15 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
   }
 }
 
+// MT rows of x in the Zen 4 form or not (MT = 2 is the same code either way).
+template <int BITS, int MT, Dt MD, int NP>
+inline void vnni_gemv_rows_z(bool z4, const PackedW& P, const uint8_t* ws, const uint8_t* xm, int64_t n0, int64_t n1,
+                             Dt ydt, void* y, int64_t ldy, const float* bias) {
+  if constexpr (MT != 2)
+    if (z4) return vnni_gemv_rows_t<BITS, MT, MD, NP, true>(P, ws, xm, n0, n1, ydt, y, ldy, bias);
+  vnni_gemv_rows_t<BITS, MT, MD, NP, false>(P, ws, xm, n0, n1, ydt, y, ldy, bias);
+}
+
 // Rows [m0, m0 + M) of x (all of one piece count NP).
 template <int BITS, Dt MD, int NP>
 inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, int64_t M, int64_t n0, int64_t n1,
@@ -901,26 +910,16 @@ inline void vnni_gemv_rows_b(const PackedW& P, const uint8_t* ws, int64_t m0, in
   // Slabs of rows outer, groups of 4 rows of x inner: with M > 4 the slab is still in
   // cache for the second group, so the weight streams from memory once.
   const int64_t slab = M <= 4 ? n1 - n0 : 16;
-  const bool z4 = kZen4Gemv;  // (MT = 2 is the same code either way)
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
     for (int64_t mb = m0; mb < m0 + M; mb += 4) {
       const uint8_t* xm = ws + L.total_shared + mb * L.per_m;
       void* ym = static_cast<char*>(y) + mb * ldy * es;
       switch (qmin<int64_t>(4, m0 + M - mb)) {
-        case 1:
-          z4 ? vnni_gemv_rows_t<BITS, 1, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
-             : vnni_gemv_rows_t<BITS, 1, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
-          break;
-        case 2: vnni_gemv_rows_t<BITS, 2, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
-        case 3:
-          z4 ? vnni_gemv_rows_t<BITS, 3, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
-             : vnni_gemv_rows_t<BITS, 3, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
-          break;
-        default:
-          z4 ? vnni_gemv_rows_t<BITS, 4, MD, NP, true>(P, ws, xm, s0, s1, ydt, ym, ldy, bias)
-             : vnni_gemv_rows_t<BITS, 4, MD, NP, false>(P, ws, xm, s0, s1, ydt, ym, ldy, bias);
-          break;
+        case 1: vnni_gemv_rows_z<BITS, 1, MD, NP>(kZen4Gemv, P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 2: vnni_gemv_rows_z<BITS, 2, MD, NP>(kZen4Gemv, P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        case 3: vnni_gemv_rows_z<BITS, 3, MD, NP>(kZen4Gemv, P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
+        default: vnni_gemv_rows_z<BITS, 4, MD, NP>(kZen4Gemv, P, ws, xm, s0, s1, ydt, ym, ldy, bias); break;
       }
     }
   }
