@@ -1,5 +1,7 @@
-// The library's AVX-512 VNNI GEMV (csrc/cpu/packed_kernel.h, M = 1, bf16 x and metadata) as a
-// plain C function for driver.cpp. Build it against a copy of the headers (-I) to A/B a change.
+// The library's AVX-512 VNNI GEMV (csrc/cpu/packed_kernel.h, bf16 x and metadata) as plain C
+// functions: `run` (M = 1, x prepared per call) for driver.cpp, `run_hot` (M rows of x prepared
+// once, then `reps` GEMVs) for hot_driver.cpp. Build it against a copy of the headers (-I) to A/B
+// a change.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,8 +19,7 @@
 using namespace qk;
 using namespace qk::avx512;
 
-extern "C" void run(const uint8_t* qw, const void* s, const void* z, const uint16_t* x, uint16_t* y, int bits, long K,
-                    long N, long gs, uint8_t* ws) {
+static PackedW packed(const uint8_t* qw, const void* s, const void* z, int bits, long K, long N, long gs) {
   PackedW P;
   P.N = N;
   P.K = K;
@@ -31,6 +32,19 @@ extern "C" void run(const uint8_t* qw, const void* s, const void* z, const uint1
   P.qw = qw;
   P.scales = s;
   P.zeros = z;
+  return P;
+}
+
+extern "C" void run(const uint8_t* qw, const void* s, const void* z, const uint16_t* x, uint16_t* y, int bits, long K,
+                    long N, long gs, uint8_t* ws) {
+  const PackedW P = packed(qw, s, z, bits, K, N, gs);
   vnni_prep(P, Dt::BF16, x, K, 0, 1, ws);
   vnni_gemv_rows(P, ws, 1, 0, N, Dt::BF16, y, N, nullptr);
+}
+
+extern "C" void run_hot(const uint8_t* qw, const void* s, const void* z, const uint16_t* x, uint16_t* y, int bits,
+                        long K, long N, long gs, uint8_t* ws, int reps, int M) {
+  const PackedW P = packed(qw, s, z, bits, K, N, gs);
+  vnni_prep(P, Dt::BF16, x, K, 0, M, ws);
+  for (int r = 0; r < reps; ++r) vnni_gemv_rows(P, ws, M, 0, N, Dt::BF16, y, N, nullptr);
 }

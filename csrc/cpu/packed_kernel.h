@@ -29,6 +29,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../shared/packing.h"
 #include "cpu_features.h"
@@ -127,10 +128,13 @@ static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
 //   fields come from 16-bit shifts (vnni_decode): on Zen 4 vpmultishiftqb shares vpdpbusd's pipes
 //   (a vpdpbusd paired with one takes 2 cycles, with a vpsrlw 1.15), while on the Xeons vpdpbusd
 //   has port 0 to itself.
+//   One row of x, 2- and 3-bit: (4) one vpdpbusd chain per piece of x (vnni_products' SPLIT).
 //   3-4 rows of x: (3) two rows of W per block (NR in vnni_gemv_rows_t).
 // Measured on 2 vCPUs of an EPYC (hot weights, cycles per 256 weights and row of x, int2 / int3 /
 // int4, g64): M = 1 16.4 / 23.0 / 19.6 -> 14.8 / 22.2 / 18.1, M = 3-8 19-21 -> 12-15; cold
-// 4096x11008 M = 1: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md). Outputs are bit for
+// 4096x11008 M = 1: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md). Session 20 (both
+// forms: full chunks on a path without masks, see vnni_gemv_block; and (4)): M = 1 hot 14.3 /
+// 21.2 / 17.6 -> 13.3 / 20.1 / 16.8, cold 1 thread -4 / -9 / -9%. Outputs are bit for
 // bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default (-1) takes it on
 // every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon form was tuned on
 // hardware this host cannot re-measure).
@@ -447,6 +451,8 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
   }
 }
 
+// A lambda inlined into its caller (the chunk loop body, instantiated for full and partial chunks).
+#define QK_SI_LAMBDA __attribute__((always_inline))
 #define QK_VNNI_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi")))
 #define QK_AMX_TARGET \
@@ -691,7 +697,9 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
   // the hardware streamer alone a cold row stream ran at ~60% of the bandwidth.
   QK_PF(row + bpb * j0 + pf);
   if constexpr (BITS == 3) QK_PF(row + 8 * nb + 4 * j0 + pf);
-  const __m512i w = full ? _mm512_loadu_si512(row + bpb * j0) : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
+  __m512i w = full ? _mm512_loadu_si512(row + bpb * j0) : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
+  // one load into a register: GCC otherwise folds it into every field's shift / AND (a zmm load each)
+  __asm__("" : "+v"(w));
   // Fields f > 0 come from vpmultishiftqb (port 5 on the Xeons) rather than a shift (port 0,
   // which also runs every vpdpbusd and the int->float conversion). On Zen 4 it is the other way
   // round (see kZen4Gemv): with one row of x, 2-bit fields come from 16-bit shifts there (the
@@ -720,8 +728,21 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
 
 // sum over the pieces p of 256^(NP-1-p) * (q . x_p) per int32 lane (int32: |sum| < 2^31 for
 // every bit width): each piece's products accumulate onto the shifted sum of the ones before.
-template <int NF, int NP>
+// SPLIT: one chain of vpdpbusd per piece, added at the end (the same integers): with 4 fields the
+// single chain is 8-12 vpdpbusd of 4 cycles each, and on Zen 4 the one-row int2 GEMV ran ~5%
+// faster cold with the chains split (int3 the same; int4, 2 fields, 9% slower, so it keeps one).
+template <int NF, int NP, bool SPLIT = false>
 QK_VNNI_TARGET QK_SI __m512i vnni_products(const __m512i* fld, const __m512i (*xv)[NF]) {
+  if constexpr (SPLIT) {
+    __m512i part[NP];
+    for (int p = 0; p < NP; ++p) {
+      part[p] = _mm512_setzero_si512();
+      for (int f = 0; f < NF; ++f) part[p] = _mm512_dpbusd_epi32(part[p], fld[f], xv[p][f]);
+    }
+    __m512i acc = part[0];
+    for (int p = 1; p < NP; ++p) acc = _mm512_add_epi32(_mm512_slli_epi32(acc, 8), part[p]);
+    return acc;
+  }
   __m512i acc = _mm512_setzero_si512();
   for (int p = 0; p < NP; ++p) {
     if (p) acc = _mm512_slli_epi32(acc, 8);
@@ -777,10 +798,12 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
         _mm512_store_ps(sbuf + r * sstride + g, _mm512_mul_ps(a16, _mm512_mul_ps(load_meta16<MD>(srow_s[r], g, k), piece_unit)));
     }
   }
-  for (int64_t c = 0; c < L.nc; ++c) {
+  // Full chunks take a path of their own: with `full` known at compile time every row's load is
+  // a plain one (no mask built from nvalid, no branch per row).
+  auto chunk = [&](int64_t c, auto full_t) QK_SI_LAMBDA {
+    constexpr bool full = decltype(full_t)::value;
     const int64_t j0 = c * L.bpc;
-    const int64_t nvalid = qmin<int64_t>(L.bpc, P.nb - j0);
-    const bool full = nvalid == L.bpc;
+    const int64_t nvalid = full ? L.bpc : P.nb - j0;
     const int64_t g0 = g0v[c];
     if (!kRowBuf && g0 != gwin) {
       for (int r = 0; r < NR; ++r) {
@@ -803,7 +826,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
         __m512i fld[NF];
         vnni_decode<BITS, true>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld);
         const __m512 sw = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(sbuf + r * sstride + g0));
-        yacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP>(fld, xv)), sw, yacc[r][0]);
+        yacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP, NF == 4>(fld, xv)), sw, yacc[r][0]);
       }
     } else {
       __m512i fld[NR][NF];
@@ -817,7 +840,10 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
       }
     }
 #undef QK_LOAD_X
-  }
+  };
+  const int64_t nfull = P.nb / L.bpc;
+  for (int64_t c = 0; c < nfull; ++c) chunk(c, std::true_type{});
+  if (nfull < L.nc) chunk(nfull, std::false_type{});
   // zero-point term: - sum_g z * s * X_g
   __m512 zacc[NR][MT];
   for (int r = 0; r < NR; ++r)
