@@ -278,12 +278,12 @@ def test_packed_linear_stream_harness_builds_and_runs(tmp_path, bits, n_rows):
 
 @pytest.mark.skipif(not {"avx512_vnni", "avx512vbmi"} <= _cpu_flags(), reason="needs AVX-512 VNNI and VBMI")
 def test_packed_linear_stream_hot_harness_builds_and_runs(tmp_path):
-    """benchmarks/packed_linear_stream/hot.sh (hot-weight A/B) builds two variants of the kernel
+    """benchmarks/packed_linear_stream/run.sh with HOTLOOP=1 (hot-weight A/B) builds two variants of the kernel
     headers and runs them over a tiny weight with a partial chunk and 3 rows of x; no timing
     checked, the second variant (the same headers) must give the first's output."""
     cpu = os.path.join(ROOT, "csrc", "cpu")
-    env = dict(os.environ, OUT=str(tmp_path), K="1120", N="13", GS="32", M="3", R="2", REPS="2")
-    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "packed_linear_stream", "hot.sh"), "3", cpu, cpu],
+    env = dict(os.environ, OUT=str(tmp_path), HOTLOOP="1", K="1120", N="13", GS="32", M="3", R="2", REPS="2")
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "packed_linear_stream", "run.sh"), "3", cpu, cpu],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if "cycles per 256 weights" in ln]

@@ -2,7 +2,7 @@
 // without the memory stream (a GEMV whose hot time equals its cold time is bound by its
 // instructions).
 //
-//   hot_driver BITS lib1.so [lib2.so ...]
+//   hot_driver BITS lib1.so [lib2.so ...]     (built and run by HOTLOOP=1 bash run.sh)
 //
 // Each lib is kernel.cpp built against one copy of the headers and exports `run_hot`: x (M rows)
 // is prepared once, then REPS GEMVs run over one K x N weight (default 16384 x 64: 256 KiB of
