@@ -290,6 +290,18 @@ def test_packed_linear_stream_hot_harness_builds_and_runs(tmp_path):
     assert len(lines) == 2 and all("int3 M=3" in ln and "same output as the first" in ln for ln in lines), r.stdout
 
 
+@pytest.mark.skipif(not {"avx512_vnni", "avx512vbmi", "gfni"} <= _cpu_flags(), reason="needs AVX-512 VNNI, VBMI, GFNI")
+def test_packed_linear_stream_pipe_probes_build_and_run(tmp_path):
+    """benchmarks/packed_linear_stream/pipes.cpp (instruction-throughput probes) builds and prints
+    every probe with a positive cycle count; no timing checked."""
+    exe = str(tmp_path / "pipes")
+    src = os.path.join(ROOT, "benchmarks", "packed_linear_stream", "pipes.cpp")
+    subprocess.run(["g++", "-O3", "-funroll-all-loops", "-std=c++17", "-o", exe, src], check=True, timeout=120)
+    out = subprocess.run([exe], capture_output=True, text=True, timeout=120, check=True).stdout
+    cycles = [float(ln.split()[-2]) for ln in out.splitlines() if ln.endswith(" cycles")]
+    assert len(cycles) == 19 and all(c > 0 for c in cycles), out
+
+
 def test_effnet_sensitivity_args_and_layer_kinds(capsys):
     """benchmarks/effnet_sensitivity.py: bad arguments stop at parse time (before the model loads);
     every layer name of EfficientNet-Lite0 maps to one kind."""
