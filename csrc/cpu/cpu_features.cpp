@@ -83,4 +83,9 @@ bool cpu_is_amd() {
   return std::strcmp(v, "AuthenticAMD") == 0;
 }
 
+bool cpu_has_gfni() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 8));
+}
+
 }  // namespace qk

@@ -27,6 +27,7 @@
 //                 path's panels and x layout, multiplied with vdpbf16ps.
 #pragma once
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -130,17 +131,20 @@ static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
 //   has port 0 to itself.
 //   One row of x, 2- and 3-bit: (4) one vpdpbusd chain per piece of x (vnni_products' SPLIT).
 //   3-4 rows of x: (3) two rows of W per block (NR in vnni_gemv_rows_t).
+//   Every row count, 3-bit: (5) fields from vpermb lookups and one vgf2p8affineqb (vnni_decode).
 // Measured on 2 vCPUs of an EPYC (hot weights, cycles per 256 weights and row of x, int2 / int3 /
 // int4, g64): M = 1 16.4 / 23.0 / 19.6 -> 14.8 / 22.2 / 18.1, M = 3-8 19-21 -> 12-15; cold
 // 4096x11008 M = 1: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md). Session 20 (both
 // forms: full chunks on a path without masks, see vnni_gemv_block; and (4)): M = 1 hot 14.3 /
-// 21.2 / 17.6 -> 13.3 / 20.1 / 16.8, cold 1 thread -4 / -9 / -9%. Outputs are bit for
-// bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default (-1) takes it on
-// every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon form was tuned on
-// hardware this host cannot re-measure).
+// 21.2 / 17.6 -> 13.3 / 20.1 / 16.8, cold 1 thread -4 / -9 / -9%. Session 21 ((5)): int3 hot
+// M = 1 / 2 / 4 20.2 / 16.1 / 13.8 -> 17.8 / 14.7 / 13.3, cold 1 thread M = 1 -12%. Outputs are
+// bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default (-1) takes
+// it on every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon form was
+// tuned on hardware this host cannot re-measure). Either way it needs GFNI ((5)), which every
+// AVX-512 AMD CPU has.
 static const bool kZen4Gemv = [] {
   const int64_t v = env_int("QUANTKERN_PK_ZEN4_GEMV", -1);
-  return v < 0 ? cpu_is_amd() : v != 0;
+  return (v < 0 ? cpu_is_amd() : v != 0) && cpu_has_gfni();
 }();
 #define QK_PF(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
 #endif
@@ -454,7 +458,7 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 // A lambda inlined into its caller (the chunk loop body, instantiated for full and partial chunks).
 #define QK_SI_LAMBDA __attribute__((always_inline))
 #define QK_VNNI_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi,gfni")))
 #define QK_AMX_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
 
@@ -687,7 +691,8 @@ QK_SI __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64
 
 
 // The code fields of one chunk of one row: NF vectors of one code per byte, in the decode
-// order of vnni_order_piece. Also prefetches the row pf bytes ahead.
+// order of vnni_order_piece. Also prefetches the row pf bytes ahead. Z4: the Zen 4 decode (2-bit
+// fields from shifts, taken with one row of x; 3-bit fields from lookups, taken with every M).
 template <int BITS, bool Z4>
 QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0, int64_t nvalid, bool full, int64_t pf,
                                       const __m512i* ctrl, const __m512i* lshift, __m512i* fld) {
@@ -709,6 +714,40 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
   if constexpr (BITS == 4) {
     fld[0] = _mm512_and_si512(w, m0f);
     fld[1] = _mm512_and_si512(_mm512_multishift_epi64_epi8(lshift[2], w), m0f);
+  } else if constexpr (BITS == 3 && Z4) {
+    // The Zen 4 form (every M): 9 instructions for the 4 fields instead of 16, and only the one
+    // vgf2p8affineqb on vpdpbusd's pipe instead of 7 vpmultishiftqb. The high bits of block b are
+    // bit 8 f + p of its word h_b (weight 8 f + p). The spread puts h_b's bytes (one per field) at
+    // bytes 2, 3, 6, 7 of qword b; vgf2p8affineqb with one-hot bytes as data then transposes each
+    // qword's 8x8 bits, giving every byte p the high bits of weight p of fields 0, 1, 2, 3 at bits
+    // 5, 4, 1, 0 (T). Two selects build 6-bit indices, [c0 c1 h1 h0] from the low plane's byte
+    // (c_f = bits 2f, 2f + 1) and [h3 h2 c2 c3] from it shifted right by 2, and a vpermb lookup
+    // per field maps an index to c_f + 4 h_f (vpermb reads bits 0-5 only; the rest are don't-cares).
+    // Hot, 1 thread, cycles per 256 weights and row of x, M = 1 / 2 / 4: 20.2 / 16.1 / 13.8 ->
+    // 17.8 / 14.7 / 13.3; ANDs and shifts in place of the 4 lookups (12 instructions) measured
+    // 18.2 at M = 1.
+    alignas(64) static constexpr auto tabs = [] {
+      std::array<uint8_t, 384> t{};  // 0-255: the field lookups; 256: the spread; 320: one-hot
+      for (int i = 0; i < 64; ++i) {
+        t[i] = uint8_t((i & 3) | ((i >> 5 & 1) << 2));
+        t[64 + i] = uint8_t((i >> 2 & 3) | ((i >> 4 & 1) << 2));
+        t[128 + i] = uint8_t((i >> 2 & 3) | ((i >> 1 & 1) << 2));
+        t[192 + i] = uint8_t((i >> 4 & 3) | ((i & 1) << 2));
+        constexpr int byte_of_h[8] = {0, 0, 0, 1, 2, 2, 2, 3};  // bytes 0, 1, 4, 5: don't-cares
+        t[256 + i] = uint8_t(4 * (i >> 3) + byte_of_h[i & 7]);
+        t[320 + i] = uint8_t(1u << (i & 7));
+      }
+      return t;
+    }();
+    const uint8_t* hp = row + 8 * nb + 4 * j0;
+    const __m512i hw = full ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp)))
+                            : _mm512_maskz_loadu_epi32(__mmask16((1u << nvalid) - 1u), hp);
+    const __m512i hq = _mm512_permutexvar_epi8(_mm512_load_si512(tabs.data() + 256), hw);
+    const __m512i T = _mm512_gf2p8affine_epi64_epi8(_mm512_load_si512(tabs.data() + 320), hq, 0);
+    // ternlog 0xE4: c ? a : b, bit by bit
+    const __m512i i01 = _mm512_ternarylogic_epi32(w, T, _mm512_set1_epi8(0x0F), 0xE4);
+    const __m512i i23 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 2), T, _mm512_set1_epi8(char(0xFC)), 0xE4);
+    for (int f = 0; f < 4; ++f) fld[f] = _mm512_permutexvar_epi8(f < 2 ? i01 : i23, _mm512_load_si512(tabs.data() + 64 * f));
   } else if constexpr (BITS == 2) {
     fld[0] = _mm512_and_si512(w, m0f);
     for (int f = 1; f < 4; ++f)
@@ -830,7 +869,8 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
       }
     } else {
       __m512i fld[NR][NF];
-      for (int r = 0; r < NR; ++r) vnni_decode<BITS, false>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld[r]);
+      // the Zen 4 2-bit decode pays with one row of x only (see kZen4Gemv)
+      for (int r = 0; r < NR; ++r) vnni_decode<BITS, Z4 && BITS == 3>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld[r]);
       for (int m = 0; m < MT; ++m) {
         QK_LOAD_X(m)
         for (int r = 0; r < NR; ++r) {
@@ -918,11 +958,11 @@ QK_VNNI_TARGET void vnni_gemv_rows_t(const PackedW& P, const uint8_t* ws, const 
   }
 }
 
-// MT rows of x in the Zen 4 form or not (MT = 2 is the same code either way).
+// MT rows of x in the Zen 4 form or not (with MT = 2 the forms differ only in the int3 decode).
 template <int BITS, int MT, Dt MD, int NP>
 inline void vnni_gemv_rows_z(bool z4, const PackedW& P, const uint8_t* ws, const uint8_t* xm, int64_t n0, int64_t n1,
                              Dt ydt, void* y, int64_t ldy, const float* bias) {
-  if constexpr (MT != 2)
+  if constexpr (MT != 2 || BITS == 3)
     if (z4) return vnni_gemv_rows_t<BITS, MT, MD, NP, true>(P, ws, xm, n0, n1, ydt, y, ldy, bias);
   vnni_gemv_rows_t<BITS, MT, MD, NP, false>(P, ws, xm, n0, n1, ydt, y, ldy, bias);
 }
