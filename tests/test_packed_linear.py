@@ -250,7 +250,8 @@ def test_gemv_knob_keeps_bits(tmp_path, threads, knob, script):
     # Knobs of the VNNI GEMV, read once at load time (hence the subprocesses), that must not change
     # one output bit. QUANTKERN_PK_STREAMS: at M <= 2 it reads far-apart slices of its rows in
     # lockstep. QUANTKERN_PK_ZEN4_GEMV (the default on AMD CPUs): at M = 1 scales from a per-row
-    # buffer and 2-bit fields from shifts, at 3-4 rows of x two rows of W per block.
+    # buffer and 2-bit fields from shifts, at 3-4 rows of x two rows of W per block, and 3-bit fields
+    # from vpermb lookups at every M.
     runs = {v: _run_saved(tmp_path, script, threads, v, dict(os.environ, **{knob: v})) for v in ("0", "1")}
     assert runs["1"].keys() == runs["0"].keys()
     for key, y in runs["1"].items():  # as bytes: NaN (inf times a zero weight) compares equal to itself

@@ -19,7 +19,8 @@ bool cpu_feature_on(CpuFeature f);
 bool set_cpu_feature_enabled(const char* name, bool on);
 // The CPU's vendor string is "AuthenticAMD" (kernels that tune their instruction mix per vendor).
 bool cpu_is_amd();
-// GFNI (vgf2p8affineqb; the Zen 4 GEMV's int3 decode). Not switchable: it only picks a form.
+// GFNI (vgf2p8affineqb, in the int8 GEMV's Zen 4 int3 decode). Not switchable: every CPU with
+// VNNI and VBMI has it; the GEMV checks it only for a VM that hides it.
 bool cpu_has_gfni();
 
 }  // namespace qk

@@ -1,4 +1,5 @@
 // AVX2 (+FMA, F16C) build of every span kernel; see isa_avx512.cpp.
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -1,5 +1,6 @@
 // AVX-512 build of every span kernel. Standard headers come first so that only
 // our code (included after the pragma) is compiled for AVX-512.
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -9,7 +9,7 @@
 //   kPathLutF32   AVX-512, small M, fp32 x. The 16-entry table (e - z) * s of a
 //                 group is one zmm; vpermps turns a vector of codes into exact
 //                 weights, which feed fp32 FMAs directly (no buffer).
-//   kPathVnni     AVX-512 VNNI + VBMI, small M, bf16/fp16 x. x is quantized per
+//   kPathVnni     AVX-512 VNNI + VBMI + GFNI, small M, bf16/fp16 x. x is quantized per
 //                 group to two int8 pieces (x ~ a * (h + l / 256), a = amax / 127,
 //                 error <= a / 512); codes are decoded with shift+mask to bytes and
 //                 multiplied by vpdpbusd. The zero point is folded:
@@ -137,14 +137,13 @@ static const bool kStreams = env_int("QUANTKERN_PK_STREAMS", 1) != 0;
 // 4096x11008 M = 1: int2 -13 to -17%, int3 -8% (RESULTS_packed_linear.md). Session 20 (both
 // forms: full chunks on a path without masks, see vnni_gemv_block; and (4)): M = 1 hot 14.3 /
 // 21.2 / 17.6 -> 13.3 / 20.1 / 16.8, cold 1 thread -4 / -9 / -9%. Session 21 ((5)): int3 hot
-// M = 1 / 2 / 4 20.2 / 16.1 / 13.8 -> 17.8 / 14.7 / 13.3, cold 1 thread M = 1 -12%. Outputs are
-// bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default (-1) takes
-// it on every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon form was
-// tuned on hardware this host cannot re-measure). Either way it needs GFNI ((5)), which every
-// AVX-512 AMD CPU has.
+// M = 1 / 2 / 4 20.2 / 16.1 / 13.8 -> 17.8 / 14.7 / 13.3, cold M = 1 -8% on 1 thread, -11% on 2.
+// Outputs are bit for bit the same. QUANTKERN_PK_ZEN4_GEMV=0 / 1 forces either form; the default
+// (-1) takes it on every AMD CPU with the GEMV's instructions (measured on Zen 4 only; the Xeon
+// form was tuned on hardware this host cannot re-measure).
 static const bool kZen4Gemv = [] {
   const int64_t v = env_int("QUANTKERN_PK_ZEN4_GEMV", -1);
-  return (v < 0 ? cpu_is_amd() : v != 0) && cpu_has_gfni();
+  return v < 0 ? cpu_is_amd() : v != 0;
 }();
 #define QK_PF(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
 #endif
@@ -708,8 +707,8 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
   // Fields f > 0 come from vpmultishiftqb (port 5 on the Xeons) rather than a shift (port 0,
   // which also runs every vpdpbusd and the int->float conversion). On Zen 4 it is the other way
   // round (see kZen4Gemv): with one row of x, 2-bit fields come from 16-bit shifts there (the
-  // ablation in RESULTS_packed_linear.md; 3 and 4 bits, and several rows of x, measured no faster
-  // that way, so they keep vpmultishiftqb).
+  // ablation in RESULTS_packed_linear.md; 4 bits, and 2 bits with several rows of x, measured no
+  // faster that way, so they keep vpmultishiftqb), and 3-bit fields from lookups (below).
   // The AND that follows drops the bits pulled in from the next byte.
   if constexpr (BITS == 4) {
     fld[0] = _mm512_and_si512(w, m0f);
@@ -1580,7 +1579,9 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
 #if defined(QK_ISA_AVX512)
   static const int64_t vnni_max = env_int("QUANTKERN_PK_VNNI_MAX_M", 4);
   static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
-  const bool vnni = cpu_feature_on(CpuFeature::Vnni) && cpu_feature_on(CpuFeature::Vbmi);
+  // GFNI: the VNNI functions are compiled with it (the Zen 4 form's int3 decode runs one
+  // vgf2p8affineqb); every CPU with VNNI and VBMI has it, but a VM may hide it
+  const bool vnni = cpu_feature_on(CpuFeature::Vnni) && cpu_feature_on(CpuFeature::Vbmi) && cpu_has_gfni();
   // the AMX path also runs VBMI (vpmultishiftqb decode) and AVX512-BF16 (vcvtneps2bf16): disabling
   // either (or a CPU without it) must keep it off
   const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
