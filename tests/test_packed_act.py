@@ -10,8 +10,9 @@ from torch import nn
 
 from quantkern import QuantizeConfig, load_quantized, quantize_, save_quantized
 from quantkern.nn import PackedLinear
+from quantkern._affine_fq import one_pass
 from quantkern.nn.packed_linear import fake_quant_input
-from quantkern.ptq.calibrate import fake_quant_dynamic
+from quantkern.ptq.calibrate import fake_quant, fake_quant_dynamic
 
 K, N = 64, 16
 STATIC = dict(bits=8, symmetric=False, dynamic=False, scale=0.03, zero=128.0)
@@ -75,6 +76,68 @@ def test_matches_hand_written_fake_quant(bits, symmetric, dynamic):
         x3 = torch.randn(2, 3, K)
         ref = fake_quant_dynamic(x3.reshape(-1, K), bits, axis=0, symmetric=symmetric).reshape(x3.shape)
         torch.testing.assert_close(m.quantize_input(x3), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (4, True), (8, False), (8, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_pass_form_is_the_composite_bit_for_bit(bits, symmetric, dtype):
+    # fake_quant_input runs as one fake_quant_lsq pass where no gradient is taken (_one_pass); it
+    # must give the composite form's bits for every zero point, on ties (half-integers of x / s),
+    # at and beyond the grid's ends, for -0, +-inf, NaN, subnormals and values far outside the range
+    qmin, qmax = (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    zeros = [0] if symmetric else sorted({0, 1, 2, (qmax + 1) // 2, qmax - 1, qmax})
+    s = torch.tensor(0.0371, dtype=torch.float32)
+    k = torch.arange(-2 * 2 ** bits, 2 * 2 ** bits, dtype=torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 3e38, -3e38])
+    x = torch.cat([k * s, (k + 0.5) * s, (k - 0.5) * s, (k + 0.4999) * s, torch.randn(997) * 4, special])
+    x = x.to(dtype)
+    for z in zeros:
+        m = layer(bits=bits, symmetric=symmetric, scale=float(s), zero=float(z))
+        args = (x, bits, symmetric, False, m.input_scale, m.input_zero)
+        assert one_pass(x, m.input_scale, m.input_zero, qmin, qmax) is not None
+        want = composite(*args)
+        got = m.quantize_input(x)
+        assert got.dtype == dtype and same_bits(got, want), z
+        # with a gradient taken, the composite form (its straight-through rule) runs: same forward
+        xg = x.clone().requires_grad_(True)
+        assert one_pass(xg, m.input_scale, m.input_zero, qmin, qmax) is None
+        assert same_bits(m.quantize_input(xg).detach(), want)
+    # dynamic symmetric: per-token scales; tokens with special values (a zero, inf or NaN range)
+    # send the whole call to the composite form
+    xt = torch.randn(7, 3, 33).to(dtype) * torch.logspace(-3, 3, 33).to(dtype)
+    xt[1, 2] = (torch.arange(33) - 16).to(dtype) * 0.5  # ties on a grid whose scale is 16 / qmax
+    assert same_bits(fake_quant_input(xt, bits, symmetric, True), composite(xt, bits, symmetric, True))
+    xt[2, 0, 0] = float("nan")
+    assert same_bits(fake_quant_input(xt, bits, symmetric, True), composite(xt, bits, symmetric, True))
+    # calibrate.fake_quant (ActQuantizer's), per tensor and per channel (zero 0 only)
+    sc = torch.rand(33) + 0.01
+    assert same_bits(fake_quant(xt, sc, torch.zeros(33), qmin, qmax, axis=-1),
+                     composite_calib(xt, sc, torch.zeros(33), qmin, qmax, axis=-1))
+    assert one_pass(xt, sc, torch.zeros(33), qmin, qmax, axis=2) is not None
+    assert one_pass(xt, sc, torch.ones(33), qmin, qmax, axis=2) is None  # per-channel zero points: composite
+    for z in zeros:
+        assert same_bits(fake_quant(x, s, torch.tensor(float(z)), qmin, qmax),
+                         composite_calib(x, s, torch.tensor(float(z)), qmin, qmax))
+
+
+def composite(*args):
+    """fake_quant_input without its fused form."""
+    with torch.enable_grad():
+        return fake_quant_input(args[0].detach().requires_grad_(True), *args[1:]).detach()
+
+
+def composite_calib(x, *args, **kw):
+    """calibrate.fake_quant without its fused form."""
+    with torch.enable_grad():
+        return fake_quant(x.detach().requires_grad_(True), *args, **kw).detach()
+
+
+def same_bits(a, b):
+    """Equal bit for bit (so -0 is not +0), except that any NaN equals any NaN (the payload and sign
+    of a NaN differ between kernels)."""
+    a, b = a.float(), b.float()
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
 BAD_SETS = [dict(bits=1), dict(bits=9), dict(bits=4.0), dict(bits=True), dict(bits="8"),

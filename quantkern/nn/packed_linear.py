@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._affine_fq import one_pass, one_pass_applies
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
@@ -49,11 +50,21 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     to the grid's end like any value beyond the range (calibrate.fake_quant's result);
     dynamic: a token holding NaN or +-inf has a non-finite range and comes out all NaN
     (calibrate.fake_quant_dynamic refuses such x), never as zeros or finite garbage.
-    Pure tensor ops without host synchronisation, so it traces under ``torch.compile``
-    (unlike calibrate.fake_quant, which validates scale on the host).
+    Under ``torch.compile`` pure tensor ops without host synchronisation, so it traces
+    (unlike calibrate.fake_quant, which validates scale on the host). Eager on the CPU without
+    autograd, a static range or a dynamic symmetric one runs as one fused pass with the same
+    bits (:func:`quantkern._affine_fq.one_pass`).
     """
     qmax_s = 2 ** (bits - 1) - 1
     qmin, qmax = (-qmax_s - 1, qmax_s) if symmetric else (0, 2**bits - 1)
+    fused = None
+    if not dynamic:
+        fused = one_pass(x, scale, zero, qmin, qmax)
+    elif symmetric and x.dim() and x.numel() and one_pass_applies(x):  # after the same per-token max as below
+        fused = one_pass(x.reshape(-1, x.shape[-1]), (x.float().abs().amax(-1) / qmax).reshape(-1), None,
+                         qmin, qmax, axis=0)
+    if fused is not None:
+        return fused.reshape(x.shape)
     xf = x.float()
     if dynamic:
         if symmetric:

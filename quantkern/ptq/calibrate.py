@@ -61,6 +61,7 @@ import warnings
 import torch
 
 from .. import ops
+from .._affine_fq import one_pass
 from .._dtype_keep import apply_keeping_dtype
 
 __all__ = [
@@ -252,6 +253,9 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
         scale, zero = scale.reshape(()), zero.reshape(())
     if checks and (not torch.isfinite(scale).all() or (scale < 0).any()):
         raise ValueError("scale must be finite and >= 0")
+    fused = one_pass(x, scale, zero, qmin, qmax, axis)  # the same bits in one pass, where it applies
+    if fused is not None:
+        return fused
     ok = scale > 0
     s = torch.where(ok, scale, torch.ones_like(scale))
     xf = x.float()
