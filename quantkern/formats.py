@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from .packed import PackedWeight
+from .packed import PackedWeight, cast_meta
 
 # ---------------------------------------------------------------- hqq
 
@@ -148,8 +148,8 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
     zero = meta["zero"].reshape(N, K // g)
     if not torch.is_floating_point(zero):
         zero = zero.to(scale.dtype)
-    md = meta_dtype or scale.dtype
-    return PackedWeight.from_quantized(q.to(torch.uint8), scale.to(md).contiguous(), zero.to(md).contiguous(), bits, g)
+    scale, zero = cast_meta(scale, zero.to(scale.dtype) if meta_dtype is None else zero, meta_dtype, "from_hqq")
+    return PackedWeight.from_quantized(q.to(torch.uint8), scale.contiguous(), zero.contiguous(), bits, g)
 
 
 # ---------------------------------------------------------------- GPTQ
@@ -352,7 +352,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         q = q.index_select(0, perm)  # row j of Wp^T is input perm[j]: groups now contiguous
     q = q.t()  # [N, K]
     z = gptq_unpack_axis0(qzeros.t(), bits, N)  # stored zeros [N, G]
-    md = meta_dtype or scales.dtype
-    zeros = (z + zero_offset).to(md).contiguous()  # [N, G]
-    pw = PackedWeight.from_quantized(q.to(torch.uint8).contiguous(), scales.t().to(md).contiguous(), zeros, bits, gs)
+    # stored zeros [N, G] (exact integers in every metadata dtype for bits <= 8)
+    s, zeros = cast_meta(scales.t(), (z + zero_offset).to(scales.dtype), meta_dtype, "from_gptq")
+    pw = PackedWeight.from_quantized(q.to(torch.uint8).contiguous(), s.contiguous(), zeros.contiguous(), bits, gs)
     return (pw, perm) if return_perm else pw

@@ -18,6 +18,24 @@ from . import ops
 from .reference import packing as ref
 
 
+def cast_meta(scales: torch.Tensor, zeros: torch.Tensor, meta_dtype: torch.dtype | None, who: str,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scales, zeros)`` moved to ``device`` and cast to ``meta_dtype`` (None: their dtype), refusing a
+    cast that loses a scale to underflow or overflows a value (the weight would silently change)."""
+    if meta_dtype is not None and meta_dtype not in ref.META_DTYPES:
+        # an int dtype used to be reported as "loses scale(s) to underflow"
+        raise TypeError(f"{who}: meta_dtype must be one of {ref.META_DTYPES} or None, got {meta_dtype!r}")
+    md = meta_dtype or scales.dtype
+    s, z = scales.to(device, md), zeros.to(device, md)
+    if md != scales.dtype and s.device.type != "meta":  # (a meta tensor has no values to check)
+        lost = (s == 0) & (scales.to(s.device) != 0)
+        if bool(lost.any()) or not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
+            raise ValueError(f"{who}: casting scales / zeros to {md} loses {int(lost.sum())} scale(s) to "
+                             f"underflow or overflows a value; re-quantize from the float weight with that "
+                             f"meta_dtype (PackedWeight.from_float) instead")
+    return s, z
+
+
 class PackedWeight:
     """A packed low-bit weight ``[out_features, in_features]``; see the module docstring."""
 
@@ -161,17 +179,7 @@ class PackedWeight:
         if isinstance(device, torch.dtype):
             raise TypeError(f"PackedWeight.to: got the dtype {device} as device; the codes keep their format, "
                             f"use meta_dtype={device} to cast the scales / zeros")
-        if meta_dtype is not None and meta_dtype not in ref.META_DTYPES:
-            # an int dtype used to be reported as "loses scale(s) to underflow"
-            raise TypeError(f"PackedWeight.to: meta_dtype must be one of {ref.META_DTYPES} or None, got {meta_dtype!r}")
-        md = meta_dtype or self.scales.dtype
-        s, z = self.scales.to(device, md), self.zeros.to(device, md)
-        if md != self.scales.dtype:
-            lost = (s == 0) & (self.scales.to(s.device) != 0)
-            if bool(lost.any()) or not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
-                raise ValueError(f"PackedWeight.to: casting scales / zeros to {md} loses {int(lost.sum())} scale(s) to "
-                                 f"underflow or overflows a value; re-quantize from the float weight with that "
-                                 f"meta_dtype (PackedWeight.from_float) instead")
+        s, z = cast_meta(self.scales, self.zeros, meta_dtype, "PackedWeight.to", device)
         return PackedWeight(self.qweight.to(device), s, z, self.bits, self.group_size, self.shape)
 
     def tensors(self) -> dict:

@@ -146,6 +146,8 @@ def test_bad_args(problem):
         gptq_quantize(W, H, 4, 128, damp=-1.0)
     with pytest.raises(ValueError, match="block_size"):
         gptq_quantize(W, H, 4, 128, block_size=0)
+    with pytest.raises(ValueError, match="sym=True needs bits >= 2"):  # its grid {-2 max|w|, 0} zeroed every weight
+        gptq_quantize(W, H, 1, 128, sym=True)
     bad = torch.zeros(256, 256)
     bad[0, 0], bad[1, 1], bad[0, 1], bad[1, 0] = 1.0, 1.0, 2.0, 2.0  # indefinite
     with pytest.raises(RuntimeError, match="positive definite"):

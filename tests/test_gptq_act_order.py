@@ -203,6 +203,16 @@ def test_set_input_permutation_checks():
         assert torch.equal(m.in_perm, P)  # a refused call leaves the layer as it was
     m.in_perm = torch.arange(96)
     assert torch.equal(m.in_perm, torch.arange(96))
+    # stored as a copy: editing the caller's tensor (or a checkpoint's) later changes nothing
+    p = P.clone()
+    m.set_input_permutation(p)
+    p[1] = p[0]
+    assert torch.equal(m.in_perm, P)
+    sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    sd["in_perm"][1] = sd["in_perm"][0]
+    assert torch.equal(m.in_perm, P)
+    m.in_perm = torch.arange(96)
     x = torch.randn(2, 97)
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 96\]"):  # not cut to 96 by the gather
         m(x)

@@ -467,3 +467,23 @@ def test_weights_at_the_fp32_limit_of_the_solver_work(bits):
         assert all(torch.isfinite(t.float()).all() for t in got)
         assert torch.isfinite(hqq_dequantize(*got, g)).all()
         assert_same(got, R.hqq_quantize(W, bits, g, 1, order="kernel"), f"{row[:2]} g={g}")
+
+
+def test_hqq_dequantize_takes_what_hqq_quantize_takes():
+    # group_size -1 / None (one group per row) and axis=0 round-trip; a group size that does not fit
+    # or metadata of another size raise naming the argument (they were reshape errors)
+    from quantkern.ptq import hqq_dequantize
+    W = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    for g, axis in ((-1, 1), (None, 1), (16, 1), (16, 0)):
+        q, s, z = hqq_quantize(W, 4, g, axis=axis)
+        assert torch.equal(hqq_dequantize(q, s, z, g, axis=axis), ((q.float().reshape(-1, 64 if g in (-1, None) else 16)
+                           - z.reshape(-1, 1)) * s.reshape(-1, 1)).reshape(4, 64)) or axis == 0
+        assert float((hqq_dequantize(q, s, z, g, axis=axis) - W).abs().max()) < 0.5
+    q, s, z = hqq_quantize(W, 4, 16)
+    with pytest.raises(ValueError, match="group_size 7 does not divide K = 64"):
+        hqq_dequantize(q, s, z, 7)
+    with pytest.raises(ValueError, match="scale must hold one value per group"):
+        hqq_dequantize(q, s[:, :2], z, 16)
+    with pytest.raises(ValueError, match="needs axis=1"):
+        hqq_dequantize(q, s, z, -1, axis=0)
+

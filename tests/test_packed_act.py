@@ -404,3 +404,15 @@ def test_bias_of_another_size_is_refused_before_any_copy():
     with pytest.raises(ValueError, match="bias has shape"):
         dst.load_state_dict(dict(src.state_dict(), bias=torch.zeros(N + 1)))
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())
+
+
+def test_from_packed_refuses_a_bias_of_another_shape_or_dtype():
+    # copy_ broadcast a [1] or 0-dim bias to every output in silence; a float64 one failed at forward
+    from quantkern import PackedWeight
+    pw = PackedWeight.from_float(torch.randn(N, K), 4, 32)
+    for b in (torch.zeros(1), torch.zeros(()), torch.zeros(1, N), torch.zeros(N, 1)):
+        with pytest.raises(ValueError, match=rf"bias must have shape \({N},\)"):
+            PackedLinear.from_packed(pw, b)
+    with pytest.raises(TypeError, match="bias must be a float32 / float16 / bfloat16 tensor"):
+        PackedLinear.from_packed(pw, torch.zeros(N, dtype=torch.float64))
+    assert PackedLinear.from_packed(pw, torch.ones(N, dtype=torch.bfloat16)).bias.dtype == torch.bfloat16

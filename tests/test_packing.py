@@ -124,6 +124,24 @@ def test_packed_weight_to_refuses_lossy_meta_cast():
         pw.to(torch.float16)
 
 
+def test_converters_refuse_lossy_meta_dtype_and_meta_device_casts():
+    # from_gptq / from_hqq cast with meta_dtype= unchecked (scales ~1e-9 all became 0 in fp16);
+    # PackedWeight.to(meta_dtype=) on the meta device raised an unrelated .item() error
+    N, K, gs = 16, 64, 32
+    q = rand_q(N, K, 4, seed=0)
+    z = torch.randint(1, 16, (N, K // gs))
+    s = torch.full((N, K // gs), 1e-9)
+    qweight, qzeros, scales = formats.to_gptq(q, z, s, 4, 1)
+    with pytest.raises(ValueError, match="from_gptq: casting scales / zeros to torch.float16 loses"):
+        formats.from_gptq(qweight, qzeros, scales, 4, meta_dtype=torch.float16)
+    with pytest.raises(TypeError, match="from_gptq: meta_dtype must be one of"):
+        formats.from_gptq(qweight, qzeros, scales, 4, meta_dtype=torch.float64)
+    assert formats.from_gptq(qweight, qzeros, scales, 4, meta_dtype=torch.bfloat16).scales.dtype == torch.bfloat16
+    pw = PackedWeight.from_float(torch.randn(N, K), 4, gs, torch.float32).to("meta")
+    assert pw.to(meta_dtype=torch.float16).scales.dtype == torch.float16
+    assert pw.to("meta", meta_dtype=torch.bfloat16).scales.is_meta
+
+
 def test_packed_weight_to_and_repr():
     pw = PackedWeight.from_float(torch.randn(8, 64), 4, 32)
     pw2 = pw.to("cpu", meta_dtype=torch.bfloat16)

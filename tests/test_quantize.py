@@ -604,6 +604,40 @@ def test_frozen_bias_stays_frozen_and_float64_refused():
     assert not any(isinstance(mod, PackedLinear) for mod in m.modules())  # nothing converted
 
 
+def test_load_quantized_keeps_a_frozen_bias_frozen(tmp_path):
+    # the reloaded layers' biases were all trainable: a LoRA optimiser over requires_grad
+    # parameters then trained every packed layer's bias
+    m = make_model()
+    m.q.bias.requires_grad_(False)
+    quantize_(m, method="rtn", bits=4, group_size=32, progress=False)
+    save_quantized(m, tmp_path / "m.safetensors")
+
+    def fresh():
+        f = make_model(1)
+        f.q.bias.requires_grad_(False)
+        return f
+    m2 = load_quantized(fresh, tmp_path / "m.safetensors")
+    assert not m2.q.bias.requires_grad and m2.k.bias.requires_grad
+
+
+def test_meta_dtype_by_name_and_subnormal_scales_fall_back():
+    # a config read from JSON names the dtype; the refusal of an unknown name says what is accepted
+    for name, want in (("float16", torch.float16), ("torch.bfloat16", torch.bfloat16), ("fp32", torch.float32)):
+        m = make_model()
+        quantize_(m, {"method": "rtn", "bits": 4, "group_size": 32, "meta_dtype": name}, progress=False)
+        assert m.q.scales.dtype == want
+    with pytest.raises(ValueError, match="meta_dtype must be torch.float16.*names"):
+        quantize_(make_model(), {"method": "rtn", "bits": 4, "group_size": 32, "meta_dtype": "int8"}, progress=False)
+    # weights ~1e-6 give fp16 scales below its normal range (few bits left): fp32 metadata and a warning
+    m = make_model()
+    with torch.no_grad():
+        m.q.weight.mul_(1e-5)
+    x = torch.randn(4, 16, 64)
+    with pytest.warns(UserWarning, match="'q'.*subnormal"):
+        quantize_(m, method="gptq", bits=4, group_size=32, calib_fn=[lambda mm: mm(x)], progress=False)
+    assert m.q.scales.dtype == torch.float32 and m.k.scales.dtype == torch.float16
+
+
 def test_linear_shared_twice_under_one_parent(tmp_path):
     # named_children() lists a parent's repeated child once: the second place stayed float and
     # the checkpoint did not load back

@@ -171,7 +171,8 @@ class PackedLinear(nn.Module):
             # every index once: sorted it is arange(K) (a repeated index would duplicate an input, silently)
             if not torch.equal(torch.sort(p).values, torch.arange(K, device=p.device)):
                 raise ValueError(f"PackedLinear: {what} must be a permutation of range({K}) (each input index once)")
-        return p.to(self.qweight.device).contiguous()
+        # a copy: the caller's tensor (or a checkpoint's) edited later must not reorder the inputs unchecked
+        return p.to(self.qweight.device).clone(memory_format=torch.contiguous_format)
 
     def set_input_permutation(self, perm: torch.Tensor | None) -> "PackedLinear":
         """Set (or with None remove) the input permutation ``in_perm``; returns self.
@@ -342,6 +343,13 @@ class PackedLinear(nn.Module):
         """A layer holding ``weight`` (copied) and ``bias``; ``in_perm`` (int ``[in]`` or None): the
         input permutation ``weight`` was stored under (class docstring; :func:`quantkern.formats.from_gptq`)."""
         out_f, in_f = weight.shape
+        if bias is not None:  # (copy_ broadcast a [1] or 0-dim bias to every output in silence)
+            if not isinstance(bias, torch.Tensor) or bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"PackedLinear.from_packed: bias must be a float32 / float16 / bfloat16 tensor, got "
+                                f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+            if tuple(bias.shape) != (out_f,):
+                raise ValueError(f"PackedLinear.from_packed: bias must have shape ({out_f},) (out_features), got "
+                                 f"{tuple(bias.shape)}")
         m = cls(in_f, out_f, bias is not None, weight.bits, weight.group_size, weight.scales.dtype,
                 device=weight.device, dtype=bias.dtype if bias is not None else None, backend=backend)
         m.qweight.copy_(weight.qweight)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def check_weight_args(fn: str, W, bits, group_size) -> int:
-    """Validate W [N, K] / bits / group_size; returns the effective group size (K for None / -1)."""
+def check_weight_args(fn: str, W, bits, group_size, sym: bool = False) -> int:
+    """Validate W [N, K] / bits / group_size (and bits >= 2 when ``sym``); returns the effective
+    group size (K for None / -1)."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{fn}: W must be a torch.Tensor, got {type(W).__name__}")
     if W.dim() != 2:
@@ -30,6 +31,9 @@ def check_weight_args(fn: str, W, bits, group_size) -> int:
                          "(~1.7e38) so that a group's float32 range max - min stays finite")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"{fn}: bits must be an int in [1, 8], got {bits!r}")
+    if sym and bits < 2:  # the symmetric 1-bit grid is {-2 max|w|, 0}: every weight in (-max|w|, max|w|] became 0
+        raise ValueError(f"{fn}: sym=True needs bits >= 2 (the symmetric 1-bit grid holds only -2 max|w| and 0), "
+                         f"got bits={bits}; use sym=False")
     K = W.shape[1]
     if group_size is None or group_size == -1:
         return K
@@ -87,7 +91,7 @@ def rtn_minmax(W: torch.Tensor, bits: int, group_size=None, sym: bool = False):
     A baseline for tests and the ERQ ablations (the library's ``rtn_quantize``
     lives with HQQ).
     """
-    g = check_weight_args("rtn_minmax", W, bits, group_size)
+    g = check_weight_args("rtn_minmax", W, bits, group_size, sym)
     N, K = W.shape
     Wg = W.detach().float().reshape(N, K // g, g)
     scale, zero = minmax_params(Wg, bits, sym)

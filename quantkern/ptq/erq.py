@@ -200,7 +200,7 @@ def erq_quantize(
         with the layer computed as ``Qa(x) @ ((q - zero) * scale)^T + new_bias``.
     """
     fn = "erq_quantize"
-    g = check_weight_args(fn, W, bits, group_size)
+    g = check_weight_args(fn, W, bits, group_size, sym)
     N, K = W.shape
     dev = W.device
     if b is not None:

@@ -135,7 +135,7 @@ def gptq_quantize(
         ``H + damp`` is not positive definite (increase ``damp``).
     """
     fn = "gptq_quantize"
-    g = check_weight_args(fn, W, bits, group_size)
+    g = check_weight_args(fn, W, bits, group_size, sym)
     N, K = W.shape
     if not isinstance(H, torch.Tensor) or not H.is_floating_point():
         raise TypeError(f"{fn}: H must be a float tensor")

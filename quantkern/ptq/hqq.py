@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from .. import ops
-from ..reference.hqq import hqq_dequantize
+from ..reference import hqq as _ref
 
 __all__ = ["hqq_quantize", "rtn_quantize", "hqq_dequantize"]
 
@@ -28,6 +28,31 @@ def _one_group_per_row(W, group_size, axis):
             raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs K >= 1, got W of shape {tuple(W.shape)}")
         return W.shape[1]
     return group_size
+
+
+def hqq_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size, axis: int = 1) -> torch.Tensor:
+    """fp32 ``(q - zero) * scale`` [N, K] from :func:`hqq_quantize`'s outputs, with the same
+    ``group_size`` (-1 / None: one group per row, axis=1 only) and ``axis``."""
+    fn = "hqq_dequantize"
+    if not all(isinstance(t, torch.Tensor) for t in (q, scale, zero)) or q.dim() != 2:
+        raise ValueError(f"{fn}: q must be a 2-D tensor [N, K] and scale / zero tensors")
+    N, K = q.shape
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise ValueError(f"{fn}: axis must be 0 or 1, got {axis!r}")
+    g = group_size
+    if g is None or (g == -1 and not isinstance(g, bool)):
+        if axis != 1:
+            raise ValueError(f"{fn}: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
+        g = K
+    if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+        raise ValueError(f"{fn}: group_size must be a positive int, -1 or None, got {group_size!r}")
+    if (K if axis == 1 else N * K) % g:
+        raise ValueError(f"{fn}: group_size {g} does not divide " + (f"K = {K}" if axis == 1 else f"the {N * K} weights"))
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.numel() != N * K // g:
+            raise ValueError(f"{fn}: {name} must hold one value per group ({N * K // g} for q {tuple(q.shape)} and "
+                             f"group_size {g}), got shape {tuple(t.shape)}")
+    return _ref.hqq_dequantize(q, scale, zero, g, axis)
 
 
 def init_clamp_fraction(W: torch.Tensor, bits: int, group_size: int, axis: int = 1) -> float:

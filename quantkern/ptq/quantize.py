@@ -99,8 +99,8 @@ lambda1 = 10 (Aqer as a mild correction:
 small lambda1 fits the calibration tokens' activation error and hurt the
 network before, see erq.py).
 
-Group size: if ``group_size`` does not divide a layer's in_features (or is not a
-multiple of 32, which the packed format needs), that layer falls back to a smaller
+Group size: a multiple of 32 (the packed format's groups; anything else is refused). If it
+does not divide a layer's in_features, that layer falls back to a smaller
 group size (the largest multiple of 32 below it that divides in_features, else one group per
 row) and a warning names it (``strict_group=True`` raises instead).
 
@@ -151,6 +151,11 @@ _GROUP_CALIBRATION = True
 _MAX_GROUP = 16
 
 
+_META_DTYPE_NAMES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
 @dataclasses.dataclass
 class QuantizeConfig:
     """What :func:`quantize_` does.
@@ -162,7 +167,8 @@ class QuantizeConfig:
             group per row.
         skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
             or a predicate on the qualified name; those layers stay float.
-        meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16).
+        meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16); also by name
+            ("float16", "torch.bfloat16", "fp32", ...: a config read from JSON).
         strict_group: raise instead of falling back to a smaller group size (or one group per row).
         damp, block_size, act_order: GPTQ (defaults 0.1, 128, True with static groups; on
             all-MiniLM-L6-v2 with 1.6K calibration tokens damp 0.1 beat GPTQ's usual 0.01).
@@ -242,6 +248,11 @@ class QuantizeConfig:
     block_cache: bool = True
     layer_config: Mapping[str, Mapping[str, object]] | None = None
 
+    def __post_init__(self) -> None:
+        # a config read from JSON names the dtype: "float16", "torch.float16", "fp16", "half", ...
+        if isinstance(self.meta_dtype, str):
+            self.meta_dtype = _META_DTYPE_NAMES.get(self.meta_dtype.removeprefix("torch."), self.meta_dtype)
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"QuantizeConfig: unknown method {self.method!r}; choose one of {METHODS}")
@@ -255,7 +266,8 @@ class QuantizeConfig:
             raise ValueError(f"QuantizeConfig: group_size must be a positive multiple of 32 (32, 64, 128, 256, ...: "
                              f"the packed format's groups), None or -1 (one group per row), got {gs!r}")
         if self.meta_dtype not in (torch.float16, torch.float32, torch.bfloat16):
-            raise ValueError(f"QuantizeConfig: meta_dtype must be float16, float32 or bfloat16, got {self.meta_dtype}")
+            raise ValueError(f"QuantizeConfig: meta_dtype must be torch.float16, torch.float32 or torch.bfloat16 (or "
+                             f"one of the names {sorted(_META_DTYPE_NAMES)}), got {self.meta_dtype!r}")
         if not (isinstance(self.calib_tokens, int) and self.calib_tokens > 0):
             raise ValueError(f"QuantizeConfig: calib_tokens must be a positive int, got {self.calib_tokens!r}")
         from .calibrate import METHODS as ACT_METHODS
@@ -886,15 +898,17 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 _warn_hqq_init_clamps(name, W, lc.bits, gs)
             q, s, z, nb = _solve(method, W, b, lc.bits, gs, lc, cap, act_q)
             sm, zm = s.to(lc.meta_dtype), z.to(lc.meta_dtype)
-            # A scale that underflows to 0 zeroes its group; harmless when the group's weights are
-            # negligible (e.g. the ~1e-18 a float-target fit leaves in an all-zero row), not otherwise.
-            lost = (sm == 0) & (s != 0)
+            # A scale that underflows to 0 zeroes its group, and a subnormal one keeps few bits (fp16 scales of
+            # weights ~1e-6: 2-3x the output error); harmless when the group's weights are negligible (e.g. the
+            # ~1e-18 a float-target fit leaves in an all-zero row), not otherwise.
+            lost = (sm.abs() < torch.finfo(lc.meta_dtype).tiny) & (s != 0)
             lost_ok = not bool(lost.any()) or bool(
                 (s[lost].abs().float() * (2 ** lc.bits - 1 + z[lost].abs().float())
                  <= 1e-6 * float(W.detach().abs().max())).all())
             if not (lost_ok and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
                 warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {lc.meta_dtype} (a scale "
-                              f"underflows to 0 or a value overflows); this layer keeps float32 metadata",
+                              f"underflows to 0 or to a subnormal, or a value overflows); this layer keeps float32 "
+                              f"metadata",
                               stacklevel=3)
                 sm, zm = s.float(), z.float()
             pw = PackedWeight.from_quantized(q.to(torch.uint8), sm, zm, lc.bits, gs)
@@ -1084,6 +1098,8 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
                              f"{tuple(w.shape)} in the checkpoint")
         bias = torch.zeros(w.shape[0], dtype=lin.bias.dtype) if lin.bias is not None else None
         new = PackedLinear.from_packed(w, bias.to(device) if bias is not None else None, backend=backend)
+        if new.bias is not None:  # a frozen bias stays frozen, as quantize_ leaves it
+            new.bias.requires_grad_(lin.bias.requires_grad)
         if name in act:  # buffers are placeholders until the strict load below fills them
             d = _check_act_meta(name, act[name])
             if "offset" in d:  # (placeholders too: the strict load below fills them)
