@@ -508,6 +508,13 @@ def test_bad_inputs_and_module_arguments():
         QuantLinear(4, 4, w_group_size=2)
     with pytest.raises(ValueError, match="group_size 5 does not divide"):
         QuantLinear(4, 4, w_granularity="group", w_group_size=5)
+    for kw, exc, match in ((dict(w_granularity="group", w_group_size=0), ValueError, "w_group_size must be a positive"),
+                           (dict(act_signed="false"), TypeError, "act_signed must be a bool"),
+                           (dict(w_learn_offset=1), TypeError, "w_learn_offset must be a bool"),
+                           (dict(a_learn_offset=None), TypeError, "a_learn_offset must be a bool"),
+                           (dict(backend="cuda"), ValueError, "QuantLinear: backend must be one of")):
+        with pytest.raises(exc, match=match):  # the layer's own argument, not LSQQuantizer's
+            QuantLinear(4, 4, **kw)
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         QuantLinear.from_float(nn.Conv2d(1, 1, 1))
     with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
@@ -707,6 +714,12 @@ def test_all_zero_first_batch_defers_the_init(granularity):
     y = q(x)
     ref = LSQQuantizer(4, signed=False, granularity=granularity, axis=1, learn_offset=True, init="mse")
     assert q._initialized and torch.equal(y, ref(x)) and torch.equal(q.scale, ref.scale)
+    # an explicit initialize() with zeros on an initialised quantizer keeps what it has (it set the
+    # placeholder scale 1 for good: forward never re-runs the init)
+    s = q.scale.detach().clone()
+    with pytest.warns(UserWarning, match="keeps its current scale"):
+        q.initialize(torch.zeros(8, 5))
+    assert q._initialized and torch.equal(q.scale, s) and torch.equal(q(x), y)
 
 
 def test_lsq_init_warnings_point_at_the_caller():

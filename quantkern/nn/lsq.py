@@ -253,6 +253,13 @@ class LSQQuantizer(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: cannot initialise from x containing NaN or inf")
         self.materialize(x.shape, device=x.device)
+        if not bool(x.any()) and self._initialized:
+            # zeros carry no range: an initialised quantizer keeps its (trained) parameters, where the
+            # placeholders below used to stay for good (forward never re-runs the init once it has run)
+            warnings.warn(f"{name}: initialize() got all-zero data, which carries no range; the quantizer keeps its "
+                          "current scale / offset (reset() makes the next non-zero forward re-initialise)",
+                          stacklevel=_user_stacklevel())
+            return
         if not bool(x.any()):
             # All zeros (a zero-initialised layer, a padding batch, a dead input): every init gives
             # scale eps (1e-8) here, a grid that clipped every later input to ~0 until training grew

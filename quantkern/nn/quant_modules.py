@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import BACKENDS
 from .expose import expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
 from .packed_linear import disable_fused_encoder_paths
@@ -64,8 +65,18 @@ class _QuantMixin:
         if w_granularity != "group" and w_group_size is not None:
             raise ValueError(f"{owner}: w_group_size={w_group_size} is only used with w_granularity='group', "
                              f"got w_granularity={w_granularity!r}")
+        # checked here too so that an error names the layer's argument, not LSQQuantizer's (whose
+        # "learn_offset" did not say which of the two quantizers it was)
+        if w_group_size is not None and (isinstance(w_group_size, bool) or not isinstance(w_group_size, int)
+                                         or w_group_size <= 0):
+            raise ValueError(f"{owner}: w_group_size must be a positive int, got {w_group_size!r}")
+        for name, v in (("act_signed", act_signed), ("w_learn_offset", w_learn_offset),
+                        ("a_learn_offset", a_learn_offset)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{owner}: {name} must be a bool, got {v!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
         for name, g in (("w_grad_scale", w_grad_scale), ("a_grad_scale", a_grad_scale)):
-            # checked here too so that the error names the layer's argument, not LSQQuantizer's grad_scale
             if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf):
                 raise ValueError(f"{owner}: {name} must be a finite positive number or None, got {g!r}")
         self.w_bits, self.a_bits = w_bits, a_bits
