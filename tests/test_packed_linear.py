@@ -72,6 +72,23 @@ def test_packed_linear_accuracy(bits, config):
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_x_with_an_offset_and_weights_exact_in_its_dtype(bits, config):
+    # x = dc + noise, weights (q - z) * 2^-3 with integer z: F.linear's own error is then only its
+    # output rounding, and the int8 GEMV's zero-point term took the sum of x itself while the
+    # products took x's int8 pieces, so the pieces' (correlated) error came in weighted by q ~ z:
+    # 8-19x F.linear's error (a review's repro). Both terms now take the pieces' sum.
+    g = torch.Generator().manual_seed(bits)
+    for M, N, K, gs in ((1, 24, 4096, 4096), (3, 24, 4096, 128), (5, 17, 544, 32)):
+        q = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+        G = K // gs
+        z = torch.randint(0, 2 ** bits, (N, G), generator=g).float()
+        pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.125), z, bits, gs)
+        for dt in (torch.float16, torch.bfloat16):
+            x = (0.75 + 0.05 * torch.randn(M, K, generator=g)).to(dt)
+            check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_outliers_and_nonfinite(bits, config):
     """Activation outliers whose weights are exactly zero (q == z): the small GEMV's int8 split of
     x must keep the other entries' precision (a third piece); inf / NaN in x propagate as in a
@@ -936,6 +953,7 @@ def test_dynamic_input_quantizer_propagates_nan(symmetric):
     x[2] = 0.0
     y = m(x)
     assert torch.isnan(y[1]).all()
+    assert torch.isnan(m.quantize_input(x)[1]).all()  # the whole token (symmetric: round(x) on scale 1 before)
     torch.testing.assert_close(y[2], m.bias.detach(), rtol=0, atol=0)  # an all-zero token still quantizes to 0
     assert torch.isfinite(y[0]).all()
 
@@ -1000,6 +1018,18 @@ def test_replace_linear_keeps_a_frozen_bias_frozen():
     m.requires_grad_(False)
     replace_linear(m, 4, 32, skip=None)
     assert isinstance(m[0], PackedLinear) and not m[0].bias.requires_grad
+
+
+def test_replace_linear_names_its_group_size_fallbacks():
+    # the README promised a warning; the fallback (and fallback_group_size=False's float layers) were silent
+    m = torch.nn.Sequential(torch.nn.Linear(96, 8), torch.nn.Linear(8, 8), torch.nn.Linear(352, 8))
+    with pytest.warns(UserWarning, match=r"group_size 64 does not divide.*0 \(in_features 96\): g32.*1 \(in_features 8\): "
+                                         r"one group per row.*2 \(in_features 352\): g32"):
+        assert replace_linear(m, 4, 64, skip=None) == ["0", "1", "2"]
+    assert [l.group_size for l in m] == [32, 8, 32]
+    m = torch.nn.Sequential(torch.nn.Linear(96, 8), torch.nn.Linear(128, 8))
+    with pytest.warns(UserWarning, match=r"0 \(in_features 96\); they stay float"):
+        assert replace_linear(m, 4, 64, skip=None, fallback_group_size=False) == ["1"]
 
 
 def test_replace_linear_warns_when_nothing_is_replaced():

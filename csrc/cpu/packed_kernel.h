@@ -12,8 +12,8 @@
 //   kPathVnni     AVX-512 VNNI + VBMI + GFNI, small M, bf16/fp16 x. x is quantized per
 //                 group to two int8 pieces (x ~ a * (h + l / 256), a = amax / 127,
 //                 error <= a / 512); codes are decoded with shift+mask to bytes and
-//                 multiplied by vpdpbusd. The zero point is folded:
-//                 sum_k x_k w_k = s * sum_k x_k q_k - z * s * sum_k x_k.
+//                 multiplied by vpdpbusd. The zero point is folded, with the pieces' x^
+//                 on both sides: sum_k x^_k w_k = s * sum_k x^_k q_k - z * s * sum_k x^_k.
 //                 a / 512 is far below bf16/fp16 rounding unless a group holds an
 //                 outlier (amax > kVnniWideRange * mean |x|): then the small entries
 //                 of that group would lose precision, so the call takes a third piece
@@ -465,13 +465,13 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
 // Workspace per row m of x (64-byte aligned pieces):
 //   xh, xl, xu: int8 [nc][nfield][64]  the three pieces, permuted to the decode order
 //   A:      fp32 [G16 + 16]        a_g per group (0 past G: a 16-group window may overhang)
-//   X:      fp32 [G16]             sum of x over each group
+//   X, X3:  fp32 [G16] each        sum over each group of x as two pieces carry it, and as three
 //   mode:   int32                  kVnniTwo / kVnniThree (pieces this row needs) / kVnniFp32
 //   xf:     fp32 [Kp]              x itself (for the fp32 fallback: inf / NaN or a tiny group range)
 // Shared: gl int32 [nc][16] lane -> group index minus g0[c]; g0 int32 [nc].
 struct VnniLayout {
   int64_t bpc, nfield, nc, G16;
-  int64_t x_bytes, A_off, X_off, mode_off, xf_off, per_m;
+  int64_t x_bytes, A_off, X_off, X3_off, mode_off, xf_off, per_m;
   int64_t gl_off, g0_off, total_shared;
 };
 inline VnniLayout vnni_layout(const PackedW& P) {
@@ -483,7 +483,8 @@ inline VnniLayout vnni_layout(const PackedW& P) {
   L.x_bytes = L.nc * L.nfield * 64;
   L.A_off = 3 * L.x_bytes;
   L.X_off = L.A_off + round_up((L.G16 + 16) * 4, 64);
-  L.mode_off = round_up(L.X_off + L.G16 * 4, 64);
+  L.X3_off = round_up(L.X_off + L.G16 * 4, 64);
+  L.mode_off = round_up(L.X3_off + L.G16 * 4, 64);
   L.xf_off = L.mode_off + 64;
   L.per_m = round_up(L.xf_off + P.Kp() * 4, 64);
   L.gl_off = 0;
@@ -588,10 +589,12 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
   const VnniLayout L = vnni_layout(P);
   const int64_t Kp = P.Kp();
   if (m0 == 0) vnni_group_tables(P, L, ws);
-  int8_t* h8 = static_cast<int8_t*>(scratch(3, 3 * Kp + 4 * P.G));
+  int8_t* h8 = static_cast<int8_t*>(scratch(3, 3 * Kp + 12 * P.G));
   int8_t* l8 = h8 + Kp;
   int8_t* u8 = l8 + Kp;
   float* ginv = reinterpret_cast<float*>(u8 + Kp);  // 127 / amax per group (Kp is a multiple of 32)
+  int32_t* Sh = reinterpret_cast<int32_t*>(ginv + P.G);  // sums of the pieces h and l per group
+  int32_t* Sl = Sh + P.G;
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -599,23 +602,23 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     uint8_t* wm = ws + L.total_shared + m * L.per_m;
     float* A = reinterpret_cast<float*>(wm + L.A_off);
     float* X = reinterpret_cast<float*>(wm + L.X_off);
+    float* X3 = reinterpret_cast<float*>(wm + L.X3_off);
     int32_t* mode = reinterpret_cast<int32_t*>(wm + L.mode_off);
     float* xf = reinterpret_cast<float*>(wm + L.xf_off);
     prep_f32(P, xdt, static_cast<const char*>(x) + m * ldx * (xdt == Dt::F32 ? 4 : 2), ldx, 0, 1, xf);
     std::memset(X, 0, L.G16 * 4);
+    std::memset(X3, 0, L.G16 * 4);
     std::memset(A, 0, (L.G16 + 16) * 4);
     *mode = kVnniTwo;
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
-      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
+      __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
       for (int64_t k = k0; k < k1; k += 16) {
-        const __m512 v = _mm512_loadu_ps(xf + k), a = _mm512_and_ps(v, absmask);
+        const __m512 a = _mm512_and_ps(_mm512_loadu_ps(xf + k), absmask);
         vmax = _mm512_max_ps(a, vmax);  // NaN in a propagates (max returns its second operand)
         vabs = _mm512_add_ps(vabs, a);
-        vsum = _mm512_add_ps(vsum, v);
       }
       const float amax = _mm512_reduce_max_ps(vmax), asum = _mm512_reduce_add_ps(vabs);
-      X[g] = _mm512_reduce_add_ps(vsum);
       // inf or NaN somewhere in the group (the sum of |x| sees both), or a range too tiny to scale
       if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
         *mode = kVnniFp32;
@@ -628,6 +631,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       A[g] = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(inv), vsmall = _mm512_set1_ps(amax / kVnniWideRange);
       __m512 vbulk = _mm512_setzero_ps();
+      __m512i vsh = _mm512_setzero_si512(), vsl = _mm512_setzero_si512();  // sums of the pieces h, l
       int64_t nbulk = 0, nnz = 0;
       for (int64_t k = k0; k < k1; k += 16) {
         const __m512 xa = _mm512_and_ps(_mm512_loadu_ps(xf + k), absmask);
@@ -643,9 +647,20 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         const __mmask16 carry = _mm512_cmp_ps_mask(l, _mm512_set1_ps(128.f), _CMP_EQ_OQ);
         h = _mm512_mask_add_ps(h, carry, h, _mm512_set1_ps(1.f));
         l = _mm512_mask_sub_ps(l, carry, l, c256);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+        const __m512i hi = _mm512_cvtps_epi32(h), li = _mm512_cvtps_epi32(l);
+        vsh = _mm512_add_epi32(vsh, hi);
+        vsl = _mm512_add_epi32(vsl, li);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(h8 + k), _mm512_cvtsepi32_epi8(hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(l8 + k), _mm512_cvtsepi32_epi8(li));
       }
+      // The zero-point term takes the sum of x as the pieces carry it (x^ = a (h + l / 256)), not
+      // of x itself: the GEMV then computes s sum (q - z) x^ exactly, whose error follows |q - z|.
+      // With the exact sum the piece error entered as s sum q e, weighted by q ~ z: x with a DC
+      // offset (correlated e) got 8-19x F.linear's error (fp16 / bf16, weights exact in them).
+      // Integer sums: |h|, |l| <= 128, so int32 holds groups of up to 2^24 entries.
+      Sh[g] = _mm512_reduce_add_epi32(vsh);
+      Sl[g] = _mm512_reduce_add_epi32(vsl);
+      X[g] = float(double(A[g]) * (double(Sh[g]) + double(Sl[g]) / 256.0));
       if (2 * nbulk >= nnz && nbulk > 0) {
         const float bulk = _mm512_reduce_add_ps(vbulk);
         if (amax * float(nbulk) > kVnniBulkFp32 * bulk) {
@@ -661,13 +676,19 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       for (int64_t g = 0; g < P.G; ++g) {
         const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);
         const __m512 vinv = _mm512_set1_ps(ginv[g]);
+        __m512i vsu = _mm512_setzero_si512();
         for (int64_t k = k0; k < k1; k += 16) {
           const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + k), vinv);
           const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_roundscale_ps(v, kRound)), c256);
           const __m512 l = _mm512_roundscale_ps(r1, kRound);
           const __m512 u = _mm512_min_ps(c127, _mm512_max_ps(cm127, _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, l), c256), kRound)));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(u)));
+          const __m512i ui = _mm512_cvtps_epi32(u);
+          vsu = _mm512_add_epi32(vsu, ui);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + k), _mm512_cvtsepi32_epi8(ui));
         }
+        // (h and l after the carry: 256 h + l is the same either way)
+        X3[g] = float(double(A[g]) * (double(Sh[g]) + double(Sl[g]) / 256.0 +
+                                      double(_mm512_reduce_add_epi32(vsu)) / 65536.0));
       }
     }
     const int8_t* src[3] = {h8, l8, u8};
@@ -882,7 +903,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
   const int64_t nfull = P.nb / L.bpc;
   for (int64_t c = 0; c < nfull; ++c) chunk(c, std::true_type{});
   if (nfull < L.nc) chunk(nfull, std::false_type{});
-  // zero-point term: - sum_g z * s * X_g
+  // zero-point term: - sum_g z * s * X_g (X_g: the group's sum of x as the NP pieces carry it)
   __m512 zacc[NR][MT];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MT; ++m) zacc[r][m] = _mm512_setzero_ps();
@@ -891,7 +912,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
     for (int r = 0; r < NR; ++r) {
       const __m512 zs = _mm512_mul_ps(load_meta16<MD>(srow_z[r], g, k), load_meta16<MD>(srow_s[r], g, k));
       for (int m = 0; m < MT; ++m)
-        zacc[r][m] = _mm512_fmadd_ps(zs, _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + L.X_off) + g), zacc[r][m]);
+        zacc[r][m] = _mm512_fmadd_ps(zs, _mm512_load_ps(reinterpret_cast<const float*>(wm[m] + (NP == 2 ? L.X_off : L.X3_off)) + g), zacc[r][m]);
     }
   }
   // Reduced in a loop of its own that unrolls: with the calls of store_any in it, the loop stayed a

@@ -92,7 +92,9 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     # saturated (finite) value of a static quantizer into NaN
     inside = (v >= qmin) & (v <= qmax) & ok
     out = out + torch.where(inside, xf - xf.detach(), torch.zeros_like(out))
-    # only a range of exactly 0 gives 0: a NaN range (x holds NaN) must stay NaN, not look like zeros
+    # only a range of exactly 0 gives 0; a NaN range (the token holds NaN) makes the whole token NaN
+    # (a symmetric one's other entries came out round(x) on the stand-in scale 1)
+    out = torch.where(torch.isnan(scale), torch.full_like(out, math.nan), out)
     return torch.where(scale == 0, torch.zeros_like(out), out).to(x.dtype)
 
 
@@ -676,17 +678,30 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     sites_list = linear_sites(model, with_keep_float("replace_linear", model, skip))
     check_linear_weights("quantkern.replace_linear", sites_list)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
+    fell, kept = [], []  # (named in one warning each, as quantize_ names its fallbacks)
     for name, sites, child in sites_list:
         gs = group_size
         K = child.in_features
         if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
             if not fallback_group_size:
+                kept.append(f"{name} (in_features {K})")
                 continue
             gs = fallback_group(K, gs)
+            fell.append(f"{name} (in_features {K}): " + (f"g{gs}" if gs < K else "one group per row"))
         with torch.inference_mode(False):
             new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
         swap_module(sites, child, new)
         replaced.append(name)
+
+    def listed(items):
+        return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+    if fell:
+        warnings.warn(f"quantkern.replace_linear: group_size {group_size} does not divide the in_features of "
+                      f"{listed(fell)}; they use the largest multiple of 32 that does (fallback_group_size=False "
+                      "leaves them float instead)", stacklevel=2)
+    if kept and replaced:
+        warnings.warn(f"quantkern.replace_linear: group_size {group_size} does not divide the in_features of "
+                      f"{listed(kept)}; they stay float (fallback_group_size=False)", stacklevel=2)
     warn_left_float("quantkern.replace_linear", model, skip)
     if not replaced:
         warnings.warn("quantkern.replace_linear: no layer replaced: " + (
