@@ -511,3 +511,72 @@ def test_t5_wo_stays_float():
         assert sum(isinstance(x, PackedLinear) for x in m.modules()) == 28
         with torch.no_grad():
             m(input_ids=ids, decoder_input_ids=ids[:, :5])
+
+
+def test_hook_based_reparametrizations_are_dropped_with_the_layer():
+    # prune / weight_norm / spectral_norm pre-hooks moved to the PackedLinear (or the unfused attention)
+    # with the other hooks, and crashed every forward there (no weight_orig / weight_g / ... on it)
+    from torch.nn.utils import prune, spectral_norm, weight_norm
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    for wrap in (lambda l: prune.l1_unstructured(l, "weight", 0.3), weight_norm, spectral_norm):
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+        wrap(m[0])
+        want = m(x)
+        assert replace_linear(m, 4, 32, skip=None) == ["0", "2"]
+        y = m(x)
+        assert isinstance(m[0], PackedLinear) and not m[0]._forward_pre_hooks
+        assert (y - want).norm() < 0.2 * want.norm()
+    mha = nn.MultiheadAttention(E, H)
+    prune.random_unstructured(mha, "in_proj_weight", 0.2)
+    holder = nn.Module()
+    holder.attn = mha
+    q = torch.randn(L, B, E)
+    want = mha(q, q, q)[0]
+    assert unfuse_attention(holder) == ["attn"]
+    torch.testing.assert_close(holder.attn(q, q, q)[0], want)
+
+
+def test_refusals_come_before_expose_and_skip_is_checked():
+    # a float64 GPT-2 was refused after its Conv1Ds had become (transposed) Linears: the model no
+    # longer loaded its own checkpoint; a bad skip failed inside fnmatch, after those changes too
+    model = _gpt2().double()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="float64"):
+        replace_linear(model, 4, 32)
+    with pytest.raises(TypeError, match="float64"):
+        quantkern.quantize_(model, method="rtn", bits=4, group_size=32, progress=False)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    model.load_state_dict(sd)
+    for fn in (lambda s: replace_linear(_gpt2(), 4, 32, skip=s), lambda s: unfuse_attention(_encoder(), s)):
+        for bad in (5, ["h", 1]):
+            with pytest.raises(ValueError, match="skip must be None, a name / pattern"):
+                fn(bad)
+
+
+def test_unfuse_keeps_ties_and_refuses_a_parametrized_out_proj():
+    from torch.nn.utils import parametrizations
+    a, b = nn.MultiheadAttention(E, H), nn.MultiheadAttention(E, H)
+    b.in_proj_weight, b.out_proj.weight = a.in_proj_weight, a.out_proj.weight  # tied across the two
+    m = nn.ModuleDict({"a": a, "b": b})
+    assert unfuse_attention(m) == ["a", "b"]
+    assert m["a"].q_proj.weight is m["b"].q_proj.weight and m["a"].out_proj.weight is m["b"].out_proj.weight
+    assert m["a"].q_proj.bias is not m["b"].q_proj.bias  # (their biases were never tied)
+    c = nn.MultiheadAttention(E, H)
+    parametrizations.weight_norm(c.out_proj)  # its state would have become a plain weight in the copy
+    holder = nn.ModuleDict({"c": c})
+    with pytest.warns(UserWarning, match="out_proj of type Parametrized"):
+        assert unfuse_attention(holder) == []
+    assert holder["c"] is c
+
+
+def test_parametrized_gpt2_conv1d_is_named_as_left_float():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    model = _gpt2()
+    parametrize.register_parametrization(model.transformer.h[0].mlp.c_fc, "weight", Double())
+    with pytest.warns(UserWarning, match=r"\(or Conv1D\) subclass layer\(s\) stay float.*c_fc"):
+        replace_linear(model, 4, 32)

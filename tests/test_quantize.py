@@ -957,6 +957,6 @@ def test_weights_left_float_warn():
     with pytest.warns(UserWarning) as rec:
         quantize_(m, QuantizeConfig(method="rtn", group_size=32), progress=False)
     msgs = " ".join(str(r.message) for r in rec)
-    assert "1 nn.Linear subclass layer(s) stay float" in msgs and "['0']" in msgs
+    assert "1 nn.Linear (or Conv1D) subclass layer(s) stay float" in msgs and "['0']" in msgs
     assert "1 3-D weight tensor(s) stay float" in msgs and "1.gate_up_proj" in msgs
     assert isinstance(m[2], PackedLinear) and isinstance(m[1].router, PackedLinear)

@@ -52,8 +52,24 @@ def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Modu
     for a in _CALL_HOOKS:
         if a in old.__dict__:
             setattr(new, a, getattr(old, a))
+    # torch.nn.utils.prune / weight_norm / spectral_norm recompute old.weight (or in_proj_weight) from
+    # state only the old module has (weight_orig, weight_mask, weight_g, ...) in a forward pre-hook:
+    # the new module was built from the weight they computed, and on it they crashed every forward
+    pre = old.__dict__.get("_forward_pre_hooks")
+    if pre:
+        for k in [k for k, h in pre.items() if isinstance(h, _reparam_hook_types())]:
+            del pre[k]
     if "_is_full_backward_hook" in old.__dict__:
         new._is_full_backward_hook = old._is_full_backward_hook
     for parent, attr in sites:
         setattr(parent, attr, new)
     return new
+
+
+def _reparam_hook_types() -> tuple:
+    """The forward pre-hook classes of torch's hook-based weight reparametrizations."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+

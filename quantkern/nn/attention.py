@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._sites import module_sites, swap_module
 
@@ -42,6 +43,10 @@ _TORCH_MHA_STATE = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight"
 def _not_plain(mha: nn.MultiheadAttention) -> str:
     """Why ``mha`` (a subclass of torch's module) is not torch's attention and nothing more ("" when
     it is): its own ``forward`` may compute something else, and state torch's has not would be lost."""
+    op = mha.out_proj
+    if type(op) not in (NonDynamicallyQuantizableLinear, nn.Linear) or op._parameters.keys() != {"weight", "bias"}:
+        # (a parametrized out_proj, e.g. weight_norm, turned into a plain weight in the copy: its state was lost)
+        return f"has an out_proj of type {type(op).__name__}"
     if type(mha) is nn.MultiheadAttention:
         return ""
     if type(mha).forward is not nn.MultiheadAttention.forward:
@@ -103,7 +108,7 @@ class MultiheadAttention(nn.Module):
             self.bias_k = self.bias_v = None
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention, _copies: dict | None = None) -> "MultiheadAttention":
         """The same attention as ``mha`` (weights copied exactly, ``requires_grad`` and the
         training mode kept; hooks are not copied: :func:`unfuse_attention` moves them). A
         subclass of ``nn.MultiheadAttention`` with its own ``forward`` or extra parameters /
@@ -111,7 +116,9 @@ class MultiheadAttention(nn.Module):
 
         To swap it into an ``nn.TransformerEncoder`` by hand, also call
         ``quantkern.nn.packed_linear.disable_fused_encoder_paths(encoder, [new])``: the encoder's
-        nested-tensor path reads ``in_proj_weight`` (:func:`unfuse_attention` does this)."""
+        nested-tensor path reads ``in_proj_weight`` (:func:`unfuse_attention` does this).
+        ``_copies`` (one dict per :func:`unfuse_attention` call): a Parameter that several modules
+        share is copied once, so the copies stay tied."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_torch: expected an nn.MultiheadAttention, got {type(mha).__name__}")
         why = _not_plain(mha)
@@ -122,27 +129,27 @@ class MultiheadAttention(nn.Module):
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
                   mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=w.dtype)
         E = mha.embed_dim
+        copies = {} if _copies is None else _copies
+
+        def param(src, i=None):  # a copy (the new module must not alias the old one's storage), once per
+            key = (id(src), i)   # source (or its q / k / v third i): tied sources stay tied
+            if key not in copies:  # (the source is kept in the value, so its id is not reused meanwhile)
+                t = src.detach() if i is None else src.detach().split(E)[i]
+                copies[key] = (src, nn.Parameter(t.clone(), requires_grad=src.requires_grad))
+            return copies[key][1]
+
         if mha._qkv_same_embed_dim:
-            ws = mha.in_proj_weight.detach().split(E)
-            grads = [mha.in_proj_weight.requires_grad] * 3
+            ws = [param(mha.in_proj_weight, i) for i in range(3)]
         else:
-            ws = [p.detach() for p in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
-            grads = [p.requires_grad for p in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
-        bs = mha.in_proj_bias.detach().split(E) if mha.in_proj_bias is not None else (None,) * 3
-        bgrad = mha.in_proj_bias.requires_grad if mha.in_proj_bias is not None else False
-
-        def param(t, req):  # a copy: the new module must not alias the old one's storage
-            return nn.Parameter(t.clone(), requires_grad=req)
-
-        for lin, wt, b, req in zip((new.q_proj, new.k_proj, new.v_proj), ws, bs, grads):
-            lin.weight = param(wt, req)
-            lin.bias = param(b, bgrad) if b is not None else None
-        new.out_proj.weight = param(mha.out_proj.weight.detach(), mha.out_proj.weight.requires_grad)
+            ws = [param(p) for p in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
+        bs = [param(mha.in_proj_bias, i) for i in range(3)] if mha.in_proj_bias is not None else [None] * 3
+        for lin, wt, b in zip((new.q_proj, new.k_proj, new.v_proj), ws, bs):
+            lin.weight, lin.bias = wt, b
+        new.out_proj.weight = param(mha.out_proj.weight)
         ob = mha.out_proj.bias
-        new.out_proj.bias = param(ob.detach(), ob.requires_grad) if ob is not None else None
+        new.out_proj.bias = param(ob) if ob is not None else None
         if mha.bias_k is not None:
-            new.bias_k = param(mha.bias_k.detach(), mha.bias_k.requires_grad)
-            new.bias_v = param(mha.bias_v.detach(), mha.bias_v.requires_grad)
+            new.bias_k, new.bias_v = param(mha.bias_k), param(mha.bias_v)
         return new.train(mha.training)
 
     def to_torch(self) -> nn.MultiheadAttention:
@@ -307,14 +314,16 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
     is, with a warning (its projections are not reached).
 
     Encoder layers holding a replaced module stop taking torch's fused inference path (it reads
-    the fused weights; the regular path it falls back to computes the same).
+    the fused weights; the regular path it falls back to computes the same, except at padded
+    positions, where the nested-tensor path gave zeros).
     """
-    from .packed_linear import _skipped, disable_fused_encoder_paths
+    from .packed_linear import _skipped, check_skip, disable_fused_encoder_paths
 
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("unfuse_attention: model is itself an nn.MultiheadAttention (it has no parent to be replaced "
                         "in); use quantkern.nn.MultiheadAttention.from_torch(module)")
-    replaced, new_mods, kept = [], [], []
+    check_skip("unfuse_attention", skip)
+    replaced, new_mods, kept, copies = [], [], [], {}
     for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
         if any(_skipped(n, skip) for n in names):
             continue
@@ -322,10 +331,10 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
         if why:
             kept.append(f"{names[0]} ({type(mha).__name__} {why})")
             continue
-        new_mods.append(swap_module(sites, mha, MultiheadAttention.from_torch(mha)))
+        new_mods.append(swap_module(sites, mha, MultiheadAttention.from_torch(mha, copies)))
         replaced.append(names[0])
     if kept:
-        warnings.warn(f"unfuse_attention: left {len(kept)} subclass(es) of nn.MultiheadAttention as they are, their "
+        warnings.warn(f"unfuse_attention: left {len(kept)} nn.MultiheadAttention module(s) as they are, their "
                       f"projections in float: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} (the "
                       "replacement computes torch's attention only); skip them by name to silence this",
                       stacklevel=2)

@@ -26,8 +26,11 @@ from .attention import unfuse_attention
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
+    return _is_hf_conv1d_type(type(m))
+
+
+def _is_hf_conv1d_type(t: type) -> bool:
     # by name: transformers is optional, and importing it only to test a type would cost seconds
-    t = type(m)
     return t.__name__ == "Conv1D" and (t.__module__ == "transformers" or t.__module__.startswith("transformers."))
 
 
@@ -59,8 +62,9 @@ def _replace_each(model: nn.Module, match, skip, build) -> list[str]:
     """Replace every module of ``model`` that ``match``es (once, shared ones stay shared; ``skip`` as in
     ``replace_linear``) by ``build(old)``, which keeps ``old``'s train / eval mode and call hooks (same
     inputs and outputs: the user's hooks keep working); returns the qualified names replaced."""
-    from .packed_linear import _skipped
+    from .packed_linear import _skipped, check_skip
 
+    check_skip("expose_linears", skip)
     replaced = []
     for names, sites, old in module_sites(model, match):
         if any(_skipped(n, skip) for n in names):

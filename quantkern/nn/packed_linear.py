@@ -611,6 +611,15 @@ class PackedLinear(nn.Module):
 DEFAULT_SKIP = ("lm_head", "classifier")
 
 
+def check_skip(op: str, skip) -> None:
+    """Refuse a ``skip`` that is not None, a name / pattern, a sequence of them or a predicate on the
+    layer name (an int or a list holding one failed deep inside fnmatch, after the model changed)."""
+    if not (skip is None or callable(skip) or isinstance(skip, str) or
+            (isinstance(skip, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in skip))):
+        raise ValueError(f"{op}: skip must be None, a name / pattern, a sequence of them or a predicate on the "
+                         f"layer name, got {skip!r}")
+
+
 def _skipped(name: str, skip) -> bool:
     if skip is None:
         return False
@@ -672,11 +681,14 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("quantkern.replace_linear: model is itself an nn.MultiheadAttention (no parent to replace it "
                         "in); wrap it, or convert quantkern.nn.MultiheadAttention.from_torch(module)")
+    check_skip("quantkern.replace_linear", skip)
     replaced = []
+    keep = with_keep_float("replace_linear", model, skip)
+    # dtype, meta device, NaN / Inf of every weight to convert, before expose_linears changes the model
+    check_linear_weights("quantkern.replace_linear", weights_to_convert(model, keep))
     with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
         expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
-    sites_list = linear_sites(model, with_keep_float("replace_linear", model, skip))
-    check_linear_weights("quantkern.replace_linear", sites_list)
+    sites_list = linear_sites(model, keep)
     disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
     fell, kept = [], []  # (named in one warning each, as quantize_ names its fallbacks)
     for name, sites, child in sites_list:
@@ -723,28 +735,48 @@ def linear_sites(model: nn.Module, skip) -> list[tuple[str, list[tuple[nn.Module
             if not any(_skipped(n, skip) for n in names)]
 
 
-def check_linear_weights(op: str, sites_list) -> None:
+def weights_to_convert(model: nn.Module, skip) -> list[tuple[str, torch.Tensor]]:
+    """``(name, weight)`` of every layer replace_linear / quantize_ would convert, found before
+    :func:`expose_linears` changes anything: plain ``nn.Linear`` s, the ``nn.Linear`` subclasses and
+    transformers ``Conv1D`` s it makes plain, and torch ``nn.MultiheadAttention`` projections."""
+    from .expose import _is_hf_conv1d, _is_plain_linear_subclass
+
+    def match(m):
+        return (type(m) is nn.Linear or isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
+                or _is_plain_linear_subclass(m))
+    out = []
+    for names, _, m in module_sites(model, match):
+        if any(_skipped(n, skip) for n in names):
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            ws = [m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.out_proj.weight]
+        else:
+            ws = [m.weight]
+        out += [(names[0], w) for w in ws if isinstance(w, torch.Tensor)]
+    return out
+
+
+def check_linear_weights(op: str, weights) -> None:
     """Refuse, before any layer is replaced, weights a PackedLinear cannot take: a dtype other than
     fp32 / fp16 / bf16 (the packed matmul runs those inputs only: a float64 model would convert and
     then fail on every forward), the meta device (no data) and NaN / Inf (the quantizers refuse them
     later, without the layer's name, with the earlier layers already swapped).
-    ``sites_list``: :func:`linear_sites`'s list."""
+    ``weights``: ``[(layer name, weight)]`` (:func:`weights_to_convert`)."""
     def names(bad):
         return f"{bad[:3]}{' ...' if len(bad) > 3 else ''}"
 
-    bad = [(n, lin.weight.dtype) for n, _, lin in sites_list
-           if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
+    bad = [(n, w.dtype) for n, w in weights if w.dtype not in (torch.float32, torch.float16, torch.bfloat16)]
     if bad:
         raise TypeError(f"{op}: layers {names([n for n, _ in bad])} have weights of dtype {bad[0][1]}; PackedLinear "
                         "takes float32 / float16 / bfloat16 models (cast first, e.g. model.float())")
-    meta = [n for n, _, lin in sites_list if lin.weight.is_meta]
+    meta = [n for n, w in weights if w.is_meta]
     if meta:
         raise ValueError(f"{op}: layers {names(meta)} are on the meta device (no data); load real weights first")
     def finite(w):  # min and max are finite iff every entry is (NaN propagates): ~12x cheaper than isfinite().all()
         lo, hi = torch.aminmax(w.detach())
         return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
-    nonfinite = [n for n, _, lin in sites_list if lin.weight.numel() and not finite(lin.weight)]
+    nonfinite = [n for n, w in weights if w.numel() and not finite(w)]
     if nonfinite:
         raise ValueError(f"{op}: layers {names(nonfinite)} have NaN or Inf weights; a weight must be finite to "
                          "quantize (skip those layers or fix the model)")
@@ -785,16 +817,21 @@ def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> Non
     from torch.nn.modules.conv import _ConvNd
     from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-    subs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear
-            and not isinstance(m, NonDynamicallyQuantizableLinear) and not _skipped(n, skip)
-            and getattr(m, "weight_quantizer", None) is None]
+    from .expose import _is_hf_conv1d, _is_hf_conv1d_type
+
+    # (a parametrized transformers Conv1D is a subclass too: ParametrizedConv1D, which stays as well)
+    subs = [n for n, m in model.named_modules()
+            if ((isinstance(m, nn.Linear) and type(m) is not nn.Linear
+                 and not isinstance(m, NonDynamicallyQuantizableLinear))
+                or (not _is_hf_conv1d(m) and any(_is_hf_conv1d_type(t) for t in type(m).__mro__[1:])))
+            and not _skipped(n, skip) and getattr(m, "weight_quantizer", None) is None]
     qat = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)
            and getattr(m, "weight_quantizer", None) is not None]
     if qat:
         warnings.warn(f"{op}: {len(qat)} QAT layer(s) stay as they are, e.g. {qat[:3]}: quantkern.nn.convert_qat(model) "
                       "packs trained QAT layers exactly (their learnt scales and integers)", stacklevel=stacklevel)
     if subs:
-        warnings.warn(f"{op}: {len(subs)} nn.Linear subclass layer(s) stay float: they carry state or code of their "
+        warnings.warn(f"{op}: {len(subs)} nn.Linear (or Conv1D) subclass layer(s) stay float: they carry state or code of their "
                       f"own (e.g. a parametrization such as weight_norm: torch.nn.utils.parametrize."
                       f"remove_parametrizations(layer, 'weight') first makes them plain), e.g. {subs[:3]}", stacklevel=stacklevel)
     # the share of the model's weights (a packed layer counts its in x out: its weight is no parameter now)

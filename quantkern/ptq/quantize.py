@@ -126,9 +126,9 @@ from torch import nn
 from ..nn._sites import swap_module
 from ..nn.attention import unfuse_attention
 from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
-from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights,
+from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights, check_skip,
                                  disable_fused_encoder_paths, fallback_group, linear_sites, untie_packed_outputs,
-                                 warn_left_float, with_keep_float)
+                                 warn_left_float, weights_to_convert, with_keep_float)
 from ..packed import PackedWeight, load_packed, save_packed
 from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
@@ -288,11 +288,7 @@ class QuantizeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"QuantizeConfig: {name} must be an int >= {lo}, got {v!r}")
-        sk = self.skip
-        if not (sk is None or callable(sk) or isinstance(sk, str) or
-                (isinstance(sk, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in sk))):
-            raise ValueError(f"QuantizeConfig: skip must be None, a name / pattern, a sequence of them or a "
-                             f"predicate on the layer name, got {sk!r}")
+        check_skip("QuantizeConfig", self.skip)
         for name in ("erq_lambda1", "erq_lambda2", "damp", "fp_target_damp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -751,12 +747,14 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("quantize_: model is itself an nn.MultiheadAttention (no parent to replace it in); wrap it "
                         "in a module")
+    # _keep_in_fp32_modules stay float; dtype, meta device, NaN / Inf of every weight to convert are
+    # checked before expose_linears changes the model (it left GPT-2's Conv1Ds as Linears on refusal)
+    keep = with_keep_float("quantize_", model, cfg.skip)
+    check_linear_weights("quantize_", weights_to_convert(model, keep))
     expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
     _warn_unmatched_skip(model, cfg.skip)
     _warn_unmatched_skip(model, [p for p, _ in per_layer], "layer_config patterns")
-    # a layer shared under several names: once, kept shared; _keep_in_fp32_modules stay float
-    layers = linear_sites(model, with_keep_float("quantize_", model, cfg.skip))
-    check_linear_weights("quantize_", layers)  # dtype, meta device, NaN / Inf: before any layer changes
+    layers = linear_sites(model, keep)  # a layer shared under several names: once, kept shared
     cfgs = [next((c for p, c in per_layer if _skipped(name, (p,))), cfg) for name, _, _ in layers]
     # which layers get calibration passes: the data methods' and, with a static input quantizer, all
     calibrated = [c.method in _DATA_METHODS or cfg.static_act for c in cfgs]
