@@ -340,7 +340,7 @@ def test_unfuse_moves_hooks_and_leaves_subclasses():
 
     p = P(Doubled(E, H))
     p.other = Tagged(E, H)
-    with pytest.warns(UserWarning, match=r"left 1 subclass.*att \(Doubled overrides forward\)"):
+    with pytest.warns(UserWarning, match=r"left 1 nn.MultiheadAttention module.*att \(Doubled overrides forward\)"):
         assert unfuse_attention(p) == ["other"]
     assert type(p.att) is Doubled and type(p.other) is MultiheadAttention
     with pytest.raises(TypeError, match="overrides forward"):
@@ -519,16 +519,24 @@ def test_hook_based_reparametrizations_are_dropped_with_the_layer():
     from torch.nn.utils import prune, spectral_norm, weight_norm
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    for wrap in (lambda l: prune.l1_unstructured(l, "weight", 0.3), weight_norm, spectral_norm):
-        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
-        wrap(m[0])
-        want = m(x)
+    for wrap, raw in ((lambda l: prune.l1_unstructured(l, "weight", 0.3), "weight_orig"), (weight_norm, "weight_v"),
+                      (spectral_norm, "weight_orig")):
+        def build():
+            torch.manual_seed(1)
+            m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+            wrap(m[0])
+            with torch.no_grad():  # an optimizer step with no forward since: .weight is stale until the next one
+                getattr(m[0], raw).add_(torch.randn_like(getattr(m[0], raw)))
+            return m
+        want = build()(x)  # (a twin: its forward refreshes the weight)
+        m = build()
         assert replace_linear(m, 4, 32, skip=None) == ["0", "2"]
         y = m(x)
         assert isinstance(m[0], PackedLinear) and not m[0]._forward_pre_hooks
         assert (y - want).norm() < 0.2 * want.norm()
     mha = nn.MultiheadAttention(E, H)
     prune.random_unstructured(mha, "in_proj_weight", 0.2)
+    prune.random_unstructured(mha.out_proj, "weight", 0.2)  # (keeps its type: converted, not refused)
     holder = nn.Module()
     holder.attn = mha
     q = torch.randn(L, B, E)
@@ -548,6 +556,15 @@ def test_refusals_come_before_expose_and_skip_is_checked():
         quantkern.quantize_(model, method="rtn", bits=4, group_size=32, progress=False)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     model.load_state_dict(sd)
+    # an attention module left float (a subclass with its own forward) is not checked: NaN there is fine
+    class Own(nn.MultiheadAttention):
+        def forward(self, *a, **k):
+            return super().forward(*a, **k)
+    m = nn.ModuleDict({"attn": Own(E, H), "fc": nn.Linear(E, E)})
+    with torch.no_grad():
+        m["attn"].in_proj_weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="overrides forward"):
+        assert replace_linear(m, 4, None, skip=None) == ["fc"]
     for fn in (lambda s: replace_linear(_gpt2(), 4, 32, skip=s), lambda s: unfuse_attention(_encoder(), s)):
         for bad in (5, ["h", 1]):
             with pytest.raises(ValueError, match="skip must be None, a name / pattern"):

@@ -120,6 +120,26 @@ def test_one_pass_form_is_the_composite_bit_for_bit(bits, symmetric, dtype):
                          composite_calib(x, s, torch.tensor(float(z)), qmin, qmax))
 
 
+def test_one_pass_steps_aside_for_gradients_transforms_layouts_and_wide_grids():
+    # a learnable scale takes the composite form's gradient; vmap (a batched range cannot be read on the
+    # host), a channels_last x (the composite keeps its layout) and grids past 2^24 run the composite too
+    x = torch.randn(4, 8)
+    s = torch.tensor(0.1, requires_grad=True)
+    assert one_pass(x, s, torch.tensor(3.0), 0, 255) is None
+    y = fake_quant(x, s, torch.tensor(3.0), 0, 255)
+    y.sum().backward()
+    assert s.grad is not None  # (the composite's: straight through, scale constant only in x's gradient)
+    assert one_pass(x, s.detach(), torch.tensor(3.0), 0, 255) is not None
+    sc = torch.tensor([0.1, 0.2, 0.3])
+    out = torch.func.vmap(lambda sv: fake_quant_input(x, 8, False, False, sv, torch.tensor(3.0)))(sc)
+    assert out.shape == (3, 4, 8) and torch.equal(out[1], fake_quant_input(x, 8, False, False, sc[1], torch.tensor(3.0)))
+    xc = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert one_pass(xc, torch.tensor(0.1), None, -128, 127) is None
+    assert fake_quant(xc, 0.1, 0.0, -128, 127).is_contiguous(memory_format=torch.channels_last)
+    assert one_pass(x, torch.tensor(0.1), torch.tensor(0.0), -(2 ** 25), 2 ** 25) is None
+    assert fake_quant(x, 0.1, 0.0, -(2 ** 25), 2 ** 25).shape == x.shape
+
+
 def composite(*args):
     """fake_quant_input without its fused form."""
     with torch.enable_grad():

@@ -77,15 +77,18 @@ def test_packed_linear_x_with_an_offset_and_weights_exact_in_its_dtype(bits, con
     # output rounding, and the int8 GEMV's zero-point term took the sum of x itself while the
     # products took x's int8 pieces, so the pieces' (correlated) error came in weighted by q ~ z:
     # 8-19x F.linear's error (a review's repro). Both terms now take the pieces' sum.
+    # (the review's cases: weights in {-1/8, 0, 1/8}, so the true product is small next to z s sum x)
     g = torch.Generator().manual_seed(bits)
-    for M, N, K, gs in ((1, 24, 4096, 4096), (3, 24, 4096, 128), (5, 17, 544, 32)):
-        q = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+    zero = 2 ** (bits - 1)
+    for M, N, K, gs, dc, noise in ((1, 64, 4096, 4096, 3.0, 0.1), (3, 64, 4096, 4096, 3.0, 0.1),
+                                   (1, 64, 4096, 128, 1.0, 0.0), (5, 17, 544, 32, 3.0, 0.1)):
+        q = (zero + torch.randint(-1, 2, (N, K), generator=g)).to(torch.uint8)
         G = K // gs
-        z = torch.randint(0, 2 ** bits, (N, G), generator=g).float()
-        pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.125), z, bits, gs)
+        pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.125), torch.full((N, G), float(zero)), bits, gs)
+        x = dc + noise * torch.randn(M, K, generator=g)
+        x[:, ::128] = 1.3 if noise == 0 else x[:, ::128]  # a constant x with a few larger entries
         for dt in (torch.float16, torch.bfloat16):
-            x = (0.75 + 0.05 * torch.randn(M, K, generator=g)).to(dt)
-            check_accuracy(ops.packed_linear(x, pw), x, pw)
+            check_accuracy(ops.packed_linear(x.to(dt), pw), x.to(dt), pw)
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))

@@ -47,7 +47,9 @@ _CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Module) -> nn.Module:
     """Put ``new`` at every ``(parent, attribute)`` of ``sites`` in place of ``old``, with ``old``'s
     train / eval mode and its forward / backward hooks (the same dicts, so the handles the user holds
-    still remove them: a hook on a layer keeps firing after the layer is converted). Returns ``new``."""
+    still remove them: a hook on a layer keeps firing after the layer is converted), except the
+    pre-hooks of torch's hook-based prune / weight_norm / spectral_norm, which leave ``old`` too
+    (``new`` holds the weight they computed: :func:`refresh_hooked_weights`). Returns ``new``."""
     new.train(old.training)
     for a in _CALL_HOOKS:
         if a in old.__dict__:
@@ -72,4 +74,21 @@ def _reparam_hook_types() -> tuple:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     return (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def refresh_hooked_weights(model: nn.Module) -> None:
+    """Recompute every weight that torch's hook-based reparametrizations derive in a forward pre-hook
+    (prune: ``weight_orig * weight_mask``; weight_norm: ``g v / |v|``; spectral_norm: ``W / sigma``,
+    without a power iteration), so that a converter reads the current weight even after an
+    optimizer step with no forward since (it packed the stale one, then dropped the hook)."""
+    import torch
+
+    prune_t, wn_t, sn_t = _reparam_hook_types()
+    with torch.no_grad():
+        for m in model.modules():
+            for h in list(m._forward_pre_hooks.values()):
+                if isinstance(h, (prune_t, wn_t)):
+                    h(m, None)
+                elif isinstance(h, sn_t):
+                    setattr(m, h.name, h.compute_weight(m, do_power_iteration=False))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._sites import module_sites, swap_module
+from ._sites import module_sites, refresh_hooked_weights, swap_module
 
 
 def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -44,8 +44,9 @@ def _not_plain(mha: nn.MultiheadAttention) -> str:
     """Why ``mha`` (a subclass of torch's module) is not torch's attention and nothing more ("" when
     it is): its own ``forward`` may compute something else, and state torch's has not would be lost."""
     op = mha.out_proj
-    if type(op) not in (NonDynamicallyQuantizableLinear, nn.Linear) or op._parameters.keys() != {"weight", "bias"}:
-        # (a parametrized out_proj, e.g. weight_norm, turned into a plain weight in the copy: its state was lost)
+    if type(op) not in (NonDynamicallyQuantizableLinear, nn.Linear):
+        # (a parametrized out_proj, e.g. parametrizations.weight_norm, became a plain weight in the copy;
+        # the hook-based prune / weight_norm keep the type and copy as the weight they compute)
         return f"has an out_proj of type {type(op).__name__}"
     if type(mha) is nn.MultiheadAttention:
         return ""
@@ -323,6 +324,7 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
         raise TypeError("unfuse_attention: model is itself an nn.MultiheadAttention (it has no parent to be replaced "
                         "in); use quantkern.nn.MultiheadAttention.from_torch(module)")
     check_skip("unfuse_attention", skip)
+    refresh_hooked_weights(model)
     replaced, new_mods, kept, copies = [], [], [], {}
     for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
         if any(_skipped(n, skip) for n in names):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._sites import module_sites, swap_module
+from ._sites import module_sites, refresh_hooked_weights, swap_module
 from .attention import unfuse_attention
 
 
@@ -65,6 +65,7 @@ def _replace_each(model: nn.Module, match, skip, build) -> list[str]:
     from .packed_linear import _skipped, check_skip
 
     check_skip("expose_linears", skip)
+    refresh_hooked_weights(model)
     replaced = []
     for names, sites, old in module_sites(model, match):
         if any(_skipped(n, skip) for n in names):

@@ -14,7 +14,7 @@ from .._affine_fq import one_pass, one_pass_applies
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
-from ._sites import module_sites, swap_module
+from ._sites import module_sites, refresh_hooked_weights, swap_module
 from .expose import expose_linears
 from .lsq import qrange
 
@@ -684,6 +684,7 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     check_skip("quantkern.replace_linear", skip)
     replaced = []
     keep = with_keep_float("replace_linear", model, skip)
+    refresh_hooked_weights(model)  # (prune / weight_norm weights as they are now, not as of the last forward)
     # dtype, meta device, NaN / Inf of every weight to convert, before expose_linears changes the model
     check_linear_weights("quantkern.replace_linear", weights_to_convert(model, keep))
     with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
@@ -739,11 +740,12 @@ def weights_to_convert(model: nn.Module, skip) -> list[tuple[str, torch.Tensor]]
     """``(name, weight)`` of every layer replace_linear / quantize_ would convert, found before
     :func:`expose_linears` changes anything: plain ``nn.Linear`` s, the ``nn.Linear`` subclasses and
     transformers ``Conv1D`` s it makes plain, and torch ``nn.MultiheadAttention`` projections."""
+    from .attention import _not_plain
     from .expose import _is_hf_conv1d, _is_plain_linear_subclass
 
-    def match(m):
-        return (type(m) is nn.Linear or isinstance(m, nn.MultiheadAttention) or _is_hf_conv1d(m)
-                or _is_plain_linear_subclass(m))
+    def match(m):  # (an attention module that unfuse_attention leaves alone stays float: not checked)
+        return (type(m) is nn.Linear or (isinstance(m, nn.MultiheadAttention) and not _not_plain(m))
+                or _is_hf_conv1d(m) or _is_plain_linear_subclass(m))
     out = []
     for names, _, m in module_sites(model, match):
         if any(_skipped(n, skip) for n in names):

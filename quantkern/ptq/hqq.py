@@ -18,14 +18,14 @@ from ..reference import hqq as _ref
 __all__ = ["hqq_quantize", "rtn_quantize", "hqq_dequantize"]
 
 
-def _one_group_per_row(W, group_size, axis):
+def _one_group_per_row(W, group_size, axis, fn="hqq_quantize"):
     """group_size -1 or None: one group per row (g = K), as gptq_quantize / erq_quantize / quantize_ take it."""
     if (group_size is None or (group_size == -1 and not isinstance(group_size, bool))) and \
             isinstance(W, torch.Tensor) and W.dim() == 2:
         if axis != 1:  # hqq's axis=0 groups are strided over the flattened weight, not rows
-            raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
+            raise ValueError(f"{fn}: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
         if W.shape[1] == 0:  # else refused as "group_size must be a positive int, got 0", a value never passed
-            raise ValueError(f"hqq_quantize: group_size {group_size} (one group per row) needs K >= 1, got W of shape {tuple(W.shape)}")
+            raise ValueError(f"{fn}: group_size {group_size} (one group per row) needs K >= 1, got W of shape {tuple(W.shape)}")
         return W.shape[1]
     return group_size
 
@@ -39,11 +39,7 @@ def hqq_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     N, K = q.shape
     if axis not in (0, 1) or isinstance(axis, bool):
         raise ValueError(f"{fn}: axis must be 0 or 1, got {axis!r}")
-    g = group_size
-    if g is None or (g == -1 and not isinstance(g, bool)):
-        if axis != 1:
-            raise ValueError(f"{fn}: group_size {group_size} (one group per row) needs axis=1, got axis={axis}")
-        g = K
+    g = _one_group_per_row(q, group_size, axis, fn)
     if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
         raise ValueError(f"{fn}: group_size must be a positive int, -1 or None, got {group_size!r}")
     if (K if axis == 1 else N * K) % g:
