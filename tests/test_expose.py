@@ -545,6 +545,29 @@ def test_hook_based_reparametrizations_are_dropped_with_the_layer():
     torch.testing.assert_close(holder.attn(q, q, q)[0], want)
 
 
+def test_reparam_refresh_keeps_training_and_checks_projections_by_their_names():
+    # the weights recomputed before conversion kept requires_grad (a QAT conversion copies the flag:
+    # recomputed under no_grad, a pruned layer's QAT weight came out frozen)
+    from torch.nn.utils import prune
+    m = nn.Sequential(nn.Linear(64, 64))
+    prune.l1_unstructured(m[0], "weight", 0.3)
+    quantize_modules(m, 4, 8)
+    assert isinstance(m[0], QuantLinear) and m[0].weight.requires_grad
+    # an attention projection that stays float (skipped by its unfused name, or NaN there) does not
+    # refuse the model: the check sees each projection under the name the skip sees
+    mha = nn.MultiheadAttention(E, H)
+    with torch.no_grad():
+        mha.out_proj.weight[0, 0] = float("nan")
+    m = nn.ModuleDict({"attn": mha, "fc": nn.Linear(E, E)})
+    assert sorted(replace_linear(m, 4, None, skip=("attn.out_proj",))) == ["attn.k_proj", "attn.q_proj", "attn.v_proj", "fc"]
+    assert type(m["attn"].out_proj) is nn.Linear
+    m = nn.ModuleDict({"attn": nn.MultiheadAttention(E, H)})
+    with torch.no_grad():
+        m["attn"].in_proj_weight[E, 0] = float("nan")  # k_proj's third
+    with pytest.raises(ValueError, match=r"\['attn.k_proj'\] have NaN"):
+        replace_linear(m, 4, None, skip=None)
+
+
 def test_refusals_come_before_expose_and_skip_is_checked():
     # a float64 GPT-2 was refused after its Conv1Ds had become (transposed) Linears: the model no
     # longer loaded its own checkpoint; a bad skip failed inside fnmatch, after those changes too

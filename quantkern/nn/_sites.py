@@ -80,15 +80,14 @@ def refresh_hooked_weights(model: nn.Module) -> None:
     """Recompute every weight that torch's hook-based reparametrizations derive in a forward pre-hook
     (prune: ``weight_orig * weight_mask``; weight_norm: ``g v / |v|``; spectral_norm: ``W / sigma``,
     without a power iteration), so that a converter reads the current weight even after an
-    optimizer step with no forward since (it packed the stale one, then dropped the hook)."""
-    import torch
-
+    optimizer step with no forward since (it packed the stale one, then dropped the hook). Runs in
+    the caller's grad mode, as a forward would: the recomputed weight requires grad as before (a
+    QAT conversion copies that flag)."""
     prune_t, wn_t, sn_t = _reparam_hook_types()
-    with torch.no_grad():
-        for m in model.modules():
-            for h in list(m._forward_pre_hooks.values()):
-                if isinstance(h, (prune_t, wn_t)):
-                    h(m, None)
-                elif isinstance(h, sn_t):
-                    setattr(m, h.name, h.compute_weight(m, do_power_iteration=False))
+    for m in model.modules():
+        for h in list(m._forward_pre_hooks.values()):
+            if isinstance(h, (prune_t, wn_t)):
+                h(m, None)
+            elif isinstance(h, sn_t):
+                setattr(m, h.name, h.compute_weight(m, do_power_iteration=False))
 

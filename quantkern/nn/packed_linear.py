@@ -750,11 +750,16 @@ def weights_to_convert(model: nn.Module, skip) -> list[tuple[str, torch.Tensor]]
     for names, _, m in module_sites(model, match):
         if any(_skipped(n, skip) for n in names):
             continue
-        if isinstance(m, nn.MultiheadAttention):
-            ws = [m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.out_proj.weight]
-        else:
-            ws = [m.weight]
-        out += [(names[0], w) for w in ws if isinstance(w, torch.Tensor)]
+        if not isinstance(m, nn.MultiheadAttention):
+            out.append((names[0], m.weight))
+            continue
+        # each projection under the name it gets once unfused, which is what skip / keep-float then see
+        E = m.embed_dim
+        qkv = (m.in_proj_weight.split(E) if m.in_proj_weight is not None
+               else (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+        for p, w in zip(("q_proj", "k_proj", "v_proj", "out_proj"), (*qkv, m.out_proj.weight)):
+            if not any(_skipped(f"{n}.{p}", skip) for n in names):
+                out.append((f"{names[0]}.{p}", w))
     return out
 
 
