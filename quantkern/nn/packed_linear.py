@@ -15,7 +15,8 @@ from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
 from ._sites import module_sites, refresh_hooked_weights, swap_module
-from .expose import expose_linears
+from .attention import _not_plain
+from .expose import _is_hf_conv1d, _is_hf_conv1d_type, _is_plain_linear_subclass, expose_linears
 from .lsq import qrange
 
 FORMAT_VERSION = 1
@@ -740,9 +741,6 @@ def weights_to_convert(model: nn.Module, skip) -> list[tuple[str, torch.Tensor]]
     """``(name, weight)`` of every layer replace_linear / quantize_ would convert, found before
     :func:`expose_linears` changes anything: plain ``nn.Linear`` s, the ``nn.Linear`` subclasses and
     transformers ``Conv1D`` s it makes plain, and torch ``nn.MultiheadAttention`` projections."""
-    from .attention import _not_plain
-    from .expose import _is_hf_conv1d, _is_plain_linear_subclass
-
     def match(m):  # (an attention module that unfuse_attention leaves alone stays float: not checked)
         return (type(m) is nn.Linear or (isinstance(m, nn.MultiheadAttention) and not _not_plain(m))
                 or _is_hf_conv1d(m) or _is_plain_linear_subclass(m))
@@ -823,8 +821,6 @@ def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> Non
     fused experts of transformers 5's MoE blocks, ``experts.gate_up_proj`` [experts, ...])."""
     from torch.nn.modules.conv import _ConvNd
     from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-
-    from .expose import _is_hf_conv1d, _is_hf_conv1d_type
 
     # (a parametrized transformers Conv1D is a subclass too: ParametrizedConv1D, which stays as well)
     subs = [n for n, m in model.named_modules()
