@@ -488,11 +488,13 @@ def positive_float(s: str) -> float:
 
 
 def device_name(s: str) -> str:
-    """argparse type: a torch device string (cpu, cuda, cuda:1, ...)."""
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (a meta or other device would time no work)."""
     try:
-        torch.device(s)
+        d = torch.device(s)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a device (cpu or cuda)") from None
+        d = None
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index is not None):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a benchmark device (cpu, cuda or cuda:N)")
     return s
 
 
@@ -551,6 +553,8 @@ def apply_common_args(args: argparse.Namespace) -> torch.device:
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA device(s)")
     if args.quick and args.reps is None:
         args.reps = 3
     if args.quick:

@@ -153,6 +153,8 @@ def main(argv=None):
     if not a.minilm and (a.k if a.axis == 1 else a.n) % a.group:
         ap.error(f"--group {a.group} must divide the grouped dim ({'--k' if a.axis == 1 else '--n'} = "
                  f"{a.k if a.axis == 1 else a.n})")
+    if a.minilm and (384 % a.group or 1536 % a.group):  # (MiniLM's Linear inputs: 384 and 1536)
+        ap.error(f"--group {a.group} must divide MiniLM's in_features 384 and 1536")
     a.runs = a.runs or a.reps or (1 if a.quick else 3)
     torch.set_num_threads(a.threads)
     if a.minilm:

@@ -66,10 +66,15 @@ class _TorchLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def _ffn(hidden: int) -> int:
+    """The intermediate size of :func:`_llama`'s MLP (about 2.75x hidden, a multiple of 32)."""
+    return hidden * 11 // 4 // 32 * 32
+
+
 def _llama(depth: int, hidden: int, seed: int = 0):
     """transformers' LlamaForCausalLM when installed, else :class:`_TorchLM` (same layer shapes)."""
     torch.manual_seed(seed)
-    ff = hidden * 11 // 4 // 32 * 32
+    ff = _ffn(hidden)
     try:
         import transformers as tf
     except ImportError:
@@ -87,7 +92,9 @@ def _quantize(model, units, method: str, bits: int, group: int, cached: bool):
     t = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the few-tokens warning on small calibration sets
-        quantize_(model, QuantizeConfig(method=method, bits=bits, group_size=group, block_cache=cached),
+        # strict_group: a row labelled g{group} must not hide layers that fell back to another group size
+        quantize_(model, QuantizeConfig(method=method, bits=bits, group_size=group, block_cache=cached,
+                                        strict_group=True),
                   calib_fn=units, progress=False)
     return time.perf_counter() - t
 
@@ -137,17 +144,29 @@ def main(argv=None) -> int:
     H.add_common_args(ap, threads=2, warmup=0, writes_files=False, reps_help="timed runs per row (default 1)")
     ap.add_argument("--depths", type=H.comma_list(H.positive_int), default=None, help="decoder layers (default 4,8,16; 2,4 with --quick)")
     ap.add_argument("--hidden", type=H.positive_int, default=None, help="hidden size (default 256; 128 with --quick)")
-    ap.add_argument("--method", choices=["gptq", "erq"], default="gptq")
-    ap.add_argument("--bits", type=H.one_of((2, 3, 4)), default=4)
-    ap.add_argument("--group", type=H.positive_int, default=64)
-    ap.add_argument("--batches", type=H.positive_int, default=4, help="calibration units (default 4)")
+    ap.add_argument("--method", choices=["gptq", "erq"], default=None, help="default gptq")
+    ap.add_argument("--bits", type=H.one_of((2, 3, 4)), default=None, help="default 4")
+    ap.add_argument("--group", type=H.positive_int, default=None, help="default 64 (32 with --quick)")
+    ap.add_argument("--batches", type=H.positive_int, default=None, help="calibration units (default 4)")
     ap.add_argument("--tokens", type=H.positive_int, default=None, help="tokens per unit, 2 sequences (default 256)")
     ap.add_argument("--effnet", action="store_true", help="fake_quantize_model_ on EfficientNet-Lite0 instead")
     ap.add_argument("--crops", type=H.positive_int, default=None, help="--effnet calibration crops (default 32)")
     a = ap.parse_args(argv)
+    llm_only = [f"--{k}" for k in ("method", "bits", "group", "batches", "depths", "hidden", "tokens")
+                if getattr(a, k) is not None]
+    if a.effnet and llm_only:  # (the EfficientNet rows are fixed: W4 g64, the methods of EFFNET_ROWS)
+        ap.error(f"{', '.join(llm_only)}: not with --effnet (its rows are fixed: W4 g64, {', '.join(EFFNET_ROWS)})")
+    if not a.effnet and a.crops is not None:
+        ap.error("--crops: only with --effnet")
+    # (--quick's MLP has 352 inputs: g32, so that every layer has the group size the table names)
+    a.method, a.bits, a.batches = a.method or "gptq", a.bits or 4, a.batches or 4
+    a.group = a.group or (32 if a.quick else 64)
     # (checked here: these failed only after the models were built, inside quantize_ / the model's forward)
-    if not a.effnet and a.group % 32:
-        ap.error(f"--group must be a multiple of 32 (quantize_'s packed groups; --effnet takes any), got {a.group}")
+    hidden = a.hidden or (128 if a.quick else 256)
+    ff = _ffn(hidden)
+    if not a.effnet and (a.group % 32 or hidden % a.group or ff % a.group):
+        ap.error(f"--group must be a multiple of 32 (quantize_'s packed groups) that divides the hidden size {hidden} "
+                 f"and the intermediate size {ff}, got {a.group}")
     if a.tokens is not None and a.tokens < 2:
         ap.error(f"--tokens must be >= 2 (two sequences of tokens // 2 each), got {a.tokens}")
     dev = H.apply_common_args(a)
@@ -158,7 +177,6 @@ def main(argv=None) -> int:
             ap.error("--effnet runs on the CPU (the demo's model): --device cpu")
         return _effnet(a, out)
     depths = a.depths or ([2, 4] if a.quick else [4, 8, 16])
-    hidden = a.hidden or (128 if a.quick else 256)
     T = (a.tokens or (64 if a.quick else 256)) // 2
     reps = a.reps or 1
     g = torch.Generator().manual_seed(1)

@@ -153,7 +153,7 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     rows += [row(method, bits) for bits in bits_list for method in methods]
     # weight + activation rows: W4 with every Linear input fake-quantized (static per tensor,
     # asymmetric, calibrated with QuantizeConfig's act_method on the calibration sentences)
-    act_methods = [m for m in ("rtn", "gptq", "erq") if m in methods and not (quick and m == "gptq")]
+    act_methods = minilm_act_methods(methods, quick)
     act_rows = [row(method, 4, ab) for ab in act_bits_list for method in act_methods]
     cols = ("| method | config | mean cos | min cos | NN agreement | size MB | quant s | encode s (vs fp32) |\n"
             "|---|---|---|---|---|---|---|---|")
@@ -170,6 +170,11 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                  f"{'symmetric' if d.act_symmetric else 'asymmetric'}, calibrated with {d.act_method!r}):\n\n"
                  + cols + "\n" + "\n".join(act_rows))
     return text
+
+
+def minilm_act_methods(methods, quick: bool) -> list[str]:
+    """The methods of ``methods`` with MiniLM weight + activation rows (``--quick`` leaves out GPTQ)."""
+    return [m for m in ("rtn", "gptq", "erq") if m in methods and not (quick and m == "gptq")]
 
 
 def _time(fn, reps=2):
@@ -513,6 +518,9 @@ def main(argv=None):
     if args.only in (None, "minilm") and not bits_m:
         print(f"MiniLM: none of --bits {','.join(map(str, args.bits))} is one it takes "
               f"({', '.join(map(str, MINILM_BITS))}): its table is skipped", flush=True)
+    if args.only in (None, "minilm") and bits_m and args.act_bits and not minilm_act_methods(methods, args.quick):
+        print(f"MiniLM: --act-bits {','.join(map(str, args.act_bits))} has no rows: the activation rows take "
+              f"rtn, gptq or erq from --methods{' (gptq not with --quick)' if args.quick else ''}", flush=True)
     if args.only in (None, "effnet") and not effnet_rows_run(methods, eff_rows, args.quick):
         print(f"EfficientNet: none of its weight-only rows runs with --methods {','.join(methods)} and "
               f"--effnet-rows {args.effnet_rows}" + (" (--quick skips " + ", ".join(EFFNET_QUICK_SKIP) + ")"

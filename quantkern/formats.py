@@ -98,8 +98,9 @@ def from_hqq(W_q, meta: dict | None = None, meta_dtype: torch.dtype | None = Non
         raise ValueError(f"from_hqq: meta lacks {missing or ['scale', 'zero']} (hqq's quantize meta needs nbits, "
                          f"group_size, shape, axis, packing and scale / zero)")
     bits = meta["nbits"]
-    if bits not in (2, 3, 4):
-        raise ValueError(f"from_hqq: nbits must be 2, 3 or 4, got {bits}")
+    if bits not in (2, 3, 4) or isinstance(bits, bool):
+        raise ValueError(f"from_hqq: nbits must be 2, 3 or 4, got {bits!r}")
+    bits = int(bits)  # (hqq declares nbits a float: 4.0)
     if not meta.get("packing"):
         raise ValueError("from_hqq: W_q is not bit-packed (meta['packing'] is None); use PackedWeight.from_quantized")
     pbits = {"4bit_u8": 4, "2bit_u8": 2, "3bit_32": 3}.get(meta["packing"])
@@ -338,7 +339,9 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
         raise ValueError(f"from_gptq: group_size must be a positive int, None or -1, got {group_size!r}")
     if gs * G != K:
-        raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}")
+        partial = " (the last group is partial: the canonical format needs group_size to divide in_features)" \
+            if gs * (G - 1) < K < gs * G else ""
+        raise ValueError(f"from_gptq: group_size {gs} x {G} groups != in_features {K}{partial}")
     perm = None if g_idx is None else _gptq_group_perm(g_idx, K, G, gs)
     if perm is not None and not return_perm:
         raise NotImplementedError(

@@ -18,21 +18,33 @@ from . import ops
 from .reference import packing as ref
 
 
+def scales_lost(cast: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Where casting ``scales`` gave ``cast`` with a relative error beyond 2^-8 (bool, same shape).
+
+    Normal bf16 / fp16 rounding stays within 2^-9; beyond that a scale underflowed to 0 or to a deep
+    subnormal (fp16 scales of weights ~1e-6 keep a few bits: 2-3x the output error). A shallow
+    subnormal (fp16 1.6e-5: 0.4%) passes."""
+    s = scales.to(cast.device).float()
+    return ((cast.float() - s).abs() > 2.0**-8 * s.abs()) & (s != 0)
+
+
 def cast_meta(scales: torch.Tensor, zeros: torch.Tensor, meta_dtype: torch.dtype | None, who: str,
               device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scales, zeros)`` moved to ``device`` and cast to ``meta_dtype`` (None: their dtype), refusing a
-    cast that loses a scale to underflow or overflows a value (the weight would silently change)."""
+    cast that loses a scale to underflow (to 0 or a subnormal: :func:`scales_lost`) or overflows a value
+    (the weight would silently change)."""
     if meta_dtype is not None and meta_dtype not in ref.META_DTYPES:
         # an int dtype used to be reported as "loses scale(s) to underflow"
         raise TypeError(f"{who}: meta_dtype must be one of {ref.META_DTYPES} or None, got {meta_dtype!r}")
     md = meta_dtype or scales.dtype
     s, z = scales.to(device, md), zeros.to(device, md)
     if md != scales.dtype and s.device.type != "meta":  # (a meta tensor has no values to check)
-        lost = (s == 0) & (scales.to(s.device) != 0)
+        lost = scales_lost(s, scales)
         if bool(lost.any()) or not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
             raise ValueError(f"{who}: casting scales / zeros to {md} loses {int(lost.sum())} scale(s) to "
-                             f"underflow or overflows a value; re-quantize from the float weight with that "
-                             f"meta_dtype (PackedWeight.from_float) instead")
+                             f"underflow (to 0 or a subnormal: relative error > 2^-8) or overflows a value; "
+                             f"re-quantize from the float weight with that meta_dtype (PackedWeight.from_float) "
+                             f"or keep float32 metadata")
     return s, z
 
 
@@ -135,12 +147,13 @@ class PackedWeight:
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, bits: int = 4, group_size: int | None = None, g_idx=None,
-                  zero_offset: int = 1, meta_dtype=None) -> "PackedWeight":
-        """Exact conversion from GPTQ-style int32 tensors; see :func:`quantkern.formats.from_gptq`."""
+                  zero_offset: int = 1, meta_dtype=None, return_perm: bool = False):
+        """Exact conversion from GPTQ-style int32 tensors; see :func:`quantkern.formats.from_gptq`
+        (``return_perm=True``: ``(PackedWeight, perm)``, needed for an act-order ``g_idx``)."""
         from .formats import from_gptq
 
         return from_gptq(qweight, qzeros, scales, bits, group_size, g_idx=g_idx, zero_offset=zero_offset,
-                         meta_dtype=meta_dtype)
+                         meta_dtype=meta_dtype, return_perm=return_perm)
 
     # ------------------------------------------------------------ accessors
     @property

@@ -124,7 +124,7 @@ BAD_ARGS = [
     ("hqq", "main", ["--threads", "-1"], "--threads: must be >= 1"),
     ("hqq", "main", ["--warmup", "-1"], "--warmup: must be >= 0"),
     ("hqq", "main", ["--bits", "9"], "--bits: '9' is not one of"),
-    ("packed_linear", "main", ["--quick", "--device", "gpu0"], "--device: 'gpu0' is not a device"),
+    ("packed_linear", "main", ["--quick", "--device", "gpu0"], "--device: 'gpu0' is not a benchmark device"),
     ("hqq", "main", ["--axis", "2"], "--axis: '2' is not one of"),
     ("hqq", "main", ["--quick", "--group", "48"], "--group 48 must divide"),
     ("calibrate", "main", ["--loop-channels", "0"], "--loop-channels: must be >= 1"),
@@ -151,6 +151,15 @@ BAD_ARGS = [
     ("fake_quant_lsq", "parse_args", ["--case", "per-row"], "'per-row' is not one of"),
     ("fake_quant_lsq", "parse_args", ["--impl", "nope"], "'nope' is not one of"),
     ("fake_quant_lsq", "parse_args", ["--reps", "0"], "--reps: must be >= 1"),
+    # a meta device timed no work: a table of made-up numbers, exit 0
+    ("packed_linear", "parse_args", ["--device", "meta"], "'meta' is not a benchmark device"),
+    ("fake_quant_lsq", "parse_args", ["--device", "cpu:1"], "'cpu:1' is not a benchmark device"),
+    # --effnet's rows are fixed: the LLM options were ignored
+    ("quantize", "main", ["--effnet", "--bits", "2"], "--bits: not with --effnet"),
+    ("quantize", "main", ["--crops", "3"], "--crops: only with --effnet"),
+    # a group that does not divide the MLP's 352 inputs was labelled g128 while those layers used g32
+    ("quantize", "main", ["--quick", "--group", "128"], "divides the hidden size 128 and the intermediate size 352"),
+    ("hqq", "main", ["--minilm", "--group", "100"], "must divide MiniLM's in_features 384 and 1536"),
 ]
 
 
@@ -160,6 +169,13 @@ def test_bench_bad_args_are_usage_errors(name, entry, argv, msg, capsys):
         getattr(_bench(name), entry)(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_cold_pool_touches_the_whole_pool_between_two_uses_of_a_copy():
+    pl = _bench("packed_linear")
+    for nbytes, pool in ((4, 10), (6, 10), (5, 10), (20, 10)):
+        p = pl.Pool(lambda: (0,), nbytes, pool)
+        assert (p.n - 1) * nbytes >= pool and p.n >= 2
 
 
 def test_bench_arg_lists_parse():

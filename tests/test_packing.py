@@ -120,6 +120,12 @@ def test_packed_weight_to_refuses_lossy_meta_cast():
     with pytest.raises(ValueError, match="underflow"):
         pw.to(meta_dtype=torch.float16)
     assert pw.to(meta_dtype=torch.bfloat16).scales.dtype == torch.bfloat16
+    # a deep fp16 subnormal is not 0 but keeps a few bits (scales ~1e-7: up to 25% off): refused too
+    W2 = torch.randn(4, 64) * 1e-6
+    with pytest.raises(ValueError, match="subnormal"):
+        PackedWeight.from_float(W2, 4, 32, torch.float32).to(meta_dtype=torch.float16)
+    W2 *= 100  # scales ~2e-5: shallow subnormals, < 2^-8 relative error
+    assert PackedWeight.from_float(W2, 4, 32, torch.float32).to(meta_dtype=torch.float16).scales.dtype == torch.float16
     with pytest.raises(TypeError, match="meta_dtype"):
         pw.to(torch.float16)
 
@@ -237,6 +243,12 @@ def test_gptq_act_order_rejected():
     with pytest.raises(NotImplementedError, match="act-order"):
         formats.from_gptq(qw, qz, s, 4, g_idx=g_idx)
     formats.from_gptq(qw, qz, s, 4, g_idx=torch.arange(64) // 32)
+    # the error's advice works on the PackedWeight method too
+    pw, perm = PackedWeight.from_gptq(qw, qz, s, 4, g_idx=g_idx, return_perm=True)
+    pw2, perm2 = formats.from_gptq(qw, qz, s, 4, g_idx=g_idx, return_perm=True)
+    assert torch.equal(pw.qweight, pw2.qweight) and torch.equal(perm, perm2)
+    with pytest.raises(ValueError, match="last group is partial"):  # AutoGPTQ's ceil(K / g) groups
+        formats.from_gptq(qw, qz, s, 4, group_size=48)
 
 
 def test_gptq_converter_checks():
@@ -579,6 +591,10 @@ def test_from_hqq_checks_meta_without_hqq():
         formats.from_hqq(W_q, dict(meta, scale=meta["scale"][:4]))
     with pytest.raises(ValueError, match=r"meta lacks \['shape'\]"):  # was KeyError: 'shape'
         formats.from_hqq(W_q, {k: v for k, v in meta.items() if k != "shape"})
+    # hqq declares nbits a float
+    assert torch.equal(formats.from_hqq(W_q, dict(meta, nbits=4.0)).unpack(), q)
+    with pytest.raises(ValueError, match="nbits must be 2, 3 or 4, got 4.5"):
+        formats.from_hqq(W_q, dict(meta, nbits=4.5))
 
 
 def test_from_hqq_checks_w_q_dtype_and_mispacked_2bit():

@@ -383,3 +383,80 @@ def test_failed_distillation_gives_the_quantized_model_back():
         fake_quantize_model_(m, 4, "rtn", 32, calib_data=X, progress=False, distill_steps=20, distill_lr=1e-2,
                              distill_bias=True)
     assert _same(_state(m), _state(ref))
+
+
+class _PadsInForward(nn.Conv2d):
+    """Pads inside forward (as Conv2dDynamicSamePadding / timm's Conv2dSame): conv.padding stays 0."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("kw", [{"method": "gptq"}, {"method": "rtn", "bias_correction": True}])
+def test_conv_that_pads_in_its_forward_is_refused_by_the_data_methods(kw):
+    torch.manual_seed(0)
+    m = nn.Sequential(_PadsInForward(4, 8, 3)).eval()
+    before = copy.deepcopy(m.state_dict())
+    method = kw.pop("method")
+    with pytest.raises(NotImplementedError, match="layer '0'.*overrides Conv2d.forward"):
+        fake_quantize_model_(m, 4, method, 64, calib_data=torch.randn(4, 4, 8, 8), progress=False, **kw)
+    assert _same(m.state_dict(), before)
+    fake_quantize_model_(m, 4, "rtn", 64, progress=False)  # no data: quantized as any conv
+
+
+def test_skipping_an_attention_module_by_name_keeps_its_out_proj():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.head = nn.Linear(8, 16), nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.attn(h, h, h, need_weights=False)[0]).mean(1)
+
+    torch.manual_seed(0)
+    m = M().eval()
+    attn = copy.deepcopy(m.attn.state_dict())
+    rep = fake_quantize_model_(m, 4, "gptq", 64, calib_data=torch.randn(8, 5, 8), skip=["attn"], act_bits=8,
+                               progress=False)
+    assert rep["layers"] == ["inp", "head"] and not rep["notes"]
+    assert _same(m.attn.state_dict(), attn) and not hasattr(m.attn.out_proj, "input_quantizer")
+
+
+def test_distilled_qparams_keep_uint8_codes():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    rep = fake_quantize_model_(m, 4, "rtn", 16, calib_data=torch.randn(16, 16), distill_steps=2, return_qparams=True,
+                               progress=False)
+    for name, (q, s, z) in rep["qparams"].items():
+        assert q.dtype == torch.uint8
+        W = dict(m.named_modules())[name].weight
+        assert torch.equal(((q.float() - z.repeat_interleave(16, 1)) * s.repeat_interleave(16, 1)), W)
+
+
+def test_activation_only_call_refuses_weight_options_and_reports_block_lists():
+    m = nn.Sequential(nn.Linear(16, 8)).eval()
+    X = torch.randn(8, 16)
+    for kw in ({"bias_correction": True}, {"depthwise_method": "hqq"}):
+        with pytest.raises(ValueError, match="not weight_bits=None"):
+            fake_quantize_model_(m, None, act_bits=8, calib_data=X, progress=False, **kw)
+    assert fake_quantize_model_(m, None, act_bits=8, calib_data=X, progress=False)["block_lists"] == ()
+
+
+def test_integer_calibration_tensor_passes_through_like_integer_batches():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 8)).eval()
+    ids = torch.randint(0, 50, (8, 5))
+    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    fake_quantize_model_(a, 4, "gptq", 16, calib_data=ids, progress=False)
+    fake_quantize_model_(b, 4, "gptq", 16, calib_data=[ids[:4], ids[4:]], batch_size=4, progress=False)
+    assert _same(a.state_dict(), b.state_dict())
+
+
+def test_distillation_with_every_layer_skipped_warns_and_does_nothing():
+    m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.warns(UserWarning, match="nothing to distill"):
+        fake_quantize_model_(m, 4, "hqq", calib_data=torch.randn(8, 16), skip=["0", "2"], distill_steps=3,
+                             progress=False)
+    assert _same(m.state_dict(), before)

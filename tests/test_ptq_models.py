@@ -76,6 +76,16 @@ def test_demo_bits_go_to_the_models_that_take_them(monkeypatch, capsys):
     assert calls == [("minilm", [4]), ("effnet", [4, 8])]
 
 
+def test_demo_says_when_act_bits_have_no_rows(monkeypatch, capsys):
+    from quantkern import demo
+
+    monkeypatch.setattr(demo, "minilm_table", lambda *a, **k: "")
+    demo.main(["--only", "minilm", "--methods", "hqq", "--act-bits", "8"])
+    assert "--act-bits 8 has no rows" in capsys.readouterr().out
+    demo.main(["--only", "minilm", "--methods", "rtn", "--act-bits", "8"])
+    assert "has no rows" not in capsys.readouterr().out
+
+
 def test_demo_images_are_distinct_photos():
     """Evaluation photos appear once each and never among the calibration images (skimage's `cat`
     is `chelsea`: the evaluation set had that photo twice)."""

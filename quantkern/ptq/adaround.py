@@ -275,7 +275,7 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
                     pm.a.zero_()
                     pm.dz.zero_()
                 s, z = pm.params()
-                codes[mod] = (pm.q.clone(), s.detach().clone(), z.detach().clone())
+                codes[mod] = (pm.q.to(torch.uint8), s.detach().clone(), z.detach().clone())
                 parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
                 g = pm.g
                 Wq = (pm.q - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)

@@ -83,7 +83,10 @@ padding is unaffected; the calibrators have asymmetric modes, not used here).
 
 Convs must pad with zeros (``padding_mode="zeros"``, numeric padding) or carry a
 ``static_padding`` module applied before a padding-free conv (the
-efficientnet-pytorch convention); other padding raises for the data methods.
+efficientnet-pytorch convention); other padding raises for the data methods and
+``bias_correction``, as does a Conv2d subclass that overrides ``forward`` without a
+``static_padding`` (it may pad inside, e.g. ``Conv2dDynamicSamePadding``): its im2col rows
+would miss the border.
 """
 from __future__ import annotations
 
@@ -144,6 +147,13 @@ def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, 
     sp = getattr(conv, "static_padding", None)
     if sp is not None:
         x = sp(x)
+    elif type(conv).forward is not nn.Conv2d.forward:
+        # a subclass may pad (or otherwise transform x) inside forward, e.g. efficientnet_lite_pytorch's
+        # Conv2dDynamicSamePadding or timm's Conv2dSame: conv.padding is then 0 and the im2col rows would
+        # silently miss the border patches, so only a padding the module declares is trusted
+        raise NotImplementedError(f"{type(conv).__name__} overrides Conv2d.forward (it may pad or transform its "
+                                  "input there): the data methods / bias_correction need plain nn.Conv2d padding or "
+                                  "a static_padding module (rtn / hqq quantize it)")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         if conv.padding == "valid":
             return x, (0, 0)
@@ -702,6 +712,8 @@ def fake_quantize_model_(
         raise ValueError(f"distill_steps must be an int >= 0, got {distill_steps!r}")
     if weight_bits is None and (distill_steps or return_qparams):  # (there are no weight params to tune / return)
         raise ValueError("distill_steps / return_qparams need quantized weights, not weight_bits=None")
+    if weight_bits is None and (bias_correction or depthwise_method is not None):  # (they act on the weight pass)
+        raise ValueError("bias_correction / depthwise_method act on the weight quantization, not weight_bits=None")
     if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or not 1 <= weight_bits <= 8):
         raise ValueError(f"weight_bits must be an int in [1, 8] or None, got {weight_bits!r}")
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16):
@@ -738,8 +750,9 @@ def fake_quantize_model_(
             raise ValueError(f"calib_data is required for method={method!r}{dw} / act_bits / bias_correction / "
                              f"distill_steps")
         if isinstance(calib_data, torch.Tensor):
-            if not calib_data.is_floating_point() or calib_data.dim() == 0 or calib_data.shape[0] == 0:
-                raise ValueError(f"calib_data must be a non-empty float tensor [N, ...], got {calib_data.dtype} {tuple(calib_data.shape)}")
+            # (an integer tensor is allowed, as integer batches are: token ids for an embedding model)
+            if calib_data.is_complex() or calib_data.dim() == 0 or calib_data.shape[0] == 0:
+                raise ValueError(f"calib_data must be a non-empty real tensor [N, ...], got {calib_data.dtype} {tuple(calib_data.shape)}")
         else:
             calib_data = list(calib_data)
             if not calib_data or not all(isinstance(x, torch.Tensor) for x in calib_data):
@@ -806,7 +819,10 @@ def fake_quantize_model_(
             raise ValueError(f"{n}: {b}-bit weights with method {meth!r}, clip={clip!r}: its params come from "
                              f"rtn / hqq, which take bits {HQQ_BITS}")
         if isinstance(m, nn.Conv2d) and (meth in data_methods or bias_correction):
-            _padded(m, torch.zeros(1, m.in_channels, 1, 1))  # unsupported padding raises here, not mid-way
+            try:  # unsupported padding raises here, not mid-way
+                _padded(m, torch.zeros(1, m.in_channels, 1, 1))
+            except NotImplementedError as e:
+                raise NotImplementedError(f"layer {n!r}: {e}") from None
         if m is not None:  # (else the solver of some layer fails after the layers before it were written)
             W = m.weight.detach()
             if not bool(torch.isfinite(W).all()):
@@ -819,6 +835,9 @@ def fake_quantize_model_(
     # layers whose weight is computed from other parameters (torch.nn.utils.parametrize, weight_norm,
     # spectral_norm): writing it would change a temporary only, so they stay in float (warning + note)
     skip_first = None if name_skip is None else {pnames[k] for k in name_skip if k in pnames}
+    if skip_first is not None:  # a skipped attention / Conv1D module keeps its children too (MHA's out_proj)
+        inside = tuple(k + "." for k in name_skip & kept_unexposed)
+        skip_first |= {pnames[n] for n in pnames if inside and n.startswith(inside)}
     computed, checked = {}, set()
     for n, m in pmods.items():
         if m is None or (skip_first is not None and n in skip_first) or (skip_first is None and skip(n, m)):
@@ -887,7 +906,7 @@ def fake_quantize_model_(
     try:
         if need_data and exposed:  # the call counts of the modules expose_linears created
             calls = _check_forward(model, layers, calib_data, batch_size, 0)
-        report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}}
+        report = {"layers": [n for n, _ in layers], "group_sizes": {}, "notes": {}, "block_lists": ()}
         for n, why in computed.items():
             report["notes"][n] = f"not quantized: {why}"
         # other weight layers with a conv's semantics (Conv1d / Conv3d / ConvTranspose*) stay in float:
@@ -1001,7 +1020,10 @@ def fake_quantize_model_(
                               "hqq's thresholds (range <= 1e-4 -> scale 1, 1/scale capped at 2e4: the min-max init "
                               "of 'rtn' / 'hqq'), which quantize far more coarsely than min-max, e.g. "
                               f"{', '.join(clamped[:3])}; clip='mse' (rtn) or 'gptq' keep them", stacklevel=2)
-        if weight_bits is not None and distill_steps:
+        if weight_bits is not None and distill_steps and not layers:
+            warnings.warn("fake_quantize_model_: distill_steps: no layer was quantized (all skipped or kept in "
+                          "float), nothing to distill", stacklevel=2)
+        elif weight_bits is not None and distill_steps:
             stage = "distill"
             extra = []
             if distill_bias:

@@ -129,7 +129,7 @@ from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights, check_skip,
                                  disable_fused_encoder_paths, fallback_group, linear_sites, untie_packed_outputs,
                                  warn_left_float, weights_to_convert, with_keep_float)
-from ..packed import PackedWeight, load_packed, save_packed
+from ..packed import PackedWeight, load_packed, save_packed, scales_lost
 from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
 from ._wquant import check_clip
@@ -897,11 +897,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 _warn_hqq_init_clamps(name, W, lc.bits, gs)
             q, s, z, nb = _solve(method, W, b, lc.bits, gs, lc, cap, act_q)
             sm, zm = s.to(lc.meta_dtype), z.to(lc.meta_dtype)
-            # A scale that underflows to 0 zeroes its group, and a deep subnormal keeps few bits (fp16 scales of
-            # weights ~1e-6: 2-3x the output error): judged by the cast's relative error, beyond bf16's worst
-            # normal rounding (2^-9), so a shallow subnormal (fp16 1.6e-5: 0.4%) passes. Harmless when the
-            # group's weights are negligible (e.g. the ~1e-18 a float-target fit leaves in an all-zero row).
-            lost = ((sm.float() - s.float()).abs() > 2.0**-8 * s.float().abs()) & (s != 0)
+            # A scale that underflows to 0 zeroes its group, and a deep subnormal keeps few bits (scales_lost).
+            # Harmless when the group's weights are negligible (e.g. the ~1e-18 a float-target fit leaves in an
+            # all-zero row).
+            lost = scales_lost(sm, s)
             lost_ok = not bool(lost.any()) or bool(
                 (s[lost].abs().float() * (2 ** lc.bits - 1 + z[lost].abs().float())
                  <= 1e-6 * float(W.detach().abs().max())).all())
