@@ -478,8 +478,9 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
     if symmetric and not unsigned and num_bits < 2:
         raise ValueError(f"quantkern.{op}: symmetric signed search needs num_bits >= 2")
     for name, v in (("stride", stride), ("start_bin", start_bin)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"quantkern.{op}: {name} must be an int >= 1, got {v!r}")
+        # (<= 2^24, the most bins a histogram has: the kernels' work buffers grow with stride)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**24:
+            raise ValueError(f"quantkern.{op}: {name} must be an int in [1, 2^24], got {v!r}")
     # values: host syncs, so eager calls of ops.calib_search only (compiled, or through
     # torch.ops.quantkern directly, only the kernels' shape and n-range checks run)
     if C > 0 and not torch.compiler.is_compiling():

@@ -1061,6 +1061,18 @@ def test_raw_calibration_ops_check_values():
         a = {"pos": pos, "neg": neg, "width": w, "n": n} | kw
         with pytest.raises(ValueError, match=match):
             ops.calib_search(a["pos"], a["neg"], a["width"], a["n"], "mse", 8, start_bin=4)
+    # the raw op checks width too (an inf / huge width indexed a table with int(NaN) in the MSE search)
+    pos64 = torch.ones(1, 64, dtype=torch.int64)
+    for bad in (float("inf"), 1e308):
+        with pytest.raises(RuntimeError, match="width must be finite"):
+            torch.ops.quantkern.calib_search(pos64, torch.zeros_like(pos64), torch.tensor([bad], dtype=torch.float64),
+                                             torch.tensor([64]), "mse", 4, False, True, 1, 1)
+    # a stride near 2^62 wrapped the work buffer's size around int64 (wild writes)
+    w64 = torch.tensor([0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"stride must be an int in \[1, 2\^24\]"):
+        ops.calib_search(pos64, pos64, w64, torch.tensor([64]), "entropy", 8, symmetric=False, stride=2**61)
+    with pytest.raises(RuntimeError, match=r"start_bin must be in \[1, 2\^24\]"):
+        torch.ops.quantkern.calib_search(pos64, pos64, w64, torch.tensor([64]), "entropy", 8, False, False, 1, 2**40)
     x = torch.randn(1, 10)
     for Rv, nv, match in ((float("nan"), 16, "R must be finite"), (1.0, 0, "n must be >= 1")):
         with pytest.raises(ValueError, match=match):

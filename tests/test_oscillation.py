@@ -113,6 +113,21 @@ def test_update_matches_reference(isa, sample, dtype):
         assert R.decode_state(meta)["frozen"].any()
 
 
+@pytest.mark.parametrize("freeze", [0.0, 0.5])
+def test_nan_weight_keeps_q_prev_zero_as_the_reference(isa, freeze):
+    # NaN -> int is undefined behaviour in C++ (UBSan found it in the scalar loop and the SIMD tails):
+    # a NaN weight's q_prev is stored as 0 on every ISA, as the reference's .to(int64) & 0xFF gives
+    w = torch.randn(4, 17)  # 17 columns: one tail element per row on AVX2 / AVX-512
+    s, b = torch.full((4,), 0.1), torch.zeros(4)
+    meta, ema = ops.oscillation_init_state(w, s, b, -8, 7, axis=0)
+    w[1, 16] = w[2, 3] = float("nan")
+    wr, mr, er = w.clone(), meta.clone(), ema.clone()
+    cnt = ops.oscillation_update(w, s, b, meta, ema, -8, 7, axis=0, freeze_threshold=freeze)
+    wr, mr, er, cr = R.oscillation_update(wr, s, b, mr, er, -8, 7, 0, None, 0.01, freeze)
+    assert torch.equal(meta, mr) and torch.equal(cnt, cr)
+    assert int(meta[1, 16]) & 0xFF == 0 and int(meta[2, 3]) & 0xFF == 0
+
+
 def test_update_large_parallel_tiles(isa):
     # several tiles of both kinds (rows > tile, many short rows) and thread-count independence
     for shape in [(3, 40000), (3000, 9)]:

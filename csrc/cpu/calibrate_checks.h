@@ -57,11 +57,16 @@ inline int calib_search_check(const at::Tensor& pos, const at::Tensor& neg, cons
   TORCH_CHECK(meth >= 0, op, "method must be 'entropy' or 'mse', got '", std::string(method), "'");
   TORCH_CHECK(num_bits >= 1 && num_bits <= 16, op, "num_bits must be in [1, 16], got ", num_bits);
   TORCH_CHECK(!(symmetric && !is_unsigned && num_bits < 2), op, "symmetric signed search needs num_bits >= 2");
-  TORCH_CHECK(stride >= 1, op, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(start_bin >= 1, op, "start_bin must be >= 1, got ", start_bin);
+  // (<= 2^24, the most bins a histogram has: the work buffers grow with stride, and a stride near
+  // 2^62 wrapped their size around int64)
+  TORCH_CHECK(stride >= 1 && stride <= kCalibMaxBins, op, "stride must be in [1, 2^24], got ", stride);
+  TORCH_CHECK(start_bin >= 1 && start_bin <= kCalibMaxBins, op, "start_bin must be in [1, 2^24], got ", start_bin);
   if (C > 0 && pos.device().is_cpu()) {
     TORCH_CHECK(n.max().item<int64_t>() <= pos.size(1) && n.min().item<int64_t>() >= 0, op,
                 "n must be in [0, B = pos.shape[1] = ", pos.size(1), "]");
+    // (as the Python wrapper: beyond ~1e150 every candidate's squared error overflows float64)
+    TORCH_CHECK(at::all(at::isfinite(width) & (width >= 0) & (width <= 1e150)).item<bool>(), op,
+                "width must be finite, >= 0 (0: no data) and <= 1e150");
   }
   return meth;
 }

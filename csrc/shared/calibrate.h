@@ -235,7 +235,7 @@ QK_HD double calib_mse_sym(const double* cnt, const double* idx, int64_t nnz, do
       const double j = idx[k];
       const double c = (j * w + (j + 1) * w) / 2;
       double q = calib_rint(c * s);
-      q = q < 0 ? 0 : (q > hi ? hi : q);
+      q = q > 0 ? (q > hi ? hi : q) : 0;  // (NaN -> 0: an inf / huge width gives c * s = NaN; never a wild index)
       const double e = tab[int(q)] - c;
       err += e * e * cnt[k];
     }

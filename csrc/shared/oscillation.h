@@ -137,7 +137,11 @@ QK_HD void oscillation_step(T w, T s, T b, I meta, T ema, T n, T p, T m, T om, T
   frz = fz1;
   ema_out = ema1;
   w_out = add(mul(qp1, s), b);
-  meta_out = ior(ior(ior(iand(ftoi(qp1), ilike(meta, 0xFFu)), ishl<kUpBit>(ftoi(up1))),
+  // A NaN weight (a diverged step) has q = NaN, and NaN -> int is undefined behaviour: its q_prev is
+  // stored as 0, the low byte x86's conversion and the reference's .to(int64) & 0xFF give
+  // (ge(v, v): false for NaN only; no fast-math here to fold it)
+  const T qst = select(ge(qp1, qp1), qp1, zero);
+  meta_out = ior(ior(ior(iand(ftoi(qst), ilike(meta, 0xFFu)), ishl<kUpBit>(ftoi(up1))),
                      ior(ishl<kDownBit>(ftoi(dn1)), ishl<kFrozenBit>(ftoi(fz1)))),
                  ior(ishl<kLiveBit>(ftoi(live1)), ishl<kFreqShift>(ftoi(F1))));
 }
