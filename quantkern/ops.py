@@ -533,7 +533,8 @@ def calib_search(pos: torch.Tensor, neg: torch.Tensor, width: torch.Tensor, n: t
         n: ``int64 [C]`` bins in use, ``2 <= n[c] <= B`` where ``width[c] > 0``.
         method: "entropy" or "mse".
         num_bits: 1..16; unsigned: symmetric grid ``[0, 2^b - 1]`` (2^b levels);
-        symmetric: False for the asymmetric rules; stride, start_bin: the candidate grid.
+        symmetric: False for the asymmetric rules; stride, start_bin: the candidate grid, ints in
+            ``[1, 2^24]``; width in ``[0, 1e150]``.
         backend: "auto", "native" or "triton".
 
     Returns:
