@@ -493,7 +493,7 @@ def device_name(s: str) -> str:
         d = torch.device(s)
     except RuntimeError:
         d = None
-    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index is not None):
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"{s!r} is not a benchmark device (cpu, cuda or cuda:N)")
     return s
 

@@ -1067,6 +1067,14 @@ def test_raw_calibration_ops_check_values():
         with pytest.raises(RuntimeError, match="width must be finite"):
             torch.ops.quantkern.calib_search(pos64, torch.zeros_like(pos64), torch.tensor([bad], dtype=torch.float64),
                                              torch.tensor([64]), "mse", 4, False, True, 1, 1)
+    # a calibrator's stride / start_bin beyond the op's 2^24 bound selects what 2^24 does (num_bins <= 2^22)
+    x = torch.randn(4, 500)
+    for name in ("stride", "start_bin"):
+        big = HistogramCalibrator("mse", symmetric=False, num_bins=64, **{name: 2**25})
+        cap = HistogramCalibrator("mse", symmetric=False, num_bins=64, **{name: 2**24})
+        big.collect(x)
+        cap.collect(x)
+        assert all(torch.equal(a, b) for a, b in zip(big.compute_range(), cap.compute_range()))
     # a stride near 2^62 wrapped the work buffer's size around int64 (wild writes)
     w64 = torch.tensor([0.5], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"stride must be an int in \[1, 2\^24\]"):

@@ -538,8 +538,11 @@ class HistogramCalibrator(_Calibrator):
         return hist, edges, self._n.clone()
 
     def _search(self, symmetric: bool):
+        # calib_search takes stride / start_bin <= 2^24; past num_bins (<= 2^22) a larger value selects the
+        # same candidates (one, or none), so the clamp changes no result
+        cap = 1 << 24
         return ops.calib_search(self._pos, self._neg, self._width(), self._n, self.method, self.num_bits, unsigned=self.unsigned,
-                                symmetric=symmetric, stride=self.stride, start_bin=self.start_bin)
+                                symmetric=symmetric, stride=min(self.stride, cap), start_bin=min(self.start_bin, cap))
 
     def _amax(self):
         self._need_data()
