@@ -47,6 +47,10 @@ def extension():
     # loader reuses it (same soname), so there is one OpenMP runtime.
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     link = ["-fopenmp"]
+    if os.environ.get("QUANTKERN_SANITIZE") == "1":  # scripts/sanitize.sh: ASan + UBSan build of the CPU kernels
+        san = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined,float-cast-overflow",
+               "-fno-sanitize=vptr"]  # (vptr: false reports on torch's classes)
+        cxx, link = cxx + san, link + san[3:]
     if not want_cuda():
         return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
