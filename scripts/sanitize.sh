@@ -3,7 +3,7 @@
 # committed tree (git archive HEAD) in a temporary folder with QUANTKERN_SANITIZE=1 (see setup.py)
 # using the set-up venv (.venv: bash scripts/setup.sh first), then runs the kernel test files with
 # the sanitizer runtimes preloaded. Exit status 1 if a sanitizer reported anything in quantkern.
-# About 8 min to build and 5 min to test on 2 cores. Extra arguments go to pytest (e.g. -k int3).
+# About 5 min to build and 3.5 min to test on 2 cores (1314 tests). Extra arguments go to pytest (e.g. -k int3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
