@@ -423,6 +423,11 @@ def hqq_quantize(
 CALIB_SEARCH_METHODS = ("entropy", "mse")
 
 
+# the most bins a calibration histogram has, and the bound of calib_search's stride / start_bin
+# (csrc/shared/calibrate.h kCalibMaxBins)
+CALIB_MAX_BINS = 1 << 24
+
+
 def _calib_hist_check(op, x, pos, neg, R, n) -> None:
     """Argument checks of calib_histogram (also run by the Triton kernel)."""
     _check_tensor(op, "x", x, _FLOATS)
@@ -444,7 +449,7 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
     # that torch.compile cannot trace: compiled, the kernels' own checks (C++ / the Triton launcher) do it
     if C > 0 and not torch.compiler.is_compiling():
         lo, hi = int(n.min()), int(n.max())
-        if lo < 0 or hi > min(pos.shape[1], 1 << 24):
+        if lo < 0 or hi > min(pos.shape[1], CALIB_MAX_BINS):
             raise ValueError(f"quantkern.{op}: n must be in [0, min(B = pos.shape[1] = {pos.shape[1]}, 2^24)], "
                              f"got values in [{lo}, {hi}]")
         # a NaN range, or a range with no bins, would drop the row's values without a word (eager only, as above)
@@ -479,7 +484,7 @@ def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symm
         raise ValueError(f"quantkern.{op}: symmetric signed search needs num_bits >= 2")
     for name, v in (("stride", stride), ("start_bin", start_bin)):
         # (<= 2^24, the most bins a histogram has: the kernels' work buffers grow with stride)
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**24:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= CALIB_MAX_BINS:
             raise ValueError(f"quantkern.{op}: {name} must be an int in [1, 2^24], got {v!r}")
     # values: host syncs, so eager calls of ops.calib_search only (compiled, or through
     # torch.ops.quantkern directly, only the kernels' shape and n-range checks run)

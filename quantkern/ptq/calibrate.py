@@ -540,7 +540,7 @@ class HistogramCalibrator(_Calibrator):
     def _search(self, symmetric: bool):
         # calib_search takes stride / start_bin <= 2^24; past num_bins (<= 2^22) a larger value selects the
         # same candidates (one, or none), so the clamp changes no result
-        cap = 1 << 24
+        cap = ops.CALIB_MAX_BINS
         return ops.calib_search(self._pos, self._neg, self._width(), self._n, self.method, self.num_bits, unsigned=self.unsigned,
                                 symmetric=symmetric, stride=min(self.stride, cap), start_bin=min(self.start_bin, cap))
 
