@@ -4,7 +4,7 @@ CPU kernels (csrc/cpu) are always built. CUDA kernels (csrc/cuda) are built
 when QUANTKERN_CUDA=1, or when QUANTKERN_CUDA=auto (the default) and both a
 CUDA build of torch and a CUDA toolkit (CUDA_HOME) are present. A visible GPU
 is never required: the architectures come from TORCH_CUDA_ARCH_LIST
-(default "8.0;9.0a").
+(default "8.0+PTX;9.0a": sm_80 and sm_90a code, plus sm_80 PTX for newer GPUs).
 
 Install with `pip install --no-build-isolation -e .` so the build uses the
 torch already installed (build isolation would fetch another one).
@@ -53,7 +53,9 @@ def extension():
         cxx, link = cxx + san, link + san[3:]
     if not want_cuda():
         return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # 8.0+PTX: also sm_80 PTX, which the driver JIT-compiles on newer GPUs (sm_100, sm_120: "no kernel
+    # image" otherwise); nothing here needs 9.0a features beyond what 8.0 PTX gives
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     sources += rel(["csrc/cuda/*.cu"])
     # --fmad=false: nvcc, like the CPU build, contracts no a * b + c on its own, so the shared
     # __host__ __device__ headers round on the GPU exactly as the CPU tests check them (plain

@@ -56,7 +56,7 @@ tar -C "$ROOT" --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude
 echo "== building in $BUILD"
 (
   cd "$BUILD"
-  QUANTKERN_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0a" MAX_JOBS="${MAX_JOBS:-2}" \
+  QUANTKERN_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0+PTX;9.0a" MAX_JOBS="${MAX_JOBS:-2}" \
   CPATH="$CU/include${CPATH:+:$CPATH}" LIBRARY_PATH="$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}" \
     "$PY" setup.py --quiet build_ext --inplace
 )

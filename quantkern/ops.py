@@ -458,8 +458,22 @@ def _calib_hist_check(op, x, pos, neg, R, n) -> None:
         if bool(((R > 0) & (n < 1)).any()):
             raise ValueError(f"quantkern.{op}: n must be >= 1 where R > 0")
         # one buffer passed as both halves summed the signs' counts into it without a word
-        if pos.numel() and pos.untyped_storage().data_ptr() == neg.untyped_storage().data_ptr():
+        # (by the bytes they span: two disjoint views of one buffer, pos = buf[0] and neg = buf[1], are fine)
+        if pos.numel() and neg.numel() and _spans_overlap(pos, neg):
             raise ValueError(f"quantkern.{op}: pos and neg must be separate tensors (they share memory)")
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges spanned by two non-empty tensors intersect (conservative for strided views)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        n = sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + n * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _calib_search_check(op, pos, neg, width, n, method, num_bits, unsigned, symmetric, stride, start_bin) -> None:

@@ -470,6 +470,25 @@ def test_histogram_kernel_equals_reference(C, M, dtype):
     assert torch.equal(pos[0].double(), 2 * p) and torch.equal(neg[0].double(), 2 * q)
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_histogram_pos_neg_may_be_disjoint_views_of_one_buffer(backend):
+    # the aliasing check compared storages: two disjoint halves of one buffer were refused
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    xc = torch.tensor([[0.5, -0.5, 0.9]])
+    buf = torch.zeros(2, 1, 4, dtype=torch.long)
+    ops.calib_histogram(xc, buf[0], buf[1], torch.ones(1), torch.tensor([4]), backend=backend)
+    assert buf[0].tolist() == [[0, 0, 1, 1]] and buf[1].tolist() == [[0, 0, 1, 0]]
+    with pytest.raises(ValueError, match="separate tensors"):
+        ops.calib_histogram(xc, buf[0], buf[0], torch.ones(1), torch.tensor([4]), backend=backend)
+    flat = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="separate tensors"):  # overlapping by half
+        ops.calib_histogram(xc, flat[:4].view(1, 4), flat[2:6].view(1, 4), torch.ones(1), torch.tensor([4]),
+                            backend=backend)
+
+
 def test_histogram_long_channel_sliced_and_thread_invariant():
     x = _odd_data(1, 150_001, torch.float32, seed=4)  # per tensor, long: private slices summed in order
     got = []

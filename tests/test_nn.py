@@ -548,6 +548,38 @@ def test_quantize_modules_failure_names_the_layer_and_leaves_the_model_unchanged
     assert type(model[0]) is nn.Conv2d
 
 
+def test_quantize_modules_failure_puts_unfused_attention_back():
+    # the attention modules were unfused (new Parameters, new state-dict keys, the encoder's fused path
+    # off) before any layer was built: a failing call said "the model is unchanged" and was not
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1,
+                                enable_nested_tensor=False)
+    enc.eval()
+    attn, keys = enc.layers[0].self_attn, set(enc.state_dict())
+    flags = (enc.layers[0].activation_relu_or_gelu, enc.use_nested_tensor)
+    for kw in ({"w_bits": 9}, {"w_granularity": "group", "w_group_size": 5}):
+        with pytest.raises(ValueError):
+            quantize_modules(enc, **kw)
+        assert enc.layers[0].self_attn is attn and set(enc.state_dict()) == keys
+        assert (enc.layers[0].activation_relu_or_gelu, enc.use_nested_tensor) == flags
+    quantize_modules(enc, w_bits=4, a_bits=8)  # and the model still converts
+    assert type(enc.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+
+
+def test_undo_swaps_on_error_restores_reparametrization_hooks():
+    from quantkern.nn._sites import swap_module, undo_swaps_on_error
+
+    parent = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4)))
+    old = parent[0]
+    n_pre = len(old._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with undo_swaps_on_error():
+            swap_module([(parent, "0")], old, nn.Linear(4, 4))
+            assert parent[0] is not old and len(old._forward_pre_hooks) == 0
+            raise RuntimeError("boom")
+    assert parent[0] is old and len(old._forward_pre_hooks) == n_pre
+    parent(torch.randn(2, 4))  # weight_norm's hook runs again
+
+
 def test_quant_layers_take_a_fixed_gradient_scale():
     # the README's advice for torch.compile over varying batch sizes ("pass a fixed grad_scale")
     # had no way in through QuantLinear / QuantConv2d / quantize_modules
@@ -733,3 +765,25 @@ def test_lsq_init_warnings_point_at_the_caller():
         with pytest.warns(UserWarning) as rec:
             q(data)
         assert {r.filename for r in rec} == {__file__}
+
+
+def test_loading_a_float_checkpoint_reinitialises_the_weight_quantizer():
+    # quantize_modules(Net()) then load_state_dict(float_sd, strict=False): the weight scales stayed those of
+    # the random init (output error 0.98 instead of 0.12)
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        trained[0].weight.mul_(20)
+    sd = trained.state_dict()
+    model = quantize_modules(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), w_bits=4, a_bits=None)
+    res = model.load_state_dict(sd, strict=False)
+    assert all("weight_quantizer" in k for k in res.missing_keys)
+    x = torch.randn(64, 32)
+    ref = quantize_modules(copy.deepcopy(trained), w_bits=4, a_bits=None)
+    torch.testing.assert_close(model(x), ref(x))
+    # a full QAT checkpoint keeps its trained scales
+    with torch.no_grad():
+        ref[0].weight_quantizer.scale.mul_(1.5)
+    model.load_state_dict(ref.state_dict())
+    assert model[0].weight_quantizer._initialized
+    torch.testing.assert_close(model(x), ref(x))

@@ -313,6 +313,18 @@ def test_triton_dampening_gradient_of_nonfinite_weights():
     assert torch.equal(grads[0].nan_to_num(7.0), grads[1].nan_to_num(7.0)) and grads[1][1].isnan()
 
 
+def test_triton_bf16_nan_gradient_stays_nan():
+    # the bf16 store rounded by hand with no NaN case: NaN 0x7FFFFFFF (what a GPU's fp32 NaN results are)
+    # became -0.0, a NaN upstream gradient a zero weight gradient
+    pytest.importorskip("triton")
+    w = (torch.randn(8, generator=torch.Generator().manual_seed(0)) * 0.3).to(torch.bfloat16)
+    s, b = torch.tensor([0.1]), torch.tensor([0.0])
+    g = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    out = {be: getattr(torch.ops.quantkern, "dampening_loss_backward" + be)(g, w, s, b, -8, 7, None, None, 1.0)
+           for be in ("", "_triton")}
+    assert out["_triton"].dtype == torch.bfloat16 and out["_triton"].isnan().all() and out[""].isnan().all()
+
+
 # ------------------------------------------------------------------ opcheck
 def _opcheck_args(triton=False):
     c = _case((16, 3, 3, 3), "channel", -4, 3, torch.float32, seed=2)
@@ -836,6 +848,21 @@ def test_plot_latent_distance(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     d = qat.latent_distance_to_edge(qat.quantized_layers(model)[0])
     assert d.min() >= 0 and d.max() <= 0.5
+
+
+def test_plot_latent_distance_keeps_the_matplotlib_backend(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from quantkern import qat
+
+    model = _tiny_model()
+    model(torch.randn(2, 1, 8, 8))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # (a notebook's inline backend: the plot used to switch it to Agg for the session)
+    try:
+        qat.plot_latent_distance(model, str(tmp_path / "d.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
 
 
 # ------------------------------------------------------------------ DistributedDataParallel

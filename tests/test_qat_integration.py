@@ -197,6 +197,29 @@ def test_tracker_refuses_tied_weights_and_replaced_layers_and_checks_checkpoints
         damp(1.0)
 
 
+def test_tracker_warns_about_a_weight_tied_to_an_untracked_module():
+    # an LM head tied to its embedding: freezing rewrites the shared tensor and masks the embedding's
+    # gradient too (it was accepted without a word)
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.head(self.emb(t))
+
+    m = quantize_modules(LM(), w_bits=2, a_bits=None)
+    assert m.head.weight is m.emb.weight
+    with pytest.warns(UserWarning, match=r"tied to a module that is not tracked: 'head' with 'emb.weight'"):
+        qat.OscillationTracker(m)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qat.OscillationTracker(_model(), max_bits=None)  # untied: silent
+
+
 def test_dampening_gradient_reaches_weights_only():
     m = _model()
     m(_data()[0])  # initialise the input quantizers

@@ -84,7 +84,7 @@ def _tile(pid, outer, C, inner, n_cb, n_ib, BO: tl.constexpr, BC: tl.constexpr, 
     cb = (pid // n_ib) % n_cb
     ob = pid // (n_ib * n_cb)
     o = ob.to(tl.int64) * BO + tl.arange(0, BO)
-    c = cb * BC + tl.arange(0, BC)
+    c = cb.to(tl.int64) * BC + tl.arange(0, BC)  # int64: C reaches 2^31 per group with a small group_size
     i = ib.to(tl.int64) * BI + tl.arange(0, BI)
     cmask = c < C
     if BI == 1:  # inner == 1 (channel-last): spelled out so the compiler sees c as the contiguous axis
@@ -150,7 +150,7 @@ def _lsq_reduce_kernel(
     BS: tl.constexpr, BC: tl.constexpr,
 ):
     # Sums partials[:, c] over the slots in a fixed order (per lane, then a fixed tree).
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
     cmask = c < C
     acc_s = tl.zeros([BS, BC], dtype=tl.float32)
     acc_b = tl.zeros([BS, BC], dtype=tl.float32)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._registry import LIB
 from ..ops import check_osc_state
-from .fake_quant_lsq import _rint as _rint_exact, check_layout, check_qparam_values
+from .fake_quant_lsq import _cast_out, _rint as _rint_exact, check_layout, check_qparam_values
 
 _MAGIC = 12582912.0  # 1.5 * 2^23
 _BLOCK = 1024
@@ -34,17 +34,6 @@ _FREQ_ONE = 1048575.0
 @triton.jit
 def _rint(x):
     return (x + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _to_storage(x, dtype: tl.constexpr):
-    """fp32 -> storage dtype, round to nearest even. bf16 is rounded by hand: the interpreter
-    truncates fp32 -> bf16 whatever fp_downcast_rounding says (finite values only)."""
-    if dtype == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-        x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -110,7 +99,7 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
     if FREEZE:
         tl.store(ema_ptr + offs, ema1, mask=mask)
     w_out = qp1 * s + b
-    tl.store(w_ptr + offs, _to_storage(w_out, w_raw.dtype), mask=mask & fz1)
+    tl.store(w_ptr + offs, _cast_out(w_out, w_raw.dtype), mask=mask & fz1)
     n_osc = tl.sum(tl.where(mask & osc & ~was, 1, 0).to(tl.int64), axis=0)
     n_frz = tl.sum(tl.where(mask & fz1, 1, 0).to(tl.int64), axis=0)
     tl.atomic_add(counts_ptr, n_osc)
@@ -156,7 +145,7 @@ def _damp_bwd_kernel(g2_ptr, w_ptr, gw_ptr, s_ptr, b_ptr, N, C, inner, n, p, BLO
     g2 = tl.load(g2_ptr)  # fp32(grad * norm * 2), formed in float64 by the launcher as on the CPU
     d, inside = _damp_diff(w, s, b, n, p)
     gw = (g2 * d) * inside.to(tl.float32)  # (a product, as the native kernel: a NaN weight gives a NaN gradient)
-    tl.store(gw_ptr + offs, _to_storage(gw, w_raw.dtype), mask=mask)
+    tl.store(gw_ptr + offs, _cast_out(gw, w_raw.dtype), mask=mask)
 
 
 # ------------------------------------------------------------------ launchers

@@ -177,6 +177,10 @@ std::tuple<at::Tensor, at::Tensor> calib_search_cuda(const at::Tensor& pos_, con
   if (C == 0) return {amin, amax};
   TORCH_CHECK(n.max().item<int64_t>() <= B && n.min().item<int64_t>() >= 0,
               "quantkern.calib_search: n must be in [0, B = pos.shape[1] = ", B, "]");
+  // (calib_search_check tests width on the CPU only; the CUDA op answered an inf width with
+  // (-inf, inf) and a NaN or negative one with a silent (0, 0))
+  TORCH_CHECK(at::all(at::isfinite(width) & (width >= 0) & (width <= 1e150)).item<bool>(),
+              "quantkern.calib_search: width must be finite, >= 0 (0: no data) and <= 1e150");
   SearchArgs a{pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), width.data_ptr<double>(), n.data_ptr<int64_t>(),
                B, symmetric ? B : 2 * (B + stride), 0, stride, start_bin, meth, int(num_bits), is_unsigned, symmetric};
   a.imax = symmetric ? B + 1 : (B / stride + 2) * (B / stride + 2);

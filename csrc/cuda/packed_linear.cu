@@ -202,8 +202,15 @@ __device__ __forceinline__ void load_w_tile(const DevW& W, const M* __restrict__
     decode_block<BITS>(W.qw + n * W.row_bytes, W.nb, j, q);
     const int64_t g = j / W.gblk;
     const float sc = meta(s, n * W.G + g), zc = meta(z, n * W.G + g);
+    // q[] indexed with compile-time constants only (one branch per half): q[16 * h + t] with the
+    // run-time h put the array in local memory (a 128-byte stack frame per thread, ptxas -v)
+    if (h) {
 #pragma unroll
-    for (int t = 0; t < 16; ++t) ws[r][16 * h + t] = Io<T>::st(mul(sub(float(q[16 * h + t]), zc), sc));
+      for (int t = 0; t < 16; ++t) ws[r][16 + t] = Io<T>::st(mul(sub(float(q[16 + t]), zc), sc));
+    } else {
+#pragma unroll
+      for (int t = 0; t < 16; ++t) ws[r][t] = Io<T>::st(mul(sub(float(q[t]), zc), sc));
+    }
   } else {
 #pragma unroll
     for (int t = 0; t < 16; ++t) ws[r][16 * h + t] = Io<T>::st(0.f);

@@ -227,7 +227,11 @@ QK_HD double calib_mse_sym(const double* cnt, const double* idx, int64_t nnz, do
   double err = 0;
   // c >= 0, so q is in [max(lo, 0), hi]: with few levels and many bins, q / s
   // (a division, the loop's bottleneck) comes from a table of the same quotients.
+  // Host only: on the GPU the 2 KiB array lives in local memory (a 2 KiB stack frame per thread, which
+  // the driver reserves for every resident thread: ~550 MB on an H100), and the loop below computes the
+  // same quotients (tab[q] is q / s), so both paths give identical results.
   constexpr int kTab = 256;
+#if !defined(__CUDA_ARCH__)
   if (hi < kTab && 2 * hi < double(nnz) && lo <= 0) {
     double tab[kTab];
     for (int q = 0; q <= int(hi); ++q) tab[q] = double(q) / s;
@@ -241,6 +245,7 @@ QK_HD double calib_mse_sym(const double* cnt, const double* idx, int64_t nnz, do
     }
     return err;
   }
+#endif
   QK_SIMD_SUM_ERR
   for (int64_t k = 0; k < nnz; ++k) {
     const double j = idx[k];

@@ -1,9 +1,39 @@
 """Where a model's modules sit: the one walk the module-swapping tools share."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from torch import nn
+
+# the swaps made inside ``undo_swaps_on_error`` (None outside it): (sites, old, old's forward pre-hooks)
+_journal: list | None = None
+
+
+@contextlib.contextmanager
+def undo_swaps_on_error():
+    """Inside this block, every :func:`swap_module` is recorded; if the block raises, each is undone in
+    reverse order (``old`` back at its sites, with the reparametrization pre-hooks the swap took off it), so a
+    converter that fails after exposing a model's hidden linears (``expose_linears``) leaves it as it came.
+    Nests (an inner block's swaps are undone by the outer one too)."""
+    global _journal
+    outer, _journal = _journal, []
+    mine = _journal
+    try:
+        yield
+    except BaseException:
+        for sites, old, pre in reversed(mine):
+            for parent, attr in sites:
+                setattr(parent, attr, old)
+            if pre is not None:
+                hooks = old.__dict__["_forward_pre_hooks"]
+                hooks.clear()
+                hooks.update(pre)
+        raise
+    finally:
+        _journal = outer
+        if outer is not None:
+            outer.extend(mine)
 
 
 def module_sites(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[list[str], list[tuple[nn.Module, str]], nn.Module]]:
@@ -50,6 +80,9 @@ def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Modu
     still remove them: a hook on a layer keeps firing after the layer is converted), except the
     pre-hooks of torch's hook-based prune / weight_norm / spectral_norm, which leave ``old`` too
     (``new`` holds the weight they computed: :func:`refresh_hooked_weights`). Returns ``new``."""
+    if _journal is not None:
+        pre = old.__dict__.get("_forward_pre_hooks")
+        _journal.append((list(sites), old, None if pre is None else dict(pre)))
     new.train(old.training)
     for a in _CALL_HOOKS:
         if a in old.__dict__:

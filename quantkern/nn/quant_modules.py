@@ -17,6 +17,7 @@ from torch import nn
 from ..ops import BACKENDS
 from .expose import expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
+from ._sites import undo_swaps_on_error
 from .packed_linear import disable_fused_encoder_paths
 
 
@@ -121,6 +122,19 @@ class _QuantMixin:
 
     def _quant_extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A float checkpoint loaded into the QAT model (load_state_dict(strict=False): no quantizer keys)
+        # brings a new weight, while the weight quantizer's scale was set from the weight the layer had at
+        # conversion (random init, when converted before loading): it kept that grid (output error 0.98 vs
+        # 0.12). It re-initialises from the loaded weight on the next forward instead.
+        new_float_weight = prefix + "weight" in state_dict and not any(
+            k.startswith(prefix + "weight_quantizer.") for k in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if new_float_weight:
+            self.weight_quantizer.reset()
 
 
 _QUANT_DOC_ARGS = """
@@ -308,53 +322,9 @@ def _copy_params(q: nn.Module, src: nn.Module) -> None:
 _SWAP = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
-def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, skip=(), **kwargs) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by QuantLinear / QuantConv2d, in place.
-
-    Args:
-        model: the model (if it is itself a Linear/Conv2d, the converted layer is returned).
-        w_bits, a_bits, kwargs: passed to ``from_float`` (see QuantLinear).
-        skip: qualified module names (as in ``model.named_modules()``) to leave in float; a
-            name also skips everything under it (``"encoder"`` skips ``"encoder.0.fc"``).
-            Raises ValueError for a name that matches no module (a typo would otherwise
-            silently quantize the layer).
-
-    ``nn.MultiheadAttention`` modules (not skipped) are first replaced by
-    :class:`quantkern.nn.MultiheadAttention` (same function, projections ``q_proj`` / ``k_proj`` /
-    ``v_proj`` / ``out_proj`` as nn.Linear submodules), so their projections are quantized too
-    (torch's module reads its fused weights directly); transformers' ``Conv1D`` layers (GPT-2)
-    become nn.Linear. Otherwise only modules whose type is
-    exactly nn.Linear or nn.Conv2d are swapped: subclasses and layers already quantized are
-    left alone. A layer shared by several parents is converted once and stays shared.
-
-    Returns:
-        ``model`` (converted in place).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_modules: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
-    names |= {f"{n}.{p}" for n, m in model.named_modules(remove_duplicate=False)  # made by expose_linears below
-              if isinstance(m, nn.MultiheadAttention) for p in ("q_proj", "k_proj", "v_proj")}
-    unknown = [s for s in skip if s not in names]
-    if unknown:
-        raise ValueError(f"quantize_modules: skip names not found in the model: {unknown}")
-
-    def skipped(name: str) -> bool:
-        return any(name == s or name.startswith(s + ".") or s == "" for s in skip)
-
-    if type(model) in _SWAP:
-        return model if skipped("") else _SWAP[type(model)].from_float(model, w_bits, a_bits, **kwargs)
-    if isinstance(model, nn.MultiheadAttention):
-        raise TypeError("quantize_modules: model is itself an nn.MultiheadAttention (no parent to replace it in); "
-                        "convert quantkern.nn.MultiheadAttention.from_torch(module)")
-    expose_linears(model, skipped)
-
-    # Build every replacement first and swap only when all succeeded: a layer that fails (e.g. a
-    # w_group_size that does not divide its row length) used to leave the model half converted,
-    # and the error did not say which layer it was.
+def _build_swaps(model: nn.Module, skipped, w_bits, a_bits, kwargs) -> list:
+    """(parent, attribute, QAT layer) for every nn.Linear / nn.Conv2d of ``model`` not ``skipped``,
+    built but not yet swapped in (a layer registered under several names is built once)."""
     done: dict[int, nn.Module] = {}
     swaps = []
     # a layer shared by several parents stays float when any of its names is skipped
@@ -379,6 +349,74 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
                     raise type(e)(f"quantize_modules: layer {full!r} ({type(child).__name__}): {e} "
                                   "(the model is unchanged)") from e
             swaps.append((parent, child_name, done[id(child)]))
+    return swaps
+
+
+def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, skip=(), **kwargs) -> nn.Module:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by QuantLinear / QuantConv2d, in place.
+
+    Args:
+        model: the model (if it is itself a Linear/Conv2d, the converted layer is returned).
+        w_bits, a_bits, kwargs: passed to ``from_float`` (see QuantLinear).
+        skip: qualified module names (as in ``model.named_modules()``) to leave in float; a
+            name also skips everything under it (``"encoder"`` skips ``"encoder.0.fc"``).
+            Raises ValueError for a name that matches no module (a typo would otherwise
+            silently quantize the layer).
+
+    ``nn.MultiheadAttention`` modules (not skipped) are first replaced by
+    :class:`quantkern.nn.MultiheadAttention` (same function, projections ``q_proj`` / ``k_proj`` /
+    ``v_proj`` / ``out_proj`` as nn.Linear submodules), so their projections are quantized too
+    (torch's module reads its fused weights directly); transformers' ``Conv1D`` layers (GPT-2)
+    become nn.Linear. Otherwise only modules whose type is
+    exactly nn.Linear or nn.Conv2d are swapped: subclasses and layers already quantized are
+    left alone. A layer shared by several parents is converted once and stays shared.
+
+    Parameters: a swapped Linear / Conv2d's ``weight`` / ``bias`` are kept (the same Parameter
+    objects: ties and an optimizer built before keep working), but the unfused attention modules and
+    the Conv1D layers get new Parameters (copies: the fused ``in_proj_weight`` cannot be split into
+    Parameters), so build the optimizer after this call when the model has either.
+
+    If any layer cannot be converted, the error names it and the model is left as it came (the
+    attention / Conv1D replacements are undone).
+
+    Returns:
+        ``model`` (converted in place).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_modules: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    names |= {f"{n}.{p}" for n, m in model.named_modules(remove_duplicate=False)  # made by expose_linears below
+              if isinstance(m, nn.MultiheadAttention) for p in ("q_proj", "k_proj", "v_proj")}
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise ValueError(f"quantize_modules: skip names not found in the model: {unknown}")
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or s == "" for s in skip)
+
+    if type(model) in _SWAP:
+        return model if skipped("") else _SWAP[type(model)].from_float(model, w_bits, a_bits, **kwargs)
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("quantize_modules: model is itself an nn.MultiheadAttention (no parent to replace it in); "
+                        "convert quantkern.nn.MultiheadAttention.from_torch(module)")
+    # Expose the hidden linears, build every replacement, and swap only when all succeeded: a layer
+    # that fails (e.g. a w_group_size that does not divide its row length) used to leave the model
+    # half converted (and, before undo_swaps_on_error, its attention modules already unfused).
+    fused = [(m, m.activation_relu_or_gelu) for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    nested = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+    try:
+        with undo_swaps_on_error():
+            expose_linears(model, skipped)
+            swaps = _build_swaps(model, skipped, w_bits, a_bits, kwargs)
+    except BaseException:
+        for m, v in fused:  # (unfuse_attention switched the fused encoder paths off)
+            m.activation_relu_or_gelu = v
+        for m, v in nested:
+            m.use_nested_tensor = v
+        raise
     for parent, child_name, q in swaps:
         setattr(parent, child_name, q)
     # torch's fused TransformerEncoderLayer inference path (eval under no_grad) reads linear1 / linear2's

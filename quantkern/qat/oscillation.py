@@ -126,6 +126,24 @@ def _check_threshold(owner: str, th) -> None:
         raise ValueError(f"{owner}: freeze_threshold must be in [0, 1] (a frequency; 0: no freezing), got {th!r}")
 
 
+def _warn_tied_untracked(model: nn.Module, layers: list[QLayer]) -> None:
+    """Warn when a tracked weight is also a Parameter of a module that is not its layer (an LM head
+    tied to the embedding): freezing writes the frozen values into the one shared tensor and the
+    gradient mask zeroes its whole gradient, so the other module's use of it freezes too."""
+    owner = {id(l.weight): l for l in layers}
+    ties = []
+    for mname, mod in model.named_modules():
+        for pname, p in mod._parameters.items():
+            l = owner.get(id(p))
+            if l is not None and mod is not l.module:
+                ties.append(f"{l.name!r} with {mname + '.' + pname if mname else pname!r}")
+    if ties:
+        warnings.warn(f"OscillationTracker: tracked weight(s) tied to a module that is not tracked: {', '.join(ties[:3])}"
+                      f"{' ...' if len(ties) > 3 else ''}. Freezing writes the frozen values into the shared tensor and "
+                      "the gradient mask zeroes its gradient, for the other module too; leave such a layer out "
+                      "(layers=...) or untie it", stacklevel=3)
+
+
 class OscillationTracker:
     """Tracks integer oscillations of every quantized weight and freezes the oscillating ones.
 
@@ -184,6 +202,7 @@ class OscillationTracker:
                 raise ValueError(f"OscillationTracker: layers {seen[id(l.weight)]!r} and {l.name!r} share one weight "
                                  "tensor; track one of them (pass layers=...)")
             seen[id(l.weight)] = l.name
+        _warn_tied_untracked(model, layers)
         self.model = model
         self.tracked = {l.name: _Tracked(l) for l in layers}
         self.steps = 0

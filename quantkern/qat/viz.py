@@ -1,4 +1,4 @@
-"""Plot of the latent weights' distance to the quantization bin edges (PNG, matplotlib Agg)."""
+"""Plot of the latent weights' distance to the quantization bin edges (PNG, through a matplotlib Figure: the global backend is left alone)."""
 from __future__ import annotations
 
 import torch
@@ -29,10 +29,9 @@ def plot_latent_distance(model: nn.Module, path: str, groups: dict[str, list[str
     not a quantized layer raises KeyError); default: one group per quantized layer (at most 8). Oscillating weights pile up near 0.
     Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure (no pyplot): matplotlib.use("Agg") here switched the caller's backend for the rest
+    # of the session (a notebook lost its inline plots)
+    from matplotlib.figure import Figure
 
     layers = {l.name: l for l in quantized_layers(model)}
     if not layers:
@@ -44,7 +43,8 @@ def plot_latent_distance(model: nn.Module, path: str, groups: dict[str, list[str
     if unknown:
         raise KeyError(f"plot_latent_distance: groups name layers that are not quantized layers of the model: "
                        f"{unknown} (quantized layers: {sorted(layers)})")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for label, names in groups.items():
         ds = [latent_distance_to_edge(layers[n]) for n in names if n in layers]
         if not ds:
@@ -59,5 +59,4 @@ def plot_latent_distance(model: nn.Module, path: str, groups: dict[str, list[str
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
