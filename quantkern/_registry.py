@@ -271,6 +271,31 @@ def _plb_backward(ctx, g):
 
 torch.library.register_autograd("quantkern::packed_linear_backward", _plb_backward, setup_context=_plb_setup)
 
+def _fold_vmap_rule(op_name: str):
+    """A vmap rule for ``packed_linear`` / ``packed_linear_backward``: a batch of the first tensor (x, or
+    dY) alone is moved to the front and folded into the op's leading dims, one kernel call (functorch's
+    generic fallback, which the raw op met under ``torch.compile`` of ``vmap``, ran one call per sample
+    and warned); a batched weight, scales, zeros or bias runs one call per sample."""
+    def rule(info, in_dims, first, qweight, scales, zeros, bits, group_size, in_features, *bias):
+        op = getattr(torch.ops.quantkern, op_name)
+        tensors = (first, qweight, scales, zeros, *bias)
+        if all(d is None for d in in_dims[1:]):
+            return op(first.movedim(in_dims[0], 0), qweight, scales, zeros, bits, group_size, in_features, *bias), 0
+
+        def pick(t, d, i):
+            return t if d is None or t is None else t.select(d, i)
+
+        outs = [op(*(pick(t, d, i) for t, d in zip(tensors[:4], in_dims[:4])), bits, group_size, in_features,
+                   *(pick(t, d, i) for t, d in zip(tensors[4:], in_dims[7:])))
+                for i in range(info.batch_size)]
+        return torch.stack(outs), 0
+
+    return rule
+
+
+torch.library.register_vmap("quantkern::packed_linear", _fold_vmap_rule("packed_linear"))
+torch.library.register_vmap("quantkern::packed_linear_backward", _fold_vmap_rule("packed_linear_backward"))
+
 # The bias gradient of the native packed_linear, an op of its own for the same reason: grad
 # [..., N] summed over every leading dim, fp32 [N]; on the CPU each column's rows in order, in
 # double (ATen's sum splits rows by thread count when there are few columns).

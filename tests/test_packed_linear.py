@@ -1130,6 +1130,27 @@ def test_packed_linear_under_torch_func():
         torch.testing.assert_close(per["bias"][i], lin.bias.grad)
 
 
+def test_raw_packed_linear_ops_have_a_vmap_rule(capfd):
+    """The raw ops under vmap (what dynamo traces for torch.compile of vmap): a batch of x / dY is one
+    call (functorch's fallback looped per sample and printed "not yet implemented the batching rule");
+    a batched bias runs per sample. Results equal the unbatched calls."""
+    pw = make(16, 64, 4, 64, seed=1)
+    Q = torch.ops.quantkern
+    args = (pw.qweight, pw.scales, pw.zeros, 4, 64, 64)
+    x, b, B = torch.randn(5, 3, 64), torch.randn(16), torch.randn(5, 16)
+    want = Q.packed_linear(x, *args, b)
+    assert torch.equal(torch.func.vmap(lambda xi: Q.packed_linear(xi, *args, b))(x), want)
+    assert torch.equal(torch.func.vmap(lambda xi: Q.packed_linear(xi, *args, b), in_dims=1, out_dims=1)(x), want)
+    yb = torch.func.vmap(lambda xi, bi: Q.packed_linear(xi, *args, bi))(x, B)
+    torch.testing.assert_close(yb, Q.packed_linear(x, *args) + B[:, None], rtol=0, atol=1e-5)
+    g = torch.randn(5, 3, 16)
+    assert torch.equal(torch.func.vmap(lambda gi: Q.packed_linear_backward(gi, *args))(g),
+                       Q.packed_linear_backward(g, *args))
+    f = lambda xi: ops.packed_linear(xi, pw, b)  # noqa: E731
+    assert torch.equal(torch.compile(torch.func.vmap(f))(x), want)
+    assert "batching rule" not in capfd.readouterr().err
+
+
 def test_packed_linear_torch_func_with_compile_and_triton(monkeypatch):
     """torch.compile(fullgraph=True) around vmap keeps working (dynamo traces vmap itself; the
     transform path's guard is not traceable), and the Triton op, which has no transform support
