@@ -313,13 +313,42 @@ def test_triton_dampening_gradient_of_nonfinite_weights():
     assert torch.equal(grads[0].nan_to_num(7.0), grads[1].nan_to_num(7.0)) and grads[1][1].isnan()
 
 
+def _bf16_store_kernel():
+    """A Triton kernel storing fp32 -> bf16 through the kernels' ``_cast_out`` (a jit function resolves
+    the names it calls in its module's globals: defined here, not inside the test)."""
+    import triton
+    import triton.language as tl
+
+    from quantkern.triton_kernels.fake_quant_lsq import _cast_out
+
+    globals()["_cast_out"] = _cast_out
+
+    @triton.jit
+    def store(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, _cast_out(tl.load(x_ptr + i, mask=i < n), tl.bfloat16), mask=i < n)
+
+    return store
+
+
 def test_triton_bf16_nan_gradient_stays_nan():
     # the bf16 store rounded by hand with no NaN case: NaN 0x7FFFFFFF (what a GPU's fp32 NaN results are)
     # became -0.0, a NaN upstream gradient a zero weight gradient
     pytest.importorskip("triton")
+    import quantkern.triton_kernels  # noqa: F401
+    from _triton_dev import triton_device
+
+    dev = triton_device()
+    store = _bf16_store_kernel()
+
+    # the NaN patterns as a GPU produces them, +-inf, a value that rounds up
+    bits = torch.tensor([0x7FFFFFFF, 0x7FFF8000, -1, 0x7F800000, 0x3F808000], dtype=torch.int32)
+    y = torch.empty(5, dtype=torch.bfloat16, device=dev)
+    store[(1,)](bits.view(torch.float32).to(dev), y, 5, BLOCK=8)
+    assert y[:3].isnan().all() and torch.equal(y[3:].cpu(), bits[3:].view(torch.float32).to(torch.bfloat16))
     w = (torch.randn(8, generator=torch.Generator().manual_seed(0)) * 0.3).to(torch.bfloat16)
     s, b = torch.tensor([0.1]), torch.tensor([0.0])
-    g = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    g = torch.tensor(float("nan"))
     out = {be: getattr(torch.ops.quantkern, "dampening_loss_backward" + be)(g, w, s, b, -8, 7, None, None, 1.0)
            for be in ("", "_triton")}
     assert out["_triton"].dtype == torch.bfloat16 and out["_triton"].isnan().all() and out[""].isnan().all()

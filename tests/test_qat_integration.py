@@ -218,6 +218,9 @@ def test_tracker_warns_about_a_weight_tied_to_an_untracked_module():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qat.OscillationTracker(_model(), max_bits=None)  # untied: silent
+        m = _model()  # a parametrization's original Parameter belongs to the layer itself: silent too
+        torch.nn.utils.parametrize.register_parametrization(m.fc, "weight", nn.Identity())
+        qat.OscillationTracker(m, max_bits=None)
 
 
 def test_dampening_gradient_reaches_weights_only():

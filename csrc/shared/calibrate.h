@@ -230,8 +230,8 @@ QK_HD double calib_mse_sym(const double* cnt, const double* idx, int64_t nnz, do
   // Host only: on the GPU the 2 KiB array lives in local memory (a 2 KiB stack frame per thread, which
   // the driver reserves for every resident thread: ~550 MB on an H100), and the loop below computes the
   // same quotients (tab[q] is q / s), so both paths give identical results.
-  constexpr int kTab = 256;
 #if !defined(__CUDA_ARCH__)
+  constexpr int kTab = 256;
   if (hi < kTab && 2 * hi < double(nnz) && lo <= 0) {
     double tab[kTab];
     for (int q = 0; q <= int(hi); ++q) tab[q] = double(q) / s;

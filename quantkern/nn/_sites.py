@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable
 
 from torch import nn
 
-# the swaps made inside ``undo_swaps_on_error`` (None outside it): (sites, old, old's forward pre-hooks)
-_journal: list | None = None
+# the swaps made inside ``undo_swaps_on_error`` (None outside it): (sites, old, old's forward pre-hooks);
+# a ContextVar, so that a conversion failing in one thread cannot undo another thread's swaps
+_journal: contextvars.ContextVar = contextvars.ContextVar("quantkern_swap_journal", default=None)
 
 
 @contextlib.contextmanager
 def undo_swaps_on_error():
-    """Inside this block, every :func:`swap_module` is recorded; if the block raises, each is undone in
-    reverse order (``old`` back at its sites, with the reparametrization pre-hooks the swap took off it), so a
-    converter that fails after exposing a model's hidden linears (``expose_linears``) leaves it as it came.
-    Nests (an inner block's swaps are undone by the outer one too)."""
-    global _journal
-    outer, _journal = _journal, []
-    mine = _journal
+    """Inside this block, every :func:`swap_module` (of this thread / context) is recorded; if the
+    block raises, each is undone in reverse order (``old`` back at its sites, with the
+    reparametrization pre-hooks the swap took off it), so a converter that fails after exposing a
+    model's hidden linears (``expose_linears``) leaves it as it came. Nests (an inner block's swaps are
+    undone by the outer one too)."""
+    outer = _journal.get()
+    mine: list = []
+    token = _journal.set(mine)
     try:
         yield
     except BaseException:
@@ -31,7 +34,7 @@ def undo_swaps_on_error():
                 hooks.update(pre)
         raise
     finally:
-        _journal = outer
+        _journal.reset(token)
         if outer is not None:
             outer.extend(mine)
 
@@ -80,9 +83,10 @@ def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Modu
     still remove them: a hook on a layer keeps firing after the layer is converted), except the
     pre-hooks of torch's hook-based prune / weight_norm / spectral_norm, which leave ``old`` too
     (``new`` holds the weight they computed: :func:`refresh_hooked_weights`). Returns ``new``."""
-    if _journal is not None:
+    journal = _journal.get()
+    if journal is not None:
         pre = old.__dict__.get("_forward_pre_hooks")
-        _journal.append((list(sites), old, None if pre is None else dict(pre)))
+        journal.append((list(sites), old, None if pre is None else dict(pre)))
     new.train(old.training)
     for a in _CALL_HOOKS:
         if a in old.__dict__:

@@ -107,6 +107,7 @@ class LSQQuantizer(nn.Module):
     eps: float = 1e-8
     _warned_zero_init: bool = False
     _warned_flat_init: bool = False
+    _state_loaded: bool = False  # (class default: quantizers pickled by an earlier checkout lack it)
     #: MSE search: coarse grid size for the kept fraction of the range, and for the raise of
     #: the lower end (only with a learnt offset and negative data); then a 9 x 5 refinement.
     mse_grid: int = 24
@@ -178,6 +179,9 @@ class LSQQuantizer(nn.Module):
             self.offset = UninitializedParameter(dtype=torch.float32) if learn_offset else None
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # Python mirror of the buffer: no host sync, no graph break in forward
+        # scale / offset loaded from a state_dict without the layer's weight, since the last initialize():
+        # a float weight loaded after them must not re-initialise over them (QuantLinear._load_from_state_dict)
+        self._state_loaded = False
 
     # ------------------------------------------------------------ shapes
     def param_shape(self, x_shape) -> tuple[int, ...]:
@@ -283,6 +287,7 @@ class LSQQuantizer(nn.Module):
             self.offset.copy_(b.reshape(shape))
         self.initialized.fill_(True)
         self._initialized = True
+        self._state_loaded = False
 
     def reset(self) -> None:
         """Mark the quantizer uninitialised: the next forward re-runs the data-dependent init

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import warnings
 from typing import Callable, Iterable
@@ -614,11 +615,21 @@ DEFAULT_SKIP = ("lm_head", "classifier")
 
 def check_skip(op: str, skip) -> None:
     """Refuse a ``skip`` that is not None, a name / pattern, a sequence of them or a predicate on the
-    layer name (an int or a list holding one failed deep inside fnmatch, after the model changed)."""
+    layer name (an int or a list holding one failed deep inside fnmatch, after the model changed), and a
+    predicate that cannot be called with the name alone (``fake_quantize_model_``'s take ``(name, module)``:
+    one of those failed with a bare TypeError mid-way)."""
     if not (skip is None or callable(skip) or isinstance(skip, str) or
             (isinstance(skip, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in skip))):
         raise ValueError(f"{op}: skip must be None, a name / pattern, a sequence of them or a predicate on the "
                          f"layer name, got {skip!r}")
+    if callable(skip):
+        try:
+            inspect.signature(skip).bind("name")
+        except TypeError:
+            raise TypeError(f"{op}: a skip predicate is called with the layer name alone, skip(name) -> bool; "
+                            f"{getattr(skip, '__name__', skip)!r} takes {inspect.signature(skip)}") from None
+        except ValueError:  # (no signature to read, e.g. some builtins: called as it is)
+            pass
 
 
 def _skipped(name: str, skip) -> bool:

@@ -128,13 +128,23 @@ class _QuantMixin:
         # A float checkpoint loaded into the QAT model (load_state_dict(strict=False): no quantizer keys)
         # brings a new weight, while the weight quantizer's scale was set from the weight the layer had at
         # conversion (random init, when converted before loading): it kept that grid (output error 0.98 vs
-        # 0.12). It re-initialises from the loaded weight on the next forward instead.
-        new_float_weight = prefix + "weight" in state_dict and not any(
-            k.startswith(prefix + "weight_quantizer.") for k in state_dict)
+        # 0.12). It is initialised again from the loaded weight, here and now: a reset left to the next
+        # forward would happen on one DDP rank only (the Python flag is not broadcast) and broke a model
+        # already compiled with fullgraph=True. Not when the quantizer's own state was loaded without the
+        # weight just before (a checkpoint in two parts, quantizers first), and not for a weight that only
+        # changed through a tie (its key is another module's): that one needs initialize() by hand.
+        has_w = prefix + "weight" in state_dict
+        has_q = any(k.startswith(prefix + "weight_quantizer.") for k in state_dict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if new_float_weight:
-            self.weight_quantizer.reset()
+        q = self.weight_quantizer
+        if has_w and not has_q and not q._state_loaded and not self.weight.is_meta:
+            if bool(torch.isfinite(self.weight).all()):
+                q.initialize(self.weight)
+            else:  # (initialize refuses NaN / inf: the first forward raises that, as for any such weight)
+                q.reset()
+        # the quantizer's state arrived without the weight: a weight loaded next keeps it
+        q._state_loaded = has_q and not has_w
 
 
 _QUANT_DOC_ARGS = """

@@ -396,6 +396,8 @@ class _Capture:
         self.gen = torch.Generator().manual_seed(seed)
         self.pair, self.pending = pair, None
         self.mask: torch.Tensor | None = None  # the current unit's token mask (calib_fn's (f, token_mask))
+        # whether a mask's shape matched this layer's input's leading dims; the first (input, mask) shapes that did not
+        self.mask_hit, self.mask_miss = False, None
         self.defer = pair == "defer"  # keep the (X, Xq) pairs until the input quantizer is known
         self.pairs: list = []
         if pair:
@@ -423,7 +425,10 @@ class _Capture:
         x = x.detach()
         m = self.mask
         if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
+            self.mask_hit = True
             return x[m.to(x.device)]
+        if m is not None and self.mask_miss is None:
+            self.mask_miss = (tuple(x.shape), tuple(m.shape))
         return x.reshape(-1, x.shape[-1])
 
     # inference_mode(False): a unit run under inference_mode must not make the statistics inference
@@ -599,10 +604,21 @@ def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor
     G.diagonal().add_(lam)
     rhs = Wc @ BtA[:n, :n] + lam * Wc
     L, info = torch.linalg.cholesky_ex(G)
-    V = torch.cholesky_solve(rhs.T, L).T if info.item() == 0 else torch.linalg.lstsq(G, rhs.T).solution.T
+    if info.item() == 0:
+        V = torch.cholesky_solve(rhs.T, L).T
+    else:  # (damp = 0 with a singular G: solved for the change from Wc, so that the minimum-norm solution
+        # keeps Wc in the directions the data do not see; lstsq for V itself zeroed them, error 0.85 vs 0.10)
+        V = Wc + torch.linalg.lstsq(G, (rhs - Wc @ G).T).solution.T
     if not torch.isfinite(V).all():
         return W, b
     return V[:, :K].float(), (V[:, K].float() if fb else None)
+
+
+def _layer_scale(W: torch.Tensor, b: torch.Tensor | None) -> float:
+    """max |W| and |b| of a layer (what a negligible group is measured against: a zero-initialised layer
+    with a bias, e.g. LoRA-B or adaLN-zero, has max |W| = 0)."""
+    m = float(W.detach().abs().max()) if W.numel() else 0.0
+    return max(m, float(b.detach().abs().max())) if b is not None and b.numel() else m
 
 
 def _act_qparams(cfg: QuantizeConfig, cap: _Capture | None, name: str):
@@ -690,6 +706,16 @@ def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> 
         warnings.warn(f"quantize_: {what} {unmatched} match no nn.Linear of the model (entries match a layer's "
                       f"own name: exact, '.suffix' or an fnmatch pattern such as '*.fc'; a parent module's name "
                       f"matches none)", stacklevel=4)
+    # an entry naming one layer exactly also matches, as a '.suffix', every layer whose name ends in it
+    # (skip=("0",) skipped "0" and "2.0"): say so, since the exact name suggests one layer was meant
+    wide = {s: [n for n in names if n != s and n.endswith("." + s)] for s in skip if s in names}
+    wide = {s: more for s, more in wide.items() if more}
+    if wide:
+        s, more = next(iter(wide.items()))
+        warnings.warn(f"quantize_: {what} {sorted(wide)} name a layer exactly but also match other layers as a "
+                      f"'.suffix' (e.g. {s!r} also matches {more[:3]}); every match is taken" + (
+                          f". To skip that layer alone, pass a predicate: skip=lambda n: n == {s!r}"
+                          if what == "skip entries" else ""), stacklevel=4)
 
 
 def _no_grad_outside_inference_mode(fn):
@@ -802,6 +828,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                               "run the calibration forwards with use_cache=False to let each pass run one block",
                               stacklevel=2)
         report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
+        mask_hit, mask_miss = False, None  # did a token mask apply anywhere (else: the first mismatch)
         it = layers
         if progress:
             from tqdm.auto import tqdm
@@ -870,6 +897,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                                    mask) for f, mask in units]
                     n = _calibrate_group(cap, [m for _, _, m in group],
                                          [fp_mods[nm] for nm, _, _ in group] if cap.pair else None, passes)
+                    mask_hit = mask_hit or cap.mask_hit
+                    mask_miss = mask_miss or (cap.mask_miss and (name, *cap.mask_miss))
                     group_cap, group_end = cap, i + n
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
@@ -895,7 +924,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 cap.finish(act_q)
             if method in ("rtn", "hqq"):
                 _warn_hqq_init_clamps(name, W, lc.bits, gs)
-            q, s, z, nb = _solve(method, W, b, lc.bits, gs, lc, cap, act_q)
+            try:
+                q, s, z, nb = _solve(method, W, b, lc.bits, gs, lc, cap, act_q)
+            except (RuntimeError, ValueError) as e:
+                raise type(e)(f"quantize_: layer {name!r}: {e}" + (
+                    f" (the {len(report)} layer(s) before it are already replaced: quantize a fresh copy)"
+                    if report else "")) from e
             sm, zm = s.to(lc.meta_dtype), z.to(lc.meta_dtype)
             # A scale that underflows to 0 zeroes its group, and a deep subnormal keeps few bits (scales_lost).
             # Harmless when the group's weights are negligible (e.g. the ~1e-18 a float-target fit leaves in an
@@ -903,7 +937,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             lost = scales_lost(sm, s)
             lost_ok = not bool(lost.any()) or bool(
                 (s[lost].abs().float() * (2 ** lc.bits - 1 + z[lost].abs().float())
-                 <= 1e-6 * float(W.detach().abs().max())).all())
+                 <= 1e-6 * _layer_scale(W, b)).all())
             if not (lost_ok and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
                 warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {lc.meta_dtype} (a scale "
                               f"underflows to 0 or to a subnormal, or a value overflows); this layer keeps float32 "
@@ -924,6 +958,11 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 group_cap = None
             if active is not None and i == active.last:  # past the blocks: free their cached inputs
                 active = qcache = fcache = None
+        if units and not mask_hit and mask_miss:
+            warnings.warn(f"quantize_: no calibration token mask matched a layer's input (a mask's shape must be "
+                          f"the input's leading dims, e.g. [batch, seq] for [batch, seq, K]): e.g. layer "
+                          f"{mask_miss[0]!r} got {list(mask_miss[1])} with a mask of {list(mask_miss[2])}; every row, "
+                          "padding included, was calibration data", stacklevel=3)
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
@@ -1047,6 +1086,13 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(model, nn.Module):
         raise TypeError("load_quantized: expected an nn.Module or a factory returning one")
     wrapper, model = model, _unwrap_compiled(model)  # (a torch.compile wrapper: load into what it wraps)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_quantized: device must be a torch device or its name, got {device!r}") from e
+    if dev.type == "meta":  # (load_state_dict cannot copy into meta: it failed after the layers were swapped)
+        raise ValueError("load_quantized: device='meta' cannot hold the loaded tensors; load on 'cpu' (or a GPU), "
+                         "or use quantkern.load_packed(path, device='meta') for the shapes alone")
     import json
 
     from ..packed import read_packed_metadata

@@ -131,11 +131,12 @@ def _warn_tied_untracked(model: nn.Module, layers: list[QLayer]) -> None:
     tied to the embedding): freezing writes the frozen values into the one shared tensor and the
     gradient mask zeroes its whole gradient, so the other module's use of it freezes too."""
     owner = {id(l.weight): l for l in layers}
+    own = {id(l.weight): {id(m) for m in l.module.modules()} for l in layers}  # (a parametrization's original)
     ties = []
     for mname, mod in model.named_modules():
         for pname, p in mod._parameters.items():
             l = owner.get(id(p))
-            if l is not None and mod is not l.module:
+            if l is not None and id(mod) not in own[id(p)]:
                 ties.append(f"{l.name!r} with {mname + '.' + pname if mname else pname!r}")
     if ties:
         warnings.warn(f"OscillationTracker: tracked weight(s) tied to a module that is not tracked: {', '.join(ties[:3])}"
