@@ -14,8 +14,8 @@ reverse mode only, one call per sample under vmap.
 
 Under ``torch.compile`` dynamo traces the transforms itself (their interpreters are live while it
 traces). Inside ``vmap`` (or ``functionalize``) alone the raw op is traced (through the vmap rule
-``quantkern/_registry.py`` registers for it: a batch of x folded, as here). Inside ``grad`` / ``vjp`` / ``jacrev`` / ``jvp`` / ``hessian`` (alone or under vmap) the op
-has no compiled form: dynamo refuses an ``autograd.Function`` with a jvp rule, traces one without it
+``quantkern/_registry.py`` registers for it: a batch of x folded, as here). Inside ``grad`` / ``vjp``
+/ ``jacrev`` / ``jvp`` / ``hessian`` (alone or under vmap) the op has no compiled form: dynamo refuses an ``autograd.Function`` with a jvp rule, traces one without it
 only when an input requires grad outside the transforms (it does not see the transform's own
 tracking, so it ran the raw op: "cannot use C++ torch::autograd::Function with functorch
 transforms"), and its compiled Function has no vmap rule. So the call breaks the graph

@@ -271,6 +271,7 @@ def _plb_backward(ctx, g):
 
 torch.library.register_autograd("quantkern::packed_linear_backward", _plb_backward, setup_context=_plb_setup)
 
+
 def _fold_vmap_rule(op_name: str):
     """A vmap rule for ``packed_linear`` / ``packed_linear_backward``: a batch of the first tensor (x, or
     dY) alone is moved to the front and folded into the op's leading dims, one kernel call (functorch's

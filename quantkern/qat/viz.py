@@ -1,4 +1,5 @@
-"""Plot of the latent weights' distance to the quantization bin edges (PNG, through a matplotlib Figure: the global backend is left alone)."""
+"""Plot of the latent weights' distance to the quantization bin edges (PNG, drawn on a bare matplotlib
+Figure: the caller's global backend is left alone)."""
 from __future__ import annotations
 
 import torch
