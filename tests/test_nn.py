@@ -801,3 +801,47 @@ def test_loading_a_float_checkpoint_reinitialises_the_weight_quantizer():
     comp(x)
     model.load_state_dict(sd, strict=False)
     torch.testing.assert_close(comp(x), quantize_modules(copy.deepcopy(trained), w_bits=4, a_bits=None)(x))
+
+
+def test_float_load_of_a_zero_layer_and_loads_that_do_not_touch_a_layer():
+    torch.manual_seed(0)
+    mk = lambda: quantize_modules(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)),  # noqa: E731
+                                  w_bits=4, a_bits=None)
+    # an all-zero float weight (a zero-init layer): the quantizer waits for the first non-zero weight
+    # (initialize() on zeros kept the conversion's scale and warned)
+    model = mk()
+    sd = {k: torch.zeros_like(v) if k == "0.weight" else v for k, v in mk().state_dict().items()
+          if "quantizer" not in k}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(sd, strict=False)
+    assert not model[0].weight_quantizer._initialized
+    # a checkpoint in three parts: layer 0's quantizers, then layer 2 alone, then layer 0's weights: the
+    # load of layer 2 must not clear layer 0's "state loaded" mark
+    ref = mk()
+    with torch.no_grad():
+        ref[0].weight_quantizer.scale.mul_(1.5)
+    full, model = ref.state_dict(), mk()
+    for part in (lambda k: k.startswith("0.weight_quantizer"), lambda k: k.startswith("2."),
+                 lambda k: k in ("0.weight", "0.bias")):
+        model.load_state_dict({k: v for k, v in full.items() if part(k)}, strict=False)
+    x = torch.randn(8, 32)
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_swap_journal_is_per_thread():
+    import threading
+
+    from quantkern.nn._sites import swap_module, undo_swaps_on_error
+
+    a, b = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+    old_a, new_b = a[0], nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with undo_swaps_on_error():
+            swap_module([(a, "0")], old_a, nn.Linear(2, 2))
+            t = threading.Thread(target=lambda: swap_module([(b, "0")], b[0], new_b))
+            t.start()
+            t.join()
+            raise RuntimeError("boom")
+    assert a[0] is old_a and b[0] is new_b  # the other thread's swap stays

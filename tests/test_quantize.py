@@ -1019,9 +1019,12 @@ def test_a_token_mask_that_matches_no_layer_input_warns():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
     x = torch.randn(8, 20, 64)
-    with pytest.warns(UserWarning, match=r"no calibration token mask matched.*\[8, 20, 64\] with a mask of \[8, 19\]"):
+    with pytest.warns(UserWarning, match=r"did not fit the input of 2 layer\(s\).*\[8, 20, 64\] with a mask of \[8, 19\]"):
         quantize_(copy.deepcopy(m), method="gptq", group_size=32, skip=None, progress=False,
                   calib_fn=(lambda mm: mm(x), torch.ones(8, 19, dtype=torch.bool)))
+    with pytest.warns(UserWarning, match=r"no calibration token mask matched.*\[8, 20, 64\] with a mask of \[160\]"):
+        quantize_(copy.deepcopy(m), method="gptq", group_size=32, skip=None, progress=False,
+                  calib_fn=(lambda mm: mm(x), torch.ones(160, dtype=torch.bool)))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1041,3 +1044,36 @@ def test_zero_initialised_layer_with_a_bias_keeps_fp16_metadata_without_a_warnin
         warnings.simplefilter("error")
         quantize_(m, method="gptq", group_size=32, skip=None, calib_fn=lambda mm: mm(x), progress=False)
     assert m[2].scales.dtype == torch.float16
+
+
+def test_token_mask_that_fits_only_some_layers_warns_for_the_others():
+    # a sequence-first TransformerEncoder: the unfused attention projects batch-first ([B, S] masks fit),
+    # while out_proj / linear1 / linear2 see [S, B, K] and calibrated on padding without a word
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0), 1, enable_nested_tensor=False)
+    x = torch.randn(12, 4, 32)  # [S, B, E]
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    mask[:, 8:] = False
+    with pytest.warns(UserWarning, match=r"did not fit the input of \d+ layer\(s\) with its rank.*\[12, 4, 32\]"):
+        quantize_(enc, method="gptq", group_size=32, skip=None, progress=False,
+                  calib_fn=(lambda m: m(x, src_key_padding_mask=~mask), mask))
+
+
+def test_skip_checks_the_predicate_adapter_itself_and_one_module_under_two_names():
+    import functools
+    import warnings
+
+    def two(name, module=None):
+        return False
+
+    @functools.wraps(two)
+    def one(name):
+        return two(name, None)
+
+    quantize_(make_model(), QuantizeConfig(method="rtn", group_size=32, skip=one), progress=False)
+    m = nn.Module()  # one Linear under the names "proj" and "blk.proj": skip=("proj",) names that one layer
+    m.proj, m.blk, m.other = nn.Linear(64, 64), nn.Module(), nn.Linear(64, 32)
+    m.blk.proj = m.proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(m, method="rtn", group_size=32, skip=("proj",), progress=False)

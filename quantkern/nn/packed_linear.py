@@ -624,12 +624,14 @@ def check_skip(op: str, skip) -> None:
                          f"layer name, got {skip!r}")
     if callable(skip):
         try:
-            inspect.signature(skip).bind("name")
+            sig = inspect.signature(skip, follow_wrapped=False)  # (a functools.wraps adapter: its own signature)
+        except (TypeError, ValueError):  # (no signature to read, e.g. some builtins: called as it is)
+            return
+        try:
+            sig.bind("name")
         except TypeError:
             raise TypeError(f"{op}: a skip predicate is called with the layer name alone, skip(name) -> bool; "
-                            f"{getattr(skip, '__name__', skip)!r} takes {inspect.signature(skip)}") from None
-        except ValueError:  # (no signature to read, e.g. some builtins: called as it is)
-            pass
+                            f"{getattr(skip, '__name__', skip)!r} takes {sig}") from None
 
 
 def _skipped(name: str, skip) -> bool:

@@ -139,12 +139,15 @@ class _QuantMixin:
                                       error_msgs)
         q = self.weight_quantizer
         if has_w and not has_q and not q._state_loaded and not self.weight.is_meta:
-            if bool(torch.isfinite(self.weight).all()):
-                q.initialize(self.weight)
-            else:  # (initialize refuses NaN / inf: the first forward raises that, as for any such weight)
+            w = self.weight
+            if bool(torch.isfinite(w).all()) and bool(w.any()):
+                q.initialize(w)
+            else:  # NaN / inf (initialize refuses them: the first forward raises that, as for any such
+                # weight) or all zeros (a zero-initialised layer: the first non-zero weight initialises)
                 q.reset()
-        # the quantizer's state arrived without the weight: a weight loaded next keeps it
-        q._state_loaded = has_q and not has_w
+        if has_w or has_q:  # (a load that does not touch this layer leaves the flag as it was)
+            # the quantizer's state arrived without the weight: a weight loaded next keeps it
+            q._state_loaded = has_q and not has_w
 
 
 _QUANT_DOC_ARGS = """

@@ -608,7 +608,9 @@ def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor
         V = torch.cholesky_solve(rhs.T, L).T
     else:  # (damp = 0 with a singular G: solved for the change from Wc, so that the minimum-norm solution
         # keeps Wc in the directions the data do not see; lstsq for V itself zeroed them, error 0.85 vs 0.10)
-        V = Wc + torch.linalg.lstsq(G, (rhs - Wc @ G).T).solution.T
+        # (on the CPU with gelsd, which handles rank deficiency: CUDA's only driver, gels, assumes full rank)
+        d = torch.linalg.lstsq(G.cpu().double(), (rhs - Wc @ G).T.cpu().double(), driver="gelsd").solution.T
+        V = Wc + d.to(Wc)
     if not torch.isfinite(V).all():
         return W, b
     return V[:, :K].float(), (V[:, K].float() if fb else None)
@@ -699,8 +701,9 @@ def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> 
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if not skip or skip == tuple(DEFAULT_SKIP):
         return
-    names = [n for n, m in model.named_modules(remove_duplicate=False)
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
              if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]  # (a skipped one stays as it is)
+    names = [n for n, _ in named]
     unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
     if unmatched:
         warnings.warn(f"quantize_: {what} {unmatched} match no nn.Linear of the model (entries match a layer's "
@@ -708,7 +711,8 @@ def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> 
                       f"matches none)", stacklevel=4)
     # an entry naming one layer exactly also matches, as a '.suffix', every layer whose name ends in it
     # (skip=("0",) skipped "0" and "2.0"): say so, since the exact name suggests one layer was meant
-    wide = {s: [n for n in names if n != s and n.endswith("." + s)] for s in skip if s in names}
+    by_name = dict(named)  # (one module under several names is one layer)
+    wide = {s: [n for n, m in named if m is not by_name[s] and n.endswith("." + s)] for s in skip if s in by_name}
     wide = {s: more for s, more in wide.items() if more}
     if wide:
         s, more = next(iter(wide.items()))
@@ -828,7 +832,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                               "run the calibration forwards with use_cache=False to let each pass run one block",
                               stacklevel=2)
         report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
-        mask_hit, mask_miss = False, None  # did a token mask apply anywhere (else: the first mismatch)
+        mask_hit, mask_miss, mask_odd = False, None, []  # did a token mask apply anywhere; the first mismatch;
+        # the layers whose input has the mask's rank but not its shape ([seq, batch, K], an off-by-one seq)
         it = layers
         if progress:
             from tqdm.auto import tqdm
@@ -899,6 +904,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                                          [fp_mods[nm] for nm, _, _ in group] if cap.pair else None, passes)
                     mask_hit = mask_hit or cap.mask_hit
                     mask_miss = mask_miss or (cap.mask_miss and (name, *cap.mask_miss))
+                    if cap.mask_miss and len(cap.mask_miss[0]) - 1 == len(cap.mask_miss[1]):
+                        mask_odd.append((name, *cap.mask_miss))  # same rank, other shape: a mask meant for it
                     group_cap, group_end = cap, i + n
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
@@ -958,7 +965,12 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                 group_cap = None
             if active is not None and i == active.last:  # past the blocks: free their cached inputs
                 active = qcache = fcache = None
-        if units and not mask_hit and mask_miss:
+        if mask_odd:
+            warnings.warn(f"quantize_: the calibration token mask did not fit the input of {len(mask_odd)} layer(s) "
+                          f"with its rank, e.g. {mask_odd[0][0]!r}: {list(mask_odd[0][1])} with a mask of "
+                          f"{list(mask_odd[0][2])} (a sequence-first [seq, batch, K] input, or an off-by-one seq); "
+                          "their padding rows were calibration data", stacklevel=3)
+        elif units and not mask_hit and mask_miss:
             warnings.warn(f"quantize_: no calibration token mask matched a layer's input (a mask's shape must be "
                           f"the input's leading dims, e.g. [batch, seq] for [batch, seq, K]): e.g. layer "
                           f"{mask_miss[0]!r} got {list(mask_miss[1])} with a mask of {list(mask_miss[2])}; every row, "
