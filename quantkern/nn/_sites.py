@@ -7,36 +7,44 @@ from typing import Callable
 
 from torch import nn
 
-# the swaps made inside ``undo_swaps_on_error`` (None outside it): (sites, old, old's forward pre-hooks);
-# a ContextVar, so that a conversion failing in one thread cannot undo another thread's swaps
+# undo actions of the changes made inside ``undo_swaps_on_error`` (None outside it); a ContextVar, so
+# that a conversion failing in one thread cannot undo another thread's changes
 _journal: contextvars.ContextVar = contextvars.ContextVar("quantkern_swap_journal", default=None)
 
 
 @contextlib.contextmanager
 def undo_swaps_on_error():
-    """Inside this block, every :func:`swap_module` (of this thread / context) is recorded; if the
-    block raises, each is undone in reverse order (``old`` back at its sites, with the
-    reparametrization pre-hooks the swap took off it), so a converter that fails after exposing a
-    model's hidden linears (``expose_linears``) leaves it as it came. Nests (an inner block's swaps are
-    undone by the outer one too)."""
+    """Inside this block, every :func:`swap_module` and :func:`set_undoably` (of this thread / context)
+    is recorded; if the block raises, each is undone in reverse order (``old`` back at its sites, with
+    the reparametrization pre-hooks the swap took off it; the attribute's old value), so a converter
+    that fails after exposing a model's hidden linears (``expose_linears``) leaves it as it came.
+    Nests (an inner block's changes are undone by the outer one too)."""
     outer = _journal.get()
     mine: list = []
     token = _journal.set(mine)
     try:
         yield
     except BaseException:
-        for sites, old, pre in reversed(mine):
-            for parent, attr in sites:
-                setattr(parent, attr, old)
-            if pre is not None:
-                hooks = old.__dict__["_forward_pre_hooks"]
-                hooks.clear()
-                hooks.update(pre)
+        for undo in reversed(mine):
+            undo()
         raise
     finally:
         _journal.reset(token)
         if outer is not None:
             outer.extend(mine)
+
+
+def _record(undo: Callable[[], None]) -> None:
+    journal = _journal.get()
+    if journal is not None:
+        journal.append(undo)
+
+
+def set_undoably(obj, attr: str, value) -> None:
+    """``setattr(obj, attr, value)``, undone if an enclosing :func:`undo_swaps_on_error` block raises."""
+    old = getattr(obj, attr)
+    _record(lambda: setattr(obj, attr, old))
+    setattr(obj, attr, value)
 
 
 def module_sites(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[list[str], list[tuple[nn.Module, str]], nn.Module]]:
@@ -83,10 +91,8 @@ def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Modu
     still remove them: a hook on a layer keeps firing after the layer is converted), except the
     pre-hooks of torch's hook-based prune / weight_norm / spectral_norm, which leave ``old`` too
     (``new`` holds the weight they computed: :func:`refresh_hooked_weights`). Returns ``new``."""
-    journal = _journal.get()
-    if journal is not None:
-        pre = old.__dict__.get("_forward_pre_hooks")
-        journal.append((list(sites), old, None if pre is None else dict(pre)))
+    pre = old.__dict__.get("_forward_pre_hooks")
+    _record(lambda sites=list(sites), saved=None if pre is None else dict(pre): _unswap(sites, old, saved))
     new.train(old.training)
     for a in _CALL_HOOKS:
         if a in old.__dict__:
@@ -103,6 +109,16 @@ def swap_module(sites: list[tuple[nn.Module, str]], old: nn.Module, new: nn.Modu
     for parent, attr in sites:
         setattr(parent, attr, new)
     return new
+
+
+def _unswap(sites: list, old: nn.Module, pre: dict | None) -> None:
+    """Undo a :func:`swap_module`: ``old`` back at ``sites``, its forward pre-hooks as they were."""
+    for parent, attr in sites:
+        setattr(parent, attr, old)
+    if pre is not None:
+        hooks = old.__dict__["_forward_pre_hooks"]
+        hooks.clear()
+        hooks.update(pre)
 
 
 def _reparam_hook_types() -> tuple:

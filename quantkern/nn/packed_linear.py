@@ -15,7 +15,7 @@ from .._affine_fq import one_pass, one_pass_applies
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
-from ._sites import module_sites, refresh_hooked_weights, swap_module
+from ._sites import module_sites, refresh_hooked_weights, set_undoably, swap_module
 from .attention import _not_plain
 from .expose import _is_hf_conv1d, _is_hf_conv1d_type, _is_plain_linear_subclass, expose_linears
 from .lsq import qrange
@@ -812,11 +812,11 @@ def disable_fused_encoder_paths(model: nn.Module, modules) -> int:
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)
               and any(id(getattr(m, a, None)) in ids for a in ("linear1", "linear2", "self_attn"))]
     for m in layers:
-        m.activation_relu_or_gelu = 0
+        set_undoably(m, "activation_relu_or_gelu", 0)
     changed = {id(m) for m in layers}
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and any(id(layer) in changed for layer in m.layers):
-            m.use_nested_tensor = False
+            set_undoably(m, "use_nested_tensor", False)
     return len(layers)
 
 

@@ -418,18 +418,9 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     # Expose the hidden linears, build every replacement, and swap only when all succeeded: a layer
     # that fails (e.g. a w_group_size that does not divide its row length) used to leave the model
     # half converted (and, before undo_swaps_on_error, its attention modules already unfused).
-    fused = [(m, m.activation_relu_or_gelu) for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
-    nested = [(m, m.use_nested_tensor) for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
-    try:
-        with undo_swaps_on_error():
-            expose_linears(model, skipped)
-            swaps = _build_swaps(model, skipped, w_bits, a_bits, kwargs)
-    except BaseException:
-        for m, v in fused:  # (unfuse_attention switched the fused encoder paths off)
-            m.activation_relu_or_gelu = v
-        for m, v in nested:
-            m.use_nested_tensor = v
-        raise
+    with undo_swaps_on_error():  # (also the fused encoder paths unfuse_attention switched off)
+        expose_linears(model, skipped)
+        swaps = _build_swaps(model, skipped, w_bits, a_bits, kwargs)
     for parent, child_name, q in swaps:
         setattr(parent, child_name, q)
     # torch's fused TransformerEncoderLayer inference path (eval under no_grad) reads linear1 / linear2's
