@@ -8,9 +8,10 @@ So while a transform is active, :func:`quantkern.ops.packed_linear` goes through
 Python ``autograd.Function`` s below instead: each runs its op below the autograd key, has the
 same derivative as the C++ / registered ones, a forward-mode rule (jvp: all three are linear
 in their tensors), and a vmap rule: a batch of x (or dY) is folded into its leading dims, one
-kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels' bits.
-``fake_quant_lsq`` (whose ``register_autograd`` autograd is refused the same way) has two more:
-reverse mode only, one call per sample under vmap.
+kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels'
+(a folded batch is one call with more rows: as accurate, not always the per-sample loop's bits).
+``fake_quant_lsq`` (whose ``register_autograd`` autograd is refused the same way) has two more,
+and ``dampening_loss`` one: reverse mode only, one call per sample under vmap.
 
 Under ``torch.compile`` dynamo traces the transforms itself (their interpreters are live while it
 traces). Inside ``vmap`` (or ``functionalize``) alone the raw op is traced (through the vmap rule
@@ -57,7 +58,21 @@ def transform_kind():
         if torch._C._are_functorch_transforms_active() and not set(_active_transforms()) <= {"Vmap", "Functionalize"}:
             return COMPILED
         return None
-    return EAGER if torch._C._are_functorch_transforms_active() else None
+    if not torch._C._are_functorch_transforms_active():
+        return None
+    # functionalize alone runs the raw ops (the Functions have no functionalize rule)
+    return None if set(_active_transforms()) <= {"Functionalize"} else EAGER
+
+
+def refuse_dual(op: str, *tensors) -> None:
+    """Raises if a forward-mode AD tangent (``torch.autograd.forward_ad`` dual tensors) reaches ``op``,
+    whose autograd (``torch.library.register_autograd``) has no jvp: torch would drop the tangent in
+    silence. (``torch.func.jvp`` goes through the Functions below, which refuse it themselves.)"""
+    fwd = torch.autograd.forward_ad
+    if fwd._current_level >= 0 and any(t is not None and fwd.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"quantkern.{op}: forward-mode AD (dual tensors, jvp) is not supported: its derivative is defined "
+            "for reverse mode only (backward, torch.func.grad / vjp)")
 
 
 def _below_autograd(op, *args):
@@ -284,3 +299,53 @@ class FakeQuantLSQBackwardFn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, *args):
         return _per_sample(FakeQuantLSQBackwardFn, info, in_dims, args)
+
+
+class DampeningLossFn(torch.autograd.Function):
+    """dampening_loss under torch.func transforms: the registered op's derivative (in the weight only,
+    dampening_loss_backward), one call per sample under vmap, no jvp (torch says so)."""
+
+    @staticmethod
+    def forward(weight, scale, offset, qmin, qmax, axis, group_size, norm, be):
+        fn = torch.ops.quantkern.dampening_loss_triton if be == "triton" else torch.ops.quantkern.dampening_loss
+        return _below_autograd(fn, weight, scale, offset, qmin, qmax, axis, group_size, norm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.args, ctx.be = inputs[3:8], inputs[8]
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale, offset = ctx.saved_tensors
+        gw = DampeningLossBackwardFn.apply(grad, weight, scale, offset, *ctx.args, ctx.be) \
+            if ctx.needs_input_grad[0] else None
+        return gw, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(DampeningLossFn, info, in_dims, args)
+
+
+class DampeningLossBackwardFn(torch.autograd.Function):
+    """dampening_loss_backward under torch.func transforms (its registered autograd, which raises for
+    double backward, is refused there); a second derivative raises the same error."""
+
+    @staticmethod
+    def forward(grad, weight, scale, offset, qmin, qmax, axis, group_size, norm, be):
+        bwd = (torch.ops.quantkern.dampening_loss_backward_triton if be == "triton"
+               else torch.ops.quantkern.dampening_loss_backward)
+        return _below_autograd(bwd, grad, weight, scale, offset, qmin, qmax, axis, group_size, norm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("quantkern.dampening_loss: double backward is not supported (the dampening backward "
+                           "is one fused kernel)")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(DampeningLossBackwardFn, info, in_dims, args)

@@ -15,6 +15,7 @@ against.
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch.library import Library
@@ -282,6 +283,12 @@ def _fold_vmap_rule(op_name: str):
         tensors = (first, qweight, scales, zeros, *bias)
         if all(d is None for d in in_dims[1:]):
             return op(first.movedim(in_dims[0], 0), qweight, scales, zeros, bits, group_size, in_features, *bias), 0
+
+        if info.batch_size == 0:  # (torch.stack of no samples fails)
+            from ._functorch import _empty_batch
+
+            return _empty_batch(types.SimpleNamespace(apply=op), in_dims,
+                                (first, qweight, scales, zeros, bits, group_size, in_features, *bias))
 
         def pick(t, d, i):
             return t if d is None or t is None else t.select(d, i)

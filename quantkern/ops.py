@@ -185,6 +185,7 @@ def fake_quant_lsq(
     if kind is not None:
         return _functorch.apply(kind, _functorch.FakeQuantLSQFn, x, scale, offset, qmin, qmax, axis, group_size,
                                 float(grad_scale), be)
+    _functorch.refuse_dual(op, x, scale, offset)
     return fn(x, scale, offset, qmin, qmax, axis, group_size, float(grad_scale))
 
 
@@ -331,8 +332,13 @@ def dampening_loss(
     if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not 0 <= norm < math.inf:
         raise ValueError(f"quantkern.{op}: norm must be a finite number >= 0, got {norm!r}")
     be = _pick_backend(op, weight, backend)
+    args = (weight, scale.detach(), offset.detach(), qmin, qmax, axis, group_size, float(norm))
+    kind = _functorch.transform_kind()
+    if kind is not None:  # (as in fake_quant_lsq)
+        return _functorch.apply(kind, _functorch.DampeningLossFn, *args, be)
+    _functorch.refuse_dual(op, weight)
     fn = torch.ops.quantkern.dampening_loss_triton if be == "triton" else torch.ops.quantkern.dampening_loss
-    return fn(weight, scale.detach(), offset.detach(), qmin, qmax, axis, group_size, float(norm))
+    return fn(*args)
 # ------------------------------------------------------------- hqq_quantize
 HQQ_BITS = (1, 2, 3, 4, 8)
 HQQ_EARLY_STOP = ("global", "group", "none")

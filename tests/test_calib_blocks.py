@@ -273,6 +273,38 @@ def test_conv_fake_quant_blocks_bit_identical(kw):
     assert _conv_both(_CNN, 12, 6, **kw) == (("blocks",), ())
 
 
+class _ResConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))
+
+
+class _HeadOutside(nn.Module):
+    """A conv registered in the last block but called by the model after the list."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_ResConv(), _ResConv(), _ResConv())
+        self.blocks[2].head = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks[2].head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def test_layer_called_outside_its_block_gets_no_cache():
+    # the replay of block 2 never reached its head: that layer got RTN with a "saw no calibration input"
+    # warning; the probe now sees the layer run outside its block's call and keeps the model's reruns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _conv_both(_HeadOutside, 8, 1, method="gptq") == ((), ())
+
+
 def _conv_both(make, n, seed, **kw):
     """fake_quantize_model_ on two copies, with and without the block cache: checks that the weights are
     bit-identical; returns the two reports' block lists."""

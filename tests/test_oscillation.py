@@ -1176,3 +1176,23 @@ def test_dampening_loss_checks_backend_up_front():
     model = nn.Sequential(QuantLinear(8, 4, w_bits=4))
     with pytest.raises(ValueError, match="DampeningLoss: backend must be one of"):  # (it failed at the first call)
         qat.DampeningLoss(model, backend="cuda")
+
+
+def test_dampening_loss_under_torch_func_and_forward_ad():
+    # torch.func.grad used to fail with torch's generic "setup_context" error and jvp returned a silent 0
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(6, 8)
+    s, b = torch.tensor([0.3]), torch.tensor([0.1])
+
+    def f(u):
+        return ops.dampening_loss(u, s, b, -8, 7)
+
+    wg = w.clone().requires_grad_(True)
+    f(wg).backward()
+    assert torch.equal(torch.func.grad(f)(w), wg.grad)
+    assert torch.equal(torch.func.vmap(torch.func.grad(f))(torch.stack([w, 2 * w]))[0], wg.grad)
+    with pytest.raises(NotImplementedError):
+        torch.func.jvp(f, (w,), (torch.ones_like(w),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        f(fwAD.make_dual(w, torch.ones_like(w)))

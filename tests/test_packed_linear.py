@@ -1149,6 +1149,24 @@ def test_raw_packed_linear_ops_have_a_vmap_rule(capfd):
     f = lambda xi: ops.packed_linear(xi, pw, b)  # noqa: E731
     assert torch.equal(torch.compile(torch.func.vmap(f))(x), want)
     assert "batching rule" not in capfd.readouterr().err
+    # an empty batch with a batched bias (the per-sample branch) has F.linear's empty shape
+    y0 = torch.func.vmap(lambda xi, bi: Q.packed_linear(xi, *args, bi))(x[:0], B[:0])
+    assert y0.shape == (0, 3, 16)
+
+
+def test_functionalize_and_forward_ad():
+    """functionalize alone runs the raw ops (the transform path's Functions have no functionalize
+    rule: "NYI"); forward-mode AD outside torch.func is refused, not answered with a dropped tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    pw = make(16, 64, 4, 64, seed=1)
+    x = torch.randn(3, 64)
+    assert torch.equal(torch.func.functionalize(lambda t: ops.packed_linear(t, pw))(x), ops.packed_linear(x, pw))
+    s, b = torch.tensor([0.3]), torch.tensor([0.1])
+    fq = lambda t: ops.fake_quant_lsq(t, s, b, -8, 7)  # noqa: E731
+    assert torch.equal(torch.func.functionalize(fq)(x), fq(x))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        fq(fwAD.make_dual(x, torch.ones_like(x)))
 
 
 def test_packed_linear_torch_func_with_compile_and_triton(monkeypatch):

@@ -126,9 +126,12 @@ def _hidden(out):
 class _Probe:
     """Hooks on one candidate list's blocks during the probe forward; ``why`` is None while it fits."""
 
-    def __init__(self, name: str, blocks: list):
+    def __init__(self, name: str, blocks: list, block_of: dict):
         self.name, self.blocks, self.n = name, blocks, len(blocks)
         self.next, self.why, self.nonplain = 0, None, None
+        # the layers (ids, -> block) that ran while their own block was running; a layer registered in
+        # a block but called from outside it (after the list) would see no input in a replay
+        self.block_of, self.active, self.ran_inside = block_of, None, set()
         self.rest = self.kw = self.ver = self.prev = self.prev_out = self.outsig = self.argrefs = self.argsig = None
         self.in_bytes, self.device, self.x0_float, self.seen = 0, None, None, set()
         # per block, keyed by position in args[1:] or keyword: its own scalar arguments (-> value), the
@@ -143,6 +146,17 @@ class _Probe:
             # block, which runs those hooks again)
             self.handles.append(b.register_forward_pre_hook(self._pre(j), with_kwargs=True, prepend=True))
             self.handles.append(b.register_forward_hook(self._post(j), with_kwargs=True))
+            for m in b.modules():
+                if block_of.get(id(m)) == j:
+                    self.handles.append(m.register_forward_pre_hook(self._layer(j)))
+
+    def _layer(self, j: int):
+        def pre(module, args):
+            if self.active == j:
+                self.ran_inside.add(id(module))
+            elif self.why is None and self.next < self.n:
+                self.fail(f"a layer of block {j} ran outside that block's call")
+        return pre
 
     def fail(self, why: str) -> None:
         if self.why is None:
@@ -206,12 +220,14 @@ class _Probe:
             self.prev = None
             self.argrefs = (args, dict(kwargs))
             self.argsig = _sig(self.argrefs)
+            self.active = j
         return pre
 
     def _post(self, j: int):
         def post(module, args, kwargs, out):
             if self.why is not None or j != self.next:
                 return
+            self.active = None
             # (the arguments as the block got them, before any user pre-hook replaced some)
             if _sig(self.argrefs) != self.argsig:  # its input, a mask, a dict it updates, ...
                 return self.fail(f"block {j} changed one of its arguments in place")
@@ -370,7 +386,7 @@ def _stable(cand, run: Callable[[], object], p: _Probe) -> bool:
 def _probe(cands: list, run: Callable[[], object]) -> list:
     """One unit's forward (``run()``) with a :class:`_Probe` on each candidate, stopped once their last
     blocks have run; the probes, ``why`` set for every candidate that is not a chain."""
-    probes = [_Probe(name, blocks) for name, blocks, _ in cands]
+    probes = [_Probe(name, blocks, block_of) for name, blocks, block_of in cands]
 
     def stop_when_done(module, args, kwargs, out):
         if all(p.why is not None or p.next >= p.n for p in probes):
@@ -390,6 +406,8 @@ def _probe(cands: list, run: Callable[[], object]) -> list:
     for p in probes:
         if p.why is None and p.next < p.n:
             p.why = f"only {p.next} of its {p.n} blocks ran"
+        if p.why is None and len(p.ran_inside) < len(p.block_of):
+            p.why = "a layer of one of its blocks did not run inside that block's call"
     return probes
 
 
