@@ -11,7 +11,7 @@ in their tensors), and a vmap rule: a batch of x (or dY) is folded into its lead
 kernel call; a batched weight or bias runs one call per sample. Outputs are the same kernels'
 (a folded batch is one call with more rows: as accurate, not always the per-sample loop's bits).
 ``fake_quant_lsq`` (whose ``register_autograd`` autograd is refused the same way) has two more,
-and ``dampening_loss`` one: reverse mode only, one call per sample under vmap.
+and ``dampening_loss`` two: reverse mode only, one call per sample under vmap.
 
 Under ``torch.compile`` dynamo traces the transforms itself (their interpreters are live while it
 traces). Inside ``vmap`` (or ``functionalize``) alone the raw op is traced (through the vmap rule

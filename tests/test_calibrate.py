@@ -1301,3 +1301,18 @@ def test_act_quantizer_checkpoint_records_the_axis():
     old = ActQuantizer(8, "max", axis=-1)
     old.load_state_dict(sd)
     assert torch.equal(old.scale, src.scale)
+
+
+def test_mse_search_single_bin_histograms_tie_as_the_reference():
+    # several candidates with zero error in exact arithmetic: the last ulp of the scale decides, and
+    # the reference's `hi / amax` (a float over a tensor: reciprocal, then multiply) picked another bin
+    # than the kernels' true division for ~1.5% of one-bin histograms (a review's fuzz)
+    n, w = 128, 6.0 / 128
+    for b in (83, 17, 101, 127):
+        pos = torch.zeros(1, n, dtype=torch.long)
+        pos[0, b] = 10
+        _, amax = ops.calib_search(pos, torch.zeros_like(pos), torch.tensor([w], dtype=torch.float64),
+                                   torch.tensor([n]), "mse", 8, unsigned=True, symmetric=True, stride=1, start_bin=8)
+        want = R.amax_mse(pos[0].double(), torch.arange(n + 1, dtype=torch.float64) * w, 8, unsigned=True,
+                           stride=1, start_bin=8)
+        assert float(amax) == float(want)

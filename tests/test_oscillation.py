@@ -1196,3 +1196,16 @@ def test_dampening_loss_under_torch_func_and_forward_ad():
         torch.func.jvp(f, (w,), (torch.ones_like(w),))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
         f(fwAD.make_dual(w, torch.ones_like(w)))
+
+
+def test_dampening_loss_of_infinite_weights_is_the_clamped_formula():
+    # clamp(+-inf) is the grid's end, so such a weight adds (end - target)^2 = 0 and no gradient; the
+    # reference multiplied inf by its 0 mask and gave NaN where the kernels give the formula's value
+    w = torch.tensor([0.1, float("inf"), -float("inf"), 0.3])
+    s = torch.tensor([0.2])
+    want = R.dampening_loss(w, s, torch.zeros(1), -8, 7)
+    assert torch.isfinite(want)
+    import importlib.util
+
+    for be in ["native"] + (["triton"] if importlib.util.find_spec("triton") else []):
+        torch.testing.assert_close(ops.dampening_loss(w, s, None, -8, 7, backend=be), want)

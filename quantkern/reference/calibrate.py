@@ -151,7 +151,10 @@ def fake_tensor_quant(x: torch.Tensor, amax, num_bits: int, unsigned: bool = Fal
     """pytorch-quantization's symmetric fake quant: ``clamp(round(x * s), lo, hi) / s``, ``s = hi / amax``."""
     hi = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
     lo = 0.0 if unsigned else (-hi if narrow_range else -hi - 1.0)
-    s = hi / amax
+    # a true division, as NVIDIA's `max_bound / amax` of two tensors and the kernels: torch's
+    # `float / tensor` is `tensor.reciprocal() * float` (two roundings), which broke exact ties of
+    # the MSE search differently from the kernels
+    s = torch.as_tensor(hi, dtype=amax.dtype, device=amax.device) / amax if isinstance(amax, torch.Tensor) else hi / amax
     return torch.clamp(torch.round(x * s), lo, hi) / s
 
 

@@ -235,7 +235,7 @@ def dampening_loss(weight, scale, offset, qmin: int, qmax: int, axis=None, group
         lo, hi = qmin * s + b, qmax * s + b
     # clamp with tensor bounds: gradient 1 where lo <= w <= hi
     wc = torch.minimum(torch.maximum(wf, lo), hi)
-    inside = ((wf >= lo) & (wf <= hi)).float()
-    wc = wf * inside + (wc - wf * inside).detach()  # value clamp(w), gradient `inside`
+    inside = (wf >= lo) & (wf <= hi)
+    wc = torch.where(inside, wf, wc.detach())  # value clamp(w), gradient `inside` (w = +-inf: clamped, no inf * 0)
     d = wc - target
     return (d.double().square().sum() * norm).float()
