@@ -275,30 +275,35 @@ class FakeQuantLSQFn(torch.autograd.Function):
         return _per_sample(FakeQuantLSQFn, info, in_dims, args)
 
 
-class FakeQuantLSQBackwardFn(torch.autograd.Function):
-    """fake_quant_lsq_backward under torch.func transforms (the registered op's autograd, which
-    raises for double backward, is refused there too); a second derivative raises the same error."""
+def _backward_op_fn(op: str, why: str):
+    """An autograd.Function for ``quantkern::<op>`` (or its ``_triton`` twin: the last argument, the
+    backend, picks) under torch.func transforms, where the op's registered autograd (which raises for
+    double backward) is refused too; a second derivative raises the same error, naming ``why``."""
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            *args, be = args
+            return _below_autograd(getattr(torch.ops.quantkern, op + ("_triton" if be == "triton" else "")), *args)
 
-    @staticmethod
-    def forward(grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale, be):
-        bwd = (torch.ops.quantkern.fake_quant_lsq_backward_triton if be == "triton"
-               else torch.ops.quantkern.fake_quant_lsq_backward)
-        return _below_autograd(bwd, grad, x, scale, offset, qmin, qmax, axis, group_size, grad_scale)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(f"quantkern.{op.removesuffix('_backward')}: double backward is not supported ({why})")
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "quantkern.fake_quant_lsq: double backward is not supported (the LSQ+ backward is one fused "
-            "kernel; a second-order gradient through fake_quant_lsq has no rule)"
-        )
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _per_sample(Fn, info, in_dims, args)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _per_sample(FakeQuantLSQBackwardFn, info, in_dims, args)
+    Fn.__name__ = Fn.__qualname__ = "".join(w.title() for w in op.split("_")).replace("Lsq", "LSQ") + "Fn"
+    return Fn
+
+
+FakeQuantLSQBackwardFn = _backward_op_fn(
+    "fake_quant_lsq_backward", "the LSQ+ backward is one fused kernel; a second-order gradient through "
+    "fake_quant_lsq has no rule")
 
 
 class DampeningLossFn(torch.autograd.Function):
@@ -327,25 +332,4 @@ class DampeningLossFn(torch.autograd.Function):
         return _per_sample(DampeningLossFn, info, in_dims, args)
 
 
-class DampeningLossBackwardFn(torch.autograd.Function):
-    """dampening_loss_backward under torch.func transforms (its registered autograd, which raises for
-    double backward, is refused there); a second derivative raises the same error."""
-
-    @staticmethod
-    def forward(grad, weight, scale, offset, qmin, qmax, axis, group_size, norm, be):
-        bwd = (torch.ops.quantkern.dampening_loss_backward_triton if be == "triton"
-               else torch.ops.quantkern.dampening_loss_backward)
-        return _below_autograd(bwd, grad, weight, scale, offset, qmin, qmax, axis, group_size, norm)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("quantkern.dampening_loss: double backward is not supported (the dampening backward "
-                           "is one fused kernel)")
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _per_sample(DampeningLossBackwardFn, info, in_dims, args)
+DampeningLossBackwardFn = _backward_op_fn("dampening_loss_backward", "the dampening backward is one fused kernel")

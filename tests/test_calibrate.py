@@ -725,6 +725,19 @@ def test_cuda_histogram_more_channels_than_grid_y():
     assert torch.equal(pc.cpu(), pos) and torch.equal(nc.cpu(), neg)
 
 
+def search_inputs(method, symmetric, C=70, M=300, B=256):
+    """(pos, neg, width, n, args) of calib_search: C channels' histograms of Gaussian data, B bins; the
+    CUDA (and emulated CUDA) searches are compared with the CPU's on them."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(C, M, generator=g) * 3
+    R_ = x.abs().amax(1) * 1.1
+    n = torch.full((C,), B, dtype=torch.long)
+    pos, neg = torch.zeros(C, B, dtype=torch.long), torch.zeros(C, B, dtype=torch.long)
+    torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n)
+    args = (method, 8 if symmetric else 4, False, symmetric, 1 if symmetric else 4, B // 2 if symmetric else 8)
+    return pos, neg, (R_ / n).double(), n, args
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test needs a GPU (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("method", ["mse", "entropy"])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -732,15 +745,7 @@ def test_cuda_search_matches_cpu(method, symmetric):
     # calib_rint on the device used to resolve to qk::rint(float) and round c / s
     # through fp32: the asymmetric MSE search then picked other ranges than the CPU
     # for a few channels of 70 (sparse histograms: many candidates nearly tie).
-    g = torch.Generator().manual_seed(1)
-    C, M, B = 70, 300, 256
-    x = torch.randn(C, M, generator=g) * 3
-    R_ = x.abs().amax(1) * 1.1
-    n = torch.full((C,), B, dtype=torch.long)
-    pos, neg = torch.zeros(C, B, dtype=torch.long), torch.zeros(C, B, dtype=torch.long)
-    torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n)
-    width = (R_ / n).double()
-    args = (method, 8 if symmetric else 4, False, symmetric, 1 if symmetric else 4, 128 if symmetric else 8)
+    pos, neg, width, n, args = search_inputs(method, symmetric)
     lo, hi = torch.ops.quantkern.calib_search(pos, neg, width, n, *args)
     lo_g, hi_g = torch.ops.quantkern.calib_search(pos.cuda(), neg.cuda(), width.cuda(), n.cuda(), *args)
     torch.testing.assert_close(lo_g.cpu(), lo, rtol=1e-12, atol=0)

@@ -19,6 +19,7 @@ from quantkern.reference import oscillation as RO
 from quantkern.packed import PackedWeight
 
 import _lsq_cases as C
+from test_calibrate import search_inputs
 from test_packed_linear import check_accuracy, make
 
 build = pytest.importorskip("cuda_emu.build")
@@ -221,15 +222,7 @@ def test_calib_histogram_exact(E, order, dtype):
 @pytest.mark.parametrize("method", ("mse", "entropy"))
 @pytest.mark.parametrize("symmetric", (True, False))
 def test_calib_search_matches_cpu(E, order, method, symmetric):
-    g = torch.Generator().manual_seed(1)
-    Cn, M, B = 6, 300, 128
-    x = torch.randn(Cn, M, generator=g) * 3
-    R_ = x.abs().amax(1) * 1.1
-    n = torch.full((Cn,), B, dtype=torch.long)
-    pos, neg = torch.zeros(Cn, B, dtype=torch.long), torch.zeros(Cn, B, dtype=torch.long)
-    torch.ops.quantkern.calib_histogram(x, pos, neg, R_, n)
-    width = (R_ / n).double()
-    args = (method, 8 if symmetric else 4, False, symmetric, 1 if symmetric else 4, 64 if symmetric else 8)
+    pos, neg, width, n, args = search_inputs(method, symmetric, C=6, B=128)
     lo, hi = torch.ops.quantkern.calib_search(pos, neg, width, n, *args)
     lo_e, hi_e = E.calib_search(pos, neg, width, n, *args)
     torch.testing.assert_close(lo_e, lo, rtol=1e-12, atol=0)
