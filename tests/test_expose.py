@@ -620,3 +620,89 @@ def test_parametrized_gpt2_conv1d_is_named_as_left_float():
     parametrize.register_parametrization(model.transformer.h[0].mlp.c_fc, "weight", Double())
     with pytest.warns(UserWarning, match=r"\(or Conv1D\) subclass layer\(s\) stay float.*c_fc"):
         replace_linear(model, 4, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask", ["key_padding_mask", "attn_mask"])
+def test_low_precision_float_masks_and_output_layout_like_torch(dtype, mask):
+    # the mask enters the product as in torch's baddbmm (one rounding), and the output has torch's strides
+    torch.manual_seed(0)
+    for bf in (True, False):
+        ref = nn.MultiheadAttention(E, H, batch_first=bf, dtype=dtype).eval()
+        ours = MultiheadAttention.from_torch(ref)
+        q, k, v, s = _inputs(bf, False, False, None, dtype=dtype)
+        m = torch.randn((B, s) if mask == "key_padding_mask" else (L, s), dtype=dtype)
+        a, b = ref(q, k, v, **{mask: m}), ours(q, k, v, **{mask: m})
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].stride() == b[0].stride()
+
+
+def test_encoder_layer_trains_like_torch_after_unfuse():
+    # the dropout after the attention draws its mask in memory order: the same seed gives the same result
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(E, H, 32, dropout=0.3, batch_first=True).train()
+    ours = nn.TransformerEncoderLayer(E, H, 32, dropout=0.3, batch_first=True).train()
+    ours.load_state_dict(ref.state_dict())
+    unfuse_attention(ours)
+    x = torch.randn(B, L, E)
+    torch.manual_seed(1)
+    a = ref(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, ours(x))
+
+
+@pytest.mark.parametrize("kdim", [None, 12])
+def test_constructor_initialises_like_torch(kdim):
+    for bkv in (False, True):
+        torch.manual_seed(3)
+        ref = nn.MultiheadAttention(E, H, add_bias_kv=bkv, kdim=kdim, vdim=kdim)
+        torch.manual_seed(3)
+        ours = MultiheadAttention(E, H, add_bias_kv=bkv, kdim=kdim, vdim=kdim)
+        for (n, p), (n2, p2) in zip(ref.state_dict().items(), ours.to_torch().state_dict().items()):
+            assert n == n2 and torch.equal(p, p2), n
+    # numpy integers work as in torch's constructor
+    np = pytest.importorskip("numpy")
+    ours = MultiheadAttention(np.int64(E), np.int64(H))
+    assert type(ours.embed_dim) is int
+    with pytest.raises(ValueError, match="embed_dim must be a positive int"):
+        MultiheadAttention(16.0, 4)
+
+
+def test_to_torch_keeps_requires_grad_and_unfuse_is_all_or_nothing(monkeypatch):
+    ref = nn.MultiheadAttention(E, H)
+    ref.out_proj.weight.requires_grad_(False)
+    back = MultiheadAttention.from_torch(ref).to_torch()
+    assert {n: p.requires_grad for n, p in back.named_parameters()} == \
+        {n: p.requires_grad for n, p in ref.named_parameters()}
+    model = nn.Sequential(nn.MultiheadAttention(E, H), nn.MultiheadAttention(E, H))
+    real, calls = MultiheadAttention.from_torch.__func__, []
+
+    def failing_second(cls, mha, _copies=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(cls, mha, _copies)
+
+    monkeypatch.setattr(MultiheadAttention, "from_torch", classmethod(failing_second))
+    with pytest.raises(RuntimeError, match="boom"):
+        unfuse_attention(model)
+    assert [type(m) for m in model] == [nn.MultiheadAttention] * 2
+
+
+def test_lazy_layers_and_a_linear_subclass_as_the_model_are_refused_clearly():
+    from quantkern.nn import expose_linears
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 4))
+    for convert in (expose_linears, quantize_modules, lambda m: replace_linear(m, 4, 32)):
+        with pytest.raises(ValueError, match=r"\['0'\] are lazy modules"):
+            convert(model)
+        assert type(model[0]) is nn.LazyLinear and type(model[2]) is nn.Linear
+    model(torch.randn(2, 3))  # materialised: now it converts
+    quantize_modules(model)
+    assert type(model[0]) is QuantLinear
+
+    class MyLinear(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match="quantize_modules: model is itself a MyLinear"):
+        quantize_modules(MyLinear(8, 8))

@@ -13,14 +13,27 @@ for it, and :meth:`MultiheadAttention.to_torch` goes back.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.utils import skip_init
 
-from ._sites import module_sites, refresh_hooked_weights, swap_module
+from ._sites import module_sites, refresh_hooked_weights, swap_module, undo_swaps_on_error
+
+
+def _positive_int(name: str, v) -> int:
+    """``v`` as a Python int (any integer type torch's constructor takes, e.g. numpy's), or ValueError."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or isinstance(v, bool) or i <= 0:
+        raise ValueError(f"quantkern.nn.MultiheadAttention: {name} must be a positive int, got {v!r}")
+    return i
 
 
 def _float_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -82,31 +95,54 @@ class MultiheadAttention(nn.Module):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"quantkern.nn.MultiheadAttention: {name} must be a positive int, got {v!r}")
+        embed_dim, num_heads = _positive_int("embed_dim", embed_dim), _positive_int("num_heads", num_heads)
+        kdim, vdim = (None if d is None else _positive_int(n, d) for n, d in (("kdim", kdim), ("vdim", vdim)))
         if embed_dim % num_heads:
             raise ValueError(f"quantkern.nn.MultiheadAttention: embed_dim {embed_dim} is not divisible by "
                              f"num_heads {num_heads}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"quantkern.nn.MultiheadAttention: dropout must be in [0, 1], got {dropout!r}")
-        kw = {"device": device, "dtype": dtype}
+        # (skip_init's None device would stay on meta: the default device is what nn.Linear would use)
+        kw = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         # read by nn.TransformerEncoder's constructor before it looks at in_proj_bias
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout, self.batch_first, self.add_zero_attn = float(dropout), bool(batch_first), bool(add_zero_attn)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        # built uninitialised, then initialised as torch's module is, in its order of random draws
+        # (_reset_parameters): the same seed gives the same weights as nn.MultiheadAttention
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            skip_init(nn.Linear, i, embed_dim, bias=bias, **kw) for i in (embed_dim, self.kdim, self.vdim, embed_dim))
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
-            nn.init.xavier_normal_(self.bias_k)
-            nn.init.xavier_normal_(self.bias_v)
         else:
             self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """torch's initialisation: out_proj as an nn.Linear (its constructor draws first), q / k / v
+        xavier-uniform over the fused [3E, E] weight (each on its own when kdim / vdim differ from E),
+        zero biases, bias_k / bias_v xavier-normal."""
+        if self.out_proj.weight.is_meta:  # (from_torch builds on meta and copies the weights in)
+            return
+        with torch.no_grad():
+            self.out_proj.reset_parameters()
+            qkv = (self.q_proj, self.k_proj, self.v_proj)
+            if self._qkv_same_embed_dim:
+                fused = nn.init.xavier_uniform_(torch.empty(3 * self.embed_dim, self.embed_dim,
+                                                            dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device))
+                for lin, part in zip(qkv, fused.split(self.embed_dim)):
+                    lin.weight.copy_(part)
+            else:
+                for lin in qkv:
+                    nn.init.xavier_uniform_(lin.weight)
+            for lin in (*qkv, self.out_proj):
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            if self.bias_k is not None:
+                nn.init.xavier_normal_(self.bias_k)
+                nn.init.xavier_normal_(self.bias_v)
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, _copies: dict | None = None) -> "MultiheadAttention":
@@ -129,7 +165,7 @@ class MultiheadAttention(nn.Module):
         w = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
                   mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device="meta", dtype=w.dtype)
-        E = mha.embed_dim
+        E = new.embed_dim  # (a Python int: torch's module keeps whatever integer type it was given)
         copies = {} if _copies is None else _copies
 
         def param(src, i=None):  # a copy (the new module must not alias the old one's storage), once per
@@ -182,6 +218,12 @@ class MultiheadAttention(nn.Module):
             if self.bias_k is not None:
                 m.bias_k.copy_(self.bias_k)
                 m.bias_v.copy_(self.bias_v)
+        # requires_grad as here (a fused torch Parameter trains when any of the parts it joins did)
+        for name, p in m.named_parameters():
+            parts = {"in_proj_weight": [lin.weight for lin in lins[:3]], "in_proj_bias": [lin.bias for lin in lins[:3]],
+                     "q_proj_weight": [lins[0].weight], "k_proj_weight": [lins[1].weight],
+                     "v_proj_weight": [lins[2].weight]}.get(name) or [self.get_parameter(name)]
+            p.requires_grad_(any(t.requires_grad for t in parts))
         return m.train(self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -281,10 +323,15 @@ class MultiheadAttention(nn.Module):
         mask = kpm if am is None else (am if kpm is None else am + kpm)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            logits = torch.matmul(q * math.sqrt(1.0 / D), k.transpose(-2, -1))
+            # as torch's: the mask enters the product itself (baddbmm: one rounding in low precision, and
+            # autocast's dtype), over [B * H, L, S']
+            S2 = k.shape[2]  # (S plus the appended keys; spelled out: B may be 0)
+            qs, kt = (q * math.sqrt(1.0 / D)).reshape(B * H, L, D), k.transpose(-2, -1).reshape(B * H, D, S2)
             if mask is not None:
-                logits = logits + mask
-            w = torch.softmax(logits, dim=-1)
+                logits = torch.baddbmm(mask.expand(B, H, L, S2).reshape(B * H, L, S2), qs, kt)
+            else:
+                logits = torch.bmm(qs, kt)
+            w = torch.softmax(logits.view(B, H, L, S2), dim=-1)
             if p > 0:  # the returned weights are the dropped-out ones, as torch's
                 w = F.dropout(w, p)
             out = torch.matmul(w, v)
@@ -294,10 +341,12 @@ class MultiheadAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)
             weights = None
-        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+        # torch's memory layout: out_proj runs on [L, B, E] rows and batch_first gets a transposed view of
+        # that (a following dropout draws its mask in memory order, so the layout decides which entries it drops)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, E))
         if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
+            out = out.squeeze(1)
+        elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
 
@@ -326,19 +375,20 @@ def unfuse_attention(model: nn.Module, skip=None) -> list[str]:
     check_skip("unfuse_attention", skip)
     refresh_hooked_weights(model)
     replaced, new_mods, kept, copies = [], [], [], {}
-    for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
-        if any(_skipped(n, skip) for n in names):
-            continue
-        why = _not_plain(mha)
-        if why:
-            kept.append(f"{names[0]} ({type(mha).__name__} {why})")
-            continue
-        new_mods.append(swap_module(sites, mha, MultiheadAttention.from_torch(mha, copies)))
-        replaced.append(names[0])
+    with undo_swaps_on_error():  # a module that fails to convert leaves the model as it came
+        for names, sites, mha in module_sites(model, lambda m: isinstance(m, nn.MultiheadAttention)):
+            if any(_skipped(n, skip) for n in names):
+                continue
+            why = _not_plain(mha)
+            if why:
+                kept.append(f"{names[0]} ({type(mha).__name__} {why})")
+                continue
+            new_mods.append(swap_module(sites, mha, MultiheadAttention.from_torch(mha, copies)))
+            replaced.append(names[0])
+        disable_fused_encoder_paths(model, new_mods)
     if kept:
         warnings.warn(f"unfuse_attention: left {len(kept)} nn.MultiheadAttention module(s) as they are, their "
                       f"projections in float: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} (the "
                       "replacement computes torch's attention only); skip them by name to silence this",
                       stacklevel=2)
-    disable_fused_encoder_paths(model, new_mods)
     return replaced

@@ -19,6 +19,7 @@ product); :func:`expose_linears` runs all three.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._sites import module_sites, refresh_hooked_weights, swap_module
@@ -85,6 +86,8 @@ def _is_plain_linear_subclass(m: nn.Module) -> bool:
     # weight directly (unfuse_attention handles those; a skipped attention module keeps it)
     if t is nn.Linear or not isinstance(m, nn.Linear) or issubclass(t, NonDynamicallyQuantizableLinear):
         return False
+    if isinstance(m, LazyModuleMixin):  # not run yet: no weight (it becomes an nn.Linear on its first call)
+        return False
     same = t.forward is nn.Linear.forward or (t.__module__, t.__name__) in _SAME_MATH
     # nothing of its own beyond weight / bias (a LoRA layer, an input scale, ... is not a plain Linear)
     return same and set(m._parameters) <= {"weight", "bias"} and not m._buffers and not m._modules
@@ -109,5 +112,16 @@ def plain_linear_subclasses(model: nn.Module, skip=None) -> list[str]:
 
 def expose_linears(model: nn.Module, skip=None) -> list[str]:
     """:func:`unfuse_attention`, :func:`conv1d_to_linear` and :func:`plain_linear_subclasses` on
-    ``model`` (in place, same ``skip``); returns the names of the modules replaced."""
+    ``model`` (in place, same ``skip``); returns the names of the modules replaced. A lazy layer
+    (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet run has no weight to convert: ValueError
+    before anything changes."""
+    from .packed_linear import _skipped, check_skip
+
+    check_skip("expose_linears", skip)
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
+            and not _skipped(n, skip)]
+    if lazy:
+        raise ValueError(f"layers {lazy[:3]}{' ...' if len(lazy) > 3 else ''} are lazy modules (nn.LazyLinear, "
+                         "nn.LazyConv2d, ...) not run yet, so they have no weights to convert (their shapes come from "
+                         "the first input): run the model once on an input first")
     return unfuse_attention(model, skip) + conv1d_to_linear(model, skip) + plain_linear_subclasses(model, skip)

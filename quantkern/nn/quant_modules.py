@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BACKENDS
-from .expose import expose_linears
+from .expose import _is_hf_conv1d, _is_plain_linear_subclass, expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
 from ._sites import undo_swaps_on_error
 from .packed_linear import disable_fused_encoder_paths
@@ -380,9 +380,10 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     :class:`quantkern.nn.MultiheadAttention` (same function, projections ``q_proj`` / ``k_proj`` /
     ``v_proj`` / ``out_proj`` as nn.Linear submodules), so their projections are quantized too
     (torch's module reads its fused weights directly); transformers' ``Conv1D`` layers (GPT-2)
-    become nn.Linear. Otherwise only modules whose type is
-    exactly nn.Linear or nn.Conv2d are swapped: subclasses and layers already quantized are
-    left alone. A layer shared by several parents is converted once and stays shared.
+    become nn.Linear, and so do ``nn.Linear`` subclasses that compute nn.Linear's function with no
+    state of their own (:func:`quantkern.nn.plain_linear_subclasses`). Otherwise only modules whose
+    type is exactly nn.Linear or nn.Conv2d are swapped: other subclasses and layers already
+    quantized are left alone. A layer shared by several parents is converted once and stays shared.
 
     Parameters: a swapped Linear / Conv2d's ``weight`` / ``bias`` are kept (the same Parameter
     objects: ties and an optimizer built before keep working), but the unfused attention modules and
@@ -415,6 +416,9 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("quantize_modules: model is itself an nn.MultiheadAttention (no parent to replace it in); "
                         "convert quantkern.nn.MultiheadAttention.from_torch(module)")
+    if _is_hf_conv1d(model) or _is_plain_linear_subclass(model):
+        raise TypeError(f"quantize_modules: model is itself a {type(model).__name__}, which is converted by replacing "
+                        "it in its parent; wrap it in a module first (e.g. nn.Sequential(layer))")
     # Expose the hidden linears, build every replacement, and swap only when all succeeded: a layer
     # that fails (e.g. a w_group_size that does not divide its row length) used to leave the model
     # half converted (and, before undo_swaps_on_error, its attention modules already unfused).
