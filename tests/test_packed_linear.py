@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import quantkern
 from quantkern import PackedWeight, ops
 from quantkern.nn import PackedLinear, replace_linear
+from quantkern.nn.packed_linear import fake_quant_input
 from quantkern.reference import packing as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -937,6 +938,24 @@ def test_failed_state_dict_load_keeps_the_module_usable():
             m.load_state_dict(other.state_dict())
         assert m.scales.dtype == torch.float16
         torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    # another meta dtype with a matching shape, refused by a later check (the input range, a missing
+    # in_perm) or by torch's copy (a meta checkpoint): the old scales / zeros stay, not empty memory
+    src = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float32).set_input_quantizer(8, True,
+                                                                                                    scale=0.1)
+    for bad in ({**src.state_dict(), "input_scale": torch.tensor(0.0)},
+                {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in src.state_dict().items()}):
+        m = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float16).set_input_quantizer(8, True,
+                                                                                                      scale=0.05)
+        y = m(x)
+        with pytest.raises((RuntimeError, ValueError)):
+            m.load_state_dict(bad)
+        assert m.scales.dtype == m.zeros.dtype == torch.float16
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    m = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float16).set_input_permutation(torch.arange(64))
+    y = m(x)
+    with pytest.raises(ValueError, match="comes without in_perm"):
+        m.load_state_dict(PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float32).state_dict())
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
     # a matching checkpoint with another meta dtype still loads exactly (strict)
     m = PackedLinear(64, 8, group_size=32, meta_dtype=torch.float16)
     src = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.bfloat16)
@@ -1324,3 +1343,40 @@ def test_replace_linear_under_inference_mode_makes_normal_tensors():
         replace_linear(m, 4, 32, skip=["attn.k_proj"])
     assert not any(t.is_inference() for t in list(m.parameters()) + list(m.buffers()))
     assert type(m.attn.k_proj) is torch.nn.Linear and isinstance(m.attn.q_proj, PackedLinear)
+
+
+def test_meta_layer_takes_input_quantizer_placeholders_and_bad_dtypes_are_refused():
+    for kw in (dict(bits=8, symmetric=False), dict(bits=8, symmetric=True, offset=0.0),
+               dict(bits=8, symmetric=True, offset=0.0, per_channel=True), dict(bits=8, symmetric=True, dynamic=True)):
+        m = PackedLinear(64, 16, bits=4, group_size=32, device="meta").set_input_quantizer(**kw)
+        assert all(b.is_meta for b in m.buffers())
+    with pytest.raises(ValueError, match="input scale must be finite"):  # (values on the host are still checked)
+        PackedLinear(64, 16, group_size=32, device="meta").set_input_quantizer(8, True, scale=0.0)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(TypeError, match="dtype must be None, torch.float32"):
+            PackedLinear(64, 16, group_size=32, dtype=dtype)
+
+
+def test_partial_checkpoint_of_the_input_scale_loads_into_either_static_form():
+    for kw in (dict(), dict(offset=0.1)):
+        torch.manual_seed(0)
+        m = PackedLinear.from_linear(torch.nn.Linear(64, 16), 4, 32).set_input_quantizer(8, True, scale=0.05, **kw)
+        m.load_state_dict({"input_scale": m.state_dict()["input_scale"] * 2}, strict=False)
+        assert float(m.input_scale.reshape(-1)[0]) == pytest.approx(0.1)
+
+
+def test_replace_linear_that_fails_on_a_later_layer_leaves_the_model_as_it_came():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 64),
+                                torch.nn.MultiheadAttention(64, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e7)  # its scales overflow the float16 metadata
+    with pytest.raises(ValueError, match=r"replace_linear: layer '2': .*overflow.*\(the model is unchanged\)"):
+        replace_linear(model, 4, 32, meta_dtype=torch.float16, skip=None)
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear, torch.nn.MultiheadAttention]
+
+
+def test_fake_quant_input_static_zero_defaults_to_0_on_every_path():
+    s, x = torch.tensor(0.05), torch.randn(4, 64)
+    want = fake_quant_input(x, 8, True, False, s, torch.tensor(0.0))
+    for xx in (x, x.clone().requires_grad_(), x.t().contiguous().t()):
+        torch.testing.assert_close(fake_quant_input(xx, 8, True, False, s), want, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from .._affine_fq import one_pass, one_pass_applies
 from .._dtype_keep import apply_keeping_dtype
 from ..packed import PackedWeight
 from ..reference import packing as ref
-from ._sites import module_sites, refresh_hooked_weights, set_undoably, swap_module
+from ._sites import module_sites, refresh_hooked_weights, set_undoably, swap_module, undo_swaps_on_error
 from .attention import _not_plain
 from .expose import _is_hf_conv1d, _is_hf_conv1d_type, _is_plain_linear_subclass, expose_linears
 from .lsq import qrange
@@ -43,7 +43,7 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     the grid of :func:`quantkern.ptq.calibrate.quant_range` (symmetric: ``[-2^(b-1), 2^(b-1)-1]``,
     z = 0; asymmetric: ``[0, 2^b - 1]``, integer z).
 
-    static: ``scale`` / ``zero`` 0-dim float32 (per tensor, from calibration).
+    static: ``scale`` / ``zero`` 0-dim float32 (per tensor, from calibration; ``zero`` None: 0).
     dynamic: one range per token (per index of the leading dims; a 1-D x is one token):
     symmetric ``s = max|x| / qmax``; asymmetric ``s = (max(x, 0) - min(x, 0)) / (2^b - 1)``,
     ``z = round(-min / s)``. A token whose range is 0 quantizes to 0.
@@ -60,6 +60,8 @@ def fake_quant_input(x: torch.Tensor, bits: int, symmetric: bool, dynamic: bool,
     qmax_s = 2 ** (bits - 1) - 1
     qmin, qmax = (-qmax_s - 1, qmax_s) if symmetric else (0, 2**bits - 1)
     fused = None
+    if not dynamic and zero is None:
+        zero = torch.zeros_like(scale)
     if not dynamic:
         fused = one_pass(x, scale, zero, qmin, qmax)
     elif symmetric and x.dim() and x.numel() and one_pass_applies(x):  # after the same per-token max as below
@@ -144,6 +146,9 @@ class PackedLinear(nn.Module):
         ops._check_group("PackedLinear", in_features, gs)
         if meta_dtype not in ref.META_DTYPES:
             raise TypeError(f"quantkern.PackedLinear: meta_dtype must be one of {ref.META_DTYPES}, got {meta_dtype}")
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):  # (the bias's; the op takes these)
+            raise TypeError(f"quantkern.PackedLinear: dtype must be None, torch.float32, torch.float16 or "
+                            f"torch.bfloat16, got {dtype}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"quantkern.PackedLinear: backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -239,13 +244,16 @@ class PackedLinear(nn.Module):
                     fail(f"{what} must be a number or a one-element tensor, got {v!r} ({e})")
                 if t.numel() != 1:
                     fail(f"{what} must be one value (the input quantizer is per tensor), got shape {tuple(t.shape)}")
-                return t.reshape(()).to(self.qweight.device)
+                return t.reshape(())
 
+            # checked where the values are (a meta layer takes placeholders too), then moved to the layer
             s = one(1.0 if scale is None else scale, "scale")
             z = one(0.0 if zero is None else zero, "zero")
-            if not bool(torch.isfinite(s)) or float(s) <= 0:  # in float32: 1e-50 is 0 there, 1e39 inf
+            if not s.is_meta and (not bool(torch.isfinite(s)) or float(s) <= 0):  # in float32: 1e-50 is 0, 1e39 inf
                 raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got {float(s)}")
-            _check_input_zero(z, bits, symmetric, "input zero")
+            if not z.is_meta:
+                _check_input_zero(z, bits, symmetric, "input zero")
+            s, z = s.to(self.qweight.device), z.to(self.qweight.device)
         self._replace_input_buffers({} if s is None else {"input_scale": s, "input_zero": z})
         if bits is None:
             self.act_bits, self.act_symmetric, self.act_dynamic = None, False, False
@@ -290,15 +298,17 @@ class PackedLinear(nn.Module):
             if t.numel() != n:
                 hint = " (pass per_channel=True for one per input feature)" if t.numel() == K else ""
                 fail(f"{name} must hold {what}, got shape {tuple(t.shape)}{hint}")
-            return t.reshape(n).to(self.qweight.device).contiguous()
+            return t.reshape(n).contiguous()
 
+        # checked where the values are (a meta layer takes placeholders too), then moved to the layer
         s = vals(1.0 if scale is None else scale, "scale")
         b = vals(offset, "offset")
-        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        if not s.is_meta and (not bool(torch.isfinite(s).all()) or not bool((s > 0).all())):
             raise ValueError(f"PackedLinear: input scale must be finite and > 0 in float32, got min "
                              f"{float(s.min()):.4g}")
-        if not bool(torch.isfinite(b).all()):
+        if not b.is_meta and not bool(torch.isfinite(b).all()):
             raise ValueError("PackedLinear: input offset must be finite")
+        s, b = s.to(self.qweight.device), b.to(self.qweight.device)
         self._replace_input_buffers({"input_scale": s, "input_offset": b})
         self.act_bits, self.act_symmetric, self.act_dynamic = bits, symmetric, False
         self.act_offset_form, self.act_per_channel = True, per_channel
@@ -520,15 +530,6 @@ class PackedLinear(nn.Module):
         if isinstance(b, torch.Tensor) and self.bias is not None and b.shape != self.bias.shape:
             raise ValueError(f"PackedLinear: checkpoint {prefix}bias has shape {tuple(b.shape)}, this module's "
                              f"{tuple(self.bias.shape)}")
-        # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast
-        for name in ("scales", "zeros"):
-            t = state_dict.get(prefix + name)
-            buf = getattr(self, name)
-            # only when the shape matches: otherwise torch's size check fails the load and the
-            # uninitialised replacement would stay behind (NaN outputs after a caught failed load)
-            if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in ref.META_DTYPES and \
-                    t.shape == buf.shape:
-                setattr(self, name, torch.empty(buf.shape, dtype=t.dtype, device=buf.device))
         # the input permutation belongs to the packed weight it comes with (the column order of qweight):
         # * checkpoint has in_perm: checked, then taken whether or not this module had one (registered
         #   before torch's copy, so the key is neither unexpected nor dropped under strict=False)
@@ -549,7 +550,8 @@ class PackedLinear(nn.Module):
         # missing-key check reports it, and forward refuses the placeholder range.)
         ranges = [n for n in ("input_scale", "input_zero", "input_offset") if prefix + n in state_dict]
         if ranges and (self.act_bits is None or self.act_dynamic
-                       or (prefix + "input_offset" in state_dict) != self.act_offset_form
+                       # (the form judged by the second buffer of the range: input_scale alone fits either)
+                       or (prefix + "input_offset" in state_dict and not self.act_offset_form)
                        or (prefix + "input_zero" in state_dict and self.act_offset_form)):
             form = "set_input_quantizer(bits, symmetric, offset=..., per_channel=...)" \
                 if prefix + "input_offset" in state_dict else "set_input_quantizer(bits, symmetric, dynamic=False)"
@@ -579,7 +581,27 @@ class PackedLinear(nn.Module):
         n_err = len(error_msgs) if error_msgs is not None else 0
         if perm is not None:  # (all checks passed: nothing above raises after this)
             self._buffers["in_perm"] = perm
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # scales/zeros take the checkpoint's dtype (fp32/fp16/bf16 metadata), never a lossy cast: an empty
+        # buffer of that dtype for torch's copy to fill, made only now that every check has passed, and the
+        # old buffer put back if torch's copy into it fails (else a caught failed load left uninitialised
+        # memory behind). Only when the shape matches: otherwise torch's size check refuses the key anyway.
+        replaced = {}
+        for name in ("scales", "zeros"):
+            t = state_dict.get(prefix + name)
+            buf = self._buffers[name]
+            if isinstance(t, torch.Tensor) and t.dtype != buf.dtype and t.dtype in ref.META_DTYPES and \
+                    t.shape == buf.shape:
+                replaced[name] = buf
+                self._buffers[name] = torch.empty(buf.shape, dtype=t.dtype, device=buf.device)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except BaseException:
+            self._buffers.update(replaced)
+            raise
+        for name, buf in replaced.items():  # torch reports a failed copy as a message naming the key
+            if error_msgs is not None and any(f'"{prefix}{name}"' in m or f"{prefix}{name}:" in m
+                                              for m in error_msgs[n_err:]):
+                self._buffers[name] = buf
         # a placeholder range (set_input_quantizer without scale) counts as set once both buffers
         # came from the checkpoint without an error (a failed copy leaves the placeholders)
         if (self.act_bits is not None and not self.act_dynamic and isinstance(s, torch.Tensor)
@@ -701,24 +723,29 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     refresh_hooked_weights(model)  # (prune / weight_norm weights as they are now, not as of the last forward)
     # dtype, meta device, NaN / Inf of every weight to convert, before expose_linears changes the model
     check_linear_weights("quantkern.replace_linear", weights_to_convert(model, keep))
-    with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
-        expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
-    sites_list = linear_sites(model, keep)
-    disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
-    fell, kept = [], []  # (named in one warning each, as quantize_ names its fallbacks)
-    for name, sites, child in sites_list:
-        gs = group_size
-        K = child.in_features
-        if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
-            if not fallback_group_size:
-                kept.append(f"{name} (in_features {K})")
-                continue
-            gs = fallback_group(K, gs)
-            fell.append(f"{name} (in_features {K}): " + (f"g{gs}" if gs < K else "one group per row"))
-        with torch.inference_mode(False):
-            new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
-        swap_module(sites, child, new)
-        replaced.append(name)
+    # a layer that fails to convert leaves the model as it came (exposed layers, swaps, encoder flags undone)
+    with undo_swaps_on_error():
+        with torch.inference_mode(False):  # (normal tensors even under the caller's inference_mode: see quantize_)
+            expose_linears(model, skip)  # torch attention projections, transformers Conv1D -> nn.Linear, packed below
+        sites_list = linear_sites(model, keep)
+        disable_fused_encoder_paths(model, [lin for _, _, lin in sites_list])
+        fell, kept = [], []  # (named in one warning each, as quantize_ names its fallbacks)
+        for name, sites, child in sites_list:
+            gs = group_size
+            K = child.in_features
+            if gs not in (None, -1) and (K % gs or gs % 32) and gs != K:
+                if not fallback_group_size:
+                    kept.append(f"{name} (in_features {K})")
+                    continue
+                gs = fallback_group(K, gs)
+                fell.append(f"{name} (in_features {K}): " + (f"g{gs}" if gs < K else "one group per row"))
+            try:
+                with torch.inference_mode(False):
+                    new = PackedLinear.from_linear(child, bits, gs, meta_dtype, backend)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"quantkern.replace_linear: layer {name!r}: {e} (the model is unchanged)") from e
+            swap_module(sites, child, new)
+            replaced.append(name)
 
     def listed(items):
         return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
