@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import itertools
+import warnings
 import pytest
 import torch
 from torch import nn
@@ -1077,3 +1078,136 @@ def test_skip_checks_the_predicate_adapter_itself_and_one_module_under_two_names
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_(m, method="rtn", group_size=32, skip=("proj",), progress=False)
+
+
+class _ExpertChoiceMoE(nn.Module):
+    """Each expert takes its top-C tokens by the gate's score: the same number of rows in the float and the
+    quantized model, but other tokens once the gate's input has moved."""
+
+    def __init__(self, d=64, E=4, C=128):
+        super().__init__()
+        self.C = C
+        self.pre, self.gate = nn.Linear(d, d), nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(E))
+
+    def forward(self, x):
+        x = torch.relu(self.pre(x))
+        sc, out = self.gate(x), torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            top = sc[:, e].topk(self.C).indices
+            out[top] += ex(x[top])
+        return out
+
+
+@pytest.mark.parametrize("method", ["gptq", "erq"])
+def test_fp_target_falls_back_per_layer_when_the_float_model_routes_other_tokens(method):
+    X = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0))
+    units = [lambda m, b=b: m(b) for b in X.split(512)]
+    out = {}
+    for ft in (True, False):
+        torch.manual_seed(1)
+        m = _ExpertChoiceMoE().eval()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            quantize_(m, method=method, bits=3, group_size=32, skip=None, fp_target=ft, calib_fn=units, progress=False)
+        named = {n for n in ("pre", "gate", *(f"experts.{e}" for e in range(4)))
+                 if any(f"layer {n!r} sees other tokens" in str(x.message) for x in w)}
+        if ft:  # (pre and gate see every token in both models: they keep their float targets)
+            assert named == {f"experts.{e}" for e in range(4)}
+            assert all(x.filename == __file__ for x in w if "sees other tokens" in str(x.message))
+        torch.manual_seed(1)
+        f = _ExpertChoiceMoE().eval()
+        f.pre, f.gate = m.pre, m.gate  # the same routing and expert inputs: the experts' error alone
+        with torch.no_grad():
+            yq, yf = m(X), f(X)
+        out[ft] = float((yq - yf).norm() / yf.norm())
+    # fitted to their own inputs: about as good as without fp_target (each paired with another token's
+    # float output, row by row, the experts' error was 9x that)
+    assert out[True] < 1.5 * out[False]
+
+
+def test_fp_target_pairing_test_on_rows():
+    from quantkern.ptq.quantize import _Capture
+
+    cap = _Capture("gptq", 16, 100, 0, pair=True, name="x")
+    x = torch.randn(64, 16)
+    assert cap._pairing_fails(x.double(), x + 0.3 * torch.randn(64, 16)) is None
+    assert "randomly paired" in cap._pairing_fails(x.double(), torch.randn(64, 16))
+    assert "no input rows" in cap._pairing_fails(None, x)
+    assert "63 input rows in the float model against 64" in cap._pairing_fails(x[1:].double(), x)
+
+
+def test_float_layers_are_freed_as_they_are_replaced_without_fp_target():
+    import gc
+    import weakref
+
+    x = torch.randn(64, 64)
+    for cache in (True, False):
+        m = nn.Sequential(*[nn.Linear(64, 64) for _ in range(5)]).eval()
+        refs, alive = [weakref.ref(lin.weight) for lin in m], []
+
+        def unit(mm):  # float weights alive beyond the layers not yet replaced
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs) - sum(type(c) is nn.Linear for c in mm))
+            return mm(x)
+
+        quantize_(m, method="gptq", group_size=32, skip=None, fp_target=False, block_cache=cache, calib_fn=unit,
+                  progress=False)
+        assert len(alive) >= 5 and set(alive) == {0}, alive
+
+
+def test_refusals_before_any_layer_changes_and_dead_layer_config_patterns():
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.MultiheadAttention(64, 4))
+    with pytest.raises(ValueError, match="group_size 64 does not fit layer '2'"):
+        quantize_(model, method="rtn", group_size=64, strict_group=True, skip=None, progress=False)
+    assert [type(c) for c in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.MultiheadAttention]
+    m = make_model()
+    with pytest.warns(UserWarning, match=r"layer_config patterns \['classifier'\] match only layers that skip"):
+        quantize_(m, method="rtn", group_size=32, layer_config={"classifier": {"bits": 2}}, progress=False)
+    assert type(m.classifier) is nn.Linear
+
+
+def test_default_skip_keeps_a_classifier_head_module_float():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.out_proj = nn.Linear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.out_proj(torch.tanh(self.dense(x)))
+
+    m = nn.Sequential()
+    m.add_module("body", nn.Linear(64, 64))
+    m.add_module("classifier", Head())
+    quantize_(m, method="rtn", group_size=32, progress=False)
+    assert type(m.body) is PackedLinear
+    assert type(m.classifier.dense) is nn.Linear and type(m.classifier.out_proj) is nn.Linear
+
+
+def test_load_refuses_a_tied_header_entry_that_names_a_stored_tensor(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m = make_model()
+    m.ln2.weight = m.ln1.weight  # one tensor under two names: stored once, the header maps the other
+    quantize_(m, method="rtn", group_size=32, progress=False)
+    save_quantized(m, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(meta["quantkern.tied"]) == {"ln2.weight": "ln1.weight"}
+    load_quantized(lambda: _tied_model(), tmp_path / "a.safetensors")  # as saved: loads
+    for bad in ({"ln1.bias": "ln1.weight"}, {"q.qweight": "ln1.weight"}):
+        meta["quantkern.tied"] = json.dumps(bad)
+        save_file(t, str(tmp_path / "b.safetensors"), metadata=meta)
+        fresh = _tied_model()
+        with pytest.raises(ValueError, match="bad quantkern.tied metadata"):
+            load_quantized(lambda: fresh, tmp_path / "b.safetensors")
+        assert type(fresh.q) is nn.Linear  # refused before any layer changed
+
+
+def _tied_model():
+    m = make_model(5)
+    m.ln2.weight = m.ln1.weight
+    return m

@@ -631,8 +631,10 @@ class PackedLinear(nn.Module):
 
 
 # the layers kept float unless the caller says otherwise (replace_linear and quantize_ alike): an
-# LLM's lm_head and a ViT / BERT classifier head, the layers most sensitive to low-bit weights
-DEFAULT_SKIP = ("lm_head", "classifier")
+# LLM's lm_head and a ViT / BERT classifier head, the layers most sensitive to low-bit weights; the
+# patterns also reach the Linears inside a classifier head *module* (RoBERTa's classifier.dense /
+# classifier.out_proj, which "classifier" alone, a layer's own name, does not match)
+DEFAULT_SKIP = ("lm_head", "classifier", "classifier.*", "*.classifier.*")
 
 
 def check_skip(op: str, skip) -> None:
@@ -698,7 +700,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     Args:
         skip: names (exact, a suffix after ".", or fnmatch patterns such as
             ``"*.classifier"``) or a predicate on the qualified name; those layers stay.
-            Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``); None replaces all.
+            Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``, and the layers inside a
+            module named ``classifier``); None replaces all.
         fallback_group_size: when ``group_size`` does not divide a layer's
             in_features, use the largest multiple of 32 below it that does (one group per
             row when none does) instead of leaving the layer alone.
@@ -891,13 +894,24 @@ def warn_left_float(op: str, model: nn.Module, skip, stacklevel: int = 3) -> Non
                       f"converted, e.g. {[n for n, _ in fused[:2]]}", stacklevel=stacklevel)
 
 
-def untie_packed_outputs(model: nn.Module, replaced_weights) -> list[str]:
+def tied_holders(model: nn.Module, layers) -> list[str]:
+    """Qualified names of the parameters of ``model`` outside the modules ``layers`` that are one of
+    those layers' weights (an input embedding tied to an lm_head): what :func:`untie_packed_outputs`
+    reports once the layers are replaced, found before, so that the float layers can be freed one by one."""
+    mods, ids = {id(m) for m in layers}, {id(m.weight) for m in layers}
+    return [f"{n}.{pn}" if n else pn for n, m in model.named_modules(remove_duplicate=False) if id(m) not in mods
+            for pn, p in m.named_parameters(recurse=False) if id(p) in ids]
+
+
+def untie_packed_outputs(model: nn.Module, replaced_weights=(), still: list[str] | None = None) -> list[str]:
     """After packing layers whose weight another module still holds (an lm_head tied to the input
     embedding), tell transformers the tie is gone (``config.tie_word_embeddings = False``, and the
     same on sub-configs such as ``text_config``), so its ``tie_weights()`` leaves the packed layer alone.
-    ``replaced_weights``: the replaced layers' weight tensors. Returns the names still holding one."""
-    ids = {id(w) for w in replaced_weights}
-    still = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    ``replaced_weights``: the replaced layers' weight tensors, or ``still``: the names holding one
+    (:func:`tied_holders` before the replacement). Returns the names still holding one."""
+    if still is None:
+        ids = {id(w) for w in replaced_weights}
+        still = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
     if still:
         for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
             if getattr(cfg, "tie_word_embeddings", False):

@@ -123,12 +123,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..nn._sites import refresh_hooked_weights, swap_module
+from ..nn._sites import refresh_hooked_weights, swap_module, undo_swaps_on_error
 from ..nn.attention import unfuse_attention
 from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights, check_skip,
-                                 disable_fused_encoder_paths, fallback_group, linear_sites, untie_packed_outputs,
-                                 warn_left_float, weights_to_convert, with_keep_float)
+                                 disable_fused_encoder_paths, fallback_group, linear_sites, tied_holders,
+                                 untie_packed_outputs, warn_left_float, weights_to_convert, with_keep_float)
 from ..packed import PackedWeight, load_packed, save_packed, scales_lost
 from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
@@ -166,7 +166,9 @@ class QuantizeConfig:
         group_size: contiguous input group per (scale, zero), a multiple of 32; None / -1: one
             group per row.
         skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
-            or a predicate on the qualified name; those layers stay float.
+            or a predicate on the qualified name; those layers stay float. Default
+            ``DEFAULT_SKIP``: ``lm_head``, ``classifier`` and the layers inside a module named
+            ``classifier`` (a classification head).
         meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16); also by name
             ("float16", "torch.bfloat16", "fp32", ...: a config read from JSON).
         strict_group: raise instead of falling back to a smaller group size (or one group per row).
@@ -371,6 +373,12 @@ def _layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor:
     return inputs[0] if inputs else kwargs["input"]
 
 
+# fp_target's pairing test (_Capture._pairing_fails): measured on all-MiniLM-L6-v2 (GPTQ / ERQ at W2 and W3,
+# 525 unit-layer pairs) the same tokens' squared distance is at most 0.14x a random pairing's; an MoE
+# expert that gets other tokens in the two models gives 0.95-1.0x
+_PAIR_RATIO = 0.5
+
+
 class _Capture:
     """One layer's (or one calibration group's: the same inputs) statistics.
 
@@ -394,7 +402,7 @@ class _Capture:
         self.hess = HessianAccumulator(K, device=device) if method == "gptq" else None
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
-        self.pair, self.pending = pair, None
+        self.pair, self.pending, self.dropped = pair, None, None
         self.mask: torch.Tensor | None = None  # the current unit's token mask (calib_fn's (f, token_mask))
         # whether a mask's shape matched this layer's input's leading dims; the first (input, mask) shapes that did not
         self.mask_hit, self.mask_miss = False, None
@@ -448,16 +456,14 @@ class _Capture:
         if self.act_cal is not None and x.shape[0]:  # an empty batch carries nothing (the calibrator refuses it)
             self.act_cal.collect(x)
         if self.pair:
-            xf = self.pending
-            if xf is None or xf.shape != x.shape:
-                raise RuntimeError("quantize_(fp_target=True): the float and the quantized model saw different "
-                                   "inputs for one calibration unit (calib_fn must be deterministic and run the "
-                                   "model it is passed, not a captured one)")
-            if self.defer:
+            xf, self.pending = self.pending, None
+            why = self._pairing_fails(xf, x)
+            if why is not None:
+                self._drop_pairing(why)
+            elif self.defer:
                 self.pairs.append((xf, x.clone()))
             else:
                 self._accumulate(xf, x)
-            self.pending = None
         if self.hess is not None:
             self.hess.add_batch(x)
         elif self.method == "erq":
@@ -481,6 +487,35 @@ class _Capture:
         last.scatter_reduce_(0, r[keep], t[keep], reduce="amax")
         hit = last >= 0  # (index tensors built on the CPU; the rows live on the layer's device)
         self.rows[hit.to(self.rows.device)] = x[(last[hit] - n).to(x.device)]
+
+    def _pairing_fails(self, xf: torch.Tensor | None, x: torch.Tensor) -> str | None:
+        """Why the float model's input rows ``xf`` cannot be the same tokens as the quantized model's
+        ``x`` (None when they can). fp_target pairs rows by position: a routed layer (an MoE expert)
+        gets other tokens, or another number of them, once routing shifts in the quantized model.
+        Same tokens sit far closer to each other than to other tokens: paired rows whose squared
+        distance is not below half that of a random pairing of the same rows are other tokens."""
+        if xf is None or xf.shape != x.shape:
+            return (f"{'no' if xf is None else xf.shape[0]} input rows in the float model against {x.shape[0]} in "
+                    "the quantized one")
+        n = x.shape[0]
+        if n < 8:  # (too few rows to judge)
+            return None
+        perm = torch.randperm(n, generator=self.gen).to(x.device)
+        xd = x.double()
+        near, far = float((xf - xd).square().sum()), float((xf - xd[perm]).square().sum())
+        if near > _PAIR_RATIO * far:
+            return (f"its paired rows are {near / max(far, 1e-300):.2f}x as far apart (squared) as randomly paired "
+                    "ones")
+        return None
+
+    def _drop_pairing(self, why: str) -> None:
+        """Fit this layer (group) to its own inputs alone; ``dropped`` says why (quantize_ warns)."""
+        self.dropped = (f"quantize_(fp_target=True): layer {self.name!r} sees other tokens in the float and the "
+                        f"quantized model ({why}): a routed layer (an MoE expert whose tokens change once earlier "
+                        "layers are quantized), or a calib_fn that is not deterministic or runs a model other than "
+                        "the one it is passed; this layer is fitted to its own inputs alone (fp_target=False for it)")
+        self.pair = self.defer = False
+        self.pairs, self.AtA, self.BtA = [], None, None
 
     def _accumulate(self, xf, x):
         one = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
@@ -692,6 +727,19 @@ def _solve(method: str, W: torch.Tensor, b, bits: int, gs: int, cfg: QuantizeCon
     return q, s, z, (nb if nb is not None else b)
 
 
+def _linear_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every (name, module) that skip entries can name: linear layers, packed or not (a skipped one stays
+    as it is), attention modules and transformers Conv1Ds."""
+    return [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]
+
+
+def _unmatched(model: nn.Module, entries) -> list:
+    """The skip entries / layer_config patterns of ``entries`` that name no layer of :func:`_linear_like`."""
+    names = [n for n, _ in _linear_like(model)]
+    return [s for s in entries if not any(_skipped(n, (s,)) for n in names)]
+
+
 def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> None:
     """Warn about skip entries (names / patterns given by the caller) that match no linear layer: a typo
     or a parent module's name (entries match the layer's own name) would otherwise quantize the layer
@@ -701,10 +749,8 @@ def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> 
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if not skip or skip == tuple(DEFAULT_SKIP):
         return
-    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
-             if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]  # (a skipped one stays as it is)
-    names = [n for n, _ in named]
-    unmatched = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
+    named = _linear_like(model)
+    unmatched = _unmatched(model, skip)
     if unmatched:
         warnings.warn(f"quantize_: {what} {unmatched} match no nn.Linear of the model (entries match a layer's "
                       f"own name: exact, '.suffix' or an fnmatch pattern such as '*.fc'; a parent module's name "
@@ -782,11 +828,24 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     keep = with_keep_float("quantize_", model, cfg.skip)
     refresh_hooked_weights(model)  # (prune / weight_norm weights as they are now, not as of the last forward)
     check_linear_weights("quantize_", weights_to_convert(model, keep))
-    expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
+    with undo_swaps_on_error():  # (a refusal below leaves the model as it came)
+        expose_linears(model, cfg.skip)  # torch attention projections, transformers Conv1D -> nn.Linear
+        layers = linear_sites(model, keep)  # a layer shared under several names: once, kept shared
+        cfgs = [next((c for p, c in per_layer if _skipped(name, (p,))), cfg) for name, _, _ in layers]
+        # every layer's group size now: strict_group refuses before any layer changes
+        group_sizes = []
+        for (name, _, lin), c in zip(layers, cfgs):  # (a loop, not a comprehension: its warnings' stacklevel)
+            group_sizes.append(_group_for(name, lin.in_features, c))
     _warn_unmatched_skip(model, cfg.skip)
-    _warn_unmatched_skip(model, [p for p, _ in per_layer], "layer_config patterns")
-    layers = linear_sites(model, keep)  # a layer shared under several names: once, kept shared
-    cfgs = [next((c for p, c in per_layer if _skipped(name, (p,))), cfg) for name, _, _ in layers]
+    patterns = [p for p, _ in per_layer]
+    _warn_unmatched_skip(model, patterns, "layer_config patterns")
+    unmatched = set(_unmatched(model, patterns))  # (named by the warning above)
+    dead = [p for p in patterns if p not in unmatched and not any(_skipped(n, (p,)) for n, _, _ in layers)]
+    if dead:  # (e.g. {"lm_head": ...} under the default skip)
+        warnings.warn(f"quantize_: layer_config patterns {dead} match only layers that skip (or the model's "
+                      "_keep_in_fp32_modules) keeps in float, so they change nothing; take those layers out of skip "
+                      "to quantize them", stacklevel=3)
+    tied = tied_holders(model, [lin for _, _, lin in layers])  # (so that each float layer can go once replaced)
     # which layers get calibration passes: the data methods' and, with a static input quantizer, all
     calibrated = [c.method in _DATA_METHODS or cfg.static_act for c in cfgs]
     needs_data = any(calibrated)
@@ -847,7 +906,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             W = lin.weight.detach().float()
             b = lin.bias.detach().float() if lin.bias is not None else None
             lc = cfgs[i]  # this layer's solver settings
-            gs = _group_for(name, lin.in_features, lc)
+            gs = group_sizes[i]
             cap = None
             method = lc.method
             if calibrated[i]:
@@ -907,6 +966,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     if cap.mask_miss and len(cap.mask_miss[0]) - 1 == len(cap.mask_miss[1]):
                         mask_odd.append((name, *cap.mask_miss))  # same rank, other shape: a mask meant for it
                     group_cap, group_end = cap, i + n
+                    if cap.dropped is not None:
+                        warnings.warn(cap.dropped, stacklevel=3)
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
                                   + (" and a dynamic input quantizer" if cfg.static_act else "")
@@ -960,7 +1021,10 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                                         a_scale, a_zero)
             swap_module(sites, lin, new)
             report.append((name, time.perf_counter() - t0, cap.seen if cap else 0))
-            del cap
+            # nothing here holds the float layer any longer (without fp_target, whose float copy shares the
+            # weights, it is freed now unless the caller holds it): the peak is one float layer, not the model
+            layers[i] = (name, sites, None)
+            del cap, lin, W, b
             if i + 1 >= group_end:  # the group is done: free its statistics before the next one
                 group_cap = None
             if active is not None and i == active.last:  # past the blocks: free their cached inputs
@@ -985,7 +1049,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             m.training = modes.get(n, m.training)
         for c in cache_on:
             c.use_cache = True
-    untie_packed_outputs(model, [lin.weight for _, _, lin in layers])
+    untie_packed_outputs(model, still=tied)
     warn_left_float("quantize_", model, cfg.skip, stacklevel=4)  # (+1: the no-grad wrapper)
     fp_model = fp_mods = None
     model._quantize_report = report
@@ -1119,6 +1183,15 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
     if not isinstance(act, dict) or set(act) - set(weights):
         raise ValueError(f"load_quantized: {_ACT_META} metadata names layers without a packed weight: "
                          f"{sorted(set(act) - set(weights)) if isinstance(act, dict) else act!r}")
+    try:
+        tied = json.loads(header.get(_TIED_META, "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_quantized: unreadable {_TIED_META} metadata in {path}: {e}") from None
+    # name -> the stored tensor it shares; save_quantized writes only names that hold no tensor of their own
+    # (a damaged header mapping a stored name, or a packed layer's, would overwrite it without a word)
+    if not isinstance(tied, dict) or any(not isinstance(v, str) or v not in extra or k in extra
+                                         or k.rpartition(".")[0] in weights for k, v in tied.items()):
+        raise ValueError(f"load_quantized: bad {_TIED_META} metadata in {path}: {tied!r}")
     # quantize_ saved each nn.MultiheadAttention as quantkern's (projections q_proj, ...) and each transformers
     # Conv1D as an nn.Linear: give the float model the same structure where the checkpoint has it
     keys = set(weights) | {k.rpartition(".")[0] for k in extra}
@@ -1167,12 +1240,6 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
                  (alias.rpartition(".") for alias in names.get(name, [name]))]  # every place a shared layer sits
         swap_module(sites, lin, new)
         disable_fused_encoder_paths(model, [new])
-    try:
-        tied = json.loads(header.get(_TIED_META, "{}"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_quantized: unreadable {_TIED_META} metadata in {path}: {e}") from None
-    if not isinstance(tied, dict) or any(not isinstance(v, str) or v not in extra for v in tied.values()):
-        raise ValueError(f"load_quantized: bad {_TIED_META} metadata in {path}: {tied!r}")
     extra.update({k: extra[v] for k, v in tied.items()})
     # names that are one tensor in the model must hold one value in the checkpoint: torch copies each
     # into the shared tensor in turn, so an untied checkpoint loaded into a tied model kept the last
