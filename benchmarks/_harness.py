@@ -111,7 +111,8 @@ def measure(
             fn()
             sync(dev)
             t_warm = time.perf_counter() - t0
-        reps = int(min(max(budget_s / max(t_warm, 1e-9), min_reps), max_reps))
+        # (a GPU sample is CUDA_BLOCK calls: sized so that the timed part takes about budget_s there too)
+        reps = int(min(max(budget_s / (max(t_warm, 1e-9) * (CUDA_BLOCK if cuda else 1)), min_reps), max_reps))
     reps = max(int(reps), 1)
     times: list[float] = []
     if cuda:
@@ -131,6 +132,12 @@ def measure(
             times.append((time.perf_counter() - t0) * 1e3)
     xs = sorted(times)
     return Timing(statistics.median(xs), xs[0], xs[-1], _quantile(xs, 0.25), _quantile(xs, 0.75), reps)
+
+
+def cold_copies(nbytes: int, pool_bytes: int) -> int:
+    """How many copies of ``nbytes`` of data a cold-data rotation needs so that between two uses of
+    one copy the other copies, at least ``pool_bytes`` of them, are touched (>= 2)."""
+    return max(2, -(-pool_bytes // max(nbytes, 1)) + 1)
 
 
 def llc_bytes() -> int:
@@ -520,9 +527,11 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None, *, threads: int | None = None,
-                    warmup: int = 3, writes_files: bool = True, reps_help: str | None = None) -> argparse.ArgumentParser:
+                    warmup: int = 3, writes_files: bool = True, reps_help: str | None = None,
+                    warmup_help: str | None = None) -> argparse.ArgumentParser:
     """Options every benchmark takes. ``plot_name``: default PNG under benchmarks/out/; ``threads`` /
-    ``warmup``: this benchmark's defaults; ``reps_help``: what --reps means here, if not the default's;
+    ``warmup``: this benchmark's defaults; ``reps_help`` / ``warmup_help``: what --reps / --warmup mean
+    here, if not the defaults';
     ``writes_files=False``: a benchmark that writes no JSON or
     plot (it still accepts ``--json`` / ``--plot``: ``python -m benchmarks`` passes them to every one)."""
     p.add_argument("--quick", action="store_true", help="small sizes, few reps: a smoke test, not a measurement")
@@ -531,7 +540,8 @@ def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None, *,
                    help=f"torch.set_num_threads(N) before measuring (default: {default_threads})")
     p.add_argument("--reps", type=positive_int, default=None,
                    help=reps_help or "timed repetitions per measurement (default: ~1 s worth, 5..100)")
-    p.add_argument("--warmup", type=nonneg_int, default=warmup, help=f"untimed calls before timing (default {warmup})")
+    p.add_argument("--warmup", type=nonneg_int, default=warmup,
+                   help=warmup_help or f"untimed calls before timing (default {warmup})")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)")
     if writes_files:
         json_help = "also write the rows as JSON to PATH ('-': stdout, table goes to stderr)"

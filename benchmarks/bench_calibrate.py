@@ -227,7 +227,7 @@ def main(argv=None):
                    help="per-channel mse/entropy: channels the previous code is timed on (scaled up; default 512, "
                         "8 with --quick)")
     p.add_argument("--no-loop", action="store_true", help="skip the per-channel reference loop rows")
-    H.add_common_args(p, warmup=1)
+    H.add_common_args(p, warmup=1, reps_help="timed repetitions per measurement (default 5)")
     args = p.parse_args(argv)
     dev = H.apply_common_args(args)
     if dev.type != "cpu":

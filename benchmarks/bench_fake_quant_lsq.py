@@ -207,12 +207,12 @@ def bench_impl(name, case, x, s, b, g, device, passes, args, notes):
     if name == "composite+compile":
         notes.append(f"{case.name}: composite+compile first fwd+bwd (compile) took {first:.1f} s, excluded")
 
-    # Cold data: every call takes the next of n copies of (x, gy) with n * |x| >= args.pool, so that
+    # Cold data: every call takes the next of n copies of (x, gy), (n - 1) * |x| >= args.pool, so that
     # the forward (which reads x only) also comes back to a copy only after args.pool bytes, and a
     # host whose last-level cache holds a whole case (480 MiB here) still streams it from memory.
     # (The outputs land in recycled, cache-warm blocks: a forward can exceed the copy roofline.)
     xb = x.numel() * x.element_size()
-    n = max(1, -(-args.pool // xb))
+    n = H.cold_copies(xb, args.pool)
     sets = [(params, gy)] + [((params[0].detach().clone().requires_grad_(params[0].requires_grad),) + tuple(params[1:]),
                               gy.clone()) for _ in range(n - 1)]
     nxt = iter(itertools.cycle(range(n)))

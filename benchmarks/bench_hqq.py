@@ -145,7 +145,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.reps is not None and a.runs is not None and a.reps != a.runs:  # (--runs won silently)
         ap.error(f"--reps and --runs are the same setting (timed runs), given {a.reps} and {a.runs}: give one")
-    if a.device != "cpu":
+    if torch.device(a.device).type != "cpu":
         ap.error("bench_hqq compares CPU implementations (the hqq package runs here on the CPU): --device cpu")
     out = H.table_stream(a)
     H.note_no_files(a, "bench_hqq", out)

@@ -116,7 +116,7 @@ def main(argv=None):
     H.note_no_files(args, "bench_oscillation", out)
     global CLOCK
     if args.clock == "cpu":
-        if torch.get_num_threads() != 1 or args.device != "cpu":
+        if torch.get_num_threads() != 1 or torch.device(args.device).type != "cpu":
             ap.error("--clock cpu needs --threads 1 on the CPU")
         CLOCK = time.process_time
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def main(argv=None):
         rows = size // 1024
         n = rows * 1024
         # cold data: copies of (w, s, b, meta, ema) covering the pool, one per call in turn
-        n_sets = max(1, -(-pool // (12 * n)))
+        n_sets = H.cold_copies(12 * n, pool)
         sets = []
         for _ in range(n_sets):
             w = torch.randn(rows, 1024, device=dev) * 0.05
@@ -150,10 +150,15 @@ def main(argv=None):
 
         t_fz = bench(lambda: update(0.05), dev, args.runs, args.warmup)
         t_tr = bench(lambda: update(0.0), dev, args.runs, args.warmup)
-        # the official tracker keeps 28 bytes of state per weight: as many trackers as fit the pool
-        n_off = max(1, -(-pool // (32 * n)))
         t_co = {}
         for th in (0.05, 0.0):  # freezing on / track only (its freezing block is skipped at 0)
+            # as many trackers as cover the pool: one tracker's state (measured after a step: it allocates
+            # it then, less with freezing off) and its weight
+            probe = R.OfficialTracker(qmin, qmax, axis=0, momentum=0.01, freeze_threshold=th)
+            probe.step(*sets[0][:3])
+            per = 4 * n + sum(t.numel() * t.element_size() for t in vars(probe).values() if isinstance(t, torch.Tensor))
+            del probe
+            n_off = H.cold_copies(per, pool)
             offs = [(R.OfficialTracker(qmin, qmax, axis=0, momentum=0.01, freeze_threshold=th), sets[i % n_sets])
                     for i in range(n_off)]
             oturn = itertools.cycle(range(n_off))
@@ -167,7 +172,7 @@ def main(argv=None):
             del offs
 
         # dampening reads w (and writes its gradient): rotate weight copies covering the pool as well
-        n_w = max(1, -(-pool // (8 * n)))
+        n_w = H.cold_copies(8 * n, pool)
         wgs = [(sets[i % n_sets][0].clone().requires_grad_(), sets[i % n_sets][1], sets[i % n_sets][2])
                for i in range(n_w)]
         wturn = itertools.cycle(range(n_w))

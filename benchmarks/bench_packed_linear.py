@@ -59,8 +59,7 @@ class Pool:
     """Copies of one weight (a tuple of tensors) covering ``pool_bytes``; ``next()`` rotates."""
 
     def __init__(self, make, nbytes: int, pool_bytes: int):
-        # + 1: the other n - 1 copies are what a call touches between two uses of one copy
-        self.n = max(2, -(-pool_bytes // max(nbytes, 1)) + 1)
+        self.n = H.cold_copies(nbytes, pool_bytes)
         first = make()
         self.items = [first] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in first)
                                 for _ in range(self.n - 1)]
@@ -234,7 +233,7 @@ def bench_shape(K: int, N: int, args, rows: list, out, dev: torch.device = torch
         lin.weight.data.copy_(W)
         lin.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         mods = []
-        n = max(2, -(-args.pool // (N * K)) + 1)  # (as Pool: n - 1 other copies between two uses)
+        n = H.cold_copies(N * K, args.pool)  # (as Pool: n - 1 other copies between two uses)
         for _ in range(n):
             mods.append(DynLinear.from_float(lin))
         pool_i = [0]

@@ -44,7 +44,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", type=H.comma_list(H.one_of(("float32", "bfloat16"))), default=["bfloat16", "float32"],
                     help="x / model dtype list (default bfloat16,float32)")
     a = ap.parse_args(argv)
-    if a.device != "cpu":
+    if torch.device(a.device).type != "cpu":
         ap.error("bench_qat_convert runs on the CPU (--device cpu)")
     H.apply_common_args(a)
     out = H.table_stream(a)

@@ -125,6 +125,9 @@ def _effnet(a, out) -> int:
         res = {}
         for cached in (True, False):
             ts = []
+            for _ in range(a.warmup):  # untimed runs
+                fake_quantize_model_(copy.deepcopy(base), 4, group_size=64, calib_data=Xc, progress=False,
+                                     block_cache=cached, **kw)
             for _ in range(reps):
                 m = copy.deepcopy(base)
                 t = time.perf_counter()
@@ -141,7 +144,8 @@ def _effnet(a, out) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    H.add_common_args(ap, threads=2, warmup=0, writes_files=False, reps_help="timed runs per row (default 1)")
+    H.add_common_args(ap, threads=2, warmup=0, writes_files=False, reps_help="timed runs per row (default 1)",
+                      warmup_help="untimed quantize_ runs per row before the timed ones (default 0)")
     ap.add_argument("--depths", type=H.comma_list(H.positive_int), default=None, help="decoder layers (default 4,8,16; 2,4 with --quick)")
     ap.add_argument("--hidden", type=H.positive_int, default=None, help="hidden size (default 256; 128 with --quick)")
     ap.add_argument("--method", choices=["gptq", "erq"], default=None, help="default gptq")
@@ -193,6 +197,8 @@ def main(argv=None) -> int:
         res = {}
         for cached in (True, False):
             ts = []
+            for _ in range(a.warmup):  # untimed runs (allocator, caches, lazy imports)
+                _quantize(copy.deepcopy(base), units, a.method, a.bits, a.group, cached)
             for _ in range(reps):
                 m = copy.deepcopy(base)
                 ts.append(_quantize(m, units, a.method, a.bits, a.group, cached))

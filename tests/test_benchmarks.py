@@ -176,6 +176,12 @@ def test_cold_pool_touches_the_whole_pool_between_two_uses_of_a_copy():
     for nbytes, pool in ((4, 10), (6, 10), (5, 10), (20, 10)):
         p = pl.Pool(lambda: (0,), nbytes, pool)
         assert (p.n - 1) * nbytes >= pool and p.n >= 2
+        n = H.cold_copies(nbytes, pool)  # (every benchmark's rotation: fake_quant_lsq, oscillation)
+        assert n == p.n and (n - 1) * nbytes >= pool
+    # the benchmarks size their rotations with it, not with a rule of their own
+    for name in ("fake_quant_lsq", "oscillation", "packed_linear"):
+        src = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"bench_{name}.py")).read()
+        assert "cold_copies(" in src and "-(-pool" not in src and "-(-args.pool" not in src, name
 
 
 def test_bench_arg_lists_parse():
