@@ -1209,3 +1209,21 @@ def test_dampening_loss_of_infinite_weights_is_the_clamped_formula():
 
     for be in ["native"] + (["triton"] if importlib.util.find_spec("triton") else []):
         torch.testing.assert_close(ops.dampening_loss(w, s, None, -8, 7, backend=be), want)
+
+
+def test_tracker_and_dampening_on_a_submodules_layers_and_a_replaced_layer():
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(QuantLinear(8, 8, a_bits=None), nn.ReLU()),
+                          QuantLinear(8, 2, a_bits=None, w_bits=8))
+    model(torch.randn(4, 8))
+    layers = qat.quantized_layers(model[0])  # named relative to model[0]: '0' is another module in model
+    tracker, damp = qat.OscillationTracker(model, layers=layers), qat.DampeningLoss(model, layers=layers)
+    tracker.step()
+    damp()
+    model[0][0] = QuantLinear(8, 8, a_bits=None)  # replaced after they were built: refused, not skipped
+    for f in (tracker.step, damp):
+        with pytest.raises(RuntimeError, match="'0' is no longer in the model"):
+            f()

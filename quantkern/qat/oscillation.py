@@ -51,13 +51,14 @@ class _Tracked:
 
 def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) -> None:
     """A layer replaced in the model after ``owner`` was built (``model.c2 = ...``) would silently be
-    left out (the old module is still the one used): raise instead."""
-    mods = dict(model.named_modules())
+    left out (the old module is still the one used): raise instead. Judged by identity (is the layer's
+    module still in the model?), not by name: ``layers`` may come from a submodule, whose names are
+    relative to it."""
+    mods = {id(m) for m in model.modules()}
     for L in layers:
-        m = mods.get(L.name)
-        if m is not None and m is not L.module:
-            raise RuntimeError(f"{owner}: layer {L.name!r} was replaced in the model after the {owner} was built; "
-                               f"build a new {owner}")
+        if id(L.module) not in mods:
+            raise RuntimeError(f"{owner}: layer {L.name!r} is no longer in the model (replaced after the {owner} was "
+                               f"built); build a new {owner}")
 
 
 class _FrozenForwardHook:
