@@ -403,6 +403,8 @@ class _Capture:
         self.rows: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self.pair, self.pending, self.dropped = pair, None, None
+        # the pairing test's permutations (its own generator: drawing from self.gen would change ERQ's row sample)
+        self.pair_gen = torch.Generator().manual_seed(0)
         self.mask: torch.Tensor | None = None  # the current unit's token mask (calib_fn's (f, token_mask))
         # whether a mask's shape matched this layer's input's leading dims; the first (input, mask) shapes that did not
         self.mask_hit, self.mask_miss = False, None
@@ -500,7 +502,7 @@ class _Capture:
         n = x.shape[0]
         if n < 8:  # (too few rows to judge)
             return None
-        perm = torch.randperm(n, generator=self.gen).to(x.device)
+        perm = torch.randperm(n, generator=self.pair_gen).to(x.device)
         xd = x.double()
         near, far = float((xf - xd).square().sum()), float((xf - xd[perm]).square().sum())
         if near > _PAIR_RATIO * far:
