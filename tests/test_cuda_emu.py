@@ -8,6 +8,7 @@ forward and reverse): a missing ``__syncthreads`` makes the two disagree. The em
 pre-sm_80 paths. Skipped where g++ or the CUDA toolkit's headers are missing.
 """
 import math
+import re
 import shutil
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import quantkern
 from quantkern import reference as R
 from quantkern.reference import oscillation as RO
+from quantkern.reference import packing as RP
 from quantkern.packed import PackedWeight
 
 import _lsq_cases as C
@@ -35,7 +37,10 @@ ORDERS = ("forward", "reverse")
 @pytest.fixture(scope="module")
 def E():
     build.load()
-    return torch.ops.quantkern_emu
+    # red zones (tests/cuda_emu/runtime.cpp): reads just past a tensor give NaN, writes raise
+    prev = torch.ops.quantkern_emu.redzones(True)
+    yield torch.ops.quantkern_emu
+    torch.ops.quantkern_emu.redzones(prev)
 
 
 @pytest.fixture(params=ORDERS)
@@ -49,6 +54,18 @@ def test_every_launch_is_rewritten():
     out = build.transform(src + "\nTORCH_LIBRARY_IMPL(quantkern, CUDA, m) { m.impl(\"z\", &z); }")
     assert "<<<" not in out and out.count("::qk_emu::Launch(") == 3
     assert "TORCH_LIBRARY_FRAGMENT(quantkern_emu, m)" in out and 'm.def("z"' in out
+
+
+def test_flat_indices_are_64_bit():
+    """A flat index built in 32 bits wraps past 2^31 elements, far beyond what the emulator can run:
+    every blockIdx * ... product in csrc/cuda must widen blockIdx to int64_t first."""
+    bad = []
+    for f in sorted(build.CU_DIR.glob("*.cu")):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"(?<!int64_t\()blockIdx\.[xyz]\s*\*|\*\s*blockIdx\.[xyz]", line) or \
+                    re.search(r"\b(unsigned|int|int32_t)\s+\w+\s*=[^;]*\bblockIdx\.[xyz]\)?\s*\*", line):
+                bad.append(f"{f.name}:{i}: {line.strip()}")
+    assert not bad, "32-bit flat indices:\n" + "\n".join(bad)
 
 
 # ------------------------------------------------------------------ packed weights
@@ -77,8 +94,22 @@ def test_dequantize_exact(E, order, meta):
 
 
 # M covers the GEMV's 1-, 2- and 4-row forms and the GEMM (one and several row tiles)
+# (and the GEMM's partial last K block, K % 32 != 0; the GEMV's second x chunk, K > 2048)
 LINEAR_CASES = [(1, 19, 96, 32), (2, 37, 544, 32), (3, 64, 256, 64), (4, 70, 100, 100), (5, 33, 256, 128),
-                (40, 70, 160, 32), (70, 65, 128, 64)]
+                (40, 70, 160, 32), (70, 65, 128, 64), (6, 40, 100, 100), (1, 9, 2080, 32)]
+
+
+def check_rounding(y, x, pw, bias, wmma):
+    """16-bit y: nearly every element is the fp64 product rounded once to x's dtype (nearest even); the
+    fp32 accumulation flips a rounding only close to a tie (or for outputs near 0, by cancellation).
+    check_accuracy's tolerance hides a store that truncates. wmma: the tensor-core GEMM multiplies by
+    W.to(x.dtype)."""
+    Wd = RP.dequantize(pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.in_features)
+    if wmma:
+        Wd = Wd.to(x.dtype)
+    truth = x.double() @ Wd.double().T + (0 if bias is None else bias.double())
+    bad = int((y != truth.to(x.dtype)).sum())  # unmutated kernels: at most 0.6% (fp16 near 0); truncation: ~50%
+    assert bad <= 2 + 0.01 * y.numel(), f"{bad} of {y.numel()} outputs are not the correctly rounded product"
 
 
 @pytest.mark.parametrize("cc", (8, 7))
@@ -92,6 +123,8 @@ def test_packed_linear_accuracy(E, order, monkeypatch, bits, cc):
             x = torch.randn(M, K).to(dt)
             y = E.packed_linear(x, pw.qweight, pw.scales, pw.zeros, bits, gs, K, bias)
             check_accuracy(y, x, pw, bias)
+            if dt != torch.float32:
+                check_rounding(y, x, pw, bias, wmma=M > 4 and cc == 8)
 
 
 def test_packed_linear_batch_dims_and_backward(E, order):
@@ -122,6 +155,7 @@ LSQ_SAMPLES = [
     dict(shape=(31, 64), group_size=16, bits=4),
     dict(shape=(3, 128), group_size=32, bits=4, edges=True),
     dict(shape=(3, 254), group_size=127, bits=3),
+    dict(shape=(17 * 4096 + 5,), bits=4),  # 18 partial-sum slots: pass 2's warp reduction uses lanes >= 16
 ]
 
 

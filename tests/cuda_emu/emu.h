@@ -20,7 +20,10 @@
 //   order of operations. Tensor-core products (wmma) accumulate in fp32 in a fixed order; the
 //   hardware's order differs, so those outputs are compared with a tolerance.
 // - Not modelled: timing, memory coalescing, bank conflicts, occupancy, warp divergence cost,
-//   out-of-bounds global reads (they read the host tensors' neighbours, as on the GPU).
+//   out-of-bounds global accesses in general. But with red zones on (torch.ops.quantkern_emu.redzones,
+//   runtime.cpp) every CPU tensor gets 64-byte red zones on both sides, filled, like a fresh
+//   tensor's body, with NaN patterns: a read just past a tensor (or of an element nothing wrote)
+//   reads NaN, and a write just past one raises at the end of the launch.
 #pragma once
 
 // Real headers first: after this block the CUDA keywords become macros.
@@ -218,6 +221,9 @@ T shfl_sync(unsigned mask, T v, int src, int width = 32) {
 
 inline uint64_t g_launches = 0;
 
+// runtime.cpp: raises if a kernel wrote into the red zone of a CPU tensor (while red zones are on).
+void check_redzones();
+
 // kernel<<<grid, block, smem, stream>>>(args...) becomes
 // Launch(grid, block, smem, stream).run([&](auto&... a) { kernel(a...); }, args...).
 struct Launch {
@@ -267,6 +273,7 @@ struct Launch {
           run_block(b, ord);
         }
     g_blk = prev;
+    check_redzones();
   }
 };
 
