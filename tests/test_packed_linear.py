@@ -942,8 +942,10 @@ def test_failed_state_dict_load_keeps_the_module_usable():
     # in_perm) or by torch's copy (a meta checkpoint): the old scales / zeros stay, not empty memory
     src = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float32).set_input_quantizer(8, True,
                                                                                                     scale=0.1)
+    zeros_on_meta = {**src.state_dict(), "zeros": src.zeros.to("meta")}  # scales copy, zeros fail: both go back
     for bad in ({**src.state_dict(), "input_scale": torch.tensor(0.0)},
-                {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in src.state_dict().items()}):
+                {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in src.state_dict().items()},
+                zeros_on_meta):
         m = PackedLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, torch.float16).set_input_quantizer(8, True,
                                                                                                       scale=0.05)
         y = m(x)

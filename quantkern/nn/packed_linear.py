@@ -517,6 +517,13 @@ class PackedLinear(nn.Module):
         # (NaN scales alone, or scales of another dtype than the zeros, loaded without a word); tensors
         # on several devices (or this module on meta) are left to torch's copy below.
         names = ("qweight", "scales", "zeros")
+        # a checkpoint tensor without data (meta) into a module with data: torch's copy failed on it after
+        # copying the keys before it (a qweight of one checkpoint with the scales of another)
+        if not self.qweight.is_meta:
+            meta = [prefix + n for n in (*names, "bias", "in_perm", "input_scale", "input_zero", "input_offset")
+                    if isinstance(state_dict.get(prefix + n), torch.Tensor) and state_dict[prefix + n].is_meta]
+            if meta:
+                raise ValueError(f"PackedLinear: checkpoint tensors {meta} are on the meta device (no data)")
         t = [state_dict.get(prefix + n, self._buffers[n]) for n in names]
         if any(prefix + n in state_dict for n in names) and all(isinstance(v, torch.Tensor) for v in t) \
                 and len({v.device for v in t}) == 1:
@@ -598,10 +605,11 @@ class PackedLinear(nn.Module):
         except BaseException:
             self._buffers.update(replaced)
             raise
-        for name, buf in replaced.items():  # torch reports a failed copy as a message naming the key
-            if error_msgs is not None and any(f'"{prefix}{name}"' in m or f"{prefix}{name}:" in m
-                                              for m in error_msgs[n_err:]):
-                self._buffers[name] = buf
+        # torch reports a failed copy as a message naming the key; then both go back (scales and zeros
+        # must keep one dtype: one copied into its new buffer and the other restored would not)
+        if error_msgs is not None and any(f'"{prefix}{name}"' in m or f"{prefix}{name}:" in m
+                                          for name in replaced for m in error_msgs[n_err:]):
+            self._buffers.update(replaced)
         # a placeholder range (set_input_quantizer without scale) counts as set once both buffers
         # came from the checkpoint without an error (a failed copy leaves the placeholders)
         if (self.act_bits is not None and not self.act_dynamic and isinstance(s, torch.Tensor)
@@ -631,10 +639,11 @@ class PackedLinear(nn.Module):
 
 
 # the layers kept float unless the caller says otherwise (replace_linear and quantize_ alike): an
-# LLM's lm_head and a ViT / BERT classifier head, the layers most sensitive to low-bit weights; the
-# patterns also reach the Linears inside a classifier head *module* (RoBERTa's classifier.dense /
-# classifier.out_proj, which "classifier" alone, a layer's own name, does not match)
-DEFAULT_SKIP = ("lm_head", "classifier", "classifier.*", "*.classifier.*")
+# LLM's lm_head and a ViT / BERT classifier, the layers most sensitive to low-bit weights, and the output
+# layer of a classification head *module* (transformers' RoBERTa / ELECTRA `classifier.out_proj`, BART's
+# `classification_head.out_proj`), which "classifier", a layer's own name, does not match. (Not every
+# Linear under a module named classifier: in torchvision's VGG / AlexNet that is most of the model.)
+DEFAULT_SKIP = ("lm_head", "classifier", "classifier.out_proj", "classification_head.out_proj")
 
 
 def check_skip(op: str, skip) -> None:
@@ -700,8 +709,9 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size: int | None = 128
     Args:
         skip: names (exact, a suffix after ".", or fnmatch patterns such as
             ``"*.classifier"``) or a predicate on the qualified name; those layers stay.
-            Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``, and the layers inside a
-            module named ``classifier``); None replaces all.
+            Default :data:`DEFAULT_SKIP` (``lm_head``, ``classifier``, and the output layer of a
+            classification head module: ``classifier.out_proj``, ``classification_head.out_proj``);
+            None replaces all.
         fallback_group_size: when ``group_size`` does not divide a layer's
             in_features, use the largest multiple of 32 below it that does (one group per
             row when none does) instead of leaving the layer alone.

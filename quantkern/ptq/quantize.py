@@ -167,8 +167,8 @@ class QuantizeConfig:
             group per row.
         skip: layer names (exact, ".suffix" or fnmatch patterns such as ``"*.classifier"``)
             or a predicate on the qualified name; those layers stay float. Default
-            ``DEFAULT_SKIP``: ``lm_head``, ``classifier`` and the layers inside a module named
-            ``classifier`` (a classification head).
+            ``DEFAULT_SKIP``: ``lm_head``, ``classifier`` and the output layer of a classification
+            head module (``classifier.out_proj``, ``classification_head.out_proj``).
         meta_dtype: dtype of the stored scales / zeros (fp16 default, fp32, bf16); also by name
             ("float16", "torch.bfloat16", "fp32", ...: a config read from JSON).
         strict_group: raise instead of falling back to a smaller group size (or one group per row).
@@ -495,7 +495,9 @@ class _Capture:
         ``x`` (None when they can). fp_target pairs rows by position: a routed layer (an MoE expert)
         gets other tokens, or another number of them, once routing shifts in the quantized model.
         Same tokens sit far closer to each other than to other tokens: paired rows whose squared
-        distance is not below half that of a random pairing of the same rows are other tokens."""
+        distance is not below half that of a random pairing of the same rows are other tokens, unless
+        the tokens hardly differ from each other at all (rows all alike, e.g. one timestep's embedding
+        per unit: any pairing is as good, and position pairs them exactly)."""
         if xf is None or xf.shape != x.shape:
             return (f"{'no' if xf is None else xf.shape[0]} input rows in the float model against {x.shape[0]} in "
                     "the quantized one")
@@ -505,17 +507,15 @@ class _Capture:
         perm = torch.randperm(n, generator=self.pair_gen).to(x.device)
         xd = x.double()
         near, far = float((xf - xd).square().sum()), float((xf - xd[perm]).square().sum())
-        if near > _PAIR_RATIO * far:
+        spread = float((xf - xf[perm]).square().sum())  # how far the float model's tokens are from each other
+        if near > _PAIR_RATIO * far and spread > _PAIR_RATIO * near:
             return (f"its paired rows are {near / max(far, 1e-300):.2f}x as far apart (squared) as randomly paired "
                     "ones")
         return None
 
     def _drop_pairing(self, why: str) -> None:
         """Fit this layer (group) to its own inputs alone; ``dropped`` says why (quantize_ warns)."""
-        self.dropped = (f"quantize_(fp_target=True): layer {self.name!r} sees other tokens in the float and the "
-                        f"quantized model ({why}): a routed layer (an MoE expert whose tokens change once earlier "
-                        "layers are quantized), or a calib_fn that is not deterministic or runs a model other than "
-                        "the one it is passed; this layer is fitted to its own inputs alone (fp_target=False for it)")
+        self.dropped = why
         self.pair = self.defer = False
         self.pairs, self.AtA, self.BtA = [], None, None
 
@@ -968,8 +968,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                     if cap.mask_miss and len(cap.mask_miss[0]) - 1 == len(cap.mask_miss[1]):
                         mask_odd.append((name, *cap.mask_miss))  # same rank, other shape: a mask meant for it
                     group_cap, group_end = cap, i + n
-                    if cap.dropped is not None:
-                        warnings.warn(cap.dropped, stacklevel=3)
+                    if cap.dropped is not None:  # (every layer of the group shares the statistics)
+                        names = [nm for nm, _, _ in layers[i:i + n]]
+                        warnings.warn(f"quantize_(fp_target=True): layer(s) {names} see other tokens in the float and "
+                                      f"the quantized model ({cap.dropped}): a routed layer (an MoE expert whose "
+                                      "tokens change once earlier layers are quantized), or a calib_fn that is not "
+                                      "deterministic or runs a model other than the one it is passed; they are fitted "
+                                      "to their own inputs alone (fp_target=False for them)", stacklevel=3)
                 if cap.seen == 0:
                     warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
                                   + (" and a dynamic input quantizer" if cfg.static_act else "")

@@ -51,7 +51,6 @@ std::unordered_map<char*, Rec>& live() {
 }
 std::atomic<bool> g_on{false};
 std::string g_freed_bad;  // a corruption found when its tensor was freed (reported at the next check)
-unsigned g_next = 0;
 c10::Allocator* g_orig = nullptr;
 
 // by address parity, so every aligned 16-bit (and 32-bit) word reads 0xFFkk (0xFFkkFFkk), little endian
@@ -105,13 +104,14 @@ struct RedzoneAllocator final : c10::Allocator {
     void* base = nullptr;
     if (posix_memalign(&base, 64, n + 2 * kRz) != 0) throw std::bad_alloc();
     char* d = static_cast<char*>(base) + kRz;
-    unsigned char kk;
+    static std::atomic<unsigned> next{0};
+    const auto kk = (unsigned char)(0xF1 + (next++ % 14));  // 0xF1..0xFE: a NaN in fp16, bf16, fp32 and fp64
+    // filled before it is recorded: a launch ending in another thread meanwhile checks only filled zones
+    fill(static_cast<char*>(base), n + 2 * kRz, kk);
     {
       std::lock_guard<std::mutex> lk(g_mu);
-      kk = (unsigned char)(0xF1 + (g_next++ % 14));  // 0xF1..0xFE: a NaN in fp16, bf16, fp32 and fp64
       live()[d] = Rec{n, kk};
     }
-    fill(static_cast<char*>(base), n + 2 * kRz, kk);
     return {d, d, &rz_free, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &rz_free; }
