@@ -736,10 +736,10 @@ def _linear_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (nn.Linear, PackedLinear, nn.MultiheadAttention)) or _is_hf_conv1d(m)]
 
 
-def _unmatched(model: nn.Module, entries) -> list:
-    """The skip entries / layer_config patterns of ``entries`` that name no layer of :func:`_linear_like`."""
-    names = [n for n, _ in _linear_like(model)]
-    return [s for s in entries if not any(_skipped(n, (s,)) for n in names)]
+def _unmatched(named: list[tuple[str, nn.Module]], entries) -> list:
+    """The skip entries / layer_config patterns of ``entries`` that name no layer of ``named``
+    (:func:`_linear_like`)."""
+    return [s for s in entries if not any(_skipped(n, (s,)) for n, _ in named)]
 
 
 def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> None:
@@ -752,7 +752,7 @@ def _warn_unmatched_skip(model: nn.Module, skip, what: str = "skip entries") -> 
     if not skip or skip == tuple(DEFAULT_SKIP):
         return
     named = _linear_like(model)
-    unmatched = _unmatched(model, skip)
+    unmatched = _unmatched(named, skip)
     if unmatched:
         warnings.warn(f"quantize_: {what} {unmatched} match no nn.Linear of the model (entries match a layer's "
                       f"own name: exact, '.suffix' or an fnmatch pattern such as '*.fc'; a parent module's name "
@@ -841,7 +841,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
     _warn_unmatched_skip(model, cfg.skip)
     patterns = [p for p, _ in per_layer]
     _warn_unmatched_skip(model, patterns, "layer_config patterns")
-    unmatched = set(_unmatched(model, patterns))  # (named by the warning above)
+    unmatched = set(_unmatched(_linear_like(model), patterns))  # (named by the warning above)
     dead = [p for p in patterns if p not in unmatched and not any(_skipped(n, (p,)) for n, _, _ in layers)]
     if dead:  # (e.g. {"lm_head": ...} under the default skip)
         warnings.warn(f"quantize_: layer_config patterns {dead} match only layers that skip (or the model's "
