@@ -130,6 +130,7 @@ def test_bad_group_params_raise():
     _, s, z = rtn_quantize(W, 4, 4)
     for bad, match in (({"scale": s * 0}, "scale"), ({"scale": -s}, "scale"), ({"scale": s * float("nan")}, "scale"),
                        ({"zero": z * float("nan")}, "zero"), ({"scale": s.long()}, "scale"),
+                       ({"scale": s[:, :0], "zero": z[:, :0]}, "scale"),  # no groups: ZeroDivisionError before
                        ({"init_q": torch.zeros(4, 7)}, "init_q"), ({"init_q": torch.full((4, 8), 16.0)}, "init_q")):
         args = {"scale": s, "zero": z, **bad}
         with pytest.raises((ValueError, TypeError), match=match):

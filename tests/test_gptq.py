@@ -254,3 +254,36 @@ def test_weights_beyond_the_float32_range_raise(W):
 def test_hessian_accumulator_rejects_bool_in_features():
     with pytest.raises(ValueError, match="in_features"):
         HessianAccumulator(True)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_column_result_does_not_depend_on_the_scale_of_H(act_order):
+    # the official H[j, j] = 1 for a dead input made the dampening (a fraction of mean(diag(H)))
+    # depend on H's scale: with small inputs GPTQ drifted to round-to-nearest's error
+    W, X = _problem(N=32, K=128, T=1024)
+    X[:, 7] = 0
+    H = 2 * X.T.double() @ X.double() / X.shape[0]
+    ref = gptq_quantize(W, H.float(), 4, 32, act_order=act_order)
+    for c in (1e-3, 1e-6, 1e3):
+        got = gptq_quantize(W, (H * c).float(), 4, 32, act_order=act_order)
+        assert torch.equal(got[0], ref[0]), c
+        torch.testing.assert_close(got[1], ref[1])
+    Wq = dequantize(*ref)
+    assert _out_err(W, Wq, X) < _out_err(W, dequantize(*rtn_minmax(W, 4, 32)), X)
+
+
+def test_depthwise_dead_column_result_does_not_depend_on_the_scale_of_H():
+    from quantkern.ptq.conv import gptq_depthwise
+    g = torch.Generator().manual_seed(3)
+    C, k, T = 6, 9, 400
+    X = torch.randn(C, T, k, generator=g) @ torch.randn(k, k, generator=g) * 1e-3
+    X[:, :, 4] = 0
+    X[2] = 0  # a channel with every input dead: its row quantizes to 0
+    H = 2 * X.transpose(1, 2).double() @ X.double() / T
+    W = torch.randn(C, k, generator=g)
+    ref = gptq_depthwise(W, H, 4, None)
+    got = gptq_depthwise(W, H * 1e6, 4, None)
+    assert torch.equal(got[0], ref[0])
+    assert (dequantize(*ref)[2] == 0).all()
+    for c in range(C):  # and each row is gptq_quantize's with that row's H
+        assert torch.equal(gptq_quantize(W[c:c + 1], H[c].float(), 4, None)[0], ref[0][c:c + 1])

@@ -506,7 +506,8 @@ def test_bad_inputs_and_module_arguments():
         QuantLinear(4, 4, a_granularity="group")
     with pytest.raises(ValueError, match="only used with w_granularity='group'"):
         QuantLinear(4, 4, w_group_size=2)
-    with pytest.raises(ValueError, match="group_size 5 does not divide"):
+    with pytest.raises(ValueError, match=r"QuantLinear: weight quantizer \(w_\* arguments\): w_group_size 5 does not "
+                                         r"divide the row length 4 of the weight of shape \(4, 4\)"):
         QuantLinear(4, 4, w_granularity="group", w_group_size=5)
     for kw, exc, match in ((dict(w_granularity="group", w_group_size=0), ValueError, "w_group_size must be a positive"),
                            (dict(act_signed="false"), TypeError, "act_signed must be a bool"),
@@ -845,3 +846,59 @@ def test_swap_journal_is_per_thread():
             t.join()
             raise RuntimeError("boom")
     assert a[0] is old_a and b[0] is new_b  # the other thread's swap stays
+
+
+def test_meta_to_empty_then_float_checkpoint_initialises_from_data():
+    # to_empty() leaves the `initialized` buffer as uninitialised memory; loading a float checkpoint
+    # (no quantizer keys) copied it into the Python flag, so most fresh layers skipped the input
+    # quantizer's init and ran with uninitialised memory as scale / offset
+    torch.manual_seed(0)
+    fl = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    ref = QuantLinear.from_float(fl)(x)
+    for _ in range(10):
+        with torch.device("meta"):
+            m = QuantLinear(64, 32)
+        m.to_empty(device="cpu")
+        for q in (m.input_quantizer, m.weight_quantizer):
+            q.initialized.fill_(True)  # what the garbage often read as
+        m.load_state_dict(fl.state_dict(), strict=False)
+        assert not m.input_quantizer._initialized and not bool(m.input_quantizer.initialized)
+        torch.testing.assert_close(m(x), ref)
+        assert m.input_quantizer._initialized and bool(m.input_quantizer.initialized)
+
+
+def test_uninitialised_quantizer_on_copies_of_its_parameters_raises():
+    # nn.DataParallel replicas and functional_call with copies: the init wrote the copies only, and
+    # the module stayed uninitialised (DataParallel: re-initialised from every batch)
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    m = QuantLinear(16, 8)
+    x = torch.randn(4, 16)
+    params = {k: v.detach().clone() for k, v in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="Run one forward .* on the model itself first"):
+        functional_call(m, params, (x,))
+    assert not m.input_quantizer._initialized
+    # what nn.parallel.replicate does (it needs CUDA): every module replicated, parameters as plain-tensor copies
+    mods = list(m.modules())
+    reps = {id(mod): mod._replicate_for_data_parallel() for mod in mods}
+    for mod in mods:
+        r = reps[id(mod)]
+        r._modules = {k: reps[id(c)] if c is not None else None for k, c in mod._modules.items()}
+        r._parameters = {k: p.detach().clone() if p is not None else None for k, p in mod._parameters.items()}
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        reps[id(m)](x)
+    assert not m.input_quantizer._initialized and not m.weight_quantizer._initialized
+    y = m(x)  # initialised on the model itself: copies of it run
+    torch.testing.assert_close(functional_call(m, {k: v.detach().clone() for k, v in m.named_parameters()}, (x,)), y)
+
+
+def test_bits_and_signed_are_read_only():
+    # q.bits = 2 changed only the repr (qmin / qmax stayed 4-bit's)
+    q = LSQQuantizer(4, True)
+    for attr, val in (("bits", 2), ("signed", False)):
+        with pytest.raises(AttributeError, match="fixed at construction"):
+            setattr(q, attr, val)
+    assert (q.bits, q.signed, q.qmin, q.qmax) == (4, True, -8, 7)
+    c = copy.deepcopy(q)
+    assert (c.bits, c.signed) == (4, True)

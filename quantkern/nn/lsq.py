@@ -160,8 +160,8 @@ class LSQQuantizer(nn.Module):
         if backend not in ops.BACKENDS:
             raise ValueError(f"{name}: backend must be one of {ops.BACKENDS}, got {backend!r}")
 
-        self.bits = bits
-        self.signed = signed
+        self._bits = bits
+        self._signed = signed
         self.granularity = granularity
         self.learn_offset = learn_offset
         self.init = init
@@ -182,6 +182,26 @@ class LSQQuantizer(nn.Module):
         # scale / offset loaded from a state_dict without the layer's weight, since the last initialize():
         # a float weight loaded after them must not re-initialise over them (QuantLinear._load_from_state_dict)
         self._state_loaded = False
+
+    # bits and signed fix the grid (qmin, qmax) and the meaning of scale / offset: read-only, since an
+    # assignment (e.g. q.bits = 2 for a lower-bit stage) used to change nothing but the repr
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, _):
+        raise AttributeError(f"{type(self).__name__}.bits is fixed at construction (it sets the grid qmin, qmax); "
+                             "build a new quantizer for another bit width")
+
+    @property
+    def signed(self) -> bool:
+        return self._signed
+
+    @signed.setter
+    def signed(self, _):
+        raise AttributeError(f"{type(self).__name__}.signed is fixed at construction (it sets the grid qmin, qmax); "
+                             "build a new quantizer")
 
     # ------------------------------------------------------------ shapes
     def param_shape(self, x_shape) -> tuple[int, ...]:
@@ -445,6 +465,14 @@ class LSQQuantizer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
+            if not isinstance(self._parameters.get("scale"), nn.Parameter):
+                # an nn.DataParallel replica or torch.func.functional_call with copies: the init would
+                # write the copies only, the module itself would stay uninitialised (a DataParallel model
+                # re-initialised from every batch, its own scale drifting under the gradients)
+                raise RuntimeError(
+                    f"{type(self).__name__}: not initialised, and its scale is not its own parameter (an "
+                    "nn.DataParallel replica, or torch.func.functional_call with copies of the parameters): the "
+                    "data-dependent init would be lost. Run one forward (or initialize(x)) on the model itself first")
             self.initialize(x)
             if x.numel() == 0:  # nothing to initialise from (the init waits) and nothing to quantize
                 return x.clone(memory_format=torch.contiguous_format)
@@ -519,7 +547,13 @@ class LSQQuantizer(nn.Module):
         for key in lazy_absent:
             if key in missing_keys:
                 missing_keys.remove(key)
-        self._initialized = bool(self.initialized)
+        if prefix + "initialized" in state_dict:
+            self._initialized = bool(self.initialized)
+        else:
+            # the checkpoint does not say (a float checkpoint): the Python flag stays the truth. The buffer
+            # may hold garbage (a model built on meta, then to_empty()): reading it marked ~all fresh
+            # quantizers initialised with uninitialised memory as scale / offset.
+            self.initialized.fill_(self._initialized)
         if self._initialized and any(is_lazy(p) for p in self._parameters.values() if p is not None):
             error_msgs.append(
                 f"{type(self).__name__} at {prefix!r}: state_dict says initialized=True but has no scale/offset "

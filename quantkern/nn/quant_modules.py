@@ -92,7 +92,24 @@ class _QuantMixin:
     def _build_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
                           a_granularity, a_init, act_signed, a_learn_offset, backend,
                           w_grad_scale=None, a_grad_scale=None) -> None:
-        self.weight_quantizer = LSQQuantizer(
+        # the quantizers' errors name their own arguments (group_size, ...): say which of ours they were
+        try:
+            self._make_quantizers(w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+                                  a_granularity, a_init, act_signed, a_learn_offset, backend,
+                                  w_grad_scale, a_grad_scale)
+        except (ValueError, TypeError) as e:
+            which = "weight quantizer (w_* arguments)" if getattr(self, "weight_quantizer", None) is None else \
+                "input quantizer (a_* arguments)"
+            if which.startswith("weight") and w_granularity == "group" and "does not divide" in str(e):
+                e = ValueError(f"w_group_size {w_group_size} does not divide the row length "
+                               f"{math.prod(self.weight.shape[1:])} of the weight of shape {tuple(self.weight.shape)}")
+            raise type(e)(f"{type(self).__name__}: {which}: {e}") from None
+
+    def _make_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
+                         a_granularity, a_init, act_signed, a_learn_offset, backend,
+                         w_grad_scale=None, a_grad_scale=None) -> None:
+        self.weight_quantizer = None
+        wq = LSQQuantizer(
             w_bits,
             signed=True,
             granularity=w_granularity,
@@ -105,7 +122,8 @@ class _QuantMixin:
         )
         # Shapes are known now, so an optimiser can be built before the first forward;
         # the values are set from the weight on the first forward (or by from_float).
-        self.weight_quantizer.materialize(self.weight.shape, device=self.weight.device)
+        wq.materialize(self.weight.shape, device=self.weight.device)
+        self.weight_quantizer = wq
         if a_bits is None:
             self.input_quantizer = None
         else:

@@ -104,7 +104,7 @@ def adaround_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zer
         raise ValueError(f"{fn}: H must be [K, K] or [O, K, K] with O, K = {O}, {K}, got {tuple(H.shape)}")
     if not bool(torch.isfinite(H).all()):  # the factorisation would drop every direction: plain RTN, silently
         raise ValueError(f"{fn}: H contains NaN or Inf (calibration inputs with NaN / Inf?)")
-    if scale.dim() != 2 or scale.shape[0] != O or K % scale.shape[1] or tuple(zero.shape) != tuple(scale.shape):
+    if scale.dim() != 2 or scale.shape[0] != O or scale.shape[1] == 0 or K % scale.shape[1] or tuple(zero.shape) != tuple(scale.shape):
         raise ValueError(f"{fn}: scale / zero must be [O, G] with G dividing K, got {tuple(scale.shape)}, {tuple(zero.shape)}")
     if not (scale.is_floating_point() and zero.is_floating_point()):
         raise TypeError(f"{fn}: scale / zero must be float tensors, got {scale.dtype}, {zero.dtype}")

@@ -105,7 +105,7 @@ from ._wquant import check_weight_args, dequantize, minmax_params, quantize_int
 from .calibrate import ActQuantizer
 from .adaround import adaround_quantize, distill_qparams_
 from .erq import erq_quantize
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, _dead_diag, gptq_quantize
 from .hqq import hqq_quantize, init_clamp_fraction, rtn_quantize
 
 __all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
@@ -232,7 +232,9 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     Hd = H.detach().double().clone()
     dg = torch.diagonal(Hd, dim1=1, dim2=2)  # view [C, k]
     dead = dg == 0
-    dg[dead] = 1  # a column no patch ever reached: any weight is exact, quantize it as 0
+    # a column no patch ever reached: any weight is exact, quantize it as 0. Its diagonal is the
+    # channel's mean live one (gptq_quantize's reason: the dampening must not depend on H's scale)
+    dg[dead] = _dead_diag(dg, dead)
     Wf[dead] = 0
     static = act_order or clip != "minmax"
     scale = torch.zeros(C, G, dtype=torch.float32, device=W.device)

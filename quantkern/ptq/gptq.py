@@ -5,7 +5,8 @@ blocks) is the algorithm; every step is vectorised over the output rows.
 
 Algorithm, for ``W [N, K]`` and ``H = 2 X^T X / T [K, K]``:
 
-1. dead inputs (``H[j, j] == 0``): ``H[j, j] = 1`` and ``W[:, j] = 0``.
+1. dead inputs (``H[j, j] == 0``): ``H[j, j]`` = the mean of the live diagonal and
+   ``W[:, j] = 0`` (official: ``H[j, j] = 1``, see below).
 2. ``act_order``: columns permuted by decreasing ``diag(H)``.
 3. dampening ``H += damp * mean(diag(H)) * I``; ``U = chol(H^-1)`` upper
    (Cholesky, cholesky_inverse, Cholesky; float64 here for stability).
@@ -27,6 +28,10 @@ group's params from ``W``, which misses the updates from the earlier columns of
 the same block (their errors are applied to ``W`` only after the block). We use
 the fully updated weights, which is what the paper describes.
 ``official_group_params=True`` reproduces the official behaviour.
+A dead input's diagonal is the mean of the live ones, not 1: the dampening is a fraction
+of ``mean(diag(H))``, so with the official 1 the result depended on H's scale (inputs of
+size 1e-3 with one dead column: 0.59x round-to-nearest's layer error instead of 0.18x);
+the dead column itself is decoupled either way (its row and column of H are zero).
 Per-channel (``group_size`` None or -1) params are computed at column 0, after
 the dead columns are zeroed (official: before). Symmetric params (``sym=True``)
 always use the range ``[-max|w|, max|w|]``; the official code keeps ``[0, max]``
@@ -41,6 +46,15 @@ import torch
 from ._wquant import check_clip, check_weight_args, minmax_params, quantize_int, search_params
 
 __all__ = ["gptq_quantize", "HessianAccumulator"]
+
+
+def _dead_diag(diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The diagonal value for dead inputs (``diag == 0``) along the last dim: the mean of
+    the live entries (1 where every entry is dead), shape ``diag.shape[:-1] + (1,)``
+    broadcast to the dead entries by the caller. Scale-free, unlike the official 1."""
+    live = (~dead).sum(-1, keepdim=True)
+    mean = torch.where(dead, torch.zeros_like(diag), diag).sum(-1, keepdim=True) / live.clamp(min=1)
+    return torch.where(live > 0, mean, torch.ones_like(mean)).expand_as(diag)[dead]
 
 
 class HessianAccumulator:
@@ -169,13 +183,14 @@ def gptq_quantize(
     dev = W.device
     Wf = W.detach().to(torch.float32).clone()
     Hd = H.detach().to(torch.float64).clone()
+    # (the mse search weighs each column by its own diag(H): 0 for a dead input, whose error costs nothing)
+    hdiag = torch.diagonal(Hd).to(torch.float32)
     dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1
+    Hd[dead, dead] = _dead_diag(torch.diagonal(Hd), dead)
     Wf[:, dead] = 0
     G = K // g
     scale = torch.zeros(N, G, dtype=torch.float32, device=dev)
     zero = torch.zeros(N, G, dtype=torch.float32, device=dev)
-    hdiag = torch.diagonal(Hd).to(torch.float32)
 
     def group_params(wg, c0):
         # params of the groups whose columns start at c0 (original order), from weights wg [N, n, g] or [N, g]
