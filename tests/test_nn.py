@@ -76,6 +76,20 @@ def test_init_lsqplus_hand_computed():
     assert qg.scale.shape == (3, 2)
     want = [[_lsqplus(r[:4], 4), _lsqplus(r[4:], 4)] for r in rows]
     assert qg.scale.tolist() == [pytest.approx(v, rel=1e-5) for v in want]
+    # an unsigned grid has twice the positive levels: half the signed scale (it was the signed one)
+    qu = LSQQuantizer(4, False, "tensor", learn_offset=False, init="lsq+")
+    qu.initialize(w)
+    assert qu.scale.item() == pytest.approx(_lsqplus(sum(rows, []), 4) / 2, rel=1e-5)
+
+
+def test_init_from_a_meta_tensor_names_the_problem():
+    from quantkern.nn import quantize_modules
+    with torch.device("meta"):
+        lin = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        LSQQuantizer(4, True).initialize(torch.empty(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_modules(nn.Sequential(lin), w_bits=4)
 
 
 def test_init_minmax_hand_computed():

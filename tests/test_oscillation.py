@@ -867,6 +867,46 @@ def test_reestimate_bn_stats_is_average_of_batch_stats():
         qat.reestimate_bn_stats(nn.Sequential(nn.LazyBatchNorm2d()), [torch.randn(2, 3, 4, 4)])
 
 
+def test_reestimate_bn_stats_keeps_the_statistics_of_a_bn_no_batch_reaches():
+    # they were reset to mean 0 / var 1 and stayed so (an auxiliary head used in training only)
+    from quantkern import qat
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+            self.aux = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            y = self.main(x)
+            return y + self.aux(y) if self.training else y
+
+    net = Net()
+    net.aux[1].running_mean.fill_(3.0)
+    net.aux[1].running_var.fill_(7.0)
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layer\(s\) saw no batch .*'aux.1'"):
+        assert qat.reestimate_bn_stats(net, [torch.randn(4, 2, 3, 3) for _ in range(2)]) == 2
+    assert (net.aux[1].running_mean == 3).all() and (net.aux[1].running_var == 7).all()
+    assert int(net.aux[1].num_batches_tracked) == 0 and int(net.main[1].num_batches_tracked) == 0
+    assert not torch.equal(net.main[1].running_var, torch.ones(3))
+
+
+def test_latent_distance_leaves_out_the_outer_half_bins():
+    # v in [qmin - 0.5, qmin) rounds to qmin with no edge below: it was reported near an edge
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+    from quantkern.qat._layers import quantized_layers
+
+    layer = nn.Sequential(QuantLinear(4, 1, w_bits=4, a_bits=None, w_learn_offset=False))
+    layer(torch.randn(2, 4))
+    ql = quantized_layers(layer)[0]
+    s = float(layer[0].weight_quantizer.scale.detach())
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.tensor([[-8.49, -7.9, 6.9, 7.45]]) * s)
+    d = qat.latent_distance_to_edge(ql)
+    torch.testing.assert_close(d, torch.tensor([0.4, 0.4]), rtol=0, atol=1e-4)
+
+
 def test_plot_latent_distance(tmp_path):
     from quantkern import qat
 

@@ -65,7 +65,8 @@ class LSQQuantizer(nn.Module):
 
             * ``"lsq"``: ``s = 2 mean(|x|) / sqrt(qmax)``, offset 0 (Esser et al.).
             * ``"lsq+"``: ``s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``, offset 0
-              (Bhalgat et al., for weights; sigma is the population std, correction=0).
+              (Bhalgat et al., for weights; sigma is the population std, correction=0);
+              ``/ 2^b`` on an unsigned grid, whose positive side has twice the levels.
             * ``"mse"``: ``(s, beta) = argmin ||x_hat - x||^2`` over a grid of clipping
               ranges, evaluated on the first batch, batched over channels/groups (for
               activations). Without a learnt offset the range is ``[s*qmin, s*qmax]`` and
@@ -274,6 +275,9 @@ class LSQQuantizer(nn.Module):
             # the empty dim may be the one the parameters' shape comes from (a 0-row group weight).
             self.param_shape(x.shape)  # a bad shape still raises now
             return
+        if x.is_meta:  # (else a cryptic "item() cannot be called on meta tensors" below)
+            raise ValueError(f"{name}: cannot initialise from a tensor on the meta device (load the real weights "
+                             "first, or load a QAT checkpoint, which needs no data)")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: cannot initialise from x containing NaN or inf")
         self.materialize(x.shape, device=x.device)
@@ -355,7 +359,8 @@ class LSQQuantizer(nn.Module):
         if self.init == "lsq+":
             mu = r.mean(1)
             sd = r.std(1, correction=0)
-            return torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs()) / 2 ** (self.bits - 1), zero
+            levels = 2 ** (self.bits - 1) if self.signed else 2**self.bits  # (the paper's grid is signed)
+            return torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs()) / levels, zero
         mn, mx = r.amin(1), r.amax(1)
         if self.init == "minmax":
             return self._range_to_params(mn, mx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +23,8 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_f
     average: after n batches the running stats are the plain mean of the n batch
     statistics -- the official code's "momentum 1.0 and average"); every other module
     runs in eval mode. Afterwards momentum, ``num_batches_tracked`` and the train/eval
-    flags are restored. Returns the number of batches used (0 for a model without a BatchNorm
+    flags are restored. A BatchNorm that no batch reaches keeps its statistics (with a warning
+    naming it). Returns the number of batches used (0 for a model without a BatchNorm
     that tracks running stats: no batch is read). A loader that yields no batch
     raises ValueError, and an error mid-way leaves the previous statistics in place.
     """
@@ -45,6 +47,7 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_f
     if lazy:
         raise ValueError(f"reestimate_bn_stats: the lazy BatchNorm(s) {lazy} are not initialised yet: run a forward "
                          "first")
+    names = {m: n for n, m in model.named_modules()}
     flags = {m: m.training for m in model.modules()}
     saved = [(m, m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
              for m in bns]
@@ -53,7 +56,7 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_f
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    n, ok = 0, False
+    n, ok, unreached = 0, False, []
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         for batch in itertools.islice(loader, num_batches):  # never pulls a batch it will not use
@@ -73,8 +76,13 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_f
     finally:
         for m, mom, nbt, mean, var in saved:
             m.momentum = mom
+            # a BN no batch reached (a training-only head, an unused branch, an MoE expert) keeps its
+            # statistics too: they were reset to mean 0 / var 1 above
+            missed = ok and int(m.num_batches_tracked) == 0
+            if missed:
+                unreached.append(names[m])
             m.num_batches_tracked.copy_(nbt)
-            if not ok:  # no batch (an exhausted iterator) or an error: the old statistics stay
+            if not ok or missed:  # no batch (an exhausted iterator) or an error: the old statistics stay
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
         for m, tr in flags.items():
@@ -82,4 +90,7 @@ def reestimate_bn_stats(model: nn.Module, loader, num_batches: int = 50, input_f
     if not ok:
         raise ValueError("reestimate_bn_stats: the loader gave no batch (an exhausted iterator?); the BatchNorm "
                          "statistics are unchanged")
+    if unreached:
+        warnings.warn(f"reestimate_bn_stats: {len(unreached)} BatchNorm layer(s) saw no batch and keep their "
+                      f"statistics: {unreached[:8]}{' ...' if len(unreached) > 8 else ''}", stacklevel=2)
     return n

@@ -12,13 +12,15 @@ from ._layers import quantized_layers
 def latent_distance_to_edge(layer) -> torch.Tensor:
     """Per weight, the distance (in units of the scale) of the latent weight to the nearest
     decision boundary of its integer grid: 0.5 - |v - round(v)|, v = (w - beta) / s,
-    for weights inside the grid range (clipped ones left out). 0 = on a bin edge."""
+    for weights with ``qmin <= v <= qmax``. 0 = on a bin edge. Weights beyond (clipped, or in an
+    outer half-bin: ``qmin - 0.5 <= v < qmin`` rounds to qmin with no edge below) are left out: the
+    formula put them near an edge that does not exist."""
     w = layer.weight_view().float()
     s, b = layer.params()
     from ..reference.fake_quant_lsq import lsq_param_view
 
     v = (w - lsq_param_view(w, b, layer.axis, layer.group_size)) / lsq_param_view(w, s, layer.axis, layer.group_size)
-    inside = (v >= layer.qmin - 0.5) & (v <= layer.qmax + 0.5)
+    inside = (v >= layer.qmin) & (v <= layer.qmax)
     return (0.5 - (v - torch.round(v)).abs())[inside].flatten()
 
 
