@@ -210,7 +210,7 @@ def _images(extra_cal: bool = True):
         # images bundled with the skimage wheel only: "skin" / "lily" are fetched from the network by
         # pooch where it is installed (the image set, so every number, then depended on the machine),
         # and without it skimage calls pytest.skip under pytest (the tests of _images were skipped)
-        for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina",
+        for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                      "immunohistochemistry", "cat", "colorwheel", "logo"):
             try:
                 im = np.asarray(getattr(sd, name)())

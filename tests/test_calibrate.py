@@ -1321,3 +1321,34 @@ def test_mse_search_single_bin_histograms_tie_as_the_reference():
         want = R.amax_mse(pos[0].double(), torch.arange(n + 1, dtype=torch.float64) * w, 8, unsigned=True,
                            stride=1, start_bin=8)
         assert float(amax) == float(want)
+
+
+@pytest.mark.parametrize("method", METHODS_ALL)
+def test_calibration_across_inference_mode_and_normal_batches(method):
+    # state made by a first batch under inference_mode (inference tensors) raised on an in-place update later
+    x1, x2 = torch.randn(64), torch.randn(64) * 2
+    aq = ActQuantizer(8, method).start_calibration()
+    with torch.inference_mode():
+        aq(x1)
+    aq(x2)
+    aq.finish_calibration()
+    ref = ActQuantizer(8, method).start_calibration()
+    ref(x1)
+    ref(x2)
+    ref.finish_calibration()
+    assert torch.equal(aq.scale, ref.scale) and torch.equal(aq.zero, ref.zero)
+
+
+def test_mse_calibrator_takes_numpy_bases_and_fake_quant_refuses_ints():
+    import numpy as np
+
+    c = MseCalibrator(8, axis=0, base_amax=np.array([1.0, 2.0, 3.0]))
+    for _ in range(2):  # the second collect compared the array with None
+        c.collect(torch.randn(3, 50))
+    assert c.compute_amax().shape == (3,)
+    with pytest.raises(TypeError, match="float tensor"):
+        fake_quant(torch.arange(-3, 4), 0.5, 0, -128, 127)
+    with pytest.raises(TypeError, match="float tensor"):
+        fake_quant_static(torch.arange(-3, 4), torch.tensor(3.0))
+    with pytest.raises(ValueError, match=r"per-channel amax must be 1-D of length x.shape\[0\] = 4, got shape \(5,\)"):
+        fake_quant_static(torch.randn(4, 3), torch.ones(5), axis=0)

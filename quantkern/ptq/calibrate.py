@@ -233,6 +233,8 @@ def fake_quant(x: torch.Tensor, scale, zero, qmin: int, qmax: int, axis: int | N
     """
     if qmin > qmax:
         raise ValueError(f"need qmin <= qmax, got qmin={qmin}, qmax={qmax}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # an int x came back truncated
+        raise TypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     scale = torch.as_tensor(scale, device=x.device).float()
     zero = torch.as_tensor(zero, device=x.device).float()
     if zero.numel() not in (1, scale.numel()):  # broadcasting gave an obscure size error, or a [C, C] result
@@ -275,6 +277,13 @@ def fake_quant_static(x, amax, num_bits: int = 8, *, amin=None, axis=None, symme
     x: any float tensor. amax / amin: 0-dim (per tensor) or ``[x.shape[axis]]``.
     Returns x_hat, same shape and dtype as x.
     """
+    if axis is not None and isinstance(x, torch.Tensor):  # (fake_quant's error names its own `scale`)
+        ax = _check_axis(axis, x.dim())
+        for name, v in (("amax", amax), ("amin", amin)):
+            t = None if v is None else torch.as_tensor(v)
+            if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[ax]):
+                raise ValueError(f"fake_quant_static: per-channel {name} must be 1-D of length x.shape[{axis}] = "
+                                 f"{x.shape[ax]}, got shape {tuple(t.shape)}")
     scale, zero, qmin, qmax = range_to_qparams(amin, amax, num_bits, symmetric, unsigned, narrow_range)
     return fake_quant(x, scale, zero, qmin, qmax, axis)
 
@@ -374,6 +383,9 @@ class MaxCalibrator(_Calibrator):
         self._max = self._min = None
         self._warned_sign = False
 
+    # inference_mode(False): the running state is updated in place, so state made by a first batch under
+    # torch.inference_mode() (an inference tensor) raised on a later batch outside it
+    @torch.inference_mode(False)
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
@@ -470,6 +482,9 @@ class HistogramCalibrator(_Calibrator):
         self._pending = None  # int64 [C]: zeros seen before the first non-zero value
         self._warned_sign = False
 
+    # inference_mode(False): the running state is updated in place, so state made by a first batch under
+    # torch.inference_mode() (an inference tensor) raised on a later batch outside it
+    @torch.inference_mode(False)
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
@@ -637,6 +652,7 @@ class MseCalibrator(_Calibrator):
         self._err = None
         self._warned = self._warned_sign = False
 
+    @torch.inference_mode(False)  # (in-place running state: see HistogramCalibrator.collect)
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x)
@@ -657,7 +673,7 @@ class MseCalibrator(_Calibrator):
                 None if self.symmetric else xc.amin(1))
             self._base = (amin, amax)
             self._err = torch.zeros(xc.shape[0], self.mult.numel(), dtype=torch.float64, device=xc.device)
-        elif self._given == (None, None):
+        elif self._given[0] is None and self._given[1] is None:  # (== (None, None) failed on a numpy array)
             self._rebase_empty(xc)
         amin, amax = self._base
         for s, m in enumerate(self.mult.tolist()):
