@@ -71,6 +71,15 @@ def extension():
     )
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        # pip's editable build (scripts/setup.sh) hands build_ext a new temporary folder each time (and
+        # ignores setup.cfg's build_temp), so ninja found no objects and every setup rebuilt the whole
+        # extension: a fixed folder in the tree keeps them (ninja rebuilds what changed, flags included)
+        self.build_temp = os.path.join(ROOT, "build", "temp-ext")
+
+
 setup(
     name="quantkern",
     version="0.1.0",
@@ -80,7 +89,7 @@ setup(
     package_dir={"quantkern.triton_kernels": "triton_kernels"},
     package_data={"quantkern.ptq": ["data/*.txt"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors", "tqdm"],
     extras_require={"triton": ["triton"], "test": ["pytest", "triton"], "bench": ["matplotlib"]},

