@@ -34,6 +34,19 @@ def _user_stacklevel() -> int:
         f, level = f.f_back, level + 1
     return level
 
+
+def _read_only(name: str) -> property:
+    """A property over ``self._<name>`` whose assignment raises (set once, in __init__)."""
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def refuse(self, _):
+        raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction (it sets the grid qmin, qmax); "
+                             "build a new quantizer")
+
+    return property(get, refuse, doc=f"{name} (read-only)")
+
+
 GRANULARITIES = ("tensor", "channel", "group")
 INITS = ("lsq", "lsq+", "mse", "minmax")
 
@@ -186,23 +199,8 @@ class LSQQuantizer(nn.Module):
 
     # bits and signed fix the grid (qmin, qmax) and the meaning of scale / offset: read-only, since an
     # assignment (e.g. q.bits = 2 for a lower-bit stage) used to change nothing but the repr
-    @property
-    def bits(self) -> int:
-        return self._bits
-
-    @bits.setter
-    def bits(self, _):
-        raise AttributeError(f"{type(self).__name__}.bits is fixed at construction (it sets the grid qmin, qmax); "
-                             "build a new quantizer for another bit width")
-
-    @property
-    def signed(self) -> bool:
-        return self._signed
-
-    @signed.setter
-    def signed(self, _):
-        raise AttributeError(f"{type(self).__name__}.signed is fixed at construction (it sets the grid qmin, qmax); "
-                             "build a new quantizer")
+    bits = _read_only("bits")
+    signed = _read_only("signed")
 
     # ------------------------------------------------------------ shapes
     def param_shape(self, x_shape) -> tuple[int, ...]:
