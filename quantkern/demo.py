@@ -160,7 +160,8 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     head = (f"all-MiniLM-L6-v2: {len(evals)} eval sentences, {len(calib)} disjoint calibration sentences "
             f"({ntok} tokens in length-sorted batches of 16, {nrows - ntok} padding rows left out by the attention "
             f"mask) for GPTQ/ERQ and the "
-            f"activation ranges; every nn.Linear packed (weights + fp16 scales/zeros). GPTQ: act_order "
+            f"activation ranges; every nn.Linear packed (weights + fp16 scales/zeros"
+            f"{'; --quick: GPTQ / ERQ on layer 0 only, the other layers stay float' if quick else ''}). GPTQ: act_order "
             f"{QuantizeConfig().act_order}, damp {QuantizeConfig().damp}; GPTQ/ERQ: fp_target "
             f"{QuantizeConfig().fp_target} (ridge {QuantizeConfig().fp_target_damp}).\n\n" + cols)
     text = head + "\n" + "\n".join(rows)

@@ -272,6 +272,7 @@ def test_dead_column_result_does_not_depend_on_the_scale_of_H(act_order):
     assert _out_err(W, Wq, X) < _out_err(W, dequantize(*rtn_minmax(W, 4, 32)), X)
 
 
+@pytest.mark.filterwarnings("ignore:gptq_quantize. H is all zero")  # channel 2, on purpose
 def test_depthwise_dead_column_result_does_not_depend_on_the_scale_of_H():
     from quantkern.ptq.conv import gptq_depthwise
     g = torch.Generator().manual_seed(3)
@@ -287,3 +288,10 @@ def test_depthwise_dead_column_result_does_not_depend_on_the_scale_of_H():
     assert (dequantize(*ref)[2] == 0).all()
     for c in range(C):  # and each row is gptq_quantize's with that row's H
         assert torch.equal(gptq_quantize(W[c:c + 1], H[c].float(), 4, None)[0], ref[0][c:c + 1])
+
+
+def test_all_zero_hessian_warns():
+    W = torch.randn(4, 32)
+    with pytest.warns(UserWarning, match="H is all zero"):
+        q, s, z = gptq_quantize(W, torch.zeros(32, 32), 4, 16)
+    assert (dequantize(q, s, z) == 0).all()

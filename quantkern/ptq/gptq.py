@@ -40,6 +40,7 @@ for a group with no negative weight, whose upper half its zero ``2^(bits-1)`` cl
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -186,6 +187,9 @@ def gptq_quantize(
     # (the mse search weighs each column by its own diag(H): 0 for a dead input, whose error costs nothing)
     hdiag = torch.diagonal(Hd).to(torch.float32)
     dead = torch.diagonal(Hd) == 0
+    if bool(dead.all()):  # (as the official code, every weight becomes 0: say so)
+        warnings.warn(f"{fn}: H is all zero (a HessianAccumulator that saw no batch, or all-zero inputs): every input "
+                      "is dead and the whole weight quantizes to 0", stacklevel=3)
     Hd[dead, dead] = _dead_diag(torch.diagonal(Hd), dead)
     Wf[:, dead] = 0
     G = K // g
