@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=.venv
 STAMP=$VENV/.quantkern-deps
-WANT="$(cat requirements-dev.txt requirements-models.txt scripts/constraints.txt | sha256sum | cut -c1-16)"
+WANT="$(cat requirements-dev.txt requirements-models.txt scripts/constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi

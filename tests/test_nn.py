@@ -890,7 +890,7 @@ def test_uninitialised_quantizer_on_copies_of_its_parameters_raises():
     m = QuantLinear(16, 8)
     x = torch.randn(4, 16)
     params = {k: v.detach().clone() for k, v in m.named_parameters()}
-    with pytest.raises(RuntimeError, match="Run one forward .* on the model itself first"):
+    with pytest.raises(RuntimeError, match="Run one plain forward .* on the model before wrapping it"):
         functional_call(m, params, (x,))
     assert not m.input_quantizer._initialized
     # what nn.parallel.replicate does (it needs CUDA): every module replicated, parameters as plain-tensor copies
@@ -905,6 +905,12 @@ def test_uninitialised_quantizer_on_copies_of_its_parameters_raises():
     assert not m.input_quantizer._initialized and not m.weight_quantizer._initialized
     y = m(x)  # initialised on the model itself: copies of it run
     torch.testing.assert_close(functional_call(m, {k: v.detach().clone() for k, v in m.named_parameters()}, (x,)), y)
+    # tensors that share the module's memory (state_dict(), detached parameters) initialise the module itself
+    for make in (lambda mod: mod.state_dict(), lambda mod: {k: v.detach() for k, v in mod.named_parameters()}):
+        fresh = QuantLinear(16, 8)
+        out = functional_call(fresh, make(fresh), (x,))
+        assert fresh.input_quantizer._initialized and bool(fresh.input_quantizer.initialized)
+        torch.testing.assert_close(fresh(x), out)
 
 
 def test_bits_and_signed_are_read_only():
@@ -916,3 +922,9 @@ def test_bits_and_signed_are_read_only():
     assert (q.bits, q.signed, q.qmin, q.qmax) == (4, True, -8, 7)
     c = copy.deepcopy(q)
     assert (c.bits, c.signed) == (4, True)
+    # a module pickled whole before (bits / signed as plain attributes) still loads
+    st = dict(q.__dict__)
+    st["bits"], st["signed"] = st.pop("_bits"), st.pop("_signed")
+    old = LSQQuantizer.__new__(LSQQuantizer)
+    old.__setstate__(st)
+    assert (old.bits, old.signed) == (4, True) and "bits=4" in repr(old)

@@ -486,9 +486,10 @@ def test_the_example_runs_and_agrees():
     out = mod.main(["--epochs", "1", "--w-bits", "3"])
     assert out["converted"] == ["f1", "f2", "head"]
     (_, fp_acc, *_), (_, qat_acc, *_), *after = out["rows"]
-    # Logits are identical where our kernel sums as torch's F.linear does (AVX-512 hosts); elsewhere
-    # (AVX2 only, one thread) f2's outputs differed in the last bit (5e-7) and that flipped one 8-bit
-    # code of the head's input: 1.9e-3, one activation step. Predictions stay the same.
+    # Logits are identical where our kernel sums as torch's F.linear does (the AVX-512 hosts measured);
+    # elsewhere (AVX2 only, one thread) f2's outputs differed in the last bit (5e-7) and that flipped one
+    # 8-bit code of the head's input: 1.9e-3, one activation step. Predictions stay the same.
+    tol = 1e-4 if quantkern.get_cpu_capability().startswith("avx512") else 1e-2
     for _, a, agree, diff, _ in after:
-        assert a == qat_acc and agree == 1.0 and diff < 1e-2
+        assert a == qat_acc and agree == 1.0 and diff < tol
     assert qat_acc > 0.85

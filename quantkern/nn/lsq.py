@@ -191,6 +191,7 @@ class LSQQuantizer(nn.Module):
         else:
             self.scale = UninitializedParameter(dtype=torch.float32)
             self.offset = UninitializedParameter(dtype=torch.float32) if learn_offset else None
+        self._remember_own_scale()
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # Python mirror of the buffer: no host sync, no graph break in forward
         # scale / offset loaded from a state_dict without the layer's weight, since the last initialize():
@@ -275,7 +276,7 @@ class LSQQuantizer(nn.Module):
             return
         if x.is_meta:  # (else a cryptic "item() cannot be called on meta tensors" below)
             raise ValueError(f"{name}: cannot initialise from a tensor on the meta device (load the real weights "
-                             "first, or load a QAT checkpoint, which needs no data)")
+                             "first)")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: cannot initialise from x containing NaN or inf")
         self.materialize(x.shape, device=x.device)
@@ -468,14 +469,15 @@ class LSQQuantizer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
-            if not isinstance(self._parameters.get("scale"), nn.Parameter):
+            if getattr(self, "_is_replica", False) or not self._scale_is_own():
                 # an nn.DataParallel replica or torch.func.functional_call with copies: the init would
                 # write the copies only, the module itself would stay uninitialised (a DataParallel model
                 # re-initialised from every batch, its own scale drifting under the gradients)
                 raise RuntimeError(
                     f"{type(self).__name__}: not initialised, and its scale is not its own parameter (an "
-                    "nn.DataParallel replica, or torch.func.functional_call with copies of the parameters): the "
-                    "data-dependent init would be lost. Run one forward (or initialize(x)) on the model itself first")
+                    "nn.DataParallel replica, torch.func.functional_call with copies of the parameters, a "
+                    "parametrization): the data-dependent init would be lost. Run one plain forward (or "
+                    "initialize(x)) on the model before wrapping it or calling it functionally")
             self.initialize(x)
             if x.numel() == 0:  # nothing to initialise from (the init waits) and nothing to quantize
                 return x.clone(memory_format=torch.contiguous_format)
@@ -506,6 +508,27 @@ class LSQQuantizer(nn.Module):
         y = ops.fake_quant_lsq(x, s, b, self.qmin, self.qmax, axis=axis, group_size=group_size, grad_scale=g, backend=self.backend)
         return y.reshape(shape)
 
+    def _remember_own_scale(self) -> None:
+        # in __dict__, not registered: the scale parameter this module owns, for _scale_is_own
+        self.__dict__["_own_scale"] = self._parameters.get("scale")
+
+    def _scale_is_own(self) -> bool:
+        """Whether the scale in use is the module's own parameter or shares its memory (functional_call
+        with ``state_dict()`` / detached tensors: the init still reaches the module), not a copy."""
+        cur, own = self._parameters.get("scale"), self.__dict__.get("_own_scale")
+        if isinstance(cur, nn.Parameter):
+            return True
+        if not isinstance(cur, torch.Tensor) or not isinstance(own, torch.Tensor) or is_lazy(own):
+            return False
+        return cur.device == own.device and cur.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+
+    def __setstate__(self, state):
+        # modules pickled whole before bits / signed became read-only kept them as plain attributes
+        for name in ("bits", "signed"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
+
     def _apply(self, fn, recurse=True):
         # scale/offset stay float32 through module-wide dtype casts (model.bfloat16(), .half())
         # and follow device moves; uninitialised ones take only what they support (device).
@@ -519,7 +542,9 @@ class LSQQuantizer(nn.Module):
             out = fn(t)
             return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
 
-        return super()._apply(keep_fp32, recurse)
+        out = super()._apply(keep_fp32, recurse)
+        self._remember_own_scale()  # (a conversion may replace the parameter object)
+        return out
 
     # ------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -547,6 +572,7 @@ class LSQQuantizer(nn.Module):
                 # saw data (its lazy scale/offset had none); this one re-initialises on its next forward
                 lazy_absent.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._remember_own_scale()  # (assign=True puts new parameter objects in)
         for key in lazy_absent:
             if key in missing_keys:
                 missing_keys.remove(key)

@@ -242,7 +242,8 @@ def gptq_depthwise(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int 
     if clip == "hqq":
         _, scale, zero = hqq_quantize(Wf, bits, g, warn=False)
     elif clip == "mse":
-        scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, dg.float().reshape(C, G, g))
+        wt = torch.where(dead, torch.zeros_like(dg), dg)  # a dead input's error costs nothing
+        scale, zero = mse_clip_params(Wf.reshape(C, G, g), bits, wt.float().reshape(C, G, g))
     elif static:
         scale, zero = minmax_params(Wf.reshape(C, G, g), bits)
     cols = torch.arange(k, device=W.device).expand(C, k)
