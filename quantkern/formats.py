@@ -307,8 +307,9 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     """
     if not isinstance(return_perm, bool):
         raise TypeError(f"from_gptq: return_perm must be a bool, got {return_perm!r}")
-    if bits not in (2, 3, 4):
-        raise ValueError(f"from_gptq: bits must be 2, 3 or 4, got {bits}")
+    if isinstance(bits, bool) or not hasattr(bits, "__index__") or bits not in (2, 3, 4):  # (4.0 passed, failed later)
+        raise ValueError(f"from_gptq: bits must be an int 2, 3 or 4, got {bits!r}")
+    bits = bits.__index__()  # (numpy / torch ints)
     if not isinstance(zero_offset, int) or isinstance(zero_offset, bool):  # 0.5 gave fractional zeros
         raise TypeError(f"from_gptq: zero_offset must be an int (1 for AutoGPTQ v1, 0 for v2), got {zero_offset!r}")
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):

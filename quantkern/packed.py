@@ -108,6 +108,17 @@ class PackedWeight:
                 raise ValueError(f"PackedWeight.from_float: W contains NaN or inf (row {', '.join(map(str, rows))}"
                                  f"{', ...' if int(bad.sum()) > 5 else ''}); a weight must be finite to quantize")
         q, s, z = ref.quantize_rtn(W.detach(), bits, gs, meta_dtype)
+        if eager and s.dtype != torch.float32 and s.device.type != "meta" and s.numel():
+            # a scale deep in the subnormals of fp16 / bf16 keeps few bits (the rule of scales_lost:
+            # relative error > 2^-8; fp16 below 2^-16): the weight got several times RTN's error without a
+            # word. Negligible groups (1e-6 of max |W|, e.g. an all-but-zero row) pass.
+            fi = torch.finfo(s.dtype)
+            tiny = (s != 0) & (s.float().abs() < fi.tiny * fi.eps * 2.0**8)
+            if bool(tiny.any()) and bool((s[tiny].float().abs() * (2**bits - 1 + z[tiny].float().abs())
+                                          > 1e-6 * float(W.detach().abs().max())).any()):
+                raise ValueError(f"PackedWeight.from_float: {int(tiny.sum())} group scale(s) of W (max |W| = "
+                                 f"{float(W.detach().abs().max()):.3g}) fall deep into {s.dtype}'s subnormals, which "
+                                 f"keep few bits of them; use meta_dtype=torch.float32 or torch.bfloat16 (or rescale W)")
         if eager and s.device.type != "meta" and s.numel() and not bool(torch.isfinite(s).all() and torch.isfinite(z).all()):
             # fp32 metadata overflows only for a (float64) W beyond the fp32 range: suggesting
             # meta_dtype=torch.float32 there would be no help

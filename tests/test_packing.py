@@ -568,6 +568,23 @@ def test_from_gptq_argument_checks():
         formats.from_gptq(torch.zeros(0, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
                           torch.ones(1, 8), 4)
     assert torch.equal(formats.from_gptq(qw, qz, s, 4, group_size=32).unpack(), q)
+    with pytest.raises(ValueError, match="bits must be an int 2, 3 or 4, got 4.0"):  # failed later, naming group_size
+        formats.from_gptq(qw, qz, s, 4.0)
+    import numpy as np
+    assert torch.equal(formats.from_gptq(qw, qz, s, np.int64(4), group_size=32).unpack(), q)
+
+
+def test_from_float_refuses_scales_deep_in_the_subnormals():
+    # fp16 scales of weights ~1e-6 kept a few bits: 7x fp32 metadata's error, without a word
+    W = torch.randn(64, 128) * 1e-6
+    with pytest.raises(ValueError, match="deep into torch.float16's subnormals.*meta_dtype=torch.float32"):
+        PackedWeight.from_float(W, 4, 64, torch.float16)
+    for md in (torch.float32, torch.bfloat16):
+        pw = PackedWeight.from_float(W, 4, 64, md)
+        assert ((pw.dequantize(torch.float32) - W).abs().max() / W.abs().max()) < 0.1
+    W = torch.randn(64, 128) * 1e-4  # shallow subnormal fp16 scales (5e-5) pass, as in .to()
+    assert ((PackedWeight.from_float(W, 4, 64, torch.float16).dequantize(torch.float32) - W).abs().max()
+            / W.abs().max()) < 0.1
 
 
 def _hqq_4bit(N=4, K=64, g=32):
