@@ -28,6 +28,16 @@ def scales_lost(cast: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return ((cast.float() - s).abs() > 2.0**-8 * s.abs()) & (s != 0)
 
 
+def lost_groups_matter(scales: torch.Tensor, zeros: torch.Tensor, bits: int, lost: torch.Tensor, scale: float) -> bool:
+    """Whether any group marked ``lost`` (a scale that underflowed or fell deep into the subnormals)
+    spans more than 1e-6 of ``scale`` (the layer's max |W|): negligible groups, e.g. an all-but-zero
+    row, lose nothing that matters."""
+    if not bool(lost.any()):
+        return False
+    span = scales[lost].float().abs() * (2**bits - 1 + zeros[lost].float().abs())
+    return bool((span > 1e-6 * scale).any())
+
+
 def cast_meta(scales: torch.Tensor, zeros: torch.Tensor, meta_dtype: torch.dtype | None, who: str,
               device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scales, zeros)`` moved to ``device`` and cast to ``meta_dtype`` (None: their dtype), refusing a
@@ -114,8 +124,7 @@ class PackedWeight:
             # word. Negligible groups (1e-6 of max |W|, e.g. an all-but-zero row) pass.
             fi = torch.finfo(s.dtype)
             tiny = (s != 0) & (s.float().abs() < fi.tiny * fi.eps * 2.0**8)
-            if bool(tiny.any()) and bool((s[tiny].float().abs() * (2**bits - 1 + z[tiny].float().abs())
-                                          > 1e-6 * float(W.detach().abs().max())).any()):
+            if lost_groups_matter(s, z, bits, tiny, float(W.detach().abs().max())):
                 raise ValueError(f"PackedWeight.from_float: {int(tiny.sum())} group scale(s) of W (max |W| = "
                                  f"{float(W.detach().abs().max()):.3g}) fall deep into {s.dtype}'s subnormals, which "
                                  f"keep few bits of them; use meta_dtype=torch.float32 or torch.bfloat16 (or rescale W)")

@@ -8,6 +8,7 @@ the weight, bias, scales and offsets all train.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -92,51 +93,49 @@ class _QuantMixin:
     def _build_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
                           a_granularity, a_init, act_signed, a_learn_offset, backend,
                           w_grad_scale=None, a_grad_scale=None) -> None:
-        # the quantizers' errors name their own arguments (group_size, ...): say which of ours they were
-        try:
-            self._make_quantizers(w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-                                  a_granularity, a_init, act_signed, a_learn_offset, backend,
-                                  w_grad_scale, a_grad_scale)
-        except (ValueError, TypeError) as e:
-            which = "weight quantizer (w_* arguments)" if getattr(self, "weight_quantizer", None) is None else \
-                "input quantizer (a_* arguments)"
-            if which.startswith("weight") and w_granularity == "group" and "does not divide" in str(e):
-                e = ValueError(f"w_group_size {w_group_size} does not divide the row length "
-                               f"{math.prod(self.weight.shape[1:])} of the weight of shape {tuple(self.weight.shape)}")
-            raise type(e)(f"{type(self).__name__}: {which}: {e}") from None
-
-    def _make_quantizers(self, w_bits, a_bits, w_granularity, w_group_size, w_init, w_learn_offset,
-                         a_granularity, a_init, act_signed, a_learn_offset, backend,
-                         w_grad_scale=None, a_grad_scale=None) -> None:
-        self.weight_quantizer = None
-        wq = LSQQuantizer(
-            w_bits,
-            signed=True,
-            granularity=w_granularity,
-            learn_offset=w_learn_offset,
-            init=w_init,
-            axis=0,
-            group_size=w_group_size if w_granularity == "group" else None,
-            grad_scale=w_grad_scale,
-            backend=backend,
-        )
-        # Shapes are known now, so an optimiser can be built before the first forward;
-        # the values are set from the weight on the first forward (or by from_float).
-        wq.materialize(self.weight.shape, device=self.weight.device)
+        with self._errors_name("weight quantizer (w_* arguments)", w_group_size if w_granularity == "group" else None):
+            wq = LSQQuantizer(
+                w_bits,
+                signed=True,
+                granularity=w_granularity,
+                learn_offset=w_learn_offset,
+                init=w_init,
+                axis=0,
+                group_size=w_group_size if w_granularity == "group" else None,
+                grad_scale=w_grad_scale,
+                backend=backend,
+            )
+            # Shapes are known now, so an optimiser can be built before the first forward;
+            # the values are set from the weight on the first forward (or by from_float).
+            wq.materialize(self.weight.shape, device=self.weight.device)
         self.weight_quantizer = wq
         if a_bits is None:
             self.input_quantizer = None
         else:
-            self.input_quantizer = LSQQuantizer(
-                a_bits,
-                signed=act_signed,
-                granularity=a_granularity,
-                learn_offset=a_learn_offset,
-                init=a_init,
-                axis=self._act_axis,
-                grad_scale=a_grad_scale,
-                backend=backend,
-            )
+            with self._errors_name("input quantizer (a_* arguments)"):
+                aq = LSQQuantizer(
+                    a_bits,
+                    signed=act_signed,
+                    granularity=a_granularity,
+                    learn_offset=a_learn_offset,
+                    init=a_init,
+                    axis=self._act_axis,
+                    grad_scale=a_grad_scale,
+                    backend=backend,
+                )
+            self.input_quantizer = aq
+
+    @contextlib.contextmanager
+    def _errors_name(self, which: str, w_group_size=None):
+        """Re-raises a quantizer's ValueError / TypeError naming this layer and which of its arguments it
+        came from (the quantizer's own message names its own: group_size, ...)."""
+        try:
+            yield
+        except (ValueError, TypeError) as e:
+            if w_group_size is not None and "does not divide" in str(e):
+                e = ValueError(f"w_group_size {w_group_size} does not divide the row length "
+                               f"{math.prod(self.weight.shape[1:])} of the weight of shape {tuple(self.weight.shape)}")
+            raise type(e)(f"{type(self).__name__}: {which}: {e}") from None
 
     def _quant_extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}"

@@ -63,6 +63,7 @@ import torch
 from .. import ops
 from .._affine_fq import one_pass
 from .._dtype_keep import apply_keeping_dtype
+from .._warn import user_stacklevel
 
 __all__ = [
     "MaxCalibrator",
@@ -329,7 +330,7 @@ class _Calibrator:
         which may widen the range past the positive data; both silently, before."""
         if self.symmetric and self.unsigned and not self._warned_sign and bool((mn < 0).any()):
             self._warned_sign = True
-            warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=5)
+            warnings.warn(_negative_unsigned_msg(type(self).__name__, mn), stacklevel=user_stacklevel())
 
     def _prep(self, x, native: bool = False) -> torch.Tensor:
         """x as [C, M] (see _channels), or None for an empty x (nothing to collect); the caller sets
@@ -383,7 +384,6 @@ class MaxCalibrator(_Calibrator):
         self._max = self._min = None
         self._warned_sign = False
 
-    @torch.inference_mode(False)  # as the others (see HistogramCalibrator.collect): the same stack depth
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         xc = self._prep(x, native=True)
@@ -705,7 +705,7 @@ class MseCalibrator(_Calibrator):
             self._warned = True
             warnings.warn("MseCalibrator (mse_search): a later batch reaches beyond the largest candidate range "
                           f"({top:g}x the first batch's); the search cannot cover it. Pass base_amax / base_amin "
-                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=5)
+                          "(e.g. from a 'max' pass) or put a representative batch first.", stacklevel=user_stacklevel())
 
     def _best(self):
         self._need_data()

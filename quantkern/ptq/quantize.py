@@ -129,7 +129,7 @@ from ..nn.expose import _is_hf_conv1d, conv1d_to_linear, expose_linears
 from ..nn.packed_linear import (DEFAULT_SKIP, PackedLinear, _skipped, check_linear_weights, check_skip,
                                  disable_fused_encoder_paths, fallback_group, linear_sites, tied_holders,
                                  untie_packed_outputs, warn_left_float, weights_to_convert, with_keep_float)
-from ..packed import PackedWeight, load_packed, save_packed, scales_lost
+from ..packed import PackedWeight, load_packed, lost_groups_matter, save_packed, scales_lost
 from ._blocks import BlockInputs, fitting, plan_blocks
 from ._blocks import StopForward as _StopForward
 from ._wquant import check_clip
@@ -1009,10 +1009,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
             # A scale that underflows to 0 zeroes its group, and a deep subnormal keeps few bits (scales_lost).
             # Harmless when the group's weights are negligible (e.g. the ~1e-18 a float-target fit leaves in an
             # all-zero row).
-            lost = scales_lost(sm, s)
-            lost_ok = not bool(lost.any()) or bool(
-                (s[lost].abs().float() * (2 ** lc.bits - 1 + z[lost].abs().float())
-                 <= 1e-6 * _layer_scale(W, b)).all())
+            lost_ok = not lost_groups_matter(s, z, lc.bits, scales_lost(sm, s), _layer_scale(W, b))
             if not (lost_ok and bool(torch.isfinite(sm).all() and torch.isfinite(zm).all())):
                 warnings.warn(f"quantize_: layer {name!r}: its scales / zeros do not fit {lc.meta_dtype} (a scale "
                               f"underflows to 0 or to a subnormal, or a value overflows); this layer keeps float32 "
