@@ -147,6 +147,53 @@ def test_packed_linear_many_large_entries_on_zero_weights(bits, config):
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_long_groups_at_full_scale(bits, config):
+    """The integer GEMVs at their sums' limits: every code at its maximum and every x at the group's
+    amax (the AVX2 int16 GEMV's h = +-32767 everywhere), in one group per row of up to 40000 weights
+    (the int32 sums are flushed inside a group every 512 blocks, and groups over 128 blocks skip the
+    per-group buffer), and a group size of 4096 (128 blocks: the buffer's limit). M = 1 and 5."""
+    top = 2 ** bits - 1
+    for K, gs in ((4096, 4096), (17000, 17000), (40000, 40000), (16448, 64)):
+        N = 5
+        q = torch.full((N, K), top, dtype=torch.uint8)
+        q[1, ::3] = 0  # one row with a pattern
+        G = K // gs
+        pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.5), torch.zeros(N, G), bits, gs)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for M in (1, 5):
+                x = torch.ones(M, K)
+                x[-1] = -1.0  # h = -32767
+                if M > 1:
+                    x[1, K // 2:] = 0.5
+                x = x.to(dt)
+                check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_mixed_rows_take_the_widest_rule(bits, config):
+    """A batch whose rows need different x splits (one plain, one with an outlier, one with a small
+    bulk under a few large entries, one with an inf) is computed as a whole with the rule of its
+    widest row: every finite row stays within 2x F.linear's error, the inf propagates."""
+    N, K, gs = 24, 512, 64
+    pw = make(N, K, bits, gs, torch.bfloat16, seed=11)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(4, K, generator=g)
+    base[1, 7] = 500.0
+    base[2] = base[2] * 1e-4
+    base[2, ::16] = 1.0
+    for dt in (torch.bfloat16, torch.float16):
+        for rows in ((0, 1), (0, 2), (0, 1, 2), (2, 0, 1, 0)):
+            x = base[list(rows)].to(dt)
+            check_accuracy(ops.packed_linear(x, pw), x, pw)
+        x = base.clone()
+        x[3, 100] = float("inf")
+        x = x.to(dt)
+        y = ops.packed_linear(x, pw)
+        assert not y[3].isfinite().all()
+        check_accuracy(y[:3], x[:3], pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_tiny_inputs(bits, config):
     # bf16 x can be far below fp16's range: 127 / amax overflowed in the int8 GEMV for groups under
     # ~4e-37 (every entry became -128); such groups take the fp32 path. (fp32 x: the LUT GEMV, checked too.)

@@ -8,7 +8,8 @@
 //                 register-blocked fp32 FMA micro-kernel (dot products along K).
 //   kPathLutF32   AVX-512, small M, fp32 x. The 16-entry table (e - z) * s of a
 //                 group is one zmm; vpermps turns a vector of codes into exact
-//                 weights, which feed fp32 FMAs directly (no buffer).
+//                 weights, which feed fp32 FMAs directly (no buffer). On AVX2 the
+//                 same GEMV with the decoder of packed_avx2.h, for any x dtype.
 //   kPathVnni     AVX-512 VNNI + VBMI + GFNI, small M, bf16/fp16 x. x is quantized per
 //                 group to two int8 pieces (x ~ a * (h + l / 256), a = amax / 127,
 //                 error <= a / 512); codes are decoded with shift+mask to bytes and
@@ -44,7 +45,7 @@
 namespace qk {
 namespace QK_ISA_NS {
 
-enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3, kPathDpBf16 = 4 };
+enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3, kPathDpBf16 = 4, kPathI16 = 5 };
 
 QK_SI float meta_at(const void* p, Dt dt, int64_t i) {
   switch (dt) {
@@ -256,12 +257,24 @@ inline void dequant_row_f32_lut(const PackedW& P, int64_t n, float* out) {
 }
 #endif
 
+}  // namespace QK_ISA_NS
+}  // namespace qk
+#include "packed_avx2.h"  // the AVX2 block decoder and GEMV (uses the helpers above)
+namespace qk {
+namespace QK_ISA_NS {
+
 inline void dequant_row_f32(const PackedW& P, int64_t n, float* out) {
 #if defined(QK_ISA_AVX512)
   switch (P.bits) {
     case 4: return dequant_row_f32_lut<4>(P, n, out);
     case 3: return dequant_row_f32_lut<3>(P, n, out);
     default: return dequant_row_f32_lut<2>(P, n, out);
+  }
+#elif defined(QK_ISA_AVX2)
+  switch (P.bits) {
+    case 4: return avx2_dequant_row<4>(P, n, out);
+    case 3: return avx2_dequant_row<3>(P, n, out);
+    default: return avx2_dequant_row<2>(P, n, out);
   }
 #else
   dequant_row_f32_generic(P, n, out);
@@ -376,6 +389,36 @@ inline void prep_f32(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
     for (; k < Kp; ++k) o[k] = 0.f;
   }
 }
+
+// ------------------------------------------------------------ x range rules of the integer GEMVs
+// (the AVX-512 VNNI GEMV's pieces; the AVX2 int16 GEMV of packed_avx2_i16.h maps them to its own)
+// A group whose amax exceeds this multiple of its mean |x| makes the call use three pieces.
+// Gaussian groups of 32-256 stay below ~5; one outlier of 8x the mean |x| or more (or a few
+// much larger ones) crosses it. With two pieces such a group's small entries get errors of
+// amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
+constexpr float kVnniWideRange = 8.f;
+// Several large entries hide from that mean: with 1/8 of a group at 1 and the rest at 1e-5, the
+// output comes from the small entries when the large ones meet zero weights, and two pieces
+// (error amax / 65024 each) got it wrong by 140% (a test-drive). So a group whose nonzero
+// entries are mostly (>= half) at or below amax / kVnniWideRange ("bulk") takes three pieces too
+// when the bulk's mean |x| is below amax / kVnniBulkRange, and the row takes the exact fp32 path
+// below amax / kVnniBulkFp32, where three pieces (resolution amax / 2^24) no longer hold the bulk
+// to fp16's precision. Gaussian, uniform, Laplace, Student-t, log-normal and ReLU'd groups of
+// 32-128 never trip these on their own (simulated: 200 rows of 4096; heavy-tailed and ReLU'd rows
+// mostly take three pieces by kVnniWideRange already). With fp16 x a bulk between amax / 32 and
+// amax / 8 whose large entries all meet zero weights can still see up to ~2.2x F.linear's error.
+constexpr float kVnniBulkRange = 32.f;
+constexpr float kVnniBulkFp32 = 1024.f;
+// A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
+// GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
+// (1/65536) times the group scale leaves the normal fp32 range and loses bits.
+constexpr float kVnniTinyAmax = 0x1p-64f;
+
+}  // namespace QK_ISA_NS
+}  // namespace qk
+#include "packed_avx2_i16.h"  // the AVX2 int16 GEMV (uses prep_f32 and the rules above)
+namespace qk {
+namespace QK_ISA_NS {
 
 #if defined(QK_ISA_AVX512)
 // ------------------------------------------------------------ AVX-512 fp32 LUT GEMV
@@ -494,27 +537,6 @@ inline VnniLayout vnni_layout(const PackedW& P) {
 }
 
 enum VnniMode : int32_t { kVnniTwo = 0, kVnniThree = 1, kVnniFp32 = 2 };
-// A group whose amax exceeds this multiple of its mean |x| makes the call use three pieces.
-// Gaussian groups of 32-256 stay below ~5; one outlier of 8x the mean |x| or more (or a few
-// much larger ones) crosses it. With two pieces such a group's small entries get errors of
-// amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
-constexpr float kVnniWideRange = 8.f;
-// Several large entries hide from that mean: with 1/8 of a group at 1 and the rest at 1e-5, the
-// output comes from the small entries when the large ones meet zero weights, and two pieces
-// (error amax / 65024 each) got it wrong by 140% (a test-drive). So a group whose nonzero
-// entries are mostly (>= half) at or below amax / kVnniWideRange ("bulk") takes three pieces too
-// when the bulk's mean |x| is below amax / kVnniBulkRange, and the row takes the exact fp32 path
-// below amax / kVnniBulkFp32, where three pieces (resolution amax / 2^24) no longer hold the bulk
-// to fp16's precision. Gaussian, uniform, Laplace, Student-t, log-normal and ReLU'd groups of
-// 32-128 never trip these on their own (simulated: 200 rows of 4096; heavy-tailed and ReLU'd rows
-// mostly take three pieces by kVnniWideRange already). With fp16 x a bulk between amax / 32 and
-// amax / 8 whose large entries all meet zero weights can still see up to ~2.2x F.linear's error.
-constexpr float kVnniBulkRange = 32.f;
-constexpr float kVnniBulkFp32 = 1024.f;
-// A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
-// GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
-// (1/65536) times the group scale leaves the normal fp32 range and loses bits.
-constexpr float kVnniTinyAmax = 0x1p-64f;
 
 // One piece of x, int8 [Kp] in natural order -> dst int8 [nc][nfield][64] in the decode order
 // (field f of chunk c: each block's entries of field f, block after block), zero past the last
@@ -1619,6 +1641,14 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
     return kPathDpBf16;
   if (M <= lut_max) return kPathLutF32;
   return kPathGemmF32;
+#elif defined(QK_ISA_AVX2)
+  (void)xdt;
+  // the GEMV reads W once per 4 rows of x, the panels once per 128: even at M = 12-16 (Zen 3, 4096 x
+  // 11008 int4: 30 / 41 ms against the panels' 31 / 33) it stays, as on AVX-512, so that a batch of
+  // up to 16 rows takes the same sums as its rows alone (vmap'd per-sample gradients)
+  static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
+  if (xdt != Dt::F32 && M <= lut_max) return kPathI16;
+  return M <= lut_max ? kPathLutF32 : kPathGemmF32;
 #else
   (void)xdt;
   (void)M;
@@ -1644,6 +1674,11 @@ inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
     return L.total_shared + M * L.per_m;
   }
   if (path == kPathAmx || path == kPathDpBf16) return ((M + 15) / 16) * 16 * amx_kpa(P) * 2;
+#elif defined(QK_ISA_AVX2)
+  if (path == kPathI16) {
+    const I16Layout L = i16_layout(P, M);
+    return L.xf_bytes + M * L.per_m;
+  }
 #endif
   (void)path;
   return M * P.Kp() * 4;
@@ -1654,6 +1689,8 @@ inline void pk_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_
 #if defined(QK_ISA_AVX512)
   if (path == kPathVnni) return vnni_prep(P, xdt, x, ldx, u0, u1, static_cast<uint8_t*>(ws), M > 1);
   if (path == kPathAmx || path == kPathDpBf16) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
+#elif defined(QK_ISA_AVX2)
+  if (path == kPathI16) return i16_prep(P, xdt, x, ldx, M, u0, u1, static_cast<uint8_t*>(ws));
 #endif
   (void)M;
   (void)path;
@@ -1667,6 +1704,9 @@ inline void pk_run(const PackedW& P, const void* ws, int64_t M, int path, int64_
   if (path == kPathAmx) return amx_gemm_rows(P, static_cast<const uint16_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (path == kPathDpBf16) return dp_gemm_rows(P, static_cast<const uint16_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (path == kPathLutF32) return lut_gemv_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+#elif defined(QK_ISA_AVX2)
+  if (path == kPathLutF32) return avx2_gemv_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (path == kPathI16) return i16_gemv_rows(P, static_cast<const uint8_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
 #endif
   (void)path;
   gemm_f32_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);

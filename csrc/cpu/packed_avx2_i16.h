@@ -1,0 +1,386 @@
+// AVX2 int16 GEMV for bf16 / fp16 x at small M (kPathI16): the AVX2 counterpart of the AVX-512
+// VNNI GEMV, with vpmaddwd. Included by packed_kernel.h (whose helpers it uses) in the AVX2 build.
+//
+// x is quantized per group g to int16: x ~ a_g h with a_g = amax_g / 32767 (error <= a_g / 2 =
+// amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
+// path's rules: an outlier, or a bulk of small entries under a few large ones), to two pieces,
+// x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
+// a group amax below 2^-64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
+// to int16 lanes in natural order (the VNNI path needs x reordered; this one does not) and
+// vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point folded as
+// in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
+//   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536),
+// in double from the exact integer sums on: the two terms cancel where large entries of x meet
+// weights with q = z (a bulk of small entries under a few large ones), and fp32 sums lost the
+// small entries' product there (9% error at a bulk of amax / 1e5).
+// Zen 3, 4096 x 11008, 1 thread: per 32 int4 weights 3 decode + 4 multiply-add uops against the
+// fp32 GEMV's 22.
+#pragma once
+
+#if defined(QK_ISA_AVX2)
+
+namespace qk {
+namespace QK_ISA_NS {
+
+enum I16Mode : int32_t { kI16One = 0, kI16Two = 1, kI16Fp32 = 2 };
+// Blocks summed in int32 before a flush: a lane takes 4 products of |q h| <= 15 * 32768 per
+// block, so 512 blocks keep the sum of two lanes below 2^31 (groups longer than that flush inside).
+constexpr int64_t kI16FlushBlocks = 512;
+// Below amax / kI16BulkFp32 a group's bulk (see kVnniBulkRange) loses fp16 precision even in two
+// pieces (resolution amax / 2^32; at 2^18 the bulk keeps ~2^-14 relative).
+constexpr float kI16BulkFp32 = 262144.f;
+// Software prefetch distance, in blocks of NR rows of W: the NR row streams at a time (plus the
+// bit plane at int3) did not keep enough lines in flight on Zen 3 (4096 x 11008 int4, 1 thread,
+// out of cache about 2x the in-cache time without it).
+constexpr int64_t kI16PfRows = 4;
+
+// Workspace: fp32 x [M][Kp] (zero padded; the fp32 fallback and the source of the pieces), then
+// per row m: xh, xl int16 [Kp]; A fp32 [G] (a_g); S1, S2 fp64 [G] (the pieces' sums for one and
+// for two pieces, S_g above); mode int32.
+struct I16Layout {
+  int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, mode_off, per_m;
+};
+inline I16Layout i16_layout(const PackedW& P, int64_t M) {
+  I16Layout L;
+  const int64_t Kp = P.Kp(), G = round_up(P.G, 16);
+  L.xf_bytes = round_up(M * Kp * 4, 64);
+  L.xh_off = 0;
+  L.xl_off = Kp * 2;
+  L.A_off = Kp * 4;
+  L.S1_off = L.A_off + G * 4;
+  L.S2_off = L.S1_off + G * 8;
+  L.mode_off = L.S2_off + G * 8;
+  L.per_m = round_up(L.mode_off + 4, 64);
+  return L;
+}
+
+// Rows [m0, m1) of x (M rows in all) -> the workspace above.
+inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t M, int64_t m0, int64_t m1,
+                     uint8_t* ws) {
+  const I16Layout L = i16_layout(P, M);
+  const int64_t Kp = P.Kp();
+  float* xf_all = reinterpret_cast<float*>(ws);
+  prep_f32(P, xdt, x, ldx, m0, m1, xf_all);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 c65536 = _mm256_set1_ps(65536.f), zero = _mm256_setzero_ps();
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xf = xf_all + m * Kp;
+    uint8_t* wm = ws + L.xf_bytes + m * L.per_m;
+    int16_t* xh = reinterpret_cast<int16_t*>(wm + L.xh_off);
+    int16_t* xl = reinterpret_cast<int16_t*>(wm + L.xl_off);
+    float* A = reinterpret_cast<float*>(wm + L.A_off);
+    double* S1 = reinterpret_cast<double*>(wm + L.S1_off);
+    double* S2 = reinterpret_cast<double*>(wm + L.S2_off);
+    int32_t& mode = *reinterpret_cast<int32_t*>(wm + L.mode_off);
+    mode = kI16One;
+    for (int64_t g = 0; g < P.G && mode != kI16Fp32; ++g) {
+      const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
+      __m256 vmax = zero, vabs = zero;
+      for (int64_t k = k0; k < k1; k += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xf + k), absmask);
+        vmax = _mm256_max_ps(a, vmax);  // NaN in a propagates (max returns its second operand)
+        vabs = _mm256_add_ps(vabs, a);
+      }
+      alignas(32) float mx[8];
+      _mm256_store_ps(mx, vmax);
+      float amax = 0.f;
+      for (float v : mx) amax = v > amax || v != v ? v : amax;
+      const float asum = reduce_add(V{vabs});
+      // inf or NaN in the group (the sum of |x| sees both), or a range too tiny to scale
+      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
+        mode = kI16Fp32;
+        break;
+      }
+      // the padded tail of the last group counts as zeros in the mean, which only errs towards two pieces
+      if (amax * float(k1 - k0) > kVnniWideRange * asum) mode = kI16Two;
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f, a = amax / 32767.f;
+      A[g] = a;
+      const __m256 vinv = _mm256_set1_ps(inv), vsmall = _mm256_set1_ps(amax / kVnniWideRange);
+      __m256 vbulk = zero;
+      int64_t nbulk = 0, nnz = 0;
+      double sh = 0.0, sl = 0.0;  // sums of the pieces (int32 lanes flushed every 1024 entries)
+      for (int64_t c0 = k0; c0 < k1; c0 += 1024) {
+        __m256i vsh = _mm256_setzero_si256(), vsl = _mm256_setzero_si256();
+        for (int64_t k = c0; k < qmin(k1, c0 + 1024); k += 16) {
+          __m256i hi[2], li[2];
+          for (int i = 0; i < 2; ++i) {
+            const __m256 xv = _mm256_loadu_ps(xf + k + 8 * i), xa = _mm256_and_ps(xv, absmask);
+            const __m256 nz = _mm256_cmp_ps(xa, zero, _CMP_GT_OQ);
+            const __m256 small = _mm256_and_ps(nz, _mm256_cmp_ps(xa, vsmall, _CMP_LE_OQ));
+            vbulk = _mm256_add_ps(vbulk, _mm256_and_ps(small, xa));
+            nbulk += __builtin_popcount(_mm256_movemask_ps(small));
+            nnz += __builtin_popcount(_mm256_movemask_ps(nz));
+            const __m256 v = _mm256_mul_ps(xv, vinv);  // |v| <= 32767
+            __m256 h = _mm256_round_ps(v, kRound);
+            __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, h), c65536), kRound);  // in [-32768, 32768]
+            // l = 32768 does not fit int16: carry it into h (h < 32767 there, since v - h > 0 needs v < 32767)
+            const __m256 carry = _mm256_cmp_ps(l, _mm256_set1_ps(32768.f), _CMP_EQ_OQ);
+            h = _mm256_add_ps(h, _mm256_and_ps(carry, _mm256_set1_ps(1.f)));
+            l = _mm256_sub_ps(l, _mm256_and_ps(carry, c65536));
+            hi[i] = _mm256_cvtps_epi32(h);
+            li[i] = _mm256_cvtps_epi32(l);
+            vsh = _mm256_add_epi32(vsh, hi[i]);
+            vsl = _mm256_add_epi32(vsl, li[i]);
+          }
+          // packs_epi32 interleaves the 128-bit halves: put them back in order
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + k),
+                              _mm256_permute4x64_epi64(_mm256_packs_epi32(hi[0], hi[1]), 0xD8));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xl + k),
+                              _mm256_permute4x64_epi64(_mm256_packs_epi32(li[0], li[1]), 0xD8));
+        }
+        alignas(32) int32_t th[8], tl[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(th), vsh);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tl), vsl);
+        for (int i = 0; i < 8; ++i) {
+          sh += th[i];
+          sl += tl[i];
+        }
+      }
+      S1[g] = sh;
+      S2[g] = sh + sl / 65536.0;
+      if (2 * nbulk >= nnz && nbulk > 0) {
+        const float bulk = reduce_add(V{vbulk});
+        if (amax * float(nbulk) > kI16BulkFp32 * bulk) {
+          mode = kI16Fp32;
+          break;
+        }
+        if (amax * float(nbulk) > kVnniBulkRange * bulk) mode = kI16Two;
+      }
+    }
+  }
+}
+
+// Block j of a packed row -> c[0] = codes of weights 0-15, c[1] = of weights 16-31, int16 lanes.
+template <int BITS>
+QK_SI void i16_codes(const uint8_t* row, int64_t nb, int64_t j, __m256i* c) {
+  if constexpr (BITS == 4) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+    c[0] = _mm256_and_si256(b, _mm256_set1_epi16(15));
+    c[1] = _mm256_srli_epi16(b, 4);
+  } else {
+    int64_t raw;
+    std::memcpy(&raw, row + 8 * j, 8);
+    // qword f = the block's bytes >> 2 f: bytes 8 f .. 8 f + 7 then hold field f (weights 8 f + p)
+    __m256i t = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(raw), _mm256_setr_epi64x(0, 2, 4, 6)),
+                                 _mm256_set1_epi8(3));
+    if constexpr (BITS == 3) {
+      int32_t h;
+      std::memcpy(&h, row + 8 * nb + 4 * j, 4);
+      // byte t gets byte t / 8 of the bit plane, then its bit t % 8 -> 4
+      const __m256i bytes = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(h), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
+                                                 2, 3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+      t = _mm256_or_si256(t, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+    }
+    c[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(t));
+    c[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(t, 1));
+  }
+}
+
+// n_ [0, G) of one row of scales or zeros (dtype dt, from element off) -> fp32.
+inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, float* out) {
+  int64_t g = 0;
+  switch (dt) {
+    case Dt::F32: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::F32>(p, off + g)); break;
+    case Dt::F16: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::F16>(p, off + g)); break;
+    case Dt::BF16: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::BF16>(p, off + g)); break;
+  }
+  for (; g < G; ++g) out[g] = meta_at(p, dt, off + g);
+}
+
+// y[m, n + r] for m < MT, r < NR, NP pieces. The per-row workspaces of the MT rows are L.per_m apart.
+// Per group the loop only converts each int32 sum and adds it times a_g s_g (precomputed for the
+// rows, AS below): the group constants cost as much as a g64 group's multiplies when taken there.
+template <int BITS, int MT, int NR, int NP>
+inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
+                           int64_t ldy, const float* bias) {
+  const int64_t G = P.G, G8 = round_up(G, 8);
+  const int16_t* xh[MT];
+  const int16_t* xl[MT];
+  for (int m = 0; m < MT; ++m) {
+    xh[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xh_off);
+    xl[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xl_off);
+  }
+  // AS[m][r][g] = a_g(m) s_g(r) (exact in double); zt[m][r] = sum_g AS z_g(r) S_g(m)
+  double* AS = static_cast<double*>(scratch(4, size_t(MT * NR) * G8 * 8));
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * G8) * 4));
+  double zt[MT][NR];
+  for (int r = 0; r < NR; ++r) {
+    meta_row(P.scales, P.mdt, (n + r) * G, G, sz);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, sz + G8);
+    for (int m = 0; m < MT; ++m) {
+      const float* A = reinterpret_cast<const float*>(wrow + m * L.per_m + L.A_off);
+      const double* S = reinterpret_cast<const double*>(wrow + m * L.per_m + (NP == 2 ? L.S2_off : L.S1_off));
+      double* as = AS + (m * NR + r) * G8;
+      __m256d acc = _mm256_setzero_pd();
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) {
+        const __m256d v = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(A + g)), _mm256_cvtps_pd(_mm_loadu_ps(sz + g)));
+        _mm256_storeu_pd(as + g, v);
+        acc = _mm256_fmadd_pd(_mm256_mul_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(sz + G8 + g))), _mm256_loadu_pd(S + g), acc);
+      }
+      alignas(32) double t[4];
+      _mm256_store_pd(t, acc);
+      double sum = (t[0] + t[1]) + (t[2] + t[3]);
+      for (; g < G; ++g) {
+        as[g] = double(A[g]) * double(sz[g]);
+        sum += as[g] * double(sz[G8 + g]) * S[g];
+      }
+      for (; g < G8; ++g) as[g] = 0.0;  // the buffered pass reads 8 groups at a time
+      zt[m][r] = sum;
+    }
+  }
+  // Groups of up to 128 blocks leave their int32 lane sums in `seg` (one store per group and row of
+  // x) for a pass over 8 groups at a time after the loop; converting each group's sum in the loop
+  // cost about as much as a g64 group's multiply-adds. Longer groups (and chunks) convert in the loop.
+  const bool buffered = P.gblk <= 128;
+  int32_t* seg = buffered ? static_cast<int32_t*>(scratch(6, size_t(MT * NR * NP) * G8 * 32)) : nullptr;
+  if (buffered)
+    for (int i = 0; i < MT * NR * NP; ++i) std::memset(seg + (i * G8 + G) * 8, 0, (G8 - G) * 32);
+  const uint8_t* row[NR];
+  for (int r = 0; r < NR; ++r) row[r] = P.qw + (n + r) * P.row_bytes;
+  __m256d tot[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_setzero_pd();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t jg1 = qmin(P.nb, (g + 1) * P.gblk);
+    for (int64_t c0 = g * P.gblk; c0 < jg1; c0 += kI16FlushBlocks) {
+      __m256i ah[MT][NR], al[MT][NR];
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
+      const int64_t c1 = qmin(jg1, c0 + kI16FlushBlocks);
+      for (int64_t j = c0; j < c1; ++j) {
+        for (int r = 0; r < NR; ++r) {
+          if ((j & (BITS == 4 ? 3 : 7)) == 0) {  // once per 64-byte line: the same line kI16PfRows blocks of rows on
+            const uint8_t* ahead = row[r] + kI16PfRows * NR * P.row_bytes;
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + (BITS == 4 ? 16 : 8) * j), _MM_HINT_T0);
+            if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * P.nb + 4 * j), _MM_HINT_T0);
+          }
+          __m256i c[2];
+          i16_codes<BITS>(row[r], P.nb, j, c);
+          for (int m = 0; m < MT; ++m) {
+            const __m256i* h = reinterpret_cast<const __m256i*>(xh[m] + 32 * j);
+            ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(h)));
+            ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(h + 1)));
+            if constexpr (NP == 2) {
+              const __m256i* l = reinterpret_cast<const __m256i*>(xl[m] + 32 * j);
+              al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(l)));
+              al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(l + 1)));
+            }
+          }
+        }
+      }
+      if (buffered) {
+        for (int m = 0; m < MT; ++m)
+          for (int r = 0; r < NR; ++r) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(seg + (((m * NR + r) * NP) * G8 + g) * 8), ah[m][r]);
+            if constexpr (NP == 2)
+              _mm256_store_si256(reinterpret_cast<__m256i*>(seg + (((m * NR + r) * NP + 1) * G8 + g) * 8), al[m][r]);
+          }
+        continue;
+      }
+      // 8 int32 lanes -> 4 (no overflow, see kI16FlushBlocks) -> fp64, exact
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) {
+          const __m256d as = _mm256_broadcast_sd(AS + (m * NR + r) * G8 + g);
+          const __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(ah[m][r]), _mm256_extracti128_si256(ah[m][r], 1));
+          tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(h4), as, tot[m][r]);
+          if constexpr (NP == 2) {
+            const __m128i l4 = _mm_add_epi32(_mm256_castsi256_si128(al[m][r]), _mm256_extracti128_si256(al[m][r], 1));
+            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(l4), _mm256_mul_pd(as, _mm256_set1_pd(0x1p-16)), tot[m][r]);
+          }
+        }
+    }
+  }
+  if (buffered) {
+    // 8 groups' lane sums at a time -> 8 group sums (a tree of vphaddd, exact: gblk <= 128) -> fp64
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NR; ++r)
+        for (int p = 0; p < NP; ++p) {
+          const int32_t* sp = seg + ((m * NR + r) * NP + p) * G8 * 8;
+          const double* as = AS + (m * NR + r) * G8;
+          const __m256d f = _mm256_set1_pd(p ? 0x1p-16 : 1.0);
+          for (int64_t g = 0; g < G8; g += 8) {
+            __m256i v[8];
+            for (int i = 0; i < 8; ++i) v[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sp + (g + i) * 8));
+            const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+            const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                                  _mm256_permute2x128_si256(u0, u1, 0x31));  // groups g .. g + 7
+            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(sums)),
+                                        _mm256_mul_pd(_mm256_loadu_pd(as + g), f), tot[m][r]);
+            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(sums, 1)),
+                                        _mm256_mul_pd(_mm256_loadu_pd(as + g + 4), f), tot[m][r]);
+          }
+        }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) {
+      alignas(32) double t[4];
+      _mm256_store_pd(t, tot[m][r]);
+      store_any(ydt, y, m * ldy + n + r, float((t[0] + t[1]) + (t[2] + t[3]) - zt[m][r]) + (bias ? bias[n + r] : 0.f));
+    }
+}
+
+template <int BITS, int MT, int NP>
+inline void i16_gemv_rows_t(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n0, int64_t n1,
+                            Dt ydt, void* y, int64_t ldy, const float* bias) {
+  // 8 int32 accumulators (MT * NR * NP); at MT = 4 each x load feeds two rows of W (Zen 3, 4096 x
+  // 11008 int4, M = 4: 8.5 ms against 10.9 with NR = 1: four rows of int16 x fill L1 alone)
+  constexpr int NR = (MT == 4 ? 2 : 4) / NP;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) i16_gemv_block<BITS, MT, NR, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+  for (; n < n1; ++n) i16_gemv_block<BITS, MT, 1, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+}
+
+template <int BITS, int NP>
+inline void i16_gemv_rows_b(const PackedW& P, const I16Layout& L, const uint8_t* ws, int64_t M, int64_t n0,
+                            int64_t n1, Dt ydt, void* y, int64_t ldy, const float* bias) {
+  const int64_t slab = M <= 4 ? n1 - n0 : 16;  // M > 4: a slab of W stays in cache for every 4 rows of x
+  for (int64_t s0 = n0; s0 < n1; s0 += slab) {
+    const int64_t s1 = qmin(n1, s0 + slab);
+    for (int64_t m0 = 0; m0 < M;) {
+      const uint8_t* wrow = ws + L.xf_bytes + m0 * L.per_m;
+      void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
+      const int64_t left = M - m0;
+      if (left >= 4) {
+        i16_gemv_rows_t<BITS, 4, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
+        m0 += 4;
+      } else if (left >= 2) {
+        i16_gemv_rows_t<BITS, 2, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
+        m0 += 2;
+      } else {
+        i16_gemv_rows_t<BITS, 1, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
+        m0 += 1;
+      }
+    }
+  }
+}
+
+// Rows [n0, n1) of y. One row of x needing two pieces makes the call read two pieces of every
+// row (its rows' pieces are all computed), one needing fp32 sends the call to the fp32 GEMV.
+inline void i16_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                          int64_t ldy, const float* bias) {
+  const I16Layout L = i16_layout(P, M);
+  int32_t mode = kI16One;
+  for (int64_t m = 0; m < M; ++m)
+    mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
+  if (mode == kI16Fp32) return avx2_gemv_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  const bool two = mode == kI16Two;
+  switch (P.bits) {
+    case 4: return two ? i16_gemv_rows_b<4, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
+                       : i16_gemv_rows_b<4, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
+    case 3: return two ? i16_gemv_rows_b<3, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
+                       : i16_gemv_rows_b<3, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
+    default: return two ? i16_gemv_rows_b<2, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
+                        : i16_gemv_rows_b<2, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
+  }
+}
+
+}  // namespace QK_ISA_NS
+}  // namespace qk
+
+#endif  // QK_ISA_AVX2
