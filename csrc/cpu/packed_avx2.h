@@ -135,6 +135,24 @@ inline void avx2_gemv_rows_t(const PackedW& P, const float* xp, int64_t n0, int6
   for (; n < n1; ++n) avx2_gemv_block<BITS, MT, 1, 2>(P, xp, n, ydt, y, ldy, bias);
 }
 
+// f(std::integral_constant<int, MT>, m0) over the rows of x in tiles of MT = 4, 2 and 1 rows.
+template <class F>
+QK_SI void for_x_tiles(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t left = M - m0;
+    if (left >= 4) {
+      f(std::integral_constant<int, 4>{}, m0);
+      m0 += 4;
+    } else if (left >= 2) {
+      f(std::integral_constant<int, 2>{}, m0);
+      m0 += 2;
+    } else {
+      f(std::integral_constant<int, 1>{}, m0);
+      m0 += 1;
+    }
+  }
+}
+
 template <int BITS>
 inline void avx2_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                              int64_t ldy, const float* bias) {
@@ -142,31 +160,17 @@ inline void avx2_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64
   const int64_t slab = M <= 4 ? n1 - n0 : 16;
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
-    for (int64_t m0 = 0; m0 < M;) {
-      const float* xm = xp + m0 * P.Kp();
-      void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
-      const int64_t left = M - m0;
-      if (left >= 4) {
-        avx2_gemv_rows_t<BITS, 4>(P, xm, s0, s1, ydt, ym, ldy, bias);
-        m0 += 4;
-      } else if (left >= 2) {
-        avx2_gemv_rows_t<BITS, 2>(P, xm, s0, s1, ydt, ym, ldy, bias);
-        m0 += 2;
-      } else {
-        avx2_gemv_rows_t<BITS, 1>(P, xm, s0, s1, ydt, ym, ldy, bias);
-        m0 += 1;
-      }
-    }
+    for_x_tiles(M, [&](auto mt, int64_t m0) {
+      avx2_gemv_rows_t<BITS, decltype(mt)::value>(P, xp + m0 * P.Kp(), s0, s1, ydt,
+                                                  static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2), ldy,
+                                                  bias);
+    });
   }
 }
 
 inline void avx2_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                            int64_t ldy, const float* bias) {
-  switch (P.bits) {
-    case 4: return avx2_gemv_rows_b<4>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-    case 3: return avx2_gemv_rows_b<3>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-    default: return avx2_gemv_rows_b<2>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-  }
+  QK_BITS_DISPATCH(P.bits, avx2_gemv_rows_b, P, xp, M, n0, n1, ydt, y, ldy, bias)
 }
 
 }  // namespace QK_ISA_NS

@@ -342,23 +342,23 @@ inline void i16_gemv_rows_b(const PackedW& P, const I16Layout& L, const uint8_t*
   const int64_t slab = M <= 4 ? n1 - n0 : 16;  // M > 4: a slab of W stays in cache for every 4 rows of x
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
-    for (int64_t m0 = 0; m0 < M;) {
-      const uint8_t* wrow = ws + L.xf_bytes + m0 * L.per_m;
-      void* ym = static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2);
-      const int64_t left = M - m0;
-      if (left >= 4) {
-        i16_gemv_rows_t<BITS, 4, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
-        m0 += 4;
-      } else if (left >= 2) {
-        i16_gemv_rows_t<BITS, 2, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
-        m0 += 2;
-      } else {
-        i16_gemv_rows_t<BITS, 1, NP>(P, L, wrow, s0, s1, ydt, ym, ldy, bias);
-        m0 += 1;
-      }
-    }
+    for_x_tiles(M, [&](auto mt, int64_t m0) {
+      i16_gemv_rows_t<BITS, decltype(mt)::value, NP>(P, L, ws + L.xf_bytes + m0 * L.per_m, s0, s1, ydt,
+                                                     static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2),
+                                                     ldy, bias);
+    });
   }
 }
+
+// i16_gemv_rows_b with NP bound, for QK_BITS_DISPATCH.
+template <int NP>
+struct i16_gemv_rows_np {
+  template <int BITS>
+  static void run(const PackedW& P, const I16Layout& L, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt,
+                  void* y, int64_t ldy, const float* bias) {
+    i16_gemv_rows_b<BITS, NP>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
+  }
+};
 
 // Rows [n0, n1) of y. One row of x needing two pieces makes the call read two pieces of every
 // row (its rows' pieces are all computed), one needing fp32 sends the call to the fp32 GEMV.
@@ -369,15 +369,8 @@ inline void i16_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_
   for (int64_t m = 0; m < M; ++m)
     mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
   if (mode == kI16Fp32) return avx2_gemv_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
-  const bool two = mode == kI16Two;
-  switch (P.bits) {
-    case 4: return two ? i16_gemv_rows_b<4, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
-                       : i16_gemv_rows_b<4, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
-    case 3: return two ? i16_gemv_rows_b<3, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
-                       : i16_gemv_rows_b<3, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
-    default: return two ? i16_gemv_rows_b<2, 2>(P, L, ws, M, n0, n1, ydt, y, ldy, bias)
-                        : i16_gemv_rows_b<2, 1>(P, L, ws, M, n0, n1, ydt, y, ldy, bias);
-  }
+  if (mode == kI16Two) QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<2>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
+  QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<1>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
 }
 
 }  // namespace QK_ISA_NS

@@ -89,6 +89,14 @@ inline void* scratch(int slot, size_t bytes) {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// `return NAME<bits>(args)` for a packed weight's bit width (2, 3 or 4).
+#define QK_BITS_DISPATCH(bits, NAME, ...)        \
+  switch (bits) {                                \
+    case 4: return NAME<4>(__VA_ARGS__);         \
+    case 3: return NAME<3>(__VA_ARGS__);         \
+    default: return NAME<2>(__VA_ARGS__);        \
+  }
+
 inline int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoll(v) : dflt;
@@ -265,17 +273,9 @@ namespace QK_ISA_NS {
 
 inline void dequant_row_f32(const PackedW& P, int64_t n, float* out) {
 #if defined(QK_ISA_AVX512)
-  switch (P.bits) {
-    case 4: return dequant_row_f32_lut<4>(P, n, out);
-    case 3: return dequant_row_f32_lut<3>(P, n, out);
-    default: return dequant_row_f32_lut<2>(P, n, out);
-  }
+  QK_BITS_DISPATCH(P.bits, dequant_row_f32_lut, P, n, out)
 #elif defined(QK_ISA_AVX2)
-  switch (P.bits) {
-    case 4: return avx2_dequant_row<4>(P, n, out);
-    case 3: return avx2_dequant_row<3>(P, n, out);
-    default: return avx2_dequant_row<2>(P, n, out);
-  }
+  QK_BITS_DISPATCH(P.bits, avx2_dequant_row, P, n, out)
 #else
   dequant_row_f32_generic(P, n, out);
 #endif
@@ -490,11 +490,7 @@ inline void lut_gemv_rows_b(const PackedW& P, const float* xp, int64_t M, int64_
 
 inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                           int64_t ldy, const float* bias) {
-  switch (P.bits) {
-    case 4: return lut_gemv_rows_b<4>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-    case 3: return lut_gemv_rows_b<3>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-    default: return lut_gemv_rows_b<2>(P, xp, M, n0, n1, ydt, y, ldy, bias);
-  }
+  QK_BITS_DISPATCH(P.bits, lut_gemv_rows_b, P, xp, M, n0, n1, ydt, y, ldy, bias)
 }
 
 // A lambda inlined into its caller (the chunk loop body, instantiated for full and partial chunks).
