@@ -6,8 +6,8 @@
 // path's rules: an outlier, or a bulk of small entries under a few large ones), to two pieces,
 // x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
 // a group amax below 2^-64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
-// to int16 lanes in natural order (the VNNI path needs x reordered; this one does not) and
-// vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point folded as
+// to int16 lanes (int4 in natural order, int2 / int3 even weights then odd ones, x stored to
+// match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point folded as
 // in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
 //   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536),
 // in double from the exact integer sums on: the two terms cancel where large entries of x meet
@@ -54,6 +54,21 @@ inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   return L;
 }
 
+// Each block of 32 int16 in place: x0 x1 .. x31 -> x0 x2 .. x30 x1 x3 .. x31 (the order in which
+// i16_codes gives int2 / int3 codes).
+inline void i16_even_odd(int16_t* x, int64_t nb) {
+  const __m256i low = _mm256_set1_epi32(0xFFFF);
+  for (int64_t j = 0; j < nb; ++j) {
+    __m256i* p = reinterpret_cast<__m256i*>(x + 32 * j);
+    const __m256i a = _mm256_loadu_si256(p), b = _mm256_loadu_si256(p + 1);
+    // packus of zero-extended words (0..65535) does not saturate; it interleaves the 128-bit halves
+    const __m256i ev = _mm256_packus_epi32(_mm256_and_si256(a, low), _mm256_and_si256(b, low));
+    const __m256i od = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
+    _mm256_storeu_si256(p, _mm256_permute4x64_epi64(ev, 0xD8));
+    _mm256_storeu_si256(p + 1, _mm256_permute4x64_epi64(od, 0xD8));
+  }
+}
+
 // Rows [m0, m1) of x (M rows in all) -> the workspace above.
 inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t M, int64_t m0, int64_t m1,
                      uint8_t* ws) {
@@ -76,16 +91,32 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
     mode = kI16One;
     for (int64_t g = 0; g < P.G && mode != kI16Fp32; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
-      __m256 vmax = zero, vabs = zero;
-      for (int64_t k = k0; k < k1; k += 8) {
-        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xf + k), absmask);
-        vmax = _mm256_max_ps(a, vmax);  // NaN in a propagates (max returns its second operand)
+      __m256 vmax = zero, vabs = zero, vhi = _mm256_set1_ps(-INFINITY), vlo = _mm256_set1_ps(INFINITY);
+      const int64_t kx = qmin(k1, P.K);  // signed extremes over real entries only (not K's zero padding)
+      int64_t k = k0;
+      for (; k < k1; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(xf + k), a = _mm256_and_ps(xv, absmask);
+        vmax = _mm256_max_ps(a, vmax);  // (a NaN is dropped here; the sum below catches it)
         vabs = _mm256_add_ps(vabs, a);
+        if (k + 8 <= kx) {
+          vhi = _mm256_max_ps(xv, vhi);
+          vlo = _mm256_min_ps(xv, vlo);
+        }
       }
-      alignas(32) float mx[8];
+      alignas(32) float mx[8], hi8[8], lo8[8];
       _mm256_store_ps(mx, vmax);
-      float amax = 0.f;
-      for (float v : mx) amax = v > amax || v != v ? v : amax;
+      _mm256_store_ps(hi8, vhi);
+      _mm256_store_ps(lo8, vlo);
+      float amax = 0.f, xhi = -INFINITY, xlo = INFINITY;
+      for (int i = 0; i < 8; ++i) {
+        amax = qmax(amax, mx[i]);
+        xhi = qmax(xhi, hi8[i]);
+        xlo = qmin(xlo, lo8[i]);
+      }
+      for (k = k0 + (kx - k0) / 8 * 8; k < kx; ++k) {
+        xhi = qmax(xhi, xf[k]);
+        xlo = qmin(xlo, xf[k]);
+      }
       const float asum = reduce_add(V{vabs});
       // inf or NaN in the group (the sum of |x| sees both), or a range too tiny to scale
       if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
@@ -94,6 +125,11 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards two pieces
       if (amax * float(k1 - k0) > kVnniWideRange * asum) mode = kI16Two;
+      // x spread over less than amax / 8 (a DC offset with small variations): one piece's error,
+      // amax / 65534 per entry, is then large next to what varies, and weights whose products
+      // cancel the offset (rows summing to ~0) leave only that error (a review: 300x F.linear's
+      // with x = 3 + 0.01 noise on balanced weights exact in fp16)
+      if (xhi - xlo < amax * (1.f / kVnniWideRange)) mode = kI16Two;
       const float inv = amax > 0.f ? 32767.f / amax : 0.f, a = amax / 32767.f;
       A[g] = a;
       const __m256 vinv = _mm256_set1_ps(inv), vsmall = _mm256_set1_ps(amax / kVnniWideRange);
@@ -139,6 +175,11 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       }
       S1[g] = sh;
       S2[g] = sh + sl / 65536.0;
+      // As in the VNNI path, only a bulk holding half the nonzero entries counts: a few small
+      // entries' mean falls below amax / 32 by chance too often (uniform x, g64: ~1/3 of rows).
+      // So a group mostly at amax whose large entries all meet zero weights keeps one piece and its
+      // small entries' error (a review: 26x F.linear's with 3/4 of a group at amax, the rest at
+      // amax / 1000; README).
       if (2 * nbulk >= nnz && nbulk > 0) {
         const float bulk = reduce_add(V{vbulk});
         if (amax * float(nbulk) > kI16BulkFp32 * bulk) {
@@ -148,10 +189,15 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
         if (amax * float(nbulk) > kVnniBulkRange * bulk) mode = kI16Two;
       }
     }
+    if (P.bits != 4 && mode != kI16Fp32) {  // int2 / int3 read x in even / odd order (see i16_codes)
+      i16_even_odd(xh, P.nb);
+      i16_even_odd(xl, P.nb);
+    }
   }
 }
 
-// Block j of a packed row -> c[0] = codes of weights 0-15, c[1] = of weights 16-31, int16 lanes.
+// Block j of a packed row -> int16 lanes of codes: int4 c[0] = weights 0-15, c[1] = 16-31; int2 /
+// int3 c[0] = weights 0, 2, .., 30, c[1] = 1, 3, .., 31 (x is reordered to match, i16_even_odd).
 template <int BITS>
 QK_SI void i16_codes(const uint8_t* row, int64_t nb, int64_t j, __m256i* c) {
   if constexpr (BITS == 4) {
@@ -175,8 +221,10 @@ QK_SI void i16_codes(const uint8_t* row, int64_t nb, int64_t j, __m256i* c) {
       const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
       t = _mm256_or_si256(t, _mm256_and_si256(set, _mm256_set1_epi8(4)));
     }
-    c[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(t));
-    c[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(t, 1));
+    // byte t = code of weight t; as words, the even weights' codes are the low bytes and the odd
+    // ones' the high bytes: two instructions instead of widening both halves (x is in that order)
+    c[0] = _mm256_and_si256(t, _mm256_set1_epi16(0xFF));
+    c[1] = _mm256_srli_epi16(t, 8);
   }
 }
 
