@@ -3,18 +3,18 @@
 //
 // x is quantized per group g to int16: x ~ a_g h with a_g = amax_g / 32767 (error <= a_g / 2 =
 // amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
-// path's rules: an outlier, or a bulk of small entries under a few large ones), to two pieces,
-// x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
+// path's rules: an outlier, or a bulk of small entries under a few large ones) or its spread
+// narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
 // a group amax below 2^-64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
 // to int16 lanes (int4 in natural order, int2 / int3 even weights then odd ones, x stored to
-// match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point folded as
-// in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
+// match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point
+// folded as in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
 //   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536),
 // in double from the exact integer sums on: the two terms cancel where large entries of x meet
 // weights with q = z (a bulk of small entries under a few large ones), and fp32 sums lost the
 // small entries' product there (9% error at a bulk of amax / 1e5).
-// Zen 3, 4096 x 11008, 1 thread: per 32 int4 weights 3 decode + 4 multiply-add uops against the
-// fp32 GEMV's 22.
+// Per 32 weights and row of x: 3 (int4), 5 (int2) or 11 (int3) decode instructions + 4 multiply-add
+// ones, against the fp32 GEMV's 22 for int4.
 #pragma once
 
 #if defined(QK_ISA_AVX2)

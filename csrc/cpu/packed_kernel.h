@@ -26,6 +26,8 @@
 //                 the A operand (Y^T = W X^T), so the panel needs no transpose.
 //   kPathDpBf16   AVX512-BF16 without AMX (AMD Zen 4), large M, bf16 x: the AMX
 //                 path's panels and x layout, multiplied with vdpbf16ps.
+//   kPathI16      AVX2, small M, bf16/fp16 x: x in int16 pieces, vpmaddwd
+//                 (packed_avx2_i16.h).
 #pragma once
 
 #include <array>
@@ -1638,10 +1640,10 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   if (M <= lut_max) return kPathLutF32;
   return kPathGemmF32;
 #elif defined(QK_ISA_AVX2)
-  (void)xdt;
-  // the GEMV reads W once per 4 rows of x, the panels once per 128: even at M = 12-16 (Zen 3, 4096 x
-  // 11008 int4: 30 / 41 ms against the panels' 31 / 33) it stays, as on AVX-512, so that a batch of
-  // up to 16 rows takes the same sums as its rows alone (vmap'd per-sample gradients)
+  // the GEMVs read W once per 4 rows of x, the panels once per 128: even at M = 12-16 (Zen 3, 4096 x
+  // 11008 int4, fp32 GEMV: 30 / 41 ms against the panels' 31 / 33) they stay, as on AVX-512, so that
+  // a batch of up to 16 rows of fp32 x takes the same sums as its rows alone (vmap'd per-sample
+  // gradients; bf16 / fp16 rows share their batch's piece rule, packed_avx2_i16.h)
   static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
   if (xdt != Dt::F32 && M <= lut_max) return kPathI16;
   return M <= lut_max ? kPathLutF32 : kPathGemmF32;
