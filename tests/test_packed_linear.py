@@ -194,6 +194,51 @@ def test_packed_linear_long_groups_at_full_scale(bits, config):
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_zero_points_far_out_at_full_scale(bits, config):
+    """Groups of 32 - 1024 weights with every code at its maximum, every x at +-amax and zero points
+    from -1000 to 1000 (the AVX2 GEMV folds a zero point's integer part, clamped to [-32, 32], into
+    its int32 group sums: at 1024 weights and |z| = 32 those sums reach 2^30), fractional ones included."""
+    top = 2 ** bits - 1
+    K, N = 3072, 6
+    q = torch.full((N, K), top, dtype=torch.uint8)
+    q[1, ::2] = 0
+    for gs in (32, 64, 96, 128, 256, 512, 1024):
+        G = K // gs
+        for z in (-1000.0, -32.0, -31.5, 0.0, 7.25, 32.0, 32.5, 1000.0):
+            zeros = torch.full((N, G), z)
+            zeros[2] = -z
+            pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.5), zeros, bits, gs)
+            for dt in (torch.bfloat16, torch.float16):
+                for M in (1, 3):
+                    x = torch.ones(M, K)
+                    x[-1] = -1.0
+                    x[0, 1::4] = 1e-3  # one row with a bulk: two pieces
+                    x = x.to(dt)
+                    check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_large_entries_on_the_codes_next_to_a_fractional_zero(bits, config):
+    """As test_packed_linear_many_large_entries_on_zero_weights with fractional zero points: the large
+    entries meet codes q = round(z), so each adds (q - z) x = -zf x, and the output is their sum plus
+    the small entries' products. Neither may be lost to the other's size."""
+    N, K = 32, 512
+    g = torch.Generator().manual_seed(30 + bits)
+    for gs in (64, 256):
+        for zf in (0.25, -0.375, 0.5):
+            z = 2 ** (bits - 1) + zf
+            q = torch.randint(0, 2 ** bits, (N, K), generator=g)
+            q[:, ::4] = round(z)
+            pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.125), torch.full((N, K // gs), z), bits, gs)
+            for small in (1e-3, 1e-2):
+                for dt in (torch.float16, torch.bfloat16):
+                    x = torch.randn(2, K, generator=g) * small
+                    x[:, ::4] = 1.0
+                    x = x.to(dt)
+                    check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_mixed_rows_take_the_widest_rule(bits, config):
     """A batch whose rows need different x splits (one plain, one with an outlier, one with a small
     bulk under a few large entries, one with an inf) is computed as a whole with the rule of its

@@ -33,12 +33,15 @@ constexpr float kI16BulkFp32 = 262144.f;
 // bit plane at int3) did not keep enough lines in flight on Zen 3 (4096 x 11008 int4, 1 thread,
 // out of cache about 2x the in-cache time without it).
 constexpr int64_t kI16PfRows = 4;
+// Groups of up to this many blocks (group sizes up to 1024) take i16_gemv_block_g, whose int32
+// epilogue is bounded for them.
+constexpr int64_t kI16ShortGroup = 32;
 
 // Workspace: fp32 x [M][Kp] (zero padded; the fp32 fallback and the source of the pieces), then
 // per row m: xh, xl int16 [Kp]; A fp32 [G] (a_g); S1, S2 fp64 [G] (the pieces' sums for one and
 // for two pieces, S_g above); mode int32.
 struct I16Layout {
-  int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, mode_off, per_m;
+  int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, ShI_off, SlI_off, S2F_off, mode_off, per_m;
 };
 inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   I16Layout L;
@@ -49,7 +52,10 @@ inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   L.A_off = Kp * 4;
   L.S1_off = L.A_off + G * 4;
   L.S2_off = L.S1_off + G * 8;
-  L.mode_off = L.S2_off + G * 8;
+  L.ShI_off = L.S2_off + G * 8;
+  L.SlI_off = L.ShI_off + G * 4;
+  L.S2F_off = L.SlI_off + G * 4;
+  L.mode_off = L.S2F_off + G * 4;
   L.per_m = round_up(L.mode_off + 4, 64);
   return L;
 }
@@ -88,6 +94,14 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
     double* S1 = reinterpret_cast<double*>(wm + L.S1_off);
     double* S2 = reinterpret_cast<double*>(wm + L.S2_off);
     int32_t& mode = *reinterpret_cast<int32_t*>(wm + L.mode_off);
+    int32_t* ShI = reinterpret_cast<int32_t*>(wm + L.ShI_off);
+    int32_t* SlI = reinterpret_cast<int32_t*>(wm + L.SlI_off);
+    float* S2F = reinterpret_cast<float*>(wm + L.S2F_off);
+    for (int64_t g = P.G; g < round_up(P.G, 16); ++g) {  // read 8 groups at a time
+      A[g] = 0.f;
+      ShI[g] = SlI[g] = 0;
+      S2F[g] = 0.f;
+    }
     mode = kI16One;
     for (int64_t g = 0; g < P.G && mode != kI16Fp32; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
@@ -175,6 +189,10 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       }
       S1[g] = sh;
       S2[g] = sh + sl / 65536.0;
+      // int32 copies for i16_gemv_block_g (groups of up to 1024 entries: |sh| < 2^25, exact)
+      ShI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sh)));
+      SlI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sl)));
+      S2F[g] = float(S2[g]);
       // As in the VNNI path, only a bulk holding half the nonzero entries counts: a few small
       // entries' mean falls below amax / 32 by chance too often (uniform x, g64: ~1/3 of rows).
       // So a group mostly at amax whose large entries all meet zero weights keeps one piece and its
@@ -239,57 +257,77 @@ inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, float* out) {
   for (; g < G; ++g) out[g] = meta_at(p, dt, off + g);
 }
 
-// y[m, n + r] for m < MT, r < NR, NP pieces. The per-row workspaces of the MT rows are L.per_m apart.
-// Per group the loop only converts each int32 sum and adds it times a_g s_g (precomputed for the
-// rows, AS below): the group constants cost as much as a g64 group's multiplies when taken there.
+// Pointers of one call of i16_gemv_block(_g): MT rows of x (pieces xh, xl), NR rows of W.
+template <int MT, int NR>
+struct I16Rows {
+  const int16_t* xh[MT];
+  const int16_t* xl[MT];
+  const uint8_t* w[NR];
+  I16Rows(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n) {
+    for (int m = 0; m < MT; ++m) {
+      xh[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xh_off);
+      xl[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xl_off);
+    }
+    for (int r = 0; r < NR; ++r) w[r] = P.qw + (n + r) * P.row_bytes;
+  }
+};
+
+// Block j of the NR rows of W against the MT rows of x: code * piece pairs into the int32 lanes of
+// ah (h pieces) and al (l pieces). Once per 64-byte line of a row (4 blocks of int4, 8 of int2 /
+// int3) it prefetches the same line kI16PfRows blocks of NR rows on.
+template <int BITS, int MT, int NR, int NP>
+QK_SI void i16_block(const PackedW& P, const I16Rows<MT, NR>& R, int64_t j, __m256i (&ah)[MT][NR],
+                     __m256i (&al)[MT][NR]) {
+  for (int r = 0; r < NR; ++r) {
+    if ((j & (BITS == 4 ? 3 : 7)) == 0) {
+      const uint8_t* ahead = R.w[r] + kI16PfRows * NR * P.row_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + (BITS == 4 ? 16 : 8) * j), _MM_HINT_T0);
+      if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * P.nb + 4 * j), _MM_HINT_T0);
+    }
+    __m256i c[2];
+    i16_codes<BITS>(R.w[r], P.nb, j, c);
+    for (int m = 0; m < MT; ++m) {
+      const __m256i* h = reinterpret_cast<const __m256i*>(R.xh[m] + 32 * j);
+      ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(h)));
+      ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(h + 1)));
+      if constexpr (NP == 2) {
+        const __m256i* l = reinterpret_cast<const __m256i*>(R.xl[m] + 32 * j);
+        al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(l)));
+        al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(l + 1)));
+      }
+    }
+  }
+}
+
+// y[m, n + r] for m < MT, r < NR, NP pieces, for groups of more than kI16ShortGroup blocks or one
+// group per row (i16_gemv_block_g takes the others). The per-row workspaces of the MT rows are L.per_m
+// apart. Each group (or flush chunk) converts its int32 lane sums to fp64 and adds them times
+// a_g s_g, precomputed for the rows (AS below); at more than 32 blocks per group that costs < 3% of
+// the multiply-adds. The zero point's term is one fp64 sum per row, zt.
 template <int BITS, int MT, int NR, int NP>
 inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
                            int64_t ldy, const float* bias) {
-  const int64_t G = P.G, G8 = round_up(G, 8);
-  const int16_t* xh[MT];
-  const int16_t* xl[MT];
-  for (int m = 0; m < MT; ++m) {
-    xh[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xh_off);
-    xl[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xl_off);
-  }
+  const int64_t G = P.G;
+  const I16Rows<MT, NR> R(P, L, wrow, n);
   // AS[m][r][g] = a_g(m) s_g(r) (exact in double); zt[m][r] = sum_g AS z_g(r) S_g(m)
-  double* AS = static_cast<double*>(scratch(4, size_t(MT * NR) * G8 * 8));
-  float* sz = static_cast<float*>(scratch(5, size_t(2 * G8) * 4));
+  double* AS = static_cast<double*>(scratch(4, size_t(MT * NR) * G * 8));
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * G) * 4));
   double zt[MT][NR];
   for (int r = 0; r < NR; ++r) {
     meta_row(P.scales, P.mdt, (n + r) * G, G, sz);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, sz + G8);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, sz + G);
     for (int m = 0; m < MT; ++m) {
       const float* A = reinterpret_cast<const float*>(wrow + m * L.per_m + L.A_off);
       const double* S = reinterpret_cast<const double*>(wrow + m * L.per_m + (NP == 2 ? L.S2_off : L.S1_off));
-      double* as = AS + (m * NR + r) * G8;
-      __m256d acc = _mm256_setzero_pd();
-      int64_t g = 0;
-      for (; g + 4 <= G; g += 4) {
-        const __m256d v = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(A + g)), _mm256_cvtps_pd(_mm_loadu_ps(sz + g)));
-        _mm256_storeu_pd(as + g, v);
-        acc = _mm256_fmadd_pd(_mm256_mul_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(sz + G8 + g))), _mm256_loadu_pd(S + g), acc);
-      }
-      alignas(32) double t[4];
-      _mm256_store_pd(t, acc);
-      double sum = (t[0] + t[1]) + (t[2] + t[3]);
-      for (; g < G; ++g) {
+      double* as = AS + (m * NR + r) * G;
+      double sum = 0.0;
+      for (int64_t g = 0; g < G; ++g) {
         as[g] = double(A[g]) * double(sz[g]);
-        sum += as[g] * double(sz[G8 + g]) * S[g];
+        sum += as[g] * double(sz[G + g]) * S[g];
       }
-      for (; g < G8; ++g) as[g] = 0.0;  // the buffered pass reads 8 groups at a time
       zt[m][r] = sum;
     }
   }
-  // Groups of up to 128 blocks leave their int32 lane sums in `seg` (one store per group and row of
-  // x) for a pass over 8 groups at a time after the loop; converting each group's sum in the loop
-  // cost about as much as a g64 group's multiply-adds. Longer groups (and chunks) convert in the loop.
-  const bool buffered = P.gblk <= 128;
-  int32_t* seg = buffered ? static_cast<int32_t*>(scratch(6, size_t(MT * NR * NP) * G8 * 32)) : nullptr;
-  if (buffered)
-    for (int i = 0; i < MT * NR * NP; ++i) std::memset(seg + (i * G8 + G) * 8, 0, (G8 - G) * 32);
-  const uint8_t* row[NR];
-  for (int r = 0; r < NR; ++r) row[r] = P.qw + (n + r) * P.row_bytes;
   __m256d tot[MT][NR];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_setzero_pd();
@@ -299,41 +337,11 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
       __m256i ah[MT][NR], al[MT][NR];
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
-      const int64_t c1 = qmin(jg1, c0 + kI16FlushBlocks);
-      for (int64_t j = c0; j < c1; ++j) {
-        for (int r = 0; r < NR; ++r) {
-          if ((j & (BITS == 4 ? 3 : 7)) == 0) {  // once per 64-byte line: the same line kI16PfRows blocks of rows on
-            const uint8_t* ahead = row[r] + kI16PfRows * NR * P.row_bytes;
-            _mm_prefetch(reinterpret_cast<const char*>(ahead + (BITS == 4 ? 16 : 8) * j), _MM_HINT_T0);
-            if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * P.nb + 4 * j), _MM_HINT_T0);
-          }
-          __m256i c[2];
-          i16_codes<BITS>(row[r], P.nb, j, c);
-          for (int m = 0; m < MT; ++m) {
-            const __m256i* h = reinterpret_cast<const __m256i*>(xh[m] + 32 * j);
-            ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(h)));
-            ah[m][r] = _mm256_add_epi32(ah[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(h + 1)));
-            if constexpr (NP == 2) {
-              const __m256i* l = reinterpret_cast<const __m256i*>(xl[m] + 32 * j);
-              al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[0], _mm256_loadu_si256(l)));
-              al[m][r] = _mm256_add_epi32(al[m][r], _mm256_madd_epi16(c[1], _mm256_loadu_si256(l + 1)));
-            }
-          }
-        }
-      }
-      if (buffered) {
-        for (int m = 0; m < MT; ++m)
-          for (int r = 0; r < NR; ++r) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(seg + (((m * NR + r) * NP) * G8 + g) * 8), ah[m][r]);
-            if constexpr (NP == 2)
-              _mm256_store_si256(reinterpret_cast<__m256i*>(seg + (((m * NR + r) * NP + 1) * G8 + g) * 8), al[m][r]);
-          }
-        continue;
-      }
+      for (int64_t j = c0; j < qmin(jg1, c0 + kI16FlushBlocks); ++j) i16_block<BITS, MT, NR, NP>(P, R, j, ah, al);
       // 8 int32 lanes -> 4 (no overflow, see kI16FlushBlocks) -> fp64, exact
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) {
-          const __m256d as = _mm256_broadcast_sd(AS + (m * NR + r) * G8 + g);
+          const __m256d as = _mm256_broadcast_sd(AS + (m * NR + r) * G + g);
           const __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(ah[m][r]), _mm256_extracti128_si256(ah[m][r], 1));
           tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(h4), as, tot[m][r]);
           if constexpr (NP == 2) {
@@ -343,34 +351,95 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
         }
     }
   }
-  if (buffered) {
-    // 8 groups' lane sums at a time -> 8 group sums (a tree of vphaddd, exact: gblk <= 128) -> fp64
-    for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < NR; ++r)
-        for (int p = 0; p < NP; ++p) {
-          const int32_t* sp = seg + ((m * NR + r) * NP + p) * G8 * 8;
-          const double* as = AS + (m * NR + r) * G8;
-          const __m256d f = _mm256_set1_pd(p ? 0x1p-16 : 1.0);
-          for (int64_t g = 0; g < G8; g += 8) {
-            __m256i v[8];
-            for (int i = 0; i < 8; ++i) v[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sp + (g + i) * 8));
-            const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-            const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-            const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                                                  _mm256_permute2x128_si256(u0, u1, 0x31));  // groups g .. g + 7
-            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(sums)),
-                                        _mm256_mul_pd(_mm256_loadu_pd(as + g), f), tot[m][r]);
-            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(sums, 1)),
-                                        _mm256_mul_pd(_mm256_loadu_pd(as + g + 4), f), tot[m][r]);
-          }
-        }
-  }
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) {
       alignas(32) double t[4];
       _mm256_store_pd(t, tot[m][r]);
       store_any(ydt, y, m * ldy + n + r, float((t[0] + t[1]) + (t[2] + t[3]) - zt[m][r]) + (bias ? bias[n + r] : 0.f));
     }
+}
+
+// The sums of the 8 lanes of each of 8 vectors v[i][0..7], in order: a tree of vphaddd.
+QK_SI __m256i i16_hsum8(const int32_t (*v)[8]) {
+  __m256i a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(v[i]));
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// i16_gemv_block for groups of up to kI16ShortGroup blocks (G > 1, so every group is whole; GB = 1,
+// 2, 4 or 8 fixes the count at compile time, GB = 0 reads it from P). The groups' int32 lane
+// sums are stored, and every 8 groups go through the epilogue together; per group in the loop of
+// i16_gemv_block, or with fp64 constants per row, the epilogue cost as much as g64's multiply-adds.
+// Epilogue, per 8 groups: the group sums (i16_hsum8) with the zero point's integer part zi folded in
+// exactly, sum h (q - zi) = sum h q - zi S_g, then its fraction zf = z - zi in fp32. Since
+// |zf| <= 1/2 <= |q - z| wherever q != zi, |zf S_g| <= sum |h (q - z)|: no term is larger than the
+// products it stands for, so fp32 rounds the sum as an fp32 dot product of them would (sum h q and
+// z S_g apart cancel where large entries of x meet q = z, and fp32 lost the small entries' products
+// there). zi is clamped to [-32, 32]: at 32 blocks |sum h q| < 2^29 and |zi S_g| <= 2^30, so the
+// int32 arithmetic cannot overflow (a zero point beyond that keeps the rest in zf).
+template <int BITS, int MT, int NR, int NP, int GB>
+inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
+                             int64_t ldy, const float* bias) {
+  const int64_t G = P.G, G8 = round_up(G, 8), gb = GB ? GB : P.gblk;
+  const I16Rows<MT, NR> R(P, L, wrow, n);
+  // scales then zeros of the NR rows as fp32, zero padded to G8
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));
+  for (int r = 0; r < NR; ++r) {
+    float* sr = sz + 2 * r * G8;
+    meta_row(P.scales, P.mdt, (n + r) * G, G, sr);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, sr + G8);
+    for (int64_t g = G; g < G8; ++g) sr[g] = sr[G8 + g] = 0.f;
+  }
+  alignas(32) int32_t seg[MT * NR * NP][8][8];  // [accumulator][group % 8][lane]
+  __m256 acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g8 = 0; g8 < G; g8 += 8) {
+    const int ng = int(qmin(int64_t(8), G - g8));
+    for (int gi = 0; gi < ng; ++gi) {
+      __m256i ah[MT][NR], al[MT][NR];
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
+      const int64_t j0 = (g8 + gi) * gb;
+      for (int64_t jj = 0; jj < gb; ++jj) i16_block<BITS, MT, NR, NP>(P, R, j0 + jj, ah, al);
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NR; ++r) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(seg[(m * NR + r) * NP][gi]), ah[m][r]);
+          if constexpr (NP == 2) _mm256_store_si256(reinterpret_cast<__m256i*>(seg[(m * NR + r) * NP + 1][gi]), al[m][r]);
+        }
+    }
+    if (ng < 8)
+      for (int i = 0; i < MT * NR * NP; ++i) std::memset(seg[i][ng], 0, (8 - ng) * 32);
+    for (int r = 0; r < NR; ++r) {
+      const float* sr = sz + 2 * r * G8;
+      const __m256 zv = _mm256_loadu_ps(sr + G8 + g8);
+      const __m256i zi = _mm256_min_epi32(_mm256_set1_epi32(32),
+                                          _mm256_max_epi32(_mm256_set1_epi32(-32), _mm256_cvtps_epi32(zv)));
+      const __m256 zf = _mm256_sub_ps(zv, _mm256_cvtepi32_ps(zi));
+      const __m256 sv = _mm256_loadu_ps(sr + g8);
+      for (int m = 0; m < MT; ++m) {
+        const uint8_t* xm = wrow + m * L.per_m;
+        const int i = (m * NR + r) * NP;
+        const __m256i sh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + L.ShI_off) + g8 / 8);
+        __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(i16_hsum8(seg[i]), _mm256_mullo_epi32(zi, sh)));
+        __m256 S = _mm256_cvtepi32_ps(sh);
+        if constexpr (NP == 2) {  // + (sum l (q - zi)) / 65536, S = S_h + S_l / 65536
+          const __m256i sl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + L.SlI_off) + g8 / 8);
+          const __m256 tl = _mm256_cvtepi32_ps(_mm256_sub_epi32(i16_hsum8(seg[i + 1]), _mm256_mullo_epi32(zi, sl)));
+          t = _mm256_add_ps(t, _mm256_mul_ps(tl, _mm256_set1_ps(0x1p-16f)));
+          S = _mm256_loadu_ps(reinterpret_cast<const float*>(xm + L.S2F_off) + g8);
+        }
+        t = _mm256_sub_ps(t, _mm256_mul_ps(zf, S));
+        const __m256 F = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(xm + L.A_off) + g8), sv);
+        acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_mul_ps(F, t));
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r)
+      store_any(ydt, y, m * ldy + n + r, reduce_add(V{acc[m][r]}) + (bias ? bias[n + r] : 0.f));
 }
 
 template <int BITS, int MT, int NP>
@@ -380,8 +449,23 @@ inline void i16_gemv_rows_t(const PackedW& P, const I16Layout& L, const uint8_t*
   // 11008 int4, M = 4: 8.5 ms against 10.9 with NR = 1: four rows of int16 x fill L1 alone)
   constexpr int NR = (MT == 4 ? 2 : 4) / NP;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) i16_gemv_block<BITS, MT, NR, NP>(P, L, wrow, n, ydt, y, ldy, bias);
-  for (; n < n1; ++n) i16_gemv_block<BITS, MT, 1, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+  auto run = [&](auto gb) {
+    constexpr int GB = decltype(gb)::value;
+    if constexpr (GB < 0) {
+      for (; n + NR <= n1; n += NR) i16_gemv_block<BITS, MT, NR, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+      for (; n < n1; ++n) i16_gemv_block<BITS, MT, 1, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+    } else {
+      for (; n + NR <= n1; n += NR) i16_gemv_block_g<BITS, MT, NR, NP, GB>(P, L, wrow, n, ydt, y, ldy, bias);
+      for (; n < n1; ++n) i16_gemv_block_g<BITS, MT, 1, NP, GB>(P, L, wrow, n, ydt, y, ldy, bias);
+    }
+  };
+  switch (P.G == 1 ? -1 : P.gblk) {  // group sizes 32 - 256: the block count fixed at compile time
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 8: return run(std::integral_constant<int, 8>{});
+    default: return P.gblk <= kI16ShortGroup ? run(std::integral_constant<int, 0>{}) : run(std::integral_constant<int, -1>{});
+  }
 }
 
 template <int BITS, int NP>

@@ -418,6 +418,8 @@ constexpr float kVnniTinyAmax = 0x1p-64f;
 
 }  // namespace QK_ISA_NS
 }  // namespace qk
+// A lambda inlined into its caller (loop bodies instantiated for several cases).
+#define QK_SI_LAMBDA __attribute__((always_inline))
 #include "packed_avx2_i16.h"  // the AVX2 int16 GEMV (uses prep_f32 and the rules above)
 namespace qk {
 namespace QK_ISA_NS {
@@ -495,8 +497,6 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
   QK_BITS_DISPATCH(P.bits, lut_gemv_rows_b, P, xp, M, n0, n1, ydt, y, ldy, bias)
 }
 
-// A lambda inlined into its caller (the chunk loop body, instantiated for full and partial chunks).
-#define QK_SI_LAMBDA __attribute__((always_inline))
 #define QK_VNNI_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi,gfni")))
 #define QK_AMX_TARGET \
