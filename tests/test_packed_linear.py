@@ -174,10 +174,10 @@ def test_packed_linear_dc_offset_on_balanced_exact_weights(bits, config):
 def test_packed_linear_long_groups_at_full_scale(bits, config):
     """The integer GEMVs at their sums' limits: every code at its maximum and every x at the group's
     amax (the AVX2 int16 GEMV's h = +-32767 everywhere), in one group per row of up to 40000 weights
-    (the int32 sums are flushed inside a group every 512 blocks, and groups over 128 blocks skip the
-    per-group buffer), and a group size of 4096 (128 blocks: the buffer's limit). M = 1 and 5."""
+    (the int32 sums are flushed inside a group every 512 blocks), groups of 2048 (past the AVX2
+    short-group path's 1024) and 1024 (its limit), and g64. M = 1 and 5."""
     top = 2 ** bits - 1
-    for K, gs in ((4096, 4096), (17000, 17000), (40000, 40000), (16448, 64)):
+    for K, gs in ((4096, 4096), (17000, 17000), (40000, 40000), (16448, 64), (8192, 2048), (8192, 1024)):
         N = 5
         q = torch.full((N, K), top, dtype=torch.uint8)
         q[1, ::3] = 0  # one row with a pattern

@@ -9,10 +9,12 @@
 // to int16 lanes (int4 in natural order, int2 / int3 even weights then odd ones, x stored to
 // match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point
 // folded as in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
-//   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536),
-// in double from the exact integer sums on: the two terms cancel where large entries of x meet
-// weights with q = z (a bulk of small entries under a few large ones), and fp32 sums lost the
-// small entries' product there (9% error at a bulk of amax / 1e5).
+//   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536).
+// The two terms cancel where large entries of x meet weights with q = z (a bulk of small entries
+// under a few large ones), and fp32 sums of them lost the small entries' product there (9% error at
+// a bulk of amax / 1e5). Groups of up to 1024 weights (i16_gemv_block_g) subtract z's integer part
+// from the exact int32 sums and only its fraction in fp32; longer groups (i16_gemv_block) take both
+// terms in double from the exact integer sums.
 // Per 32 weights and row of x: 3 (int4), 5 (int2) or 11 (int3) decode instructions + 4 multiply-add
 // ones, against the fp32 GEMV's 22 for int4.
 #pragma once
@@ -39,7 +41,8 @@ constexpr int64_t kI16ShortGroup = 32;
 
 // Workspace: fp32 x [M][Kp] (zero padded; the fp32 fallback and the source of the pieces), then
 // per row m: xh, xl int16 [Kp]; A fp32 [G] (a_g); S1, S2 fp64 [G] (the pieces' sums for one and
-// for two pieces, S_g above); mode int32.
+// for two pieces, S_g above); ShI, SlI int32 [G] (sum h, sum l) and S2F fp32 [G] (S2) for
+// i16_gemv_block_g; mode int32. The per-group arrays are zero from G to G rounded up to 16.
 struct I16Layout {
   int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, ShI_off, SlI_off, S2F_off, mode_off, per_m;
 };
@@ -246,15 +249,27 @@ QK_SI void i16_codes(const uint8_t* row, int64_t nb, int64_t j, __m256i* c) {
   }
 }
 
-// n_ [0, G) of one row of scales or zeros (dtype dt, from element off) -> fp32.
-inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, float* out) {
-  int64_t g = 0;
+// Elements [off, off + G) of scales or zeros (dtype dt) -> fp32 out[0, G), zeros in out[G, G8) (G
+// rounded up to 8). `avail` elements from off may be read: a tail read as 8 when they allow it.
+inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, int64_t avail, float* out) {
+  const int64_t G0 = G / 8 * 8;
+  const bool wide = G0 < G && G0 + 8 <= avail;
+  auto rows = [&](auto d) QK_SI_LAMBDA {
+    constexpr Dt D = decltype(d)::value;
+    for (int64_t g = 0; g < G0; g += 8) vst(out + g, vload<D>(p, off + g));
+    if (wide) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(G - G0)), lane));
+      _mm256_storeu_ps(out + G0, _mm256_and_ps(keep, vload<D>(p, off + G0).v));
+    }
+  };
   switch (dt) {
-    case Dt::F32: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::F32>(p, off + g)); break;
-    case Dt::F16: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::F16>(p, off + g)); break;
-    case Dt::BF16: for (; g + 8 <= G; g += 8) vst(out + g, vload<Dt::BF16>(p, off + g)); break;
+    case Dt::F32: rows(std::integral_constant<Dt, Dt::F32>{}); break;
+    case Dt::F16: rows(std::integral_constant<Dt, Dt::F16>{}); break;
+    case Dt::BF16: rows(std::integral_constant<Dt, Dt::BF16>{}); break;
   }
-  for (; g < G; ++g) out[g] = meta_at(p, dt, off + g);
+  if (!wide)
+    for (int64_t g = G0; g < round_up(G, 8); ++g) out[g] = g < G ? meta_at(p, dt, off + g) : 0.f;
 }
 
 // Pointers of one call of i16_gemv_block(_g): MT rows of x (pieces xh, xl), NR rows of W.
@@ -307,15 +322,15 @@ QK_SI void i16_block(const PackedW& P, const I16Rows<MT, NR>& R, int64_t j, __m2
 template <int BITS, int MT, int NR, int NP>
 inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
                            int64_t ldy, const float* bias) {
-  const int64_t G = P.G;
+  const int64_t G = P.G, G8 = round_up(G, 8);
   const I16Rows<MT, NR> R(P, L, wrow, n);
   // AS[m][r][g] = a_g(m) s_g(r) (exact in double); zt[m][r] = sum_g AS z_g(r) S_g(m)
   double* AS = static_cast<double*>(scratch(4, size_t(MT * NR) * G * 8));
-  float* sz = static_cast<float*>(scratch(5, size_t(2 * G) * 4));
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * G8) * 4));
   double zt[MT][NR];
   for (int r = 0; r < NR; ++r) {
-    meta_row(P.scales, P.mdt, (n + r) * G, G, sz);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, sz + G);
+    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + G8);
     for (int m = 0; m < MT; ++m) {
       const float* A = reinterpret_cast<const float*>(wrow + m * L.per_m + L.A_off);
       const double* S = reinterpret_cast<const double*>(wrow + m * L.per_m + (NP == 2 ? L.S2_off : L.S1_off));
@@ -323,7 +338,7 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
       double sum = 0.0;
       for (int64_t g = 0; g < G; ++g) {
         as[g] = double(A[g]) * double(sz[g]);
-        sum += as[g] * double(sz[G + g]) * S[g];
+        sum += as[g] * double(sz[G8 + g]) * S[g];
       }
       zt[m][r] = sum;
     }
@@ -388,9 +403,8 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
   float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));
   for (int r = 0; r < NR; ++r) {
     float* sr = sz + 2 * r * G8;
-    meta_row(P.scales, P.mdt, (n + r) * G, G, sr);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, sr + G8);
-    for (int64_t g = G; g < G8; ++g) sr[g] = sr[G8 + g] = 0.f;
+    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sr);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sr + G8);
   }
   alignas(32) int32_t seg[MT * NR * NP][8][8];  // [accumulator][group % 8][lane]
   __m256 acc[MT][NR];
