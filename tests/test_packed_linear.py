@@ -217,6 +217,37 @@ def test_packed_linear_zero_points_far_out_at_full_scale(bits, config):
                     check_accuracy(ops.packed_linear(x, pw), x, pw)
 
 
+def test_packed_linear_one_group_of_huge_products_on_zero_weights(config):
+    """A group whose x is 1e10 on weights with q = z (exactly 0) beside groups of 1e-10 entries: the
+    output is the small groups' product alone. Summing every group's sum h q and its zero-point term
+    apart and subtracting at the end lost it (output 0 at group sizes over 1024, a review's case)."""
+    N, M, bits = 3, 2, 4
+    for gs in (64, 1024, 2048, 4096):
+        K = 2 * gs
+        g = torch.Generator().manual_seed(gs)
+        q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
+        q[:, :gs] = 8
+        pw = PackedWeight.from_quantized(q, torch.full((N, 2), 0.01), torch.full((N, 2), 8.0), bits, gs)
+        x = torch.randn(M, K, generator=g) * 1e-10
+        x[:, :gs] = 1e10
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            xd = x.to(dt) if dt != torch.float16 else (x * 1e-5).clamp(-6e4, 6e4).to(dt)  # fp16's range
+            check_accuracy(ops.packed_linear(xd, pw), xd, pw)
+
+
+def test_packed_linear_huge_zero_points_with_tiny_scales():
+    """z = 1e33 with s = 1e-30 (fp32 metadata): each weight (q - z) s is about -1000, finite, and so is
+    the output; the zero point's fraction times the group's sum of x overflowed fp32 on its own."""
+    N, K, gs = 3, 256, 64
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(5)).to(torch.uint8)
+    pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 1e-30), torch.full((N, K // gs), 1e33), 4, gs)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.full((2, K), 0.125, dtype=dt)  # outputs about -32000: within fp16's range
+        y = ops.packed_linear(x, pw)
+        assert torch.isfinite(y).all(), y
+        check_accuracy(y, x, pw)
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_large_entries_on_the_codes_next_to_a_fractional_zero(bits, config):
     """As test_packed_linear_many_large_entries_on_zero_weights with fractional zero points: the large

@@ -41,8 +41,9 @@ constexpr int64_t kI16ShortGroup = 32;
 
 // Workspace: fp32 x [M][Kp] (zero padded; the fp32 fallback and the source of the pieces), then
 // per row m: xh, xl int16 [Kp]; A fp32 [G] (a_g); S1, S2 fp64 [G] (the pieces' sums for one and
-// for two pieces, S_g above); ShI, SlI int32 [G] (sum h, sum l) and S2F fp32 [G] (S2) for
-// i16_gemv_block_g; mode int32. The per-group arrays are zero from G to G rounded up to 16.
+// for two pieces, S_g above; i16_gemv_block); ShI, SlI int32 [G] (sum h, sum l) and S2F fp32 [G]
+// (S2) for i16_gemv_block_g, which reads A, ShI, SlI and S2F 8 groups at a time: those are zero from
+// G to G rounded up to 16; mode int32.
 struct I16Layout {
   int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, ShI_off, SlI_off, S2F_off, mode_off, per_m;
 };
@@ -192,7 +193,7 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       }
       S1[g] = sh;
       S2[g] = sh + sl / 65536.0;
-      // int32 copies for i16_gemv_block_g (groups of up to 1024 entries: |sh| < 2^25, exact)
+      // int32 copies for i16_gemv_block_g (groups of up to 1024 entries: |sh|, |sl| <= 2^25, exact)
       ShI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sh)));
       SlI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sl)));
       S2F[g] = float(S2[g]);
@@ -315,63 +316,58 @@ QK_SI void i16_block(const PackedW& P, const I16Rows<MT, NR>& R, int64_t j, __m2
 }
 
 // y[m, n + r] for m < MT, r < NR, NP pieces, for groups of more than kI16ShortGroup blocks or one
-// group per row (i16_gemv_block_g takes the others). The per-row workspaces of the MT rows are L.per_m
-// apart. Each group (or flush chunk) converts its int32 lane sums to fp64 and adds them times
-// a_g s_g, precomputed for the rows (AS below); at more than 32 blocks per group that costs < 3% of
-// the multiply-adds. The zero point's term is one fp64 sum per row, zt.
+// group per row (i16_gemv_block_g takes the others). The per-row workspaces of the MT rows are
+// L.per_m apart. A group's int32 lane sums (flushed every kI16FlushBlocks blocks) add up exactly in
+// int64; at the group's end its value a_g s_g (sum h q [+ sum l q / 65536] - z S_g) is formed in
+// fp64 and added to the row's sum. (Summing the two terms over all groups apart and subtracting at
+// the end let a group whose large entries meet q = z wipe out the other groups' products: a
+// review's case, x = 1e10 on such a group, 1e-10 elsewhere, gave 0.) At more than 32 blocks per
+// group this per-group work is a few % of the multiply-adds.
 template <int BITS, int MT, int NR, int NP>
 inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
                            int64_t ldy, const float* bias) {
   const int64_t G = P.G, G8 = round_up(G, 8);
   const I16Rows<MT, NR> R(P, L, wrow, n);
-  // AS[m][r][g] = a_g(m) s_g(r) (exact in double); zt[m][r] = sum_g AS z_g(r) S_g(m)
-  double* AS = static_cast<double*>(scratch(4, size_t(MT * NR) * G * 8));
-  float* sz = static_cast<float*>(scratch(5, size_t(2 * G8) * 4));
-  double zt[MT][NR];
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));  // per row: scales, then zeros
   for (int r = 0; r < NR; ++r) {
-    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + G8);
-    for (int m = 0; m < MT; ++m) {
-      const float* A = reinterpret_cast<const float*>(wrow + m * L.per_m + L.A_off);
-      const double* S = reinterpret_cast<const double*>(wrow + m * L.per_m + (NP == 2 ? L.S2_off : L.S1_off));
-      double* as = AS + (m * NR + r) * G;
-      double sum = 0.0;
-      for (int64_t g = 0; g < G; ++g) {
-        as[g] = double(A[g]) * double(sz[g]);
-        sum += as[g] * double(sz[G8 + g]) * S[g];
-      }
-      zt[m][r] = sum;
-    }
+    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8 + G8);
   }
-  __m256d tot[MT][NR];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_setzero_pd();
+  auto lanes = [](__m256i v) QK_SI_LAMBDA {  // the sum of 8 int32 lanes, in int64
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+    int64_t s = 0;
+    for (int i = 0; i < 8; ++i) s += t[i];
+    return s;
+  };
+  double tot[MT][NR] = {};
   for (int64_t g = 0; g < G; ++g) {
+    int64_t sh[MT][NR] = {}, sl[MT][NR] = {};
     const int64_t jg1 = qmin(P.nb, (g + 1) * P.gblk);
     for (int64_t c0 = g * P.gblk; c0 < jg1; c0 += kI16FlushBlocks) {
       __m256i ah[MT][NR], al[MT][NR];
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
       for (int64_t j = c0; j < qmin(jg1, c0 + kI16FlushBlocks); ++j) i16_block<BITS, MT, NR, NP>(P, R, j, ah, al);
-      // 8 int32 lanes -> 4 (no overflow, see kI16FlushBlocks) -> fp64, exact
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) {
-          const __m256d as = _mm256_broadcast_sd(AS + (m * NR + r) * G + g);
-          const __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(ah[m][r]), _mm256_extracti128_si256(ah[m][r], 1));
-          tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(h4), as, tot[m][r]);
-          if constexpr (NP == 2) {
-            const __m128i l4 = _mm_add_epi32(_mm256_castsi256_si128(al[m][r]), _mm256_extracti128_si256(al[m][r], 1));
-            tot[m][r] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(l4), _mm256_mul_pd(as, _mm256_set1_pd(0x1p-16)), tot[m][r]);
-          }
+          sh[m][r] += lanes(ah[m][r]);
+          if constexpr (NP == 2) sl[m][r] += lanes(al[m][r]);
         }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const uint8_t* xm = wrow + m * L.per_m;
+      const double a = reinterpret_cast<const float*>(xm + L.A_off)[g];
+      const double S = reinterpret_cast<const double*>(xm + (NP == 2 ? L.S2_off : L.S1_off))[g];
+      for (int r = 0; r < NR; ++r) {
+        const float* sr = sz + 2 * r * G8;
+        const double v = double(sh[m][r]) + (NP == 2 ? double(sl[m][r]) * 0x1p-16 : 0.0) - double(sr[G8 + g]) * S;
+        tot[m][r] += a * double(sr[g]) * v;
+      }
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) {
-      alignas(32) double t[4];
-      _mm256_store_pd(t, tot[m][r]);
-      store_any(ydt, y, m * ldy + n + r, float((t[0] + t[1]) + (t[2] + t[3]) - zt[m][r]) + (bias ? bias[n + r] : 0.f));
-    }
+    for (int r = 0; r < NR; ++r) store_any(ydt, y, m * ldy + n + r, float(tot[m][r]) + (bias ? bias[n + r] : 0.f));
 }
 
 // The sums of the 8 lanes of each of 8 vectors v[i][0..7], in order: a tree of vphaddd.
@@ -388,12 +384,13 @@ QK_SI __m256i i16_hsum8(const int32_t (*v)[8]) {
 // sums are stored, and every 8 groups go through the epilogue together; per group in the loop of
 // i16_gemv_block, or with fp64 constants per row, the epilogue cost as much as g64's multiply-adds.
 // Epilogue, per 8 groups: the group sums (i16_hsum8) with the zero point's integer part zi folded in
-// exactly, sum h (q - zi) = sum h q - zi S_g, then its fraction zf = z - zi in fp32. Since
-// |zf| <= 1/2 <= |q - z| wherever q != zi, |zf S_g| <= sum |h (q - z)|: no term is larger than the
-// products it stands for, so fp32 rounds the sum as an fp32 dot product of them would (sum h q and
-// z S_g apart cancel where large entries of x meet q = z, and fp32 lost the small entries' products
-// there). zi is clamped to [-32, 32]: at 32 blocks |sum h q| < 2^29 and |zi S_g| <= 2^30, so the
-// int32 arithmetic cannot overflow (a zero point beyond that keeps the rest in zf).
+// exactly, sum h (q - zi) = sum h q - zi S_g, then its fraction zf = z - zi in fp32. As
+// |zf| <= 1/2 <= |q - z| wherever q != zi (for |z| <= 32.5; beyond it q != zi and |zf| < |q - z|),
+// |zf S_g| <= sum |h (q - z)|: no term is larger than the products it stands for, so fp32 rounds
+// the sum as an fp32 dot product of them would (sum h q and z S_g apart cancel where large entries
+// of x meet q = z, and fp32 lost the small entries' products there). zi is clamped to [-32, 32]:
+// at 32 blocks |sum h q| < 2^29 and |zi S_g| <= 2^30, so the int32 arithmetic cannot overflow (a
+// zero point beyond that keeps the rest in zf).
 template <int BITS, int MT, int NR, int NP, int GB>
 inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
                              int64_t ldy, const float* bias) {
@@ -445,9 +442,10 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
           t = _mm256_add_ps(t, _mm256_mul_ps(tl, _mm256_set1_ps(0x1p-16f)));
           S = _mm256_loadu_ps(reinterpret_cast<const float*>(xm + L.S2F_off) + g8);
         }
-        t = _mm256_sub_ps(t, _mm256_mul_ps(zf, S));
+        // F t - (F zf) S: zf S alone overflows fp32 for |z| > ~1e31 even where the scale makes the
+        // product finite (a review's z = 1e33, s = 1e-30)
         const __m256 F = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(xm + L.A_off) + g8), sv);
-        acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_mul_ps(F, t));
+        acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_sub_ps(_mm256_mul_ps(F, t), _mm256_mul_ps(_mm256_mul_ps(F, zf), S)));
       }
     }
   }
