@@ -13,8 +13,8 @@
 // The two terms cancel where large entries of x meet weights with q = z (a bulk of small entries
 // under a few large ones), and fp32 sums of them lost the small entries' product there (9% error at
 // a bulk of amax / 1e5). Groups of up to 1024 weights (i16_gemv_block_g) subtract z's integer part
-// from the exact int32 sums and only its fraction in fp32; longer groups (i16_gemv_block) take both
-// terms in double from the exact integer sums.
+// from the exact int32 sums and only its fraction in fp32; longer groups (i16_gemv_block) form each
+// group's value in double from exact int64 sums.
 // Per 32 weights and row of x: 3 (int4), 5 (int2) or 11 (int3) decode instructions + 4 multiply-add
 // ones, against the fp32 GEMV's 22 for int4.
 #pragma once
