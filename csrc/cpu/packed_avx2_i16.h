@@ -273,6 +273,19 @@ inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, int64_t avail
     for (int64_t g = G0; g < round_up(G, 8); ++g) out[g] = g < G ? meta_at(p, dt, off + g) : 0.f;
 }
 
+// Scales, then zeros, of rows n .. n + NR - 1 of W as fp32, each G8 = G rounded up to 8 long and zero
+// padded: row r's scales at 2 r G8, its zeros at 2 r G8 + G8 (a per-thread buffer).
+template <int NR>
+inline const float* i16_meta_rows(const PackedW& P, int64_t n) {
+  const int64_t G = P.G, G8 = round_up(G, 8);
+  float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));
+  for (int r = 0; r < NR; ++r) {
+    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8 + G8);
+  }
+  return sz;
+}
+
 // Pointers of one call of i16_gemv_block(_g): MT rows of x (pieces xh, xl), NR rows of W.
 template <int MT, int NR>
 struct I16Rows {
@@ -328,11 +341,7 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
                            int64_t ldy, const float* bias) {
   const int64_t G = P.G, G8 = round_up(G, 8);
   const I16Rows<MT, NR> R(P, L, wrow, n);
-  float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));  // per row: scales, then zeros
-  for (int r = 0; r < NR; ++r) {
-    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8 + G8);
-  }
+  const float* sz = i16_meta_rows<NR>(P, n);
   auto lanes = [](__m256i v) QK_SI_LAMBDA {  // the sum of 8 int32 lanes, in int64
     alignas(32) int32_t t[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
@@ -396,13 +405,7 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
                              int64_t ldy, const float* bias) {
   const int64_t G = P.G, G8 = round_up(G, 8), gb = GB ? GB : P.gblk;
   const I16Rows<MT, NR> R(P, L, wrow, n);
-  // scales then zeros of the NR rows as fp32, zero padded to G8
-  float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));
-  for (int r = 0; r < NR; ++r) {
-    float* sr = sz + 2 * r * G8;
-    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sr);
-    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sr + G8);
-  }
+  const float* sz = i16_meta_rows<NR>(P, n);
   alignas(32) int32_t seg[MT * NR * NP][8][8];  // [accumulator][group % 8][lane]
   __m256 acc[MT][NR];
   for (int m = 0; m < MT; ++m)
