@@ -1529,3 +1529,23 @@ def test_fake_quant_input_static_zero_defaults_to_0_on_every_path():
     want = fake_quant_input(x, 8, True, False, s, torch.tensor(0.0))
     for xx in (x, x.clone().requires_grad_(), x.t().contiguous().t()):
         torch.testing.assert_close(fake_quant_input(xx, 8, True, False, s), want, rtol=0, atol=0)
+
+
+def test_packed_linear_huge_x_on_zero_weights(config):
+    """bf16 x of about 4e36 in one group on weights with q = z (exactly 0) and scales of 1e7: the
+    group's unit of x times its scale overflows fp32 (~1e39) while every product the reference forms
+    is finite (the group's are 0), and inf times the group's sum of 0 gave NaN. Groups of x above
+    2^64 take the exact fp32 GEMV."""
+    N, K, gs = 3, 256, 64
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
+    q[:, :gs] = 8
+    pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 1e7), torch.full((N, K // gs), 8.0), 4, gs)
+    for amax in (1e18, 1e20, 1e30, 4e36):
+        for M in (1, 3):
+            x = torch.randn(M, K, generator=g)
+            x[:, :gs] = amax * (1 + 0.1 * torch.rand(M, gs, generator=g))
+            x = x.bfloat16()
+            y = ops.packed_linear(x, pw)
+            assert torch.isfinite(y).all(), (amax, M, y)
+            check_accuracy(y, x, pw)

@@ -5,7 +5,7 @@
 // amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
 // path's rules: an outlier, or a bulk of small entries under a few large ones) or its spread
 // narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
-// a group amax below 2^-64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
+// a group amax below 2^-64 or above 2^64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
 // to int16 lanes (int4 in natural order, int2 / int3 even weights then odd ones, x stored to
 // match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point
 // folded as in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
@@ -140,8 +140,8 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
         xlo = qmin(xlo, xf[k]);
       }
       const float asum = reduce_add(V{vabs});
-      // inf or NaN in the group (the sum of |x| sees both), or a range too tiny to scale
-      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
+      // inf or NaN in the group (the sum of |x| sees both), or a range too tiny or too large to scale
+      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax) || amax > kVnniHugeAmax) {
         mode = kI16Fp32;
         break;
       }

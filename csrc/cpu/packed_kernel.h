@@ -415,6 +415,11 @@ constexpr float kVnniBulkFp32 = 1024.f;
 // GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
 // (1/65536) times the group scale leaves the normal fp32 range and loses bits.
 constexpr float kVnniTinyAmax = 0x1p-64f;
+// A group with amax above this (2^64) takes the fp32 path as well: a_g s_g (the group's unit of x
+// times its scale) overflows fp32 for amax near 1e36 at s = 1e7, and inf times a group sum of 0
+// (large entries on weights with q = z) gave NaN where the reference is finite. Below 2^64, a_g s_g
+// stays finite for scales up to ~6e23.
+constexpr float kVnniHugeAmax = 0x1p64f;
 
 }  // namespace QK_ISA_NS
 }  // namespace qk
@@ -639,8 +644,9 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         vabs = _mm512_add_ps(vabs, a);
       }
       const float amax = _mm512_reduce_max_ps(vmax), asum = _mm512_reduce_add_ps(vabs);
-      // inf or NaN somewhere in the group (the sum of |x| sees both), or a range too tiny to scale
-      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax)) {
+      // inf or NaN somewhere in the group (the sum of |x| sees both), or a range too tiny or too
+      // large to scale
+      if (!(asum <= 3.0e38f) || (amax > 0.f && amax < kVnniTinyAmax) || amax > kVnniHugeAmax) {
         *mode = kVnniFp32;
         break;
       }
@@ -1044,9 +1050,9 @@ inline void vnni_gemv_rows_md(const PackedW& P, const uint8_t* ws, int64_t M, in
     if (three) return vnni_gemv_rows_b<BITS, MD, 3>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
     return vnni_gemv_rows_b<BITS, MD, 2>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
   }
-  // x holds inf or NaN (or a group range below kVnniTinyAmax): those rows take the fp32 LUT GEMV
-  // on x itself, so they propagate as a float product does; the other rows stay on this path, one
-  // at a time.
+  // x holds inf or NaN (or a group range below kVnniTinyAmax or above kVnniHugeAmax): those rows
+  // take the fp32 LUT GEMV on x itself, so they propagate as a float product does; the other rows
+  // stay on this path, one at a time.
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
   for (int64_t m = 0; m < M; ++m) {
     if (mode(m) == kVnniFp32) {
