@@ -436,7 +436,7 @@ for bits, K, N in ((4, 1024, 300), (3, 320, 1000), (2, 777, 130)):
     pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, 64 if K % 64 == 0 else None)
     b = torch.randn(N, generator=g)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        for M in (1, 5, 17, 64, 200):  # GEMV, LUT, and the BLAS GEMM (fp32 / fp16) or AMX (bf16)
+        for M in (1, 5, 17, 64, 200, 600):  # GEMV, LUT, the BLAS GEMM (fp32 / fp16; x in chunks at 600) or AMX (bf16)
             x = torch.randn(M, K, generator=g).to(dt).requires_grad_()
             bias = b.to(dt).detach().clone().requires_grad_()
             y = ops.packed_linear(x, pw, bias)
@@ -471,6 +471,18 @@ def test_packed_linear_bits_do_not_depend_on_thread_count(tmp_path):
             assert torch.equal(gb, runs[1][key][2]), (threads, key, "grad of bias")
     for key in ("head compiled", "head create_graph"):
         assert torch.equal(runs[1][key][2], runs[1]["head"][2]), key
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_large_m_on_narrow_layers(bits, config):
+    """M >= 512 on layers whose tiles of W would be under 256 rows: the BLAS GEMM then takes x in
+    chunks of 256 rows (a partial last one here) against taller tiles."""
+    for i, (M, N, K, gs) in enumerate([(512, 37, 96, 32), (600, 384, 192, 64), (1029, 1, 64, 64), (700, 200, 160, 32)]):
+        pw = make(N, K, bits, gs, (torch.float16, torch.bfloat16, torch.float32)[i % 3], seed=i)
+        bias = torch.randn(N) if i % 2 else None
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(M, K).to(dt)
+            check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
