@@ -4,10 +4,11 @@
 // x is quantized per group g to int16: x ~ a_g h with a_g = amax_g / 32767 (error <= a_g / 2 =
 // amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
 // path's rules: an outlier, or a bulk of small entries under a few large ones) or its spread
-// narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with inf / NaN, a range no int16 split holds, or
-// a group amax below 2^-64 or above 2^64 takes the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded
-// to int16 lanes (int4 in natural order, int2 / int3 even weights then odd ones, x stored to
-// match) and vpmaddwd sums code * h pairs into int32 lanes, exact. Per group, with the zero point
+// narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with
+// inf / NaN, a range no int16 split holds, or a nonzero group amax below 2^-64 or above 2^64 takes
+// the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded to int16 lanes (int4 in natural
+// order, int2 / int3 even weights then odd ones, x stored to match) and vpmaddwd sums code * h
+// pairs into int32 lanes, exact. Per group, with the zero point
 // folded as in the VNNI path (the pieces' own sum on both sides, so the error follows |q - z|):
 //   sum_k x^_k (q_k - z) s = a_g s (sum_k h_k q_k - z S_g),  S_g = sum_k h_k (+ l_k / 65536).
 // The two terms cancel where large entries of x meet weights with q = z (a bulk of small entries
@@ -277,8 +278,9 @@ inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, int64_t avail
     for (int64_t g = G0; g < round_up(G, 8); ++g) out[g] = g < G ? meta_at(p, dt, off + g) : 0.f;
 }
 
-// Scales, then zeros, of rows n, n + st, .., n + (NR - 1) st of W as fp32, each G8 = G rounded up to 8 long and zero
-// padded: row r's scales at 2 r G8, its zeros at 2 r G8 + G8 (a per-thread buffer).
+// Scales, then zeros, of rows n, n + st, .., n + (NR - 1) st of W as fp32, each G8 = G rounded up
+// to 8 long and zero padded: row r's scales at 2 r G8, its zeros at 2 r G8 + G8 (a per-thread
+// buffer).
 template <int NR>
 inline const float* i16_meta_rows(const PackedW& P, int64_t n, int64_t st) {
   const int64_t G = P.G, G8 = round_up(G, 8);
@@ -473,8 +475,8 @@ inline void i16_gemv_rows_t(const PackedW& P, const I16Layout& L, const uint8_t*
   constexpr int NR = (MT == 4 ? 2 : 4) / NP;
   // With `streams` the NR rows of a call are st apart: NR long runs of consecutive rows read side
   // by side, each a sequential stream the prefetchers follow (NR adjacent rows at a time are NR
-  // streams of one row each: 4096 x 11008 int4 M=1 out of cache, 1 thread, 7.7 -> 7.1 ms per 44032
-  // rows; 2 threads 1.45 -> 1.21 ms). Without (slabs), NR adjacent rows.
+  // streams of one row each, then a jump: 4096 x 44032 int4 M=1 out of cache, 1 thread, 7.7-8.5
+  // -> 7.1-7.3 ms). Without (slabs), NR adjacent rows.
   const int64_t nblk = (n1 - n0) / NR, st = streams ? nblk : 1, step = streams ? 1 : NR;
   const int64_t pf = streams ? (kI16PfBytes + P.row_bytes - 1) / P.row_bytes * P.row_bytes
                              : kI16PfSlabBlocks * NR * P.row_bytes;
