@@ -312,6 +312,24 @@ def test_packed_linear_stream_hot_harness_builds_and_runs(tmp_path):
     assert len(lines) == 2 and all("int3 M=3" in ln and "same output as the first" in ln for ln in lines), r.stdout
 
 
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2 and FMA")
+def test_packed_linear_stream_avx2_bench_builds_and_runs(tmp_path):
+    """benchmarks/packed_linear_stream/avx2_bench.cpp (the library's AVX2 GEMV timed outside torch)
+    builds against this checkout and gives output 0 within 1e-3 of its double reference, on one
+    thread and on two (T2=1); no timing checked."""
+    exe = str(tmp_path / "avx2_bench")
+    cpu = os.path.join(ROOT, "csrc", "cpu")
+    subprocess.run(["g++", "-O2", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-I" + cpu,
+                    os.path.join(ROOT, "benchmarks", "packed_linear_stream", "avx2_bench.cpp"),
+                    os.path.join(cpu, "isa_avx2.cpp"), os.path.join(cpu, "cpu_features.cpp"), "-o", exe, "-pthread"],
+                   check=True, timeout=600)
+    for env, args in (({"MBF": "1"}, ["4", "1", "40"]), ({"T2": "1", "K": "768", "GS": "32"}, ["3", "3", "37", "2"])):
+        out = subprocess.run([exe] + args, env=dict(os.environ, **env), capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+        y0, ref = float(out.split("y[0]")[1].split()[0]), float(out.split("reference")[1].split()[0])
+        assert " ms " in out and abs(y0 - ref) <= 1e-3 * max(1.0, abs(ref)), out
+
+
 @pytest.mark.skipif(not {"avx512_vnni", "avx512vbmi", "gfni"} <= _cpu_flags(), reason="needs AVX-512 VNNI, VBMI, GFNI")
 def test_packed_linear_stream_pipe_probes_build_and_run(tmp_path):
     """benchmarks/packed_linear_stream/pipes.cpp (instruction-throughput probes) builds and prints

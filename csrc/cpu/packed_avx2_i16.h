@@ -32,14 +32,10 @@ constexpr int64_t kI16FlushBlocks = 512;
 // Below amax / kI16BulkFp32 a group's bulk (see kVnniBulkRange) loses fp16 precision even in two
 // pieces (resolution amax / 2^32; at 2^18 the bulk keeps ~2^-14 relative).
 constexpr float kI16BulkFp32 = 262144.f;
-// Software prefetch distance in bytes of each row stream, rounded up to whole rows (see i16_block):
-// the hardware prefetcher alone did not keep enough lines in flight on Zen 3 (4096 x 11008 int4, 1
-// thread, out of cache about 2x the in-cache time without a software prefetch). 1 - 2 KiB ahead
-// per stream ran best in a streaming probe with this much work per line; 4 and 16 KiB were slower.
-constexpr int64_t kI16PfBytes = 2048;
-// The slabs of M > 4 (adjacent rows, which every tile of 4 rows of x reads again from cache)
-// prefetch this many blocks of NR rows on instead, so that the next slab is on its way.
-constexpr int64_t kI16PfSlabBlocks = 4;
+// Software prefetch distance, in blocks of NR rows of W: the NR row streams at a time (plus the
+// bit plane at int3) did not keep enough lines in flight on Zen 3 (4096 x 11008 int4, 1 thread,
+// out of cache about 2x the in-cache time without it).
+constexpr int64_t kI16PfRows = 4;
 // Groups of up to this many blocks (group sizes up to 1024) take i16_gemv_block_g, whose int32
 // epilogue is bounded for them.
 constexpr int64_t kI16ShortGroup = 32;
@@ -278,48 +274,43 @@ inline void meta_row(const void* p, Dt dt, int64_t off, int64_t G, int64_t avail
     for (int64_t g = G0; g < round_up(G, 8); ++g) out[g] = g < G ? meta_at(p, dt, off + g) : 0.f;
 }
 
-// Scales, then zeros, of rows n, n + st, .., n + (NR - 1) st of W as fp32, each G8 = G rounded up
-// to 8 long and zero padded: row r's scales at 2 r G8, its zeros at 2 r G8 + G8 (a per-thread
-// buffer).
+// Scales, then zeros, of rows n .. n + NR - 1 of W as fp32, each G8 = G rounded up to 8 long and zero
+// padded: row r's scales at 2 r G8, its zeros at 2 r G8 + G8 (a per-thread buffer).
 template <int NR>
-inline const float* i16_meta_rows(const PackedW& P, int64_t n, int64_t st) {
+inline const float* i16_meta_rows(const PackedW& P, int64_t n) {
   const int64_t G = P.G, G8 = round_up(G, 8);
   float* sz = static_cast<float*>(scratch(5, size_t(2 * NR * G8) * 4));
   for (int r = 0; r < NR; ++r) {
-    const int64_t nr = n + r * st;
-    meta_row(P.scales, P.mdt, nr * G, G, (P.N - nr) * G, sz + 2 * r * G8);
-    meta_row(P.zeros, P.mdt, nr * G, G, (P.N - nr) * G, sz + 2 * r * G8 + G8);
+    meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8);
+    meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sz + 2 * r * G8 + G8);
   }
   return sz;
 }
 
-// Pointers of one call of i16_gemv_block(_g): MT rows of x (pieces xh, xl), NR rows of W (n, n +
-// st, ..), and the prefetch distance pf in bytes (whole rows: each row is the next of its stream;
-// kI16PfSlabBlocks blocks of NR rows for slabs).
+// Pointers of one call of i16_gemv_block(_g): MT rows of x (pieces xh, xl), NR rows of W.
 template <int MT, int NR>
 struct I16Rows {
   const int16_t* xh[MT];
   const int16_t* xl[MT];
   const uint8_t* w[NR];
-  int64_t pf;
-  I16Rows(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, int64_t st, int64_t pf) : pf(pf) {
+  I16Rows(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n) {
     for (int m = 0; m < MT; ++m) {
       xh[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xh_off);
       xl[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xl_off);
     }
-    for (int r = 0; r < NR; ++r) w[r] = P.qw + (n + r * st) * P.row_bytes;
+    for (int r = 0; r < NR; ++r) w[r] = P.qw + (n + r) * P.row_bytes;
   }
 };
 
 // Block j of the NR rows of W against the MT rows of x: code * piece pairs into the int32 lanes of
 // ah (h pieces) and al (l pieces). Once per 64-byte line of a row (4 blocks of int4, 8 of int2 /
-// int3) it prefetches the same line of the row R.pf bytes on in the row's stream.
+// int3) it prefetches the same line kI16PfRows blocks of NR rows on.
 template <int BITS, int MT, int NR, int NP>
 QK_SI void i16_block(const PackedW& P, const I16Rows<MT, NR>& R, int64_t j, __m256i (&ah)[MT][NR],
                      __m256i (&al)[MT][NR]) {
   for (int r = 0; r < NR; ++r) {
     if ((j & (BITS == 4 ? 3 : 7)) == 0) {
-      const uint8_t* ahead = R.w[r] + R.pf;
+      const uint8_t* ahead = R.w[r] + kI16PfRows * NR * P.row_bytes;
       _mm_prefetch(reinterpret_cast<const char*>(ahead + (BITS == 4 ? 16 : 8) * j), _MM_HINT_T0);
       if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(ahead + 8 * P.nb + 4 * j), _MM_HINT_T0);
     }
@@ -347,11 +338,11 @@ QK_SI void i16_block(const PackedW& P, const I16Rows<MT, NR>& R, int64_t j, __m2
 // review's case, x = 1e10 on such a group, 1e-10 elsewhere, gave 0.) At more than 32 blocks per
 // group this per-group work is a few % of the multiply-adds.
 template <int BITS, int MT, int NR, int NP>
-inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, int64_t st, int64_t pf,
-                           Dt ydt, void* y, int64_t ldy, const float* bias) {
+inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
+                           int64_t ldy, const float* bias) {
   const int64_t G = P.G, G8 = round_up(G, 8);
-  const I16Rows<MT, NR> R(P, L, wrow, n, st, pf);
-  const float* sz = i16_meta_rows<NR>(P, n, st);
+  const I16Rows<MT, NR> R(P, L, wrow, n);
+  const float* sz = i16_meta_rows<NR>(P, n);
   auto lanes = [](__m256i v) QK_SI_LAMBDA {  // the sum of 8 int32 lanes, in int64
     alignas(32) int32_t t[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
@@ -386,7 +377,7 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) store_any(ydt, y, m * ldy + n + r * st, float(tot[m][r]) + (bias ? bias[n + r * st] : 0.f));
+    for (int r = 0; r < NR; ++r) store_any(ydt, y, m * ldy + n + r, float(tot[m][r]) + (bias ? bias[n + r] : 0.f));
 }
 
 // The sums of the 8 lanes of each of 8 vectors v[i][0..7], in order: a tree of vphaddd.
@@ -411,11 +402,11 @@ QK_SI __m256i i16_hsum8(const int32_t (*v)[8]) {
 // at 32 blocks |sum h q| < 2^29 and |zi S_g| <= 2^30, so the int32 arithmetic cannot overflow (a
 // zero point beyond that keeps the rest in zf).
 template <int BITS, int MT, int NR, int NP, int GB>
-inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, int64_t st,
-                             int64_t pf, Dt ydt, void* y, int64_t ldy, const float* bias) {
+inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n, Dt ydt, void* y,
+                             int64_t ldy, const float* bias) {
   const int64_t G = P.G, G8 = round_up(G, 8), gb = GB ? GB : P.gblk;
-  const I16Rows<MT, NR> R(P, L, wrow, n, st, pf);
-  const float* sz = i16_meta_rows<NR>(P, n, st);
+  const I16Rows<MT, NR> R(P, L, wrow, n);
+  const float* sz = i16_meta_rows<NR>(P, n);
   alignas(32) int32_t seg[MT * NR * NP][8][8];  // [accumulator][group % 8][lane]
   __m256 acc[MT][NR];
   for (int m = 0; m < MT; ++m)
@@ -464,31 +455,24 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
   }
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r)
-      store_any(ydt, y, m * ldy + n + r * st, reduce_add(V{acc[m][r]}) + (bias ? bias[n + r * st] : 0.f));
+      store_any(ydt, y, m * ldy + n + r, reduce_add(V{acc[m][r]}) + (bias ? bias[n + r] : 0.f));
 }
 
 template <int BITS, int MT, int NP>
 inline void i16_gemv_rows_t(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n0, int64_t n1,
-                            bool streams, Dt ydt, void* y, int64_t ldy, const float* bias) {
+                            Dt ydt, void* y, int64_t ldy, const float* bias) {
   // 8 int32 accumulators (MT * NR * NP); at MT = 4 each x load feeds two rows of W (Zen 3, 4096 x
   // 11008 int4, M = 4: 8.5 ms against 10.9 with NR = 1: four rows of int16 x fill L1 alone)
   constexpr int NR = (MT == 4 ? 2 : 4) / NP;
-  // With `streams` the NR rows of a call are st apart: NR long runs of consecutive rows read side
-  // by side, each a sequential stream the prefetchers follow (NR adjacent rows at a time are NR
-  // streams of one row each, then a jump: 4096 x 44032 int4 M=1 out of cache, 1 thread, 7.7-8.5
-  // -> 7.1-7.3 ms). Without (slabs), NR adjacent rows.
-  const int64_t nblk = (n1 - n0) / NR, st = streams ? nblk : 1, step = streams ? 1 : NR;
-  const int64_t pf = streams ? (kI16PfBytes + P.row_bytes - 1) / P.row_bytes * P.row_bytes
-                             : kI16PfSlabBlocks * NR * P.row_bytes;
+  int64_t n = n0;
   auto run = [&](auto gb) {
     constexpr int GB = decltype(gb)::value;
-    for (int64_t i = 0; i < nblk; ++i) {
-      if constexpr (GB < 0) i16_gemv_block<BITS, MT, NR, NP>(P, L, wrow, n0 + i * step, st, pf, ydt, y, ldy, bias);
-      else i16_gemv_block_g<BITS, MT, NR, NP, GB>(P, L, wrow, n0 + i * step, st, pf, ydt, y, ldy, bias);
-    }
-    for (int64_t n = n0 + NR * nblk; n < n1; ++n) {
-      if constexpr (GB < 0) i16_gemv_block<BITS, MT, 1, NP>(P, L, wrow, n, 1, pf, ydt, y, ldy, bias);
-      else i16_gemv_block_g<BITS, MT, 1, NP, GB>(P, L, wrow, n, 1, pf, ydt, y, ldy, bias);
+    if constexpr (GB < 0) {
+      for (; n + NR <= n1; n += NR) i16_gemv_block<BITS, MT, NR, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+      for (; n < n1; ++n) i16_gemv_block<BITS, MT, 1, NP>(P, L, wrow, n, ydt, y, ldy, bias);
+    } else {
+      for (; n + NR <= n1; n += NR) i16_gemv_block_g<BITS, MT, NR, NP, GB>(P, L, wrow, n, ydt, y, ldy, bias);
+      for (; n < n1; ++n) i16_gemv_block_g<BITS, MT, 1, NP, GB>(P, L, wrow, n, ydt, y, ldy, bias);
     }
   };
   switch (P.G == 1 ? -1 : P.gblk) {  // group sizes 32 - 256: the block count fixed at compile time
@@ -507,7 +491,7 @@ inline void i16_gemv_rows_b(const PackedW& P, const I16Layout& L, const uint8_t*
   for (int64_t s0 = n0; s0 < n1; s0 += slab) {
     const int64_t s1 = qmin(n1, s0 + slab);
     for_x_tiles(M, [&](auto mt, int64_t m0) {
-      i16_gemv_rows_t<BITS, decltype(mt)::value, NP>(P, L, ws + L.xf_bytes + m0 * L.per_m, s0, s1, M <= 4, ydt,
+      i16_gemv_rows_t<BITS, decltype(mt)::value, NP>(P, L, ws + L.xf_bytes + m0 * L.per_m, s0, s1, ydt,
                                                      static_cast<char*>(y) + m0 * ldy * (ydt == Dt::F32 ? 4 : 2),
                                                      ldy, bias);
     });
