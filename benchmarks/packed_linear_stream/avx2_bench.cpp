@@ -55,22 +55,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "avx2_bench: bits 2-4, K and GS multiples of 32, GS dividing K\n");
     return 2;
   }
-  qk::PackedW P;
-  P.N = N;
-  P.K = K;
-  P.nb = K / 32;
-  P.row_bytes = P.nb * bits * 4;
-  P.bits = bits;
-  P.gblk = gs / 32;
-  P.G = K / gs;
-  std::vector<uint8_t> qw(size_t(N * P.row_bytes));
+  const int64_t G = K / gs;
+  std::vector<uint8_t> qw(size_t(N * (K / 32) * bits * 4));
   for (auto& b : qw) b = uint8_t(std::rand());
-  std::vector<float> sc(size_t(N * P.G), 0.01f), ze(size_t(N * P.G), 7.3f);
+  std::vector<float> sc(size_t(N * G), 0.01f), ze(size_t(N * G), 7.3f);
   std::vector<uint16_t> scb(sc.size()), zeb(ze.size());
-  P.qw = qw.data();
-  P.scales = sc.data();
-  P.zeros = ze.data();
-  P.mdt = qk::Dt::F32;
+  qk::PackedW P = qk::packed_w(qw.data(), sc.data(), ze.data(), qk::Dt::F32, N, K, bits, gs);
   if (std::getenv("MBF")) {
     for (size_t i = 0; i < sc.size(); ++i) {
       scb[i] = to_bf16(sc[i]);

@@ -20,19 +20,7 @@ using namespace qk;
 using namespace qk::avx512;
 
 static PackedW packed(const uint8_t* qw, const void* s, const void* z, int bits, long K, long N, long gs) {
-  PackedW P;
-  P.N = N;
-  P.K = K;
-  P.nb = K / 32;
-  P.row_bytes = P.nb * bits * 4;
-  P.bits = bits;
-  P.gblk = gs / 32;
-  P.G = K / gs;
-  P.mdt = Dt::BF16;
-  P.qw = qw;
-  P.scales = s;
-  P.zeros = z;
-  return P;
+  return packed_w(qw, s, z, Dt::BF16, N, K, bits, gs);
 }
 
 extern "C" void run(const uint8_t* qw, const void* s, const void* z, const uint16_t* x, uint16_t* y, int bits, long K,

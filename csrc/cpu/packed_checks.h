@@ -41,19 +41,8 @@ inline void check_packed(const char* op, const at::Tensor& qw, const at::Tensor&
 // A view of contiguous tensors for the kernels (checked by check_packed).
 inline PackedW packed_view(const at::Tensor& qw, const at::Tensor& s, const at::Tensor& z, int64_t bits,
                            int64_t group_size, int64_t K) {
-  PackedW P;
-  P.qw = reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>());
-  P.N = qw.size(0);
-  P.K = K;
-  P.nb = (K + 31) / 32;
-  P.bits = int(bits);
-  P.row_bytes = P.nb * bits * 4;
-  P.gblk = group_size == K ? P.nb : group_size / 32;
-  P.G = K / group_size;
-  P.scales = s.data_ptr();
-  P.zeros = z.data_ptr();
-  P.mdt = dt_of(s, "scales");
-  return P;
+  return packed_w(reinterpret_cast<const uint8_t*>(qw.data_ptr<int32_t>()), s.data_ptr(), z.data_ptr(),
+                  dt_of(s, "scales"), qw.size(0), K, int(bits), group_size);
 }
 
 }  // namespace qk

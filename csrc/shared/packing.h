@@ -35,6 +35,24 @@ struct PackedW {
   int64_t Kp() const { return nb * kPackBlock; }
 };
 
+// The PackedW of an [N, K] weight at `bits` with groups of group_size (== K: one group per row).
+inline PackedW packed_w(const uint8_t* qw, const void* scales, const void* zeros, Dt mdt, int64_t N, int64_t K,
+                        int bits, int64_t group_size) {
+  PackedW P;
+  P.qw = qw;
+  P.N = N;
+  P.K = K;
+  P.nb = (K + kPackBlock - 1) / kPackBlock;
+  P.bits = bits;
+  P.row_bytes = P.nb * bits * 4;
+  P.gblk = group_size == K ? P.nb : group_size / kPackBlock;
+  P.G = K / group_size;
+  P.scales = scales;
+  P.zeros = zeros;
+  P.mdt = mdt;
+  return P;
+}
+
 // Integer q of weight t (0..31) of block j of one packed row.
 QK_HD int packed_q(const uint8_t* row, int bits, int64_t nb, int64_t j, int t) {
   if (bits == 4) {
