@@ -287,17 +287,21 @@ CALIBRATORS = ("max", "percentile", "mse", "entropy")
 EFFNET_CROPS = {"full": (256, 256), "quick": (16, 32)}
 # end-to-end distillation of the group scales / zeros (codes fixed) after HQQ: the best all-W4 method
 EFFNET_KD = {"distill_steps": 150, "distill_batch": 8, "distill_lr": 3e-4}
+# float-model targets (fake_quantize_model_'s fp_target): each layer re-fitted to the float model's outputs
+# on the quantized model's inputs before it is quantized (ridge 0.1 relative)
+EFFNET_FP = {"fp_target": True, "fp_target_damp": 0.1}
 # rows of the weight-only table (``rows=`` of effnet_table; None there: every row of the given methods)
-EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd",
-               "kd_bias", "kd_w8", "hybrid_kd")
+EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "hqq_fp", "gptq_hqqparams", "hybrid", "hybrid_w8",
+               "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp")
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
-# the best HQQ-based and the best overall all-W4 row (the others are ablations: about 45 more minutes)
-EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "kd_bias", "hybrid_kd")
+# the best HQQ-based and the best overall all-W4 row, both with float targets (the others are ablations, the
+# KD rows among them, which float targets replaced as the best: about 50 more minutes)
+EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp")
 # effnet_table's ``parts``: the weight-only table, the weight + activation table
 EFFNET_PARTS = ("weights", "acts")
-# rows --quick leaves out: the sequential per-layer passes (minutes on 2 cores) and all KD rows but one
+# rows --quick leaves out: the GPTQ / ERQ / AdaRound passes (minutes on 2 cores) and all KD rows but one
 EFFNET_QUICK_SKIP = ("gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd", "kd_w8",
-                     "hybrid_kd")
+                     "hybrid_kd", "hybrid_fp")
 
 
 def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
@@ -307,8 +311,8 @@ def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
     ``quick`` leaves out :data:`EFFNET_QUICK_SKIP`."""
     rows = EFFNET_ROWS if rows is None else rows
     order = [m for m in methods if m in METHOD_LABEL] + ["adaround"]
-    order += ["hqq_bc", "kd", "kd_bias", "kd_w8"] if "hqq" in methods else []
-    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd"] if "gptq" in methods else []
+    order += ["hqq_bc", "hqq_fp", "kd", "kd_bias", "kd_w8"] if "hqq" in methods else []
+    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp"] if "gptq" in methods else []
     return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)]
 
 
@@ -405,6 +409,9 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             if "hqq_bc" in runs:
                 m, tq = quantized(bits, "hqq", bias_correction=True)
                 row("HQQ + bias correction", lab, m, tq, "all layers")
+            if "hqq_fp" in runs:
+                m, tq = quantized(bits, "hqq", **EFFNET_FP)
+                row("HQQ, float targets", lab, m, tq, "all layers; each layer re-fitted to fp32's outputs, then HQQ")
             for key, label, extra, edge in kd_rows:
                 if key in runs:  # --quick: one KD row (kd_bias), 10 steps
                     m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
@@ -422,6 +429,10 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
             if "hybrid_kd" in runs:
                 m, tq = quantized(bits, "gptq", depthwise_method="hqq", distill_bias=True, **kd)
                 row("GPTQ dense + HQQ depthwise + KD of scales/zeros + BN biases", lab, m, tq, "all layers; " + kd_note)
+            if "hybrid_fp" in runs:
+                m, tq = quantized(bits, "gptq", depthwise_method="hqq", **EFFNET_FP)
+                row("GPTQ dense + HQQ depthwise, float targets", lab, m, tq,
+                    "all layers; each layer re-fitted to fp32's outputs, then quantized")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)

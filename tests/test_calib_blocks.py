@@ -268,7 +268,9 @@ class _CNN(nn.Module):
 
 @pytest.mark.parametrize("kw", [dict(method="gptq"), dict(method="gptq", depthwise_method="hqq"),
                                 dict(method="erq"), dict(method="rtn", bias_correction=True),
-                                dict(method="adaround", adaround_iters=5)])
+                                dict(method="adaround", adaround_iters=5),
+                                dict(method="gptq", depthwise_method="hqq", fp_target=True),
+                                dict(method="rtn", fp_target=True, bias_correction=True)])
 def test_conv_fake_quant_blocks_bit_identical(kw):
     assert _conv_both(_CNN, 12, 6, **kw) == (("blocks",), ())
 

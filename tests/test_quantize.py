@@ -376,6 +376,33 @@ def test_fp_target_weights_closed_form():
     torch.testing.assert_close(Wh, W, rtol=1e-4, atol=1e-4)
 
 
+def test_fp_target_weights_batched_equals_one_problem_at_a_time():
+    """A leading batch dimension solves independent problems (a depthwise conv's channels), each with its
+    own ridge; a problem with no data (a dead channel) keeps its layer and gets the float output's mean
+    as its bias; a problem whose solution is not finite keeps its layer."""
+    from quantkern.ptq.quantize import fp_target_weights
+
+    torch.manual_seed(1)
+    C, T, K = 5, 200, 9
+    Xq = torch.randn(C, T, K).double() * torch.tensor([1.0, 10.0, 0.1, 1.0, 0.0]).double()[:, None, None]
+    X = Xq + 0.2 * torch.randn(C, T, K).double()
+    one = torch.ones(C, T, 1, dtype=torch.float64)
+    A, B = torch.cat([Xq, one], 2), torch.cat([X, one], 2)
+    W, b = torch.randn(C, 1, K), torch.randn(C, 1)
+    AtA, BtA = A.mT @ A, B.mT @ A
+    Wt, bt = fp_target_weights(W, b, AtA, BtA, damp=0.1)
+    for c in range(C):
+        w1, b1 = fp_target_weights(W[c], b[c], AtA[c], BtA[c], damp=0.1)
+        torch.testing.assert_close(Wt[c], w1)
+        torch.testing.assert_close(bt[c], b1)
+    torch.testing.assert_close(Wt[4], W[4])  # channel 4 never saw an input: its weights stay
+    torch.testing.assert_close(bt[4], (X[4] @ W[4].double().T + b[4].double()).mean(0).float(), rtol=1e-4, atol=1e-4)
+    BtA[2, 0, 0] = float("inf")
+    Wn, bn = fp_target_weights(W, b, AtA, BtA, damp=0.1)
+    assert torch.equal(Wn[2], W[2]) and torch.equal(bn[2], b[2])
+    torch.testing.assert_close(Wn[0], Wt[0])
+
+
 @pytest.mark.parametrize("method", ["gptq", "erq"])
 def test_fp_target_lowers_network_error(method):
     """Targeting the float model's layer outputs absorbs the upstream error: lower output error at W3."""

@@ -617,8 +617,9 @@ def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, passes: li
 
 
 def _with_bias(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``[W | b]`` in float64 (just ``W`` without a bias): the layer acting on ``[x | 1]``."""
-    return torch.cat([W.double(), b.double()[:, None]], 1) if b is not None else W.double()
+    """``[W | b]`` in float64 (just ``W`` without a bias): the layer acting on ``[x | 1]`` (``W [..., N, K]``,
+    ``b [..., N]``)."""
+    return torch.cat([W.double(), b.double()[..., None]], -1) if b is not None else W.double()
 
 
 def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor, BtA: torch.Tensor,
@@ -631,26 +632,31 @@ def fp_target_weights(W: torch.Tensor, b: torch.Tensor | None, AtA: torch.Tensor
     ``(Wc B^T A + lam Wc) (A^T A + lam I)^-1``, ``lam = damp * mean(diag(Xq^T Xq))``
     (the ridge pulls towards the original weights where the data say little).
     Without a bias the ones column is dropped. Returns (W*, b*) float32.
+
+    Shapes: ``W [N, K]``, ``b [N]``, ``AtA`` / ``BtA [n, n]`` (``n >= K + 1`` with a bias, ``>= K``
+    without; the leading block is used), or all with one leading batch dimension ``B`` (``W [B, N, K]``,
+    ``AtA [B, n, n]``: independent problems, e.g. the channels of a depthwise conv, each with its own
+    ``lam``). A problem whose solution is not finite keeps its ``W`` / ``b``.
     """
-    K = W.shape[1]
+    K = W.shape[-1]
     fb = b is not None
     n = K + int(fb)
-    G = AtA[:n, :n].clone()
+    G = AtA[..., :n, :n].clone()
     Wc = _with_bias(W, b)
-    lam = damp * torch.diagonal(G)[:K].mean().clamp_min(1e-30)
-    G.diagonal().add_(lam)
-    rhs = Wc @ BtA[:n, :n] + lam * Wc
+    lam = damp * torch.diagonal(G, dim1=-2, dim2=-1)[..., :K].mean(-1).clamp_min(1e-30)
+    G.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])
+    rhs = Wc @ BtA[..., :n, :n] + lam[..., None, None] * Wc
     L, info = torch.linalg.cholesky_ex(G)
-    if info.item() == 0:
-        V = torch.cholesky_solve(rhs.T, L).T
+    if not bool(info.any()):
+        V = torch.cholesky_solve(rhs.mT, L).mT
     else:  # (damp = 0 with a singular G: solved for the change from Wc, so that the minimum-norm solution
         # keeps Wc in the directions the data do not see; lstsq for V itself zeroed them, error 0.85 vs 0.10)
         # (on the CPU with gelsd, which handles rank deficiency: CUDA's only driver, gels, assumes full rank)
-        d = torch.linalg.lstsq(G.cpu().double(), (rhs - Wc @ G).T.cpu().double(), driver="gelsd").solution.T
+        d = torch.linalg.lstsq(G.cpu().double(), (rhs - Wc @ G).mT.cpu().double(), driver="gelsd").solution.mT
         V = Wc + d.to(Wc)
-    if not torch.isfinite(V).all():
-        return W, b
-    return V[:, :K].float(), (V[:, K].float() if fb else None)
+    ok = torch.isfinite(V).flatten(-2).all(-1)[..., None, None]  # per problem
+    V = torch.where(ok, V, Wc)
+    return V[..., :K].float(), (V[..., K].float() if fb else None)
 
 
 def _layer_scale(W: torch.Tensor, b: torch.Tensor | None) -> float:
