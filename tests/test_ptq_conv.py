@@ -324,7 +324,7 @@ def test_fp_target_fits_each_layer_to_the_float_outputs():
 
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "erq"])
 def test_fp_target_lowers_network_error(method):
-    net, Xc, Xe = _net_and_data()
+    net, Xc, _ = _net_and_data()
     with torch.no_grad():
         ref = net(Xc)
     errs = []
@@ -542,6 +542,11 @@ def test_module_called_twice_is_calibrated_on_both_calls():
     fake_quantize_model_(m, 3, "gptq", 64, calib_data=X, progress=False)
     with torch.no_grad():
         e_gptq = (m(X) - ref).norm().item()
+    # fp_target pairs the n-th call in the quantized model with the n-th in the float one
+    m_fp = copy.deepcopy(net)
+    fake_quantize_model_(m_fp, 3, "gptq", 64, calib_data=X, fp_target=True, progress=False)
+    with torch.no_grad():
+        assert (m_fp(X) - ref).norm().item() < e_gptq
     fake_quantize_model_(m := copy.deepcopy(net), 3, "rtn", 64, progress=False)
     with torch.no_grad():
         assert e_gptq < (m(X) - ref).norm().item()
