@@ -115,7 +115,7 @@ from .adaround import adaround_quantize, distill_qparams_
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, _dead_diag, gptq_quantize
 from .hqq import hqq_quantize, init_clamp_fraction, rtn_quantize
-from .quantize import fp_target_weights
+from .quantize import accumulate_pairs, fp_target_weights
 
 __all__ = ["fake_quantize_model_", "gptq_depthwise", "mse_clip_params", "group_size_for", "conv_unfold", "quantizable_layers",
            "remove_act_quantizers", "WEIGHT_METHODS", "ACT_METHODS"]
@@ -389,7 +389,7 @@ class _LayerStats:
                     self.Hdw += torch.einsum("bckl,bcml->ckm", u, u).to(self.Hdw)
                 if self.AtA is not None:
                     uf = conv_unfold(m, xf[i:i + 2]).reshape(u.shape)
-                    a, bf = _with_ones(u, 2), _with_ones(uf, 2)
+                    a, bf = _with_ones(u), _with_ones(uf)
                     self.AtA += torch.einsum("bckl,bcml->ckm", a, a).to(self.AtA)
                     self.BtA += torch.einsum("bckl,bcml->ckm", bf, a).to(self.BtA)
             return
@@ -400,9 +400,7 @@ class _LayerStats:
         if self.acc is not None:
             self.acc.add_batch(r)
         if self.AtA is not None:
-            a, bf = _with_ones(r.double(), 1), _with_ones(_rows(m, xf).double(), 1)
-            self.AtA += a.T @ a
-            self.BtA += bf.T @ a
+            accumulate_pairs(self.AtA, self.BtA, r, _rows(m, xf))
         if self.max_rows:
             keep = min(r.shape[0], self.max_rows)
             idx = torch.randperm(r.shape[0], generator=self.gen)[:keep]
@@ -419,11 +417,10 @@ class _LayerStats:
         return r
 
 
-def _with_ones(u: torch.Tensor, dim: int) -> torch.Tensor:
-    """``u`` with a slice of ones appended along ``dim`` (the bias column of ``[x | 1]``)."""
-    shape = list(u.shape)
-    shape[dim] = 1
-    return torch.cat([u, u.new_ones(shape)], dim)
+def _with_ones(u: torch.Tensor) -> torch.Tensor:
+    """Unfolded depthwise patches ``[b, C, k, L]`` with a row of ones appended along ``k`` (the bias column of
+    ``[x | 1]``)."""
+    return torch.cat([u, u.new_ones(u.shape[0], u.shape[1], 1, u.shape[3])], 2)
 
 
 def _collect(model, mod, calib_data, batch_size, stop: bool = True, blocks: BlockInputs | None = None,

@@ -520,10 +520,7 @@ class _Capture:
         self.pairs, self.AtA, self.BtA = [], None, None
 
     def _accumulate(self, xf, x):
-        one = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
-        A = torch.cat([x.double(), one], 1)
-        self.AtA.addmm_(A.T, A)
-        self.BtA.addmm_(torch.cat([xf, one], 1).T, A)
+        accumulate_pairs(self.AtA, self.BtA, x, xf)
 
     def finish(self, act_q) -> None:
         """Deferred pairs: accumulate with the layer's effective inputs ``act_q(Xq)``."""
@@ -614,6 +611,16 @@ def _calibrate_group(cap: _Capture, mods: list, fp_mods: list | None, passes: li
         if fchain is not None:
             fchain.remove()
     return limit
+
+
+def accumulate_pairs(AtA: torch.Tensor, BtA: torch.Tensor, x: torch.Tensor, xf: torch.Tensor) -> None:
+    """Adds one batch of paired rows to ``fp_target``'s statistics: ``AtA += A^T A``, ``BtA += B^T A`` with
+    ``A = [x | 1]`` (the quantized model's rows ``[T, K]``) and ``B = [xf | 1]`` (the float model's, same
+    positions); ``AtA`` / ``BtA`` float64 ``[K+1, K+1]``."""
+    one = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
+    A = torch.cat([x.double(), one], 1)
+    AtA.addmm_(A.T, A)
+    BtA.addmm_(torch.cat([xf.double(), one], 1).T, A)
 
 
 def _with_bias(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
