@@ -16,7 +16,9 @@
     HQQ with bias correction, HQQ + end-to-end KD of the group scales/zeros (codes fixed;
     also with the BatchNorm biases), GPTQ with HQQ's params on the depthwise convs, and GPTQ
     on the dense layers with HQQ on the depthwise ones (also with stem + classifier at 8
-    bits, labelled, and with KD on top). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    bits, labelled, and with KD on top); float-model targets (``fp_target``) with HQQ and with GPTQ dense +
+    HQQ depthwise, the latter also calibrated on inputs synthesized from the model's BatchNorm statistics
+    instead of images (``ptq.synthesize_inputs``: data-free). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
     activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32
     (all crops, and the crops where fp32's top-1 probability is > 0.5) and mean
     KL(fp32 || quant) on random crops of natural images; calibration crops and
@@ -290,18 +292,21 @@ EFFNET_KD = {"distill_steps": 150, "distill_batch": 8, "distill_lr": 3e-4}
 # float-model targets (fake_quantize_model_'s fp_target): each layer re-fitted to the float model's outputs
 # on the quantized model's inputs before it is quantized (ridge 0.1 relative)
 EFFNET_FP = {"fp_target": True, "fp_target_damp": 0.1}
+# the data-free row: calibration inputs synthesized from the model's BatchNorm statistics
+# (ptq.synthesize_inputs; 160x160: the fully convolutional net takes them at half the cost of 224x224)
+EFFNET_SYN = {"n": 64, "shape": (3, 160, 160), "steps": 150, "batch_size": 16}
 # rows of the weight-only table (``rows=`` of effnet_table; None there: every row of the given methods)
 EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "hqq_fp", "gptq_hqqparams", "hybrid", "hybrid_w8",
-               "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp")
+               "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn")
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
 # the best HQQ-based and the best overall all-W4 row, both with float targets (the others are ablations, the
 # KD rows among them, which float targets replaced as the best: about 50 more minutes)
-EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp")
+EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp", "hybrid_fp_syn")
 # effnet_table's ``parts``: the weight-only table, the weight + activation table
 EFFNET_PARTS = ("weights", "acts")
 # rows --quick leaves out: the GPTQ / ERQ / AdaRound passes (minutes on 2 cores) and all KD rows but one
 EFFNET_QUICK_SKIP = ("gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd", "kd_w8",
-                     "hybrid_kd", "hybrid_fp")
+                     "hybrid_kd", "hybrid_fp", "hybrid_fp_syn")
 
 
 def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
@@ -312,7 +317,8 @@ def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
     rows = EFFNET_ROWS if rows is None else rows
     order = [m for m in methods if m in METHOD_LABEL] + ["adaround"]
     order += ["hqq_bc", "hqq_fp", "kd", "kd_bias", "kd_w8"] if "hqq" in methods else []
-    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp"] if "gptq" in methods else []
+    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn"] \
+        if "gptq" in methods else []
     return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)]
 
 
@@ -354,6 +360,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     before the model loads.
     """
     from .ptq.conv import fake_quantize_model_
+    from .ptq.synthesize import synthesize_inputs
 
     parts = _choices("parts", parts, EFFNET_PARTS)
     weights = "weights" in parts  # methods / bits only matter to the weight-only table
@@ -374,6 +381,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     kd = dict(EFFNET_KD, distill_steps=10) if quick else EFFNET_KD
     kd_note = f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}"
     lines = []
+    Xs, ts = None, 0.0  # the synthesized calibration inputs (row hybrid_fp_syn), made once, and their time
 
     def row(label, cfg, m, tq, note):
         agree, kl, agree_c, _ = _agree_kl(_logits(m, Xe), L0)
@@ -381,11 +389,12 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         lines.append(f"| {label} | {cfg} | {100 * agree:.1f}% | {kl:.4f} | {conf} | {tq:.1f} | {note} |")
         out(lines[-1])
 
-    def quantized(bits, method, **kw):
+    def quantized(bits, method, calib=None, **kw):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         with _quiet():
-            fake_quantize_model_(m, bits, method, group_size, calib_data=Xc, progress=False, **kw)
+            fake_quantize_model_(m, bits, method, group_size, calib_data=Xc if calib is None else calib,
+                                 progress=False, **kw)
         return m, time.perf_counter() - t0
 
     # (1) weight-only, every conv / linear at W``bits``
@@ -433,6 +442,15 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                 m, tq = quantized(bits, "gptq", depthwise_method="hqq", **EFFNET_FP)
                 row("GPTQ dense + HQQ depthwise, float targets", lab, m, tq,
                     "all layers; each layer re-fitted to fp32's outputs, then quantized")
+            if "hybrid_fp_syn" in runs:
+                if Xs is None:  # once per table; its time goes into every bit width's row
+                    t0 = time.perf_counter()
+                    Xs = synthesize_inputs(model, **EFFNET_SYN, progress=False)
+                    ts = time.perf_counter() - t0
+                m, tq = quantized(bits, "gptq", depthwise_method="hqq", calib=Xs, **EFFNET_FP)
+                row("GPTQ dense + HQQ depthwise, float targets, synthesized inputs", lab, m, tq + ts,
+                    f"all layers; no image: {EFFNET_SYN['n']} inputs synthesized from the BatchNorm statistics "
+                    f"({ts:.0f} s of the time)")
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)

@@ -257,3 +257,31 @@ def test_demo_images_never_fetch(monkeypatch, tmp_path):
     monkeypatch.setattr(fetchers, "_image_fetcher", NoFetcher())
     cal, ev = demo._images()
     assert len(ev) >= 4 and len(cal) >= 4
+
+
+def test_demo_effnet_synthesized_inputs_row(monkeypatch):
+    # the data-free row calibrates on inputs synthesized from the BatchNorm statistics, not on the crops
+    pytest.importorskip("sklearn")
+    from quantkern import demo
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    monkeypatch.setattr(demo, "load_efficientnet_lite0", lambda device: net)
+    monkeypatch.setattr(demo, "EFFNET_SYN", {"n": 4, "shape": (3, 24, 24), "steps": 2, "batch_size": 2})
+    import quantkern.ptq.synthesize as syn
+
+    seen, orig = [], syn.synthesize_inputs
+
+    def spy(model, **kw):
+        seen.append(kw)
+        return orig(model, **kw)
+
+    monkeypatch.setattr(syn, "synthesize_inputs", spy)  # effnet_table imports it from there when it runs
+    text = demo.effnet_table(["gptq"], [4], parts=("weights",), rows=["hybrid_fp_syn"], crops=(2, 2),
+                             out=lambda s: None)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| GPTQ")]
+    assert len(rows) == 1 and "synthesized inputs" in rows[0] and "no image: 4 inputs" in rows[0]
+    assert seen == [{"n": 4, "shape": (3, 24, 24), "steps": 2, "batch_size": 2, "progress": False}]
+    assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS)[-1] == "hybrid_fp_syn"
+    assert "hybrid_fp_syn" not in demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], None, quick=True)

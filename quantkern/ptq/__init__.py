@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrators, RTN, HQQ, GPTQ, ERQ."""
+"""Post-training quantization: calibrators, RTN, HQQ, GPTQ, ERQ; data-free calibration inputs."""
 from .calibrate import (
     ActQuantizer,
     HistogramCalibrator,
@@ -14,6 +14,7 @@ from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
 from .hqq import hqq_dequantize, hqq_quantize, rtn_quantize
 from .quantize import QuantizeConfig, load_quantized, quantize_, save_quantized
+from .synthesize import bn_statistics_loss, synthesize_inputs
 
 __all__ = [
     "ActQuantizer",
@@ -35,4 +36,6 @@ __all__ = [
     "quantize_",
     "save_quantized",
     "load_quantized",
+    "synthesize_inputs",
+    "bn_statistics_loss",
 ]
