@@ -299,8 +299,9 @@ EFFNET_SYN = {"n": 64, "shape": (3, 160, 160), "steps": 150, "batch_size": 16}
 EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "hqq_fp", "gptq_hqqparams", "hybrid", "hybrid_w8",
                "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn")
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
-# the best HQQ-based and the best overall all-W4 row, both with float targets (the others are ablations, the
-# KD rows among them, which float targets replaced as the best: about 50 more minutes)
+# the best HQQ-based and the best overall all-W4 row, both with float targets, and the latter with no image
+# (synthesized inputs; the others are ablations, the KD rows among them, which float targets replaced as the
+# best: about 50 more minutes)
 EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp", "hybrid_fp_syn")
 # effnet_table's ``parts``: the weight-only table, the weight + activation table
 EFFNET_PARTS = ("weights", "acts")

@@ -104,3 +104,15 @@ def test_synthesize_errors():
     zero_var[1].running_var.zero_()
     with pytest.raises(FloatingPointError, match="loss became"):
         synthesize_inputs(zero_var, 2, (3, 4, 4), steps=1, label_weight=0, progress=False)
+
+
+def test_synthesize_feature_vectors_keep_their_order():
+    # inputs (C,) have no spatial dimension: no shift / flip / TV may mix the features
+    bn = nn.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([-0.5, -0.2, 0.2, 0.5]))
+        bn.running_var.fill_(0.01)
+    X = synthesize_inputs(nn.Sequential(bn), 32, (4,), steps=200, batch_size=32, lr=0.05, label_weight=0,
+                          progress=False)
+    assert torch.allclose(X.mean(0), bn.running_mean, atol=0.03), X.mean(0)
+    assert torch.allclose(X.std(0, unbiased=False), torch.full((4,), 0.1), atol=0.03), X.std(0)
