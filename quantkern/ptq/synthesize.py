@@ -23,8 +23,8 @@ on EfficientNet-Lite0 the unnormalised norms of the differences, as DeepInversio
 probability 0.14, where this form gives 0.86-0.93 after 150 steps),
 ``y`` uniform random classes, ``TV`` the mean absolute difference of neighbouring values along the
 spatial dimensions (those after the channel one, at most the last two). Each step sees the batch shifted
-by a random roll of up to ``jitter`` positions along them and, with probability 1/2, flipped along the last one (DeepInversion's
-augmentation, which keeps the inputs from fitting one pixel grid); Adam with a cosine-decayed step
+by a random roll of up to ``jitter`` positions along them and, with probability 1/2, flipped along the
+last one (DeepInversion's augmentation, which keeps the inputs from fitting one pixel grid); Adam with a cosine-decayed step
 size; after each step the values are clamped to ``value_range``.
 
 Measured on EfficientNet-Lite0 (W4 g<=64, every layer; the demo's 256 evaluation crops; 2 threads;
@@ -36,6 +36,7 @@ Written for this project from the papers' descriptions (no code taken from their
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -84,22 +85,29 @@ class _BnHooks:
             h.remove()
 
 
+@contextlib.contextmanager
+def _bn_hooked(model: nn.Module, layers: list[_BatchNorm]):
+    """``model`` in eval mode with :class:`_BnHooks` on ``layers``; hooks and every submodule's mode
+    are given back on exit."""
+    hooks, was = _BnHooks(layers), [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield hooks
+    finally:
+        hooks.remove()
+        for m, t in was:
+            m.train(t)
+
+
 def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> float:
     """The BN-statistics term of the module docstring's loss for the inputs ``x`` (a forward of
     ``model`` in eval mode, no gradient): 0 when every BN layer sees exactly its stored statistics."""
     layers = _bn_layers(model)
     if not layers:
         raise ValueError("bn_statistics_loss: model has no BatchNorm layer with running statistics")
-    hooks, was = _BnHooks(layers), [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
+    with _bn_hooked(model, layers) as hooks, torch.no_grad():
+        model(x)
         return float(hooks.take())
-    finally:
-        hooks.remove()
-        for m, t in was:
-            m.train(t)
 
 
 def _check(n, shape, steps, batch_size, lr, label_weight, tv_weight, jitter, value_range):
@@ -198,60 +206,55 @@ def synthesize_inputs(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sizes) * steps, desc=f"synthesize {n} inputs", unit="step")
-    hooks, was = _BnHooks(layers), [(m, m.training) for m in model.modules()]
     lo, hi = value_range if value_range is not None else (None, None)
     outs = []
     try:
-        model.eval()
-        for b in sizes:
-            x = 0.5 * torch.randn((max(b, 2),) + shape, generator=g)
-            if value_range is not None:
-                x = x.mul((hi - lo) / 2).add((hi + lo) / 2).clamp(lo, hi)
-            x = x.to(device).requires_grad_(True)
-            y = None
-            opt = torch.optim.Adam([x], lr=lr)
-            for it in range(steps):
-                for group in opt.param_groups:  # cosine decay, from lr at step 0 towards 0
-                    group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / steps))
-                xi = x
-                if jitter and spatial:
-                    shifts = torch.randint(-jitter, jitter + 1, (len(spatial),), generator=g).tolist()
-                    xi = torch.roll(xi, shifts, spatial)
-                if spatial and torch.rand((), generator=g).item() < 0.5:
-                    xi = xi.flip(-1)
-                hooks.terms = []
-                out = model(xi.to(dtype))
-                loss_bn = hooks.take()
-                loss = loss_bn
-                if label_weight:
-                    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                        raise ValueError("synthesize_inputs: label_weight > 0 needs the model to return logits "
-                                         f"[batch, classes], got {getattr(out, 'shape', type(out).__name__)}; "
-                                         "pass label_weight=0")
-                    if y is None:
-                        y = torch.randint(0, out.shape[1], (out.shape[0],), generator=g).to(out.device)
-                    loss = loss + label_weight * nn.functional.cross_entropy(out.float(), y)
-                if tv_weight and spatial:
-                    loss = loss + tv_weight * sum(xi.diff(dim=d).abs().mean() for d in spatial)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"synthesize_inputs: the loss became {loss.detach().item()} at step {it}; "
-                                             "try a smaller lr")
-                # the gradient of the inputs only: the model's parameters get no .grad
-                (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad
-                opt.step()
-                x.grad = None
+        with _bn_hooked(model, layers) as hooks:
+            for b in sizes:
+                x = 0.5 * torch.randn((max(b, 2),) + shape, generator=g)
                 if value_range is not None:
-                    with torch.no_grad():
-                        x.clamp_(lo, hi)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(bn=f"{loss_bn.detach().item():.3f}", refresh=False)
-            outs.append(x.detach()[:b].float())
+                    x = x.mul((hi - lo) / 2).add((hi + lo) / 2).clamp(lo, hi)
+                x = x.to(device).requires_grad_(True)
+                y = None
+                opt = torch.optim.Adam([x], lr=lr)
+                for it in range(steps):
+                    for group in opt.param_groups:  # cosine decay, from lr at step 0 towards 0
+                        group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / steps))
+                    xi = x
+                    if jitter and spatial:
+                        shifts = torch.randint(-jitter, jitter + 1, (len(spatial),), generator=g).tolist()
+                        xi = torch.roll(xi, shifts, spatial)
+                    if spatial and torch.rand((), generator=g).item() < 0.5:
+                        xi = xi.flip(-1)
+                    out = model(xi.to(dtype))
+                    loss_bn = hooks.take()
+                    loss = loss_bn
+                    if label_weight:
+                        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                            raise ValueError("synthesize_inputs: label_weight > 0 needs the model to return logits "
+                                             f"[batch, classes], got {getattr(out, 'shape', type(out).__name__)}; "
+                                             "pass label_weight=0")
+                        if y is None:
+                            y = torch.randint(0, out.shape[1], (out.shape[0],), generator=g).to(out.device)
+                        loss = loss + label_weight * nn.functional.cross_entropy(out.float(), y)
+                    if tv_weight and spatial:
+                        loss = loss + tv_weight * sum(xi.diff(dim=d).abs().mean() for d in spatial)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"synthesize_inputs: the loss became {loss.detach().item()} "
+                                                 f"at step {it}; try a smaller lr")
+                    # the gradient of the inputs only: the model's parameters get no .grad
+                    (grad,) = torch.autograd.grad(loss, [x])
+                    x.grad = grad
+                    opt.step()
+                    x.grad = None
+                    if value_range is not None:
+                        with torch.no_grad():
+                            x.clamp_(lo, hi)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(bn=f"{loss_bn.detach().item():.3f}", refresh=False)
+                outs.append(x.detach()[:b].float())
     finally:
-        hooks.remove()
-        for m, t in was:
-            m.train(t)
         if bar is not None:
             bar.close()
     return torch.cat(outs)
