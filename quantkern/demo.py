@@ -8,7 +8,9 @@
     even indices calibrate (GPTQ / ERQ), odd indices evaluate (disjoint).
     Metrics vs fp32: mean / min embedding cosine, nearest-neighbour agreement
     (the nearest other eval sentence is the same as under fp32), model size,
-    quantization time, encode time.
+    quantization time, encode time. With GPTQ, W3 and W2 also get a mixed-precision row (each
+    layer at 2-4 bits by measured sensitivity, ``ptq.layer_sensitivity`` / ``allocate_bits``, a
+    third of a bit per weight above the row's bits).
 (b) EfficientNet-Lite0, simulated quantization with :mod:`quantkern.ptq.conv`
     (``fake_quantize_model_``): every conv / linear weight quantized group-wise along
     ``I*kh*kw`` (group size: the largest divisor <= 64), written back as
@@ -18,7 +20,8 @@
     on the dense layers with HQQ on the depthwise ones (also with stem + classifier at 8
     bits, labelled, and with KD on top); float-model targets (``fp_target``) with HQQ and with GPTQ dense +
     HQQ depthwise, the latter also calibrated on inputs synthesized from the model's BatchNorm statistics
-    instead of images (``ptq.synthesize_inputs``: data-free). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
+    instead of images (``ptq.synthesize_inputs``: data-free); HQQ and that row with W8 on the layers
+    ``ptq.layer_sensitivity`` ranks first within 4.1 bits per weight (labelled: not all-W4). Table 2: W8A8 and W4A8 (weights HQQ) with static per-tensor
     activation quantizers calibrated by max / percentile / mse / entropy. Metrics: top-1 agreement with fp32
     (all crops, and the crops where fp32's top-1 probability is > 0.5) and mean
     KL(fp32 || quant) on random crops of natural images; calibration crops and
@@ -45,6 +48,10 @@ ACT_LABEL = {"erq": "ERQ (Aqer + Wqer)"}
 # bits each model's rows accept: MiniLM runs on PackedLinear (2, 3, 4 bits); EfficientNet is fake
 # quantized, and its RTN / HQQ rows (the KD rows too) take 1, 2, 3, 4 and 8 bits
 MINILM_BITS, EFFNET_BITS, MINILM_ACT_BITS = (2, 3, 4), (1, 2, 3, 4, 8), tuple(range(2, 9))
+# MiniLM's mixed-precision GPTQ rows (W2 and W3, not --quick): each layer at 2, 3 or 4 bits by
+# ptq.layer_sensitivity (HQQ one layer at a time, squared error of the sentence embedding on the first
+# ``units`` calibration batches) and ptq.allocate_bits within ``extra`` bits per weight above the row's bits
+MINILM_MIXED = {"extra": 1 / 3, "units": 4}
 
 
 def _choices(name: str, values, allowed, empty_ok: bool = False, hint: str = "") -> list:
@@ -111,6 +118,8 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     labelled with it, so a layer never falls back to one group per row in silence.
     ``out`` gets each row as it is measured. Arguments are checked before the model loads.
     """
+    from .ptq.mixed import allocate_bits, average_bits, layer_sensitivity
+
     methods = _choices("methods", methods, METHOD_LABEL)
     bits_list = _choices("bits_list", bits_list, MINILM_BITS)
     act_bits_list = _choices("act_bits_list", act_bits_list, MINILM_ACT_BITS, empty_ok=True)
@@ -129,9 +138,11 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     nn0 = _nn_index(E0)
     mb0 = _model_mb(model)
 
-    def row(method, bits, act_bits=None):
+    def row(method, bits, act_bits=None, layer_bits=None):
         m = copy.deepcopy(model)
-        cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, act_bits=act_bits, strict_group=True)
+        cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, act_bits=act_bits, strict_group=True,
+                             layer_config=None if layer_bits is None else
+                             {n: {"bits": b} for n, b in layer_bits.items()})
         label = METHOD_LABEL[method] if act_bits is None else ACT_LABEL.get(method, METHOD_LABEL[method])
         if quick and method in ("gptq", "erq"):  # the solvers' column loops take minutes on 2 cores
             cfg.skip = lambda name: ".layer.0." not in name
@@ -146,6 +157,11 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         agree = (_nn_index(E) == nn0).float().mean().item()
         npk = sum(isinstance(x, PackedLinear) for x in m.modules())
         a = f"A{act_bits}" if act_bits else ""
+        if layer_bits is not None:  # the bits of each layer, and the mean, in the label and the config
+            label += " (" + ", ".join(f"{sum(v == b for v in layer_bits.values())} layers W{b}"
+                                      for b in sorted(set(layer_bits.values()))) + ", by measured sensitivity)"
+            a = f"/mixed {average_bits(model, layer_bits):.2f} bits"
+            tq += t_sens
         r = (f"| {label} | W{bits}{a} {glabel} | {cos.mean():.4f} | {cos.min():.4f} | "
              f"{100 * agree:.1f}% | {_model_mb(m):.1f} | {tq:.1f} | {ti:.2f} ({ti / t_fp:.2f}x) |")
         out(r + f"  <!-- {npk} PackedLinear -->")
@@ -153,6 +169,16 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
 
     rows = [f"| fp32 | - | 1.0000 | 1.0000 | 100.0% | {mb0:.1f} | - | {t_fp:.2f} (1.00x) |"]
     rows += [row(method, bits) for bits in bits_list for method in methods]
+    # mixed precision: GPTQ with each layer's bits from its measured sensitivity (one pass for every row)
+    mixed_bits = [b for b in bits_list if b < max(MINILM_BITS)] if "gptq" in methods and not quick else []
+    if mixed_bits:
+        t0 = time.perf_counter()
+        sens = layer_sensitivity(model, [u for u, _ in calib_fn[:MINILM_MIXED["units"]]], MINILM_BITS, "hqq",
+                                 group_size, metric="mse", output_fn=lambda o: o["sentence_embedding"], progress=False)
+        t_sens = time.perf_counter() - t0
+        for bits in mixed_bits:
+            sb = {n: {b: e for b, e in es.items() if b >= bits} for n, es in sens.items()}
+            rows.append(row("gptq", bits, layer_bits=allocate_bits(model, sb, bits + MINILM_MIXED["extra"])))
     # weight + activation rows: W4 with every Linear input fake-quantized (static per tensor,
     # asymmetric, calibrated with QuantizeConfig's act_method on the calibration sentences)
     act_methods = minilm_act_methods(methods, quick)
@@ -295,30 +321,36 @@ EFFNET_FP = {"fp_target": True, "fp_target_damp": 0.1}
 # the data-free row: calibration inputs synthesized from the model's BatchNorm statistics
 # (ptq.synthesize_inputs; 160x160: the fully convolutional net takes them at half the cost of 224x224)
 EFFNET_SYN = {"n": 64, "shape": (3, 160, 160), "steps": 150, "batch_size": 16}
+# the mixed-precision rows: W4, and W8 on the layers ptq.layer_sensitivity ranks first (HQQ one layer at a time,
+# KL on the first ``crops`` calibration crops), within ``extra`` code bits per weight above the row's bits
+# (ptq.allocate_bits; W4 + 0.1: 4.1 bits per weight)
+EFFNET_MIXED = {"extra": 0.1, "bits": (4, 8), "crops": 32}
 # rows of the weight-only table (``rows=`` of effnet_table; None there: every row of the given methods)
 EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "hqq_fp", "gptq_hqqparams", "hybrid", "hybrid_w8",
-               "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn")
+               "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed", "hybrid_fp_mixed")
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
 # the best HQQ-based and the best overall all-W4 row, both with float targets, and the latter with no image
 # (synthesized inputs; the others are ablations, the KD rows among them, which float targets replaced as the
 # best: about 50 more minutes)
-EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp", "hybrid_fp_syn")
+EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed",
+                       "hybrid_fp_mixed")
 # effnet_table's ``parts``: the weight-only table, the weight + activation table
 EFFNET_PARTS = ("weights", "acts")
 # rows --quick leaves out: the GPTQ / ERQ / AdaRound passes (minutes on 2 cores) and all KD rows but one
 EFFNET_QUICK_SKIP = ("gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hybrid", "hybrid_w8", "kd", "kd_w8",
-                     "hybrid_kd", "hybrid_fp", "hybrid_fp_syn")
+                     "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed", "hybrid_fp_mixed")
 
 
 def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
     """The weight-only rows (keys of :data:`EFFNET_ROWS`, in table order) that :func:`effnet_table`
     computes for ``methods`` and ``rows`` (None: all): a method's own row, "adaround" whenever asked
-    for, "hqq_bc" / "kd*" with "hqq" in ``methods``, "gptq_hqqparams" / "hybrid*" with "gptq";
+    for, "hqq_bc" / "hqq_fp" / "kd*" / "hqq_mixed" with "hqq" in ``methods``, "gptq_hqqparams" / "hybrid*" with
+    "gptq";
     ``quick`` leaves out :data:`EFFNET_QUICK_SKIP`."""
     rows = EFFNET_ROWS if rows is None else rows
     order = [m for m in methods if m in METHOD_LABEL] + ["adaround"]
-    order += ["hqq_bc", "hqq_fp", "kd", "kd_bias", "kd_w8"] if "hqq" in methods else []
-    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn"] \
+    order += ["hqq_bc", "hqq_fp", "kd", "kd_bias", "kd_w8", "hqq_mixed"] if "hqq" in methods else []
+    order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hybrid_fp_mixed"] \
         if "gptq" in methods else []
     return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)]
 
@@ -361,6 +393,7 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     before the model loads.
     """
     from .ptq.conv import fake_quantize_model_
+    from .ptq.mixed import allocate_bits, average_bits, layer_sensitivity
     from .ptq.synthesize import synthesize_inputs
 
     parts = _choices("parts", parts, EFFNET_PARTS)
@@ -383,6 +416,22 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     kd_note = f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}"
     lines = []
     Xs, ts = None, 0.0  # the synthesized calibration inputs (row hybrid_fp_syn), made once, and their time
+    mixed = {}  # bits -> (layer_bits, its mean bits, seconds) of the mixed-precision rows, measured once
+
+    def mixed_bits(bits):
+        if bits not in mixed:  # once per bit width; its time goes into each mixed row
+            t0 = time.perf_counter()
+            sens = layer_sensitivity(model, Xc[:EFFNET_MIXED["crops"]], (bits,) + EFFNET_MIXED["bits"][1:],
+                                     "hqq", group_size, metric="kl", batch_size=32, progress=False)
+            lb = allocate_bits(model, sens, bits + EFFNET_MIXED["extra"])
+            mixed[bits] = (lb, average_bits(model, lb), time.perf_counter() - t0)
+        return mixed[bits]
+
+    def mixed_note(lb, ts_):
+        wide = [n for n, b in lb.items() if b > min(lb.values())]
+        return (f"not all-W4: {len(wide)} of {len(lb)} layers at W{max(lb.values())} by measured sensitivity "
+                f"(ptq.layer_sensitivity on {EFFNET_MIXED['crops']} calibration crops + allocate_bits, "
+                f"{ts_:.0f} s of the time)")
 
     def row(label, cfg, m, tq, note):
         agree, kl, agree_c, _ = _agree_kl(_logits(m, Xe), L0)
@@ -427,6 +476,11 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                     m, tq = quantized(bits, "hqq", layer_bits=edge, **kd, **extra)
                     row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
                         ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") + kd_note)
+            if "hqq_mixed" in runs and bits < 8:  # (W8 has no wider width to give)
+                lb, avg, tm = mixed_bits(bits)
+                m, tq = quantized(bits, "hqq", layer_bits=lb)
+                row("HQQ, W8 on the most sensitive layers", f"W{bits}/W8 {avg:.2f} bits g<={group_size}", m, tq + tm,
+                    mixed_note(lb, tm))
         if "gptq" in methods:
             if "gptq_hqqparams" in runs:
                 m, tq = quantized(bits, "gptq", clip="hqq")
@@ -452,6 +506,11 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                 row("GPTQ dense + HQQ depthwise, float targets, synthesized inputs", lab, m, tq + ts,
                     f"all layers; no image: {EFFNET_SYN['n']} inputs synthesized from the BatchNorm statistics "
                     f"({ts:.0f} s of the time)")
+            if "hybrid_fp_mixed" in runs and bits < 8:  # (W8 has no wider width to give)
+                lb, avg, tm = mixed_bits(bits)
+                m, tq = quantized(bits, "gptq", depthwise_method="hqq", layer_bits=lb, **EFFNET_FP)
+                row("GPTQ dense + HQQ depthwise, float targets, W8 on the most sensitive layers",
+                    f"W{bits}/W8 {avg:.2f} bits g<={group_size}", m, tq + tm, mixed_note(lb, tm))
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)

@@ -283,5 +283,77 @@ def test_demo_effnet_synthesized_inputs_row(monkeypatch):
     rows = [ln for ln in text.splitlines() if ln.startswith("| GPTQ")]
     assert len(rows) == 1 and "synthesized inputs" in rows[0] and "no image: 4 inputs" in rows[0]
     assert seen == [{"n": 4, "shape": (3, 24, 24), "steps": 2, "batch_size": 2, "progress": False}]
-    assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS)[-1] == "hybrid_fp_syn"
+    assert "hybrid_fp_syn" in demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS)
     assert "hybrid_fp_syn" not in demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], None, quick=True)
+
+
+def test_demo_effnet_mixed_precision_rows(monkeypatch):
+    # the two mixed rows share one sensitivity pass (on the first EFFNET_MIXED["crops"] calibration crops) and
+    # one allocation within W4 + extra bits per weight, which both rows then quantize with
+    pytest.importorskip("sklearn")
+    from quantkern import demo
+    import quantkern.ptq.mixed as mixed
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(4, 64, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 10)).eval()
+    monkeypatch.setattr(demo, "load_efficientnet_lite0", lambda device: net)
+    monkeypatch.setattr(demo, "EFFNET_MIXED", {"extra": 0.5, "bits": (4, 8), "crops": 2})
+    seen, orig = [], mixed.layer_sensitivity
+
+    def spy(model, calib_data, bits, *a, **kw):
+        seen.append((calib_data.shape[0], bits))
+        return orig(model, calib_data, bits, *a, **kw)
+
+    monkeypatch.setattr(mixed, "layer_sensitivity", spy)
+    text = demo.effnet_table(["hqq", "gptq"], [4], parts=("weights",), rows=["hqq_mixed", "hybrid_fp_mixed"],
+                             crops=(3, 2), out=lambda s: None)
+    rows = [ln for ln in text.splitlines() if "most sensitive layers" in ln]
+    assert len(rows) == 2 and rows[0].startswith("| HQQ, W8") and rows[1].startswith("| GPTQ dense")
+    assert seen == [(2, (4, 8))]
+    assert all("W4/W8 " in r and " of 3 layers at W8" in r and "not all-W4" in r for r in rows)
+    assert demo.effnet_rows_run(["rtn", "hqq", "gptq", "erq"], demo.EFFNET_DEFAULT_ROWS)[-2:] == \
+        ["hybrid_fp_syn", "hybrid_fp_mixed"]
+    assert "hqq_mixed" not in demo.effnet_rows_run(["hqq"], None, quick=True)
+
+
+class _FakeST2(_FakeST):
+    """_FakeST with 64-wide inputs, two Linear layers (group size 64 fits) and a sentence-transformers output dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        self.lin2 = torch.nn.Linear(64, 8)
+        with torch.no_grad():
+            self.lin2.weight.mul_(torch.linspace(0.1, 3, 64))  # columns of different weight, so layers differ
+
+    @staticmethod
+    def _x(texts):
+        return torch.cat([_FakeST._x(texts), _FakeST._x([t + "." for t in texts])[:, :16]], 1)
+
+    def forward(self, features):
+        return dict(features, sentence_embedding=self.lin2(torch.relu(self.lin(features["x"]))))
+
+    def encode(self, sents, batch_size=64, convert_to_tensor=True, show_progress_bar=False):
+        return self.lin2(torch.relu(self.lin(self._x(sents))))
+
+
+def test_demo_minilm_mixed_precision_rows(monkeypatch):
+    # GPTQ at W3 / W2 gets a second row with each layer's bits from the measured sensitivity, within a third of
+    # a bit per weight more; its label says how many layers take each width and its config the mean bits
+    from quantkern import demo
+
+    monkeypatch.setattr(demo, "load_minilm", lambda device: _FakeST2())
+    monkeypatch.setattr(demo, "MINILM_MIXED", {"extra": 0.5, "units": 2})
+    text = demo.minilm_table(["gptq"], [4, 3, 2], group_size=64, out=lambda s: None, act_bits_list=())
+    table = [ln for ln in text.splitlines() if ln.startswith("| GPTQ")]
+    assert [ln.split(" | ")[1] for ln in table[:3]] == ["W4 g64", "W3 g64", "W2 g64"]
+    mixed = table[3:]
+    assert len(mixed) == 2 and all("by measured sensitivity" in ln for ln in mixed)
+    assert mixed[0].split(" | ")[1] == "W3/mixed 3.11 bits g64" and "1 layers W3, 1 layers W4" in mixed[0]
+    assert mixed[1].split(" | ")[1].startswith("W2/mixed ")
+    assert len({ln.count("|") for ln in table}) == 1
+    # --quick, or no GPTQ: no mixed rows
+    quick = demo.minilm_table(["gptq", "rtn"], [3], quick=True, group_size=64, out=lambda s: None, act_bits_list=())
+    assert "by measured sensitivity" not in quick

@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrators, RTN, HQQ, GPTQ, ERQ; data-free calibration inputs."""
+"""Post-training quantization: calibrators, RTN, HQQ, GPTQ, ERQ; data-free calibration inputs; per-layer bit widths."""
 from .calibrate import (
     ActQuantizer,
     HistogramCalibrator,
@@ -13,6 +13,7 @@ from .calibrate import (
 from .erq import erq_quantize
 from .gptq import HessianAccumulator, gptq_quantize
 from .hqq import hqq_dequantize, hqq_quantize, rtn_quantize
+from .mixed import allocate_bits, average_bits, layer_sensitivity
 from .quantize import QuantizeConfig, load_quantized, quantize_, save_quantized
 from .synthesize import bn_statistics_loss, synthesize_inputs
 
@@ -38,4 +39,7 @@ __all__ = [
     "load_quantized",
     "synthesize_inputs",
     "bn_statistics_loss",
+    "layer_sensitivity",
+    "allocate_bits",
+    "average_bits",
 ]
