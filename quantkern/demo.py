@@ -174,7 +174,8 @@ def minilm_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     if mixed_bits:
         t0 = time.perf_counter()
         sens = layer_sensitivity(model, [u for u, _ in calib_fn[:MINILM_MIXED["units"]]], MINILM_BITS, "hqq",
-                                 group_size, metric="mse", output_fn=lambda o: o["sentence_embedding"], progress=False)
+                                 group_size, metric="mse", group_rule="packed",
+                                 output_fn=lambda o: o["sentence_embedding"], progress=False)
         t_sens = time.perf_counter() - t0
         for bits in mixed_bits:
             sb = {n: {b: e for b, e in es.items() if b >= bits} for n, es in sens.items()}
@@ -330,8 +331,8 @@ EFFNET_ROWS = ("rtn", "hqq", "gptq", "erq", "adaround", "hqq_bc", "hqq_fp", "gpt
                "kd", "kd_bias", "kd_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed", "hybrid_fp_mixed")
 # the rows ``python -m quantkern demo`` computes unless ``--effnet-rows all``: each method of the issue plus
 # the best HQQ-based and the best overall all-W4 row, both with float targets, and the latter with no image
-# (synthesized inputs; the others are ablations, the KD rows among them, which float targets replaced as the
-# best: about 50 more minutes)
+# (synthesized inputs); HQQ and the best row with W8 on the most sensitive layers (mixed precision, labelled).
+# The others are ablations, the KD rows among them, which float targets replaced as the best: about 50 more minutes
 EFFNET_DEFAULT_ROWS = ("rtn", "hqq", "gptq", "erq", "hqq_fp", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed",
                        "hybrid_fp_mixed")
 # effnet_table's ``parts``: the weight-only table, the weight + activation table
@@ -428,8 +429,9 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
         return mixed[bits]
 
     def mixed_note(lb, ts_):
-        wide = [n for n, b in lb.items() if b > min(lb.values())]
-        return (f"not all-W4: {len(wide)} of {len(lb)} layers at W{max(lb.values())} by measured sensitivity "
+        low = min(lb.values())
+        wide = [n for n, b in lb.items() if b > low]
+        return (f"not all-W{low}: {len(wide)} of {len(lb)} layers at W{max(lb.values())} by measured sensitivity "
                 f"(ptq.layer_sensitivity on {EFFNET_MIXED['crops']} calibration crops + allocate_bits, "
                 f"{ts_:.0f} s of the time)")
 

@@ -88,11 +88,16 @@ def test_sensitivity_progress_bar(capsys):
     ({"method": "gptq"}, ValueError, "method must be 'hqq' or 'rtn'"),
     ({"metric": "cos"}, ValueError, "metric must be one of"),
     ({"bits": 9}, ValueError, "bits must be an int or a sequence"),
+    ({"bits": (4, 5)}, ValueError, r"ints in \(1, 2, 3, 4, 8\)"),
+    ({"group_rule": "odd"}, ValueError, "group_rule must be one of"),
+    ({"calib_data": torch.empty(0, 3, 8, 8)}, ValueError, "calib_data is empty"),
+    ({"skip": ["5"]}, ValueError, r"skip names no Conv2d / Linear layer.*'5'"),
     ({"bits": ()}, ValueError, "bits must be"),
+    ({"bits": "48"}, ValueError, "bits must be"),
     ({"group_size": 0}, ValueError, "group_size"),
     ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
     ({"skip": "0"}, TypeError, "skip must be a collection"),
-    ({"skip": ["nope"]}, ValueError, r"skip names no module.*nope"),
+    ({"skip": ["nope"]}, ValueError, r"skip names no Conv2d / Linear layer.*nope"),
     ({"skip": NAMES}, ValueError, "no Conv2d / Linear layer"),
     ({"output_fn": 3}, TypeError, "output_fn must be callable"),
     ({"calib_data": torch.full((2, 3, 8, 8), float("nan"))}, ValueError, "batch 0 contains NaN"),
@@ -158,8 +163,10 @@ def test_allocate_bits_greedy_by_gain_per_bit():
     # gain per added bit: l1 0.5/40, l0 1/400, l2 1.9/4000, l3 0.01/200: l1 first, then l0, then l2
     room = lambda extra: 4 + extra / total  # noqa: E731
     assert allocate_bits(m, sens, room(40)) == {"l0": 4, "l1": 8, "l2": 4, "l3": 4}
-    # l0 (400 more bits) does not fit beside l1 at 439, the next best that does (l3, 200) goes instead
-    assert allocate_bits(m, sens, room(439)) == {"l0": 4, "l1": 8, "l2": 4, "l3": 8}
+    # l0 (400 more bits) does not fit beside l1 at 439: the ratio greedy takes l3 (200) instead (summed error
+    # 3.0); l0 alone (2.51) is better, and a restart from the single upgrade with the largest drop finds it
+    assert allocate_bits(m, sens, room(439), restarts=0) == {"l0": 4, "l1": 8, "l2": 4, "l3": 8}
+    assert allocate_bits(m, sens, room(439)) == {"l0": 8, "l1": 4, "l2": 4, "l3": 4}
     got = allocate_bits(m, sens, room(440))
     assert got == {"l0": 8, "l1": 8, "l2": 4, "l3": 4}
     # l2 (4000 bits) does not fit next, but l3 (200) does
@@ -200,8 +207,8 @@ def test_allocate_bits_within_budget_and_maximal():
     (({}, 4), "non-empty dict"),
     (({"l0": {}}, 4), r"sensitivity\['l0'\] must be a non-empty"),
     (({"l0": {9: 0.1}}, 4), "bits must be ints in"),
-    (({"l0": {4: float("nan")}}, 4), "finite error >= 0"),
-    (({"l0": {4: -1.0}}, 4), "finite error >= 0"),
+    (({"l0": {4: float("nan")}}, 4), r"must be an error >= 0 \(inf allowed\), got nan"),
+    (({"l0": {4: -1.0}}, 4), "must be an error >= 0"),
     (({"nope": {4: 0.1}}, 4), "no module named 'nope'"),
     (({"l0": {4: 0.1, 8: 0.0}}, 3.5), "below 4 bits per weight"),
     (({"l0": {4: 0.1}}, float("inf")), "budget must be a finite number"),
@@ -273,3 +280,97 @@ def test_sensitivity_of_a_transformers_model_on_tokenizer_batches():
     with pytest.raises(ValueError, match="batch 1 contains NaN"):
         layer_sensitivity(model, [batches[0], {"inputs_embeds": torch.full((1, 2, 32), float("nan"))}], 4,
                           progress=False)
+
+
+def test_allocate_bits_keeps_a_large_gain_the_ratio_greedy_misses():
+    # a: 1 weight, drop 1; b: 100 weights, drop 50. Room for b's upgrade only if a's is not taken first:
+    # the ratio greedy takes a (1 / 4 bits against 50 / 400) and leaves b; the restarts find b alone
+    m = _sizes_model([1, 100])
+    sens = {"l0": {4: 1.0, 8: 0.0}, "l1": {4: 50.0, 8: 0.0}}
+    budget = 4 + 400 / 101
+    assert allocate_bits(m, sens, budget, restarts=0) == {"l0": 8, "l1": 4}
+    assert allocate_bits(m, sens, budget) == {"l0": 4, "l1": 8}
+    with pytest.raises(ValueError, match="restarts must be an int >= 0"):
+        allocate_bits(m, sens, budget, restarts=-1)
+
+
+def test_allocate_bits_infinite_errors_and_shared_weights():
+    # an inf error (a width whose output overflowed) is left first, whatever its size
+    m = _sizes_model([1000, 10])
+    sens = {"l0": {2: float("inf"), 4: 0.5}, "l1": {2: 3.0, 4: 0.0}}
+    assert allocate_bits(m, sens, 2 + 2000 / 1010) == {"l0": 4, "l1": 2}
+    # two layers holding one weight tensor: measured once, one width, the tensor counted once
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32, bias=False))
+    net[4].weight = net[0].weight
+    sens = layer_sensitivity(net, torch.randn(8, 32), (2, 4), "rtn", 32, progress=False)
+    assert list(sens) == ["0", "2", "4"] and sens["4"] == sens["0"]
+    for budget in (2, 3, 4):
+        lb = allocate_bits(net, sens, budget)
+        assert lb["0"] == lb["4"] and average_bits(net, lb) <= budget
+    assert average_bits(net, {"0": 4, "2": 2, "4": 4}) == 3.0
+    with pytest.raises(ValueError, match=r"share one weight tensor but are given different bits"):
+        average_bits(net, {"0": 4, "4": 2})
+
+
+def test_sensitivity_group_rule_and_skip_names():
+    # in_features 96 at group size 64: fake_quantize_model_'s rule gives g48, quantize_'s g32
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(96, 16), nn.ReLU(), nn.Linear(16, 4))
+            self.head = self.body[2]  # a second name for the last layer
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    xs = torch.randn(10, 96)
+    with torch.no_grad():
+        ref = net(xs)
+
+    def by_hand(g):
+        m = copy.deepcopy(net)
+        with torch.no_grad():
+            m.body[0].weight.copy_(dequantize(*hqq_quantize(m.body[0].weight, 3, g, warn=False)))
+            return float(((m(xs) - ref) ** 2).sum() / (ref ** 2).sum())
+    for rule, g in (("divisor", 48), ("packed", 32)):
+        got = layer_sensitivity(net, xs, 3, "hqq", 64, group_rule=rule, skip=["head"], progress=False)
+        assert list(got) == ["body.0"] and got["body.0"][3] == pytest.approx(by_hand(g), rel=1e-5)
+    with pytest.raises(ValueError, match="skip names no Conv2d / Linear layer"):
+        layer_sensitivity(net, xs, skip=["body"], progress=False)  # a container, not a layer
+
+
+def test_sensitivity_warns_about_attention_projections():
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(32, 2, batch_first=True)
+            self.fc = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"1 nn.MultiheadAttention.*expose_linears"):
+        got = layer_sensitivity(Att().eval(), torch.randn(2, 5, 32), 4, progress=False)
+    assert list(got) == ["att.out_proj", "fc"]
+
+
+def test_sensitivity_of_an_overflowing_fp16_model_is_inf():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4)).half()
+    with torch.no_grad():
+        # rows of 0.01 with one +100 and one -100: ~10 at full precision; at 1 bit every 0.01 becomes 100
+        # and the outputs 16 * 6200 overflow fp16
+        net[0].weight.fill_(0.01)
+        net[0].weight[:, 0], net[0].weight[:, 1] = 100, -100
+    xs = torch.full((4, 64), 16.0, dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.isfinite(net(xs)).all()
+    for metric in ("mse", "kl"):
+        got = layer_sensitivity(net, xs, (1, 8), "rtn", 64, metric=metric, progress=False)
+        assert got["0"][1] == float("inf") and 0 <= got["0"][8] < float("inf") and 0 <= got["1"][1] < float("inf")
+        # the inf is left first, even though layer 1's upgrade is cheaper
+        assert allocate_bits(net, got, 1 + 7 * 4096 / 4352) == {"0": 8, "1": 1}

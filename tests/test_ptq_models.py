@@ -307,8 +307,20 @@ def test_demo_effnet_mixed_precision_rows(monkeypatch):
         return orig(model, calib_data, bits, *a, **kw)
 
     monkeypatch.setattr(mixed, "layer_sensitivity", spy)
+    import quantkern.ptq.conv as conv
+
+    applied, fq = [], conv.fake_quantize_model_
+
+    def fq_spy(m, bits, method, *a, **kw):  # the layer bits each row's quantizer gets
+        applied.append((method, kw.get("layer_bits")))
+        return fq(m, bits, method, *a, **kw)
+
+    monkeypatch.setattr(conv, "fake_quantize_model_", fq_spy)
     text = demo.effnet_table(["hqq", "gptq"], [4], parts=("weights",), rows=["hqq_mixed", "hybrid_fp_mixed"],
                              crops=(3, 2), out=lambda s: None)
+    assert [a[0] for a in applied] == ["hqq", "gptq"] and applied[0][1] == applied[1][1]
+    lb = applied[0][1]
+    assert set(lb) == {"0", "3", "6"} and set(lb.values()) == {4, 8}
     rows = [ln for ln in text.splitlines() if "most sensitive layers" in ln]
     assert len(rows) == 2 and rows[0].startswith("| HQQ, W8") and rows[1].startswith("| GPTQ dense")
     assert seen == [(2, (4, 8))]
@@ -346,7 +358,16 @@ def test_demo_minilm_mixed_precision_rows(monkeypatch):
 
     monkeypatch.setattr(demo, "load_minilm", lambda device: _FakeST2())
     monkeypatch.setattr(demo, "MINILM_MIXED", {"extra": 0.5, "units": 2})
+    applied, qz = [], demo.quantize_
+
+    def qz_spy(m, cfg, *a, **kw):  # the per-layer bits each row's quantize_ gets
+        applied.append(cfg.layer_config)
+        return qz(m, cfg, *a, **kw)
+
+    monkeypatch.setattr(demo, "quantize_", qz_spy)
     text = demo.minilm_table(["gptq"], [4, 3, 2], group_size=64, out=lambda s: None, act_bits_list=())
+    assert applied[:3] == [None] * 3 and applied[3] == {"lin": {"bits": 3}, "lin2": {"bits": 4}}
+    assert set(applied[4]) == {"lin", "lin2"}
     table = [ln for ln in text.splitlines() if ln.startswith("| GPTQ")]
     assert [ln.split(" | ")[1] for ln in table[:3]] == ["W4 g64", "W3 g64", "W2 g64"]
     mixed = table[3:]
