@@ -374,3 +374,14 @@ def test_sensitivity_of_an_overflowing_fp16_model_is_inf():
         assert got["0"][1] == float("inf") and 0 <= got["0"][8] < float("inf") and 0 <= got["1"][1] < float("inf")
         # the inf is left first, even though layer 1's upgrade is cheaper
         assert allocate_bits(net, got, 1 + 7 * 4096 / 4352) == {"0": 8, "1": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sensitivity_of_half_precision_models(dtype):
+    # the dequantized weight is written in the model's dtype, the errors computed in fp32, the weights put back
+    net = _net().to(dtype)
+    before = copy.deepcopy(net.state_dict())
+    got = layer_sensitivity(net, X.to(dtype), (2, 8), "hqq", 16, metric="kl", progress=False)
+    assert all(0 <= e[8] < e[2] < float("inf") for e in got.values())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert all(p.dtype == dtype for p in net.parameters())

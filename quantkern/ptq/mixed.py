@@ -163,7 +163,7 @@ def layer_sensitivity(
             ``input_ids`` / ``attention_mask``), or called as ``batch(model)`` where it is a callable (e.g.
             ``lambda m: m(features)`` for a sentence-transformers model, which takes one dict). Float
             tensors with NaN / Inf are refused.
-        bits: the candidate widths (ints in [1, 8]); every layer is measured at each of them.
+        bits: the candidate widths (1, 2, 3, 4 or 8: what HQQ / RTN take); every layer is measured at each.
         method: ``"hqq"`` (:func:`hqq_quantize`) or ``"rtn"`` (:func:`rtn_quantize`), data-free, so one
             measurement costs one pass over ``calib_data``: ``len(layers) * len(bits)`` passes in all,
             plus one for the float outputs (keep ``calib_data`` small: 32-64 images were enough to rank
