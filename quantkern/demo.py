@@ -417,23 +417,20 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
     kd_note = f"{kd['distill_steps']} Adam steps, batch {kd['distill_batch']}, lr {kd['distill_lr']:g}"
     lines = []
     Xs, ts = None, 0.0  # the synthesized calibration inputs (row hybrid_fp_syn), made once, and their time
-    mixed = {}  # bits -> (layer_bits, its mean bits, seconds) of the mixed-precision rows, measured once
+    mixed = {}  # bits -> (layer_bits, config label, note, seconds) of the mixed-precision rows, measured once
 
-    def mixed_bits(bits):
+    def mixed_plan(bits):
         if bits not in mixed:  # once per bit width; its time goes into each mixed row
             t0 = time.perf_counter()
             sens = layer_sensitivity(model, Xc[:EFFNET_MIXED["crops"]], (bits,) + EFFNET_MIXED["bits"][1:],
                                      "hqq", group_size, metric="kl", batch_size=32, progress=False)
             lb = allocate_bits(model, sens, bits + EFFNET_MIXED["extra"])
-            mixed[bits] = (lb, average_bits(model, lb), time.perf_counter() - t0)
+            tm, hi = time.perf_counter() - t0, max(lb.values())
+            note = (f"not all-W{bits}: {sum(b > bits for b in lb.values())} of {len(lb)} layers at W{hi} by measured "
+                    f"sensitivity (ptq.layer_sensitivity on {EFFNET_MIXED['crops']} calibration crops + allocate_bits, "
+                    f"{tm:.0f} s of the time)")
+            mixed[bits] = (lb, f"W{bits}/W{hi} {average_bits(model, lb):.2f} bits g<={group_size}", note, tm)
         return mixed[bits]
-
-    def mixed_note(lb, ts_):
-        low = min(lb.values())
-        wide = [n for n, b in lb.items() if b > low]
-        return (f"not all-W{low}: {len(wide)} of {len(lb)} layers at W{max(lb.values())} by measured sensitivity "
-                f"(ptq.layer_sensitivity on {EFFNET_MIXED['crops']} calibration crops + allocate_bits, "
-                f"{ts_:.0f} s of the time)")
 
     def row(label, cfg, m, tq, note):
         agree, kl, agree_c, _ = _agree_kl(_logits(m, Xe), L0)
@@ -479,10 +476,9 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                     row(label, lab + (", stem + fc W8" if edge else ""), m, tq,
                         ("not all-W4: stem conv and classifier at 8 bits; " if edge else "all layers; ") + kd_note)
             if "hqq_mixed" in runs and bits < 8:  # (W8 has no wider width to give)
-                lb, avg, tm = mixed_bits(bits)
+                lb, cfg, note, tm = mixed_plan(bits)
                 m, tq = quantized(bits, "hqq", layer_bits=lb)
-                row("HQQ, W8 on the most sensitive layers", f"W{bits}/W8 {avg:.2f} bits g<={group_size}", m, tq + tm,
-                    mixed_note(lb, tm))
+                row("HQQ, W8 on the most sensitive layers", cfg, m, tq + tm, note)
         if "gptq" in methods:
             if "gptq_hqqparams" in runs:
                 m, tq = quantized(bits, "gptq", clip="hqq")
@@ -509,10 +505,9 @@ def effnet_table(methods, bits_list, quick=False, group_size=64, out=print, act_
                     f"all layers; no image: {EFFNET_SYN['n']} inputs synthesized from the BatchNorm statistics "
                     f"({ts:.0f} s of the time)")
             if "hybrid_fp_mixed" in runs and bits < 8:  # (W8 has no wider width to give)
-                lb, avg, tm = mixed_bits(bits)
+                lb, cfg, note, tm = mixed_plan(bits)
                 m, tq = quantized(bits, "gptq", depthwise_method="hqq", layer_bits=lb, **EFFNET_FP)
-                row("GPTQ dense + HQQ depthwise, float targets, W8 on the most sensitive layers",
-                    f"W{bits}/W8 {avg:.2f} bits g<={group_size}", m, tq + tm, mixed_note(lb, tm))
+                row("GPTQ dense + HQQ depthwise, float targets, W8 on the most sensitive layers", cfg, m, tq + tm, note)
     # (2) weights + activations: the weights quantized once per bit width, then each calibrator
     rows_before = len(lines)
     # --quick: W8A8 with the two cheap calibrators only (mse / entropy search 2048-bin histograms of 50 layers)
