@@ -35,9 +35,20 @@ def want_cuda() -> bool:
     return have
 
 
+def simde_include():
+    """SIMDe's headers (the simde-py package), for the emulated AVX-512 table (csrc/cpu/isa_avx512emu.cpp)."""
+    try:
+        import simde_py
+    except ImportError:
+        return None
+    return simde_py.get_include()
+
+
 def extension():
     rel = lambda pats: sorted(os.path.relpath(p, ROOT) for pat in pats for p in glob.glob(os.path.join(ROOT, pat)))
     sources = rel(["csrc/cpu/*.cpp"])
+    simde = simde_include()
+    macros, incs = ([("QK_HAVE_SIMDE", "1")], [simde]) if simde else ([], [])
     # -std=c++20: torch 2.14's headers require it (ATen.h errors out below C++20),
     # and it is torch's own default since 2.13.
     # -ffp-contract=off: no silent FMA contraction, so every variant rounds
@@ -52,7 +63,8 @@ def extension():
                "-fno-sanitize=vptr"]  # (vptr: false reports on torch's classes)
         cxx, link = cxx + san, link + san[3:]
     if not want_cuda():
-        return cpp_extension.CppExtension("quantkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        return cpp_extension.CppExtension("quantkern._C", sources, define_macros=macros, include_dirs=incs,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
     # 8.0+PTX: also sm_80 PTX, which the driver JIT-compiles on newer GPUs (sm_100, sm_120: "no kernel
     # image" otherwise); nothing here needs 9.0a features beyond what 8.0 PTX gives
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
@@ -65,7 +77,8 @@ def extension():
     return cpp_extension.CUDAExtension(
         "quantkern._C",
         sources,
-        define_macros=[("QUANTKERN_WITH_CUDA", "1")],
+        define_macros=[("QUANTKERN_WITH_CUDA", "1")] + macros,
+        include_dirs=incs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )

@@ -32,13 +32,25 @@ def cpu_capabilities() -> list[str]:
     return list(_load.require_native("cpu_capabilities").cpu_capabilities())
 
 
+def emulated_cpu_capabilities() -> list[str]:
+    """Emulated instruction sets :func:`set_cpu_capability` also takes here: ``["avx512emu"]`` where the
+    build had SIMDe (``simde-py``) and the CPU has AVX2, else ``[]``.
+
+    ``"avx512emu"`` runs the AVX-512 kernels (the VNNI GEMV, the AVX512-BF16 GEMM and every 512-bit span
+    kernel; not AMX) through SIMDe's portable forms of the intrinsics, so that their tests run on CPUs
+    without AVX-512. It is slow and for tests only; ``"auto"`` never picks it.
+    """
+    return list(_load.require_native("emulated_cpu_capabilities").emulated_cpu_capabilities())
+
+
 def get_cpu_capability() -> str:
     """The instruction set the CPU kernels use now."""
     return _load.require_native("get_cpu_capability").get_cpu_capability()
 
 
 def set_cpu_capability(name: str) -> str:
-    """Force the CPU kernels onto ``"avx512"``, ``"avx2"`` or ``"scalar"`` (``"auto"``: the best).
+    """Force the CPU kernels onto ``"avx512"``, ``"avx2"`` or ``"scalar"`` (``"auto"``: the best), or
+    ``"avx512emu"`` (tests; see :func:`emulated_cpu_capabilities`).
 
     Process-wide; also settable with the environment variable
     ``QUANTKERN_CPU_CAPABILITY``. Raises ValueError if the CPU cannot run it.

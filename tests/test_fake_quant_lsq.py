@@ -14,6 +14,7 @@ import quantkern
 from quantkern import ops, reference as R
 
 import _lsq_cases as C
+from _isa import ISAS
 
 DTYPES = C.DTYPES
 
@@ -52,7 +53,7 @@ SAMPLES = sample_inputs()
 IDS = [s[0] for s in SAMPLES]
 
 
-@pytest.fixture(params=quantkern.cpu_capabilities())
+@pytest.fixture(params=ISAS)
 def isa(request):
     quantkern.set_cpu_capability(request.param)
     yield request.param

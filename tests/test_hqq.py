@@ -27,7 +27,8 @@ import quantkern
 from quantkern.ptq import hqq_dequantize, hqq_quantize, rtn_quantize
 from quantkern.reference import hqq as R
 
-ISAS = quantkern.cpu_capabilities()
+from _isa import ISAS
+
 HAVE_HQQ = importlib.util.find_spec("hqq") is not None
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

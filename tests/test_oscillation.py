@@ -19,7 +19,8 @@ from quantkern import ops
 REF = importlib.import_module("quantkern.reference.fake_quant_lsq")  # the package re-exports a function of that name
 from quantkern.reference import oscillation as R
 
-ISAS = qk.cpu_capabilities()
+from _isa import ISAS
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -11,6 +11,8 @@ from quantkern.nn import PackedLinear, replace_linear
 from quantkern.nn.packed_linear import fake_quant_input
 from quantkern.reference import packing as ref
 
+from _isa import AVX512, AVX512_ENV, NATIVE
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (M, N, K, group_size): GEMV (M <= 4), AMX / fp32 panels (M > 4), several x chunks (M = 300),
 # odd N, K not a multiple of 32 (one group per row), one group per row with K % 32 == 0.
@@ -20,10 +22,12 @@ SHAPES = [(1, 33, 256, 64), (3, 17, 100, 100), (2, 40, 4096, 128), (8, 31, 96, 3
 # Relative-error floors that keep tiny, exactly-representable cases from being flaky.
 FLOOR = {torch.float32: 2e-7, torch.bfloat16: 1e-4, torch.float16: 1e-5}
 
-CONFIGS = [("auto", {})] + [(c, {}) for c in quantkern.cpu_capabilities() if c != "avx512"]
-if "avx512" in quantkern.cpu_capabilities():
+CONFIGS = [("auto", {})] + [(c, {}) for c in NATIVE if c != "avx512"]
+if "avx512" in NATIVE:
     CONFIGS += [("avx512", {}), ("avx512", {"vnni": False}), ("avx512", {"amx": False}),
                 ("avx512", {"vnni": False, "amx": False})]
+elif AVX512:  # emulated (no AMX there): the VNNI GEMV, the AVX512-BF16 GEMM, the fp32 LUT GEMV and panels
+    CONFIGS += [(AVX512, {}), (AVX512, {"vnni": False}), (AVX512, {"vnni": False, "bf16": False})]
 
 
 @pytest.fixture(params=CONFIGS, ids=lambda c: c[0] + "".join(f"-no{k}" for k in c[1]))
@@ -151,10 +155,8 @@ def test_packed_linear_dc_offset_on_balanced_exact_weights(bits, config):
     """x = 3 + small noise on rows whose weights (exact in fp16) cancel the offset: the output is the
     noise's product alone, and one int16 piece of x (error amax / 65534 per entry) gave 0.3% error
     where F.linear is exact (a review's repro). The AVX2 GEMV takes two pieces when x spreads over
-    less than amax / 8. (Not on AVX-512: its int8 GEMV keeps its x-only rules, README.) The bound
-    allows a last-place flip of an output: an exact output can sit on a rounding tie."""
-    if config[0] == "avx512" or (config[0] == "auto" and "avx512" in quantkern.cpu_capabilities()):
-        pytest.skip("the AVX-512 int8 GEMV has no spread rule")
+    less than amax / 8, the AVX-512 int8 GEMV three. The bound allows a last-place flip of an output:
+    an exact output can sit on a rounding tie."""
     g = torch.Generator().manual_seed(20 + bits)
     zero = 2 ** (bits - 1)
     N, K, gs = 16, 1024, 128
@@ -233,6 +235,27 @@ def test_packed_linear_one_group_of_huge_products_on_zero_weights(config):
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             xd = x.to(dt) if dt != torch.float16 else (x * 1e-5).clamp(-6e4, 6e4).to(dt)  # fp16's range
             check_accuracy(ops.packed_linear(xd, pw), xd, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_large_group_on_zero_weights_below_the_range_rule(bits, config):
+    """One group of x about 255x the others (just under the AVX-512 GEMV's kVnniGroupRange, so it keeps
+    its int8 pieces) on weights with q = z, the rest positive (the zero-point term's sums cancel the
+    most): the fp32 rounding of that group's two equal terms stays within F.linear's error."""
+    N, K = 16, 1024
+    z = 2 ** (bits - 1)
+    for gs in (32, 64, 128):
+        g = torch.Generator().manual_seed(bits * gs)
+        q = torch.randint(0, 2 ** bits, (N, K), generator=g).to(torch.uint8)
+        q[:, :gs] = z
+        pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.01), torch.full((N, K // gs), float(z)),
+                                         bits, gs)
+        for dt in (torch.bfloat16, torch.float16):
+            for M in (1, 3):
+                x = torch.rand(M, K, generator=g) * 0.5 + 0.5
+                x[:, :gs] = 254.7
+                x = x.to(dt)
+                check_accuracy(ops.packed_linear(x, pw), x, pw)
 
 
 def test_packed_linear_huge_zero_points_with_tiny_scales():
@@ -410,7 +433,7 @@ torch.save(out, sys.argv[1])
 """
 
 
-@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
+@pytest.mark.skipif(AVX512 is None, reason="needs AVX-512 or its emulation")
 @pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("knob, script", [("QUANTKERN_PK_STREAMS", _STREAM_ORDER_SCRIPT),
                                           ("QUANTKERN_PK_ZEN4_GEMV", _ZEN4_FORM_SCRIPT)])
@@ -420,7 +443,7 @@ def test_gemv_knob_keeps_bits(tmp_path, threads, knob, script):
     # lockstep. QUANTKERN_PK_ZEN4_GEMV (the default on AMD CPUs): at M = 1 scales from a per-row
     # buffer and 2-bit fields from shifts, at 3-4 rows of x two rows of W per block, and 3-bit fields
     # from vpermb lookups at every M.
-    runs = {v: _run_saved(tmp_path, script, threads, v, dict(os.environ, **{knob: v})) for v in ("0", "1")}
+    runs = {v: _run_saved(tmp_path, script, threads, v, dict(os.environ, **AVX512_ENV, **{knob: v})) for v in ("0", "1")}
     assert runs["1"].keys() == runs["0"].keys()
     for key, y in runs["1"].items():  # as bytes: NaN (inf times a zero weight) compares equal to itself
         assert torch.equal(y.view(torch.uint8), runs["0"][key].view(torch.uint8)), key
@@ -509,18 +532,19 @@ def test_bf16_gemm_k_block_knob_is_rounded_to_whole_chunks():
             "W = ref.dequantize(pw.qweight, pw.scales, pw.zeros, 3, 128, 4224); t = x.double() @ W.double().T; "
             "e = ((ops.packed_linear(x, pw).double() - t).norm() / t.norm()).item(); assert e < 0.01, e")
     for kc in ("0", "64", "200"):
-        env = dict(os.environ, QUANTKERN_PK_DP_KC=kc, QUANTKERN_DISABLE_CPU_FEATURES="amx")
+        env = dict(os.environ, **AVX512_ENV, QUANTKERN_PK_DP_KC=kc, QUANTKERN_DISABLE_CPU_FEATURES="amx")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (kc, r.returncode, r.stderr[-2000:])
 
 
-@pytest.mark.skipif("avx512" not in quantkern.cpu_capabilities(), reason="needs AVX-512")
+@pytest.mark.skipif(AVX512 is None, reason="needs AVX-512 or its emulation")
 @pytest.mark.parametrize("feature", ["bf16", "vbmi"])
 def test_amx_path_needs_bf16_and_vbmi(feature):
     # the AMX path runs AVX512-BF16 and VBMI instructions: disabling either must keep it off (and the
     # AVX512-BF16 path of CPUs without AMX, which runs both too)
     pw = make(48, 256, 3, 64, torch.bfloat16, seed=5)
     x = torch.randn(40, 256).bfloat16()
+    quantkern.set_cpu_capability(AVX512)
     try:
         ops.set_cpu_feature("amx", False)
         ops.set_cpu_feature(feature, False)
@@ -530,6 +554,7 @@ def test_amx_path_needs_bf16_and_vbmi(feature):
     finally:
         ops.set_cpu_feature("amx", True)
         ops.set_cpu_feature(feature, True)
+        quantkern.set_cpu_capability("auto")
 
 
 def test_noncontiguous_and_batched():

@@ -6,6 +6,8 @@ import quantkern
 from quantkern import PackedWeight, formats, ops
 from quantkern.reference import packing as ref
 
+from _isa import ISAS
+
 BITS = (2, 3, 4)
 # (N, K, group sizes that divide K): odd N, K not a multiple of 32 (one group per row)
 SHAPES = [(1, 32, (32,)), (3, 100, (100,)), (5, 64, (32, 64)), (7, 96, (32, 96)), (17, 256, (64, 128, 256)),
@@ -13,7 +15,7 @@ SHAPES = [(1, 32, (32,)), (3, 100, (100,)), (5, 64, (32, 64)), (7, 96, (32, 96))
 META = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=["auto"] + quantkern.cpu_capabilities())
+@pytest.fixture(params=["auto"] + ISAS)
 def cap(request):
     old = quantkern.get_cpu_capability()
     quantkern.set_cpu_capability(request.param)

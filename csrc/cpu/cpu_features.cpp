@@ -63,6 +63,7 @@ bool cpu_feature_on(CpuFeature f) {
   const State& s = state();
   return s.detected[int(f)] && s.enabled[int(f)].load(std::memory_order_relaxed);
 }
+bool cpu_feature_enabled(CpuFeature f) { return state().enabled[int(f)].load(std::memory_order_relaxed); }
 bool set_cpu_feature_enabled(const char* name, bool on) {
   for (int i = 0; i < kN; ++i)
     if (std::strcmp(name, kNames[i]) == 0) {

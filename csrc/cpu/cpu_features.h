@@ -15,6 +15,8 @@ const char* cpu_feature_name(CpuFeature f);
 bool cpu_feature_detected(CpuFeature f);
 // Detected and not disabled.
 bool cpu_feature_on(CpuFeature f);
+// Not disabled (the emulated AVX-512 table, isa_avx512emu.cpp, has every feature but AMX).
+bool cpu_feature_enabled(CpuFeature f);
 // Returns false if the name is unknown.
 bool set_cpu_feature_enabled(const char* name, bool on);
 // The CPU's vendor string is "AuthenticAMD" (kernels that tune their instruction mix per vendor).

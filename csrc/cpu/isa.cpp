@@ -20,6 +20,7 @@ const IsaTable* lookup(const std::string& name) {
   if (name == "avx512") return cpu_has_avx512() ? &isa_table_avx512() : nullptr;
   if (name == "avx2") return cpu_has_avx2() ? &isa_table_avx2() : nullptr;
   if (name == "scalar") return &isa_table_scalar();
+  if (name == "avx512emu") return cpu_has_avx2() ? isa_table_avx512emu() : nullptr;
   return nullptr;
 }
 
@@ -58,11 +59,18 @@ std::vector<std::string> supported_cpu_capabilities() {
   return out;
 }
 
+std::vector<std::string> emulated_cpu_capabilities() {
+  std::vector<std::string> out;
+  if (cpu_has_avx2() && isa_table_avx512emu()) out.push_back("avx512emu");
+  return out;
+}
+
 std::string set_cpu_capability(const std::string& name) {
   const IsaTable* t = name == "auto" ? best() : lookup(name);
   if (!t) throw std::invalid_argument("cpu capability '" + name +
                                       "' is not supported on this CPU; supported: avx512 (if the "
-                                      "CPU has it), avx2 (if it has it), scalar, auto");
+                                      "CPU has it), avx2 (if it has it), scalar, auto, and avx512emu "
+                                      "(AVX-512 kernels emulated on AVX2, where the build has SIMDe)");
   g_table.store(t, std::memory_order_release);
   return t->name;
 }

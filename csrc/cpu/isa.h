@@ -60,13 +60,19 @@ struct IsaTable {
 const IsaTable& isa_table_avx512();
 const IsaTable& isa_table_avx2();
 const IsaTable& isa_table_scalar();
+// The AVX-512 table emulated with SIMDe (isa_avx512emu.cpp); nullptr where it was not built.
+const IsaTable* isa_table_avx512emu();
 
 // The table in use: the best the CPU supports, unless forced by
 // set_cpu_capability() or the QUANTKERN_CPU_CAPABILITY environment variable.
 const IsaTable& isa_table();
 // Names the CPU can run, best first ("avx512", "avx2", "scalar").
 std::vector<std::string> supported_cpu_capabilities();
-// Force a capability ("avx512", "avx2", "scalar", or "auto"); throws if the CPU
+// Tables that emulate an instruction set the CPU may lack, for tests: "avx512emu" (the AVX-512
+// kernels on SIMDe, isa_avx512emu.cpp) where it was built and the CPU has AVX2. Never chosen by
+// "auto"; set_cpu_capability takes the name.
+std::vector<std::string> emulated_cpu_capabilities();
+// Force a capability ("avx512", "avx2", "scalar", "avx512emu", or "auto"); throws if the CPU
 // cannot run it. Returns the name now in use.
 std::string set_cpu_capability(const std::string& name);
 

@@ -12,12 +12,14 @@
 
 namespace {
 
-PyObject* py_cpu_capabilities(PyObject*, PyObject*) {
-  auto caps = qk::supported_cpu_capabilities();
-  PyObject* out = PyList_New(Py_ssize_t(caps.size()));
-  for (size_t i = 0; i < caps.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyUnicode_FromString(caps[i].c_str()));
+PyObject* str_list(const std::vector<std::string>& v) {
+  PyObject* out = PyList_New(Py_ssize_t(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyUnicode_FromString(v[i].c_str()));
   return out;
 }
+
+PyObject* py_cpu_capabilities(PyObject*, PyObject*) { return str_list(qk::supported_cpu_capabilities()); }
+PyObject* py_emulated_cpu_capabilities(PyObject*, PyObject*) { return str_list(qk::emulated_cpu_capabilities()); }
 
 PyObject* py_get_cpu_capability(PyObject*, PyObject*) {
   try {
@@ -75,8 +77,10 @@ PyObject* py_built_with_cuda(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS, "CPU instruction sets this machine can run, best first."},
+    {"emulated_cpu_capabilities", py_emulated_cpu_capabilities, METH_NOARGS,
+     "Emulated instruction sets set_cpu_capability also takes here (tests)."},
     {"get_cpu_capability", py_get_cpu_capability, METH_NOARGS, "The instruction set the CPU kernels use now."},
-    {"set_cpu_capability", py_set_cpu_capability, METH_O, "Force 'avx512', 'avx2', 'scalar' or 'auto'."},
+    {"set_cpu_capability", py_set_cpu_capability, METH_O, "Force 'avx512', 'avx2', 'scalar', 'avx512emu' or 'auto'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Optional CPU features: {name: (detected, enabled)}."},
     {"set_cpu_feature", py_set_cpu_feature, METH_VARARGS, "Enable/disable an optional CPU feature (vnni, vbmi, bf16, amx)."},
     {"empty_cache", py_empty_cache, METH_NOARGS, "Release cached CPU output blocks; returns bytes freed."},

@@ -410,6 +410,11 @@ constexpr float kVnniWideRange = 8.f;
 // mostly take three pieces by kVnniWideRange already). With fp16 x a bulk between amax / 32 and
 // amax / 8 whose large entries all meet zero weights can still see up to ~2.2x F.linear's error.
 constexpr float kVnniBulkRange = 32.f;
+// A row of x whose nonzero group amaxes span more than this factor takes the fp32 path (see vnni_prep:
+// the zero-point term's rounding, ~2^-24 of the largest group's, against the smallest group's
+// products; at 256 that is ~2^-16 of them, within bf16 / fp16 F.linear's own error). The AVX2 int16
+// GEMV folds the zero point into its exact integer sums instead and needs no such rule.
+constexpr float kVnniGroupRange = 256.f;
 constexpr float kVnniBulkFp32 = 1024.f;
 // A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
 // GEMV, fp16 cannot hold such values) takes the fp32 path too: 127 / amax overflows below ~4e-37, and well before that a_g times the piece unit
@@ -502,10 +507,15 @@ inline void lut_gemv_rows(const PackedW& P, const float* xp, int64_t M, int64_t 
   QK_BITS_DISPATCH(P.bits, lut_gemv_rows_b, P, xp, M, n0, n1, ydt, y, ldy, bias)
 }
 
+#if defined(QK_ISA_EMU)  // isa_avx512emu.cpp: SIMDe functions, compiled for AVX2 (no target switch)
+#define QK_VNNI_TARGET
+#define QK_AMX_TARGET
+#else
 #define QK_VNNI_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni,avx512vbmi,gfni")))
 #define QK_AMX_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+#endif
 
 // ------------------------------------------------------------ AVX-512 VNNI GEMV
 // Workspace per row m of x (64-byte aligned pieces):
@@ -638,10 +648,15 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t k0 = g * P.gblk * 32, k1 = qmin(Kp, (g + 1) * P.gblk * 32);  // multiples of 32
       __m512 vmax = _mm512_setzero_ps(), vabs = _mm512_setzero_ps();
+      __m512 vhi = _mm512_set1_ps(-INFINITY), vlo = _mm512_set1_ps(INFINITY);
+      const int64_t kx = qmin(k1, P.K);  // signed extremes over real entries only (not K's zero padding)
       for (int64_t k = k0; k < k1; k += 16) {
-        const __m512 a = _mm512_and_ps(_mm512_loadu_ps(xf + k), absmask);
+        const __m512 xv = _mm512_loadu_ps(xf + k), a = _mm512_and_ps(xv, absmask);
         vmax = _mm512_max_ps(a, vmax);  // NaN in a propagates (max returns its second operand)
         vabs = _mm512_add_ps(vabs, a);
+        const __mmask16 real = kx - k >= 16 ? __mmask16(0xFFFF) : kx <= k ? __mmask16(0) : __mmask16((1u << (kx - k)) - 1u);
+        vhi = _mm512_mask_max_ps(vhi, real, xv, vhi);
+        vlo = _mm512_mask_min_ps(vlo, real, xv, vlo);
       }
       const float amax = _mm512_reduce_max_ps(vmax), asum = _mm512_reduce_add_ps(vabs);
       // inf or NaN somewhere in the group (the sum of |x| sees both), or a range too tiny or too
@@ -652,6 +667,11 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
       if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
+      // x spread over less than amax / 8 (a DC offset with small variations): two pieces' error,
+      // amax / 65024 per entry, is then large next to what varies, and rows of W whose products
+      // cancel the offset leave only that error (x = 3 + 0.01 noise on balanced weights: 0.3% error
+      // where F.linear is exact; the AVX2 GEMV's rule, found there first)
+      if (_mm512_reduce_max_ps(vhi) - _mm512_reduce_min_ps(vlo) < amax * (1.f / kVnniWideRange)) *mode = kVnniThree;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       ginv[g] = inv;
       A[g] = amax / 127.f;
@@ -695,6 +715,19 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         }
         if (amax * float(nbulk) > kVnniBulkRange * bulk) *mode = kVnniThree;
       }
+    }
+    // Groups whose amax spans more than kVnniGroupRange: the GEMV sums the products and the zero-point
+    // term (z s a_g S_g) in fp32 apart, so a group of large x on weights with q = z leaves fp32's
+    // rounding of its two equal terms, ~2^-24 of them, in place of the smaller groups' products
+    // (x = 1e10 on such a group beside groups of 1e-10: 100% error). Such rows take the fp32 path.
+    if (*mode != kVnniFp32) {
+      float lo = INFINITY, hi = 0.f;
+      for (int64_t g = 0; g < P.G; ++g)
+        if (A[g] > 0.f) {
+          lo = qmin(lo, A[g]);
+          hi = qmax(hi, A[g]);
+        }
+      if (hi > kVnniGroupRange * lo) *mode = kVnniFp32;
     }
     if (*mode == kVnniFp32) continue;
     const int np = all_pieces || *mode == kVnniThree ? 3 : 2;
@@ -750,7 +783,9 @@ QK_VNNI_TARGET QK_SI void vnni_decode(const uint8_t* row, int64_t nb, int64_t j0
   if constexpr (BITS == 3) QK_PF(row + 8 * nb + 4 * j0 + pf);
   __m512i w = full ? _mm512_loadu_si512(row + bpb * j0) : _mm512_maskz_loadu_epi8(mask64(bpb * nvalid), row + bpb * j0);
   // one load into a register: GCC otherwise folds it into every field's shift / AND (a zmm load each)
+#if !defined(QK_ISA_EMU)  // (no zmm registers there)
   __asm__("" : "+v"(w));
+#endif
   // Fields f > 0 come from vpmultishiftqb (port 5 on the Xeons) rather than a shift (port 0,
   // which also runs every vpdpbusd and the int->float conversion). On Zen 4 it is the other way
   // round (see kZen4Gemv): with one row of x, 2-bit fields come from 16-bit shifts there (the
@@ -910,7 +945,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
         __m512i fld[NF];
         vnni_decode<BITS, true>(row[r], P.nb, j0, nvalid, full, pf, ctrl, lshift, fld);
         const __m512 sw = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(sbuf + r * sstride + g0));
-        yacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP, NF == 4>(fld, xv)), sw, yacc[r][0]);
+        yacc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps((vnni_products<NF, NP, NF == 4>(fld, xv))), sw, yacc[r][0]);
       }
     } else {
       __m512i fld[NR][NF];
@@ -920,7 +955,7 @@ QK_VNNI_TARGET QK_SI void vnni_gemv_block(const PackedW& P, const VnniLayout& L,
         QK_LOAD_X(m)
         for (int r = 0; r < NR; ++r) {
           const __m512 sw = _mm512_permutexvar_ps(gidx, sa[r][m]);
-          yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vnni_products<NF, NP>(fld[r], xv)), sw, yacc[r][m]);
+          yacc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps((vnni_products<NF, NP>(fld[r], xv))), sw, yacc[r][m]);
         }
       }
     }
@@ -1100,6 +1135,9 @@ struct alignas(64) TileCfg {
 };
 
 inline bool amx_permitted() {
+#if defined(QK_ISA_EMU)
+  return false;
+#endif
   static const bool ok = [] {
     // ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -1349,6 +1387,7 @@ inline void amx_store_tile(const float* cbuf, int64_t n, int64_t n1, int64_t m, 
     store_row16(ydt, y, (m + i) * ldy + n, _mm512_add_ps(_mm512_castsi512_ps(r[i]), b), k);
 }
 
+#if !defined(QK_ISA_EMU)  // no tile emulation: the emulated table never plans kPathAmx
 #define QK_TILE_LOAD_C(t, base) _tile_loadd(t, (base), 64)
 
 template <int BITS>
@@ -1510,14 +1549,20 @@ QK_AMX_TARGET void amx_gemm_rows_t(const PackedW& P, const uint16_t* xT, int64_t
   }
   _tile_release();
 }
+#endif
 
 inline void amx_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                           int64_t ldy, const float* bias) {
+#if defined(QK_ISA_EMU)
+  (void)P, (void)xT, (void)M, (void)n0, (void)n1, (void)ydt, (void)y, (void)ldy, (void)bias;
+  std::abort();
+#else
   switch (P.bits) {
     case 4: return amx_gemm_rows_t<4>(P, xT, M, n0, n1, ydt, y, ldy, bias);
     case 3: return amx_gemm_rows_t<3>(P, xT, M, n0, n1, ydt, y, ldy, bias);
     default: return amx_gemm_rows_t<2>(P, xT, M, n0, n1, ydt, y, ldy, bias);
   }
+#endif
 }
 
 // ------------------------------------------------------------ AVX512-BF16 GEMM (no AMX)
@@ -1531,8 +1576,12 @@ inline void amx_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64
 // Same products as the AMX path (bf16 x bf16, fp32 sums, denormal inputs read as 0, as bf16
 // F.linear's vdpbf16ps: |x| or |w| near 1e-38 lose their precision here, not on the exact paths);
 // the sums are added in another order, and not split by thread count.
+#if defined(QK_ISA_EMU)
+#define QK_BF16_TARGET
+#else
 #define QK_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi")))
+#endif
 
 // 8 rows of the panel (row stride kc) x NT m-tiles of x (m-tile stride xs), k-pairs [0, kc / 2):
 // acc[8 t + i] += the products of row i and m-tile t.
@@ -1620,6 +1669,24 @@ inline void dp_gemm_rows(const PackedW& P, const uint16_t* xT, int64_t M, int64_
 
 // ------------------------------------------------------------ dispatch (IsaTable entries)
 
+#if defined(QK_ISA_AVX512)
+// The CPU's optional features; the emulated table (QK_ISA_EMU) has every one but AMX.
+inline bool isa_feature_on(CpuFeature f) {
+#if defined(QK_ISA_EMU)
+  return f != CpuFeature::Amx && cpu_feature_enabled(f);
+#else
+  return cpu_feature_on(f);
+#endif
+}
+inline bool isa_has_gfni() {
+#if defined(QK_ISA_EMU)
+  return true;
+#else
+  return cpu_has_gfni();
+#endif
+}
+#endif
+
 inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   (void)P;
 #if defined(QK_ISA_AVX512)
@@ -1627,11 +1694,11 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
   // GFNI: the VNNI functions are compiled with it (the Zen 4 form's int3 decode runs one
   // vgf2p8affineqb); every CPU with VNNI and VBMI has it, but a VM may hide it
-  const bool vnni = cpu_feature_on(CpuFeature::Vnni) && cpu_feature_on(CpuFeature::Vbmi) && cpu_has_gfni();
+  const bool vnni = isa_feature_on(CpuFeature::Vnni) && isa_feature_on(CpuFeature::Vbmi) && isa_has_gfni();
   // the AMX path also runs VBMI (vpmultishiftqb decode) and AVX512-BF16 (vcvtneps2bf16): disabling
   // either (or a CPU without it) must keep it off
-  const bool amx = cpu_feature_on(CpuFeature::Amx) && cpu_feature_on(CpuFeature::Vbmi) &&
-                   cpu_feature_on(CpuFeature::Bf16) && amx_permitted();
+  const bool amx = isa_feature_on(CpuFeature::Amx) && isa_feature_on(CpuFeature::Vbmi) &&
+                   isa_feature_on(CpuFeature::Bf16) && amx_permitted();
   // Without AMX the int8 GEMV stays ahead of the other paths up to M = 12; bf16 x beyond goes to the
   // AVX512-BF16 GEMM (AMD Zen 4, 2 threads, with the Zen 4 GEMV form: 4096 x 11008 int4 GEMV 3.6 /
   // 4.2 / 5.6 ms at M = 10 / 12 / 16 against the BF16 GEMM's 4.5 ms for any M <= 16, int2 3.4 / 3.9
@@ -1640,7 +1707,7 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   static const int64_t vnni_max_noamx = env_int("QUANTKERN_PK_VNNI_MAX_M_NOAMX", 12);
   if (xdt != Dt::F32 && vnni && M <= (amx ? vnni_max : qmax(vnni_max, vnni_max_noamx))) return kPathVnni;
   if (xdt == Dt::BF16 && amx && M > vnni_max) return kPathAmx;
-  if (xdt == Dt::BF16 && !amx && cpu_feature_on(CpuFeature::Bf16) && cpu_feature_on(CpuFeature::Vbmi) &&
+  if (xdt == Dt::BF16 && !amx && isa_feature_on(CpuFeature::Bf16) && isa_feature_on(CpuFeature::Vbmi) &&
       M > vnni_max)
     return kPathDpBf16;
   if (M <= lut_max) return kPathLutF32;
