@@ -40,6 +40,8 @@ def simde_include():
     try:
         import simde_py
     except ImportError:
+        print("quantkern: simde-py is not installed: building without the emulated AVX-512 table (avx512emu); "
+              "the AVX-512 kernels' tests will not run on CPUs without AVX-512")
         return None
     return simde_py.get_include()
 

@@ -64,20 +64,29 @@ def test_emulated_avx512_table():
 
 def test_emulated_avx512_matches_native_bits():
     """Where the CPU has AVX-512 too, the emulated table gives the native one's bits (AMX off: it has no
-    emulation): the VNNI GEMV, the AVX512-BF16 GEMM, the fp32 paths, LSQ+ fake-quant and HQQ."""
+    emulation; features the CPU lacks off in both, since the emulated table has them all): the VNNI
+    GEMV, the AVX512-BF16 GEMM, the fp32 paths, LSQ+ fake-quant and HQQ."""
+    import os
+
     import pytest
 
     from quantkern import PackedWeight, ops
 
     if "avx512" not in quantkern.cpu_capabilities() or "avx512emu" not in ops.emulated_cpu_capabilities():
         pytest.skip("needs a CPU with AVX-512 and the emulated table")
+    with open("/proc/cpuinfo") as f:
+        gfni = " gfni" in f.read()
+    before = ops.cpu_features()  # {name: (detected, on)}
+    env_off = set(os.environ.get("QUANTKERN_DISABLE_CPU_FEATURES", "").split(","))
+    off = {"amx"} | {n for n, (det, _) in before.items() if not det} | (set() if gfni else {"vnni"})
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 320, generator=g)
     x = torch.randn(33, 320, generator=g)
     s, b = torch.rand(40, generator=g) * 0.1 + 0.01, torch.randn(40, generator=g) * 0.01
     out = {}
     try:
-        ops.set_cpu_feature("amx", False)
+        for n in off:
+            ops.set_cpu_feature(n, False)
         for cap in ("avx512", "avx512emu"):
             quantkern.set_cpu_capability(cap)
             res = []
@@ -90,7 +99,9 @@ def test_emulated_avx512_matches_native_bits():
             res.extend(ops.hqq_quantize(W, 4, 64))
             out[cap] = res
     finally:
-        ops.set_cpu_feature("amx", True)
+        for n in off:  # back to the state before: on where detected and on, else as the environment says
+            det, on = before[n]
+            ops.set_cpu_feature(n, on if det else n not in env_off)
         quantkern.set_cpu_capability("auto")
     for a, e in zip(out["avx512"], out["avx512emu"]):
         assert torch.equal(a.view(torch.uint8) if a.dtype != torch.uint8 else a,

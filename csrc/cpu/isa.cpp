@@ -30,7 +30,7 @@ const IsaTable* best() {
     if (!want.empty() && want != "auto") {
       if (const IsaTable* t = lookup(want)) return t;
       throw std::runtime_error("QUANTKERN_CPU_CAPABILITY=" + want +
-                               " is not supported on this CPU (use avx512, avx2, scalar or auto)");
+                               " is not supported on this CPU (use avx512, avx2, scalar, avx512emu or auto)");
     }
   }
   if (cpu_has_avx512()) return &isa_table_avx512();

@@ -410,10 +410,15 @@ constexpr float kVnniWideRange = 8.f;
 // mostly take three pieces by kVnniWideRange already). With fp16 x a bulk between amax / 32 and
 // amax / 8 whose large entries all meet zero weights can still see up to ~2.2x F.linear's error.
 constexpr float kVnniBulkRange = 32.f;
-// A row of x whose nonzero group amaxes span more than this factor takes the fp32 path (see vnni_prep:
-// the zero-point term's rounding, ~2^-24 of the largest group's, against the smallest group's
-// products; at 256 that is ~2^-16 of them, within bf16 / fp16 F.linear's own error). The AVX2 int16
-// GEMV folds the zero point into its exact integer sums instead and needs no such rule.
+// A row of x whose nonzero group amaxes span more than this factor takes the fp32 path (see vnni_prep).
+// A mitigation, not a bound: the GEMV sums the products and the zero-point term (z s a_g S_g) in fp32
+// apart, so large groups of x on weights at their zero point leave fp32's rounding of their two equal
+// terms, ~2^-24 of them per group, in place of the other groups' products. One such group at 255x
+// stays within F.linear's error; many (31 of 32 groups, 4-bit, z = 8) reach 21x bf16's and 313x
+// fp16's error at 255x, and ~10x fp16's at 16x (a review's cases). The exact fix is the AVX2 int16
+// GEMV's: the zero point's integer part subtracted from the exact integer sums (here per lane, before
+// the int -> float conversion); not done, as it adds a multiply per chunk and row that could not be
+// timed on an AVX-512 CPU. Extreme ranges (1e10 beside 1e-10: 100% error) are what this catches.
 constexpr float kVnniGroupRange = 256.f;
 constexpr float kVnniBulkFp32 = 1024.f;
 // A group with 0 < amax below this (2^-64, only reachable with bf16 x: fp32 x never takes this
@@ -1085,9 +1090,10 @@ inline void vnni_gemv_rows_md(const PackedW& P, const uint8_t* ws, int64_t M, in
     if (three) return vnni_gemv_rows_b<BITS, MD, 3>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
     return vnni_gemv_rows_b<BITS, MD, 2>(P, ws, 0, M, n0, n1, ydt, y, ldy, bias);
   }
-  // x holds inf or NaN (or a group range below kVnniTinyAmax or above kVnniHugeAmax): those rows
-  // take the fp32 LUT GEMV on x itself, so they propagate as a float product does; the other rows
-  // stay on this path, one at a time.
+  // x holds inf or NaN, a group range below kVnniTinyAmax or above kVnniHugeAmax, a bulk below
+  // kVnniBulkFp32, or group amaxes spanning more than kVnniGroupRange: those rows take the fp32 LUT
+  // GEMV on x itself (inf / NaN propagate as in a float product); the other rows stay on this path,
+  // one at a time (so such a row makes the call read the weight once per row of x).
   const int64_t es = ydt == Dt::F32 ? 4 : 2;
   for (int64_t m = 0; m < M; ++m) {
     if (mode(m) == kVnniFp32) {
