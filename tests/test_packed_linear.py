@@ -15,7 +15,8 @@ from _isa import AVX512, AVX512_ENV, NATIVE
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (M, N, K, group_size): GEMV (M <= 4), AMX / fp32 panels (M > 4), several x chunks (M = 300),
-# odd N, K not a multiple of 32 (one group per row), one group per row with K % 32 == 0.
+# odd N, K not a multiple of 32 (one group per row), one group per row with K % 32 == 0. On AVX2,
+# bf16 / fp16 x from M = 12 take the int16 GEMM (the rule tests below run M = 12 for it).
 SHAPES = [(1, 33, 256, 64), (3, 17, 100, 100), (2, 40, 4096, 128), (8, 31, 96, 32), (33, 65, 384, 128),
           (300, 20, 128, 128), (5, 48, 64, 64),
           (9, 24, 4224, 128), (260, 18, 4224, 64)]  # K > 4096: AMX panel chunks / K blocks
@@ -143,11 +144,35 @@ def test_packed_linear_many_large_entries_on_zero_weights(bits, config):
                                          bits, gs)
         for small in (1e-5, 1e-3, 1e-2):
             for dt in (torch.float16, torch.bfloat16):
-                for M in (1, 3):
+                for M in (1, 3, 12):
                     x = torch.randn(M, K, generator=g) * small
                     x[:, ::every] = 1.0
                     x = x.to(dt)
                     check_accuracy(ops.packed_linear(x, pw), x, pw)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_gemm_tiles_take_their_own_pieces(bits, config):
+    """Batches for the AVX2 int16 GEMM (M >= 12, bf16 / fp16 x; other paths elsewhere): 8 rows of x
+    share a tile, and a tile takes two pieces where one of its rows needs them (an outlier row in
+    one tile only), so plain, wide and mixed tiles, odd M (a partial last tile), odd N (a partial
+    block of W rows), every group size up to the GEMM's 1024 and one group per row (K = 100, 1024),
+    and groups beyond it (2048: the fp32 paths), against the 2x F.linear bound; a row with inf
+    sends the call to the fp32 GEMM and stays inf / NaN there alone."""
+    g = torch.Generator().manual_seed(40 + bits)
+    for N, K, gs in ((37, 1024, 32), (20, 1024, 64), (9, 2048, 256), (16, 2048, 1024), (13, 100, 100),
+                     (11, 1024, 1024), (8, 4096, 2048)):
+        pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, gs, torch.bfloat16)
+        for M in (12, 13, 24, 41):
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(M, K, generator=g)
+                x[M // 2, :: max(1, K // 7)] = 300.0  # one wide row: its tile takes two pieces
+                x = x.to(dt)
+                b = torch.randn(N, generator=g)
+                check_accuracy(ops.packed_linear(x, pw, b), x, pw, b)
+                x[-1, 3] = float("inf")
+                y = ops.packed_linear(x, pw).float()
+                assert not torch.isfinite(y[-1]).any() and torch.isfinite(y[:-1]).all()
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
@@ -165,7 +190,7 @@ def test_packed_linear_dc_offset_on_balanced_exact_weights(bits, config):
     pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.125), torch.full((N, K // gs), float(zero)),
                                      bits, gs)
     for noise in (0.01, 0.03):
-        for M in (1, 3):
+        for M in (1, 3, 12):
             x = (3.0 + noise * torch.randn(M, K, generator=g)).half()
             truth = x.double() @ pw.dequantize(torch.float32).double().T
             e = rel_err(ops.packed_linear(x, pw), truth)
@@ -186,7 +211,7 @@ def test_packed_linear_long_groups_at_full_scale(bits, config):
         G = K // gs
         pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.5), torch.zeros(N, G), bits, gs)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
-            for M in (1, 5):
+            for M in (1, 5, 12):
                 x = torch.ones(M, K)
                 x[-1] = -1.0  # h = -32767
                 if M > 1:
@@ -211,7 +236,7 @@ def test_packed_linear_zero_points_far_out_at_full_scale(bits, config):
             zeros[2] = -z
             pw = PackedWeight.from_quantized(q, torch.full((N, G), 0.5), zeros, bits, gs)
             for dt in (torch.bfloat16, torch.float16):
-                for M in (1, 3):
+                for M in (1, 3, 12):
                     x = torch.ones(M, K)
                     x[-1] = -1.0
                     x[0, 1::4] = 1e-3  # one row with a bulk: two pieces
@@ -252,7 +277,7 @@ def test_packed_linear_large_group_on_zero_weights_below_the_range_rule(bits, co
         pw = PackedWeight.from_quantized(q, torch.full((N, K // gs), 0.01), torch.full((N, K // gs), float(z)),
                                          bits, gs)
         for dt in (torch.bfloat16, torch.float16):
-            for M in (1, 3):
+            for M in (1, 3, 12):
                 x = torch.rand(M, K, generator=g) * 0.5 + 0.5
                 x[:, gs::gs] = 1.0  # each small group's amax exactly 1 (exact in fp16 / bf16, as is 240)
                 x[:, :gs] = 240.0
@@ -326,7 +351,7 @@ def test_packed_linear_tiny_inputs(bits, config):
     Wd = ref.dequantize(pw.qweight, pw.scales, pw.zeros, bits, 64, 256).double()
     for dt in (torch.bfloat16, torch.float32):
         for sc in (1e-15, 1e-25, 1e-30, 1e-36, 1e-37, 1e-38):
-            for M in (1, 3):
+            for M in (1, 3, 12):
                 x = (torch.randn(M, 256) * sc).to(dt)
                 for xx in (x, torch.cat([x[:, :64], torch.randn(M, 64).to(dt), x[:, 128:]], 1)):
                     truth = xx.double() @ Wd.T  # relative errors without check_accuracy's 1e-30 floor
@@ -360,7 +385,7 @@ def test_packed_linear_fp32_x_large_k(bits, config):
         meta = (torch.float16, torch.bfloat16, torch.float32)[K % 3]
         pw = PackedWeight.from_float(torch.empty(37, K).exponential_(generator=g) - 1, bits, gs, meta)
         for kind in ("gauss", "relu", "lognormal", "gelu_negative", "student_t"):
-            for M in (1, 3):
+            for M in (1, 3, 12):
                 x = _activations(kind, M, K, g)
                 bias = torch.randn(37, generator=g) if M == 3 else None
                 check_accuracy(ops.packed_linear(x, pw, bias), x, pw, bias)

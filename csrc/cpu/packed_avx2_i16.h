@@ -1,5 +1,6 @@
 // AVX2 int16 GEMV for bf16 / fp16 x at small M (kPathI16): the AVX2 counterpart of the AVX-512
-// VNNI GEMV, with vpmaddwd. Included by packed_kernel.h (whose helpers it uses) in the AVX2 build.
+// VNNI GEMV, with vpmaddwd; and from M = 12 the int16 GEMM (kPathI16Gemm, at the end of this file)
+// over the same pieces of x. Included by packed_kernel.h (whose helpers it uses) in the AVX2 build.
 //
 // x is quantized per group g to int16: x ~ a_g h with a_g = amax_g / 32767 (error <= a_g / 2 =
 // amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
@@ -519,6 +520,257 @@ inline void i16_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_
   if (mode == kI16Fp32) return avx2_gemv_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (mode == kI16Two) QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<2>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
   QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<1>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
+}
+
+// ------------------------------------------------------------ AVX2 int16 GEMM (kPathI16Gemm)
+// bf16 / fp16 x beyond the GEMV's M (prefill): the GEMV's x pieces, sums and rules (i16_prep), the
+// same per-group formula, but blocked for reuse of both operands: 8 rows of x go across the lanes of
+// one ymm (x transposed once per call, below), NR rows of W are decoded once per call into int16
+// rows, and each code pair (k, k + 1) of a row is broadcast against the 8 rows' pairs (vpmaddwd). Per
+// pair and row of W: one vpmaddwd + one vpaddd for 16 products, where an fp32 GEMM's FMA makes 8:
+// on Zen 3 (two vpmaddwd pipes, four integer-add pipes) twice the products per cycle of the fp32
+// BLAS GEMM on dequantized panels that this path replaces for bf16 / fp16 x.
+// Workspace after i16_layout(P, M)'s: for each tile t of 8 rows of x (M8 = M rounded up to 8;
+// rows past M are zero),
+//   XH, XL  int32 [M8 / 8][Kp / 2][8]  the pieces' pairs at k = 2p, 2p + 1 (i16_codes' order)
+//   A, S2   fp32  [M8 / 8][G][8]       a_g and S2F (S_h + S_l / 65536) per row
+//   SH      int32 [M8 / 8][G][8]       ShI (S_h)
+struct I16GemmLayout {
+  int64_t xh_off, xl_off, a_off, s2_off, sh_off, total;
+};
+inline I16GemmLayout i16g_layout(const PackedW& P, int64_t M) {
+  const I16Layout L = i16_layout(P, M);
+  const int64_t M8 = round_up(M, 8), Kp = P.Kp(), G = P.G;
+  I16GemmLayout Q;
+  Q.xh_off = round_up(L.xf_bytes + M * L.per_m, 64);
+  Q.xl_off = Q.xh_off + M8 * Kp * 2;
+  Q.a_off = Q.xl_off + M8 * Kp * 2;
+  Q.s2_off = round_up(Q.a_off + M8 * G * 4, 64);
+  Q.sh_off = round_up(Q.s2_off + M8 * G * 4, 64);
+  Q.total = round_up(Q.sh_off + M8 * G * 4, 64);
+  return Q;
+}
+
+// The GEMM takes groups of up to kI16ShortGroup blocks (or one group per row of up to that many):
+// their int32 sums are bounded as in i16_gemv_block_g.
+inline bool i16g_fits(const PackedW& P) { return P.gblk <= kI16ShortGroup; }
+
+// Rows [m0, m1) of x (M in all): i16_prep, then those rows' lanes of the tiles above. The call
+// for the last rows also zeroes the lanes past M.
+inline void i16g_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_t M, int64_t m0, int64_t m1,
+                      uint8_t* ws) {
+  i16_prep(P, xdt, x, ldx, M, m0, m1, ws);
+  const I16Layout L = i16_layout(P, M);
+  const I16GemmLayout Q = i16g_layout(P, M);
+  const int64_t np2 = P.Kp() / 2, G = P.G;
+  const int64_t mend = m1 == M ? round_up(M, 8) : m1;
+  for (int64_t m = m0; m < mend; ++m) {
+    const int64_t t = m / 8, i = m % 8;
+    int32_t* xh = reinterpret_cast<int32_t*>(ws + Q.xh_off) + t * np2 * 8 + i;
+    int32_t* xl = reinterpret_cast<int32_t*>(ws + Q.xl_off) + t * np2 * 8 + i;
+    float* pa = reinterpret_cast<float*>(ws + Q.a_off) + t * G * 8 + i;
+    float* ps2 = reinterpret_cast<float*>(ws + Q.s2_off) + t * G * 8 + i;
+    int32_t* psh = reinterpret_cast<int32_t*>(ws + Q.sh_off) + t * G * 8 + i;
+    const uint8_t* wm = ws + L.xf_bytes + m * L.per_m;
+    if (m >= M || *reinterpret_cast<const int32_t*>(wm + L.mode_off) == kI16Fp32) {  // padding, or unused
+      for (int64_t p = 0; p < np2; ++p) xh[8 * p] = xl[8 * p] = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        pa[8 * g] = ps2[8 * g] = 0.f;
+        psh[8 * g] = 0;
+      }
+      continue;
+    }
+    const int32_t* sh = reinterpret_cast<const int32_t*>(wm + L.xh_off);  // int16 pairs
+    const int32_t* sl = reinterpret_cast<const int32_t*>(wm + L.xl_off);
+    for (int64_t p = 0; p < np2; ++p) {
+      xh[8 * p] = sh[p];
+      xl[8 * p] = sl[p];
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      pa[8 * g] = reinterpret_cast<const float*>(wm + L.A_off)[g];
+      ps2[8 * g] = reinterpret_cast<const float*>(wm + L.S2F_off)[g];
+      psh[8 * g] = reinterpret_cast<const int32_t*>(wm + L.ShI_off)[g];
+    }
+  }
+}
+
+// 8 rows of W from row n (those from nr on, or past N, zero), decoded once per call: the codes minus the zero
+// point's integer part zi (clamped to [-32, 32], as in i16_gemv_block_g), q - zi as int16 [8][Kp] in
+// i16_codes' order (signed: vpmaddwd multiplies signed words), so that the integer sums are already
+// sum h (q - zi); per row and group the scale s and s zf, zf = z - zi, each [8][G8]. |q - zi| <= 47
+// keeps a group's int32 sums below 2^31 (512 pairs of 2 * 47 * 32768).
+struct I16GemmW {
+  const int32_t* w[8];  // code pairs of each row
+  const float* s;
+  const float* sz;
+  int64_t G8;
+};
+template <int BITS>
+inline I16GemmW i16g_decode(const PackedW& P, int64_t n, int nr) {
+  const int64_t Kp = P.Kp(), G = P.G, G8 = round_up(G, 8);
+  int16_t* wb = static_cast<int16_t*>(scratch(6, size_t(8) * Kp * 2 + size_t(8) * G8 * 16));
+  float* s = reinterpret_cast<float*>(wb + 8 * Kp);
+  float* sz = s + 8 * G8;
+  float* z = sz + 8 * G8;
+  int32_t* zi = reinterpret_cast<int32_t*>(z + 8 * G8);
+  I16GemmW W;
+  for (int r = 0; r < 8; ++r) {
+    int16_t* o = wb + r * Kp;
+    W.w[r] = reinterpret_cast<const int32_t*>(o);
+    float *sr = s + r * G8, *zr = z + r * G8;
+    int32_t* zir = zi + r * G8;
+    const bool real = r < nr && n + r < P.N;
+    if (real) {
+      meta_row(P.scales, P.mdt, (n + r) * G, G, (P.N - n - r) * G, sr);
+      meta_row(P.zeros, P.mdt, (n + r) * G, G, (P.N - n - r) * G, zr);
+    } else {
+      std::memset(sr, 0, G8 * 4);
+      std::memset(zr, 0, G8 * 4);
+    }
+    for (int64_t g = 0; g < G8; g += 8) {
+      const __m256 zv = _mm256_loadu_ps(zr + g);
+      const __m256i zq =
+          _mm256_min_epi32(_mm256_set1_epi32(32), _mm256_max_epi32(_mm256_set1_epi32(-32), _mm256_cvtps_epi32(zv)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(zir + g), zq);
+      // s zf, not zf alone: zf S overflows fp32 for |z| > ~1e31 where s keeps the weights finite (a
+      // review's z = 1e33, s = 1e-30 on the GEMV)
+      _mm256_storeu_ps(sz + r * G8 + g, _mm256_mul_ps(_mm256_loadu_ps(sr + g), _mm256_sub_ps(zv, _mm256_cvtepi32_ps(zq))));
+    }
+    if (!real) {
+      std::memset(o, 0, Kp * 2);
+      continue;
+    }
+    const uint8_t* row = P.qw + (n + r) * P.row_bytes;
+    for (int64_t g = 0, j = 0; j < P.nb; ++g) {  // (gblk = nb for one group per row)
+      const __m256i zw = _mm256_set1_epi16(int16_t(zir[g]));
+      for (const int64_t j1 = qmin(P.nb, j + P.gblk); j < j1; ++j) {
+        __m256i c[2];
+        i16_codes<BITS>(row, P.nb, j, c);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 * j), _mm256_sub_epi16(c[0], zw));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 * j + 16), _mm256_sub_epi16(c[1], zw));
+      }
+    }
+  }
+  W.s = s;
+  W.sz = sz;
+  W.G8 = G8;
+  return W;
+}
+
+// x tiles (pointers into the workspace's tiles of 8 rows of x).
+struct I16GemmX {
+  const int32_t *xh, *xl, *sh;
+  const float *a, *s2;
+};
+
+// Rows r0 .. r0 + NR - 1 of a decoded block of W against MT tiles of 8 rows of x, NP pieces, all
+// groups; C[t][r] += tile t's 8 values for W row r0 + r. Per group: the pairs' products summed in
+// int32 (exact, sum h (q - zi)), then i16_gemv_block_g's epilogue lane by lane: v = sum h (q - zi)
+// [+ sum l (q - zi) / 65536], C += a_g s_g v - (a_g S_g) (s_g zf). MT NR NP accumulators + MT NP x vectors +
+// NR broadcasts fit the 16 ymm registers (4 x 2 x 1 or 4 x 1 x 2; 8 rows of W with one tile spilled
+// an accumulator, and the store-to-load round trip per pair halved the speed).
+template <int NR, int NP, int MT>
+inline void i16g_micro(const PackedW& P, const I16GemmW& W, int r0, const I16GemmX* X, __m256 (*C)[8]) {
+  const int64_t np2 = P.Kp() / 2, pg = P.G == 1 ? np2 : 16 * P.gblk;
+  for (int64_t g = 0; g < P.G; ++g) {
+    __m256i ah[MT][NR], al[MT][NR];
+    for (int t = 0; t < MT; ++t)
+      for (int r = 0; r < NR; ++r) ah[t][r] = al[t][r] = _mm256_setzero_si256();
+    const int64_t p1 = qmin(np2, (g + 1) * pg);  // p1 - g pg: a multiple of 16
+    // two pairs per trip: GCC copies fewer accumulators between registers (8 moves per pair at one
+    // pair per trip, ~4.5 at two; 4 pairs gave no more)
+#pragma GCC unroll 2
+    for (int64_t p = g * pg; p < p1; ++p) {
+      __m256i vh[MT], vl[MT];
+      for (int t = 0; t < MT; ++t) {
+        vh[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xh + 8 * p));
+        if constexpr (NP == 2) vl[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xl + 8 * p));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m256i wv = _mm256_set1_epi32(W.w[r0 + r][p]);
+        for (int t = 0; t < MT; ++t) {
+          ah[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vh[t]), ah[t][r]);
+          if constexpr (NP == 2) al[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vl[t]), al[t][r]);
+        }
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m256 a = _mm256_load_ps(X[t].a + 8 * g);
+      const __m256 aS = _mm256_mul_ps(a, NP == 2 ? _mm256_load_ps(X[t].s2 + 8 * g)
+                                                 : _mm256_cvtepi32_ps(_mm256_load_si256(
+                                                       reinterpret_cast<const __m256i*>(X[t].sh + 8 * g))));
+      for (int r = 0; r < NR; ++r) {
+        const int64_t i = (r0 + r) * W.G8 + g;
+        __m256 v = _mm256_cvtepi32_ps(ah[t][r]);
+        if constexpr (NP == 2) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(al[t][r]), _mm256_set1_ps(0x1p-16f), v);
+        const __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(a, _mm256_set1_ps(W.s[i])), v, C[t][r0 + r]);
+        C[t][r0 + r] = _mm256_fnmadd_ps(aS, _mm256_set1_ps(W.sz[i]), c);
+      }
+    }
+  }
+}
+
+// Rows [n0, n1) of y for all M rows of x: 8 rows of W at a time, decoded once, against every tile
+// of 8 rows of x, two tiles at once where both take one piece (a tile takes two pieces where one of
+// its rows needs them).
+template <int BITS>
+inline void i16g_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                        int64_t ldy, const float* bias) {
+  const I16Layout L = i16_layout(P, M);
+  const I16GemmLayout Q = i16g_layout(P, M);
+  const int64_t np2 = P.Kp() / 2, G = P.G, ntiles = (M + 7) / 8;
+  auto tile_x = [&](int64_t t) {
+    I16GemmX X;
+    X.xh = reinterpret_cast<const int32_t*>(ws + Q.xh_off) + t * np2 * 8;
+    X.xl = reinterpret_cast<const int32_t*>(ws + Q.xl_off) + t * np2 * 8;
+    X.a = reinterpret_cast<const float*>(ws + Q.a_off) + t * G * 8;
+    X.s2 = reinterpret_cast<const float*>(ws + Q.s2_off) + t * G * 8;
+    X.sh = reinterpret_cast<const int32_t*>(ws + Q.sh_off) + t * G * 8;
+    return X;
+  };
+  auto tile_two = [&](int64_t t) {  // does a row of tile t need two pieces?
+    int32_t mode = kI16One;
+    for (int64_t m = 8 * t; m < qmin(M, 8 * t + 8); ++m)
+      mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
+    return mode == kI16Two;
+  };
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int nr = int(qmin<int64_t>(8, n1 - n));
+    const I16GemmW W = i16g_decode<BITS>(P, n, nr);
+    for (int64_t t = 0; t < ntiles;) {
+      const bool two = tile_two(t);
+      const int mt = !two && t + 1 < ntiles && !tile_two(t + 1) ? 2 : 1;
+      const I16GemmX X[2] = {tile_x(t), tile_x(mt == 2 ? t + 1 : t)};
+      __m256 C[2][8];
+      for (int i = 0; i < 2; ++i)
+        for (int r = 0; r < 8; ++r) C[i][r] = _mm256_setzero_ps();
+      for (int r0 = 0; r0 < nr; r0 += 4) {
+        if (two) i16g_micro<4, 2, 1>(P, W, r0, X, C);
+        else if (mt == 2) i16g_micro<4, 1, 2>(P, W, r0, X, C);
+        else i16g_micro<4, 1, 1>(P, W, r0, X, C);
+      }
+      alignas(32) float c[8];
+      for (int i = 0; i < mt; ++i)
+        for (int r = 0; r < nr; ++r) {
+          _mm256_store_ps(c, C[i][r]);
+          const int64_t m0 = 8 * (t + i);
+          for (int64_t j = 0; j < qmin<int64_t>(8, M - m0); ++j)
+            store_any(ydt, y, (m0 + j) * ldy + n + r, c[j] + (bias ? bias[n + r] : 0.f));
+        }
+      t += mt;
+    }
+  }
+}
+
+// Rows [n0, n1) of y; a call with a row of x that needs fp32 (inf / NaN, extreme ranges) takes the
+// fp32 GEMM on the fp32 copy of x at the start of the workspace.
+inline void i16g_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
+                      int64_t ldy, const float* bias) {
+  const I16Layout L = i16_layout(P, M);
+  for (int64_t m = 0; m < M; ++m)
+    if (*reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off) == kI16Fp32)
+      return gemm_f32_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  QK_BITS_DISPATCH(P.bits, i16g_rows_b, P, ws, M, n0, n1, ydt, y, ldy, bias)
 }
 
 }  // namespace QK_ISA_NS

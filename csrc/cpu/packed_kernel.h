@@ -28,6 +28,9 @@
 //                 path's panels and x layout, multiplied with vdpbf16ps.
 //   kPathI16      AVX2, small M, bf16/fp16 x: x in int16 pieces, vpmaddwd
 //                 (packed_avx2_i16.h).
+//   kPathI16Gemm  AVX2, larger M, bf16/fp16 x, groups of up to 1024: the same pieces and
+//                 per-group formula as kPathI16, blocked as a GEMM (8 rows of x across the
+//                 lanes, W decoded once per call; packed_avx2_i16.h).
 #pragma once
 
 #include <array>
@@ -47,7 +50,8 @@
 namespace qk {
 namespace QK_ISA_NS {
 
-enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3, kPathDpBf16 = 4, kPathI16 = 5 };
+enum PkPath : int { kPathGemmF32 = 0, kPathLutF32 = 1, kPathVnni = 2, kPathAmx = 3, kPathDpBf16 = 4, kPathI16 = 5,
+                   kPathI16Gemm = 6 };
 
 QK_SI float meta_at(const void* p, Dt dt, int64_t i) {
   switch (dt) {
@@ -1724,7 +1728,20 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
   // a batch of up to 16 rows of fp32 x takes the same sums as its rows alone (vmap'd per-sample
   // gradients; bf16 / fp16 rows share their batch's piece rule, packed_avx2_i16.h)
   static const int64_t lut_max = env_int("QUANTKERN_PK_LUT_MAX_M", 16);
-  if (xdt != Dt::F32 && M <= lut_max) return kPathI16;
+  // bf16 / fp16 x: the int16 GEMV up to 11 rows, the int16 GEMM from 12 (groups of up to 1024). The
+  // GEMM decodes W once per call where the GEMV decodes it once per 4 rows of x, and does twice the
+  // products per cycle of the fp32 BLAS GEMM on dequantized panels that took M > 16 before (Zen 3, 2
+  // threads, cold, int4 g64, ms GEMV / GEMM: 11008 x 4096 M = 8 5.8 / 5.8, 10 7.3 / 7.9, 12 8.7 / 8.0,
+  // 16 11.6 / 8.0; 3072 x 768 M = 8 0.33 / 0.40, 12 0.48 / 0.49, 16 0.62 / 0.46; 768 x 3072 M = 8 0.40 /
+  // 0.34; M = 32, 4096 x 11008: BLAS 26 ms, GEMM 13.6). QUANTKERN_PK_I16_GEMM=0 turns the GEMM off,
+  // QUANTKERN_PK_I16_MAX_M moves the switch.
+  static const int64_t i16_max = env_int("QUANTKERN_PK_I16_MAX_M", 11);
+  static const bool i16_gemm = env_int("QUANTKERN_PK_I16_GEMM", 1) != 0;
+  if (xdt != Dt::F32) {
+    const bool gemm = i16_gemm && i16g_fits(P);
+    if (M <= i16_max || (M <= lut_max && !gemm)) return kPathI16;
+    if (gemm) return kPathI16Gemm;
+  }
   return M <= lut_max ? kPathLutF32 : kPathGemmF32;
 #else
   (void)xdt;
@@ -1737,6 +1754,7 @@ inline int pk_plan(const PackedW& P, Dt xdt, int64_t M) {
 inline int64_t pk_mchunk(int path) {
   if (path == kPathAmx || path == kPathDpBf16) return 256;
   if (path == kPathGemmF32) return 128;
+  if (path == kPathI16Gemm) return 256;
   return 1 << 30;
 }
 
@@ -1756,6 +1774,7 @@ inline int64_t pk_ws_bytes(const PackedW& P, Dt, int64_t M, int path) {
     const I16Layout L = i16_layout(P, M);
     return L.xf_bytes + M * L.per_m;
   }
+  if (path == kPathI16Gemm) return i16g_layout(P, M).total;
 #endif
   (void)path;
   return M * P.Kp() * 4;
@@ -1768,6 +1787,7 @@ inline void pk_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64_
   if (path == kPathAmx || path == kPathDpBf16) return amx_prep(P, x, ldx, M, u0, u1, static_cast<uint16_t*>(ws));
 #elif defined(QK_ISA_AVX2)
   if (path == kPathI16) return i16_prep(P, xdt, x, ldx, M, u0, u1, static_cast<uint8_t*>(ws));
+  if (path == kPathI16Gemm) return i16g_prep(P, xdt, x, ldx, M, u0, u1, static_cast<uint8_t*>(ws));
 #endif
   (void)M;
   (void)path;
@@ -1784,6 +1804,7 @@ inline void pk_run(const PackedW& P, const void* ws, int64_t M, int path, int64_
 #elif defined(QK_ISA_AVX2)
   if (path == kPathLutF32) return avx2_gemv_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (path == kPathI16) return i16_gemv_rows(P, static_cast<const uint8_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (path == kPathI16Gemm) return i16g_rows(P, static_cast<const uint8_t*>(ws), M, n0, n1, ydt, y, ldy, bias);
 #endif
   (void)path;
   gemm_f32_rows(P, static_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);

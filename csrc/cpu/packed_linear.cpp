@@ -225,7 +225,15 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
   auto qw = qw_.contiguous(), s = scales_.contiguous(), z = zeros_.contiguous();
   const PackedW P = packed_view(qw, s, z, bits, group_size, K);
   const IsaTable& T = isa_table();
-  const int path = T.pk_plan(P, xdt, M);
+  int path = T.pk_plan(P, xdt, M);
+  // The bf16 GEMMs (3: AMX, 4: vdpbf16ps) treat denormal inputs and products as zero (DAZ / FTZ): a
+  // row of bf16 x whose entries all lie below 2^-64 (bf16 reaches ~1e-38) would lose its output
+  // there (test_packed_linear_tiny_inputs at M = 12: 2% error against F.linear's 0.2%). Such calls take
+  // the fp32 paths (1: the LUT GEMV, 0: the fp32 GEMM), as the int8 / int16 GEMVs' groups do.
+  if (path == 3 || path == 4) {
+    const auto amax = x.abs().amax(1).to(at::kFloat);
+    if (((amax > 0) & (amax < 0x1p-64f)).any().item<bool>()) path = M <= 16 ? 1 : 0;
+  }
   if (path == 0 /* generic fp32 GEMM */ && M > 16 && blas_usable({M * K, M * N, N * K})) {
     gemm_panels_mkl(T, P, x, bias, y);
     return y.reshape(oshape);
