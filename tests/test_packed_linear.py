@@ -157,8 +157,9 @@ def test_packed_linear_gemm_tiles_take_their_own_pieces(bits, config):
     share a tile, and a tile takes two pieces where one of its rows needs them (an outlier row in
     one tile only), so plain, wide and mixed tiles, odd M (a partial last tile), odd N (a partial
     block of W rows), every group size up to the GEMM's 1024 and one group per row (K = 100, 1024),
-    and groups beyond it (2048: the fp32 paths), against the 2x F.linear bound; a row with inf
-    sends the call to the fp32 GEMM and stays inf / NaN there alone."""
+    and groups beyond it (2048: the int16 GEMV's long-group path up to M = 16, the fp32 panels
+    above), against the 2x F.linear bound; a row with inf sends the call to the fp32 GEMM and stays
+    inf / NaN there alone."""
     g = torch.Generator().manual_seed(40 + bits)
     for N, K, gs in ((37, 1024, 32), (20, 1024, 64), (9, 2048, 256), (16, 2048, 1024), (13, 100, 100),
                      (11, 1024, 1024), (8, 4096, 2048)):
