@@ -314,16 +314,17 @@ def test_packed_linear_stream_hot_harness_builds_and_runs(tmp_path):
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2 and FMA")
 def test_packed_linear_stream_avx2_bench_builds_and_runs(tmp_path):
-    """benchmarks/packed_linear_stream/avx2_bench.cpp (the library's AVX2 GEMV timed outside torch)
-    builds against this checkout and gives output 0 within 1e-3 of its double reference, on one
-    thread and on two (T2=1); no timing checked."""
+    """benchmarks/packed_linear_stream/avx2_bench.cpp (the library's AVX2 GEMV / GEMM timed outside
+    torch) builds against this checkout and gives output 0 within 1e-3 of its double reference, on one
+    thread and on two (T2=1), at M = 1 / 3 (the GEMV) and 13 (the int16 GEMM); no timing checked."""
     exe = str(tmp_path / "avx2_bench")
     cpu = os.path.join(ROOT, "csrc", "cpu")
     subprocess.run(["g++", "-O2", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-I" + cpu,
                     os.path.join(ROOT, "benchmarks", "packed_linear_stream", "avx2_bench.cpp"),
                     os.path.join(cpu, "isa_avx2.cpp"), os.path.join(cpu, "cpu_features.cpp"), "-o", exe, "-pthread"],
                    check=True, timeout=600)
-    for env, args in (({"MBF": "1"}, ["4", "1", "40"]), ({"T2": "1", "K": "768", "GS": "32"}, ["3", "3", "37", "2"])):
+    for env, args in (({"MBF": "1"}, ["4", "1", "40"]), ({"T2": "1", "K": "768", "GS": "32"}, ["3", "3", "37", "2"]),
+                      ({"T2": "1", "MBF": "1"}, ["2", "13", "37"])):
         out = subprocess.run([exe] + args, env=dict(os.environ, **env), capture_output=True, text=True, timeout=120,
                              check=True).stdout
         y0, ref = float(out.split("y[0]")[1].split()[0]), float(out.split("reference")[1].split()[0])

@@ -1,8 +1,12 @@
-// Out-of-torch timing of the library's own AVX2 GEMV (the isa_avx2 kernel table), for A/B runs of
+// Out-of-torch timing of the library's own AVX2 GEMV / GEMM (the isa_avx2 kernel table; the path
+// pk_plan picks for bf16 x and M: the int16 GEMM from M = 12), for A/B runs of
 // a change to csrc/cpu/packed_avx2*.h without torch's thread pool or allocator in the way
-// (RESULTS_packed_linear.md, session 30). Build against a checkout (or a copy of its csrc/):
+// (RESULTS_packed_linear.md, session 30). Build against a checkout (or a copy of its csrc/) with the
+// library's own flags (setup.py): without -fwrapv GCC compiles the int16 GEMM's loop differently, and
+// an inline-asm change to it measured 28% faster without these flags and 20% slower with them
+// (session 35):
 //
-//   SRC=/path/to/checkout; g++ -O3 -std=c++20 -ffp-contract=off -fno-math-errno -I$SRC/csrc/cpu \
+//   SRC=/path/to/checkout; g++ -g -fwrapv -DNDEBUG -O3 -std=c++20 -ffp-contract=off -fno-math-errno -fopenmp -I$SRC/csrc/cpu \
 //     benchmarks/packed_linear_stream/avx2_bench.cpp $SRC/csrc/cpu/isa_avx2.cpp \
 //     $SRC/csrc/cpu/cpu_features.cpp -o avx2_bench -pthread
 //   MBF=1 taskset -c 1 ./avx2_bench BITS [M [N [REPS]]]
@@ -18,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -84,17 +89,19 @@ int main(int argc, char** argv) {
   std::vector<float> y(size_t(M * N));
   const qk::IsaTable& T = qk::isa_table_avx2();
   const int path = T.pk_plan(P, qk::Dt::BF16, M);
-  std::vector<uint8_t> ws(size_t(T.pk_ws_bytes(P, qk::Dt::BF16, M, path)));
+  // 64-byte aligned, as torch's allocator gives the op (the GEMM's x tiles are read with aligned loads)
+  std::vector<uint8_t> ws_buf(size_t(T.pk_ws_bytes(P, qk::Dt::BF16, M, path)) + 64);
+  uint8_t* const ws = ws_buf.data() + (64 - reinterpret_cast<uintptr_t>(ws_buf.data()) % 64) % 64;
   const bool two = std::getenv("T2") != nullptr;
   if (two) pin(1);
   const int64_t half = (N / 2 + 15) / 16 * 16;
   auto rows = [&](int64_t n0, int64_t n1) {
-    for (int64_t r = 0; r < reps; ++r) T.pk_run(P, ws.data(), M, path, n0, n1, qk::Dt::F32, y.data(), N, nullptr);
+    for (int64_t r = 0; r < reps; ++r) T.pk_run(P, ws, M, path, n0, n1, qk::Dt::F32, y.data(), N, nullptr);
   };
   std::vector<double> ts;
   for (int it = 0; it < 40; ++it) {
     const auto t0 = std::chrono::steady_clock::now();
-    T.pk_prep(P, qk::Dt::BF16, xb.data(), K, M, path, 0, M, ws.data());
+    T.pk_prep(P, qk::Dt::BF16, xb.data(), K, M, path, 0, M, ws);
     if (two) {
       std::thread th([&] {
         pin(0);
