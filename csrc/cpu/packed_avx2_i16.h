@@ -66,6 +66,19 @@ inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   return L;
 }
 
+// The widest mode (kI16One < kI16Two < kI16Fp32) of rows [m0, m1) of x in an i16_prep workspace.
+inline int32_t i16_widest_mode(const uint8_t* ws, const I16Layout& L, int64_t m0, int64_t m1) {
+  int32_t mode = kI16One;
+  for (int64_t m = m0; m < m1; ++m)
+    mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
+  return mode;
+}
+
+// The zero points' integer parts zi (round to nearest, clamped to [-32, 32]; see i16_gemv_block_g).
+QK_SI __m256i i16_zero_int(__m256 z) {
+  return _mm256_min_epi32(_mm256_set1_epi32(32), _mm256_max_epi32(_mm256_set1_epi32(-32), _mm256_cvtps_epi32(z)));
+}
+
 // Each block of 32 int16 in place: x0 x1 .. x31 -> x0 x2 .. x30 x1 x3 .. x31 (the order in which
 // i16_codes gives int2 / int3 codes).
 inline void i16_even_odd(int16_t* x, int64_t nb) {
@@ -431,8 +444,7 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
     for (int r = 0; r < NR; ++r) {
       const float* sr = sz + 2 * r * G8;
       const __m256 zv = _mm256_loadu_ps(sr + G8 + g8);
-      const __m256i zi = _mm256_min_epi32(_mm256_set1_epi32(32),
-                                          _mm256_max_epi32(_mm256_set1_epi32(-32), _mm256_cvtps_epi32(zv)));
+      const __m256i zi = i16_zero_int(zv);
       const __m256 zf = _mm256_sub_ps(zv, _mm256_cvtepi32_ps(zi));
       const __m256 sv = _mm256_loadu_ps(sr + g8);
       for (int m = 0; m < MT; ++m) {
@@ -514,9 +526,7 @@ struct i16_gemv_rows_np {
 inline void i16_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                           int64_t ldy, const float* bias) {
   const I16Layout L = i16_layout(P, M);
-  int32_t mode = kI16One;
-  for (int64_t m = 0; m < M; ++m)
-    mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
+  const int32_t mode = i16_widest_mode(ws, L, 0, M);
   if (mode == kI16Fp32) return avx2_gemv_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
   if (mode == kI16Two) QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<2>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
   QK_BITS_DISPATCH(P.bits, i16_gemv_rows_np<1>::run, P, L, ws, M, n0, n1, ydt, y, ldy, bias)
@@ -629,8 +639,7 @@ inline I16GemmW i16g_decode(const PackedW& P, int64_t n, int nr) {
     }
     for (int64_t g = 0; g < G8; g += 8) {
       const __m256 zv = _mm256_loadu_ps(zr + g);
-      const __m256i zq =
-          _mm256_min_epi32(_mm256_set1_epi32(32), _mm256_max_epi32(_mm256_set1_epi32(-32), _mm256_cvtps_epi32(zv)));
+      const __m256i zq = i16_zero_int(zv);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(zir + g), zq);
       // s zf, not zf alone: zf S overflows fp32 for |z| > ~1e31 where s keeps the weights finite (a
       // review's z = 1e33, s = 1e-30 on the GEMV)
@@ -728,18 +737,13 @@ inline void i16g_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t 
     X.sh = reinterpret_cast<const int32_t*>(ws + Q.sh_off) + t * G * 8;
     return X;
   };
-  auto tile_two = [&](int64_t t) {  // does a row of tile t need two pieces?
-    int32_t mode = kI16One;
-    for (int64_t m = 8 * t; m < qmin(M, 8 * t + 8); ++m)
-      mode = qmax(mode, *reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off));
-    return mode == kI16Two;
-  };
+  auto two_t = [&](int64_t t) { return i16_widest_mode(ws, L, 8 * t, qmin(M, 8 * t + 8)) == kI16Two; };
   for (int64_t n = n0; n < n1; n += 8) {
     const int nr = int(qmin<int64_t>(8, n1 - n));
     const I16GemmW W = i16g_decode<BITS>(P, n, nr);
     for (int64_t t = 0; t < ntiles;) {
-      const bool two = tile_two(t);
-      const int mt = !two && t + 1 < ntiles && !tile_two(t + 1) ? 2 : 1;
+      const bool two = two_t(t);  // (a row of tile t needs two pieces)
+      const int mt = !two && t + 1 < ntiles && !two_t(t + 1) ? 2 : 1;
       const I16GemmX X[2] = {tile_x(t), tile_x(mt == 2 ? t + 1 : t)};
       __m256 C[2][8];
       for (int i = 0; i < 2; ++i)
@@ -766,10 +770,8 @@ inline void i16g_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t 
 // fp32 GEMM on the fp32 copy of x at the start of the workspace.
 inline void i16g_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                       int64_t ldy, const float* bias) {
-  const I16Layout L = i16_layout(P, M);
-  for (int64_t m = 0; m < M; ++m)
-    if (*reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.mode_off) == kI16Fp32)
-      return gemm_f32_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
+  if (i16_widest_mode(ws, i16_layout(P, M), 0, M) == kI16Fp32)
+    return gemm_f32_rows(P, reinterpret_cast<const float*>(ws), M, n0, n1, ydt, y, ldy, bias);
   QK_BITS_DISPATCH(P.bits, i16g_rows_b, P, ws, M, n0, n1, ydt, y, ldy, bias)
 }
 
