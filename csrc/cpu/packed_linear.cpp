@@ -242,6 +242,9 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_, const at::Tensor& qw_, const 
   const int64_t mc = std::min<int64_t>(M, T.pk_mchunk(path));
   auto ws = at::empty({T.pk_ws_bytes(P, xdt, mc, path)}, x.options().dtype(at::kByte));
   void* wp = ws.data_ptr();
+  // the kernels lay their workspace out in 64-byte aligned parts and read some with aligned loads
+  // (the AVX2 int16 GEMM's x tiles); torch's CPU allocator aligns to 64
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(wp) % 64 == 0, "quantkern.packed_linear: workspace not 64-byte aligned");
   const int64_t grain = T.pk_n_grain(path);
   const int64_t units = (N + grain - 1) / grain;
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
