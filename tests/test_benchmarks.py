@@ -78,6 +78,40 @@ def test_bench_qat_convert_quick():
     assert sum("packed (convert_qat)" in r for r in rows) == 4, out
 
 
+def test_bench_llm_decode_quick():
+    # a tiny Llama: every variant runs prefill and cached decoding; aten's int4 kernel on our 4-bit
+    # codes gives our int4 model's logits (the same weights), and the error grows as bits fall
+    pytest.importorskip("transformers")
+    r = _run_proc(["benchmarks.bench_llm_decode", "--quick", "--threads", "1", "--json", "-"], timeout=300)
+    doc = json.loads(r.stdout)
+    rows = {(x["impl"], x["pass"]): x for x in doc["rows"]}
+    impls = {i for i, _ in rows}
+    assert {"bf16 nn.Linear", "fp32 nn.Linear", "quantkern int4 g64", "quantkern int3 g64", "quantkern int2 g64",
+            "dynamic int8"} <= impls, impls
+    for x in doc["rows"]:
+        for k in ("ms", "tok_s", "weight_mb", "logit_err", "vs_bf16_x"):
+            assert math.isfinite(x[k]) and x[k] >= 0, (k, x)
+    err = {i: rows[(i, "decode")]["logit_err"] for i in impls}
+    assert err["fp32 nn.Linear"] == 0 and err["quantkern int4 g64"] < err["quantkern int3 g64"] < err["quantkern int2 g64"]
+    if "aten int4 g64" in impls:
+        assert abs(err["aten int4 g64"] - err["quantkern int4 g64"]) < 0.01 * err["quantkern int4 g64"]
+        assert rows[("aten int4 g64", "decode")]["weight_mb"] > 0
+    mb = {i: rows[(i, "decode")]["weight_mb"] for i in impls}
+    assert mb["quantkern int2 g64"] < mb["quantkern int3 g64"] < mb["quantkern int4 g64"] < mb["bf16 nn.Linear"]
+    assert "tokens/s" in r.stderr
+
+
+def test_bench_llm_decode_bad_args(capsys):
+    m = _bench("llm_decode")
+    for argv, msg in ((["--group", "48"], "multiple of 32"), (["--quick", "--group", "128"], "must divide --ffn"),
+                      (["--heads", "3"], "multiple of --heads"), (["--bits", "5"], "'5' is not one of"),
+                      (["--device", "cuda"], "CPU only")):
+        with pytest.raises(SystemExit) as e:
+            m.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err, (argv, err)
+
+
 def test_benchmarks_main_lists_benches():
     names = _run(["benchmarks", "--list"], timeout=60).split()
     assert "fake_quant_lsq" in names
