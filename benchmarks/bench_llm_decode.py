@@ -151,20 +151,20 @@ def linear_bytes(model: nn.Module, keep_lm_head: bool) -> int:
 
 
 def variants(fp32: nn.Module, args, out):
-    """(name, model, x dtype, weight bytes) one at a time: a variant's model is built when its turn
-    comes and dropped after, so that only the fp32 model and one variant are in memory."""
-    import quantkern
+    """(name, model, weight bytes) one at a time: a variant's model is built when its turn comes and
+    dropped after, so that the fp32 model, its bf16 copy (the quantized variants' source) and one
+    variant are in memory at a time."""
     from quantkern.nn import replace_linear
 
     skip = ["lm_head"] if args.keep_lm_head else None
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    yield "bf16 nn.Linear", bf16, torch.bfloat16, linear_bytes(bf16, args.keep_lm_head)
+    yield "bf16 nn.Linear", bf16, linear_bytes(bf16, args.keep_lm_head)
     if not args.no_baselines:
-        yield "fp32 nn.Linear", fp32, torch.float32, linear_bytes(fp32, args.keep_lm_head)
+        yield "fp32 nn.Linear", fp32, linear_bytes(fp32, args.keep_lm_head)
     for bits in args.bits:
         m = copy.deepcopy(bf16)
         replace_linear(m, bits, args.group, skip=skip, meta_dtype=torch.bfloat16)
-        yield f"quantkern int{bits} g{args.group}", m, torch.bfloat16, linear_bytes(m, args.keep_lm_head)
+        yield f"quantkern int{bits} g{args.group}", m, linear_bytes(m, args.keep_lm_head)
         if bits == 4 and not args.no_baselines:
             a = m  # the same codes and scales on aten's kernel
             try:
@@ -173,7 +173,7 @@ def variants(fp32: nn.Module, args, out):
             except Exception as e:  # noqa: BLE001  (a torch without the CPU int4 op)
                 print(f"# aten int4 unavailable: {e}", file=out)
             else:
-                yield f"aten int4 g{args.group}", a, torch.bfloat16, linear_bytes(a, args.keep_lm_head)
+                yield f"aten int4 g{args.group}", a, linear_bytes(a, args.keep_lm_head)
         del m
         gc.collect()
     if not args.no_baselines:
@@ -189,7 +189,7 @@ def variants(fp32: nn.Module, args, out):
         else:
             n8 = sum(m.weight().numel() for n, m in q8.named_modules() if type(m).__name__ == "Linear"
                      and hasattr(m, "weight") and callable(m.weight))
-            yield "dynamic int8", q8, torch.float32, n8
+            yield "dynamic int8", q8, n8
     del bf16
     gc.collect()
 
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         ref = fp32(ids).logits[0].float()
     rows: list[H.Row] = []
-    for name, model, _xdt, nbytes in variants(fp32, args, out):
+    for name, model, nbytes in variants(fp32, args, out):
         pre, steps, logits = run_variant(model, ids, args)
         dec = statistics.median(steps)
         q1, q3 = (statistics.quantiles(steps, n=4)[0], statistics.quantiles(steps, n=4)[2]) if len(steps) > 1 else (dec, dec)
