@@ -132,11 +132,6 @@ def linears(model: nn.Module, keep_lm_head: bool) -> list[tuple[str, nn.Module]]
             and (isinstance(m, (nn.Linear, AtenInt4Linear)) or hasattr(m, "packed_weight"))]
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def linear_bytes(model: nn.Module, keep_lm_head: bool) -> int:
     """Bytes of the replaced layers' weights as stored (codes + scales + zeros, or the dense weight)."""
     total = 0
@@ -169,7 +164,7 @@ def variants(fp32: nn.Module, args, out):
             a = m  # the same codes and scales on aten's kernel
             try:
                 for name, mod in linears(a, args.keep_lm_head):
-                    set_module(a, name, AtenInt4Linear(mod.packed_weight, mod.bias))
+                    a.set_submodule(name, AtenInt4Linear(mod.packed_weight, mod.bias))
             except Exception as e:  # noqa: BLE001  (a torch without the CPU int4 op)
                 print(f"# aten int4 unavailable: {e}", file=out)
             else:
