@@ -3,7 +3,9 @@
 Shapes are ``KxN`` = in_features x out_features (the weight is ``[N, K]``):
 4096x4096, 4096x11008 (LLM up/gate), 11008x4096 (LLM down), 768x3072 and
 3072x768 (ViT-B MLP); M (rows of x) in {1, 8, 32, 128}; bits 2, 3, 4; group
-size 64 and 128; x in bfloat16 (default) and/or float32 (``--dtype``).
+size 64 and 128; x in bfloat16 (default) and/or float32 (``--dtype``), standard normal
+(default) or with LLM-style outlier channels (``--x outliers``: every 1024th channel 40x, so one
+group of 64 in 16 holds an outlier; the integer GEMVs give such groups a second piece of x).
 
 Cold weights: every implementation rotates through enough copies of its
 weight to touch more than ``--pool-mib`` (default 1024 MiB or twice the last-level
@@ -102,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=H.positive_float, default=None,
                    help="seconds of timed calls per measurement (default 0.6; 0.1 with --quick)")
     p.add_argument("--no-baselines", action="store_true", help="only quantkern rows")
+    p.add_argument("--x", choices=("gaussian", "outliers"), default="gaussian",
+                   help="x: standard normal, or with every 1024th channel 40x (LLM-style outlier channels)")
     args = p.parse_args(argv)
     groups_given = args.groups is not None
     args.shapes = args.shapes or [kxn(s) for s in (["768x3072", "4096x11008"] if args.quick else SHAPES)]
@@ -145,6 +149,15 @@ def _aten_int4(q: torch.Tensor, dev: torch.device):
     return torch.ops.aten._convert_weight_to_int4pack(qu8, 8), torch.ops.aten._weight_int4pack_mm
 
 
+def make_x(M: int, K: int, g: torch.Generator, kind: str) -> torch.Tensor:
+    """fp32 x [M, K]: standard normal; ``"outliers"``: channels 7, 1031, 2055, ... (every 1024th) 40x,
+    as the few large hidden channels of LLM activations."""
+    x = torch.randn(M, K, generator=g)
+    if kind == "outliers":
+        x[:, 7::1024] *= 40.0
+    return x
+
+
 def bench_shape(K: int, N: int, args, rows: list, out, dev: torch.device = torch.device("cpu")) -> None:
     import quantkern
     from quantkern import PackedWeight
@@ -152,7 +165,7 @@ def bench_shape(K: int, N: int, args, rows: list, out, dev: torch.device = torch
     g = torch.Generator().manual_seed(0)
     W = torch.randn(N, K, generator=g) * 0.02
     case = f"{K}x{N}"
-    xs = {(d, M): torch.randn(M, K, generator=g).to(DTYPES[d]).to(dev) for d in args.dtype for M in args.m}
+    xs = {(d, M): make_x(M, K, g, args.x).to(DTYPES[d]).to(dev) for d in args.dtype for M in args.m}
 
     def add(impl, dtype, M, t, nbytes, **extra):
         rows.append(H.Row(case=case, impl=impl, pass_=f"{dtype} M={M}", ms=t.median, spread=t.spread, bytes=nbytes,
@@ -263,7 +276,7 @@ def main(argv=None) -> int:
     cp0, rd0 = H.copy_bandwidth(dev, bw_bytes), H.read_bandwidth(dev, bw_bytes)
     quick_note = " (--quick: smoke test, not a measurement; the small pool stays in cache: roofline can exceed 100%)"
     print(f"# packed_linear benchmark{quick_note if args.quick else ''}", file=out)
-    print(f"# {H.describe(info)}; cpu features {quantkern.ops.cpu_features()}", file=out)
+    print(f"# {H.describe(info)}; cpu features {quantkern.ops.cpu_features()}; x {args.x}", file=out)
     print(f"# bandwidth at start: read {rd0:.1f} GB/s, copy (read+write) {cp0:.1f} GB/s; "
           f"cold-weight pool {args.pool // H.MiB} MiB", file=out)
     rows: list[H.Row] = []

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -178,6 +179,7 @@ BAD_ARGS = [
     # a default group size that does not fit --shapes: the message says it is the default (not typed by the user)
     ("packed_linear", "parse_args", ["--shapes", "64x64"], "--groups 128 (the default; pass --groups) does not fit"),
     ("packed_linear", "parse_args", ["--dtype", "fp8"], "'fp8' is not one of"),
+    ("packed_linear", "parse_args", ["--x", "cauchy"], "invalid choice: 'cauchy'"),
     ("fake_quant_lsq", "parse_args", ["--bw-mib", "-5"], "--bw-mib: must be >= 1"),
     ("fake_quant_lsq", "parse_args", ["--pool-mib", "-1"], "--pool-mib: must be >= 0"),
     ("fake_quant_lsq", "parse_args", ["--pass", ","], "at least one value"),
@@ -223,7 +225,10 @@ def test_bench_arg_lists_parse():
                                             "--dtype", "float32"])
     assert (a.shapes, a.m, a.bits, a.groups, a.dtype) == ([(256, 512)], [1, 8], [2, 4], [256], ["float32"])
     q = _bench("packed_linear").parse_args(["--quick"])
-    assert (q.shapes, q.m, q.bits, q.groups, q.dtype) == ([(768, 3072), (4096, 11008)], [1, 32], [4], [64], ["bfloat16"])
+    assert (q.shapes, q.m, q.bits, q.groups, q.dtype, q.x) == ([(768, 3072), (4096, 11008)], [1, 32], [4], [64],
+                                                               ["bfloat16"], "gaussian")
+    x = _bench("packed_linear").make_x(3, 2048, torch.Generator().manual_seed(0), "outliers")
+    assert (x[:, 7::1024].abs().mean() > 10 * x.abs().mean()) and x.shape == (3, 2048)
     f = _bench("fake_quant_lsq").parse_args(["--pass", "bwd,fwd", "--impl", "composite"])
     assert (f.passes, f.case, f.impl) == (["bwd", "fwd"], ["per-tensor", "per-channel"], ["composite"])
     osc = _bench("oscillation")

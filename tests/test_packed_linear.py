@@ -176,6 +176,43 @@ def test_packed_linear_gemm_tiles_take_their_own_pieces(bits, config):
                 assert not torch.isfinite(y[-1]).any() and torch.isfinite(y[:-1]).all()
 
 
+@pytest.mark.skipif("avx2" not in NATIVE, reason="the AVX2 int16 GEMV / GEMM (this CPU has no AVX2)")
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_packed_linear_avx2_second_piece_per_group(bits):
+    """The AVX2 int16 GEMV and GEMM give x a second piece in the groups whose range needs it (an
+    outlier channel, a heavy tail, a DC offset), not in every group of the row, tile or call: a row's
+    output is then the same bits whatever the other rows of its call (GEMV: each row alone; GEMM:
+    another row of its tile of 8 replaced by one that needs two pieces everywhere), and rows mixing
+    one- and two-piece groups stay within the 2x F.linear bound. Group sizes 64 / 128 (the short-group
+    GEMV and the GEMM), 1024 (their limit) and 2048 (the GEMV's long-group path), one group per row."""
+    quantkern.set_cpu_capability("avx2")
+    try:
+        g = torch.Generator().manual_seed(50 + bits)
+        for N, K, gs in ((37, 1024, 64), (20, 2048, 128), (11, 2048, 1024), (9, 4096, 2048), (13, 1024, 1024)):
+            pw = PackedWeight.from_float(torch.randn(N, K, generator=g), bits, gs, torch.bfloat16)
+            for dt in (torch.bfloat16, torch.float16):
+                x = torch.randn(24, K, generator=g)
+                x[:8, 5] *= 40.0  # an outlier channel: its group needs two pieces in rows 0-7
+                x[3] = torch.distributions.StudentT(2.0).sample((K,)).clamp(-1e3, 1e3)  # heavy tails
+                x[6, K // 2:] = 3.0 + 0.01 * torch.randn(K // 2, generator=g)  # a DC offset, half the row
+                x = x.to(dt)
+                xs = x[:9]  # the GEMV (M <= 11)
+                y = ops.packed_linear(xs, pw)
+                check_accuracy(y, xs, pw)
+                for i in range(9):
+                    assert torch.equal(y[i], ops.packed_linear(xs[i:i + 1], pw)[0]), (N, K, gs, dt, i)
+                y = ops.packed_linear(x, pw)  # the GEMM: tiles 0 (mixed) and 1, 2 (one piece)
+                check_accuracy(y, x, pw)
+                x2 = x.clone()
+                x2[9, ::7] = 300.0  # every group of row 9 needs two pieces now
+                y2 = ops.packed_linear(x2, pw)
+                check_accuracy(y2, x2, pw)
+                keep = [i for i in range(24) if i != 9]
+                assert torch.equal(y2[keep], y[keep]), (N, K, gs, dt)
+    finally:
+        quantkern.set_cpu_capability("auto")
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_dc_offset_on_balanced_exact_weights(bits, config):
     """x = 3 + small noise on rows whose weights (exact in fp16) cancel the offset: the output is the

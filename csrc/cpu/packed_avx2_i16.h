@@ -45,9 +45,10 @@ constexpr int64_t kI16ShortGroup = 32;
 // per row m: xh, xl int16 [Kp]; A fp32 [G] (a_g); S1, S2 fp64 [G] (the pieces' sums for one and
 // for two pieces, S_g above; i16_gemv_block); ShI, SlI int32 [G] (sum h, sum l) and S2F fp32 [G]
 // (S2) for i16_gemv_block_g, which reads A, ShI, SlI and S2F 8 groups at a time: those are zero from
-// G to G rounded up to 16; mode int32.
+// G to G rounded up to 16; Two int32 [G] (1 where the group takes two pieces); mode int32 (the row's
+// widest: kI16Two where any group takes two pieces).
 struct I16Layout {
-  int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, ShI_off, SlI_off, S2F_off, mode_off, per_m;
+  int64_t xf_bytes, xh_off, xl_off, A_off, S1_off, S2_off, ShI_off, SlI_off, S2F_off, Two_off, mode_off, per_m;
 };
 inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   I16Layout L;
@@ -61,7 +62,8 @@ inline I16Layout i16_layout(const PackedW& P, int64_t M) {
   L.ShI_off = L.S2_off + G * 8;
   L.SlI_off = L.ShI_off + G * 4;
   L.S2F_off = L.SlI_off + G * 4;
-  L.mode_off = L.S2F_off + G * 4;
+  L.Two_off = L.S2F_off + G * 4;
+  L.mode_off = L.Two_off + G * 4;
   L.per_m = round_up(L.mode_off + 4, 64);
   return L;
 }
@@ -116,9 +118,10 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
     int32_t* ShI = reinterpret_cast<int32_t*>(wm + L.ShI_off);
     int32_t* SlI = reinterpret_cast<int32_t*>(wm + L.SlI_off);
     float* S2F = reinterpret_cast<float*>(wm + L.S2F_off);
+    int32_t* Two = reinterpret_cast<int32_t*>(wm + L.Two_off);
     for (int64_t g = P.G; g < round_up(P.G, 16); ++g) {  // read 8 groups at a time
       A[g] = 0.f;
-      ShI[g] = SlI[g] = 0;
+      ShI[g] = SlI[g] = Two[g] = 0;
       S2F[g] = 0.f;
     }
     mode = kI16One;
@@ -157,12 +160,12 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
         break;
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards two pieces
-      if (amax * float(k1 - k0) > kVnniWideRange * asum) mode = kI16Two;
+      bool two = amax * float(k1 - k0) > kVnniWideRange * asum;
       // x spread over less than amax / 8 (a DC offset with small variations): one piece's error,
       // amax / 65534 per entry, is then large next to what varies, and weights whose products
       // cancel the offset (rows summing to ~0) leave only that error (a review: 300x F.linear's
       // with x = 3 + 0.01 noise on balanced weights exact in fp16)
-      if (xhi - xlo < amax * (1.f / kVnniWideRange)) mode = kI16Two;
+      if (xhi - xlo < amax * (1.f / kVnniWideRange)) two = true;
       const float inv = amax > 0.f ? 32767.f / amax : 0.f, a = amax / 32767.f;
       A[g] = a;
       const __m256 vinv = _mm256_set1_ps(inv), vsmall = _mm256_set1_ps(amax / kVnniWideRange);
@@ -212,18 +215,33 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       ShI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sh)));
       SlI[g] = int32_t(qmax(-2147483648.0, qmin(2147483647.0, sl)));
       S2F[g] = float(S2[g]);
-      // As in the VNNI path, only a bulk holding half the nonzero entries counts: a few small
-      // entries' mean falls below amax / 32 by chance too often (uniform x, g64: ~1/3 of rows).
+      // As in the VNNI path, only a bulk holding 3/8 of the nonzero entries counts (kVnniBulkRange):
+      // a few small entries' mean falls below amax / 32 by chance too often (uniform x, g64: ~1/3 of rows).
       // So a group mostly at amax whose large entries all meet zero weights keeps one piece and its
       // small entries' error (a review: 26x F.linear's with 3/4 of a group at amax, the rest at
       // amax / 1000; README).
-      if (2 * nbulk >= nnz && nbulk > 0) {
+      if (8 * nbulk >= 3 * nnz && nbulk > 0) {
         const float bulk = reduce_add(V{vbulk});
         if (amax * float(nbulk) > kI16BulkFp32 * bulk) {
           mode = kI16Fp32;
           break;
         }
-        if (amax * float(nbulk) > kVnniBulkRange * bulk) mode = kI16Two;
+        if (amax * float(nbulk) > kVnniBulkRange * bulk) two = true;
+      }
+      // Pieces per group, not per row: a group that needs no second piece gets l = 0 and the sums of
+      // one piece, so the two-piece loops compute exactly the one-piece value for it and may skip
+      // its second piece (i16_gemv_block(_g), i16g_micro). Real activations trip the rules above in
+      // a minority of their groups (an outlier channel, a heavy tail: 13-42% of the groups of
+      // MiniLM's and a Llama MLP's inputs) but in most rows, which took two pieces throughout; and a
+      // row's output no longer depends on the other rows of its call.
+      Two[g] = two;
+      if (two) {
+        mode = kI16Two;
+      } else {
+        std::memset(xl + k0, 0, size_t(k1 - k0) * 2);
+        S2[g] = sh;
+        SlI[g] = 0;
+        S2F[g] = float(sh);
       }
     }
     if (P.bits != 4 && mode != kI16Fp32) {  // int2 / int3 read x in even / odd order (see i16_codes)
@@ -306,13 +324,21 @@ template <int MT, int NR>
 struct I16Rows {
   const int16_t* xh[MT];
   const int16_t* xl[MT];
+  const int32_t* two[MT];
   const uint8_t* w[NR];
   I16Rows(const PackedW& P, const I16Layout& L, const uint8_t* wrow, int64_t n) {
     for (int m = 0; m < MT; ++m) {
       xh[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xh_off);
       xl[m] = reinterpret_cast<const int16_t*>(wrow + m * L.per_m + L.xl_off);
+      two[m] = reinterpret_cast<const int32_t*>(wrow + m * L.per_m + L.Two_off);
     }
     for (int r = 0; r < NR; ++r) w[r] = P.qw + (n + r) * P.row_bytes;
+  }
+  // Group g of one of the MT rows takes two pieces (the others' l are 0 there: i16_prep).
+  bool two_in(int64_t g) const {
+    int32_t t = 0;
+    for (int m = 0; m < MT; ++m) t |= two[m][g];
+    return t != 0;
   }
 };
 
@@ -372,7 +398,11 @@ inline void i16_gemv_block(const PackedW& P, const I16Layout& L, const uint8_t* 
       __m256i ah[MT][NR], al[MT][NR];
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
-      for (int64_t j = c0; j < qmin(jg1, c0 + kI16FlushBlocks); ++j) i16_block<BITS, MT, NR, NP>(P, R, j, ah, al);
+      const int64_t c1 = qmin(jg1, c0 + kI16FlushBlocks);
+      if (NP == 2 && R.two_in(g))
+        for (int64_t j = c0; j < c1; ++j) i16_block<BITS, MT, NR, 2>(P, R, j, ah, al);
+      else  // (al stays 0)
+        for (int64_t j = c0; j < c1; ++j) i16_block<BITS, MT, NR, 1>(P, R, j, ah, al);
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) {
           sh[m][r] += lanes(ah[m][r]);
@@ -432,7 +462,10 @@ inline void i16_gemv_block_g(const PackedW& P, const I16Layout& L, const uint8_t
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) ah[m][r] = al[m][r] = _mm256_setzero_si256();
       const int64_t j0 = (g8 + gi) * gb;
-      for (int64_t jj = 0; jj < gb; ++jj) i16_block<BITS, MT, NR, NP>(P, R, j0 + jj, ah, al);
+      if (NP == 2 && R.two_in(g8 + gi))
+        for (int64_t jj = 0; jj < gb; ++jj) i16_block<BITS, MT, NR, 2>(P, R, j0 + jj, ah, al);
+      else  // (al stays 0)
+        for (int64_t jj = 0; jj < gb; ++jj) i16_block<BITS, MT, NR, 1>(P, R, j0 + jj, ah, al);
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NR; ++r) {
           _mm256_store_si256(reinterpret_cast<__m256i*>(seg[(m * NR + r) * NP][gi]), ah[m][r]);
@@ -521,8 +554,9 @@ struct i16_gemv_rows_np {
   }
 };
 
-// Rows [n0, n1) of y. One row of x needing two pieces makes the call read two pieces of every
-// row (its rows' pieces are all computed), one needing fp32 sends the call to the fp32 GEMV.
+// Rows [n0, n1) of y. A row of x needing two pieces in a group makes the call run the two-piece
+// loops, which read the second piece in the groups where a row of the x tile needs it (the other
+// rows' l are 0 there); a row needing fp32 sends the call to the fp32 GEMV.
 inline void i16_gemv_rows(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                           int64_t ldy, const float* bias) {
   const I16Layout L = i16_layout(P, M);
@@ -670,6 +704,7 @@ inline I16GemmW i16g_decode(const PackedW& P, int64_t n, int nr) {
 struct I16GemmX {
   const int32_t *xh, *xl, *sh;
   const float *a, *s2;
+  const uint8_t* two;  // [G]: group g takes two pieces in a row of the tile (i16g_rows_b)
 };
 
 // Rows r0 .. r0 + NR - 1 of a decoded block of W against MT tiles of 8 rows of x, NP pieces, all
@@ -686,23 +721,29 @@ inline void i16g_micro(const PackedW& P, const I16GemmW& W, int r0, const I16Gem
     for (int t = 0; t < MT; ++t)
       for (int r = 0; r < NR; ++r) ah[t][r] = al[t][r] = _mm256_setzero_si256();
     const int64_t p1 = qmin(np2, (g + 1) * pg);  // p1 - g pg: a multiple of 16
-    // two pairs per trip: GCC copies fewer accumulators between registers (8 moves per pair at one
-    // pair per trip, ~4.5 at two; 4 pairs gave no more)
+    auto pairs = [&](auto np) QK_SI_LAMBDA {
+      constexpr int NPG = decltype(np)::value;
+      // two pairs per trip: GCC copies fewer accumulators between registers (8 moves per pair at one
+      // pair per trip, ~4.5 at two; 4 pairs gave no more)
 #pragma GCC unroll 2
-    for (int64_t p = g * pg; p < p1; ++p) {
-      __m256i vh[MT], vl[MT];
-      for (int t = 0; t < MT; ++t) {
-        vh[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xh + 8 * p));
-        if constexpr (NP == 2) vl[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xl + 8 * p));
-      }
-      for (int r = 0; r < NR; ++r) {
-        const __m256i wv = _mm256_set1_epi32(W.w[r0 + r][p]);
+      for (int64_t p = g * pg; p < p1; ++p) {
+        __m256i vh[MT], vl[MT];
         for (int t = 0; t < MT; ++t) {
-          ah[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vh[t]), ah[t][r]);
-          if constexpr (NP == 2) al[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vl[t]), al[t][r]);
+          vh[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xh + 8 * p));
+          if constexpr (NPG == 2) vl[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(X[t].xl + 8 * p));
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m256i wv = _mm256_set1_epi32(W.w[r0 + r][p]);
+          for (int t = 0; t < MT; ++t) {
+            ah[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vh[t]), ah[t][r]);
+            if constexpr (NPG == 2) al[t][r] = _mm256_add_epi32(_mm256_madd_epi16(wv, vl[t]), al[t][r]);
+          }
         }
       }
-    }
+    };
+    // a group where no row of the tile takes a second piece: its l are 0 (i16_prep), al stays 0
+    if (NP == 2 && X[0].two[g]) pairs(std::integral_constant<int, 2>{});
+    else pairs(std::integral_constant<int, 1>{});
     for (int t = 0; t < MT; ++t) {
       const __m256 a = _mm256_load_ps(X[t].a + 8 * g);
       const __m256 aS = _mm256_mul_ps(a, NP == 2 ? _mm256_load_ps(X[t].s2 + 8 * g)
@@ -720,16 +761,26 @@ inline void i16g_micro(const PackedW& P, const I16GemmW& W, int r0, const I16Gem
 }
 
 // Rows [n0, n1) of y for all M rows of x: 8 rows of W at a time, decoded once, against every tile
-// of 8 rows of x, two tiles at once where both take one piece (a tile takes two pieces where one of
-// its rows needs them).
+// of 8 rows of x, two tiles at once where both take one piece (a tile takes two pieces in the
+// groups where one of its rows needs them).
 template <int BITS>
 inline void i16g_rows_b(const PackedW& P, const uint8_t* ws, int64_t M, int64_t n0, int64_t n1, Dt ydt, void* y,
                         int64_t ldy, const float* bias) {
   const I16Layout L = i16_layout(P, M);
   const I16GemmLayout Q = i16g_layout(P, M);
   const int64_t np2 = P.Kp() / 2, G = P.G, ntiles = (M + 7) / 8;
+  // per tile and group: 1 where a row of the tile takes two pieces in that group
+  uint8_t* two = static_cast<uint8_t*>(scratch(7, size_t(ntiles) * G));
+  for (int64_t t = 0; t < ntiles; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t any = 0;
+      for (int64_t m = 8 * t; m < qmin(M, 8 * t + 8); ++m)
+        any |= reinterpret_cast<const int32_t*>(ws + L.xf_bytes + m * L.per_m + L.Two_off)[g];
+      two[t * G + g] = uint8_t(any != 0);
+    }
   auto tile_x = [&](int64_t t) {
     I16GemmX X;
+    X.two = two + t * G;
     X.xh = reinterpret_cast<const int32_t*>(ws + Q.xh_off) + t * np2 * 8;
     X.xl = reinterpret_cast<const int32_t*>(ws + Q.xl_off) + t * np2 * 8;
     X.a = reinterpret_cast<const float*>(ws + Q.a_off) + t * G * 8;
