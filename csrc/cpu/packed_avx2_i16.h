@@ -3,9 +3,9 @@
 // over the same pieces of x. Included by packed_kernel.h (whose helpers it uses) in the AVX2 build.
 //
 // x is quantized per group g to int16: x ~ a_g h with a_g = amax_g / 32767 (error <= a_g / 2 =
-// amax / 65534, as the VNNI path's two int8 pieces), or, where a group's range is wide (the VNNI
-// path's rules: an outlier, or a bulk of small entries under a few large ones) or its spread
-// narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with
+// amax / 65534, as the VNNI path's two int8 pieces), or, where that group's range is wide (the VNNI
+// path's rules: an outlier, at twice the ratio for bf16 x, or a bulk of small entries under a few
+// large ones) or its spread narrow (a DC offset), to two pieces, x ~ a_g (h + l / 65536) (error <= amax / 2^32). x with
 // inf / NaN, a range no int16 split holds, or a nonzero group amax below 2^-64 or above 2^64 takes
 // the exact fp32 GEMV of packed_avx2.h instead. Codes are decoded to int16 lanes (int4 in natural
 // order, int2 / int3 even weights then odd ones, x stored to match) and vpmaddwd sums code * h
@@ -30,6 +30,16 @@ enum I16Mode : int32_t { kI16One = 0, kI16Two = 1, kI16Fp32 = 2 };
 // Blocks summed in int32 before a flush: a lane takes 4 products of |q h| <= 15 * 32768 per
 // block, so 512 blocks keep the sum of two lanes below 2^31 (groups longer than that flush inside).
 constexpr int64_t kI16FlushBlocks = 512;
+// With bf16 x, a group whose amax exceeds this multiple of its mean |x| takes two pieces (fp16 x,
+// and the VNNI GEMV: kVnniWideRange, 8). Where such a group's outlier meets a zero weight, the output
+// comes from the other entries, about amax / R in size (R the ratio), and one piece's error (uniform,
+// steps of amax / 32767) is about R / 113500 of that output: at R = 16, 1.4e-4, an eighth of bf16
+// `F.linear`'s output rounding (2^-9 / sqrt 3). fp16 rounds 4x finer, and a fuzz with R = 16 for
+// fp16 too (rows of 8 groups mixing outliers of 9-17x, heavy tails, tiny bulks; 90% of the weights
+// at their zero point) put 3 rows of 8000 at 2.2-2.5x `F.linear`'s error. At 8, the silu(a) * b
+// inputs of an LLM's MLP down projection put 48% of their g64 groups on two pieces, at 16 1.7%
+// (Student-t with 3 degrees: 16% -> 1.4%; ReLU'd Gaussian 7.5% -> 0%).
+constexpr float kI16WideRangeBf16 = 16.f;
 // Below amax / kI16BulkFp32 a group's bulk (see kVnniBulkRange) loses fp16 precision even in two
 // pieces (resolution amax / 2^32; at 2^18 the bulk keeps ~2^-14 relative).
 constexpr float kI16BulkFp32 = 262144.f;
@@ -106,6 +116,7 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 c65536 = _mm256_set1_ps(65536.f), zero = _mm256_setzero_ps();
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const float wide = xdt == Dt::BF16 ? kI16WideRangeBf16 : kVnniWideRange;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xf = xf_all + m * Kp;
     uint8_t* wm = ws + L.xf_bytes + m * L.per_m;
@@ -160,7 +171,7 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
         break;
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards two pieces
-      bool two = amax * float(k1 - k0) > kVnniWideRange * asum;
+      bool two = amax * float(k1 - k0) > wide * asum;
       // x spread over less than amax / 8 (a DC offset with small variations): one piece's error,
       // amax / 65534 per entry, is then large next to what varies, and weights whose products
       // cancel the offset (rows summing to ~0) leave only that error (a review: 300x F.linear's
@@ -232,7 +243,7 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
       // one piece, so the two-piece loops compute exactly the one-piece value for it and may skip
       // its second piece (i16_gemv_block(_g), i16g_micro). Real activations trip the rules above in
       // a minority of their groups (an outlier channel, a heavy tail: 13-42% of the groups of
-      // MiniLM's and a Llama MLP's inputs) but in most rows, which took two pieces throughout; and a
+      // MiniLM's and a Llama MLP's inputs at the outlier ratio 8) but in most rows, which took two pieces throughout; and a
       // row's output no longer depends on the other rows of its call.
       Two[g] = two;
       if (two) {
