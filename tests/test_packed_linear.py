@@ -213,6 +213,55 @@ def test_packed_linear_avx2_second_piece_per_group(bits):
         quantkern.set_cpu_capability("auto")
 
 
+def _mixed_group(gs, kind, scale, g):
+    """One group of x for the fuzz below: ``kind`` as named there, times ``scale``."""
+    x = torch.randn(gs, generator=g)
+    if kind == "halftiny":  # half at 1, half tiny, one exact 0
+        x = torch.where(torch.rand(gs, generator=g) < 0.5, torch.ones(gs), x * 1e-5)
+        x[int(torch.randint(gs, (1,), generator=g))] = 0
+    elif kind == "dc":
+        x = 3 + 0.01 * x
+    elif kind in ("outlier", "mid"):  # one entry at 50x, or at 9-17x the mean |x|
+        r = 50.0 if kind == "outlier" else 9 + 8 * float(torch.rand(1, generator=g))
+        x[int(torch.randint(gs, (1,), generator=g))] = r * x.abs().mean()
+    elif kind == "sparse":
+        x = x * (torch.rand(gs, generator=g) < 0.1)
+    elif kind == "relu":
+        x = x.relu()
+    elif kind == "bulk":  # 70% at 1e-3 under entries at +-1
+        x = torch.where(torch.rand(gs, generator=g) < 0.7, x * 1e-3, x.sign())
+    elif kind == "silu":
+        x = F.silu(x) * torch.randn(gs, generator=g)
+    return x * scale
+
+
+def test_packed_linear_rows_of_mixed_groups(config):
+    """A fuzz of rows whose groups each follow another distribution (Gaussian, ReLU'd, sparse, one
+    outlier of 50x or of 9-17x the mean |x|, half large and half tiny, a DC offset, a small bulk under
+    large entries, silu(a) * b; scales 1e-3 - 1e2), on weights with 0, 50% or 90% of the codes at the
+    zero point, fp16 / bf16, one row per call and 16 per call: the integer GEMVs / GEMM decide their
+    pieces per group (AVX2) or per row (AVX-512), and every call stays within 2x F.linear's error."""
+    g = torch.Generator().manual_seed(77)
+    kinds = ("gauss", "halftiny", "dc", "outlier", "mid", "mid", "sparse", "relu", "bulk", "silu")
+    for trial in range(120):
+        gs = (32, 64, 128)[trial % 3]
+        K, N, bits = gs * (2, 4, 8)[trial // 3 % 3], 8, (2, 3, 4)[trial // 27 % 3]
+        zero = 2 ** (bits - 1)
+        q = torch.randint(0, 2 ** bits, (N, K), generator=g)
+        q[torch.rand(N, K, generator=g) < (0.0, 0.5, 0.9)[trial // 9 % 3]] = zero
+        pw = PackedWeight.from_quantized(q.to(torch.uint8), torch.full((N, K // gs), 0.125),
+                                         torch.full((N, K // gs), float(zero)), bits, gs)
+        dt = (torch.float16, torch.bfloat16)[trial % 2]
+        rows = []
+        for _ in range(16):
+            picks = torch.randint(len(kinds), (K // gs,), generator=g).tolist()
+            scales = (10 ** (5 * torch.rand(K // gs, generator=g) - 3)).tolist()
+            rows.append(torch.cat([_mixed_group(gs, kinds[i], sc, g) for i, sc in zip(picks, scales)]))
+        x = torch.stack(rows).to(dt)
+        check_accuracy(ops.packed_linear(x, pw), x, pw)
+        check_accuracy(torch.cat([ops.packed_linear(x[i:i + 1], pw) for i in range(16)]), x, pw)
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_packed_linear_dc_offset_on_balanced_exact_weights(bits, config):
     """x = 3 + small noise on rows whose weights (exact in fp16) cancel the offset: the output is the
