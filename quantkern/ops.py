@@ -188,8 +188,8 @@ def fake_quant_lsq(
     """
     op = "fake_quant_lsq"
     offset, axis = _check_qparams(op, x, scale, offset, qmin, qmax, axis, group_size, xname="x")
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 < grad_scale < float("inf"):
-        raise ValueError(f"quantkern.{op}: grad_scale must be a finite float > 0, got {grad_scale!r}")
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) or not 0 < grad_scale < float("inf"):
+        raise ValueError(f"quantkern.{op}: grad_scale must be a finite number > 0, got {grad_scale!r}")
     be = _pick_backend(op, x, backend)
     fn = torch.ops.quantkern.fake_quant_lsq_triton if be == "triton" else torch.ops.quantkern.fake_quant_lsq
     # torch.func refuses the autograd register_autograd generates: inside a transform, a Function that it takes

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import quantkern.ptq
 import quantkern.reference.calibrate as R
 from quantkern.ptq.calibrate import (
     ActQuantizer,
@@ -226,6 +227,13 @@ def test_reference_matches_literal_nvidia_port():
     mse_amax, pct_amax = _nvidia_mse_percentile(hn, en, 4, 99.9, start_bin=40)
     assert float(R.amax_mse(h, e, 4, start_bin=40)) == mse_amax
     assert float(R.amax_percentile(h, e, 99.9)) == pct_amax
+
+
+def test_reference_mse_of_all_zeros():
+    # every edge 0: the candidates' scales were inf, every error NaN, and first_min took .min() of
+    # nothing; the library (and the reference's entropy / percentile) give 0
+    h, e = R.abs_histogram(torch.zeros(100), 2048)
+    assert float(R.amax_mse(h, e, 8)) == 0.0 == float(quantkern.ptq.compute_amax(torch.zeros(100), "mse"))
 
 
 # ------------------------------------------------------------------ max, mse_search, asymmetric

@@ -133,6 +133,15 @@ def test_reference_backward_accepts_a_negative_axis():
     assert torch.equal(R.fake_quant_lsq(*args, -1), R.fake_quant_lsq(*args, 2))
 
 
+def test_reference_backward_of_no_rows_per_group():
+    # reshape(0, -1, group_size) is ambiguous: the reference raised where the op returns empty gradients
+    x, s, b = torch.zeros(0, 8), torch.ones(0, 2), torch.zeros(0, 2)
+    gx, gs, gb = R.fake_quant_lsq_backward(torch.zeros(0, 8), x, s, b, -8, 7, None, 4, 1.0)
+    assert gx.shape == (0, 8) and gs.shape == gb.shape == (0, 2)
+    xs = x.requires_grad_()
+    y = ops.fake_quant_lsq(xs, s, b, -8, 7, group_size=4)
+    assert y.shape == (0, 8)
+
 def test_offset_none_is_lsq():
     c = _case((64, 32), axis=0, bits=4)
     s = c["scale"].clone().requires_grad_()

@@ -617,7 +617,24 @@ def test_quant_layers_take_a_fixed_gradient_scale():
             QuantConv2d(3, 4, 3, w_grad_scale=bad)
 
 
+def test_numpy_scalars_are_numbers():
+    # np.float32 grad_scale was refused as "must be a finite float > 0, got np.float32(0.077)", and
+    # np.int64 bits as "bits must be an int" (momentum / norm, numbers.Real, took them)
+    import numpy as np
+    x = torch.randn(6, 32)
+    s = torch.full((6,), 0.1)
+    ops = quantkern.ops
+    want = ops.fake_quant_lsq(x, s, None, -8, 7, axis=0, grad_scale=0.25)
+    assert torch.equal(ops.fake_quant_lsq(x, s, None, -8, 7, axis=0, grad_scale=np.float32(0.25)), want)
+    q = LSQQuantizer(np.int64(4), True, "group", group_size=np.int32(16), axis=np.int64(0), grad_scale=np.float64(0.5))
+    assert (q.bits, q.group_size, q.axis, q.grad_scale) == (4, 16, 0, 0.5)
+    assert all(type(v) in (int, float) for v in (q.bits, q.group_size, q.axis, q.grad_scale))
+    torch.testing.assert_close(q(x), LSQQuantizer(4, True, "group", group_size=16, grad_scale=0.5)(x))
+    with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
+        ops.fake_quant_lsq(x, s, None, -8, 7, axis=0, grad_scale=torch.tensor(0.25))
+
 # ------------------------------------------------------------------ user-facing edge cases
+
 @pytest.mark.parametrize(
     "kw,shape,bad_shape,match",
     [
@@ -905,6 +922,16 @@ def test_uninitialised_quantizer_on_copies_of_its_parameters_raises():
     assert not m.input_quantizer._initialized and not m.weight_quantizer._initialized
     y = m(x)  # initialised on the model itself: copies of it run
     torch.testing.assert_close(functional_call(m, {k: v.detach().clone() for k, v in m.named_parameters()}, (x,)), y)
+    # copies of the buffers beside the module's own parameters (or its lazy per-channel scale, which a cloned
+    # state_dict leaves out): the init reached the scale but marked only the copied `initialized`, so the
+    # module's state_dict said initialized=False next to a real scale (and a checkpoint re-initialised on load)
+    for fresh, swap in ((QuantLinear(16, 8), lambda mod: (dict(mod.named_parameters()),
+                                                          {k: v.clone() for k, v in mod.named_buffers()})),
+                        (LSQQuantizer(4, True, "channel", axis=-1), lambda mod: {k: v.clone() for k, v in
+                                                                                 mod.state_dict().items()})):
+        with pytest.raises(RuntimeError, match="`initialized` buffer is not its own"):
+            functional_call(fresh, swap(fresh), (x,))
+        assert not any(q._initialized or bool(q.initialized) for q in fresh.modules() if isinstance(q, LSQQuantizer))
     # tensors that share the module's memory (state_dict(), detached parameters) initialise the module itself
     for make in (lambda mod: mod.state_dict(), lambda mod: {k: v.detach() for k, v in mod.named_parameters()}):
         fresh = QuantLinear(16, 8)

@@ -911,6 +911,10 @@ def test_packed_linear_module_dtype_cast_keeps_quantized_params():
     m.to(torch.bfloat16)
     assert m.bias.dtype == torch.bfloat16
     torch.testing.assert_close(m(x), y, rtol=0.02, atol=0.02)
+    # .double() (a model-wide cast): packed_linear has no float64 path and refused the float64 bias,
+    # naming the bias, even for fp32 x; the bias keeps its dtype
+    m.double()
+    assert m.bias.dtype == torch.bfloat16 and m(x).dtype == torch.bfloat16
 
 
 class ToyBlock(torch.nn.Module):

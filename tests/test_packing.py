@@ -115,6 +115,29 @@ def test_from_float_tiny_range_groups(meta):
         assert err[1, :32].max() < 1e-5 and err[2, 32:].max() < 1e-5 and err[3, :32].max() < 1e-2
 
 
+@pytest.mark.parametrize("meta", [torch.float16, torch.bfloat16])
+def test_from_float_groups_far_from_zero_keep_half_a_step(meta):
+    """Groups far from 0 next to their range (|z| >> 2^bits): z = -min / s rounded to fp16 / bf16 moved
+    the grid by several codes and clamped the extremes, silently (bf16, 3 + [0, 0.03): 3.9 steps of
+    error, 3 + [0, 0.003): 35; a review's case). quantize_rtn then searches nearby representable (s, z)
+    pairs (offsets up to 1000x the range: within 0.6 steps; beyond ~3000x the values' spacing is below
+    bf16's resolution of them); ordinary groups keep the plain formula bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    for off, bits in ((100, 4), (1000, 4), (1000, 2), (300, 3), (30, 4), (1000, 3)):
+        W = 3.0 + 3.0 / off * torch.rand(8, 64, generator=g)
+        W[::2] *= -1
+        pw = PackedWeight.from_float(W, bits, 32, meta)
+        Wg = W.reshape(8, 2, 32)
+        step = (Wg.amax(-1) - Wg.amin(-1)) / (2 ** bits - 1)
+        err = (pw.dequantize(torch.float32) - W).abs().reshape(8, 2, 32).amax(-1)
+        assert bool((err <= 0.65 * step).all()), (off, bits, float((err / step).max()))
+    W = torch.randn(16, 128, generator=g)
+    q, s, z = ref.quantize_rtn(W, 4, 32, meta)
+    Wg = W.reshape(16, 4, 32)
+    want_s = ((Wg.amax(-1) - Wg.amin(-1)) / 15).to(meta)
+    assert torch.equal(s, want_s) and torch.equal(z, (-Wg.amin(-1) / want_s.float()).to(meta))
+
+
 def test_packed_weight_to_refuses_lossy_meta_cast():
     W = torch.randn(4, 64)
     W[1, :32] *= 1e-8  # scales ~3e-9: 0 in fp16

@@ -30,16 +30,6 @@ enum I16Mode : int32_t { kI16One = 0, kI16Two = 1, kI16Fp32 = 2 };
 // Blocks summed in int32 before a flush: a lane takes 4 products of |q h| <= 15 * 32768 per
 // block, so 512 blocks keep the sum of two lanes below 2^31 (groups longer than that flush inside).
 constexpr int64_t kI16FlushBlocks = 512;
-// With bf16 x, a group whose amax exceeds this multiple of its mean |x| takes two pieces (fp16 x,
-// and the VNNI GEMV: kVnniWideRange, 8). Where such a group's outlier meets a zero weight, the output
-// comes from the other entries, about amax / R in size (R the ratio), and one piece's error (uniform,
-// steps of amax / 32767) is about R / 113500 of that output: at R = 16, 1.4e-4, an eighth of bf16
-// `F.linear`'s output rounding (2^-9 / sqrt 3). fp16 rounds 4x finer, and a fuzz with R = 16 for
-// fp16 too (rows of 8 groups mixing outliers of 9-17x, heavy tails, tiny bulks; 90% of the weights
-// at their zero point) put 3 rows of 8000 at 2.2-2.5x `F.linear`'s error. At 8, the silu(a) * b
-// inputs of an LLM's MLP down projection put 48% of their g64 groups on two pieces, at 16 1.7%
-// (Student-t with 3 degrees: 16% -> 1.4%; ReLU'd Gaussian 7.5% -> 0%).
-constexpr float kI16WideRangeBf16 = 16.f;
 // Below amax / kI16BulkFp32 a group's bulk (see kVnniBulkRange) loses fp16 precision even in two
 // pieces (resolution amax / 2^32; at 2^18 the bulk keeps ~2^-14 relative).
 constexpr float kI16BulkFp32 = 262144.f;
@@ -116,7 +106,7 @@ inline void i16_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 c65536 = _mm256_set1_ps(65536.f), zero = _mm256_setzero_ps();
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const float wide = xdt == Dt::BF16 ? kI16WideRangeBf16 : kVnniWideRange;
+  const float wide = xdt == Dt::BF16 ? kWideRangeBf16 : kVnniWideRange;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xf = xf_all + m * Kp;
     uint8_t* wm = ws + L.xf_bytes + m * L.per_m;

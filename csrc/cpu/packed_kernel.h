@@ -16,7 +16,7 @@
 //                 multiplied by vpdpbusd. The zero point is folded, with the pieces' x^
 //                 on both sides: sum_k x^_k w_k = s * sum_k x^_k q_k - z * s * sum_k x^_k.
 //                 a / 512 is far below bf16/fp16 rounding unless a group holds an
-//                 outlier (amax > kVnniWideRange * mean |x|): then the small entries
+//                 outlier (amax > kVnniWideRange * mean |x|, kWideRangeBf16 for bf16 x): then the small entries
 //                 of that group would lose precision, so the call takes a third piece
 //                 (x ~ a * (h + l / 256 + u / 65536)). x with inf/NaN takes the
 //                 fp32 LUT path, which propagates them as a float product does.
@@ -403,6 +403,17 @@ inline void prep_f32(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int64
 // much larger ones) crosses it. With two pieces such a group's small entries get errors of
 // amax / 65024 each, far above their own fp16/bf16 rounding when the outlier's weight is ~0.
 constexpr float kVnniWideRange = 8.f;
+// With bf16 x the outlier rule's ratio is this instead (the VNNI GEMV's third piece and the AVX2 int16
+// GEMV's second alike; since session 38 for VNNI, 37 for AVX2). Where a group's outlier meets a zero
+// weight, the output comes from the other entries, about amax / R in size (R the ratio), and the
+// error of the GEMV's default split (VNNI: two int8 pieces, steps of amax / 32512; AVX2: one int16
+// piece, amax / 32767) is about R / 113000 of that output: at R = 16, 1.4e-4, an eighth of bf16
+// `F.linear`'s output rounding (2^-9 / sqrt 3). fp16 rounds 4x finer, and a fuzz with R = 16 for
+// fp16 too (rows of 8 groups mixing outliers of 9-17x, heavy tails, tiny bulks; 90% of the weights
+// at their zero point) put 3 rows of 8000 at 2.2-2.5x `F.linear`'s error, so fp16 keeps 8. At 8, the
+// silu(a) * b inputs of an LLM's MLP down projection put 48% of their g64 groups past the rule, at 16
+// 1.7% (Student-t with 3 degrees: 16% -> 1.4%; ReLU'd Gaussian 7.5% -> 0%).
+constexpr float kWideRangeBf16 = 16.f;
 // Several large entries hide from that mean: with 1/8 of a group at 1 and the rest at 1e-5, the
 // output comes from the small entries when the large ones meet zero weights, and two pieces
 // (error amax / 65024 each) got it wrong by 140% (a test-drive). So a group whose nonzero
@@ -646,6 +657,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
   const __m512 c127 = _mm512_set1_ps(127.f), cm127 = _mm512_set1_ps(-127.f), c256 = _mm512_set1_ps(256.f);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const float wide = xdt == Dt::BF16 ? kWideRangeBf16 : kVnniWideRange;
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* wm = ws + L.total_shared + m * L.per_m;
     float* A = reinterpret_cast<float*>(wm + L.A_off);
@@ -679,7 +691,7 @@ inline void vnni_prep(const PackedW& P, Dt xdt, const void* x, int64_t ldx, int6
         break;
       }
       // the padded tail of the last group counts as zeros in the mean, which only errs towards three pieces
-      if (amax * float(k1 - k0) > kVnniWideRange * asum) *mode = kVnniThree;
+      if (amax * float(k1 - k0) > wide * asum) *mode = kVnniThree;
       // x spread over less than amax / 8 (a DC offset with small variations): two pieces' error,
       // amax / 65024 per entry, is then large next to what varies, and rows of W whose products
       // cancel the offset leave only that error (x = 3 + 0.01 noise on balanced weights: 0.3% error

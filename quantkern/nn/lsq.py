@@ -12,6 +12,7 @@ Parameters are initialised from data on the first forward (or by an explicit
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -39,7 +40,8 @@ INITS = ("lsq", "lsq+", "mse", "minmax")
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # numbers.Integral: NumPy's integers too (np.int64(4) was refused as "not an int")
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -155,12 +157,16 @@ class LSQQuantizer(nn.Module):
                 raise ValueError(f"{name}: granularity='group' groups along the rows of x viewed as 2-D; axis must be 0, got {axis}")
         elif group_size is not None:
             raise ValueError(f"{name}: group_size is only used with granularity='group' (got granularity={granularity!r})")
-        if grad_scale is not None and (isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float))
+        if grad_scale is not None and (isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real)
                                        or not 0 < grad_scale < math.inf):
             raise ValueError(f"{name}: grad_scale must be a finite positive number or None, got {grad_scale!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"{name}: backend must be one of {ops.BACKENDS}, got {backend!r}")
 
+        # Python numbers from here on (NumPy scalars would reach the op schemas and torch.compile's guards)
+        bits, axis = int(bits), int(axis)
+        group_size = None if group_size is None else int(group_size)
+        grad_scale = None if grad_scale is None else float(grad_scale)
         self._bits = bits
         self._signed = signed
         self.granularity = granularity
@@ -178,8 +184,8 @@ class LSQQuantizer(nn.Module):
         else:
             self.scale = UninitializedParameter(dtype=torch.float32)
             self.offset = UninitializedParameter(dtype=torch.float32) if learn_offset else None
-        self._remember_own_scale()
         self.register_buffer("initialized", torch.tensor(False))
+        self._remember_own_scale()
         self._initialized = False  # Python mirror of the buffer: no host sync, no graph break in forward
         # scale / offset loaded from a state_dict without the layer's weight, since the last initialize():
         # a float weight loaded after them must not re-initialise over them (QuantLinear._load_from_state_dict)
@@ -456,14 +462,14 @@ class LSQQuantizer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
-            if getattr(self, "_is_replica", False) or not self._scale_is_own():
+            if getattr(self, "_is_replica", False) or not self._state_is_own():
                 # an nn.DataParallel replica or torch.func.functional_call with copies: the init would
                 # write the copies only, the module itself would stay uninitialised (a DataParallel model
                 # re-initialised from every batch, its own scale drifting under the gradients)
                 raise RuntimeError(
-                    f"{type(self).__name__}: not initialised, and its scale is not its own parameter (an "
-                    "nn.DataParallel replica, torch.func.functional_call with copies of the parameters, a "
-                    "parametrization): the data-dependent init would be lost. Run one plain forward (or "
+                    f"{type(self).__name__}: not initialised, and its scale or its `initialized` buffer is not its "
+                    "own (an nn.DataParallel replica, torch.func.functional_call with copies of the parameters or "
+                    "buffers, a parametrization): the data-dependent init would be lost. Run one plain forward (or "
                     "initialize(x)) on the model before wrapping it or calling it functionally")
             self.initialize(x)
             if x.numel() == 0:  # nothing to initialise from (the init waits) and nothing to quantize
@@ -496,18 +502,27 @@ class LSQQuantizer(nn.Module):
         return y.reshape(shape)
 
     def _remember_own_scale(self) -> None:
-        # in __dict__, not registered: the scale parameter this module owns, for _scale_is_own
+        # in __dict__, not registered: the scale parameter and the `initialized` buffer this module
+        # owns, for _state_is_own
         self.__dict__["_own_scale"] = self._parameters.get("scale")
+        self.__dict__["_own_initialized"] = self._buffers.get("initialized")
 
-    def _scale_is_own(self) -> bool:
-        """Whether the scale in use is the module's own parameter or shares its memory (functional_call
-        with ``state_dict()`` / detached tensors: the init still reaches the module), not a copy."""
-        cur, own = self._parameters.get("scale"), self.__dict__.get("_own_scale")
-        if isinstance(cur, nn.Parameter):
-            return True
-        if not isinstance(cur, torch.Tensor) or not isinstance(own, torch.Tensor) or is_lazy(own):
+    def _state_is_own(self) -> bool:
+        """Whether the scale and the ``initialized`` buffer in use are the module's own or share its
+        memory (functional_call with ``state_dict()`` / detached tensors: the init still reaches the
+        module), not copies. (A copied buffer beside the module's own lazy scale, functional_call with
+        a cloned state_dict, initialised the scale and marked only the copy: the module's state_dict
+        then said initialized=False next to a real scale, and a checkpoint of it re-initialised on load.)"""
+        def shares(cur, own):
+            return (isinstance(cur, torch.Tensor) and isinstance(own, torch.Tensor) and not is_lazy(own)
+                    and cur.device == own.device
+                    and cur.untyped_storage().data_ptr() == own.untyped_storage().data_ptr())
+
+        cur = self._parameters.get("scale")
+        if not (isinstance(cur, nn.Parameter) or shares(cur, self.__dict__.get("_own_scale"))):
             return False
-        return cur.device == own.device and cur.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+        buf = self._buffers.get("initialized")
+        return buf is self.__dict__.get("_own_initialized") or shares(buf, self.__dict__.get("_own_initialized"))
 
     def __setstate__(self, state):
         # modules pickled whole before bits / signed became read-only kept them as plain attributes

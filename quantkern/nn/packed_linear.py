@@ -503,7 +503,15 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() must not round the group scales / zeros or the input
         # quantizer's range (that would change the quantized model); device moves still apply.
-        return apply_keeping_dtype(self, self._KEEP_DTYPE, fn, recurse)
+        bias = self._parameters.get("bias")
+        was = None if bias is None else bias.dtype  # (torch may cast the parameter object in place)
+        out = apply_keeping_dtype(self, self._KEEP_DTYPE, fn, recurse)
+        new = self._parameters.get("bias")
+        if was is not None and new is not None and new.dtype == torch.float64 and was != torch.float64:
+            # packed_linear has no float64 path and refused the cast bias, blaming it, after a model-wide
+            # .double(); the bias keeps its dtype (x may still be fp32 / fp16 / bf16)
+            self._parameters["bias"] = nn.Parameter(new.detach().to(was), requires_grad=new.requires_grad)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # an incompatible checkpoint (bits / group size / input quantizer) fails before any buffer is

@@ -173,7 +173,8 @@ def mse_errors(hist, edges, num_bits: int, unsigned: bool = False, stride: int =
 
 def amax_mse(hist, edges, num_bits: int, unsigned: bool = False, stride: int = 1, start_bin: int = 128) -> torch.Tensor:
     """Bin center with the smallest histogram-weighted squared error (first argmin, :func:`first_min`)."""
-    if hist.double().sum() == 0:
+    # no data, or only zeros (every edge 0: the candidates' scales would be inf and every error NaN)
+    if hist.double().sum() == 0 or edges.double()[-1] == 0:
         return torch.zeros((), dtype=torch.float64)
     cands, errs = mse_errors(hist, edges, num_bits, unsigned, stride, start_bin)
     e = edges.double()

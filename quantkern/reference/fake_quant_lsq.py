@@ -62,7 +62,7 @@ def fake_quant_lsq_backward(grad, x, scale, offset, qmin: int, qmax: int, axis=N
 def _reduce_like(t: torch.Tensor, param: torch.Tensor, axis, group_size) -> torch.Tensor:
     """Sum the per-element terms t over the elements that share each parameter."""
     if group_size is not None:
-        return t.reshape(t.shape[0], -1, group_size).sum(-1).reshape(param.shape)
+        return t.reshape(t.shape[0], t.shape[1] // group_size, group_size).sum(-1).reshape(param.shape)  # (-1: ambiguous for 0 rows)
     if axis is not None:
         axis = axis % t.dim()  # a negative axis (as lsq_param_view accepts) names the same dim
         dims = [d for d in range(t.dim()) if d != axis]

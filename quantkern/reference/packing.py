@@ -200,7 +200,11 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     (a float zero point), both rounded to ``meta_dtype`` first, then
     ``q = clamp(round(W / s + z), 0, 2^bits - 1)`` with the stored s and z, so that
     dequantization reproduces the grid exactly. ``meta_dtype`` defaults to W's
-    dtype when it is fp16/bf16 and to fp32 otherwise.
+    dtype when it is fp16/bf16 and to fp32 otherwise. A group whose max error
+    ``|W - (q - z) s|`` then exceeds 0.6 of its step ``(max - min) / (2^bits - 1)``
+    (z's rounding in fp16 / bf16 moved its grid: values far from 0 next to their
+    range) takes, of the pairs of representable s and z near those (``_rtn_search``),
+    the one with the least max error.
 
     Returns ``(q uint8 [N, K], scales [N, G], zeros [N, G])``.
     """
@@ -230,5 +234,51 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     if tiny.any():
         s = torch.where(tiny, torch.ones_like(s), s)
         z = torch.where(tiny, (-mn).to(meta_dtype), z)
-    q = torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
+    q, err = _rtn_codes(Wg, s, z, qmax)
+    # fp16 / bf16 metadata: where |z| is large (a group's values far from 0 next to their range), z's
+    # rounding moved the grid by several codes and clamped the group's extremes (bf16, values 3 +
+    # [0, 0.03): 3.9 steps of error; 3 + [0, 0.003): 35). Such groups search nearby representable
+    # pairs for the smallest max error (RTN's own bound is half a step; after the search groups up to
+    # 1000x their range from 0 stay within 0.6 steps, 2-4 bits, fp16 and bf16; ordinary groups, z in
+    # [0, 2^bits - 1], reach 0.6 only through s's own rounding, rarely).
+    step = rng / qmax
+    bad = (err > 0.6 * step) & ~tiny & (step > 0)
+    if bad.any():
+        idx = bad.nonzero(as_tuple=True)
+        sb, zb, _ = _rtn_search(Wg[idx], mn[idx], s[idx], z[idx], err[idx], qmax)
+        s, z = s.index_put(idx, sb), z.index_put(idx, zb)
+        q[idx] = _rtn_codes(Wg[idx], sb, zb, qmax)[0]
     return q.reshape(N, K).to(torch.uint8), s, z
+
+
+def _rtn_codes(Wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int):
+    """Codes of groups ``Wg [..., gs]`` on the grid ``(q - z) s`` (s, z [...] in their metadata dtype)
+    and each group's max error ``|W - (q - z) s|`` (fp32, as the kernels dequantize)."""
+    sf, zf = s.float()[..., None], z.float()[..., None]
+    q = torch.clamp(torch.round(Wg / sf + zf), 0, qmax)
+    return q, (Wg - (q - zf) * sf).abs().amax(-1)
+
+
+def _rtn_search(Wg, mn, s, z, err, qmax, s_ulps: int = 64, z_ulps: int = 2):
+    """For groups ``Wg [B, gs]`` whose rounded (s, z) missed: the scales within ``s_ulps`` units in the
+    last place of s (in its dtype), each with ``z = -min / s`` rounded and its ``z_ulps`` neighbours
+    either way; returns the pair of least max error per group (s, z unchanged where none beats them).
+    Moving s by an ulp moves the grid's centre by |z| ulps of s, so the pairs reach centres z's own
+    rounding cannot (bf16, values 3 + [0, 0.003): 35 steps of error -> 0.5)."""
+    best_s, best_z, best_e = s, z, err
+
+    def walk(t, n, up):
+        out, lim = [], torch.full_like(t, float("inf") if up else -float("inf"))
+        for _ in range(n):
+            t = torch.nextafter(t, lim)
+            out.append(t)
+        return out
+
+    for sj in [s] + walk(s, s_ulps, True) + walk(s, s_ulps, False):
+        zc = (-mn / sj.float()).to(z.dtype)
+        for zk in [zc] + walk(zc, z_ulps, True) + walk(zc, z_ulps, False):
+            e = _rtn_codes(Wg, sj, zk, qmax)[1]
+            better = e < best_e  # (NaN / inf candidates never win)
+            best_s, best_z, best_e = (torch.where(better, sj, best_s), torch.where(better, zk, best_z),
+                                      torch.where(better, e, best_e))
+    return best_s, best_z, best_e
