@@ -668,6 +668,22 @@ def test_constructor_initialises_like_torch(kdim):
         MultiheadAttention(16.0, 4)
 
 
+def test_to_torch_with_biases_on_some_projections():
+    # torch's module has biases on all four projections or none; the flag came from out_proj alone, so
+    # q / k / v biases (which bias correction, float targets and ERQ add) were dropped beside a bias-free
+    # out_proj, and a bias-free q_proj beside biased k / v failed in torch.cat. Missing ones are zeros now.
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, E)
+    for biased in (("q_proj", "k_proj", "v_proj"), ("k_proj", "v_proj", "out_proj"), ("out_proj",)):
+        att = MultiheadAttention.from_torch(nn.MultiheadAttention(E, H, bias=False))
+        for n in biased:
+            getattr(att, n).bias = nn.Parameter(torch.randn(E))
+        back = att.to_torch()
+        torch.testing.assert_close(back(x, x, x)[0], att(x, x, x)[0], rtol=1e-5, atol=1e-6)
+        assert back.in_proj_bias.requires_grad == any(n != "out_proj" for n in biased)
+        assert back.out_proj.bias.requires_grad == ("out_proj" in biased)
+
+
 def test_to_torch_keeps_requires_grad_and_unfuse_is_all_or_nothing(monkeypatch):
     ref = nn.MultiheadAttention(E, H)
     ref.out_proj.weight.requires_grad_(False)

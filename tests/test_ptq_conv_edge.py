@@ -423,11 +423,13 @@ def test_skipping_an_attention_module_by_name_keeps_its_out_proj():
     assert _same(m.attn.state_dict(), attn) and not hasattr(m.attn.out_proj, "input_quantizer")
 
 
-def test_distilled_qparams_keep_uint8_codes():
+@pytest.mark.parametrize("kw", [{"distill_steps": 2}, {"clip": "mse"}])
+def test_qparams_keep_uint8_codes(kw):
+    # (RTN with clip="mse" returned float32 codes, the other methods uint8 as documented)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
-    rep = fake_quantize_model_(m, 4, "rtn", 16, calib_data=torch.randn(16, 16), distill_steps=2, return_qparams=True,
-                               progress=False)
+    rep = fake_quantize_model_(m, 4, "rtn", 16, calib_data=torch.randn(16, 16), return_qparams=True,
+                               progress=False, **kw)
     for name, (q, s, z) in rep["qparams"].items():
         assert q.dtype == torch.uint8
         W = dict(m.named_modules())[name].weight

@@ -192,7 +192,10 @@ class MultiheadAttention(nn.Module):
     def to_torch(self) -> nn.MultiheadAttention:
         """An ``nn.MultiheadAttention`` with this module's weights (each projection must be a plain
         ``nn.Linear``; a PackedLinear or QuantLinear is refused): e.g. to put the weights
-        :func:`quantkern.ptq.fake_quantize_model_` wrote back into a torch model."""
+        :func:`quantkern.ptq.fake_quantize_model_` wrote back into a torch model. torch's module has
+        biases on all four projections or on none: where only some have one (bias correction, float
+        targets and ERQ add biases to bias-free layers), the others get zero biases (the same function),
+        which do not train."""
         lins = (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
         for name, lin in zip(("q_proj", "k_proj", "v_proj", "out_proj"), lins):
             # torch's module computes F.linear(x, weight, bias): a projection that does more (QuantLinear's
@@ -202,7 +205,11 @@ class MultiheadAttention(nn.Module):
                                 "(torch's module holds dense float weights and applies them as they are); replace "
                                 "it by an nn.Linear holding the weight you want first")
         w = self.out_proj.weight
-        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.out_proj.bias is not None,
+        # (the bias flag came from out_proj alone: q / k / v biases beside a bias-free out_proj were
+        # dropped without a word, and a bias-free q_proj beside biased k / v failed in torch.cat)
+        biases = [lin.bias if lin.bias is not None else w.new_zeros(lin.out_features) for lin in lins]
+        has_bias = any(lin.bias is not None for lin in lins)
+        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, has_bias,
                                   self.bias_k is not None, self.add_zero_attn, self.kdim, self.vdim,
                                   self.batch_first, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -211,9 +218,9 @@ class MultiheadAttention(nn.Module):
             else:
                 for p, lin in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), lins[:3]):
                     p.copy_(lin.weight)
-            if m.in_proj_bias is not None:
-                m.in_proj_bias.copy_(torch.cat([lin.bias for lin in lins[:3]]))
-                m.out_proj.bias.copy_(self.out_proj.bias)
+            if has_bias:
+                m.in_proj_bias.copy_(torch.cat(biases[:3]))
+                m.out_proj.bias.copy_(biases[3])
             m.out_proj.weight.copy_(self.out_proj.weight)
             if self.bias_k is not None:
                 m.bias_k.copy_(self.bias_k)
@@ -222,7 +229,8 @@ class MultiheadAttention(nn.Module):
         for name, p in m.named_parameters():
             parts = {"in_proj_weight": [lin.weight for lin in lins[:3]], "in_proj_bias": [lin.bias for lin in lins[:3]],
                      "q_proj_weight": [lins[0].weight], "k_proj_weight": [lins[1].weight],
-                     "v_proj_weight": [lins[2].weight]}.get(name) or [self.get_parameter(name)]
+                     "v_proj_weight": [lins[2].weight], "out_proj.bias": [self.out_proj.bias]}.get(name)
+            parts = [t for t in parts if t is not None] if parts is not None else [self.get_parameter(name)]
             p.requires_grad_(any(t.requires_grad for t in parts))
         return m.train(self.training)
 

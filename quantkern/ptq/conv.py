@@ -517,7 +517,8 @@ def _quantize_layer(mod, bits, method, gs, st, opts, fit=None):
     new_b = None if fit is None else fit[1]
     if method == "rtn" and opts["clip"] == "mse":
         s, z = mse_clip_params(W2.reshape(O, -1, g), bits)
-        q = quantize_int(W2.reshape(O, -1, g), s[..., None], z[..., None], 2**bits - 1).reshape(O, -1)
+        # (uint8 like the other methods' codes: return_qparams documents q as uint8)
+        q = quantize_int(W2.reshape(O, -1, g), s[..., None], z[..., None], 2**bits - 1).reshape(O, -1).to(torch.uint8)
     elif method == "rtn":
         q, s, z = rtn_quantize(W2, bits, g, warn=False)  # (fake_quantize_model_ warns once, naming layers)
     elif method == "hqq":
