@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -556,8 +557,29 @@ def add_common_args(p: argparse.ArgumentParser, plot_name: str | None = None, *,
     return p
 
 
+def check_writable(option: str, path: str) -> None:
+    """Exit with a usage message unless a file can be written at ``path`` (its folder is made): checked
+    before measuring, since an unwritable ``--json`` / ``--plot`` path used to fail only after the run,
+    losing its results."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise SystemExit(f"{option} {path}: is a directory (give a file path)")
+    parent = os.path.dirname(full)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def apply_common_args(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` (validated by its type), check ``--device``; returns the device."""
+    """Apply ``--threads`` (validated by its type), check ``--device`` and that the ``--json`` /
+    ``--plot`` paths can be written; returns the device."""
+    for option in ("json", "plot"):
+        path = getattr(args, option, None)
+        if path and path != "-":
+            check_writable("--" + option, path)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

@@ -107,6 +107,8 @@ def main(argv=None):
                     help="cpu: process CPU time (with --threads 1 on a shared machine: the time the op ran, "
                          "not the time other processes held the core)")
     args = ap.parse_args(argv)
+    if args.reps is not None and args.runs is not None and args.reps != args.runs:  # (--runs won silently)
+        ap.error(f"--reps and --runs are the same setting (timed runs), given {args.reps} and {args.runs}: give one")
     dev = H.apply_common_args(args)  # --threads, --device (cuda without a GPU is an error), --quick
     args.sizes = args.sizes or ([256 << 10] if args.quick else [4 << 20, 16 << 20])
     args.runs = args.runs or args.reps or (3 if args.quick else 15)

@@ -71,18 +71,24 @@ def _ffn(hidden: int) -> int:
     return hidden * 11 // 4 // 32 * 32
 
 
+def _heads(hidden: int) -> tuple[int, int]:
+    """:func:`_llama`'s attention heads and key / value heads (head size 64, two query heads per kv head)."""
+    return max(hidden // 64, 1), max(hidden // 128, 1)
+
+
 def _llama(depth: int, hidden: int, seed: int = 0):
     """transformers' LlamaForCausalLM when installed, else :class:`_TorchLM` (same layer shapes)."""
     torch.manual_seed(seed)
     ff = _ffn(hidden)
+    heads, kv_heads = _heads(hidden)
     try:
         import transformers as tf
     except ImportError:
-        return _TorchLM(depth, hidden, ff, max(hidden // 64, 1)).eval()
+        return _TorchLM(depth, hidden, ff, heads).eval()
     tf.logging.set_verbosity_error()
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=ff,
-                         num_hidden_layers=depth, num_attention_heads=max(hidden // 64, 1),
-                         num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=1024)
+                         num_hidden_layers=depth, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=1024)
     return tf.LlamaForCausalLM(cfg).eval()
 
 
@@ -171,6 +177,12 @@ def main(argv=None) -> int:
     if not a.effnet and (a.group % 32 or hidden % a.group or ff % a.group):
         ap.error(f"--group must be a multiple of 32 (quantize_'s packed groups) that divides the hidden size {hidden} "
                  f"and the intermediate size {ff}, got {a.group}")
+    heads, kv_heads = _heads(hidden)
+    if not a.effnet and (hidden % heads or heads % kv_heads or (hidden // heads) % 2):
+        # (transformers refused such a model, or attention failed, after the run had started)
+        ap.error(f"--hidden {hidden}: the model has hidden // 64 = {heads} attention heads and hidden // 128 = "
+                 f"{kv_heads} key / value heads, which must divide it and each other with an even head size "
+                 f"(e.g. a multiple of 128)")
     if a.tokens is not None and a.tokens < 2:
         ap.error(f"--tokens must be >= 2 (two sequences of tokens // 2 each), got {a.tokens}")
     dev = H.apply_common_args(a)

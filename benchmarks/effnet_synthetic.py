@@ -176,18 +176,20 @@ def main(argv=None):
         print(s, flush=True)
 
     model = load_efficientnet_lite0("cpu")
-    Xs, t_gen = synthetic_images(model, a.n, a.steps, a.batch, a.lr, a.ce, a.jitter, a.seed, a.cache, log)
-    with torch.no_grad():
-        Ps = _logits(model, Xs).softmax(1)
-    log(f"synthetic: {a.n} images, {t_gen:.0f} s generated now; fp32 on them: median top-1 probability "
-        f"{Ps.amax(1).median():.3f}, {len(set(Ps.argmax(1).tolist()))} distinct top-1 classes")
+    Xs = None
+    if a.generate_only or any(s != "real" for s in a.sets):  # (--sets real generated them for nothing: minutes)
+        Xs, t_gen = synthetic_images(model, a.n, a.steps, a.batch, a.lr, a.ce, a.jitter, a.seed, a.cache, log)
+        with torch.no_grad():
+            Ps = _logits(model, Xs).softmax(1)
+        log(f"synthetic: {a.n} images, {t_gen:.0f} s generated now; fp32 on them: median top-1 probability "
+            f"{Ps.amax(1).median():.3f}, {len(set(Ps.argmax(1).tolist()))} distinct top-1 classes")
     if a.generate_only:
         return
     cal, ev = _images()
     Xc, Xe = _crops(cal, 256, seed=0, jitter=True), _crops(ev, 256, seed=1)
     L0 = _logits(model, Xe)
     n_conf = int((L0.softmax(1).amax(1) > 0.5).sum())
-    data = {"real": Xc, "real+syn": torch.cat([Xc, Xs]), "syn": Xs}
+    data = {"real": Xc, "real+syn": torch.cat([Xc, Xs]) if Xs is not None else None, "syn": Xs}
     label = {"real": f"real: {Xc.shape[0]} crops of {len(cal)} photos",
              "real+syn": f"real + synthetic: {Xc.shape[0]} + {a.n}", "syn": f"synthetic only: {a.n}"}
     rows = []

@@ -342,18 +342,21 @@ EFFNET_QUICK_SKIP = ("gptq", "erq", "adaround", "hqq_bc", "gptq_hqqparams", "hyb
                      "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hqq_mixed", "hybrid_fp_mixed")
 
 
-def effnet_rows_run(methods, rows=None, quick: bool = False) -> list[str]:
+def effnet_rows_run(methods, rows=None, quick: bool = False, bits=None) -> list[str]:
     """The weight-only rows (keys of :data:`EFFNET_ROWS`, in table order) that :func:`effnet_table`
     computes for ``methods`` and ``rows`` (None: all): a method's own row, "adaround" whenever asked
     for, "hqq_bc" / "hqq_fp" / "kd*" / "hqq_mixed" with "hqq" in ``methods``, "gptq_hqqparams" / "hybrid*" with
     "gptq";
-    ``quick`` leaves out :data:`EFFNET_QUICK_SKIP`."""
+    ``quick`` leaves out :data:`EFFNET_QUICK_SKIP`; ``bits`` (the table's bit widths; None: any) leaves
+    out the mixed-precision rows when none is below 8 (W8 has no wider width to give)."""
     rows = EFFNET_ROWS if rows is None else rows
     order = [m for m in methods if m in METHOD_LABEL] + ["adaround"]
     order += ["hqq_bc", "hqq_fp", "kd", "kd_bias", "kd_w8", "hqq_mixed"] if "hqq" in methods else []
     order += ["gptq_hqqparams", "hybrid", "hybrid_w8", "hybrid_kd", "hybrid_fp", "hybrid_fp_syn", "hybrid_fp_mixed"] \
         if "gptq" in methods else []
-    return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)]
+    no_mixed = bits is not None and not any(b < 8 for b in bits)
+    return [k for k in order if k in rows and not (quick and k in EFFNET_QUICK_SKIP)
+            and not (no_mixed and k in ("hqq_mixed", "hybrid_fp_mixed"))]
 
 
 def _hybrid(model, bits, group_size, Xc, layer_bits=None):
@@ -608,10 +611,19 @@ def main(argv=None):
     if args.only in (None, "minilm") and bits_m and args.act_bits and not minilm_act_methods(methods, args.quick):
         print(f"MiniLM: --act-bits {','.join(map(str, args.act_bits))} has no rows: the activation rows take "
               f"rtn, gptq or erq from --methods{' (gptq not with --quick)' if args.quick else ''}", flush=True)
-    if args.only in (None, "effnet") and not effnet_rows_run(methods, eff_rows, args.quick):
-        print(f"EfficientNet: none of its weight-only rows runs with --methods {','.join(methods)} and "
-              f"--effnet-rows {args.effnet_rows}" + (" (--quick skips " + ", ".join(EFFNET_QUICK_SKIP) + ")"
-                                                     if args.quick else "") + ": that table stays empty", flush=True)
+    eff_run = effnet_rows_run(methods, eff_rows, args.quick, bits_e)
+    dropped = [r for r in (eff_rows or ()) if r not in eff_run]
+    if args.only in (None, "effnet") and eff_run and dropped and args.effnet_rows != ",".join(EFFNET_DEFAULT_ROWS):
+        # rows asked for by name that these options leave out (they were dropped without a word)
+        print(f"EfficientNet: --effnet-rows {','.join(dropped)} do not run with --methods {','.join(methods)}, "
+              f"--bits {','.join(map(str, bits_e))}{' and --quick' if args.quick else ''} (each row needs its "
+              "method in --methods; the mixed-precision rows a width below 8)", flush=True)
+    if args.only in (None, "effnet") and not eff_run:
+        print(f"EfficientNet: none of its weight-only rows runs with --methods {','.join(methods)}, "
+              f"--bits {','.join(map(str, bits_e))} and --effnet-rows {args.effnet_rows}"
+              + (" (--quick skips " + ", ".join(EFFNET_QUICK_SKIP) + ")" if args.quick else "")
+              + " (the mixed-precision rows need a width below 8; each row needs its method in --methods): "
+              "that table stays empty", flush=True)
     tabs = []
     if args.only in (None, "minilm") and bits_m:
         tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),

@@ -197,6 +197,14 @@ def test_demo_effnet_rows_run_and_the_empty_table_note(monkeypatch, capsys):
     assert "none of its weight-only rows runs" in capsys.readouterr().out
     demo.main(["--only", "effnet", "--quick", "--methods", "rtn"])
     assert "none of its weight-only rows" not in capsys.readouterr().out
+    # the mixed-precision rows have no wider width to give at W8; rows asked by name that do not run are named
+    assert demo.effnet_rows_run(["hqq", "gptq"], ["hqq_mixed", "hybrid_fp_mixed"], bits=[8]) == []
+    assert demo.effnet_rows_run(["hqq", "gptq"], ["hqq_mixed", "hybrid_fp_mixed"], bits=[8, 4]) == ["hqq_mixed",
+                                                                                                 "hybrid_fp_mixed"]
+    demo.main(["--only", "effnet", "--bits", "8", "--methods", "hqq", "--effnet-rows", "hqq_mixed"])
+    assert "none of its weight-only rows runs" in capsys.readouterr().out
+    demo.main(["--only", "effnet", "--methods", "rtn", "--effnet-rows", "rtn,hqq_fp"])
+    assert "--effnet-rows hqq_fp do not run" in capsys.readouterr().out
 
 
 def test_cli_option_before_the_command(capsys):
