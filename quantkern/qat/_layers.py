@@ -17,6 +17,10 @@ from torch import nn
 
 @dataclass
 class QLayer:
+    """One tracked layer: its name in the model, the module holding the weight, the weight's LSQ
+    quantizer, the integer grid ``[qmin, qmax]`` and the quantizer's granularity (``axis`` per channel,
+    ``group_size`` per group; both None per tensor)."""
+
     name: str
     module: nn.Module
     quantizer: nn.Module
