@@ -5,10 +5,10 @@ same fp32 operation order). Registered for CUDA, and for CPU when
 ``TRITON_INTERPRET=1`` (the interpreter is how the tests run them here).
 
 Numerics notes:
-* round-half-to-even in the oscillation update is ``(x + 1.5 * 2^23) - 1.5 * 2^23`` (exact
-  for |x| < 2^22; all values it rounds there are at most 2^20), because libdevice.rint is not
-  available in the interpreter; the dampening loss takes any grid in [-2^24, 2^24], so it
-  rounds with the exact ``_rint`` of fake_quant_lsq;
+* round-half-to-even is the exact ``_rint`` of fake_quant_lsq (libdevice.rint is not available
+  in the interpreter), which keeps the sign of a zero result as rint does (the oscillation update's
+  bare ``(x + 1.5 * 2^23) - 1.5 * 2^23`` gave +0 where the native op's q was -0, and the EMA
+  state differed from it in that bit);
 * division is ``tl.div_rn`` (IEEE), and kernels launch with ``enable_fp_fusion=False``
   so no multiply-add is contracted into an FMA (the CPU/CUDA kernels round twice).
 """
@@ -24,16 +24,10 @@ import triton.language as tl
 
 from .._registry import LIB
 from ..ops import check_osc_state
-from .fake_quant_lsq import _cast_out, _rint as _rint_exact, check_layout, check_qparam_values
+from .fake_quant_lsq import _cast_out, _rint, check_layout, check_qparam_values
 
-_MAGIC = 12582912.0  # 1.5 * 2^23
 _BLOCK = 1024
 _FREQ_ONE = 1048575.0
-
-
-@triton.jit
-def _rint(x):
-    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -109,8 +103,7 @@ def _osc_kernel(w_ptr, s_ptr, b_ptr, meta_ptr, ema_ptr, counts_ptr, N, C, inner,
 @triton.jit
 def _damp_diff(w, s, b, n, p):
     v = tl.div_rn(w - b, s)
-    # (not _rint: the grid may reach 2^24, where the 1.5 * 2^23 trick is off by one)
-    xq = _rint_exact(tl.where(v < n, n, tl.where(v > p, p, v))) * s + b
+    xq = _rint(tl.where(v < n, n, tl.where(v > p, p, v))) * s + b
     lo = n * s + b
     hi = p * s + b
     inside = (w >= lo) & (w <= hi)
