@@ -234,20 +234,25 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     if tiny.any():
         s = torch.where(tiny, torch.ones_like(s), s)
         z = torch.where(tiny, (-mn).to(meta_dtype), z)
-    q, err = _rtn_codes(Wg, s, z, qmax)
+    q = torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
     # fp16 / bf16 metadata: where |z| is large (a group's values far from 0 next to their range), z's
     # rounding moved the grid by several codes and clamped the group's extremes (bf16, values 3 +
-    # [0, 0.03): 3.9 steps of error; 3 + [0, 0.003): 35). Such groups search nearby representable
-    # pairs for the smallest max error (RTN's own bound is half a step; after the search groups up to
-    # 1000x their range from 0 stay within 0.6 steps, 2-4 bits, fp16 and bf16; ordinary groups, z in
-    # [0, 2^bits - 1], reach 0.6 only through s's own rounding, rarely).
+    # [0, 0.003): 35 steps of error). Such groups search nearby representable pairs for the least max
+    # error (RTN's own bound is half a step; after the search groups up to 1000x their range from 0 stay
+    # within 0.6 steps, 2-4 bits, fp16 and bf16). Only |z| > 2^bits - 1 can miss by 0.6 steps: there s
+    # and z's rounding (2^-9 relative in bf16) moves the grid by at most ~(|z| + 2^bits) 2^-9 codes, 0.06
+    # for z within the codes, so groups spanning 0 (most weights) are not even measured.
     step = rng / qmax
-    bad = (err > 0.6 * step) & ~tiny & (step > 0)
-    if bad.any():
-        idx = bad.nonzero(as_tuple=True)
-        sb, zb, _ = _rtn_search(Wg[idx], mn[idx], s[idx], z[idx], err[idx], qmax)
-        s, z = s.index_put(idx, sb), z.index_put(idx, zb)
-        q[idx] = _rtn_codes(Wg[idx], sb, zb, qmax)[0]
+    far = (z.float().abs() > qmax) & ~tiny & (step > 0)
+    if far.any():
+        idx = far.nonzero(as_tuple=True)
+        err = _rtn_codes(Wg[idx], s[idx], z[idx], qmax)[1]
+        miss = err > 0.6 * step[idx]
+        if miss.any():
+            idx = tuple(i[miss] for i in idx)
+            sb, zb, _ = _rtn_search(Wg[idx], mn[idx], s[idx], z[idx], err[miss], qmax)
+            s, z = s.index_put(idx, sb), z.index_put(idx, zb)
+            q[idx] = _rtn_codes(Wg[idx], sb, zb, qmax)[0]
     return q.reshape(N, K).to(torch.uint8), s, z
 
 
