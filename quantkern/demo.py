@@ -612,18 +612,17 @@ def main(argv=None):
         print(f"MiniLM: --act-bits {','.join(map(str, args.act_bits))} has no rows: the activation rows take "
               f"rtn, gptq or erq from --methods{' (gptq not with --quick)' if args.quick else ''}", flush=True)
     eff_run = effnet_rows_run(methods, eff_rows, args.quick, bits_e)
+    why = "each row needs its method in --methods; the mixed-precision rows a width below 8"
     dropped = [r for r in (eff_rows or ()) if r not in eff_run]
     if args.only in (None, "effnet") and eff_run and dropped and args.effnet_rows != ",".join(EFFNET_DEFAULT_ROWS):
         # rows asked for by name that these options leave out (they were dropped without a word)
         print(f"EfficientNet: --effnet-rows {','.join(dropped)} do not run with --methods {','.join(methods)}, "
-              f"--bits {','.join(map(str, bits_e))}{' and --quick' if args.quick else ''} (each row needs its "
-              "method in --methods; the mixed-precision rows a width below 8)", flush=True)
+              f"--bits {','.join(map(str, bits_e))}{' and --quick' if args.quick else ''} ({why})", flush=True)
     if args.only in (None, "effnet") and not eff_run:
         print(f"EfficientNet: none of its weight-only rows runs with --methods {','.join(methods)}, "
               f"--bits {','.join(map(str, bits_e))} and --effnet-rows {args.effnet_rows}"
               + (" (--quick skips " + ", ".join(EFFNET_QUICK_SKIP) + ")" if args.quick else "")
-              + " (the mixed-precision rows need a width below 8; each row needs its method in --methods): "
-              "that table stays empty", flush=True)
+              + f" ({why}): that table stays empty", flush=True)
     tabs = []
     if args.only in (None, "minilm") and bits_m:
         tabs.append(minilm_table(methods, bits_m, args.quick, out=lambda s: print(s, flush=True),

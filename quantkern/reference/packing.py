@@ -234,7 +234,7 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     if tiny.any():
         s = torch.where(tiny, torch.ones_like(s), s)
         z = torch.where(tiny, (-mn).to(meta_dtype), z)
-    q = torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
+    q = _rtn_codes(Wg, s, z, qmax)
     # fp16 / bf16 metadata: where |z| is large (a group's values far from 0 next to their range), z's
     # rounding moved the grid by several codes and clamped the group's extremes (bf16, values 3 +
     # [0, 0.003): 35 steps of error). Such groups search nearby representable pairs for the least max
@@ -246,28 +246,30 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, meta_dtype=None):
     far = (z.float().abs() > qmax) & ~tiny & (step > 0)
     if far.any():
         idx = far.nonzero(as_tuple=True)
-        err = _rtn_codes(Wg[idx], s[idx], z[idx], qmax)[1]
+        err = _rtn_error(Wg[idx], q[idx], s[idx], z[idx])
         miss = err > 0.6 * step[idx]
         if miss.any():
             idx = tuple(i[miss] for i in idx)
-            sb, zb, _ = _rtn_search(Wg[idx], mn[idx], s[idx], z[idx], err[miss], qmax)
+            sb, zb = _rtn_search(Wg[idx], mn[idx], s[idx], z[idx], err[miss], qmax)
             s, z = s.index_put(idx, sb), z.index_put(idx, zb)
-            q[idx] = _rtn_codes(Wg[idx], sb, zb, qmax)[0]
+            q[idx] = _rtn_codes(Wg[idx], sb, zb, qmax)
     return q.reshape(N, K).to(torch.uint8), s, z
 
 
-def _rtn_codes(Wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int):
-    """Codes of groups ``Wg [..., gs]`` on the grid ``(q - z) s`` (s, z [...] in their metadata dtype)
-    and each group's max error ``|W - (q - z) s|`` (fp32, as the kernels dequantize)."""
-    sf, zf = s.float()[..., None], z.float()[..., None]
-    q = torch.clamp(torch.round(Wg / sf + zf), 0, qmax)
-    return q, (Wg - (q - zf) * sf).abs().amax(-1)
+def _rtn_codes(Wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Codes (float) of groups ``Wg [..., gs]`` on the grid ``(q - z) s`` (s, z [...] in their metadata dtype)."""
+    return torch.clamp(torch.round(Wg / s.float()[..., None] + z.float()[..., None]), 0, qmax)
+
+
+def _rtn_error(Wg: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Each group's max error ``|W - (q - z) s|`` [...] (fp32, as the kernels dequantize)."""
+    return (Wg - (q - z.float()[..., None]) * s.float()[..., None]).abs().amax(-1)
 
 
 def _rtn_search(Wg, mn, s, z, err, qmax, s_ulps: int = 64, z_ulps: int = 2):
     """For groups ``Wg [B, gs]`` whose rounded (s, z) missed: the scales within ``s_ulps`` units in the
     last place of s (in its dtype), each with ``z = -min / s`` rounded and its ``z_ulps`` neighbours
-    either way; returns the pair of least max error per group (s, z unchanged where none beats them).
+    either way; returns the pair ``(s, z)`` of least max error per group (unchanged where none beats them).
     Moving s by an ulp moves the grid's centre by |z| ulps of s, so the pairs reach centres z's own
     rounding cannot (bf16, values 3 + [0, 0.003): 35 steps of error -> 0.5)."""
     best_s, best_z, best_e = s, z, err
@@ -282,8 +284,8 @@ def _rtn_search(Wg, mn, s, z, err, qmax, s_ulps: int = 64, z_ulps: int = 2):
     for sj in [s] + walk(s, s_ulps, True) + walk(s, s_ulps, False):
         zc = (-mn / sj.float()).to(z.dtype)
         for zk in [zc] + walk(zc, z_ulps, True) + walk(zc, z_ulps, False):
-            e = _rtn_codes(Wg, sj, zk, qmax)[1]
+            e = _rtn_error(Wg, _rtn_codes(Wg, sj, zk, qmax), sj, zk)
             better = e < best_e  # (NaN / inf candidates never win)
             best_s, best_z, best_e = (torch.where(better, sj, best_s), torch.where(better, zk, best_z),
                                       torch.where(better, e, best_e))
-    return best_s, best_z, best_e
+    return best_s, best_z
