@@ -41,7 +41,7 @@ def test_adaround_depthwise_and_zero_iters():
     H = U.transpose(1, 2) @ U / 200
     W = torch.randn(C, k, generator=g)
     q0, s, z = rtn_quantize(W, 3, 9)
-    q, _, _ = adaround_quantize(W, H, s, z, 3, iters=0)  # round to nearest (half up) with the given params
+    q, _, _ = adaround_quantize(W, H, s, z, 3, iters=0)  # round to nearest (half to even) with the given params
     assert torch.equal(q, q0) or (q.float() - q0.float()).abs().max() <= 1
     qa, _, _ = adaround_quantize(W, H, s, z, 3, iters=150, lr=3e-2, lam=0.1)
     F_ = _factor(H)
@@ -174,3 +174,65 @@ def test_distill_needs_logits_and_weights():
     for kw in ({"distill_steps": 2}, {"return_qparams": True}):
         with pytest.raises(ValueError, match="weight_bits=None"):
             fake_quantize_model_(net, None, calib_data=X, act_bits=8, progress=False, **kw)
+
+
+class _TiedNet(nn.Module):
+    """Two Linear layers that share one weight tensor (``b.weight = a.weight``), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.h = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("method,kw", [("gptq", {}), ("adaround", {"adaround_iters": 20}),
+                                       ("rtn", {"distill_steps": 20, "distill_lr": 1e-2}),
+                                       ("gptq", {"bias_correction": True})])
+def test_shared_weight_quantized_once(method, kw):
+    # the second holder of a shared weight re-quantized the quantized tensor (GPTQ with its own Hessian), and the
+    # distillation trained one set of scales per holder, the last one written: the first holder's qparams no
+    # longer described its weight (0.045-0.058 off)
+    m = _TiedNet().eval()
+    X = torch.randn(40, 16)
+    rep = fake_quantize_model_(m, 3, method, 16, calib_data=X, progress=False, return_qparams=True, **kw)
+    assert m.a.weight is m.b.weight
+    for n in "abh":
+        q, s, z = rep["qparams"][n]
+        torch.testing.assert_close(getattr(m, n).weight.detach(), dequantize(q, s, z), rtol=0, atol=1e-6)
+    assert "shares its weight with 'a'" in rep["notes"]["b"]
+
+
+def test_distill_refuses_bad_codes_untouched_and_keeps_parameter_order():
+    from quantkern.ptq.adaround import distill_qparams_
+
+    net, X = _net()
+    rep = fake_quantize_model_(net, 4, "rtn", 64, progress=False, return_qparams=True)
+    codes = {getattr(net, n): v for n, v in rep["qparams"].items()}
+    keys, flags = list(net.state_dict()), [p.requires_grad for p in net.parameters()]
+    ref = net(X).detach()
+    # a module without a weight / codes that do not describe the weight: refused before anything changed
+    # (a failure while registering left every parameter frozen and the first layers parametrized)
+    first = next(iter(codes))
+    for bad in ({nn.ReLU(): codes[first]}, {first: tuple(t[:1] for t in codes[first])}):
+        with pytest.raises(ValueError, match="distill_qparams_"):
+            distill_qparams_(net, {**codes, **bad}, X, ref, steps=2)
+        assert [p.requires_grad for p in net.parameters()] == flags
+        assert not any(hasattr(m, "parametrizations") for m in net.modules())
+    distill_qparams_(net, codes, X, ref, steps=2)
+    assert list(net.state_dict()) == keys  # (removing the parametrization put each weight after its bias)
+
+
+def test_adaround_ties_half_to_even_and_bad_options():
+    W, H = torch.tensor([[0.5, 1.5, 2.5, 3.5]]), torch.eye(4)
+    s, z = torch.ones(1, 1), torch.zeros(1, 1)
+    q, _, _ = adaround_quantize(W, H, s, z, 3, iters=0)
+    assert q.tolist() == [[0, 2, 2, 4]]  # (was half up: [1, 2, 3, 4])
+    for kw, match in (({"lam": float("nan")}, "lam"), ({"warmup": 2.0}, "warmup"), ({"beta": (2.0,)}, "beta"),
+                      ({"iters": True}, "iters"), ({"lr": 0.0}, "lr"),
+                      ({"init_q": torch.full((1, 4), 0.5)}, "init_q")):
+        with pytest.raises(ValueError, match=match):
+            adaround_quantize(W, H, s, z, 3, **{"iters": 2, **kw})

@@ -144,6 +144,9 @@ def test_sensitivity_bad_outputs_models_and_weights():
         layer_sensitivity(lambda x: x, X)
     with pytest.raises(TypeError, match="no floating-point tensor"):
         layer_sensitivity(nn.Sequential(_net(), _Tupled()), X, progress=False)
+    one = nn.Sequential(_net(), nn.Linear(_net()(X).shape[-1], 1))  # (KL over one logit measured 0 everywhere)
+    with pytest.raises(ValueError, match="metric='kl' needs logits over >= 2 classes"):
+        layer_sensitivity(one, X, metric="kl", progress=False)
 
 
 def _sizes_model(sizes):

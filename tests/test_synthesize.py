@@ -116,3 +116,14 @@ def test_synthesize_feature_vectors_keep_their_order():
                           progress=False)
     assert torch.allclose(X.mean(0), bn.running_mean, atol=0.03), X.mean(0)
     assert torch.allclose(X.std(0, unbiased=False), torch.full((4,), 0.1), atol=0.03), X.std(0)
+
+
+def test_synthesize_under_no_grad_and_inference_mode():
+    # the input's gradient was taken in the caller's mode: under no_grad / inference_mode the first step failed
+    # ("element 0 of tensors does not require grad")
+    net = _bn_net()
+    kw = dict(steps=3, batch_size=4, progress=False)
+    x = synthesize_inputs(net, 4, (3, 12, 12), **kw)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(synthesize_inputs(net, 4, (3, 12, 12), **kw), x, rtol=0, atol=0)

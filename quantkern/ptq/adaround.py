@@ -36,6 +36,9 @@ Written for this project (no code taken from the AdaRound / BRECQ reference impl
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ._wquant import check_weight_args
@@ -112,12 +115,27 @@ def adaround_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zer
         raise ValueError(f"{fn}: scale must be finite and > 0")
     if not bool(torch.isfinite(zero).all()):
         raise ValueError(f"{fn}: zero contains NaN or Inf")
-    if not isinstance(iters, int) or iters < 0:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
         raise ValueError(f"{fn}: iters must be an int >= 0, got {iters!r}")
+    iters = int(iters)
+
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (real(lr) and lr > 0):
+        raise ValueError(f"{fn}: lr must be a finite float > 0, got {lr!r}")
+    if not (real(lam) and lam >= 0):  # (NaN gave round-to-nearest without a word)
+        raise ValueError(f"{fn}: lam must be a finite float >= 0, got {lam!r}")
+    if not (real(warmup) and 0 <= warmup <= 1):
+        raise ValueError(f"{fn}: warmup must be a fraction in [0, 1], got {warmup!r}")
+    if not (isinstance(beta, (tuple, list)) and len(beta) == 2 and all(real(b) and b > 0 for b in beta)):
+        raise ValueError(f"{fn}: beta must be (start, end), two finite floats > 0, got {beta!r}")
     maxq = 2**bits - 1
     if init_q is not None and (tuple(init_q.shape) != (O, K) or bool(((init_q < 0) | (init_q > maxq)).any())):
         raise ValueError(f"{fn}: init_q must be [O, K] = [{O}, {K}] codes in [0, {maxq}], got shape "
                          f"{tuple(init_q.shape)}")
+    if init_q is not None and init_q.is_floating_point() and not bool((init_q == init_q.round()).all()):
+        raise ValueError(f"{fn}: init_q must hold integer codes, got fractional values")  # (scored, then truncated)
     g = K // scale.shape[1]
     s = scale.float().repeat_interleave(g, 1)
     z = zero.float().repeat_interleave(g, 1)
@@ -134,7 +152,7 @@ def adaround_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zer
     def err(q):
         return float(layer_error((q - z) * s - Wf, F))
 
-    q_near = torch.clamp(base + (rest >= 0.5).float(), 0, maxq)  # = round-half-up of x
+    q_near = torch.clamp(torch.round(x), 0, maxq)  # (half to even, as every rounding here)
     cands = [(err(q_near), q_near)]
     if init_q is not None:
         qi = init_q.float()
@@ -208,6 +226,9 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
     BatchNorm biases; same optimiser and step size). Returns ``{"loss_first", "loss_last"}`` (means over the first /
     last ``min(10, steps // 2)`` steps, at least one) and writes the final weights (and returns ``codes`` updated in place).
     If a step fails, the weights and ``extra_params`` are given back as they came in, and the error raised.
+    Modules that share one weight tensor must come with equal codes; they train one set of scales / zeros.
+    ``codes`` that do not describe their module's weight (shapes) raise ValueError before the model changes;
+    each module's parameters keep their order.
     """
     from torch.nn.utils import parametrize
 
@@ -217,33 +238,50 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
         raise ValueError(f"distill_qparams_: batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
         raise ValueError(f"distill_qparams_: lr must be a finite float > 0, got {lr!r}")
+    # (checked before anything changes: a bad entry found while registering left the model half parametrized)
+    first = {}  # id(weight) -> codes of its first module
+    for mod, qsz in codes.items():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not (isinstance(qsz, tuple) and len(qsz) == 3):
+            raise ValueError(f"distill_qparams_: codes must map modules with a weight to (q, scale, zero), got "
+                             f"{type(mod).__name__} -> {type(qsz).__name__}")
+        q, s, z = qsz
+        if (q.dim() != 2 or s.dim() != 2 or s.shape != z.shape or q.shape[0] != s.shape[0] or s.shape[1] == 0
+                or q.shape[1] % s.shape[1] or q.numel() != w.numel()):
+            raise ValueError(f"distill_qparams_: {type(mod).__name__} with weight {tuple(w.shape)}: codes of shapes "
+                             f"q {tuple(q.shape)}, scale {tuple(s.shape)}, zero {tuple(z.shape)} do not describe it")
+        f = first.setdefault(id(w), qsz)
+        if f is not qsz and not all(torch.equal(a, b) for a, b in zip(f, qsz)):
+            raise ValueError("distill_qparams_: two modules share one weight tensor but have different codes")
     gen = torch.Generator().manual_seed(seed)
     was = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in was:
-        p.requires_grad_(False)
-    pars = {}
-    for mod, (q, s, z) in codes.items():
-        pm = _FixedCodeWeight(q, s, z, mod.weight.shape)
-        parametrize.register_parametrization(mod, "weight", pm, unsafe=True)
-        pars[mod] = pm
-    params = [p for pm in pars.values() for p in (pm.a, pm.dz)]
     extra = list(extra_params)
-    # fp16 / bf16 parameters are trained through float32 master copies (Adam's state and eps underflow in
-    # fp16: the steps were NaN); the parameter gets the master's value, rounded, before every forward
-    masters = []
-    for p in extra:
-        p.requires_grad_(True)
-        if p.dtype in (torch.float16, torch.bfloat16):
-            masters.append((p, p.detach().float().clone().requires_grad_(True)))
-            params.append(masters[-1][1])
-        else:
-            params.append(p)
-    losses = []
-    model.eval()
-    N = calib_data.shape[0]
     start = [p.detach().clone() for p in extra]  # (a failure gives them back, with the starting scales / zeros)
+    pars, order, losses = {}, {}, []
     done = False
     try:  # from here on the parametrizations are always removed again
+        for p, _ in was:
+            p.requires_grad_(False)
+        shared = {}  # id(weight) -> its parametrization: modules sharing a weight train one set of scales / zeros
+        for mod, (q, s, z) in codes.items():
+            pm = shared.get(id(mod.weight)) or _FixedCodeWeight(q, s, z, mod.weight.shape)
+            shared[id(mod.weight)] = pm
+            order[mod] = list(mod._parameters)
+            parametrize.register_parametrization(mod, "weight", pm, unsafe=True)
+            pars[mod] = pm
+        params = [p for pm in shared.values() for p in (pm.a, pm.dz)]
+        # fp16 / bf16 parameters are trained through float32 master copies (Adam's state and eps underflow in
+        # fp16: the steps were NaN); the parameter gets the master's value, rounded, before every forward
+        masters = []
+        for p in extra:
+            p.requires_grad_(True)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                masters.append((p, p.detach().float().clone().requires_grad_(True)))
+                params.append(masters[-1][1])
+            else:
+                params.append(p)
+        model.eval()
+        N = calib_data.shape[0]
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
@@ -277,6 +315,8 @@ def distill_qparams_(model: torch.nn.Module, codes: dict, calib_data: torch.Tens
                 s, z = pm.params()
                 codes[mod] = (pm.q.to(torch.uint8), s.detach().clone(), z.detach().clone())
                 parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+                for k in order[mod]:  # (removal appends the weight after the bias: keep the parameters' order)
+                    mod._parameters[k] = mod._parameters.pop(k)
                 g = pm.g
                 Wq = (pm.q - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
                 mod.weight.copy_(Wq.reshape(mod.weight.shape).to(mod.weight.dtype))

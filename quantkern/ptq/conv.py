@@ -101,6 +101,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import Counter
 from typing import Callable, Iterable
 
 import torch
@@ -1029,11 +1030,18 @@ def fake_quantize_model_(
             report["block_lists"] = tuple(p.name for p in plans)
             clamped = []  # layers whose HQQ min-max init hit hqq's clamps, with the fraction of groups
             tiny = []  # layers whose group size fell far below the one asked for (a prime K: g = 1)
+            # A weight tensor two layers share (``b.weight = a.weight``) is quantized once, at its first layer; the
+            # others take that result (a second solver run, e.g. GPTQ with the other layer's Hessian, re-quantized
+            # the already quantized tensor and left the first layer's qparams describing a weight it no longer had)
+            holders = Counter(id(m.weight) for _, m in layers)
+            tied_done = {}  # id(weight) -> (first layer's name, its qparams, the float weight for bias correction)
             for idx, (name, mod) in enumerate(bar):
                 stage = (idx, name)
                 st = None
                 meth = depthwise_method if (depthwise_method and _is_depthwise(mod)) else method
-                if data_w and (meth in ("gptq", "erq", "adaround") or bias_correction or fp_target):
+                first = tied_done.get(id(mod.weight))
+                solve = first is None  # (a later holder of a shared weight needs its statistics only for the bias)
+                if data_w and ((meth in ("gptq", "erq", "adaround") or fp_target) and solve or bias_correction):
                     blocks = None
                     # a layer run more than once per forward (a shared block) takes every call's stats, and
                     # some calls may lie outside its block (the block run again after the list): rerun the model
@@ -1060,12 +1068,24 @@ def fake_quantize_model_(
                                 if fcache is not None:
                                     fcache.advance(plan.block_of[id(mod)])
                         blocks = cache
-                    fpair = None if fp_model is None else (fp_model, fp_mods[name], None if blocks is None else fcache)
+                    fpair = None if (fp_model is None or not solve) else (fp_model, fp_mods[name],
+                                                                          None if blocks is None else fcache)
                     st = _collect(model, mod, calib_data, batch_size, stop=calls.get(id(mod), 0) <= 1, blocks=blocks,
-                                  fp=fpair, hessian=meth in ("gptq", "erq", "adaround"),
-                                  max_rows=max_rows if (meth == "erq" and not _is_depthwise(mod)) else 0, gen=gen)
+                                  fp=fpair, hessian=solve and meth in ("gptq", "erq", "adaround"),
+                                  max_rows=max_rows if (solve and meth == "erq" and not _is_depthwise(mod)) else 0,
+                                  gen=gen)
                 if active is not None and idx == active.last:  # past the blocks: free their cached inputs
                     active = cache = fcache = None
+                if not solve:
+                    fname, codes[mod], W_fp = first
+                    report["group_sizes"][name] = report["group_sizes"][fname]
+                    report["notes"][name] = f"shares its weight with {fname!r}: quantized once, there"
+                    if bias_correction and st.n and mu_fp[id(mod)] is not None:
+                        with torch.no_grad():
+                            b = mod.bias.detach().float() if mod.bias is not None else None
+                            _set_bias(mod, _corrected_bias(mod.weight.detach().float().reshape(W_fp.shape), W_fp,
+                                                           st, mu_fp[id(mod)], b))
+                    continue
                 bits = layer_bits.get(name, weight_bits)
                 W = mod.weight
                 lopts = opts
@@ -1100,19 +1120,15 @@ def fake_quantize_model_(
                     b_orig = mod.bias.detach().float().clone() if mod.bias is not None else None
                     if new_b is not None:
                         _set_bias(mod, new_b)
+                    W_fp = W.detach().float().reshape(W.shape[0], -1)
                     if bias_correction and not (meth == "erq" and new_b is not None) and st.n and mu_fp[id(mod)] is not None:
                         # (ERQ fitted the bias already; a layer without calibration input has no mean to correct)
-                        W2 = W.detach().float().reshape(W.shape[0], -1)
-                        fp = mu_fp[id(mod)]
-                        if st.dw:
-                            shift = (Wq * st.mu).sum(1) - (W2 * fp).sum(1)
-                        else:
-                            shift = Wq @ st.mu - W2 @ fp
                         # (after fp_target's fit: from the layer's own bias, since the shift is measured against
                         # the float layer; the fitted bias only carried the mean of the weights it replaced)
                         b = b_orig if fit is not None else (mod.bias.detach().float() if mod.bias is not None else None)
-                        b = b if b is not None else torch.zeros(W.shape[0], device=W.device)
-                        _set_bias(mod, b - shift)
+                        _set_bias(mod, _corrected_bias(Wq, W_fp, st, mu_fp[id(mod)], b))
+                    if holders[id(W)] > 1:
+                        tied_done[id(W)] = (name, qsz, W_fp.clone() if bias_correction else None)
                     W.copy_(Wq.reshape(W.shape).to(W.dtype))
             stage = None
             if tiny:
@@ -1204,6 +1220,15 @@ def _check_forward(model, layers, calib_data, batch_size, distill_steps) -> dict
 def _logits_of(model, calib_data, batch_size) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(xb) for xb in _batches(calib_data, batch_size)])
+
+
+def _corrected_bias(Wq, W_fp, st, mu_fp, b) -> torch.Tensor:
+    """Bias correction: ``b - (Wq mu_q - W_fp mu_fp)``, per channel (``b`` None: zeros). Wq, W_fp: [O, K] fp32."""
+    if st.dw:
+        shift = (Wq * st.mu).sum(1) - (W_fp * mu_fp).sum(1)
+    else:
+        shift = Wq @ st.mu - W_fp @ mu_fp
+    return (b if b is not None else torch.zeros(Wq.shape[0], device=Wq.device)) - shift
 
 
 def _set_bias(mod, b: torch.Tensor):

@@ -122,6 +122,9 @@ class _Error:
             raise RuntimeError(f"layer_sensitivity: output shape changed from {tuple(ref.shape)} to {tuple(out.shape)}")
         out = out.float()
         if self.metric == "kl":  # KL(float || quantized) over the last dim, summed over rows; den counts rows
+            if ref.dim() == 0 or ref.shape[-1] < 2:  # (softmax over one logit is 1: every layer would measure 0)
+                raise ValueError(f"layer_sensitivity: metric='kl' needs logits over >= 2 classes in the last dim, "
+                                 f"got an output of shape {tuple(ref.shape)}; use metric='mse'")
             lp, lq = ref.log_softmax(-1), out.log_softmax(-1)
             self.num += float((lp.exp() * (lp - lq)).sum())
             self.den += ref.numel() // max(ref.shape[-1], 1) if ref.dim() else 1

@@ -208,8 +208,8 @@ def synthesize_inputs(
         bar = tqdm(total=len(sizes) * steps, desc=f"synthesize {n} inputs", unit="step")
     lo, hi = value_range if value_range is not None else (None, None)
     outs = []
-    try:
-        with _bn_hooked(model, layers) as hooks:
+    try:  # (autograd on whatever mode the caller is in: under no_grad / inference_mode x had no gradient)
+        with _bn_hooked(model, layers) as hooks, torch.inference_mode(False), torch.enable_grad():
             for b in sizes:
                 x = 0.5 * torch.randn((max(b, 2),) + shape, generator=g)
                 if value_range is not None:
