@@ -632,6 +632,65 @@ def test_numpy_scalars_are_numbers():
     torch.testing.assert_close(q(x), LSQQuantizer(4, True, "group", group_size=16, grad_scale=0.5)(x))
     with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
         ops.fake_quant_lsq(x, s, None, -8, 7, axis=0, grad_scale=torch.tensor(0.25))
+    # the QAT layers refused them ("w_bits must be an int in 2..8, got np.int64(4)")
+    lin = QuantLinear(32, 8, w_bits=np.int64(4), a_bits=np.int32(8), w_granularity="group", w_group_size=np.int64(16),
+                      a_grad_scale=np.float32(0.5))
+    assert (lin.w_bits, lin.a_bits, lin.weight_quantizer.group_size) == (4, 8, 16)
+    assert all(type(v) is int for v in (lin.w_bits, lin.a_bits))
+    quantize_modules(nn.Sequential(nn.Linear(32, 8)), w_bits=np.int64(3), a_bits=None)
+
+
+def test_meta_built_channel_input_quantizer_materialises_after_to_empty():
+    # to_empty() could not move the lazy per-channel scale (empty_like refuses it): it stayed on meta and the
+    # first forward failed in set_data ("incompatible tensor type")
+    fl, x = nn.Linear(16, 8), torch.randn(4, 16)
+    with torch.device("meta"):
+        m = QuantLinear(16, 8, a_granularity="channel")
+        q = LSQQuantizer(8, True, "channel", axis=-1)
+    m.to_empty(device="cpu")
+    q.to_empty(device="cpu")
+    assert q._parameters["scale"].device.type == "cpu"
+    m.load_state_dict(fl.state_dict(), strict=False)
+    torch.testing.assert_close(m(x), QuantLinear.from_float(fl, a_granularity="channel")(x), rtol=0, atol=0)
+    q(x)
+    # a QAT checkpoint into a meta model without assign=True: a no-op with torch's warning (item() on meta raised)
+    src = QuantLinear.from_float(fl)
+    src(x)
+    with torch.device("meta"):
+        mm = QuantLinear(16, 8)
+    with pytest.warns(UserWarning):
+        mm.load_state_dict(src.state_dict())
+
+
+def test_uninitialised_quantizer_under_torch_func_says_so():
+    # grad / vmap over an uninitialised module failed with torch's internals ("Cannot access storage of
+    # TensorWrapper", "in-place operation ... captured Tensor")
+    from torch.func import functional_call, grad
+
+    m, x = QuantLinear(8, 4), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="under a torch.func transform"):
+        grad(lambda x: m(x).sum())(x)
+    with pytest.raises(RuntimeError, match="under a torch.func transform"):
+        grad(lambda p: functional_call(m, p, (x,)).sum())(dict(m.named_parameters()))
+    m(x)  # once initialised, both work
+    grad(lambda x: m(x).sum())(x)
+
+
+def test_quantize_modules_keeps_hooks_and_warns_about_reparametrizations():
+    # a plain setattr dropped the float layer's forward hooks; a hook-based prune mask silently stopped applying
+    seen = []
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[0].register_forward_hook(lambda mod, i, o: seen.append(type(mod).__name__))
+    quantize_modules(net, w_bits=4, a_bits=None)
+    net(torch.randn(2, 8))
+    assert seen == ["QuantLinear"]
+    from torch.nn.utils import prune
+
+    net = nn.Sequential(nn.Linear(8, 8))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    with pytest.warns(UserWarning, match="prune / weight_norm / spectral_norm"):
+        quantize_modules(net, w_bits=4, a_bits=None)
+    assert int((net[0].weight == 0).sum()) == 32  # (starts from the pruned weight)
 
 # ------------------------------------------------------------------ user-facing edge cases
 

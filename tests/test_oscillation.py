@@ -1268,3 +1268,54 @@ def test_tracker_and_dampening_on_a_submodules_layers_and_a_replaced_layer():
     for f in (tracker.step, damp):
         with pytest.raises(RuntimeError, match="'0' is no longer in the model"):
             f()
+
+
+def test_tracker_and_dampening_refuse_a_replaced_quantizer_and_grids_beyond_int8():
+    # a new weight_quantizer (other bits) was ignored: the tracker rewrote frozen weights onto the old grid
+    # and the dampening pulled towards it; an unsigned 8-bit grid was taken and failed at the first step()
+    # naming no layer
+    from quantkern import qat
+    from quantkern.nn import LSQQuantizer, QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(8, 8, a_bits=None))
+    model(torch.randn(4, 8))
+    tracker, damp = qat.OscillationTracker(model), qat.DampeningLoss(model)
+    tracker.step()
+    model[0].weight_quantizer = LSQQuantizer(2, True, "channel")
+    model(torch.randn(4, 8))
+    for f in (tracker.step, damp):
+        with pytest.raises(RuntimeError, match="weight_quantizer of layer '0' was replaced"):
+            f()
+    model[0].weight_quantizer = LSQQuantizer(8, False, "channel")
+    model(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"layer '0' has the integer grid \[0, 255\]"):
+        qat.OscillationTracker(model, max_bits=None)
+
+
+def test_tracker_metrics_and_dampening_with_an_empty_layer():
+    # metrics() and DampeningLoss divided by the layer's 0 elements
+    from quantkern import qat
+    from quantkern.nn import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(4, 8, a_bits=None), QuantLinear(0, 4, a_bits=None))
+    model[0](torch.randn(3, 4))
+    model[1](torch.randn(3, 0))
+    tracker = qat.OscillationTracker(model)
+    tracker.step()
+    m = tracker.metrics()
+    assert m["1"] == {"numel": 0, "frac_oscillating": 0.0, "osc_last_step": 0.0, "frozen_frac": 0.0}
+    full = qat.DampeningLoss(model)()
+    torch.testing.assert_close(full, qat.DampeningLoss(model, layers=qat.quantized_layers(model)[:1])())
+
+
+def test_schedules_take_numpy_and_tensor_step_counts():
+    import numpy as np
+
+    from quantkern import qat
+
+    for n in (np.int64(100), torch.tensor(100)):
+        assert qat.CosineSchedule(1.0, 0.0, n)(100) == 0.0
+        assert qat.freeze_threshold_schedule(n)(100) == pytest.approx(0.01)
+        assert qat.dampening_schedule(n)(100) == pytest.approx(0.1)

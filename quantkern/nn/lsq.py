@@ -462,6 +462,12 @@ class LSQQuantizer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
+            # (under torch.func.grad / vmap the init's in-place writes fail with torch's internal errors)
+            if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    f"{type(self).__name__}: not initialised, and called under a torch.func transform (grad, vmap, "
+                    "jacrev, ...), where the data-dependent init cannot write the module's state. Run one plain "
+                    "forward (or initialize(x)) on the model first")
             if getattr(self, "_is_replica", False) or not self._state_is_own():
                 # an nn.DataParallel replica or torch.func.functional_call with copies: the init would
                 # write the copies only, the module itself would stay uninitialised (a DataParallel model
@@ -514,9 +520,13 @@ class LSQQuantizer(nn.Module):
         a cloned state_dict, initialised the scale and marked only the copy: the module's state_dict
         then said initialized=False next to a real scale, and a checkpoint of it re-initialised on load.)"""
         def shares(cur, own):
-            return (isinstance(cur, torch.Tensor) and isinstance(own, torch.Tensor) and not is_lazy(own)
-                    and cur.device == own.device
-                    and cur.untyped_storage().data_ptr() == own.untyped_storage().data_ptr())
+            if not (isinstance(cur, torch.Tensor) and isinstance(own, torch.Tensor) and not is_lazy(own)
+                    and cur.device == own.device):
+                return False
+            try:
+                return cur.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+            except NotImplementedError:  # a torch.func wrapper (grad / vmap): a copy as far as the init goes
+                return False
 
         cur = self._parameters.get("scale")
         if not (isinstance(cur, nn.Parameter) or shares(cur, self.__dict__.get("_own_scale"))):
@@ -534,6 +544,18 @@ class LSQQuantizer(nn.Module):
     def _apply(self, fn, recurse=True):
         # scale/offset stay float32 through module-wide dtype casts (model.bfloat16(), .half())
         # and follow device moves; uninitialised ones take only what they support (device).
+        # A lazy (uninitialised) parameter cannot be moved by every conversion: to_empty()'s empty_like
+        # refuses it, so one built on meta stayed there and its first forward failed to materialise it on
+        # the input's device. Rebuild it, still lazy, on the device the conversion sends tensors to.
+        for name, p in list(self._parameters.items()):
+            if p is not None and is_lazy(p):
+                try:
+                    dev = fn(torch.empty(0, device=p.device)).device
+                except Exception:  # (a conversion that takes no plain tensor: leave it to super()._apply)
+                    continue
+                if dev != p.device:
+                    self._parameters[name] = type(p)(requires_grad=p.requires_grad, device=dev, dtype=torch.float32)
+
         def keep_fp32(t):
             if is_lazy(t):
                 try:
@@ -578,7 +600,9 @@ class LSQQuantizer(nn.Module):
         for key in lazy_absent:
             if key in missing_keys:
                 missing_keys.remove(key)
-        if prefix + "initialized" in state_dict:
+        if self.initialized.is_meta:
+            pass  # (a model on meta loaded without assign=True: torch leaves it unchanged, with its own warning)
+        elif prefix + "initialized" in state_dict:
             self._initialized = bool(self.initialized)
         else:
             # the checkpoint does not say (a float checkpoint): the Python flag stays the truth. The buffer

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +20,18 @@ from torch import nn
 from ..ops import BACKENDS
 from .expose import _is_hf_conv1d, _is_plain_linear_subclass, expose_linears
 from .lsq import GRANULARITIES, INITS, LSQQuantizer
-from ._sites import undo_swaps_on_error
+from ._sites import _reparam_hook_types, refresh_hooked_weights, swap_module, undo_swaps_on_error
 from .packed_linear import disable_fused_encoder_paths
+
+
+def _is_int(v) -> bool:  # (NumPy integers too, as LSQQuantizer takes them)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_bits(owner: str, name: str, bits, allow_none: bool) -> None:
     if bits is None and allow_none:
         return
-    if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+    if not (_is_int(bits) and 2 <= bits <= 8):
         extra = " or None (no input quantization)" if allow_none else ""
         raise ValueError(f"{owner}: {name} must be an int in 2..8{extra}, got {bits!r}")
 
@@ -69,8 +75,7 @@ class _QuantMixin:
                              f"got w_granularity={w_granularity!r}")
         # checked here too so that an error names the layer's argument, not LSQQuantizer's (whose
         # "learn_offset" did not say which of the two quantizers it was)
-        if w_group_size is not None and (isinstance(w_group_size, bool) or not isinstance(w_group_size, int)
-                                         or w_group_size <= 0):
+        if w_group_size is not None and not (_is_int(w_group_size) and w_group_size > 0):
             raise ValueError(f"{owner}: w_group_size must be a positive int, got {w_group_size!r}")
         for name, v in (("act_signed", act_signed), ("w_learn_offset", w_learn_offset),
                         ("a_learn_offset", a_learn_offset)):
@@ -79,8 +84,11 @@ class _QuantMixin:
         if backend not in BACKENDS:
             raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
         for name, g in (("w_grad_scale", w_grad_scale), ("a_grad_scale", a_grad_scale)):
-            if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < math.inf):
+            if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not 0 < g < math.inf):
                 raise ValueError(f"{owner}: {name} must be a finite positive number or None, got {g!r}")
+        w_bits, a_bits = int(w_bits), None if a_bits is None else int(a_bits)
+        w_group_size = None if w_group_size is None else int(w_group_size)
+        w_grad_scale, a_grad_scale = (None if g is None else float(g) for g in (w_grad_scale, a_grad_scale))
         self.w_bits, self.a_bits = w_bits, a_bits
         # The quantizers' parameters and buffers are created on the layer's device (device=...
         # of the constructor; from_float), like the weight: a per-tensor scale left on the CPU
@@ -353,7 +361,7 @@ _SWAP = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
 
 def _build_swaps(model: nn.Module, skipped, w_bits, a_bits, kwargs) -> list:
-    """(parent, attribute, QAT layer) for every nn.Linear / nn.Conv2d of ``model`` not ``skipped``,
+    """(parent, attribute, QAT layer, float layer) for every nn.Linear / nn.Conv2d of ``model`` not ``skipped``,
     built but not yet swapped in (a layer registered under several names is built once)."""
     done: dict[int, nn.Module] = {}
     swaps = []
@@ -378,7 +386,7 @@ def _build_swaps(model: nn.Module, skipped, w_bits, a_bits, kwargs) -> list:
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"quantize_modules: layer {full!r} ({type(child).__name__}): {e} "
                                   "(the model is unchanged)") from e
-            swaps.append((parent, child_name, done[id(child)]))
+            swaps.append((parent, child_name, done[id(child)], child))
     return swaps
 
 
@@ -439,12 +447,25 @@ def quantize_modules(model: nn.Module, w_bits: int = 4, a_bits: int | None = 8, 
     # Expose the hidden linears, build every replacement, and swap only when all succeeded: a layer
     # that fails (e.g. a w_group_size that does not divide its row length) used to leave the model
     # half converted (and, before undo_swaps_on_error, its attention modules already unfused).
+    refresh_hooked_weights(model)  # (prune / weight_norm weights as they are now, not as of the last forward)
     with undo_swaps_on_error():  # (also the fused encoder paths unfuse_attention switched off)
         expose_linears(model, skipped)
         swaps = _build_swaps(model, skipped, w_bits, a_bits, kwargs)
-    for parent, child_name, q in swaps:
-        setattr(parent, child_name, q)
+        # the float layer's train / eval mode and forward / backward hooks go to its QAT layer (a plain
+        # setattr dropped them: a feature hook stopped firing after the conversion)
+        sites: dict[int, tuple[nn.Module, nn.Module, list]] = {}
+        for parent, child_name, q, child in swaps:
+            sites.setdefault(id(child), (child, q, []))[2].append((parent, child_name))
+        hooked = [type(child).__name__ for child, _, _ in sites.values()
+                  if any(isinstance(h, _reparam_hook_types()) for h in child._forward_pre_hooks.values())]
+        for child, q, where in sites.values():
+            swap_module(where, child, q)
+    if hooked:  # (the QAT layer trains the weight they computed: a pruned entry can grow back)
+        warnings.warn(f"quantize_modules: {len(hooked)} converted layer(s) had a hook-based prune / weight_norm / "
+                      "spectral_norm; their QAT layers start from the weight it computed and train it freely (the "
+                      "mask or norm no longer applies): re-apply it to the QAT layer's weight if it should",
+                      stacklevel=2)
     # torch's fused TransformerEncoderLayer inference path (eval under no_grad) reads linear1 / linear2's
     # weights directly: it ran the latent float weights, not the fake-quantized ones
-    disable_fused_encoder_paths(model, [q for _, _, q in swaps])
+    disable_fused_encoder_paths(model, [q for _, _, q, _ in swaps])
     return model

@@ -24,6 +24,7 @@ official code's gradients from them (``q_frozen`` and 1).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 
@@ -59,6 +60,11 @@ def _check_layers_current(owner: str, model: nn.Module, layers: list[QLayer]) ->
         if id(L.module) not in mods:
             raise RuntimeError(f"{owner}: layer {L.name!r} is no longer in the model (replaced after the {owner} was "
                                f"built); build a new {owner}")
+        # (a new quantizer, e.g. other bits: the grid and scale read at build time would be stale, and frozen
+        # weights rewritten onto a grid the model no longer uses)
+        if getattr(L.module, "weight_quantizer", L.quantizer) is not L.quantizer:
+            raise RuntimeError(f"{owner}: the weight_quantizer of layer {L.name!r} was replaced after the {owner} was "
+                               f"built; build a new {owner}")
 
 
 class _FrozenForwardHook:
@@ -86,7 +92,7 @@ class _FrozenForwardHook:
             return out
         q = L.quantizer
         shape = out.shape
-        meta = t.meta.reshape(t.meta.shape if L.group_size is not None else shape)
+        meta = t.meta.reshape(t.meta.shape if L.group_size is not None else shape).to(out.device)  # (model moved)
         o = out.reshape(meta.shape)
         frozen = (meta & (1 << FROZEN_BIT)) != 0
         qf = ((meta & 0xFF) ^ 0x80) - 0x80  # the int8 integer field (sign-extended)
@@ -200,6 +206,10 @@ class OscillationTracker:
                              f"weight_quantizer) of at most max_bits={max_bits} bits (max_bits=None tracks every one)")
         seen = {}
         for l in layers:  # tied weights: two layers would freeze and rewrite one tensor with two grids
+            if not -128 <= l.qmin < l.qmax <= 127:  # (else the first step() failed, naming no layer)
+                raise ValueError(f"OscillationTracker: layer {l.name!r} has the integer grid [{l.qmin}, {l.qmax}]; the "
+                                 "state keeps integers in int8 (-128 <= qmin < qmax <= 127): leave it out (max_bits, "
+                                 "layers=...)")
             if id(l.weight) in seen:
                 raise ValueError(f"OscillationTracker: layers {seen[id(l.weight)]!r} and {l.name!r} share one weight "
                                  "tensor; track one of them (pass layers=...)")
@@ -227,6 +237,8 @@ class OscillationTracker:
             s, b = L.params()
             if t.meta is None:
                 t.meta, t.ema = ops.oscillation_init_state(w, s, b, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size)
+            elif t.meta.device != w.device:  # the model was moved (model.cuda()) after the state was made
+                t.meta, t.ema = t.meta.to(w.device), t.ema.to(w.device)
             t.counts = ops.oscillation_update(
                 w, s, b, t.meta, t.ema, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
                 momentum=self.momentum, freeze_threshold=th, backend=self.backend,
@@ -270,7 +282,7 @@ class OscillationTracker:
             if t is None:
                 return grad
             frozen = (t.meta & (1 << FROZEN_BIT)) != 0
-            return grad.masked_fill(frozen.view(grad.shape), 0)
+            return grad.masked_fill(frozen.view(grad.shape).to(grad.device), 0)
 
         return hook
 
@@ -325,11 +337,12 @@ class OscillationTracker:
             frozen = (t.meta & (1 << FROZEN_BIT)) != 0
             f = ((t.meta >> FREQ_SHIFT) & 0xFFFFF).float() / FREQ_ONE
             c = t.counts.tolist() if t.counts is not None else [0, 0]
+            d = max(n, 1)  # (an empty layer: fractions 0)
             out[name] = {
                 "numel": n,
-                "frac_oscillating": float(((f > osc_freq) & ~frozen).sum()) / n,
-                "osc_last_step": c[0] / n,
-                "frozen_frac": float(frozen.sum()) / n,
+                "frac_oscillating": float(((f > osc_freq) & ~frozen).sum()) / d,
+                "osc_last_step": c[0] / d,
+                "frozen_frac": float(frozen.sum()) / d,
             }
         return out
 
@@ -430,12 +443,16 @@ class DampeningLoss:
         total = None
         for L in self.layers:
             w = L.weight
+            if w.numel() == 0:  # (adds 0; its norm would divide by 0)
+                continue
             if L.group_size is not None and w.dim() != 2:
                 w = w.reshape(w.shape[0], -1)
             s, b = L.params()
             term = ops.dampening_loss(w, s, b, L.qmin, L.qmax, axis=L.axis, group_size=L.group_size,
                                       norm=self._norm(L.weight), backend=self.backend)
             total = term if total is None else total + term
+        if total is None:  # (every layer empty)
+            return torch.zeros((), device=dev)
         # lambda multiplies outside the op: a float argument of an op is a constant to torch.compile, so a
         # scheduled lambda passed into it recompiled the step at every new value (the 9th fails fullgraph)
         return total * lam
@@ -452,6 +469,11 @@ class CosineSchedule:
     def __init__(self, start: float, end: float, total_steps: int, warmup_frac: float = 0.25,
                  warmup_value: float | None = None):
         if isinstance(total_steps, float) and total_steps.is_integer():
+            total_steps = int(total_steps)
+        if isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool):
+            total_steps = int(total_steps)  # (NumPy integers: refused with a message naming a positive integer)
+        elif isinstance(total_steps, torch.Tensor) and total_steps.dim() == 0 and not total_steps.is_floating_point() \
+                and total_steps.dtype != torch.bool:
             total_steps = int(total_steps)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"CosineSchedule: total_steps must be a positive integer, got {total_steps!r}")
