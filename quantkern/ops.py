@@ -706,12 +706,15 @@ def packed_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, 
         (with grad mode on), carry a tangent or are differentiated by a torch.func
         transform raise RuntimeError. No autocast: the output dtype follows x.
 
-    CPU paths (chosen per call): small M uses a GEMV (AVX-512 VNNI on bf16/fp16
-    x, up to 4 rows with AMX and 8 without; exact fp32 table-lookup dequantization
+    CPU paths (chosen per call): on AVX-512 CPUs small M uses a GEMV (VNNI on bf16/fp16
+    x, up to 4 rows with AMX and 12 without; exact fp32 table-lookup dequantization
     on fp32 x); larger M dequantizes panels of rows into a cache-resident buffer
     and uses AMX, or AVX512-BF16 ``vdpbf16ps`` on CPUs without AMX (bf16 x; the
     weight rounded to bf16, denormal inputs read as 0, as bf16 ``F.linear``), or
-    fp32 FMA / MKL sgemm on exactly dequantized tiles (fp32/fp16 x).
+    fp32 FMA / MKL sgemm on exactly dequantized tiles (fp32/fp16 x). On AVX2 CPUs
+    bf16/fp16 x takes an int16 ``vpmaddwd`` GEMV up to 11 rows and an int16 GEMM
+    from 12 (groups of at most 1024), fp32 x the exact fp32 GEMV up to 16 rows and
+    MKL tiles above.
     ``quantkern.set_cpu_capability`` and ``quantkern.ops.set_cpu_feature`` force
     the fallbacks.
     """

@@ -236,9 +236,11 @@ def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: d
     header metadata records the format name and version, the layout string and,
     per weight, bits / group_size / shape, and is validated by :func:`load_packed`.
     ``metadata``: additional ``{str: str}`` header entries (not the reserved keys), read
-    back with :func:`read_packed_metadata`. Never pickle.
+    back with :func:`read_packed_metadata`. Never pickle. ``path``: a str or path-like; ``~`` is
+    expanded; its folder must exist.
     """
     import json
+    import os
 
     from safetensors.torch import save_file
 
@@ -274,6 +276,13 @@ def save_packed(weights: dict, path: str, extra: dict | None = None, metadata: d
         if k in meta or not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"save_packed: metadata must map new str keys to str values, got {k!r}: {type(v).__name__}")
         meta[k] = v
+    # (safetensors' own error for a missing folder or a directory named a temporary file beside the path)
+    path = os.path.expanduser(os.fspath(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"save_packed: the folder {folder!r} of {path!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save_packed: path {path!r} is a directory; give a file name")
     save_file(tensors, path, metadata=meta)
 
 
@@ -284,6 +293,7 @@ def _safe_open(op: str, path, device: str):
 
     from safetensors import SafetensorError, safe_open
 
+    path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"{op}: path {str(path)!r} is a directory; expected a safetensors file written by "
                                 "save_packed")

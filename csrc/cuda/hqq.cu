@@ -7,7 +7,7 @@
 // A block of T threads owns T consecutive groups. Their g*T values are loaded
 // once, coalesced, into shared memory as [g][T+1] (padded: conflict-free for
 // both the transposing load and the per-thread sweeps), and all iterations
-// read them from there. Groups too large for shared memory (g > 356: [g][33]
+// read them from there. Groups too large for shared memory (g > 364: [g][33]
 // floats plus the static red[] past 48 KB) are read from global memory (L1/L2) instead.
 //
 // Global early stop (the official rule): every thread records its zero after

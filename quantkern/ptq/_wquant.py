@@ -158,7 +158,7 @@ def search_params(w: torch.Tensor, bits: int, sym: bool = False, weight: torch.T
 
 def refit_scale_zero(q: torch.Tensor, group_size: int, gram: torch.Tensor, rhs: torch.Tensor,
                      scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None,
-                     ridge: float = 1e-6, row_chunk: int = 256):
+                     ridge: float = 1e-6, row_chunk: int | None = None):
     """Least-squares re-fit of every group's (scale, zero) (and the bias) given the integers ``q``.
 
     Per output row n the dequantized row is ``w_hat = sum_g (s_g q_g + c_g 1_g)``
@@ -180,6 +180,8 @@ def refit_scale_zero(q: torch.Tensor, group_size: int, gram: torch.Tensor, rhs: 
         gram: ``[K', K']`` float, ``K' = K`` (+1 with bias: the bias column last).
         rhs: ``[N, K']`` float.
         scale, zero: ``[N, K // g]`` current params; bias: ``[N]`` current bias or None.
+        row_chunk: rows solved together; None: as many as fit 128 MiB of fp64 scratch (``[rows, G, K]`` and
+            ``[rows, P, P]``; a fixed 256 rows took 1.5 GB at K = 4096, g = 32, and ~11 GB at K = 11008).
     Returns:
         (scale, zero) float32 ``[N, K // g]`` and the bias float32 ``[N]`` (None without).
     """
@@ -199,6 +201,8 @@ def refit_scale_zero(q: torch.Tensor, group_size: int, gram: torch.Tensor, rhs: 
     out_s = scale.to(f64).clone()
     out_z = zero.to(f64).clone()
     out_b = bias.to(f64).clone() if fb else None
+    if row_chunk is None:
+        row_chunk = max(1, min(256, (128 << 20) // (8 * (G * K + P * P))))
     for r0 in range(0, N, row_chunk):
         r = slice(r0, min(N, r0 + row_chunk))
         qg = q[r].to(f64).reshape(-1, G, g)

@@ -30,8 +30,9 @@ Methods:
   Asymmetric: a signed histogram; ``amin`` is the left edge of the bin holding
   the ``(100-p)`` quantile, ``amax`` the right edge of the bin holding the ``p`` quantile
   (so p >= 50). The rank is the float product ``total * p / 100``, as NVIDIA's calibrator computes
-  it (bit-exact with it): where that is an integer rank up to rounding (20000 x 99.9%), the rounding
-  picks the rank's bin or the next one's.
+  it: where that is an integer rank up to rounding (20000 x 99.9%), the rounding picks the rank's
+  bin or the next sample's bin, and NVIDIA's normalised cdf may pick the other one of the two, which in
+  a sparse tail can be tens of bins (a few % of amax) away; at other ranks the two agree bit for bit.
 * ``mse`` (histogram): candidates are the bin centers from ``start_bin``;
   argmin of the count-weighted squared error of symmetric fake quantization.
   Asymmetric (``symmetric=False``): windows ``[-a*w, b*w]`` of the signed histogram
@@ -409,6 +410,17 @@ class MaxCalibrator(_Calibrator):
         return _out(self._min, self.axis), _out(self._max, self.axis)
 
 
+# A histogram keeps NVIDIA's fixed bin width as later batches widen it, up to _bin_cap bins per channel (past it,
+# bins merge by a power of two). 16x the first batch's bins where memory allows (pos + neg int64 of all channels
+# within _BIN_BUDGET bins: 64 MiB), at least 4x: 4x alone made heavy-tailed streams (a Student-t batch after a
+# normal one: 15x) merge where NVIDIA does not, and their amax differ by 20%.
+_BIN_BUDGET = 1 << 22
+
+
+def _bin_cap(num_bins: int, channels: int) -> int:
+    return max(4 * num_bins, min(16 * num_bins, _BIN_BUDGET // max(1, channels)))
+
+
 class HistogramCalibrator(_Calibrator):
     """Streaming per-channel histograms; ``method`` in {"percentile", "mse", "entropy"}.
 
@@ -418,9 +430,11 @@ class HistogramCalibrator(_Calibrator):
         symmetric: False: asymmetric range (compute_range()); for "mse" / "entropy" the
             asymmetric rules of :mod:`quantkern.reference.calibrate`.
         num_bins: bins of the first batch (2048). A later batch with a larger max extends the
-            histogram at the same bin width; past ``4 * num_bins`` bins a channel's bins are
-            merged by a power of two (exactly: bin i -> i >> k), so memory stays bounded
-            whatever the growth (an outlier far beyond the first batches' range).
+            histogram at the same bin width, as NVIDIA's; past ``16 * num_bins`` bins per channel
+            (fewer where the channels' histograms would pass 2^22 bins in all, at least ``4 * num_bins``)
+            a channel's bins are merged by a power of two (exactly: bin i -> i >> k), so memory stays
+            bounded whatever the growth (an outlier far beyond the first batches' range); NVIDIA never
+            merges, so its results differ from there on.
         percentile: in [0, 100] (99.99); at least 50 when asymmetric.
         start_bin, stride: first candidate bin (asymmetric: least window width in bins) and
             step of the mse/entropy candidate grid (128; stride None = 1 symmetric,
@@ -511,7 +525,7 @@ class HistogramCalibrator(_Calibrator):
         if grow.any():
             width = self._R.double() / self._n.clamp(min=1).double()
             need = torch.ceil(bmax.double() / width)  # bins at this width (may be astronomically many)
-            cap = 4 * self.num_bins
+            cap = _bin_cap(self.num_bins, C)
             # coarsen by 2^k so that at most cap bins cover the new max; merging is exact
             k = torch.where(grow & (need > cap), torch.ceil(torch.log2(need / cap)), torch.zeros_like(need))
             width = torch.ldexp(width, k.long().clamp(max=1 << 12))

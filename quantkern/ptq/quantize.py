@@ -326,7 +326,8 @@ class QuantizeConfig:
         return self.act_bits is not None and not self.act_dynamic
 
 
-def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
+def _group_for(name: str, K: int, cfg: QuantizeConfig, fell: list) -> int:
+    """The layer's group size; a fallback appends its note to ``fell`` (one warning for all of them)."""
     gs = cfg.group_size
     if gs in (None, -1) or gs == K:
         return K
@@ -336,8 +337,8 @@ def _group_for(name: str, K: int, cfg: QuantizeConfig) -> int:
         if cfg.strict_group:
             raise ValueError(msg)
         fit = fallback_group(K, gs)
-        warnings.warn(msg + (f"; using group size {fit} for this layer" if fit < K else
-                             "; using one group per row for this layer"), stacklevel=4)
+        fell.append((msg, f"{name!r} (in_features {K}): " + (f"g{fit}" if fit < K else "one group per row"),
+                     f"; using group size {fit} for this layer" if fit < K else "; using one group per row for this layer"))
         return fit
     return gs
 
@@ -848,9 +849,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
         layers = linear_sites(model, keep)  # a layer shared under several names: once, kept shared
         cfgs = [next((c for p, c in per_layer if _skipped(name, (p,))), cfg) for name, _, _ in layers]
         # every layer's group size now: strict_group refuses before any layer changes
-        group_sizes = []
-        for (name, _, lin), c in zip(layers, cfgs):  # (a loop, not a comprehension: its warnings' stacklevel)
-            group_sizes.append(_group_for(name, lin.in_features, c))
+        group_sizes, fell = [], []
+        for (name, _, lin), c in zip(layers, cfgs):
+            group_sizes.append(_group_for(name, lin.in_features, c, fell))
+    if len(fell) == 1:
+        warnings.warn(fell[0][0] + fell[0][2], stacklevel=3)
+    elif fell:  # (one warning per layer was hundreds for a large model)
+        warnings.warn(f"quantize_: the group size does not fit {len(fell)} layers (the packed format needs a multiple "
+                      f"of 32 that divides in_features); they use the largest that does: "
+                      f"{', '.join(f[1] for f in fell[:4])}{' ...' if len(fell) > 4 else ''}", stacklevel=3)
     _warn_unmatched_skip(model, cfg.skip)
     patterns = [p for p, _ in per_layer]
     _warn_unmatched_skip(model, patterns, "layer_config patterns")
@@ -906,6 +913,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                               "run the calibration forwards with use_cache=False to let each pass run one block",
                               stacklevel=2)
         report, few = [], []  # few: layers GPTQ / ERQ fit to fewer tokens than their inputs
+        unseen = []  # layers no calibration forward reached (one warning for all: an MoE's unused experts)
         mask_hit, mask_miss, mask_odd = False, None, []  # did a token mask apply anywhere; the first mismatch;
         # the layers whose input has the mask's rank but not its shape ([seq, batch, K], an off-by-one seq)
         it = layers
@@ -989,10 +997,7 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                                       "deterministic or runs a model other than the one it is passed; they are fitted "
                                       "to their own inputs alone (fp_target=False for them)", stacklevel=3)
                 if cap.seen == 0:
-                    warnings.warn(f"quantize_: layer {name!r} saw no calibration input; using RTN for it"
-                                  + (" and a dynamic input quantizer" if cfg.static_act else "")
-                                  + " (if the model reads its .weight instead of calling it, as WavLM's attention "
-                                  "does, a packed layer cannot serve it: skip it)", stacklevel=3)
+                    unseen.append(repr(name))
                     method = "rtn"
                 else:  # ERQ fits on its sample of at most calib_tokens rows (unless it fits a float target)
                     used = min(cap.seen, lc.calib_tokens) if method == "erq" and not cap.pair else cap.seen
@@ -1056,11 +1061,22 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, calib_fn=N
                           f"the input's leading dims, e.g. [batch, seq] for [batch, seq, K]): e.g. layer "
                           f"{mask_miss[0]!r} got {list(mask_miss[1])} with a mask of {list(mask_miss[2])}; every row, "
                           "padding included, was calibration data", stacklevel=3)
+        if unseen:
+            warnings.warn(f"quantize_: {len(unseen)} layer(s) saw no calibration input, e.g. "
+                          f"{', '.join(unseen[:3])}{' ...' if len(unseen) > 3 else ''}; using RTN for them"
+                          + (" and a dynamic input quantizer" if cfg.static_act else "")
+                          + " (if the model reads a layer's .weight instead of calling it, as WavLM's attention "
+                          "does, a packed layer cannot serve it: skip it)", stacklevel=3)
         if few:
             warnings.warn(f"quantize_: {len(few)} layer(s) were fitted to fewer calibration tokens than their "
                           f"in_features (ERQ: at most calib_tokens), "
                           f"e.g. {', '.join(few[:3])}: GPTQ / ERQ then fits the calibration data rather than the "
                           f"layer (its error can exceed RTN's); give it more calibration data", stacklevel=3)
+    except BaseException as e:  # (a calib_fn error, out of memory, Ctrl-C: say what state the model is in)
+        if report and "already replaced" not in str(e):
+            e.add_note(f"quantize_: the {len(report)} layer(s) done before this error are already replaced by "
+                       "PackedLinear (the model is partly quantized: quantize a fresh copy)")
+        raise
     finally:  # an error mid-way leaves the layers done so far quantized, and the modes as they were
         for n, m in model.named_modules(remove_duplicate=False):
             m.training = modes.get(n, m.training)
@@ -1269,6 +1285,16 @@ def load_quantized(model_or_factory, path: str, device="cpu", backend: str = "au
         if any(not torch.equal(extra[ks[0]], extra[k]) for k in ks[1:]):
             raise ValueError(f"load_quantized: {ks} are one (tied) tensor in the model but differ in {path}; build "
                              "the model with the checkpoint's tying (e.g. tie_word_embeddings=False)")
+    # load_state_dict casts each tensor to the model's dtype: a bf16 checkpoint loaded into a model built in fp32
+    # became an fp32 model (other outputs, twice the float memory) without a word
+    sd = model.state_dict(keep_vars=True)
+    cast = [(k, extra[k].dtype, sd[k].dtype) for k in extra if k in sd and isinstance(sd[k], torch.Tensor)
+            and extra[k].is_floating_point() and sd[k].is_floating_point() and extra[k].dtype != sd[k].dtype]
+    if cast:
+        k, a, b = cast[0]
+        warnings.warn(f"load_quantized: {len(cast)} float tensor(s) of the checkpoint have another dtype than the "
+                      f"model's (e.g. {k!r}: {a} in the file, {b} in the model); they are cast to the model's. Build "
+                      "the model in the checkpoint's dtype to get the quantized model that was saved", stacklevel=2)
     missing, unexpected = model.load_state_dict(extra, strict=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -25,6 +25,12 @@ Deliberate differences from NVIDIA, also in the batched version:
 * entropy with fewer than ``start_bin`` bins, or mse with at most ``start_bin``
   bins, has no candidate: the amax is the top edge (NVIDIA raises).
 * a histogram with no data (all zeros) gives amax 0.
+* entropy candidates whose first ``i`` bins merge into an all-zero Q (no data below
+  ~``i / n`` of the range) have infinite divergence (NVIDIA: scipy's entropy gives NaN,
+  which its argmin picks).
+* the streaming histogram (``quantkern.ptq.HistogramCalibrator``) keeps NVIDIA's bin width
+  as later batches widen it up to ``16 * num_bins`` bins per channel (fewer with many
+  channels), then merges bins by powers of two; NVIDIA never merges.
 * percentile: the running counts (exact integers in float64) are compared with
   ``total * p / 100`` (NVIDIA: a normalised cdf, ``cumsum(hist / total)``, against
   ``p / 100``). The normalised cdf can end just below 1.0, so percentile 100 gave the
