@@ -1204,13 +1204,19 @@ def test_fp_target_falls_back_per_layer_when_the_float_model_routes_other_tokens
 def test_fp_target_pairing_test_on_rows():
     from quantkern.ptq.quantize import _Capture
 
-    cap = _Capture("gptq", 16, 100, 0, pair=True, name="x")
+    def judged(xf, x):  # one unit, judged as after the passes
+        cap = _Capture("gptq", 16, 100, 0, pair=True, name="x")
+        assert cap._pairing_fails(xf, x) is None
+        cap.judge_pairing()
+        return cap.dropped
+
     x = torch.randn(64, 16)
-    assert cap._pairing_fails(x.double(), x + 0.3 * torch.randn(64, 16)) is None
-    assert "randomly paired" in cap._pairing_fails(x.double(), torch.randn(64, 16))
+    assert judged(x.double(), x + 0.3 * torch.randn(64, 16)) is None
+    assert "randomly paired" in judged(x.double(), torch.randn(64, 16))
     # rows all alike (one timestep's conditioning per unit): any pairing is as good, nothing to refuse
     a = torch.randn(1, 16).expand(64, 16)
-    assert cap._pairing_fails(a.double(), a + 0.3 * torch.randn(1, 16)) is None
+    assert judged(a.double(), a + 0.3 * torch.randn(1, 16)) is None
+    cap = _Capture("gptq", 16, 100, 0, pair=True, name="x")
     assert "no input rows" in cap._pairing_fails(None, x)
     assert "63 input rows in the float model against 64" in cap._pairing_fails(x[1:].double(), x)
 
@@ -1318,3 +1324,40 @@ def test_fp_target_fallback_names_every_layer_of_a_calibration_group():
                   calib_fn=[lambda mm, b=b: mm(b) for b in X.split(512)], progress=False)
     msgs = " ".join(str(x.message) for x in w if "see other tokens" in str(x.message))
     assert all(f"'experts.{e}.{n}'" in msgs for e in range(4) for n in ("w1", "w3", "w2"))
+
+
+def test_fp_target_pairing_judged_over_all_units_whatever_their_order():
+    # judged per unit at 0.5, units of one short sequence whose tokens are alike (a random BERT's near-uniform
+    # attention) dropped fp_target for correctly paired layers, with a warning blaming the calib_fn, and which
+    # layer depended on the order of the units
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=200)
+    base = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    units = []
+    for L in (7, 12, 20, 9, 16):
+        ids = torch.randint(0, 200, (1, L), generator=g)
+        am = torch.ones(1, L, dtype=torch.long)
+        am[0, int(torch.randint(3, L + 1, (1,), generator=g)):] = 0
+        units.append(((lambda m, ids=ids, am=am: m(input_ids=ids, attention_mask=am)), am))
+    for order in ((0, 1, 2, 3, 4), (4, 3, 2, 1, 0)):
+        m = copy.deepcopy(base)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            quantize_(m, QuantizeConfig(method="gptq", bits=4, group_size=64), [units[i] for i in order],
+                      progress=False)
+        assert not [x for x in w if "see other tokens" in str(x.message)], order
+
+
+def test_layer_config_matches_a_shared_layer_by_any_name():
+    # a pattern naming a shared layer by its second name was ignored, and the warning said skip kept it float
+    m = nn.Module()
+    m.proj, m.blk, m.other = nn.Linear(64, 64), nn.Module(), nn.Linear(64, 32)
+    m.blk.proj = m.proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(m, method="rtn", bits=4, group_size=32, skip=None, layer_config={"blk.proj": {"bits": 2}},
+                  progress=False)
+    assert m.proj.packed_weight.bits == 2 and m.blk.proj is m.proj and m.other.packed_weight.bits == 4
