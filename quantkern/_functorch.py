@@ -1,4 +1,4 @@
-"""packed_linear and fake_quant_lsq under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
+"""packed_linear, fake_quant_lsq, dampening_loss and dequantize under torch.func transforms (vmap, grad, vjp, jacrev, hessian, ...).
 
 functorch refuses the native ``packed_linear``'s autograd, a C++ ``torch::autograd::Function``
 (csrc/cpu/packed_linear.cpp: no Python on the eager path), and also the autograd that
@@ -304,6 +304,34 @@ def _backward_op_fn(op: str, why: str):
 FakeQuantLSQBackwardFn = _backward_op_fn(
     "fake_quant_lsq_backward", "the LSQ+ backward is one fused kernel; a second-order gradient through "
     "fake_quant_lsq has no rule")
+
+
+class DequantizeFn(torch.autograd.Function):
+    """dequantize under torch.func transforms: the same kernel; scales / zeros that the transform
+    differentiates (grad, vjp, jvp, jacfwd) raise :data:`METADATA_GRAD_ERROR` (its registered autograd is
+    refused here with torch's generic error, and a jvp tangent was dropped: a zero Jacobian); one call per
+    sample under vmap."""
+
+    @staticmethod
+    def forward(qweight, scales, zeros, bits, group_size, in_features, dtype, be):
+        fn = torch.ops.quantkern.dequantize_triton if be == "triton" else torch.ops.quantkern.dequantize
+        return _below_autograd(fn, qweight, scales, zeros, bits, group_size, in_features, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise metadata_grad_error("dequantize")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise metadata_grad_error("dequantize")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(DequantizeFn, info, in_dims, args)
 
 
 class DampeningLossFn(torch.autograd.Function):

@@ -371,6 +371,29 @@ for _sfx in ("", "_triton"):
                  "quantkern.ptq.conv.distill_qparams_ does)")
 
 
+def _bump_versions(name: str) -> None:
+    """An ADInplaceOrView kernel for the in-place op ``name``: it bumps the version counters of the tensors the
+    op writes (its ``Tensor(a!)`` arguments), as torch's own in-place ops do, so that autograd refuses a
+    backward through a tensor changed after it was saved (an oscillation_update that rewrote frozen weights
+    between a dampening_loss and its backward gave that backward the new values, in silence)."""
+    handle = getattr(torch.ops.quantkern, name).default
+    args = handle._schema.arguments
+    mutated = [(i, a.name) for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+
+    def kernel(*a, **kw):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out = handle(*a, **kw)
+        torch.autograd.graph.increment_version([a[i] if i < len(a) else kw[n] for i, n in mutated])
+        return out
+
+    LIB.impl(name, kernel, "ADInplaceOrView")
+
+
+for _sfx in ("", "_triton"):
+    _bump_versions(f"oscillation_update{_sfx}")
+    _bump_versions(f"calib_histogram{_sfx}")
+
+
 def op_names() -> list[str]:
     """Names of every quantkern operator, e.g. ``["fake_quant_lsq", ...]``."""
     return sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("quantkern::"))

@@ -686,6 +686,15 @@ def dequantize(weight, dtype: torch.dtype | None = None, *, backend: str = "auto
     if dtype is not None and dtype not in _FLOATS:
         raise TypeError(f"quantkern.{op}: dtype must be one of {_FLOATS}, got {dtype}")
     be = _pick_backend(op, w.qweight, backend)
+    # scales / zeros get no derivative: a forward-mode tangent (eager dual tensors) was dropped in silence, and
+    # under torch.func the registered autograd is refused with torch's generic error (the Function raises ours)
+    fwd = torch.autograd.forward_ad
+    if fwd._current_level >= 0 and any(fwd.unpack_dual(t).tangent is not None for t in (w.scales, w.zeros)):
+        raise _functorch.metadata_grad_error(op)
+    kind = _functorch.transform_kind()
+    if kind is not None:
+        return _functorch.apply(kind, _functorch.DequantizeFn, w.qweight, w.scales, w.zeros, w.bits, w.group_size,
+                                w.in_features, dtype, be)
     fn = torch.ops.quantkern.dequantize_triton if be == "triton" else torch.ops.quantkern.dequantize
     return fn(w.qweight, w.scales, w.zeros, w.bits, w.group_size, w.in_features, dtype)
 

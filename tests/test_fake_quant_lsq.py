@@ -317,6 +317,31 @@ def test_double_backward_and_dequantize_gradient_are_clear_errors():
         torch.ops.quantkern.dequantize(pw.qweight, sc, pw.zeros, 4, 32, 64, torch.float32).sum().backward()
 
 
+
+def test_dequantize_refuses_forward_mode_and_transform_derivatives_of_its_metadata():
+    # a jvp / forward-AD tangent on the scales was dropped (a zero Jacobian from jacfwd), and torch.func.grad
+    # raised torch's generic "autograd.Function ... setup_context" error
+    pw = quantkern.PackedWeight.from_float(torch.randn(8, 64), 4, 32)
+
+    def deq(s):
+        return quantkern.ops.dequantize(quantkern.PackedWeight(pw.qweight, s, pw.zeros, 4, 32, (8, 64)), torch.float32)
+
+    for f in (torch.func.grad(lambda s: deq(s).sum()), torch.func.jacfwd(deq), torch.func.jacrev(deq),
+              lambda s: torch.func.jvp(deq, (s,), (torch.ones_like(s),))):
+        with pytest.raises(RuntimeError, match="dequantize: no gradient with respect to scales"):
+            f(pw.scales)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="no gradient with respect to scales"):
+        deq(fwAD.make_dual(pw.scales, torch.ones_like(pw.scales)))
+    ref = pw.dequantize(torch.float32)  # vmap over the scales, and a transform of something else, still work
+    out = torch.func.vmap(deq)(torch.stack([pw.scales, 2 * pw.scales]))
+    assert torch.equal(out[0], ref) and torch.allclose(out[1], 2 * ref)
+    x = torch.randn(3, 64)
+    g = torch.func.grad(lambda x: (x @ quantkern.ops.dequantize(pw, torch.float32).T).sum())(x)
+    torch.testing.assert_close(g, ref.sum(0).expand(3, 64))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_native_ops_refuse_a_non_finite_offset(bad):
     # the CPU ops checked the scale's values but not the offset's: NaN / inf came back silently

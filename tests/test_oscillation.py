@@ -1319,3 +1319,21 @@ def test_schedules_take_numpy_and_tensor_step_counts():
         assert qat.CosineSchedule(1.0, 0.0, n)(100) == 0.0
         assert qat.freeze_threshold_schedule(n)(100) == pytest.approx(0.01)
         assert qat.dampening_schedule(n)(100) == pytest.approx(0.1)
+
+
+def test_in_place_ops_bump_version_counters():
+    # oscillation_update / calib_histogram did not bump the version counters of what they wrote: a backward
+    # through a weight that oscillation_update rewrote after dampening_loss saved it used the new values, silently
+    w = torch.tensor([[0.04, 0.11, -0.2, 0.3]], requires_grad=True)
+    s, b = torch.full((1,), 0.1), torch.zeros(1)
+    loss = ops.dampening_loss(w, s, b, -8, 7, axis=0)
+    wd = w.detach()
+    meta, ema = ops.oscillation_init_state(wd, s, b, -8, 7, axis=0)
+    v = w._version
+    ops.oscillation_update(wd, s, b, meta, ema, -8, 7, axis=0)
+    assert w._version > v and meta._version > 0 and ema._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    pos, neg = torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)
+    ops.calib_histogram(torch.randn(1, 32), pos, neg, torch.full((1,), 4.0), torch.full((1,), 16))
+    assert pos._version > 0 and neg._version > 0
