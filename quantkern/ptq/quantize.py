@@ -378,7 +378,7 @@ def _layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor:
 # 525 unit-layer pairs) the same tokens' squared distance is at most 0.14x a random pairing's weight-only,
 # 0.46 with 16-sentence units at W2A4, up to 0.70 for units of one short sequence whose tokens are alike
 # (a random BERT's near-uniform attention; MiniLM W2A4 one sentence per unit: 0.51-0.56); an MoE expert that
-# gets other tokens in the two models gives 0.95-1.0x. (0.5, judged per unit, dropped correctly paired layers:
+# gets other tokens in the two models gives 0.89-1.0x. (0.5, judged per unit, dropped correctly paired layers:
 # which ones depended on the order of the units.)
 _PAIR_RATIO = 0.85
 
