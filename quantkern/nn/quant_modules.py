@@ -19,13 +19,9 @@ from torch import nn
 
 from ..ops import BACKENDS
 from .expose import _is_hf_conv1d, _is_plain_linear_subclass, expose_linears
-from .lsq import GRANULARITIES, INITS, LSQQuantizer
+from .lsq import GRANULARITIES, INITS, LSQQuantizer, _is_int
 from ._sites import _reparam_hook_types, refresh_hooked_weights, swap_module, undo_swaps_on_error
 from .packed_linear import disable_fused_encoder_paths
-
-
-def _is_int(v) -> bool:  # (NumPy integers too, as LSQQuantizer takes them)
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_bits(owner: str, name: str, bits, allow_none: bool) -> None:
